@@ -1,0 +1,14 @@
+//! The QEMU side of tern.
+//!
+//! Owns everything that speaks QEMU's languages: the migration-stream codec
+//! ([`stream`], sans-IO: bytes in, items out, items in, bytes out), the return-path
+//! messages ([`rp`]), the QMP client ([`qmp`]), the VM spec ([`spec`]) and turning a spec
+//! into a QEMU process ([`launch`]). It must not know about tern's wire protocol or about
+//! other hosts.
+#![forbid(unsafe_code)]
+
+pub mod launch;
+pub mod qmp;
+pub mod rp;
+pub mod spec;
+pub mod stream;

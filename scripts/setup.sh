@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what tern needs on a fresh Debian 12 machine (idempotent):
+#   QEMU 10 from bookworm-backports (Debian's 7.2 loses dirty pages in live migration under
+#   TCG), the guest-build inputs (busybox-static, cpio, gcc), and network tools.
+# Run as root. Safe to run again: it only installs what is missing.
+set -euo pipefail
+need_qemu=0
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then need_qemu=1
+elif ! qemu-system-x86_64 --version | grep -q 'version 10\.'; then need_qemu=1; fi
+pkgs=(busybox-static cpio gcc libc6-dev iproute2 iptables socat)
+missing=()
+for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p"); done
+if [ "$need_qemu" = 1 ] || [ "${#missing[@]}" -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  if [ ! -f /etc/apt/sources.list.d/bookworm-backports.sources ]; then
+    src=/etc/apt/sources.list.d/debian.sources
+    [ -f "$src" ] || { echo "setup: $src not found; add bookworm-backports by hand" >&2; exit 1; }
+    # the first stanza of the bookworm entry, with only the Suites line changed
+    awk 'BEGIN{RS="";ORS="\n\n"} NR==1' "$src" | sed 's/^Suites:.*/Suites: bookworm-backports/' \
+      > /etc/apt/sources.list.d/bookworm-backports.sources
+  fi
+  apt-get update -qq
+  [ "${#missing[@]}" -gt 0 ] && apt-get install -y -qq "${missing[@]}"
+  if [ "$need_qemu" = 1 ]; then
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
+  fi
+fi
+qemu-system-x86_64 --version | head -1
