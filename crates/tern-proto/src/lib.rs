@@ -1,1 +1,661 @@
-//! placeholder
+//! tern's agent-to-agent wire protocol: frames, messages, versions and error codes.
+//!
+//! Pure functions over bytes: no sockets, no clocks, no QEMU. The agents own the I/O
+//! (`tern-agent`), this crate owns what the bytes mean. docs/protocol.md is the normative
+//! description; this module doc is the short version.
+//!
+//! ```text
+//!  source agent                                   destination agent
+//!  ------------                                   -----------------
+//!  Hello{min,max,agent}            ------------>
+//!                                  <------------  HelloAck{version,agent}
+//!  Prepare{id,spec,running,qemu}   ------------>  starts QEMU -incoming defer (-S)
+//!                                  <------------  Prepared{qemu}
+//!  QemuBytes / RamBlocks / Pages   ============>  rebuilds QEMU's stream, in order
+//!                                  <============  ReturnPath (PONG, SHUT, ...)
+//!  SourceDone{digest}              ------------>  compares digests, QEMU loaded
+//!                                  <------------  ReadyToResume{digest}
+//!  Commit          (switchover point: the source will never resume after this)
+//!                                  ------------>  cont
+//!                                  <------------  Resumed{at}
+//!  either side, any time before Commit:  Abort{code,message}
+//! ```
+//!
+//! A frame is `u8 type | u8 flags (0) | be32 payload length | payload`. Type 0 is reserved
+//! as invalid. Integers are big-endian, strings are `be16 length + UTF-8`, byte strings
+//! `be32 length + bytes`. A receiver rejects unknown types, non-zero flags, lengths above
+//! [`MAX_PAYLOAD`] and payloads with bytes left over.
+#![forbid(unsafe_code)]
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// Newest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Oldest protocol version this build still accepts (N and N-1 once there is an N-1).
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// Largest payload a frame may carry.
+pub const MAX_PAYLOAD: usize = 32 << 20;
+/// Bytes in a frame header.
+pub const HEADER_LEN: usize = 6;
+
+/// Frame type bytes. Stable: never renumber, only add.
+pub mod tag {
+    pub const INVALID: u8 = 0;
+    pub const HELLO: u8 = 1;
+    pub const HELLO_ACK: u8 = 2;
+    pub const PREPARE: u8 = 3;
+    pub const PREPARED: u8 = 4;
+    pub const QEMU_BYTES: u8 = 5;
+    pub const RAM_BLOCKS: u8 = 6;
+    pub const PAGES: u8 = 7;
+    pub const RETURN_PATH: u8 = 8;
+    pub const SOURCE_DONE: u8 = 9;
+    pub const READY_TO_RESUME: u8 = 10;
+    pub const COMMIT: u8 = 11;
+    pub const RESUMED: u8 = 12;
+    pub const ABORT: u8 = 13;
+}
+
+/// Why a migration was aborted, as carried on the wire. Codes are stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// A bug or an unexpected local failure.
+    Internal,
+    /// The peer broke the protocol (bad frame, message out of order).
+    Protocol,
+    /// No common protocol version.
+    VersionMismatch,
+    /// The destination already has a VM of that name.
+    VmExists,
+    /// The destination refused the VM spec (invalid, or files missing there).
+    SpecRejected,
+    /// The destination could not start QEMU.
+    QemuLaunchFailed,
+    /// A QEMU process failed during the migration.
+    QemuFailed,
+    /// The source QEMU's stream uses a feature tern does not carry.
+    StreamUnsupported,
+    /// The source QEMU's stream could not be parsed.
+    StreamMalformed,
+    /// The memory digests of the two sides differ.
+    DigestMismatch,
+    /// An operator cancelled the migration.
+    Cancelled,
+    /// A step took too long.
+    Timeout,
+    /// The destination lacks a resource (disk, memory).
+    ResourceExhausted,
+    /// A code this build does not know (a newer peer).
+    Unknown(u16),
+}
+
+impl ErrorCode {
+    pub fn to_u16(self) -> u16 {
+        match self {
+            ErrorCode::Internal => 1,
+            ErrorCode::Protocol => 2,
+            ErrorCode::VersionMismatch => 3,
+            ErrorCode::VmExists => 4,
+            ErrorCode::SpecRejected => 5,
+            ErrorCode::QemuLaunchFailed => 6,
+            ErrorCode::QemuFailed => 7,
+            ErrorCode::StreamUnsupported => 8,
+            ErrorCode::StreamMalformed => 9,
+            ErrorCode::DigestMismatch => 10,
+            ErrorCode::Cancelled => 11,
+            ErrorCode::Timeout => 12,
+            ErrorCode::ResourceExhausted => 13,
+            ErrorCode::Unknown(c) => c,
+        }
+    }
+
+    pub fn from_u16(c: u16) -> ErrorCode {
+        match c {
+            1 => ErrorCode::Internal,
+            2 => ErrorCode::Protocol,
+            3 => ErrorCode::VersionMismatch,
+            4 => ErrorCode::VmExists,
+            5 => ErrorCode::SpecRejected,
+            6 => ErrorCode::QemuLaunchFailed,
+            7 => ErrorCode::QemuFailed,
+            8 => ErrorCode::StreamUnsupported,
+            9 => ErrorCode::StreamMalformed,
+            10 => ErrorCode::DigestMismatch,
+            11 => ErrorCode::Cancelled,
+            12 => ErrorCode::Timeout,
+            13 => ErrorCode::ResourceExhausted,
+            c => ErrorCode::Unknown(c),
+        }
+    }
+
+    /// Whether trying the same migration again may succeed without operator action.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Internal
+                | ErrorCode::QemuFailed
+                | ErrorCode::DigestMismatch
+                | ErrorCode::Cancelled
+                | ErrorCode::Timeout
+                | ErrorCode::Unknown(_)
+        )
+    }
+
+    /// A short stable name, for logs and JSON reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::Internal => "internal",
+            ErrorCode::Protocol => "protocol",
+            ErrorCode::VersionMismatch => "version-mismatch",
+            ErrorCode::VmExists => "vm-exists",
+            ErrorCode::SpecRejected => "spec-rejected",
+            ErrorCode::QemuLaunchFailed => "qemu-launch-failed",
+            ErrorCode::QemuFailed => "qemu-failed",
+            ErrorCode::StreamUnsupported => "stream-unsupported",
+            ErrorCode::StreamMalformed => "stream-malformed",
+            ErrorCode::DigestMismatch => "digest-mismatch",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::ResourceExhausted => "resource-exhausted",
+            ErrorCode::Unknown(_) => "unknown",
+        }
+    }
+}
+
+/// One RAM block of the VM, as announced before the pages that refer to it by index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RamBlock {
+    pub name: String,
+    pub used_length: u64,
+}
+
+/// How one page travels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageBody {
+    /// Every byte of the page is `fill` (QEMU's ZERO record; `fill` is 0 from QEMU >= 9).
+    Zero { fill: u8 },
+    /// The page's bytes.
+    Raw(Bytes),
+}
+
+const PAGE_ZERO: u8 = 0;
+const PAGE_RAW: u8 = 1;
+
+/// One page record: the page at byte `offset` of a block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub offset: u64,
+    pub body: PageBody,
+}
+
+/// A protocol message. See the module doc for the order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello { min_version: u16, max_version: u16, agent: String },
+    HelloAck { version: u16, agent: String },
+    Prepare { migration_id: String, spec_toml: String, source_running: bool, qemu_version: String },
+    Prepared { qemu_version: String },
+    /// Bytes of QEMU's stream that are not page records, to be written out verbatim and in
+    /// order with the pages.
+    QemuBytes(Bytes),
+    /// The VM's RAM blocks (from QEMU's MEM_SIZE record); `Pages.block` indexes this list.
+    RamBlocks { page_size: u32, blocks: Vec<RamBlock> },
+    /// Page records of one block, in stream order.
+    Pages { block: u16, pages: Vec<Page> },
+    /// Return-path bytes of the destination QEMU (PONG, SHUT...), for the source QEMU.
+    ReturnPath(Bytes),
+    /// The source QEMU's stream ended properly; digest of the memory image it described.
+    SourceDone { digest: [u8; 32], pages: u64 },
+    /// The destination QEMU loaded everything and the digests agree.
+    ReadyToResume { digest: [u8; 32] },
+    /// The switchover point: the source will not resume its VM after sending this.
+    Commit,
+    /// The destination VM runs (`resumed_unix_us` = its RESUME event, wall clock).
+    Resumed { resumed_unix_us: u64 },
+    Abort { code: ErrorCode, message: String },
+}
+
+impl Message {
+    pub fn tag(&self) -> u8 {
+        match self {
+            Message::Hello { .. } => tag::HELLO,
+            Message::HelloAck { .. } => tag::HELLO_ACK,
+            Message::Prepare { .. } => tag::PREPARE,
+            Message::Prepared { .. } => tag::PREPARED,
+            Message::QemuBytes(_) => tag::QEMU_BYTES,
+            Message::RamBlocks { .. } => tag::RAM_BLOCKS,
+            Message::Pages { .. } => tag::PAGES,
+            Message::ReturnPath(_) => tag::RETURN_PATH,
+            Message::SourceDone { .. } => tag::SOURCE_DONE,
+            Message::ReadyToResume { .. } => tag::READY_TO_RESUME,
+            Message::Commit => tag::COMMIT,
+            Message::Resumed { .. } => tag::RESUMED,
+            Message::Abort { .. } => tag::ABORT,
+        }
+    }
+
+    /// A short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::HelloAck { .. } => "HelloAck",
+            Message::Prepare { .. } => "Prepare",
+            Message::Prepared { .. } => "Prepared",
+            Message::QemuBytes(_) => "QemuBytes",
+            Message::RamBlocks { .. } => "RamBlocks",
+            Message::Pages { .. } => "Pages",
+            Message::ReturnPath(_) => "ReturnPath",
+            Message::SourceDone { .. } => "SourceDone",
+            Message::ReadyToResume { .. } => "ReadyToResume",
+            Message::Commit => "Commit",
+            Message::Resumed { .. } => "Resumed",
+            Message::Abort { .. } => "Abort",
+        }
+    }
+}
+
+/// Why bytes from a peer are not a valid frame.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("frame type {0} has non-zero flags {1:#04x}")]
+    BadFlags(u8, u8),
+    #[error("frame payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(usize),
+    #[error("{msg} payload ends early (needs {needed} more bytes)")]
+    Short { msg: &'static str, needed: usize },
+    #[error("{msg} payload has {0} bytes left over", msg = .1)]
+    Trailing(usize, &'static str),
+    #[error("{msg}: invalid {what}")]
+    Invalid { msg: &'static str, what: &'static str },
+}
+
+/// Appends the frame for `msg` to `out`.
+pub fn encode(msg: &Message, out: &mut BytesMut) {
+    let start = out.len();
+    out.put_u8(msg.tag());
+    out.put_u8(0);
+    out.put_u32(0); // patched below
+    match msg {
+        Message::Hello { min_version, max_version, agent } => {
+            out.put_u16(*min_version);
+            out.put_u16(*max_version);
+            put_str(out, agent);
+        }
+        Message::HelloAck { version, agent } => {
+            out.put_u16(*version);
+            put_str(out, agent);
+        }
+        Message::Prepare { migration_id, spec_toml, source_running, qemu_version } => {
+            put_str(out, migration_id);
+            put_bytes(out, spec_toml.as_bytes());
+            out.put_u8(u8::from(*source_running));
+            put_str(out, qemu_version);
+        }
+        Message::Prepared { qemu_version } => put_str(out, qemu_version),
+        Message::QemuBytes(b) | Message::ReturnPath(b) => out.put_slice(b),
+        Message::RamBlocks { page_size, blocks } => {
+            out.put_u32(*page_size);
+            out.put_u32(blocks.len() as u32);
+            for b in blocks {
+                put_str(out, &b.name);
+                out.put_u64(b.used_length);
+            }
+        }
+        Message::Pages { block, pages } => {
+            out.put_u16(*block);
+            out.put_u32(pages.len() as u32);
+            for p in pages {
+                out.put_u64(p.offset);
+                match &p.body {
+                    PageBody::Zero { fill } => {
+                        out.put_u8(PAGE_ZERO);
+                        out.put_u8(*fill);
+                    }
+                    PageBody::Raw(data) => {
+                        out.put_u8(PAGE_RAW);
+                        put_bytes(out, data);
+                    }
+                }
+            }
+        }
+        Message::SourceDone { digest, pages } => {
+            out.put_slice(digest);
+            out.put_u64(*pages);
+        }
+        Message::ReadyToResume { digest } => out.put_slice(digest),
+        Message::Commit => {}
+        Message::Resumed { resumed_unix_us } => out.put_u64(*resumed_unix_us),
+        Message::Abort { code, message } => {
+            out.put_u16(code.to_u16());
+            put_str(out, message);
+        }
+    }
+    let len = out.len() - start - HEADER_LEN;
+    out[start + 2..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+}
+
+/// Takes one whole frame off the front of `buf` and decodes it. `Ok(None)` means more
+/// bytes are needed. Page data is sliced out of `buf` without copying.
+pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, FrameError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let ty = buf[0];
+    let flags = buf[1];
+    let len = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
+    if !(tag::HELLO..=tag::ABORT).contains(&ty) {
+        return Err(FrameError::UnknownType(ty));
+    }
+    if flags != 0 {
+        return Err(FrameError::BadFlags(ty, flags));
+    }
+    if len > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge(len));
+    }
+    if buf.len() < HEADER_LEN + len {
+        buf.reserve(HEADER_LEN + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(HEADER_LEN);
+    let payload = buf.split_to(len).freeze();
+    decode_payload(ty, payload).map(Some)
+}
+
+fn decode_payload(ty: u8, payload: Bytes) -> Result<Message, FrameError> {
+    let mut r = Reader { b: payload, msg: tag_name(ty) };
+    let msg = match ty {
+        tag::HELLO => Message::Hello {
+            min_version: r.u16()?,
+            max_version: r.u16()?,
+            agent: r.str()?,
+        },
+        tag::HELLO_ACK => Message::HelloAck { version: r.u16()?, agent: r.str()? },
+        tag::PREPARE => Message::Prepare {
+            migration_id: r.str()?,
+            spec_toml: String::from_utf8(r.bytes()?.to_vec())
+                .map_err(|_| r.invalid("spec (not UTF-8)"))?,
+            source_running: r.bool()?,
+            qemu_version: r.str()?,
+        },
+        tag::PREPARED => Message::Prepared { qemu_version: r.str()? },
+        tag::QEMU_BYTES => Message::QemuBytes(r.rest()),
+        tag::RETURN_PATH => Message::ReturnPath(r.rest()),
+        tag::RAM_BLOCKS => {
+            let page_size = r.u32()?;
+            if !page_size.is_power_of_two() || !(512..=(1 << 30)).contains(&page_size) {
+                return Err(r.invalid("page size"));
+            }
+            let n = r.u32()? as usize;
+            let mut blocks = Vec::with_capacity(n.min(1024));
+            for _ in 0..n {
+                blocks.push(RamBlock { name: r.str()?, used_length: r.u64()? });
+            }
+            Message::RamBlocks { page_size, blocks }
+        }
+        tag::PAGES => {
+            let block = r.u16()?;
+            let n = r.u32()? as usize;
+            // every page record takes at least 10 bytes: bound the allocation by the payload
+            let mut pages = Vec::with_capacity(n.min(r.b.len() / 10 + 1));
+            for _ in 0..n {
+                let offset = r.u64()?;
+                let body = match r.u8()? {
+                    PAGE_ZERO => PageBody::Zero { fill: r.u8()? },
+                    PAGE_RAW => PageBody::Raw(r.bytes()?),
+                    _ => return Err(r.invalid("page kind")),
+                };
+                pages.push(Page { offset, body });
+            }
+            Message::Pages { block, pages }
+        }
+        tag::SOURCE_DONE => Message::SourceDone { digest: r.digest()?, pages: r.u64()? },
+        tag::READY_TO_RESUME => Message::ReadyToResume { digest: r.digest()? },
+        tag::COMMIT => Message::Commit,
+        tag::RESUMED => Message::Resumed { resumed_unix_us: r.u64()? },
+        tag::ABORT => Message::Abort { code: ErrorCode::from_u16(r.u16()?), message: r.str()? },
+        other => return Err(FrameError::UnknownType(other)),
+    };
+    if !r.b.is_empty() {
+        return Err(FrameError::Trailing(r.b.len(), r.msg));
+    }
+    Ok(msg)
+}
+
+fn tag_name(ty: u8) -> &'static str {
+    match ty {
+        tag::HELLO => "Hello",
+        tag::HELLO_ACK => "HelloAck",
+        tag::PREPARE => "Prepare",
+        tag::PREPARED => "Prepared",
+        tag::QEMU_BYTES => "QemuBytes",
+        tag::RAM_BLOCKS => "RamBlocks",
+        tag::PAGES => "Pages",
+        tag::RETURN_PATH => "ReturnPath",
+        tag::SOURCE_DONE => "SourceDone",
+        tag::READY_TO_RESUME => "ReadyToResume",
+        tag::COMMIT => "Commit",
+        tag::RESUMED => "Resumed",
+        tag::ABORT => "Abort",
+        _ => "Invalid",
+    }
+}
+
+fn put_str(out: &mut BytesMut, s: &str) {
+    // strings on this protocol are names and short messages: cut at 64 KiB on a char boundary
+    let mut end = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.put_u16(end as u16);
+    out.put_slice(&s.as_bytes()[..end]);
+}
+
+fn put_bytes(out: &mut BytesMut, b: &[u8]) {
+    out.put_u32(b.len() as u32);
+    out.put_slice(b);
+}
+
+struct Reader {
+    b: Bytes,
+    msg: &'static str,
+}
+
+impl Reader {
+    fn need(&self, n: usize) -> Result<(), FrameError> {
+        if self.b.len() < n {
+            return Err(FrameError::Short { msg: self.msg, needed: n - self.b.len() });
+        }
+        Ok(())
+    }
+    fn invalid(&self, what: &'static str) -> FrameError {
+        FrameError::Invalid { msg: self.msg, what }
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        self.need(1)?;
+        Ok(self.b.get_u8())
+    }
+    fn bool(&mut self) -> Result<bool, FrameError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(self.invalid("boolean")),
+        }
+    }
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        self.need(2)?;
+        Ok(self.b.get_u16())
+    }
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        self.need(4)?;
+        Ok(self.b.get_u32())
+    }
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        self.need(8)?;
+        Ok(self.b.get_u64())
+    }
+    fn digest(&mut self) -> Result<[u8; 32], FrameError> {
+        self.need(32)?;
+        let mut d = [0u8; 32];
+        self.b.copy_to_slice(&mut d);
+        Ok(d)
+    }
+    fn str(&mut self) -> Result<String, FrameError> {
+        let n = self.u16()? as usize;
+        self.need(n)?;
+        let s = self.b.split_to(n);
+        String::from_utf8(s.to_vec()).map_err(|_| self.invalid("string (not UTF-8)"))
+    }
+    fn bytes(&mut self) -> Result<Bytes, FrameError> {
+        let n = self.u32()? as usize;
+        self.need(n)?;
+        Ok(self.b.split_to(n))
+    }
+    fn rest(&mut self) -> Bytes {
+        std::mem::take(&mut self.b)
+    }
+}
+
+/// Picks the protocol version for a peer offering `[min, max]`: the newest both speak.
+pub fn negotiate(peer_min: u16, peer_max: u16) -> Option<u16> {
+    let hi = peer_max.min(PROTOCOL_VERSION);
+    let lo = peer_min.max(MIN_PROTOCOL_VERSION);
+    (lo <= hi).then_some(hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(m: &Message) -> Message {
+        let mut b = BytesMut::new();
+        encode(m, &mut b);
+        let got = decode(&mut b).unwrap().unwrap();
+        assert!(b.is_empty(), "decode left {} bytes", b.len());
+        got
+    }
+
+    fn all_messages() -> Vec<Message> {
+        vec![
+            Message::Hello { min_version: 1, max_version: 3, agent: "host-a".into() },
+            Message::HelloAck { version: 1, agent: "host-b".into() },
+            Message::Prepare {
+                migration_id: "m-1".into(),
+                spec_toml: "name = \"vm\"\n".into(),
+                source_running: true,
+                qemu_version: "10.0.2".into(),
+            },
+            Message::Prepared { qemu_version: "10.0.2".into() },
+            Message::QemuBytes(Bytes::from_static(b"\x01\x02")),
+            Message::RamBlocks {
+                page_size: 4096,
+                blocks: vec![RamBlock { name: "pc.ram".into(), used_length: 1 << 29 }],
+            },
+            Message::Pages {
+                block: 3,
+                pages: vec![
+                    Page { offset: 0, body: PageBody::Zero { fill: 0 } },
+                    Page { offset: 4096, body: PageBody::Raw(Bytes::from(vec![7u8; 4096])) },
+                ],
+            },
+            Message::ReturnPath(Bytes::from_static(b"\x00\x01\x00\x04\x00\x00\x00\x00")),
+            Message::SourceDone { digest: [9; 32], pages: 77 },
+            Message::ReadyToResume { digest: [8; 32] },
+            Message::Commit,
+            Message::Resumed { resumed_unix_us: 1_700_000_000_000_000 },
+            Message::Abort { code: ErrorCode::DigestMismatch, message: "differs".into() },
+            Message::Abort { code: ErrorCode::Unknown(999), message: String::new() },
+        ]
+    }
+
+    #[test]
+    fn every_message_roundtrips() {
+        for m in all_messages() {
+            assert_eq!(roundtrip(&m), m);
+        }
+    }
+
+    #[test]
+    fn partial_frames_need_more_bytes() {
+        for m in all_messages() {
+            let mut full = BytesMut::new();
+            encode(&m, &mut full);
+            for cut in 0..full.len() {
+                let mut b = BytesMut::from(&full[..cut]);
+                assert_eq!(decode(&mut b), Ok(None), "{} cut at {cut}", m.name());
+            }
+        }
+    }
+
+    #[test]
+    fn bad_frames_are_rejected() {
+        let mut b = BytesMut::from(&[0u8, 0, 0, 0, 0, 0][..]);
+        assert_eq!(decode(&mut b), Err(FrameError::UnknownType(0)));
+        let mut b = BytesMut::from(&[200u8, 0, 0, 0, 0, 0][..]);
+        assert_eq!(decode(&mut b), Err(FrameError::UnknownType(200)));
+        let mut b = BytesMut::from(&[tag::COMMIT, 1, 0, 0, 0, 0][..]);
+        assert_eq!(decode(&mut b), Err(FrameError::BadFlags(tag::COMMIT, 1)));
+        let mut b = BytesMut::from(&[tag::QEMU_BYTES, 0, 0xff, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(decode(&mut b), Err(FrameError::TooLarge(_))));
+        let mut b = BytesMut::from(&[tag::COMMIT, 0, 0, 0, 0, 1, 5][..]);
+        assert_eq!(decode(&mut b), Err(FrameError::Trailing(1, "Commit")));
+        let mut b = BytesMut::from(&[tag::RESUMED, 0, 0, 0, 0, 2, 0, 0][..]);
+        assert!(matches!(decode(&mut b), Err(FrameError::Short { msg: "Resumed", .. })));
+        // a page record with an unknown kind
+        let mut b = BytesMut::from(&[tag::PAGES, 0, 0, 0, 0, 15, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 9][..]);
+        assert!(matches!(decode(&mut b), Err(FrameError::Invalid { what: "page kind", .. })));
+    }
+
+    #[test]
+    fn version_negotiation_picks_newest_common() {
+        assert_eq!(negotiate(1, 1), Some(1));
+        assert_eq!(negotiate(1, 9), Some(PROTOCOL_VERSION));
+        assert_eq!(negotiate(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 5), None);
+        assert_eq!(negotiate(0, 0), None);
+    }
+
+    #[test]
+    fn error_codes_are_stable() {
+        for c in 1..=13u16 {
+            assert_eq!(ErrorCode::from_u16(c).to_u16(), c);
+            assert_ne!(ErrorCode::from_u16(c).name(), "unknown");
+        }
+        assert_eq!(ErrorCode::from_u16(10), ErrorCode::DigestMismatch);
+        assert!(!ErrorCode::StreamUnsupported.retryable());
+        assert!(ErrorCode::Timeout.retryable());
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut b = BytesMut::from(&data[..]);
+            while let Ok(Some(_)) = decode(&mut b) {}
+        }
+
+        #[test]
+        fn pages_roundtrip(pages in proptest::collection::vec(
+            (any::<u64>(), prop_oneof![
+                any::<u8>().prop_map(|fill| PageBody::Zero { fill }),
+                proptest::collection::vec(any::<u8>(), 0..64).prop_map(|v| PageBody::Raw(Bytes::from(v))),
+            ]), 0..20), block in any::<u16>()) {
+            let m = Message::Pages { block, pages: pages.into_iter().map(|(offset, body)| Page { offset, body }).collect() };
+            prop_assert_eq!(roundtrip(&m), m);
+        }
+
+        #[test]
+        fn byte_at_a_time_decodes_the_same(split in 0usize..64) {
+            let msgs = all_messages();
+            let mut all = BytesMut::new();
+            for m in &msgs { encode(m, &mut all); }
+            let mut got = Vec::new();
+            let mut buf = BytesMut::new();
+            for chunk in all.chunks(split + 1) {
+                buf.extend_from_slice(chunk);
+                while let Some(m) = decode(&mut buf).unwrap() { got.push(m); }
+            }
+            prop_assert_eq!(got, msgs);
+        }
+    }
+}
