@@ -1,1 +1,254 @@
-//! placeholder
+//! `tern agent`: the host daemon.
+//!
+//! One agent per host. It launches and supervises QEMU VMs ([`vm`]), serves the local
+//! control API over HTTP/JSON ([`api`]), accepts peer agents on a TCP listener and runs
+//! migrations in both directions ([`migrate`]). The binary (`tern agent`) is a thin
+//! wrapper around [`run`].
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod client;
+pub mod conn;
+pub mod migrate;
+pub mod vm;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tern_qemu::launch::{LaunchOptions, QemuProcess};
+use tern_qemu::spec::VmSpec;
+use tokio::net::TcpListener;
+
+use migrate::MigrationHandle;
+use vm::{StartVmError, StopMode, StopVmError, Vm};
+
+/// Where the control API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiAddr {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl std::str::FromStr for ApiAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            Ok(ApiAddr::Unix(p.into()))
+        } else if let Some(a) = s.strip_prefix("tcp:") {
+            a.parse()
+                .map(ApiAddr::Tcp)
+                .map_err(|e| format!("bad address {a:?}: {e}"))
+        } else if s.starts_with('/') {
+            Ok(ApiAddr::Unix(s.into()))
+        } else {
+            Err(format!("API address {s:?}: use unix:/path or tcp:IP:PORT"))
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This host's name, told to peers and shown in reports.
+    pub name: String,
+    /// Run directories of VMs live under `state_dir/run`.
+    pub state_dir: PathBuf,
+    pub api: ApiAddr,
+    /// TCP address for peer agents.
+    pub peer_listen: SocketAddr,
+    /// Fault injection for tests (`TERN_FAULT`); see [`migrate::Fault`].
+    pub fault: Option<migrate::Fault>,
+}
+
+/// Shared state of a running agent.
+pub struct Agent {
+    pub config: AgentConfig,
+    vms: Mutex<HashMap<String, Arc<Vm>>>,
+    /// Names held by incoming migrations that have not switched over yet.
+    reserved: Mutex<HashSet<String>>,
+    migrations: Mutex<HashMap<String, Arc<MigrationHandle>>>,
+}
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot create state directory {0}")]
+    StateDir(PathBuf, #[source] std::io::Error),
+    #[error("cannot listen for peers on {0}")]
+    PeerListen(SocketAddr, #[source] std::io::Error),
+    #[error("cannot serve the control API on {0:?}")]
+    Api(ApiAddr, #[source] std::io::Error),
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig) -> Arc<Agent> {
+        Arc::new(Agent {
+            config,
+            vms: Mutex::new(HashMap::new()),
+            reserved: Mutex::new(HashSet::new()),
+            migrations: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A fresh run directory for a VM instance (unique per launch).
+    pub fn new_run_dir(&self, name: &str) -> PathBuf {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() % 1_000_000_000)
+            .unwrap_or(0);
+        self.config
+            .state_dir
+            .join("run")
+            .join(format!("{name}.{stamp}"))
+    }
+
+    pub fn vm(&self, name: &str) -> Option<Arc<Vm>> {
+        self.vms.lock().unwrap().get(name).cloned()
+    }
+
+    pub fn vms(&self) -> Vec<Arc<Vm>> {
+        let mut v: Vec<_> = self.vms.lock().unwrap().values().cloned().collect();
+        v.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        v
+    }
+
+    /// Holds a name for an incoming VM; false if the name is taken.
+    pub fn reserve_name(&self, name: &str) -> bool {
+        let vms = self.vms.lock().unwrap();
+        let mut r = self.reserved.lock().unwrap();
+        if vms.contains_key(name) || r.contains(name) {
+            return false;
+        }
+        r.insert(name.to_string());
+        true
+    }
+
+    pub fn release_name(&self, name: &str) {
+        self.reserved.lock().unwrap().remove(name);
+    }
+
+    /// Adds a VM that now runs here (after an incoming switchover); releases its reservation.
+    pub fn adopt(&self, vm: Arc<Vm>) {
+        let name = vm.spec.name.clone();
+        self.vms.lock().unwrap().insert(name.clone(), vm);
+        self.release_name(&name);
+    }
+
+    /// Forgets a VM (after it left or stopped).
+    pub fn forget(&self, name: &str) -> Option<Arc<Vm>> {
+        self.vms.lock().unwrap().remove(name)
+    }
+
+    pub async fn start_vm(&self, spec: VmSpec) -> Result<Arc<Vm>, StartVmError> {
+        spec.validate()?;
+        spec.check_files()?;
+        if !self.reserve_name(&spec.name) {
+            return Err(StartVmError::Exists(spec.name));
+        }
+        let opts = LaunchOptions::new(self.new_run_dir(&spec.name));
+        let launched = QemuProcess::launch(&spec, &opts).await;
+        let name = spec.name.clone();
+        match launched {
+            Ok(p) => {
+                let vm = Arc::new(Vm::supervise(spec, p));
+                self.adopt(vm.clone());
+                Ok(vm)
+            }
+            Err(e) => {
+                self.release_name(&name);
+                let _ = std::fs::remove_dir_all(&opts.run_dir);
+                Err(e.into())
+            }
+        }
+    }
+
+    pub async fn stop_vm(&self, name: &str) -> Result<(), StopVmError> {
+        let vm = self
+            .vm(name)
+            .ok_or_else(|| StopVmError::NotFound(name.into()))?;
+        if vm.migrating.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StopVmError::Migrating(name.into()));
+        }
+        vm.stop(StopMode::Quit).await;
+        self.forget(name);
+        let _ = std::fs::remove_dir_all(&vm.run_dir);
+        Ok(())
+    }
+
+    pub fn add_migration(&self, m: Arc<MigrationHandle>) {
+        self.migrations.lock().unwrap().insert(m.id.clone(), m);
+    }
+
+    pub fn migration(&self, id: &str) -> Option<Arc<MigrationHandle>> {
+        self.migrations.lock().unwrap().get(id).cloned()
+    }
+
+    pub fn migrations(&self) -> Vec<Arc<MigrationHandle>> {
+        let mut v: Vec<_> = self.migrations.lock().unwrap().values().cloned().collect();
+        v.sort_by_key(|m| m.started);
+        v
+    }
+
+    /// The migration of `vm` that is still in progress, if any.
+    pub fn active_migration_of(&self, vm: &str) -> Option<Arc<MigrationHandle>> {
+        self.migrations()
+            .into_iter()
+            .rev()
+            .find(|m| m.vm == vm && !m.is_finished())
+    }
+
+    /// Stops every VM (agent shutdown).
+    pub async fn stop_all(&self) {
+        for vm in self.vms() {
+            vm.stop(StopMode::Quit).await;
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` resolves; VMs are stopped on the way out.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(config.state_dir.join("run"))
+        .map_err(|e| AgentError::StateDir(config.state_dir.clone(), e))?;
+    let peers = TcpListener::bind(config.peer_listen)
+        .await
+        .map_err(|e| AgentError::PeerListen(config.peer_listen, e))?;
+    let agent = Agent::new(config);
+    let api = api::serve(agent.clone()).await?;
+    tracing::info!(
+        agent = %agent.config.name,
+        peers = %peers.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        api = ?agent.config.api,
+        "tern agent ready"
+    );
+    let peer_loop = {
+        let agent = agent.clone();
+        async move {
+            loop {
+                match peers.accept().await {
+                    Ok((stream, addr)) => {
+                        let agent = agent.clone();
+                        tokio::spawn(async move {
+                            migrate::dest::serve_peer(agent, stream, addr).await;
+                        });
+                    }
+                    Err(e) => tracing::warn!("peer accept failed: {e}"),
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = peer_loop => {}
+        _ = api => {}
+        _ = shutdown => {}
+    }
+    tracing::info!("tern agent shutting down; stopping VMs");
+    agent.stop_all().await;
+    if let ApiAddr::Unix(p) = &agent.config.api {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}

@@ -191,28 +191,58 @@ pub struct Page {
 /// A protocol message. See the module doc for the order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    Hello { min_version: u16, max_version: u16, agent: String },
-    HelloAck { version: u16, agent: String },
-    Prepare { migration_id: String, spec_toml: String, source_running: bool, qemu_version: String },
-    Prepared { qemu_version: String },
+    Hello {
+        min_version: u16,
+        max_version: u16,
+        agent: String,
+    },
+    HelloAck {
+        version: u16,
+        agent: String,
+    },
+    Prepare {
+        migration_id: String,
+        spec_toml: String,
+        source_running: bool,
+        qemu_version: String,
+    },
+    Prepared {
+        qemu_version: String,
+    },
     /// Bytes of QEMU's stream that are not page records, to be written out verbatim and in
     /// order with the pages.
     QemuBytes(Bytes),
     /// The VM's RAM blocks (from QEMU's MEM_SIZE record); `Pages.block` indexes this list.
-    RamBlocks { page_size: u32, blocks: Vec<RamBlock> },
+    RamBlocks {
+        page_size: u32,
+        blocks: Vec<RamBlock>,
+    },
     /// Page records of one block, in stream order.
-    Pages { block: u16, pages: Vec<Page> },
+    Pages {
+        block: u16,
+        pages: Vec<Page>,
+    },
     /// Return-path bytes of the destination QEMU (PONG, SHUT...), for the source QEMU.
     ReturnPath(Bytes),
     /// The source QEMU's stream ended properly; digest of the memory image it described.
-    SourceDone { digest: [u8; 32], pages: u64 },
+    SourceDone {
+        digest: [u8; 32],
+        pages: u64,
+    },
     /// The destination QEMU loaded everything and the digests agree.
-    ReadyToResume { digest: [u8; 32] },
+    ReadyToResume {
+        digest: [u8; 32],
+    },
     /// The switchover point: the source will not resume its VM after sending this.
     Commit,
     /// The destination VM runs (`resumed_unix_us` = its RESUME event, wall clock).
-    Resumed { resumed_unix_us: u64 },
-    Abort { code: ErrorCode, message: String },
+    Resumed {
+        resumed_unix_us: u64,
+    },
+    Abort {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 impl Message {
@@ -268,7 +298,10 @@ pub enum FrameError {
     #[error("{msg} payload has {0} bytes left over", msg = .1)]
     Trailing(usize, &'static str),
     #[error("{msg}: invalid {what}")]
-    Invalid { msg: &'static str, what: &'static str },
+    Invalid {
+        msg: &'static str,
+        what: &'static str,
+    },
 }
 
 /// Appends the frame for `msg` to `out`.
@@ -278,7 +311,11 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
     out.put_u8(0);
     out.put_u32(0); // patched below
     match msg {
-        Message::Hello { min_version, max_version, agent } => {
+        Message::Hello {
+            min_version,
+            max_version,
+            agent,
+        } => {
             out.put_u16(*min_version);
             out.put_u16(*max_version);
             put_str(out, agent);
@@ -287,7 +324,12 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
             out.put_u16(*version);
             put_str(out, agent);
         }
-        Message::Prepare { migration_id, spec_toml, source_running, qemu_version } => {
+        Message::Prepare {
+            migration_id,
+            spec_toml,
+            source_running,
+            qemu_version,
+        } => {
             put_str(out, migration_id);
             put_bytes(out, spec_toml.as_bytes());
             out.put_u8(u8::from(*source_running));
@@ -364,14 +406,20 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, FrameError> {
 }
 
 fn decode_payload(ty: u8, payload: Bytes) -> Result<Message, FrameError> {
-    let mut r = Reader { b: payload, msg: tag_name(ty) };
+    let mut r = Reader {
+        b: payload,
+        msg: tag_name(ty),
+    };
     let msg = match ty {
         tag::HELLO => Message::Hello {
             min_version: r.u16()?,
             max_version: r.u16()?,
             agent: r.str()?,
         },
-        tag::HELLO_ACK => Message::HelloAck { version: r.u16()?, agent: r.str()? },
+        tag::HELLO_ACK => Message::HelloAck {
+            version: r.u16()?,
+            agent: r.str()?,
+        },
         tag::PREPARE => Message::Prepare {
             migration_id: r.str()?,
             spec_toml: String::from_utf8(r.bytes()?.to_vec())
@@ -379,7 +427,9 @@ fn decode_payload(ty: u8, payload: Bytes) -> Result<Message, FrameError> {
             source_running: r.bool()?,
             qemu_version: r.str()?,
         },
-        tag::PREPARED => Message::Prepared { qemu_version: r.str()? },
+        tag::PREPARED => Message::Prepared {
+            qemu_version: r.str()?,
+        },
         tag::QEMU_BYTES => Message::QemuBytes(r.rest()),
         tag::RETURN_PATH => Message::ReturnPath(r.rest()),
         tag::RAM_BLOCKS => {
@@ -390,7 +440,10 @@ fn decode_payload(ty: u8, payload: Bytes) -> Result<Message, FrameError> {
             let n = r.u32()? as usize;
             let mut blocks = Vec::with_capacity(n.min(1024));
             for _ in 0..n {
-                blocks.push(RamBlock { name: r.str()?, used_length: r.u64()? });
+                blocks.push(RamBlock {
+                    name: r.str()?,
+                    used_length: r.u64()?,
+                });
             }
             Message::RamBlocks { page_size, blocks }
         }
@@ -410,11 +463,21 @@ fn decode_payload(ty: u8, payload: Bytes) -> Result<Message, FrameError> {
             }
             Message::Pages { block, pages }
         }
-        tag::SOURCE_DONE => Message::SourceDone { digest: r.digest()?, pages: r.u64()? },
-        tag::READY_TO_RESUME => Message::ReadyToResume { digest: r.digest()? },
+        tag::SOURCE_DONE => Message::SourceDone {
+            digest: r.digest()?,
+            pages: r.u64()?,
+        },
+        tag::READY_TO_RESUME => Message::ReadyToResume {
+            digest: r.digest()?,
+        },
         tag::COMMIT => Message::Commit,
-        tag::RESUMED => Message::Resumed { resumed_unix_us: r.u64()? },
-        tag::ABORT => Message::Abort { code: ErrorCode::from_u16(r.u16()?), message: r.str()? },
+        tag::RESUMED => Message::Resumed {
+            resumed_unix_us: r.u64()?,
+        },
+        tag::ABORT => Message::Abort {
+            code: ErrorCode::from_u16(r.u16()?),
+            message: r.str()?,
+        },
         other => return Err(FrameError::UnknownType(other)),
     };
     if !r.b.is_empty() {
@@ -465,12 +528,18 @@ struct Reader {
 impl Reader {
     fn need(&self, n: usize) -> Result<(), FrameError> {
         if self.b.len() < n {
-            return Err(FrameError::Short { msg: self.msg, needed: n - self.b.len() });
+            return Err(FrameError::Short {
+                msg: self.msg,
+                needed: n - self.b.len(),
+            });
         }
         Ok(())
     }
     fn invalid(&self, what: &'static str) -> FrameError {
-        FrameError::Invalid { msg: self.msg, what }
+        FrameError::Invalid {
+            msg: self.msg,
+            what,
+        }
     }
     fn u8(&mut self) -> Result<u8, FrameError> {
         self.need(1)?;
@@ -539,34 +608,63 @@ mod tests {
 
     fn all_messages() -> Vec<Message> {
         vec![
-            Message::Hello { min_version: 1, max_version: 3, agent: "host-a".into() },
-            Message::HelloAck { version: 1, agent: "host-b".into() },
+            Message::Hello {
+                min_version: 1,
+                max_version: 3,
+                agent: "host-a".into(),
+            },
+            Message::HelloAck {
+                version: 1,
+                agent: "host-b".into(),
+            },
             Message::Prepare {
                 migration_id: "m-1".into(),
                 spec_toml: "name = \"vm\"\n".into(),
                 source_running: true,
                 qemu_version: "10.0.2".into(),
             },
-            Message::Prepared { qemu_version: "10.0.2".into() },
+            Message::Prepared {
+                qemu_version: "10.0.2".into(),
+            },
             Message::QemuBytes(Bytes::from_static(b"\x01\x02")),
             Message::RamBlocks {
                 page_size: 4096,
-                blocks: vec![RamBlock { name: "pc.ram".into(), used_length: 1 << 29 }],
+                blocks: vec![RamBlock {
+                    name: "pc.ram".into(),
+                    used_length: 1 << 29,
+                }],
             },
             Message::Pages {
                 block: 3,
                 pages: vec![
-                    Page { offset: 0, body: PageBody::Zero { fill: 0 } },
-                    Page { offset: 4096, body: PageBody::Raw(Bytes::from(vec![7u8; 4096])) },
+                    Page {
+                        offset: 0,
+                        body: PageBody::Zero { fill: 0 },
+                    },
+                    Page {
+                        offset: 4096,
+                        body: PageBody::Raw(Bytes::from(vec![7u8; 4096])),
+                    },
                 ],
             },
             Message::ReturnPath(Bytes::from_static(b"\x00\x01\x00\x04\x00\x00\x00\x00")),
-            Message::SourceDone { digest: [9; 32], pages: 77 },
+            Message::SourceDone {
+                digest: [9; 32],
+                pages: 77,
+            },
             Message::ReadyToResume { digest: [8; 32] },
             Message::Commit,
-            Message::Resumed { resumed_unix_us: 1_700_000_000_000_000 },
-            Message::Abort { code: ErrorCode::DigestMismatch, message: "differs".into() },
-            Message::Abort { code: ErrorCode::Unknown(999), message: String::new() },
+            Message::Resumed {
+                resumed_unix_us: 1_700_000_000_000_000,
+            },
+            Message::Abort {
+                code: ErrorCode::DigestMismatch,
+                message: "differs".into(),
+            },
+            Message::Abort {
+                code: ErrorCode::Unknown(999),
+                message: String::new(),
+            },
         ]
     }
 
@@ -602,10 +700,43 @@ mod tests {
         let mut b = BytesMut::from(&[tag::COMMIT, 0, 0, 0, 0, 1, 5][..]);
         assert_eq!(decode(&mut b), Err(FrameError::Trailing(1, "Commit")));
         let mut b = BytesMut::from(&[tag::RESUMED, 0, 0, 0, 0, 2, 0, 0][..]);
-        assert!(matches!(decode(&mut b), Err(FrameError::Short { msg: "Resumed", .. })));
+        assert!(matches!(
+            decode(&mut b),
+            Err(FrameError::Short { msg: "Resumed", .. })
+        ));
         // a page record with an unknown kind
-        let mut b = BytesMut::from(&[tag::PAGES, 0, 0, 0, 0, 15, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 9][..]);
-        assert!(matches!(decode(&mut b), Err(FrameError::Invalid { what: "page kind", .. })));
+        let mut b = BytesMut::from(
+            &[
+                tag::PAGES,
+                0,
+                0,
+                0,
+                0,
+                15,
+                0,
+                0,
+                0,
+                0,
+                0,
+                1,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                9,
+            ][..],
+        );
+        assert!(matches!(
+            decode(&mut b),
+            Err(FrameError::Invalid {
+                what: "page kind",
+                ..
+            })
+        ));
     }
 
     #[test]

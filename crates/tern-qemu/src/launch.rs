@@ -1,1 +1,314 @@
-//! placeholder (being written)
+//! Turning a [`VmSpec`] into a running QEMU process: the command line, the per-VM run
+//! directory (QMP socket, serial console log, QEMU's own log), spawning, connecting QMP,
+//! and stopping. Owns the QEMU process lifetime; must not decide when to stop it.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::qmp::{QmpClient, QmpError};
+use crate::spec::{Accel, SpecError, VmSpec};
+
+/// How to launch a VM.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// `qemu-system-x86_64` unless `TERN_QEMU` names another binary.
+    pub qemu_binary: PathBuf,
+    /// Per-VM directory: qmp.sock, console.log and qemu.log live here.
+    pub run_dir: PathBuf,
+    /// `-incoming defer`: the VM waits for `migrate-incoming`.
+    pub incoming_defer: bool,
+    /// `-S`: do not start the vCPUs.
+    pub start_paused: bool,
+}
+
+impl LaunchOptions {
+    pub fn new(run_dir: PathBuf) -> Self {
+        let qemu_binary = std::env::var_os("TERN_QEMU")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+        LaunchOptions {
+            qemu_binary,
+            run_dir,
+            incoming_defer: false,
+            start_paused: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("invalid VM spec")]
+    Spec(#[from] SpecError),
+    #[error("accel = \"kvm\" but /dev/kvm is not available on this host: use accel = \"tcg\" or enable KVM")]
+    NoKvm,
+    #[error("run directory {path} is too long for a unix socket path (max 100 bytes): use a shorter --state-dir")]
+    PathTooLong { path: PathBuf },
+    #[error("cannot create run directory {path}")]
+    RunDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start {binary} (is QEMU installed? run scripts/setup.sh)")]
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("QEMU exited during start-up ({status}): {stderr_tail}")]
+    Exited {
+        status: ExitStatus,
+        stderr_tail: String,
+    },
+    #[error("QEMU started but its QMP socket did not answer")]
+    Qmp(#[source] QmpError),
+}
+
+/// A running QEMU, killed if dropped.
+pub struct QemuProcess {
+    pub qmp: QmpClient,
+    pub run_dir: PathBuf,
+    pub console_log: PathBuf,
+    child: Child,
+    exited: Option<ExitStatus>,
+}
+
+fn tail_of_file(path: &Path, max: usize) -> String {
+    let b = std::fs::read(path).unwrap_or_default();
+    let s = String::from_utf8_lossy(&b[b.len().saturating_sub(max)..])
+        .trim()
+        .to_string();
+    if s.is_empty() {
+        "(QEMU printed nothing)".into()
+    } else {
+        s
+    }
+}
+
+impl QemuProcess {
+    /// The QEMU command line for `spec` (without the binary).
+    pub fn command_line(spec: &VmSpec, opts: &LaunchOptions) -> Vec<OsString> {
+        let rd = &opts.run_dir;
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |s: &str| a.push(s.into());
+        push("-name");
+        push(&format!("guest={},debug-threads=on", spec.name));
+        push("-machine");
+        push(&spec.machine);
+        push("-accel");
+        push(spec.accel.as_str());
+        if spec.accel == Accel::Kvm {
+            push("-cpu");
+            push("host");
+        }
+        push("-m");
+        push(&spec.memory_mib.to_string());
+        push("-smp");
+        push(&spec.vcpus.to_string());
+        for f in ["-nodefaults", "-no-user-config", "-no-reboot"] {
+            push(f);
+        }
+        push("-display");
+        push("none");
+        push("-serial");
+        push(&format!("file:{}", rd.join("console.log").display()));
+        push("-qmp");
+        push(&format!(
+            "unix:{},server=on,wait=off",
+            rd.join("qmp.sock").display()
+        ));
+        if opts.start_paused {
+            push("-S");
+        }
+        if opts.incoming_defer {
+            push("-incoming");
+            push("defer");
+        }
+        a.push("-kernel".into());
+        a.push(spec.kernel.clone().into());
+        if let Some(i) = &spec.initrd {
+            a.push("-initrd".into());
+            a.push(i.clone().into());
+        }
+        if !spec.append.is_empty() {
+            a.push("-append".into());
+            a.push(spec.append.clone().into());
+        }
+        a
+    }
+
+    pub async fn launch(spec: &VmSpec, opts: &LaunchOptions) -> Result<QemuProcess, LaunchError> {
+        spec.validate()?;
+        spec.check_files()?;
+        if spec.accel == Accel::Kvm && !Path::new("/dev/kvm").exists() {
+            return Err(LaunchError::NoKvm);
+        }
+        let qmp_path = opts.run_dir.join("qmp.sock");
+        if qmp_path.as_os_str().len() > 100 {
+            return Err(LaunchError::PathTooLong {
+                path: opts.run_dir.clone(),
+            });
+        }
+        std::fs::create_dir_all(&opts.run_dir).map_err(|e| LaunchError::RunDir {
+            path: opts.run_dir.clone(),
+            source: e,
+        })?;
+        let _ = std::fs::remove_file(&qmp_path);
+        let log_path = opts.run_dir.join("qemu.log");
+        let log = std::fs::File::create(&log_path).map_err(|e| LaunchError::RunDir {
+            path: log_path.clone(),
+            source: e,
+        })?;
+        let log2 = log.try_clone().map_err(|e| LaunchError::RunDir {
+            path: log_path.clone(),
+            source: e,
+        })?;
+        let mut cmd = Command::new(&opts.qemu_binary);
+        crate::sys::kill_with_parent(&mut cmd);
+        cmd.args(Self::command_line(spec, opts))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| LaunchError::Spawn {
+            binary: opts.qemu_binary.clone(),
+            source: e,
+        })?;
+        // Connect QMP, but give up at once if QEMU exits (bad kernel path, no KVM, ...).
+        let connect = QmpClient::connect(&qmp_path, Duration::from_secs(30));
+        tokio::pin!(connect);
+        let qmp = tokio::select! {
+            r = &mut connect => r.map_err(LaunchError::Qmp)?,
+            st = child.wait() => {
+                let status = st.map_err(|e| LaunchError::Spawn { binary: opts.qemu_binary.clone(), source: e })?;
+                return Err(LaunchError::Exited { status, stderr_tail: tail_of_file(&log_path, 2000) });
+            }
+        };
+        let mut p = QemuProcess {
+            qmp,
+            run_dir: opts.run_dir.clone(),
+            console_log: opts.run_dir.join("console.log"),
+            child,
+            exited: None,
+        };
+        if !spec.migration_capabilities.is_empty() {
+            let caps: Vec<(&str, bool)> = spec
+                .migration_capabilities
+                .iter()
+                .map(|c| (c.as_str(), true))
+                .collect();
+            if let Err(e) = p.qmp.set_migrate_capabilities(&caps).await {
+                p.kill().await;
+                return Err(LaunchError::Qmp(e));
+            }
+        }
+        Ok(p)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Non-blocking: `Some` once QEMU has exited.
+    pub fn try_exited(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited
+    }
+
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        if let Some(s) = self.exited {
+            return Ok(s);
+        }
+        let s = self.child.wait().await?;
+        self.exited = Some(s);
+        Ok(s)
+    }
+
+    /// QMP `quit`; SIGKILL if QEMU is still there after `timeout`.
+    pub async fn quit(&mut self, timeout: Duration) {
+        if self.try_exited().is_some() {
+            return;
+        }
+        let _ = tokio::time::timeout(timeout, self.qmp.execute("quit", None)).await;
+        if tokio::time::timeout(timeout, self.wait()).await.is_err() {
+            self.kill().await;
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub async fn kill(&mut self) {
+        if self.try_exited().is_some() {
+            return;
+        }
+        let _ = self.child.start_kill();
+        let _ = self.wait().await;
+    }
+
+    pub fn console_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.console_log).unwrap_or_default()).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(accel: Accel) -> VmSpec {
+        VmSpec {
+            name: "t1".into(),
+            memory_mib: 256,
+            vcpus: 2,
+            accel,
+            kernel: "/k".into(),
+            initrd: Some("/i".into()),
+            append: "console=ttyS0 a=b".into(),
+            machine: "pc".into(),
+            migration_capabilities: vec![],
+        }
+    }
+
+    fn args(v: Vec<OsString>) -> Vec<String> {
+        v.into_iter().map(|s| s.into_string().unwrap()).collect()
+    }
+
+    fn after<'a>(a: &'a [String], flag: &str) -> Option<&'a str> {
+        a.iter()
+            .position(|x| x == flag)
+            .and_then(|i| a.get(i + 1))
+            .map(String::as_str)
+    }
+
+    #[test]
+    fn tcg_command_line() {
+        let mut o = LaunchOptions::new("/run/x".into());
+        o.incoming_defer = true;
+        o.start_paused = true;
+        let a = args(QemuProcess::command_line(&spec(Accel::Tcg), &o));
+        assert_eq!(after(&a, "-accel"), Some("tcg"));
+        assert!(!a.contains(&"-cpu".to_string()));
+        assert_eq!(after(&a, "-m"), Some("256"));
+        assert_eq!(after(&a, "-smp"), Some("2"));
+        assert_eq!(after(&a, "-incoming"), Some("defer"));
+        assert!(a.contains(&"-S".to_string()));
+        assert_eq!(
+            after(&a, "-qmp"),
+            Some("unix:/run/x/qmp.sock,server=on,wait=off")
+        );
+        assert_eq!(after(&a, "-serial"), Some("file:/run/x/console.log"));
+        assert_eq!(after(&a, "-append"), Some("console=ttyS0 a=b"));
+    }
+
+    #[test]
+    fn kvm_command_line() {
+        let o = LaunchOptions::new("/run/x".into());
+        let a = args(QemuProcess::command_line(&spec(Accel::Kvm), &o));
+        assert_eq!(after(&a, "-accel"), Some("kvm"));
+        assert_eq!(after(&a, "-cpu"), Some("host"));
+        assert!(!a.contains(&"-S".to_string()) && !a.contains(&"-incoming".to_string()));
+    }
+}

@@ -1,1 +1,530 @@
-//! placeholder (being written)
+//! QMP client: one background task owns QEMU's QMP socket; any number of tasks send
+//! commands through a cloneable [`QmpClient`] (replies matched by `id`) and subscribe to
+//! events. Owns the QMP wire format and typed helpers for the commands tern uses; must not
+//! decide anything about migrations.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// A QMP event (`{"event": ..., "data": ..., "timestamp": {...}}`).
+#[derive(Debug, Clone)]
+pub struct QmpEvent {
+    pub event: String,
+    pub data: Value,
+    pub timestamp: SystemTime,
+}
+
+/// QEMU's version as its QMP greeting states it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct QemuVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub micro: u32,
+    pub package: String,
+}
+
+impl std::fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("cannot connect to QMP socket {path}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("QMP handshake failed: {0}")]
+    Handshake(String),
+    #[error("QMP connection closed (QEMU exited?)")]
+    Closed,
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("QMP I/O error")]
+    Io(#[from] std::io::Error),
+    #[error("malformed QMP message: {0}")]
+    Malformed(String),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+}
+
+/// `query-status`.
+#[derive(Debug, Clone)]
+pub struct RunStatus {
+    pub running: bool,
+    pub status: String,
+}
+
+/// `query-migrate`, the fields tern reads.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MigrationInfo {
+    pub status: String,
+    pub total_time_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    pub expected_downtime_ms: Option<u64>,
+    pub setup_time_ms: Option<u64>,
+    pub ram_transferred: Option<u64>,
+    pub ram_remaining: Option<u64>,
+    pub ram_total: Option<u64>,
+    pub ram_duplicate: Option<u64>,
+    pub ram_normal: Option<u64>,
+    pub dirty_pages_rate: Option<u64>,
+    pub dirty_sync_count: Option<u64>,
+    pub mbps: Option<f64>,
+    pub error_desc: Option<String>,
+}
+
+impl MigrationInfo {
+    pub fn from_json(v: &Value) -> MigrationInfo {
+        let u = |k: &str| v.get(k).and_then(Value::as_u64);
+        let ram = |k: &str| v.get("ram").and_then(|r| r.get(k)).and_then(Value::as_u64);
+        MigrationInfo {
+            status: v
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or("none")
+                .to_string(),
+            total_time_ms: u("total-time"),
+            downtime_ms: u("downtime"),
+            expected_downtime_ms: u("expected-downtime"),
+            setup_time_ms: u("setup-time"),
+            ram_transferred: ram("transferred"),
+            ram_remaining: ram("remaining"),
+            ram_total: ram("total"),
+            ram_duplicate: ram("duplicate"),
+            ram_normal: ram("normal"),
+            dirty_pages_rate: ram("dirty-pages-rate"),
+            dirty_sync_count: ram("dirty-sync-count"),
+            mbps: v
+                .get("ram")
+                .and_then(|r| r.get("mbps"))
+                .and_then(Value::as_f64),
+            error_desc: v
+                .get("error-desc")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        }
+    }
+}
+
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>>>;
+
+struct Inner {
+    tx: mpsc::UnboundedSender<String>,
+    pending: Pending,
+    next_id: AtomicU64,
+    events: broadcast::Sender<QmpEvent>,
+    version: QemuVersion,
+}
+
+/// A handle to one QEMU's QMP; cheap to clone.
+#[derive(Clone)]
+pub struct QmpClient {
+    inner: Arc<Inner>,
+}
+
+/// What one QMP line means.
+#[derive(Debug)]
+enum Line {
+    Reply {
+        id: u64,
+        result: Result<Value, (String, String)>,
+    },
+    Event(QmpEvent),
+    Other,
+}
+
+fn parse_line(line: &str) -> Result<Line, QmpError> {
+    let v: Value =
+        serde_json::from_str(line).map_err(|e| QmpError::Malformed(format!("{e}: {line}")))?;
+    if let Some(name) = v.get("event").and_then(Value::as_str) {
+        let ts = v.get("timestamp");
+        let secs = ts
+            .and_then(|t| t.get("seconds"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let us = ts
+            .and_then(|t| t.get("microseconds"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        return Ok(Line::Event(QmpEvent {
+            event: name.to_string(),
+            data: v.get("data").cloned().unwrap_or(Value::Null),
+            timestamp: SystemTime::UNIX_EPOCH
+                + Duration::from_secs(secs)
+                + Duration::from_micros(us),
+        }));
+    }
+    let Some(id) = v.get("id").and_then(Value::as_u64) else {
+        return Ok(Line::Other);
+    };
+    if let Some(r) = v.get("return") {
+        return Ok(Line::Reply {
+            id,
+            result: Ok(r.clone()),
+        });
+    }
+    if let Some(e) = v.get("error") {
+        let class = e
+            .get("class")
+            .and_then(Value::as_str)
+            .unwrap_or("GenericError")
+            .to_string();
+        let desc = e
+            .get("desc")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        return Ok(Line::Reply {
+            id,
+            result: Err((class, desc)),
+        });
+    }
+    Err(QmpError::Malformed(format!(
+        "reply without return or error: {line}"
+    )))
+}
+
+fn parse_version(greeting: &Value) -> Result<QemuVersion, QmpError> {
+    let v = greeting
+        .get("QMP")
+        .and_then(|q| q.get("version"))
+        .ok_or_else(|| QmpError::Handshake(format!("no version in greeting {greeting}")))?;
+    let q = v.get("qemu").cloned().unwrap_or(Value::Null);
+    let n = |k: &str| q.get(k).and_then(Value::as_u64).unwrap_or(0) as u32;
+    Ok(QemuVersion {
+        major: n("major"),
+        minor: n("minor"),
+        micro: n("micro"),
+        package: v
+            .get("package")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .trim()
+            .to_string(),
+    })
+}
+
+impl QmpClient {
+    /// Connects (retrying until `timeout`: QEMU creates the socket shortly after start),
+    /// reads the greeting and enters command mode.
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<QmpClient, QmpError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(s) => break s,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(QmpError::Connect {
+                        path: path.to_path_buf(),
+                        source: e,
+                    })
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let (rd, mut wr) = stream.into_split();
+        let mut lines = BufReader::new(rd).lines();
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_secs(5));
+        let greeting = tokio::time::timeout(left, lines.next_line())
+            .await
+            .map_err(|_| QmpError::Handshake("no greeting".into()))??
+            .ok_or_else(|| QmpError::Handshake("socket closed before the greeting".into()))?;
+        let greeting: Value = serde_json::from_str(&greeting)
+            .map_err(|e| QmpError::Handshake(format!("{e}: {greeting}")))?;
+        let version = parse_version(&greeting)?;
+        wr.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+            .await?;
+        loop {
+            let l = tokio::time::timeout(left, lines.next_line())
+                .await
+                .map_err(|_| QmpError::Handshake("no answer to qmp_capabilities".into()))??
+                .ok_or_else(|| {
+                    QmpError::Handshake("socket closed during qmp_capabilities".into())
+                })?;
+            let v: Value =
+                serde_json::from_str(&l).map_err(|e| QmpError::Handshake(format!("{e}: {l}")))?;
+            if v.get("return").is_some() {
+                break;
+            }
+            if let Some(e) = v.get("error") {
+                return Err(QmpError::Handshake(e.to_string()));
+            }
+        }
+
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
+        let (events, _) = broadcast::channel(1024);
+        // writer task
+        tokio::spawn(async move {
+            while let Some(line) = rx.recv().await {
+                if wr.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        // reader task: replies to their waiters, events to subscribers; on EOF or a bad
+        // line every waiter gets an error and later calls fail at once.
+        {
+            let pending = pending.clone();
+            let events = events.clone();
+            tokio::spawn(async move {
+                let why = loop {
+                    match lines.next_line().await {
+                        Ok(Some(l)) => match parse_line(&l) {
+                            Ok(Line::Reply { id, result }) => {
+                                let waiter =
+                                    pending.lock().unwrap().as_mut().and_then(|p| p.remove(&id));
+                                if let Some(w) = waiter {
+                                    let _ =
+                                        w.send(result.map_err(|(class, desc)| QmpError::Command {
+                                            command: String::new(),
+                                            class,
+                                            desc,
+                                        }));
+                                }
+                            }
+                            Ok(Line::Event(e)) => {
+                                let _ = events.send(e);
+                            }
+                            Ok(Line::Other) => {}
+                            Err(e) => break Some(e.to_string()),
+                        },
+                        Ok(None) => break None,
+                        Err(e) => break Some(e.to_string()),
+                    }
+                };
+                if let Some(w) = &why {
+                    tracing::warn!("QMP reader stopped: {w}");
+                }
+                let waiters = pending.lock().unwrap().take().unwrap_or_default();
+                for (_, w) in waiters {
+                    let _ = w.send(Err(match &why {
+                        Some(m) => QmpError::Malformed(m.clone()),
+                        None => QmpError::Closed,
+                    }));
+                }
+            });
+        }
+        Ok(QmpClient {
+            inner: Arc::new(Inner {
+                tx,
+                pending,
+                next_id: AtomicU64::new(1),
+                events,
+                version,
+            }),
+        })
+    }
+
+    pub fn version(&self) -> &QemuVersion {
+        &self.inner.version
+    }
+
+    /// Whether the connection to QEMU is gone.
+    pub fn is_closed(&self) -> bool {
+        self.inner.pending.lock().unwrap().is_none()
+    }
+
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = json!({ "execute": command, "id": id });
+        if let Some(a) = arguments {
+            if !a.is_null() {
+                msg["arguments"] = a;
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.inner.pending.lock().unwrap();
+            let Some(map) = p.as_mut() else {
+                return Err(QmpError::Closed);
+            };
+            map.insert(id, tx);
+        }
+        let line = format!("{msg}\n");
+        if self.inner.tx.send(line).is_err() {
+            return Err(QmpError::Closed);
+        }
+        match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(QmpError::Command { class, desc, .. })) => Err(QmpError::Command {
+                command: command.to_string(),
+                class,
+                desc,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(QmpError::Closed),
+        }
+    }
+
+    /// Every event from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<QmpEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Waits for the next event named `name` on `rx`.
+    pub async fn wait_event(
+        &self,
+        rx: &mut broadcast::Receiver<QmpEvent>,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<QmpEvent, QmpError> {
+        let fut = async {
+            loop {
+                match rx.recv().await {
+                    Ok(e) if e.event == name => return Ok(e),
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return Err(QmpError::Closed),
+                }
+            }
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| QmpError::Timeout(timeout, format!("QMP event {name}")))?
+    }
+
+    pub async fn query_status(&self) -> Result<RunStatus, QmpError> {
+        let v = self.execute("query-status", None).await?;
+        Ok(RunStatus {
+            running: v.get("running").and_then(Value::as_bool).unwrap_or(false),
+            status: v
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_string(),
+        })
+    }
+
+    pub async fn query_migrate(&self) -> Result<MigrationInfo, QmpError> {
+        Ok(MigrationInfo::from_json(
+            &self.execute("query-migrate", None).await?,
+        ))
+    }
+
+    pub async fn set_migrate_capabilities(&self, caps: &[(&str, bool)]) -> Result<(), QmpError> {
+        let list: Vec<Value> = caps
+            .iter()
+            .map(|(c, on)| json!({ "capability": c, "state": on }))
+            .collect();
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": list })),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn query_migrate_capabilities(&self) -> Result<Vec<(String, bool)>, QmpError> {
+        let v = self.execute("query-migrate-capabilities", None).await?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| {
+                Some((
+                    c.get("capability")?.as_str()?.to_string(),
+                    c.get("state")?.as_bool()?,
+                ))
+            })
+            .collect())
+    }
+
+    pub async fn set_migrate_parameters(&self, params: Value) -> Result<(), QmpError> {
+        self.execute("migrate-set-parameters", Some(params)).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_replies_events_and_errors() {
+        match parse_line(r#"{"return": {"status": "running"}, "id": 7}"#).unwrap() {
+            Line::Reply {
+                id: 7,
+                result: Ok(v),
+            } => assert_eq!(v["status"], "running"),
+            l => panic!("{l:?}"),
+        }
+        match parse_line(r#"{"error": {"class": "GenericError", "desc": "nope"}, "id": 3}"#)
+            .unwrap()
+        {
+            Line::Reply {
+                id: 3,
+                result: Err((c, d)),
+            } => assert_eq!((c.as_str(), d.as_str()), ("GenericError", "nope")),
+            l => panic!("{l:?}"),
+        }
+        match parse_line(
+            r#"{"timestamp": {"seconds": 1700000000, "microseconds": 250}, "event": "STOP"}"#,
+        )
+        .unwrap()
+        {
+            Line::Event(e) => {
+                assert_eq!(e.event, "STOP");
+                let us = e
+                    .timestamp
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_micros();
+                assert_eq!(us, 1_700_000_000_000_250);
+            }
+            l => panic!("{l:?}"),
+        }
+        assert!(matches!(
+            parse_line("{not json"),
+            Err(QmpError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_line(r#"{"id": 1}"#),
+            Err(QmpError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn parses_greeting_version_and_migration_info() {
+        let g: Value = serde_json::from_str(
+            r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2"}, "capabilities": ["oob"]}}"#,
+        )
+        .unwrap();
+        let v = parse_version(&g).unwrap();
+        assert_eq!(v.to_string(), "10.0.2");
+        let m = MigrationInfo::from_json(
+            &json!({"status": "completed", "downtime": 12, "total-time": 900, "ram": {"total": 100, "remaining": 0, "transferred": 55, "mbps": 1.5}}),
+        );
+        assert_eq!(m.status, "completed");
+        assert_eq!(
+            (
+                m.downtime_ms,
+                m.total_time_ms,
+                m.ram_total,
+                m.ram_transferred
+            ),
+            (Some(12), Some(900), Some(100), Some(55))
+        );
+        assert_eq!(MigrationInfo::from_json(&json!({})).status, "none");
+    }
+}

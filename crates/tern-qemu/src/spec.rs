@@ -100,7 +100,8 @@ impl VmSpec {
             && n.len() <= 64
             && !n.starts_with('.')
             && !n.starts_with('-')
-            && n.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
         if !ok {
             return Err(SpecError::BadName(n.clone()));
         }
@@ -116,11 +117,17 @@ impl VmSpec {
     /// The files QEMU will need must exist on this host.
     pub fn check_files(&self) -> Result<(), SpecError> {
         if !self.kernel.exists() {
-            return Err(SpecError::MissingFile { what: "kernel", path: self.kernel.clone() });
+            return Err(SpecError::MissingFile {
+                what: "kernel",
+                path: self.kernel.clone(),
+            });
         }
         if let Some(i) = &self.initrd {
             if !i.exists() {
-                return Err(SpecError::MissingFile { what: "initrd", path: i.clone() });
+                return Err(SpecError::MissingFile {
+                    what: "initrd",
+                    path: i.clone(),
+                });
             }
         }
         Ok(())

@@ -1,1 +1,413 @@
-fn main() {}
+//! `tern`: the command line. `tern agent` runs the host daemon; every other command is a
+//! thin client of an agent's control API (see `tern_agent::api`).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use tern_agent::migrate::{MigrationReport, MigrationStatus};
+
+use tern_agent::client::{Client, Endpoint};
+
+const DEFAULT_API: &str = "unix:/run/tern/agent.sock";
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Live-migrate running QEMU/KVM VMs between hosts"
+)]
+struct Cli {
+    /// The agent to talk to: unix:/path or tcp:HOST:PORT [env: TERN_AGENT]
+    #[arg(long, global = true)]
+    agent: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the host agent (launches VMs, serves the API, accepts peer agents).
+    Agent(AgentArgs),
+    /// Manage VMs on the agent's host.
+    Vm {
+        #[command(subcommand)]
+        cmd: VmCmd,
+    },
+    /// Live-migrate a VM to another host's agent, with progress and a final report.
+    Migrate(MigrateArgs),
+    /// Show the agent's migrations (both directions).
+    Migrations {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// This host's name, shown to peers and in reports.
+    #[arg(long, default_value_t = default_hostname())]
+    name: String,
+    /// Where VM run directories live.
+    #[arg(long, default_value = "/var/lib/tern")]
+    state_dir: PathBuf,
+    /// Control API address: unix:/path or tcp:IP:PORT.
+    #[arg(long, default_value = DEFAULT_API)]
+    api: String,
+    /// Peer-agent listener (TCP).
+    #[arg(long, default_value = "0.0.0.0:7700")]
+    listen: std::net::SocketAddr,
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Start a VM from a TOML spec file.
+    Start { spec: PathBuf },
+    /// List the VMs on this host.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a VM (QMP quit) and forget it.
+    Stop { name: String },
+    /// Send one QMP command to a VM, e.g. `tern vm qmp web1 query-status`.
+    Qmp {
+        name: String,
+        command: String,
+        /// Arguments as a JSON object.
+        arguments: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// The VM to move.
+    name: String,
+    /// Destination agent, HOST:PORT.
+    #[arg(long, required_unless_present = "cancel")]
+    to: Option<String>,
+    /// QEMU's downtime limit in ms (default 300).
+    #[arg(long)]
+    downtime_ms: Option<u64>,
+    /// Cap on the migration rate, MiB/s (default: no cap).
+    #[arg(long = "max-bandwidth")]
+    max_bandwidth_mibps: Option<u64>,
+    /// Print the final report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Cancel this VM's running migration instead of starting one.
+    #[arg(long, conflicts_with = "to")]
+    cancel: bool,
+}
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        // Print the whole chain once (each layer's Display omits its source).
+        let mut msg = format!("error: {e}");
+        for c in e.chain().skip(1) {
+            msg.push_str(&format!("\n  caused by: {c}"));
+        }
+        eprintln!("{msg}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let api = cli
+        .agent
+        .or_else(|| std::env::var("TERN_AGENT").ok())
+        .unwrap_or_else(|| DEFAULT_API.to_string());
+    match cli.cmd {
+        Cmd::Agent(a) => run_agent(a),
+        Cmd::Vm { cmd } => vm(Client::new(Endpoint::parse(&api)?), cmd),
+        Cmd::Migrate(m) => migrate(Client::new(Endpoint::parse(&api)?), m),
+        Cmd::Migrations { json } => {
+            let v = Client::new(Endpoint::parse(&api)?).call("GET", "/v1/migrations", None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let list: Vec<MigrationStatus> = serde_json::from_value(v)?;
+                for m in list {
+                    println!(
+                        "{}  {:<8?} {:<12} {:<10} {}",
+                        m.id, m.direction, m.vm, m.phase, m.peer
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run_agent(a: AgentArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let fault = match std::env::var("TERN_FAULT") {
+        Ok(f) if !f.is_empty() => Some(f.parse().map_err(anyhow::Error::msg)?),
+        _ => None,
+    };
+    let config = tern_agent::AgentConfig {
+        name: a.name,
+        state_dir: a.state_dir,
+        api: a.api.parse().map_err(anyhow::Error::msg)?,
+        peer_listen: a.listen,
+        fault,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        tern_agent::run(config, shutdown).await
+    })?;
+    Ok(())
+}
+
+fn vm(c: Client, cmd: VmCmd) -> Result<()> {
+    match cmd {
+        VmCmd::Start { spec } => {
+            let text = std::fs::read_to_string(&spec)
+                .with_context(|| format!("cannot read VM spec {}", spec.display()))?;
+            let v = c.call("POST", "/v1/vms", Some(&json!({ "spec_toml": text })))?;
+            println!(
+                "started {} (pid {}, console {})",
+                v["name"].as_str().unwrap_or("?"),
+                v["pid"],
+                v["console_log"].as_str().unwrap_or("?")
+            );
+        }
+        VmCmd::List { json } => {
+            let v = c.call("GET", "/v1/vms", None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<20} {:<12} {:>8} {:>5} {:<5} {:>8}",
+                    "NAME", "STATE", "MEM(MiB)", "VCPU", "ACCEL", "PID"
+                );
+                for vm in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<20} {:<12} {:>8} {:>5} {:<5} {:>8}",
+                        vm["name"].as_str().unwrap_or("?"),
+                        vm["state"].as_str().unwrap_or("?"),
+                        vm["memory_mib"],
+                        vm["vcpus"],
+                        vm["accel"].as_str().unwrap_or("?"),
+                        vm["pid"]
+                    );
+                }
+            }
+        }
+        VmCmd::Stop { name } => {
+            c.call("DELETE", &format!("/v1/vms/{name}"), None)?;
+            println!("stopped {name}");
+        }
+        VmCmd::Qmp {
+            name,
+            command,
+            arguments,
+        } => {
+            let arguments: Option<Value> = match arguments {
+                Some(a) => {
+                    Some(serde_json::from_str(&a).context("QMP arguments must be a JSON object")?)
+                }
+                None => None,
+            };
+            let v = c.call(
+                "POST",
+                &format!("/v1/vms/{name}/qmp"),
+                Some(&json!({ "execute": command, "arguments": arguments })),
+            )?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+    }
+    Ok(())
+}
+
+fn migrate(c: Client, m: MigrateArgs) -> Result<()> {
+    if m.cancel {
+        let v = c.call(
+            "POST",
+            &format!("/v1/vms/{}/migration/cancel", m.name),
+            None,
+        )?;
+        eprintln!(
+            "cancel requested for migration {} of {}",
+            v["id"].as_str().unwrap_or("?"),
+            m.name
+        );
+        return Ok(());
+    }
+    let to = m.to.expect("clap requires --to");
+    let started = c.call(
+        "POST",
+        &format!("/v1/vms/{}/migrate", m.name),
+        Some(&json!({
+            "to": to,
+            "downtime_ms": m.downtime_ms,
+            "max_bandwidth_mibps": m.max_bandwidth_mibps,
+        })),
+    )?;
+    let id = started["id"]
+        .as_str()
+        .context("agent did not return a migration id")?
+        .to_string();
+
+    // Ctrl-C cancels the migration (the source keeps running) instead of killing the CLI.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(rt) = rt {
+                rt.block_on(async {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        flag.store(true, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+    }
+    let tty = std::io::stderr().is_terminal();
+    let mut cancel_sent = false;
+    let mut last_line = std::time::Instant::now() - Duration::from_secs(10);
+    let status: MigrationStatus = loop {
+        if interrupted.load(Ordering::SeqCst) && !cancel_sent {
+            cancel_sent = true;
+            eprintln!("\ninterrupted: cancelling migration {id} (the source VM keeps running)");
+            let _ = c.call("POST", &format!("/v1/migrations/{id}/cancel"), None);
+        }
+        let s: MigrationStatus =
+            serde_json::from_value(c.call("GET", &format!("/v1/migrations/{id}"), None)?)?;
+        if s.finished {
+            break s;
+        }
+        if tty || last_line.elapsed() >= Duration::from_secs(2) {
+            let line = progress_line(&s);
+            if tty {
+                eprint!("\r\x1b[2K{line}");
+            } else {
+                eprintln!("{line}");
+            }
+            let _ = std::io::stderr().flush();
+            last_line = std::time::Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if tty {
+        eprintln!();
+    }
+    match (&status.report, &status.error) {
+        (Some(r), _) => {
+            if m.json {
+                println!("{}", serde_json::to_string_pretty(r)?);
+            } else {
+                print_report(r);
+            }
+            Ok(())
+        }
+        (None, Some(e)) => {
+            if m.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &json!({ "outcome": "failed", "migration_id": status.id, "error": e })
+                    )?
+                );
+            }
+            bail!(
+                "migration {} of {} failed [{}]: {}\n  the VM is {}",
+                status.id,
+                status.vm,
+                e.code,
+                e.message,
+                e.vm_state
+            )
+        }
+        (None, None) => bail!("migration {} ended without a report", status.id),
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1u64 << 20) as f64
+}
+
+fn progress_line(s: &MigrationStatus) -> String {
+    let p = &s.progress;
+    let secs = (p.elapsed_ms as f64 / 1000.0).max(0.001);
+    let mut line = format!(
+        "{} {} -> {} [{}] {:.1}s  from QEMU {:.1} MiB  wire {:.1} MiB  {:.0} Mbit/s  pages {} ({} zero)",
+        s.vm,
+        s.id,
+        s.peer,
+        if p.qemu_status.is_empty() { s.phase.as_str() } else { p.qemu_status.as_str() },
+        secs,
+        mib(p.bytes_from_qemu),
+        mib(p.bytes_on_wire),
+        p.bytes_from_qemu as f64 * 8.0 / 1e6 / secs,
+        p.pages.total,
+        p.pages.zero,
+    );
+    if let Some(r) = p.ram_remaining {
+        line.push_str(&format!("  remaining {:.1} MiB", mib(r)));
+    }
+    if let Some(d) = p.dirty_pages_rate {
+        line.push_str(&format!("  dirty {d} pages/s"));
+    }
+    line
+}
+
+fn print_report(r: &MigrationReport) {
+    println!("migration {} of {}: {}", r.migration_id, r.vm, r.outcome);
+    println!("  {} -> {}", r.source, r.destination);
+    println!("  total time      {} ms", r.total_time_ms);
+    println!(
+        "  downtime        {} ms end to end (QEMU says {} ms)",
+        r.downtime_ms,
+        r.qemu_downtime_ms
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "?".into())
+    );
+    println!("  RAM             {:.1} MiB", mib(r.ram_bytes));
+    println!("  from QEMU       {:.1} MiB", mib(r.bytes_from_qemu));
+    println!("  on the wire     {:.1} MiB", mib(r.bytes_on_wire));
+    println!(
+        "  pages           {} ({} zero, {} raw)",
+        r.pages.total, r.pages.zero, r.pages.raw
+    );
+    println!("  throughput      {:.0} Mbit/s", r.throughput_mbps);
+    println!(
+        "  memory digest   {} ({})",
+        if r.digest_ok { "equal" } else { "DIFFERENT" },
+        &r.digest[..16.min(r.digest.len())]
+    );
+    println!(
+        "  QEMU            {} -> {}",
+        r.qemu_version, r.destination_qemu_version
+    );
+}

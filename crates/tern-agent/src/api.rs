@@ -1,0 +1,273 @@
+//! The local control API: HTTP/JSON on a unix socket (default) or TCP. The `tern` CLI is
+//! a thin client of it. Owns request/response shapes and mapping errors to HTTP statuses;
+//! all real work is in [`crate::Agent`] and [`crate::migrate`].
+//!
+//! | method | path | does |
+//! |---|---|---|
+//! | GET | /v1/agent | agent name and addresses |
+//! | GET, POST | /v1/vms | list VMs; start one (`{"spec_toml": "..."}`) |
+//! | GET, DELETE | /v1/vms/{name} | show; stop and remove |
+//! | POST | /v1/vms/{name}/qmp | pass one QMP command (`{"execute", "arguments"}`) |
+//! | POST | /v1/vms/{name}/migrate | start a migration ([`MigrateRequest`]); 202 + id |
+//! | POST | /v1/vms/{name}/migration/cancel | cancel the VM's running migration |
+//! | GET | /v1/migrations, /v1/migrations/{id} | migration status, progress and report |
+//! | POST | /v1/migrations/{id}/cancel | cancel by id |
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tern_qemu::spec::VmSpec;
+
+use crate::migrate::source::{self, MigrateRequest};
+use crate::migrate::{new_migration_id, Direction, MigrationHandle, MigrationStatus};
+use crate::vm::{StartVmError, StopVmError, VmInfo};
+use crate::{Agent, AgentError, ApiAddr};
+
+/// An error as the API returns it: an HTTP status and `{"error": ..., "kind": ...}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, e: impl std::fmt::Display) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: e.to_string(),
+        }
+    }
+    fn not_found(what: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", what)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({ "error": self.message, "kind": self.kind })),
+        )
+            .into_response()
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    source::error_chain(e)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StartVmRequest {
+    pub spec_toml: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QmpRequest {
+    pub execute: String,
+    #[serde(default)]
+    pub arguments: Option<Value>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MigrateStarted {
+    pub id: String,
+}
+
+type S = State<Arc<Agent>>;
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/agent", get(agent_info))
+        .route("/v1/vms", get(list_vms).post(start_vm))
+        .route("/v1/vms/{name}", get(show_vm).delete(stop_vm))
+        .route("/v1/vms/{name}/qmp", post(qmp))
+        .route("/v1/vms/{name}/migrate", post(migrate))
+        .route("/v1/vms/{name}/migration/cancel", post(cancel_vm_migration))
+        .route("/v1/migrations", get(list_migrations))
+        .route("/v1/migrations/{id}", get(show_migration))
+        .route("/v1/migrations/{id}/cancel", post(cancel_migration))
+        .with_state(agent)
+}
+
+/// Binds the API listener and returns the serving future.
+pub async fn serve(
+    agent: Arc<Agent>,
+) -> Result<impl std::future::Future<Output = ()> + Send, AgentError> {
+    let addr = agent.config.api.clone();
+    let app = router(agent);
+    match addr.clone() {
+        ApiAddr::Unix(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| AgentError::Api(addr.clone(), e))?;
+            }
+            let _ = std::fs::remove_file(&path);
+            let l = tokio::net::UnixListener::bind(&path).map_err(|e| AgentError::Api(addr, e))?;
+            Ok(futures_either(async move {
+                let _ = axum::serve(l, app).await;
+            }))
+        }
+        ApiAddr::Tcp(sa) => {
+            let l = tokio::net::TcpListener::bind(sa)
+                .await
+                .map_err(|e| AgentError::Api(addr, e))?;
+            Ok(futures_either(async move {
+                let _ = axum::serve(l, app).await;
+            }))
+        }
+    }
+}
+
+fn futures_either(
+    f: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(f)
+}
+
+async fn agent_info(State(a): S) -> Json<Value> {
+    Json(json!({
+        "name": a.config.name,
+        "peer_listen": a.config.peer_listen.to_string(),
+        "state_dir": a.config.state_dir,
+        "version": env!("CARGO_PKG_VERSION"),
+        "protocol": tern_proto::PROTOCOL_VERSION,
+    }))
+}
+
+async fn list_vms(State(a): S) -> Json<Vec<VmInfo>> {
+    let mut out = Vec::new();
+    for vm in a.vms() {
+        out.push(vm.info().await);
+    }
+    Json(out)
+}
+
+async fn start_vm(
+    State(a): S,
+    Json(req): Json<StartVmRequest>,
+) -> Result<(StatusCode, Json<VmInfo>), ApiError> {
+    let spec = VmSpec::from_toml(&req.spec_toml)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-spec", chain(&e)))?;
+    let vm = a.start_vm(spec).await.map_err(|e| {
+        let status = match e {
+            StartVmError::Spec(_) => StatusCode::BAD_REQUEST,
+            StartVmError::Exists(_) => StatusCode::CONFLICT,
+            StartVmError::Launch(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, "start-failed", chain(&e))
+    })?;
+    Ok((StatusCode::CREATED, Json(vm.info().await)))
+}
+
+async fn show_vm(State(a): S, Path(name): Path<String>) -> Result<Json<VmInfo>, ApiError> {
+    let vm = a
+        .vm(&name)
+        .ok_or_else(|| ApiError::not_found(format!("no VM named {name:?} on this host")))?;
+    Ok(Json(vm.info().await))
+}
+
+async fn stop_vm(State(a): S, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    a.stop_vm(&name).await.map_err(|e| match e {
+        StopVmError::NotFound(_) => ApiError::not_found(&e),
+        StopVmError::Migrating(_) => ApiError::new(StatusCode::CONFLICT, "busy", &e),
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn qmp(
+    State(a): S,
+    Path(name): Path<String>,
+    Json(req): Json<QmpRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let vm = a
+        .vm(&name)
+        .ok_or_else(|| ApiError::not_found(format!("no VM named {name:?} on this host")))?;
+    let r = vm
+        .qmp
+        .execute(&req.execute, req.arguments)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "qmp", chain(&e)))?;
+    Ok(Json(r))
+}
+
+async fn migrate(
+    State(a): S,
+    Path(name): Path<String>,
+    Json(req): Json<MigrateRequest>,
+) -> Result<(StatusCode, Json<MigrateStarted>), ApiError> {
+    let vm = a
+        .vm(&name)
+        .ok_or_else(|| ApiError::not_found(format!("no VM named {name:?} on this host")))?;
+    if vm.exit_reason().is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not-running",
+            format!("VM {name:?} has exited"),
+        ));
+    }
+    if vm
+        .migrating
+        .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "busy",
+            format!("VM {name:?} is already migrating (tern migrate --cancel {name})"),
+        ));
+    }
+    let id = new_migration_id();
+    let handle = Arc::new(MigrationHandle::new(
+        id.clone(),
+        name,
+        Direction::Outgoing,
+        req.to.clone(),
+    ));
+    a.add_migration(handle.clone());
+    tokio::spawn(source::run(a.clone(), vm, req, handle));
+    Ok((StatusCode::ACCEPTED, Json(MigrateStarted { id })))
+}
+
+async fn cancel_vm_migration(
+    State(a): S,
+    Path(name): Path<String>,
+) -> Result<Json<MigrationStatus>, ApiError> {
+    let m = a.active_migration_of(&name).ok_or_else(|| {
+        ApiError::not_found(format!("VM {name:?} has no migration in progress here"))
+    })?;
+    m.cancel();
+    Ok(Json(m.status()))
+}
+
+async fn list_migrations(State(a): S) -> Json<Vec<MigrationStatus>> {
+    Json(a.migrations().iter().map(|m| m.status()).collect())
+}
+
+async fn show_migration(
+    State(a): S,
+    Path(id): Path<String>,
+) -> Result<Json<MigrationStatus>, ApiError> {
+    let m = a
+        .migration(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no migration {id:?}")))?;
+    Ok(Json(m.status()))
+}
+
+async fn cancel_migration(
+    State(a): S,
+    Path(id): Path<String>,
+) -> Result<Json<MigrationStatus>, ApiError> {
+    let m = a
+        .migration(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no migration {id:?}")))?;
+    m.cancel();
+    Ok(Json(m.status()))
+}

@@ -1,0 +1,187 @@
+//! A minimal blocking HTTP/1.1 client for the agent's control API, over a unix socket or
+//! TCP: what the CLI and the test kit use. One request per connection
+//! (`Connection: close`); JSON in, JSON out. Kept tiny on purpose: the API is local and
+//! simple, and the CLI should not pull in an HTTP stack.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Why a call to the agent's API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("agent address {0:?}: use unix:/path or tcp:HOST:PORT")]
+    BadEndpoint(String),
+    #[error(
+        "cannot reach the tern agent at {0} (is `tern agent` running? set --agent or TERN_AGENT)"
+    )]
+    Connect(String, #[source] std::io::Error),
+    #[error("talking to the agent failed")]
+    Io(#[from] std::io::Error),
+    #[error("the agent's answer is not valid HTTP: {0}")]
+    BadResponse(String),
+    #[error("the agent answered HTTP {status} with non-JSON: {body}")]
+    NotJson { status: u16, body: String },
+    #[error("{message} (HTTP {status})")]
+    Api { status: u16, message: String },
+}
+
+type Result<T> = std::result::Result<T, ClientError>;
+
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    Unix(String),
+    Tcp(String),
+}
+
+impl Endpoint {
+    pub fn parse(s: &str) -> Result<Endpoint> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            Ok(Endpoint::Unix(p.into()))
+        } else if let Some(a) = s.strip_prefix("tcp:") {
+            Ok(Endpoint::Tcp(a.into()))
+        } else if s.starts_with('/') {
+            Ok(Endpoint::Unix(s.into()))
+        } else {
+            Err(ClientError::BadEndpoint(s.into()))
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix:{p}"),
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+pub struct Client {
+    pub endpoint: Endpoint,
+}
+
+trait Conn: Read + Write {}
+impl<T: Read + Write> Conn for T {}
+
+impl Client {
+    pub fn new(endpoint: Endpoint) -> Client {
+        Client { endpoint }
+    }
+
+    fn connect(&self) -> Result<Box<dyn Conn>> {
+        let fail = |e| ClientError::Connect(self.endpoint.to_string(), e);
+        Ok(match &self.endpoint {
+            Endpoint::Unix(p) => {
+                let s = UnixStream::connect(p).map_err(fail)?;
+                s.set_read_timeout(Some(Duration::from_secs(120)))?;
+                Box::new(s)
+            }
+            Endpoint::Tcp(a) => {
+                let s = TcpStream::connect(a).map_err(fail)?;
+                s.set_read_timeout(Some(Duration::from_secs(120)))?;
+                Box::new(s)
+            }
+        })
+    }
+
+    /// Sends one request; returns the JSON body of a 2xx answer (Null when empty).
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        let mut c = self.connect()?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: tern\r\nContent-Type: application/json\r\nAccept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        c.write_all(req.as_bytes())?;
+        let mut raw = Vec::new();
+        c.read_to_end(&mut raw)?;
+        let (status, body) = parse_response(&raw)?;
+        let v: Value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body).map_err(|_| ClientError::NotJson {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            })?
+        };
+        if !(200..300).contains(&status) {
+            let message = v
+                .get("error")
+                .and_then(|e| e.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
+            return Err(ClientError::Api { status, message });
+        }
+        Ok(v)
+    }
+}
+
+fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>)> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("the agent closed the connection before a full HTTP header"))?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("HTTP header is not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad(&format!("bad HTTP status line {status_line:?}")))?;
+    let chunked = lines.any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let mut body = raw[split + 4..].to_vec();
+    if chunked {
+        body = dechunk(&body)?;
+    }
+    Ok((status, body))
+}
+
+fn bad(what: &str) -> ClientError {
+    ClientError::BadResponse(what.to_string())
+}
+
+fn dechunk(mut b: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| bad("bad chunked body"))?;
+        let size_txt = std::str::from_utf8(&b[..eol]).map_err(|_| bad("bad chunk size"))?;
+        let size_txt = size_txt.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_txt, 16).map_err(|_| bad("bad chunk size"))?;
+        b = &b[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if b.len() < size + 2 {
+            return Err(bad("truncated chunked body"));
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_responses() {
+        let (s, b) =
+            parse_response(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}").unwrap();
+        assert_eq!((s, b.as_slice()), (201, &b"{}"[..]));
+        let (s, b) =
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n").unwrap();
+        assert_eq!((s, b.as_slice()), (200, &b"[1,2]"[..]));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+    }
+}

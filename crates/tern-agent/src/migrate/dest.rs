@@ -1,0 +1,602 @@
+//! The destination side of a migration: answers a peer agent, starts the destination QEMU
+//! (`-incoming defer`, paused), rebuilds an ordinary QEMU stream from tern frames and
+//! writes it into that QEMU, tunnels the return path back, checks the memory digest and
+//! resumes the VM only after the source's `Commit`.
+//!
+//! Before `Commit`, any failure (peer gone, Abort, QEMU died, digest mismatch) kills the
+//! destination QEMU and removes its run directory: nothing is left behind. After
+//! `Commit`, this host owns the VM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+use tern_proto::{ErrorCode, Message, PageBody};
+use tern_qemu::launch::{LaunchOptions, QemuProcess};
+use tern_qemu::qmp::QmpClient;
+use tern_qemu::rp::{parse_rp, RpMessage};
+use tern_qemu::spec::VmSpec;
+use tern_qemu::stream::{BlockName, Encoder, Item, NameMode, RamRecord};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{unix, TcpStream, UnixStream};
+use tokio::sync::Mutex;
+
+use super::digest::MemoryDigest;
+use super::source::error_chain;
+use super::{unix_us, Counters, Direction, Fault, MigrationHandle};
+use crate::conn::{FrameReader, FrameWriter, RecvError};
+use crate::vm::Vm;
+use crate::Agent;
+
+type PeerWriter = Arc<Mutex<FrameWriter<tokio::net::tcp::OwnedWriteHalf>>>;
+
+/// Why an incoming migration failed (the code is sent to the source in `Abort`).
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    #[error("{message}")]
+    Refuse { code: ErrorCode, message: String },
+    #[error("the source agent aborted ({}): {message}", code.name())]
+    Aborted { code: ErrorCode, message: String },
+    #[error("connection to the source agent failed")]
+    Peer(#[from] RecvError),
+    #[error("sending to the source agent failed")]
+    PeerWrite(#[source] std::io::Error),
+    #[error("the source agent closed the connection during {0}")]
+    PeerClosed(&'static str),
+    #[error("the destination QEMU failed: {0}")]
+    Qemu(String),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, &'static str),
+}
+
+impl IncomingError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            IncomingError::Refuse { code, .. } | IncomingError::Aborted { code, .. } => *code,
+            IncomingError::Peer(_) | IncomingError::PeerClosed(_) | IncomingError::PeerWrite(_) => {
+                ErrorCode::Protocol
+            }
+            IncomingError::Qemu(_) => ErrorCode::QemuFailed,
+            IncomingError::Timeout(..) => ErrorCode::Timeout,
+        }
+    }
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> IncomingError {
+    IncomingError::Refuse {
+        code,
+        message: message.into(),
+    }
+}
+
+/// What is set up on this host for the incoming VM, torn down unless it switches over.
+struct Incoming {
+    name: Option<String>,
+    process: Option<QemuProcess>,
+    run_dir: Option<PathBuf>,
+}
+
+impl Incoming {
+    async fn cleanup(&mut self, agent: &Agent) {
+        if let Some(mut p) = self.process.take() {
+            p.kill().await;
+        }
+        if let Some(d) = self.run_dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        if let Some(n) = self.name.take() {
+            agent.release_name(&n);
+        }
+    }
+}
+
+/// Serves one peer connection (one incoming migration) to its end.
+pub async fn serve_peer(agent: Arc<Agent>, stream: TcpStream, addr: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let mut reader = FrameReader::new(rd);
+    let writer: PeerWriter = Arc::new(Mutex::new(FrameWriter::new(wr)));
+    let mut inc = Incoming {
+        name: None,
+        process: None,
+        run_dir: None,
+    };
+    let mut handle: Option<Arc<MigrationHandle>> = None;
+    let result = receive(&agent, &mut reader, &writer, &mut inc, &mut handle, addr).await;
+    if let Err(e) = result {
+        let code = e.code();
+        let message = error_chain(&e);
+        tracing::warn!(peer = %addr, code = code.name(), %message, "incoming migration failed");
+        if !matches!(
+            e,
+            IncomingError::Aborted { .. } | IncomingError::PeerClosed(_)
+        ) {
+            let mut w = writer.lock().await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                w.send(&Message::Abort {
+                    code,
+                    message: message.clone(),
+                }),
+            )
+            .await;
+        }
+        inc.cleanup(&agent).await;
+        if let Some(h) = handle {
+            h.finish_err(code, message, "removed from this host".into());
+        }
+    }
+}
+
+async fn next_msg(
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    within: Duration,
+    what: &'static str,
+) -> Result<Message, IncomingError> {
+    match tokio::time::timeout(within, reader.next()).await {
+        Err(_) => Err(IncomingError::Timeout(within, what)),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(None)) => Err(IncomingError::PeerClosed(what)),
+        Ok(Ok(Some(Message::Abort { code, message }))) => {
+            Err(IncomingError::Aborted { code, message })
+        }
+        Ok(Ok(Some(m))) => Ok(m),
+    }
+}
+
+async fn receive(
+    agent: &Arc<Agent>,
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: &PeerWriter,
+    inc: &mut Incoming,
+    handle_slot: &mut Option<Arc<MigrationHandle>>,
+    addr: SocketAddr,
+) -> Result<(), IncomingError> {
+    // --- hello
+    let (peer_min, peer_max, peer_name) =
+        match next_msg(reader, Duration::from_secs(30), "Hello").await? {
+            Message::Hello {
+                min_version,
+                max_version,
+                agent,
+            } => (min_version, max_version, agent),
+            m => {
+                return Err(refuse(
+                    ErrorCode::Protocol,
+                    format!("expected Hello, got {}", m.name()),
+                ))
+            }
+        };
+    let Some(version) = tern_proto::negotiate(peer_min, peer_max) else {
+        return Err(refuse(
+            ErrorCode::VersionMismatch,
+            format!(
+                "no common protocol version: peer speaks {peer_min}..={peer_max}, this agent {}..={}",
+                tern_proto::MIN_PROTOCOL_VERSION,
+                tern_proto::PROTOCOL_VERSION
+            ),
+        ));
+    };
+    send(
+        writer,
+        &Message::HelloAck {
+            version,
+            agent: agent.config.name.clone(),
+        },
+    )
+    .await?;
+
+    // --- prepare
+    let (id, spec_toml, source_running) =
+        match next_msg(reader, Duration::from_secs(30), "Prepare").await? {
+            Message::Prepare {
+                migration_id,
+                spec_toml,
+                source_running,
+                ..
+            } => (migration_id, spec_toml, source_running),
+            m => {
+                return Err(refuse(
+                    ErrorCode::Protocol,
+                    format!("expected Prepare, got {}", m.name()),
+                ))
+            }
+        };
+    let spec = VmSpec::from_toml(&spec_toml)
+        .map_err(|e| refuse(ErrorCode::SpecRejected, error_chain(&e)))?;
+    spec.check_files()
+        .map_err(|e| refuse(ErrorCode::SpecRejected, error_chain(&e)))?;
+    if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') || id.is_empty() || id.len() > 64
+    {
+        return Err(refuse(
+            ErrorCode::Protocol,
+            format!("invalid migration id {id:?}"),
+        ));
+    }
+    if !agent.reserve_name(&spec.name) {
+        return Err(refuse(
+            ErrorCode::VmExists,
+            format!(
+                "a VM named {:?} already exists on {}",
+                spec.name, agent.config.name
+            ),
+        ));
+    }
+    inc.name = Some(spec.name.clone());
+    let handle = Arc::new(MigrationHandle::new(
+        id.clone(),
+        spec.name.clone(),
+        Direction::Incoming,
+        format!("{peer_name} ({addr})"),
+    ));
+    agent.add_migration(handle.clone());
+    *handle_slot = Some(handle.clone());
+    handle.set_phase("prepare");
+
+    let run_dir = agent.new_run_dir(&spec.name);
+    inc.run_dir = Some(run_dir.clone());
+    let mut opts = LaunchOptions::new(run_dir.clone());
+    opts.incoming_defer = true;
+    opts.start_paused = true;
+    let process = QemuProcess::launch(&spec, &opts)
+        .await
+        .map_err(|e| refuse(ErrorCode::QemuLaunchFailed, error_chain(&e)))?;
+    let qmp = process.qmp.clone();
+    let qemu_version = qmp.version().to_string();
+    handle.update(|s| s.dest_qemu_pid = process.pid());
+    inc.process = Some(process);
+    let qemu_err = |e: tern_qemu::qmp::QmpError| IncomingError::Qemu(error_chain(&e));
+    qmp.set_migrate_capabilities(&[("return-path", true), ("events", true)])
+        .await
+        .map_err(qemu_err)?;
+    let mut events = qmp.subscribe();
+    let sock = run_dir.join("incoming.sock");
+    qmp.execute(
+        "migrate-incoming",
+        Some(json!({ "uri": format!("unix:{}", sock.display()) })),
+    )
+    .await
+    .map_err(qemu_err)?;
+    let qemu_sock = connect_retry(&sock, Duration::from_secs(10)).await?;
+    let (qemu_rd, mut qemu_wr) = qemu_sock.into_split();
+    send(writer, &Message::Prepared { qemu_version }).await?;
+
+    // --- transfer: frames -> QEMU stream; QEMU's return path -> frames
+    handle.set_phase("transfer");
+    let rp_task = tokio::spawn(return_path(qemu_rd, writer.clone()));
+    let mut rp_task = AbortOnDrop(Some(rp_task));
+    let mut enc = Encoder::new(tern_qemu::stream::DEFAULT_PAGE_SIZE);
+    let mut out: Vec<u8> = Vec::with_capacity(2 << 20);
+    let mut names: Vec<BlockName> = Vec::new();
+    let mut digest: Option<MemoryDigest> = None;
+    let mut corrupt_pending = agent.config.fault == Some(Fault::CorruptPage);
+    let c = &handle.counters;
+    let mut rp_result: Option<Result<bool, String>> = None;
+    let source_digest = loop {
+        if !reader.has_frame() && !out.is_empty() {
+            write_qemu(&mut qemu_wr, &mut out, c).await?;
+        }
+        let msg = tokio::select! {
+            m = reader.next() => m,
+            r = rp_task.join(), if rp_result.is_none() => {
+                let r = r.unwrap_or_else(|e| Err(format!("return-path task failed: {e}")));
+                if let Err(why) = &r {
+                    return Err(IncomingError::Qemu(why.clone()));
+                }
+                rp_result = Some(r);
+                continue;
+            }
+        };
+        c.wire_in.store(reader.bytes_read, Ordering::Relaxed);
+        match msg? {
+            Some(Message::QemuBytes(b)) => out.extend_from_slice(&b),
+            Some(Message::RamBlocks { page_size, blocks }) => {
+                names = blocks
+                    .iter()
+                    .map(|b| BlockName::from(b.name.as_str()))
+                    .collect();
+                enc = Encoder::new(u64::from(page_size));
+                digest = Some(MemoryDigest::new(
+                    u64::from(page_size),
+                    blocks.iter().map(|b| (b.name.as_str(), b.used_length)),
+                ));
+            }
+            Some(Message::Pages { block, pages }) => {
+                let (Some(d), Some(name)) = (digest.as_mut(), names.get(block as usize)) else {
+                    return Err(refuse(
+                        ErrorCode::Protocol,
+                        format!("Pages for unknown block #{block}"),
+                    ));
+                };
+                for p in pages {
+                    let rec = match p.body {
+                        PageBody::Zero { fill } => {
+                            d.fill(block as usize, p.offset, fill)
+                                .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?;
+                            Counters::add(&c.pages_zero, 1);
+                            RamRecord::Zero {
+                                block: name.clone(),
+                                offset: p.offset,
+                                fill,
+                                named: false,
+                            }
+                        }
+                        PageBody::Raw(data) => {
+                            if data.len() as u64 != d.page_size() {
+                                return Err(refuse(ErrorCode::Protocol, "page of the wrong size"));
+                            }
+                            let data = if corrupt_pending && data.iter().any(|&b| b != 0) {
+                                corrupt_pending = false;
+                                let mut v = data.to_vec();
+                                v[100] ^= 0x5a;
+                                v.into()
+                            } else {
+                                data
+                            };
+                            d.page(block as usize, p.offset, &data)
+                                .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?;
+                            Counters::add(&c.pages_raw, 1);
+                            RamRecord::Page {
+                                block: name.clone(),
+                                offset: p.offset,
+                                data,
+                                named: false,
+                            }
+                        }
+                    };
+                    enc.encode(&Item::Ram(rec), NameMode::Auto, &mut out);
+                }
+                if out.len() >= 1 << 20 {
+                    write_qemu(&mut qemu_wr, &mut out, c).await?;
+                }
+            }
+            Some(Message::SourceDone { digest: src, .. }) => {
+                write_qemu(&mut qemu_wr, &mut out, c).await?;
+                break src;
+            }
+            Some(Message::Abort { code, message }) => {
+                return Err(IncomingError::Aborted { code, message })
+            }
+            Some(m) => {
+                return Err(refuse(
+                    ErrorCode::Protocol,
+                    format!("unexpected {} during transfer", m.name()),
+                ))
+            }
+            None => return Err(IncomingError::PeerClosed("the transfer")),
+        }
+    };
+
+    // --- verify: digests, and QEMU loaded everything
+    handle.set_phase("verify");
+    let ours = digest.as_ref().map(|d| d.finish()).unwrap_or([0; 32]);
+    if ours != source_digest {
+        return Err(refuse(
+            ErrorCode::DigestMismatch,
+            format!(
+                "memory digest mismatch: source {}, destination {}",
+                hex::encode(source_digest),
+                hex::encode(ours)
+            ),
+        ));
+    }
+    wait_incoming_done(&qmp, &mut events, Duration::from_secs(30)).await?;
+    send(writer, &Message::ReadyToResume { digest: ours }).await?;
+
+    // --- wait for the source's decision
+    loop {
+        match next_msg(reader, Duration::from_secs(60), "Commit").await? {
+            Message::Commit => break,
+            Message::ReturnPath(_) => continue,
+            m => {
+                return Err(refuse(
+                    ErrorCode::Protocol,
+                    format!("expected Commit, got {}", m.name()),
+                ))
+            }
+        }
+    }
+    // ===== SWITCHOVER POINT: this host owns the VM from here on. =====
+    handle.set_phase("switchover");
+    let resumed_at = if source_running {
+        let mut ev = qmp.subscribe();
+        qmp.execute("cont", None).await.map_err(qemu_err)?;
+        match qmp
+            .wait_event(&mut ev, "RESUME", Duration::from_secs(10))
+            .await
+        {
+            Ok(e) => e.timestamp,
+            Err(_) => SystemTime::now(),
+        }
+    } else {
+        SystemTime::now()
+    };
+    let process = inc
+        .process
+        .take()
+        .expect("process is set during a migration");
+    inc.run_dir = None;
+    let vm = Arc::new(Vm::supervise(spec, process));
+    vm.migrating.store(false, Ordering::SeqCst);
+    agent.adopt(vm);
+    inc.name = None;
+    let _ = send(
+        writer,
+        &Message::Resumed {
+            resumed_unix_us: unix_us(resumed_at),
+        },
+    )
+    .await;
+    rp_task.abort();
+    let total = handle.started.elapsed();
+    handle.finish_ok(super::MigrationReport {
+        migration_id: id,
+        vm: handle.vm.clone(),
+        source: handle.peer.clone(),
+        destination: agent.config.name.clone(),
+        outcome: "succeeded".into(),
+        total_time_ms: total.as_millis() as u64,
+        bytes_from_qemu: 0,
+        bytes_on_wire: Counters::get(&c.wire_in) + writer.lock().await.bytes_written,
+        pages: super::PageCounts {
+            zero: Counters::get(&c.pages_zero),
+            raw: Counters::get(&c.pages_raw),
+            total: Counters::get(&c.pages_zero) + Counters::get(&c.pages_raw),
+        },
+        digest_ok: true,
+        digest: hex::encode(ours),
+        source_was_running: source_running,
+        protocol_version: version,
+        ..Default::default()
+    });
+    Ok(())
+}
+
+async fn send(w: &PeerWriter, m: &Message) -> Result<(), IncomingError> {
+    w.lock()
+        .await
+        .send(m)
+        .await
+        .map_err(IncomingError::PeerWrite)
+}
+
+async fn write_qemu(
+    w: &mut unix::OwnedWriteHalf,
+    out: &mut Vec<u8>,
+    c: &Counters,
+) -> Result<(), IncomingError> {
+    w.write_all(out)
+        .await
+        .map_err(|e| IncomingError::Qemu(format!("writing its stream failed: {e}")))?;
+    Counters::add(&c.bytes_to_qemu, out.len() as u64);
+    out.clear();
+    Ok(())
+}
+
+async fn connect_retry(
+    path: &std::path::Path,
+    within: Duration,
+) -> Result<UnixStream, IncomingError> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(s) => return Ok(s),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(IncomingError::Qemu(format!(
+                    "its incoming socket {} did not accept: {e}",
+                    path.display()
+                )))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Waits until the destination QEMU has loaded the whole stream.
+async fn wait_incoming_done(
+    qmp: &QmpClient,
+    events: &mut tokio::sync::broadcast::Receiver<tern_qemu::qmp::QmpEvent>,
+    within: Duration,
+) -> Result<(), IncomingError> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let info = qmp
+            .query_migrate()
+            .await
+            .map_err(|e| IncomingError::Qemu(error_chain(&e)))?;
+        match info.status.as_str() {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(IncomingError::Qemu(format!(
+                    "incoming migration {}: {}",
+                    info.status,
+                    info.error_desc.unwrap_or_default()
+                )))
+            }
+            _ => {}
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(IncomingError::Timeout(
+                within,
+                "the destination QEMU to load the stream",
+            ));
+        }
+        let _ = qmp
+            .wait_event(events, "MIGRATION", left.min(Duration::from_millis(500)))
+            .await;
+    }
+}
+
+/// Relays the destination QEMU's return path to the source agent, one message per frame,
+/// flushed at once. Returns Ok(true) if QEMU said SHUT(0) before closing, an error text if
+/// QEMU closed without SHUT (it died or failed).
+async fn return_path(mut qemu: unix::OwnedReadHalf, writer: PeerWriter) -> Result<bool, String> {
+    let mut buf = bytes::BytesMut::with_capacity(64 << 10);
+    let mut shut_ok = false;
+    loop {
+        loop {
+            match parse_rp(&buf) {
+                Ok(Some((msg, used))) => {
+                    let raw = buf.split_to(used).freeze();
+                    if let RpMessage::Shut(status) = msg {
+                        shut_ok = status == 0;
+                        if status != 0 {
+                            let _ = writer.lock().await.send(&Message::ReturnPath(raw)).await;
+                            return Err(format!("it reported a failed load (SHUT {status})"));
+                        }
+                    }
+                    writer
+                        .lock()
+                        .await
+                        .send(&Message::ReturnPath(raw))
+                        .await
+                        .map_err(|e| format!("relaying its return path failed: {e}"))?;
+                }
+                Ok(None) => break,
+                Err(e) => return Err(format!("its return path is malformed: {e}")),
+            }
+        }
+        match qemu.read_buf(&mut buf).await {
+            Ok(0) if shut_ok => return Ok(true),
+            Ok(0) => {
+                return Err("it closed the migration socket without finishing (exited?)".into())
+            }
+            Ok(_) => {}
+            Err(e) if shut_ok => {
+                tracing::debug!("return path after SHUT: {e}");
+                return Ok(true);
+            }
+            Err(e) => return Err(format!("reading its return path failed: {e}")),
+        }
+    }
+}
+
+struct AbortOnDrop(Option<tokio::task::JoinHandle<Result<bool, String>>>);
+
+impl AbortOnDrop {
+    async fn join(&mut self) -> Result<Result<bool, String>, tokio::task::JoinError> {
+        match self.0.as_mut() {
+            Some(h) => {
+                let r = h.await;
+                self.0 = None;
+                r
+            }
+            None => std::future::pending().await,
+        }
+    }
+    fn abort(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}

@@ -1,0 +1,317 @@
+//! Migration in both directions: the source side ([`source`]) drives the source QEMU and
+//! forwards its stream; the destination side ([`dest`]) starts the destination QEMU and
+//! rebuilds the stream for it. This module holds what both share: the handle the API
+//! reads progress from, the report, the typed errors and the fault-injection hooks.
+//!
+//! Safety rule (Propolis-style): the source stays authoritative until the switchover
+//! point, the `Commit` message. Before it, every failure resumes the source VM and
+//! removes the destination's. After it, the destination owns the VM.
+
+pub mod dest;
+pub mod digest;
+pub mod source;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tern_proto::ErrorCode;
+use tokio::sync::watch;
+
+/// Faults a test can inject into an agent (env `TERN_FAULT`). Never set in production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The destination flips one byte of the first non-zero page it receives, as a
+    /// decoding bug would: the digest comparison must catch it before the VM runs there.
+    CorruptPage,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "corrupt-page" => Ok(Fault::CorruptPage),
+            _ => Err(format!("unknown fault {s:?} (known: corrupt-page)")),
+        }
+    }
+}
+
+/// Which way a migration goes, seen from this agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Outgoing,
+    Incoming,
+}
+
+/// Live counters, updated by the data path without locks.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub bytes_from_qemu: AtomicU64,
+    pub bytes_to_qemu: AtomicU64,
+    pub wire_out: AtomicU64,
+    pub wire_in: AtomicU64,
+    pub pages_zero: AtomicU64,
+    pub pages_raw: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// Pages by how they crossed the wire.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PageCounts {
+    pub zero: u64,
+    pub raw: u64,
+    pub total: u64,
+}
+
+/// Progress as the API reports it while a migration runs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Progress {
+    pub elapsed_ms: u64,
+    pub bytes_from_qemu: u64,
+    pub bytes_on_wire: u64,
+    pub pages: PageCounts,
+    pub qemu_status: String,
+    pub ram_remaining: Option<u64>,
+    pub ram_total: Option<u64>,
+    pub dirty_pages_rate: Option<u64>,
+    pub dirty_sync_count: Option<u64>,
+}
+
+/// The final report of a migration (`tern migrate --json` prints it).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub migration_id: String,
+    pub vm: String,
+    pub source: String,
+    pub destination: String,
+    pub outcome: String,
+    pub total_time_ms: u64,
+    /// End to end: source QEMU's STOP event to destination QEMU's RESUME event (wall
+    /// clocks of the two hosts); for a VM that was paused before, 0.
+    pub downtime_ms: u64,
+    /// What the source QEMU itself reports as downtime.
+    pub qemu_downtime_ms: Option<u64>,
+    pub ram_bytes: u64,
+    pub bytes_from_qemu: u64,
+    pub bytes_on_wire: u64,
+    pub pages: PageCounts,
+    pub throughput_mbps: f64,
+    pub digest_ok: bool,
+    pub digest: String,
+    pub qemu_version: String,
+    pub destination_qemu_version: String,
+    pub source_was_running: bool,
+    pub protocol_version: u16,
+}
+
+/// A failure as the API reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailureInfo {
+    pub code: String,
+    pub message: String,
+    pub retryable: bool,
+    /// Where the VM is now, in words an operator can act on.
+    pub vm_state: String,
+}
+
+/// What `GET /v1/migrations/{id}` returns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    pub id: String,
+    pub vm: String,
+    pub direction: Direction,
+    pub peer: String,
+    /// connect, prepare, transfer, verify, switchover, done, failed
+    pub phase: String,
+    pub finished: bool,
+    pub progress: Progress,
+    pub report: Option<MigrationReport>,
+    pub error: Option<FailureInfo>,
+    /// The QEMU this migration started on the destination (incoming side only).
+    pub dest_qemu_pid: Option<u32>,
+}
+
+/// The shared handle of one migration: the engine writes, the API reads.
+pub struct MigrationHandle {
+    pub id: String,
+    pub vm: String,
+    pub direction: Direction,
+    pub peer: String,
+    pub started: Instant,
+    pub started_wall: SystemTime,
+    pub counters: Counters,
+    status: Mutex<MigrationStatus>,
+    cancel_tx: watch::Sender<bool>,
+}
+
+impl MigrationHandle {
+    pub fn new(id: String, vm: String, direction: Direction, peer: String) -> MigrationHandle {
+        let status = MigrationStatus {
+            id: id.clone(),
+            vm: vm.clone(),
+            direction,
+            peer: peer.clone(),
+            phase: "connect".into(),
+            finished: false,
+            progress: Progress::default(),
+            report: None,
+            error: None,
+            dest_qemu_pid: None,
+        };
+        MigrationHandle {
+            id,
+            vm,
+            direction,
+            peer,
+            started: Instant::now(),
+            started_wall: SystemTime::now(),
+            counters: Counters::default(),
+            status: Mutex::new(status),
+            cancel_tx: watch::channel(false).0,
+        }
+    }
+
+    pub fn status(&self) -> MigrationStatus {
+        let mut s = self.status.lock().unwrap().clone();
+        if !s.finished {
+            let c = &self.counters;
+            s.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
+            s.progress.bytes_from_qemu = Counters::get(&c.bytes_from_qemu);
+            s.progress.bytes_on_wire = Counters::get(&c.wire_out) + Counters::get(&c.wire_in);
+            let zero = Counters::get(&c.pages_zero);
+            let raw = Counters::get(&c.pages_raw);
+            s.progress.pages = PageCounts {
+                zero,
+                raw,
+                total: zero + raw,
+            };
+        }
+        s
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
+        f(&mut self.status.lock().unwrap())
+    }
+
+    pub fn set_phase(&self, phase: &str) {
+        tracing::info!(migration = %self.id, vm = %self.vm, phase, "migration phase");
+        self.update(|s| s.phase = phase.into());
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.status.lock().unwrap().finished
+    }
+
+    pub fn finish_ok(&self, report: MigrationReport) {
+        self.update(|s| {
+            s.phase = "done".into();
+            s.finished = true;
+            s.progress.elapsed_ms = report.total_time_ms;
+            s.progress.bytes_from_qemu = report.bytes_from_qemu;
+            s.progress.bytes_on_wire = report.bytes_on_wire;
+            s.progress.pages = report.pages.clone();
+            s.report = Some(report);
+        });
+    }
+
+    pub fn finish_err(&self, code: ErrorCode, message: String, vm_state: String) {
+        tracing::warn!(migration = %self.id, vm = %self.vm, code = code.name(), %message, %vm_state, "migration failed");
+        self.update(|s| {
+            s.phase = "failed".into();
+            s.finished = true;
+            s.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
+            s.error = Some(FailureInfo {
+                code: code.name().into(),
+                message,
+                retryable: code.retryable(),
+                vm_state,
+            });
+        });
+    }
+
+    /// Asks the migration to stop; it fails with `cancelled` unless past switchover.
+    pub fn cancel(&self) {
+        let _ = self.cancel_tx.send(true);
+    }
+
+    pub fn cancelled(&self) -> watch::Receiver<bool> {
+        self.cancel_tx.subscribe()
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        *self.cancel_tx.borrow()
+    }
+}
+
+/// Resolves once the migration was asked to stop.
+pub async fn wait_cancelled(rx: &mut watch::Receiver<bool>) {
+    let cancelled = rx.wait_for(|c| *c).await.is_ok();
+    if !cancelled {
+        // the handle is gone: never resolve
+        std::future::pending::<()>().await;
+    }
+}
+
+/// A new migration id: short, unique enough per agent pair, safe in file names.
+pub fn new_migration_id() -> String {
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let h = xxhash_rust::xxh3::xxh3_64(&t.to_le_bytes()) ^ u64::from(std::process::id());
+    format!("m{:012x}", h & 0xffff_ffff_ffff)
+}
+
+pub fn unix_us(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Capabilities tern cannot carry through its data path, and what to tell the operator.
+pub const UNSUPPORTED_CAPABILITIES: &[(&str, &str)] = &[
+    (
+        "multifd",
+        "multifd moves pages over side channels tern does not terminate",
+    ),
+    (
+        "xbzrle",
+        "XBZRLE deltas depend on destination state; tern does its own delta encoding",
+    ),
+    ("compress", "QEMU's compression is replaced by tern's own"),
+    ("postcopy-ram", "postcopy is not supported by tern yet"),
+    ("postcopy-preempt", "postcopy is not supported by tern yet"),
+    (
+        "postcopy-blocktime",
+        "postcopy is not supported by tern yet",
+    ),
+    ("x-colo", "COLO is not supported"),
+    ("rdma-pin-all", "RDMA is not supported"),
+    (
+        "dirty-bitmaps",
+        "dirty-bitmap migration is not supported; tern migrates disks itself",
+    ),
+    (
+        "block",
+        "block migration is not supported; tern migrates disks itself",
+    ),
+    ("mapped-ram", "mapped-ram is for migration to a file"),
+    (
+        "background-snapshot",
+        "background snapshots are not migrations",
+    ),
+    (
+        "x-ignore-shared",
+        "shared-memory skipping is not supported yet",
+    ),
+];

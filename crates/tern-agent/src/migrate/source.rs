@@ -1,0 +1,842 @@
+//! The source side of a migration: checks that QEMU's configuration can be carried,
+//! connects to the destination agent, has the source QEMU migrate into a local socket,
+//! parses that stream and forwards it as tern frames, relays the return path back, and
+//! runs the switchover handshake.
+//!
+//! Phases, in order: connect -> prepare -> transfer -> verify -> switchover -> done.
+//! Until `Commit` is sent, any failure cancels QEMU's migration and resumes the VM if it
+//! was running (see [`recover_source`]). After `Commit`, the source never resumes: if the
+//! destination does not confirm, the source VM is kept paused and the failure says so.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::BytesMut;
+use serde_json::json;
+use tern_proto::{ErrorCode, Message, Page, PageBody, RamBlock};
+use tern_qemu::qmp::QmpError;
+use tern_qemu::stream::{BlockName, Encoder, Item, NameMode, Parser, RamRecord, StreamError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{unix, TcpStream, UnixListener};
+use tokio::sync::{mpsc, Mutex};
+
+use super::digest::{DigestError, MemoryDigest};
+use super::{
+    unix_us, Counters, MigrationHandle, MigrationReport, PageCounts, UNSUPPORTED_CAPABILITIES,
+};
+use crate::conn::{FrameReader, FrameWriter, RecvError};
+use crate::vm::{StopMode, Vm};
+use crate::Agent;
+
+/// What the operator asked for.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MigrateRequest {
+    /// Destination agent, HOST:PORT.
+    pub to: String,
+    /// QEMU's downtime limit (default 300 ms, QEMU's own).
+    pub downtime_ms: Option<u64>,
+    /// Cap on QEMU's sending rate, MiB/s (default: none).
+    pub max_bandwidth_mibps: Option<u64>,
+}
+
+/// Why an outgoing migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("QEMU migration capability {cap:?} is on ({why}): turn it off with migrate-set-capabilities, or remove it from the VM spec's migration_capabilities")]
+    UnsupportedCapability { cap: String, why: &'static str },
+    #[error("cannot reach the destination agent at {addr}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("destination agent refused ({}): {message}", code.name())]
+    Remote { code: ErrorCode, message: String },
+    #[error("the source QEMU's migration stream cannot be carried")]
+    Stream(#[from] StreamError),
+    #[error("connection to the destination agent failed")]
+    Peer(#[from] RecvError),
+    #[error("sending to the destination agent failed")]
+    PeerWrite(#[source] std::io::Error),
+    #[error("the destination agent closed the connection during {0}")]
+    PeerClosed(&'static str),
+    #[error("the destination agent broke the protocol: {0}")]
+    Protocol(String),
+    #[error("talking to the source QEMU failed")]
+    Qmp(#[from] QmpError),
+    #[error("the source QEMU's migration failed: {0}")]
+    QemuMigration(String),
+    #[error("the source QEMU's stream does not match its RAM blocks")]
+    Digest(#[from] DigestError),
+    #[error("memory digests differ: source {source_digest}, destination {dest_digest}")]
+    DigestMismatch {
+        source_digest: String,
+        dest_digest: String,
+    },
+    #[error("cancelled by the operator")]
+    Cancelled,
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, &'static str),
+    #[error("local socket for QEMU's stream failed")]
+    LocalIo(#[source] std::io::Error),
+    #[error("switchover in doubt: Commit was sent but the destination did not confirm ({0}); the source VM is kept paused: check the destination (tern vm list there) and stop one of the two copies")]
+    InDoubt(String),
+}
+
+impl MigrateError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            MigrateError::UnsupportedCapability { .. } => ErrorCode::StreamUnsupported,
+            MigrateError::Connect { .. } | MigrateError::PeerWrite(_) => ErrorCode::Internal,
+            MigrateError::Remote { code, .. } => *code,
+            MigrateError::Stream(StreamError::Unsupported { .. }) => ErrorCode::StreamUnsupported,
+            MigrateError::Stream(_) | MigrateError::Digest(_) => ErrorCode::StreamMalformed,
+            MigrateError::Peer(_) | MigrateError::PeerClosed(_) | MigrateError::Protocol(_) => {
+                ErrorCode::Protocol
+            }
+            MigrateError::Qmp(_) | MigrateError::QemuMigration(_) => ErrorCode::QemuFailed,
+            MigrateError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
+            MigrateError::Cancelled => ErrorCode::Cancelled,
+            MigrateError::Timeout(..) => ErrorCode::Timeout,
+            MigrateError::LocalIo(_) | MigrateError::InDoubt(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Refuses QEMU configurations tern's data path cannot carry, before anything moves.
+pub fn check_capabilities(caps: &[(String, bool)]) -> Result<(), MigrateError> {
+    for (name, on) in caps {
+        if !on {
+            continue;
+        }
+        if let Some((_, why)) = UNSUPPORTED_CAPABILITIES.iter().find(|(c, _)| c == name) {
+            return Err(MigrateError::UnsupportedCapability {
+                cap: name.clone(),
+                why,
+            });
+        }
+    }
+    Ok(())
+}
+
+type PeerWriter = Arc<Mutex<FrameWriter<tokio::net::tcp::OwnedWriteHalf>>>;
+
+/// Control messages from the destination, as the peer reader passes them on.
+enum PeerEvent {
+    Msg(Message),
+    Closed,
+    Failed(RecvError),
+}
+
+/// Runs an outgoing migration to the end and records the outcome in `handle`.
+pub async fn run(
+    agent: Arc<Agent>,
+    vm: Arc<Vm>,
+    req: MigrateRequest,
+    handle: Arc<MigrationHandle>,
+) {
+    let t0 = Instant::now();
+    let mut ctx = SourceCtx {
+        agent: agent.clone(),
+        vm: vm.clone(),
+        req,
+        handle: handle.clone(),
+        t0,
+        source_running: false,
+        committed: false,
+        writer: None,
+    };
+    let result = ctx.migrate().await;
+    match result {
+        Ok(report) => {
+            // The destination runs the VM: the source QEMU goes away.
+            vm.stop(StopMode::Quit).await;
+            agent.forget(&vm.spec.name);
+            let _ = std::fs::remove_dir_all(&vm.run_dir);
+            handle.finish_ok(report);
+        }
+        Err(e) => {
+            let code = e.code();
+            let message = error_chain(&e);
+            if let Some(w) = &ctx.writer {
+                // Tell the destination (best effort) so it cleans up at once.
+                if !matches!(e, MigrateError::Remote { .. } | MigrateError::InDoubt(_)) {
+                    let mut w = w.lock().await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        w.send(&Message::Abort {
+                            code,
+                            message: message.clone(),
+                        }),
+                    )
+                    .await;
+                }
+            }
+            let vm_state = if ctx.committed {
+                "paused on the source (switchover in doubt)".to_string()
+            } else {
+                recover_source(&vm, ctx.source_running).await
+            };
+            vm.migrating.store(false, Ordering::SeqCst);
+            handle.finish_err(code, message, vm_state);
+        }
+    }
+}
+
+/// The whole chain of an error, once, for reports and logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Brings the source VM back to how it was before the migration: cancels QEMU's
+/// migration if it still runs and resumes the VM if it was running. Returns its state.
+pub async fn recover_source(vm: &Vm, was_running: bool) -> String {
+    if let Some(r) = vm.exit_reason() {
+        return format!("source QEMU {r}");
+    }
+    let qmp = &vm.qmp;
+    let status = qmp
+        .query_migrate()
+        .await
+        .map(|m| m.status)
+        .unwrap_or_default();
+    if matches!(
+        status.as_str(),
+        "setup" | "active" | "device" | "pre-switchover" | "wait-unplug"
+    ) {
+        let _ = qmp.execute("migrate_cancel", None).await;
+        // QEMU leaves "cancelling" on its own; wait for a terminal state (bounded).
+        let mut events = qmp.subscribe();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = qmp
+                .query_migrate()
+                .await
+                .map(|m| m.status)
+                .unwrap_or_default();
+            if !matches!(
+                s.as_str(),
+                "setup" | "active" | "cancelling" | "device" | "pre-switchover"
+            ) {
+                break;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            let _ = qmp
+                .wait_event(&mut events, "MIGRATION", Duration::from_millis(500))
+                .await;
+        }
+    }
+    match qmp.query_status().await {
+        Ok(s) if s.running => "running on the source".into(),
+        Ok(s) if was_running => match qmp.execute("cont", None).await {
+            Ok(_) => "running on the source (resumed)".into(),
+            Err(e) => format!("paused on the source ({}; resume failed: {e})", s.status),
+        },
+        Ok(s) => format!("{} on the source (as before the migration)", s.status),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+struct SourceCtx {
+    agent: Arc<Agent>,
+    vm: Arc<Vm>,
+    req: MigrateRequest,
+    handle: Arc<MigrationHandle>,
+    t0: Instant,
+    source_running: bool,
+    committed: bool,
+    writer: Option<PeerWriter>,
+}
+
+impl SourceCtx {
+    async fn migrate(&mut self) -> Result<MigrationReport, MigrateError> {
+        let qmp = self.vm.qmp.clone();
+        let mut cancel = self.handle.cancelled();
+
+        // --- checks before anything moves
+        let caps = qmp.query_migrate_capabilities().await?;
+        check_capabilities(&caps)?;
+        self.source_running = qmp.query_status().await?.running;
+
+        // --- connect
+        self.handle.set_phase("connect");
+        let stream =
+            tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&self.req.to))
+                .await
+                .map_err(|_| MigrateError::Timeout(Duration::from_secs(10), "the TCP connection"))?
+                .map_err(|e| MigrateError::Connect {
+                    addr: self.req.to.clone(),
+                    source: e,
+                })?;
+        stream.set_nodelay(true).map_err(MigrateError::LocalIo)?;
+        let (rd, wr) = stream.into_split();
+        let mut reader = FrameReader::new(rd);
+        let writer: PeerWriter = Arc::new(Mutex::new(FrameWriter::new(wr)));
+        self.writer = Some(writer.clone());
+
+        send(
+            &writer,
+            &Message::Hello {
+                min_version: tern_proto::MIN_PROTOCOL_VERSION,
+                max_version: tern_proto::PROTOCOL_VERSION,
+                agent: self.agent.config.name.clone(),
+            },
+        )
+        .await?;
+        let (version, dest_agent) =
+            match expect(&mut reader, Duration::from_secs(10), "HelloAck").await? {
+                Message::HelloAck { version, agent } => (version, agent),
+                m => return Err(unexpected(&m, "HelloAck")),
+            };
+
+        // --- prepare
+        self.handle.set_phase("prepare");
+        send(
+            &writer,
+            &Message::Prepare {
+                migration_id: self.handle.id.clone(),
+                spec_toml: self.vm.spec.to_toml(),
+                source_running: self.source_running,
+                qemu_version: self.vm.qemu_version.clone(),
+            },
+        )
+        .await?;
+        let dest_qemu = tokio::select! {
+            m = expect(&mut reader, Duration::from_secs(60), "Prepared") => match m? {
+                Message::Prepared { qemu_version } => qemu_version,
+                m => return Err(unexpected(&m, "Prepared")),
+            },
+            _ = super::wait_cancelled(&mut cancel) => return Err(MigrateError::Cancelled),
+        };
+
+        // --- transfer
+        self.handle.set_phase("transfer");
+        qmp.set_migrate_capabilities(&[("return-path", true), ("events", true)])
+            .await?;
+        let mut params = json!({ "downtime-limit": self.req.downtime_ms.unwrap_or(300) });
+        // Without a cap QEMU limits itself to 128 MiB/s; tern's socket applies back-pressure.
+        let bw = self
+            .req
+            .max_bandwidth_mibps
+            .map(|m| m << 20)
+            .unwrap_or(1 << 40);
+        params["max-bandwidth"] = json!(bw);
+        qmp.set_migrate_parameters(params).await?;
+
+        let sock_path = self
+            .vm
+            .run_dir
+            .join(format!("migrate-{}.sock", self.handle.id));
+        let _ = std::fs::remove_file(&sock_path);
+        let listener = UnixListener::bind(&sock_path).map_err(MigrateError::LocalIo)?;
+        let mut events = qmp.subscribe();
+        qmp.execute(
+            "migrate",
+            Some(json!({ "uri": format!("unix:{}", sock_path.display()) })),
+        )
+        .await?;
+        let accepted = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await;
+        let _ = std::fs::remove_file(&sock_path);
+        let (qemu_sock, _) = accepted
+            .map_err(|_| MigrateError::Timeout(Duration::from_secs(10), "QEMU to connect"))?
+            .map_err(MigrateError::LocalIo)?;
+        let (qemu_rd, qemu_wr) = qemu_sock.into_split();
+
+        let (ev_tx, mut ev_rx) = mpsc::channel(16);
+        let counters = self.handle.clone();
+        let rp_task = tokio::spawn(peer_reader(reader, qemu_wr, ev_tx, counters));
+        let mut fwd = tokio::spawn(forward(qemu_rd, writer.clone(), self.handle.clone()));
+        let _guard = AbortOnDrop(rp_task);
+
+        let mut stopped_at: Option<SystemTime> = None;
+        let mut source_digest: Option<[u8; 32]> = None;
+        let mut fwd_done = false;
+        let mut ticker = tokio::time::interval(Duration::from_millis(250));
+        let (dest_digest, pages) = loop {
+            tokio::select! {
+                r = &mut fwd, if !fwd_done => {
+                    fwd_done = true;
+                    let (d, _pages) = r.map_err(|e| MigrateError::Protocol(format!("forwarder panicked: {e}")))??;
+                    source_digest = Some(d);
+                    self.handle.set_phase("verify");
+                }
+                ev = ev_rx.recv() => match ev {
+                    Some(PeerEvent::Msg(Message::ReadyToResume { digest })) => {
+                        let Some(src) = source_digest else {
+                            return Err(MigrateError::Protocol("ReadyToResume before SourceDone".into()));
+                        };
+                        if src != digest {
+                            return Err(MigrateError::DigestMismatch {
+                                source_digest: hex::encode(src),
+                                dest_digest: hex::encode(digest),
+                            });
+                        }
+                        break (digest, self.handle.counters.pages_raw.load(Ordering::Relaxed)
+                            + self.handle.counters.pages_zero.load(Ordering::Relaxed));
+                    }
+                    Some(PeerEvent::Msg(Message::Abort { code, message })) => {
+                        return Err(MigrateError::Remote { code, message });
+                    }
+                    Some(PeerEvent::Msg(m)) => return Err(unexpected(&m, "ReturnPath or ReadyToResume")),
+                    Some(PeerEvent::Failed(e)) => return Err(e.into()),
+                    Some(PeerEvent::Closed) | None => return Err(MigrateError::PeerClosed("the transfer")),
+                },
+                ev = events.recv() => {
+                    if let Ok(ev) = ev {
+                        match ev.event.as_str() {
+                            "STOP" => stopped_at = Some(ev.timestamp),
+                            "MIGRATION" => {
+                                let st = ev.data.get("status").and_then(|s| s.as_str()).unwrap_or("");
+                                if st == "failed" {
+                                    let info = qmp.query_migrate().await.ok();
+                                    let why = info.and_then(|i| i.error_desc).unwrap_or_else(|| "no reason given".into());
+                                    return Err(MigrateError::QemuMigration(why));
+                                }
+                            }
+                            "SHUTDOWN" => return Err(MigrateError::QemuMigration("source QEMU shut down".into())),
+                            _ => {}
+                        }
+                    }
+                }
+                _ = super::wait_cancelled(&mut cancel) => return Err(MigrateError::Cancelled),
+                _ = ticker.tick() => {
+                    if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_millis(200), qmp.query_migrate()).await {
+                        self.handle.update(|s| {
+                            s.progress.qemu_status = info.status.clone();
+                            s.progress.ram_remaining = info.ram_remaining;
+                            s.progress.ram_total = info.ram_total;
+                            s.progress.dirty_pages_rate = info.dirty_pages_rate;
+                            s.progress.dirty_sync_count = info.dirty_sync_count;
+                        });
+                    }
+                }
+            }
+        };
+
+        // --- the source QEMU must have completed (it did when it closed the stream)
+        let info = qmp.query_migrate().await?;
+        if info.status != "completed" {
+            return Err(MigrateError::QemuMigration(format!(
+                "source QEMU reports {:?} after sending everything",
+                info.status
+            )));
+        }
+        if self.handle.is_cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
+
+        // ===== SWITCHOVER POINT: after Commit the source never resumes. =====
+        self.handle.set_phase("switchover");
+        self.committed = true;
+        send(&writer, &Message::Commit)
+            .await
+            .map_err(|e| MigrateError::InDoubt(error_chain(&e)))?;
+        let resumed_us = loop {
+            match tokio::time::timeout(Duration::from_secs(30), ev_rx.recv()).await {
+                Ok(Some(PeerEvent::Msg(Message::Resumed { resumed_unix_us }))) => {
+                    break resumed_unix_us
+                }
+                Ok(Some(PeerEvent::Msg(Message::ReturnPath(_)))) => continue,
+                Ok(Some(PeerEvent::Msg(m))) => {
+                    return Err(MigrateError::InDoubt(format!(
+                        "got {} instead of Resumed",
+                        m.name()
+                    )))
+                }
+                Ok(Some(PeerEvent::Failed(e))) => {
+                    return Err(MigrateError::InDoubt(error_chain(&e)))
+                }
+                Ok(Some(PeerEvent::Closed)) | Ok(None) => {
+                    return Err(MigrateError::InDoubt("connection closed".into()))
+                }
+                Err(_) => return Err(MigrateError::InDoubt("no answer within 30 s".into())),
+            }
+        };
+        let total = self.t0.elapsed();
+        let downtime_ms = match (self.source_running, stopped_at) {
+            (true, Some(stop)) => resumed_us.saturating_sub(unix_us(stop)) / 1000,
+            _ => 0,
+        };
+        let c = &self.handle.counters;
+        let bytes_from_qemu = Counters::get(&c.bytes_from_qemu);
+        let wire = {
+            let w = writer.lock().await;
+            w.bytes_written + Counters::get(&c.wire_in)
+        };
+        let zero = Counters::get(&c.pages_zero);
+        let raw = Counters::get(&c.pages_raw);
+        let ram_bytes = self.handle.status().progress.ram_total.unwrap_or(0);
+        let secs = total.as_secs_f64().max(1e-6);
+        Ok(MigrationReport {
+            migration_id: self.handle.id.clone(),
+            vm: self.vm.spec.name.clone(),
+            source: self.agent.config.name.clone(),
+            destination: format!("{dest_agent} ({})", self.req.to),
+            outcome: "succeeded".into(),
+            total_time_ms: total.as_millis() as u64,
+            downtime_ms,
+            qemu_downtime_ms: info.downtime_ms,
+            ram_bytes,
+            bytes_from_qemu,
+            bytes_on_wire: wire,
+            pages: PageCounts {
+                zero,
+                raw,
+                total: pages,
+            },
+            throughput_mbps: bytes_from_qemu as f64 * 8.0 / 1e6 / secs,
+            digest_ok: true,
+            digest: hex::encode(dest_digest),
+            qemu_version: self.vm.qemu_version.clone(),
+            destination_qemu_version: dest_qemu,
+            source_was_running: self.source_running,
+            protocol_version: version,
+        })
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn send(w: &PeerWriter, m: &Message) -> Result<(), MigrateError> {
+    w.lock()
+        .await
+        .send(m)
+        .await
+        .map_err(MigrateError::PeerWrite)
+}
+
+async fn expect<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut FrameReader<R>,
+    within: Duration,
+    what: &'static str,
+) -> Result<Message, MigrateError> {
+    match tokio::time::timeout(within, r.next()).await {
+        Err(_) => Err(MigrateError::Timeout(within, what)),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(None)) => Err(MigrateError::PeerClosed(what)),
+        Ok(Ok(Some(Message::Abort { code, message }))) => {
+            Err(MigrateError::Remote { code, message })
+        }
+        Ok(Ok(Some(m))) => Ok(m),
+    }
+}
+
+fn unexpected(m: &Message, wanted: &str) -> MigrateError {
+    MigrateError::Protocol(format!("expected {wanted}, got {}", m.name()))
+}
+
+/// Reads the destination's frames: return-path bytes go straight into the source QEMU's
+/// socket (no buffering: PONG and SHUT must not wait), everything else to the orchestrator.
+async fn peer_reader(
+    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    mut qemu: unix::OwnedWriteHalf,
+    tx: mpsc::Sender<PeerEvent>,
+    handle: Arc<MigrationHandle>,
+) {
+    let mut qemu_ok = true;
+    loop {
+        let r = reader.next().await;
+        handle
+            .counters
+            .wire_in
+            .store(reader.bytes_read, Ordering::Relaxed);
+        let ev = match r {
+            Ok(Some(Message::ReturnPath(b))) => {
+                if qemu_ok && qemu.write_all(&b).await.is_err() {
+                    // QEMU closed its end (done or failed): its own status tells which.
+                    qemu_ok = false;
+                }
+                continue;
+            }
+            Ok(Some(m)) => PeerEvent::Msg(m),
+            Ok(None) => PeerEvent::Closed,
+            Err(e) => PeerEvent::Failed(e),
+        };
+        let last = !matches!(ev, PeerEvent::Msg(_));
+        if tx.send(ev).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Batches page records per block and keeps them in order with verbatim bytes.
+struct Outbox {
+    verbatim: BytesMut,
+    batch: Vec<Page>,
+    batch_block: u16,
+    batch_bytes: usize,
+    queued: Vec<Message>,
+    queued_bytes: usize,
+}
+
+const BATCH_PAGES: usize = 64;
+
+impl Outbox {
+    fn new() -> Self {
+        Outbox {
+            verbatim: BytesMut::new(),
+            batch: Vec::with_capacity(BATCH_PAGES),
+            batch_block: 0,
+            batch_bytes: 0,
+            queued: Vec::new(),
+            queued_bytes: 0,
+        }
+    }
+
+    fn close_batch(&mut self) {
+        if !self.batch.is_empty() {
+            let pages = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_PAGES));
+            self.queued.push(Message::Pages {
+                block: self.batch_block,
+                pages,
+            });
+            self.queued_bytes += self.batch_bytes;
+            self.batch_bytes = 0;
+        }
+    }
+
+    fn close_verbatim(&mut self) {
+        if !self.verbatim.is_empty() {
+            let b = self.verbatim.split().freeze();
+            self.queued_bytes += b.len();
+            self.queued.push(Message::QemuBytes(b));
+        }
+    }
+
+    fn verbatim(&mut self, b: &[u8]) {
+        self.close_batch();
+        self.verbatim.extend_from_slice(b);
+    }
+
+    fn page(&mut self, block: u16, page: Page) {
+        self.close_verbatim();
+        if !self.batch.is_empty() && self.batch_block != block {
+            self.close_batch();
+        }
+        self.batch_block = block;
+        self.batch_bytes += match &page.body {
+            PageBody::Raw(d) => d.len() + 13,
+            PageBody::Zero { .. } => 10,
+        };
+        self.batch.push(page);
+        if self.batch.len() >= BATCH_PAGES {
+            self.close_batch();
+        }
+    }
+
+    fn message(&mut self, m: Message) {
+        self.close_batch();
+        self.close_verbatim();
+        self.queued.push(m);
+    }
+
+    fn size(&self) -> usize {
+        self.queued_bytes + self.verbatim.len() + self.batch_bytes
+    }
+
+    /// Moves everything into the writer, in order.
+    fn drain_into<W: tokio::io::AsyncWrite + Unpin>(&mut self, w: &mut FrameWriter<W>) {
+        self.close_batch();
+        self.close_verbatim();
+        for m in self.queued.drain(..) {
+            w.push(&m);
+        }
+        self.queued_bytes = 0;
+    }
+}
+
+/// Parses the source QEMU's stream and forwards it to the destination agent; returns the
+/// memory digest of what it forwarded once QEMU closed the stream at a proper end.
+async fn forward(
+    mut qemu: unix::OwnedReadHalf,
+    writer: PeerWriter,
+    handle: Arc<MigrationHandle>,
+) -> Result<([u8; 32], u64), MigrateError> {
+    let mut parser = Parser::new();
+    let mut enc = Encoder::new(tern_qemu::stream::DEFAULT_PAGE_SIZE);
+    let mut inbuf = BytesMut::with_capacity(4 << 20);
+    let mut out = Outbox::new();
+    let mut scratch = Vec::with_capacity(64 << 10);
+    let mut digest: Option<MemoryDigest> = None;
+    let mut block_index: HashMap<BlockName, u16> = HashMap::new();
+    let c = &handle.counters;
+    loop {
+        match parser.parse(&inbuf)? {
+            Some((item, used)) => {
+                let _ = inbuf.split_to(used);
+                match item {
+                    Item::Ram(RamRecord::Zero {
+                        block,
+                        offset,
+                        fill,
+                        ..
+                    }) => {
+                        let idx = lookup(&block_index, &block, parser.offset())?;
+                        digest_of(&mut digest, parser.offset())?.fill(
+                            idx as usize,
+                            offset,
+                            fill,
+                        )?;
+                        out.page(
+                            idx,
+                            Page {
+                                offset,
+                                body: PageBody::Zero { fill },
+                            },
+                        );
+                        Counters::add(&c.pages_zero, 1);
+                    }
+                    Item::Ram(RamRecord::Page {
+                        block,
+                        offset,
+                        data,
+                        ..
+                    }) => {
+                        let idx = lookup(&block_index, &block, parser.offset())?;
+                        digest_of(&mut digest, parser.offset())?.page(
+                            idx as usize,
+                            offset,
+                            &data,
+                        )?;
+                        out.page(
+                            idx,
+                            Page {
+                                offset,
+                                body: PageBody::Raw(data),
+                            },
+                        );
+                        Counters::add(&c.pages_raw, 1);
+                    }
+                    Item::Ram(RamRecord::MemSize { ref blocks, total }) => {
+                        if blocks.len() > u16::MAX as usize {
+                            return Err(MigrateError::Protocol(
+                                "more than 65535 RAM blocks".into(),
+                            ));
+                        }
+                        block_index = blocks
+                            .iter()
+                            .enumerate()
+                            .map(|(i, b)| (b.name.clone(), i as u16))
+                            .collect();
+                        let ps = parser.page_size();
+                        digest = Some(MemoryDigest::new(
+                            ps,
+                            blocks.iter().map(|b| (&*b.name, b.used_length)),
+                        ));
+                        handle.update(|s| s.progress.ram_total = Some(total));
+                        scratch.clear();
+                        enc.encode(&item, NameMode::Auto, &mut scratch);
+                        out.verbatim(&scratch);
+                        out.message(Message::RamBlocks {
+                            page_size: ps as u32,
+                            blocks: blocks
+                                .iter()
+                                .map(|b| RamBlock {
+                                    name: b.name.to_string(),
+                                    used_length: b.used_length,
+                                })
+                                .collect(),
+                        });
+                    }
+                    Item::Tail(b) => out.verbatim(&b),
+                    other => {
+                        scratch.clear();
+                        enc.encode(&other, NameMode::Auto, &mut scratch);
+                        out.verbatim(&scratch);
+                    }
+                }
+                if out.size() >= 1 << 20 {
+                    flush_out(&mut out, &writer, c).await?;
+                }
+            }
+            None => {
+                // Nothing more to parse without reading: send what we hold first, so no
+                // PING/SHUT exchange can wait on bytes sitting in our buffer.
+                flush_out(&mut out, &writer, c).await?;
+                if inbuf.capacity() - inbuf.len() < 256 << 10 {
+                    inbuf.reserve(4 << 20);
+                }
+                let n = qemu
+                    .read_buf(&mut inbuf)
+                    .await
+                    .map_err(MigrateError::LocalIo)?;
+                if n == 0 {
+                    break;
+                }
+                Counters::add(&c.bytes_from_qemu, n as u64);
+            }
+        }
+    }
+    if !inbuf.is_empty() {
+        return Err(StreamError::Truncated {
+            offset: parser.offset(),
+            state: "a record",
+        }
+        .into());
+    }
+    parser.finish()?;
+    let d = digest.ok_or(StreamError::Truncated {
+        offset: parser.offset(),
+        state: "RAM setup",
+    })?;
+    let sum = d.finish();
+    out.message(Message::SourceDone {
+        digest: sum,
+        pages: d.pages,
+    });
+    flush_out(&mut out, &writer, c).await?;
+    Ok((sum, d.pages))
+}
+
+fn lookup(
+    index: &HashMap<BlockName, u16>,
+    block: &BlockName,
+    at: u64,
+) -> Result<u16, MigrateError> {
+    index.get(block).copied().ok_or_else(|| {
+        StreamError::Malformed {
+            offset: at,
+            what: format!("page of unknown RAM block {block:?}"),
+        }
+        .into()
+    })
+}
+
+fn digest_of(d: &mut Option<MemoryDigest>, at: u64) -> Result<&mut MemoryDigest, MigrateError> {
+    d.as_mut().ok_or_else(|| {
+        StreamError::Malformed {
+            offset: at,
+            what: "page record before the RAM block list".into(),
+        }
+        .into()
+    })
+}
+
+async fn flush_out(
+    out: &mut Outbox,
+    writer: &PeerWriter,
+    c: &Counters,
+) -> Result<(), MigrateError> {
+    let mut w = writer.lock().await;
+    out.drain_into(&mut w);
+    if w.pending() > 0 {
+        w.flush().await.map_err(MigrateError::PeerWrite)?;
+    }
+    c.wire_out.store(w.bytes_written, Ordering::Relaxed);
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! The VMs this agent runs: one supervised QEMU process per VM, its QMP handle and its
+//! run directory. Owns starting, stopping and noticing when QEMU exits; knows nothing
+//! about migration beyond a "busy" mark.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use tern_qemu::launch::{LaunchError, QemuProcess};
+use tern_qemu::qmp::QmpClient;
+use tern_qemu::spec::VmSpec;
+use tokio::sync::{mpsc, watch};
+
+/// How to stop a VM.
+#[derive(Debug, Clone, Copy)]
+pub enum StopMode {
+    /// QMP `quit`, then SIGKILL after a grace period.
+    Quit,
+    /// SIGKILL at once.
+    Kill,
+}
+
+pub struct Vm {
+    pub spec: VmSpec,
+    pub qmp: QmpClient,
+    pub run_dir: PathBuf,
+    pub console_log: PathBuf,
+    pub pid: Option<u32>,
+    pub qemu_version: String,
+    /// Set while a migration owns this VM.
+    pub migrating: AtomicBool,
+    exited: watch::Receiver<Option<String>>,
+    stop_tx: mpsc::Sender<StopMode>,
+}
+
+/// What `tern vm list` shows for a VM.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub state: String,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub accel: String,
+    pub pid: Option<u32>,
+    pub qemu_version: String,
+    pub run_dir: PathBuf,
+    pub console_log: PathBuf,
+    pub qmp_socket: PathBuf,
+}
+
+impl Vm {
+    /// Takes ownership of a launched QEMU and supervises it until it exits or is stopped.
+    pub fn supervise(spec: VmSpec, mut process: QemuProcess) -> Vm {
+        let (exit_tx, exited) = watch::channel(None);
+        let (stop_tx, mut stop_rx) = mpsc::channel::<StopMode>(1);
+        let qmp = process.qmp.clone();
+        let run_dir = process.run_dir.clone();
+        let console_log = process.console_log.clone();
+        let pid = process.pid();
+        let qemu_version = qmp.version().to_string();
+        tokio::spawn(async move {
+            let how = tokio::select! {
+                st = process.wait() => match st {
+                    Ok(s) => format!("exited ({s})"),
+                    Err(e) => format!("lost ({e})"),
+                },
+                Some(mode) = stop_rx.recv() => {
+                    match mode {
+                        StopMode::Quit => process.quit(Duration::from_secs(10)).await,
+                        StopMode::Kill => process.kill().await,
+                    }
+                    "stopped".to_string()
+                }
+            };
+            let _ = exit_tx.send(Some(how));
+        });
+        Vm {
+            spec,
+            qmp,
+            run_dir,
+            console_log,
+            pid,
+            qemu_version,
+            migrating: AtomicBool::new(false),
+            exited,
+            stop_tx,
+        }
+    }
+
+    /// `Some(reason)` once QEMU is gone.
+    pub fn exit_reason(&self) -> Option<String> {
+        self.exited.borrow().clone()
+    }
+
+    /// Stops QEMU and waits until it is gone.
+    pub async fn stop(&self, mode: StopMode) {
+        let _ = self.stop_tx.send(mode).await;
+        let mut rx = self.exited.clone();
+        let _ = rx.wait_for(|e| e.is_some()).await;
+    }
+
+    pub async fn info(&self) -> VmInfo {
+        let state = match self.exit_reason() {
+            Some(r) => r,
+            None if self.migrating.load(Ordering::SeqCst) => "migrating".into(),
+            None => {
+                match tokio::time::timeout(Duration::from_secs(2), self.qmp.query_status()).await {
+                    Ok(Ok(s)) => s.status,
+                    Ok(Err(e)) => format!("unknown ({e})"),
+                    Err(_) => "unresponsive".into(),
+                }
+            }
+        };
+        VmInfo {
+            name: self.spec.name.clone(),
+            state,
+            memory_mib: self.spec.memory_mib,
+            vcpus: self.spec.vcpus,
+            accel: self.spec.accel.as_str().into(),
+            pid: self.pid,
+            qemu_version: self.qemu_version.clone(),
+            run_dir: self.run_dir.clone(),
+            console_log: self.console_log.clone(),
+            qmp_socket: self.run_dir.join("qmp.sock"),
+        }
+    }
+}
+
+/// Why `tern vm start` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartVmError {
+    #[error("invalid VM spec")]
+    Spec(#[from] tern_qemu::spec::SpecError),
+    #[error("a VM named {0:?} already exists on this host")]
+    Exists(String),
+    #[error("could not start QEMU")]
+    Launch(#[from] LaunchError),
+}
+
+/// Why `tern vm stop` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StopVmError {
+    #[error("no VM named {0:?} on this host")]
+    NotFound(String),
+    #[error("VM {0:?} is being migrated; cancel the migration first (tern migrate --cancel {0})")]
+    Migrating(String),
+}

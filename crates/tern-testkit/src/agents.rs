@@ -1,0 +1,250 @@
+//! Agents for tests: real `tern agent` processes on this machine, each with its own state
+//! directory, API socket and peer port, killed when dropped. Also the lock that keeps
+//! end-to-end tests from running more than one migration (two guests) at a time.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tern_agent::client::{Client, Endpoint};
+use tern_agent::migrate::MigrationStatus;
+
+/// Serialises end-to-end tests: at most two guests run at once on a 2-core machine.
+pub fn e2e_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct TestAgent {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    pub api: PathBuf,
+    pub peer_addr: SocketAddr,
+    pub log: PathBuf,
+    child: Option<Child>,
+    pub client: Client,
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+impl TestAgent {
+    /// Starts `tern agent` (binary `bin`) with extra environment, and waits for its API.
+    pub fn start(bin: &Path, name: &str, env: &[(&str, &str)]) -> Result<TestAgent> {
+        let dir = tempfile::Builder::new()
+            .prefix("tern-")
+            .tempdir_in("/tmp")?;
+        let api = dir.path().join("api.sock");
+        let port = free_port()?;
+        let peer_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let log = dir.path().join("agent.log");
+        let logf = std::fs::File::create(&log)?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["agent", "--name", name, "--listen", &peer_addr.to_string()])
+            .arg("--state-dir")
+            .arg(dir.path())
+            .arg("--api")
+            .arg(format!("unix:{}", api.display()))
+            .env("TERN_LOG", "info,tern_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        let client = Client::new(Endpoint::Unix(api.display().to_string()));
+        let mut a = TestAgent {
+            name: name.into(),
+            dir,
+            api,
+            peer_addr,
+            log,
+            child: Some(child),
+            client,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if a.client.call("GET", "/v1/agent", None).is_ok() {
+                return Ok(a);
+            }
+            if let Some(st) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!(
+                    "agent {name} exited ({st}) before serving its API:\n{}",
+                    a.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent {name} did not serve its API within 20 s:\n{}",
+                    a.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        Ok(self.client.call(method, path, body)?)
+    }
+
+    pub fn start_vm(&self, spec_toml: &str) -> Result<Value> {
+        self.call("POST", "/v1/vms", Some(&json!({ "spec_toml": spec_toml })))
+    }
+
+    pub fn vms(&self) -> Result<Vec<Value>> {
+        Ok(self
+            .call("GET", "/v1/vms", None)?
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    pub fn vm(&self, name: &str) -> Result<Value> {
+        self.call("GET", &format!("/v1/vms/{name}"), None)
+    }
+
+    pub fn qmp(&self, vm: &str, command: &str, arguments: Option<Value>) -> Result<Value> {
+        self.call(
+            "POST",
+            &format!("/v1/vms/{vm}/qmp"),
+            Some(&json!({ "execute": command, "arguments": arguments })),
+        )
+    }
+
+    /// The VM's run state as QEMU reports it (`running`, `paused`, ...).
+    pub fn vm_status(&self, vm: &str) -> Result<String> {
+        let v = self.qmp(vm, "query-status", None)?;
+        Ok(v["status"].as_str().unwrap_or_default().to_string())
+    }
+
+    pub fn migrations(&self) -> Result<Vec<MigrationStatus>> {
+        Ok(serde_json::from_value(self.call(
+            "GET",
+            "/v1/migrations",
+            None,
+        )?)?)
+    }
+
+    /// Starts a migration and returns its id.
+    pub fn start_migration(&self, vm: &str, to: &str, extra: Value) -> Result<String> {
+        let mut body = json!({ "to": to });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        let v = self.call("POST", &format!("/v1/vms/{vm}/migrate"), Some(&body))?;
+        Ok(v["id"].as_str().context("no migration id")?.to_string())
+    }
+
+    pub fn migration(&self, id: &str) -> Result<MigrationStatus> {
+        Ok(serde_json::from_value(self.call(
+            "GET",
+            &format!("/v1/migrations/{id}"),
+            None,
+        )?)?)
+    }
+
+    /// Polls a migration until it finishes (bounded).
+    pub fn wait_migration(&self, id: &str, within: Duration) -> Result<MigrationStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let s = self.migration(id)?;
+            if s.finished {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("migration {id} still {} after {within:?}", s.phase);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Run directories this agent still has (each VM instance has one).
+    pub fn run_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.dir.path().join("run"))
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM lets the agent stop its VMs; SIGKILL if it does not within 10 s.
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Whether a process with this pid still exists (and is not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"),
+        Err(_) => false,
+    }
+}
+
+/// Waits until `text` appears in the file (a guest console), returning the file's text.
+pub fn wait_for_text(path: &Path, text: &str, within: Duration) -> Result<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
+        if s.contains(text) {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{text:?} did not appear in {} within {within:?}; it ends with:\n{}",
+                path.display(),
+                tail(&s, 2000)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}

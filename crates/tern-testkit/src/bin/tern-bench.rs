@@ -1,0 +1,252 @@
+//! `tern-bench loopback`: the foundation benchmark. Same guest, same machine, one run:
+//! QEMU's own migration (QEMU to QEMU over loopback TCP) against the same migration
+//! through two tern agents, alternating, N rounds per workload. Prints a Markdown table of
+//! total time, downtime (end to end: source STOP event to destination RESUME event, and
+//! QEMU's own figure), throughput and CPU seconds, with tern/QEMU ratios.
+//!
+//! Usage: tern-bench loopback --tern target/release/tern [--rounds 3] [--out FILE]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use tern_qemu::launch::{LaunchOptions, QemuProcess};
+use tern_qemu::spec::VmSpec;
+use tern_testkit::agents::{wait_for_text, TestAgent};
+use tern_testkit::guest::{ensure_guest, GuestImage};
+
+struct Sample {
+    total_ms: f64,
+    downtime_ms: f64,
+    qemu_downtime_ms: f64,
+    mbytes: f64,
+    throughput_mbps: f64,
+    cpu_s: f64,
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    // utime + stime (+ children's) in clock ticks, fields 14-17 of /proc/PID/stat
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after = s.rsplit_once(") ").map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = (11..15).filter_map(|i| f.get(i)?.parse::<u64>().ok()).sum();
+    ticks as f64 / 100.0
+}
+
+fn spec(name: &str, g: &GuestImage, append: &str) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        memory_mib: 512,
+        vcpus: 1,
+        accel: tern_qemu::spec::Accel::Tcg,
+        kernel: g.kernel.clone(),
+        initrd: Some(g.initrd.clone()),
+        append: format!("console=ttyS0 panic=-1 {append}"),
+        machine: "pc".into(),
+        migration_capabilities: vec![],
+    }
+}
+
+fn event_us(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1e6)
+        .unwrap_or(0.0)
+}
+
+/// QEMU to QEMU directly, over loopback TCP, same parameters tern uses.
+async fn qemu_direct(g: &GuestImage, append: &str, work: &Path) -> Result<Sample> {
+    let s = spec("bench-direct", g, append);
+    let src_opts = LaunchOptions::new(work.join("direct-src"));
+    let mut src = QemuProcess::launch(&s, &src_opts).await?;
+    wait_for_text(&src.console_log, "TERN-READY", Duration::from_secs(90))?;
+    let mut dst_opts = LaunchOptions::new(work.join("direct-dst"));
+    dst_opts.incoming_defer = true;
+    let mut dst = QemuProcess::launch(&s, &dst_opts).await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    for q in [&src.qmp, &dst.qmp] {
+        q.set_migrate_capabilities(&[("events", true)]).await?;
+    }
+    src.qmp
+        .set_migrate_parameters(json!({ "downtime-limit": 300, "max-bandwidth": 1u64 << 40 }))
+        .await?;
+    dst.qmp
+        .execute(
+            "migrate-incoming",
+            Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
+        )
+        .await?;
+    let mut sev = src.qmp.subscribe();
+    let mut dev = dst.qmp.subscribe();
+    let cpu0 = cpu_seconds(src.pid().unwrap_or(0)) + cpu_seconds(dst.pid().unwrap_or(0));
+    let t0 = Instant::now();
+    src.qmp
+        .execute(
+            "migrate",
+            Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
+        )
+        .await?;
+    let stop = src
+        .qmp
+        .wait_event(&mut sev, "STOP", Duration::from_secs(300))
+        .await?;
+    let resume = dst
+        .qmp
+        .wait_event(&mut dev, "RESUME", Duration::from_secs(300))
+        .await?;
+    let total = t0.elapsed();
+    let info = src.qmp.query_migrate().await?;
+    let cpu1 = cpu_seconds(src.pid().unwrap_or(0)) + cpu_seconds(dst.pid().unwrap_or(0));
+    if info.status != "completed" {
+        bail!("QEMU direct migration ended {:?}", info.status);
+    }
+    let bytes = info.ram_transferred.unwrap_or(0) as f64;
+    src.quit(Duration::from_secs(5)).await;
+    dst.quit(Duration::from_secs(5)).await;
+    Ok(Sample {
+        total_ms: total.as_secs_f64() * 1000.0,
+        downtime_ms: (event_us(resume.timestamp) - event_us(stop.timestamp)) / 1000.0,
+        qemu_downtime_ms: info.downtime_ms.unwrap_or(0) as f64,
+        mbytes: bytes / 1e6,
+        throughput_mbps: bytes * 8.0 / 1e6 / total.as_secs_f64(),
+        cpu_s: cpu1 - cpu0,
+    })
+}
+
+/// The same migration through two tern agents.
+fn via_tern(bin: &Path, g: &GuestImage, append: &str) -> Result<Sample> {
+    let a = TestAgent::start(bin, "bench-a", &[])?;
+    let b = TestAgent::start(bin, "bench-b", &[])?;
+    let s = spec("bench-tern", g, append);
+    let info = a.start_vm(&s.to_toml())?;
+    let console = PathBuf::from(info["console_log"].as_str().context("console")?);
+    wait_for_text(&console, "TERN-READY", Duration::from_secs(90))?;
+    let qemu_pid = info["pid"].as_u64().unwrap_or(0) as u32;
+    let agents = [a.pid().unwrap_or(0), b.pid().unwrap_or(0)];
+    let cpu0: f64 = agents.iter().map(|p| cpu_seconds(*p)).sum::<f64>() + cpu_seconds(qemu_pid);
+    let id = a.start_migration(
+        "bench-tern",
+        &b.peer_addr.to_string(),
+        json!({ "downtime_ms": 300 }),
+    )?;
+    // sample the source QEMU's CPU while it lives (it is quit after the switchover)
+    let mut src_cpu = 0.0;
+    let st = loop {
+        let st = a.migration(&id)?;
+        if st.finished {
+            break st;
+        }
+        src_cpu = cpu_seconds(qemu_pid).max(src_cpu);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let r = st
+        .report
+        .with_context(|| format!("tern migration failed: {:?}", st.error))?;
+    let dst_pid = b.vm("bench-tern")?["pid"].as_u64().unwrap_or(0) as u32;
+    let cpu1: f64 =
+        agents.iter().map(|p| cpu_seconds(*p)).sum::<f64>() + src_cpu + cpu_seconds(dst_pid);
+    Ok(Sample {
+        total_ms: r.total_time_ms as f64,
+        downtime_ms: r.downtime_ms as f64,
+        qemu_downtime_ms: r.qemu_downtime_ms.unwrap_or(0) as f64,
+        mbytes: r.bytes_on_wire as f64 / 1e6,
+        throughput_mbps: r.throughput_mbps,
+        cpu_s: cpu1 - cpu0,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[v.len() / 2]
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    if args.get(1).map(String::as_str) != Some("loopback") {
+        bail!("usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]");
+    }
+    let bin = PathBuf::from(arg("--tern").unwrap_or_else(|| "target/release/tern".into()));
+    let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);
+    let g = ensure_guest()?;
+    let work = tempfile::Builder::new()
+        .prefix("tern-bench-")
+        .tempdir_in("/tmp")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let workloads = [
+        ("idle 512 MiB", "tern.workload=idle"),
+        (
+            "dirtier 512 MiB, 64 MiB hot",
+            "tern.workload=dirty tern.mib=64 tern.rate=0",
+        ),
+    ];
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Loopback, same machine, same guest, alternating runs, median of {rounds}. QEMU {}.\n\n",
+        std::process::Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string())
+            .unwrap_or_default()
+    ));
+    out.push_str("| workload | path | total ms | downtime ms (end to end) | QEMU downtime ms | MB moved | throughput Mbit/s | CPU s |\n|---|---|---|---|---|---|---|---|\n");
+    let mut ratios = String::new();
+    for (label, append) in workloads {
+        let mut direct = Vec::new();
+        let mut tern = Vec::new();
+        for i in 0..rounds {
+            eprintln!("[{label}] round {}: QEMU direct", i + 1);
+            direct.push(rt.block_on(qemu_direct(
+                &g,
+                append,
+                &work.path().join(format!("r{i}")),
+            ))?);
+            eprintln!("[{label}] round {}: via tern", i + 1);
+            tern.push(via_tern(&bin, &g, append)?);
+        }
+        let row = |name: &str, v: &[Sample]| {
+            format!(
+                "| {label} | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |\n",
+                median(v.iter().map(|s| s.total_ms).collect()),
+                median(v.iter().map(|s| s.downtime_ms).collect()),
+                median(v.iter().map(|s| s.qemu_downtime_ms).collect()),
+                median(v.iter().map(|s| s.mbytes).collect()),
+                median(v.iter().map(|s| s.throughput_mbps).collect()),
+                median(v.iter().map(|s| s.cpu_s).collect()),
+            )
+        };
+        out.push_str(&row("QEMU direct", &direct));
+        out.push_str(&row("tern", &tern));
+        let d_down = median(tern.iter().map(|s| s.downtime_ms).collect())
+            - median(direct.iter().map(|s| s.downtime_ms).collect());
+        let thr = median(tern.iter().map(|s| s.throughput_mbps).collect())
+            / median(direct.iter().map(|s| s.throughput_mbps).collect()).max(1e-9);
+        ratios.push_str(&format!(
+            "- {label}: tern adds {d_down:+.0} ms of end-to-end downtime (target <= +10 ms); throughput {:.2}x QEMU's (target >= 0.90x)\n",
+            thr
+        ));
+    }
+    out.push('\n');
+    out.push_str(&ratios);
+    print!("{out}");
+    if let Some(p) = arg("--out") {
+        std::fs::write(&p, &out).with_context(|| format!("writing {p}"))?;
+    }
+    Ok(())
+}

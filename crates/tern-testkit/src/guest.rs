@@ -1,0 +1,123 @@
+//! The test guest: builds it through `guest/build.sh` (cached) and predicts the memory
+//! content of its pattern workload, so tests can check a RAM dump page by page.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context, Result};
+
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+fn repo_root() -> Result<PathBuf> {
+    let mut d = Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf();
+    loop {
+        if d.join("guest/build.sh").exists() {
+            return Ok(d);
+        }
+        if !d.pop() {
+            bail!(
+                "guest/build.sh not found above {}",
+                env!("CARGO_MANIFEST_DIR")
+            );
+        }
+    }
+}
+
+/// Builds (or finds in the cache) the test guest; once per process.
+pub fn ensure_guest() -> Result<GuestImage> {
+    static GUEST: OnceLock<Result<GuestImage, String>> = OnceLock::new();
+    GUEST
+        .get_or_init(|| build().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn build() -> Result<GuestImage> {
+    let root = repo_root()?;
+    let out = std::process::Command::new("bash")
+        .arg(root.join("guest/build.sh"))
+        .output()
+        .context("running guest/build.sh")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "guest/build.sh failed:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(PathBuf::from)
+            .with_context(|| format!("guest/build.sh printed no {k} line:\n{text}"))
+    };
+    Ok(GuestImage {
+        kernel: get("kernel=")?,
+        initrd: get("initrd=")?,
+    })
+}
+
+/// Page `index` of the pattern workload with `seed`, exactly as guest/src/pattern.c writes it.
+pub fn pattern_page(seed: u64, index: u64) -> [u8; 4096] {
+    let mut pg = [0u8; 4096];
+    pg[..8].copy_from_slice(b"TERNPAT1");
+    pg[8..16].copy_from_slice(&seed.to_le_bytes());
+    pg[16..24].copy_from_slice(&index.to_le_bytes());
+    let mut s = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    if s == 0 {
+        s = 1;
+    }
+    for k in 0..509 {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        let w = s.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        pg[24 + 8 * k..32 + 8 * k].copy_from_slice(&w.to_le_bytes());
+    }
+    pg
+}
+
+/// Scans a RAM dump for pattern pages of `seed`: (pages whose content is right, pages
+/// with the right header but wrong content). Each index counts once.
+pub fn count_pattern_pages(ram: &[u8], seed: u64) -> (u64, u64) {
+    let mut good = std::collections::HashSet::new();
+    let mut bad = 0;
+    for pg in ram.chunks_exact(4096) {
+        if &pg[..8] != b"TERNPAT1" || pg[8..16] != seed.to_le_bytes() {
+            continue;
+        }
+        let idx = u64::from_le_bytes(pg[16..24].try_into().expect("8 bytes"));
+        if pg == pattern_page(seed, idx) {
+            good.insert(idx);
+        } else {
+            bad += 1;
+        }
+    }
+    (good.len() as u64, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_pages_are_deterministic_and_distinct() {
+        let a = pattern_page(42, 7);
+        assert_eq!(a, pattern_page(42, 7));
+        assert_ne!(a, pattern_page(42, 8));
+        assert_ne!(a, pattern_page(43, 7));
+        assert_eq!(&a[..8], b"TERNPAT1");
+        let mut ram = Vec::new();
+        ram.extend_from_slice(&[0u8; 4096]);
+        ram.extend_from_slice(&pattern_page(42, 0));
+        let mut broken = pattern_page(42, 1);
+        broken[4000] ^= 1;
+        ram.extend_from_slice(&broken);
+        assert_eq!(count_pattern_pages(&ram, 42), (1, 1));
+        assert_eq!(count_pattern_pages(&ram, 41), (0, 0));
+    }
+}

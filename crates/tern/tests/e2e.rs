@@ -1,0 +1,624 @@
+//! End-to-end: two real `tern agent` processes on this machine, real QEMU guests (TCG),
+//! migrations through tern's data path. Each test proves one property named in its name.
+//! The tests take a shared lock so that at most two guests run at once.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use tern_testkit::agents::{e2e_lock, pid_alive, wait_for_text, TestAgent};
+use tern_testkit::guest::{count_pattern_pages, ensure_guest, GuestImage};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tern");
+
+fn spec(name: &str, g: &GuestImage, mem_mib: u32, append: &str, extra: &str) -> String {
+    format!(
+        "name = {name:?}\nmemory_mib = {mem_mib}\nvcpus = 1\naccel = \"tcg\"\nkernel = {:?}\ninitrd = {:?}\nappend = \"console=ttyS0 panic=-1 {append}\"\n{extra}",
+        g.kernel.display().to_string(),
+        g.initrd.display().to_string()
+    )
+}
+
+fn two_agents(dst_env: &[(&str, &str)]) -> Result<(TestAgent, TestAgent)> {
+    let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
+    let b = TestAgent::start(Path::new(BIN), "host-b", dst_env)?;
+    Ok((a, b))
+}
+
+/// Starts a VM on `a` and waits for its workload's READY line.
+fn boot(a: &TestAgent, spec_toml: &str, name: &str) -> Result<std::path::PathBuf> {
+    let info = a.start_vm(spec_toml)?;
+    let console = std::path::PathBuf::from(info["console_log"].as_str().context("console path")?);
+    wait_for_text(&console, "TERN-READY", Duration::from_secs(90))
+        .with_context(|| format!("guest {name} did not boot"))?;
+    Ok(console)
+}
+
+fn console_of(agent: &TestAgent, vm: &str) -> Result<std::path::PathBuf> {
+    Ok(agent.vm(vm)?["console_log"]
+        .as_str()
+        .context("console path")?
+        .into())
+}
+
+fn pmemsave(agent: &TestAgent, vm: &str, size: u64, path: &Path) -> Result<Vec<u8>> {
+    agent.qmp(
+        vm,
+        "pmemsave",
+        Some(json!({ "val": 0, "size": size, "filename": path.display().to_string() })),
+    )?;
+    Ok(std::fs::read(path)?)
+}
+
+/// The source still has the VM, and it runs (or is as it was).
+fn assert_source_running(a: &TestAgent, vm: &str) -> Result<()> {
+    let st = a.vm_status(vm)?;
+    if st != "running" {
+        bail!(
+            "source VM {vm} is {st:?}, expected running\nagent log:\n{}",
+            a.log_text()
+        );
+    }
+    Ok(())
+}
+
+/// Nothing of the VM is left on the destination: no VM, no run dir, no QEMU process.
+fn assert_dest_clean(b: &TestAgent, dest_pids: &[u32]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let vms = b.vms()?;
+        let dirs = b.run_dirs();
+        let alive: Vec<_> = dest_pids.iter().filter(|p| pid_alive(**p)).collect();
+        if vms.is_empty() && dirs.is_empty() && alive.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "destination not clean: vms {vms:?}, run dirs {dirs:?}, live QEMU pids {alive:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn dest_pids(b: &TestAgent) -> Vec<u32> {
+    b.migrations()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|m| m.dest_qemu_pid)
+        .collect()
+}
+
+fn migrate_ok(
+    a: &TestAgent,
+    b: &TestAgent,
+    vm: &str,
+) -> Result<tern_agent::migrate::MigrationReport> {
+    let id = a.start_migration(vm, &b.peer_addr.to_string(), json!({}))?;
+    let st = a.wait_migration(&id, Duration::from_secs(180))?;
+    match st.report {
+        Some(r) => Ok(r),
+        None => bail!(
+            "migration failed: {:?}\nsource log:\n{}\ndest log:\n{}",
+            st.error,
+            a.log_text(),
+            b.log_text()
+        ),
+    }
+}
+
+#[test]
+fn migrate_paused_vm_keeps_ram_identical() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let (a, b) = two_agents(&[])?;
+    let mem: u64 = 256;
+    boot(
+        &a,
+        &spec(
+            "pat",
+            &g,
+            mem as u32,
+            "tern.workload=pattern tern.mib=32 tern.seed=42",
+            "",
+        ),
+        "pat",
+    )?;
+    a.qmp("pat", "stop", None)?;
+    let before = pmemsave(&a, "pat", mem << 20, &a.dir.path().join("src.ram"))?;
+    let found = count_pattern_pages(&before, 42);
+    assert_eq!(
+        found,
+        (32 * 256, 0),
+        "the guest's pattern pages (good, bad) on the source"
+    );
+
+    let r = migrate_ok(&a, &b, "pat")?;
+    assert!(r.digest_ok);
+    assert!(!r.source_was_running);
+    assert!(
+        r.pages.raw >= 32 * 256,
+        "at least the pattern pages crossed as data: {:?}",
+        r.pages
+    );
+    assert!(a.vms()?.is_empty(), "the source no longer has the VM");
+    assert_eq!(
+        b.vm_status("pat")?,
+        "paused",
+        "a paused VM stays paused after migration"
+    );
+
+    let after = pmemsave(&b, "pat", mem << 20, &b.dir.path().join("dst.ram"))?;
+    assert_eq!(before.len(), after.len());
+    let diff = before
+        .chunks(4096)
+        .zip(after.chunks(4096))
+        .filter(|(x, y)| x != y)
+        .count();
+    assert_eq!(
+        diff, 0,
+        "pages that differ between source and destination RAM"
+    );
+
+    // The destination resumes and its workload goes on (and still finds its pattern intact).
+    let console = console_of(&b, "pat")?;
+    let seen = std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .matches("tern-pattern ok")
+        .count();
+    b.qmp("pat", "cont", None)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        assert!(
+            !text.contains("TERN-CORRUPT"),
+            "pattern corrupted after migration:\n{text}"
+        );
+        if text.matches("tern-pattern ok").count() > seen {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "destination workload made no progress:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+#[test]
+fn migrate_live_dirtier_loses_no_page() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let (a, b) = two_agents(&[])?;
+    boot(
+        &a,
+        &spec(
+            "dirty",
+            &g,
+            512,
+            "tern.workload=dirty tern.mib=64 tern.rate=0",
+            "",
+        ),
+        "dirty",
+    )?;
+    // Let the dirtier run a few passes first so its checker has a baseline.
+    wait_for_text(
+        &console_of(&a, "dirty")?,
+        "tern-dirty pass",
+        Duration::from_secs(30),
+    )?;
+    let r = migrate_ok(&a, &b, "dirty")?;
+    assert!(r.digest_ok);
+    assert!(r.source_was_running);
+    assert!(r.ram_bytes >= 512 << 20, "ram_bytes {}", r.ram_bytes);
+    assert!(
+        r.bytes_from_qemu >= 64 << 20,
+        "the hot set crossed at least once: {}",
+        r.bytes_from_qemu
+    );
+    assert!(r.bytes_on_wire > 0 && r.bytes_on_wire < r.bytes_from_qemu * 2);
+    assert!(r.pages.raw >= 64 * 256 && r.pages.zero > 0, "{:?}", r.pages);
+    assert!(
+        r.total_time_ms > 0 && r.downtime_ms < r.total_time_ms,
+        "{r:?}"
+    );
+    assert!(r.throughput_mbps > 0.0);
+    assert!(r.qemu_version.starts_with("10."), "qemu {}", r.qemu_version);
+    assert_eq!(b.vm_status("dirty")?, "running");
+    assert!(a.vms()?.is_empty());
+
+    // The guest's own checker runs on at the destination and reports no lost page.
+    let console = console_of(&b, "dirty")?;
+    let start = std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .matches("tern-dirty pass")
+        .count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        assert!(
+            !text.contains("TERN-CORRUPT"),
+            "the guest lost pages:\n{text}"
+        );
+        if text.matches("tern-dirty pass").count() >= start + 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the destination guest made no progress:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Boots a slow-to-migrate guest (a 64 MiB hot set under a bandwidth cap) on `a`.
+fn boot_dirtier(a: &TestAgent, g: &GuestImage, name: &str, extra: &str) -> Result<()> {
+    boot(
+        a,
+        &spec(
+            name,
+            g,
+            256,
+            "tern.workload=dirty tern.mib=64 tern.rate=8",
+            extra,
+        ),
+        name,
+    )?;
+    Ok(())
+}
+
+fn expect_failure(a: &TestAgent, id: &str, code: &str) -> Result<tern_agent::migrate::FailureInfo> {
+    let st = a.wait_migration(id, Duration::from_secs(120))?;
+    let Some(e) = st.error else {
+        bail!("migration {id} succeeded, expected {code}")
+    };
+    assert_eq!(e.code, code, "failure {e:?}\nsource log:\n{}", a.log_text());
+    Ok(e)
+}
+
+#[test]
+fn unreachable_destination_leaves_source_running() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let (a, b) = two_agents(&[])?;
+    boot_dirtier(&a, &g, "v1", "")?;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?; // bound then dropped
+    let id = a.start_migration("v1", &closed.to_string(), json!({}))?;
+    let e = expect_failure(&a, &id, "internal")?;
+    assert!(e.message.contains("cannot reach"), "{}", e.message);
+    assert_source_running(&a, "v1")?;
+    // a second attempt to a real destination succeeds
+    let r = migrate_ok(&a, &b, "v1")?;
+    assert!(r.digest_ok);
+    Ok(())
+}
+
+#[test]
+fn destination_qemu_death_leaves_source_running_and_destination_clean() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let (a, b) = two_agents(&[])?;
+    boot_dirtier(&a, &g, "v2", "")?;
+    let id = a.start_migration(
+        "v2",
+        &b.peer_addr.to_string(),
+        json!({ "max_bandwidth_mibps": 16 }),
+    )?;
+    // wait until the destination QEMU exists and data flows, then kill it
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pid = loop {
+        let m = b.migrations()?;
+        if let Some(p) = m
+            .iter()
+            .find(|m| m.phase == "transfer")
+            .and_then(|m| m.dest_qemu_pid)
+        {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the destination never reached transfer"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()?;
+    let st = a.wait_migration(&id, Duration::from_secs(60))?;
+    assert!(
+        st.error.is_some(),
+        "migration must fail when the destination QEMU dies"
+    );
+    assert_source_running(&a, "v2")?;
+    assert_dest_clean(&b, &[pid])?;
+    let r = migrate_ok(&a, &b, "v2")?;
+    assert!(r.digest_ok);
+    Ok(())
+}
+
+#[test]
+fn digest_mismatch_aborts_before_the_destination_runs() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let (a, b) = two_agents(&[("TERN_FAULT", "corrupt-page")])?;
+    boot_dirtier(&a, &g, "v3", "")?;
+    let id = a.start_migration("v3", &b.peer_addr.to_string(), json!({}))?;
+    let e = expect_failure(&a, &id, "digest-mismatch")?;
+    assert!(e.message.contains("digest"), "{}", e.message);
+    assert_source_running(&a, "v3")?;
+    assert_dest_clean(&b, &dest_pids(&b))?;
+    // the guest's checker on the source saw nothing wrong either
+    let text = std::fs::read_to_string(console_of(&a, "v3")?)?;
+    assert!(!text.contains("TERN-CORRUPT"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn cancel_leaves_source_running_and_destination_clean() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let (a, b) = two_agents(&[])?;
+    boot_dirtier(&a, &g, "v4", "")?;
+    // Through the CLI, as an operator would: start, then Ctrl-C (SIGINT) mid-transfer.
+    let cli = std::process::Command::new(BIN)
+        .args([
+            "--agent",
+            &format!("unix:{}", a.api.display()),
+            "migrate",
+            "v4",
+            "--to",
+        ])
+        .arg(b.peer_addr.to_string())
+        .args(["--max-bandwidth", "8", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !b.migrations()?.iter().any(|m| m.phase == "transfer") {
+        assert!(
+            Instant::now() < deadline,
+            "the migration never reached transfer"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pids = dest_pids(&b);
+    std::process::Command::new("kill")
+        .args(["-INT", &cli.id().to_string()])
+        .status()?;
+    let out = cli.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a cancelled migration exits non-zero"
+    );
+    assert!(stderr.contains("cancelled"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["error"]["code"], "cancelled");
+    assert_source_running(&a, "v4")?;
+    assert_dest_clean(&b, &pids)?;
+    // and again, to completion, through the CLI
+    let out = std::process::Command::new(BIN)
+        .args([
+            "--agent",
+            &format!("unix:{}", a.api.display()),
+            "migrate",
+            "v4",
+            "--to",
+        ])
+        .arg(b.peer_addr.to_string())
+        .arg("--json")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    for k in [
+        "total_time_ms",
+        "downtime_ms",
+        "ram_bytes",
+        "bytes_from_qemu",
+        "bytes_on_wire",
+        "pages",
+        "throughput_mbps",
+        "digest_ok",
+        "qemu_version",
+    ] {
+        assert!(r.get(k).is_some(), "report lacks {k}: {r}");
+    }
+    assert_eq!(r["digest_ok"], true);
+    Ok(())
+}
+
+#[test]
+fn destination_agent_crash_leaves_source_running() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let (a, mut b) = two_agents(&[])?;
+    boot_dirtier(&a, &g, "v5", "")?;
+    let id = a.start_migration(
+        "v5",
+        &b.peer_addr.to_string(),
+        json!({ "max_bandwidth_mibps": 16 }),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pid = loop {
+        if let Some(p) = b
+            .migrations()?
+            .iter()
+            .find(|m| m.phase == "transfer")
+            .and_then(|m| m.dest_qemu_pid)
+        {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the destination never reached transfer"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    b.kill();
+    let st = a.wait_migration(&id, Duration::from_secs(60))?;
+    assert!(st.error.is_some());
+    assert_source_running(&a, "v5")?;
+    // The destination QEMU dies with its agent (no orphan VM on the destination host).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "destination QEMU {pid} outlived its agent"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let b2 = TestAgent::start(Path::new(BIN), "host-b2", &[])?;
+    let r = migrate_ok(&a, &b2, "v5")?;
+    assert!(r.digest_ok);
+    Ok(())
+}
+
+#[test]
+fn unsupported_capability_is_refused_before_anything_moves() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let (a, b) = two_agents(&[])?;
+    let s = spec(
+        "v6",
+        &g,
+        128,
+        "tern.workload=idle",
+        "migration_capabilities = [\"xbzrle\"]\n",
+    );
+    boot(&a, &s, "v6")?;
+    let id = a.start_migration("v6", &b.peer_addr.to_string(), json!({}))?;
+    let e = expect_failure(&a, &id, "stream-unsupported")?;
+    assert!(
+        e.message.contains("xbzrle") && e.message.contains("turn it off"),
+        "{}",
+        e.message
+    );
+    assert!(!e.retryable);
+    assert_source_running(&a, "v6")?;
+    assert!(
+        b.migrations()?.is_empty(),
+        "the destination was never contacted"
+    );
+    Ok(())
+}
+
+/// Reads frames from a raw socket until one decodes (or the peer closes).
+fn read_frame(s: &mut std::net::TcpStream) -> Result<Option<tern_proto::Message>> {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        if let Some(m) = tern_proto::decode(&mut buf)? {
+            return Ok(Some(m));
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn send_frame(s: &mut std::net::TcpStream, m: &tern_proto::Message) -> Result<()> {
+    use std::io::Write;
+    let mut b = bytes::BytesMut::new();
+    tern_proto::encode(m, &mut b);
+    s.write_all(&b)?;
+    Ok(())
+}
+
+#[test]
+fn malformed_frames_are_refused_and_leave_nothing_behind() -> Result<()> {
+    use std::io::Write;
+    use tern_proto::{ErrorCode, Message};
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let b = TestAgent::start(Path::new(BIN), "host-b", &[])?;
+
+    // Not tern at all.
+    let mut s = std::net::TcpStream::connect(b.peer_addr)?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    match read_frame(&mut s)? {
+        Some(Message::Abort { code, message }) => {
+            assert_eq!(code, ErrorCode::Protocol, "{message}");
+            assert!(message.contains("frame"), "{message}");
+        }
+        other => bail!("expected Abort, got {other:?}"),
+    }
+
+    // A proper start (the destination launches QEMU), then a frame with a bad page kind.
+    let mut s = std::net::TcpStream::connect(b.peer_addr)?;
+    send_frame(
+        &mut s,
+        &Message::Hello {
+            min_version: 1,
+            max_version: 1,
+            agent: "fake".into(),
+        },
+    )?;
+    assert!(matches!(
+        read_frame(&mut s)?,
+        Some(Message::HelloAck { version: 1, .. })
+    ));
+    send_frame(
+        &mut s,
+        &Message::Prepare {
+            migration_id: "m-fake".into(),
+            spec_toml: spec("fake", &g, 128, "tern.workload=idle", ""),
+            source_running: true,
+            qemu_version: "10.0.2".into(),
+        },
+    )?;
+    assert!(matches!(
+        read_frame(&mut s)?,
+        Some(Message::Prepared { .. })
+    ));
+    let pids = dest_pids(&b);
+    assert_eq!(pids.len(), 1, "the destination started one QEMU");
+    // Pages frame: block 0, one page, kind 9 (undefined)
+    s.write_all(&[
+        7, 0, 0, 0, 0, 15, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 9,
+    ])?;
+    match read_frame(&mut s)? {
+        Some(Message::Abort { code, message }) => {
+            assert_eq!(code, ErrorCode::Protocol, "{message}")
+        }
+        other => bail!("expected Abort, got {other:?}"),
+    }
+    assert_dest_clean(&b, &pids)?;
+    // The agent is still serving.
+    b.call("GET", "/v1/agent", None)?;
+    Ok(())
+}
+
+#[test]
+fn garbage_from_the_destination_leaves_source_running() -> Result<()> {
+    use std::io::{Read, Write};
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
+    boot(&a, &spec("v7", &g, 128, "tern.workload=idle", ""), "v7")?;
+    let fake = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = fake.local_addr()?;
+    let server = std::thread::spawn(move || -> Result<()> {
+        let (mut s, _) = fake.accept()?;
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf)?;
+        s.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0])?;
+        Ok(())
+    });
+    let id = a.start_migration("v7", &addr.to_string(), json!({}))?;
+    let e = expect_failure(&a, &id, "protocol")?;
+    assert!(e.message.contains("invalid frame"), "{}", e.message);
+    assert_source_running(&a, "v7")?;
+    server.join().expect("fake peer thread")?;
+    Ok(())
+}
