@@ -111,8 +111,37 @@ fn migrate_ok(
 #[test]
 fn migrate_paused_vm_keeps_ram_identical() -> Result<()> {
     let _l = e2e_lock();
+    paused_migration_keeps_ram_identical(&[], "10.")
+}
+
+#[test]
+fn migrate_paused_vm_on_qemu72_keeps_ram_identical() -> Result<()> {
+    let _l = e2e_lock();
+    let out = std::process::Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/qemu72.sh"
+        ))
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "scripts/qemu72.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let wrapper = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string();
+    paused_migration_keeps_ram_identical(&[("TERN_QEMU", &wrapper)], "7.2.")
+}
+
+fn paused_migration_keeps_ram_identical(env: &[(&str, &str)], version: &str) -> Result<()> {
     let g = ensure_guest()?;
-    let (a, b) = two_agents(&[])?;
+    let a = TestAgent::start(Path::new(BIN), "host-a", env)?;
+    let b = TestAgent::start(Path::new(BIN), "host-b", env)?;
     let mem: u64 = 256;
     boot(
         &a,
@@ -136,6 +165,10 @@ fn migrate_paused_vm_keeps_ram_identical() -> Result<()> {
 
     let r = migrate_ok(&a, &b, "pat")?;
     assert!(r.digest_ok);
+    assert!(
+        r.qemu_version.starts_with(version) && r.destination_qemu_version.starts_with(version),
+        "{r:?}"
+    );
     assert!(!r.source_was_running);
     assert!(
         r.pages.raw >= 32 * 256,
