@@ -101,6 +101,9 @@ pub struct MigrationReport {
     pub downtime_ms: u64,
     /// What the source QEMU itself reports as downtime.
     pub qemu_downtime_ms: Option<u64>,
+    /// The source QEMU's own migration time (from `migrate` to completed): the transfer,
+    /// without tern's connect/prepare steps.
+    pub qemu_total_time_ms: Option<u64>,
     pub ram_bytes: u64,
     pub bytes_from_qemu: u64,
     pub bytes_on_wire: u64,
@@ -112,6 +115,21 @@ pub struct MigrationReport {
     pub destination_qemu_version: String,
     pub source_was_running: bool,
     pub protocol_version: u16,
+    /// Where the downtime went (source side clocks; RESUME from the destination's).
+    pub switchover: Option<SwitchoverTimes>,
+}
+
+/// The steps of the switchover, in ms, as the source saw them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SwitchoverTimes {
+    /// Source QEMU stopped the VM -> its stream ended (device state sent, SHUT came back).
+    pub stop_to_stream_end_ms: Option<f64>,
+    /// Stream end -> the destination confirmed digest and load (ReadyToResume).
+    pub stream_end_to_ready_ms: Option<f64>,
+    /// ReadyToResume -> Commit sent.
+    pub ready_to_commit_ms: Option<f64>,
+    /// Commit sent -> the destination QEMU's RESUME event.
+    pub commit_to_resume_ms: Option<f64>,
 }
 
 /// A failure as the API reports it.

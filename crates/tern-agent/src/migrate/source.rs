@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, Mutex};
 
 use super::digest::{DigestError, MemoryDigest};
 use super::{
-    unix_us, Counters, MigrationHandle, MigrationReport, PageCounts, UNSUPPORTED_CAPABILITIES,
+    unix_us, Counters, MigrationHandle, MigrationReport, PageCounts, SwitchoverTimes,
+    UNSUPPORTED_CAPABILITIES,
 };
 use crate::conn::{FrameReader, FrameWriter, RecvError};
 use crate::vm::{StopMode, Vm};
@@ -361,6 +362,8 @@ impl SourceCtx {
         let mut stopped_at: Option<SystemTime> = None;
         let mut source_digest: Option<[u8; 32]> = None;
         let mut fwd_done = false;
+        let mut t_stream_end: Option<SystemTime> = None;
+        let t_ready: Option<SystemTime>;
         let mut ticker = tokio::time::interval(Duration::from_millis(250));
         let (dest_digest, pages) = loop {
             tokio::select! {
@@ -368,6 +371,7 @@ impl SourceCtx {
                     fwd_done = true;
                     let (d, _pages) = r.map_err(|e| MigrateError::Protocol(format!("forwarder panicked: {e}")))??;
                     source_digest = Some(d);
+                    t_stream_end = Some(SystemTime::now());
                     self.handle.set_phase("verify");
                 }
                 ev = ev_rx.recv() => match ev {
@@ -375,6 +379,7 @@ impl SourceCtx {
                         let Some(src) = source_digest else {
                             return Err(MigrateError::Protocol("ReadyToResume before SourceDone".into()));
                         };
+                        t_ready = Some(SystemTime::now());
                         if src != digest {
                             return Err(MigrateError::DigestMismatch {
                                 source_digest: hex::encode(src),
@@ -438,6 +443,7 @@ impl SourceCtx {
         // ===== SWITCHOVER POINT: after Commit the source never resumes. =====
         self.handle.set_phase("switchover");
         self.committed = true;
+        let t_commit = SystemTime::now();
         send(&writer, &Message::Commit)
             .await
             .map_err(|e| MigrateError::InDoubt(error_chain(&e)))?;
@@ -463,6 +469,17 @@ impl SourceCtx {
             }
         };
         let total = self.t0.elapsed();
+        let ms = |a: Option<SystemTime>, b: SystemTime| -> Option<f64> {
+            Some(b.duration_since(a?).ok()?.as_secs_f64() * 1000.0)
+        };
+        let resumed_at = SystemTime::UNIX_EPOCH + Duration::from_micros(resumed_us);
+        let switchover = SwitchoverTimes {
+            stop_to_stream_end_ms: t_stream_end.and_then(|e| ms(stopped_at, e)),
+            stream_end_to_ready_ms: t_ready.and_then(|r| ms(t_stream_end, r)),
+            ready_to_commit_ms: ms(t_ready, t_commit),
+            commit_to_resume_ms: ms(Some(t_commit), resumed_at),
+        };
+        tracing::info!(migration = %self.handle.id, ?switchover, "switchover timing");
         let downtime_ms = match (self.source_running, stopped_at) {
             (true, Some(stop)) => resumed_us.saturating_sub(unix_us(stop)) / 1000,
             _ => 0,
@@ -486,6 +503,7 @@ impl SourceCtx {
             total_time_ms: total.as_millis() as u64,
             downtime_ms,
             qemu_downtime_ms: info.downtime_ms,
+            qemu_total_time_ms: info.total_time_ms,
             ram_bytes,
             bytes_from_qemu,
             bytes_on_wire: wire,
@@ -501,6 +519,7 @@ impl SourceCtx {
             destination_qemu_version: dest_qemu,
             source_was_running: self.source_running,
             protocol_version: version,
+            switchover: Some(switchover),
         })
     }
 }

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# tern's WAN lab: two hosts in network namespaces joined through a switch namespace.
+#   wan.sh up PROFILE    (profiles: lan, wan-1g-20ms, wan-100m-50ms)     wan.sh down
+#   tern-a 198.18.0.1/24 -- veth -- tern-sw (bridge) -- veth -- tern-b 198.18.0.2/24
+# Bandwidth: tc tbf on both directions of A's access link. Latency: this kernel has no
+# netem, so the switch sends A<->B packets to NFQUEUE and nfq-delay releases them after
+# half the RTT. Only addresses in 198.18.0.0/15, only inside our own namespaces.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+state="$root/.cache/wan"
+mkdir -p "$state"
+
+down() {
+  if [ -f "$state/delay.pid" ]; then kill "$(cat "$state/delay.pid")" 2>/dev/null || true; rm -f "$state/delay.pid"; fi
+  for n in tern-a tern-b tern-sw; do ip netns del "$n" 2>/dev/null || true; done
+}
+
+profile() {
+  case "$1" in
+    lan) rate=""; delay=0;;
+    wan-1g-20ms) rate=1gbit; delay=10;;
+    wan-100m-50ms) rate=100mbit; delay=25;;
+    *) echo "wan.sh: unknown profile $1 (lan, wan-1g-20ms, wan-100m-50ms)" >&2; exit 2;;
+  esac
+}
+
+up() {
+  profile "$1"
+  down
+  for p in iproute2 iptables libnetfilter-queue-dev gcc; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || { apt-get update -qq; apt-get install -y -qq "$p" >/dev/null; }
+  done
+  for n in tern-sw tern-a tern-b; do ip netns add "$n"; ip -n "$n" link set lo up; done
+  ip -n tern-sw link add sw0 type bridge
+  ip -n tern-sw link set sw0 up
+  i=1
+  for h in a b; do
+    ip link add "$h-up" netns "tern-$h" type veth peer name "sw-$h" netns tern-sw
+    ip -n tern-sw link set "sw-$h" master sw0
+    ip -n tern-sw link set "sw-$h" up
+    ip -n "tern-$h" addr add "198.18.0.$i/24" dev "$h-up"
+    ip -n "tern-$h" link set "$h-up" up
+    i=$((i + 1))
+  done
+  if [ -n "$rate" ]; then
+    ip netns exec tern-a tc qdisc replace dev a-up root tbf rate "$rate" burst 256kb latency 50ms
+    ip netns exec tern-sw tc qdisc replace dev sw-a root tbf rate "$rate" burst 256kb latency 50ms
+  fi
+  if [ "$delay" != 0 ]; then
+    bin="$state/nfq-delay"
+    if [ ! -x "$bin" ] || [ "$here/wan/nfq-delay.c" -nt "$bin" ]; then
+      gcc -O2 -o "$bin" "$here/wan/nfq-delay.c" -lnetfilter_queue -lnfnetlink
+    fi
+    ip netns exec tern-sw iptables -A FORWARD -s 198.18.0.1 -d 198.18.0.2 -j NFQUEUE --queue-num 7
+    ip netns exec tern-sw iptables -A FORWARD -s 198.18.0.2 -d 198.18.0.1 -j NFQUEUE --queue-num 7
+    ip netns exec tern-sw "$bin" 7 "$delay" > "$state/delay.log" 2>&1 &
+    echo $! > "$state/delay.pid"
+  fi
+  echo "wan: profile $1 up (rate ${rate:-unlimited}, one-way delay ${delay} ms)"
+}
+
+case "${1:-}" in
+  up) up "${2:-wan-100m-50ms}";;
+  down) down; echo "wan: down";;
+  *) echo "usage: wan.sh up PROFILE | down" >&2; exit 2;;
+esac
