@@ -142,22 +142,11 @@ fn via_tern(bin: &Path, g: &GuestImage, append: &str) -> Result<Sample> {
         &b.peer_addr.to_string(),
         json!({ "downtime_ms": 300 }),
     )?;
-    // sample the source QEMU's CPU while it lives (it is quit after the switchover)
-    let mut src_cpu = 0.0;
-    let st = loop {
-        let st = a.migration(&id)?;
-        if st.finished {
-            break st;
-        }
-        src_cpu = cpu_seconds(qemu_pid).max(src_cpu);
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let st = a.wait_migration(&id, Duration::from_secs(300))?;
+    let cpu1 = machine_cpu_seconds();
     let r = st
         .report
         .with_context(|| format!("tern migration failed: {:?}", st.error))?;
-    let dst_pid = b.vm("bench-tern")?["pid"].as_u64().unwrap_or(0) as u32;
-    let cpu1: f64 =
-        agents.iter().map(|p| cpu_seconds(*p)).sum::<f64>() + src_cpu + cpu_seconds(dst_pid);
     let qemu_ms = r.qemu_total_time_ms.unwrap_or(0) as f64;
     Ok(Sample {
         total_ms: r.total_time_ms as f64,
