@@ -8,4 +8,13 @@ if [ "$(id -u)" != 0 ]; then echo "scripts/test.sh: run as root (installs packag
 bash scripts/setup.sh
 bash guest/build.sh >/dev/null
 export CARGO_TERM_COLOR=never
-cargo test --workspace --no-fail-fast "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite (cargo ends with per-crate doc-test summaries).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$rc"

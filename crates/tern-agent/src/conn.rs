@@ -1,8 +1,12 @@
 //! Framed agent-to-agent connections: a reader that turns socket bytes into
-//! [`tern_proto::Message`]s and a writer that batches frames and flushes on request.
+//! [`tern_proto::Message`]s and a writer that batches frames and flushes on request, plus
+//! [`Segments`], the copy-free output queue both the peer writer and the destination's
+//! QEMU writer use (page data is written from where it was received, with writev).
 //! Owns byte counting for reports; knows nothing about migration phases.
 
-use bytes::BytesMut;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
 use tern_proto::{FrameError, Message};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -63,9 +67,96 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
+/// Bytes waiting to be written: small pieces gathered in a scratch buffer, bulk data kept
+/// as the `Bytes` it arrived in; written with vectored I/O, so bulk data is never copied.
+#[derive(Default)]
+pub struct Segments {
+    segs: Vec<Bytes>,
+    scratch: BytesMut,
+    len: usize,
+}
+
+impl Segments {
+    /// Pending bytes.
+    pub fn len(&self) -> usize {
+        self.len + self.scratch.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Where small pieces go (they are written after everything pushed before them).
+    pub fn scratch(&mut self) -> &mut BytesMut {
+        &mut self.scratch
+    }
+
+    fn seal(&mut self) {
+        if !self.scratch.is_empty() {
+            let b = self.scratch.split().freeze();
+            self.len += b.len();
+            self.segs.push(b);
+        }
+    }
+
+    /// Queues bulk data without copying it.
+    pub fn push(&mut self, b: Bytes) {
+        self.seal();
+        if !b.is_empty() {
+            self.len += b.len();
+            self.segs.push(b);
+        }
+    }
+
+    /// Queues one tern frame (page data and QEMU bytes are not copied).
+    pub fn push_frame(&mut self, m: &Message) {
+        let mut bulk = Vec::new();
+        tern_proto::encode_segments(m, &mut self.scratch, &mut bulk);
+        for b in bulk {
+            // encode_segments moved the scratch bytes into `bulk` in order
+            self.len += b.len();
+            self.segs.push(b);
+        }
+    }
+
+    /// Writes everything; returns the number of bytes written.
+    pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<u64> {
+        self.seal();
+        let total = self.len as u64;
+        let mut first = 0;
+        while first < self.segs.len() {
+            let n = {
+                let slices: Vec<IoSlice<'_>> = self.segs[first..]
+                    .iter()
+                    .take(512)
+                    .map(|b| IoSlice::new(b))
+                    .collect();
+                w.write_vectored(&slices).await?
+            };
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            let mut left = n;
+            while left > 0 {
+                let seg = &mut self.segs[first];
+                if seg.len() <= left {
+                    left -= seg.len();
+                    first += 1;
+                } else {
+                    seg.advance(left);
+                    left = 0;
+                }
+            }
+        }
+        self.segs.clear();
+        self.len = 0;
+        Ok(total)
+    }
+}
+
 pub struct FrameWriter<W> {
     w: W,
-    buf: BytesMut,
+    q: Segments,
     pub bytes_written: u64,
 }
 
@@ -73,25 +164,23 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(w: W) -> Self {
         FrameWriter {
             w,
-            buf: BytesMut::with_capacity(1 << 20),
+            q: Segments::default(),
             bytes_written: 0,
         }
     }
 
     /// Queues a frame; nothing is sent until [`FrameWriter::flush`].
     pub fn push(&mut self, m: &Message) {
-        tern_proto::encode(m, &mut self.buf);
+        self.q.push_frame(m);
     }
 
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.q.len()
     }
 
     pub async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.buf.is_empty() {
-            self.w.write_all(&self.buf).await?;
-            self.bytes_written += self.buf.len() as u64;
-            self.buf.clear();
+        if !self.q.is_empty() {
+            self.bytes_written += self.q.write_to(&mut self.w).await?;
         }
         self.w.flush().await
     }
@@ -104,5 +193,35 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub async fn shutdown(&mut self) -> std::io::Result<()> {
         self.flush().await?;
         self.w.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn segments_write_everything_in_order_through_partial_writes() {
+        // a pipe with a tiny buffer forces many partial vectored writes
+        let (mut a, mut b) = tokio::io::duplex(7);
+        let mut q = Segments::default();
+        let mut want = Vec::new();
+        for i in 0..50u8 {
+            q.scratch().extend_from_slice(&[i; 3]);
+            want.extend_from_slice(&[i; 3]);
+            let bulk = Bytes::from(vec![i ^ 0xff; 100 + i as usize]);
+            want.extend_from_slice(&bulk);
+            q.push(bulk);
+        }
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let n = q.write_to(&mut a).await.unwrap();
+        drop(a);
+        assert_eq!(n as usize, want.len());
+        assert_eq!(reader.await.unwrap(), want);
+        assert!(q.is_empty());
     }
 }

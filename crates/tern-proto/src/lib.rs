@@ -306,10 +306,35 @@ pub enum FrameError {
 
 /// Appends the frame for `msg` to `out`.
 pub fn encode(msg: &Message, out: &mut BytesMut) {
-    let start = out.len();
-    out.put_u8(msg.tag());
-    out.put_u8(0);
-    out.put_u32(0); // patched below
+    let mut segs = Vec::new();
+    encode_segments(msg, out, &mut segs);
+    if !segs.is_empty() {
+        // bulk payloads were split off: put the frame back together in order
+        let tail = out.split();
+        for s in segs {
+            out.extend_from_slice(&s);
+        }
+        out.extend_from_slice(&tail);
+    }
+}
+
+/// Appends the frame for `msg` as segments, without copying bulk data: header and small
+/// fields are written to `scratch`; before each bulk payload (page data, QEMU bytes) what
+/// `scratch` holds is moved into `segs`, then the payload itself is pushed. The frame's
+/// bytes are `segs` followed by what is left in `scratch`. Same bytes as [`encode`].
+pub fn encode_segments(msg: &Message, scratch: &mut BytesMut, segs: &mut Vec<Bytes>) {
+    let bulk = |scratch: &mut BytesMut, segs: &mut Vec<Bytes>, b: &Bytes| {
+        if !scratch.is_empty() {
+            segs.push(scratch.split().freeze());
+        }
+        if !b.is_empty() {
+            segs.push(b.clone());
+        }
+    };
+    scratch.put_u8(msg.tag());
+    scratch.put_u8(0);
+    scratch.put_u32(payload_len(msg) as u32);
+    let out = scratch;
     match msg {
         Message::Hello {
             min_version,
@@ -336,7 +361,7 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
             put_str(out, qemu_version);
         }
         Message::Prepared { qemu_version } => put_str(out, qemu_version),
-        Message::QemuBytes(b) | Message::ReturnPath(b) => out.put_slice(b),
+        Message::QemuBytes(b) | Message::ReturnPath(b) => bulk(out, segs, b),
         Message::RamBlocks { page_size, blocks } => {
             out.put_u32(*page_size);
             out.put_u32(blocks.len() as u32);
@@ -357,7 +382,8 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
                     }
                     PageBody::Raw(data) => {
                         out.put_u8(PAGE_RAW);
-                        put_bytes(out, data);
+                        out.put_u32(data.len() as u32);
+                        bulk(out, segs, data);
                     }
                 }
             }
@@ -374,8 +400,40 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
             put_str(out, message);
         }
     }
-    let len = out.len() - start - HEADER_LEN;
-    out[start + 2..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+}
+
+/// The payload length of `msg`'s frame.
+fn payload_len(msg: &Message) -> usize {
+    let s = |x: &str| 2 + wire_str(x).len();
+    match msg {
+        Message::Hello { agent, .. } => 4 + s(agent),
+        Message::HelloAck { agent, .. } => 2 + s(agent),
+        Message::Prepare {
+            migration_id,
+            spec_toml,
+            qemu_version,
+            ..
+        } => s(migration_id) + 4 + spec_toml.len() + 1 + s(qemu_version),
+        Message::Prepared { qemu_version } => s(qemu_version),
+        Message::QemuBytes(b) | Message::ReturnPath(b) => b.len(),
+        Message::RamBlocks { blocks, .. } => {
+            8 + blocks.iter().map(|b| s(&b.name) + 8).sum::<usize>()
+        }
+        Message::Pages { pages, .. } => {
+            6 + pages
+                .iter()
+                .map(|p| match &p.body {
+                    PageBody::Zero { .. } => 10,
+                    PageBody::Raw(d) => 13 + d.len(),
+                })
+                .sum::<usize>()
+        }
+        Message::SourceDone { .. } => 40,
+        Message::ReadyToResume { .. } => 32,
+        Message::Commit => 0,
+        Message::Resumed { .. } => 8,
+        Message::Abort { message, .. } => 2 + s(message),
+    }
 }
 
 /// Takes one whole frame off the front of `buf` and decodes it. `Ok(None)` means more
@@ -505,14 +563,19 @@ fn tag_name(ty: u8) -> &'static str {
     }
 }
 
-fn put_str(out: &mut BytesMut, s: &str) {
-    // strings on this protocol are names and short messages: cut at 64 KiB on a char boundary
+/// Strings on this protocol are names and short messages: cut at 64 KiB, on a char boundary.
+fn wire_str(s: &str) -> &str {
     let mut end = s.len().min(u16::MAX as usize);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    out.put_u16(end as u16);
-    out.put_slice(&s.as_bytes()[..end]);
+    &s[..end]
+}
+
+fn put_str(out: &mut BytesMut, s: &str) {
+    let s = wire_str(s);
+    out.put_u16(s.len() as u16);
+    out.put_slice(s.as_bytes());
 }
 
 fn put_bytes(out: &mut BytesMut, b: &[u8]) {
@@ -673,6 +736,39 @@ mod tests {
         for m in all_messages() {
             assert_eq!(roundtrip(&m), m);
         }
+    }
+
+    #[test]
+    fn segments_hold_the_same_bytes_and_share_page_data() {
+        for m in all_messages() {
+            let mut whole = BytesMut::new();
+            encode(&m, &mut whole);
+            let mut scratch = BytesMut::new();
+            let mut segs = Vec::new();
+            encode_segments(&m, &mut scratch, &mut segs);
+            let mut joined: Vec<u8> = segs.iter().flat_map(|s| s.iter().copied()).collect();
+            joined.extend_from_slice(&scratch);
+            assert_eq!(joined, &whole[..], "{}", m.name());
+            if let Message::Pages { pages, .. } = &m {
+                for p in pages {
+                    if let PageBody::Raw(d) = &p.body {
+                        assert!(
+                            segs.iter().any(|s| s.as_ptr() == d.as_ptr()),
+                            "page data was copied"
+                        );
+                    }
+                }
+            }
+        }
+        // a string longer than 64 KiB is cut, and the length prefix agrees with the cut
+        let long = "é".repeat(40_000);
+        let m = Message::Abort {
+            code: ErrorCode::Internal,
+            message: long,
+        };
+        let mut b = BytesMut::new();
+        encode(&m, &mut b);
+        assert!(matches!(decode(&mut b), Ok(Some(Message::Abort { .. }))));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 
 pub const DEFAULT_PAGE_SIZE: u64 = 4096;
 pub type BlockName = Arc<str>;
@@ -189,6 +189,8 @@ pub struct Parser {
     ram_ended: bool,
     in_end: bool,
     tail: Vec<u8>,
+    /// During [`Parser::parse_bytes`]: the input, so page data can be sliced, not copied.
+    shared: Option<Bytes>,
 }
 
 impl Default for Parser {
@@ -257,6 +259,7 @@ impl Parser {
             ram_ended: false,
             in_end: false,
             tail: Vec::new(),
+            shared: None,
         }
     }
 
@@ -289,6 +292,22 @@ impl Parser {
         }
     }
 
+    /// Like [`Parser::parse`], but page data and tail chunks are slices of `buf` (no copy).
+    pub fn parse_bytes(&mut self, buf: &Bytes) -> Result<Option<(Item, usize)>, StreamError> {
+        self.shared = Some(buf.clone());
+        let r = self.parse(buf);
+        self.shared = None;
+        r
+    }
+
+    /// `buf[start..end]` as Bytes: a slice of the shared input, or a copy.
+    fn bytes_of(&self, buf: &[u8], start: usize, end: usize) -> Bytes {
+        match &self.shared {
+            Some(b) => b.slice(start..end),
+            None => Bytes::copy_from_slice(&buf[start..end]),
+        }
+    }
+
     /// Parses the next item from `buf` (the bytes not consumed yet). Returns the item and
     /// how many bytes it took, or `None` when more bytes are needed.
     pub fn parse(&mut self, buf: &[u8]) -> Result<Option<(Item, usize)>, StreamError> {
@@ -302,7 +321,10 @@ impl Parser {
                     Ok(None)
                 } else {
                     self.tail.extend_from_slice(buf);
-                    Ok(Some((Item::Tail(Bytes::copy_from_slice(buf)), buf.len())))
+                    Ok(Some((
+                        Item::Tail(self.bytes_of(buf, 0, buf.len())),
+                        buf.len(),
+                    )))
                 }
             }
         }?;
@@ -400,7 +422,10 @@ impl Parser {
     fn enter_tail(&mut self, buf: &[u8]) -> Result<Option<(Item, usize)>, StreamError> {
         self.state = State::Tail;
         self.tail.extend_from_slice(buf);
-        Ok(Some((Item::Tail(Bytes::copy_from_slice(buf)), buf.len())))
+        Ok(Some((
+            Item::Tail(self.bytes_of(buf, 0, buf.len())),
+            buf.len(),
+        )))
     }
 
     fn top(&mut self, buf: &[u8]) -> Result<Option<(Item, usize)>, StreamError> {
@@ -627,7 +652,7 @@ impl Parser {
             RamRecord::Page {
                 block: block.clone(),
                 offset: addr,
-                data: Bytes::copy_from_slice(data),
+                data: self.bytes_of(buf, c.p - data.len(), c.p),
                 named,
             }
         };
@@ -732,9 +757,15 @@ impl Encoder {
         self.page_size
     }
 
-    fn page_head(
+    /// Writes the header of a PAGE record (its `page_size` data bytes are the caller's to
+    /// append, e.g. as a separate buffer for vectored I/O), with [`NameMode::Auto`].
+    pub fn page_header<B: BufMut>(&mut self, out: &mut B, block: &BlockName, offset: u64) {
+        self.page_head(out, block, offset, F_PAGE, false, NameMode::Auto);
+    }
+
+    fn page_head<B: BufMut>(
         &mut self,
-        out: &mut Vec<u8>,
+        out: &mut B,
         block: &BlockName,
         offset: u64,
         flag: u64,
@@ -746,18 +777,18 @@ impl Encoder {
             NameMode::AsInput => named,
         };
         if write_name {
-            out.extend_from_slice(&(offset | flag).to_be_bytes());
-            out.push(block.len() as u8);
-            out.extend_from_slice(block.as_bytes());
+            out.put_slice(&(offset | flag).to_be_bytes());
+            out.put_u8(block.len() as u8);
+            out.put_slice(block.as_bytes());
             self.last_block = Some(block.clone());
         } else {
-            out.extend_from_slice(&(offset | flag | F_CONTINUE).to_be_bytes());
+            out.put_slice(&(offset | flag | F_CONTINUE).to_be_bytes());
         }
     }
 
-    pub fn encode(&mut self, item: &Item, mode: NameMode, out: &mut Vec<u8>) {
+    pub fn encode<B: BufMut>(&mut self, item: &Item, mode: NameMode, out: &mut B) {
         match item {
-            Item::Header(h) => out.extend_from_slice(&h.raw),
+            Item::Header(h) => out.put_slice(&h.raw),
             Item::Section(h) => {
                 let t = match h.kind {
                     SectionKind::Start => T_START,
@@ -765,27 +796,27 @@ impl Encoder {
                     SectionKind::End => T_END,
                     SectionKind::Full => T_FULL,
                 };
-                out.push(t);
-                out.extend_from_slice(&h.section_id.to_be_bytes());
+                out.put_u8(t);
+                out.put_slice(&h.section_id.to_be_bytes());
                 if matches!(h.kind, SectionKind::Start | SectionKind::Full) {
                     let id = h.idstr.as_deref().unwrap_or("");
-                    out.push(id.len() as u8);
-                    out.extend_from_slice(id.as_bytes());
-                    out.extend_from_slice(&h.instance_id.to_be_bytes());
-                    out.extend_from_slice(&h.version_id.to_be_bytes());
+                    out.put_u8(id.len() as u8);
+                    out.put_slice(id.as_bytes());
+                    out.put_slice(&h.instance_id.to_be_bytes());
+                    out.put_slice(&h.version_id.to_be_bytes());
                 }
             }
             Item::Ram(RamRecord::MemSize { total, blocks }) => {
-                out.extend_from_slice(&(total | F_MEM_SIZE).to_be_bytes());
+                out.put_slice(&(total | F_MEM_SIZE).to_be_bytes());
                 for b in blocks {
-                    out.push(b.name.len() as u8);
-                    out.extend_from_slice(b.name.as_bytes());
-                    out.extend_from_slice(&b.used_length.to_be_bytes());
+                    out.put_u8(b.name.len() as u8);
+                    out.put_slice(b.name.as_bytes());
+                    out.put_slice(&b.used_length.to_be_bytes());
                     if let Some(ps) = b.page_size {
-                        out.extend_from_slice(&ps.to_be_bytes());
+                        out.put_slice(&ps.to_be_bytes());
                     }
                     if let Some(g) = b.gpa {
-                        out.extend_from_slice(&g.to_be_bytes());
+                        out.put_slice(&g.to_be_bytes());
                     }
                 }
                 self.last_block = None;
@@ -797,7 +828,7 @@ impl Encoder {
                 named,
             }) => {
                 self.page_head(out, block, *offset, F_ZERO, *named, mode);
-                out.push(*fill);
+                out.put_u8(*fill);
             }
             Item::Ram(RamRecord::Page {
                 block,
@@ -806,20 +837,20 @@ impl Encoder {
                 named,
             }) => {
                 self.page_head(out, block, *offset, F_PAGE, *named, mode);
-                out.extend_from_slice(data);
+                out.put_slice(data);
             }
-            Item::Ram(RamRecord::Eos) => out.extend_from_slice(&F_EOS.to_be_bytes()),
+            Item::Ram(RamRecord::Eos) => out.put_slice(&F_EOS.to_be_bytes()),
             Item::Footer { section_id } => {
-                out.push(T_FOOTER);
-                out.extend_from_slice(&section_id.to_be_bytes());
+                out.put_u8(T_FOOTER);
+                out.put_slice(&section_id.to_be_bytes());
             }
             Item::Command { cmd, data } => {
-                out.push(T_COMMAND);
-                out.extend_from_slice(&cmd.to_be_bytes());
-                out.extend_from_slice(&(data.len() as u16).to_be_bytes());
-                out.extend_from_slice(data);
+                out.put_u8(T_COMMAND);
+                out.put_slice(&cmd.to_be_bytes());
+                out.put_slice(&(data.len() as u16).to_be_bytes());
+                out.put_slice(data);
             }
-            Item::Tail(b) => out.extend_from_slice(b),
+            Item::Tail(b) => out.put_slice(b),
         }
     }
 }

@@ -20,14 +20,14 @@ use tern_qemu::qmp::QmpClient;
 use tern_qemu::rp::{parse_rp, RpMessage};
 use tern_qemu::spec::VmSpec;
 use tern_qemu::stream::{BlockName, Encoder, Item, NameMode, RamRecord};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{unix, TcpStream, UnixStream};
 use tokio::sync::Mutex;
 
 use super::digest::MemoryDigest;
 use super::source::error_chain;
 use super::{unix_us, Counters, Direction, Fault, MigrationHandle};
-use crate::conn::{FrameReader, FrameWriter, RecvError};
+use crate::conn::{FrameReader, FrameWriter, RecvError, Segments};
 use crate::vm::Vm;
 use crate::Agent;
 
@@ -269,7 +269,7 @@ async fn receive(
     let rp_task = tokio::spawn(return_path(qemu_rd, writer.clone()));
     let mut rp_task = AbortOnDrop(Some(rp_task));
     let mut enc = Encoder::new(tern_qemu::stream::DEFAULT_PAGE_SIZE);
-    let mut out: Vec<u8> = Vec::with_capacity(2 << 20);
+    let mut out = Segments::default();
     let mut names: Vec<BlockName> = Vec::new();
     let mut digest: Option<MemoryDigest> = None;
     let mut corrupt_pending = agent.config.fault == Some(Fault::CorruptPage);
@@ -292,7 +292,7 @@ async fn receive(
         };
         c.wire_in.store(reader.bytes_read, Ordering::Relaxed);
         match msg? {
-            Some(Message::QemuBytes(b)) => out.extend_from_slice(&b),
+            Some(Message::QemuBytes(b)) => out.push(b),
             Some(Message::RamBlocks { page_size, blocks }) => {
                 names = blocks
                     .iter()
@@ -347,7 +347,7 @@ async fn receive(
                             }
                         }
                     };
-                    enc.encode(&Item::Ram(rec), NameMode::Auto, &mut out);
+                    enc.encode(&Item::Ram(rec), NameMode::Auto, out.scratch());
                 }
                 if out.len() >= 1 << 20 {
                     write_qemu(&mut qemu_wr, &mut out, c).await?;
@@ -465,14 +465,14 @@ async fn send(w: &PeerWriter, m: &Message) -> Result<(), IncomingError> {
 
 async fn write_qemu(
     w: &mut unix::OwnedWriteHalf,
-    out: &mut Vec<u8>,
+    out: &mut Segments,
     c: &Counters,
 ) -> Result<(), IncomingError> {
-    w.write_all(out)
+    let n = out
+        .write_to(w)
         .await
         .map_err(|e| IncomingError::Qemu(format!("writing its stream failed: {e}")))?;
-    Counters::add(&c.bytes_to_qemu, out.len() as u64);
-    out.clear();
+    Counters::add(&c.bytes_to_qemu, n);
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use serde_json::json;
 use tern_proto::{ErrorCode, Message, Page, PageBody, RamBlock};
 use tern_qemu::qmp::QmpError;
@@ -694,10 +694,13 @@ async fn forward(
     let mut digest: Option<MemoryDigest> = None;
     let mut block_index: HashMap<BlockName, u16> = HashMap::new();
     let c = &handle.counters;
+    // Bytes read from QEMU live in `inbuf`; each round freezes them so that page records
+    // are slices of the read buffer (no copy) all the way into the socket to the peer.
+    let mut rest = Bytes::new();
     loop {
-        match parser.parse(&inbuf)? {
+        match parser.parse_bytes(&rest)? {
             Some((item, used)) => {
-                let _ = inbuf.split_to(used);
+                rest.advance(used);
                 match item {
                     Item::Ram(RamRecord::Zero {
                         block,
@@ -787,6 +790,8 @@ async fn forward(
                 // Nothing more to parse without reading: send what we hold first, so no
                 // PING/SHUT exchange can wait on bytes sitting in our buffer.
                 flush_out(&mut out, &writer, c).await?;
+                // keep the partial record (a few KiB at most) in front of the next read
+                inbuf.extend_from_slice(&rest);
                 if inbuf.capacity() - inbuf.len() < 256 << 10 {
                     inbuf.reserve(4 << 20);
                 }
@@ -794,6 +799,7 @@ async fn forward(
                     .read_buf(&mut inbuf)
                     .await
                     .map_err(MigrateError::LocalIo)?;
+                rest = inbuf.split().freeze();
                 if n == 0 {
                     break;
                 }
@@ -801,7 +807,7 @@ async fn forward(
             }
         }
     }
-    if !inbuf.is_empty() {
+    if !rest.is_empty() {
         return Err(StreamError::Truncated {
             offset: parser.offset(),
             state: "a record",
