@@ -285,7 +285,9 @@ impl QmpClient {
             let pending = pending.clone();
             let events = events.clone();
             tokio::spawn(async move {
-                let why = loop {
+                // None: the connection ended (EOF or I/O error: QEMU is gone);
+                // Some: QEMU sent something that is not QMP.
+                let bad: Option<String> = loop {
                     match lines.next_line().await {
                         Ok(Some(l)) => match parse_line(&l) {
                             Ok(Line::Reply { id, result }) => {
@@ -307,15 +309,18 @@ impl QmpClient {
                             Err(e) => break Some(e.to_string()),
                         },
                         Ok(None) => break None,
-                        Err(e) => break Some(e.to_string()),
+                        Err(e) => {
+                            tracing::debug!("QMP connection lost: {e}");
+                            break None;
+                        }
                     }
                 };
-                if let Some(w) = &why {
+                if let Some(w) = &bad {
                     tracing::warn!("QMP reader stopped: {w}");
                 }
                 let waiters = pending.lock().unwrap().take().unwrap_or_default();
                 for (_, w) in waiters {
-                    let _ = w.send(Err(match &why {
+                    let _ = w.send(Err(match &bad {
                         Some(m) => QmpError::Malformed(m.clone()),
                         None => QmpError::Closed,
                     }));
