@@ -28,7 +28,7 @@ profile() {
 up() {
   profile "$1"
   down
-  for p in iproute2 iptables libnetfilter-queue-dev gcc; do
+  for p in iproute2 iptables iputils-ping libnetfilter-queue-dev gcc; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || { apt-get update -qq; apt-get install -y -qq "$p" >/dev/null; }
   done
   for n in tern-sw tern-a tern-b; do ip netns add "$n"; ip -n "$n" link set lo up; done

@@ -241,6 +241,7 @@ macro_rules! need {
     };
 }
 
+/// For error messages only: names that reach items are checked with [`Parser::name`].
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -275,6 +276,13 @@ impl Parser {
     /// RAM blocks, once MEM_SIZE was seen.
     pub fn blocks(&self) -> &[RamBlockInfo] {
         &self.blocks
+    }
+
+    /// A name from the stream (machine type, idstr, block, capability). QEMU's are ASCII;
+    /// anything that is not UTF-8 is refused, so re-encoding can never change the bytes.
+    fn name(&self, b: &[u8], at: usize, what: &str) -> Result<String, StreamError> {
+        String::from_utf8(b.to_vec())
+            .map_err(|_| self.malformed(at, format!("{what} {:?} is not UTF-8", text(b))))
     }
 
     fn malformed(&self, at: usize, what: impl Into<String>) -> StreamError {
@@ -352,13 +360,13 @@ impl Parser {
                 return Err(self.malformed(c.p, format!("machine type name of {n} bytes")));
             }
             let mut cfg = StreamConfig {
-                machine: Some(text(need!(c.take(n)))),
+                machine: Some(self.name(need!(c.take(n)), c.p, "machine type")?),
                 ..Default::default()
             };
             while need!(c.peek()) == T_SUBSECTION {
                 c.p += 1;
                 let at = c.p;
-                let name = text(need!(c.counted()));
+                let name = self.name(need!(c.counted()), c.p, "configuration subsection")?;
                 let _version = need!(c.be32());
                 match name.as_str() {
                     "configuration/target-page-bits" => {
@@ -374,7 +382,8 @@ impl Parser {
                             return Err(self.malformed(at, format!("{n} configuration capabilities")));
                         }
                         for _ in 0..n {
-                            cfg.capabilities.push(text(need!(c.counted())));
+                            let cap = self.name(need!(c.counted()), c.p, "capability")?;
+                            cfg.capabilities.push(cap);
                         }
                     }
                     "configuration/uuid" => {
@@ -434,7 +443,7 @@ impl Parser {
         match t {
             T_START | T_FULL => {
                 let sid = need!(c.be32());
-                let idstr = text(need!(c.counted()));
+                let idstr = self.name(need!(c.counted()), c.p, "section idstr")?;
                 let instance_id = need!(c.be32());
                 let version_id = need!(c.be32());
                 if t == T_FULL {
@@ -566,6 +575,9 @@ impl Parser {
                 );
             }
             if kind == F_EOS {
+                if addr != 0 {
+                    return Err(self.malformed(0, format!("EOS record with offset bits {addr:#x}")));
+                }
                 self.state = State::Footer { sid };
                 return Ok(Some((Item::Ram(RamRecord::Eos), c.p)));
             }
@@ -590,7 +602,7 @@ impl Parser {
                     .checked_add(used_length)
                     .ok_or_else(|| self.malformed(0, "RAM block sizes overflow"))?;
                 blocks.push(RamBlockInfo {
-                    name: Arc::from(text(name)),
+                    name: Arc::from(self.name(name, c.p, "RAM block name")?),
                     used_length,
                     page_size: None,
                     gpa,
@@ -616,7 +628,7 @@ impl Parser {
             let n = need!(c.counted());
             match self.block_len.get_key_value(n_as_str(n).as_ref()) {
                 Some((k, _)) => k.clone(),
-                None if self.blocks.is_empty() => Arc::from(text(n)),
+                None if self.blocks.is_empty() => Arc::from(self.name(n, 8, "RAM block name")?),
                 None => {
                     return Err(
                         self.malformed(8, format!("page of unknown RAM block {:?}", text(n)))

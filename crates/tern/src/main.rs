@@ -209,14 +209,21 @@ fn vm(c: Client, cmd: VmCmd) -> Result<()> {
                     "NAME", "STATE", "MEM(MiB)", "VCPU", "ACCEL", "PID"
                 );
                 for vm in v.as_array().into_iter().flatten() {
+                    // serde_json's Display ignores widths: format numbers as strings
+                    let num = |k: &str| {
+                        vm[k]
+                            .as_u64()
+                            .map(|n| n.to_string())
+                            .unwrap_or_else(|| "-".into())
+                    };
                     println!(
                         "{:<20} {:<12} {:>8} {:>5} {:<5} {:>8}",
                         vm["name"].as_str().unwrap_or("?"),
                         vm["state"].as_str().unwrap_or("?"),
-                        vm["memory_mib"],
-                        vm["vcpus"],
+                        num("memory_mib"),
+                        num("vcpus"),
                         vm["accel"].as_str().unwrap_or("?"),
-                        vm["pid"]
+                        num("pid")
                     );
                 }
             }

@@ -328,6 +328,12 @@ fn malformed_streams_are_refused() {
     part(&mut v, false);
     v.extend_from_slice(&0x401u64.to_be_bytes());
     assert!(malformed(&v).contains("flags"));
+    // EOS with address bits (found by cargo fuzz: they would be lost on re-encoding)
+    let mut v = header();
+    start_ram(&mut v, &[("pc.ram", 4096)]);
+    part(&mut v, false);
+    v.extend_from_slice(&(0x5000 | F_EOS).to_be_bytes());
+    assert!(malformed(&v).contains("EOS"));
     // wrong footer
     let mut v = header();
     start_ram(&mut v, &[("pc.ram", 4096)]);
@@ -358,6 +364,24 @@ fn malformed_streams_are_refused() {
     v.push(b'a');
     v.extend_from_slice(&8192u64.to_be_bytes());
     assert!(malformed(&v).contains("add up"));
+}
+
+#[test]
+fn names_that_are_not_utf8_are_refused_not_mangled() {
+    // found by cargo fuzz: a lossy conversion changed the bytes on re-encoding
+    let mut v = header();
+    v.push(T_START);
+    v.extend_from_slice(&be32(2));
+    v.push(3);
+    v.extend_from_slice(&[b'r', 0x85, b'm']);
+    v.extend_from_slice(&be32(0));
+    v.extend_from_slice(&be32(4));
+    assert!(malformed(&v).contains("not UTF-8"));
+    let mut v = header();
+    start_ram(&mut v, &[("pc.ram", 4096)]);
+    let at = v.len() - 5 - 8 - 8 - 6; // a byte of the block name inside MEM_SIZE
+    v[at] = 0xff;
+    assert!(malformed(&v).contains("not UTF-8"), "{}", malformed(&v));
 }
 
 #[test]
