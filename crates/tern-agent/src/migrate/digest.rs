@@ -59,7 +59,7 @@ impl MemoryDigest {
             .blocks
             .get_mut(block)
             .ok_or(DigestError::UnknownBlock(block))?;
-        if offset % ps != 0 || offset >= b.len {
+        if !offset.is_multiple_of(ps) || offset >= b.len {
             return Err(DigestError::OutOfRange {
                 block: b.name.clone(),
                 offset,
