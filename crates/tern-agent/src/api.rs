@@ -110,7 +110,12 @@ pub async fn serve(
                 std::fs::create_dir_all(dir).map_err(|e| AgentError::Api(addr.clone(), e))?;
             }
             let _ = std::fs::remove_file(&path);
-            let l = tokio::net::UnixListener::bind(&path).map_err(|e| AgentError::Api(addr, e))?;
+            let l = tokio::net::UnixListener::bind(&path)
+                .map_err(|e| AgentError::Api(addr.clone(), e))?;
+            // The API can start VMs and pass QMP commands: owner only.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| AgentError::Api(addr, e))?;
             Ok(futures_either(async move {
                 let _ = axum::serve(l, app).await;
             }))

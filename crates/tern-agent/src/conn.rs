@@ -154,6 +154,24 @@ impl Segments {
     }
 }
 
+impl FrameReader<tokio::net::tcp::OwnedReadHalf> {
+    /// Reads whatever the socket already holds, without waiting. Returns false at EOF.
+    pub fn try_fill(&mut self) -> Result<bool, RecvError> {
+        if self.buf.capacity() - self.buf.len() < 64 << 10 {
+            self.buf.reserve(1 << 20);
+        }
+        match self.r.try_read_buf(&mut self.buf) {
+            Ok(0) => Ok(false),
+            Ok(n) => {
+                self.bytes_read += n as u64;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(true),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 pub struct FrameWriter<W> {
     w: W,
     q: Segments,

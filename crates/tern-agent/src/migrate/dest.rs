@@ -276,8 +276,13 @@ async fn receive(
     let c = &handle.counters;
     let mut rp_result: Option<Result<bool, String>> = None;
     let source_digest = loop {
+        // Write to QEMU only when the next frame is not here yet (and nothing more is
+        // waiting in the socket), or when a lot is queued: large writes, no stalls.
         if !reader.has_frame() && !out.is_empty() {
-            write_qemu(&mut qemu_wr, &mut out, c).await?;
+            reader.try_fill()?;
+            if !reader.has_frame() {
+                write_qemu(&mut qemu_wr, &mut out, c).await?;
+            }
         }
         let msg = tokio::select! {
             m = reader.next() => m,

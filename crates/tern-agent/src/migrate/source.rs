@@ -376,6 +376,17 @@ impl SourceCtx {
                 }
                 ev = ev_rx.recv() => match ev {
                     Some(PeerEvent::Msg(Message::ReadyToResume { digest })) => {
+                        // The forwarder sent SourceDone (the destination answers only then)
+                        // but its completion may not have been seen yet: join it first.
+                        if !fwd_done {
+                            let r = tokio::time::timeout(Duration::from_secs(10), &mut fwd)
+                                .await
+                                .map_err(|_| MigrateError::Protocol("ReadyToResume before SourceDone".into()))?;
+                            // (every path out of this arm leaves the loop: no fwd_done needed)
+                            let (d, _pages) = r.map_err(|e| MigrateError::Protocol(format!("forwarder panicked: {e}")))??;
+                            source_digest = Some(d);
+                            t_stream_end = Some(SystemTime::now());
+                        }
                         let Some(src) = source_digest else {
                             return Err(MigrateError::Protocol("ReadyToResume before SourceDone".into()));
                         };
@@ -787,18 +798,24 @@ async fn forward(
                 }
             }
             None => {
-                // Nothing more to parse without reading: send what we hold first, so no
-                // PING/SHUT exchange can wait on bytes sitting in our buffer.
-                flush_out(&mut out, &writer, c).await?;
                 // keep the partial record (a few KiB at most) in front of the next read
                 inbuf.extend_from_slice(&rest);
                 if inbuf.capacity() - inbuf.len() < 256 << 10 {
                     inbuf.reserve(4 << 20);
                 }
-                let n = qemu
-                    .read_buf(&mut inbuf)
-                    .await
-                    .map_err(MigrateError::LocalIo)?;
+                // Read what QEMU has already written without waiting; only when the read
+                // would block, send what we hold first, so no PING/SHUT exchange can wait
+                // on bytes sitting in our buffer (and writes stay large while QEMU streams).
+                let n = match qemu.try_read_buf(&mut inbuf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        flush_out(&mut out, &writer, c).await?;
+                        qemu.read_buf(&mut inbuf)
+                            .await
+                            .map_err(MigrateError::LocalIo)?
+                    }
+                    Err(e) => return Err(MigrateError::LocalIo(e)),
+                };
                 rest = inbuf.split().freeze();
                 if n == 0 {
                     break;
