@@ -190,6 +190,23 @@ impl Agent {
         v
     }
 
+    /// What this agent knows of a migration it received (answers a source's Query).
+    pub fn incoming_state(&self, id: &str) -> (tern_proto::MigrationState, u64) {
+        use tern_proto::MigrationState as S;
+        let Some(m) = self
+            .migration(id)
+            .filter(|m| m.direction == migrate::Direction::Incoming)
+        else {
+            return (S::Unknown, 0);
+        };
+        let st = m.status();
+        match (st.finished, st.report) {
+            (true, Some(r)) => (S::Running, r.resumed_unix_us),
+            (true, None) => (S::Discarded, 0),
+            (false, _) => (S::InProgress, 0),
+        }
+    }
+
     /// The migration of `vm` that is still in progress, if any.
     pub fn active_migration_of(&self, vm: &str) -> Option<Arc<MigrationHandle>> {
         self.migrations()

@@ -19,6 +19,10 @@
 //!                                  ------------>  cont
 //!                                  <------------  Resumed{at}
 //!  either side, any time before Commit:  Abort{code,message}
+//!
+//!  no Resumed after Commit? on a new connection:
+//!  Hello / HelloAck, Query{id}      ------------>
+//!                                  <------------  QueryAnswer{state, resumed_at}
 //! ```
 //!
 //! A frame is `u8 type | u8 flags (0) | be32 payload length | payload`. Type 0 is reserved
@@ -54,6 +58,41 @@ pub mod tag {
     pub const COMMIT: u8 = 11;
     pub const RESUMED: u8 = 12;
     pub const ABORT: u8 = 13;
+    pub const QUERY: u8 = 14;
+    pub const QUERY_ANSWER: u8 = 15;
+}
+
+/// What a destination agent knows of a migration, answering [`Message::Query`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationState {
+    /// No such migration here (never seen, or the agent restarted: no VM from it runs).
+    Unknown,
+    /// Switched over: the VM runs here.
+    Running,
+    /// Failed before the switchover: everything of it was removed here.
+    Discarded,
+    /// Still going; ask again.
+    InProgress,
+}
+
+impl MigrationState {
+    fn to_u8(self) -> u8 {
+        match self {
+            MigrationState::Unknown => 0,
+            MigrationState::Running => 1,
+            MigrationState::Discarded => 2,
+            MigrationState::InProgress => 3,
+        }
+    }
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => MigrationState::Unknown,
+            1 => MigrationState::Running,
+            2 => MigrationState::Discarded,
+            3 => MigrationState::InProgress,
+            _ => return None,
+        })
+    }
 }
 
 /// Why a migration was aborted, as carried on the wire. Codes are stable.
@@ -243,6 +282,15 @@ pub enum Message {
         code: ErrorCode,
         message: String,
     },
+    /// On a new connection, after Hello: "what became of this migration?" (the source asks
+    /// when Resumed did not arrive after Commit).
+    Query {
+        migration_id: String,
+    },
+    QueryAnswer {
+        state: MigrationState,
+        resumed_unix_us: u64,
+    },
 }
 
 impl Message {
@@ -261,6 +309,8 @@ impl Message {
             Message::Commit => tag::COMMIT,
             Message::Resumed { .. } => tag::RESUMED,
             Message::Abort { .. } => tag::ABORT,
+            Message::Query { .. } => tag::QUERY,
+            Message::QueryAnswer { .. } => tag::QUERY_ANSWER,
         }
     }
 
@@ -280,6 +330,8 @@ impl Message {
             Message::Commit => "Commit",
             Message::Resumed { .. } => "Resumed",
             Message::Abort { .. } => "Abort",
+            Message::Query { .. } => "Query",
+            Message::QueryAnswer { .. } => "QueryAnswer",
         }
     }
 }
@@ -399,6 +451,14 @@ pub fn encode_segments(msg: &Message, scratch: &mut BytesMut, segs: &mut Vec<Byt
             out.put_u16(code.to_u16());
             put_str(out, message);
         }
+        Message::Query { migration_id } => put_str(out, migration_id),
+        Message::QueryAnswer {
+            state,
+            resumed_unix_us,
+        } => {
+            out.put_u8(state.to_u8());
+            out.put_u64(*resumed_unix_us);
+        }
     }
 }
 
@@ -433,6 +493,8 @@ fn payload_len(msg: &Message) -> usize {
         Message::Commit => 0,
         Message::Resumed { .. } => 8,
         Message::Abort { message, .. } => 2 + s(message),
+        Message::Query { migration_id } => s(migration_id),
+        Message::QueryAnswer { .. } => 9,
     }
 }
 
@@ -445,7 +507,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, FrameError> {
     let ty = buf[0];
     let flags = buf[1];
     let len = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
-    if !(tag::HELLO..=tag::ABORT).contains(&ty) {
+    if !(tag::HELLO..=tag::QUERY_ANSWER).contains(&ty) {
         return Err(FrameError::UnknownType(ty));
     }
     if flags != 0 {
@@ -536,6 +598,13 @@ fn decode_payload(ty: u8, payload: Bytes) -> Result<Message, FrameError> {
             code: ErrorCode::from_u16(r.u16()?),
             message: r.str()?,
         },
+        tag::QUERY => Message::Query {
+            migration_id: r.str()?,
+        },
+        tag::QUERY_ANSWER => Message::QueryAnswer {
+            state: MigrationState::from_u8(r.u8()?).ok_or_else(|| r.invalid("migration state"))?,
+            resumed_unix_us: r.u64()?,
+        },
         other => return Err(FrameError::UnknownType(other)),
     };
     if !r.b.is_empty() {
@@ -559,6 +628,8 @@ fn tag_name(ty: u8) -> &'static str {
         tag::COMMIT => "Commit",
         tag::RESUMED => "Resumed",
         tag::ABORT => "Abort",
+        tag::QUERY => "Query",
+        tag::QUERY_ANSWER => "QueryAnswer",
         _ => "Invalid",
     }
 }
@@ -728,6 +799,17 @@ mod tests {
                 code: ErrorCode::Unknown(999),
                 message: String::new(),
             },
+            Message::Query {
+                migration_id: "m-1".into(),
+            },
+            Message::QueryAnswer {
+                state: MigrationState::Running,
+                resumed_unix_us: 5,
+            },
+            Message::QueryAnswer {
+                state: MigrationState::Discarded,
+                resumed_unix_us: 0,
+            },
         ]
     }
 
@@ -789,6 +871,15 @@ mod tests {
         assert_eq!(decode(&mut b), Err(FrameError::UnknownType(0)));
         let mut b = BytesMut::from(&[200u8, 0, 0, 0, 0, 0][..]);
         assert_eq!(decode(&mut b), Err(FrameError::UnknownType(200)));
+        let mut b =
+            BytesMut::from(&[tag::QUERY_ANSWER, 0, 0, 0, 0, 9, 7, 0, 0, 0, 0, 0, 0, 0, 0][..]);
+        assert!(matches!(
+            decode(&mut b),
+            Err(FrameError::Invalid {
+                what: "migration state",
+                ..
+            })
+        ));
         let mut b = BytesMut::from(&[tag::COMMIT, 1, 0, 0, 0, 0][..]);
         assert_eq!(decode(&mut b), Err(FrameError::BadFlags(tag::COMMIT, 1)));
         let mut b = BytesMut::from(&[tag::QEMU_BYTES, 0, 0xff, 0xff, 0xff, 0xff][..]);

@@ -181,7 +181,17 @@ impl QemuProcess {
         let connect = QmpClient::connect(&qmp_path, Duration::from_secs(30));
         tokio::pin!(connect);
         let qmp = tokio::select! {
-            r = &mut connect => r.map_err(LaunchError::Qmp)?,
+            r = &mut connect => match r {
+                Ok(q) => q,
+                Err(e) => {
+                    // QEMU may have created its socket and then died (bad kernel, ...):
+                    // its own message is what the operator needs.
+                    if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(3), child.wait()).await {
+                        return Err(LaunchError::Exited { status, stderr_tail: tail_of_file(&log_path, 2000) });
+                    }
+                    return Err(LaunchError::Qmp(e));
+                }
+            },
             st = child.wait() => {
                 let status = st.map_err(|e| LaunchError::Spawn { binary: opts.qemu_binary.clone(), source: e })?;
                 return Err(LaunchError::Exited { status, stderr_tail: tail_of_file(&log_path, 2000) });

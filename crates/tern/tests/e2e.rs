@@ -655,3 +655,29 @@ fn garbage_from_the_destination_leaves_source_running() -> Result<()> {
     server.join().expect("fake peer thread")?;
     Ok(())
 }
+
+#[test]
+fn lost_resumed_after_commit_is_resolved_by_asking_the_destination() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let (a, b) = two_agents(&[("TERN_FAULT", "drop-after-commit")])?;
+    boot_dirtier(&a, &g, "v8", "")?;
+    let r = migrate_ok(&a, &b, "v8")?;
+    assert!(
+        r.resolved_by_query,
+        "the outcome came from asking the destination: {r:?}"
+    );
+    assert!(r.digest_ok);
+    assert!(r.resumed_unix_us > 0);
+    assert!(
+        r.downtime_ms < 10_000,
+        "downtime from the destination's RESUME time: {}",
+        r.downtime_ms
+    );
+    assert_eq!(b.vm_status("v8")?, "running");
+    assert!(
+        a.vms()?.is_empty(),
+        "exactly one copy: the source's is gone"
+    );
+    Ok(())
+}

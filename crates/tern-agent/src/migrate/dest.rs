@@ -198,6 +198,19 @@ async fn receive(
                 source_running,
                 ..
             } => (migration_id, spec_toml, source_running),
+            Message::Query { migration_id } => {
+                let (state, resumed_unix_us) = agent.incoming_state(&migration_id);
+                tracing::info!(migration = %migration_id, ?state, "answered a query");
+                send(
+                    writer,
+                    &Message::QueryAnswer {
+                        state,
+                        resumed_unix_us,
+                    },
+                )
+                .await?;
+                return Ok(());
+            }
             m => {
                 return Err(refuse(
                     ErrorCode::Protocol,
@@ -428,14 +441,24 @@ async fn receive(
     vm.migrating.store(false, Ordering::SeqCst);
     agent.adopt(vm);
     inc.name = None;
-    let _ = send(
-        writer,
-        &Message::Resumed {
-            resumed_unix_us: unix_us(resumed_at),
-        },
-    )
-    .await;
+    let resumed_unix_us = if source_running {
+        unix_us(resumed_at)
+    } else {
+        0
+    };
     rp_task.abort();
+    if agent.config.fault == Some(Fault::DropAfterCommit) {
+        tracing::warn!("fault injection: dropping the connection instead of sending Resumed");
+        let _ = writer.lock().await.shutdown().await;
+    } else {
+        let _ = send(
+            writer,
+            &Message::Resumed {
+                resumed_unix_us: unix_us(resumed_at),
+            },
+        )
+        .await;
+    }
     let total = handle.started.elapsed();
     handle.finish_ok(super::MigrationReport {
         migration_id: id,
@@ -455,6 +478,7 @@ async fn receive(
         digest: hex::encode(ours),
         source_was_running: source_running,
         protocol_version: version,
+        resumed_unix_us,
         ..Default::default()
     });
     Ok(())

@@ -25,6 +25,9 @@ pub enum Fault {
     /// The destination flips one byte of the first non-zero page it receives, as a
     /// decoding bug would: the digest comparison must catch it before the VM runs there.
     CorruptPage,
+    /// The destination resumes the VM after Commit but drops the connection instead of
+    /// answering Resumed: the source must find out by asking (Query), not guess.
+    DropAfterCommit,
 }
 
 impl std::str::FromStr for Fault {
@@ -32,7 +35,10 @@ impl std::str::FromStr for Fault {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "corrupt-page" => Ok(Fault::CorruptPage),
-            _ => Err(format!("unknown fault {s:?} (known: corrupt-page)")),
+            "drop-after-commit" => Ok(Fault::DropAfterCommit),
+            _ => Err(format!(
+                "unknown fault {s:?} (known: corrupt-page, drop-after-commit)"
+            )),
         }
     }
 }
@@ -117,6 +123,10 @@ pub struct MigrationReport {
     pub protocol_version: u16,
     /// Where the downtime went (source side clocks; RESUME from the destination's).
     pub switchover: Option<SwitchoverTimes>,
+    /// The destination QEMU's RESUME event (wall clock, µs); 0 if the VM was paused.
+    pub resumed_unix_us: u64,
+    /// Set when Resumed was lost and the outcome was learned by asking the destination.
+    pub resolved_by_query: bool,
 }
 
 /// The steps of the switchover, in ms, as the source saw them.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
 use serde_json::json;
-use tern_proto::{ErrorCode, Message, Page, PageBody, RamBlock};
+use tern_proto::{ErrorCode, Message, MigrationState, Page, PageBody, RamBlock};
 use tern_qemu::qmp::QmpError;
 use tern_qemu::stream::{BlockName, Encoder, Item, NameMode, Parser, RamRecord, StreamError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -458,26 +458,42 @@ impl SourceCtx {
         send(&writer, &Message::Commit)
             .await
             .map_err(|e| MigrateError::InDoubt(error_chain(&e)))?;
-        let resumed_us = loop {
+        let mut resolved_by_query = false;
+        let lost = loop {
             match tokio::time::timeout(Duration::from_secs(30), ev_rx.recv()).await {
                 Ok(Some(PeerEvent::Msg(Message::Resumed { resumed_unix_us }))) => {
-                    break resumed_unix_us
+                    break Ok(resumed_unix_us)
                 }
                 Ok(Some(PeerEvent::Msg(Message::ReturnPath(_)))) => continue,
                 Ok(Some(PeerEvent::Msg(m))) => {
-                    return Err(MigrateError::InDoubt(format!(
-                        "got {} instead of Resumed",
-                        m.name()
-                    )))
+                    break Err(format!("got {} instead of Resumed", m.name()))
                 }
-                Ok(Some(PeerEvent::Failed(e))) => {
-                    return Err(MigrateError::InDoubt(error_chain(&e)))
-                }
+                Ok(Some(PeerEvent::Failed(e))) => break Err(error_chain(&e)),
                 Ok(Some(PeerEvent::Closed)) | Ok(None) => {
-                    return Err(MigrateError::InDoubt("connection closed".into()))
+                    break Err("connection closed".to_string())
                 }
-                Err(_) => return Err(MigrateError::InDoubt("no answer within 30 s".into())),
+                Err(_) => break Err("no answer within 30 s".to_string()),
             }
+        };
+        let resumed_us = match lost {
+            Ok(us) => us,
+            // Resumed did not come: ask the destination what it did, never guess.
+            Err(why) => match self.ask_destination(&why).await? {
+                (MigrationState::Running, us) => {
+                    resolved_by_query = true;
+                    us
+                }
+                (state, _) => {
+                    // The destination holds nothing of the VM: the source may run it again.
+                    self.committed = false;
+                    return Err(MigrateError::Remote {
+                        code: ErrorCode::Internal,
+                        message: format!(
+                            "the destination did not confirm the switchover ({why}) and reports the migration as {state:?}: nothing of the VM runs there"
+                        ),
+                    });
+                }
+            },
         };
         let total = self.t0.elapsed();
         let ms = |a: Option<SystemTime>, b: SystemTime| -> Option<f64> {
@@ -531,7 +547,66 @@ impl SourceCtx {
             source_was_running: self.source_running,
             protocol_version: version,
             switchover: Some(switchover),
+            resumed_unix_us: resumed_us,
+            resolved_by_query,
         })
+    }
+
+    /// After a lost Resumed: asks the destination agent, on a new connection, what became
+    /// of this migration (retrying while it is still in progress or unreachable, ~30 s).
+    async fn ask_destination(&self, why: &str) -> Result<(MigrationState, u64), MigrateError> {
+        tracing::warn!(migration = %self.handle.id, %why, "no Resumed after Commit: asking the destination");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = why.to_string();
+        while Instant::now() < deadline {
+            match self.query_once().await {
+                Ok((MigrationState::InProgress, _)) => last = "still in progress".into(),
+                Ok(answer) => return Ok(answer),
+                Err(e) => last = error_chain(&e),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(MigrateError::InDoubt(format!(
+            "{why}; asking the destination failed: {last}"
+        )))
+    }
+
+    async fn query_once(&self) -> Result<(MigrationState, u64), MigrateError> {
+        let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&self.req.to))
+            .await
+            .map_err(|_| MigrateError::Timeout(Duration::from_secs(5), "the TCP connection"))?
+            .map_err(|e| MigrateError::Connect {
+                addr: self.req.to.clone(),
+                source: e,
+            })?;
+        let (rd, wr) = stream.into_split();
+        let mut reader = FrameReader::new(rd);
+        let mut writer = FrameWriter::new(wr);
+        writer
+            .send(&Message::Hello {
+                min_version: tern_proto::MIN_PROTOCOL_VERSION,
+                max_version: tern_proto::PROTOCOL_VERSION,
+                agent: self.agent.config.name.clone(),
+            })
+            .await
+            .map_err(MigrateError::PeerWrite)?;
+        match expect(&mut reader, Duration::from_secs(5), "HelloAck").await? {
+            Message::HelloAck { .. } => {}
+            m => return Err(unexpected(&m, "HelloAck")),
+        }
+        writer
+            .send(&Message::Query {
+                migration_id: self.handle.id.clone(),
+            })
+            .await
+            .map_err(MigrateError::PeerWrite)?;
+        match expect(&mut reader, Duration::from_secs(5), "QueryAnswer").await? {
+            Message::QueryAnswer {
+                state,
+                resumed_unix_us,
+            } => Ok((state, resumed_unix_us)),
+            m => Err(unexpected(&m, "QueryAnswer")),
+        }
     }
 }
 
