@@ -21,6 +21,22 @@ pub enum RecvError {
     TruncatedFrame,
 }
 
+/// Why [`FrameReader::expect`] got no message.
+#[derive(Debug, thiserror::Error)]
+pub enum ExpectError {
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(std::time::Duration, &'static str),
+    #[error("the peer closed the connection while we waited for {0}")]
+    Closed(&'static str),
+    #[error("the peer aborted ({}): {message}", code.name())]
+    Aborted {
+        code: tern_proto::ErrorCode,
+        message: String,
+    },
+    #[error(transparent)]
+    Recv(#[from] RecvError),
+}
+
 pub struct FrameReader<R> {
     r: R,
     buf: BytesMut,
@@ -54,6 +70,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 };
             }
             self.bytes_read += n as u64;
+        }
+    }
+
+    /// The next message within `within`; the peer's Abort and a clean close are errors.
+    pub async fn expect(
+        &mut self,
+        within: std::time::Duration,
+        what: &'static str,
+    ) -> Result<Message, ExpectError> {
+        match tokio::time::timeout(within, self.next()).await {
+            Err(_) => Err(ExpectError::Timeout(within, what)),
+            Ok(Err(e)) => Err(e.into()),
+            Ok(Ok(None)) => Err(ExpectError::Closed(what)),
+            Ok(Ok(Some(Message::Abort { code, message }))) => {
+                Err(ExpectError::Aborted { code, message })
+            }
+            Ok(Ok(Some(m))) => Ok(m),
         }
     }
 

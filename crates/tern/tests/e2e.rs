@@ -82,6 +82,25 @@ fn assert_dest_clean(b: &TestAgent, dest_pids: &[u32]) -> Result<()> {
     }
 }
 
+/// Waits until the destination is receiving (its QEMU exists, data flows); its QEMU's pid.
+fn wait_dest_transfer(b: &TestAgent) -> Result<u32> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = b.migrations()?;
+        if let Some(p) = m
+            .iter()
+            .find(|m| m.phase == "transfer")
+            .and_then(|m| m.dest_qemu_pid)
+        {
+            return Ok(p);
+        }
+        if Instant::now() > deadline {
+            bail!("the destination never reached transfer");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn dest_pids(b: &TestAgent) -> Vec<u32> {
     b.migrations()
         .unwrap_or_default()
@@ -341,22 +360,7 @@ fn destination_qemu_death_leaves_source_running_and_destination_clean() -> Resul
         json!({ "max_bandwidth_mibps": 16 }),
     )?;
     // wait until the destination QEMU exists and data flows, then kill it
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let pid = loop {
-        let m = b.migrations()?;
-        if let Some(p) = m
-            .iter()
-            .find(|m| m.phase == "transfer")
-            .and_then(|m| m.dest_qemu_pid)
-        {
-            break p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the destination never reached transfer"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let pid = wait_dest_transfer(&b)?;
     std::process::Command::new("kill")
         .args(["-KILL", &pid.to_string()])
         .status()?;
@@ -478,22 +482,7 @@ fn destination_agent_crash_leaves_source_running() -> Result<()> {
         &b.peer_addr.to_string(),
         json!({ "max_bandwidth_mibps": 16 }),
     )?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let pid = loop {
-        if let Some(p) = b
-            .migrations()?
-            .iter()
-            .find(|m| m.phase == "transfer")
-            .and_then(|m| m.dest_qemu_pid)
-        {
-            break p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the destination never reached transfer"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let pid = wait_dest_transfer(&b)?;
     b.kill();
     let st = a.wait_migration(&id, Duration::from_secs(60))?;
     assert!(st.error.is_some());

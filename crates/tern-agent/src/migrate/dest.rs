@@ -27,7 +27,7 @@ use tokio::sync::Mutex;
 use super::digest::MemoryDigest;
 use super::source::error_chain;
 use super::{unix_us, Counters, Direction, Fault, MigrationHandle};
-use crate::conn::{FrameReader, FrameWriter, RecvError, Segments};
+use crate::conn::{ExpectError, FrameReader, FrameWriter, RecvError, Segments};
 use crate::vm::Vm;
 use crate::Agent;
 
@@ -136,15 +136,12 @@ async fn next_msg(
     within: Duration,
     what: &'static str,
 ) -> Result<Message, IncomingError> {
-    match tokio::time::timeout(within, reader.next()).await {
-        Err(_) => Err(IncomingError::Timeout(within, what)),
-        Ok(Err(e)) => Err(e.into()),
-        Ok(Ok(None)) => Err(IncomingError::PeerClosed(what)),
-        Ok(Ok(Some(Message::Abort { code, message }))) => {
-            Err(IncomingError::Aborted { code, message })
-        }
-        Ok(Ok(Some(m))) => Ok(m),
-    }
+    reader.expect(within, what).await.map_err(|e| match e {
+        ExpectError::Timeout(d, w) => IncomingError::Timeout(d, w),
+        ExpectError::Closed(w) => IncomingError::PeerClosed(w),
+        ExpectError::Aborted { code, message } => IncomingError::Aborted { code, message },
+        ExpectError::Recv(e) => IncomingError::Peer(e),
+    })
 }
 
 async fn receive(

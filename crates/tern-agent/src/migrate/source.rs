@@ -27,7 +27,7 @@ use super::{
     unix_us, Counters, MigrationHandle, MigrationReport, PageCounts, SwitchoverTimes,
     UNSUPPORTED_CAPABILITIES,
 };
-use crate::conn::{FrameReader, FrameWriter, RecvError};
+use crate::conn::{ExpectError, FrameReader, FrameWriter, RecvError};
 use crate::vm::{StopMode, Vm};
 use crate::Agent;
 
@@ -630,15 +630,12 @@ async fn expect<R: tokio::io::AsyncRead + Unpin>(
     within: Duration,
     what: &'static str,
 ) -> Result<Message, MigrateError> {
-    match tokio::time::timeout(within, r.next()).await {
-        Err(_) => Err(MigrateError::Timeout(within, what)),
-        Ok(Err(e)) => Err(e.into()),
-        Ok(Ok(None)) => Err(MigrateError::PeerClosed(what)),
-        Ok(Ok(Some(Message::Abort { code, message }))) => {
-            Err(MigrateError::Remote { code, message })
-        }
-        Ok(Ok(Some(m))) => Ok(m),
-    }
+    r.expect(within, what).await.map_err(|e| match e {
+        ExpectError::Timeout(d, w) => MigrateError::Timeout(d, w),
+        ExpectError::Closed(w) => MigrateError::PeerClosed(w),
+        ExpectError::Aborted { code, message } => MigrateError::Remote { code, message },
+        ExpectError::Recv(e) => MigrateError::Peer(e),
+    })
 }
 
 fn unexpected(m: &Message, wanted: &str) -> MigrateError {
