@@ -59,6 +59,9 @@ pub struct AgentConfig {
     pub peer_listen: SocketAddr,
     /// Fault injection for tests (`TERN_FAULT`); see [`migrate::Fault`].
     pub fault: Option<migrate::Fault>,
+    /// A migration whose peer connection makes no progress for this long fails (a link that
+    /// died silently never resets a TCP connection by itself).
+    pub stall_timeout: std::time::Duration,
 }
 
 /// Shared state of a running agent.

@@ -34,19 +34,53 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// Where and how to run a test agent.
+#[derive(Default)]
+pub struct AgentOptions<'a> {
+    pub env: &'a [(&'a str, &'a str)],
+    /// Run inside this network namespace (see [`WanLab`]); the API socket stays reachable.
+    pub netns: Option<&'a str>,
+    /// Peer listener; a free loopback port if unset.
+    pub listen: Option<SocketAddr>,
+    /// Extra `tern agent` arguments.
+    pub args: &'a [&'a str],
+}
+
 impl TestAgent {
     /// Starts `tern agent` (binary `bin`) with extra environment, and waits for its API.
     pub fn start(bin: &Path, name: &str, env: &[(&str, &str)]) -> Result<TestAgent> {
+        Self::start_with(
+            bin,
+            name,
+            AgentOptions {
+                env,
+                ..Default::default()
+            },
+        )
+    }
+
+    pub fn start_with(bin: &Path, name: &str, o: AgentOptions<'_>) -> Result<TestAgent> {
+        let env = o.env;
         let dir = tempfile::Builder::new()
             .prefix("tern-")
             .tempdir_in("/tmp")?;
         let api = dir.path().join("api.sock");
-        let port = free_port()?;
-        let peer_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let peer_addr: SocketAddr = match o.listen {
+            Some(a) => a,
+            None => format!("127.0.0.1:{}", free_port()?).parse()?,
+        };
         let log = dir.path().join("agent.log");
         let logf = std::fs::File::create(&log)?;
-        let mut cmd = Command::new(bin);
+        let mut cmd = match o.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         cmd.args(["agent", "--name", name, "--listen", &peer_addr.to_string()])
+            .args(o.args)
             .arg("--state-dir")
             .arg(dir.path())
             .arg("--api")
@@ -210,6 +244,56 @@ impl Drop for TestAgent {
             }
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+}
+
+/// The WAN lab of `scripts/wan.sh` (namespaces tern-a 198.18.0.1, tern-b 198.18.0.2,
+/// joined through tern-sw), torn down when dropped.
+pub struct WanLab;
+
+impl WanLab {
+    pub fn up(profile: &str) -> Result<WanLab> {
+        let out = Command::new("bash")
+            .arg(crate::guest::repo_root()?.join("scripts/wan.sh"))
+            .args(["up", profile])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "wan.sh up {profile} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(WanLab)
+    }
+
+    /// Takes host B's link down (`false`) or up again (`true`), at the switch.
+    pub fn link_b(&self, up: bool) -> Result<()> {
+        let st = Command::new("ip")
+            .args([
+                "-n",
+                "tern-sw",
+                "link",
+                "set",
+                "sw-b",
+                if up { "up" } else { "down" },
+            ])
+            .status()?;
+        if !st.success() {
+            bail!("ip link set sw-b failed");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for WanLab {
+    fn drop(&mut self) {
+        if let Ok(root) = crate::guest::repo_root() {
+            let _ = Command::new("bash")
+                .arg(root.join("scripts/wan.sh"))
+                .arg("down")
+                .output();
         }
     }
 }

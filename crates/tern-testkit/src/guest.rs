@@ -12,7 +12,7 @@ pub struct GuestImage {
     pub initrd: PathBuf,
 }
 
-fn repo_root() -> Result<PathBuf> {
+pub(crate) fn repo_root() -> Result<PathBuf> {
     let mut d = Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf();
     loop {
         if d.join("guest/build.sh").exists() {

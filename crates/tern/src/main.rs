@@ -62,6 +62,9 @@ struct AgentArgs {
     /// Peer-agent listener (TCP).
     #[arg(long, default_value = "0.0.0.0:7700")]
     listen: std::net::SocketAddr,
+    /// Fail a migration whose peer connection makes no progress for this long (seconds).
+    #[arg(long, default_value_t = 20)]
+    stall_timeout_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -169,6 +172,7 @@ fn run_agent(a: AgentArgs) -> Result<()> {
         api: a.api.parse().map_err(anyhow::Error::msg)?,
         peer_listen: a.listen,
         fault,
+        stall_timeout: std::time::Duration::from_secs(a.stall_timeout_secs.max(1)),
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use tern_testkit::agents::{e2e_lock, pid_alive, wait_for_text, TestAgent};
+use tern_testkit::agents::{e2e_lock, pid_alive, wait_for_text, AgentOptions, TestAgent, WanLab};
 use tern_testkit::guest::{count_pattern_pages, ensure_guest, GuestImage};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tern");
@@ -668,5 +668,55 @@ fn lost_resumed_after_commit_is_resolved_by_asking_the_destination() -> Result<(
         a.vms()?.is_empty(),
         "exactly one copy: the source's is gone"
     );
+    Ok(())
+}
+
+#[test]
+fn link_cut_between_namespace_hosts_leaves_source_running_and_a_retry_succeeds() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let lab = WanLab::up("wan-1g-20ms")?;
+    let stall = ["--stall-timeout-secs", "4"];
+    let a = TestAgent::start_with(
+        Path::new(BIN),
+        "host-a",
+        AgentOptions {
+            netns: Some("tern-a"),
+            listen: Some("198.18.0.1:7700".parse()?),
+            args: &stall,
+            ..Default::default()
+        },
+    )?;
+    let b = TestAgent::start_with(
+        Path::new(BIN),
+        "host-b",
+        AgentOptions {
+            netns: Some("tern-b"),
+            listen: Some("198.18.0.2:7700".parse()?),
+            args: &stall,
+            ..Default::default()
+        },
+    )?;
+    boot_dirtier(&a, &g, "w1", "")?;
+    let id = a.start_migration("w1", "198.18.0.2:7700", json!({ "max_bandwidth_mibps": 8 }))?;
+    let pid = wait_dest_transfer(&b)?;
+    // the link dies silently: no RST, no FIN; only tern's stall timeout can notice
+    lab.link_b(false)?;
+    let t = Instant::now();
+    let st = a.wait_migration(&id, Duration::from_secs(60))?;
+    let e = st.error.context("a migration over a dead link must fail")?;
+    assert_eq!(e.code, "timeout", "{e:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "noticed after {:?}",
+        t.elapsed()
+    );
+    assert_source_running(&a, "w1")?;
+    assert_dest_clean(&b, &[pid])?; // the destination gives up on its own, too
+    lab.link_b(true)?;
+    let r = migrate_ok(&a, &b, "w1")?;
+    assert!(r.digest_ok);
+    let text = std::fs::read_to_string(console_of(&b, "w1")?)?;
+    assert!(!text.contains("TERN-CORRUPT"), "{text}");
     Ok(())
 }

@@ -114,14 +114,14 @@ pub async fn serve_peer(agent: Arc<Agent>, stream: TcpStream, addr: SocketAddr) 
             e,
             IncomingError::Aborted { .. } | IncomingError::PeerClosed(_)
         ) {
-            let mut w = writer.lock().await;
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                w.send(&Message::Abort {
-                    code,
-                    message: message.clone(),
-                }),
-            )
+            // bounded: the return-path relay may hold the writer, blocked on a dead link
+            let abort = Message::Abort {
+                code,
+                message: message.clone(),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                writer.lock().await.send(&abort).await
+            })
             .await;
         }
         inc.cleanup(&agent).await;
@@ -285,6 +285,7 @@ async fn receive(
     let mut corrupt_pending = agent.config.fault == Some(Fault::CorruptPage);
     let c = &handle.counters;
     let mut rp_result: Option<Result<bool, String>> = None;
+    let stall = agent.config.stall_timeout;
     let source_digest = loop {
         // Write to QEMU only when the next frame is not here yet (and nothing more is
         // waiting in the socket), or when a lot is queued: large writes, no stalls.
@@ -295,7 +296,10 @@ async fn receive(
             }
         }
         let msg = tokio::select! {
-            m = reader.next() => m,
+            m = tokio::time::timeout(stall, reader.next()) => match m {
+                Ok(m) => m,
+                Err(_) => return Err(IncomingError::Timeout(stall, "data from the source")),
+            },
             r = rp_task.join(), if rp_result.is_none() => {
                 let r = r.unwrap_or_else(|e| Err(format!("return-path task failed: {e}")));
                 if let Err(why) = &r {

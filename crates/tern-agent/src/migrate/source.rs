@@ -161,16 +161,16 @@ pub async fn run(
             let code = e.code();
             let message = error_chain(&e);
             if let Some(w) = &ctx.writer {
-                // Tell the destination (best effort) so it cleans up at once.
+                // Tell the destination (best effort) so it cleans up at once; the
+                // forwarder may hold the writer, blocked on a dead link: bounded.
                 if !matches!(e, MigrateError::Remote { .. } | MigrateError::InDoubt(_)) {
-                    let mut w = w.lock().await;
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        w.send(&Message::Abort {
-                            code,
-                            message: message.clone(),
-                        }),
-                    )
+                    let abort = Message::Abort {
+                        code,
+                        message: message.clone(),
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        w.lock().await.send(&abort).await
+                    })
                     .await;
                 }
             }
@@ -356,8 +356,13 @@ impl SourceCtx {
         let (ev_tx, mut ev_rx) = mpsc::channel(16);
         let counters = self.handle.clone();
         let rp_task = tokio::spawn(peer_reader(reader, qemu_wr, ev_tx, counters));
-        let mut fwd = tokio::spawn(forward(qemu_rd, writer.clone(), self.handle.clone()));
+        let fwd_task = tokio::spawn(forward(qemu_rd, writer.clone(), self.handle.clone()));
+        let abort_fwd = fwd_task.abort_handle();
+        let mut fwd = fwd_task;
         let _guard = AbortOnDrop(rp_task);
+        let _fwd_guard = AbortHandleOnDrop(abort_fwd);
+        let stall = self.agent.config.stall_timeout;
+        let mut last_progress = (0u64, Instant::now());
 
         let mut stopped_at: Option<SystemTime> = None;
         let mut source_digest: Option<[u8; 32]> = None;
@@ -426,6 +431,13 @@ impl SourceCtx {
                 }
                 _ = super::wait_cancelled(&mut cancel) => return Err(MigrateError::Cancelled),
                 _ = ticker.tick() => {
+                    let c = &self.handle.counters;
+                    let moved = Counters::get(&c.bytes_from_qemu) + Counters::get(&c.wire_out) + Counters::get(&c.wire_in);
+                    if moved != last_progress.0 {
+                        last_progress = (moved, Instant::now());
+                    } else if last_progress.1.elapsed() > stall {
+                        return Err(MigrateError::Timeout(stall, "any progress on the connection to the destination"));
+                    }
                     if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_millis(200), qmp.query_migrate()).await {
                         self.handle.update(|s| {
                             s.progress.qemu_status = info.status.clone();
@@ -607,6 +619,13 @@ impl SourceCtx {
             } => Ok((state, resumed_unix_us)),
             m => Err(unexpected(&m, "QueryAnswer")),
         }
+    }
+}
+
+struct AbortHandleOnDrop(tokio::task::AbortHandle);
+impl Drop for AbortHandleOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
