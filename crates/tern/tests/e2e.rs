@@ -720,3 +720,37 @@ fn link_cut_between_namespace_hosts_leaves_source_running_and_a_retry_succeeds()
     assert!(!text.contains("TERN-CORRUPT"), "{text}");
     Ok(())
 }
+
+#[test]
+fn a_destination_with_an_older_qemu_is_refused_before_anything_moves() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let out = std::process::Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/qemu72.sh"
+        ))
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "scripts/qemu72.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let wrapper = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string();
+    let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
+    let b = TestAgent::start(Path::new(BIN), "host-b", &[("TERN_QEMU", &wrapper)])?;
+    boot(&a, &spec("v9", &g, 128, "tern.workload=idle", ""), "v9")?;
+    let id = a.start_migration("v9", &b.peer_addr.to_string(), json!({}))?;
+    let e = expect_failure(&a, &id, "spec-rejected")?;
+    assert!(e.message.contains("older than the source"), "{}", e.message);
+    assert!(!e.retryable);
+    assert_source_running(&a, "v9")?;
+    assert_dest_clean(&b, &dest_pids(&b))?;
+    Ok(())
+}

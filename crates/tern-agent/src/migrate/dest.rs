@@ -187,14 +187,14 @@ async fn receive(
     .await?;
 
     // --- prepare
-    let (id, spec_toml, source_running) =
+    let (id, spec_toml, source_running, source_qemu) =
         match next_msg(reader, Duration::from_secs(30), "Prepare").await? {
             Message::Prepare {
                 migration_id,
                 spec_toml,
                 source_running,
-                ..
-            } => (migration_id, spec_toml, source_running),
+                qemu_version,
+            } => (migration_id, spec_toml, source_running, qemu_version),
             Message::Query { migration_id } => {
                 let (state, resumed_unix_us) = agent.incoming_state(&migration_id);
                 tracing::info!(migration = %migration_id, ?state, "answered a query");
@@ -258,6 +258,19 @@ async fn receive(
     let qemu_version = qmp.version().to_string();
     handle.update(|s| s.dest_qemu_pid = process.pid());
     inc.process = Some(process);
+    // QEMU migrates only to the same or a newer version (an older one rejects what it does
+    // not know, e.g. 7.2 and SWITCHOVER_START): refuse before anything moves.
+    if let (Some(src), Some(dst)) = (major_minor(&source_qemu), major_minor(&qemu_version)) {
+        if dst < src {
+            return Err(refuse(
+                ErrorCode::SpecRejected,
+                format!(
+                    "destination QEMU {qemu_version} is older than the source's {source_qemu}: QEMU migrates only to the same or a newer version; upgrade QEMU on {}",
+                    agent.config.name
+                ),
+            ));
+        }
+    }
     let qemu_err = |e: tern_qemu::qmp::QmpError| IncomingError::Qemu(error_chain(&e));
     qmp.set_migrate_capabilities(&[("return-path", true), ("events", true)])
         .await
@@ -483,6 +496,15 @@ async fn receive(
         ..Default::default()
     });
     Ok(())
+}
+
+/// "10.0.2" -> (10, 0).
+fn major_minor(v: &str) -> Option<(u32, u32)> {
+    let mut it = v.split('.');
+    Some((
+        it.next()?.trim().parse().ok()?,
+        it.next()?.trim().parse().ok()?,
+    ))
 }
 
 async fn send(w: &PeerWriter, m: &Message) -> Result<(), IncomingError> {
