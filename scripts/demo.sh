@@ -20,6 +20,12 @@ tern="$root/target/release/tern"
 work=$(mktemp -d /tmp/tern-demo.XXXXXX)
 pids=()
 cleanup() {
+  # VMs outlive their agents (an agent restart must not kill them): stop them first
+  for h in a b; do
+    for n in $("$tern" --agent "unix:$work/$h.sock" vm list --json 2>/dev/null | sed -n 's/.*"name": "\(.*\)".*/\1/p'); do
+      "$tern" --agent "unix:$work/$h.sock" vm stop "$n" >/dev/null 2>&1 || true
+    done
+  done
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   bash "$root/scripts/wan.sh" down >/dev/null 2>&1 || true

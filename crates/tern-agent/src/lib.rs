@@ -3,7 +3,7 @@
 //! One agent per host. It launches and supervises QEMU VMs ([`vm`]), serves the local
 //! control API over HTTP/JSON ([`api`]), accepts peer agents on a TCP listener and runs
 //! migrations in both directions ([`migrate`]). The binary (`tern agent`) is a thin
-//! wrapper around [`run`].
+//! wrapper around [`run`]. VMs outlive the agent: a restarted agent re-attaches to them.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -149,7 +149,8 @@ impl Agent {
         if !self.reserve_name(&spec.name) {
             return Err(StartVmError::Exists(spec.name));
         }
-        let opts = LaunchOptions::new(self.new_run_dir(&spec.name));
+        let mut opts = LaunchOptions::new(self.new_run_dir(&spec.name));
+        opts.kill_on_drop = false; // VMs outlive the agent
         let launched = QemuProcess::launch(&spec, &opts).await;
         let name = spec.name.clone();
         match launched {
@@ -200,7 +201,12 @@ impl Agent {
             .migration(id)
             .filter(|m| m.direction == migrate::Direction::Incoming)
         else {
-            return (S::Unknown, 0);
+            // an agent restarted after the switchover still knows from the VM's run dir
+            let arrived = self.vms().iter().any(|vm| {
+                std::fs::read_to_string(vm.run_dir.join(migrate::dest::SWITCHED_IN))
+                    .is_ok_and(|s| s == id)
+            });
+            return (if arrived { S::Running } else { S::Unknown }, 0);
         };
         let st = m.status();
         match (st.finished, st.report) {
@@ -218,12 +224,59 @@ impl Agent {
             .find(|m| m.vm == vm && !m.is_finished())
     }
 
-    /// Stops every VM (agent shutdown).
-    pub async fn stop_all(&self) {
-        for vm in self.vms() {
-            vm.stop(StopMode::Quit).await;
+    /// Finds the VMs a previous agent process left running (their run directories hold
+    /// spec.toml, qemu.pid and qmp.sock) and supervises them again. A run directory marked
+    /// `incoming` belongs to a migration that never switched over: its QEMU is killed and
+    /// the directory removed. Directories whose QEMU is gone are removed too.
+    pub async fn reattach(&self) {
+        let Ok(dirs) = std::fs::read_dir(self.config.state_dir.join("run")) else {
+            return;
+        };
+        for d in dirs.flatten().map(|e| e.path()) {
+            let pid = std::fs::read_to_string(d.join("qemu.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+                .filter(|p| vm::process_alive(*p) && cmdline_mentions(*p, &d));
+            if d.join(migrate::dest::INCOMING_MARKER).exists() {
+                if let Some(p) = pid {
+                    tracing::warn!(dir = %d.display(), pid = p, "removing an incoming VM that never switched over");
+                    vm::kill_pid(p);
+                }
+                let _ = std::fs::remove_dir_all(&d);
+                continue;
+            }
+            let spec = std::fs::read_to_string(d.join("spec.toml"))
+                .ok()
+                .and_then(|t| VmSpec::from_toml(&t).ok());
+            let (Some(pid), Some(spec)) = (pid, spec) else {
+                tracing::info!(dir = %d.display(), "removing the run directory of a VM that is gone");
+                let _ = std::fs::remove_dir_all(&d);
+                continue;
+            };
+            match tern_qemu::qmp::QmpClient::connect(
+                &d.join("qmp.sock"),
+                std::time::Duration::from_secs(5),
+            )
+            .await
+            {
+                Ok(qmp) if self.reserve_name(&spec.name) => {
+                    tracing::info!(vm = %spec.name, pid, "re-attached to a running VM");
+                    self.adopt(Arc::new(Vm::reattach(spec, qmp, pid, d)));
+                }
+                Ok(_) => {
+                    tracing::error!(vm = %spec.name, pid, "two running VMs with one name; leaving this one alone")
+                }
+                Err(e) => tracing::error!(vm = %spec.name, pid, "cannot re-attach: {e}"),
+            }
         }
     }
+}
+
+/// Whether /proc/PID/cmdline mentions `dir` (the pid file is not reused by another process).
+fn cmdline_mentions(pid: u32, dir: &std::path::Path) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
+        .unwrap_or(false)
 }
 
 /// Runs the agent until `shutdown` resolves; VMs are stopped on the way out.
@@ -237,6 +290,7 @@ pub async fn run(
         .await
         .map_err(|e| AgentError::PeerListen(config.peer_listen, e))?;
     let agent = Agent::new(config);
+    agent.reattach().await;
     let api = api::serve(agent.clone()).await?;
     tracing::info!(
         agent = %agent.config.name,
@@ -265,8 +319,10 @@ pub async fn run(
         _ = api => {}
         _ = shutdown => {}
     }
-    tracing::info!("tern agent shutting down; stopping VMs");
-    agent.stop_all().await;
+    tracing::info!(
+        vms = agent.vms().len(),
+        "tern agent shutting down; its VMs keep running"
+    );
     if let ApiAddr::Unix(p) = &agent.config.api {
         let _ = std::fs::remove_file(p);
     }

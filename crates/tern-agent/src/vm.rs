@@ -1,6 +1,8 @@
 //! The VMs this agent runs: one supervised QEMU process per VM, its QMP handle and its
-//! run directory. Owns starting, stopping and noticing when QEMU exits; knows nothing
-//! about migration beyond a "busy" mark.
+//! run directory. Owns starting, stopping, noticing when QEMU exits, and re-attaching to
+//! VMs that outlived a previous agent process; knows nothing about migration beyond a
+//! "busy" mark. VMs are not tied to the agent's life: stopping or restarting the agent
+//! leaves them running.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -93,6 +95,54 @@ impl Vm {
         self.exited.borrow().clone()
     }
 
+    /// Supervises a QEMU that is not our child: one a previous agent process started.
+    /// Its exit is noticed by polling `/proc/PID`; stopping uses QMP `quit`, then SIGKILL.
+    pub fn reattach(spec: VmSpec, qmp: QmpClient, pid: u32, run_dir: PathBuf) -> Vm {
+        let (exit_tx, exited) = watch::channel(None);
+        let (stop_tx, mut stop_rx) = mpsc::channel::<StopMode>(1);
+        let qemu_version = qmp.version().to_string();
+        let q = qmp.clone();
+        tokio::spawn(async move {
+            let gone = || !process_alive(pid);
+            let how = loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                        if gone() {
+                            break "exited".to_string();
+                        }
+                    }
+                    Some(mode) = stop_rx.recv() => {
+                        if let StopMode::Quit = mode {
+                            let _ = tokio::time::timeout(Duration::from_secs(10), q.execute("quit", None)).await;
+                            for _ in 0..100 {
+                                if gone() {
+                                    break;
+                                }
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                        if !gone() {
+                            kill_pid(pid);
+                        }
+                        break "stopped".to_string();
+                    }
+                }
+            };
+            let _ = exit_tx.send(Some(how));
+        });
+        Vm {
+            console_log: run_dir.join("console.log"),
+            spec,
+            qmp,
+            run_dir,
+            pid: Some(pid),
+            qemu_version,
+            migrating: AtomicBool::new(false),
+            exited,
+            stop_tx,
+        }
+    }
+
     /// Stops QEMU and waits until it is gone.
     pub async fn stop(&self, mode: StopMode) {
         let _ = self.stop_tx.send(mode).await;
@@ -125,6 +175,23 @@ impl Vm {
             qmp_socket: self.run_dir.join("qmp.sock"),
         }
     }
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// SIGKILL a process that is not our child (no unsafe code: the `kill` utility).
+pub fn kill_pid(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
 }
 
 /// Why `tern vm start` failed.

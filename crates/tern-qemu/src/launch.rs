@@ -23,6 +23,9 @@ pub struct LaunchOptions {
     pub incoming_defer: bool,
     /// `-S`: do not start the vCPUs.
     pub start_paused: bool,
+    /// Kill QEMU when the [`QemuProcess`] is dropped (tests, tools). An agent sets this to
+    /// false: its VMs outlive it and a restarted agent re-attaches to them.
+    pub kill_on_drop: bool,
 }
 
 impl LaunchOptions {
@@ -36,6 +39,7 @@ impl LaunchOptions {
             run_dir,
             incoming_defer: false,
             start_paused: false,
+            kill_on_drop: true,
         }
     }
 }
@@ -120,6 +124,8 @@ impl QemuProcess {
             "unix:{},server=on,wait=off",
             rd.join("qmp.sock").display()
         ));
+        push("-pidfile");
+        push(&rd.join("qemu.pid").display().to_string());
         if opts.start_paused {
             push("-S");
         }
@@ -166,13 +172,19 @@ impl QemuProcess {
             path: log_path.clone(),
             source: e,
         })?;
+        // What a restarted agent needs to find this VM again (see tern-agent `reattach`).
+        std::fs::write(opts.run_dir.join("spec.toml"), spec.to_toml()).map_err(|e| {
+            LaunchError::RunDir {
+                path: opts.run_dir.clone(),
+                source: e,
+            }
+        })?;
         let mut cmd = Command::new(&opts.qemu_binary);
-        crate::sys::kill_with_parent(&mut cmd);
         cmd.args(Self::command_line(spec, opts))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
-            .kill_on_drop(true);
+            .kill_on_drop(opts.kill_on_drop);
         let mut child = cmd.spawn().map_err(|e| LaunchError::Spawn {
             binary: opts.qemu_binary.clone(),
             source: e,
@@ -310,6 +322,7 @@ mod tests {
             Some("unix:/run/x/qmp.sock,server=on,wait=off")
         );
         assert_eq!(after(&a, "-serial"), Some("file:/run/x/console.log"));
+        assert_eq!(after(&a, "-pidfile"), Some("/run/x/qemu.pid"));
         assert_eq!(after(&a, "-append"), Some("console=ttyS0 a=b"));
     }
 

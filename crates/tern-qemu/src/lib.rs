@@ -5,11 +5,10 @@
 //! messages ([`rp`]), the QMP client ([`qmp`]), the VM spec ([`spec`]) and turning a spec
 //! into a QEMU process ([`launch`]). It must not know about tern's wire protocol or about
 //! other hosts.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod launch;
 pub mod qmp;
 pub mod rp;
 pub mod spec;
 pub mod stream;
-mod sys;

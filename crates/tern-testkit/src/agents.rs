@@ -22,6 +22,8 @@ pub fn e2e_lock() -> MutexGuard<'static, ()> {
 pub struct TestAgent {
     pub name: String,
     pub dir: tempfile::TempDir,
+    /// Where VM run directories live (`dir` unless the agent took over another's).
+    pub state_dir: PathBuf,
     pub api: PathBuf,
     pub peer_addr: SocketAddr,
     pub log: PathBuf,
@@ -44,6 +46,8 @@ pub struct AgentOptions<'a> {
     pub listen: Option<SocketAddr>,
     /// Extra `tern agent` arguments.
     pub args: &'a [&'a str],
+    /// Reuse another agent's state directory (an agent restart); a fresh one if unset.
+    pub state_dir: Option<&'a Path>,
 }
 
 impl TestAgent {
@@ -71,6 +75,10 @@ impl TestAgent {
         };
         let log = dir.path().join("agent.log");
         let logf = std::fs::File::create(&log)?;
+        let state_dir = o
+            .state_dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.path().to_path_buf());
         let mut cmd = match o.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -82,7 +90,7 @@ impl TestAgent {
         cmd.args(["agent", "--name", name, "--listen", &peer_addr.to_string()])
             .args(o.args)
             .arg("--state-dir")
-            .arg(dir.path())
+            .arg(&state_dir)
             .arg("--api")
             .arg(format!("unix:{}", api.display()))
             .env("TERN_LOG", "info,tern_agent=debug")
@@ -99,6 +107,7 @@ impl TestAgent {
         let mut a = TestAgent {
             name: name.into(),
             dir,
+            state_dir,
             api,
             peer_addr,
             log,
@@ -134,7 +143,18 @@ impl TestAgent {
         self.child.as_ref().map(|c| c.id())
     }
 
-    /// SIGKILL, as a crash would.
+    /// SIGTERM and wait: the agent exits, its VMs keep running (a restart or upgrade).
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGKILL, as a crash would (its VMs keep running).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -221,7 +241,7 @@ impl TestAgent {
 
     /// Run directories this agent still has (each VM instance has one).
     pub fn run_dirs(&self) -> Vec<PathBuf> {
-        std::fs::read_dir(self.dir.path().join("run"))
+        std::fs::read_dir(self.state_dir.join("run"))
             .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
             .unwrap_or_default()
     }
@@ -229,6 +249,14 @@ impl TestAgent {
 
 impl Drop for TestAgent {
     fn drop(&mut self) {
+        // VMs outlive their agent: stop them first so no test leaves a QEMU behind.
+        if self.child.is_some() {
+            for vm in self.vms().unwrap_or_default() {
+                if let Some(n) = vm["name"].as_str() {
+                    let _ = self.call("DELETE", &format!("/v1/vms/{n}"), None);
+                }
+            }
+        }
         if let Some(mut c) = self.child.take() {
             // SIGTERM lets the agent stop its VMs; SIGKILL if it does not within 10 s.
             let _ = Command::new("kill")

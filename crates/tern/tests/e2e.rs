@@ -487,16 +487,25 @@ fn destination_agent_crash_leaves_source_running() -> Result<()> {
     let st = a.wait_migration(&id, Duration::from_secs(60))?;
     assert!(st.error.is_some());
     assert_source_running(&a, "v5")?;
-    // The destination QEMU dies with its agent (no orphan VM on the destination host).
+    // The restarted destination agent removes the QEMU of the migration that never
+    // switched over (no orphan VM on the destination host).
+    let b2 = TestAgent::start_with(
+        Path::new(BIN),
+        "host-b",
+        AgentOptions {
+            state_dir: Some(&b.state_dir),
+            ..Default::default()
+        },
+    )?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while pid_alive(pid) {
         assert!(
             Instant::now() < deadline,
-            "destination QEMU {pid} outlived its agent"
+            "incoming QEMU {pid} survived the agent restart"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let b2 = TestAgent::start(Path::new(BIN), "host-b2", &[])?;
+    assert!(b2.vms()?.is_empty() && b2.run_dirs().is_empty());
     let r = migrate_ok(&a, &b2, "v5")?;
     assert!(r.digest_ok);
     Ok(())
@@ -752,5 +761,45 @@ fn a_destination_with_an_older_qemu_is_refused_before_anything_moves() -> Result
     assert!(!e.retryable);
     assert_source_running(&a, "v9")?;
     assert_dest_clean(&b, &dest_pids(&b))?;
+    Ok(())
+}
+
+#[test]
+fn an_agent_restart_keeps_its_vms_running_and_manageable() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let (mut a, b) = two_agents(&[])?;
+    boot_dirtier(&a, &g, "v10", "")?;
+    let pid = a.vm("v10")?["pid"].as_u64().context("pid")? as u32;
+    a.terminate(); // e.g. an upgrade
+    assert!(pid_alive(pid), "the VM outlives its agent");
+    let a2 = TestAgent::start_with(
+        Path::new(BIN),
+        "host-a",
+        AgentOptions {
+            state_dir: Some(&a.state_dir),
+            ..Default::default()
+        },
+    )?;
+    let info = a2.vm("v10")?;
+    assert_eq!(
+        info["pid"].as_u64(),
+        Some(u64::from(pid)),
+        "the same QEMU, re-attached"
+    );
+    assert_source_running(&a2, "v10")?;
+    // fully manageable again: it migrates, and the old QEMU goes away afterwards
+    let r = migrate_ok(&a2, &b, "v10")?;
+    assert!(r.digest_ok);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while pid_alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the re-attached source QEMU was not stopped after switchover"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(console_of(&b, "v10")?)?;
+    assert!(!text.contains("TERN-CORRUPT"), "{text}");
     Ok(())
 }

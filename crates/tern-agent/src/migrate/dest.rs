@@ -33,6 +33,11 @@ use crate::Agent;
 
 type PeerWriter = Arc<Mutex<FrameWriter<tokio::net::tcp::OwnedWriteHalf>>>;
 
+/// File in a run directory while its QEMU is an incoming migration not yet switched over.
+pub const INCOMING_MARKER: &str = "incoming";
+/// File in a run directory naming the migration that brought the VM here.
+pub const SWITCHED_IN: &str = "switched-in";
+
 /// Why an incoming migration failed (the code is sent to the source in `Abort`).
 #[derive(Debug, thiserror::Error)]
 pub enum IncomingError {
@@ -251,6 +256,16 @@ async fn receive(
     let mut opts = LaunchOptions::new(run_dir.clone());
     opts.incoming_defer = true;
     opts.start_paused = true;
+    opts.kill_on_drop = false; // cleanup is explicit; after switchover the VM outlives us
+                               // Until the switchover this QEMU is not a VM of ours: a restarted agent removes it.
+    std::fs::create_dir_all(&run_dir)
+        .and_then(|_| std::fs::write(run_dir.join(INCOMING_MARKER), id.as_bytes()))
+        .map_err(|e| {
+            refuse(
+                ErrorCode::ResourceExhausted,
+                format!("cannot create {}: {e}", run_dir.display()),
+            )
+        })?;
     let process = QemuProcess::launch(&spec, &opts)
         .await
         .map_err(|e| refuse(ErrorCode::QemuLaunchFailed, error_chain(&e)))?;
@@ -451,6 +466,10 @@ async fn receive(
         .take()
         .expect("process is set during a migration");
     inc.run_dir = None;
+    // Record which migration brought the VM here before dropping the incoming mark, so a
+    // restarted agent still answers a source's Query with "running" (never a second copy).
+    let _ = std::fs::write(process.run_dir.join(SWITCHED_IN), id.as_bytes());
+    let _ = std::fs::remove_file(process.run_dir.join(INCOMING_MARKER));
     let vm = Arc::new(Vm::supervise(spec, process));
     vm.migrating.store(false, Ordering::SeqCst);
     agent.adopt(vm);
