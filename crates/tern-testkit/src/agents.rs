@@ -327,15 +327,7 @@ impl Drop for WanLab {
 }
 
 /// Whether a process with this pid still exists (and is not a zombie).
-pub fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // the state follows the command name, which may contain spaces: "PID (comm) S ..."
-        Ok(s) => s
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
-        Err(_) => false,
-    }
-}
+pub use tern_agent::vm::process_alive as pid_alive;
 
 /// Waits until `text` appears in the file (a guest console), returning the file's text.
 pub fn wait_for_text(path: &Path, text: &str, within: Duration) -> Result<String> {

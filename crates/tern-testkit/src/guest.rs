@@ -61,6 +61,21 @@ fn build() -> Result<GuestImage> {
     })
 }
 
+/// QEMU 7.2 from the private prefix (`scripts/qemu72.sh`, cached): the wrapper's path.
+pub fn qemu72() -> Result<PathBuf> {
+    let out = std::process::Command::new("bash")
+        .arg(repo_root()?.join("scripts/qemu72.sh"))
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "scripts/qemu72.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(PathBuf::from(text.trim().lines().last().unwrap_or("")))
+}
+
 /// Page `index` of the pattern workload with `seed`, exactly as guest/src/pattern.c writes it.
 pub fn pattern_page(seed: u64, index: u64) -> [u8; 4096] {
     let mut pg = [0u8; 4096];

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use tern_testkit::agents::{e2e_lock, pid_alive, wait_for_text, AgentOptions, TestAgent, WanLab};
-use tern_testkit::guest::{count_pattern_pages, ensure_guest, GuestImage};
+use tern_testkit::guest::{count_pattern_pages, ensure_guest, qemu72, GuestImage};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tern");
 
@@ -136,24 +136,7 @@ fn migrate_paused_vm_keeps_ram_identical() -> Result<()> {
 #[test]
 fn migrate_paused_vm_on_qemu72_keeps_ram_identical() -> Result<()> {
     let _l = e2e_lock();
-    let out = std::process::Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../scripts/qemu72.sh"
-        ))
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "scripts/qemu72.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let wrapper = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .lines()
-        .last()
-        .unwrap_or("")
-        .to_string();
+    let wrapper = qemu72()?.display().to_string();
     paused_migration_keeps_ram_identical(&[("TERN_QEMU", &wrapper)], "7.2.")
 }
 
@@ -734,24 +717,7 @@ fn link_cut_between_namespace_hosts_leaves_source_running_and_a_retry_succeeds()
 fn a_destination_with_an_older_qemu_is_refused_before_anything_moves() -> Result<()> {
     let _l = e2e_lock();
     let g = ensure_guest()?;
-    let out = std::process::Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../scripts/qemu72.sh"
-        ))
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "scripts/qemu72.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let wrapper = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .lines()
-        .last()
-        .unwrap_or("")
-        .to_string();
+    let wrapper = qemu72()?.display().to_string();
     let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
     let b = TestAgent::start(Path::new(BIN), "host-b", &[("TERN_QEMU", &wrapper)])?;
     boot(&a, &spec("v9", &g, 128, "tern.workload=idle", ""), "v9")?;
