@@ -84,6 +84,16 @@ pub struct MigrateStarted {
 
 type S = State<Arc<Agent>>;
 
+fn find_vm(a: &Agent, name: &str) -> Result<Arc<crate::vm::Vm>, ApiError> {
+    a.vm(name)
+        .ok_or_else(|| ApiError::not_found(format!("no VM named {name:?} on this host")))
+}
+
+fn find_migration(a: &Agent, id: &str) -> Result<Arc<MigrationHandle>, ApiError> {
+    a.migration(id)
+        .ok_or_else(|| ApiError::not_found(format!("no migration {id:?}")))
+}
+
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/agent", get(agent_info))
@@ -173,9 +183,7 @@ async fn start_vm(
 }
 
 async fn show_vm(State(a): S, Path(name): Path<String>) -> Result<Json<VmInfo>, ApiError> {
-    let vm = a
-        .vm(&name)
-        .ok_or_else(|| ApiError::not_found(format!("no VM named {name:?} on this host")))?;
+    let vm = find_vm(&a, &name)?;
     Ok(Json(vm.info().await))
 }
 
@@ -192,9 +200,7 @@ async fn qmp(
     Path(name): Path<String>,
     Json(req): Json<QmpRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let vm = a
-        .vm(&name)
-        .ok_or_else(|| ApiError::not_found(format!("no VM named {name:?} on this host")))?;
+    let vm = find_vm(&a, &name)?;
     let r = vm
         .qmp
         .execute(&req.execute, req.arguments)
@@ -208,9 +214,7 @@ async fn migrate(
     Path(name): Path<String>,
     Json(req): Json<MigrateRequest>,
 ) -> Result<(StatusCode, Json<MigrateStarted>), ApiError> {
-    let vm = a
-        .vm(&name)
-        .ok_or_else(|| ApiError::not_found(format!("no VM named {name:?} on this host")))?;
+    let vm = find_vm(&a, &name)?;
     if vm.exit_reason().is_some() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -260,9 +264,7 @@ async fn show_migration(
     State(a): S,
     Path(id): Path<String>,
 ) -> Result<Json<MigrationStatus>, ApiError> {
-    let m = a
-        .migration(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no migration {id:?}")))?;
+    let m = find_migration(&a, &id)?;
     Ok(Json(m.status()))
 }
 
@@ -270,9 +272,7 @@ async fn cancel_migration(
     State(a): S,
     Path(id): Path<String>,
 ) -> Result<Json<MigrationStatus>, ApiError> {
-    let m = a
-        .migration(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no migration {id:?}")))?;
+    let m = find_migration(&a, &id)?;
     m.cancel();
     Ok(Json(m.status()))
 }
