@@ -58,9 +58,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(m) = tern_proto::decode(&mut self.buf)? {
                 return Ok(Some(m));
             }
-            if self.buf.capacity() - self.buf.len() < 64 << 10 {
-                self.buf.reserve(1 << 20);
-            }
+            self.make_room();
             let n = self.r.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return if self.buf.is_empty() {
@@ -70,6 +68,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 };
             }
             self.bytes_read += n as u64;
+        }
+    }
+
+    /// Keeps at least 64 KiB free for the next read.
+    fn make_room(&mut self) {
+        if self.buf.capacity() - self.buf.len() < 64 << 10 {
+            self.buf.reserve(1 << 20);
         }
     }
 
@@ -190,9 +195,7 @@ impl Segments {
 impl FrameReader<tokio::net::tcp::OwnedReadHalf> {
     /// Reads whatever the socket already holds, without waiting. Returns false at EOF.
     pub fn try_fill(&mut self) -> Result<bool, RecvError> {
-        if self.buf.capacity() - self.buf.len() < 64 << 10 {
-            self.buf.reserve(1 << 20);
-        }
+        self.make_room();
         match self.r.try_read_buf(&mut self.buf) {
             Ok(0) => Ok(false),
             Ok(n) => {

@@ -320,7 +320,7 @@ async fn receive(
         if !reader.has_frame() && !out.is_empty() {
             reader.try_fill()?;
             if !reader.has_frame() {
-                write_qemu(&mut qemu_wr, &mut out, c).await?;
+                write_qemu(&mut qemu_wr, &mut out).await?;
             }
         }
         let msg = tokio::select! {
@@ -397,11 +397,11 @@ async fn receive(
                     enc.encode(&Item::Ram(rec), NameMode::Auto, out.scratch());
                 }
                 if out.len() >= 1 << 20 {
-                    write_qemu(&mut qemu_wr, &mut out, c).await?;
+                    write_qemu(&mut qemu_wr, &mut out).await?;
                 }
             }
             Some(Message::SourceDone { digest: src, .. }) => {
-                write_qemu(&mut qemu_wr, &mut out, c).await?;
+                write_qemu(&mut qemu_wr, &mut out).await?;
                 break src;
             }
             Some(Message::Abort { code, message }) => {
@@ -534,16 +534,10 @@ async fn send(w: &PeerWriter, m: &Message) -> Result<(), IncomingError> {
         .map_err(IncomingError::PeerWrite)
 }
 
-async fn write_qemu(
-    w: &mut unix::OwnedWriteHalf,
-    out: &mut Segments,
-    c: &Counters,
-) -> Result<(), IncomingError> {
-    let n = out
-        .write_to(w)
+async fn write_qemu(w: &mut unix::OwnedWriteHalf, out: &mut Segments) -> Result<(), IncomingError> {
+    out.write_to(w)
         .await
         .map_err(|e| IncomingError::Qemu(format!("writing its stream failed: {e}")))?;
-    Counters::add(&c.bytes_to_qemu, n);
     Ok(())
 }
 

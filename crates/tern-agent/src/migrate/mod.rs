@@ -55,7 +55,6 @@ pub enum Direction {
 #[derive(Debug, Default)]
 pub struct Counters {
     pub bytes_from_qemu: AtomicU64,
-    pub bytes_to_qemu: AtomicU64,
     pub wire_out: AtomicU64,
     pub wire_in: AtomicU64,
     pub pages_zero: AtomicU64,
@@ -176,7 +175,6 @@ pub struct MigrationHandle {
     pub direction: Direction,
     pub peer: String,
     pub started: Instant,
-    pub started_wall: SystemTime,
     pub counters: Counters,
     status: Mutex<MigrationStatus>,
     cancel_tx: watch::Sender<bool>,
@@ -202,7 +200,6 @@ impl MigrationHandle {
             direction,
             peer,
             started: Instant::now(),
-            started_wall: SystemTime::now(),
             counters: Counters::default(),
             status: Mutex::new(status),
             cancel_tx: watch::channel(false).0,
