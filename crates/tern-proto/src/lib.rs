@@ -10,9 +10,13 @@
 //!  Hello{min,max,agent}            ------------>
 //!                                  <------------  HelloAck{version,agent}
 //!  Prepare{id,spec,running,qemu}   ------------>  starts QEMU -incoming defer (-S)
+//!                                  <------------  Summary{key id, hash prefixes}+ (v2)
 //!                                  <------------  Prepared{qemu}
 //!  QemuBytes / RamBlocks / Pages   ============>  rebuilds QEMU's stream, in order
+//!    (pages: zero, raw, ref, delta)
 //!                                  <============  ReturnPath (PONG, SHUT, ...)
+//!                                  <------------  Want{hashes}    (v2, rare: a ref missed)
+//!  Content{hash, bytes}            ------------>
 //!  SourceDone{digest}              ------------>  compares digests, QEMU loaded
 //!                                  <------------  ReadyToResume{digest}
 //!  Commit          (switchover point: the source will never resume after this)
@@ -25,17 +29,19 @@
 //!                                  <------------  QueryAnswer{state, resumed_at}
 //! ```
 //!
-//! A frame is `u8 type | u8 flags (0) | be32 payload length | payload`. Type 0 is reserved
+//! A frame is `u8 type | u8 flags | be32 payload length | payload`; flags 1 and 2 (v2)
+//! mean the payload is `be32 raw length + lz4 / zstd block`, 0 that it is plain. Type 0 is reserved
 //! as invalid. Integers are big-endian, strings are `be16 length + UTF-8`, byte strings
-//! `be32 length + bytes`. A receiver rejects unknown types, non-zero flags, lengths above
+//! `be32 length + bytes`. A receiver rejects unknown types, unknown flags, lengths above
 //! [`MAX_PAYLOAD`] and payloads with bytes left over.
 #![forbid(unsafe_code)]
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// Oldest protocol version this build still accepts (N and N-1 once there is an N-1).
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Oldest protocol version this build still accepts (N and N-1). With a v1 peer a source
+/// sends zero and raw pages only, uncompressed.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Largest payload a frame may carry.
 pub const MAX_PAYLOAD: usize = 32 << 20;
@@ -60,7 +66,14 @@ pub mod tag {
     pub const ABORT: u8 = 13;
     pub const QUERY: u8 = 14;
     pub const QUERY_ANSWER: u8 = 15;
+    pub const SUMMARY: u8 = 16;
+    pub const WANT: u8 = 17;
+    pub const CONTENT: u8 = 18;
 }
+
+/// A page's content identity: the first 16 bytes of the cluster-keyed BLAKE3 of its bytes
+/// (`tern-store` computes it; this crate only carries it).
+pub type ContentHash = [u8; 16];
 
 /// What a destination agent knows of a migration, answering [`Message::Query`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,10 +228,47 @@ pub enum PageBody {
     Zero { fill: u8 },
     /// The page's bytes.
     Raw(Bytes),
+    /// Content the destination holds already (v2): in its page store, under this hash.
+    Ref(ContentHash),
+    /// The page's previous version at the destination with `diff` applied (v2); `result`
+    /// names the new content, so a destination missing the base can ask for it instead.
+    Delta { result: ContentHash, diff: Bytes },
 }
 
 const PAGE_ZERO: u8 = 0;
 const PAGE_RAW: u8 = 1;
+const PAGE_REF: u8 = 2;
+const PAGE_DELTA: u8 = 3;
+
+/// Payload compression of a frame, in the low bits of its flags byte (v2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Codec {
+    None,
+    Lz4,
+    /// zstd at the given level (the level matters to the sender only).
+    Zstd(i32),
+}
+
+impl Codec {
+    fn flag(self) -> u8 {
+        match self {
+            Codec::None => 0,
+            Codec::Lz4 => FLAG_LZ4,
+            Codec::Zstd(_) => FLAG_ZSTD,
+        }
+    }
+    pub fn name(self) -> String {
+        match self {
+            Codec::None => "none".into(),
+            Codec::Lz4 => "lz4".into(),
+            Codec::Zstd(l) => format!("zstd-{l}"),
+        }
+    }
+}
+
+const FLAG_LZ4: u8 = 1;
+const FLAG_ZSTD: u8 = 2;
+const FLAG_CODEC_MASK: u8 = 3;
 
 /// One page record: the page at byte `offset` of a block.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +341,23 @@ pub enum Message {
         state: MigrationState,
         resumed_unix_us: u64,
     },
+    /// Destination -> source before Prepared (v2): 64-bit prefixes of the content hashes
+    /// its page store holds (several frames for a large store). A hint: a prefix that turns
+    /// out not to be held costs one [`Message::Want`] round trip, never correctness.
+    /// `key_id` names the cluster key the hashes were made with: references work only
+    /// between agents with the same key.
+    Summary {
+        key_id: u64,
+        prefixes: Vec<u64>,
+    },
+    /// Destination -> source (v2): contents it was referred to but does not hold.
+    Want {
+        hashes: Vec<ContentHash>,
+    },
+    /// Source -> destination (v2): the contents asked for by a Want.
+    Content {
+        pages: Vec<(ContentHash, Bytes)>,
+    },
 }
 
 impl Message {
@@ -311,6 +378,9 @@ impl Message {
             Message::Abort { .. } => tag::ABORT,
             Message::Query { .. } => tag::QUERY,
             Message::QueryAnswer { .. } => tag::QUERY_ANSWER,
+            Message::Summary { .. } => tag::SUMMARY,
+            Message::Want { .. } => tag::WANT,
+            Message::Content { .. } => tag::CONTENT,
         }
     }
 
@@ -332,6 +402,9 @@ impl Message {
             Message::Abort { .. } => "Abort",
             Message::Query { .. } => "Query",
             Message::QueryAnswer { .. } => "QueryAnswer",
+            Message::Summary { .. } => "Summary",
+            Message::Want { .. } => "Want",
+            Message::Content { .. } => "Content",
         }
     }
 }
@@ -437,6 +510,15 @@ pub fn encode_segments(msg: &Message, scratch: &mut BytesMut, segs: &mut Vec<Byt
                         out.put_u32(data.len() as u32);
                         bulk(out, segs, data);
                     }
+                    PageBody::Ref(h) => {
+                        out.put_u8(PAGE_REF);
+                        out.put_slice(h);
+                    }
+                    PageBody::Delta { result, diff } => {
+                        out.put_u8(PAGE_DELTA);
+                        out.put_slice(result);
+                        put_bytes(out, diff);
+                    }
                 }
             }
         }
@@ -459,7 +541,33 @@ pub fn encode_segments(msg: &Message, scratch: &mut BytesMut, segs: &mut Vec<Byt
             out.put_u8(state.to_u8());
             out.put_u64(*resumed_unix_us);
         }
+        Message::Summary { key_id, prefixes } => {
+            out.put_u64(*key_id);
+            out.put_u32(prefixes.len() as u32);
+            for p in prefixes {
+                out.put_u64(*p);
+            }
+        }
+        Message::Want { hashes } => {
+            out.put_u32(hashes.len() as u32);
+            for h in hashes {
+                out.put_slice(h);
+            }
+        }
+        Message::Content { pages } => {
+            out.put_u32(pages.len() as u32);
+            for (h, data) in pages {
+                out.put_slice(h);
+                out.put_u32(data.len() as u32);
+                bulk(out, segs, data);
+            }
+        }
     }
+}
+
+/// The length of `msg`'s frame, header included (uncompressed).
+pub fn frame_len(msg: &Message) -> usize {
+    HEADER_LEN + payload_len(msg)
 }
 
 /// The payload length of `msg`'s frame.
@@ -485,6 +593,8 @@ fn payload_len(msg: &Message) -> usize {
                 .map(|p| match &p.body {
                     PageBody::Zero { .. } => 10,
                     PageBody::Raw(d) => 13 + d.len(),
+                    PageBody::Ref(_) => 25,
+                    PageBody::Delta { diff, .. } => 29 + diff.len(),
                 })
                 .sum::<usize>()
         }
@@ -495,6 +605,9 @@ fn payload_len(msg: &Message) -> usize {
         Message::Abort { message, .. } => 2 + s(message),
         Message::Query { migration_id } => s(migration_id),
         Message::QueryAnswer { .. } => 9,
+        Message::Summary { prefixes, .. } => 12 + 8 * prefixes.len(),
+        Message::Want { hashes } => 4 + 16 * hashes.len(),
+        Message::Content { pages } => 4 + pages.iter().map(|(_, d)| 20 + d.len()).sum::<usize>(),
     }
 }
 
@@ -507,10 +620,11 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, FrameError> {
     let ty = buf[0];
     let flags = buf[1];
     let len = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
-    if !(tag::HELLO..=tag::QUERY_ANSWER).contains(&ty) {
+    if !(tag::HELLO..=tag::CONTENT).contains(&ty) {
         return Err(FrameError::UnknownType(ty));
     }
-    if flags != 0 {
+    let codec = flags & FLAG_CODEC_MASK;
+    if flags & !FLAG_CODEC_MASK != 0 || codec == FLAG_CODEC_MASK {
         return Err(FrameError::BadFlags(ty, flags));
     }
     if len > MAX_PAYLOAD {
@@ -522,7 +636,90 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, FrameError> {
     }
     buf.advance(HEADER_LEN);
     let payload = buf.split_to(len).freeze();
+    let payload = if codec == 0 {
+        payload
+    } else {
+        decompress(ty, codec, &payload)?
+    };
     decode_payload(ty, payload).map(Some)
+}
+
+fn decompress(ty: u8, codec: u8, payload: &[u8]) -> Result<Bytes, FrameError> {
+    let bad = |what| FrameError::Invalid {
+        msg: tag_name(ty),
+        what,
+    };
+    if payload.len() < 4 {
+        return Err(bad("compressed payload (no length)"));
+    }
+    let raw_len = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize;
+    if raw_len > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge(raw_len));
+    }
+    let data = &payload[4..];
+    let out = if codec == FLAG_LZ4 {
+        lz4_flex::block::decompress(data, raw_len).map_err(|_| bad("lz4 payload"))?
+    } else {
+        zstd::bulk::decompress(data, raw_len).map_err(|_| bad("zstd payload"))?
+    };
+    if out.len() != raw_len {
+        return Err(bad("compressed payload (length differs)"));
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Encodes frames with their payload compressed (v2 peers only); keeps the zstd context
+/// between frames. A frame whose payload does not shrink goes uncompressed.
+#[derive(Default)]
+pub struct FrameCompressor {
+    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    scratch: BytesMut,
+}
+
+/// What [`FrameCompressor::encode`] did to one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compressed {
+    /// Payload bytes before compression.
+    pub raw: usize,
+    /// Frame bytes appended to `out` (header included).
+    pub wire: usize,
+}
+
+impl FrameCompressor {
+    /// Appends `msg`'s frame to `out`, its payload compressed with `codec`.
+    pub fn encode(&mut self, msg: &Message, codec: Codec, out: &mut BytesMut) -> Compressed {
+        self.scratch.clear();
+        encode(msg, &mut self.scratch);
+        let raw = self.scratch.len() - HEADER_LEN;
+        let payload = &self.scratch[HEADER_LEN..];
+        let packed = match codec {
+            Codec::None => None,
+            Codec::Lz4 => Some(lz4_flex::block::compress(payload)),
+            Codec::Zstd(level) => {
+                if self.zstd.as_ref().map(|(l, _)| *l) != Some(level) {
+                    self.zstd = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
+                }
+                self.zstd
+                    .as_mut()
+                    .and_then(|(_, c)| c.compress(payload).ok())
+            }
+        };
+        let start = out.len();
+        match packed {
+            Some(p) if p.len() + 4 < raw => {
+                out.put_u8(msg.tag());
+                out.put_u8(codec.flag());
+                out.put_u32((p.len() + 4) as u32);
+                out.put_u32(raw as u32);
+                out.put_slice(&p);
+            }
+            _ => out.extend_from_slice(&self.scratch),
+        }
+        Compressed {
+            raw,
+            wire: out.len() - start,
+        }
+    }
 }
 
 fn decode_payload(ty: u8, payload: Bytes) -> Result<Message, FrameError> {
@@ -577,6 +774,11 @@ fn decode_payload(ty: u8, payload: Bytes) -> Result<Message, FrameError> {
                 let body = match r.u8()? {
                     PAGE_ZERO => PageBody::Zero { fill: r.u8()? },
                     PAGE_RAW => PageBody::Raw(r.bytes()?),
+                    PAGE_REF => PageBody::Ref(r.hash()?),
+                    PAGE_DELTA => PageBody::Delta {
+                        result: r.hash()?,
+                        diff: r.bytes()?,
+                    },
                     _ => return Err(r.invalid("page kind")),
                 };
                 pages.push(Page { offset, body });
@@ -605,6 +807,32 @@ fn decode_payload(ty: u8, payload: Bytes) -> Result<Message, FrameError> {
             state: MigrationState::from_u8(r.u8()?).ok_or_else(|| r.invalid("migration state"))?,
             resumed_unix_us: r.u64()?,
         },
+        tag::SUMMARY => {
+            let key_id = r.u64()?;
+            let n = r.u32()? as usize;
+            r.need(n.saturating_mul(8))?;
+            Message::Summary {
+                key_id,
+                prefixes: (0..n).map(|_| r.b.get_u64()).collect(),
+            }
+        }
+        tag::WANT => {
+            let n = r.u32()? as usize;
+            r.need(n.saturating_mul(16))?;
+            let mut hashes = Vec::with_capacity(n);
+            for _ in 0..n {
+                hashes.push(r.hash()?);
+            }
+            Message::Want { hashes }
+        }
+        tag::CONTENT => {
+            let n = r.u32()? as usize;
+            let mut pages = Vec::with_capacity(n.min(r.b.len() / 20 + 1));
+            for _ in 0..n {
+                pages.push((r.hash()?, r.bytes()?));
+            }
+            Message::Content { pages }
+        }
         other => return Err(FrameError::UnknownType(other)),
     };
     if !r.b.is_empty() {
@@ -630,6 +858,9 @@ fn tag_name(ty: u8) -> &'static str {
         tag::ABORT => "Abort",
         tag::QUERY => "Query",
         tag::QUERY_ANSWER => "QueryAnswer",
+        tag::SUMMARY => "Summary",
+        tag::WANT => "Want",
+        tag::CONTENT => "Content",
         _ => "Invalid",
     }
 }
@@ -703,6 +934,12 @@ impl Reader {
         let mut d = [0u8; 32];
         self.b.copy_to_slice(&mut d);
         Ok(d)
+    }
+    fn hash(&mut self) -> Result<ContentHash, FrameError> {
+        self.need(16)?;
+        let mut h = [0u8; 16];
+        self.b.copy_to_slice(&mut h);
+        Ok(h)
     }
     fn str(&mut self) -> Result<String, FrameError> {
         let n = self.u16()? as usize;
@@ -810,6 +1047,39 @@ mod tests {
                 state: MigrationState::Discarded,
                 resumed_unix_us: 0,
             },
+            Message::Pages {
+                block: 3,
+                pages: vec![
+                    Page {
+                        offset: 4096,
+                        body: PageBody::Ref([5; 16]),
+                    },
+                    Page {
+                        offset: 8192,
+                        body: PageBody::Delta {
+                            result: [6; 16],
+                            diff: Bytes::from_static(b"\x00\x02ab"),
+                        },
+                    },
+                ],
+            },
+            Message::Summary {
+                key_id: 77,
+                prefixes: vec![1, u64::MAX, 0],
+            },
+            Message::Summary {
+                key_id: 0,
+                prefixes: vec![],
+            },
+            Message::Want {
+                hashes: vec![[1; 16], [2; 16]],
+            },
+            Message::Content {
+                pages: vec![
+                    ([3; 16], Bytes::from(vec![9u8; 4096])),
+                    ([4; 16], Bytes::new()),
+                ],
+            },
         ]
     }
 
@@ -880,8 +1150,11 @@ mod tests {
                 ..
             })
         ));
+        let mut b = BytesMut::from(&[tag::COMMIT, 0x80, 0, 0, 0, 0][..]);
+        assert_eq!(decode(&mut b), Err(FrameError::BadFlags(tag::COMMIT, 0x80)));
+        // a compressed payload too short to hold its length
         let mut b = BytesMut::from(&[tag::COMMIT, 1, 0, 0, 0, 0][..]);
-        assert_eq!(decode(&mut b), Err(FrameError::BadFlags(tag::COMMIT, 1)));
+        assert!(matches!(decode(&mut b), Err(FrameError::Invalid { .. })));
         let mut b = BytesMut::from(&[tag::QEMU_BYTES, 0, 0xff, 0xff, 0xff, 0xff][..]);
         assert!(matches!(decode(&mut b), Err(FrameError::TooLarge(_))));
         let mut b = BytesMut::from(&[tag::COMMIT, 0, 0, 0, 0, 1, 5][..]);
@@ -945,6 +1218,38 @@ mod tests {
         assert!(ErrorCode::Timeout.retryable());
     }
 
+    #[test]
+    fn compressible_frames_shrink_and_bad_compressed_payloads_are_errors() {
+        let m = Message::QemuBytes(Bytes::from(vec![b'a'; 100_000]));
+        for codec in [Codec::Lz4, Codec::Zstd(3)] {
+            let mut b = BytesMut::new();
+            let r = FrameCompressor::default().encode(&m, codec, &mut b);
+            assert!(r.wire < 2000, "{codec:?}: {} bytes", r.wire);
+            assert_ne!(b[1], 0, "flags name the codec");
+            let mut bad = b.clone();
+            let n = bad.len();
+            bad[n - 3] ^= 0xff;
+            bad[n - 2] ^= 0xff;
+            // a corrupted body either fails to decompress or decompresses to other bytes
+            match decode(&mut bad) {
+                Err(FrameError::Invalid { .. }) => {}
+                Ok(Some(got)) => assert_ne!(got, m),
+                other => panic!("{codec:?}: {other:?}"),
+            }
+            let mut lie = b.clone();
+            lie[6..10].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_be_bytes());
+            assert_eq!(decode(&mut lie), Err(FrameError::TooLarge(MAX_PAYLOAD + 1)));
+            assert_eq!(decode(&mut b).unwrap().unwrap(), m);
+        }
+        let mut b = BytesMut::new();
+        encode(&m, &mut b);
+        b[1] = 3;
+        assert_eq!(
+            decode(&mut b),
+            Err(FrameError::BadFlags(tag::QEMU_BYTES, 3))
+        );
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
@@ -957,9 +1262,27 @@ mod tests {
             (any::<u64>(), prop_oneof![
                 any::<u8>().prop_map(|fill| PageBody::Zero { fill }),
                 proptest::collection::vec(any::<u8>(), 0..64).prop_map(|v| PageBody::Raw(Bytes::from(v))),
+                any::<[u8; 16]>().prop_map(PageBody::Ref),
+                (any::<[u8; 16]>(), proptest::collection::vec(any::<u8>(), 0..64))
+                    .prop_map(|(result, d)| PageBody::Delta { result, diff: Bytes::from(d) }),
             ]), 0..20), block in any::<u16>()) {
             let m = Message::Pages { block, pages: pages.into_iter().map(|(offset, body)| Page { offset, body }).collect() };
             prop_assert_eq!(roundtrip(&m), m);
+        }
+
+        #[test]
+        fn compressed_frames_decode_to_the_same_message(
+            data in proptest::collection::vec(0u8..4, 0..20000),
+            codec in prop_oneof![Just(Codec::None), Just(Codec::Lz4), (1i32..6).prop_map(Codec::Zstd)],
+        ) {
+            let m = Message::Pages { block: 1, pages: vec![Page { offset: 0, body: PageBody::Raw(Bytes::from(data)) }] };
+            let mut c = FrameCompressor::default();
+            let mut b = BytesMut::new();
+            let r = c.encode(&m, codec, &mut b);
+            prop_assert_eq!(r.wire, b.len());
+            prop_assert!(r.wire <= r.raw + HEADER_LEN);
+            prop_assert_eq!(decode(&mut b).unwrap().unwrap(), m);
+            prop_assert!(b.is_empty());
         }
 
         #[test]
