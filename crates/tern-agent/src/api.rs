@@ -214,6 +214,10 @@ async fn migrate(
     Path(name): Path<String>,
     Json(req): Json<MigrateRequest>,
 ) -> Result<(StatusCode, Json<MigrateStarted>), ApiError> {
+    if let Some(c) = &req.compression {
+        c.parse::<crate::migrate::codec::CodecPolicy>()
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e))?;
+    }
     let vm = find_vm(&a, &name)?;
     if vm.exit_reason().is_some() {
         return Err(ApiError::new(

@@ -228,6 +228,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.q.push_frame(m);
     }
 
+    /// Queues bytes that already are whole frames (e.g. compressed ones).
+    pub fn push_encoded(&mut self, b: Bytes) {
+        self.q.push(b);
+    }
+
     pub fn pending(&self) -> usize {
         self.q.len()
     }

@@ -62,11 +62,39 @@ pub struct AgentConfig {
     /// A migration whose peer connection makes no progress for this long fails (a link that
     /// died silently never resets a TCP connection by itself).
     pub stall_timeout: std::time::Duration,
+    /// The cluster key file (64 hex digits): content hashes are keyed with it, and agents
+    /// dedup against each other only when they share it. Created if missing; default
+    /// `state_dir/cluster.key`.
+    pub cluster_key: Option<PathBuf>,
+    /// Page store capacity in memory, MiB.
+    pub store_mem_mib: u64,
+    /// Page store spill file capacity, MiB (`state_dir/pages.store`; 0 = no file).
+    pub store_file_mib: u64,
+}
+
+impl AgentConfig {
+    /// A config with the defaults for everything but the name, state dir and addresses.
+    pub fn new(name: String, state_dir: PathBuf, api: ApiAddr, peer_listen: SocketAddr) -> Self {
+        AgentConfig {
+            name,
+            state_dir,
+            api,
+            peer_listen,
+            fault: None,
+            stall_timeout: std::time::Duration::from_secs(20),
+            cluster_key: None,
+            store_mem_mib: 512,
+            store_file_mib: 4096,
+        }
+    }
 }
 
 /// Shared state of a running agent.
 pub struct Agent {
     pub config: AgentConfig,
+    /// Pages of VMs that live or lived here, and pages received, by content hash.
+    pub store: migrate::pages::SharedStore,
+    pub hasher: tern_store::ContentHasher,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
     /// Names held by incoming migrations that have not switched over yet.
     reserved: Mutex<HashSet<String>>,
@@ -82,16 +110,67 @@ pub enum AgentError {
     PeerListen(SocketAddr, #[source] std::io::Error),
     #[error("cannot serve the control API on {0:?}")]
     Api(ApiAddr, #[source] std::io::Error),
+    #[error("cluster key {0}: {1} (it holds 64 hex digits; the same file on every agent of the cluster)")]
+    ClusterKey(PathBuf, String),
+    #[error("cannot create the page store")]
+    Store(#[from] tern_store::StoreError),
+}
+
+/// Reads the cluster key, creating it (random) if the file does not exist yet.
+pub fn load_cluster_key(path: &std::path::Path) -> Result<[u8; 32], AgentError> {
+    let err = |m: String| AgentError::ClusterKey(path.to_path_buf(), m);
+    if !path.exists() {
+        let mut key = [0u8; 32];
+        use std::io::Read;
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut key))
+            .map_err(|e| err(format!("no randomness: {e}")))?;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(mut f) => f
+                .write_all(format!("{}\n", hex::encode(key)).as_bytes())
+                .map_err(|e| err(e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {} // another agent won
+            Err(e) => return Err(err(format!("cannot create: {e}"))),
+        }
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let bytes = hex::decode(text.trim()).map_err(|e| err(format!("not hex: {e}")))?;
+    bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| err(format!("{} bytes, not 32", b.len())))
 }
 
 impl Agent {
-    pub fn new(config: AgentConfig) -> Arc<Agent> {
-        Arc::new(Agent {
+    /// Opens the cluster key and the page store (whose spill file starts empty).
+    pub fn new(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+        let key_path = config
+            .cluster_key
+            .clone()
+            .unwrap_or_else(|| config.state_dir.join("cluster.key"));
+        let hasher = tern_store::ContentHasher::new(load_cluster_key(&key_path)?);
+        const PAGE: usize = 4096;
+        let pages = |mib: u64| (mib << 20) as usize / PAGE;
+        let spill = config.state_dir.join("pages.store");
+        let store = tern_store::TieredStore::new(
+            PAGE,
+            pages(config.store_mem_mib),
+            Some((&spill, pages(config.store_file_mib))),
+        )?;
+        Ok(Arc::new(Agent {
             config,
+            store: Arc::new(Mutex::new(store)),
+            hasher,
             vms: Mutex::new(HashMap::new()),
             reserved: Mutex::new(HashSet::new()),
             migrations: Mutex::new(HashMap::new()),
-        })
+        }))
     }
 
     /// A fresh run directory for a VM instance (unique per launch).
@@ -289,7 +368,7 @@ pub async fn run(
     let peers = TcpListener::bind(config.peer_listen)
         .await
         .map_err(|e| AgentError::PeerListen(config.peer_listen, e))?;
-    let agent = Agent::new(config);
+    let agent = Agent::new(config)?;
     agent.reattach().await;
     let api = api::serve(agent.clone()).await?;
     tracing::info!(

@@ -37,6 +37,9 @@ fn free_port() -> Result<u16> {
 }
 
 /// Where and how to run a test agent.
+/// The cluster key file every test agent uses unless told otherwise.
+pub const TEST_CLUSTER_KEY: &str = "/tmp/tern-test-cluster.key";
+
 #[derive(Default)]
 pub struct AgentOptions<'a> {
     pub env: &'a [(&'a str, &'a str)],
@@ -88,8 +91,12 @@ impl TestAgent {
             None => Command::new(bin),
         };
         cmd.args(["agent", "--name", name, "--listen", &peer_addr.to_string()])
-            .args(o.args)
-            .arg("--state-dir")
+            .args(o.args);
+        if !o.args.contains(&"--cluster-key") {
+            // one cluster: every test agent shares a key (created by the first agent)
+            cmd.args(["--cluster-key", TEST_CLUSTER_KEY]);
+        }
+        cmd.arg("--state-dir")
             .arg(&state_dir)
             .arg("--api")
             .arg(format!("unix:{}", api.display()))

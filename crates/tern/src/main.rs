@@ -65,6 +65,16 @@ struct AgentArgs {
     /// Fail a migration whose peer connection makes no progress for this long (seconds).
     #[arg(long, default_value_t = 20)]
     stall_timeout_secs: u64,
+    /// Cluster key file (64 hex digits, created if missing; default STATE_DIR/cluster.key).
+    /// Agents dedup pages against each other only when they use the same key.
+    #[arg(long)]
+    cluster_key: Option<PathBuf>,
+    /// Page store in memory, MiB.
+    #[arg(long, default_value_t = 512)]
+    store_mem_mib: u64,
+    /// Page store spill file (STATE_DIR/pages.store), MiB; 0 for none.
+    #[arg(long, default_value_t = 4096)]
+    store_file_mib: u64,
 }
 
 #[derive(Subcommand)]
@@ -100,6 +110,12 @@ struct MigrateArgs {
     /// Cap on the migration rate, MiB/s (default: no cap).
     #[arg(long = "max-bandwidth")]
     max_bandwidth_mibps: Option<u64>,
+    /// Frame compression: auto (picked from link speed and CPU), none, lz4, zstd-1..19.
+    #[arg(long, default_value = "auto")]
+    compression: String,
+    /// Send every page's bytes: no references to content the destination holds, no deltas.
+    #[arg(long)]
+    no_dedup: bool,
     /// Print the final report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -166,14 +182,17 @@ fn run_agent(a: AgentArgs) -> Result<()> {
         Ok(f) if !f.is_empty() => Some(f.parse().map_err(anyhow::Error::msg)?),
         _ => None,
     };
-    let config = tern_agent::AgentConfig {
-        name: a.name,
-        state_dir: a.state_dir,
-        api: a.api.parse().map_err(anyhow::Error::msg)?,
-        peer_listen: a.listen,
-        fault,
-        stall_timeout: std::time::Duration::from_secs(a.stall_timeout_secs.max(1)),
-    };
+    let mut config = tern_agent::AgentConfig::new(
+        a.name,
+        a.state_dir,
+        a.api.parse().map_err(anyhow::Error::msg)?,
+        a.listen,
+    );
+    config.fault = fault;
+    config.stall_timeout = std::time::Duration::from_secs(a.stall_timeout_secs.max(1));
+    config.cluster_key = a.cluster_key;
+    config.store_mem_mib = a.store_mem_mib;
+    config.store_file_mib = a.store_file_mib;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let shutdown = async {
@@ -280,6 +299,8 @@ fn migrate(c: Client, m: MigrateArgs) -> Result<()> {
             "to": to,
             "downtime_ms": m.downtime_ms,
             "max_bandwidth_mibps": m.max_bandwidth_mibps,
+            "compression": m.compression,
+            "dedup": !m.no_dedup,
         })),
     )?;
     let id = started["id"]
@@ -408,9 +429,22 @@ fn print_report(r: &MigrationReport) {
     println!("  from QEMU       {:.1} MiB", mib(r.bytes_from_qemu));
     println!("  on the wire     {:.1} MiB", mib(r.bytes_on_wire));
     println!(
-        "  pages           {} ({} zero, {} raw)",
-        r.pages.total, r.pages.zero, r.pages.raw
+        "  pages           {} ({} zero, {} raw, {} by reference, {} as deltas)",
+        r.pages.total, r.pages.zero, r.pages.raw, r.pages.refs, r.pages.deltas
     );
+    let e = &r.encoding;
+    if e.frames_raw_bytes > 0 {
+        println!(
+            "  encoding        dedup {}, compression {} ({} changes), frames {:.1} -> {:.1} MiB, {} pages held at the destination, {} asked for again",
+            if e.dedup { "on" } else { "off" },
+            e.codec,
+            e.codec_switches,
+            mib(e.frames_raw_bytes),
+            mib(e.frames_wire_bytes),
+            e.destination_held_pages,
+            e.wants
+        );
+    }
     println!("  throughput      {:.0} Mbit/s", r.throughput_mbps);
     println!(
         "  memory digest   {} ({})",

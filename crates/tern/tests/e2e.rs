@@ -769,3 +769,173 @@ fn an_agent_restart_keeps_its_vms_running_and_manageable() -> Result<()> {
     assert!(!text.contains("TERN-CORRUPT"), "{text}");
     Ok(())
 }
+
+// ----- the WAN data path: references, deltas, compression -----
+
+/// A guest whose memory looks like a server's (page cache of text, binaries and records,
+/// a few processes); the same seed gives the same pages.
+fn realistic(name: &str, g: &GuestImage, seed: u32, extra_append: &str) -> String {
+    spec(
+        name,
+        g,
+        384,
+        &format!("tern.workload=realistic tern.mib=96 tern.seed={seed} {extra_append}"),
+        "",
+    )
+}
+
+#[test]
+fn a_return_trip_sends_references_for_what_did_not_change() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let (a, b) = two_agents(&[])?;
+    boot(&a, &realistic("trip", &g, 5, ""), "trip")?;
+    let out = migrate_ok(&a, &b, "trip")?;
+    let back = migrate_ok(&b, &a, "trip")?;
+    assert!(out.digest_ok && back.digest_ok);
+    assert!(
+        out.encoding.dedup && back.encoding.dedup,
+        "{:?}",
+        back.encoding
+    );
+    assert!(
+        back.encoding.destination_held_pages >= out.pages.raw,
+        "host-a still holds what it sent: {:?} vs {:?}",
+        back.encoding,
+        out.pages
+    );
+    assert!(
+        back.pages.refs * 10 >= (out.pages.raw + out.pages.deltas) * 9,
+        "unchanged pages go back by reference: out {:?}, back {:?}",
+        out.pages,
+        back.pages
+    );
+    assert!(
+        back.bytes_on_wire * 5 < out.bytes_on_wire,
+        "the return trip sends a fraction: out {} bytes, back {} bytes",
+        out.bytes_on_wire,
+        back.bytes_on_wire
+    );
+    assert_eq!(a.vm_status("trip")?, "running");
+    assert!(b.vms()?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_second_vm_of_the_same_image_travels_mostly_by_reference() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let (a, b) = two_agents(&[])?;
+    boot(&a, &realistic("twin1", &g, 7, ""), "twin1")?;
+    boot(&a, &realistic("twin2", &g, 7, ""), "twin2")?;
+    let first = migrate_ok(&a, &b, "twin1")?;
+    let second = migrate_ok(&a, &b, "twin2")?;
+    assert!(first.digest_ok && second.digest_ok);
+    assert!(
+        second.pages.refs > 4 * second.pages.raw,
+        "the twin's pages are already at host-b: {:?}",
+        second.pages
+    );
+    assert!(
+        second.bytes_on_wire * 2 < first.bytes_on_wire,
+        "first {} bytes, twin {} bytes",
+        first.bytes_on_wire,
+        second.bytes_on_wire
+    );
+    assert_eq!(b.vm_status("twin1")?, "running");
+    assert_eq!(b.vm_status("twin2")?, "running");
+    Ok(())
+}
+
+#[test]
+fn a_destination_that_cannot_keep_pages_asks_for_them_and_stays_exact() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
+    // 256 pages of store and no spill file: most references will miss at host-b
+    let tiny = ["--store-mem-mib", "1", "--store-file-mib", "0"];
+    let b = TestAgent::start_with(
+        Path::new(BIN),
+        "host-b",
+        AgentOptions {
+            args: &tiny,
+            ..Default::default()
+        },
+    )?;
+    boot(
+        &a,
+        &realistic("miss", &g, 9, "tern.dirty=16 tern.rate=8"),
+        "miss",
+    )?;
+    wait_for_text(
+        &console_of(&a, "miss")?,
+        "tern-realistic pass",
+        Duration::from_secs(60),
+    )?;
+    let r = migrate_ok(&a, &b, "miss")?;
+    assert!(r.digest_ok);
+    assert!(
+        r.encoding.wants > 0,
+        "host-b asked for nothing: {:?}",
+        r.encoding
+    );
+    assert!(r.pages.refs > 0 && r.pages.deltas > 0, "{:?}", r.pages);
+    assert_eq!(b.vm_status("miss")?, "running");
+    Ok(())
+}
+
+#[test]
+fn over_an_emulated_wan_pages_are_compressed_deltas_are_used_and_memory_is_exact() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let _lab = WanLab::up("wan-100m-50ms")?;
+    let a = TestAgent::start_with(
+        Path::new(BIN),
+        "host-a",
+        AgentOptions {
+            netns: Some("tern-a"),
+            listen: Some("198.18.0.1:7700".parse()?),
+            ..Default::default()
+        },
+    )?;
+    let b = TestAgent::start_with(
+        Path::new(BIN),
+        "host-b",
+        AgentOptions {
+            netns: Some("tern-b"),
+            listen: Some("198.18.0.2:7700".parse()?),
+            ..Default::default()
+        },
+    )?;
+    // a guest rewriting text spans at 4 MiB/s keeps re-sending pages: deltas
+    boot(
+        &a,
+        &realistic("wan", &g, 11, "tern.dirty=32 tern.rate=4"),
+        "wan",
+    )?;
+    wait_for_text(
+        &console_of(&a, "wan")?,
+        "tern-realistic pass",
+        Duration::from_secs(60),
+    )?;
+    let r = migrate_ok(&a, &b, "wan")?;
+    assert!(r.digest_ok);
+    let e = &r.encoding;
+    assert!(
+        e.codec.starts_with("zstd"),
+        "a 100 Mbit/s link wants zstd: {e:?}"
+    );
+    assert!(
+        e.frames_wire_bytes * 2 < e.frames_raw_bytes,
+        "realistic pages compress: {e:?}"
+    );
+    assert!(r.pages.deltas > 0, "{:?}", r.pages);
+    assert!(
+        r.bytes_on_wire * 2 < r.bytes_from_qemu,
+        "wire {} vs QEMU's stream {}",
+        r.bytes_on_wire,
+        r.bytes_from_qemu
+    );
+    assert_eq!(b.vm_status("wan")?, "running");
+    Ok(())
+}

@@ -13,6 +13,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use std::collections::{HashSet, VecDeque};
+
+use bytes::Bytes;
 use serde_json::json;
 use tern_proto::{ErrorCode, Message, PageBody};
 use tern_qemu::launch::{LaunchOptions, QemuProcess};
@@ -20,11 +23,13 @@ use tern_qemu::qmp::QmpClient;
 use tern_qemu::rp::{parse_rp, RpMessage};
 use tern_qemu::spec::VmSpec;
 use tern_qemu::stream::{BlockName, Encoder, Item, NameMode, RamRecord};
+use tern_store::Hash;
 use tokio::io::AsyncReadExt;
 use tokio::net::{unix, TcpStream, UnixStream};
 use tokio::sync::Mutex;
 
 use super::digest::MemoryDigest;
+use super::pages::{PageDecoder, Resolved};
 use super::source::error_chain;
 use super::{unix_us, Counters, Direction, Fault, MigrationHandle};
 use crate::conn::{ExpectError, FrameReader, FrameWriter, RecvError, Segments};
@@ -300,27 +305,65 @@ async fn receive(
     .map_err(qemu_err)?;
     let qemu_sock = connect_retry(&sock, Duration::from_secs(10)).await?;
     let (qemu_rd, mut qemu_wr) = qemu_sock.into_split();
+    // What this host holds, so the source can send references instead of pages (v2).
+    let mut pages = PageDecoder::new(agent.hasher.clone(), agent.store.clone());
+    if version >= 2 {
+        let (key_id, prefixes) = pages.summary();
+        tracing::info!(migration = %id, pages = prefixes.len(), "sending the page summary");
+        let mut chunks = prefixes.chunks(128 << 10).peekable();
+        if chunks.peek().is_none() {
+            send(
+                writer,
+                &Message::Summary {
+                    key_id,
+                    prefixes: Vec::new(),
+                },
+            )
+            .await?;
+        }
+        for chunk in chunks {
+            send(
+                writer,
+                &Message::Summary {
+                    key_id,
+                    prefixes: chunk.to_vec(),
+                },
+            )
+            .await?;
+        }
+    }
     send(writer, &Message::Prepared { qemu_version }).await?;
 
     // --- transfer: frames -> QEMU stream; QEMU's return path -> frames
     handle.set_phase("transfer");
     let rp_task = tokio::spawn(return_path(qemu_rd, writer.clone()));
     let mut rp_task = AbortOnDrop(Some(rp_task));
-    let mut enc = Encoder::new(tern_qemu::stream::DEFAULT_PAGE_SIZE);
-    let mut out = Segments::default();
-    let mut names: Vec<BlockName> = Vec::new();
-    let mut digest: Option<MemoryDigest> = None;
-    let mut corrupt_pending = agent.config.fault == Some(Fault::CorruptPage);
+    let mut rb = Rebuild {
+        enc: Encoder::new(tern_qemu::stream::DEFAULT_PAGE_SIZE),
+        out: Segments::default(),
+        names: Vec::new(),
+        digest: None,
+        corrupt_pending: agent.config.fault == Some(Fault::CorruptPage),
+        pending: VecDeque::new(),
+        missing: HashSet::new(),
+    };
     let c = &handle.counters;
     let mut rp_result: Option<Result<bool, String>> = None;
     let stall = agent.config.stall_timeout;
+    let mut source_done: Option<[u8; 32]> = None;
     let source_digest = loop {
+        if let Some(d) = source_done {
+            if rb.pending.is_empty() {
+                write_qemu(&mut qemu_wr, &mut rb.out).await?;
+                break d;
+            }
+        }
         // Write to QEMU only when the next frame is not here yet (and nothing more is
         // waiting in the socket), or when a lot is queued: large writes, no stalls.
-        if !reader.has_frame() && !out.is_empty() {
+        if !reader.has_frame() && !rb.out.is_empty() {
             reader.try_fill()?;
             if !reader.has_frame() {
-                write_qemu(&mut qemu_wr, &mut out).await?;
+                write_qemu(&mut qemu_wr, &mut rb.out).await?;
             }
         }
         let msg = tokio::select! {
@@ -339,71 +382,91 @@ async fn receive(
         };
         c.wire_in.store(reader.bytes_read, Ordering::Relaxed);
         match msg? {
-            Some(Message::QemuBytes(b)) => out.push(b),
+            Some(Message::QemuBytes(b)) => rb.push(Pending::Verbatim(b), c)?,
             Some(Message::RamBlocks { page_size, blocks }) => {
-                names = blocks
+                rb.names = blocks
                     .iter()
                     .map(|b| BlockName::from(b.name.as_str()))
                     .collect();
-                enc = Encoder::new(u64::from(page_size));
-                digest = Some(MemoryDigest::new(
+                rb.enc = Encoder::new(u64::from(page_size));
+                rb.digest = Some(MemoryDigest::new(
                     u64::from(page_size),
                     blocks.iter().map(|b| (b.name.as_str(), b.used_length)),
                 ));
+                let lengths: Vec<u64> = blocks.iter().map(|b| b.used_length).collect();
+                pages.set_blocks(u64::from(page_size), &lengths);
             }
-            Some(Message::Pages { block, pages }) => {
-                let (Some(d), Some(name)) = (digest.as_mut(), names.get(block as usize)) else {
+            Some(Message::Pages {
+                block,
+                pages: records,
+            }) => {
+                if rb.digest.is_none() || rb.names.get(block as usize).is_none() {
                     return Err(refuse(
                         ErrorCode::Protocol,
                         format!("Pages for unknown block #{block}"),
                     ));
-                };
-                for p in pages {
-                    let rec = match p.body {
-                        PageBody::Zero { fill } => {
-                            d.fill(block as usize, p.offset, fill)
-                                .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?;
-                            Counters::add(&c.pages_zero, 1);
-                            RamRecord::Zero {
-                                block: name.clone(),
-                                offset: p.offset,
-                                fill,
-                                named: false,
+                }
+                let mut want = Vec::new();
+                for p in records {
+                    let counter = match &p.body {
+                        PageBody::Zero { .. } => &c.pages_zero,
+                        PageBody::Raw(_) => &c.pages_raw,
+                        PageBody::Ref(_) => &c.pages_ref,
+                        PageBody::Delta { .. } => &c.pages_delta,
+                    };
+                    Counters::add(counter, 1);
+                    let offset = p.offset;
+                    let item = match pages
+                        .resolve(block, offset, p.body)
+                        .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?
+                    {
+                        Resolved::Zero(fill) => Pending::Zero {
+                            block,
+                            offset,
+                            fill,
+                        },
+                        Resolved::Page(data) => Pending::Page {
+                            block,
+                            offset,
+                            data: Some(data),
+                            hash: [0; 16],
+                        },
+                        Resolved::Missing(hash) => {
+                            if rb.missing.insert(hash) {
+                                want.push(hash);
                             }
-                        }
-                        PageBody::Raw(data) => {
-                            if data.len() as u64 != d.page_size() {
-                                return Err(refuse(ErrorCode::Protocol, "page of the wrong size"));
-                            }
-                            let data = if corrupt_pending && data.iter().any(|&b| b != 0) {
-                                corrupt_pending = false;
-                                let mut v = data.to_vec();
-                                v[100] ^= 0x5a;
-                                v.into()
-                            } else {
-                                data
-                            };
-                            d.page(block as usize, p.offset, &data)
-                                .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?;
-                            Counters::add(&c.pages_raw, 1);
-                            RamRecord::Page {
-                                block: name.clone(),
-                                offset: p.offset,
-                                data,
-                                named: false,
+                            Pending::Page {
+                                block,
+                                offset,
+                                data: None,
+                                hash,
                             }
                         }
                     };
-                    enc.encode(&Item::Ram(rec), NameMode::Auto, out.scratch());
+                    rb.push(item, c)?;
                 }
-                if out.len() >= 1 << 20 {
-                    write_qemu(&mut qemu_wr, &mut out).await?;
+                if !want.is_empty() {
+                    Counters::add(&c.wants, want.len() as u64);
+                    tracing::info!(
+                        n = want.len(),
+                        "asking the source for content this host lacks"
+                    );
+                    send(writer, &Message::Want { hashes: want }).await?;
+                }
+                if rb.out.len() >= 1 << 20 {
+                    write_qemu(&mut qemu_wr, &mut rb.out).await?;
                 }
             }
-            Some(Message::SourceDone { digest: src, .. }) => {
-                write_qemu(&mut qemu_wr, &mut out).await?;
-                break src;
+            Some(Message::Content { pages: contents }) => {
+                for (h, data) in contents {
+                    pages
+                        .content(h, &data)
+                        .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?;
+                    rb.fill(h, &data);
+                }
+                rb.drain(c)?;
             }
+            Some(Message::SourceDone { digest: src, .. }) => source_done = Some(src),
             Some(Message::Abort { code, message }) => {
                 return Err(IncomingError::Aborted { code, message })
             }
@@ -416,10 +479,12 @@ async fn receive(
             None => return Err(IncomingError::PeerClosed("the transfer")),
         }
     };
+    let digest = rb.digest.take();
 
     // --- verify: digests, and QEMU loaded everything
     handle.set_phase("verify");
     let ours = digest.as_ref().map(|d| d.finish()).unwrap_or([0; 32]);
+    drop(pages); // this migration's pages stay in the store, unpinned
     if ours != source_digest {
         return Err(refuse(
             ErrorCode::DigestMismatch,
@@ -502,11 +567,7 @@ async fn receive(
         total_time_ms: total.as_millis() as u64,
         bytes_from_qemu: 0,
         bytes_on_wire: Counters::get(&c.wire_in) + writer.lock().await.bytes_written,
-        pages: super::PageCounts {
-            zero: Counters::get(&c.pages_zero),
-            raw: Counters::get(&c.pages_raw),
-            total: Counters::get(&c.pages_zero) + Counters::get(&c.pages_raw),
-        },
+        pages: super::PageCounts::from_counters(c),
         digest_ok: true,
         digest: hex::encode(ours),
         source_was_running: source_running,
@@ -524,6 +585,131 @@ fn major_minor(v: &str) -> Option<(u32, u32)> {
         it.next()?.trim().parse().ok()?,
         it.next()?.trim().parse().ok()?,
     ))
+}
+
+/// Something for the destination QEMU, in stream order.
+enum Pending {
+    Verbatim(Bytes),
+    Zero {
+        block: u16,
+        offset: u64,
+        fill: u8,
+    },
+    /// `data` is `None` while the content (`hash`) is asked for.
+    Page {
+        block: u16,
+        offset: u64,
+        data: Option<Bytes>,
+        hash: Hash,
+    },
+}
+
+/// Rebuilds QEMU's stream. Records go out in the order they came; when one lacks its
+/// content, it and everything after it wait in `pending` until the content arrives.
+/// The memory digest is taken as records go out, so it follows the same order.
+struct Rebuild {
+    enc: Encoder,
+    out: Segments,
+    names: Vec<BlockName>,
+    digest: Option<MemoryDigest>,
+    corrupt_pending: bool,
+    pending: VecDeque<Pending>,
+    missing: HashSet<Hash>,
+}
+
+impl Rebuild {
+    fn push(&mut self, p: Pending, c: &Counters) -> Result<(), IncomingError> {
+        let ready = !matches!(p, Pending::Page { data: None, .. });
+        if self.pending.is_empty() && ready {
+            self.write(p, c)
+        } else {
+            self.pending.push_back(p);
+            Ok(())
+        }
+    }
+
+    fn fill(&mut self, h: Hash, data: &Bytes) {
+        self.missing.remove(&h);
+        for p in self.pending.iter_mut() {
+            if let Pending::Page {
+                data: d @ None,
+                hash,
+                ..
+            } = p
+            {
+                if *hash == h {
+                    *d = Some(data.clone());
+                }
+            }
+        }
+    }
+
+    fn drain(&mut self, c: &Counters) -> Result<(), IncomingError> {
+        while let Some(p) = self.pending.front() {
+            if matches!(p, Pending::Page { data: None, .. }) {
+                break;
+            }
+            let p = self.pending.pop_front().expect("front");
+            self.write(p, c)?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, p: Pending, _c: &Counters) -> Result<(), IncomingError> {
+        let bad = |e: super::digest::DigestError| refuse(ErrorCode::Protocol, e.to_string());
+        let d = self.digest.as_mut();
+        let rec = match p {
+            Pending::Verbatim(b) => {
+                self.out.push(b);
+                return Ok(());
+            }
+            Pending::Zero {
+                block,
+                offset,
+                fill,
+            } => {
+                d.ok_or_else(|| refuse(ErrorCode::Protocol, "page before RamBlocks"))?
+                    .fill(block as usize, offset, fill)
+                    .map_err(bad)?;
+                RamRecord::Zero {
+                    block: self.names[block as usize].clone(),
+                    offset,
+                    fill,
+                    named: false,
+                }
+            }
+            Pending::Page {
+                block,
+                offset,
+                data,
+                ..
+            } => {
+                let d = d.ok_or_else(|| refuse(ErrorCode::Protocol, "page before RamBlocks"))?;
+                let data = data.expect("written only once its content is here");
+                if data.len() as u64 != d.page_size() {
+                    return Err(refuse(ErrorCode::Protocol, "page of the wrong size"));
+                }
+                let data = if self.corrupt_pending && data.iter().any(|&b| b != 0) {
+                    self.corrupt_pending = false;
+                    let mut v = data.to_vec();
+                    v[100] ^= 0x5a;
+                    v.into()
+                } else {
+                    data
+                };
+                d.page(block as usize, offset, &data).map_err(bad)?;
+                RamRecord::Page {
+                    block: self.names[block as usize].clone(),
+                    offset,
+                    data,
+                    named: false,
+                }
+            }
+        };
+        self.enc
+            .encode(&Item::Ram(rec), NameMode::Auto, self.out.scratch());
+        Ok(())
+    }
 }
 
 async fn send(w: &PeerWriter, m: &Message) -> Result<(), IncomingError> {

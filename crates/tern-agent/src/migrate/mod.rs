@@ -7,8 +7,10 @@
 //! point, the `Commit` message. Before it, every failure resumes the source VM and
 //! removes the destination's. After it, the destination owns the VM.
 
+pub mod codec;
 pub mod dest;
 pub mod digest;
+pub mod pages;
 pub mod source;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +61,10 @@ pub struct Counters {
     pub wire_in: AtomicU64,
     pub pages_zero: AtomicU64,
     pub pages_raw: AtomicU64,
+    pub pages_ref: AtomicU64,
+    pub pages_delta: AtomicU64,
+    /// Contents the destination had to ask for (references it could not resolve).
+    pub wants: AtomicU64,
 }
 
 impl Counters {
@@ -75,7 +81,29 @@ impl Counters {
 pub struct PageCounts {
     pub zero: u64,
     pub raw: u64,
+    /// Sent as a reference to content the destination held.
+    #[serde(default)]
+    pub refs: u64,
+    /// Sent as the changes against the destination's previous version.
+    #[serde(default)]
+    pub deltas: u64,
     pub total: u64,
+}
+
+impl PageCounts {
+    pub fn from_counters(c: &Counters) -> Self {
+        let zero = Counters::get(&c.pages_zero);
+        let raw = Counters::get(&c.pages_raw);
+        let refs = Counters::get(&c.pages_ref);
+        let deltas = Counters::get(&c.pages_delta);
+        PageCounts {
+            zero,
+            raw,
+            refs,
+            deltas,
+            total: zero + raw + refs + deltas,
+        }
+    }
 }
 
 /// Progress as the API reports it while a migration runs.
@@ -90,6 +118,12 @@ pub struct Progress {
     pub ram_total: Option<u64>,
     pub dirty_pages_rate: Option<u64>,
     pub dirty_sync_count: Option<u64>,
+    /// Pages the destination's store held at the start (its summary).
+    #[serde(default)]
+    pub destination_held_pages: u64,
+    /// The compression in use now.
+    #[serde(default)]
+    pub codec: String,
 }
 
 /// The final report of a migration (`tern migrate --json` prints it).
@@ -126,6 +160,28 @@ pub struct MigrationReport {
     pub resumed_unix_us: u64,
     /// Set when Resumed was lost and the outcome was learned by asking the destination.
     pub resolved_by_query: bool,
+    /// How the WAN data path encoded the stream (source side).
+    #[serde(default)]
+    pub encoding: EncodingReport,
+}
+
+/// What the source's encoder did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EncodingReport {
+    /// References and deltas were on (v2 peer, same cluster key, not turned off).
+    pub dedup: bool,
+    /// Pages the destination's store held at the start.
+    pub destination_held_pages: u64,
+    /// Bytes of all delta bodies.
+    pub delta_bytes: u64,
+    /// Frame payload bytes before compression, and after (headers included).
+    pub frames_raw_bytes: u64,
+    pub frames_wire_bytes: u64,
+    /// Compression in use at the end, and how often it changed.
+    pub codec: String,
+    pub codec_switches: u32,
+    /// Contents the destination asked for (references it could not resolve).
+    pub wants: u64,
 }
 
 /// The steps of the switchover, in ms, as the source saw them.
@@ -213,13 +269,7 @@ impl MigrationHandle {
             s.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
             s.progress.bytes_from_qemu = Counters::get(&c.bytes_from_qemu);
             s.progress.bytes_on_wire = Counters::get(&c.wire_out) + Counters::get(&c.wire_in);
-            let zero = Counters::get(&c.pages_zero);
-            let raw = Counters::get(&c.pages_raw);
-            s.progress.pages = PageCounts {
-                zero,
-                raw,
-                total: zero + raw,
-            };
+            s.progress.pages = PageCounts::from_counters(c);
         }
         s
     }

@@ -8,24 +8,28 @@
 //! was running (see [`recover_source`]). After `Commit`, the source never resumes: if the
 //! destination does not confirm, the source VM is kept paused and the failure says so.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
 use serde_json::json;
-use tern_proto::{ErrorCode, Message, MigrationState, Page, PageBody, RamBlock};
+use tern_proto::{
+    Codec, ErrorCode, FrameCompressor, Message, MigrationState, Page, PageBody, RamBlock,
+};
 use tern_qemu::qmp::QmpError;
 use tern_qemu::stream::{BlockName, Encoder, Item, NameMode, Parser, RamRecord, StreamError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{unix, TcpStream, UnixListener};
 use tokio::sync::{mpsc, Mutex};
 
+use super::codec::{CodecPicker, CodecPolicy};
 use super::digest::{DigestError, MemoryDigest};
+use super::pages::{answer_want, PageEncoder, SharedStore};
 use super::{
-    unix_us, Counters, MigrationHandle, MigrationReport, PageCounts, SwitchoverTimes,
-    UNSUPPORTED_CAPABILITIES,
+    unix_us, Counters, EncodingReport, MigrationHandle, MigrationReport, PageCounts,
+    SwitchoverTimes, UNSUPPORTED_CAPABILITIES,
 };
 use crate::conn::{ExpectError, FrameReader, FrameWriter, RecvError};
 use crate::vm::{StopMode, Vm};
@@ -40,6 +44,12 @@ pub struct MigrateRequest {
     pub downtime_ms: Option<u64>,
     /// Cap on QEMU's sending rate, MiB/s (default: none).
     pub max_bandwidth_mibps: Option<u64>,
+    /// Frame compression: auto (default), none, lz4, zstd-N.
+    #[serde(default)]
+    pub compression: Option<String>,
+    /// References and deltas (default on); off sends every page's bytes.
+    #[serde(default)]
+    pub dedup: Option<bool>,
 }
 
 /// Why an outgoing migration failed.
@@ -77,6 +87,8 @@ pub enum MigrateError {
     },
     #[error("cancelled by the operator")]
     Cancelled,
+    #[error("bad request: {0}")]
+    BadRequest(String),
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
     #[error("local socket for QEMU's stream failed")]
@@ -99,6 +111,7 @@ impl MigrateError {
             MigrateError::Qmp(_) | MigrateError::QemuMigration(_) => ErrorCode::QemuFailed,
             MigrateError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
             MigrateError::Cancelled => ErrorCode::Cancelled,
+            MigrateError::BadRequest(_) => ErrorCode::SpecRejected,
             MigrateError::Timeout(..) => ErrorCode::Timeout,
             MigrateError::LocalIo(_) | MigrateError::InDoubt(_) => ErrorCode::Internal,
         }
@@ -128,6 +141,8 @@ enum PeerEvent {
     Msg(Message),
     Closed,
     Failed(RecvError),
+    /// The exchange cannot go on (the message says why).
+    Broken(String),
 }
 
 /// Runs an outgoing migration to the end and records the outcome in `handle`.
@@ -312,13 +327,47 @@ impl SourceCtx {
             },
         )
         .await?;
-        let dest_qemu = tokio::select! {
-            m = expect(&mut reader, Duration::from_secs(60), "Prepared") => match m? {
-                Message::Prepared { qemu_version } => qemu_version,
+        let policy: CodecPolicy = self
+            .req
+            .compression
+            .as_deref()
+            .unwrap_or("auto")
+            .parse()
+            .map_err(MigrateError::BadRequest)?;
+        let mut summary: HashSet<u64> = HashSet::new();
+        let mut dest_key = None;
+        let dest_qemu = loop {
+            let m = tokio::select! {
+                m = expect(&mut reader, Duration::from_secs(60), "Prepared") => m?,
+                _ = super::wait_cancelled(&mut cancel) => return Err(MigrateError::Cancelled),
+            };
+            match m {
+                Message::Summary { key_id, prefixes } => {
+                    dest_key = Some(key_id);
+                    summary.extend(prefixes);
+                }
+                Message::Prepared { qemu_version } => break qemu_version,
                 m => return Err(unexpected(&m, "Prepared")),
-            },
-            _ = super::wait_cancelled(&mut cancel) => return Err(MigrateError::Cancelled),
+            }
         };
+        let same_key = dest_key == Some(self.agent.hasher.key_id());
+        if version >= 2 && !same_key {
+            tracing::warn!(migration = %self.handle.id, "the destination uses another cluster key: no references or deltas (give both agents the same --cluster-key)");
+        }
+        let dedup = version >= 2 && same_key && self.req.dedup.unwrap_or(true);
+        let policy = if version >= 2 {
+            policy
+        } else {
+            CodecPolicy::Fixed(Codec::None)
+        };
+        self.handle
+            .update(|s| s.progress.destination_held_pages = summary.len() as u64);
+        let encoder = PageEncoder::new(
+            self.agent.hasher.clone(),
+            self.agent.store.clone(),
+            dedup,
+            summary,
+        );
 
         // --- transfer
         self.handle.set_phase("transfer");
@@ -355,8 +404,21 @@ impl SourceCtx {
 
         let (ev_tx, mut ev_rx) = mpsc::channel(16);
         let counters = self.handle.clone();
-        let rp_task = tokio::spawn(peer_reader(reader, qemu_wr, ev_tx, counters));
-        let fwd_task = tokio::spawn(forward(qemu_rd, writer.clone(), self.handle.clone()));
+        let rp_task = tokio::spawn(peer_reader(
+            reader,
+            qemu_wr,
+            ev_tx,
+            counters,
+            writer.clone(),
+            self.agent.store.clone(),
+        ));
+        let fwd_task = tokio::spawn(forward(
+            qemu_rd,
+            writer.clone(),
+            self.handle.clone(),
+            encoder,
+            CodecPicker::new(policy),
+        ));
         let abort_fwd = fwd_task.abort_handle();
         let mut fwd = fwd_task;
         let _guard = AbortOnDrop(rp_task);
@@ -366,6 +428,7 @@ impl SourceCtx {
 
         let mut stopped_at: Option<SystemTime> = None;
         let mut source_digest: Option<[u8; 32]> = None;
+        let mut fwd_stats: Option<ForwardDone> = None;
         let mut fwd_done = false;
         let mut t_stream_end: Option<SystemTime> = None;
         let t_ready: Option<SystemTime>;
@@ -374,8 +437,9 @@ impl SourceCtx {
             tokio::select! {
                 r = &mut fwd, if !fwd_done => {
                     fwd_done = true;
-                    let (d, _pages) = r.map_err(|e| MigrateError::Protocol(format!("forwarder panicked: {e}")))??;
-                    source_digest = Some(d);
+                    let done = r.map_err(|e| MigrateError::Protocol(format!("forwarder panicked: {e}")))??;
+                    source_digest = Some(done.digest);
+                    fwd_stats = Some(done);
                     t_stream_end = Some(SystemTime::now());
                     self.handle.set_phase("verify");
                 }
@@ -388,8 +452,9 @@ impl SourceCtx {
                                 .await
                                 .map_err(|_| MigrateError::Protocol("ReadyToResume before SourceDone".into()))?;
                             // (every path out of this arm leaves the loop: no fwd_done needed)
-                            let (d, _pages) = r.map_err(|e| MigrateError::Protocol(format!("forwarder panicked: {e}")))??;
-                            source_digest = Some(d);
+                            let done = r.map_err(|e| MigrateError::Protocol(format!("forwarder panicked: {e}")))??;
+                            source_digest = Some(done.digest);
+                            fwd_stats = Some(done);
                             t_stream_end = Some(SystemTime::now());
                         }
                         let Some(src) = source_digest else {
@@ -402,14 +467,14 @@ impl SourceCtx {
                                 dest_digest: hex::encode(digest),
                             });
                         }
-                        break (digest, self.handle.counters.pages_raw.load(Ordering::Relaxed)
-                            + self.handle.counters.pages_zero.load(Ordering::Relaxed));
+                        break (digest, PageCounts::from_counters(&self.handle.counters).total);
                     }
                     Some(PeerEvent::Msg(Message::Abort { code, message })) => {
                         return Err(MigrateError::Remote { code, message });
                     }
                     Some(PeerEvent::Msg(m)) => return Err(unexpected(&m, "ReturnPath or ReadyToResume")),
                     Some(PeerEvent::Failed(e)) => return Err(e.into()),
+                    Some(PeerEvent::Broken(m)) => return Err(MigrateError::Protocol(m)),
                     Some(PeerEvent::Closed) | None => return Err(MigrateError::PeerClosed("the transfer")),
                 },
                 ev = events.recv() => {
@@ -481,6 +546,7 @@ impl SourceCtx {
                     break Err(format!("got {} instead of Resumed", m.name()))
                 }
                 Ok(Some(PeerEvent::Failed(e))) => break Err(error_chain(&e)),
+                Ok(Some(PeerEvent::Broken(m))) => break Err(m),
                 Ok(Some(PeerEvent::Closed)) | Ok(None) => {
                     break Err("connection closed".to_string())
                 }
@@ -529,8 +595,6 @@ impl SourceCtx {
             let w = writer.lock().await;
             w.bytes_written + Counters::get(&c.wire_in)
         };
-        let zero = Counters::get(&c.pages_zero);
-        let raw = Counters::get(&c.pages_raw);
         let ram_bytes = self.handle.status().progress.ram_total.unwrap_or(0);
         let secs = total.as_secs_f64().max(1e-6);
         Ok(MigrationReport {
@@ -547,9 +611,8 @@ impl SourceCtx {
             bytes_from_qemu,
             bytes_on_wire: wire,
             pages: PageCounts {
-                zero,
-                raw,
                 total: pages,
+                ..PageCounts::from_counters(c)
             },
             throughput_mbps: bytes_from_qemu as f64 * 8.0 / 1e6 / secs,
             digest_ok: true,
@@ -561,6 +624,7 @@ impl SourceCtx {
             switchover: Some(switchover),
             resumed_unix_us: resumed_us,
             resolved_by_query,
+            encoding: fwd_stats.map(|f| f.encoding).unwrap_or_default(),
         })
     }
 
@@ -662,12 +726,15 @@ fn unexpected(m: &Message, wanted: &str) -> MigrateError {
 }
 
 /// Reads the destination's frames: return-path bytes go straight into the source QEMU's
-/// socket (no buffering: PONG and SHUT must not wait), everything else to the orchestrator.
+/// socket (no buffering: PONG and SHUT must not wait), a Want is answered from the page
+/// store at once, everything else goes to the orchestrator.
 async fn peer_reader(
     mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
     mut qemu: unix::OwnedWriteHalf,
     tx: mpsc::Sender<PeerEvent>,
     handle: Arc<MigrationHandle>,
+    writer: PeerWriter,
+    store: SharedStore,
 ) {
     let mut qemu_ok = true;
     loop {
@@ -683,6 +750,29 @@ async fn peer_reader(
                     qemu_ok = false;
                 }
                 continue;
+            }
+            Ok(Some(Message::Want { hashes })) => {
+                Counters::add(&handle.counters.wants, hashes.len() as u64);
+                let pages = answer_want(&store, &hashes);
+                if pages.len() < hashes.len() {
+                    // cannot happen while the pins hold; the destination would wait forever
+                    PeerEvent::Broken(format!(
+                        "the destination asked for {} pages this host no longer holds",
+                        hashes.len() - pages.len()
+                    ))
+                } else {
+                    if writer
+                        .lock()
+                        .await
+                        .send(&Message::Content { pages })
+                        .await
+                        .is_err()
+                    {
+                        PeerEvent::Closed
+                    } else {
+                        continue;
+                    }
+                }
             }
             Ok(Some(m)) => PeerEvent::Msg(m),
             Ok(None) => PeerEvent::Closed,
@@ -706,6 +796,22 @@ struct Outbox {
 }
 
 const BATCH_PAGES: usize = 64;
+
+/// A frame ready for the writer: as a message (bulk data not copied) or already encoded.
+enum Out {
+    Frame(Message),
+    Encoded(Bytes),
+}
+
+/// Frame compression state of one migration.
+struct Compression {
+    fc: FrameCompressor,
+    picker: CodecPicker,
+    buf: BytesMut,
+    sample: BytesMut,
+    raw: u64,
+    wire: u64,
+}
 
 impl Outbox {
     fn new() -> Self {
@@ -753,6 +859,8 @@ impl Outbox {
         self.batch_bytes += match &page.body {
             PageBody::Raw(d) => d.len() + 13,
             PageBody::Zero { .. } => 10,
+            PageBody::Ref(_) => 25,
+            PageBody::Delta { diff, .. } => 29 + diff.len(),
         };
         self.batch.push(page);
         if self.batch.len() >= BATCH_PAGES {
@@ -770,28 +878,65 @@ impl Outbox {
         self.queued_bytes + self.verbatim.len() + self.batch_bytes
     }
 
-    /// Moves everything into the writer, in order.
-    fn drain_into<W: tokio::io::AsyncWrite + Unpin>(&mut self, w: &mut FrameWriter<W>) {
+    /// Everything queued, in order, as frames: bulk frames compressed with the picker's
+    /// codec (done here, before the writer is locked), the rest as messages.
+    fn drain(&mut self, comp: &mut Compression) -> Vec<Out> {
         self.close_batch();
         self.close_verbatim();
-        for m in self.queued.drain(..) {
-            w.push(&m);
-        }
         self.queued_bytes = 0;
+        let codec = comp.picker.codec();
+        let mut v = Vec::with_capacity(self.queued.len());
+        for m in self.queued.drain(..) {
+            let bulk = matches!(m, Message::Pages { .. } | Message::QemuBytes(_));
+            if bulk && comp.picker.wants_sample() {
+                comp.sample.clear();
+                tern_proto::encode(&m, &mut comp.sample);
+                comp.picker.sample(&comp.sample[tern_proto::HEADER_LEN..]);
+            }
+            if bulk && codec != Codec::None {
+                let r = comp.fc.encode(&m, codec, &mut comp.buf);
+                comp.raw += (r.raw + tern_proto::HEADER_LEN) as u64;
+                comp.wire += r.wire as u64;
+                v.push(Out::Encoded(comp.buf.split().freeze()));
+            } else {
+                let n = tern_proto::frame_len(&m) as u64;
+                comp.raw += n;
+                comp.wire += n;
+                v.push(Out::Frame(m));
+            }
+        }
+        v
     }
 }
 
-/// Parses the source QEMU's stream and forwards it to the destination agent; returns the
-/// memory digest of what it forwarded once QEMU closed the stream at a proper end.
+/// What the forwarder hands back once QEMU's stream ended properly.
+struct ForwardDone {
+    digest: [u8; 32],
+    encoding: EncodingReport,
+}
+
+/// Parses the source QEMU's stream and forwards it to the destination agent, each page
+/// in the cheapest form the encoder finds; returns the memory digest of what it
+/// forwarded once QEMU closed the stream at a proper end.
 async fn forward(
     mut qemu: unix::OwnedReadHalf,
     writer: PeerWriter,
     handle: Arc<MigrationHandle>,
-) -> Result<([u8; 32], u64), MigrateError> {
+    mut pages: PageEncoder,
+    picker: CodecPicker,
+) -> Result<ForwardDone, MigrateError> {
     let mut parser = Parser::new();
     let mut enc = Encoder::new(tern_qemu::stream::DEFAULT_PAGE_SIZE);
     let mut inbuf = BytesMut::with_capacity(4 << 20);
     let mut out = Outbox::new();
+    let mut comp = Compression {
+        fc: FrameCompressor::default(),
+        picker,
+        buf: BytesMut::new(),
+        sample: BytesMut::new(),
+        raw: 0,
+        wire: 0,
+    };
     let mut scratch = Vec::with_capacity(64 << 10);
     let mut digest: Option<MemoryDigest> = None;
     let mut block_index: HashMap<BlockName, u16> = HashMap::new();
@@ -816,6 +961,7 @@ async fn forward(
                             offset,
                             fill,
                         )?;
+                        pages.zero(idx, offset);
                         out.page(
                             idx,
                             Page {
@@ -837,14 +983,16 @@ async fn forward(
                             offset,
                             &data,
                         )?;
-                        out.page(
-                            idx,
-                            Page {
-                                offset,
-                                body: PageBody::Raw(data),
+                        let body = pages.page(idx, offset, data);
+                        Counters::add(
+                            match &body {
+                                PageBody::Ref(_) => &c.pages_ref,
+                                PageBody::Delta { .. } => &c.pages_delta,
+                                _ => &c.pages_raw,
                             },
+                            1,
                         );
-                        Counters::add(&c.pages_raw, 1);
+                        out.page(idx, Page { offset, body });
                     }
                     Item::Ram(RamRecord::MemSize { ref blocks, total }) => {
                         if blocks.len() > u16::MAX as usize {
@@ -862,6 +1010,8 @@ async fn forward(
                             ps,
                             blocks.iter().map(|b| (&*b.name, b.used_length)),
                         ));
+                        let lengths: Vec<u64> = blocks.iter().map(|b| b.used_length).collect();
+                        pages.set_blocks(ps, &lengths);
                         handle.update(|s| s.progress.ram_total = Some(total));
                         scratch.clear();
                         enc.encode(&item, NameMode::Auto, &mut scratch);
@@ -885,7 +1035,7 @@ async fn forward(
                     }
                 }
                 if out.size() >= 1 << 20 {
-                    flush_out(&mut out, &writer, c).await?;
+                    flush_out(&mut out, &mut comp, &writer, &handle).await?;
                 }
             }
             None => {
@@ -900,7 +1050,7 @@ async fn forward(
                 let n = match qemu.try_read_buf(&mut inbuf) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        flush_out(&mut out, &writer, c).await?;
+                        flush_out(&mut out, &mut comp, &writer, &handle).await?;
                         qemu.read_buf(&mut inbuf)
                             .await
                             .map_err(MigrateError::LocalIo)?
@@ -932,8 +1082,21 @@ async fn forward(
         digest: sum,
         pages: d.pages,
     });
-    flush_out(&mut out, &writer, c).await?;
-    Ok((sum, d.pages))
+    flush_out(&mut out, &mut comp, &writer, &handle).await?;
+    let s = pages.stats;
+    Ok(ForwardDone {
+        digest: sum,
+        encoding: EncodingReport {
+            dedup: pages.dedup(),
+            destination_held_pages: pages.summary_len() as u64,
+            delta_bytes: s.delta_bytes,
+            frames_raw_bytes: comp.raw,
+            frames_wire_bytes: comp.wire,
+            codec: comp.picker.codec().name(),
+            codec_switches: comp.picker.switches,
+            wants: Counters::get(&c.wants),
+        },
+    })
 }
 
 fn lookup(
@@ -962,14 +1125,32 @@ fn digest_of(d: &mut Option<MemoryDigest>, at: u64) -> Result<&mut MemoryDigest,
 
 async fn flush_out(
     out: &mut Outbox,
+    comp: &mut Compression,
     writer: &PeerWriter,
-    c: &Counters,
+    handle: &MigrationHandle,
 ) -> Result<(), MigrateError> {
+    let frames = out.drain(comp);
     let mut w = writer.lock().await;
-    out.drain_into(&mut w);
-    if w.pending() > 0 {
-        w.flush().await.map_err(MigrateError::PeerWrite)?;
+    for f in frames {
+        match f {
+            Out::Frame(m) => w.push(&m),
+            Out::Encoded(b) => w.push_encoded(b),
+        }
     }
-    c.wire_out.store(w.bytes_written, Ordering::Relaxed);
+    let n = w.pending() as u64;
+    if n > 0 {
+        let t = Instant::now();
+        w.flush().await.map_err(MigrateError::PeerWrite)?;
+        comp.picker.flushed(n, t.elapsed());
+    }
+    handle
+        .counters
+        .wire_out
+        .store(w.bytes_written, Ordering::Relaxed);
+    let codec = comp.picker.codec();
+    drop(w);
+    if handle.status().progress.codec != codec.name() {
+        handle.update(|s| s.progress.codec = codec.name());
+    }
     Ok(())
 }
