@@ -4,8 +4,9 @@
 //! compression speed)` bytes of pages per second. The picker learns each candidate's
 //! ratio and speed by compressing one sample frame with every candidate about once a
 //! second (the real frames, so it follows the guest's data), and the link rate from how
-//! long flushes to the socket block. When the link is not the bottleneck (a fast LAN)
-//! speed decides; on a slow link, ratio does. Among codecs within 10% of the best
+//! long flushes to the socket block (once measured, it is kept and only raised by later
+//! windows). When the link was never the bottleneck (a fast LAN) speed decides; on a
+//! slow link, ratio does. Among codecs within 10% of the best
 //! throughput it takes the one that sends fewer bytes.
 
 use std::time::{Duration, Instant};
@@ -156,9 +157,15 @@ impl CodecPicker {
         self.window_blocked += blocked;
         let span = self.window_start.elapsed();
         if span >= Duration::from_millis(500) {
-            // the link is the bottleneck when we mostly wait for it
-            self.link = (self.window_blocked.as_secs_f64() > 0.3 * span.as_secs_f64())
-                .then(|| self.window_bytes as f64 / span.as_secs_f64());
+            // The link is the bottleneck when we mostly wait for it: then what went
+            // through is its rate. Otherwise it carried all we had: its rate is at least
+            // that (a link once measured stays known; a quiet spell says nothing new).
+            let seen = self.window_bytes as f64 / span.as_secs_f64();
+            if self.window_blocked.as_secs_f64() > 0.3 * span.as_secs_f64() {
+                self.link = Some(seen);
+            } else if let Some(l) = self.link {
+                self.link = Some(l.max(seen));
+            }
             self.window_start = Instant::now();
             self.window_bytes = 0;
             self.window_blocked = Duration::ZERO;
@@ -230,6 +237,10 @@ mod tests {
         assert!(p.link_rate().is_some());
         assert!(matches!(p.codec(), Codec::Zstd(_)), "{:?}", p.codec());
         assert!(p.switches >= 2);
+        // a quiet spell at the end (little to send) keeps what was learnt of the link
+        std::thread::sleep(Duration::from_millis(510));
+        p.flushed(1000, Duration::ZERO);
+        assert!(matches!(p.codec(), Codec::Zstd(_)), "{:?}", p.codec());
     }
 
     #[test]
