@@ -245,7 +245,20 @@ async fn migrate(
         req.to.clone(),
     ));
     a.add_migration(handle.clone());
-    tokio::spawn(source::run(a.clone(), vm, req, handle));
+    tokio::spawn(async move {
+        let task = tokio::spawn(source::run(a.clone(), vm.clone(), req, handle.clone()));
+        if let Err(e) = task.await {
+            // A bug, not an outcome: say so, and leave the VM as it is (the commit may
+            // have gone out: resuming could run it twice).
+            tracing::error!(migration = %handle.id, "migration task failed: {e}");
+            vm.migrating.store(false, Ordering::SeqCst);
+            handle.finish_err(
+                tern_proto::ErrorCode::Internal,
+                format!("tern failed internally ({e}); the VM was left as it was"),
+                "unknown: check `tern vm list` on both hosts".into(),
+            );
+        }
+    });
     Ok((StatusCode::ACCEPTED, Json(MigrateStarted { id })))
 }
 

@@ -70,6 +70,9 @@ pub struct AgentConfig {
     pub store_mem_mib: u64,
     /// Page store spill file capacity, MiB (`state_dir/pages.store`; 0 = no file).
     pub store_file_mib: u64,
+    /// Newest protocol version offered and accepted (tests of older peers:
+    /// `TERN_PROTOCOL_MAX`).
+    pub max_protocol: u16,
 }
 
 impl AgentConfig {
@@ -85,6 +88,7 @@ impl AgentConfig {
             cluster_key: None,
             store_mem_mib: 512,
             store_file_mib: 4096,
+            max_protocol: tern_proto::PROTOCOL_VERSION,
         }
     }
 }

@@ -314,9 +314,13 @@ pub enum Message {
     /// Return-path bytes of the destination QEMU (PONG, SHUT...), for the source QEMU.
     ReturnPath(Bytes),
     /// The source QEMU's stream ended properly; digest of the memory image it described.
+    /// With `commit` (v2) the switchover point is here: the destination runs the VM as
+    /// soon as the digests agree and its QEMU loaded everything, without ReadyToResume
+    /// and Commit (one round trip less of downtime).
     SourceDone {
         digest: [u8; 32],
         pages: u64,
+        commit: bool,
     },
     /// The destination QEMU loaded everything and the digests agree.
     ReadyToResume {
@@ -522,9 +526,16 @@ pub fn encode_segments(msg: &Message, scratch: &mut BytesMut, segs: &mut Vec<Byt
                 }
             }
         }
-        Message::SourceDone { digest, pages } => {
+        Message::SourceDone {
+            digest,
+            pages,
+            commit,
+        } => {
             out.put_slice(digest);
             out.put_u64(*pages);
+            if *commit {
+                out.put_u8(1); // v2; a v1 frame ends before it
+            }
         }
         Message::ReadyToResume { digest } => out.put_slice(digest),
         Message::Commit => {}
@@ -598,7 +609,7 @@ fn payload_len(msg: &Message) -> usize {
                 })
                 .sum::<usize>()
         }
-        Message::SourceDone { .. } => 40,
+        Message::SourceDone { commit, .. } => 40 + usize::from(*commit),
         Message::ReadyToResume { .. } => 32,
         Message::Commit => 0,
         Message::Resumed { .. } => 8,
@@ -788,6 +799,7 @@ fn decode_payload(ty: u8, payload: Bytes) -> Result<Message, FrameError> {
         tag::SOURCE_DONE => Message::SourceDone {
             digest: r.digest()?,
             pages: r.u64()?,
+            commit: if r.b.is_empty() { false } else { r.bool()? },
         },
         tag::READY_TO_RESUME => Message::ReadyToResume {
             digest: r.digest()?,
@@ -1022,6 +1034,12 @@ mod tests {
             Message::SourceDone {
                 digest: [9; 32],
                 pages: 77,
+                commit: false,
+            },
+            Message::SourceDone {
+                digest: [9; 32],
+                pages: 77,
+                commit: true,
             },
             Message::ReadyToResume { digest: [8; 32] },
             Message::Commit,

@@ -193,6 +193,12 @@ fn run_agent(a: AgentArgs) -> Result<()> {
     config.cluster_key = a.cluster_key;
     config.store_mem_mib = a.store_mem_mib;
     config.store_file_mib = a.store_file_mib;
+    if let Ok(v) = std::env::var("TERN_PROTOCOL_MAX") {
+        // for tests of mixed-version clusters
+        config.max_protocol = v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("TERN_PROTOCOL_MAX={v:?} is not a version number"))?;
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let shutdown = async {

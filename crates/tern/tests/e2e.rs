@@ -939,3 +939,27 @@ fn over_an_emulated_wan_pages_are_compressed_deltas_are_used_and_memory_is_exact
     assert_eq!(b.vm_status("wan")?, "running");
     Ok(())
 }
+
+#[test]
+fn a_version_1_peer_gets_plain_pages_and_the_two_phase_commit() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let (a, b) = two_agents(&[("TERN_PROTOCOL_MAX", "1")])?;
+    boot_dirtier(&a, &g, "old", "")?;
+    let r = migrate_ok(&a, &b, "old")?;
+    assert_eq!(r.protocol_version, 1);
+    assert!(r.digest_ok);
+    assert!(!r.encoding.dedup, "{:?}", r.encoding);
+    assert_eq!((r.pages.refs, r.pages.deltas), (0, 0), "{:?}", r.pages);
+    assert_eq!(
+        r.encoding.frames_raw_bytes, r.encoding.frames_wire_bytes,
+        "uncompressed"
+    );
+    let sw = r.switchover.context("switchover times")?;
+    assert!(
+        sw.ready_to_commit_ms.is_some(),
+        "v1 waits for ReadyToResume: {sw:?}"
+    );
+    assert_eq!(b.vm_status("old")?, "running");
+    Ok(())
+}

@@ -173,6 +173,16 @@ impl CodecPicker {
         }
     }
 
+    /// How fast (bytes of QEMU's stream per second) pages that must travel as bytes get
+    /// across: the link rate times the current codec's ratio. QEMU is told this as its
+    /// switchover bandwidth, so that it stops the VM only when what is left to send fits
+    /// the downtime limit (its own estimate counts references and deltas at the rate
+    /// tern accepted them: far too optimistic for the last, freshly dirtied pages).
+    pub fn switchover_rate(&self) -> Option<f64> {
+        let i = CANDIDATES.iter().position(|c| *c == self.current)?;
+        self.link.map(|l| l * self.est[i].ratio.max(1.0))
+    }
+
     /// The measured link rate (bytes/s), when the link is the bottleneck.
     pub fn link_rate(&self) -> Option<f64> {
         self.link

@@ -177,7 +177,8 @@ async fn receive(
                 ))
             }
         };
-    let Some(version) = tern_proto::negotiate(peer_min, peer_max) else {
+    let Some(version) = tern_proto::negotiate(peer_min, peer_max.min(agent.config.max_protocol))
+    else {
         return Err(refuse(
             ErrorCode::VersionMismatch,
             format!(
@@ -351,6 +352,7 @@ async fn receive(
     let mut rp_result: Option<Result<bool, String>> = None;
     let stall = agent.config.stall_timeout;
     let mut source_done: Option<[u8; 32]> = None;
+    let mut early_commit = false;
     let source_digest = loop {
         if let Some(d) = source_done {
             if rb.pending.is_empty() {
@@ -466,7 +468,14 @@ async fn receive(
                 }
                 rb.drain(c)?;
             }
-            Some(Message::SourceDone { digest: src, .. }) => source_done = Some(src),
+            Some(Message::SourceDone {
+                digest: src,
+                commit,
+                ..
+            }) => {
+                source_done = Some(src);
+                early_commit = commit;
+            }
             Some(Message::Abort { code, message }) => {
                 return Err(IncomingError::Aborted { code, message })
             }
@@ -496,18 +505,19 @@ async fn receive(
         ));
     }
     wait_incoming_done(&qmp, &mut events, Duration::from_secs(30)).await?;
-    send(writer, &Message::ReadyToResume { digest: ours }).await?;
-
-    // --- wait for the source's decision
-    loop {
-        match next_msg(reader, Duration::from_secs(60), "Commit").await? {
-            Message::Commit => break,
-            Message::ReturnPath(_) => continue,
-            m => {
-                return Err(refuse(
-                    ErrorCode::Protocol,
-                    format!("expected Commit, got {}", m.name()),
-                ))
+    // --- the source's decision: given with SourceDone (v2), or asked for (v1)
+    if !early_commit {
+        send(writer, &Message::ReadyToResume { digest: ours }).await?;
+        loop {
+            match next_msg(reader, Duration::from_secs(60), "Commit").await? {
+                Message::Commit => break,
+                Message::ReturnPath(_) => continue,
+                m => {
+                    return Err(refuse(
+                        ErrorCode::Protocol,
+                        format!("expected Commit, got {}", m.name()),
+                    ))
+                }
             }
         }
     }

@@ -65,6 +65,8 @@ pub struct Counters {
     pub pages_delta: AtomicU64,
     /// Contents the destination had to ask for (references it could not resolve).
     pub wants: AtomicU64,
+    /// Bytes/s of QEMU's stream the link carries for pages sent as bytes (0: unknown).
+    pub switchover_bps: AtomicU64,
 }
 
 impl Counters {

@@ -9,7 +9,7 @@
 //! destination does not confirm, the source VM is kept paused and the failure says so.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -304,7 +304,7 @@ impl SourceCtx {
             &writer,
             &Message::Hello {
                 min_version: tern_proto::MIN_PROTOCOL_VERSION,
-                max_version: tern_proto::PROTOCOL_VERSION,
+                max_version: self.agent.config.max_protocol,
                 agent: self.agent.config.name.clone(),
             },
         )
@@ -412,12 +412,16 @@ impl SourceCtx {
             writer.clone(),
             self.agent.store.clone(),
         ));
+        // v2: SourceDone carries the commit (the switchover point moves there); the
+        // forwarder raises this flag just before sending it.
+        let commit_sent = Arc::new(AtomicBool::new(false));
         let fwd_task = tokio::spawn(forward(
             qemu_rd,
             writer.clone(),
             self.handle.clone(),
             encoder,
             CodecPicker::new(policy),
+            (version >= 2).then(|| commit_sent.clone()),
         ));
         let abort_fwd = fwd_task.abort_handle();
         let mut fwd = fwd_task;
@@ -431,9 +435,10 @@ impl SourceCtx {
         let mut fwd_stats: Option<ForwardDone> = None;
         let mut fwd_done = false;
         let mut t_stream_end: Option<SystemTime> = None;
-        let t_ready: Option<SystemTime>;
+        let mut t_ready: Option<SystemTime> = None;
+        let mut told_bps = 0u64;
         let mut ticker = tokio::time::interval(Duration::from_millis(250));
-        let (dest_digest, pages) = loop {
+        let transfer: Result<TransferEnd, MigrateError> = async { loop {
             tokio::select! {
                 r = &mut fwd, if !fwd_done => {
                     fwd_done = true;
@@ -441,6 +446,9 @@ impl SourceCtx {
                     source_digest = Some(done.digest);
                     fwd_stats = Some(done);
                     t_stream_end = Some(SystemTime::now());
+                    if commit_sent.load(Ordering::SeqCst) {
+                        break Ok(TransferEnd::Committed { resumed: None });
+                    }
                     self.handle.set_phase("verify");
                 }
                 ev = ev_rx.recv() => match ev {
@@ -467,7 +475,18 @@ impl SourceCtx {
                                 dest_digest: hex::encode(digest),
                             });
                         }
-                        break (digest, PageCounts::from_counters(&self.handle.counters).total);
+                        break Ok(TransferEnd::Ready { digest });
+                    }
+                    Some(PeerEvent::Msg(Message::Resumed { resumed_unix_us })) if commit_sent.load(Ordering::SeqCst) => {
+                        // the forwarder sent SourceDone; its completion may not be seen yet
+                        if !fwd_done {
+                            if let Ok(Ok(Ok(done))) = tokio::time::timeout(Duration::from_secs(10), &mut fwd).await {
+                                source_digest = Some(done.digest);
+                                fwd_stats = Some(done);
+                                t_stream_end = Some(SystemTime::now());
+                            }
+                        }
+                        break Ok(TransferEnd::Committed { resumed: Some(resumed_unix_us) });
                     }
                     Some(PeerEvent::Msg(Message::Abort { code, message })) => {
                         return Err(MigrateError::Remote { code, message });
@@ -503,6 +522,12 @@ impl SourceCtx {
                     } else if last_progress.1.elapsed() > stall {
                         return Err(MigrateError::Timeout(stall, "any progress on the connection to the destination"));
                     }
+                    let bps = Counters::get(&c.switchover_bps);
+                    if bps > 0 && (bps as f64 - told_bps as f64).abs() > 0.15 * told_bps as f64 {
+                        // QEMU >= 8.2; older ones keep their own estimate
+                        let _ = qmp.set_migrate_parameters(json!({ "avail-switchover-bandwidth": bps })).await;
+                        told_bps = bps;
+                    }
                     if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_millis(200), qmp.query_migrate()).await {
                         self.handle.update(|s| {
                             s.progress.qemu_status = info.status.clone();
@@ -514,49 +539,68 @@ impl SourceCtx {
                     }
                 }
             }
-        };
+        } }.await;
 
-        // --- the source QEMU must have completed (it did when it closed the stream)
-        let info = qmp.query_migrate().await?;
-        if info.status != "completed" {
-            return Err(MigrateError::QemuMigration(format!(
-                "source QEMU reports {:?} after sending everything",
-                info.status
-            )));
-        }
-        if self.handle.is_cancelled() {
-            return Err(MigrateError::Cancelled);
-        }
-
-        // ===== SWITCHOVER POINT: after Commit the source never resumes. =====
-        self.handle.set_phase("switchover");
-        self.committed = true;
-        let t_commit = SystemTime::now();
-        send(&writer, &Message::Commit)
-            .await
-            .map_err(|e| MigrateError::InDoubt(error_chain(&e)))?;
-        let mut resolved_by_query = false;
-        let lost = loop {
-            match tokio::time::timeout(Duration::from_secs(30), ev_rx.recv()).await {
-                Ok(Some(PeerEvent::Msg(Message::Resumed { resumed_unix_us }))) => {
-                    break Ok(resumed_unix_us)
+        let (dest_digest, t_commit, resumed) = match transfer {
+            Ok(TransferEnd::Ready { digest }) => {
+                // --- v1: the source QEMU must have completed (it did when it closed the
+                // stream); then Commit
+                let info = qmp.query_migrate().await?;
+                if info.status != "completed" {
+                    return Err(MigrateError::QemuMigration(format!(
+                        "source QEMU reports {:?} after sending everything",
+                        info.status
+                    )));
                 }
-                Ok(Some(PeerEvent::Msg(Message::ReturnPath(_)))) => continue,
-                Ok(Some(PeerEvent::Msg(m))) => {
-                    break Err(format!("got {} instead of Resumed", m.name()))
+                if self.handle.is_cancelled() {
+                    return Err(MigrateError::Cancelled);
                 }
-                Ok(Some(PeerEvent::Failed(e))) => break Err(error_chain(&e)),
-                Ok(Some(PeerEvent::Broken(m))) => break Err(m),
-                Ok(Some(PeerEvent::Closed)) | Ok(None) => {
-                    break Err("connection closed".to_string())
-                }
-                Err(_) => break Err("no answer within 30 s".to_string()),
+                // ===== SWITCHOVER POINT (v1): after Commit the source never resumes. =====
+                self.handle.set_phase("switchover");
+                self.committed = true;
+                let t_commit = SystemTime::now();
+                send(&writer, &Message::Commit)
+                    .await
+                    .map_err(|e| MigrateError::InDoubt(error_chain(&e)))?;
+                (digest, t_commit, await_resumed(&mut ev_rx).await)
             }
+            Ok(TransferEnd::Committed { resumed }) => {
+                // ===== SWITCHOVER POINT (v2): SourceDone carried the commit. =====
+                self.handle.set_phase("switchover");
+                self.committed = true;
+                let resumed = match resumed {
+                    Some(us) => Ok(us),
+                    None => await_resumed(&mut ev_rx).await,
+                };
+                // (the destination resumes only when its digest equals the source's)
+                let src = source_digest.unwrap_or_default();
+                (src, t_stream_end.unwrap_or_else(SystemTime::now), resumed)
+            }
+            // The destination discarded everything (its Abort): the source may resume.
+            Err(e @ MigrateError::Remote { .. }) => return Err(e),
+            Err(e) if commit_sent.load(Ordering::SeqCst) => {
+                // The commit went out: never resume without the destination's word.
+                self.handle.set_phase("switchover");
+                self.committed = true;
+                let src = source_digest.unwrap_or_default();
+                (
+                    src,
+                    t_stream_end.unwrap_or_else(SystemTime::now),
+                    Err(Lost::Unknown(error_chain(&e))),
+                )
+            }
+            Err(e) => return Err(e),
         };
-        let resumed_us = match lost {
+        let mut resolved_by_query = false;
+        let resumed_us = match resumed {
             Ok(us) => us,
+            Err(Lost::Discarded { code, message }) => {
+                // it said so itself, before running anything
+                self.committed = false;
+                return Err(MigrateError::Remote { code, message });
+            }
             // Resumed did not come: ask the destination what it did, never guess.
-            Err(why) => match self.ask_destination(&why).await? {
+            Err(Lost::Unknown(why)) => match self.ask_destination(&why).await? {
                 (MigrationState::Running, us) => {
                     resolved_by_query = true;
                     us
@@ -573,6 +617,8 @@ impl SourceCtx {
                 }
             },
         };
+        let info = qmp.query_migrate().await?;
+        let pages = PageCounts::from_counters(&self.handle.counters).total;
         let total = self.t0.elapsed();
         let ms = |a: Option<SystemTime>, b: SystemTime| -> Option<f64> {
             Some(b.duration_since(a?).ok()?.as_secs_f64() * 1000.0)
@@ -661,7 +707,7 @@ impl SourceCtx {
         writer
             .send(&Message::Hello {
                 min_version: tern_proto::MIN_PROTOCOL_VERSION,
-                max_version: tern_proto::PROTOCOL_VERSION,
+                max_version: self.agent.config.max_protocol,
                 agent: self.agent.config.name.clone(),
             })
             .await
@@ -682,6 +728,49 @@ impl SourceCtx {
                 resumed_unix_us,
             } => Ok((state, resumed_unix_us)),
             m => Err(unexpected(&m, "QueryAnswer")),
+        }
+    }
+}
+
+/// How the transfer phase ended.
+enum TransferEnd {
+    /// v1: the destination is ready; the source decides (Commit).
+    Ready { digest: [u8; 32] },
+    /// v2: SourceDone carried the commit; Resumed may already be here.
+    Committed { resumed: Option<u64> },
+}
+
+/// Why no Resumed came after the commit.
+enum Lost {
+    /// The destination aborted: it discarded everything, nothing of the VM runs there.
+    Discarded { code: ErrorCode, message: String },
+    /// No word from it (connection lost, timeout): ask it.
+    Unknown(String),
+}
+
+/// Waits for the destination's Resumed after the commit (30 s at most).
+async fn await_resumed(ev_rx: &mut mpsc::Receiver<PeerEvent>) -> Result<u64, Lost> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), ev_rx.recv()).await {
+            Ok(Some(PeerEvent::Msg(Message::Resumed { resumed_unix_us }))) => {
+                return Ok(resumed_unix_us)
+            }
+            Ok(Some(PeerEvent::Msg(Message::ReturnPath(_)))) => continue,
+            Ok(Some(PeerEvent::Msg(Message::Abort { code, message }))) => {
+                return Err(Lost::Discarded { code, message })
+            }
+            Ok(Some(PeerEvent::Msg(m))) => {
+                return Err(Lost::Unknown(format!(
+                    "got {} instead of Resumed",
+                    m.name()
+                )))
+            }
+            Ok(Some(PeerEvent::Failed(e))) => return Err(Lost::Unknown(error_chain(&e))),
+            Ok(Some(PeerEvent::Broken(m))) => return Err(Lost::Unknown(m)),
+            Ok(Some(PeerEvent::Closed)) | Ok(None) => {
+                return Err(Lost::Unknown("connection closed".to_string()))
+            }
+            Err(_) => return Err(Lost::Unknown("no answer within 30 s".to_string())),
         }
     }
 }
@@ -924,6 +1013,7 @@ async fn forward(
     handle: Arc<MigrationHandle>,
     mut pages: PageEncoder,
     picker: CodecPicker,
+    commit: Option<Arc<AtomicBool>>,
 ) -> Result<ForwardDone, MigrateError> {
     let mut parser = Parser::new();
     let mut enc = Encoder::new(tern_qemu::stream::DEFAULT_PAGE_SIZE);
@@ -1078,9 +1168,15 @@ async fn forward(
         state: "RAM setup",
     })?;
     let sum = d.finish();
+    if let Some(flag) = &commit {
+        // ===== SWITCHOVER POINT (v2): from here on the source never resumes unless the
+        // destination says it holds nothing of the VM. =====
+        flag.store(true, Ordering::SeqCst);
+    }
     out.message(Message::SourceDone {
         digest: sum,
         pages: d.pages,
+        commit: commit.is_some(),
     });
     flush_out(&mut out, &mut comp, &writer, &handle).await?;
     let s = pages.stats;
@@ -1142,6 +1238,12 @@ async fn flush_out(
         let t = Instant::now();
         w.flush().await.map_err(MigrateError::PeerWrite)?;
         comp.picker.flushed(n, t.elapsed());
+        if let Some(r) = comp.picker.switchover_rate() {
+            handle
+                .counters
+                .switchover_bps
+                .store(r as u64, Ordering::Relaxed);
+        }
     }
     handle
         .counters

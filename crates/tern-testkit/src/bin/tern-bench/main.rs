@@ -1,10 +1,12 @@
-//! `tern-bench loopback`: the foundation benchmark. Same guest, same machine, one run:
+//! `tern-bench loopback`: the foundation benchmark (`tern-bench wan`: see [`wan`]). Same guest, same machine, one run:
 //! QEMU's own migration (QEMU to QEMU over loopback TCP) against the same migration
 //! through two tern agents, alternating, N rounds per workload. Prints a Markdown table of
 //! total time, downtime (end to end: source STOP event to destination RESUME event, and
 //! QEMU's own figure), throughput and CPU seconds, with tern/QEMU ratios.
 //!
 //! Usage: tern-bench loopback --tern target/release/tern [--rounds 3] [--out FILE]
+
+mod wan;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -175,10 +177,26 @@ fn main() -> Result<()> {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
-    if args.get(1).map(String::as_str) != Some("loopback") {
-        bail!("usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]");
-    }
     let bin = PathBuf::from(arg("--tern").unwrap_or_else(|| "target/release/tern".into()));
+    match args.get(1).map(String::as_str) {
+        Some("loopback") => {}
+        Some("wan") => {
+            let g = ensure_guest()?;
+            let profile = arg("--profile").unwrap_or_else(|| "wan-100m-50ms".into());
+            let mem: u32 = arg("--mem-mib").map(|m| m.parse()).transpose()?.unwrap_or(1024);
+            let limit: u64 = arg("--limit-secs").map(|m| m.parse()).transpose()?.unwrap_or(180);
+            let only = arg("--only");
+            let out = wan::bench(&bin, &g, &profile, mem, Duration::from_secs(limit), only.as_deref())?;
+            print!("{out}");
+            if let Some(p) = arg("--out") {
+                std::fs::write(&p, &out).with_context(|| format!("writing {p}"))?;
+            }
+            return Ok(());
+        }
+        _ => bail!(
+            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]"
+        ),
+    }
     let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);
     let g = ensure_guest()?;
     let work = tempfile::Builder::new()

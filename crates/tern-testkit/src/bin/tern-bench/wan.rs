@@ -1,0 +1,414 @@
+//! `tern-bench wan`: tern against QEMU's own migration across the emulated WAN of
+//! `scripts/wan.sh` (two network namespaces, tc rate limit, userspace delay), same guest,
+//! same link, same run. For every workload: QEMU precopy (downtime limit 300 ms, no rate
+//! cap), QEMU postcopy (switched to after the first pass), and tern (defaults). Bytes are
+//! counted on host A's link (both directions, headers included) for all three alike;
+//! downtime is end to end, source STOP event to destination RESUME event.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tern_qemu::launch::{LaunchOptions, QemuProcess};
+use tern_qemu::spec::VmSpec;
+use tern_testkit::agents::{wait_for_text, AgentOptions, TestAgent, WanLab};
+use tern_testkit::guest::GuestImage;
+
+use super::{event_us, machine_cpu_seconds};
+
+/// One migration's outcome.
+pub struct Run {
+    pub path: String,
+    /// "completed", or why not.
+    pub outcome: String,
+    pub total_s: f64,
+    pub downtime_ms: f64,
+    pub qemu_downtime_ms: f64,
+    pub link_mb: f64,
+    pub cpu_s: f64,
+}
+
+impl Run {
+    fn completed(&self) -> bool {
+        self.outcome == "completed"
+    }
+}
+
+pub struct Workload {
+    pub label: &'static str,
+    pub append: String,
+    /// A console line that shows the workload is under way (its dirtier runs).
+    pub running: &'static str,
+}
+
+/// Bytes through host A's side of the link so far (received + sent).
+fn link_bytes() -> Result<u64> {
+    let out = Command::new("ip")
+        .args(["-n", "tern-a", "-j", "-s", "link", "show", "a-up"])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j -s link")?;
+    let s = &v[0]["stats64"];
+    Ok(s["rx"]["bytes"].as_u64().unwrap_or(0) + s["tx"]["bytes"].as_u64().unwrap_or(0))
+}
+
+/// A QEMU binary that runs in a network namespace (`ip netns exec` keeps the pid).
+fn qemu_in(ns: &str, work: &Path) -> Result<PathBuf> {
+    let p = work.join(format!("qemu-in-{ns}"));
+    std::fs::write(
+        &p,
+        format!("#!/bin/sh\nexec ip netns exec {ns} qemu-system-x86_64 \"$@\"\n"),
+    )?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+    Ok(p)
+}
+
+pub fn vm_spec(name: &str, g: &GuestImage, mem_mib: u32, append: &str) -> VmSpec {
+    let mut s = super::spec(name, g, append);
+    s.memory_mib = mem_mib;
+    s
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum QemuMode {
+    Precopy,
+    Postcopy,
+}
+
+/// QEMU to QEMU across the WAN lab.
+pub async fn qemu_direct(
+    g: &GuestImage,
+    w: &Workload,
+    mem_mib: u32,
+    work: &Path,
+    mode: QemuMode,
+    limit: Duration,
+) -> Result<Run> {
+    std::fs::create_dir_all(work)?;
+    let s = vm_spec("wan-direct", g, mem_mib, &w.append);
+    let mut so = LaunchOptions::new(work.join("src"));
+    so.qemu_binary = qemu_in("tern-a", work)?;
+    let mut src = QemuProcess::launch(&s, &so).await?;
+    wait_for_text(&src.console_log, w.running, Duration::from_secs(120))?;
+    let mut dopts = LaunchOptions::new(work.join("dst"));
+    dopts.qemu_binary = qemu_in("tern-b", work)?;
+    dopts.incoming_defer = true;
+    let mut dst = QemuProcess::launch(&s, &dopts).await?;
+    let post = mode == QemuMode::Postcopy;
+    for q in [&src.qmp, &dst.qmp] {
+        let mut caps = vec![("events", true)];
+        if post {
+            caps.push(("postcopy-ram", true));
+        }
+        q.set_migrate_capabilities(&caps).await?;
+    }
+    src.qmp
+        .set_migrate_parameters(json!({ "downtime-limit": 300, "max-bandwidth": 1u64 << 40 }))
+        .await?;
+    let uri = "tcp:198.18.0.2:4444";
+    dst.qmp
+        .execute("migrate-incoming", Some(json!({ "uri": uri })))
+        .await?;
+    let mut sev = src.qmp.subscribe();
+    let mut dev = dst.qmp.subscribe();
+    let bytes0 = link_bytes()?;
+    let cpu0 = machine_cpu_seconds();
+    let t0 = Instant::now();
+    src.qmp
+        .execute("migrate", Some(json!({ "uri": uri })))
+        .await?;
+    let mut switched = false;
+    let outcome = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let info = src.qmp.query_migrate().await?;
+        match info.status.as_str() {
+            "completed" => break "completed".to_string(),
+            "failed" | "cancelled" => {
+                break format!("failed: {}", info.error_desc.unwrap_or_default())
+            }
+            _ => {}
+        }
+        if post && !switched && info.dirty_sync_count.unwrap_or(0) >= 2 {
+            src.qmp.execute("migrate-start-postcopy", None).await?;
+            switched = true;
+        }
+        if t0.elapsed() > limit {
+            let _ = src.qmp.execute("migrate_cancel", None).await;
+            break format!("did not converge in {} s", limit.as_secs());
+        }
+    };
+    let total = t0.elapsed();
+    let cpu = machine_cpu_seconds() - cpu0;
+    let link = link_bytes()? - bytes0;
+    let info = src.qmp.query_migrate().await?;
+    let mut run = Run {
+        path: if post {
+            "QEMU postcopy"
+        } else {
+            "QEMU precopy"
+        }
+        .into(),
+        outcome,
+        total_s: total.as_secs_f64(),
+        downtime_ms: f64::NAN,
+        qemu_downtime_ms: info.downtime_ms.map(|d| d as f64).unwrap_or(f64::NAN),
+        link_mb: link as f64 / 1e6,
+        cpu_s: cpu,
+    };
+    if run.completed() {
+        let stop = src
+            .qmp
+            .wait_event(&mut sev, "STOP", Duration::from_secs(5))
+            .await?;
+        let resume = dst
+            .qmp
+            .wait_event(&mut dev, "RESUME", Duration::from_secs(60))
+            .await?;
+        run.downtime_ms = (event_us(resume.timestamp) - event_us(stop.timestamp)) / 1000.0;
+    }
+    src.kill().await;
+    dst.kill().await;
+    Ok(run)
+}
+
+/// Two agents in the lab's namespaces, sharing a cluster key, with fresh stores.
+pub fn agents(bin: &Path, work: &Path) -> Result<(TestAgent, TestAgent)> {
+    let key = work.join("cluster.key");
+    let key = key.to_str().context("path")?.to_string();
+    let args = ["--cluster-key", key.as_str()];
+    let a = TestAgent::start_with(
+        bin,
+        "wan-a",
+        AgentOptions {
+            netns: Some("tern-a"),
+            listen: Some("198.18.0.1:7700".parse()?),
+            args: &args,
+            ..Default::default()
+        },
+    )?;
+    let b = TestAgent::start_with(
+        bin,
+        "wan-b",
+        AgentOptions {
+            netns: Some("tern-b"),
+            listen: Some("198.18.0.2:7700".parse()?),
+            args: &args,
+            ..Default::default()
+        },
+    )?;
+    Ok((a, b))
+}
+
+/// Starts the workload's VM on `a` and waits until it runs.
+pub fn boot(a: &TestAgent, s: &VmSpec, w: &Workload) -> Result<()> {
+    let info = a.start_vm(&s.to_toml())?;
+    let console = PathBuf::from(info["console_log"].as_str().context("console")?);
+    wait_for_text(&console, w.running, Duration::from_secs(120))?;
+    Ok(())
+}
+
+/// Migrates `vm` from `a` to `b` through tern.
+pub fn via_tern(a: &TestAgent, vm: &str, limit: Duration) -> Result<Run> {
+    let bytes0 = link_bytes()?;
+    let cpu0 = machine_cpu_seconds();
+    let t0 = Instant::now();
+    let id = a.start_migration(vm, "198.18.0.2:7700", json!({ "downtime_ms": 300 }))?;
+    let st = match a.wait_migration(&id, limit) {
+        Ok(st) => st,
+        Err(_) => {
+            a.call("POST", &format!("/v1/migrations/{id}/cancel"), None)
+                .ok();
+            a.wait_migration(&id, Duration::from_secs(30))?
+        }
+    };
+    let total = t0.elapsed();
+    let cpu = machine_cpu_seconds() - cpu0;
+    let link = link_bytes()? - bytes0;
+    let (outcome, downtime, qd) = match &st.report {
+        Some(r) => (
+            "completed".to_string(),
+            r.downtime_ms as f64,
+            r.qemu_downtime_ms.map(|d| d as f64).unwrap_or(f64::NAN),
+        ),
+        None => match &st.error {
+            Some(e) if e.code == "cancelled" => (
+                format!("did not converge in {} s", limit.as_secs()),
+                f64::NAN,
+                f64::NAN,
+            ),
+            e => (format!("failed: {e:?}"), f64::NAN, f64::NAN),
+        },
+    };
+    if let Some(r) = &st.report {
+        eprintln!("  tern: pages {:?}; encoding {:?}", r.pages, r.encoding);
+    }
+    Ok(Run {
+        path: "tern".into(),
+        outcome,
+        total_s: total.as_secs_f64(),
+        downtime_ms: downtime,
+        qemu_downtime_ms: qd,
+        link_mb: link as f64 / 1e6,
+        cpu_s: cpu,
+    })
+}
+
+pub fn bench(
+    bin: &Path,
+    g: &GuestImage,
+    profile: &str,
+    mem_mib: u32,
+    limit: Duration,
+    only: Option<&str>,
+) -> Result<String> {
+    let _lab = WanLab::up(profile)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let fill = mem_mib * 5 / 8;
+    // 1.5x the link's raw rate, for the dirtiers
+    let link_mibps: f64 = match profile {
+        "wan-100m-50ms" => 100e6 / 8.0 / 1048576.0,
+        "wan-1g-20ms" => 1e9 / 8.0 / 1048576.0,
+        _ => 100e6 / 8.0 / 1048576.0,
+    };
+    let rate = (1.5 * link_mibps).round() as u32;
+    let workloads = [
+        Workload {
+            label: "realistic (page cache, processes), idle",
+            append: format!("tern.workload=realistic tern.mib={fill} tern.seed=1"),
+            running: "TERN-READY",
+        },
+        Workload {
+            label: "realistic + text dirtier at 1.5x the link",
+            append: format!(
+                "tern.workload=realistic tern.mib={} tern.seed=2 tern.dirty=128 tern.rate={rate}",
+                fill / 2
+            ),
+            running: "tern-realistic pass",
+        },
+        Workload {
+            label: "random dirtier at 1.5x the link (incompressible)",
+            append: format!("tern.workload=random tern.mib=128 tern.rate={rate}"),
+            running: "tern-random pass",
+        },
+    ];
+    let work = tempfile::Builder::new()
+        .prefix("tern-bench-wan-")
+        .tempdir_in("/tmp")?;
+    let mut rows = String::new();
+    let mut ratios = String::new();
+    for (i, w) in workloads.iter().enumerate() {
+        if only.is_some_and(|o| !w.label.contains(o)) {
+            continue;
+        }
+        let mut runs = Vec::new();
+        for mode in [QemuMode::Precopy, QemuMode::Postcopy] {
+            eprintln!(
+                "[{}] QEMU {}",
+                w.label,
+                if mode == QemuMode::Precopy {
+                    "precopy"
+                } else {
+                    "postcopy"
+                }
+            );
+            let dir = work.path().join(format!("w{i}-{}", runs.len()));
+            runs.push(rt.block_on(qemu_direct(g, w, mem_mib, &dir, mode, limit))?);
+        }
+        eprintln!("[{}] tern", w.label);
+        let dir = work.path().join(format!("w{i}-tern"));
+        std::fs::create_dir_all(&dir)?;
+        let (a, b) = agents(bin, &dir)?;
+        let s = vm_spec("wan-vm", g, mem_mib, &w.append);
+        boot(&a, &s, w)?;
+        let t = via_tern(&a, "wan-vm", limit)?;
+        let mut twin = None;
+        if i == 0 {
+            // a second VM of the same image, to a destination that holds the first
+            eprintln!("[{}] tern, a second VM of the same image", w.label);
+            let s2 = vm_spec("wan-twin", g, mem_mib, &w.append);
+            boot(&a, &s2, w)?;
+            twin = Some(via_tern(&a, "wan-twin", limit)?);
+        }
+        for vm in ["wan-vm", "wan-twin"] {
+            let _ = a.call("DELETE", &format!("/v1/vms/{vm}"), None);
+            let _ = b.call("DELETE", &format!("/v1/vms/{vm}"), None);
+        }
+        drop((a, b));
+        for r in runs.iter().chain(std::iter::once(&t)) {
+            rows.push_str(&row(w.label, r));
+        }
+        if let Some(tw) = &twin {
+            rows.push_str(&row(
+                &format!(
+                    "{} — a second VM of the same image (QEMU: as the first)",
+                    w.label
+                ),
+                tw,
+            ));
+        }
+        ratios.push_str(&ratio_lines(w.label, &runs, &t));
+        if let Some(tw) = &twin {
+            ratios.push_str(&ratio_lines(&format!("{} (second VM)", w.label), &runs, tw));
+        }
+    }
+    let mut out = format!(
+        "Profile {profile}, {mem_mib} MiB guest, limit {} s per migration, one run each, same machine and link. \
+         Bytes: host A's link, both directions, headers included. Downtime: source STOP to destination RESUME.\n\n",
+        limit.as_secs()
+    );
+    out.push_str("| workload | path | outcome | total s | downtime ms | QEMU's downtime ms | link MB | CPU s (machine) |\n|---|---|---|---|---|---|---|---|\n");
+    out.push_str(&rows);
+    out.push('\n');
+    out.push_str(&ratios);
+    Ok(out)
+}
+
+fn row(label: &str, r: &Run) -> String {
+    let f = |x: f64, p: usize| {
+        if x.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{x:.p$}")
+        }
+    };
+    format!(
+        "| {label} | {} | {} | {} | {} | {} | {} | {} |\n",
+        r.path,
+        r.outcome,
+        f(r.total_s, 1),
+        f(r.downtime_ms, 0),
+        f(r.qemu_downtime_ms, 0),
+        f(r.link_mb, 1),
+        f(r.cpu_s, 1)
+    )
+}
+
+fn ratio_lines(label: &str, qemu: &[Run], t: &Run) -> String {
+    let mut s = String::new();
+    for q in qemu {
+        if !q.completed() {
+            s.push_str(&format!(
+                "- {label}: {} {}; tern {}\n",
+                q.path, q.outcome, t.outcome
+            ));
+            continue;
+        }
+        if !t.completed() {
+            s.push_str(&format!(
+                "- {label}: tern {}, {} completed\n",
+                t.outcome, q.path
+            ));
+            continue;
+        }
+        s.push_str(&format!(
+            "- {label}: vs {}: bytes {:.2}x (target <= 0.35x), total time {:.2}x (target <= 0.5x), downtime {:.2}x (target <= 1.0x)\n",
+            q.path,
+            t.link_mb / q.link_mb,
+            t.total_s / q.total_s,
+            t.downtime_ms / q.downtime_ms
+        ));
+    }
+    s
+}
