@@ -103,6 +103,24 @@ pub struct Agent {
     /// Names held by incoming migrations that have not switched over yet.
     reserved: Mutex<HashSet<String>>,
     migrations: Mutex<HashMap<String, Arc<MigrationHandle>>>,
+    /// Incoming migrations that accept extra data connections (parallel streams).
+    streams: Mutex<HashMap<String, StreamSlot>>,
+}
+
+/// Where an incoming migration takes its extra data connections.
+pub type StreamSlot =
+    tokio::sync::mpsc::UnboundedSender<(u16, conn::FrameReader<tokio::net::tcp::OwnedReadHalf>)>;
+
+/// Stops accepting data connections for a migration when dropped.
+pub struct StreamsGuard {
+    agent: Arc<Agent>,
+    id: String,
+}
+
+impl Drop for StreamsGuard {
+    fn drop(&mut self) {
+        self.agent.streams.lock().unwrap().remove(&self.id);
+    }
 }
 
 /// Why the agent could not run.
@@ -174,6 +192,7 @@ impl Agent {
             vms: Mutex::new(HashMap::new()),
             reserved: Mutex::new(HashSet::new()),
             migrations: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -197,6 +216,28 @@ impl Agent {
         let mut v: Vec<_> = self.vms.lock().unwrap().values().cloned().collect();
         v.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         v
+    }
+
+    /// Lets data connections for incoming migration `id` reach it until the guard drops.
+    pub fn accept_streams(self: &Arc<Self>, id: &str, slot: StreamSlot) -> StreamsGuard {
+        self.streams.lock().unwrap().insert(id.to_string(), slot);
+        StreamsGuard {
+            agent: self.clone(),
+            id: id.to_string(),
+        }
+    }
+
+    /// Hands a data connection to its migration; false if no such migration takes one.
+    pub fn attach_stream(
+        &self,
+        id: &str,
+        index: u16,
+        reader: conn::FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    ) -> bool {
+        match self.streams.lock().unwrap().get(id) {
+            Some(slot) => slot.send((index, reader)).is_ok(),
+            None => false,
+        }
     }
 
     /// Holds a name for an incoming VM; false if the name is taken.

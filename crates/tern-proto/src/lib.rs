@@ -17,6 +17,9 @@
 //!                                  <============  ReturnPath (PONG, SHUT, ...)
 //!                                  <------------  Want{hashes}    (v2, rare: a ref missed)
 //!  Content{hash, bytes}            ------------>
+//!
+//!  parallel streams (v2): extra connections, each Hello / HelloAck, Attach{id, index},
+//!  then data frames each preceded by Seq{n}; the destination applies them in n order.
 //!  SourceDone{digest}              ------------>  compares digests, QEMU loaded
 //!                                  <------------  ReadyToResume{digest}
 //!  Commit          (switchover point: the source will never resume after this)
@@ -69,6 +72,8 @@ pub mod tag {
     pub const SUMMARY: u8 = 16;
     pub const WANT: u8 = 17;
     pub const CONTENT: u8 = 18;
+    pub const ATTACH: u8 = 19;
+    pub const SEQ: u8 = 20;
 }
 
 /// A page's content identity: the first 16 bytes of the cluster-keyed BLAKE3 of its bytes
@@ -362,6 +367,17 @@ pub enum Message {
     Content {
         pages: Vec<(ContentHash, Bytes)>,
     },
+    /// Source -> destination (v2), first after Hello/HelloAck on an extra data
+    /// connection: it carries frames of this migration (parallel streams).
+    Attach {
+        migration_id: String,
+        index: u16,
+    },
+    /// Source -> destination (v2), on data connections: the next frame is number `seq` of
+    /// the migration's data frames; the destination processes them in `seq` order.
+    Seq {
+        seq: u64,
+    },
 }
 
 impl Message {
@@ -385,6 +401,8 @@ impl Message {
             Message::Summary { .. } => tag::SUMMARY,
             Message::Want { .. } => tag::WANT,
             Message::Content { .. } => tag::CONTENT,
+            Message::Attach { .. } => tag::ATTACH,
+            Message::Seq { .. } => tag::SEQ,
         }
     }
 
@@ -409,6 +427,8 @@ impl Message {
             Message::Summary { .. } => "Summary",
             Message::Want { .. } => "Want",
             Message::Content { .. } => "Content",
+            Message::Attach { .. } => "Attach",
+            Message::Seq { .. } => "Seq",
         }
     }
 }
@@ -573,6 +593,14 @@ pub fn encode_segments(msg: &Message, scratch: &mut BytesMut, segs: &mut Vec<Byt
                 bulk(out, segs, data);
             }
         }
+        Message::Attach {
+            migration_id,
+            index,
+        } => {
+            put_str(out, migration_id);
+            out.put_u16(*index);
+        }
+        Message::Seq { seq } => out.put_u64(*seq),
     }
 }
 
@@ -619,6 +647,8 @@ fn payload_len(msg: &Message) -> usize {
         Message::Summary { prefixes, .. } => 12 + 8 * prefixes.len(),
         Message::Want { hashes } => 4 + 16 * hashes.len(),
         Message::Content { pages } => 4 + pages.iter().map(|(_, d)| 20 + d.len()).sum::<usize>(),
+        Message::Attach { migration_id, .. } => s(migration_id) + 2,
+        Message::Seq { .. } => 8,
     }
 }
 
@@ -631,7 +661,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, FrameError> {
     let ty = buf[0];
     let flags = buf[1];
     let len = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
-    if !(tag::HELLO..=tag::CONTENT).contains(&ty) {
+    if !(tag::HELLO..=tag::SEQ).contains(&ty) {
         return Err(FrameError::UnknownType(ty));
     }
     let codec = flags & FLAG_CODEC_MASK;
@@ -845,6 +875,11 @@ fn decode_payload(ty: u8, payload: Bytes) -> Result<Message, FrameError> {
             }
             Message::Content { pages }
         }
+        tag::ATTACH => Message::Attach {
+            migration_id: r.str()?,
+            index: r.u16()?,
+        },
+        tag::SEQ => Message::Seq { seq: r.u64()? },
         other => return Err(FrameError::UnknownType(other)),
     };
     if !r.b.is_empty() {
@@ -873,6 +908,8 @@ fn tag_name(ty: u8) -> &'static str {
         tag::SUMMARY => "Summary",
         tag::WANT => "Want",
         tag::CONTENT => "Content",
+        tag::ATTACH => "Attach",
+        tag::SEQ => "Seq",
         _ => "Invalid",
     }
 }

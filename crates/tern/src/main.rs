@@ -116,6 +116,10 @@ struct MigrateArgs {
     /// Send every page's bytes: no references to content the destination holds, no deltas.
     #[arg(long)]
     no_dedup: bool,
+    /// Extra TCP connections for the data (default: 4 when the round trip is 10 ms or
+    /// more, else 0: the control connection carries it).
+    #[arg(long)]
+    streams: Option<u16>,
     /// Print the final report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -307,6 +311,7 @@ fn migrate(c: Client, m: MigrateArgs) -> Result<()> {
             "max_bandwidth_mibps": m.max_bandwidth_mibps,
             "compression": m.compression,
             "dedup": !m.no_dedup,
+            "streams": m.streams,
         })),
     )?;
     let id = started["id"]
@@ -441,14 +446,15 @@ fn print_report(r: &MigrationReport) {
     let e = &r.encoding;
     if e.frames_raw_bytes > 0 {
         println!(
-            "  encoding        dedup {}, compression {} ({} changes), frames {:.1} -> {:.1} MiB, {} pages held at the destination, {} asked for again",
+            "  encoding        dedup {}, compression {} ({} changes), frames {:.1} -> {:.1} MiB, {} pages held at the destination, {} asked for again, {} data streams",
             if e.dedup { "on" } else { "off" },
             e.codec,
             e.codec_switches,
             mib(e.frames_raw_bytes),
             mib(e.frames_wire_bytes),
             e.destination_held_pages,
-            e.wants
+            e.wants,
+            e.data_streams
         );
     }
     println!("  throughput      {:.0} Mbit/s", r.throughput_mbps);

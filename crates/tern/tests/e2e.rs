@@ -930,6 +930,10 @@ fn over_an_emulated_wan_pages_are_compressed_deltas_are_used_and_memory_is_exact
         "realistic pages compress: {e:?}"
     );
     assert!(r.pages.deltas > 0, "{:?}", r.pages);
+    assert_eq!(
+        e.data_streams, 4,
+        "a 50 ms round trip gets parallel streams"
+    );
     assert!(
         r.bytes_on_wire * 2 < r.bytes_from_qemu,
         "wire {} vs QEMU's stream {}",
@@ -961,5 +965,42 @@ fn a_version_1_peer_gets_plain_pages_and_the_two_phase_commit() -> Result<()> {
         "v1 waits for ReadyToResume: {sw:?}"
     );
     assert_eq!(b.vm_status("old")?, "running");
+    Ok(())
+}
+
+#[test]
+fn parallel_streams_keep_a_live_migration_exact() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let (a, b) = two_agents(&[])?;
+    boot_dirtier(&a, &g, "par", "")?;
+    wait_for_text(
+        &console_of(&a, "par")?,
+        "tern-dirty pass",
+        Duration::from_secs(30),
+    )?;
+    let id = a.start_migration("par", &b.peer_addr.to_string(), json!({ "streams": 3 }))?;
+    let st = a.wait_migration(&id, Duration::from_secs(180))?;
+    let r = st
+        .report
+        .with_context(|| format!("{:?}\n{}", st.error, b.log_text()))?;
+    assert!(r.digest_ok);
+    assert_eq!(r.encoding.data_streams, 3);
+    assert!(b.log_text().matches("data connection attached").count() >= 3);
+    // the guest's checker runs on at the destination and finds every page
+    let console = console_of(&b, "par")?;
+    let start = std::fs::read_to_string(&console)?
+        .matches("tern-dirty pass")
+        .count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&console)?;
+        assert!(!text.contains("TERN-CORRUPT"), "{text}");
+        if text.matches("tern-dirty pass").count() >= start + 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress at the destination");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use bytes::Bytes;
 use serde_json::json;
@@ -26,7 +26,7 @@ use tern_qemu::stream::{BlockName, Encoder, Item, NameMode, RamRecord};
 use tern_store::Hash;
 use tokio::io::AsyncReadExt;
 use tokio::net::{unix, TcpStream, UnixStream};
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, Mutex};
 
 use super::digest::MemoryDigest;
 use super::pages::{PageDecoder, Resolved};
@@ -116,6 +116,21 @@ pub async fn serve_peer(agent: Arc<Agent>, stream: TcpStream, addr: SocketAddr) 
     };
     let mut handle: Option<Arc<MigrationHandle>> = None;
     let result = receive(&agent, &mut reader, &writer, &mut inc, &mut handle, addr).await;
+    if let Ok(Some((id, index))) = &result {
+        // an extra data connection: hand it to its migration
+        if !agent.attach_stream(id, *index, reader) {
+            tracing::warn!(peer = %addr, migration = %id, "data connection for no running migration");
+            let _ = writer
+                .lock()
+                .await
+                .send(&Message::Abort {
+                    code: ErrorCode::Protocol,
+                    message: format!("no incoming migration {id} here"),
+                })
+                .await;
+        }
+        return;
+    }
     if let Err(e) = result {
         let code = e.code();
         let message = error_chain(&e);
@@ -161,7 +176,7 @@ async fn receive(
     inc: &mut Incoming,
     handle_slot: &mut Option<Arc<MigrationHandle>>,
     addr: SocketAddr,
-) -> Result<(), IncomingError> {
+) -> Result<Option<(String, u16)>, IncomingError> {
     // --- hello
     let (peer_min, peer_max, peer_name) =
         match next_msg(reader, Duration::from_secs(30), "Hello").await? {
@@ -206,6 +221,10 @@ async fn receive(
                 source_running,
                 qemu_version,
             } => (migration_id, spec_toml, source_running, qemu_version),
+            Message::Attach {
+                migration_id,
+                index,
+            } if version >= 2 => return Ok(Some((migration_id, index))),
             Message::Query { migration_id } => {
                 let (state, resumed_unix_us) = agent.incoming_state(&migration_id);
                 tracing::info!(migration = %migration_id, ?state, "answered a query");
@@ -217,7 +236,7 @@ async fn receive(
                     },
                 )
                 .await?;
-                return Ok(());
+                return Ok(None);
             }
             m => {
                 return Err(refuse(
@@ -333,6 +352,9 @@ async fn receive(
             .await?;
         }
     }
+    // Extra data connections (parallel streams) arrive through the agent.
+    let (attach_tx, mut attach_rx) = mpsc::unbounded_channel();
+    let _attach = agent.accept_streams(&id, attach_tx);
     send(writer, &Message::Prepared { qemu_version }).await?;
 
     // --- transfer: frames -> QEMU stream; QEMU's return path -> frames
@@ -353,6 +375,12 @@ async fn receive(
     let stall = agent.config.stall_timeout;
     let mut source_done: Option<[u8; 32]> = None;
     let mut early_commit = false;
+    // Data frames from parallel streams, applied in sequence order.
+    let (data_tx, mut data_rx) = mpsc::channel::<DataFrame>(256);
+    let mut reorder: BTreeMap<u64, Message> = BTreeMap::new();
+    let mut next_seq = 0u64;
+    let mut ready: VecDeque<Message> = VecDeque::new();
+    let mut last_input = tokio::time::Instant::now();
     let source_digest = loop {
         if let Some(d) = source_done {
             if rb.pending.is_empty() {
@@ -360,28 +388,56 @@ async fn receive(
                 break d;
             }
         }
-        // Write to QEMU only when the next frame is not here yet (and nothing more is
-        // waiting in the socket), or when a lot is queued: large writes, no stalls.
-        if !reader.has_frame() && !rb.out.is_empty() {
-            reader.try_fill()?;
-            if !reader.has_frame() {
-                write_qemu(&mut qemu_wr, &mut rb.out).await?;
-            }
-        }
-        let msg = tokio::select! {
-            m = tokio::time::timeout(stall, reader.next()) => match m {
-                Ok(m) => m,
-                Err(_) => return Err(IncomingError::Timeout(stall, "data from the source")),
-            },
-            r = rp_task.join(), if rp_result.is_none() => {
-                let r = r.unwrap_or_else(|e| Err(format!("return-path task failed: {e}")));
-                if let Err(why) = &r {
-                    return Err(IncomingError::Qemu(why.clone()));
+        let msg = if let Some(m) = ready.pop_front() {
+            Ok(Some(m))
+        } else {
+            // Write to QEMU only when the next frame is not here yet (and nothing more is
+            // waiting in the sockets), or when a lot is queued: large writes, no stalls.
+            if !reader.has_frame() && data_rx.is_empty() && !rb.out.is_empty() {
+                reader.try_fill()?;
+                if !reader.has_frame() {
+                    write_qemu(&mut qemu_wr, &mut rb.out).await?;
                 }
-                rp_result = Some(r);
-                continue;
+            }
+            tokio::select! {
+                m = reader.next() => m,
+                d = data_rx.recv() => {
+                    last_input = tokio::time::Instant::now();
+                    match d.expect("the loop holds a sender") {
+                        Ok((seq, m)) => {
+                            if seq < next_seq || reorder.insert(seq, m).is_some() {
+                                return Err(refuse(ErrorCode::Protocol, format!("data frame #{seq} twice")));
+                            }
+                            while let Some(m) = reorder.remove(&next_seq) {
+                                ready.push_back(m);
+                                next_seq += 1;
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    continue;
+                }
+                a = attach_rx.recv() => {
+                    if let Some((index, r)) = a {
+                        tracing::info!(migration = %id, index, "data connection attached");
+                        tokio::spawn(data_stream(r, data_tx.clone(), handle.clone()));
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(last_input + stall) => {
+                    return Err(IncomingError::Timeout(stall, "data from the source"));
+                }
+                r = rp_task.join(), if rp_result.is_none() => {
+                    let r = r.unwrap_or_else(|e| Err(format!("return-path task failed: {e}")));
+                    if let Err(why) = &r {
+                        return Err(IncomingError::Qemu(why.clone()));
+                    }
+                    rp_result = Some(r);
+                    continue;
+                }
             }
         };
+        last_input = tokio::time::Instant::now();
         c.wire_in.store(reader.bytes_read, Ordering::Relaxed);
         match msg? {
             Some(Message::QemuBytes(b)) => rb.push(Pending::Verbatim(b), c)?,
@@ -576,7 +632,9 @@ async fn receive(
         outcome: "succeeded".into(),
         total_time_ms: total.as_millis() as u64,
         bytes_from_qemu: 0,
-        bytes_on_wire: Counters::get(&c.wire_in) + writer.lock().await.bytes_written,
+        bytes_on_wire: Counters::get(&c.wire_in)
+            + Counters::get(&c.wire_data)
+            + writer.lock().await.bytes_written,
         pages: super::PageCounts::from_counters(c),
         digest_ok: true,
         digest: hex::encode(ours),
@@ -585,7 +643,7 @@ async fn receive(
         resumed_unix_us,
         ..Default::default()
     });
-    Ok(())
+    Ok(None)
 }
 
 /// "10.0.2" -> (10, 0).
@@ -595,6 +653,40 @@ fn major_minor(v: &str) -> Option<(u32, u32)> {
         it.next()?.trim().parse().ok()?,
         it.next()?.trim().parse().ok()?,
     ))
+}
+
+/// One data frame from a parallel stream: its sequence number and the message.
+type DataFrame = Result<(u64, Message), IncomingError>;
+
+/// Reads one extra data connection: `Seq{n}` then the frame numbered n, again and again,
+/// handing them to the migration's loop (which applies them in order).
+async fn data_stream(
+    mut r: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    tx: mpsc::Sender<DataFrame>,
+    handle: Arc<MigrationHandle>,
+) {
+    let mut counted = r.bytes_read;
+    loop {
+        let item = match r.next().await {
+            Ok(Some(Message::Seq { seq })) => match r.next().await {
+                Ok(Some(m)) => Ok((seq, m)),
+                Ok(None) => Err(IncomingError::PeerClosed("a data stream")),
+                Err(e) => Err(e.into()),
+            },
+            Ok(Some(m)) => Err(refuse(
+                ErrorCode::Protocol,
+                format!("expected Seq on a data connection, got {}", m.name()),
+            )),
+            Ok(None) => return, // the source is done with this stream
+            Err(e) => Err(e.into()),
+        };
+        Counters::add(&handle.counters.wire_data, r.bytes_read - counted);
+        counted = r.bytes_read;
+        let last = item.is_err();
+        if tx.send(item).await.is_err() || last {
+            return;
+        }
+    }
 }
 
 /// Something for the destination QEMU, in stream order.

@@ -65,6 +65,8 @@ pub struct Counters {
     pub pages_delta: AtomicU64,
     /// Contents the destination had to ask for (references it could not resolve).
     pub wants: AtomicU64,
+    /// Bytes through the extra data connections (parallel streams), either direction.
+    pub wire_data: AtomicU64,
     /// Bytes/s of QEMU's stream the link carries for pages sent as bytes (0: unknown).
     pub switchover_bps: AtomicU64,
 }
@@ -184,6 +186,9 @@ pub struct EncodingReport {
     pub codec_switches: u32,
     /// Contents the destination asked for (references it could not resolve).
     pub wants: u64,
+    /// Extra TCP connections that carried the data (0: the control connection did).
+    #[serde(default)]
+    pub data_streams: u16,
 }
 
 /// The steps of the switchover, in ms, as the source saw them.
@@ -270,7 +275,9 @@ impl MigrationHandle {
             let c = &self.counters;
             s.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
             s.progress.bytes_from_qemu = Counters::get(&c.bytes_from_qemu);
-            s.progress.bytes_on_wire = Counters::get(&c.wire_out) + Counters::get(&c.wire_in);
+            s.progress.bytes_on_wire = Counters::get(&c.wire_out)
+                + Counters::get(&c.wire_in)
+                + Counters::get(&c.wire_data);
             s.progress.pages = PageCounts::from_counters(c);
         }
         s

@@ -50,6 +50,10 @@ pub struct MigrateRequest {
     /// References and deltas (default on); off sends every page's bytes.
     #[serde(default)]
     pub dedup: Option<bool>,
+    /// Extra TCP connections for data (parallel streams); default: 4 when the round trip
+    /// is 10 ms or more, else none (the control connection carries the data).
+    #[serde(default)]
+    pub streams: Option<u16>,
 }
 
 /// Why an outgoing migration failed.
@@ -300,6 +304,7 @@ impl SourceCtx {
         let writer: PeerWriter = Arc::new(Mutex::new(FrameWriter::new(wr)));
         self.writer = Some(writer.clone());
 
+        let t_hello = Instant::now();
         send(
             &writer,
             &Message::Hello {
@@ -314,6 +319,7 @@ impl SourceCtx {
                 Message::HelloAck { version, agent } => (version, agent),
                 m => return Err(unexpected(&m, "HelloAck")),
             };
+        let rtt = t_hello.elapsed();
 
         // --- prepare
         self.handle.set_phase("prepare");
@@ -362,6 +368,32 @@ impl SourceCtx {
         };
         self.handle
             .update(|s| s.progress.destination_held_pages = summary.len() as u64);
+        // Parallel streams: extra connections that carry the data frames, in sequence.
+        let data_streams = if version >= 2 {
+            match self.req.streams {
+                Some(n) => n.min(16),
+                None if rtt >= Duration::from_millis(10) => 4,
+                None => 0,
+            }
+        } else {
+            0
+        };
+        let mut links = Links::default();
+        let mut _link_tasks = Vec::new();
+        for index in 1..=data_streams {
+            let w = self.open_data_stream(index).await?;
+            let (tx, rx) = mpsc::channel(2);
+            let handle = self.handle.clone();
+            _link_tasks.push(AbortOnDrop(tokio::spawn(async move {
+                if let Err(e) = data_link(w, rx, handle).await {
+                    tracing::warn!("data stream {index} failed: {e}");
+                }
+            })));
+            links.senders.push(tx);
+        }
+        if data_streams > 0 {
+            tracing::info!(migration = %self.handle.id, streams = data_streams, rtt_ms = rtt.as_millis() as u64, "parallel data streams");
+        }
         let encoder = PageEncoder::new(
             self.agent.hasher.clone(),
             self.agent.store.clone(),
@@ -422,6 +454,7 @@ impl SourceCtx {
             encoder,
             CodecPicker::new(policy),
             (version >= 2).then(|| commit_sent.clone()),
+            links,
         ));
         let abort_fwd = fwd_task.abort_handle();
         let mut fwd = fwd_task;
@@ -516,7 +549,7 @@ impl SourceCtx {
                 _ = super::wait_cancelled(&mut cancel) => return Err(MigrateError::Cancelled),
                 _ = ticker.tick() => {
                     let c = &self.handle.counters;
-                    let moved = Counters::get(&c.bytes_from_qemu) + Counters::get(&c.wire_out) + Counters::get(&c.wire_in);
+                    let moved = Counters::get(&c.bytes_from_qemu) + Counters::get(&c.wire_out) + Counters::get(&c.wire_in) + Counters::get(&c.wire_data);
                     if moved != last_progress.0 {
                         last_progress = (moved, Instant::now());
                     } else if last_progress.1.elapsed() > stall {
@@ -639,7 +672,7 @@ impl SourceCtx {
         let bytes_from_qemu = Counters::get(&c.bytes_from_qemu);
         let wire = {
             let w = writer.lock().await;
-            w.bytes_written + Counters::get(&c.wire_in)
+            w.bytes_written + Counters::get(&c.wire_in) + Counters::get(&c.wire_data)
         };
         let ram_bytes = self.handle.status().progress.ram_total.unwrap_or(0);
         let secs = total.as_secs_f64().max(1e-6);
@@ -691,6 +724,45 @@ impl SourceCtx {
         Err(MigrateError::InDoubt(format!(
             "{why}; asking the destination failed: {last}"
         )))
+    }
+
+    /// Opens extra data connection `index` for this migration (Hello, then Attach).
+    async fn open_data_stream(
+        &self,
+        index: u16,
+    ) -> Result<FrameWriter<tokio::net::tcp::OwnedWriteHalf>, MigrateError> {
+        let stream =
+            tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&self.req.to))
+                .await
+                .map_err(|_| MigrateError::Timeout(Duration::from_secs(10), "a data connection"))?
+                .map_err(|e| MigrateError::Connect {
+                    addr: self.req.to.clone(),
+                    source: e,
+                })?;
+        stream.set_nodelay(true).map_err(MigrateError::LocalIo)?;
+        let (rd, wr) = stream.into_split();
+        let mut reader = FrameReader::new(rd);
+        let mut writer = FrameWriter::new(wr);
+        writer
+            .send(&Message::Hello {
+                min_version: tern_proto::MIN_PROTOCOL_VERSION,
+                max_version: self.agent.config.max_protocol,
+                agent: self.agent.config.name.clone(),
+            })
+            .await
+            .map_err(MigrateError::PeerWrite)?;
+        match expect(&mut reader, Duration::from_secs(10), "HelloAck").await? {
+            Message::HelloAck { .. } => {}
+            m => return Err(unexpected(&m, "HelloAck")),
+        }
+        writer
+            .send(&Message::Attach {
+                migration_id: self.handle.id.clone(),
+                index,
+            })
+            .await
+            .map_err(MigrateError::PeerWrite)?;
+        Ok(writer)
     }
 
     async fn query_once(&self) -> Result<(MigrationState, u64), MigrateError> {
@@ -1014,6 +1086,7 @@ async fn forward(
     mut pages: PageEncoder,
     picker: CodecPicker,
     commit: Option<Arc<AtomicBool>>,
+    mut links: Links,
 ) -> Result<ForwardDone, MigrateError> {
     let mut parser = Parser::new();
     let mut enc = Encoder::new(tern_qemu::stream::DEFAULT_PAGE_SIZE);
@@ -1125,7 +1198,7 @@ async fn forward(
                     }
                 }
                 if out.size() >= 1 << 20 {
-                    flush_out(&mut out, &mut comp, &writer, &handle).await?;
+                    flush_out(&mut out, &mut comp, &writer, &mut links, &handle).await?;
                 }
             }
             None => {
@@ -1140,7 +1213,7 @@ async fn forward(
                 let n = match qemu.try_read_buf(&mut inbuf) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        flush_out(&mut out, &mut comp, &writer, &handle).await?;
+                        flush_out(&mut out, &mut comp, &writer, &mut links, &handle).await?;
                         qemu.read_buf(&mut inbuf)
                             .await
                             .map_err(MigrateError::LocalIo)?
@@ -1178,7 +1251,7 @@ async fn forward(
         pages: d.pages,
         commit: commit.is_some(),
     });
-    flush_out(&mut out, &mut comp, &writer, &handle).await?;
+    flush_out(&mut out, &mut comp, &writer, &mut links, &handle).await?;
     let s = pages.stats;
     Ok(ForwardDone {
         digest: sum,
@@ -1191,6 +1264,7 @@ async fn forward(
             codec: comp.picker.codec().name(),
             codec_switches: comp.picker.switches,
             wants: Counters::get(&c.wants),
+            data_streams: links.senders.len() as u16,
         },
     })
 }
@@ -1219,12 +1293,80 @@ fn digest_of(d: &mut Option<MemoryDigest>, at: u64) -> Result<&mut MemoryDigest,
     })
 }
 
+/// The extra data connections of a migration (parallel streams), fed round robin.
+#[derive(Default)]
+struct Links {
+    senders: Vec<mpsc::Sender<Vec<Out>>>,
+    next_seq: u64,
+    next_link: usize,
+}
+
+/// Writes the frames one data connection is given, in order; closes it at the end.
+async fn data_link(
+    mut w: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut rx: mpsc::Receiver<Vec<Out>>,
+    handle: Arc<MigrationHandle>,
+) -> std::io::Result<()> {
+    let mut counted = 0;
+    while let Some(batch) = rx.recv().await {
+        for f in batch {
+            match f {
+                Out::Frame(m) => w.push(&m),
+                Out::Encoded(b) => w.push_encoded(b),
+            }
+        }
+        w.flush().await?;
+        Counters::add(&handle.counters.wire_data, w.bytes_written - counted);
+        counted = w.bytes_written;
+    }
+    w.shutdown().await
+}
+
 async fn flush_out(
     out: &mut Outbox,
     comp: &mut Compression,
     writer: &PeerWriter,
+    links: &mut Links,
     handle: &MigrationHandle,
 ) -> Result<(), MigrateError> {
+    if !links.senders.is_empty() {
+        // Parallel streams: this batch goes to the next connection, each frame numbered.
+        let frames = out.drain(comp);
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Vec::with_capacity(frames.len() * 2);
+        let mut bytes = 0u64;
+        for f in frames {
+            batch.push(Out::Frame(Message::Seq {
+                seq: links.next_seq,
+            }));
+            links.next_seq += 1;
+            bytes += 14
+                + match &f {
+                    Out::Frame(m) => tern_proto::frame_len(m),
+                    Out::Encoded(b) => b.len(),
+                } as u64;
+            batch.push(f);
+        }
+        let i = links.next_link % links.senders.len();
+        links.next_link += 1;
+        let t = Instant::now();
+        links.senders[i].send(batch).await.map_err(|_| {
+            MigrateError::PeerWrite(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                format!("data stream {} closed", i + 1),
+            ))
+        })?;
+        comp.picker.flushed(bytes, t.elapsed());
+        if let Some(r) = comp.picker.switchover_rate() {
+            handle
+                .counters
+                .switchover_bps
+                .store(r as u64, Ordering::Relaxed);
+        }
+        return Ok(());
+    }
     let frames = out.drain(comp);
     let mut w = writer.lock().await;
     for f in frames {
