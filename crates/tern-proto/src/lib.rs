@@ -74,6 +74,7 @@ pub mod tag {
     pub const CONTENT: u8 = 18;
     pub const ATTACH: u8 = 19;
     pub const SEQ: u8 = 20;
+    pub const APPLIED: u8 = 21;
 }
 
 /// A page's content identity: the first 16 bytes of the cluster-keyed BLAKE3 of its bytes
@@ -378,6 +379,12 @@ pub enum Message {
     Seq {
         seq: u64,
     },
+    /// Destination -> source (v2): how much of the migration stream it has written to its
+    /// QEMU, cumulative, in stream units (page records count a page each, QemuBytes their
+    /// length). The source keeps what is in flight under a window (flow control).
+    Applied {
+        units: u64,
+    },
 }
 
 impl Message {
@@ -403,6 +410,7 @@ impl Message {
             Message::Content { .. } => tag::CONTENT,
             Message::Attach { .. } => tag::ATTACH,
             Message::Seq { .. } => tag::SEQ,
+            Message::Applied { .. } => tag::APPLIED,
         }
     }
 
@@ -429,6 +437,7 @@ impl Message {
             Message::Content { .. } => "Content",
             Message::Attach { .. } => "Attach",
             Message::Seq { .. } => "Seq",
+            Message::Applied { .. } => "Applied",
         }
     }
 }
@@ -601,6 +610,17 @@ pub fn encode_segments(msg: &Message, scratch: &mut BytesMut, segs: &mut Vec<Byt
             out.put_u16(*index);
         }
         Message::Seq { seq } => out.put_u64(*seq),
+        Message::Applied { units } => out.put_u64(*units),
+    }
+}
+
+/// How much of the migration stream a data message stands for, in the units of
+/// [`Message::Applied`]: QemuBytes their length, each page record `page_size`.
+pub fn stream_units(msg: &Message, page_size: u64) -> u64 {
+    match msg {
+        Message::QemuBytes(b) => b.len() as u64,
+        Message::Pages { pages, .. } => pages.len() as u64 * page_size,
+        _ => 0,
     }
 }
 
@@ -648,7 +668,7 @@ fn payload_len(msg: &Message) -> usize {
         Message::Want { hashes } => 4 + 16 * hashes.len(),
         Message::Content { pages } => 4 + pages.iter().map(|(_, d)| 20 + d.len()).sum::<usize>(),
         Message::Attach { migration_id, .. } => s(migration_id) + 2,
-        Message::Seq { .. } => 8,
+        Message::Seq { .. } | Message::Applied { .. } => 8,
     }
 }
 
@@ -661,7 +681,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, FrameError> {
     let ty = buf[0];
     let flags = buf[1];
     let len = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
-    if !(tag::HELLO..=tag::SEQ).contains(&ty) {
+    if !(tag::HELLO..=tag::APPLIED).contains(&ty) {
         return Err(FrameError::UnknownType(ty));
     }
     let codec = flags & FLAG_CODEC_MASK;
@@ -880,6 +900,7 @@ fn decode_payload(ty: u8, payload: Bytes) -> Result<Message, FrameError> {
             index: r.u16()?,
         },
         tag::SEQ => Message::Seq { seq: r.u64()? },
+        tag::APPLIED => Message::Applied { units: r.u64()? },
         other => return Err(FrameError::UnknownType(other)),
     };
     if !r.b.is_empty() {
@@ -910,6 +931,7 @@ fn tag_name(ty: u8) -> &'static str {
         tag::CONTENT => "Content",
         tag::ATTACH => "Attach",
         tag::SEQ => "Seq",
+        tag::APPLIED => "Applied",
         _ => "Invalid",
     }
 }

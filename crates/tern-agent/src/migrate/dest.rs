@@ -369,6 +369,9 @@ async fn receive(
         corrupt_pending: agent.config.fault == Some(Fault::CorruptPage),
         pending: VecDeque::new(),
         missing: HashSet::new(),
+        out_units: 0,
+        applied: 0,
+        reported: 0,
     };
     let c = &handle.counters;
     let mut rp_result: Option<Result<bool, String>> = None;
@@ -376,7 +379,7 @@ async fn receive(
     let mut source_done: Option<[u8; 32]> = None;
     let mut early_commit = false;
     // Data frames from parallel streams, applied in sequence order.
-    let (data_tx, mut data_rx) = mpsc::channel::<DataFrame>(256);
+    let (data_tx, mut data_rx) = mpsc::channel::<DataFrame>(64);
     let mut reorder: BTreeMap<u64, Message> = BTreeMap::new();
     let mut next_seq = 0u64;
     let mut ready: VecDeque<Message> = VecDeque::new();
@@ -384,7 +387,7 @@ async fn receive(
     let source_digest = loop {
         if let Some(d) = source_done {
             if rb.pending.is_empty() {
-                write_qemu(&mut qemu_wr, &mut rb.out).await?;
+                rb.flush(&mut qemu_wr, writer, version).await?;
                 break d;
             }
         }
@@ -396,7 +399,7 @@ async fn receive(
             if !reader.has_frame() && data_rx.is_empty() && !rb.out.is_empty() {
                 reader.try_fill()?;
                 if !reader.has_frame() {
-                    write_qemu(&mut qemu_wr, &mut rb.out).await?;
+                    rb.flush(&mut qemu_wr, writer, version).await?;
                 }
             }
             tokio::select! {
@@ -512,7 +515,7 @@ async fn receive(
                     send(writer, &Message::Want { hashes: want }).await?;
                 }
                 if rb.out.len() >= 1 << 20 {
-                    write_qemu(&mut qemu_wr, &mut rb.out).await?;
+                    rb.flush(&mut qemu_wr, writer, version).await?;
                 }
             }
             Some(Message::Content { pages: contents }) => {
@@ -717,9 +720,35 @@ struct Rebuild {
     corrupt_pending: bool,
     pending: VecDeque<Pending>,
     missing: HashSet<Hash>,
+    /// Stream units in `out`, written to QEMU so far, and last told to the source.
+    out_units: u64,
+    applied: u64,
+    reported: u64,
 }
 
 impl Rebuild {
+    /// Writes what is queued into QEMU; tells the source (v2) every 256 KiB of stream.
+    async fn flush(
+        &mut self,
+        qemu: &mut unix::OwnedWriteHalf,
+        writer: &PeerWriter,
+        version: u16,
+    ) -> Result<(), IncomingError> {
+        write_qemu(qemu, &mut self.out).await?;
+        self.applied += std::mem::take(&mut self.out_units);
+        if version >= 2 && self.applied - self.reported >= 256 << 10 {
+            self.reported = self.applied;
+            send(
+                writer,
+                &Message::Applied {
+                    units: self.applied,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     fn push(&mut self, p: Pending, c: &Counters) -> Result<(), IncomingError> {
         let ready = !matches!(p, Pending::Page { data: None, .. });
         if self.pending.is_empty() && ready {
@@ -762,6 +791,7 @@ impl Rebuild {
         let d = self.digest.as_mut();
         let rec = match p {
             Pending::Verbatim(b) => {
+                self.out_units += b.len() as u64;
                 self.out.push(b);
                 return Ok(());
             }
@@ -808,6 +838,7 @@ impl Rebuild {
                 }
             }
         };
+        self.out_units += self.enc.page_size();
         self.enc
             .encode(&Item::Ram(rec), NameMode::Auto, self.out.scratch());
         Ok(())

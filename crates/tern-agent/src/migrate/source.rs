@@ -9,7 +9,7 @@
 //! destination does not confirm, the source VM is kept paused and the failure says so.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -436,6 +436,7 @@ impl SourceCtx {
 
         let (ev_tx, mut ev_rx) = mpsc::channel(16);
         let counters = self.handle.clone();
+        let flow = (version >= 2).then(|| Arc::new(Flow::new()));
         let rp_task = tokio::spawn(peer_reader(
             reader,
             qemu_wr,
@@ -443,6 +444,7 @@ impl SourceCtx {
             counters,
             writer.clone(),
             self.agent.store.clone(),
+            flow.clone(),
         ));
         // v2: SourceDone carries the commit (the switchover point moves there); the
         // forwarder raises this flag just before sending it.
@@ -451,10 +453,13 @@ impl SourceCtx {
             qemu_rd,
             writer.clone(),
             self.handle.clone(),
-            encoder,
-            CodecPicker::new(policy),
-            (version >= 2).then(|| commit_sent.clone()),
-            links,
+            ForwardPlan {
+                pages: encoder,
+                picker: CodecPicker::new(policy),
+                commit: (version >= 2).then(|| commit_sent.clone()),
+                links,
+                flow: flow.map(|f| (f, rtt)),
+            },
         ));
         let abort_fwd = fwd_task.abort_handle();
         let mut fwd = fwd_task;
@@ -896,6 +901,7 @@ async fn peer_reader(
     handle: Arc<MigrationHandle>,
     writer: PeerWriter,
     store: SharedStore,
+    flow: Option<Arc<Flow>>,
 ) {
     let mut qemu_ok = true;
     loop {
@@ -909,6 +915,13 @@ async fn peer_reader(
                 if qemu_ok && qemu.write_all(&b).await.is_err() {
                     // QEMU closed its end (done or failed): its own status tells which.
                     qemu_ok = false;
+                }
+                continue;
+            }
+            Ok(Some(Message::Applied { units })) if flow.is_some() => {
+                if let Some(f) = &flow {
+                    f.applied.fetch_max(units, Ordering::SeqCst);
+                    f.notify.notify_one();
                 }
                 continue;
             }
@@ -1070,6 +1083,18 @@ impl Outbox {
     }
 }
 
+/// How the forwarder encodes and sends: decided before the transfer starts.
+struct ForwardPlan {
+    pages: PageEncoder,
+    picker: CodecPicker,
+    /// v2: raised just before SourceDone carries the commit.
+    commit: Option<Arc<AtomicBool>>,
+    /// Extra data connections (none: the control connection carries the data).
+    links: Links,
+    /// v2 flow control, with the round trip to the destination.
+    flow: Option<(Arc<Flow>, Duration)>,
+}
+
 /// What the forwarder hands back once QEMU's stream ended properly.
 struct ForwardDone {
     digest: [u8; 32],
@@ -1083,11 +1108,18 @@ async fn forward(
     mut qemu: unix::OwnedReadHalf,
     writer: PeerWriter,
     handle: Arc<MigrationHandle>,
-    mut pages: PageEncoder,
-    picker: CodecPicker,
-    commit: Option<Arc<AtomicBool>>,
-    mut links: Links,
+    plan: ForwardPlan,
 ) -> Result<ForwardDone, MigrateError> {
+    let ForwardPlan {
+        mut pages,
+        picker,
+        commit,
+        mut links,
+        flow,
+    } = plan;
+    let mut window = flow.as_ref().map(|(_, rtt)| Window::new(*rtt));
+    // stream units handed to the outbox so far (the destination counts the same)
+    let mut units = 0u64;
     let mut parser = Parser::new();
     let mut enc = Encoder::new(tern_qemu::stream::DEFAULT_PAGE_SIZE);
     let mut inbuf = BytesMut::with_capacity(4 << 20);
@@ -1125,6 +1157,7 @@ async fn forward(
                             fill,
                         )?;
                         pages.zero(idx, offset);
+                        units += parser.page_size();
                         out.page(
                             idx,
                             Page {
@@ -1147,6 +1180,7 @@ async fn forward(
                             &data,
                         )?;
                         let body = pages.page(idx, offset, data);
+                        units += parser.page_size();
                         Counters::add(
                             match &body {
                                 PageBody::Ref(_) => &c.pages_ref,
@@ -1178,6 +1212,7 @@ async fn forward(
                         handle.update(|s| s.progress.ram_total = Some(total));
                         scratch.clear();
                         enc.encode(&item, NameMode::Auto, &mut scratch);
+                        units += scratch.len() as u64;
                         out.verbatim(&scratch);
                         out.message(Message::RamBlocks {
                             page_size: ps as u32,
@@ -1190,10 +1225,14 @@ async fn forward(
                                 .collect(),
                         });
                     }
-                    Item::Tail(b) => out.verbatim(&b),
+                    Item::Tail(b) => {
+                        units += b.len() as u64;
+                        out.verbatim(&b);
+                    }
                     other => {
                         scratch.clear();
                         enc.encode(&other, NameMode::Auto, &mut scratch);
+                        units += scratch.len() as u64;
                         out.verbatim(&scratch);
                     }
                 }
@@ -1202,6 +1241,20 @@ async fn forward(
                 }
             }
             None => {
+                // Flow control: do not take more from QEMU while the window is full.
+                if let (Some((f, _)), Some(w)) = (&flow, window.as_mut()) {
+                    loop {
+                        let applied = f.applied.load(Ordering::SeqCst);
+                        if units.saturating_sub(applied) <= w.size(applied) {
+                            break;
+                        }
+                        flush_out(&mut out, &mut comp, &writer, &mut links, &handle).await?;
+                        let t = Instant::now();
+                        f.notify.notified().await;
+                        // waiting for the path is waiting for the link, to the picker
+                        comp.picker.flushed(0, t.elapsed());
+                    }
+                }
                 // keep the partial record (a few KiB at most) in front of the next read
                 inbuf.extend_from_slice(&rest);
                 if inbuf.capacity() - inbuf.len() < 256 << 10 {
@@ -1291,6 +1344,66 @@ fn digest_of(d: &mut Option<MemoryDigest>, at: u64) -> Result<&mut MemoryDigest,
         }
         .into()
     })
+}
+
+/// Flow control (v2): the destination reports how much of the stream it has written to
+/// its QEMU; the source keeps what is in flight under a window of about 1.5 x the
+/// end-to-end rate x (round trip + 20 ms). Without it, tern's queues (and the expansion
+/// of references at the destination) would hide the real rate from QEMU, which would then
+/// stop the VM with seconds of data still on its way.
+pub struct Flow {
+    applied: AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+impl Flow {
+    fn new() -> Self {
+        Flow {
+            applied: AtomicU64::new(0),
+            notify: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+/// The window of [`Flow`], from the measured rate of the destination's progress.
+struct Window {
+    rtt: Duration,
+    since: Instant,
+    applied_then: u64,
+    rate: f64,
+}
+
+impl Window {
+    const MIN: u64 = 2 << 20;
+    const MAX: u64 = 256 << 20;
+
+    fn new(rtt: Duration) -> Self {
+        Window {
+            rtt,
+            since: Instant::now(),
+            applied_then: 0,
+            rate: 0.0,
+        }
+    }
+
+    fn size(&mut self, applied: u64) -> u64 {
+        let dt = self.since.elapsed().as_secs_f64();
+        if dt >= 0.2 {
+            let r = (applied - self.applied_then) as f64 / dt;
+            self.rate = if self.rate == 0.0 {
+                r
+            } else {
+                0.5 * self.rate + 0.5 * r
+            };
+            self.since = Instant::now();
+            self.applied_then = applied;
+        }
+        if self.rate == 0.0 {
+            return 8 << 20; // until the first measurement
+        }
+        let w = 1.5 * self.rate * (self.rtt.as_secs_f64() + 0.020);
+        (w as u64).clamp(Self::MIN, Self::MAX)
+    }
 }
 
 /// The extra data connections of a migration (parallel streams), fed round robin.

@@ -242,7 +242,10 @@ pub fn via_tern(a: &TestAgent, vm: &str, limit: Duration) -> Result<Run> {
         },
     };
     if let Some(r) = &st.report {
-        eprintln!("  tern: pages {:?}; encoding {:?}", r.pages, r.encoding);
+        eprintln!(
+            "  tern: {} ms total, {} ms downtime ({:?}); pages {:?}; encoding {:?}",
+            r.total_time_ms, r.downtime_ms, r.switchover, r.pages, r.encoding
+        );
     }
     Ok(Run {
         path: "tern".into(),
