@@ -692,6 +692,13 @@ fn link_cut_between_namespace_hosts_leaves_source_running_and_a_retry_succeeds()
     boot_dirtier(&a, &g, "w1", "")?;
     let id = a.start_migration("w1", "198.18.0.2:7700", json!({ "max_bandwidth_mibps": 8 }))?;
     let pid = wait_dest_transfer(&b)?;
+    // Cut only once pages flow: a Prepared still in flight would leave the source waiting
+    // the 60 s a destination may take to start its QEMU, which is another test.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.migration(&id)?.progress.bytes_from_qemu < 1 << 20 {
+        assert!(Instant::now() < deadline, "no data flowed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // the link dies silently: no RST, no FIN; only tern's stall timeout can notice
     lab.link_b(false)?;
     let t = Instant::now();
