@@ -139,11 +139,16 @@ fn via_tern(bin: &Path, g: &GuestImage, append: &str) -> Result<Sample> {
     let console = PathBuf::from(info["console_log"].as_str().context("console")?);
     wait_for_text(&console, "TERN-READY", Duration::from_secs(90))?;
     let cpu0 = machine_cpu_seconds();
-    let id = a.start_migration(
-        "bench-tern",
-        &b.peer_addr.to_string(),
-        json!({ "downtime_ms": 300 }),
-    )?;
+    let mut req = json!({ "downtime_ms": 300 });
+    // e.g. TERN_BENCH_REQUEST='{"dedup": false}' to measure one part of the data path
+    if let Ok(extra) = std::env::var("TERN_BENCH_REQUEST") {
+        let extra: serde_json::Value =
+            serde_json::from_str(&extra).context("TERN_BENCH_REQUEST")?;
+        for (k, v) in extra.as_object().context("TERN_BENCH_REQUEST: an object")? {
+            req[k] = v.clone();
+        }
+    }
+    let id = a.start_migration("bench-tern", &b.peer_addr.to_string(), req)?;
     let st = a.wait_migration(&id, Duration::from_secs(300))?;
     let cpu1 = machine_cpu_seconds();
     let r = st
