@@ -208,6 +208,24 @@ impl FrameReader<tokio::net::tcp::OwnedReadHalf> {
     }
 }
 
+/// Makes a peer connection notice a dead link by itself, in any phase: keepalive probes
+/// after a second of silence, and the connection aborted when what it sent (data or
+/// probes) stays unacknowledged for `dead_after` (TCP_USER_TIMEOUT). Without this a
+/// connection waiting for an answer over a link that died waits for its own timeout.
+pub fn watch_peer_socket(s: &tokio::net::TcpStream, dead_after: std::time::Duration) {
+    let sock = socket2::SockRef::from(s);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(1))
+        .with_interval(std::time::Duration::from_secs(1))
+        .with_retries((dead_after.as_secs() as u32).clamp(2, 60));
+    if let Err(e) = sock
+        .set_tcp_keepalive(&ka)
+        .and_then(|_| sock.set_tcp_user_timeout(Some(dead_after)))
+    {
+        tracing::warn!("cannot set keepalive on a peer connection: {e}");
+    }
+}
+
 pub struct FrameWriter<W> {
     w: W,
     q: Segments,

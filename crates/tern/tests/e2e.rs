@@ -1011,3 +1011,42 @@ fn parallel_streams_keep_a_live_migration_exact() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_link_that_dies_while_the_destination_prepares_is_noticed_quickly() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let lab = WanLab::up("wan-1g-20ms")?;
+    let stall = ["--stall-timeout-secs", "4"];
+    let opts = |ns, ip: &str| -> Result<AgentOptions<'_>> {
+        Ok(AgentOptions {
+            netns: Some(ns),
+            listen: Some(ip.parse()?),
+            args: &stall,
+            ..Default::default()
+        })
+    };
+    let a = TestAgent::start_with(Path::new(BIN), "host-a", opts("tern-a", "198.18.0.1:7700")?)?;
+    let b = TestAgent::start_with(Path::new(BIN), "host-b", opts("tern-b", "198.18.0.2:7700")?)?;
+    boot_dirtier(&a, &g, "w2", "")?;
+    let id = a.start_migration("w2", "198.18.0.2:7700", json!({}))?;
+    // the destination is starting its QEMU: nothing flows, the source waits for Prepared
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !b.migrations()?.iter().any(|m| m.phase == "prepare") {
+        assert!(Instant::now() < deadline, "the destination never prepared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    lab.link_b(false)?;
+    let t = Instant::now();
+    let st = a.wait_migration(&id, Duration::from_secs(90))?;
+    let e = st.error.context("a migration over a dead link must fail")?;
+    assert_eq!(e.code, "timeout", "{e:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "noticed after {:?} (the prepare budget is 60 s)",
+        t.elapsed()
+    );
+    assert_source_running(&a, "w2")?;
+    assert_dest_clean(&b, &dest_pids(&b))?;
+    Ok(())
+}

@@ -64,7 +64,11 @@ pub enum IncomingError {
 
 impl IncomingError {
     fn code(&self) -> ErrorCode {
+        let timed_out = |e: &std::io::Error| e.kind() == std::io::ErrorKind::TimedOut;
         match self {
+            IncomingError::Peer(RecvError::Io(e)) | IncomingError::PeerWrite(e) if timed_out(e) => {
+                ErrorCode::Timeout
+            }
             IncomingError::Refuse { code, .. } | IncomingError::Aborted { code, .. } => *code,
             IncomingError::Peer(_) | IncomingError::PeerClosed(_) | IncomingError::PeerWrite(_) => {
                 ErrorCode::Protocol
@@ -106,6 +110,7 @@ impl Incoming {
 /// Serves one peer connection (one incoming migration) to its end.
 pub async fn serve_peer(agent: Arc<Agent>, stream: TcpStream, addr: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    crate::conn::watch_peer_socket(&stream, agent.config.stall_timeout);
     let (rd, wr) = stream.into_split();
     let mut reader = FrameReader::new(rd);
     let writer: PeerWriter = Arc::new(Mutex::new(FrameWriter::new(wr)));

@@ -103,7 +103,12 @@ pub enum MigrateError {
 
 impl MigrateError {
     pub fn code(&self) -> ErrorCode {
+        let timed_out = |e: &std::io::Error| e.kind() == std::io::ErrorKind::TimedOut;
         match self {
+            // a dead link, noticed by the socket's keepalive / user timeout
+            MigrateError::Peer(RecvError::Io(e)) | MigrateError::PeerWrite(e) if timed_out(e) => {
+                ErrorCode::Timeout
+            }
             MigrateError::UnsupportedCapability { .. } => ErrorCode::StreamUnsupported,
             MigrateError::Connect { .. } | MigrateError::PeerWrite(_) => ErrorCode::Internal,
             MigrateError::Remote { code, .. } => *code,
@@ -299,6 +304,7 @@ impl SourceCtx {
                     source: e,
                 })?;
         stream.set_nodelay(true).map_err(MigrateError::LocalIo)?;
+        crate::conn::watch_peer_socket(&stream, self.agent.config.stall_timeout);
         let (rd, wr) = stream.into_split();
         let mut reader = FrameReader::new(rd);
         let writer: PeerWriter = Arc::new(Mutex::new(FrameWriter::new(wr)));
@@ -745,6 +751,7 @@ impl SourceCtx {
                     source: e,
                 })?;
         stream.set_nodelay(true).map_err(MigrateError::LocalIo)?;
+        crate::conn::watch_peer_socket(&stream, self.agent.config.stall_timeout);
         let (rd, wr) = stream.into_split();
         let mut reader = FrameReader::new(rd);
         let mut writer = FrameWriter::new(wr);
