@@ -13,12 +13,18 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Why a frame could not be read from the peer.
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError {
-    #[error("peer connection failed")]
-    Io(#[from] std::io::Error),
+    #[error("peer connection failed: {}", crate::tls::describe(.0))]
+    Io(std::io::Error),
     #[error("peer sent an invalid frame")]
     Frame(#[from] FrameError),
     #[error("peer closed the connection in the middle of a frame")]
     TruncatedFrame,
+}
+
+impl From<std::io::Error> for RecvError {
+    fn from(e: std::io::Error) -> Self {
+        RecvError::Io(e)
+    }
 }
 
 /// Why [`FrameReader::expect`] got no message.
@@ -192,18 +198,21 @@ impl Segments {
     }
 }
 
-impl FrameReader<tokio::net::tcp::OwnedReadHalf> {
-    /// Reads whatever the socket already holds, without waiting. Returns false at EOF.
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Reads whatever the connection already holds, without waiting. Returns false at EOF.
     pub fn try_fill(&mut self) -> Result<bool, RecvError> {
+        use std::future::Future;
         self.make_room();
-        match self.r.try_read_buf(&mut self.buf) {
-            Ok(0) => Ok(false),
-            Ok(n) => {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let read = std::pin::pin!(self.r.read_buf(&mut self.buf));
+        match read.poll(&mut cx) {
+            std::task::Poll::Pending => Ok(true),
+            std::task::Poll::Ready(Ok(0)) => Ok(false),
+            std::task::Poll::Ready(Ok(n)) => {
                 self.bytes_read += n as u64;
                 Ok(true)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(true),
-            Err(e) => Err(e.into()),
+            std::task::Poll::Ready(Err(e)) => Err(e.into()),
         }
     }
 }

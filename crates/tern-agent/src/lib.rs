@@ -10,6 +10,9 @@ pub mod api;
 pub mod client;
 pub mod conn;
 pub mod migrate;
+pub mod pki;
+pub mod policy;
+pub mod tls;
 pub mod vm;
 
 use std::collections::{HashMap, HashSet};
@@ -73,6 +76,14 @@ pub struct AgentConfig {
     /// Newest protocol version offered and accepted (tests of older peers:
     /// `TERN_PROTOCOL_MAX`).
     pub max_protocol: u16,
+    /// The agent's TLS credentials (`tern cert issue HOST --out DIR`): `ca.pem`,
+    /// `agent.pem`, `agent.key`, and usually `cluster.key` (the default cluster key then).
+    pub tls_dir: Option<PathBuf>,
+    /// Test-only: peers talk plaintext (benchmarks of what TLS costs). Both agents must
+    /// say so; never a default.
+    pub insecure_plaintext: bool,
+    /// Which VMs may go to which hosts ([`policy`]); the built-in policy if unset.
+    pub policy: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -89,6 +100,9 @@ impl AgentConfig {
             store_mem_mib: 512,
             store_file_mib: 4096,
             max_protocol: tern_proto::PROTOCOL_VERSION,
+            tls_dir: None,
+            insecure_plaintext: false,
+            policy: None,
         }
     }
 }
@@ -99,6 +113,9 @@ pub struct Agent {
     /// Pages of VMs that live or lived here, and pages received, by content hash.
     pub store: migrate::pages::SharedStore,
     pub hasher: tern_store::ContentHasher,
+    /// How peer connections are secured (mutual TLS unless the test-only plaintext mode).
+    pub security: tls::PeerSecurity,
+    pub policy: policy::Policy,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
     /// Names held by incoming migrations that have not switched over yet.
     reserved: Mutex<HashSet<String>>,
@@ -108,8 +125,7 @@ pub struct Agent {
 }
 
 /// Where an incoming migration takes its extra data connections.
-pub type StreamSlot =
-    tokio::sync::mpsc::UnboundedSender<(u16, conn::FrameReader<tokio::net::tcp::OwnedReadHalf>)>;
+pub type StreamSlot = tokio::sync::mpsc::UnboundedSender<(u16, conn::FrameReader<tls::PeerRead>)>;
 
 /// Stops accepting data connections for a migration when dropped.
 pub struct StreamsGuard {
@@ -136,6 +152,12 @@ pub enum AgentError {
     ClusterKey(PathBuf, String),
     #[error("cannot create the page store")]
     Store(#[from] tern_store::StoreError),
+    #[error("no TLS credentials: make a cluster CA with `tern ca init --dir CA`, issue this host's certificate with `tern cert issue HOST --ca CA --out DIR`, then start the agent with --tls-dir DIR")]
+    NoTls,
+    #[error("cannot load the TLS credentials")]
+    Tls(#[from] tls::TlsSetupError),
+    #[error("cannot load the authorisation policy")]
+    Policy(#[from] policy::PolicyError),
 }
 
 /// Reads the cluster key, creating it (random) if the file does not exist yet.
@@ -172,10 +194,25 @@ pub fn load_cluster_key(path: &std::path::Path) -> Result<[u8; 32], AgentError> 
 impl Agent {
     /// Opens the cluster key and the page store (whose spill file starts empty).
     pub fn new(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+        let security = match (&config.tls_dir, config.insecure_plaintext) {
+            (_, true) => {
+                tracing::warn!("peer connections are PLAINTEXT and unauthenticated (TERN_INSECURE_PLAINTEXT): for benchmarks only");
+                tls::PeerSecurity::Plaintext
+            }
+            (Some(d), false) => tls::PeerSecurity::load(d)?,
+            (None, false) => return Err(AgentError::NoTls),
+        };
+        let policy = match &config.policy {
+            Some(p) => policy::Policy::load(p)?,
+            None => policy::Policy::default(),
+        };
         let key_path = config
             .cluster_key
             .clone()
-            .unwrap_or_else(|| config.state_dir.join("cluster.key"));
+            .unwrap_or_else(|| match &config.tls_dir {
+                Some(d) if d.join(pki::CLUSTER_KEY).exists() => d.join(pki::CLUSTER_KEY),
+                _ => config.state_dir.join("cluster.key"),
+            });
         let hasher = tern_store::ContentHasher::new(load_cluster_key(&key_path)?);
         const PAGE: usize = 4096;
         let pages = |mib: u64| (mib << 20) as usize / PAGE;
@@ -189,6 +226,8 @@ impl Agent {
             config,
             store: Arc::new(Mutex::new(store)),
             hasher,
+            security,
+            policy,
             vms: Mutex::new(HashMap::new()),
             reserved: Mutex::new(HashSet::new()),
             migrations: Mutex::new(HashMap::new()),
@@ -232,7 +271,7 @@ impl Agent {
         &self,
         id: &str,
         index: u16,
-        reader: conn::FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        reader: conn::FrameReader<tls::PeerRead>,
     ) -> bool {
         match self.streams.lock().unwrap().get(id) {
             Some(slot) => slot.send((index, reader)).is_ok(),
@@ -427,10 +466,26 @@ pub async fn run(
         async move {
             loop {
                 match peers.accept().await {
-                    Ok((stream, addr)) => {
+                    Ok((tcp, addr)) => {
                         let agent = agent.clone();
                         tokio::spawn(async move {
-                            migrate::dest::serve_peer(agent, stream, addr).await;
+                            let shake = agent
+                                .security
+                                .accept(
+                                    tcp,
+                                    addr,
+                                    std::time::Duration::from_secs(10),
+                                    agent.config.stall_timeout,
+                                )
+                                .await;
+                            match shake {
+                                Ok((stream, peer)) => {
+                                    migrate::dest::serve_peer(agent, stream, addr, peer).await
+                                }
+                                Err(e) => {
+                                    tracing::warn!(peer = %addr, "peer refused: {}", migrate::source::error_chain(&e))
+                                }
+                            }
                         });
                     }
                     Err(e) => tracing::warn!("peer accept failed: {e}"),

@@ -143,6 +143,10 @@ pub enum ErrorCode {
     Timeout,
     /// The destination lacks a resource (disk, memory).
     ResourceExhausted,
+    /// The authorisation policy does not allow this VM on that host.
+    NotAuthorized,
+    /// Peer authentication or integrity failed (certificate refused, data altered).
+    Security,
     /// A code this build does not know (a newer peer).
     Unknown(u16),
 }
@@ -163,6 +167,8 @@ impl ErrorCode {
             ErrorCode::Cancelled => 11,
             ErrorCode::Timeout => 12,
             ErrorCode::ResourceExhausted => 13,
+            ErrorCode::NotAuthorized => 14,
+            ErrorCode::Security => 15,
             ErrorCode::Unknown(c) => c,
         }
     }
@@ -182,6 +188,8 @@ impl ErrorCode {
             11 => ErrorCode::Cancelled,
             12 => ErrorCode::Timeout,
             13 => ErrorCode::ResourceExhausted,
+            14 => ErrorCode::NotAuthorized,
+            15 => ErrorCode::Security,
             c => ErrorCode::Unknown(c),
         }
     }
@@ -215,6 +223,8 @@ impl ErrorCode {
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::Timeout => "timeout",
             ErrorCode::ResourceExhausted => "resource-exhausted",
+            ErrorCode::NotAuthorized => "not-authorized",
+            ErrorCode::Security => "security",
             ErrorCode::Unknown(_) => "unknown",
         }
     }
@@ -1286,7 +1296,7 @@ mod tests {
 
     #[test]
     fn error_codes_are_stable() {
-        for c in 1..=13u16 {
+        for c in 1..=15u16 {
             assert_eq!(ErrorCode::from_u16(c).to_u16(), c);
             assert_ne!(ErrorCode::from_u16(c).name(), "unknown");
         }

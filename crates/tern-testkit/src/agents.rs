@@ -51,6 +51,50 @@ pub struct AgentOptions<'a> {
     pub args: &'a [&'a str],
     /// Reuse another agent's state directory (an agent restart); a fresh one if unset.
     pub state_dir: Option<&'a Path>,
+    /// Host labels in the agent's certificate (from the shared test CA).
+    pub labels: &'a [&'a str],
+    /// TLS credentials to use instead of a certificate from the shared test CA.
+    pub tls_dir: Option<&'a Path>,
+}
+
+/// The CA every test agent's certificate comes from unless told otherwise.
+pub const TEST_CA: &str = "/tmp/tern-test-ca";
+
+/// A CA directory made once (concurrent callers agree on one).
+pub fn test_ca(dir: &Path) -> Result<PathBuf> {
+    if !dir.join(tern_agent::pki::CA_CERT).exists() {
+        let tmp = tempfile::Builder::new()
+            .prefix("tern-ca-")
+            .tempdir_in(dir.parent().unwrap_or(Path::new("/tmp")))?;
+        tern_agent::pki::init_ca(tmp.path(), "test")?;
+        // the first rename wins; the others use its CA
+        if std::fs::rename(tmp.path(), dir).is_ok() {
+            std::mem::forget(tmp);
+        }
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// Issues a certificate for an agent dialled at `ip`, into `out`.
+pub fn issue_cert(
+    ca: &Path,
+    name: &str,
+    ip: std::net::IpAddr,
+    labels: &[&str],
+    out: &Path,
+) -> Result<()> {
+    tern_agent::pki::issue(
+        ca,
+        &tern_agent::pki::IssueRequest {
+            host: ip.to_string(),
+            dns: vec![name.to_string()],
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            days: 2,
+            ..Default::default()
+        },
+        out,
+    )?;
+    Ok(())
 }
 
 impl TestAgent {
@@ -95,6 +139,23 @@ impl TestAgent {
         if !o.args.contains(&"--cluster-key") {
             // one cluster: every test agent shares a key (created by the first agent)
             cmd.args(["--cluster-key", TEST_CLUSTER_KEY]);
+        }
+        let tls_dir = match o.tls_dir {
+            Some(d) => d.to_path_buf(),
+            None => {
+                let d = dir.path().join("tls");
+                issue_cert(
+                    &test_ca(Path::new(TEST_CA))?,
+                    name,
+                    peer_addr.ip(),
+                    o.labels,
+                    &d,
+                )?;
+                d
+            }
+        };
+        if !o.env.iter().any(|(k, _)| *k == "TERN_INSECURE_PLAINTEXT") {
+            cmd.arg("--tls-dir").arg(&tls_dir);
         }
         cmd.arg("--state-dir")
             .arg(&state_dir)

@@ -46,6 +46,55 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The cluster's certificate authority (agents accept only peers it certified).
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+    /// Agent certificates.
+    Cert {
+        #[command(subcommand)]
+        cmd: CertCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create a cluster CA (ca.pem, ca.key) and cluster key in DIR; refuses to overwrite.
+    Init {
+        #[arg(long, default_value = "/etc/tern/ca")]
+        dir: PathBuf,
+        /// A name for the cluster, shown in the CA certificate.
+        #[arg(long, default_value = "tern")]
+        cluster: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Issue HOST's agent certificate; OUT is then that agent's --tls-dir.
+    Issue {
+        /// The host's DNS name or IP address, as peers dial it (a SAN of the certificate).
+        host: String,
+        /// The CA directory (from `tern ca init`).
+        #[arg(long, default_value = "/etc/tern/ca")]
+        ca: PathBuf,
+        /// Where to write ca.pem, agent.pem, agent.key, cluster.key.
+        #[arg(long)]
+        out: PathBuf,
+        /// More IP addresses the agent is dialled by.
+        #[arg(long = "ip")]
+        ips: Vec<std::net::IpAddr>,
+        /// More DNS names the agent is dialled by.
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        /// Host labels for the authorisation policy, e.g. --label trusted.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
 }
 
 #[derive(clap::Args)]
@@ -75,6 +124,14 @@ struct AgentArgs {
     /// Page store spill file (STATE_DIR/pages.store), MiB; 0 for none.
     #[arg(long, default_value_t = 4096)]
     store_file_mib: u64,
+    /// This agent's TLS credentials (`tern cert issue HOST --out DIR`). Required: peers
+    /// talk mutual TLS only.
+    #[arg(long, default_value = "/etc/tern/tls")]
+    tls_dir: PathBuf,
+    /// Authorisation policy (TOML; which VMs may go to which host labels). Default: VMs
+    /// with a vTPM go only to hosts labelled `trusted`.
+    #[arg(long)]
+    policy: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -154,6 +211,45 @@ fn run(cli: Cli) -> Result<()> {
         .unwrap_or_else(|| DEFAULT_API.to_string());
     match cli.cmd {
         Cmd::Agent(a) => run_agent(a),
+        Cmd::Ca {
+            cmd: CaCmd::Init { dir, cluster },
+        } => {
+            tern_agent::pki::init_ca(&dir, &cluster)?;
+            println!(
+                "cluster CA in {} (keep ca.key private); next: tern cert issue HOST --ca {} --out DIR",
+                dir.display(),
+                dir.display()
+            );
+            Ok(())
+        }
+        Cmd::Cert {
+            cmd:
+                CertCmd::Issue {
+                    host,
+                    ca,
+                    out,
+                    ips,
+                    dns,
+                    labels,
+                    days,
+                },
+        } => {
+            let req = tern_agent::pki::IssueRequest {
+                host: host.clone(),
+                ips,
+                dns,
+                labels,
+                days,
+            };
+            tern_agent::pki::issue(&ca, &req, &out)?;
+            println!(
+                "certificate for {host} (labels {:?}) in {}; start its agent with --tls-dir {}",
+                req.labels,
+                out.display(),
+                out.display()
+            );
+            Ok(())
+        }
         Cmd::Vm { cmd } => vm(Client::new(Endpoint::parse(&api)?), cmd),
         Cmd::Migrate(m) => migrate(Client::new(Endpoint::parse(&api)?), m),
         Cmd::Migrations { json } => {
@@ -197,6 +293,12 @@ fn run_agent(a: AgentArgs) -> Result<()> {
     config.cluster_key = a.cluster_key;
     config.store_mem_mib = a.store_mem_mib;
     config.store_file_mib = a.store_file_mib;
+    config.policy = a.policy;
+    if std::env::var("TERN_INSECURE_PLAINTEXT").is_ok_and(|v| v == "1") {
+        config.insecure_plaintext = true;
+    } else {
+        config.tls_dir = Some(a.tls_dir);
+    }
     if let Ok(v) = std::env::var("TERN_PROTOCOL_MAX") {
         // for tests of mixed-version clusters
         config.max_protocol = v

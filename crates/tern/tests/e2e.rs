@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use tern_testkit::agents::{e2e_lock, pid_alive, wait_for_text, AgentOptions, TestAgent, WanLab};
 use tern_testkit::guest::{count_pattern_pages, ensure_guest, qemu72, GuestImage};
+use tern_testkit::wire::{tls_accept, tls_client};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tern");
 
@@ -524,16 +525,19 @@ fn unsupported_capability_is_refused_before_anything_moves() -> Result<()> {
 }
 
 /// Reads frames from a raw socket until one decodes (or the peer closes).
-fn read_frame(s: &mut std::net::TcpStream) -> Result<Option<tern_proto::Message>> {
-    use std::io::Read;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+fn read_frame(s: &mut impl std::io::Read) -> Result<Option<tern_proto::Message>> {
     let mut buf = bytes::BytesMut::new();
     loop {
         if let Some(m) = tern_proto::decode(&mut buf)? {
             return Ok(Some(m));
         }
         let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk)?;
+        let n = match s.read(&mut chunk) {
+            Ok(n) => n,
+            // a TLS peer that closes without close_notify
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             return Ok(None);
         }
@@ -541,11 +545,11 @@ fn read_frame(s: &mut std::net::TcpStream) -> Result<Option<tern_proto::Message>
     }
 }
 
-fn send_frame(s: &mut std::net::TcpStream, m: &tern_proto::Message) -> Result<()> {
-    use std::io::Write;
+fn send_frame(s: &mut impl std::io::Write, m: &tern_proto::Message) -> Result<()> {
     let mut b = bytes::BytesMut::new();
     tern_proto::encode(m, &mut b);
     s.write_all(&b)?;
+    s.flush()?;
     Ok(())
 }
 
@@ -557,9 +561,22 @@ fn malformed_frames_are_refused_and_leave_nothing_behind() -> Result<()> {
     let g = ensure_guest()?;
     let b = TestAgent::start(Path::new(BIN), "host-b", &[])?;
 
-    // Not tern at all.
+    // Not TLS: refused in the handshake, nothing read as frames.
     let mut s = std::net::TcpStream::connect(b.peer_addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut got);
+    assert!(
+        tern_proto::decode(&mut bytes::BytesMut::from(&got[..])).is_err() || got.is_empty(),
+        "no tern frame to a peer without TLS"
+    );
+    assert!(b.migrations()?.is_empty());
+
+    // An authenticated peer that does not speak tern.
+    let mut s = tls_client(b.peer_addr)?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    s.flush()?;
     match read_frame(&mut s)? {
         Some(Message::Abort { code, message }) => {
             assert_eq!(code, ErrorCode::Protocol, "{message}");
@@ -569,7 +586,7 @@ fn malformed_frames_are_refused_and_leave_nothing_behind() -> Result<()> {
     }
 
     // A proper start (the destination launches QEMU), then a frame with a bad page kind.
-    let mut s = std::net::TcpStream::connect(b.peer_addr)?;
+    let mut s = tls_client(b.peer_addr)?;
     send_frame(
         &mut s,
         &Message::Hello {
@@ -601,6 +618,7 @@ fn malformed_frames_are_refused_and_leave_nothing_behind() -> Result<()> {
     s.write_all(&[
         7, 0, 0, 0, 0, 15, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 9,
     ])?;
+    s.flush()?;
     match read_frame(&mut s)? {
         Some(Message::Abort { code, message }) => {
             assert_eq!(code, ErrorCode::Protocol, "{message}")
@@ -623,10 +641,11 @@ fn garbage_from_the_destination_leaves_source_running() -> Result<()> {
     let fake = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = fake.local_addr()?;
     let server = std::thread::spawn(move || -> Result<()> {
-        let (mut s, _) = fake.accept()?;
+        let mut s = tls_accept(&fake)?;
         let mut buf = [0u8; 64];
         let _ = s.read(&mut buf)?;
         s.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0])?;
+        s.flush()?;
         Ok(())
     });
     let id = a.start_migration("v7", &addr.to_string(), json!({}))?;
@@ -1054,5 +1073,199 @@ fn a_link_that_dies_while_the_destination_prepares_is_noticed_quickly() -> Resul
     );
     assert_source_running(&a, "w2")?;
     assert_dest_clean(&b, &dest_pids(&b))?;
+    Ok(())
+}
+
+// ----- security: mutual TLS, authorisation, integrity -----
+
+/// An agent whose certificate comes from a CA of another cluster, and which trusts our
+/// CA (whose certificate is public): it gets as far as presenting its own certificate.
+fn foreign_agent(name: &str, dir: &Path) -> Result<TestAgent> {
+    let ca = tern_testkit::agents::test_ca(&dir.join("other-ca"))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let tls = dir.join(name);
+    tern_testkit::agents::issue_cert(&ca, name, listen.ip(), &["trusted"], &tls)?;
+    std::fs::copy(
+        Path::new(tern_testkit::agents::TEST_CA).join("ca.pem"),
+        tls.join("ca.pem"),
+    )?;
+    TestAgent::start_with(
+        Path::new(BIN),
+        name,
+        AgentOptions {
+            listen: Some(listen),
+            tls_dir: Some(&tls),
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn a_peer_with_a_certificate_from_another_ca_is_refused_both_ways() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    let (a, b) = two_agents(&[])?;
+    let x = foreign_agent("host-x", d.path())?;
+    boot(&a, &spec("s1", &g, 128, "tern.workload=idle", ""), "s1")?;
+    boot(&x, &spec("s2", &g, 128, "tern.workload=idle", ""), "s2")?;
+
+    // our source refuses a destination certified by another CA
+    let id = a.start_migration("s1", &x.peer_addr.to_string(), json!({}))?;
+    let e = expect_failure(&a, &id, "security")?;
+    assert!(
+        e.message.contains("not from this cluster's CA"),
+        "{}",
+        e.message
+    );
+    assert_source_running(&a, "s1")?;
+    assert_eq!(x.vms()?.len(), 1, "only its own VM");
+    assert!(
+        x.migrations()?.is_empty(),
+        "nothing reached the foreign agent"
+    );
+
+    // our destination refuses a source certified by another CA
+    let id = x.start_migration("s2", &b.peer_addr.to_string(), json!({}))?;
+    let e = expect_failure(&x, &id, "security")?;
+    assert!(
+        e.message.contains("refused this agent's certificate"),
+        "{}",
+        e.message
+    );
+    assert_source_running(&x, "s2")?;
+    assert!(b.vms()?.is_empty() && b.migrations()?.is_empty());
+    assert!(
+        b.log_text().contains("peer refused"),
+        "the destination says why:\n{}",
+        b.log_text()
+    );
+    Ok(())
+}
+
+#[test]
+fn an_unauthorised_destination_is_refused_and_an_authorised_one_accepted() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    let policy = d.path().join("policy.toml");
+    std::fs::write(&policy, "[[rule]]\nvms = \"db-*\"\nhosts = [\"trusted\"]\n")?;
+    let policy_s = policy.display().to_string();
+    let opts = |labels: &'static [&'static str]| AgentOptions {
+        labels,
+        ..Default::default()
+    };
+    let a = TestAgent::start_with(
+        Path::new(BIN),
+        "host-a",
+        AgentOptions {
+            args: &["--policy", &policy_s],
+            ..Default::default()
+        },
+    )?;
+    let plain = TestAgent::start_with(Path::new(BIN), "host-plain", opts(&["zone-a"]))?;
+    let trusted = TestAgent::start_with(Path::new(BIN), "host-trusted", opts(&["trusted"]))?;
+    boot(&a, &spec("db-1", &g, 128, "tern.workload=idle", ""), "db-1")?;
+
+    let id = a.start_migration("db-1", &plain.peer_addr.to_string(), json!({}))?;
+    let e = expect_failure(&a, &id, "not-authorized")?;
+    assert!(
+        e.message.contains("db-*") && e.message.contains("trusted") && e.message.contains("zone-a"),
+        "says which rule and which labels: {}",
+        e.message
+    );
+    assert!(!e.retryable);
+    assert_source_running(&a, "db-1")?;
+    assert!(plain.vms()?.is_empty());
+
+    let r = migrate_ok(&a, &trusted, "db-1")?;
+    assert!(r.digest_ok);
+    assert_eq!(trusted.vm_status("db-1")?, "running");
+    Ok(())
+}
+
+#[test]
+fn a_record_altered_on_the_wire_aborts_and_the_source_keeps_running() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let (a, b) = two_agents(&[])?;
+    boot(&a, &spec("t1", &g, 128, "tern.workload=idle", ""), "t1")?;
+    let relay = tern_testkit::wire::TamperRelay::start(b.peer_addr, 1 << 20)?;
+    let id = a.start_migration("t1", &relay.addr.to_string(), json!({}))?;
+    let st = a.wait_migration(&id, Duration::from_secs(120))?;
+    assert!(relay.flipped(), "the relay altered a byte");
+    let e = st.error.context("an altered stream must not migrate")?;
+    assert_source_running(&a, "t1")?;
+    // The destination noticed the alteration (TLS record authentication), refused the
+    // rest, and removed what it had set up.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dest = loop {
+        let m = b.migrations()?;
+        if let Some(f) = m.first().and_then(|m| m.error.clone()) {
+            break f;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "destination did not record the failure: {m:?}\n{}",
+                b.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(dest.code, "security", "{dest:?}");
+    assert!(
+        dest.message.contains("altered in transit"),
+        "{}",
+        dest.message
+    );
+    assert!(
+        ["security", "protocol", "internal"].contains(&e.code.as_str()),
+        "source sees the peer's refusal or a closed link: {e:?}"
+    );
+    assert_dest_clean(&b, &dest_pids(&b))?;
+    Ok(())
+}
+
+#[test]
+fn a_capture_of_a_migration_holds_no_guest_plaintext() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let seed = 77u64;
+    let mut marker = b"TERNPAT1".to_vec();
+    marker.extend_from_slice(&seed.to_le_bytes());
+    let raw = json!({ "compression": "none", "dedup": false });
+    let mut found = Vec::new();
+    for env in [&[("TERN_INSECURE_PLAINTEXT", "1")][..], &[][..]] {
+        let a = TestAgent::start(Path::new(BIN), "host-a", env)?;
+        let b = TestAgent::start(Path::new(BIN), "host-b", env)?;
+        boot(
+            &a,
+            &spec(
+                "cap",
+                &g,
+                128,
+                &format!("tern.workload=pattern tern.mib=16 tern.seed={seed}"),
+                "",
+            ),
+            "cap",
+        )?;
+        let cap = tern_testkit::wire::Capture::start("lo", b.peer_addr.port())?;
+        let id = a.start_migration("cap", &b.peer_addr.to_string(), raw.clone())?;
+        let st = a.wait_migration(&id, Duration::from_secs(180))?;
+        assert!(st.report.is_some(), "{:?}\n{}", st.error, a.log_text());
+        let pcap = cap.finish()?;
+        found.push(tern_testkit::wire::count_occurrences(&pcap, &marker));
+    }
+    // 16 MiB of pattern pages: 4096 headers; in plaintext nearly all are in the capture
+    // (a few straddle two segments), which shows the capture sees the migration.
+    assert!(
+        found[0] > 3000,
+        "plaintext control: marker found {} times",
+        found[0]
+    );
+    assert_eq!(found[1], 0, "TLS: no guest plaintext on the wire");
     Ok(())
 }

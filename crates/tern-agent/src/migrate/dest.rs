@@ -25,7 +25,7 @@ use tern_qemu::spec::VmSpec;
 use tern_qemu::stream::{BlockName, Encoder, Item, NameMode, RamRecord};
 use tern_store::Hash;
 use tokio::io::AsyncReadExt;
-use tokio::net::{unix, TcpStream, UnixStream};
+use tokio::net::{unix, UnixStream};
 use tokio::sync::{mpsc, Mutex};
 
 use super::digest::MemoryDigest;
@@ -36,7 +36,7 @@ use crate::conn::{ExpectError, FrameReader, FrameWriter, RecvError, Segments};
 use crate::vm::Vm;
 use crate::Agent;
 
-type PeerWriter = Arc<Mutex<FrameWriter<tokio::net::tcp::OwnedWriteHalf>>>;
+type PeerWriter = Arc<Mutex<FrameWriter<crate::tls::PeerWrite>>>;
 
 /// File in a run directory while its QEMU is an incoming migration not yet switched over.
 pub const INCOMING_MARKER: &str = "incoming";
@@ -68,6 +68,11 @@ impl IncomingError {
         match self {
             IncomingError::Peer(RecvError::Io(e)) | IncomingError::PeerWrite(e) if timed_out(e) => {
                 ErrorCode::Timeout
+            }
+            IncomingError::Peer(RecvError::Io(e)) | IncomingError::PeerWrite(e)
+                if crate::tls::is_tls_failure(e) =>
+            {
+                ErrorCode::Security
             }
             IncomingError::Refuse { code, .. } | IncomingError::Aborted { code, .. } => *code,
             IncomingError::Peer(_) | IncomingError::PeerClosed(_) | IncomingError::PeerWrite(_) => {
@@ -108,10 +113,14 @@ impl Incoming {
 }
 
 /// Serves one peer connection (one incoming migration) to its end.
-pub async fn serve_peer(agent: Arc<Agent>, stream: TcpStream, addr: SocketAddr) {
-    let _ = stream.set_nodelay(true);
-    crate::conn::watch_peer_socket(&stream, agent.config.stall_timeout);
-    let (rd, wr) = stream.into_split();
+pub async fn serve_peer(
+    agent: Arc<Agent>,
+    stream: crate::tls::PeerStream,
+    addr: SocketAddr,
+    peer: crate::tls::PeerIdentity,
+) {
+    tracing::debug!(peer = %addr, names = ?peer.names, labels = ?peer.labels, "peer authenticated");
+    let (rd, wr) = stream.split();
     let mut reader = FrameReader::new(rd);
     let writer: PeerWriter = Arc::new(Mutex::new(FrameWriter::new(wr)));
     let mut inc = Incoming {
@@ -162,7 +171,7 @@ pub async fn serve_peer(agent: Arc<Agent>, stream: TcpStream, addr: SocketAddr) 
 }
 
 async fn next_msg(
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    reader: &mut FrameReader<crate::tls::PeerRead>,
     within: Duration,
     what: &'static str,
 ) -> Result<Message, IncomingError> {
@@ -176,7 +185,7 @@ async fn next_msg(
 
 async fn receive(
     agent: &Arc<Agent>,
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    reader: &mut FrameReader<crate::tls::PeerRead>,
     writer: &PeerWriter,
     inc: &mut Incoming,
     handle_slot: &mut Option<Arc<MigrationHandle>>,
@@ -254,6 +263,15 @@ async fn receive(
         .map_err(|e| refuse(ErrorCode::SpecRejected, error_chain(&e)))?;
     spec.check_files()
         .map_err(|e| refuse(ErrorCode::SpecRejected, error_chain(&e)))?;
+    // the source checked our labels; check again with our own policy
+    agent
+        .policy
+        .check(
+            &crate::policy::VmFacts::of(&spec),
+            &agent.config.name,
+            agent.security.own_labels(),
+        )
+        .map_err(|e| refuse(ErrorCode::NotAuthorized, e.to_string()))?;
     if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') || id.is_empty() || id.len() > 64
     {
         return Err(refuse(
@@ -669,7 +687,7 @@ type DataFrame = Result<(u64, Message), IncomingError>;
 /// Reads one extra data connection: `Seq{n}` then the frame numbered n, again and again,
 /// handing them to the migration's loop (which applies them in order).
 async fn data_stream(
-    mut r: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    mut r: FrameReader<crate::tls::PeerRead>,
     tx: mpsc::Sender<DataFrame>,
     handle: Arc<MigrationHandle>,
 ) {

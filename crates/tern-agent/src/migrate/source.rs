@@ -21,7 +21,9 @@ use tern_proto::{
 use tern_qemu::qmp::QmpError;
 use tern_qemu::stream::{BlockName, Encoder, Item, NameMode, Parser, RamRecord, StreamError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{unix, TcpStream, UnixListener};
+use tokio::net::{unix, UnixListener};
+
+use crate::policy::VmFacts;
 use tokio::sync::{mpsc, Mutex};
 
 use super::codec::{CodecPicker, CodecPolicy};
@@ -61,11 +63,10 @@ pub struct MigrateRequest {
 pub enum MigrateError {
     #[error("QEMU migration capability {cap:?} is on ({why}): turn it off with migrate-set-capabilities, or remove it from the VM spec's migration_capabilities")]
     UnsupportedCapability { cap: String, why: &'static str },
-    #[error("cannot reach the destination agent at {addr}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error("cannot open a secure connection to the destination agent")]
+    Handshake(#[from] crate::tls::HandshakeError),
+    #[error(transparent)]
+    NotAuthorized(#[from] crate::policy::Refusal),
     #[error("destination agent refused ({}): {message}", code.name())]
     Remote { code: ErrorCode, message: String },
     #[error("the source QEMU's migration stream cannot be carried")]
@@ -109,8 +110,16 @@ impl MigrateError {
             MigrateError::Peer(RecvError::Io(e)) | MigrateError::PeerWrite(e) if timed_out(e) => {
                 ErrorCode::Timeout
             }
+            // a TLS record failed authentication: altered on the wire
+            MigrateError::Peer(RecvError::Io(e)) | MigrateError::PeerWrite(e)
+                if crate::tls::is_tls_failure(e) =>
+            {
+                ErrorCode::Security
+            }
+            MigrateError::Handshake(crate::tls::HandshakeError::Tls { .. }) => ErrorCode::Security,
+            MigrateError::NotAuthorized(_) => ErrorCode::NotAuthorized,
             MigrateError::UnsupportedCapability { .. } => ErrorCode::StreamUnsupported,
-            MigrateError::Connect { .. } | MigrateError::PeerWrite(_) => ErrorCode::Internal,
+            MigrateError::Handshake(_) | MigrateError::PeerWrite(_) => ErrorCode::Internal,
             MigrateError::Remote { code, .. } => *code,
             MigrateError::Stream(StreamError::Unsupported { .. }) => ErrorCode::StreamUnsupported,
             MigrateError::Stream(_) | MigrateError::Digest(_) => ErrorCode::StreamMalformed,
@@ -143,7 +152,7 @@ pub fn check_capabilities(caps: &[(String, bool)]) -> Result<(), MigrateError> {
     Ok(())
 }
 
-type PeerWriter = Arc<Mutex<FrameWriter<tokio::net::tcp::OwnedWriteHalf>>>;
+type PeerWriter = Arc<Mutex<FrameWriter<crate::tls::PeerWrite>>>;
 
 /// Control messages from the destination, as the peer reader passes them on.
 enum PeerEvent {
@@ -295,17 +304,8 @@ impl SourceCtx {
 
         // --- connect
         self.handle.set_phase("connect");
-        let stream =
-            tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&self.req.to))
-                .await
-                .map_err(|_| MigrateError::Timeout(Duration::from_secs(10), "the TCP connection"))?
-                .map_err(|e| MigrateError::Connect {
-                    addr: self.req.to.clone(),
-                    source: e,
-                })?;
-        stream.set_nodelay(true).map_err(MigrateError::LocalIo)?;
-        crate::conn::watch_peer_socket(&stream, self.agent.config.stall_timeout);
-        let (rd, wr) = stream.into_split();
+        let (stream, peer) = self.dial(Duration::from_secs(10)).await?;
+        let (rd, wr) = stream.split();
         let mut reader = FrameReader::new(rd);
         let writer: PeerWriter = Arc::new(Mutex::new(FrameWriter::new(wr)));
         self.writer = Some(writer.clone());
@@ -326,6 +326,15 @@ impl SourceCtx {
                 m => return Err(unexpected(&m, "HelloAck")),
             };
         let rtt = t_hello.elapsed();
+
+        // --- authorisation, on the labels the cluster CA gave the destination
+        let host = match peer.names.first() {
+            Some(n) => format!("{dest_agent} ({n})"),
+            None => dest_agent.clone(),
+        };
+        self.agent
+            .policy
+            .check(&VmFacts::of(&self.vm.spec), &host, &peer.labels)?;
 
         // --- prepare
         self.handle.set_phase("prepare");
@@ -737,22 +746,25 @@ impl SourceCtx {
         )))
     }
 
+    /// A mutually authenticated connection to the destination agent.
+    async fn dial(
+        &self,
+        within: Duration,
+    ) -> Result<(crate::tls::PeerStream, crate::tls::PeerIdentity), MigrateError> {
+        Ok(self
+            .agent
+            .security
+            .connect(&self.req.to, within, self.agent.config.stall_timeout)
+            .await?)
+    }
+
     /// Opens extra data connection `index` for this migration (Hello, then Attach).
     async fn open_data_stream(
         &self,
         index: u16,
-    ) -> Result<FrameWriter<tokio::net::tcp::OwnedWriteHalf>, MigrateError> {
-        let stream =
-            tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&self.req.to))
-                .await
-                .map_err(|_| MigrateError::Timeout(Duration::from_secs(10), "a data connection"))?
-                .map_err(|e| MigrateError::Connect {
-                    addr: self.req.to.clone(),
-                    source: e,
-                })?;
-        stream.set_nodelay(true).map_err(MigrateError::LocalIo)?;
-        crate::conn::watch_peer_socket(&stream, self.agent.config.stall_timeout);
-        let (rd, wr) = stream.into_split();
+    ) -> Result<FrameWriter<crate::tls::PeerWrite>, MigrateError> {
+        let (stream, _) = self.dial(Duration::from_secs(10)).await?;
+        let (rd, wr) = stream.split();
         let mut reader = FrameReader::new(rd);
         let mut writer = FrameWriter::new(wr);
         writer
@@ -778,14 +790,8 @@ impl SourceCtx {
     }
 
     async fn query_once(&self) -> Result<(MigrationState, u64), MigrateError> {
-        let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&self.req.to))
-            .await
-            .map_err(|_| MigrateError::Timeout(Duration::from_secs(5), "the TCP connection"))?
-            .map_err(|e| MigrateError::Connect {
-                addr: self.req.to.clone(),
-                source: e,
-            })?;
-        let (rd, wr) = stream.into_split();
+        let (stream, _) = self.dial(Duration::from_secs(5)).await?;
+        let (rd, wr) = stream.split();
         let mut reader = FrameReader::new(rd);
         let mut writer = FrameWriter::new(wr);
         writer
@@ -902,7 +908,7 @@ fn unexpected(m: &Message, wanted: &str) -> MigrateError {
 /// socket (no buffering: PONG and SHUT must not wait), a Want is answered from the page
 /// store at once, everything else goes to the orchestrator.
 async fn peer_reader(
-    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    mut reader: FrameReader<crate::tls::PeerRead>,
     mut qemu: unix::OwnedWriteHalf,
     tx: mpsc::Sender<PeerEvent>,
     handle: Arc<MigrationHandle>,
@@ -1423,7 +1429,7 @@ struct Links {
 
 /// Writes the frames one data connection is given, in order; closes it at the end.
 async fn data_link(
-    mut w: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut w: FrameWriter<crate::tls::PeerWrite>,
     mut rx: mpsc::Receiver<Vec<Out>>,
     handle: Arc<MigrationHandle>,
 ) -> std::io::Result<()> {
