@@ -50,6 +50,7 @@ else
   gcc -O2 -static -o "$r/bin/tern-dirty" "$here/src/dirty.c"
   gcc -O2 -static -o "$r/bin/tern-pattern" "$here/src/pattern.c"
   gcc -O2 -static -o "$r/bin/tern-realistic" "$here/src/realistic.c"
+  gcc -O2 -static -o "$r/bin/tern-tpmpcr" "$here/src/tpmpcr.c"
   cp "$here/init" "$r/init"; chmod 755 "$r/init"
   for m in drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev \
            drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci net/core/failover \

@@ -37,13 +37,18 @@ trap cleanup EXIT INT TERM
 bash scripts/wan.sh up "$profile"
 echo "RTT A->B: $(ip netns exec tern-a ping -c 3 -q 198.18.0.2 | tail -1)"
 
+# One cluster: a CA, and a certificate per host naming the address peers dial it by.
+# Agents talk mutual TLS only; the CA's cluster key keys the content hashes of both.
+"$tern" ca init --dir "$work/ca" >/dev/null
 for h in a b; do
   ip=$([ $h = a ] && echo 198.18.0.1 || echo 198.18.0.2)
+  "$tern" cert issue "$ip" --dns "host-$h" --ca "$work/ca" --out "$work/tls-$h" >/dev/null
   ip netns exec "tern-$h" "$tern" agent --name "host-$h" --state-dir "$work/$h" \
-    --api "unix:$work/$h.sock" --listen "$ip:7700" --cluster-key "$work/cluster.key" \
+    --api "unix:$work/$h.sock" --listen "$ip:7700" --tls-dir "$work/tls-$h" \
     > "$work/agent-$h.log" 2>&1 &
   pids+=($!)
 done
+echo "cluster CA and agent certificates in $work (mutual TLS between the agents)"
 A="$tern --agent unix:$work/a.sock"
 B="$tern --agent unix:$work/b.sock"
 for i in $(seq 100); do $A vm list >/dev/null 2>&1 && $B vm list >/dev/null 2>&1 && break; sleep 0.1; done

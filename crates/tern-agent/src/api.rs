@@ -175,7 +175,7 @@ async fn start_vm(
         let status = match e {
             StartVmError::Spec(_) => StatusCode::BAD_REQUEST,
             StartVmError::Exists(_) => StatusCode::CONFLICT,
-            StartVmError::Launch(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            StartVmError::Launch(_) | StartVmError::Tpm(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, "start-failed", chain(&e))
     })?;

@@ -113,6 +113,9 @@ pub struct Agent {
     /// Pages of VMs that live or lived here, and pages received, by content hash.
     pub store: migrate::pages::SharedStore,
     pub hasher: tern_store::ContentHasher,
+    /// swtpm's `--migration-key`, derived from the cluster key (the same on every host of
+    /// the cluster): a VM's TPM state is encrypted inside QEMU's stream too.
+    tpm_migration_key: PathBuf,
     /// How peer connections are secured (mutual TLS unless the test-only plaintext mode).
     pub security: tls::PeerSecurity,
     pub policy: policy::Policy,
@@ -158,6 +161,25 @@ pub enum AgentError {
     Tls(#[from] tls::TlsSetupError),
     #[error("cannot load the authorisation policy")]
     Policy(#[from] policy::PolicyError),
+}
+
+/// Writes a 0600 binary key file, atomically, unless it already holds `key`.
+fn write_key_file(path: &std::path::Path, key: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::fs::read(path).is_ok_and(|k| k == key) {
+        return Ok(());
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(key)?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
 }
 
 /// Reads the cluster key, creating it (random) if the file does not exist yet.
@@ -213,7 +235,16 @@ impl Agent {
                 Some(d) if d.join(pki::CLUSTER_KEY).exists() => d.join(pki::CLUSTER_KEY),
                 _ => config.state_dir.join("cluster.key"),
             });
-        let hasher = tern_store::ContentHasher::new(load_cluster_key(&key_path)?);
+        let cluster_key = load_cluster_key(&key_path)?;
+        let hasher = tern_store::ContentHasher::new(cluster_key);
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(|e| AgentError::StateDir(config.state_dir.clone(), e))?;
+        let tpm_migration_key = config.state_dir.join("tpm-migration.key");
+        write_key_file(
+            &tpm_migration_key,
+            &blake3::derive_key("tern vTPM migration key v1", &cluster_key),
+        )
+        .map_err(|e| AgentError::StateDir(tpm_migration_key.clone(), e))?;
         const PAGE: usize = 4096;
         let pages = |mib: u64| (mib << 20) as usize / PAGE;
         let spill = config.state_dir.join("pages.store");
@@ -226,6 +257,7 @@ impl Agent {
             config,
             store: Arc::new(Mutex::new(store)),
             hasher,
+            tpm_migration_key,
             security,
             policy,
             vms: Mutex::new(HashMap::new()),
@@ -314,8 +346,16 @@ impl Agent {
         }
         let mut opts = LaunchOptions::new(self.new_run_dir(&spec.name));
         opts.kill_on_drop = false; // VMs outlive the agent
-        let launched = QemuProcess::launch(&spec, &opts).await;
         let name = spec.name.clone();
+        let mut tpm = match self.start_tpm(&spec, &opts.run_dir).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.release_name(&name);
+                let _ = std::fs::remove_dir_all(&opts.run_dir);
+                return Err(e.into());
+            }
+        };
+        let launched = QemuProcess::launch(&spec, &opts).await;
         match launched {
             Ok(p) => {
                 let vm = Arc::new(Vm::supervise(spec, p));
@@ -323,11 +363,48 @@ impl Agent {
                 Ok(vm)
             }
             Err(e) => {
+                if let Some(t) = tpm.as_mut() {
+                    let _ = t.stop(std::time::Duration::ZERO).await;
+                }
                 self.release_name(&name);
                 let _ = std::fs::remove_dir_all(&opts.run_dir);
                 Err(e.into())
             }
         }
+    }
+
+    /// Starts the VM's swtpm when its spec asks for a TPM: state in `RUN/tpm`, encrypted
+    /// at rest with this host's `STATE_DIR/tpm.key`; QEMU connects to it at launch. An
+    /// incoming VM gets an empty state, which QEMU fills from the migration stream.
+    pub async fn start_tpm(
+        &self,
+        spec: &VmSpec,
+        run_dir: &std::path::Path,
+    ) -> Result<Option<tern_qemu::swtpm::Swtpm>, tern_qemu::swtpm::SwtpmStartError> {
+        use tern_qemu::swtpm;
+        if !spec.tpm {
+            return Ok(None);
+        }
+        let key = self.config.state_dir.join("tpm.key");
+        swtpm::ensure_key_file(&key)?;
+        let mut cfg = swtpm::SwtpmConfig::for_run_dir(run_dir, key);
+        cfg.migration_key_file = Some(self.tpm_migration_key.clone());
+        cfg.kill_on_drop = false; // it lives as long as its QEMU
+        Ok(Some(swtpm::Swtpm::start(&cfg).await?))
+    }
+
+    /// Removes a VM's run directory once its QEMU is gone; its TPM state (if any) first,
+    /// after its swtpm let go of it.
+    pub async fn remove_run_dir(&self, run_dir: &std::path::Path) {
+        let tpm = run_dir.join("tpm");
+        if tpm.exists() {
+            if let Err(e) =
+                tern_qemu::swtpm::remove_state(&tpm, std::time::Duration::from_secs(10)).await
+            {
+                tracing::warn!(dir = %tpm.display(), "TPM state: {}", migrate::source::error_chain(&e));
+            }
+        }
+        let _ = std::fs::remove_dir_all(run_dir);
     }
 
     pub async fn stop_vm(&self, name: &str) -> Result<(), StopVmError> {
@@ -339,7 +416,7 @@ impl Agent {
         }
         vm.stop(StopMode::Quit).await;
         self.forget(name);
-        let _ = std::fs::remove_dir_all(&vm.run_dir);
+        self.remove_run_dir(&vm.run_dir).await;
         Ok(())
     }
 

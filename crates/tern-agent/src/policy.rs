@@ -79,7 +79,7 @@ impl<'a> VmFacts<'a> {
     pub fn of(spec: &'a tern_qemu::spec::VmSpec) -> Self {
         VmFacts {
             name: &spec.name,
-            tpm: false,
+            tpm: spec.tpm,
         }
     }
 }

@@ -203,6 +203,8 @@ pub enum StartVmError {
     Exists(String),
     #[error("could not start QEMU")]
     Launch(#[from] LaunchError),
+    #[error("could not start the VM's TPM (swtpm)")]
+    Tpm(#[from] tern_qemu::swtpm::SwtpmStartError),
 }
 
 /// Why `tern vm stop` failed.

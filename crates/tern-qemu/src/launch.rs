@@ -1,6 +1,8 @@
 //! Turning a [`VmSpec`] into a running QEMU process: the command line, the per-VM run
 //! directory (QMP socket, serial console log, QEMU's own log), spawning, connecting QMP,
-//! and stopping. Owns the QEMU process lifetime; must not decide when to stop it.
+//! and stopping. Owns the QEMU process lifetime; must not decide when to stop it. A VM
+//! with `tpm = true` needs its swtpm listening before launch ([`crate::swtpm`]); the
+//! launcher only connects QEMU to it.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,10 @@ pub struct LaunchOptions {
     /// Kill QEMU when the [`QemuProcess`] is dropped (tests, tools). An agent sets this to
     /// false: its VMs outlive it and a restarted agent re-attaches to them.
     pub kill_on_drop: bool,
+    /// The control socket of the VM's swtpm, used when the spec has `tpm = true`. None:
+    /// [`crate::swtpm::ctrl_socket_path`] of `run_dir` (where
+    /// [`crate::swtpm::SwtpmConfig::for_run_dir`] puts it).
+    pub tpm_ctrl_socket: Option<PathBuf>,
 }
 
 impl LaunchOptions {
@@ -40,8 +46,21 @@ impl LaunchOptions {
             incoming_defer: false,
             start_paused: false,
             kill_on_drop: true,
+            tpm_ctrl_socket: None,
         }
     }
+
+    /// Where QEMU looks for the VM's swtpm (see [`LaunchOptions::tpm_ctrl_socket`]).
+    pub fn tpm_ctrl_socket(&self) -> PathBuf {
+        self.tpm_ctrl_socket
+            .clone()
+            .unwrap_or_else(|| crate::swtpm::ctrl_socket_path(&self.run_dir))
+    }
+}
+
+/// `s` as one value inside a QEMU `-opt key=value,...` list (commas doubled).
+fn qemu_opt_value(s: &Path) -> String {
+    s.display().to_string().replace(',', ",,")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +88,8 @@ pub enum LaunchError {
     },
     #[error("QEMU started but its QMP socket did not answer")]
     Qmp(#[source] QmpError),
+    #[error("the VM spec has tpm = true but no swtpm listens on {path}: start the VM's swtpm first (tern_qemu::swtpm)")]
+    NoSwtpm { path: PathBuf },
 }
 
 /// A running QEMU, killed if dropped.
@@ -143,6 +164,19 @@ impl QemuProcess {
             a.push("-append".into());
             a.push(spec.append.clone().into());
         }
+        if spec.tpm {
+            let ctrl = qemu_opt_value(&opts.tpm_ctrl_socket());
+            for s in [
+                "-chardev",
+                &format!("socket,id=chrtpm,path={ctrl}"),
+                "-tpmdev",
+                "emulator,id=tpm0,chardev=chrtpm",
+                "-device",
+                "tpm-tis,tpmdev=tpm0",
+            ] {
+                a.push(s.into());
+            }
+        }
         a
     }
 
@@ -157,6 +191,16 @@ impl QemuProcess {
             return Err(LaunchError::PathTooLong {
                 path: opts.run_dir.clone(),
             });
+        }
+        if spec.tpm {
+            let ctrl = opts.tpm_ctrl_socket();
+            if ctrl.as_os_str().len() > 100 {
+                return Err(LaunchError::PathTooLong { path: ctrl });
+            }
+            // QEMU would fail too, but with a less helpful message.
+            if !ctrl.exists() {
+                return Err(LaunchError::NoSwtpm { path: ctrl });
+            }
         }
         std::fs::create_dir_all(&opts.run_dir).map_err(|e| LaunchError::RunDir {
             path: opts.run_dir.clone(),
@@ -291,6 +335,7 @@ mod tests {
             append: "console=ttyS0 a=b".into(),
             machine: "pc".into(),
             migration_capabilities: vec![],
+            tpm: false,
         }
     }
 
@@ -333,5 +378,52 @@ mod tests {
         assert_eq!(after(&a, "-accel"), Some("kvm"));
         assert_eq!(after(&a, "-cpu"), Some("host"));
         assert!(!a.contains(&"-S".to_string()) && !a.contains(&"-incoming".to_string()));
+        assert!(
+            !a.contains(&"-tpmdev".to_string()),
+            "no TPM unless the spec asks"
+        );
+    }
+
+    #[test]
+    fn tpm_command_line() {
+        let mut s = spec(Accel::Tcg);
+        s.tpm = true;
+        let mut o = LaunchOptions::new("/run/x".into());
+        let a = args(QemuProcess::command_line(&s, &o));
+        assert_eq!(
+            after(&a, "-chardev"),
+            Some("socket,id=chrtpm,path=/run/x/swtpm.sock")
+        );
+        assert_eq!(
+            after(&a, "-tpmdev"),
+            Some("emulator,id=tpm0,chardev=chrtpm")
+        );
+        assert_eq!(after(&a, "-device"), Some("tpm-tis,tpmdev=tpm0"));
+        o.tpm_ctrl_socket = Some("/other/a,b.sock".into());
+        let a = args(QemuProcess::command_line(&s, &o));
+        assert_eq!(
+            after(&a, "-chardev"),
+            Some("socket,id=chrtpm,path=/other/a,,b.sock")
+        );
+    }
+
+    #[tokio::test]
+    async fn tpm_vm_without_swtpm_is_refused_before_qemu_starts() {
+        let d = tempfile::tempdir().unwrap();
+        let k = d.path().join("k");
+        std::fs::write(&k, b"kernel").unwrap();
+        let mut s = spec(Accel::Tcg);
+        s.kernel = k;
+        s.initrd = None;
+        s.tpm = true;
+        let mut o = LaunchOptions::new(d.path().join("run"));
+        o.qemu_binary = "/nonexistent/qemu".into();
+        match QemuProcess::launch(&s, &o).await {
+            Err(LaunchError::NoSwtpm { path }) => {
+                assert_eq!(path, d.path().join("run/swtpm.sock"))
+            }
+            Err(e) => panic!("expected NoSwtpm, got {e:?}"),
+            Ok(_) => panic!("launched without a swtpm"),
+        }
     }
 }

@@ -2,9 +2,9 @@
 //!
 //! Owns everything that speaks QEMU's languages: the migration-stream codec
 //! ([`stream`], sans-IO: bytes in, items out, items in, bytes out), the return-path
-//! messages ([`rp`]), the QMP client ([`qmp`]), the VM spec ([`spec`]) and turning a spec
-//! into a QEMU process ([`launch`]). It must not know about tern's wire protocol or about
-//! other hosts.
+//! messages ([`rp`]), the QMP client ([`qmp`]), the VM spec ([`spec`]), turning a spec
+//! into a QEMU process ([`launch`]) and the VM's software TPM beside it ([`swtpm`]). It
+//! must not know about tern's wire protocol or about other hosts.
 #![forbid(unsafe_code)]
 
 pub mod launch;
@@ -12,3 +12,4 @@ pub mod qmp;
 pub mod rp;
 pub mod spec;
 pub mod stream;
+pub mod swtpm;

@@ -34,6 +34,7 @@ impl Accel {
 /// kernel = "/var/lib/tern/guest/vmlinuz"
 /// initrd = "/var/lib/tern/guest/initrd.gz"
 /// append = "console=ttyS0 tern.workload=dirty tern.mib=64"
+/// tpm = true    # optional: a TPM 2.0 (swtpm, see crate::swtpm)
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +58,16 @@ pub struct VmSpec {
     /// carry, and says which one to turn off.
     #[serde(default)]
     pub migration_capabilities: Vec<String>,
+    /// A TPM 2.0 for the guest: swtpm beside QEMU (state encrypted at rest), a TIS device
+    /// in the guest, TPM state carried in QEMU's migration stream. Off unless set, and left
+    /// out of the TOML when off, so a spec without a TPM still reads on an agent that does
+    /// not know this key.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tpm: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn default_vcpus() -> u32 {
@@ -147,6 +158,22 @@ mod tests {
         assert_eq!(s.accel, Accel::Kvm);
         assert_eq!(s.vcpus, 1);
         assert_eq!(VmSpec::from_toml(&s.to_toml()).unwrap(), s);
+    }
+
+    #[test]
+    fn tpm_is_off_by_default_and_only_written_when_on() {
+        let base = "name='a1'\nmemory_mib=128\nkernel='/k'\n";
+        let s = VmSpec::from_toml(base).unwrap();
+        assert!(!s.tpm);
+        assert!(!s.to_toml().contains("tpm"), "{}", s.to_toml());
+        let t = VmSpec::from_toml(&format!("{base}tpm = true\n")).unwrap();
+        assert!(t.tpm);
+        assert!(t.to_toml().contains("tpm = true"), "{}", t.to_toml());
+        assert_eq!(VmSpec::from_toml(&t.to_toml()).unwrap(), t);
+        assert!(matches!(
+            VmSpec::from_toml(&format!("{base}tpm = \"2.0\"\n")),
+            Err(SpecError::Toml(_))
+        ));
     }
 
     #[test]

@@ -19,6 +19,7 @@ fn spec(kernel: PathBuf, initrd: Option<PathBuf>) -> VmSpec {
         append: "console=ttyS0 panic=-1 tern.workload=idle".into(),
         machine: "pc".into(),
         migration_capabilities: vec![],
+        tpm: false,
     }
 }
 

@@ -66,6 +66,7 @@ async fn capture(binary: Option<PathBuf>, paused: bool, dir: &Path) -> Result<Ve
         append: "console=ttyS0 panic=-1 tern.workload=pattern tern.mib=8 tern.seed=5".into(),
         machine: "pc".into(),
         migration_capabilities: vec![],
+        tpm: false,
     };
     let mut opts = LaunchOptions::new(dir.join("run"));
     if let Some(b) = binary {

@@ -1269,3 +1269,106 @@ fn a_capture_of_a_migration_holds_no_guest_plaintext() -> Result<()> {
     assert_eq!(found[1], 0, "TLS: no guest plaintext on the wire");
     Ok(())
 }
+
+/// The newest complete `TERN-PCR seq=K 0=HEX ... 23=HEX` line on a console: (K, PCRs).
+fn last_pcrs(console: &Path) -> Option<(u64, Vec<String>)> {
+    let text = std::fs::read_to_string(console).ok()?;
+    text.lines().rev().find_map(|l| {
+        let rest = l.trim().strip_prefix("TERN-PCR seq=")?;
+        let mut it = rest.split_whitespace();
+        let seq = it.next()?.parse().ok()?;
+        let pcrs: Vec<String> = it
+            .map(|kv| kv.split_once('=').map(|(_, v)| v.to_string()))
+            .collect::<Option<_>>()?;
+        (pcrs.len() == 24).then_some((seq, pcrs))
+    })
+}
+
+fn wait_pcrs(console: &Path, after_seq: u64) -> Result<(u64, Vec<String>)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((seq, p)) = last_pcrs(console) {
+            if seq > after_seq {
+                return Ok((seq, p));
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no TERN-PCR line after seq {after_seq} in {}",
+                console.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_vtpm_moves_only_to_trusted_hosts_with_its_pcrs_and_leaves_nothing_behind() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    let permissive = d.path().join("permissive.toml");
+    std::fs::write(&permissive, "# no rules\n")?;
+    let permissive = permissive.display().to_string();
+    let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
+    let b = TestAgent::start_with(
+        Path::new(BIN),
+        "host-b",
+        AgentOptions {
+            labels: &["trusted"],
+            args: &["--policy", &permissive],
+            ..Default::default()
+        },
+    )?;
+    let c = TestAgent::start(Path::new(BIN), "host-c", &[])?;
+    let console = boot(
+        &a,
+        &spec(
+            "tpm1",
+            &g,
+            128,
+            "tern.workload=idle tern.tpm_extend=7 tern.tpm_print=1",
+            "tpm = true\n",
+        ),
+        "tpm1",
+    )?;
+    let (seq0, before) = wait_pcrs(&console, 0)?;
+    assert_ne!(
+        before[16],
+        "0".repeat(64),
+        "PCR 16 was extended in the guest"
+    );
+    let src_dir = a.run_dirs().into_iter().next().context("source run dir")?;
+    assert!(
+        src_dir.join("tpm").read_dir()?.next().is_some(),
+        "swtpm keeps state on the source"
+    );
+
+    // the built-in policy: a vTPM VM goes only to hosts labelled trusted
+    let id = a.start_migration("tpm1", &c.peer_addr.to_string(), json!({}))?;
+    let e = expect_failure(&a, &id, "not-authorized")?;
+    assert!(e.message.contains("trusted"), "{}", e.message);
+    assert_source_running(&a, "tpm1")?;
+    assert!(c.vms()?.is_empty());
+
+    let r = migrate_ok(&a, &b, "tpm1")?;
+    assert!(r.digest_ok);
+    let (seq1, after) = wait_pcrs(&console_of(&b, "tpm1")?, 0)?;
+    assert!(
+        seq1 > seq0,
+        "the guest went on counting (no reboot): {seq0} -> {seq1}"
+    );
+    assert_eq!(after, before, "every PCR is the same after the migration");
+    assert!(
+        a.run_dirs().is_empty() && !src_dir.exists(),
+        "the source's TPM state is removed after the switchover"
+    );
+
+    // a source whose own policy allows it still meets the destination's policy
+    let id = b.start_migration("tpm1", &c.peer_addr.to_string(), json!({}))?;
+    let e = expect_failure(&b, &id, "not-authorized")?;
+    assert!(e.message.contains("host-c"), "{}", e.message);
+    assert_source_running(&b, "tpm1")?;
+    assert_dest_clean(&c, &dest_pids(&c))?;
+    Ok(())
+}

@@ -187,7 +187,8 @@ pub async fn run(
             // The destination runs the VM: the source QEMU goes away.
             vm.stop(StopMode::Quit).await;
             agent.forget(&vm.spec.name);
-            let _ = std::fs::remove_dir_all(&vm.run_dir);
+            // with its TPM state: the VM's secrets now live only at the destination
+            agent.remove_run_dir(&vm.run_dir).await;
             handle.finish_ok(report);
         }
         Err(e) => {

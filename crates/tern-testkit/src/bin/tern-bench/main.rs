@@ -1,4 +1,5 @@
-//! `tern-bench loopback`: the foundation benchmark (`tern-bench wan`: see [`wan`]). Same guest, same machine, one run:
+//! `tern-bench loopback`: the foundation benchmark (`tern-bench wan`: see [`wan`];
+//! `tern-bench tls`: see [`tls`]). Same guest, same machine, one run:
 //! QEMU's own migration (QEMU to QEMU over loopback TCP) against the same migration
 //! through two tern agents, alternating, N rounds per workload. Prints a Markdown table of
 //! total time, downtime (end to end: source STOP event to destination RESUME event, and
@@ -6,6 +7,7 @@
 //!
 //! Usage: tern-bench loopback --tern target/release/tern [--rounds 3] [--out FILE]
 
+mod tls;
 mod wan;
 
 use std::path::{Path, PathBuf};
@@ -18,7 +20,7 @@ use tern_qemu::spec::VmSpec;
 use tern_testkit::agents::{wait_for_text, TestAgent};
 use tern_testkit::guest::{ensure_guest, GuestImage};
 
-struct Sample {
+pub(crate) struct Sample {
     /// Operator's view: from the request to the VM running at the destination.
     total_ms: f64,
     /// The source QEMU's own migration time (transfer only).
@@ -58,6 +60,7 @@ fn spec(name: &str, g: &GuestImage, append: &str) -> VmSpec {
         append: format!("console=ttyS0 panic=-1 {append}"),
         machine: "pc".into(),
         migration_capabilities: vec![],
+        tpm: false,
     }
 }
 
@@ -131,9 +134,14 @@ async fn qemu_direct(g: &GuestImage, append: &str, work: &Path) -> Result<Sample
 }
 
 /// The same migration through two tern agents.
-fn via_tern(bin: &Path, g: &GuestImage, append: &str) -> Result<Sample> {
-    let a = TestAgent::start(bin, "bench-a", &[])?;
-    let b = TestAgent::start(bin, "bench-b", &[])?;
+pub(crate) fn via_tern(
+    bin: &Path,
+    g: &GuestImage,
+    append: &str,
+    env: &[(&str, &str)],
+) -> Result<Sample> {
+    let a = TestAgent::start(bin, "bench-a", env)?;
+    let b = TestAgent::start(bin, "bench-b", env)?;
     let s = spec("bench-tern", g, append);
     let info = a.start_vm(&s.to_toml())?;
     let console = PathBuf::from(info["console_log"].as_str().context("console")?);
@@ -166,7 +174,7 @@ fn via_tern(bin: &Path, g: &GuestImage, append: &str) -> Result<Sample> {
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         return 0.0;
@@ -185,6 +193,15 @@ fn main() -> Result<()> {
     let bin = PathBuf::from(arg("--tern").unwrap_or_else(|| "target/release/tern".into()));
     match args.get(1).map(String::as_str) {
         Some("loopback") => {}
+        Some("tls") => {
+            let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);
+            let out = tls::bench(&bin, &ensure_guest()?, rounds)?;
+            print!("{out}");
+            if let Some(p) = arg("--out") {
+                std::fs::write(&p, &out).with_context(|| format!("writing {p}"))?;
+            }
+            return Ok(());
+        }
         Some("wan") => {
             let g = ensure_guest()?;
             let profile = arg("--profile").unwrap_or_else(|| "wan-100m-50ms".into());
@@ -199,7 +216,7 @@ fn main() -> Result<()> {
             return Ok(());
         }
         _ => bail!(
-            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]"
+            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]"
         ),
     }
     let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);
@@ -241,7 +258,7 @@ fn main() -> Result<()> {
                 &work.path().join(format!("r{i}")),
             ))?);
             eprintln!("[{label}] round {}: via tern", i + 1);
-            tern.push(via_tern(&bin, &g, append)?);
+            tern.push(via_tern(&bin, &g, append, &[])?);
         }
         let row = |name: &str, v: &[Sample]| {
             format!(
