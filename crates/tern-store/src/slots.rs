@@ -81,8 +81,16 @@ struct Entry {
 /// An index of fixed-size slots over a backend, `capacity` pages at most.
 pub struct SlotStore<B> {
     map: HashMap<Hash, Entry>,
+    /// Entries with pins > 0: when all are pinned, eviction answers at once instead of
+    /// turning the whole queue over (a store full of a migration's pins took an insert
+    /// O(n), and a source agent minutes per page).
+    pinned: usize,
+    /// FIFO entries looked at by eviction so far (for tests of its cost).
+    scanned: u64,
     /// (seq, hash) in insertion order; entries whose seq is no longer the map's are stale.
     fifo: VecDeque<(u64, Hash)>,
+    /// Pinned entries eviction passed over, oldest first.
+    parked: VecDeque<(u64, Hash)>,
     free: Vec<u32>,
     next_slot: u32,
     capacity: usize,
@@ -131,7 +139,10 @@ impl<B: Backend> SlotStore<B> {
     fn with_backend(page_size: usize, capacity: usize, backend: B) -> Self {
         SlotStore {
             map: HashMap::new(),
+            pinned: 0,
+            scanned: 0,
             fifo: VecDeque::new(),
+            parked: VecDeque::new(),
             free: Vec::new(),
             next_slot: 0,
             capacity,
@@ -153,34 +164,80 @@ impl<B: Backend> SlotStore<B> {
         self.map.len() >= self.capacity
     }
 
+    /// How many queue entries eviction has looked at (its cost, for tests).
+    pub fn eviction_scans(&self) -> u64 {
+        self.scanned
+    }
+
+    /// Entries with at least one pin.
+    pub fn pinned(&self) -> usize {
+        self.pinned
+    }
+
     /// Takes the oldest entry out (pinned ones too when `take_pinned`), returning its
-    /// hash, bytes and pin count; `None` when nothing can go.
+    /// hash, bytes and pin count; `None` when nothing can go. Pinned entries met on the
+    /// way are parked aside (back in the queue once unpinned), so no entry is looked at
+    /// twice while it stays pinned.
     pub fn evict_oldest(
         &mut self,
         take_pinned: bool,
     ) -> Result<Option<(Hash, Bytes, u32)>, StoreError> {
-        let mut rotated = 0;
-        while let Some((seq, h)) = self.fifo.pop_front() {
-            let Some(e) = self.map.get(&h) else { continue };
-            if e.seq != seq {
-                continue;
-            }
-            if e.pins > 0 && !take_pinned {
-                // keep its age order among the pinned: push back, stop after a full turn
-                self.fifo.push_back((seq, h));
-                rotated += 1;
-                if rotated > self.map.len() {
-                    return Ok(None);
+        if !take_pinned && self.pinned >= self.map.len() {
+            return Ok(None);
+        }
+        loop {
+            let fifo = self.live_front(false);
+            let pick = if take_pinned {
+                let parked = self.live_front(true);
+                match (fifo, parked) {
+                    (Some(a), Some(b)) if b.0 < a.0 => self.parked.pop_front(),
+                    (Some(_), _) => self.fifo.pop_front(),
+                    (None, Some(_)) => self.parked.pop_front(),
+                    (None, None) => None,
                 }
+            } else {
+                fifo.and_then(|_| self.fifo.pop_front())
+            };
+            let Some((seq, h)) = pick else {
+                return Ok(None);
+            };
+            let pins = self.map.get(&h).map_or(0, |e| e.pins);
+            if pins > 0 && !take_pinned {
+                self.parked.push_back((seq, h));
                 continue;
             }
-            let e = self.map.remove(&h).expect("present");
+            let e = self.map.remove(&h).expect("live entry");
+            if e.pins > 0 {
+                self.pinned -= 1;
+            }
             let data = self.backend.read(e.slot, self.page_size)?;
             self.backend.release(e.slot);
             self.free.push(e.slot);
             return Ok(Some((h, data, e.pins)));
         }
-        Ok(None)
+    }
+
+    /// The first entry of the queue (or of the parked ones) that is still current,
+    /// dropping stale ones on the way.
+    fn live_front(&mut self, parked: bool) -> Option<(u64, Hash)> {
+        loop {
+            let q = if parked {
+                &mut self.parked
+            } else {
+                &mut self.fifo
+            };
+            let &(seq, h) = q.front()?;
+            self.scanned += 1;
+            if self.map.get(&h).is_some_and(|e| e.seq == seq) {
+                return Some((seq, h));
+            }
+            let q = if parked {
+                &mut self.parked
+            } else {
+                &mut self.fifo
+            };
+            q.pop_front();
+        }
     }
 
     /// Inserts with a pin count already set (a tier handing an entry on).
@@ -195,6 +252,9 @@ impl<B: Backend> SlotStore<B> {
         let seq = self.seq;
         if let Some(e) = self.map.get_mut(&h) {
             e.seq = seq;
+            if e.pins == 0 && pins > 0 {
+                self.pinned += 1;
+            }
             e.pins += pins;
             self.fifo.push_back((seq, h));
             self.compact();
@@ -215,16 +275,21 @@ impl<B: Backend> SlotStore<B> {
             return Err(e);
         }
         self.map.insert(h, Entry { slot, seq, pins });
+        if pins > 0 {
+            self.pinned += 1;
+        }
         self.fifo.push_back((seq, h));
         self.compact();
         Ok(())
     }
 
     fn compact(&mut self) {
-        if self.fifo.len() > 2 * self.map.len() + 64 {
+        if self.fifo.len() + self.parked.len() > 2 * self.map.len() + 64 {
             let map = &self.map;
             self.fifo
                 .retain(|(seq, h)| map.get(h).is_some_and(|e| e.seq == *seq));
+            self.parked
+                .retain(|(seq, h)| map.get(h).is_some_and(|e| e.seq == *seq && e.pins > 0));
         }
     }
 
@@ -233,6 +298,9 @@ impl<B: Backend> SlotStore<B> {
         let Some(e) = self.map.remove(h) else {
             return Ok(None);
         };
+        if e.pins > 0 {
+            self.pinned -= 1;
+        }
         let data = self.backend.read(e.slot, self.page_size)?;
         self.backend.release(e.slot);
         self.free.push(e.slot);
@@ -259,6 +327,9 @@ impl<B: Backend> PageStore for SlotStore<B> {
     fn pin(&mut self, h: &Hash) -> bool {
         match self.map.get_mut(h) {
             Some(e) => {
+                if e.pins == 0 {
+                    self.pinned += 1;
+                }
                 e.pins += 1;
                 true
             }
@@ -268,6 +339,11 @@ impl<B: Backend> PageStore for SlotStore<B> {
 
     fn unpin(&mut self, h: &Hash) {
         if let Some(e) = self.map.get_mut(h) {
+            if e.pins == 1 {
+                self.pinned -= 1;
+                // evictable again: back in the queue (it may be parked)
+                self.fifo.push_back((e.seq, *h));
+            }
             e.pins = e.pins.saturating_sub(1);
         }
     }

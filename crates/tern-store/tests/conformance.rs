@@ -98,6 +98,43 @@ fn pinned_pages_stay_and_a_store_full_of_them_says_so() {
 }
 
 #[test]
+fn a_store_full_of_pins_refuses_at_once_and_eviction_does_not_rescan() {
+    // A migration pins every page it sent; once they fill the store, each further insert
+    // must fail without turning the whole queue over (it used to, and a source agent spent
+    // minutes per page with the store locked).
+    const N: u32 = 2000;
+    let mut s = MemStore::new(PS, N as usize);
+    for i in 0..N {
+        s.insert(h(i), &page(i)).unwrap();
+        assert!(s.pin(&h(i)));
+    }
+    assert_eq!(s.pinned(), N as usize);
+    for i in N..2 * N {
+        assert!(matches!(s.insert(h(i), &page(i)), Err(StoreError::Full(_))));
+    }
+    assert_eq!(s.eviction_scans(), 0, "all pinned: answered without a scan");
+    // one page unpinned in the middle: each pinned page is looked at once at most, then
+    // parked; after that an insert costs a step or two, not a turn of the whole queue
+    s.unpin(&h(N / 2));
+    assert_eq!(s.pinned(), N as usize - 1);
+    s.insert(h(2 * N), &page(2 * N)).unwrap();
+    assert!(!s.contains(&h(N / 2)));
+    for i in 2 * N + 1..2 * N + 100 {
+        s.insert(h(i), &page(i)).unwrap();
+    }
+    let warm = s.eviction_scans();
+    assert!(warm <= 2 * N as u64 + 300, "{warm} scans for 100 inserts");
+    for i in 2 * N + 100..2 * N + 200 {
+        s.insert(h(i), &page(i)).unwrap();
+        assert!(s.contains(&h(i)));
+    }
+    let per_insert = (s.eviction_scans() - warm) as f64 / 100.0;
+    assert!(per_insert <= 3.0, "{per_insert} scans per insert");
+    // the pinned pages are all still there
+    assert!((0..N).filter(|&i| i != N / 2).all(|i| s.contains(&h(i))));
+}
+
+#[test]
 fn the_tiered_store_spills_to_its_file_and_brings_pages_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = TieredStore::new(PS, 2, Some((&dir.path().join("t"), 4))).unwrap();

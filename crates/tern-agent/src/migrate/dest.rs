@@ -461,6 +461,18 @@ async fn receive(
                     continue;
                 }
                 _ = tokio::time::sleep_until(last_input + stall) => {
+                    tracing::warn!(
+                        migration = %id,
+                        wire_in = reader.bytes_read,
+                        applied = rb.applied,
+                        reported = rb.reported,
+                        queued = rb.out.len(),
+                        pending = rb.pending.len(),
+                        missing = rb.missing.len(),
+                        ready = ready.len(),
+                        reorder = reorder.len(),
+                        "no data from the source"
+                    );
                     return Err(IncomingError::Timeout(stall, "data from the source"));
                 }
                 r = rp_task.join(), if rp_result.is_none() => {

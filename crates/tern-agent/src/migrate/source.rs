@@ -1264,7 +1264,19 @@ async fn forward(
                         }
                         flush_out(&mut out, &mut comp, &writer, &mut links, &handle).await?;
                         let t = Instant::now();
-                        f.notify.notified().await;
+                        if tokio::time::timeout(Duration::from_secs(5), f.notify.notified())
+                            .await
+                            .is_err()
+                        {
+                            tracing::warn!(
+                                migration = %handle.id,
+                                units,
+                                applied,
+                                window = w.size(applied),
+                                wire_out = handle.counters.wire_out.load(Ordering::Relaxed),
+                                "flow control: no progress from the destination for 5 s"
+                            );
+                        }
                         // waiting for the path is waiting for the link, to the picker
                         comp.picker.flushed(0, t.elapsed());
                     }
