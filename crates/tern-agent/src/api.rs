@@ -154,6 +154,8 @@ async fn agent_info(State(a): S) -> Json<Value> {
         "state_dir": a.config.state_dir,
         "version": env!("CARGO_PKG_VERSION"),
         "protocol": tern_proto::PROTOCOL_VERSION,
+        "peer_security": if a.security.is_tls() { "mutual-tls" } else { "plaintext (test only)" },
+        "labels": a.security.own_labels(),
     }))
 }
 

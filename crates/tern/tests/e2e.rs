@@ -1181,6 +1181,9 @@ fn an_unauthorised_destination_is_refused_and_an_authorised_one_accepted() -> Re
     assert_source_running(&a, "db-1")?;
     assert!(plain.vms()?.is_empty());
 
+    let info = trusted.call("GET", "/v1/agent", None)?;
+    assert_eq!(info["labels"], json!(["trusted"]), "{info}");
+    assert_eq!(info["peer_security"], "mutual-tls");
     let r = migrate_ok(&a, &trusted, "db-1")?;
     assert!(r.digest_ok);
     assert_eq!(trusted.vm_status("db-1")?, "running");
