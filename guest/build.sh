@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds tern's test guest reproducibly from Debian packages: the Debian cloud kernel
 # (unpacked from its .deb) and a busybox initramfs with tern's workloads (guest/init,
-# guest/src/*.c). Cached in .cache/guest/<hash of inputs>/; rebuilt when an input changes.
+# guest/src/*.c). The kernel has ext4 built in; virtio_blk (a module) goes into the
+# initramfs with the other virtio modules. Cached in .cache/guest/<hash of inputs>/;
+# rebuilt when an input changes.
 # Last two lines of output: kernel=PATH and initrd=PATH.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -51,6 +53,7 @@ else
   gcc -O2 -static -o "$r/bin/tern-pattern" "$here/src/pattern.c"
   gcc -O2 -static -o "$r/bin/tern-realistic" "$here/src/realistic.c"
   gcc -O2 -static -o "$r/bin/tern-tpmpcr" "$here/src/tpmpcr.c"
+  gcc -O2 -static -o "$r/bin/tern-disk" "$here/src/disk.c"
   cp "$here/init" "$r/init"; chmod 755 "$r/init"
   for m in drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev \
            drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci net/core/failover \

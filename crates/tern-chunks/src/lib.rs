@@ -22,6 +22,8 @@
 //! - [`scan_image`] (`scan`): an image read whole into a [`Manifest`] (the source's
 //!   side, and the index's reader).
 //! - [`plan()`] (`plan`) and [`Rebuild`] (`rebuild`): the destination's side.
+//! - [`NbdTarget`] (`nbd_target`): a [`BlockTarget`] writing through NBD, e.g. into the
+//!   incoming destination QEMU's writable export of its disk.
 //!
 //! Hashes are [`tern_store::ContentHasher`]'s: keyed with the cluster key, so references
 //! are comparable cluster-wide and a guest cannot craft collisions; reading a chunk back
@@ -33,6 +35,7 @@
 mod image;
 mod index;
 mod manifest;
+mod nbd_target;
 mod persist;
 mod plan;
 mod rebuild;
@@ -44,6 +47,7 @@ pub use index::{
     OpenIndexError, ReadChunkError, RefreshReport, RemoveImageError,
 };
 pub use manifest::{Block, DecodeManifestError, Manifest, ManifestError, BLOCK_BYTES, BLOCK_SIZE};
+pub use nbd_target::{NbdTarget, OpenNbdTargetError};
 pub use persist::IndexFileProblem;
 pub use plan::{plan, Plan};
 pub use rebuild::{

@@ -2,7 +2,9 @@
 //! directory (QMP socket, serial console log, QEMU's own log), spawning, connecting QMP,
 //! and stopping. Owns the QEMU process lifetime; must not decide when to stop it. A VM
 //! with `tpm = true` needs its swtpm listening before launch ([`crate::swtpm`]); the
-//! launcher only connects QEMU to it.
+//! launcher only connects QEMU to it. Disks become `-blockdev` nodes and virtio-blk
+//! devices named as [`crate::disk`] documents, on the source and on an incoming
+//! destination alike (the destination's image must exist before launch).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,9 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
+use serde_json::json;
+
+use crate::disk;
 use crate::qmp::{QmpClient, QmpError};
 use crate::spec::{Accel, SpecError, VmSpec};
 
@@ -163,6 +168,24 @@ impl QemuProcess {
         if !spec.append.is_empty() {
             a.push("-append".into());
             a.push(spec.append.clone().into());
+        }
+        for (i, d) in spec.disks.iter().enumerate() {
+            let node = disk::node_name(i);
+            let file = disk::file_node_name(i);
+            // JSON syntax: any path is one value, commas included.
+            let protocol = json!({ "driver": "file", "node-name": file,
+                                   "filename": d.path.to_string_lossy() });
+            let format = json!({ "driver": d.format.as_str(), "node-name": node, "file": file });
+            for s in [
+                "-blockdev".to_string(),
+                protocol.to_string(),
+                "-blockdev".to_string(),
+                format.to_string(),
+                "-device".to_string(),
+                format!("virtio-blk-pci,drive={node},id={}", disk::device_id(i)),
+            ] {
+                a.push(s.into());
+            }
         }
         if spec.tpm {
             let ctrl = qemu_opt_value(&opts.tpm_ctrl_socket());
@@ -323,6 +346,7 @@ impl QemuProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::{DiskFormat, DiskSpec};
 
     fn spec(accel: Accel) -> VmSpec {
         VmSpec {
@@ -336,6 +360,7 @@ mod tests {
             machine: "pc".into(),
             migration_capabilities: vec![],
             tpm: false,
+            disks: vec![],
         }
     }
 
@@ -405,6 +430,58 @@ mod tests {
             after(&a, "-chardev"),
             Some("socket,id=chrtpm,path=/other/a,,b.sock")
         );
+    }
+
+    #[test]
+    fn disk_command_line() {
+        let mut s = spec(Accel::Tcg);
+        s.disks = vec![
+            DiskSpec {
+                path: "/d/web,1.qcow2".into(),
+                format: DiskFormat::Qcow2,
+            },
+            DiskSpec {
+                path: "/d/data \"x\".img".into(),
+                format: DiskFormat::Raw,
+            },
+        ];
+        let a = args(QemuProcess::command_line(
+            &s,
+            &LaunchOptions::new("/run/x".into()),
+        ));
+        let blockdevs: Vec<serde_json::Value> = a
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| *x == "-blockdev")
+            .map(|(i, _)| serde_json::from_str(&a[i + 1]).unwrap())
+            .collect();
+        assert_eq!(
+            blockdevs,
+            vec![
+                json!({"driver": "file", "node-name": "disk0-file", "filename": "/d/web,1.qcow2"}),
+                json!({"driver": "qcow2", "node-name": "disk0", "file": "disk0-file"}),
+                json!({"driver": "file", "node-name": "disk1-file", "filename": "/d/data \"x\".img"}),
+                json!({"driver": "raw", "node-name": "disk1", "file": "disk1-file"}),
+            ]
+        );
+        let devices: Vec<&String> = a
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| *x == "-device")
+            .map(|(i, _)| &a[i + 1])
+            .collect();
+        assert_eq!(
+            devices,
+            vec![
+                "virtio-blk-pci,drive=disk0,id=virtio-disk0",
+                "virtio-blk-pci,drive=disk1,id=virtio-disk1"
+            ]
+        );
+        let none = args(QemuProcess::command_line(
+            &spec(Accel::Tcg),
+            &LaunchOptions::new("/run/x".into()),
+        ));
+        assert!(!none.contains(&"-blockdev".to_string()));
     }
 
     #[tokio::test]

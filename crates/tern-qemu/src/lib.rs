@@ -3,10 +3,13 @@
 //! Owns everything that speaks QEMU's languages: the migration-stream codec
 //! ([`stream`], sans-IO: bytes in, items out, items in, bytes out), the return-path
 //! messages ([`rp`]), the QMP client ([`qmp`]), the VM spec ([`spec`]), turning a spec
-//! into a QEMU process ([`launch`]) and the VM's software TPM beside it ([`swtpm`]). It
-//! must not know about tern's wire protocol or about other hosts.
+//! into a QEMU process ([`launch`]), the VM's software TPM beside it ([`swtpm`]) and the
+//! QMP side of live disk migration ([`disk`]: node names, dirty-bitmap rounds, NBD
+//! exports, pause-before-switchover). It must not know about tern's wire protocol or about
+//! other hosts.
 #![forbid(unsafe_code)]
 
+pub mod disk;
 pub mod launch;
 pub mod qmp;
 pub mod rp;

@@ -35,7 +35,14 @@ impl Accel {
 /// initrd = "/var/lib/tern/guest/initrd.gz"
 /// append = "console=ttyS0 tern.workload=dirty tern.mib=64"
 /// tpm = true    # optional: a TPM 2.0 (swtpm, see crate::swtpm)
+///
+/// [[disk]]       # optional, any number up to 16: virtio-blk disks /dev/vda, /dev/vdb, ...
+/// path = "/var/lib/tern/disks/web1.qcow2"
+/// format = "qcow2"   # or "raw"; a qcow2 may have a backing file (QEMU opens it itself)
 /// ```
+///
+/// QEMU addresses disk N (from 0, in this order) by the node names in [`crate::disk`]:
+/// format node `diskN`, protocol node `diskN-file`, device `virtio-diskN`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
@@ -64,7 +71,46 @@ pub struct VmSpec {
     /// not know this key.
     #[serde(default, skip_serializing_if = "is_false")]
     pub tpm: bool,
+    /// Disks, in guest order (`/dev/vda` first). None unless set, and left out of the TOML
+    /// when empty, so a spec without disks still reads on an agent that does not know
+    /// this key.
+    #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskSpec>,
 }
+
+/// Most disks a VM may have.
+pub const MAX_DISKS: usize = 16;
+
+/// How QEMU reads a disk image. Always stated, never probed: a raw image whose guest
+/// wrote a qcow2 header must stay raw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// The QEMU block driver name (`-blockdev driver=...`, `qemu-img -f ...`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// One `[[disk]]` of a [`VmSpec`]: an image file on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Absolute path of the image (for a qcow2, the top of its backing chain).
+    pub path: PathBuf,
+    pub format: DiskFormat,
+}
+
+/// The first bytes of every qcow2 image.
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
 fn is_false(b: &bool) -> bool {
     !*b
@@ -91,6 +137,25 @@ pub enum SpecError {
     BadVcpus(u32),
     #[error("{what} {path} does not exist on this host")]
     MissingFile { what: &'static str, path: PathBuf },
+    #[error("at most {MAX_DISKS} disks, got {0}")]
+    TooManyDisks(usize),
+    #[error("disk {index}: path {path:?} must be absolute and UTF-8")]
+    BadDiskPath { index: usize, path: PathBuf },
+    #[error("disk {index} and disk {other} are the same file {path}")]
+    DuplicateDisk {
+        index: usize,
+        other: usize,
+        path: PathBuf,
+    },
+    #[error("disk {index}: cannot read {path}")]
+    UnreadableDisk {
+        index: usize,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {index}: {path} is not a qcow2 image (no qcow2 header) but the spec says format = \"qcow2\"")]
+    NotQcow2 { index: usize, path: PathBuf },
 }
 
 impl VmSpec {
@@ -122,6 +187,24 @@ impl VmSpec {
         if !(1..=256).contains(&self.vcpus) {
             return Err(SpecError::BadVcpus(self.vcpus));
         }
+        if self.disks.len() > MAX_DISKS {
+            return Err(SpecError::TooManyDisks(self.disks.len()));
+        }
+        for (index, d) in self.disks.iter().enumerate() {
+            if !d.path.is_absolute() || d.path.to_str().is_none() {
+                return Err(SpecError::BadDiskPath {
+                    index,
+                    path: d.path.clone(),
+                });
+            }
+            if let Some(other) = self.disks[..index].iter().position(|o| o.path == d.path) {
+                return Err(SpecError::DuplicateDisk {
+                    index,
+                    other,
+                    path: d.path.clone(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -141,13 +224,58 @@ impl VmSpec {
                 });
             }
         }
+        for (index, d) in self.disks.iter().enumerate() {
+            check_disk_file(index, d)?;
+        }
         Ok(())
     }
+}
+
+/// The image exists and, if the spec says qcow2, starts with a qcow2 header. A raw image is
+/// not checked for a qcow2 header: its content belongs to the guest.
+fn check_disk_file(index: usize, d: &DiskSpec) -> Result<(), SpecError> {
+    use std::io::Read;
+    let unreadable = |source: std::io::Error| SpecError::UnreadableDisk {
+        index,
+        path: d.path.clone(),
+        source,
+    };
+    let mut f = match std::fs::File::open(&d.path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(SpecError::MissingFile {
+                what: "disk image",
+                path: d.path.clone(),
+            })
+        }
+        Err(e) => return Err(unreadable(e)),
+    };
+    if d.format == DiskFormat::Qcow2 {
+        let mut magic = [0u8; 4];
+        match f.read_exact(&mut magic) {
+            Ok(()) if magic == QCOW2_MAGIC => {}
+            Ok(()) => {
+                return Err(SpecError::NotQcow2 {
+                    index,
+                    path: d.path.clone(),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(SpecError::NotQcow2 {
+                    index,
+                    path: d.path.clone(),
+                })
+            }
+            Err(e) => return Err(unreadable(e)),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn spec_roundtrips_through_toml() {
@@ -174,6 +302,105 @@ mod tests {
             VmSpec::from_toml(&format!("{base}tpm = \"2.0\"\n")),
             Err(SpecError::Toml(_))
         ));
+    }
+
+    #[test]
+    fn disks_are_optional_and_only_written_when_present() {
+        let base = "name='a1'\nmemory_mib=128\nkernel='/k'\n";
+        let s = VmSpec::from_toml(base).unwrap();
+        assert!(s.disks.is_empty());
+        assert!(!s.to_toml().contains("disk"), "{}", s.to_toml());
+        let t = VmSpec::from_toml(&format!(
+            "{base}[[disk]]\npath = '/d/a.qcow2'\nformat = 'qcow2'\n[[disk]]\npath = '/d/b.img'\nformat = 'raw'\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            t.disks,
+            vec![
+                DiskSpec {
+                    path: "/d/a.qcow2".into(),
+                    format: DiskFormat::Qcow2
+                },
+                DiskSpec {
+                    path: "/d/b.img".into(),
+                    format: DiskFormat::Raw
+                },
+            ]
+        );
+        assert_eq!(VmSpec::from_toml(&t.to_toml()).unwrap(), t);
+        for bad in [
+            "[[disk]]\npath = '/d/a'\nformat = 'vmdk'\n",
+            "[[disk]]\npath = '/d/a'\n",
+            "[[disk]]\npath = '/d/a'\nformat = 'raw'\ncache = 'none'\n",
+        ] {
+            assert!(
+                matches!(
+                    VmSpec::from_toml(&format!("{base}{bad}")),
+                    Err(SpecError::Toml(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            VmSpec::from_toml(&format!("{base}[[disk]]\npath = 'd/a'\nformat = 'raw'\n")),
+            Err(SpecError::BadDiskPath { index: 0, .. })
+        ));
+        assert!(matches!(
+            VmSpec::from_toml(&format!(
+                "{base}[[disk]]\npath = '/a'\nformat = 'raw'\n[[disk]]\npath = '/a'\nformat = 'qcow2'\n"
+            )),
+            Err(SpecError::DuplicateDisk { index: 1, other: 0, .. })
+        ));
+        let many = "[[disk]]\nformat = 'raw'\npath = '/d/".to_string();
+        let text: String = (0..=MAX_DISKS).map(|i| format!("{many}{i}'\n")).collect();
+        assert!(matches!(
+            VmSpec::from_toml(&format!("{base}{text}")),
+            Err(SpecError::TooManyDisks(17))
+        ));
+    }
+
+    #[test]
+    fn check_files_wants_disks_present_and_qcow2_headers_where_stated() {
+        let d = tempfile::tempdir().unwrap();
+        let k = d.path().join("k");
+        std::fs::write(&k, b"kernel").unwrap();
+        let raw = d.path().join("a.img");
+        std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+        let fake = d.path().join("fake.qcow2");
+        std::fs::write(&fake, b"QF").unwrap();
+        let real = d.path().join("b.qcow2");
+        let mut hdr = b"QFI\xfb".to_vec();
+        hdr.resize(512, 0);
+        std::fs::write(&real, hdr).unwrap();
+        let mut s = VmSpec::from_toml("name='a1'\nmemory_mib=128\nkernel='/k'\n").unwrap();
+        s.kernel = k;
+        let disk = |p: &Path, format| DiskSpec {
+            path: p.to_path_buf(),
+            format,
+        };
+        s.disks = vec![disk(&raw, DiskFormat::Raw), disk(&real, DiskFormat::Qcow2)];
+        s.check_files().unwrap();
+        // a raw image may hold anything, even a qcow2 header
+        s.disks = vec![disk(&real, DiskFormat::Raw)];
+        s.check_files().unwrap();
+        s.disks = vec![
+            disk(&raw, DiskFormat::Raw),
+            disk(&raw.with_extension("gone"), DiskFormat::Raw),
+        ];
+        assert!(matches!(
+            s.check_files(),
+            Err(SpecError::MissingFile {
+                what: "disk image",
+                ..
+            })
+        ));
+        for p in [&raw, &fake] {
+            s.disks = vec![disk(p, DiskFormat::Qcow2)];
+            assert!(
+                matches!(s.check_files(), Err(SpecError::NotQcow2 { index: 0, .. })),
+                "{p:?}"
+            );
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ fn spec(kernel: PathBuf, initrd: Option<PathBuf>) -> VmSpec {
         machine: "pc".into(),
         migration_capabilities: vec![],
         tpm: false,
+        disks: vec![],
     }
 }
 

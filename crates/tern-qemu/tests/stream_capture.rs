@@ -67,6 +67,7 @@ async fn capture(binary: Option<PathBuf>, paused: bool, dir: &Path) -> Result<Ve
         machine: "pc".into(),
         migration_capabilities: vec![],
         tpm: false,
+        disks: vec![],
     };
     let mut opts = LaunchOptions::new(dir.join("run"));
     if let Some(b) = binary {

@@ -259,6 +259,7 @@ async fn tpm_pcrs_survive_two_migrations_and_state_is_encrypted() -> Result<()> 
         machine: "pc".into(),
         migration_capabilities: vec![],
         tpm: true,
+        disks: vec![],
     };
     let mkey = dir.join("migration.key");
     swtpm::ensure_key_file(&mkey)?;

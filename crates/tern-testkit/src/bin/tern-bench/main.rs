@@ -61,6 +61,7 @@ fn spec(name: &str, g: &GuestImage, append: &str) -> VmSpec {
         machine: "pc".into(),
         migration_capabilities: vec![],
         tpm: false,
+        disks: vec![],
     }
 }
 
