@@ -40,7 +40,7 @@ pub enum TlsSetupError {
 /// Why a peer connection could not be made secure.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
-    #[error("connecting to {addr}")]
+    #[error("cannot reach {addr}")]
     Connect {
         addr: String,
         #[source]

@@ -1197,7 +1197,9 @@ fn a_record_altered_on_the_wire_aborts_and_the_source_keeps_running() -> Result<
     let (a, b) = two_agents(&[])?;
     boot(&a, &spec("t1", &g, 128, "tern.workload=idle", ""), "t1")?;
     let relay = tern_testkit::wire::TamperRelay::start(b.peer_addr, 1 << 20)?;
-    let id = a.start_migration("t1", &relay.addr.to_string(), json!({}))?;
+    // one connection (a slow machine can measure a round trip that asks for parallel
+    // streams): the altered record then reaches the stream the destination checks first
+    let id = a.start_migration("t1", &relay.addr.to_string(), json!({ "streams": 0 }))?;
     let st = a.wait_migration(&id, Duration::from_secs(120))?;
     assert!(relay.flipped(), "the relay altered a byte");
     let e = st.error.context("an altered stream must not migrate")?;
@@ -1373,5 +1375,38 @@ fn a_vtpm_moves_only_to_trusted_hosts_with_its_pcrs_and_leaves_nothing_behind() 
     assert!(e.message.contains("host-c"), "{}", e.message);
     assert_source_running(&b, "tpm1")?;
     assert_dest_clean(&c, &dest_pids(&c))?;
+    Ok(())
+}
+
+#[test]
+fn a_vm_with_a_local_disk_is_refused_until_disks_can_move() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    let disk = d.path().join("d0.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("16M")
+        .status()?;
+    assert!(st.success());
+    let (a, b) = two_agents(&[])?;
+    let extra = format!(
+        "[[disk]]\npath = {:?}\nformat = \"qcow2\"\n",
+        disk.display().to_string()
+    );
+    boot(&a, &spec("dk", &g, 128, "tern.workload=idle", &extra), "dk")?;
+    let id = a.start_migration("dk", &b.peer_addr.to_string(), json!({}))?;
+    let e = expect_failure(&a, &id, "spec-rejected")?;
+    assert!(
+        e.message.contains("does not move disks yet"),
+        "{}",
+        e.message
+    );
+    assert_source_running(&a, "dk")?;
+    assert!(
+        b.migrations()?.is_empty(),
+        "refused before contacting the destination"
+    );
     Ok(())
 }

@@ -301,6 +301,14 @@ impl SourceCtx {
         // --- checks before anything moves
         let caps = qmp.query_migrate_capabilities().await?;
         check_capabilities(&caps)?;
+        if !self.vm.spec.disks.is_empty() {
+            // the QEMU side exists (tern_qemu::disk); the agent does not drive it yet
+            return Err(MigrateError::BadRequest(format!(
+                "VM {} has {} local disk(s): tern does not move disks yet; stop the VM and copy its disks, or keep it on this host",
+                self.vm.spec.name,
+                self.vm.spec.disks.len()
+            )));
+        }
         self.source_running = qmp.query_status().await?.running;
 
         // --- connect
