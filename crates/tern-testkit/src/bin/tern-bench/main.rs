@@ -196,7 +196,8 @@ fn main() -> Result<()> {
         Some("loopback") => {}
         Some("tls") => {
             let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);
-            let out = tls::bench(&bin, &ensure_guest()?, rounds)?;
+            let only = arg("--only");
+            let out = tls::bench(&bin, &ensure_guest()?, rounds, only.as_deref())?;
             print!("{out}");
             if let Some(p) = arg("--out") {
                 std::fs::write(&p, &out).with_context(|| format!("writing {p}"))?;
@@ -217,7 +218,7 @@ fn main() -> Result<()> {
             return Ok(());
         }
         _ => bail!(
-            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]"
+            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]"
         ),
     }
     let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);

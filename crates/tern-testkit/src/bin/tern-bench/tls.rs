@@ -78,7 +78,7 @@ async fn stream(sec: &PeerSecurity, bytes: u64) -> Result<(f64, f64)> {
     ))
 }
 
-pub fn bench(bin: &Path, g: &GuestImage, rounds: usize) -> Result<String> {
+pub fn bench(bin: &Path, g: &GuestImage, rounds: usize, only: Option<&str>) -> Result<String> {
     let mut out = String::new();
     out.push_str(&format!(
         "TLS vs the test-only plaintext mode, loopback, same run, median of {rounds}.\n\n"
@@ -125,6 +125,9 @@ pub fn bench(bin: &Path, g: &GuestImage, rounds: usize) -> Result<String> {
         tc / pc.max(1e-9)
     );
     for (label, append) in workloads {
+        if only.is_some_and(|o| !label.contains(o)) {
+            continue;
+        }
         let (mut plain, mut tls) = (Vec::<Sample>::new(), Vec::<Sample>::new());
         for i in 0..rounds {
             eprintln!("[{label}] round {}: plaintext", i + 1);
