@@ -106,13 +106,14 @@ pub struct QemuProcess {
     exited: Option<ExitStatus>,
 }
 
-fn tail_of_file(path: &Path, max: usize) -> String {
+/// The last `max` bytes of a process's log, trimmed, or "(`who` printed nothing)".
+pub(crate) fn log_tail(path: &Path, max: usize, who: &str) -> String {
     let b = std::fs::read(path).unwrap_or_default();
     let s = String::from_utf8_lossy(&b[b.len().saturating_sub(max)..])
         .trim()
         .to_string();
     if s.is_empty() {
-        "(QEMU printed nothing)".into()
+        format!("({who} printed nothing)")
     } else {
         s
     }
@@ -266,14 +267,14 @@ impl QemuProcess {
                     // QEMU may have created its socket and then died (bad kernel, ...):
                     // its own message is what the operator needs.
                     if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(3), child.wait()).await {
-                        return Err(LaunchError::Exited { status, stderr_tail: tail_of_file(&log_path, 2000) });
+                        return Err(LaunchError::Exited { status, stderr_tail: log_tail(&log_path, 2000, "QEMU") });
                     }
                     return Err(LaunchError::Qmp(e));
                 }
             },
             st = child.wait() => {
                 let status = st.map_err(|e| LaunchError::Spawn { binary: opts.qemu_binary.clone(), source: e })?;
-                return Err(LaunchError::Exited { status, stderr_tail: tail_of_file(&log_path, 2000) });
+                return Err(LaunchError::Exited { status, stderr_tail: log_tail(&log_path, 2000, "QEMU") });
             }
         };
         let mut p = QemuProcess {

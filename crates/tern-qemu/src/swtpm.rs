@@ -285,18 +285,6 @@ fn key_arg(path: &Path) -> OsString {
     s
 }
 
-fn tail_of_file(path: &Path, max: usize) -> String {
-    let b = std::fs::read(path).unwrap_or_default();
-    let s = String::from_utf8_lossy(&b[b.len().saturating_sub(max)..])
-        .trim()
-        .to_string();
-    if s.is_empty() {
-        "(swtpm printed nothing)".into()
-    } else {
-        s
-    }
-}
-
 impl Swtpm {
     /// The swtpm command line for `config` (without the binary).
     pub fn command_line(config: &SwtpmConfig) -> Vec<OsString> {
@@ -390,7 +378,7 @@ impl Swtpm {
             if let Some(status) = child.try_wait().ok().flatten() {
                 return Err(SwtpmStartError::Exited {
                     status,
-                    log_tail: tail_of_file(&config.log_file, 2000),
+                    log_tail: crate::launch::log_tail(&config.log_file, 2000, "swtpm"),
                 });
             }
             // A connection proves swtpm listens (the file alone appears at bind(), before
@@ -411,7 +399,7 @@ impl Swtpm {
                 return Err(SwtpmStartError::Timeout {
                     path: config.ctrl_socket.clone(),
                     waited: config.start_timeout,
-                    log_tail: tail_of_file(&config.log_file, 2000),
+                    log_tail: crate::launch::log_tail(&config.log_file, 2000, "swtpm"),
                 });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -444,7 +432,7 @@ impl Swtpm {
 
     /// What swtpm printed (the end of its log), for error reports.
     pub fn log_tail(&self) -> String {
-        tail_of_file(&self.config.log_file, 2000)
+        crate::launch::log_tail(&self.config.log_file, 2000, "swtpm")
     }
 
     /// Waits up to `grace` for swtpm to exit by itself (it does when its QEMU has gone),
