@@ -370,7 +370,20 @@ async fn swtpm_start_failures_carry_swtpm_own_words() -> Result<()> {
     cfg.start_timeout = Duration::from_secs(10);
     let mut t = Swtpm::start(&cfg).await?;
     tokio::net::UnixStream::connect(t.ctrl_socket()).await?;
-    ensure!(std::fs::read_to_string(&cfg.pid_file)?.trim() == t.pid().unwrap_or(0).to_string());
+    // swtpm writes its pid file on its own schedule (it may come after the socket answers)
+    let want = t.pid().unwrap_or(0).to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = std::fs::read_to_string(&cfg.pid_file).unwrap_or_default();
+        if got.trim() == want {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "pid file holds {got:?}, swtpm is {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     t.stop(Duration::ZERO).await?;
     ensure!(t.try_exited().is_some());
     Ok(())
