@@ -385,19 +385,42 @@ fn qcow2_held_open_by_another_qemu_can_be_indexed() -> Result<()> {
         }
     }
     let _kill = Kill(&mut holder);
-    // Wait until the lock is taken: a plain `qemu-img info` then fails.
+    // Wait until qemu-io has the image open (it takes the lock as it opens, and exits if
+    // it cannot). Probing with `qemu-img info` would race with it: the probe's own shared
+    // lock can make qemu-io's open fail.
+    let pid = _kill.0.id();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while run(std::process::Command::new("qemu-img").arg("info").arg(&img)).is_ok() {
+    loop {
+        let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == img))
+            })
+            .unwrap_or(false);
+        if open {
+            break;
+        }
+        assert!(
+            _kill.0.try_wait()?.is_none(),
+            "qemu-io exited before holding the image"
+        );
         assert!(
             std::time::Instant::now() < deadline,
-            "qemu-io never locked the image"
+            "qemu-io never opened the image"
         );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let mut index = ChunkIndex::open(dir.path().join("state"), hasher())?;
     assert_eq!(index.add_image(&img, ImageFormat::Qcow2)?.data_blocks, 4);
     let loc = index.lookup(&hasher().hash(&block(80, 2))).unwrap();
     index.read_chunk(&loc, &mut [0u8; BLOCK_BYTES])?;
+    // qemu-io exits when it cannot lock: still running means it held the write lock
+    // all along
+    assert!(_kill.0.try_wait()?.is_none(), "the holder kept the image");
+    assert!(
+        run(std::process::Command::new("qemu-img").arg("info").arg(&img)).is_err(),
+        "the image is locked while indexed"
+    );
     Ok(())
 }
 
