@@ -11,8 +11,10 @@
 //! on a backing file against a flat qcow2), the guest goes on writing and reading on the
 //! destination without a mismatch, and the filesystem checks clean afterwards.
 
+mod common;
+use common::guest;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -43,26 +45,6 @@ const RAM_BYTES_PER_SEC: u64 = 32 << 20;
 const RAM_PHASE_ROUND_INTERVAL: Duration = Duration::from_millis(100);
 
 type Nbd = NbdClient<UnixStream>;
-
-fn guest() -> Result<(PathBuf, PathBuf)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new("bash")
-        .arg(root.join("guest/build.sh"))
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .map(PathBuf::from)
-    };
-    match (get("kernel="), get("initrd=")) {
-        (Some(k), Some(i)) => Ok((k, i)),
-        _ => bail!(
-            "guest/build.sh failed: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
-}
 
 fn have(tool: &str) -> bool {
     Command::new("sh")

@@ -1,6 +1,8 @@
 //! The launcher and QMP client against a real QEMU 10 (TCG).
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::guest;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -21,23 +23,6 @@ fn spec(kernel: PathBuf, initrd: Option<PathBuf>) -> VmSpec {
         migration_capabilities: vec![],
         tpm: false,
         disks: vec![],
-    }
-}
-
-fn guest() -> Result<(PathBuf, PathBuf)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = std::process::Command::new("bash")
-        .arg(root.join("guest/build.sh"))
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .map(PathBuf::from)
-    };
-    match (get("kernel="), get("initrd=")) {
-        (Some(k), Some(i)) => Ok((k, i)),
-        _ => bail!("guest/build.sh failed: {text}"),
     }
 }
 

@@ -6,7 +6,9 @@
 //! sha256 PCR each second with a sequence number (`tern.tpm_print`); a destination's
 //! console log starts empty, so its first `TERN-PCR` line was read after the switchover.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::guest;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -18,23 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// libtpms' PERSISTENT_ALL magic, at the start of its permanent-state blob: present in a
 /// plaintext state file or stream, absent once swtpm encrypted the blob.
 const LIBTPMS_PERMALL_MAGIC: [u8; 4] = [0xab, 0x36, 0x47, 0x23];
-
-fn guest() -> Result<(PathBuf, PathBuf)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = std::process::Command::new("bash")
-        .arg(root.join("guest/build.sh"))
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .map(PathBuf::from)
-    };
-    match (get("kernel="), get("initrd=")) {
-        (Some(k), Some(i)) => Ok((k, i)),
-        _ => bail!("guest/build.sh failed: {text}"),
-    }
-}
 
 fn swtpm_installed() -> bool {
     std::process::Command::new(swtpm::default_binary())
