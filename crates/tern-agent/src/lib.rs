@@ -346,28 +346,34 @@ impl Agent {
         }
         let mut opts = LaunchOptions::new(self.new_run_dir(&spec.name));
         opts.kill_on_drop = false; // VMs outlive the agent
-        let name = spec.name.clone();
-        let mut tpm = match self.start_tpm(&spec, &opts.run_dir).await {
-            Ok(t) => t,
-            Err(e) => {
-                self.release_name(&name);
-                let _ = std::fs::remove_dir_all(&opts.run_dir);
-                return Err(e.into());
-            }
-        };
-        let launched = QemuProcess::launch(&spec, &opts).await;
-        match launched {
+        match self.launch(&spec, &opts).await {
             Ok(p) => {
                 let vm = Arc::new(Vm::supervise(spec, p));
                 self.adopt(vm.clone());
                 Ok(vm)
             }
             Err(e) => {
+                self.release_name(&spec.name);
+                let _ = std::fs::remove_dir_all(&opts.run_dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Launches QEMU for `spec`, with its swtpm first when the spec asks for a TPM; a
+    /// swtpm whose QEMU did not start is stopped again.
+    pub async fn launch(
+        &self,
+        spec: &VmSpec,
+        opts: &LaunchOptions,
+    ) -> Result<QemuProcess, StartVmError> {
+        let mut tpm = self.start_tpm(spec, &opts.run_dir).await?;
+        match QemuProcess::launch(spec, opts).await {
+            Ok(p) => Ok(p),
+            Err(e) => {
                 if let Some(t) = tpm.as_mut() {
                     let _ = t.stop(std::time::Duration::ZERO).await;
                 }
-                self.release_name(&name);
-                let _ = std::fs::remove_dir_all(&opts.run_dir);
                 Err(e.into())
             }
         }
@@ -376,7 +382,7 @@ impl Agent {
     /// Starts the VM's swtpm when its spec asks for a TPM: state in `RUN/tpm`, encrypted
     /// at rest with this host's `STATE_DIR/tpm.key`; QEMU connects to it at launch. An
     /// incoming VM gets an empty state, which QEMU fills from the migration stream.
-    pub async fn start_tpm(
+    async fn start_tpm(
         &self,
         spec: &VmSpec,
         run_dir: &std::path::Path,

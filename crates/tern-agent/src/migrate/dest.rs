@@ -314,19 +314,10 @@ async fn receive(
                 format!("cannot create {}: {e}", run_dir.display()),
             )
         })?;
-    let mut tpm = agent
-        .start_tpm(&spec, &run_dir)
+    let process = agent
+        .launch(&spec, &opts)
         .await
         .map_err(|e| refuse(ErrorCode::QemuLaunchFailed, error_chain(&e)))?;
-    let process = match QemuProcess::launch(&spec, &opts).await {
-        Ok(p) => p,
-        Err(e) => {
-            if let Some(t) = tpm.as_mut() {
-                let _ = t.stop(Duration::ZERO).await;
-            }
-            return Err(refuse(ErrorCode::QemuLaunchFailed, error_chain(&e)));
-        }
-    };
     let qmp = process.qmp.clone();
     let qemu_version = qmp.version().to_string();
     handle.update(|s| s.dest_qemu_pid = process.pid());
