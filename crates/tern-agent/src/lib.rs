@@ -153,6 +153,8 @@ pub enum AgentError {
     Api(ApiAddr, #[source] std::io::Error),
     #[error("cluster key {0}: {1} (it holds 64 hex digits; the same file on every agent of the cluster)")]
     ClusterKey(PathBuf, String),
+    #[error("cannot write key file {0}")]
+    KeyFile(PathBuf, #[source] pki::PkiError),
     #[error("cannot create the page store")]
     Store(#[from] tern_store::StoreError),
     #[error("no TLS credentials: make a cluster CA with `tern ca init --dir CA`, issue this host's certificate with `tern cert issue HOST --ca CA --out DIR`, then start the agent with --tls-dir DIR")]
@@ -164,33 +166,18 @@ pub enum AgentError {
 }
 
 /// Writes a 0600 binary key file, atomically, unless it already holds `key`.
-fn write_key_file(path: &std::path::Path, key: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+fn write_key_file(path: &std::path::Path, key: &[u8]) -> Result<(), pki::PkiError> {
     if std::fs::read(path).is_ok_and(|k| k == key) {
         return Ok(());
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(key)?;
-    f.sync_all()?;
-    std::fs::rename(tmp, path)
+    pki::write_file(path, key, 0o600)
 }
 
 /// Reads the cluster key, creating it (random) if the file does not exist yet.
 pub fn load_cluster_key(path: &std::path::Path) -> Result<[u8; 32], AgentError> {
     let err = |m: String| AgentError::ClusterKey(path.to_path_buf(), m);
     if !path.exists() {
-        let mut key = [0u8; 32];
-        use std::io::Read;
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut key))
-            .map_err(|e| err(format!("no randomness: {e}")))?;
+        let key = pki::random_key().map_err(|e| err(format!("no randomness: {e}")))?;
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         match std::fs::OpenOptions::new()
@@ -244,7 +231,7 @@ impl Agent {
             &tpm_migration_key,
             &blake3::derive_key("tern vTPM migration key v1", &cluster_key),
         )
-        .map_err(|e| AgentError::StateDir(tpm_migration_key.clone(), e))?;
+        .map_err(|e| AgentError::KeyFile(tpm_migration_key.clone(), e))?;
         const PAGE: usize = 4096;
         let pages = |mib: u64| (mib << 20) as usize / PAGE;
         let spill = config.state_dir.join("pages.store");

@@ -80,7 +80,8 @@ pub fn init_ca(dir: &Path, cluster: &str) -> Result<(), PkiError> {
     write_file(&dir.join(CA_CERT), cert.pem().as_bytes(), 0o644)?;
     let ck = dir.join(CLUSTER_KEY);
     if !ck.exists() {
-        write_secret(&ck, format!("{}\n", hex::encode(random_key()?)).as_bytes())?;
+        let key = random_key().map_err(|e| PkiError::Read("/dev/urandom".into(), e))?;
+        write_secret(&ck, format!("{}\n", hex::encode(key)).as_bytes())?;
     }
     Ok(())
 }
@@ -209,11 +210,11 @@ fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
 
-fn random_key() -> Result<[u8; 32], PkiError> {
+/// 32 random bytes from the kernel (a cluster key).
+pub(crate) fn random_key() -> std::io::Result<[u8; 32]> {
     let mut k = [0u8; 32];
     std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut k))
-        .map_err(|e| PkiError::Read("/dev/urandom".into(), e))?;
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut k))?;
     Ok(k)
 }
 
@@ -225,7 +226,8 @@ fn write_secret(p: &Path, data: &[u8]) -> Result<(), PkiError> {
     write_file(p, data, 0o600)
 }
 
-fn write_file(p: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
+/// Writes `data` to `p` atomically (temporary file, fsync, rename) with `mode`.
+pub(crate) fn write_file(p: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = p.with_extension("tmp");
