@@ -405,6 +405,88 @@ impl<T: BlockTarget> Rebuild<T> {
         Ok(())
     }
 
+    /// Takes a run of adjacent wanted blocks starting at `offset` (each 4096 bytes, the
+    /// disk's last one possibly short): checks every block like [`Rebuild::receive`],
+    /// then writes the run with one write (duplicates one by one). Nothing is written
+    /// unless every block of the run checks.
+    pub fn receive_run(&mut self, offset: u64, data: &[u8]) -> Result<(), ReceiveChunkError> {
+        let mut at = offset;
+        let mut rest = data;
+        let mut taken: Vec<(u64, Pending)> = Vec::new();
+        let mut fail = None;
+        while !rest.is_empty() {
+            let n = rest.len().min(BLOCK_BYTES);
+            let (block, tail) = rest.split_at(n);
+            let expected = self.block_len(at);
+            let Some(p) = self.pending.remove(&at) else {
+                fail = Some(ReceiveChunkError::NotWanted { offset: at });
+                break;
+            };
+            let mut padded = [0u8; BLOCK_BYTES];
+            if block.len() != expected && block.len() != BLOCK_BYTES {
+                fail = Some(ReceiveChunkError::Length {
+                    offset: at,
+                    len: block.len(),
+                    expected,
+                });
+                taken.push((at, p));
+                break;
+            }
+            padded[..block.len()].copy_from_slice(block);
+            if self.hasher.hash(&padded) != p.hash {
+                fail = Some(ReceiveChunkError::Mismatch { offset: at });
+                taken.push((at, p));
+                break;
+            }
+            taken.push((at, p));
+            at += BLOCK_SIZE;
+            rest = tail;
+        }
+        if let Some(e) = fail {
+            for (o, p) in taken {
+                self.pending.insert(o, p);
+            }
+            return Err(e);
+        }
+        let len = (at - offset).min(self.range_end.saturating_sub(offset)) as usize;
+        self.target
+            .write_at(offset, &data[..len.min(data.len())])
+            .map_err(|source| ReceiveChunkError::Target {
+                offset,
+                len,
+                source,
+            })?;
+        self.progress.bytes_written += len as u64;
+        for (o, p) in taken {
+            if !p.dups.is_empty() {
+                let i = (o - offset) as usize;
+                let mut block = [0u8; BLOCK_BYTES];
+                let end = (i + BLOCK_BYTES).min(data.len());
+                block[..end - i].copy_from_slice(&data[i..end]);
+                for dst in &p.dups {
+                    let l = self.block_len(*dst);
+                    self.target.write_at(*dst, &block[..l]).map_err(|source| {
+                        ReceiveChunkError::Target {
+                            offset: *dst,
+                            len: l,
+                            source,
+                        }
+                    })?;
+                    self.progress.bytes_written += l as u64;
+                }
+            }
+            self.progress.received_blocks += 1;
+            self.progress.dup_blocks += p.dups.len() as u64;
+            self.progress.pending_blocks -= 1;
+        }
+        Ok(())
+    }
+
+    /// True when every wanted block arrived (local blocks applied or not).
+    pub fn is_complete(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     pub fn progress(&self) -> RebuildProgress {
         self.progress
     }

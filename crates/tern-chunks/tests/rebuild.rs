@@ -278,3 +278,42 @@ fn index_speed_for_a_256_mib_raw_image_and_a_64_mib_qcow2() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn runs_of_wanted_blocks_are_checked_whole_and_written_at_once() -> Result<()> {
+    let s = setup()?;
+    let h = hasher();
+    let manifest = Manifest::decode(&scan_image(&s.source, ImageFormat::Qcow2, &h)?.encode())?;
+    let p = plan(&manifest, &s.index);
+    let source_content = guest_content(&s.source, "qcow2")?;
+    let mut rebuild = Rebuild::new(&manifest, p, h, RawFileTarget::open(&s.target)?);
+    rebuild.apply_local(&s.index)?;
+    // The 512 wanted blocks at 1 MiB are one run; one bad block refuses the whole run.
+    let run = &source_content[MIB as usize..(MIB + 512 * BLOCK) as usize];
+    let mut bad = run.to_vec();
+    bad[100 * BLOCK_BYTES + 7] ^= 1;
+    assert!(matches!(
+        rebuild.receive_run(MIB, &bad),
+        Err(ReceiveChunkError::Mismatch { offset }) if offset == MIB + 100 * BLOCK
+    ));
+    assert_eq!(
+        rebuild.pending().len(),
+        513,
+        "a refused run leaves every block pending"
+    );
+    // A run reaching past the wanted blocks is refused too.
+    let long = &source_content[MIB as usize..(MIB + 513 * BLOCK) as usize];
+    assert!(matches!(
+        rebuild.receive_run(MIB, long),
+        Err(ReceiveChunkError::NotWanted { .. })
+    ));
+    rebuild.receive_run(MIB, run)?;
+    assert_eq!(rebuild.pending(), vec![6 * MIB]);
+    assert!(!rebuild.is_complete());
+    rebuild.receive_run(6 * MIB, source_block(&source_content, 6 * MIB))?;
+    assert!(rebuild.is_complete());
+    let (_, progress) = rebuild.finish()?;
+    assert_eq!((progress.received_blocks, progress.dup_blocks), (513, 1));
+    qemu_img_compare(&s.source, "qcow2", &s.target, "raw")?;
+    Ok(())
+}

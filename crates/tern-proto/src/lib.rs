@@ -42,7 +42,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Oldest protocol version this build still accepts (N and N-1). With a v1 peer a source
 /// sends zero and raw pages only, uncompressed.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
@@ -75,6 +75,26 @@ pub mod tag {
     pub const ATTACH: u8 = 19;
     pub const SEQ: u8 = 20;
     pub const APPLIED: u8 = 21;
+    pub const DISK_OFFER: u8 = 22;
+    pub const DISK_MANIFEST: u8 = 23;
+    pub const DISK_WANT: u8 = 24;
+    pub const DISK_DATA: u8 = 25;
+    pub const DISK_ROUND_END: u8 = 26;
+    pub const DISK_ROUND_DONE: u8 = 27;
+}
+
+/// [`Message::DiskData`] with this piece number is a plain write (a later round's dirty
+/// blocks), not an answer to a [`Message::DiskWant`].
+pub const DISK_DIRECT: u32 = u32::MAX;
+
+/// One disk of a VM as the source offers it (v3, in [`Message::DiskOffer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// The guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Bytes that do not read as zero, as far as the source knows (allocation): what the
+    /// destination must have room for.
+    pub allocated: u64,
 }
 
 /// A page's content identity: the first 16 bytes of the cluster-keyed BLAKE3 of its bytes
@@ -395,6 +415,46 @@ pub enum Message {
     Applied {
         units: u64,
     },
+    /// Source -> destination (v3), just before Prepare when the VM has local disks: their
+    /// sizes, in the spec's order. The destination creates images of these sizes (and
+    /// refuses if it has no room) before it starts QEMU.
+    DiskOffer {
+        disks: Vec<DiskInfo>,
+    },
+    /// Source -> destination (v3): the content of one piece of disk `disk` as a
+    /// tern-chunks manifest (hashes of its 4 KiB blocks). Round 0 only.
+    DiskManifest {
+        disk: u16,
+        piece: u32,
+        manifest: Bytes,
+    },
+    /// Destination -> source (v3): the blocks of a piece it does not hold, as runs
+    /// (offset, blocks); empty when it holds all of them. Every manifest gets one answer.
+    DiskWant {
+        disk: u16,
+        piece: u32,
+        runs: Vec<(u64, u32)>,
+    },
+    /// Source -> destination (v3): disk bytes at `offset`. For a piece: blocks it wanted
+    /// (checked against the manifest); [`DISK_DIRECT`]: a later round's blocks, written as
+    /// they are.
+    DiskData {
+        disk: u16,
+        piece: u32,
+        offset: u64,
+        data: Bytes,
+    },
+    /// Source -> destination (v3): everything of round `round` of disk `disk` was sent.
+    DiskRoundEnd {
+        disk: u16,
+        round: u32,
+    },
+    /// Destination -> source (v3): round `round` of disk `disk` is written and flushed.
+    DiskRoundDone {
+        disk: u16,
+        round: u32,
+        written: u64,
+    },
 }
 
 impl Message {
@@ -421,6 +481,12 @@ impl Message {
             Message::Attach { .. } => tag::ATTACH,
             Message::Seq { .. } => tag::SEQ,
             Message::Applied { .. } => tag::APPLIED,
+            Message::DiskOffer { .. } => tag::DISK_OFFER,
+            Message::DiskManifest { .. } => tag::DISK_MANIFEST,
+            Message::DiskWant { .. } => tag::DISK_WANT,
+            Message::DiskData { .. } => tag::DISK_DATA,
+            Message::DiskRoundEnd { .. } => tag::DISK_ROUND_END,
+            Message::DiskRoundDone { .. } => tag::DISK_ROUND_DONE,
         }
     }
 
@@ -448,6 +514,12 @@ impl Message {
             Message::Attach { .. } => "Attach",
             Message::Seq { .. } => "Seq",
             Message::Applied { .. } => "Applied",
+            Message::DiskOffer { .. } => "DiskOffer",
+            Message::DiskManifest { .. } => "DiskManifest",
+            Message::DiskWant { .. } => "DiskWant",
+            Message::DiskData { .. } => "DiskData",
+            Message::DiskRoundEnd { .. } => "DiskRoundEnd",
+            Message::DiskRoundDone { .. } => "DiskRoundDone",
         }
     }
 }
@@ -621,6 +693,55 @@ pub fn encode_segments(msg: &Message, scratch: &mut BytesMut, segs: &mut Vec<Byt
         }
         Message::Seq { seq } => out.put_u64(*seq),
         Message::Applied { units } => out.put_u64(*units),
+        Message::DiskOffer { disks } => {
+            out.put_u16(disks.len() as u16);
+            for d in disks {
+                out.put_u64(d.virtual_size);
+                out.put_u64(d.allocated);
+            }
+        }
+        Message::DiskManifest {
+            disk,
+            piece,
+            manifest,
+        } => {
+            out.put_u16(*disk);
+            out.put_u32(*piece);
+            bulk(out, segs, manifest);
+        }
+        Message::DiskWant { disk, piece, runs } => {
+            out.put_u16(*disk);
+            out.put_u32(*piece);
+            out.put_u32(runs.len() as u32);
+            for (offset, blocks) in runs {
+                out.put_u64(*offset);
+                out.put_u32(*blocks);
+            }
+        }
+        Message::DiskData {
+            disk,
+            piece,
+            offset,
+            data,
+        } => {
+            out.put_u16(*disk);
+            out.put_u32(*piece);
+            out.put_u64(*offset);
+            bulk(out, segs, data);
+        }
+        Message::DiskRoundEnd { disk, round } => {
+            out.put_u16(*disk);
+            out.put_u32(*round);
+        }
+        Message::DiskRoundDone {
+            disk,
+            round,
+            written,
+        } => {
+            out.put_u16(*disk);
+            out.put_u32(*round);
+            out.put_u64(*written);
+        }
     }
 }
 
@@ -679,6 +800,12 @@ fn payload_len(msg: &Message) -> usize {
         Message::Content { pages } => 4 + pages.iter().map(|(_, d)| 20 + d.len()).sum::<usize>(),
         Message::Attach { migration_id, .. } => s(migration_id) + 2,
         Message::Seq { .. } | Message::Applied { .. } => 8,
+        Message::DiskOffer { disks } => 2 + 16 * disks.len(),
+        Message::DiskManifest { manifest, .. } => 6 + manifest.len(),
+        Message::DiskWant { runs, .. } => 10 + 12 * runs.len(),
+        Message::DiskData { data, .. } => 14 + data.len(),
+        Message::DiskRoundEnd { .. } => 6,
+        Message::DiskRoundDone { .. } => 14,
     }
 }
 
@@ -691,7 +818,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, FrameError> {
     let ty = buf[0];
     let flags = buf[1];
     let len = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
-    if !(tag::HELLO..=tag::APPLIED).contains(&ty) {
+    if !(tag::HELLO..=tag::DISK_ROUND_DONE).contains(&ty) {
         return Err(FrameError::UnknownType(ty));
     }
     let codec = flags & FLAG_CODEC_MASK;
@@ -911,6 +1038,49 @@ fn decode_payload(ty: u8, payload: Bytes) -> Result<Message, FrameError> {
         },
         tag::SEQ => Message::Seq { seq: r.u64()? },
         tag::APPLIED => Message::Applied { units: r.u64()? },
+        tag::DISK_OFFER => {
+            let n = r.u16()? as usize;
+            r.need(n * 16)?;
+            Message::DiskOffer {
+                disks: (0..n)
+                    .map(|_| DiskInfo {
+                        virtual_size: r.b.get_u64(),
+                        allocated: r.b.get_u64(),
+                    })
+                    .collect(),
+            }
+        }
+        tag::DISK_MANIFEST => Message::DiskManifest {
+            disk: r.u16()?,
+            piece: r.u32()?,
+            manifest: r.rest(),
+        },
+        tag::DISK_WANT => {
+            let disk = r.u16()?;
+            let piece = r.u32()?;
+            let n = r.u32()? as usize;
+            r.need(n.saturating_mul(12))?;
+            Message::DiskWant {
+                disk,
+                piece,
+                runs: (0..n).map(|_| (r.b.get_u64(), r.b.get_u32())).collect(),
+            }
+        }
+        tag::DISK_DATA => Message::DiskData {
+            disk: r.u16()?,
+            piece: r.u32()?,
+            offset: r.u64()?,
+            data: r.rest(),
+        },
+        tag::DISK_ROUND_END => Message::DiskRoundEnd {
+            disk: r.u16()?,
+            round: r.u32()?,
+        },
+        tag::DISK_ROUND_DONE => Message::DiskRoundDone {
+            disk: r.u16()?,
+            round: r.u32()?,
+            written: r.u64()?,
+        },
         other => return Err(FrameError::UnknownType(other)),
     };
     if !r.b.is_empty() {
@@ -942,6 +1112,12 @@ fn tag_name(ty: u8) -> &'static str {
         tag::ATTACH => "Attach",
         tag::SEQ => "Seq",
         tag::APPLIED => "Applied",
+        tag::DISK_OFFER => "DiskOffer",
+        tag::DISK_MANIFEST => "DiskManifest",
+        tag::DISK_WANT => "DiskWant",
+        tag::DISK_DATA => "DiskData",
+        tag::DISK_ROUND_END => "DiskRoundEnd",
+        tag::DISK_ROUND_DONE => "DiskRoundDone",
         _ => "Invalid",
     }
 }
@@ -1166,6 +1342,46 @@ mod tests {
                     ([3; 16], Bytes::from(vec![9u8; 4096])),
                     ([4; 16], Bytes::new()),
                 ],
+            },
+            Message::DiskOffer {
+                disks: vec![
+                    DiskInfo {
+                        virtual_size: 1 << 30,
+                        allocated: 5 << 20,
+                    },
+                    DiskInfo {
+                        virtual_size: 0,
+                        allocated: 0,
+                    },
+                ],
+            },
+            Message::DiskOffer { disks: vec![] },
+            Message::DiskManifest {
+                disk: 1,
+                piece: 7,
+                manifest: Bytes::from_static(b"manifest bytes"),
+            },
+            Message::DiskWant {
+                disk: 0,
+                piece: 3,
+                runs: vec![(4096, 2), (1 << 40, u32::MAX)],
+            },
+            Message::DiskWant {
+                disk: 0,
+                piece: 4,
+                runs: vec![],
+            },
+            Message::DiskData {
+                disk: 2,
+                piece: DISK_DIRECT,
+                offset: 8192,
+                data: Bytes::from(vec![1u8; 8192]),
+            },
+            Message::DiskRoundEnd { disk: 0, round: 5 },
+            Message::DiskRoundDone {
+                disk: 0,
+                round: 5,
+                written: 12345,
             },
         ]
     }
