@@ -12,6 +12,8 @@
 //! | POST | /v1/vms/{name}/migration/cancel | cancel the VM's running migration |
 //! | GET | /v1/migrations, /v1/migrations/{id} | migration status, progress and report |
 //! | POST | /v1/migrations/{id}/cancel | cancel by id |
+//! | GET, POST, DELETE | /v1/images | the chunk index: list; import (`{"path", "format"}`); remove (`{"path"}`) |
+//! | POST | /v1/images/index | re-read changed images, drop those whose file is gone |
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tern_qemu::spec::VmSpec;
 
+use crate::images::{ImageInfo, ImportError, ImportReport, RefreshSummary};
 use crate::migrate::source::{self, MigrateRequest};
 use crate::migrate::{new_migration_id, Direction, MigrationHandle, MigrationStatus};
 use crate::vm::{StartVmError, StopVmError, VmInfo};
@@ -82,6 +85,21 @@ pub struct MigrateStarted {
     pub id: String,
 }
 
+/// `POST /v1/images`: index the image at `path` (absolute, on the agent's host) in place.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ImportImageRequest {
+    pub path: std::path::PathBuf,
+    /// `raw` or `qcow2`; probed from the file when absent.
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// `DELETE /v1/images`: drop the image at `path` from the index (the file stays).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemoveImageRequest {
+    pub path: std::path::PathBuf,
+}
+
 type S = State<Arc<Agent>>;
 
 fn find_vm(a: &Agent, name: &str) -> Result<Arc<crate::vm::Vm>, ApiError> {
@@ -105,6 +123,11 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/migrations", get(list_migrations))
         .route("/v1/migrations/{id}", get(show_migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
+        .route(
+            "/v1/images",
+            get(list_images).post(import_image).delete(remove_image),
+        )
+        .route("/v1/images/index", post(refresh_images))
         .with_state(agent)
 }
 
@@ -294,4 +317,116 @@ async fn cancel_migration(
     let m = find_migration(&a, &id)?;
     m.cancel();
     Ok(Json(m.status()))
+}
+
+/// The agent reads images on its own host, with its own working directory: a relative
+/// path would name some other file.
+fn absolute_image_path(p: &std::path::Path) -> Result<(), ApiError> {
+    if p.is_absolute() {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!(
+                "image path {} is not absolute: send the absolute path of the image on the agent's host (`tern image` does)",
+                p.display()
+            ),
+        ))
+    }
+}
+
+/// Maps an image-library error to a status, with what the operator can do about it.
+fn image_error(e: ImportError) -> ApiError {
+    use std::io::ErrorKind;
+    use tern_chunks::{AddImageError, OpenImageError, RemoveImageError};
+    let why = chain(&e);
+    let missing = |k: ErrorKind| {
+        if k == ErrorKind::NotFound {
+            ApiError::not_found(format!(
+                "{why}: check the path (the agent indexes the file in place, on its own host)"
+            ))
+        } else if k == ErrorKind::IsADirectory {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unreadable",
+                format!("{why}: give the image file, not a directory"),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unreadable",
+                format!("{why}: the agent must be able to read the file (check its permissions)"),
+            )
+        }
+    };
+    let internal = |kind| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, kind, &why);
+    match &e {
+        ImportError::Probe(_, io) => missing(io.kind()),
+        ImportError::Format(_) => ApiError::new(StatusCode::BAD_REQUEST, "bad-format", &why),
+        ImportError::Add(AddImageError::Stat { source, .. }) => missing(source.kind()),
+        ImportError::Add(AddImageError::Open { source, .. }) => match source {
+            OpenImageError::Open { source, .. } => missing(source.kind()),
+            OpenImageError::QemuImgInfo { .. }
+            | OpenImageError::FormatMismatch { .. }
+            | OpenImageError::QemuNbdExited { .. } => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad-image",
+                format!("{why}: check the file with `qemu-img info`, or give its format (--format raw|qcow2)"),
+            ),
+            OpenImageError::SpawnQemuNbd(_) => internal("qemu-nbd"),
+            OpenImageError::Runtime(_)
+            | OpenImageError::QemuNbdTimeout { .. }
+            | OpenImageError::Connect { .. } => internal("read-failed"),
+        },
+        ImportError::Add(AddImageError::Read { .. }) => internal("read-failed"),
+        ImportError::Add(AddImageError::TooManyImages) => ApiError::new(
+            StatusCode::CONFLICT,
+            "index-full",
+            format!("{why}: remove images no longer needed (tern image remove FILE)"),
+        ),
+        ImportError::Add(AddImageError::Persist { .. })
+        | ImportError::Remove(RemoveImageError::Persist { .. }) => internal("index-write"),
+        ImportError::Remove(RemoveImageError::NotIndexed(_)) => {
+            ApiError::not_found(format!("{why} (`tern image list` shows what is)"))
+        }
+        ImportError::Task(_) => internal("internal"),
+    }
+}
+
+async fn list_images(State(a): S) -> Result<Json<Vec<ImageInfo>>, ApiError> {
+    // The index's lock is held through whole imports: wait for it off the runtime.
+    let list = tokio::task::spawn_blocking(move || crate::images::list(&a.chunks))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?;
+    Ok(Json(list))
+}
+
+async fn import_image(
+    State(a): S,
+    Json(req): Json<ImportImageRequest>,
+) -> Result<Json<ImportReport>, ApiError> {
+    absolute_image_path(&req.path)?;
+    let r = crate::images::import(&a.chunks, req.path, req.format)
+        .await
+        .map_err(image_error)?;
+    Ok(Json(r))
+}
+
+async fn refresh_images(State(a): S) -> Result<Json<RefreshSummary>, ApiError> {
+    let r = crate::images::refresh(&a.chunks)
+        .await
+        .map_err(image_error)?;
+    Ok(Json(r))
+}
+
+async fn remove_image(
+    State(a): S,
+    Json(req): Json<RemoveImageRequest>,
+) -> Result<StatusCode, ApiError> {
+    absolute_image_path(&req.path)?;
+    crate::images::remove(&a.chunks, req.path)
+        .await
+        .map_err(image_error)?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -6,9 +6,16 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::images::{ImageInfo, ImportReport, RefreshSummary};
+
+/// How long a call waits for the agent's answer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Why a call to the agent's API failed.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +34,10 @@ pub enum ClientError {
     NotJson { status: u16, body: String },
     #[error("{message} (HTTP {status})")]
     Api { status: u16, message: String },
+    #[error("the agent's answer to {0} is not what this tern expects (a different version?)")]
+    Shape(String, #[source] serde_json::Error),
+    #[error("path {0:?} is not UTF-8: the API carries paths as JSON strings")]
+    NonUtf8Path(std::path::PathBuf),
 }
 
 type Result<T> = std::result::Result<T, ClientError>;
@@ -72,17 +83,17 @@ impl Client {
         Client { endpoint }
     }
 
-    fn connect(&self) -> Result<Box<dyn Conn>> {
+    fn connect(&self, timeout: Option<Duration>) -> Result<Box<dyn Conn>> {
         let fail = |e| ClientError::Connect(self.endpoint.to_string(), e);
         Ok(match &self.endpoint {
             Endpoint::Unix(p) => {
                 let s = UnixStream::connect(p).map_err(fail)?;
-                s.set_read_timeout(Some(Duration::from_secs(120)))?;
+                s.set_read_timeout(timeout)?;
                 Box::new(s)
             }
             Endpoint::Tcp(a) => {
                 let s = TcpStream::connect(a).map_err(fail)?;
-                s.set_read_timeout(Some(Duration::from_secs(120)))?;
+                s.set_read_timeout(timeout)?;
                 Box::new(s)
             }
         })
@@ -90,7 +101,19 @@ impl Client {
 
     /// Sends one request; returns the JSON body of a 2xx answer (Null when empty).
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
-        let mut c = self.connect()?;
+        self.call_within(method, path, body, Some(CALL_TIMEOUT))
+    }
+
+    /// [`Self::call`], waiting at most `timeout` for the answer (None: as long as it
+    /// takes, for requests whose work grows with the data, like indexing an image).
+    pub fn call_within(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Option<Duration>,
+    ) -> Result<Value> {
+        let mut c = self.connect(timeout)?;
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: tern\r\nContent-Type: application/json\r\nAccept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -117,6 +140,53 @@ impl Client {
             return Err(ClientError::Api { status, message });
         }
         Ok(v)
+    }
+}
+
+fn utf8(p: &Path) -> Result<&str> {
+    p.to_str()
+        .ok_or_else(|| ClientError::NonUtf8Path(p.to_path_buf()))
+}
+
+fn typed<T: DeserializeOwned>(what: &str, v: Value) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| ClientError::Shape(what.into(), e))
+}
+
+/// The host's image library (the chunk index an incoming disk is rebuilt from). These
+/// calls wait as long as it takes: the index serves one of them at a time, and an import
+/// or index reads whole images.
+impl Client {
+    /// The indexed images, by path.
+    pub fn images(&self) -> Result<Vec<ImageInfo>> {
+        typed(
+            "GET /v1/images",
+            self.call_within("GET", "/v1/images", None, None)?,
+        )
+    }
+
+    /// Indexes the image at `path` (absolute, on the agent's host) in place; its format
+    /// is probed when `format` is None.
+    pub fn import_image(&self, path: &Path, format: Option<&str>) -> Result<ImportReport> {
+        let body = json!({ "path": utf8(path)?, "format": format });
+        typed(
+            "POST /v1/images",
+            self.call_within("POST", "/v1/images", Some(&body), None)?,
+        )
+    }
+
+    /// Re-reads the images that changed, drops those whose file is gone.
+    pub fn index_images(&self) -> Result<RefreshSummary> {
+        typed(
+            "POST /v1/images/index",
+            self.call_within("POST", "/v1/images/index", None, None)?,
+        )
+    }
+
+    /// Drops the image at `path` (absolute) from the index; the file stays.
+    pub fn remove_image(&self, path: &Path) -> Result<()> {
+        let body = json!({ "path": utf8(path)? });
+        self.call_within("DELETE", "/v1/images", Some(&body), None)?;
+        Ok(())
     }
 }
 

@@ -2,7 +2,7 @@
 //! thin client of an agent's control API (see `tern_agent::api`).
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use tern_agent::migrate::{MigrationReport, MigrationStatus};
 
 use tern_agent::client::{Client, Endpoint};
+use tern_agent::images::{ImageInfo, ImportReport, RefreshSummary};
 
 const DEFAULT_API: &str = "unix:/run/tern/agent.sock";
 
@@ -41,6 +42,11 @@ enum Cmd {
     },
     /// Live-migrate a VM to another host's agent, with progress and a final report.
     Migrate(MigrateArgs),
+    /// The host's disk-image library: the images an incoming VM's disk is rebuilt from.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
     /// Show the agent's migrations (both directions).
     Migrations {
         #[arg(long)]
@@ -56,6 +62,32 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CertCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Index a disk image in place (read whole; the file stays where it is and must stay
+    /// readable by the agent).
+    Import {
+        file: PathBuf,
+        /// The image's format (default: told from the file).
+        #[arg(long, value_parser = ["raw", "qcow2"])]
+        format: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the indexed images that changed; drop those whose file is gone.
+    Index {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the indexed images.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop an image from the index (the file stays).
+    Remove { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -252,6 +284,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Vm { cmd } => vm(Client::new(Endpoint::parse(&api)?), cmd),
         Cmd::Migrate(m) => migrate(Client::new(Endpoint::parse(&api)?), m),
+        Cmd::Image { cmd } => image(Client::new(Endpoint::parse(&api)?), cmd),
         Cmd::Migrations { json } => {
             let v = Client::new(Endpoint::parse(&api)?).call("GET", "/v1/migrations", None)?;
             if json {
@@ -387,6 +420,125 @@ fn vm(c: Client, cmd: VmCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The absolute path of an image for the agent (which has its own working directory).
+fn image_path(p: &Path) -> Result<PathBuf> {
+    match std::fs::canonicalize(p) {
+        Ok(p) => Ok(p),
+        // Not here, or not readable by us: the agent says what is wrong with it.
+        Err(_) => std::path::absolute(p)
+            .with_context(|| format!("cannot make the path {} absolute", p.display())),
+    }
+}
+
+fn image(c: Client, cmd: ImageCmd) -> Result<()> {
+    match cmd {
+        ImageCmd::Import { file, format, json } => {
+            let path = image_path(&file)?;
+            let r = c.import_image(&path, format.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("indexed {}", import_line(&r));
+            }
+        }
+        ImageCmd::Index { json } => {
+            let s = c.index_images()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_refresh(&s);
+            }
+            if !s.failed.is_empty() {
+                bail!(
+                    "{} image(s) could not be read again: they stay listed and are tried again by the next `tern image index` (fix the file, or `tern image remove` it)",
+                    s.failed.len()
+                );
+            }
+        }
+        ImageCmd::List { json } => {
+            let list = c.images()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_images(&list);
+            }
+        }
+        ImageCmd::Remove { file } => {
+            let path = image_path(&file)?;
+            c.remove_image(&path)?;
+            println!("removed {} from the index (the file stays)", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// `PATH: FORMAT, SIZE, data blocks, new chunks, rate, time` of one indexed image.
+fn import_line(r: &ImportReport) -> String {
+    let secs = r.elapsed_ms as f64 / 1000.0;
+    format!(
+        "{}: {}, {:.1} MiB, {} data blocks, {} new chunks, read {:.1} MiB at {:.1} MiB/s in {:.2} s",
+        r.path.display(),
+        r.format,
+        mib(r.virtual_size),
+        r.data_blocks,
+        r.new_chunks,
+        mib(r.bytes_read),
+        mib(r.bytes_read) / secs.max(0.001),
+        secs
+    )
+}
+
+fn print_refresh(s: &RefreshSummary) {
+    for r in &s.reindexed {
+        println!("reindexed {}", import_line(r));
+    }
+    for p in &s.unchanged {
+        println!("unchanged {}", p.display());
+    }
+    for p in &s.dropped {
+        println!("dropped   {} (the file is gone)", p.display());
+    }
+    for (p, why) in &s.failed {
+        println!("failed    {}: {why}", p.display());
+    }
+    println!(
+        "{} reindexed, {} unchanged, {} dropped, {} failed",
+        s.reindexed.len(),
+        s.unchanged.len(),
+        s.dropped.len(),
+        s.failed.len()
+    );
+}
+
+fn print_images(list: &[ImageInfo]) {
+    if list.is_empty() {
+        println!("no images indexed (`tern image import FILE` adds one)");
+        return;
+    }
+    println!(
+        "{:<6} {:>10} {:>11} {:>11}  PATH",
+        "FORMAT", "SIZE(MiB)", "DATA-BLOCKS", "ZERO-BLOCKS"
+    );
+    for i in list {
+        let mut line = format!(
+            "{:<6} {:>10.1} {:>11} {:>11}  {}",
+            i.format,
+            mib(i.virtual_size),
+            i.data_blocks,
+            i.zero_blocks,
+            i.path.display()
+        );
+        for b in &i.backing_files {
+            line.push_str(&format!("  (backing {})", b.display()));
+        }
+        if i.needs_reindex {
+            // its blocks are out of the index until it is read again
+            line.push_str("  [stale: `tern image index` reads it again]");
+        }
+        println!("{line}");
+    }
 }
 
 fn migrate(c: Client, m: MigrateArgs) -> Result<()> {
@@ -557,6 +709,25 @@ fn print_report(r: &MigrationReport) {
             e.destination_held_pages,
             e.wants,
             e.data_streams
+        );
+    }
+    if let Some(d) = &r.disk {
+        println!(
+            "  disks           {} ({:.1} MiB virtual, {:.1} MiB data): {:.1} MiB filled locally, {:.1} MiB sent, {:.1} MiB on the wire, {} rounds, copy {} ms",
+            d.disks,
+            mib(d.virtual_bytes),
+            mib(d.data_bytes),
+            mib(d.local_bytes),
+            mib(d.sent_bytes),
+            mib(d.wire_bytes),
+            d.rounds,
+            d.copy_ms
+        );
+        println!(
+            "  disk last round {} bytes in {:.1} ms (guest paused); memory on the wire {:.1} MiB",
+            d.last_round_bytes,
+            d.last_round_ms,
+            mib(r.bytes_on_wire.saturating_sub(d.wire_bytes))
         );
     }
     println!("  throughput      {:.0} Mbit/s", r.throughput_mbps);

@@ -1,0 +1,238 @@
+//! The host's image library: which disk images this agent reads chunks from when it
+//! rebuilds an incoming disk (the chunk index, `tern_chunks::ChunkIndex`, under
+//! `STATE_DIR/chunks`), and the disks that VMs leave behind when they migrate away.
+//!
+//! Owns importing (indexing an administrator's image in place), refreshing, listing, and
+//! keeping a departed VM's disk for a return trip: a disk tern created for an incoming VM
+//! (inside its run directory) moves to `STATE_DIR/images/VM-diskN.FMT` (one per VM disk,
+//! replaced by the next departure); a disk the operator owns stays where it is. Both are
+//! indexed, so a VM that comes back is rebuilt from them plus what changed.
+//! Must not talk to peers or QEMU.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tern_chunks::{AddImageError, ChunkIndex, ImageFormat, RemoveImageError};
+use tern_qemu::spec::{DiskFormat, VmSpec};
+
+/// The agent's chunk index, shared by imports and migrations (blocking API: use it from
+/// `spawn_blocking`).
+pub type SharedIndex = Arc<Mutex<ChunkIndex>>;
+
+/// One indexed image, as the API shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ImageInfo {
+    pub path: PathBuf,
+    pub format: String,
+    pub virtual_size: u64,
+    pub data_blocks: u64,
+    pub zero_blocks: u64,
+    pub backing_files: Vec<PathBuf>,
+    /// Changed since indexed (or found stale): re-read by the next `tern image index`.
+    pub needs_reindex: bool,
+}
+
+/// What indexing one image did.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ImportReport {
+    pub path: PathBuf,
+    pub format: String,
+    pub virtual_size: u64,
+    pub data_blocks: u64,
+    pub zero_blocks: u64,
+    /// Distinct chunks the index did not hold before.
+    pub new_chunks: u64,
+    pub bytes_read: u64,
+    pub elapsed_ms: u64,
+}
+
+/// What `tern image index` did.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RefreshSummary {
+    pub unchanged: Vec<PathBuf>,
+    pub reindexed: Vec<ImportReport>,
+    pub dropped: Vec<PathBuf>,
+    /// (image, why) for images that could not be read again.
+    pub failed: Vec<(PathBuf, String)>,
+}
+
+/// Why an image could not be imported.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("cannot read {0} to tell its format")]
+    Probe(PathBuf, #[source] std::io::Error),
+    #[error("unknown image format {0:?}: use raw or qcow2")]
+    Format(String),
+    #[error(transparent)]
+    Add(#[from] AddImageError),
+    #[error(transparent)]
+    Remove(#[from] RemoveImageError),
+    #[error("the indexing task failed: {0}")]
+    Task(String),
+}
+
+impl From<ImportReport> for ImageInfo {
+    fn from(r: ImportReport) -> Self {
+        ImageInfo {
+            path: r.path,
+            format: r.format,
+            virtual_size: r.virtual_size,
+            data_blocks: r.data_blocks,
+            zero_blocks: r.zero_blocks,
+            backing_files: Vec::new(),
+            needs_reindex: false,
+        }
+    }
+}
+
+fn report(s: tern_chunks::ImageStats) -> ImportReport {
+    ImportReport {
+        path: s.path,
+        format: s.format.as_str().into(),
+        virtual_size: s.virtual_size,
+        data_blocks: s.data_blocks,
+        zero_blocks: s.zero_blocks,
+        new_chunks: s.new_chunks,
+        bytes_read: s.bytes_read,
+        elapsed_ms: s.elapsed.as_millis() as u64,
+    }
+}
+
+/// The chunk format of a VM disk format.
+pub fn chunk_format(f: DiskFormat) -> ImageFormat {
+    match f {
+        DiskFormat::Raw => ImageFormat::Raw,
+        DiskFormat::Qcow2 => ImageFormat::Qcow2,
+    }
+}
+
+fn parse_format(path: &Path, format: Option<&str>) -> Result<ImageFormat, ImportError> {
+    match format {
+        None => ImageFormat::probe(path).map_err(|e| ImportError::Probe(path.to_path_buf(), e)),
+        Some("raw") => Ok(ImageFormat::Raw),
+        Some("qcow2") => Ok(ImageFormat::Qcow2),
+        Some(other) => Err(ImportError::Format(other.into())),
+    }
+}
+
+/// Indexes the image at `path` in place (its format from `format`, else from its magic),
+/// replacing what the index held for it. Reads it whole: long for a large image.
+pub async fn import(
+    index: &SharedIndex,
+    path: PathBuf,
+    format: Option<String>,
+) -> Result<ImportReport, ImportError> {
+    let index = index.clone();
+    tokio::task::spawn_blocking(move || {
+        let format = parse_format(&path, format.as_deref())?;
+        let stats = index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add_image(&path, format)?;
+        Ok(report(stats))
+    })
+    .await
+    .map_err(|e| ImportError::Task(e.to_string()))?
+}
+
+/// Drops an image from the index (the file stays).
+pub async fn remove(index: &SharedIndex, path: PathBuf) -> Result<(), ImportError> {
+    let index = index.clone();
+    tokio::task::spawn_blocking(move || {
+        index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove_image(&path)?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| ImportError::Task(e.to_string()))?
+}
+
+/// Re-reads the images that changed since they were indexed, drops those whose file is
+/// gone.
+pub async fn refresh(index: &SharedIndex) -> Result<RefreshSummary, ImportError> {
+    let index = index.clone();
+    tokio::task::spawn_blocking(move || {
+        let r = index.lock().unwrap_or_else(|e| e.into_inner()).refresh();
+        RefreshSummary {
+            unchanged: r.unchanged,
+            reindexed: r.reindexed.into_iter().map(report).collect(),
+            dropped: r.dropped,
+            failed: r
+                .failed
+                .into_iter()
+                .map(|(p, e)| (p, crate::migrate::source::error_chain(&e)))
+                .collect(),
+        }
+    })
+    .await
+    .map_err(|e| ImportError::Task(e.to_string()))
+}
+
+/// Every indexed image, by path.
+pub fn list(index: &SharedIndex) -> Vec<ImageInfo> {
+    let index = index.lock().unwrap_or_else(|e| e.into_inner());
+    let mut v: Vec<ImageInfo> = index
+        .images()
+        .map(|r| ImageInfo {
+            path: r.path().to_path_buf(),
+            format: r.format().as_str().into(),
+            virtual_size: r.virtual_size(),
+            data_blocks: r.data_blocks(),
+            zero_blocks: r.zero_blocks(),
+            backing_files: r.backing_files().map(Path::to_path_buf).collect(),
+            needs_reindex: r.needs_reindex(),
+        })
+        .collect();
+    v.sort_by(|a, b| a.path.cmp(&b.path));
+    v
+}
+
+/// After `spec`'s VM left this host (its QEMU is gone): keeps its disks for a return trip.
+/// Disks inside `run_dir` (made by tern for an incoming VM) move to
+/// `images_dir/VM-diskN.FMT`, since the run directory is removed next; the operator's own
+/// disk files stay where they are. Returns what to index ([`index_kept`]). Errors are
+/// logged: a disk not kept costs bytes on a later trip, never correctness.
+pub async fn keep_departed_disks(
+    index: &SharedIndex,
+    images_dir: &Path,
+    spec: &VmSpec,
+    run_dir: &Path,
+) -> Vec<(PathBuf, DiskFormat)> {
+    let mut kept = Vec::new();
+    for (i, d) in spec.disks.iter().enumerate() {
+        if !d.path.starts_with(run_dir) {
+            kept.push((d.path.clone(), d.format));
+            continue;
+        }
+        let to = images_dir.join(format!("{}-disk{i}.{}", spec.name, d.format.as_str()));
+        if to.exists() {
+            // the previous departure's copy goes, and its index entries with it
+            let _ = remove(index, to.clone()).await;
+            let _ = std::fs::remove_file(&to);
+        }
+        match std::fs::create_dir_all(images_dir).and_then(|_| std::fs::rename(&d.path, &to)) {
+            Ok(()) => kept.push((to, d.format)),
+            Err(e) => {
+                tracing::warn!(disk = %d.path.display(), to = %to.display(), "cannot keep the disk of a departed VM: {e}")
+            }
+        }
+    }
+    kept
+}
+
+/// Indexes disks kept by [`keep_departed_disks`] (reads them whole: run it in the
+/// background).
+pub async fn index_kept(index: &SharedIndex, kept: Vec<(PathBuf, DiskFormat)>) {
+    for (path, format) in kept {
+        match import(index, path.clone(), Some(format.as_str().into())).await {
+            Ok(r) => {
+                tracing::info!(image = %path.display(), data_blocks = r.data_blocks, ms = r.elapsed_ms, "indexed the disk of a departed VM");
+            }
+            Err(e) => {
+                tracing::warn!(image = %path.display(), "cannot index the disk of a departed VM: {}", crate::migrate::source::error_chain(&e))
+            }
+        }
+    }
+}
