@@ -9,6 +9,7 @@
 pub mod api;
 pub mod client;
 pub mod conn;
+pub mod images;
 pub mod migrate;
 pub mod pki;
 pub mod policy;
@@ -119,6 +120,11 @@ pub struct Agent {
     /// How peer connections are secured (mutual TLS unless the test-only plaintext mode).
     pub security: tls::PeerSecurity,
     pub policy: policy::Policy,
+    /// The chunk index of this host's images (`STATE_DIR/chunks`): what an incoming disk
+    /// is rebuilt from ([`images`]).
+    pub chunks: images::SharedIndex,
+    /// Disks of VMs that left, kept for a return trip (`STATE_DIR/images`).
+    pub images_dir: PathBuf,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
     /// Names held by incoming migrations that have not switched over yet.
     reserved: Mutex<HashSet<String>>,
@@ -163,6 +169,8 @@ pub enum AgentError {
     Tls(#[from] tls::TlsSetupError),
     #[error("cannot load the authorisation policy")]
     Policy(#[from] policy::PolicyError),
+    #[error("cannot open the chunk index")]
+    ChunkIndex(#[from] tern_chunks::OpenIndexError),
 }
 
 /// Writes a 0600 binary key file, atomically, unless it already holds `key`.
@@ -240,7 +248,15 @@ impl Agent {
             pages(config.store_mem_mib),
             Some((&spill, pages(config.store_file_mib))),
         )?;
+        let chunks =
+            tern_chunks::ChunkIndex::open(config.state_dir.join("chunks"), hasher.clone())?;
+        for p in chunks.load_problems() {
+            tracing::warn!("chunk index: {p}");
+        }
+        let images_dir = config.state_dir.join("images");
         Ok(Arc::new(Agent {
+            chunks: Arc::new(Mutex::new(chunks)),
+            images_dir,
             config,
             store: Arc::new(Mutex::new(store)),
             hasher,

@@ -49,6 +49,9 @@ pub struct VmInfo {
     pub run_dir: PathBuf,
     pub console_log: PathBuf,
     pub qmp_socket: PathBuf,
+    /// Its local disks as this host has them (after a migration: the images tern made).
+    #[serde(default)]
+    pub disks: Vec<tern_qemu::spec::DiskSpec>,
 }
 
 impl Vm {
@@ -173,6 +176,7 @@ impl Vm {
             run_dir: self.run_dir.clone(),
             console_log: self.console_log.clone(),
             qmp_socket: self.run_dir.join("qmp.sock"),
+            disks: self.spec.disks.clone(),
         }
     }
 }

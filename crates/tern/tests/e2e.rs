@@ -1377,36 +1377,3 @@ fn a_vtpm_moves_only_to_trusted_hosts_with_its_pcrs_and_leaves_nothing_behind() 
     assert_dest_clean(&c, &dest_pids(&c))?;
     Ok(())
 }
-
-#[test]
-fn a_vm_with_a_local_disk_is_refused_until_disks_can_move() -> Result<()> {
-    let _l = e2e_lock();
-    let g = ensure_guest()?;
-    let d = tempfile::tempdir()?;
-    let disk = d.path().join("d0.qcow2");
-    let st = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&disk)
-        .arg("16M")
-        .status()?;
-    assert!(st.success());
-    let (a, b) = two_agents(&[])?;
-    let extra = format!(
-        "[[disk]]\npath = {:?}\nformat = \"qcow2\"\n",
-        disk.display().to_string()
-    );
-    boot(&a, &spec("dk", &g, 128, "tern.workload=idle", &extra), "dk")?;
-    let id = a.start_migration("dk", &b.peer_addr.to_string(), json!({}))?;
-    let e = expect_failure(&a, &id, "spec-rejected")?;
-    assert!(
-        e.message.contains("does not move disks yet"),
-        "{}",
-        e.message
-    );
-    assert_source_running(&a, "dk")?;
-    assert!(
-        b.migrations()?.is_empty(),
-        "refused before contacting the destination"
-    );
-    Ok(())
-}

@@ -29,6 +29,7 @@ use tokio::net::{unix, UnixStream};
 use tokio::sync::{mpsc, Mutex};
 
 use super::digest::MemoryDigest;
+use super::disk::{free_bytes, incoming_disk_path, DestDiskError, DestDisks};
 use super::pages::{PageDecoder, Resolved};
 use super::source::error_chain;
 use super::{unix_us, Counters, Direction, Fault, MigrationHandle};
@@ -226,43 +227,68 @@ async fn receive(
     )
     .await?;
 
-    // --- prepare
-    let (id, spec_toml, source_running, source_qemu) =
-        match next_msg(reader, Duration::from_secs(30), "Prepare").await? {
-            Message::Prepare {
-                migration_id,
-                spec_toml,
-                source_running,
-                qemu_version,
-            } => (migration_id, spec_toml, source_running, qemu_version),
-            Message::Attach {
-                migration_id,
-                index,
-            } if version >= 2 => return Ok(Some((migration_id, index))),
-            Message::Query { migration_id } => {
-                let (state, resumed_unix_us) = agent.incoming_state(&migration_id);
-                tracing::info!(migration = %migration_id, ?state, "answered a query");
-                send(
-                    writer,
-                    &Message::QueryAnswer {
-                        state,
-                        resumed_unix_us,
-                    },
-                )
-                .await?;
-                return Ok(None);
-            }
-            m => {
-                return Err(refuse(
-                    ErrorCode::Protocol,
-                    format!("expected Prepare, got {}", m.name()),
-                ))
-            }
-        };
-    let spec = VmSpec::from_toml(&spec_toml)
+    // --- prepare (v3: the VM's disks first, when it has some)
+    let mut first = next_msg(reader, Duration::from_secs(30), "Prepare").await?;
+    let mut disk_offer = None;
+    if let Message::DiskOffer { disks } = first {
+        if version < 3 {
+            return Err(refuse(ErrorCode::Protocol, "DiskOffer needs protocol v3"));
+        }
+        disk_offer = Some(disks);
+        first = next_msg(reader, Duration::from_secs(30), "Prepare").await?;
+    }
+    let (id, spec_toml, source_running, source_qemu) = match first {
+        Message::Prepare {
+            migration_id,
+            spec_toml,
+            source_running,
+            qemu_version,
+        } => (migration_id, spec_toml, source_running, qemu_version),
+        Message::Attach {
+            migration_id,
+            index,
+        } if version >= 2 => return Ok(Some((migration_id, index))),
+        Message::Query { migration_id } => {
+            let (state, resumed_unix_us) = agent.incoming_state(&migration_id);
+            tracing::info!(migration = %migration_id, ?state, "answered a query");
+            send(
+                writer,
+                &Message::QueryAnswer {
+                    state,
+                    resumed_unix_us,
+                },
+            )
+            .await?;
+            return Ok(None);
+        }
+        m => {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                format!("expected Prepare, got {}", m.name()),
+            ))
+        }
+    };
+    let mut spec = VmSpec::from_toml(&spec_toml)
         .map_err(|e| refuse(ErrorCode::SpecRejected, error_chain(&e)))?;
-    spec.check_files()
-        .map_err(|e| refuse(ErrorCode::SpecRejected, error_chain(&e)))?;
+    let offer = disk_offer.unwrap_or_default();
+    if offer.len() != spec.disks.len() {
+        return Err(refuse(
+            ErrorCode::Protocol,
+            format!(
+                "the spec has {} disks, the source offered {}",
+                spec.disks.len(),
+                offer.len()
+            ),
+        ));
+    }
+    {
+        // the disks are made here below; the rest must exist already
+        let mut files = spec.clone();
+        files.disks.clear();
+        files
+            .check_files()
+            .map_err(|e| refuse(ErrorCode::SpecRejected, error_chain(&e)))?;
+    }
     // the source checked our labels; check again with our own policy
     agent
         .policy
@@ -314,6 +340,9 @@ async fn receive(
                 format!("cannot create {}: {e}", run_dir.display()),
             )
         })?;
+    if !spec.disks.is_empty() {
+        prepare_disks(agent, &mut spec, &offer, &run_dir).await?;
+    }
     let process = agent
         .launch(&spec, &opts)
         .await
@@ -348,6 +377,23 @@ async fn receive(
     .await
     .map_err(qemu_err)?;
     let qemu_sock = connect_retry(&sock, Duration::from_secs(10)).await?;
+    // the disks: written through the incoming QEMU's own NBD exports
+    let mut disks = if spec.disks.is_empty() {
+        None
+    } else {
+        Some(
+            DestDisks::start(
+                &qmp,
+                &run_dir,
+                offer.iter().map(|d| d.virtual_size).collect(),
+                agent.chunks.clone(),
+                agent.hasher.clone(),
+                writer.clone(),
+            )
+            .await
+            .map_err(|e| IncomingError::Qemu(format!("cannot export the incoming disks: {e}")))?,
+        )
+    };
     let (qemu_rd, mut qemu_wr) = qemu_sock.into_split();
     // What this host holds, so the source can send references instead of pages (v2).
     let mut pages = PageDecoder::new(agent.hasher.clone(), agent.store.clone());
@@ -466,6 +512,9 @@ async fn receive(
                     );
                     return Err(IncomingError::Timeout(stall, "data from the source"));
                 }
+                e = async { disks.as_mut().expect("guarded").failed.recv().await }, if disks.is_some() => {
+                    return Err(disk_failure(e));
+                }
                 r = rp_task.join(), if rp_result.is_none() => {
                     let r = r.unwrap_or_else(|e| Err(format!("return-path task failed: {e}")));
                     if let Err(why) = &r {
@@ -574,6 +623,23 @@ async fn receive(
             Some(Message::Abort { code, message }) => {
                 return Err(IncomingError::Aborted { code, message })
             }
+            Some(
+                m @ (Message::DiskManifest { .. }
+                | Message::DiskData { .. }
+                | Message::DiskRoundEnd { .. }),
+            ) => match disks.as_mut() {
+                Some(d) => {
+                    if d.handle(m).await.is_err() {
+                        return Err(disk_failure(d.failed.recv().await));
+                    }
+                }
+                None => {
+                    return Err(refuse(
+                        ErrorCode::Protocol,
+                        format!("{} for a VM without disks", m.name()),
+                    ))
+                }
+            },
             Some(m) => {
                 return Err(refuse(
                     ErrorCode::Protocol,
@@ -600,6 +666,29 @@ async fn receive(
         ));
     }
     wait_incoming_done(&qmp, &mut events, Duration::from_secs(30)).await?;
+    // the disks are complete (the source's last round was confirmed before its QEMU sent
+    // the device state): NBD goes, then the guest may run
+    if let Some(d) = disks.take() {
+        let written = d
+            .finish(&qmp)
+            .await
+            .map_err(|e| IncomingError::Qemu(format!("cannot hand the disks to the guest: {e}")))?;
+        tracing::info!(migration = %id, written, "disks rebuilt");
+        if agent.config.fault == Some(Fault::DiskCopyAtSwitchover) {
+            for d in &spec.disks {
+                let mut to = d.path.clone().into_os_string();
+                to.push(".at-switchover");
+                let ok = tokio::process::Command::new("cp")
+                    .arg("--sparse=always")
+                    .arg(&d.path)
+                    .arg(&to)
+                    .status()
+                    .await
+                    .is_ok_and(|s| s.success());
+                tracing::warn!(disk = %d.path.display(), ok, "fault injection: copied the disk at the switchover");
+            }
+        }
+    }
     // --- the source's decision: given with SourceDone (v2), or asked for (v1)
     if !early_commit {
         send(writer, &Message::ReadyToResume { digest: ours }).await?;
@@ -683,6 +772,72 @@ async fn receive(
         ..Default::default()
     });
     Ok(None)
+}
+
+/// The disk worker's failure as this migration's error.
+fn disk_failure(e: Option<DestDiskError>) -> IncomingError {
+    match e {
+        Some(e) => refuse(e.code(), error_chain(&e)),
+        None => refuse(ErrorCode::Internal, "the disk worker stopped"),
+    }
+}
+
+/// Room, paths and empty images for an incoming VM's disks: each goes to
+/// `RUN/disks/diskN.FMT` (a flat image of the source's virtual size; the rebuild fills
+/// it), and `spec` is rewritten to use them. Refuses before QEMU starts when the
+/// filesystem lacks room for what the source has allocated.
+async fn prepare_disks(
+    agent: &Agent,
+    spec: &mut VmSpec,
+    offer: &[tern_proto::DiskInfo],
+    run_dir: &std::path::Path,
+) -> Result<(), IncomingError> {
+    let dir = run_dir.join("disks");
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        refuse(
+            ErrorCode::ResourceExhausted,
+            format!("cannot create {}: {e}", dir.display()),
+        )
+    })?;
+    let needed: u64 = offer.iter().map(|d| d.allocated).sum();
+    // qcow2 metadata and the filesystem's own needs
+    let margin = 16 << 20;
+    let free = free_bytes(&dir).map_err(|e| {
+        refuse(
+            ErrorCode::ResourceExhausted,
+            format!("cannot tell the free space in {}: {e}", dir.display()),
+        )
+    })?;
+    if free < needed + margin {
+        return Err(refuse(
+            ErrorCode::ResourceExhausted,
+            format!(
+                "not enough disk space on {} for VM {}'s disks: they hold {} MiB on the source, {} has {} MiB free; free space there or migrate elsewhere",
+                agent.config.name,
+                spec.name,
+                needed.div_ceil(1 << 20),
+                dir.display(),
+                free >> 20
+            ),
+        ));
+    }
+    for (i, (d, info)) in spec.disks.iter_mut().zip(offer).enumerate() {
+        let path = incoming_disk_path(run_dir, i, d.format.as_str());
+        tern_qemu::disk::create_image(&path, d.format, info.virtual_size)
+            .await
+            .map_err(|e| {
+                refuse(
+                    ErrorCode::ResourceExhausted,
+                    format!(
+                        "cannot create disk {i} at {}: {}",
+                        path.display(),
+                        error_chain(&e)
+                    ),
+                )
+            })?;
+        d.path = path;
+    }
+    Ok(())
 }
 
 /// "10.0.2" -> (10, 0).

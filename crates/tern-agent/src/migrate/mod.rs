@@ -10,7 +10,9 @@
 pub mod codec;
 pub mod dest;
 pub mod digest;
+pub mod disk;
 pub mod pages;
+pub mod rate;
 pub mod source;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +32,10 @@ pub enum Fault {
     /// The destination resumes the VM after Commit but drops the connection instead of
     /// answering Resumed: the source must find out by asking (Query), not guess.
     DropAfterCommit,
+    /// The destination copies each disk image to `PATH.at-switchover` after the last disk
+    /// round, just before the VM runs there: a test's witness of the images at the
+    /// switchover (the running guest changes them right after).
+    DiskCopyAtSwitchover,
 }
 
 impl std::str::FromStr for Fault {
@@ -38,8 +44,9 @@ impl std::str::FromStr for Fault {
         match s {
             "corrupt-page" => Ok(Fault::CorruptPage),
             "drop-after-commit" => Ok(Fault::DropAfterCommit),
+            "disk-copy-at-switchover" => Ok(Fault::DiskCopyAtSwitchover),
             _ => Err(format!(
-                "unknown fault {s:?} (known: corrupt-page, drop-after-commit)"
+                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover)"
             )),
         }
     }
@@ -167,6 +174,34 @@ pub struct MigrationReport {
     /// How the WAN data path encoded the stream (source side).
     #[serde(default)]
     pub encoding: EncodingReport,
+    /// What the VM's local disks cost (None: the VM has none).
+    #[serde(default)]
+    pub disk: Option<DiskReport>,
+}
+
+/// How the VM's local disks moved (source side). Memory's share of the wire is
+/// `bytes_on_wire - disk.wire_bytes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DiskReport {
+    pub disks: u32,
+    /// Guest-visible size of all disks.
+    pub virtual_bytes: u64,
+    /// Round 0: bytes of blocks that do not read as zero (what a full copy sends).
+    pub data_bytes: u64,
+    /// Round 0: bytes the destination filled from images it held (its chunk index), or
+    /// by repeating a block it was sent.
+    pub local_bytes: u64,
+    /// Block bytes sent, all rounds (before compression).
+    pub sent_bytes: u64,
+    /// Disk frames on the wire (manifests, wants, blocks; compressed, headers included).
+    pub wire_bytes: u64,
+    /// Rounds per disk (round 0 = the full copy; the last ran with the VM paused).
+    pub rounds: u32,
+    /// Time to the end of round 0 and the live rounds before memory started, ms.
+    pub copy_ms: u64,
+    /// The last round (guest paused, before QEMU's switchover): bytes and time.
+    pub last_round_bytes: u64,
+    pub last_round_ms: f64,
 }
 
 /// What the source's encoder did.

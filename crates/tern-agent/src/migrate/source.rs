@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, Mutex};
 
 use super::codec::{CodecPicker, CodecPolicy};
 use super::digest::{DigestError, MemoryDigest};
+use super::disk;
 use super::pages::{answer_want, PageEncoder, SharedStore};
 use super::{
     unix_us, Counters, EncodingReport, MigrationHandle, MigrationReport, PageCounts,
@@ -44,7 +45,8 @@ pub struct MigrateRequest {
     pub to: String,
     /// QEMU's downtime limit (default 300 ms, QEMU's own).
     pub downtime_ms: Option<u64>,
-    /// Cap on QEMU's sending rate, MiB/s (default: none).
+    /// Cap on what the migration sends, MiB/s (default: none): bytes on the wire of memory
+    /// and disks together, and QEMU's own stream rate.
     pub max_bandwidth_mibps: Option<u64>,
     /// Frame compression: auto (default), none, lz4, zstd-N.
     #[serde(default)]
@@ -98,8 +100,16 @@ pub enum MigrateError {
     Timeout(Duration, &'static str),
     #[error("local socket for QEMU's stream failed")]
     LocalIo(#[source] std::io::Error),
+    #[error("moving the VM's disks failed")]
+    Disk(#[source] Box<disk::SourceDiskError>),
     #[error("switchover in doubt: Commit was sent but the destination did not confirm ({0}); the source VM is kept paused: check the destination (tern vm list there) and stop one of the two copies")]
     InDoubt(String),
+}
+
+impl From<disk::SourceDiskError> for MigrateError {
+    fn from(e: disk::SourceDiskError) -> Self {
+        MigrateError::Disk(Box::new(e))
+    }
 }
 
 impl MigrateError {
@@ -132,6 +142,7 @@ impl MigrateError {
             MigrateError::BadRequest(_) => ErrorCode::SpecRejected,
             MigrateError::Timeout(..) => ErrorCode::Timeout,
             MigrateError::LocalIo(_) | MigrateError::InDoubt(_) => ErrorCode::Internal,
+            MigrateError::Disk(e) => e.code(),
         }
     }
 }
@@ -163,6 +174,19 @@ enum PeerEvent {
     Broken(String),
 }
 
+/// The error a control event means while the source waits for something else.
+fn peer_event_error(ev: Option<PeerEvent>) -> MigrateError {
+    match ev {
+        Some(PeerEvent::Msg(Message::Abort { code, message })) => {
+            MigrateError::Remote { code, message }
+        }
+        Some(PeerEvent::Msg(m)) => unexpected(&m, "disk replies"),
+        Some(PeerEvent::Failed(e)) => MigrateError::Peer(e),
+        Some(PeerEvent::Broken(m)) => MigrateError::Protocol(m),
+        Some(PeerEvent::Closed) | None => MigrateError::PeerClosed("the disk copy"),
+    }
+}
+
 /// Runs an outgoing migration to the end and records the outcome in `handle`.
 pub async fn run(
     agent: Arc<Agent>,
@@ -187,6 +211,18 @@ pub async fn run(
             // The destination runs the VM: the source QEMU goes away.
             vm.stop(StopMode::Quit).await;
             agent.forget(&vm.spec.name);
+            // its disks stay here, indexed, so a return trip sends only what changed
+            let kept = crate::images::keep_departed_disks(
+                &agent.chunks,
+                &agent.images_dir,
+                &vm.spec,
+                &vm.run_dir,
+            )
+            .await;
+            if !kept.is_empty() {
+                let index = agent.chunks.clone();
+                tokio::spawn(async move { crate::images::index_kept(&index, kept).await });
+            }
             // with its TPM state: the VM's secrets now live only at the destination
             agent.remove_run_dir(&vm.run_dir).await;
             handle.finish_ok(report);
@@ -211,7 +247,16 @@ pub async fn run(
             let vm_state = if ctx.committed {
                 "paused on the source (switchover in doubt)".to_string()
             } else {
-                recover_source(&vm, ctx.source_running).await
+                let state = recover_source(&vm, ctx.source_running).await;
+                if !vm.spec.disks.is_empty() && vm.exit_reason().is_none() {
+                    // exports, bitmaps, NBD server and the pause before switchover go
+                    disk::stop_source_disks(&vm.qmp, vm.spec.disks.len()).await;
+                    let _ = vm
+                        .qmp
+                        .set_migrate_capabilities(&[("pause-before-switchover", false)])
+                        .await;
+                }
+                state
             };
             vm.migrating.store(false, Ordering::SeqCst);
             handle.finish_err(code, message, vm_state);
@@ -301,14 +346,12 @@ impl SourceCtx {
         // --- checks before anything moves
         let caps = qmp.query_migrate_capabilities().await?;
         check_capabilities(&caps)?;
-        if !self.vm.spec.disks.is_empty() {
-            // the QEMU side exists (tern_qemu::disk); the agent does not drive it yet
-            return Err(MigrateError::BadRequest(format!(
-                "VM {} has {} local disk(s): tern does not move disks yet; stop the VM and copy its disks, or keep it on this host",
-                self.vm.spec.name,
-                self.vm.spec.disks.len()
-            )));
-        }
+        let has_disks = !self.vm.spec.disks.is_empty();
+        let disk_plan = if has_disks {
+            Some(disk::SourceDisks::describe(&qmp, &self.vm.spec).await?)
+        } else {
+            None
+        };
         self.source_running = qmp.query_status().await?.running;
 
         // --- connect
@@ -347,6 +390,21 @@ impl SourceCtx {
 
         // --- prepare
         self.handle.set_phase("prepare");
+        if let Some((infos, _)) = &disk_plan {
+            if version < 3 {
+                return Err(MigrateError::BadRequest(format!(
+                    "VM {} has local disks and the destination agent speaks protocol v{version}: moving disks needs v3 (upgrade tern on {dest_agent})",
+                    self.vm.spec.name
+                )));
+            }
+            send(
+                &writer,
+                &Message::DiskOffer {
+                    disks: infos.clone(),
+                },
+            )
+            .await?;
+        }
         send(
             &writer,
             &Message::Prepare {
@@ -402,7 +460,15 @@ impl SourceCtx {
         } else {
             0
         };
-        let mut links = Links::default();
+        // --max-bandwidth: one budget for memory and disk bytes on the wire
+        let budget = self
+            .req
+            .max_bandwidth_mibps
+            .map(|m| Arc::new(super::rate::RateLimit::new(m << 20)));
+        let mut links = Links {
+            budget: budget.clone(),
+            ..Links::default()
+        };
         let mut _link_tasks = Vec::new();
         for index in 1..=data_streams {
             let w = self.open_data_stream(index).await?;
@@ -424,6 +490,56 @@ impl SourceCtx {
             dedup,
             summary,
         );
+
+        // The destination's frames: return path (once QEMU is connected), disk replies,
+        // control messages.
+        let (ev_tx, mut ev_rx) = mpsc::channel(16);
+        let (disk_tx, mut disk_inbox) = mpsc::unbounded_channel();
+        let (qemu_tx, qemu_rx) = tokio::sync::oneshot::channel();
+        let flow = (version >= 2).then(|| Arc::new(Flow::new()));
+        let rp_task = tokio::spawn(peer_reader(
+            reader,
+            qemu_rx,
+            ev_tx,
+            disk_tx,
+            self.handle.clone(),
+            writer.clone(),
+            self.agent.store.clone(),
+            flow.clone(),
+        ));
+        let _guard = AbortOnDrop(rp_task);
+
+        // --- disks: the full copy and rounds until little is dirty, before memory moves
+        let mut disks = None;
+        if let Some((_, nodes)) = disk_plan {
+            self.handle.set_phase("disk copy");
+            let codec = match policy {
+                CodecPolicy::Fixed(c) => c,
+                CodecPolicy::Auto if rtt >= Duration::from_millis(10) => Codec::Zstd(3),
+                CodecPolicy::Auto => Codec::Lz4,
+            };
+            let mut d = disk::SourceDisks::start(
+                qmp.clone(),
+                &self.vm.run_dir,
+                nodes,
+                writer.clone(),
+                self.agent.hasher.clone(),
+                codec,
+                self.agent.config.stall_timeout,
+                budget.clone(),
+            )
+            .await?;
+            tokio::select! {
+                r = d.copy(&mut disk_inbox) => r?,
+                ev = ev_rx.recv() => return Err(peer_event_error(ev)),
+                _ = super::wait_cancelled(&mut cancel) => return Err(MigrateError::Cancelled),
+            }
+            tracing::info!(migration = %self.handle.id, report = ?d.report, "disk copy done, memory next");
+            disk::enable_pause_before_switchover(&qmp)
+                .await
+                .map_err(|e| MigrateError::Qmp(e.0))?;
+            disks = Some(d);
+        }
 
         // --- transfer
         self.handle.set_phase("transfer");
@@ -457,19 +573,14 @@ impl SourceCtx {
             .map_err(|_| MigrateError::Timeout(Duration::from_secs(10), "QEMU to connect"))?
             .map_err(MigrateError::LocalIo)?;
         let (qemu_rd, qemu_wr) = qemu_sock.into_split();
-
-        let (ev_tx, mut ev_rx) = mpsc::channel(16);
-        let counters = self.handle.clone();
-        let flow = (version >= 2).then(|| Arc::new(Flow::new()));
-        let rp_task = tokio::spawn(peer_reader(
-            reader,
-            qemu_wr,
-            ev_tx,
-            counters,
-            writer.clone(),
-            self.agent.store.clone(),
-            flow.clone(),
-        ));
+        let _ = qemu_tx.send(qemu_wr);
+        // disk rounds go on beside memory until QEMU pauses before the switchover
+        let (disk_stop_tx, disk_stop_rx) = tokio::sync::oneshot::channel();
+        let mut disk_stop = Some(disk_stop_tx);
+        let mut disk_task = disks
+            .take()
+            .map(|d| tokio::spawn(d.live(disk_inbox, disk_stop_rx)));
+        let mut disk_report = None;
         // v2: SourceDone carries the commit (the switchover point moves there); the
         // forwarder raises this flag just before sending it.
         let commit_sent = Arc::new(AtomicBool::new(false));
@@ -487,7 +598,6 @@ impl SourceCtx {
         ));
         let abort_fwd = fwd_task.abort_handle();
         let mut fwd = fwd_task;
-        let _guard = AbortOnDrop(rp_task);
         let _fwd_guard = AbortHandleOnDrop(abort_fwd);
         let stall = self.agent.config.stall_timeout;
         let mut last_progress = (0u64, Instant::now());
@@ -569,6 +679,26 @@ impl SourceCtx {
                                     let why = info.and_then(|i| i.error_desc).unwrap_or_else(|| "no reason given".into());
                                     return Err(MigrateError::QemuMigration(why));
                                 }
+                                if st == "pre-switchover" {
+                                    // the guest is stopped and its disks drained: the
+                                    // last disk round, then QEMU sends the device state
+                                    if let Some(task) = disk_task.take() {
+                                        if let Some(s) = disk_stop.take() {
+                                            let _ = s.send(());
+                                        }
+                                        let (mut d, mut inbox, r) = task.await.map_err(|e| {
+                                            MigrateError::Protocol(format!("disk task failed: {e}"))
+                                        })?;
+                                        r?;
+                                        d.last_round(&mut inbox).await?;
+                                        disk::continue_switchover(&qmp).await.map_err(|e| MigrateError::Qmp(e.0))?;
+                                        tracing::info!(migration = %self.handle.id, bytes = d.report.last_round_bytes, ms = d.report.last_round_ms, "last disk round done");
+                                        d.stop().await;
+                                        disk_report = Some(d.report.clone());
+                                    } else {
+                                        disk::continue_switchover(&qmp).await.map_err(|e| MigrateError::Qmp(e.0))?;
+                                    }
+                                }
                             }
                             "SHUTDOWN" => return Err(MigrateError::QemuMigration("source QEMU shut down".into())),
                             _ => {}
@@ -576,6 +706,13 @@ impl SourceCtx {
                     }
                 }
                 _ = super::wait_cancelled(&mut cancel) => return Err(MigrateError::Cancelled),
+                r = async { disk_task.as_mut().expect("guarded").await }, if disk_task.is_some() => {
+                    // live rounds end only when told to, or on failure
+                    disk_task = None;
+                    let (_, _, r) = r.map_err(|e| MigrateError::Protocol(format!("disk task failed: {e}")))?;
+                    r?;
+                    return Err(MigrateError::Protocol("disk rounds ended before the switchover".into()));
+                }
                 _ = ticker.tick() => {
                     let c = &self.handle.counters;
                     let moved = Counters::get(&c.bytes_from_qemu) + Counters::get(&c.wire_out) + Counters::get(&c.wire_in) + Counters::get(&c.wire_data);
@@ -733,6 +870,7 @@ impl SourceCtx {
             resumed_unix_us: resumed_us,
             resolved_by_query,
             encoding: fwd_stats.map(|f| f.encoding).unwrap_or_default(),
+            disk: disk_report,
         })
     }
 
@@ -916,16 +1054,19 @@ fn unexpected(m: &Message, wanted: &str) -> MigrateError {
 /// Reads the destination's frames: return-path bytes go straight into the source QEMU's
 /// socket (no buffering: PONG and SHUT must not wait), a Want is answered from the page
 /// store at once, everything else goes to the orchestrator.
+#[allow(clippy::too_many_arguments)]
 async fn peer_reader(
     mut reader: FrameReader<crate::tls::PeerRead>,
-    mut qemu: unix::OwnedWriteHalf,
+    mut qemu_rx: tokio::sync::oneshot::Receiver<unix::OwnedWriteHalf>,
     tx: mpsc::Sender<PeerEvent>,
+    disk_tx: mpsc::UnboundedSender<Message>,
     handle: Arc<MigrationHandle>,
     writer: PeerWriter,
     store: SharedStore,
     flow: Option<Arc<Flow>>,
 ) {
     let mut qemu_ok = true;
+    let mut qemu: Option<unix::OwnedWriteHalf> = None;
     loop {
         let r = reader.next().await;
         handle
@@ -934,7 +1075,15 @@ async fn peer_reader(
             .store(reader.bytes_read, Ordering::Relaxed);
         let ev = match r {
             Ok(Some(Message::ReturnPath(b))) => {
-                if qemu_ok && qemu.write_all(&b).await.is_err() {
+                if qemu.is_none() && qemu_ok {
+                    // the return path starts after QEMU connected to us
+                    match (&mut qemu_rx).await {
+                        Ok(q) => qemu = Some(q),
+                        Err(_) => qemu_ok = false,
+                    }
+                }
+                let Some(q) = qemu.as_mut() else { continue };
+                if qemu_ok && q.write_all(&b).await.is_err() {
                     // QEMU closed its end (done or failed): its own status tells which.
                     qemu_ok = false;
                 }
@@ -945,6 +1094,10 @@ async fn peer_reader(
                     f.applied.fetch_max(units, Ordering::SeqCst);
                     f.notify.notify_one();
                 }
+                continue;
+            }
+            Ok(Some(m @ (Message::DiskWant { .. } | Message::DiskRoundDone { .. }))) => {
+                let _ = disk_tx.send(m); // rounds that ended drop their inbox
                 continue;
             }
             Ok(Some(Message::Want { hashes })) => {
@@ -1443,6 +1596,8 @@ impl Window {
 /// The extra data connections of a migration (parallel streams), fed round robin.
 #[derive(Default)]
 struct Links {
+    /// The migration's rate limit (memory and disks draw from it), if capped.
+    budget: Option<Arc<super::rate::RateLimit>>,
     senders: Vec<mpsc::Sender<Vec<Out>>>,
     next_seq: u64,
     next_link: usize,
@@ -1498,6 +1653,9 @@ async fn flush_out(
         }
         let i = links.next_link % links.senders.len();
         links.next_link += 1;
+        if let Some(b) = &links.budget {
+            b.take(bytes).await;
+        }
         let t = Instant::now();
         links.senders[i].send(batch).await.map_err(|_| {
             MigrateError::PeerWrite(std::io::Error::new(
@@ -1524,6 +1682,9 @@ async fn flush_out(
     }
     let n = w.pending() as u64;
     if n > 0 {
+        if let Some(b) = &links.budget {
+            b.take(n).await;
+        }
         let t = Instant::now();
         w.flush().await.map_err(MigrateError::PeerWrite)?;
         comp.picker.flushed(n, t.elapsed());

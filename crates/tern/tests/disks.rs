@@ -1,0 +1,535 @@
+//! End-to-end storage migration: two real `tern agent` processes, real QEMU guests whose
+//! local disks move with them (issue 4). Each test proves one property named in its name.
+//! They share the e2e lock, so at most two guests run at once.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::json;
+use tern_testkit::agents::{e2e_lock, pid_alive, wait_for_text, AgentOptions, TestAgent};
+use tern_testkit::guest::{ensure_guest, GuestImage};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tern");
+const MIB: u64 = 1 << 20;
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn run_ok(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(out.status.success(), "{cmd:?}: {text}");
+    Ok(text)
+}
+
+fn spec(name: &str, g: &GuestImage, append: &str, disk: &Path, format: &str) -> String {
+    format!(
+        "name = {name:?}\nmemory_mib = 128\nvcpus = 1\naccel = \"tcg\"\nkernel = {:?}\ninitrd = {:?}\nappend = \"console=ttyS0 panic=-1 {append}\"\n[[disk]]\npath = {:?}\nformat = {format:?}\n",
+        g.kernel.display().to_string(),
+        g.initrd.display().to_string(),
+        disk.display().to_string(),
+    )
+}
+
+fn boot(a: &TestAgent, spec_toml: &str, ready: &str) -> Result<PathBuf> {
+    let info = a.start_vm(spec_toml)?;
+    let console = PathBuf::from(info["console_log"].as_str().context("console path")?);
+    wait_for_text(&console, ready, Duration::from_secs(120)).context("guest did not boot")?;
+    Ok(console)
+}
+
+fn migrate(
+    a: &TestAgent,
+    b: &TestAgent,
+    vm: &str,
+    extra: serde_json::Value,
+) -> Result<tern_agent::migrate::MigrationStatus> {
+    let id = a.start_migration(vm, &b.peer_addr.to_string(), extra)?;
+    a.wait_migration(&id, Duration::from_secs(240))
+}
+
+fn migrate_ok(
+    a: &TestAgent,
+    b: &TestAgent,
+    vm: &str,
+) -> Result<tern_agent::migrate::MigrationReport> {
+    let st = migrate(a, b, vm, json!({}))?;
+    match st.report {
+        Some(r) => Ok(r),
+        None => bail!(
+            "migration failed: {:?}\nsource log:\n{}\ndest log:\n{}",
+            st.error,
+            tern_testkit::agents::tail(&a.log_text(), 6000),
+            tern_testkit::agents::tail(&b.log_text(), 6000)
+        ),
+    }
+}
+
+/// The disk path in an agent's copy of the VM's spec.
+fn disk_path(agent: &TestAgent, vm: &str) -> Result<PathBuf> {
+    let v = agent.vm(vm)?;
+    let p = v["disks"][0]["path"]
+        .as_str()
+        .with_context(|| format!("no disk in {v}"))?;
+    Ok(p.into())
+}
+
+fn compare(a: &Path, fa: &str, b: &Path, fb: &str) -> Result<()> {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", fa, "-F", fb])
+        .arg(a)
+        .arg(b)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("Images are identical"),
+        "qemu-img compare {} {}: {text}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The guest's last complete `TERN-DISK ok seq=K full=P ...` line: (K, P).
+fn disk_status(console: &Path) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(console).ok()?;
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete.lines().rev().find_map(|l| {
+        let rest = l.trim_end_matches('\r').strip_prefix("TERN-DISK ok ")?;
+        let field = |k: &str| {
+            rest.split(' ')
+                .find_map(|f| f.strip_prefix(k))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        Some((field("seq=")?, field("full=")?))
+    })
+}
+
+fn disk_trouble(console: &Path) -> Vec<String> {
+    std::fs::read_to_string(console)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.contains("TERN-DISK-CORRUPT")
+                || l.contains("TERN-DISK-ERROR")
+                || l.starts_with("TERN-DISK bad")
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits until the guest on `console` reports a sequence above `after`, cleanly.
+fn wait_disk_writes(console: &Path, after: u64) -> Result<(u64, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let trouble = disk_trouble(console);
+        ensure!(trouble.is_empty(), "guest disk checker: {trouble:?}");
+        if let Some(s) = disk_status(console).filter(|s| s.0 > after) {
+            return Ok(s);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no TERN-DISK line after seq {after}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Incompressible bytes from a seed.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// An ext4 filesystem in a qcow2 base image of `size` bytes, holding 8 MiB of files (an
+/// "OS image" the destination may hold too).
+fn ext4_base(dir: &Path, size: u64) -> Result<PathBuf> {
+    let files = dir.join("base-files");
+    std::fs::create_dir_all(&files)?;
+    for i in 0..8u64 {
+        std::fs::write(
+            files.join(format!("blob{i}")),
+            noise(1000 + i, MIB as usize),
+        )?;
+    }
+    let raw = dir.join("base.raw");
+    std::fs::File::create(&raw)?.set_len(size)?;
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-F",
+                "-E",
+                "lazy_itable_init=0,lazy_journal_init=0",
+                "-d",
+            ])
+            .arg(&files)
+            .arg(&raw),
+    )?;
+    let base = dir.join("base.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&base),
+    )?;
+    std::fs::remove_file(&raw)?;
+    Ok(base)
+}
+
+fn overlay(base: &Path, path: &Path) -> Result<()> {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(base)
+            .arg(path),
+    )?;
+    Ok(())
+}
+
+fn import(agent: &TestAgent, path: &Path, format: &str) -> Result<serde_json::Value> {
+    agent.call(
+        "POST",
+        "/v1/images",
+        Some(&json!({ "path": path.display().to_string(), "format": format })),
+    )
+}
+
+/// Waits until `agent` lists `path` among its indexed images.
+fn wait_indexed(agent: &TestAgent, path: &Path) -> Result<()> {
+    let want = std::fs::canonicalize(path)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = agent.call("GET", "/v1/images", None)?;
+        let found = list.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|i| i["path"].as_str().map(PathBuf::from) == Some(want.clone()))
+        });
+        if found {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} never indexed: {list}",
+            want.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn witness(disk: &Path) -> PathBuf {
+    let mut p = disk.as_os_str().to_owned();
+    p.push(".at-switchover");
+    p.into()
+}
+
+/// The filesystem of a (paused) guest's qcow2 disk checks clean after journal replay.
+fn fsck_clean(image: &Path, work: &Path) -> Result<String> {
+    let raw = work.join("fsck.raw");
+    let _ = std::fs::remove_file(&raw);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-U", "-q", "-f", "qcow2", "-O", "raw"])
+            .arg(image)
+            .arg(&raw),
+    )?;
+    // QEMU stopped a mounted filesystem: replay the journal (what a boot does) first
+    let out = Command::new("e2fsck")
+        .args(["-f", "-p"])
+        .arg(&raw)
+        .output()?;
+    let code = out.status.code().unwrap_or(-1);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    ensure!(
+        code <= 1 && !text.contains("UNEXPECTED INCONSISTENCY"),
+        "e2fsck -fp: exit {code}: {text}"
+    );
+    run_ok(Command::new("e2fsck").args(["-f", "-n"]).arg(&raw))
+}
+
+#[test]
+fn a_writing_guests_disk_moves_there_and_back_identical_at_each_switchover() -> Result<()> {
+    for tool in ["mkfs.ext4", "e2fsck", "qemu-img"] {
+        if !have(tool) {
+            eprintln!("SKIPPED: {tool} is not installed");
+            return Ok(());
+        }
+    }
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    let base = ext4_base(d.path(), 64 * MIB)?;
+    let disk = d.path().join("vm.qcow2");
+    overlay(&base, &disk)?;
+    // the destination holds the base image (a copy of it, in its library)
+    let library = d.path().join("library-base.qcow2");
+    std::fs::copy(&base, &library)?;
+    let fault = [("TERN_FAULT", "disk-copy-at-switchover")];
+    let opts = |env| AgentOptions {
+        env,
+        ..Default::default()
+    };
+    let a = TestAgent::start_with(Path::new(BIN), "host-a", opts(&fault))?;
+    let b = TestAgent::start_with(Path::new(BIN), "host-b", opts(&fault))?;
+    let imported = import(&b, &library, "qcow2")?;
+    ensure!(imported["data_blocks"].as_u64() > Some(2048), "{imported}");
+
+    let append = "tern.workload=idle tern.disk=1 tern.disk_rate=512 tern.seed=11";
+    let console = boot(
+        &a,
+        &spec("dk1", &g, append, &disk, "qcow2"),
+        "TERN-DISK-READY",
+    )?;
+    // steady state: the guest has rewritten its files once
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while disk_status(&console).is_none_or(|s| s.1 < 1) {
+        ensure!(
+            Instant::now() < deadline,
+            "the guest's disk writer never finished a pass"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // --- out: a -> b
+    let r = migrate_ok(&a, &b, "dk1")?;
+    let dr = r.disk.clone().context("no disk part in the report")?;
+    eprintln!("out: {dr:?}; wire {} B total", r.bytes_on_wire);
+    ensure!(dr.disks == 1 && dr.virtual_bytes == 64 * MIB, "{dr:?}");
+    ensure!(
+        dr.local_bytes * 2 > dr.data_bytes,
+        "the destination holds the base, yet filled only {} of {} bytes itself",
+        dr.local_bytes,
+        dr.data_bytes
+    );
+    ensure!(dr.rounds >= 2, "a writing guest needs dirty rounds: {dr:?}");
+    ensure!(dr.wire_bytes < r.bytes_on_wire, "{dr:?}");
+    let b_disk = disk_path(&b, "dk1")?;
+    ensure!(
+        b_disk.starts_with(&b.state_dir),
+        "the destination's disk {} is not its own",
+        b_disk.display()
+    );
+    // the source's image is as the guest left it at the pause; the destination's copy at
+    // its switchover must equal it
+    compare(&disk, "qcow2", &witness(&b_disk), "qcow2")?;
+    let seq_out = disk_status(&console).map_or(0, |s| s.0);
+    let b_console = PathBuf::from(b.vm("dk1")?["console_log"].as_str().context("console")?);
+    let (seq_b, _) = wait_disk_writes(&b_console, seq_out)?;
+    ensure!(a.vms()?.is_empty(), "the source still lists the VM");
+
+    // --- back: b -> a, rebuilt from a's old copy (indexed when the VM left) + changes
+    wait_indexed(&a, &disk)?;
+    // let the guest write for a while on b
+    wait_disk_writes(&b_console, seq_b + 3)?;
+    let r2 = migrate_ok(&b, &a, "dk1")?;
+    let dr2 = r2
+        .disk
+        .clone()
+        .context("no disk part in the return report")?;
+    eprintln!("back: {dr2:?}; wire {} B total", r2.bytes_on_wire);
+    ensure!(
+        dr2.sent_bytes * 4 < dr2.data_bytes,
+        "the return trip sent {} of {} data bytes: it should send only what changed",
+        dr2.sent_bytes,
+        dr2.data_bytes
+    );
+    // b keeps the disk of the departed VM in its image library (the run dir goes)
+    let b_kept = b.state_dir.join("images/dk1-disk0.qcow2");
+    ensure!(
+        !b_disk.exists() && b_kept.exists(),
+        "b should have moved {} to {}",
+        b_disk.display(),
+        b_kept.display()
+    );
+    let a_disk = disk_path(&a, "dk1")?;
+    compare(&b_kept, "qcow2", &witness(&a_disk), "qcow2")?;
+    let a_console = PathBuf::from(a.vm("dk1")?["console_log"].as_str().context("console")?);
+    let seq_back = disk_status(&b_console).map_or(0, |s| s.0);
+    wait_disk_writes(&a_console, seq_back)?;
+
+    // --- the filesystem checks clean (guest paused, journal replayed)
+    a.qmp("dk1", "stop", None)?;
+    let fsck = fsck_clean(&a_disk, d.path())?;
+    eprintln!(
+        "e2fsck after two trips: {}",
+        fsck.trim().replace('\n', " | ")
+    );
+    Ok(())
+}
+
+#[test]
+fn an_interrupted_disk_copy_leaves_the_source_running_and_nothing_behind_and_a_rerun_succeeds(
+) -> Result<()> {
+    if !have("qemu-img") {
+        eprintln!("SKIPPED: qemu-img is not installed");
+        return Ok(());
+    }
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    // 32 MiB of incompressible data: at 4 MiB/s the copy takes ~8 s
+    let disk = d.path().join("rand.raw");
+    std::fs::write(&disk, noise(0x9e37_79b9_7f4a_7c15, (32 * MIB) as usize))?;
+    let (a, b) = (
+        TestAgent::start(Path::new(BIN), "host-a", &[])?,
+        TestAgent::start(Path::new(BIN), "host-b", &[])?,
+    );
+    boot(
+        &a,
+        &spec("dk2", &g, "tern.workload=idle", &disk, "raw"),
+        "TERN-READY",
+    )?;
+    let id = a.start_migration(
+        "dk2",
+        &b.peer_addr.to_string(),
+        json!({ "max_bandwidth_mibps": 4 }),
+    )?;
+    // wait until the destination's image is being written
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (pid, partial) = loop {
+        let pid = b
+            .migrations()?
+            .iter()
+            .find_map(|m| m.dest_qemu_pid)
+            .filter(|_| a.migration(&id).is_ok_and(|m| m.phase == "disk copy"));
+        let image = b
+            .run_dirs()
+            .into_iter()
+            .map(|r| r.join("disks/disk0.raw"))
+            .find(|p| {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::metadata(p).is_ok_and(|m| m.blocks() * 512 > 4 * MIB)
+            });
+        if let (Some(pid), Some(image)) = (pid, image) {
+            break (pid, image);
+        }
+        ensure!(Instant::now() < deadline, "the disk copy never got going");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // the destination's QEMU dies mid-copy
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()?;
+    let st = a.wait_migration(&id, Duration::from_secs(60))?;
+    let e = st.error.context("the migration must fail")?;
+    eprintln!("interrupted: {} {}", e.code, e.message);
+    let vm = a.vm_status("dk2")?;
+    ensure!(vm == "running", "source VM is {vm}");
+    // nothing of tern is left in the source QEMU: no export, no dirty bitmap
+    let exports = a.qmp("dk2", "query-block-exports", None)?;
+    ensure!(
+        exports.as_array().is_some_and(|v| v.is_empty()),
+        "{exports}"
+    );
+    let nodes = a.qmp(
+        "dk2",
+        "query-named-block-nodes",
+        Some(json!({ "flat": true })),
+    )?;
+    ensure!(
+        !nodes.to_string().contains("tern-r"),
+        "dirty bitmaps left on the source: {nodes}"
+    );
+    // the destination removed its partial image with the rest
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while partial.exists() || !b.run_dirs().is_empty() || pid_alive(pid) {
+        ensure!(
+            Instant::now() < deadline,
+            "destination not clean: {} exists: {}, run dirs {:?}",
+            partial.display(),
+            partial.exists(),
+            b.run_dirs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // and again, to the end
+    let r = migrate_ok(&a, &b, "dk2")?;
+    let dr = r.disk.context("no disk part")?;
+    ensure!(
+        dr.data_bytes == 32 * MIB && dr.sent_bytes >= 32 * MIB,
+        "{dr:?}"
+    );
+    // random data: what went on the wire is the data plus at most 2%
+    ensure!(
+        dr.wire_bytes * 100 <= dr.sent_bytes * 102,
+        "disk wire {} B for {} B of random data",
+        dr.wire_bytes,
+        dr.sent_bytes
+    );
+    compare(&disk, "raw", &disk_path(&b, "dk2")?, "raw")?;
+    Ok(())
+}
+
+#[test]
+fn a_destination_without_room_for_the_disk_refuses_before_anything_switches() -> Result<()> {
+    if !have("qemu-img") {
+        eprintln!("SKIPPED: qemu-img is not installed");
+        return Ok(());
+    }
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    let disk = d.path().join("big.raw");
+    std::fs::write(&disk, vec![0x5au8; (48 * MIB) as usize])?;
+    // the destination's state lives on a 40 MiB filesystem
+    let small = d.path().join("small");
+    std::fs::create_dir(&small)?;
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=40m", "tern-test-small"])
+            .arg(&small),
+    )?;
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
+    let b = TestAgent::start_with(
+        Path::new(BIN),
+        "host-b",
+        AgentOptions {
+            state_dir: Some(&small),
+            args: &["--store-file-mib", "0"],
+            ..Default::default()
+        },
+    )?;
+    boot(
+        &a,
+        &spec("dk3", &g, "tern.workload=idle", &disk, "raw"),
+        "TERN-READY",
+    )?;
+    let st = migrate(&a, &b, "dk3", json!({}))?;
+    let e = st.error.context("a destination without room must refuse")?;
+    ensure!(
+        e.code == "resource-exhausted" && e.message.contains("not enough disk space"),
+        "{e:?}"
+    );
+    ensure!(a.vm_status("dk3")? == "running");
+    ensure!(
+        b.vms()?.is_empty() && b.run_dirs().is_empty(),
+        "destination not clean"
+    );
+    Ok(())
+}
