@@ -53,6 +53,20 @@ A="$tern --agent unix:$work/a.sock"
 B="$tern --agent unix:$work/b.sock"
 for i in $(seq 100); do $A vm list >/dev/null 2>&1 && $B vm list >/dev/null 2>&1 && break; sleep 0.1; done
 
+# The VM's disk: a qcow2 overlay on a base image ("the OS image": ext4 with 24 MiB of
+# files). Host B holds the same base image in its image library, so the disk is rebuilt
+# there from what B has plus the blocks that differ.
+mkdir -p "$work/base-files"
+for i in $(seq 0 23); do head -c 1M /dev/urandom > "$work/base-files/blob$i"; done
+truncate -s 128M "$work/base.raw"
+mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 -d "$work/base-files" "$work/base.raw"
+qemu-img convert -q -f raw -O qcow2 "$work/base.raw" "$work/base.qcow2"
+rm -rf "$work/base.raw" "$work/base-files"
+cp "$work/base.qcow2" "$work/library-base.qcow2"
+qemu-img create -q -f qcow2 -F qcow2 -b "$work/base.qcow2" "$work/demo-disk.qcow2"
+echo; echo "== host B: importing the base image into its image library (chunk index)"
+$B image import "$work/library-base.qcow2"
+
 cat > "$work/demo.toml" <<SPEC
 name = "demo"
 memory_mib = 384
@@ -60,9 +74,13 @@ vcpus = 1
 accel = "tcg"
 kernel = "$kernel"
 initrd = "$initrd"
-append = "console=ttyS0 panic=-1 tern.workload=realistic tern.mib=160 tern.seed=1 tern.dirty=16 tern.rate=2"
+append = "console=ttyS0 panic=-1 tern.workload=realistic tern.mib=160 tern.seed=1 tern.dirty=16 tern.rate=2 tern.disk=1 tern.disk_rate=256"
+[[disk]]
+path = "$work/demo-disk.qcow2"
+format = "qcow2"
 SPEC
-echo; echo "== host A: starting VM 'demo' (384 MiB; 160 MiB of files and processes; rewriting text in 16 MiB at 2 MiB/s)"
+echo; echo "== host A: starting VM 'demo' (384 MiB; 160 MiB of files and processes; rewriting text in 16 MiB at 2 MiB/s;"
+echo "   a 128 MiB disk, an overlay on the base image, that the guest rewrites files on at 256 KiB/s)"
 $A vm start "$work/demo.toml"
 console=$($A vm list --json | sed -n 's/.*"console_log": "\(.*\)".*/\1/p')
 for i in $(seq 600); do grep -q TERN-READY "$console" 2>/dev/null && break; sleep 0.1; done
@@ -80,6 +98,6 @@ for i in $(seq 100); do [ "$(grep -c "tern-realistic pass" "$dconsole" || true)"
 echo "destination guest console (last lines):"
 tail -n 2 "$dconsole"
 
-echo; echo "== and back: host B -> host A (host A still holds what it sent)"
+echo; echo "== and back: host B -> host A (host A still holds what it sent, and the disk it had)"
 $B migrate demo --to 198.18.0.1:7700
 $A vm list

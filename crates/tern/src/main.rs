@@ -676,6 +676,16 @@ fn progress_line(s: &MigrationStatus) -> String {
     if let Some(d) = p.dirty_pages_rate {
         line.push_str(&format!("  dirty {d} pages/s"));
     }
+    if let Some(d) = &p.disk {
+        line.push_str(&format!(
+            "  disk: read {:.0}/{:.0} MiB, {:.1} MiB held there, sent {:.1} MiB, round {}",
+            mib(d.scanned_bytes),
+            mib(d.virtual_bytes),
+            mib(d.local_bytes),
+            mib(d.sent_bytes),
+            d.rounds
+        ));
+    }
     line
 }
 

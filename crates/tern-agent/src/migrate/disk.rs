@@ -166,6 +166,7 @@ pub struct SourceDisks {
     buf: BytesMut,
     stall: Duration,
     budget: Option<Arc<super::rate::RateLimit>>,
+    handle: Arc<super::MigrationHandle>,
     pub report: DiskReport,
     started: Instant,
 }
@@ -229,6 +230,7 @@ impl SourceDisks {
         codec: Codec,
         stall: Duration,
         budget: Option<Arc<super::rate::RateLimit>>,
+        handle: Arc<super::MigrationHandle>,
     ) -> Result<Self, SourceDiskError> {
         let sock = run_dir.join("disk-nbd.sock");
         let _ = std::fs::remove_file(&sock);
@@ -264,6 +266,7 @@ impl SourceDisks {
             buf: BytesMut::new(),
             stall,
             budget,
+            handle,
             report,
             started: Instant::now(),
         })
@@ -287,7 +290,19 @@ impl SourceDisks {
             Some(f) => w.push_encoded(f),
             None => w.push(m),
         }
-        w.flush().await.map_err(SourceDiskError::PeerWrite)
+        w.flush().await.map_err(SourceDiskError::PeerWrite)?;
+        self.handle
+            .counters
+            .wire_out
+            .store(w.bytes_written, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Shows the disks' progress in the migration's status.
+    fn publish(&mut self) {
+        self.report.rounds = self.disks.iter().map(|d| d.rounds).max().unwrap_or(0);
+        let r = self.report.clone();
+        self.handle.update(|s| s.progress.disk = Some(r));
     }
 
     async fn next_reply(&self, inbox: &mut DiskInbox) -> Result<Message, SourceDiskError> {
@@ -417,6 +432,8 @@ impl SourceDisks {
             }
             let data_blocks = manifest.data_blocks();
             self.report.data_bytes += data_blocks * BLOCK_SIZE;
+            self.report.scanned_bytes += end - start;
+            self.publish();
             if data_blocks == 0 {
                 continue;
             }
@@ -536,6 +553,7 @@ impl SourceDisks {
         }
         self.close_round(d, round, frozen, export, client, inbox)
             .await?;
+        self.publish();
         Ok(total)
     }
 
@@ -544,6 +562,8 @@ impl SourceDisks {
     pub async fn copy(&mut self, inbox: &mut DiskInbox) -> Result<(), SourceDiskError> {
         for d in 0..self.disks.len() {
             self.full_round(d, inbox).await?;
+            self.report.scanned_bytes = self.disks[..=d].iter().map(|d| d.size).sum();
+            self.publish();
         }
         for _ in 1..MAX_ROUNDS_BEFORE_MEMORY {
             let mut dirty = 0;

@@ -135,6 +135,9 @@ pub struct Progress {
     /// The compression in use now.
     #[serde(default)]
     pub codec: String,
+    /// The disks so far (source side; None: the VM has none, or they have not started).
+    #[serde(default)]
+    pub disk: Option<DiskReport>,
 }
 
 /// The final report of a migration (`tern migrate --json` prints it).
@@ -186,6 +189,9 @@ pub struct DiskReport {
     pub disks: u32,
     /// Guest-visible size of all disks.
     pub virtual_bytes: u64,
+    /// Round 0: how far the source has read through the disks (progress).
+    #[serde(default)]
+    pub scanned_bytes: u64,
     /// Round 0: bytes of blocks that do not read as zero (what a full copy sends).
     pub data_bytes: u64,
     /// Round 0: bytes the destination filled from images it held (its chunk index), or

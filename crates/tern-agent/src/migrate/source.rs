@@ -527,6 +527,7 @@ impl SourceCtx {
                 codec,
                 self.agent.config.stall_timeout,
                 budget.clone(),
+                self.handle.clone(),
             )
             .await?;
             tokio::select! {
