@@ -445,9 +445,12 @@ pub enum Message {
         data: Bytes,
     },
     /// Source -> destination (v3): everything of round `round` of disk `disk` was sent.
+    /// `last`: the final round (the guest is paused); the source does not wait for its
+    /// DiskRoundDone, and the destination must have applied it before the VM runs.
     DiskRoundEnd {
         disk: u16,
         round: u32,
+        last: bool,
     },
     /// Destination -> source (v3): round `round` of disk `disk` is written and flushed.
     DiskRoundDone {
@@ -729,9 +732,10 @@ pub fn encode_segments(msg: &Message, scratch: &mut BytesMut, segs: &mut Vec<Byt
             out.put_u64(*offset);
             bulk(out, segs, data);
         }
-        Message::DiskRoundEnd { disk, round } => {
+        Message::DiskRoundEnd { disk, round, last } => {
             out.put_u16(*disk);
             out.put_u32(*round);
+            out.put_u8(u8::from(*last));
         }
         Message::DiskRoundDone {
             disk,
@@ -804,7 +808,7 @@ fn payload_len(msg: &Message) -> usize {
         Message::DiskManifest { manifest, .. } => 6 + manifest.len(),
         Message::DiskWant { runs, .. } => 10 + 12 * runs.len(),
         Message::DiskData { data, .. } => 14 + data.len(),
-        Message::DiskRoundEnd { .. } => 6,
+        Message::DiskRoundEnd { .. } => 7,
         Message::DiskRoundDone { .. } => 14,
     }
 }
@@ -1075,6 +1079,7 @@ fn decode_payload(ty: u8, payload: Bytes) -> Result<Message, FrameError> {
         tag::DISK_ROUND_END => Message::DiskRoundEnd {
             disk: r.u16()?,
             round: r.u32()?,
+            last: r.bool()?,
         },
         tag::DISK_ROUND_DONE => Message::DiskRoundDone {
             disk: r.u16()?,
@@ -1377,7 +1382,16 @@ mod tests {
                 offset: 8192,
                 data: Bytes::from(vec![1u8; 8192]),
             },
-            Message::DiskRoundEnd { disk: 0, round: 5 },
+            Message::DiskRoundEnd {
+                disk: 0,
+                round: 5,
+                last: false,
+            },
+            Message::DiskRoundEnd {
+                disk: 1,
+                round: 9,
+                last: true,
+            },
             Message::DiskRoundDone {
                 disk: 0,
                 round: 5,

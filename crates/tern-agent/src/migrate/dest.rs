@@ -456,7 +456,8 @@ async fn receive(
     let mut last_input = tokio::time::Instant::now();
     let source_digest = loop {
         if let Some(d) = source_done {
-            if rb.pending.is_empty() {
+            // (disks: their last rounds travel on this connection, maybe behind SourceDone)
+            if rb.pending.is_empty() && disks.as_ref().is_none_or(DestDisks::all_last) {
                 rb.flush(&mut qemu_wr, writer, version).await?;
                 break d;
             }

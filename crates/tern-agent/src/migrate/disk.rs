@@ -350,6 +350,7 @@ impl SourceDisks {
             &Message::DiskRoundEnd {
                 disk: d as u16,
                 round,
+                last: false,
             },
             false,
         )
@@ -514,6 +515,7 @@ impl SourceDisks {
         &mut self,
         d: usize,
         inbox: &mut DiskInbox,
+        last: bool,
     ) -> Result<u64, SourceDiskError> {
         let round = self.disks[d].rounds;
         let (frozen, export, mut client) = self.open_round(d).await?;
@@ -551,6 +553,22 @@ impl SourceDisks {
                 at += n as u64;
             }
         }
+        if last {
+            // no waiting for DiskRoundDone: the destination applies this round before
+            // its VM runs; the export and bitmaps go with stop()
+            self.send(
+                &Message::DiskRoundEnd {
+                    disk: d as u16,
+                    round,
+                    last: true,
+                },
+                false,
+            )
+            .await?;
+            drop((frozen, export, client));
+            self.disks[d].rounds += 1;
+            return Ok(total);
+        }
         self.close_round(d, round, frozen, export, client, inbox)
             .await?;
         self.publish();
@@ -568,7 +586,7 @@ impl SourceDisks {
         for _ in 1..MAX_ROUNDS_BEFORE_MEMORY {
             let mut dirty = 0;
             for d in 0..self.disks.len() {
-                dirty += self.dirty_round(d, inbox).await?;
+                dirty += self.dirty_round(d, inbox, false).await?;
             }
             if dirty <= CONVERGED_BYTES {
                 break;
@@ -588,7 +606,7 @@ impl SourceDisks {
         loop {
             let t = Instant::now();
             for d in 0..self.disks.len() {
-                if let Err(e) = self.dirty_round(d, &mut inbox).await {
+                if let Err(e) = self.dirty_round(d, &mut inbox, false).await {
                     return (self, inbox, Err(e));
                 }
             }
@@ -606,7 +624,7 @@ impl SourceDisks {
         let t = Instant::now();
         let mut bytes = 0;
         for d in 0..self.disks.len() {
-            bytes += self.dirty_round(d, inbox).await?;
+            bytes += self.dirty_round(d, inbox, true).await?;
         }
         self.report.last_round_bytes = bytes;
         self.report.last_round_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -734,6 +752,9 @@ enum Cmd {
 /// QEMU's NBD exports.
 pub struct DestDisks {
     tx: mpsc::Sender<Cmd>,
+    /// Disks whose last round's DiskRoundEnd came.
+    last_rounds: std::collections::HashSet<u16>,
+    count: usize,
     /// The worker's failure, once.
     pub failed: mpsc::UnboundedReceiver<DestDiskError>,
     exports: Vec<NbdExport>,
@@ -762,6 +783,7 @@ impl DestDisks {
                 .map_err(|e| super::source::error_chain(&e))?;
             exports.push(e);
         }
+        let sizes_len = sizes.len();
         let (tx, mut rx) = mpsc::channel::<Cmd>(64);
         let (fail_tx, failed) = mpsc::unbounded_channel();
         let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<Message>();
@@ -801,6 +823,8 @@ impl DestDisks {
             })
             .map_err(|e| format!("cannot start the disk worker: {e}"))?;
         Ok(DestDisks {
+            last_rounds: Default::default(),
+            count: sizes_len,
             tx,
             failed,
             exports,
@@ -808,8 +832,19 @@ impl DestDisks {
         })
     }
 
+    /// True once every disk's last round ended (its data is queued for the worker).
+    pub fn all_last(&self) -> bool {
+        self.last_rounds.len() == self.count
+    }
+
     /// Hands a disk message to the worker (waits while it is busy: back-pressure).
-    pub async fn handle(&self, m: Message) -> Result<(), DestDiskError> {
+    pub async fn handle(&mut self, m: Message) -> Result<(), DestDiskError> {
+        if let Message::DiskRoundEnd {
+            disk, last: true, ..
+        } = m
+        {
+            self.last_rounds.insert(disk);
+        }
         self.tx
             .send(Cmd::Msg(m))
             .await
@@ -960,7 +995,7 @@ impl Worker {
                 self.round_written[d] += data.len() as u64;
                 Ok(())
             }
-            Message::DiskRoundEnd { disk, round } => {
+            Message::DiskRoundEnd { disk, round, .. } => {
                 let d = self.disk(disk)?;
                 let open = self.pieces.keys().filter(|(k, _)| *k == disk).count();
                 if open > 0 {
