@@ -427,6 +427,17 @@ fn an_interrupted_disk_copy_leaves_the_source_running_and_nothing_behind_and_a_r
         ensure!(Instant::now() < deadline, "the disk copy never got going");
         std::thread::sleep(Duration::from_millis(50));
     };
+    // the disk copy keeps to the migration's rate limit (4 MiB/s): over one second it
+    // moves about 4 MiB and is still going (unlimited, 32 MiB take well under a second)
+    let w1 = a.migration(&id)?.progress.bytes_on_wire;
+    std::thread::sleep(Duration::from_secs(1));
+    let m = a.migration(&id)?;
+    let per_sec = m.progress.bytes_on_wire - w1;
+    ensure!(
+        m.phase == "disk copy" && per_sec < 4 * MIB + MIB / 2 && per_sec > 2 * MIB,
+        "phase {}, {per_sec} bytes in a second at a 4 MiB/s cap",
+        m.phase
+    );
     // the destination's QEMU dies mid-copy
     Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -533,5 +544,91 @@ fn a_destination_without_room_for_the_disk_refuses_before_anything_switches() ->
         b.vms()?.is_empty() && b.run_dirs().is_empty(),
         "destination not clean"
     );
+    Ok(())
+}
+
+#[test]
+fn a_destination_disk_that_fills_up_during_the_copy_fails_clearly_and_the_source_runs() -> Result<()>
+{
+    if !have("qemu-img") {
+        eprintln!("SKIPPED: qemu-img is not installed");
+        return Ok(());
+    }
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    // 32 MiB of random data: room for it at the check, none left once the test fills up
+    // the destination's filesystem during the copy
+    let disk = d.path().join("rand.raw");
+    std::fs::write(&disk, noise(77, (32 * MIB) as usize))?;
+    let small = d.path().join("small");
+    std::fs::create_dir(&small)?;
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "tern-test-fill"])
+            .arg(&small),
+    )?;
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let state = small.join("state");
+    std::fs::create_dir(&state)?;
+    let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
+    let b = TestAgent::start_with(
+        Path::new(BIN),
+        "host-b",
+        AgentOptions {
+            state_dir: Some(&state),
+            args: &["--store-file-mib", "0"],
+            ..Default::default()
+        },
+    )?;
+    boot(
+        &a,
+        &spec("dk4", &g, "tern.workload=idle", &disk, "raw"),
+        "TERN-READY",
+    )?;
+    let id = a.start_migration(
+        "dk4",
+        &b.peer_addr.to_string(),
+        json!({ "max_bandwidth_mibps": 4 }),
+    )?;
+    // once the destination writes the disk, something else takes the rest of its room
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !b.run_dirs().iter().any(|r| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(r.join("disks/disk0.raw")).is_ok_and(|m| m.blocks() * 512 > 2 * MIB)
+    }) {
+        ensure!(Instant::now() < deadline, "the disk copy never got going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let filler = small.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=64"])
+        .arg(format!("of={}", filler.display()))
+        .output()?; // stops at ENOSPC: the filesystem is full
+    let st = a.wait_migration(&id, Duration::from_secs(120))?;
+    let e = st
+        .error
+        .context("a full destination disk must fail the migration")?;
+    eprintln!("full: {} {}", e.code, e.message);
+    ensure!(
+        e.code == "resource-exhausted" && e.message.contains("ran out of disk space"),
+        "{e:?}"
+    );
+    ensure!(a.vm_status("dk4")? == "running");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(b.vms()?.is_empty() && b.run_dirs().is_empty()) {
+        ensure!(
+            Instant::now() < deadline,
+            "destination not clean: {:?}",
+            b.run_dirs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     Ok(())
 }

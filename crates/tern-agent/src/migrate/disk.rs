@@ -565,7 +565,13 @@ impl SourceDisks {
                 false,
             )
             .await?;
-            drop((frozen, export, client));
+            // QEMU inactivates its disks at the switchover: no export may hold them then
+            // (the bitmaps stay until the VM is gone or a failure cleans up)
+            let _ = client.disconnect().await;
+            qdisk::remove_export(&self.qmp, &export, RemoveMode::Hard, QEMU_WAIT)
+                .await
+                .map_err(|source| SourceDiskError::RemoveExport { disk: d, source })?;
+            drop(frozen);
             self.disks[d].rounds += 1;
             return Ok(total);
         }

@@ -208,6 +208,13 @@ pub struct DiskReport {
     /// The last round (guest paused, before QEMU's switchover): bytes and time.
     pub last_round_bytes: u64,
     pub last_round_ms: f64,
+    /// From QEMU's pause before the switchover to `migrate-continue`: the part of the
+    /// downtime the disks add (the end of a live round in progress, then the last round).
+    #[serde(default)]
+    pub pause_ms: f64,
+    /// Of which: waiting for a live round in progress to end.
+    #[serde(default)]
+    pub live_round_wait_ms: f64,
 }
 
 /// What the source's encoder did.

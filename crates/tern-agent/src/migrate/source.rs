@@ -581,6 +581,10 @@ impl SourceCtx {
         let mut disk_task = disks
             .take()
             .map(|d| tokio::spawn(d.live(disk_inbox, disk_stop_rx)));
+        // a failed migration must not leave rounds running behind its cleanup
+        let _disk_guard = disk_task
+            .as_ref()
+            .map(|t| AbortHandleOnDrop(t.abort_handle()));
         let mut disk_report = None;
         // v2: SourceDone carries the commit (the switchover point moves there); the
         // forwarder raises this flag just before sending it.
@@ -684,6 +688,8 @@ impl SourceCtx {
                                     // the guest is stopped and its disks drained: the
                                     // last disk round, then QEMU sends the device state
                                     if let Some(task) = disk_task.take() {
+                                        let event_ms = SystemTime::now().duration_since(ev.timestamp).map_or(0.0, |d| d.as_secs_f64() * 1e3);
+                                        let t_seen = Instant::now();
                                         if let Some(s) = disk_stop.take() {
                                             let _ = s.send(());
                                         }
@@ -691,10 +697,16 @@ impl SourceCtx {
                                             MigrateError::Protocol(format!("disk task failed: {e}"))
                                         })?;
                                         r?;
+                                        let live_ms = t_seen.elapsed().as_secs_f64() * 1e3;
                                         d.last_round(&mut inbox).await?;
                                         disk::continue_switchover(&qmp).await.map_err(|e| MigrateError::Qmp(e.0))?;
-                                        tracing::info!(migration = %self.handle.id, bytes = d.report.last_round_bytes, ms = d.report.last_round_ms, "last disk round done");
-                                        d.stop().await;
+                                        // where the guest's pause went before QEMU goes on
+                                        d.report.pause_ms = event_ms + t_seen.elapsed().as_secs_f64() * 1e3;
+                                        d.report.live_round_wait_ms = live_ms;
+                                        tracing::info!(migration = %self.handle.id, bytes = d.report.last_round_bytes, ms = d.report.last_round_ms, event_ms, live_ms, "last disk round done");
+                                        // no QMP work while QEMU finishes: its bitmaps
+                                        // and NBD server go with it, or with the cleanup
+                                        // of a failure
                                         disk_report = Some(d.report.clone());
                                     } else {
                                         disk::continue_switchover(&qmp).await.map_err(|e| MigrateError::Qmp(e.0))?;

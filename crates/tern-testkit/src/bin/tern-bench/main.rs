@@ -1,5 +1,6 @@
 //! `tern-bench loopback`: the foundation benchmark (`tern-bench wan`: see [`wan`];
-//! `tern-bench tls`: see [`tls`]). Same guest, same machine, one run:
+//! `tern-bench tls`: see [`tls`]; `tern-bench disk`: see [`disk`]). Same guest, same
+//! machine, one run:
 //! QEMU's own migration (QEMU to QEMU over loopback TCP) against the same migration
 //! through two tern agents, alternating, N rounds per workload. Prints a Markdown table of
 //! total time, downtime (end to end: source STOP event to destination RESUME event, and
@@ -7,6 +8,7 @@
 //!
 //! Usage: tern-bench loopback --tern target/release/tern [--rounds 3] [--out FILE]
 
+mod disk;
 mod tls;
 mod wan;
 
@@ -217,8 +219,17 @@ fn main() -> Result<()> {
             }
             return Ok(());
         }
+        Some("disk") => {
+            let opts = disk::Options::parse(arg)?;
+            let out = disk::bench(&bin, &ensure_guest()?, &opts)?;
+            print!("{out}");
+            if let Some(p) = arg("--out") {
+                disk::append(&p, &out)?;
+            }
+            return Ok(());
+        }
         _ => bail!(
-            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]"
+            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]\n       tern-bench disk --tern PATH [--link wan-100m-50ms] [--disk-mib 256] [--rounds 1] [--scenario a|b|c] [--only qemu|tern] [--limit-secs 600] [--out FILE (appended)]"
         ),
     }
     let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);
