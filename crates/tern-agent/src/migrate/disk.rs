@@ -41,7 +41,7 @@ use tern_qemu::disk::{self as qdisk, DirtyTracker, FrozenBitmap, NbdExport, Remo
 use tern_qemu::qmp::QmpClient;
 use tern_qemu::spec::VmSpec;
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 use super::DiskReport;
 use crate::conn::FrameWriter;
@@ -336,7 +336,10 @@ impl SourceDisks {
     }
 
     /// Ends disk `d`'s round: the destination confirms, then the export and the round's
-    /// bitmap go.
+    /// bitmap go. When `stop` turns true meanwhile (QEMU paused for the switchover), the
+    /// confirmation is not awaited: the round's data went out before the last round's,
+    /// on the same connection, and the destination applies all of it before the VM runs.
+    #[allow(clippy::too_many_arguments)]
     async fn close_round(
         &mut self,
         d: usize,
@@ -345,6 +348,7 @@ impl SourceDisks {
         export: NbdExport,
         client: NbdClient<UnixStream>,
         inbox: &mut DiskInbox,
+        stop: Option<&mut watch::Receiver<bool>>,
     ) -> Result<(), SourceDiskError> {
         self.send(
             &Message::DiskRoundEnd {
@@ -355,9 +359,18 @@ impl SourceDisks {
             false,
         )
         .await?;
-        match self.next_reply(inbox).await? {
-            Message::DiskRoundDone { disk, round: r, .. } if disk as usize == d && r == round => {}
-            m => {
+        let reply = match stop {
+            Some(stop) => tokio::select! {
+                r = self.next_reply(inbox) => Some(r?),
+                _ = stop.wait_for(|v| *v) => None,
+            },
+            None => Some(self.next_reply(inbox).await?),
+        };
+        match reply {
+            None => {}
+            Some(Message::DiskRoundDone { disk, round: r, .. })
+                if disk as usize == d && r == round => {}
+            Some(m) => {
                 return Err(SourceDiskError::Protocol(format!(
                     "expected DiskRoundDone for disk {d} round {round}, got {}",
                     m.name()
@@ -452,7 +465,8 @@ impl SourceDisks {
         while !inflight.is_empty() {
             self.answer_want(d, inbox, &mut inflight).await?;
         }
-        self.close_round(d, 0, frozen, export, client, inbox).await
+        self.close_round(d, 0, frozen, export, client, inbox, None)
+            .await
     }
 
     /// Waits for one DiskWant and sends what it asks for.
@@ -516,6 +530,7 @@ impl SourceDisks {
         d: usize,
         inbox: &mut DiskInbox,
         last: bool,
+        stop: Option<&mut watch::Receiver<bool>>,
     ) -> Result<u64, SourceDiskError> {
         let round = self.disks[d].rounds;
         let (frozen, export, mut client) = self.open_round(d).await?;
@@ -575,7 +590,7 @@ impl SourceDisks {
             self.disks[d].rounds += 1;
             return Ok(total);
         }
-        self.close_round(d, round, frozen, export, client, inbox)
+        self.close_round(d, round, frozen, export, client, inbox, stop)
             .await?;
         self.publish();
         Ok(total)
@@ -592,7 +607,7 @@ impl SourceDisks {
         for _ in 1..MAX_ROUNDS_BEFORE_MEMORY {
             let mut dirty = 0;
             for d in 0..self.disks.len() {
-                dirty += self.dirty_round(d, inbox, false).await?;
+                dirty += self.dirty_round(d, inbox, false, None).await?;
             }
             if dirty <= CONVERGED_BYTES {
                 break;
@@ -607,18 +622,24 @@ impl SourceDisks {
     pub async fn live(
         mut self,
         mut inbox: DiskInbox,
-        mut stop: oneshot::Receiver<()>,
+        mut stop: watch::Receiver<bool>,
     ) -> (Self, DiskInbox, Result<(), SourceDiskError>) {
         loop {
             let t = Instant::now();
             for d in 0..self.disks.len() {
-                if let Err(e) = self.dirty_round(d, &mut inbox, false).await {
+                if *stop.borrow() {
+                    return (self, inbox, Ok(()));
+                }
+                if let Err(e) = self
+                    .dirty_round(d, &mut inbox, false, Some(&mut stop))
+                    .await
+                {
                     return (self, inbox, Err(e));
                 }
             }
             let rest = LIVE_ROUND_INTERVAL.saturating_sub(t.elapsed());
             tokio::select! {
-                _ = &mut stop => return (self, inbox, Ok(())),
+                _ = stop.wait_for(|v| *v) => return (self, inbox, Ok(())),
                 _ = tokio::time::sleep(rest) => {}
             }
         }
@@ -630,7 +651,7 @@ impl SourceDisks {
         let t = Instant::now();
         let mut bytes = 0;
         for d in 0..self.disks.len() {
-            bytes += self.dirty_round(d, inbox, true).await?;
+            bytes += self.dirty_round(d, inbox, true, None).await?;
         }
         self.report.last_round_bytes = bytes;
         self.report.last_round_ms = t.elapsed().as_secs_f64() * 1e3;

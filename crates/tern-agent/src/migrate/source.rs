@@ -576,7 +576,7 @@ impl SourceCtx {
         let (qemu_rd, qemu_wr) = qemu_sock.into_split();
         let _ = qemu_tx.send(qemu_wr);
         // disk rounds go on beside memory until QEMU pauses before the switchover
-        let (disk_stop_tx, disk_stop_rx) = tokio::sync::oneshot::channel();
+        let (disk_stop_tx, disk_stop_rx) = tokio::sync::watch::channel(false);
         let mut disk_stop = Some(disk_stop_tx);
         let mut disk_task = disks
             .take()
@@ -691,7 +691,7 @@ impl SourceCtx {
                                         let event_ms = SystemTime::now().duration_since(ev.timestamp).map_or(0.0, |d| d.as_secs_f64() * 1e3);
                                         let t_seen = Instant::now();
                                         if let Some(s) = disk_stop.take() {
-                                            let _ = s.send(());
+                                            let _ = s.send(true);
                                         }
                                         let (mut d, mut inbox, r) = task.await.map_err(|e| {
                                             MigrateError::Protocol(format!("disk task failed: {e}"))
