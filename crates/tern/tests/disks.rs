@@ -632,3 +632,74 @@ fn a_destination_disk_that_fills_up_during_the_copy_fails_clearly_and_the_source
     }
     Ok(())
 }
+
+#[test]
+fn a_source_agent_killed_mid_disk_copy_leaves_its_vm_running_and_the_next_agent_migrates_it(
+) -> Result<()> {
+    if !have("qemu-img") {
+        eprintln!("SKIPPED: qemu-img is not installed");
+        return Ok(());
+    }
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    let disk = d.path().join("rand.raw");
+    std::fs::write(&disk, noise(5, (32 * MIB) as usize))?;
+    let mut a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
+    let b = TestAgent::start(Path::new(BIN), "host-b", &[])?;
+    boot(
+        &a,
+        &spec("dk5", &g, "tern.workload=idle", &disk, "raw"),
+        "TERN-READY",
+    )?;
+    let pid = a.vm("dk5")?["pid"].as_u64().context("pid")? as u32;
+    let id = a.start_migration(
+        "dk5",
+        &b.peer_addr.to_string(),
+        json!({ "max_bandwidth_mibps": 4 }),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a
+        .migration(&id)?
+        .progress
+        .disk
+        .is_none_or(|d| d.sent_bytes < 2 * MIB)
+    {
+        ensure!(Instant::now() < deadline, "the disk copy never got going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // the source agent dies with its NBD server, export and dirty bitmaps in the VM's QEMU
+    a.kill();
+    ensure!(pid_alive(pid), "the VM outlives its agent");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(b.vms()?.is_empty() && b.run_dirs().is_empty()) {
+        ensure!(
+            Instant::now() < deadline,
+            "the destination did not clean up: {:?}",
+            b.run_dirs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let a2 = TestAgent::start_with(
+        Path::new(BIN),
+        "host-a",
+        AgentOptions {
+            state_dir: Some(&a.state_dir),
+            ..Default::default()
+        },
+    )?;
+    ensure!(a2.vm_status("dk5")? == "running");
+    let nodes = a2.qmp(
+        "dk5",
+        "query-named-block-nodes",
+        Some(json!({ "flat": true })),
+    )?;
+    ensure!(
+        nodes.to_string().contains("tern-r"),
+        "the killed agent's bitmaps should still be there for this test to mean anything"
+    );
+    let r = migrate_ok(&a2, &b, "dk5")?;
+    ensure!(r.disk.is_some_and(|d| d.data_bytes == 32 * MIB));
+    compare(&disk, "raw", &disk_path(&b, "dk5")?, "raw")?;
+    Ok(())
+}

@@ -239,12 +239,13 @@ impl SourceDisks {
             disks: nodes.len() as u32,
             ..DiskReport::default()
         };
+        // an agent that died mid-migration may have left its NBD server, exports and
+        // bitmaps in this QEMU: start from none
+        stop_source_disks(&qmp, nodes.len()).await;
         qdisk::start_nbd_server(&qmp, &sock)
             .await
             .map_err(SourceDiskError::NbdServer)?;
         for (i, (node, size)) in nodes.into_iter().enumerate() {
-            // a previous attempt may have left bitmaps behind
-            let _ = qdisk::remove_tern_bitmaps(&qmp, &node).await;
             let tracker = DirtyTracker::start(&qmp, &node, Some(BLOCK_SIZE as u32))
                 .await
                 .map_err(|source| SourceDiskError::Track { disk: i, source })?;
