@@ -19,6 +19,10 @@ use tern_qemu::spec::{DiskFormat, VmSpec};
 /// `spawn_blocking`).
 pub type SharedIndex = Arc<Mutex<ChunkIndex>>;
 
+fn lock(index: &SharedIndex) -> std::sync::MutexGuard<'_, ChunkIndex> {
+    index.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// One indexed image, as the API shows it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ImageInfo {
@@ -125,10 +129,10 @@ pub async fn import(
     let index = index.clone();
     tokio::task::spawn_blocking(move || {
         let format = parse_format(&path, format.as_deref())?;
-        let stats = index
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .add_image(&path, format)?;
+        // the long read happens without the index: migrations plan against it meanwhile
+        let hasher = lock(&index).hasher().clone();
+        let scanned = ChunkIndex::scan_image_file(&hasher, &path, format)?;
+        let stats = lock(&index).add_scanned(scanned)?;
         Ok(report(stats))
     })
     .await
@@ -154,17 +158,35 @@ pub async fn remove(index: &SharedIndex, path: PathBuf) -> Result<(), ImportErro
 pub async fn refresh(index: &SharedIndex) -> Result<RefreshSummary, ImportError> {
     let index = index.clone();
     tokio::task::spawn_blocking(move || {
-        let r = index.lock().unwrap_or_else(|e| e.into_inner()).refresh();
-        RefreshSummary {
-            unchanged: r.unchanged,
-            reindexed: r.reindexed.into_iter().map(report).collect(),
-            dropped: r.dropped,
-            failed: r
-                .failed
-                .into_iter()
-                .map(|(p, e)| (p, crate::migrate::source::error_chain(&e)))
+        // what to read again is decided under the lock; the reads happen without it
+        let candidates = lock(&index).refresh_candidates();
+        let mut summary = RefreshSummary {
+            unchanged: lock(&index)
+                .images()
+                .map(|r| r.path().to_path_buf())
+                .filter(|p| !candidates.iter().any(|(c, _, _)| c == p))
                 .collect(),
+            ..RefreshSummary::default()
+        };
+        summary.unchanged.sort();
+        let chain = |e: &dyn std::error::Error| crate::migrate::source::error_chain(e);
+        for (path, format, gone) in candidates {
+            if gone {
+                match lock(&index).remove_image(&path) {
+                    Ok(_) => summary.dropped.push(path),
+                    Err(e) => summary.failed.push((path, chain(&e))),
+                }
+                continue;
+            }
+            let hasher = lock(&index).hasher().clone();
+            match ChunkIndex::scan_image_file(&hasher, &path, format)
+                .and_then(|s| lock(&index).add_scanned(s))
+            {
+                Ok(stats) => summary.reindexed.push(report(stats)),
+                Err(e) => summary.failed.push((path, chain(&e))),
+            }
         }
+        summary
     })
     .await
     .map_err(|e| ImportError::Task(e.to_string()))

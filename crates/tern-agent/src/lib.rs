@@ -509,6 +509,7 @@ impl Agent {
             .await
             {
                 Ok(qmp) if self.reserve_name(&spec.name) => {
+                    clear_stale_migration(&qmp, &spec).await;
                     tracing::info!(vm = %spec.name, pid, "re-attached to a running VM");
                     self.adopt(Arc::new(Vm::reattach(spec, qmp, pid, d)));
                 }
@@ -518,6 +519,41 @@ impl Agent {
                 Err(e) => tracing::error!(vm = %spec.name, pid, "cannot re-attach: {e}"),
             }
         }
+    }
+}
+
+/// A previous agent that died mid-migration may have left the VM's QEMU migrating into a
+/// socket nobody reads, or paused before its switchover (a VM with disks), with tern's
+/// NBD server, exports and dirty bitmaps in it. The stream cannot have ended (the source
+/// commits only after that), so no destination runs the VM: cancel (QEMU resumes a VM
+/// that was running) and clear the rest.
+async fn clear_stale_migration(qmp: &tern_qemu::qmp::QmpClient, spec: &VmSpec) {
+    let active = |s: &str| {
+        matches!(
+            s,
+            "setup" | "active" | "pre-switchover" | "device" | "cancelling"
+        )
+    };
+    if let Ok(m) = qmp.query_migrate().await {
+        if active(&m.status) {
+            tracing::warn!(vm = %spec.name, status = %m.status, "cancelling a migration a previous agent left running");
+            let _ = qmp.execute("migrate_cancel", None).await;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                match qmp.query_migrate().await {
+                    Ok(m) if active(&m.status) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+    if !spec.disks.is_empty() {
+        migrate::disk::stop_source_disks(qmp, spec.disks.len()).await;
+        let _ = qmp
+            .set_migrate_capabilities(&[("pause-before-switchover", false)])
+            .await;
     }
 }
 

@@ -490,6 +490,23 @@ impl ChunkIndex {
                 return Err(e);
             }
         };
+        self.apply_scan(id, path, format, scanned, orphans)
+            .map(|mut st| {
+                st.elapsed = started.elapsed();
+                st
+            })
+    }
+
+    /// Persists a scanned image as `id` and swaps its entries in.
+    fn apply_scan(
+        &mut self,
+        id: ImageId,
+        path: &Path,
+        format: ImageFormat,
+        scanned: Scanned,
+        orphans: &mut HashSet<ChunkKey>,
+    ) -> Result<ImageStats, AddImageError> {
+        self.forget_reader(id);
         self.images_read += 1;
         self.bytes_read += scanned.bytes_read;
         self.persist(&scanned.record, Some(&scanned.manifest))?;
@@ -512,7 +529,7 @@ impl ChunkIndex {
             zero_blocks: record.zero_blocks,
             new_chunks: new.len() as u64,
             bytes_read: scanned.bytes_read,
-            elapsed: started.elapsed(),
+            elapsed: Duration::ZERO,
         };
         self.by_path.insert(path.to_path_buf(), id);
         self.images.insert(id, record);
@@ -526,6 +543,37 @@ impl ChunkIndex {
         path: &Path,
         format: ImageFormat,
     ) -> Result<Scanned, AddImageError> {
+        scan_file(&self.hasher, id, path, format)
+    }
+}
+
+/// An image read and hashed without the index ([`ChunkIndex::scan_image_file`]), to be
+/// put in with [`ChunkIndex::add_scanned`]: the long read holds no lock on the index.
+pub struct ScannedImage {
+    path: PathBuf,
+    format: ImageFormat,
+    scanned: Scanned,
+    started: Instant,
+}
+
+impl std::fmt::Debug for ScannedImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScannedImage")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .finish()
+    }
+}
+
+/// Reads an image whole and hashes its non-zero blocks (as image `id`; the id is set
+/// again when the scan is added).
+fn scan_file(
+    hasher: &ContentHasher,
+    id: ImageId,
+    path: &Path,
+    format: ImageFormat,
+) -> Result<Scanned, AddImageError> {
+    {
         let stat_err = |p: &Path| {
             let p = p.to_path_buf();
             move |source| AddImageError::Stat { path: p, source }
@@ -556,7 +604,7 @@ impl ChunkIndex {
             source,
         })?;
         let (manifest, bytes_read) =
-            scan_reader(&mut reader, &self.hasher).map_err(|source| AddImageError::Read {
+            scan_reader(&mut reader, hasher).map_err(|source| AddImageError::Read {
                 path: path.to_path_buf(),
                 source,
             })?;
@@ -575,6 +623,84 @@ impl ChunkIndex {
             manifest,
             bytes_read,
         })
+    }
+}
+
+impl ChunkIndex {
+    /// Phase one of adding an image without holding the index for the long read: reads
+    /// and hashes it with `hasher` (the index's, [`ChunkIndex::hasher`]).
+    pub fn scan_image_file(
+        hasher: &ContentHasher,
+        path: impl AsRef<Path>,
+        format: ImageFormat,
+    ) -> Result<ScannedImage, AddImageError> {
+        let given = path.as_ref();
+        let path = std::fs::canonicalize(given).map_err(|source| AddImageError::Stat {
+            path: given.to_path_buf(),
+            source,
+        })?;
+        let started = Instant::now();
+        let scanned = scan_file(hasher, ImageId(0), &path, format)?;
+        Ok(ScannedImage {
+            path,
+            format,
+            scanned,
+            started,
+        })
+    }
+
+    /// Phase two: puts a scanned image in, replacing what the index held for that path.
+    /// A change to the file after its scan started leaves its stamps older than the file:
+    /// the next refresh reads it again (and reads through the index are re-hashed).
+    pub fn add_scanned(&mut self, image: ScannedImage) -> Result<ImageStats, AddImageError> {
+        let ScannedImage {
+            path,
+            format,
+            mut scanned,
+            started,
+        } = image;
+        let id = match self.by_path.get(&path) {
+            Some(id) => *id,
+            None => {
+                if self.next_id > MAX_IMAGE_ID {
+                    return Err(AddImageError::TooManyImages);
+                }
+                self.next_id += 1;
+                ImageId(self.next_id - 1)
+            }
+        };
+        scanned.record.id = id;
+        let mut orphans = HashSet::new();
+        let mut stats = self.apply_scan(id, &path, format, scanned, &mut orphans)?;
+        stats.elapsed = started.elapsed();
+        self.repoint(orphans);
+        Ok(stats)
+    }
+
+    /// Images that [`ChunkIndex::refresh`] would read again (changed by stamp, found
+    /// stale, awaiting re-indexing) and those whose file is gone: (path, format, gone).
+    pub fn refresh_candidates(&self) -> Vec<(PathBuf, ImageFormat, bool)> {
+        let suspects: HashSet<ImageId> = {
+            let r = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+            r.suspects.clone()
+        };
+        let mut out = Vec::new();
+        for record in self.images.values() {
+            if matches!(FileStamp::of(&record.path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+            {
+                out.push((record.path.clone(), record.format, true));
+                continue;
+            }
+            let changed = record
+                .stamps
+                .iter()
+                .any(|s| FileStamp::of(&s.path).ok().as_ref() != Some(s));
+            if changed || record.needs_reindex || suspects.contains(&record.id) {
+                out.push((record.path.clone(), record.format, false));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     fn persist(

@@ -44,7 +44,7 @@ mod scan;
 pub use image::{ImageFormat, OpenImageError, ReadImageError};
 pub use index::{
     AddImageError, ChunkIndex, ImageId, ImageRecord, ImageStats, IndexStats, Location,
-    OpenIndexError, ReadChunkError, RefreshReport, RemoveImageError,
+    OpenIndexError, ReadChunkError, RefreshReport, RemoveImageError, ScannedImage,
 };
 pub use manifest::{Block, DecodeManifestError, Manifest, ManifestError, BLOCK_BYTES, BLOCK_SIZE};
 pub use nbd_target::{NbdTarget, OpenNbdTargetError};

@@ -456,7 +456,8 @@ async fn receive(
     let mut last_input = tokio::time::Instant::now();
     let source_digest = loop {
         if let Some(d) = source_done {
-            // (disks: their last rounds travel on this connection, maybe behind SourceDone)
+            // (disks: their last rounds travel on the control connection, SourceDone may
+            // come first on a data connection)
             if rb.pending.is_empty() && disks.as_ref().is_none_or(DestDisks::all_last) {
                 rb.flush(&mut qemu_wr, writer, version).await?;
                 break d;
@@ -667,8 +668,8 @@ async fn receive(
         ));
     }
     wait_incoming_done(&qmp, &mut events, Duration::from_secs(30)).await?;
-    // the disks are complete (the source's last round was confirmed before its QEMU sent
-    // the device state): NBD goes, then the guest may run
+    // every disk's last round was read (the loop above waits for it) and queued before
+    // Finish, so the worker has written and flushed it: NBD goes, then the guest may run
     if let Some(d) = disks.take() {
         let written = d
             .finish(&qmp)
@@ -800,7 +801,9 @@ async fn prepare_disks(
             format!("cannot create {}: {e}", dir.display()),
         )
     })?;
-    let needed: u64 = offer.iter().map(|d| d.allocated).sum();
+    let needed = offer
+        .iter()
+        .fold(0u64, |a, d| a.saturating_add(d.allocated));
     // qcow2 metadata and the filesystem's own needs
     let margin = 16 << 20;
     let free = free_bytes(&dir).map_err(|e| {
@@ -809,7 +812,7 @@ async fn prepare_disks(
             format!("cannot tell the free space in {}: {e}", dir.display()),
         )
     })?;
-    if free < needed + margin {
+    if free < needed.saturating_add(margin) {
         return Err(refuse(
             ErrorCode::ResourceExhausted,
             format!(

@@ -14,7 +14,9 @@
 //!  rounds 1..: blocks a frozen dirty bitmap marks
 //!   DiskData{DIRECT, offset, bytes}     ------------>  written as they are
 //!  every round: DiskRoundEnd            ------------>  all written, flushed
-//!                                       <------------  DiskRoundDone
+//!                                       <------------  DiskRoundDone (not awaited for
+//!                                                      the last round, nor for a live
+//!                                                      round once QEMU paused)
 //!  the last round runs at QEMU's pre-switchover (guest stopped, disks drained), before
 //!  migrate-continue; the destination drops its exports before the VM runs.
 //! ```
@@ -871,7 +873,10 @@ impl DestDisks {
             disk, last: true, ..
         } = m
         {
-            self.last_rounds.insert(disk);
+            // (a disk beyond the VM's is refused by the worker; it must not count here)
+            if (disk as usize) < self.count {
+                self.last_rounds.insert(disk);
+            }
         }
         self.tx
             .send(Cmd::Msg(m))
@@ -887,8 +892,9 @@ impl DestDisks {
             .send(Cmd::Finish(done_tx))
             .await
             .map_err(|_| "the disk worker stopped early".to_string())?;
-        let written = done_rx
+        let written = tokio::time::timeout(QEMU_WAIT * 6, done_rx)
             .await
+            .map_err(|_| "the disk worker did not finish within 60 s".to_string())?
             .map_err(|_| "the disk worker stopped early".to_string())?
             .map_err(|e| e.to_string())?;
         if let Some(t) = self.thread.take() {
@@ -916,7 +922,13 @@ struct Worker {
     dir: PathBuf,
     round_written: Vec<u64>,
     written: u64,
+    /// Bytes written per disk since its last flush: flushed every [`FLUSH_BYTES`], so the
+    /// flush at a round's end (which the source waits for) stays short.
+    unflushed: Vec<u64>,
 }
+
+/// The destination flushes a disk at least every this many bytes written.
+const FLUSH_BYTES: u64 = 64 << 20;
 
 impl Worker {
     fn open(
@@ -936,6 +948,7 @@ impl Worker {
         }
         Ok(Worker {
             round_written: vec![0; targets.len()],
+            unflushed: vec![0; targets.len()],
             targets,
             sizes,
             pieces: HashMap::new(),
@@ -972,6 +985,19 @@ impl Worker {
                 message: super::source::error_chain(e),
             }
         }
+    }
+
+    /// Counts `n` bytes written to disk `d`; flushes it when enough piled up.
+    fn wrote(&mut self, d: usize, n: u64) -> Result<(), DestDiskError> {
+        self.unflushed[d] += n;
+        if self.unflushed[d] >= FLUSH_BYTES {
+            self.unflushed[d] = 0;
+            self.targets[d]
+                .borrow_mut()
+                .flush()
+                .map_err(|e| self.write_error(d as u16, 0, &e))?;
+        }
+        Ok(())
     }
 
     fn handle(&mut self, m: Message) -> Result<(), DestDiskError> {
@@ -1021,7 +1047,7 @@ impl Worker {
                     }
                 }
                 self.round_written[d] += data.len() as u64;
-                Ok(())
+                self.wrote(d, data.len() as u64)
             }
             Message::DiskRoundEnd { disk, round, .. } => {
                 let d = self.disk(disk)?;
@@ -1035,6 +1061,7 @@ impl Worker {
                     .borrow_mut()
                     .flush()
                     .map_err(|e| self.write_error(disk, 0, &e))?;
+                self.unflushed[d] = 0;
                 let written = std::mem::take(&mut self.round_written[d]);
                 self.written += written;
                 let _ = self.reply.send(Message::DiskRoundDone {
@@ -1088,9 +1115,11 @@ impl Worker {
         };
         let runs = runs_of(&rb.pending());
         self.round_written[d] += rb.progress().bytes_written;
+        self.wrote(d, rb.progress().bytes_written)?;
         let _ = self.reply.send(Message::DiskWant { disk, piece, runs });
         if rb.is_complete() {
-            let _ = rb.finish();
+            rb.finish()
+                .map_err(|e| DestDiskError::Protocol(format!("disk {disk} piece {piece}: {e}")))?;
         } else {
             self.pieces.insert((disk, piece), rb);
         }

@@ -174,6 +174,52 @@ enum PeerEvent {
     Broken(String),
 }
 
+type LiveDisks = tokio::task::JoinHandle<(
+    disk::SourceDisks,
+    disk::DiskInbox,
+    Result<(), disk::SourceDiskError>,
+)>;
+
+/// At QEMU's pause before the switchover (`paused_at`): ends the live disk rounds, runs
+/// the last one and lets QEMU send the device state, within `stall` (the guest is
+/// paused meanwhile). Tern's exports are gone then; the bitmaps and the NBD server go
+/// with the source QEMU, or with the cleanup of a failure.
+async fn finish_disks(
+    qmp: &tern_qemu::qmp::QmpClient,
+    task: LiveDisks,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    paused_at: SystemTime,
+    stall: Duration,
+    migration: &str,
+) -> Result<super::DiskReport, MigrateError> {
+    let work = async {
+        let event_ms = SystemTime::now()
+            .duration_since(paused_at)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        let t_seen = Instant::now();
+        if let Some(s) = stop {
+            let _ = s.send(true);
+        }
+        let (mut d, mut inbox, r) = task
+            .await
+            .map_err(|e| MigrateError::Protocol(format!("disk task failed: {e}")))?;
+        r?;
+        let live_ms = t_seen.elapsed().as_secs_f64() * 1e3;
+        d.last_round(&mut inbox).await?;
+        disk::continue_switchover(qmp)
+            .await
+            .map_err(|e| MigrateError::Qmp(e.0))?;
+        // where the guest's pause went before QEMU went on
+        d.report.pause_ms = event_ms + t_seen.elapsed().as_secs_f64() * 1e3;
+        d.report.live_round_wait_ms = live_ms;
+        tracing::info!(%migration, bytes = d.report.last_round_bytes, ms = d.report.last_round_ms, event_ms, live_ms, "last disk round done");
+        Ok::<_, MigrateError>(d.report.clone())
+    };
+    tokio::time::timeout(stall, work)
+        .await
+        .map_err(|_| MigrateError::Timeout(stall, "the last disk round (guest paused)"))?
+}
+
 /// The error a control event means while the source waits for something else.
 fn peer_event_error(ev: Option<PeerEvent>) -> MigrateError {
     match ev {
@@ -688,26 +734,8 @@ impl SourceCtx {
                                     // the guest is stopped and its disks drained: the
                                     // last disk round, then QEMU sends the device state
                                     if let Some(task) = disk_task.take() {
-                                        let event_ms = SystemTime::now().duration_since(ev.timestamp).map_or(0.0, |d| d.as_secs_f64() * 1e3);
-                                        let t_seen = Instant::now();
-                                        if let Some(s) = disk_stop.take() {
-                                            let _ = s.send(true);
-                                        }
-                                        let (mut d, mut inbox, r) = task.await.map_err(|e| {
-                                            MigrateError::Protocol(format!("disk task failed: {e}"))
-                                        })?;
-                                        r?;
-                                        let live_ms = t_seen.elapsed().as_secs_f64() * 1e3;
-                                        d.last_round(&mut inbox).await?;
-                                        disk::continue_switchover(&qmp).await.map_err(|e| MigrateError::Qmp(e.0))?;
-                                        // where the guest's pause went before QEMU goes on
-                                        d.report.pause_ms = event_ms + t_seen.elapsed().as_secs_f64() * 1e3;
-                                        d.report.live_round_wait_ms = live_ms;
-                                        tracing::info!(migration = %self.handle.id, bytes = d.report.last_round_bytes, ms = d.report.last_round_ms, event_ms, live_ms, "last disk round done");
-                                        // no QMP work while QEMU finishes: its bitmaps
-                                        // and NBD server go with it, or with the cleanup
-                                        // of a failure
-                                        disk_report = Some(d.report.clone());
+                                        let r = finish_disks(&qmp, task, disk_stop.take(), ev.timestamp, stall, &self.handle.id).await?;
+                                        disk_report = Some(r);
                                     } else {
                                         disk::continue_switchover(&qmp).await.map_err(|e| MigrateError::Qmp(e.0))?;
                                     }
