@@ -718,3 +718,77 @@ fn a_source_agent_killed_mid_disk_copy_leaves_its_vm_running_and_the_next_agent_
     compare(&disk, "raw", &disk_path(&b, "dk5")?, "raw")?;
     Ok(())
 }
+
+#[test]
+fn a_source_agent_that_dies_with_its_vm_paused_before_the_switchover_gets_it_running_again(
+) -> Result<()> {
+    if !have("qemu-img") {
+        eprintln!("SKIPPED: qemu-img is not installed");
+        return Ok(());
+    }
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    let disk = d.path().join("small.raw");
+    std::fs::write(&disk, noise(9, (8 * MIB) as usize))?;
+    let mut a = TestAgent::start(
+        Path::new(BIN),
+        "host-a",
+        &[("TERN_FAULT", "exit-at-pre-switchover")],
+    )?;
+    let b = TestAgent::start(Path::new(BIN), "host-b", &[])?;
+    boot(
+        &a,
+        &spec("dk6", &g, "tern.workload=idle", &disk, "raw"),
+        "TERN-READY",
+    )?;
+    let pid = a.vm("dk6")?["pid"].as_u64().context("pid")? as u32;
+    a.start_migration("dk6", &b.peer_addr.to_string(), json!({}))?;
+    // QEMU pauses the guest before the switchover, and the agent dies right there
+    wait_for_text(
+        &a.log,
+        "fault injection: exiting at pre-switchover",
+        Duration::from_secs(120),
+    )?;
+    a.kill(); // reaps it
+    ensure!(pid_alive(pid), "the VM outlives its agent");
+    let a2 = TestAgent::start_with(
+        Path::new(BIN),
+        "host-a",
+        AgentOptions {
+            state_dir: Some(&a.state_dir),
+            ..Default::default()
+        },
+    )?;
+    // the new agent cancels the dead one's migration: QEMU runs the guest again
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a2.vm_status("dk6")? != "running" {
+        ensure!(
+            Instant::now() < deadline,
+            "the VM stays {} after the agent restart",
+            a2.vm_status("dk6")?
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mig = a2.qmp("dk6", "query-migrate", None)?;
+    ensure!(mig["status"] == "cancelled", "{mig}");
+    let nodes = a2.qmp(
+        "dk6",
+        "query-named-block-nodes",
+        Some(json!({ "flat": true })),
+    )?;
+    ensure!(
+        !nodes.to_string().contains("tern-r"),
+        "bitmaps left: {nodes}"
+    );
+    // nothing of it runs on b, and it migrates normally now
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(b.vms()?.is_empty() && b.run_dirs().is_empty()) {
+        ensure!(Instant::now() < deadline, "destination not clean");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = migrate_ok(&a2, &b, "dk6")?;
+    ensure!(r.disk.is_some());
+    compare(&disk, "raw", &disk_path(&b, "dk6")?, "raw")?;
+    Ok(())
+}

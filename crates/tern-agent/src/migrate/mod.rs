@@ -36,6 +36,9 @@ pub enum Fault {
     /// round, just before the VM runs there: a test's witness of the images at the
     /// switchover (the running guest changes them right after).
     DiskCopyAtSwitchover,
+    /// The source agent exits (as if killed) when its QEMU pauses before the switchover:
+    /// the VM is left paused, migrating into a dead socket, with tern's NBD state in it.
+    ExitAtPreSwitchover,
 }
 
 impl std::str::FromStr for Fault {
@@ -45,8 +48,9 @@ impl std::str::FromStr for Fault {
             "corrupt-page" => Ok(Fault::CorruptPage),
             "drop-after-commit" => Ok(Fault::DropAfterCommit),
             "disk-copy-at-switchover" => Ok(Fault::DiskCopyAtSwitchover),
+            "exit-at-pre-switchover" => Ok(Fault::ExitAtPreSwitchover),
             _ => Err(format!(
-                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover)"
+                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover)"
             )),
         }
     }

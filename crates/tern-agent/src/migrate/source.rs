@@ -733,6 +733,10 @@ impl SourceCtx {
                                 if st == "pre-switchover" {
                                     // the guest is stopped and its disks drained: the
                                     // last disk round, then QEMU sends the device state
+                                    if self.agent.config.fault == Some(super::Fault::ExitAtPreSwitchover) {
+                                        tracing::warn!("fault injection: exiting at pre-switchover");
+                                        std::process::exit(70);
+                                    }
                                     if let Some(task) = disk_task.take() {
                                         let r = finish_disks(&qmp, task, disk_stop.take(), ev.timestamp, stall, &self.handle.id).await?;
                                         disk_report = Some(r);
