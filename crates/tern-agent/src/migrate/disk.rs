@@ -178,7 +178,12 @@ pub struct SourceDisks {
 fn allocated_bytes(path: &Path, backing: Option<&Path>, cap: u64) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let used = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.blocks() * 512);
-    (used(path) + backing.map_or(0, used)).min(cap)
+    // a qcow2 header may name its backing file relative to the image's directory
+    let backing = backing.map(|b| match path.parent() {
+        Some(dir) if b.is_relative() => dir.join(b),
+        _ => b.to_path_buf(),
+    });
+    (used(path) + backing.as_deref().map_or(0, used)).min(cap)
 }
 
 /// Block runs `(offset, blocks)` of sorted block offsets.
