@@ -445,25 +445,24 @@ impl ChunkIndex {
         path: impl AsRef<Path>,
         format: ImageFormat,
     ) -> Result<ImageStats, AddImageError> {
-        let given = path.as_ref();
-        let path = std::fs::canonicalize(given).map_err(|source| AddImageError::Stat {
-            path: given.to_path_buf(),
-            source,
-        })?;
-        let id = match self.by_path.get(&path) {
-            Some(id) => *id,
-            None => {
-                if self.next_id > MAX_IMAGE_ID {
-                    return Err(AddImageError::TooManyImages);
-                }
-                self.next_id += 1;
-                ImageId(self.next_id - 1)
-            }
-        };
+        let path = canonical(path.as_ref())?;
+        let id = self.id_for(&path)?;
         let mut orphans = HashSet::new();
         let stats = self.reindex(id, &path, format, &mut orphans)?;
         self.repoint(orphans);
         Ok(stats)
+    }
+
+    /// The id of the image at `path`: its own if indexed, else a new one.
+    fn id_for(&mut self, path: &Path) -> Result<ImageId, AddImageError> {
+        if let Some(id) = self.by_path.get(path) {
+            return Ok(*id);
+        }
+        if self.next_id > MAX_IMAGE_ID {
+            return Err(AddImageError::TooManyImages);
+        }
+        self.next_id += 1;
+        Ok(ImageId(self.next_id - 1))
     }
 
     /// Reads `path` as image `id`, persists it, and swaps its entries in; the hashes it
@@ -477,7 +476,7 @@ impl ChunkIndex {
     ) -> Result<ImageStats, AddImageError> {
         let started = Instant::now();
         self.forget_reader(id);
-        let scanned = match self.scan(id, path, format) {
+        let scanned = match scan_file(&self.hasher, id, path, format) {
             Ok(s) => s,
             Err(e) => {
                 // Whatever the index held for it is no longer to be trusted.
@@ -535,16 +534,6 @@ impl ChunkIndex {
         self.images.insert(id, record);
         Ok(stats)
     }
-
-    /// Reads an image whole and hashes its non-zero blocks.
-    fn scan(
-        &self,
-        id: ImageId,
-        path: &Path,
-        format: ImageFormat,
-    ) -> Result<Scanned, AddImageError> {
-        scan_file(&self.hasher, id, path, format)
-    }
 }
 
 /// An image read and hashed without the index ([`ChunkIndex::scan_image_file`]), to be
@@ -565,6 +554,14 @@ impl std::fmt::Debug for ScannedImage {
     }
 }
 
+/// `given`, canonical: the index knows images by their real path.
+fn canonical(given: &Path) -> Result<PathBuf, AddImageError> {
+    std::fs::canonicalize(given).map_err(|source| AddImageError::Stat {
+        path: given.to_path_buf(),
+        source,
+    })
+}
+
 /// Reads an image whole and hashes its non-zero blocks (as image `id`; the id is set
 /// again when the scan is added).
 fn scan_file(
@@ -573,57 +570,55 @@ fn scan_file(
     path: &Path,
     format: ImageFormat,
 ) -> Result<Scanned, AddImageError> {
-    {
-        let stat_err = |p: &Path| {
-            let p = p.to_path_buf();
-            move |source| AddImageError::Stat { path: p, source }
-        };
-        // Stamps are taken before reading: a write during the read leaves them older than
-        // the file, so the next refresh reads the image again.
-        let chain = match format {
-            ImageFormat::Raw => vec![path.to_path_buf()],
-            ImageFormat::Qcow2 => {
-                qcow2_info(path)
-                    .map_err(|source| AddImageError::Open {
-                        path: path.to_path_buf(),
-                        source,
-                    })?
-                    .chain
-            }
-        };
-        let mut stamps = Vec::with_capacity(chain.len());
-        stamps.push(FileStamp::of(path).map_err(stat_err(path))?);
-        for p in chain.iter().skip(1) {
-            // A backing "file" that is not a local file (nbd://, json:) is not stamped.
-            if let Ok(s) = FileStamp::of(p) {
-                stamps.push(s);
-            }
+    let stat_err = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| AddImageError::Stat { path: p, source }
+    };
+    // Stamps are taken before reading: a write during the read leaves them older than
+    // the file, so the next refresh reads the image again.
+    let chain = match format {
+        ImageFormat::Raw => vec![path.to_path_buf()],
+        ImageFormat::Qcow2 => {
+            qcow2_info(path)
+                .map_err(|source| AddImageError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+                .chain
         }
-        let mut reader = ImageReader::open(path, format).map_err(|source| AddImageError::Open {
+    };
+    let mut stamps = Vec::with_capacity(chain.len());
+    stamps.push(FileStamp::of(path).map_err(stat_err(path))?);
+    for p in chain.iter().skip(1) {
+        // A backing "file" that is not a local file (nbd://, json:) is not stamped.
+        if let Ok(s) = FileStamp::of(p) {
+            stamps.push(s);
+        }
+    }
+    let mut reader = ImageReader::open(path, format).map_err(|source| AddImageError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (manifest, bytes_read) =
+        scan_reader(&mut reader, hasher).map_err(|source| AddImageError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        let (manifest, bytes_read) =
-            scan_reader(&mut reader, hasher).map_err(|source| AddImageError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let record = ImageRecord {
-            id,
-            path: path.to_path_buf(),
-            format,
-            virtual_size: manifest.range().end,
-            data_blocks: manifest.data_blocks(),
-            zero_blocks: manifest.zero_blocks(),
-            stamps,
-            needs_reindex: false,
-        };
-        Ok(Scanned {
-            record,
-            manifest,
-            bytes_read,
-        })
-    }
+    let record = ImageRecord {
+        id,
+        path: path.to_path_buf(),
+        format,
+        virtual_size: manifest.range().end,
+        data_blocks: manifest.data_blocks(),
+        zero_blocks: manifest.zero_blocks(),
+        stamps,
+        needs_reindex: false,
+    };
+    Ok(Scanned {
+        record,
+        manifest,
+        bytes_read,
+    })
 }
 
 impl ChunkIndex {
@@ -634,11 +629,7 @@ impl ChunkIndex {
         path: impl AsRef<Path>,
         format: ImageFormat,
     ) -> Result<ScannedImage, AddImageError> {
-        let given = path.as_ref();
-        let path = std::fs::canonicalize(given).map_err(|source| AddImageError::Stat {
-            path: given.to_path_buf(),
-            source,
-        })?;
+        let path = canonical(path.as_ref())?;
         let started = Instant::now();
         let scanned = scan_file(hasher, ImageId(0), &path, format)?;
         Ok(ScannedImage {
@@ -659,16 +650,7 @@ impl ChunkIndex {
             mut scanned,
             started,
         } = image;
-        let id = match self.by_path.get(&path) {
-            Some(id) => *id,
-            None => {
-                if self.next_id > MAX_IMAGE_ID {
-                    return Err(AddImageError::TooManyImages);
-                }
-                self.next_id += 1;
-                ImageId(self.next_id - 1)
-            }
-        };
+        let id = self.id_for(&path)?;
         scanned.record.id = id;
         let mut orphans = HashSet::new();
         let mut stats = self.apply_scan(id, &path, format, scanned, &mut orphans)?;
@@ -805,36 +787,32 @@ impl ChunkIndex {
     /// re-indexing after a damaged index file or a failed re-index; drops images whose
     /// file is gone; leaves the others unread.
     pub fn refresh(&mut self) -> RefreshReport {
-        let mut report = RefreshReport::default();
-        let suspects: HashSet<ImageId> = {
-            let r = self.readers.lock().unwrap_or_else(|e| e.into_inner());
-            r.suspects.clone()
+        let candidates = self.refresh_candidates();
+        let mut report = RefreshReport {
+            unchanged: self
+                .images
+                .values()
+                .filter(|r| !candidates.iter().any(|(p, _, _)| *p == r.path))
+                .map(|r| r.path.clone())
+                .collect(),
+            ..RefreshReport::default()
         };
         let mut orphans = HashSet::new();
-        let records: Vec<ImageRecord> = self.images.values().cloned().collect();
-        for record in records {
-            match FileStamp::of(&record.path) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    orphans.extend(self.drop_entries(record.id));
-                    if let Err(e) = self.forget(record.id) {
-                        tracing::warn!("chunk index: {e}");
-                    }
-                    report.dropped.push(record.path.clone());
-                    continue;
+        for (path, format, gone) in candidates {
+            let Some(&id) = self.by_path.get(&path) else {
+                continue;
+            };
+            if gone {
+                orphans.extend(self.drop_entries(id));
+                if let Err(e) = self.forget(id) {
+                    tracing::warn!("chunk index: {e}");
                 }
-                _ => {}
-            }
-            let changed = record
-                .stamps
-                .iter()
-                .any(|s| FileStamp::of(&s.path).ok().as_ref() != Some(s));
-            if !changed && !record.needs_reindex && !suspects.contains(&record.id) {
-                report.unchanged.push(record.path.clone());
+                report.dropped.push(path);
                 continue;
             }
-            match self.reindex(record.id, &record.path, record.format, &mut orphans) {
+            match self.reindex(id, &path, format, &mut orphans) {
                 Ok(stats) => report.reindexed.push(stats),
-                Err(e) => report.failed.push((record.path.clone(), e)),
+                Err(e) => report.failed.push((path, e)),
             }
         }
         self.repoint(orphans);
