@@ -75,20 +75,6 @@ pub enum ImportError {
     Task(String),
 }
 
-impl From<ImportReport> for ImageInfo {
-    fn from(r: ImportReport) -> Self {
-        ImageInfo {
-            path: r.path,
-            format: r.format,
-            virtual_size: r.virtual_size,
-            data_blocks: r.data_blocks,
-            zero_blocks: r.zero_blocks,
-            backing_files: Vec::new(),
-            needs_reindex: false,
-        }
-    }
-}
-
 fn report(s: tern_chunks::ImageStats) -> ImportReport {
     ImportReport {
         path: s.path,

@@ -152,7 +152,7 @@ pub type DiskInbox = mpsc::UnboundedReceiver<Message>;
 /// One disk on the source.
 struct SrcDisk {
     size: u64,
-    tracker: Option<DirtyTracker>,
+    tracker: DirtyTracker,
     rounds: u32,
 }
 
@@ -205,12 +205,10 @@ impl SourceDisks {
     pub async fn describe(
         qmp: &QmpClient,
         spec: &VmSpec,
-    ) -> Result<(Vec<DiskInfo>, Vec<(String, u64)>), SourceDiskError> {
+    ) -> Result<Vec<DiskInfo>, SourceDiskError> {
         let mut infos = Vec::new();
-        let mut nodes = Vec::new();
         for (i, d) in spec.disks.iter().enumerate() {
-            let node = qdisk::node_name(i);
-            let info = qdisk::query_node(qmp, &node)
+            let info = qdisk::query_node(qmp, &qdisk::node_name(i))
                 .await
                 .map_err(|source| SourceDiskError::Query { disk: i, source })?;
             infos.push(DiskInfo {
@@ -221,17 +219,17 @@ impl SourceDisks {
                     info.virtual_size,
                 ),
             });
-            nodes.push((node, info.virtual_size));
         }
-        Ok((infos, nodes))
+        Ok(infos)
     }
 
-    /// Starts QEMU's NBD server (socket in `run_dir`) and dirty tracking of every disk.
+    /// Starts QEMU's NBD server (socket in `run_dir`) and dirty tracking of every disk
+    /// ([`SourceDisks::describe`]'s, in spec order).
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         qmp: QmpClient,
         run_dir: &Path,
-        nodes: Vec<(String, u64)>,
+        disks_info: &[DiskInfo],
         writer: PeerWriter,
         hasher: tern_store::ContentHasher,
         codec: Codec,
@@ -243,23 +241,24 @@ impl SourceDisks {
         let _ = std::fs::remove_file(&sock);
         let mut disks = Vec::new();
         let mut report = DiskReport {
-            disks: nodes.len() as u32,
+            disks: disks_info.len() as u32,
             ..DiskReport::default()
         };
         // an agent that died mid-migration may have left its NBD server, exports and
         // bitmaps in this QEMU: start from none
-        stop_source_disks(&qmp, nodes.len()).await;
+        stop_source_disks(&qmp, disks_info.len()).await;
         qdisk::start_nbd_server(&qmp, &sock)
             .await
             .map_err(SourceDiskError::NbdServer)?;
-        for (i, (node, size)) in nodes.into_iter().enumerate() {
-            let tracker = DirtyTracker::start(&qmp, &node, Some(BLOCK_SIZE as u32))
+        for (i, info) in disks_info.iter().enumerate() {
+            let size = info.virtual_size;
+            let tracker = DirtyTracker::start(&qmp, &qdisk::node_name(i), Some(BLOCK_SIZE as u32))
                 .await
                 .map_err(|source| SourceDiskError::Track { disk: i, source })?;
             report.virtual_bytes += size;
             disks.push(SrcDisk {
                 size,
-                tracker: Some(tracker),
+                tracker,
                 rounds: 0,
             });
         }
@@ -326,7 +325,7 @@ impl SourceDisks {
         &mut self,
         d: usize,
     ) -> Result<(FrozenBitmap, NbdExport, NbdClient<UnixStream>), SourceDiskError> {
-        let tracker = self.disks[d].tracker.as_mut().expect("tracking until stop");
+        let tracker = &mut self.disks[d].tracker;
         let frozen = tracker
             .freeze(&self.qmp)
             .await
@@ -389,7 +388,7 @@ impl SourceDisks {
         qdisk::remove_export(&self.qmp, &export, RemoveMode::Safe, QEMU_WAIT)
             .await
             .map_err(|source| SourceDiskError::RemoveExport { disk: d, source })?;
-        let tracker = self.disks[d].tracker.as_mut().expect("tracking until stop");
+        let tracker = &mut self.disks[d].tracker;
         tracker
             .release(&self.qmp, frozen)
             .await
@@ -578,7 +577,7 @@ impl SourceDisks {
         }
         if last {
             // no waiting for DiskRoundDone: the destination applies this round before
-            // its VM runs; the export and bitmaps go with stop()
+            // its VM runs
             self.send(
                 &Message::DiskRoundEnd {
                     disk: d as u16,
@@ -666,26 +665,6 @@ impl SourceDisks {
         self.report.rounds = self.disks.iter().map(|d| d.rounds).max().unwrap_or(0);
         Ok(())
     }
-
-    /// Ends dirty tracking and the NBD server (also after a failure: best effort).
-    pub async fn stop(&mut self) {
-        stop_source_disks(&self.qmp, self.disks.len()).await;
-        for d in &mut self.disks {
-            d.tracker = None;
-        }
-    }
-}
-
-/// Source, before `migrate`: QEMU stops before the switchover until told to go on.
-pub async fn enable_pause_before_switchover(
-    qmp: &QmpClient,
-) -> Result<(), qdisk::PauseBeforeSwitchoverError> {
-    qdisk::enable_pause_before_switchover(qmp).await
-}
-
-/// Source, after the last round: QEMU sends the device state.
-pub async fn continue_switchover(qmp: &QmpClient) -> Result<(), qdisk::ContinueSwitchoverError> {
-    qdisk::continue_switchover(qmp).await
 }
 
 /// Removes tern's exports, bitmaps and NBD server from a source QEMU with `disks` disks:

@@ -206,7 +206,7 @@ async fn finish_disks(
         r?;
         let live_ms = t_seen.elapsed().as_secs_f64() * 1e3;
         d.last_round(&mut inbox).await?;
-        disk::continue_switchover(qmp)
+        tern_qemu::disk::continue_switchover(qmp)
             .await
             .map_err(|e| MigrateError::Qmp(e.0))?;
         // where the guest's pause went before QEMU went on
@@ -436,7 +436,7 @@ impl SourceCtx {
 
         // --- prepare
         self.handle.set_phase("prepare");
-        if let Some((infos, _)) = &disk_plan {
+        if let Some(infos) = &disk_plan {
             if version < 3 {
                 return Err(MigrateError::BadRequest(format!(
                     "VM {} has local disks and the destination agent speaks protocol v{version}: moving disks needs v3 (upgrade tern on {dest_agent})",
@@ -557,7 +557,7 @@ impl SourceCtx {
 
         // --- disks: the full copy and rounds until little is dirty, before memory moves
         let mut disks = None;
-        if let Some((_, nodes)) = disk_plan {
+        if let Some(infos) = disk_plan {
             self.handle.set_phase("disk copy");
             let codec = match policy {
                 CodecPolicy::Fixed(c) => c,
@@ -567,7 +567,7 @@ impl SourceCtx {
             let mut d = disk::SourceDisks::start(
                 qmp.clone(),
                 &self.vm.run_dir,
-                nodes,
+                &infos,
                 writer.clone(),
                 self.agent.hasher.clone(),
                 codec,
@@ -582,7 +582,7 @@ impl SourceCtx {
                 _ = super::wait_cancelled(&mut cancel) => return Err(MigrateError::Cancelled),
             }
             tracing::info!(migration = %self.handle.id, report = ?d.report, "disk copy done, memory next");
-            disk::enable_pause_before_switchover(&qmp)
+            tern_qemu::disk::enable_pause_before_switchover(&qmp)
                 .await
                 .map_err(|e| MigrateError::Qmp(e.0))?;
             disks = Some(d);
@@ -741,7 +741,7 @@ impl SourceCtx {
                                         let r = finish_disks(&qmp, task, disk_stop.take(), ev.timestamp, stall, &self.handle.id).await?;
                                         disk_report = Some(r);
                                     } else {
-                                        disk::continue_switchover(&qmp).await.map_err(|e| MigrateError::Qmp(e.0))?;
+                                        tern_qemu::disk::continue_switchover(&qmp).await.map_err(|e| MigrateError::Qmp(e.0))?;
                                     }
                                 }
                             }
