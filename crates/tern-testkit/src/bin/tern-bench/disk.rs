@@ -46,7 +46,8 @@ use tern_testkit::agents::{wait_for_text, TestAgent, WanLab};
 use tern_testkit::guest::GuestImage;
 use tokio::sync::broadcast;
 
-use super::{event_us, median, wan};
+use super::wan::{self, link_bytes, qemu_in};
+use super::{event_us, median};
 
 /// qcow2's default cluster: the unit of the base image's data/zero layout.
 const CLUSTER: u64 = 64 << 10;
@@ -446,28 +447,6 @@ fn vm_spec(name: &str, g: &GuestImage, disk: &Path) -> VmSpec {
 }
 
 // ---- measuring ------------------------------------------------------------------------
-
-/// Bytes through host A's side of the link so far (received + sent), as `wan` counts.
-fn link_bytes() -> Result<u64> {
-    let out = Command::new("ip")
-        .args(["-n", "tern-a", "-j", "-s", "link", "show", "a-up"])
-        .output()?;
-    let v: Value = serde_json::from_slice(&out.stdout).context("ip -j -s link")?;
-    let s = &v[0]["stats64"];
-    Ok(s["rx"]["bytes"].as_u64().unwrap_or(0) + s["tx"]["bytes"].as_u64().unwrap_or(0))
-}
-
-/// A QEMU binary that runs in a network namespace (`ip netns exec` keeps the pid).
-fn qemu_in(ns: &str, work: &Path) -> Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let p = work.join(format!("qemu-in-{ns}"));
-    std::fs::write(
-        &p,
-        format!("#!/bin/sh\nexec ip netns exec {ns} qemu-system-x86_64 \"$@\"\n"),
-    )?;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
-    Ok(p)
-}
 
 /// `qemu-img compare` of the source's image (its whole chain) against the destination's.
 fn compare_images(src: &Path, dst: &Path, dst_format: &str) -> String {

@@ -44,7 +44,7 @@ pub struct Workload {
 }
 
 /// Bytes through host A's side of the link so far (received + sent).
-fn link_bytes() -> Result<u64> {
+pub(crate) fn link_bytes() -> Result<u64> {
     let out = Command::new("ip")
         .args(["-n", "tern-a", "-j", "-s", "link", "show", "a-up"])
         .output()?;
@@ -54,7 +54,7 @@ fn link_bytes() -> Result<u64> {
 }
 
 /// A QEMU binary that runs in a network namespace (`ip netns exec` keeps the pid).
-fn qemu_in(ns: &str, work: &Path) -> Result<PathBuf> {
+pub(crate) fn qemu_in(ns: &str, work: &Path) -> Result<PathBuf> {
     let p = work.join(format!("qemu-in-{ns}"));
     std::fs::write(
         &p,
