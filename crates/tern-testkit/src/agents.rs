@@ -110,6 +110,19 @@ impl TestAgent {
         )
     }
 
+    /// An agent restart: a new `tern agent` process with this one's name and state
+    /// directory (default options otherwise), after this one stopped or died.
+    pub fn successor(&self, bin: &Path) -> Result<TestAgent> {
+        Self::start_with(
+            bin,
+            &self.name,
+            AgentOptions {
+                state_dir: Some(&self.state_dir),
+                ..Default::default()
+            },
+        )
+    }
+
     pub fn start_with(bin: &Path, name: &str, o: AgentOptions<'_>) -> Result<TestAgent> {
         let env = o.env;
         let dir = tempfile::Builder::new()

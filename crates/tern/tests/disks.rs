@@ -160,6 +160,24 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// A tmpfs of `mib` MiB mounted at `dir` until the guard drops (a small filesystem).
+fn tmpfs(dir: &Path, mib: u32, name: &str) -> Result<Unmount> {
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), name])
+            .arg(dir),
+    )?;
+    Ok(Unmount(dir.to_path_buf()))
+}
+
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// An ext4 filesystem in a qcow2 base image of `size` bytes, holding 8 MiB of files (an
 /// "OS image" the destination may hold too).
 fn ext4_base(dir: &Path, size: u64) -> Result<PathBuf> {
@@ -506,18 +524,7 @@ fn a_destination_without_room_for_the_disk_refuses_before_anything_switches() ->
     // the destination's state lives on a 40 MiB filesystem
     let small = d.path().join("small");
     std::fs::create_dir(&small)?;
-    run_ok(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=40m", "tern-test-small"])
-            .arg(&small),
-    )?;
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let _unmount = tmpfs(&small, 40, "tern-test-small")?;
     let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
     let b = TestAgent::start_with(
         Path::new(BIN),
@@ -563,18 +570,7 @@ fn a_destination_disk_that_fills_up_during_the_copy_fails_clearly_and_the_source
     std::fs::write(&disk, noise(77, (32 * MIB) as usize))?;
     let small = d.path().join("small");
     std::fs::create_dir(&small)?;
-    run_ok(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64m", "tern-test-fill"])
-            .arg(&small),
-    )?;
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let _unmount = tmpfs(&small, 64, "tern-test-fill")?;
     let state = small.join("state");
     std::fs::create_dir(&state)?;
     let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
@@ -689,14 +685,7 @@ fn a_source_agent_killed_mid_disk_copy_leaves_its_vm_running_and_the_next_agent_
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let a2 = TestAgent::start_with(
-        Path::new(BIN),
-        "host-a",
-        AgentOptions {
-            state_dir: Some(&a.state_dir),
-            ..Default::default()
-        },
-    )?;
+    let a2 = a.successor(Path::new(BIN))?;
     ensure!(a2.vm_status("dk5")? == "running");
     // the new agent cleared what the dead one left in QEMU
     let nodes = a2.qmp(
@@ -752,14 +741,7 @@ fn a_source_agent_that_dies_with_its_vm_paused_before_the_switchover_gets_it_run
     )?;
     a.kill(); // reaps it
     ensure!(pid_alive(pid), "the VM outlives its agent");
-    let a2 = TestAgent::start_with(
-        Path::new(BIN),
-        "host-a",
-        AgentOptions {
-            state_dir: Some(&a.state_dir),
-            ..Default::default()
-        },
-    )?;
+    let a2 = a.successor(Path::new(BIN))?;
     // the new agent cancels the dead one's migration: QEMU runs the guest again
     let deadline = Instant::now() + Duration::from_secs(20);
     while a2.vm_status("dk6")? != "running" {

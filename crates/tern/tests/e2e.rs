@@ -482,14 +482,7 @@ fn destination_agent_crash_leaves_source_running() -> Result<()> {
     assert_source_running(&a, "v5")?;
     // The restarted destination agent removes the QEMU of the migration that never
     // switched over (no orphan VM on the destination host).
-    let b2 = TestAgent::start_with(
-        Path::new(BIN),
-        "host-b",
-        AgentOptions {
-            state_dir: Some(&b.state_dir),
-            ..Default::default()
-        },
-    )?;
+    let b2 = b.successor(Path::new(BIN))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while pid_alive(pid) {
         assert!(
@@ -774,14 +767,7 @@ fn an_agent_restart_keeps_its_vms_running_and_manageable() -> Result<()> {
     let pid = a.vm("v10")?["pid"].as_u64().context("pid")? as u32;
     a.terminate(); // e.g. an upgrade
     assert!(pid_alive(pid), "the VM outlives its agent");
-    let a2 = TestAgent::start_with(
-        Path::new(BIN),
-        "host-a",
-        AgentOptions {
-            state_dir: Some(&a.state_dir),
-            ..Default::default()
-        },
-    )?;
+    let a2 = a.successor(Path::new(BIN))?;
     let info = a2.vm("v10")?;
     assert_eq!(
         info["pid"].as_u64(),
