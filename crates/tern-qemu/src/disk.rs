@@ -534,19 +534,41 @@ pub enum StartNbdServerError {
         #[source]
         source: QmpError,
     },
+    #[error("cannot listen on {path} for QEMU's NBD server")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// `nbd-server-start {addr: {type: unix, path}}`: QEMU listens on `socket` (created by
-/// QEMU, which must not exist). One server per QEMU; exports come and go on it.
+/// QEMU's NBD server on `socket`: the caller binds the listening socket (an unprivileged
+/// QEMU could not create it in a private directory) and hands it over (`getfd`, then
+/// `nbd-server-start {addr: {type: fd}}`); a stale socket file is replaced. One server per
+/// QEMU; exports come and go on it; clients connect to `socket`.
 pub async fn start_nbd_server(qmp: &QmpClient, socket: &Path) -> Result<(), StartNbdServerError> {
     if socket.as_os_str().len() > 100 {
         return Err(StartNbdServerError::PathTooLong(socket.to_path_buf()));
     }
-    let path = socket.to_string_lossy();
+    let listen_err = |source| StartNbdServerError::Listen {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let _ = std::fs::remove_file(socket);
+    let listener = std::os::unix::net::UnixListener::bind(socket).map_err(listen_err)?;
+    let name = "tern-nbd-listen";
+    let qmp_err = |source| StartNbdServerError::Qmp {
+        path: socket.to_path_buf(),
+        source,
+    };
+    qmp.getfd(name, std::os::fd::OwnedFd::from(listener))
+        .await
+        .map_err(qmp_err)?;
+    // (the legacy form: nbd-server-start's flat form has no fd type)
     match qmp
         .execute(
             "nbd-server-start",
-            Some(json!({ "addr": { "type": "unix", "data": { "path": path } } })),
+            Some(json!({ "addr": { "type": "fd", "data": { "str": name } } })),
         )
         .await
     {

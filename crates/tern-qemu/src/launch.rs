@@ -37,7 +37,20 @@ pub struct LaunchOptions {
     /// [`crate::swtpm::ctrl_socket_path`] of `run_dir` (where
     /// [`crate::swtpm::SwtpmConfig::for_run_dir`] puts it).
     pub tpm_ctrl_socket: Option<PathBuf>,
+    /// Run QEMU as this user: it opens its start-up files (kernel, initrd, disk images,
+    /// console log, QMP socket) as the caller, then drops to the user (`-run-with user=`,
+    /// `-runas` before QEMU 9.1). Everything it needs later is passed as a descriptor.
+    pub run_as: Option<String>,
+    /// QEMU's seccomp sandbox ([`SANDBOX`]).
+    pub sandbox: bool,
 }
+
+/// QEMU's seccomp sandbox as tern runs it: no obsolete system calls, no spawning
+/// programs, no resource control. Set-uid calls stay allowed only because QEMU drops to
+/// its user after the filter is in place (`-run-with user=`); after that it holds no
+/// capabilities and cannot gain any.
+pub const SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
 
 impl LaunchOptions {
     pub fn new(run_dir: PathBuf) -> Self {
@@ -52,6 +65,8 @@ impl LaunchOptions {
             start_paused: false,
             kill_on_drop: true,
             tpm_ctrl_socket: None,
+            run_as: None,
+            sandbox: false,
         }
     }
 
@@ -61,6 +76,71 @@ impl LaunchOptions {
             .clone()
             .unwrap_or_else(|| crate::swtpm::ctrl_socket_path(&self.run_dir))
     }
+}
+
+/// The machine types `qemu_binary` knows (`-machine help`), e.g. `pc`, `q35`,
+/// `pc-i440fx-10.0`.
+pub fn machine_types(qemu_binary: &Path) -> std::io::Result<Vec<String>> {
+    let out = std::process::Command::new(qemu_binary)
+        .args(["-machine", "help"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "{} -machine help exited with {}",
+            qemu_binary.display(),
+            out.status
+        )));
+    }
+    Ok(parse_machine_help(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `(major, minor)` of `qemu_binary`, from `-version` (asked once per binary).
+pub fn binary_version(qemu_binary: &Path) -> std::io::Result<(u32, u32)> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static SEEN: Mutex<Option<HashMap<PathBuf, (u32, u32)>>> = Mutex::new(None);
+    if let Some(v) = SEEN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .and_then(|m| m.get(qemu_binary).copied())
+    {
+        return Ok(v);
+    }
+    let out = std::process::Command::new(qemu_binary)
+        .arg("-version")
+        .stdin(Stdio::null())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = parse_version_line(&text).ok_or_else(|| {
+        std::io::Error::other(format!(
+            "{} -version printed no version: {}",
+            qemu_binary.display(),
+            text.trim()
+        ))
+    })?;
+    SEEN.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(qemu_binary.to_path_buf(), v);
+    Ok(v)
+}
+
+/// "QEMU emulator version 10.0.2 (Debian ...)" -> (10, 0).
+fn parse_version_line(text: &str) -> Option<(u32, u32)> {
+    let v = text.split("version ").nth(1)?.split_whitespace().next()?;
+    let mut it = v.split('.');
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+fn parse_machine_help(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| !l.starts_with("Supported machines"))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
 }
 
 /// `s` as one value inside a QEMU `-opt key=value,...` list (commas doubled).
@@ -120,11 +200,34 @@ pub(crate) fn log_tail(path: &Path, max: usize, who: &str) -> String {
 }
 
 impl QemuProcess {
-    /// The QEMU command line for `spec` (without the binary).
+    /// The QEMU command line for `spec` (without the binary), for QEMU 10.
     pub fn command_line(spec: &VmSpec, opts: &LaunchOptions) -> Vec<OsString> {
+        Self::command_line_for(spec, opts, (10, 0))
+    }
+
+    /// The command line for a QEMU of version `(major, minor)` (it decides how the user
+    /// to run as is named).
+    fn command_line_for(
+        spec: &VmSpec,
+        opts: &LaunchOptions,
+        qemu_version: (u32, u32),
+    ) -> Vec<OsString> {
         let rd = &opts.run_dir;
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |s: &str| a.push(s.into());
+        if opts.sandbox {
+            push("-sandbox");
+            push(SANDBOX);
+        }
+        if let Some(u) = &opts.run_as {
+            if qemu_version >= (9, 1) {
+                push("-run-with");
+                push(&format!("user={u}"));
+            } else {
+                push("-runas");
+                push(u);
+            }
+        }
         push("-name");
         push(&format!("guest={},debug-threads=on", spec.name));
         push("-machine");
@@ -247,8 +350,16 @@ impl QemuProcess {
                 source: e,
             }
         })?;
+        let version = if opts.run_as.is_some() {
+            binary_version(&opts.qemu_binary).map_err(|e| LaunchError::Spawn {
+                binary: opts.qemu_binary.clone(),
+                source: e,
+            })?
+        } else {
+            (10, 0)
+        };
         let mut cmd = Command::new(&opts.qemu_binary);
-        cmd.args(Self::command_line(spec, opts))
+        cmd.args(Self::command_line_for(spec, opts, version))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -374,6 +485,47 @@ mod tests {
             .position(|x| x == flag)
             .and_then(|i| a.get(i + 1))
             .map(String::as_str)
+    }
+
+    #[test]
+    fn unprivileged_sandboxed_command_line_names_the_user_as_the_version_wants() {
+        let mut o = LaunchOptions::new("/run/x".into());
+        o.run_as = Some("tern-qemu".into());
+        o.sandbox = true;
+        let new = args(QemuProcess::command_line_for(
+            &spec(Accel::Tcg),
+            &o,
+            (10, 0),
+        ));
+        assert_eq!(after(&new, "-run-with"), Some("user=tern-qemu"));
+        assert_eq!(after(&new, "-sandbox"), Some(SANDBOX));
+        let old = args(QemuProcess::command_line_for(&spec(Accel::Tcg), &o, (7, 2)));
+        assert_eq!(after(&old, "-runas"), Some("tern-qemu"));
+        assert!(!old.contains(&"-run-with".to_string()));
+        let plain = args(QemuProcess::command_line(
+            &spec(Accel::Tcg),
+            &LaunchOptions::new("/run/x".into()),
+        ));
+        assert!(
+            !plain.contains(&"-sandbox".to_string()) && !plain.contains(&"-run-with".to_string())
+        );
+        assert_eq!(
+            parse_version_line("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright"),
+            Some((10, 0))
+        );
+        assert_eq!(
+            parse_version_line("QEMU emulator version 7.2.15"),
+            Some((7, 2))
+        );
+    }
+
+    #[test]
+    fn machine_help_lists_names() {
+        let text = "Supported machines are:\nmicrovm              microvm (i386)\npc                   Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-10.0)\npc-i440fx-10.0       Standard PC (i440FX + PIIX, 1996) (default)\nq35                  Standard PC (Q35 + ICH9, 2009)\n";
+        assert_eq!(
+            parse_machine_help(text),
+            vec!["microvm", "pc", "pc-i440fx-10.0", "q35"]
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 pub mod disk;
 pub mod launch;
+pub mod memdump;
 pub mod qmp;
 pub mod rp;
 pub mod spec;

@@ -135,6 +135,8 @@ pub enum SpecError {
     BadMemory(u32),
     #[error("vcpus must be between 1 and 256, got {0}")]
     BadVcpus(u32),
+    #[error("machine type {0:?} is invalid: a QEMU machine type name (1-64 characters from [A-Za-z0-9._-]), without options")]
+    BadMachine(String),
     #[error("{what} {path} does not exist on this host")]
     MissingFile { what: &'static str, path: PathBuf },
     #[error("at most {MAX_DISKS} disks, got {0}")]
@@ -186,6 +188,15 @@ impl VmSpec {
         }
         if !(1..=256).contains(&self.vcpus) {
             return Err(SpecError::BadVcpus(self.vcpus));
+        }
+        let m = &self.machine;
+        if m.is_empty()
+            || m.len() > 64
+            || !m
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return Err(SpecError::BadMachine(m.clone()));
         }
         if self.disks.len() > MAX_DISKS {
             return Err(SpecError::TooManyDisks(self.disks.len()));
@@ -417,5 +428,19 @@ mod tests {
             VmSpec::from_toml("name='x'\nmemory_mib=1\nkernel='/k'"),
             Err(SpecError::BadMemory(1))
         ));
+        // a machine type is a name: no QEMU options smuggled after a comma
+        for bad in ["pc,accel=kvm", "", "pc memory-backend=m"] {
+            assert!(
+                matches!(
+                    VmSpec::from_toml(&format!(
+                        "name='x'\nmemory_mib=64\nkernel='/k'\nmachine={bad:?}"
+                    )),
+                    Err(SpecError::BadMachine(_))
+                ),
+                "{bad}"
+            );
+        }
+        VmSpec::from_toml("name='x'\nmemory_mib=64\nkernel='/k'\nmachine='pc-i440fx-10.0'")
+            .unwrap();
     }
 }
