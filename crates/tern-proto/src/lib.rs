@@ -39,10 +39,12 @@
 //! [`MAX_PAYLOAD`] and payloads with bytes left over.
 #![forbid(unsafe_code)]
 
+pub mod limits;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Oldest protocol version this build still accepts (N and N-1). With a v1 peer a source
 /// sends zero and raw pages only, uncompressed.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
@@ -81,6 +83,7 @@ pub mod tag {
     pub const DISK_DATA: u8 = 25;
     pub const DISK_ROUND_END: u8 = 26;
     pub const DISK_ROUND_DONE: u8 = 27;
+    pub const TPM_KEY: u8 = 28;
 }
 
 /// [`Message::DiskData`] with this piece number is a plain write (a later round's dirty
@@ -458,6 +461,13 @@ pub enum Message {
         round: u32,
         written: u64,
     },
+    /// Source -> destination (v4), before Prepare, for a VM with a vTPM, and only to a
+    /// destination the source's policy allows: the VM's own swtpm migration key (its TPM
+    /// state travels encrypted with it inside QEMU's stream). Random per VM, never derived
+    /// from anything every host holds.
+    TpmKey {
+        key: [u8; 32],
+    },
 }
 
 impl Message {
@@ -490,6 +500,7 @@ impl Message {
             Message::DiskData { .. } => tag::DISK_DATA,
             Message::DiskRoundEnd { .. } => tag::DISK_ROUND_END,
             Message::DiskRoundDone { .. } => tag::DISK_ROUND_DONE,
+            Message::TpmKey { .. } => tag::TPM_KEY,
         }
     }
 
@@ -523,6 +534,7 @@ impl Message {
             Message::DiskData { .. } => "DiskData",
             Message::DiskRoundEnd { .. } => "DiskRoundEnd",
             Message::DiskRoundDone { .. } => "DiskRoundDone",
+            Message::TpmKey { .. } => "TpmKey",
         }
     }
 }
@@ -746,6 +758,7 @@ pub fn encode_segments(msg: &Message, scratch: &mut BytesMut, segs: &mut Vec<Byt
             out.put_u32(*round);
             out.put_u64(*written);
         }
+        Message::TpmKey { key } => out.put_slice(key),
     }
 }
 
@@ -810,6 +823,7 @@ fn payload_len(msg: &Message) -> usize {
         Message::DiskData { data, .. } => 14 + data.len(),
         Message::DiskRoundEnd { .. } => 7,
         Message::DiskRoundDone { .. } => 14,
+        Message::TpmKey { .. } => 32,
     }
 }
 
@@ -822,7 +836,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, FrameError> {
     let ty = buf[0];
     let flags = buf[1];
     let len = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
-    if !(tag::HELLO..=tag::DISK_ROUND_DONE).contains(&ty) {
+    if !(tag::HELLO..=tag::TPM_KEY).contains(&ty) {
         return Err(FrameError::UnknownType(ty));
     }
     let codec = flags & FLAG_CODEC_MASK;
@@ -1086,6 +1100,7 @@ fn decode_payload(ty: u8, payload: Bytes) -> Result<Message, FrameError> {
             round: r.u32()?,
             written: r.u64()?,
         },
+        tag::TPM_KEY => Message::TpmKey { key: r.digest()? },
         other => return Err(FrameError::UnknownType(other)),
     };
     if !r.b.is_empty() {
@@ -1123,6 +1138,7 @@ fn tag_name(ty: u8) -> &'static str {
         tag::DISK_DATA => "DiskData",
         tag::DISK_ROUND_END => "DiskRoundEnd",
         tag::DISK_ROUND_DONE => "DiskRoundDone",
+        tag::TPM_KEY => "TpmKey",
         _ => "Invalid",
     }
 }
@@ -1397,6 +1413,7 @@ mod tests {
                 round: 5,
                 written: 12345,
             },
+            Message::TpmKey { key: [7; 32] },
         ]
     }
 
