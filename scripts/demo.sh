@@ -45,6 +45,7 @@ for h in a b; do
   "$tern" cert issue "$ip" --dns "host-$h" --ca "$work/ca" --out "$work/tls-$h" >/dev/null
   ip netns exec "tern-$h" "$tern" agent --name "host-$h" --state-dir "$work/$h" \
     --api "unix:$work/$h.sock" --listen "$ip:7700" --tls-dir "$work/tls-$h" \
+    --boot-dir "$root/.cache/guest" \
     > "$work/agent-$h.log" 2>&1 &
   pids+=($!)
 done

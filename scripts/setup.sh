@@ -2,7 +2,8 @@
 # Installs what tern needs on a fresh Debian 12 machine (idempotent):
 #   QEMU 10 from bookworm-backports (Debian's 7.2 loses dirty pages in live migration under
 #   TCG), the guest-build inputs (busybox-static, cpio, gcc), network tools (iproute2,
-#   iptables, socat, tcpdump), e2fsprogs (test and demo disks) and swtpm (the software TPM behind a VM spec's `tpm = true`).
+#   iptables, socat, tcpdump), e2fsprogs (test and demo disks) and swtpm (the software TPM behind a VM spec's `tpm = true`),
+#   and the system user `tern-qemu` that QEMU runs as.
 # Run as root. Safe to run again: it only installs what is missing.
 set -euo pipefail
 need_qemu=0
@@ -26,5 +27,12 @@ if [ "$need_qemu" = 1 ] || [ "${#missing[@]}" -gt 0 ]; then
   if [ "$need_qemu" = 1 ]; then
     apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
   fi
+fi
+# The unprivileged user every QEMU runs as (tern agent --qemu-user; kvm group for KVM).
+if ! id -u tern-qemu >/dev/null 2>&1; then
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin tern-qemu
+fi
+if getent group kvm >/dev/null 2>&1 && ! id -nG tern-qemu | grep -qw kvm; then
+  usermod -a -G kvm tern-qemu
 fi
 qemu-system-x86_64 --version | head -1

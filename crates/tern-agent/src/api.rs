@@ -1,4 +1,4 @@
-//! The local control API: HTTP/JSON on a unix socket (default) or TCP. The `tern` CLI is
+//! The local control API: HTTP/JSON on a unix socket only root can use. The `tern` CLI is
 //! a thin client of it. Owns request/response shapes and mapping errors to HTTP statuses;
 //! all real work is in [`crate::Agent`] and [`crate::migrate`].
 //!
@@ -7,7 +7,8 @@
 //! | GET | /v1/agent | agent name and addresses |
 //! | GET, POST | /v1/vms | list VMs; start one (`{"spec_toml": "..."}`) |
 //! | GET, DELETE | /v1/vms/{name} | show; stop and remove |
-//! | POST | /v1/vms/{name}/qmp | pass one QMP command (`{"execute", "arguments"}`) |
+//! | POST | /v1/vms/{name}/qmp | pass one QMP command (`{"execute", "arguments"}`): `query-*` and [`QMP_ALLOWED`] only |
+//! | POST | /v1/vms/{name}/memory | save the guest's physical memory to a file (`{"path", "size"}`) |
 //! | POST | /v1/vms/{name}/migrate | start a migration ([`MigrateRequest`]); 202 + id |
 //! | POST | /v1/vms/{name}/migration/cancel | cancel the VM's running migration |
 //! | GET | /v1/migrations, /v1/migrations/{id} | migration status, progress and report |
@@ -118,6 +119,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms", get(list_vms).post(start_vm))
         .route("/v1/vms/{name}", get(show_vm).delete(stop_vm))
         .route("/v1/vms/{name}/qmp", post(qmp))
+        .route("/v1/vms/{name}/memory", post(save_memory))
         .route("/v1/vms/{name}/migrate", post(migrate))
         .route("/v1/vms/{name}/migration/cancel", post(cancel_vm_migration))
         .route("/v1/migrations", get(list_migrations))
@@ -148,14 +150,6 @@ pub async fn serve(
             // The API can start VMs and pass QMP commands: owner only.
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| AgentError::Api(addr, e))?;
-            Ok(futures_either(async move {
-                let _ = axum::serve(l, app).await;
-            }))
-        }
-        ApiAddr::Tcp(sa) => {
-            let l = tokio::net::TcpListener::bind(sa)
-                .await
                 .map_err(|e| AgentError::Api(addr, e))?;
             Ok(futures_either(async move {
                 let _ = axum::serve(l, app).await;
@@ -220,18 +214,87 @@ async fn stop_vm(State(a): S, Path(name): Path<String>) -> Result<StatusCode, Ap
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// QMP commands the pass-through takes besides `query-*`: none of them can run a
+/// program, open a file or reconfigure migration or storage.
+pub const QMP_ALLOWED: &[&str] = &[
+    "stop",
+    "cont",
+    "system_reset",
+    "system_powerdown",
+    "system_wakeup",
+    "inject-nmi",
+    "qom-list",
+    "qom-get",
+];
+
+/// Whether the QMP pass-through takes `command`.
+pub fn qmp_allowed(command: &str) -> bool {
+    (command.starts_with("query-") && command.len() > "query-".len())
+        || QMP_ALLOWED.contains(&command)
+}
+
 async fn qmp(
     State(a): S,
     Path(name): Path<String>,
     Json(req): Json<QmpRequest>,
 ) -> Result<Json<Value>, ApiError> {
+    if !qmp_allowed(&req.execute) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "qmp-refused",
+            format!(
+                "QMP command {:?} is not passed through (it could run programs, open files or change migration or storage): allowed are query-* and {}",
+                req.execute,
+                QMP_ALLOWED.join(", ")
+            ),
+        ));
+    }
     let vm = find_vm(&a, &name)?;
     let r = vm
         .qmp
-        .execute(&req.execute, req.arguments)
+        .execute_within(
+            &req.execute,
+            req.arguments,
+            std::time::Duration::from_secs(60),
+        )
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "qmp", chain(&e)))?;
     Ok(Json(r))
+}
+
+/// `POST /v1/vms/{name}/memory`: the guest's physical memory `[0, size)` as raw bytes, in
+/// a new file at `path` on the agent's host (mode 0600). For tests and debugging: the
+/// agent takes it without QEMU opening any path.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SaveMemoryRequest {
+    pub path: std::path::PathBuf,
+    pub size: u64,
+}
+
+async fn save_memory(
+    State(a): S,
+    Path(name): Path<String>,
+    Json(req): Json<SaveMemoryRequest>,
+) -> Result<StatusCode, ApiError> {
+    if !req.path.is_absolute() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!("{} is not an absolute path", req.path.display()),
+        ));
+    }
+    let vm = find_vm(&a, &name)?;
+    let scratch = vm.run_dir.join("memdump.core");
+    tern_qemu::memdump::save_guest_ram(&vm.qmp, &scratch, &req.path, req.size)
+        .await
+        .map_err(|e| {
+            let status = match e {
+                tern_qemu::memdump::SaveRamError::Create { .. } => StatusCode::BAD_REQUEST,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            ApiError::new(status, "memory", chain(&e))
+        })?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn migrate(

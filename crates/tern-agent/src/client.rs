@@ -1,10 +1,9 @@
-//! A minimal blocking HTTP/1.1 client for the agent's control API, over a unix socket or
-//! TCP: what the CLI and the test kit use. One request per connection
+//! A minimal blocking HTTP/1.1 client for the agent's control API, over its unix socket:
+//! what the CLI and the test kit use. One request per connection
 //! (`Connection: close`); JSON in, JSON out. Kept tiny on purpose: the API is local and
 //! simple, and the CLI should not pull in an HTTP stack.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -20,7 +19,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Why a call to the agent's API failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("agent address {0:?}: use unix:/path or tcp:HOST:PORT")]
+    #[error("agent address {0:?}: use unix:/path (the agent's API is a local socket; reach another host's agent over ssh)")]
     BadEndpoint(String),
     #[error(
         "cannot reach the tern agent at {0} (is `tern agent` running? set --agent or TERN_AGENT)"
@@ -45,15 +44,12 @@ type Result<T> = std::result::Result<T, ClientError>;
 #[derive(Debug, Clone)]
 pub enum Endpoint {
     Unix(String),
-    Tcp(String),
 }
 
 impl Endpoint {
     pub fn parse(s: &str) -> Result<Endpoint> {
         if let Some(p) = s.strip_prefix("unix:") {
             Ok(Endpoint::Unix(p.into()))
-        } else if let Some(a) = s.strip_prefix("tcp:") {
-            Ok(Endpoint::Tcp(a.into()))
         } else if s.starts_with('/') {
             Ok(Endpoint::Unix(s.into()))
         } else {
@@ -66,7 +62,6 @@ impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Endpoint::Unix(p) => write!(f, "unix:{p}"),
-            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
         }
     }
 }
@@ -88,11 +83,6 @@ impl Client {
         Ok(match &self.endpoint {
             Endpoint::Unix(p) => {
                 let s = UnixStream::connect(p).map_err(fail)?;
-                s.set_read_timeout(timeout)?;
-                Box::new(s)
-            }
-            Endpoint::Tcp(a) => {
-                let s = TcpStream::connect(a).map_err(fail)?;
                 s.set_read_timeout(timeout)?;
                 Box::new(s)
             }

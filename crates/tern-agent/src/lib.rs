@@ -19,7 +19,9 @@ pub mod vm;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use tern_qemu::launch::{LaunchOptions, QemuProcess};
 use tern_qemu::spec::VmSpec;
@@ -28,11 +30,12 @@ use tokio::net::TcpListener;
 use migrate::MigrationHandle;
 use vm::{StartVmError, StopMode, StopVmError, Vm};
 
-/// Where the control API listens.
+/// Where the control API listens: a unix socket only root can use. There is no TCP API:
+/// it could start VMs and reach their QEMU, and a network listener would need its own
+/// authentication (reach another host's agent over ssh).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiAddr {
     Unix(PathBuf),
-    Tcp(SocketAddr),
 }
 
 impl std::str::FromStr for ApiAddr {
@@ -40,17 +43,18 @@ impl std::str::FromStr for ApiAddr {
     fn from_str(s: &str) -> Result<Self, String> {
         if let Some(p) = s.strip_prefix("unix:") {
             Ok(ApiAddr::Unix(p.into()))
-        } else if let Some(a) = s.strip_prefix("tcp:") {
-            a.parse()
-                .map(ApiAddr::Tcp)
-                .map_err(|e| format!("bad address {a:?}: {e}"))
         } else if s.starts_with('/') {
             Ok(ApiAddr::Unix(s.into()))
+        } else if s.starts_with("tcp:") {
+            Err(format!("API address {s:?}: the control API is a unix socket only (root-only); reach another host's agent over ssh"))
         } else {
-            Err(format!("API address {s:?}: use unix:/path or tcp:IP:PORT"))
+            Err(format!("API address {s:?}: use unix:/path"))
         }
     }
 }
+
+/// The user QEMU runs as unless configured otherwise (`scripts/setup.sh` creates it).
+pub const DEFAULT_QEMU_USER: &str = "tern-qemu";
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -85,6 +89,16 @@ pub struct AgentConfig {
     pub insecure_plaintext: bool,
     /// Which VMs may go to which hosts ([`policy`]); the built-in policy if unset.
     pub policy: Option<PathBuf>,
+    /// Where an incoming VM's kernel and initrd may come from: a peer names files, and
+    /// the destination launches only files under one of these directories (default
+    /// `STATE_DIR/boot`).
+    pub boot_dirs: Vec<PathBuf>,
+    /// Incoming migrations this agent runs at once (each starts a QEMU); more are refused
+    /// with `resource-exhausted`.
+    pub max_incoming: usize,
+    /// The unprivileged user QEMU runs as (after opening its start-up files as root);
+    /// None runs QEMU as root. Every QEMU runs with its seccomp sandbox on.
+    pub qemu_user: Option<String>,
 }
 
 impl AgentConfig {
@@ -104,6 +118,9 @@ impl AgentConfig {
             tls_dir: None,
             insecure_plaintext: false,
             policy: None,
+            boot_dirs: Vec::new(),
+            max_incoming: 4,
+            qemu_user: Some(DEFAULT_QEMU_USER.into()),
         }
     }
 }
@@ -114,9 +131,6 @@ pub struct Agent {
     /// Pages of VMs that live or lived here, and pages received, by content hash.
     pub store: migrate::pages::SharedStore,
     pub hasher: tern_store::ContentHasher,
-    /// swtpm's `--migration-key`, derived from the cluster key (the same on every host of
-    /// the cluster): a VM's TPM state is encrypted inside QEMU's stream too.
-    tpm_migration_key: PathBuf,
     /// How peer connections are secured (mutual TLS unless the test-only plaintext mode).
     pub security: tls::PeerSecurity,
     pub policy: policy::Policy,
@@ -129,12 +143,54 @@ pub struct Agent {
     /// Names held by incoming migrations that have not switched over yet.
     reserved: Mutex<HashSet<String>>,
     migrations: Mutex<HashMap<String, Arc<MigrationHandle>>>,
-    /// Incoming migrations that accept extra data connections (parallel streams).
-    streams: Mutex<HashMap<String, StreamSlot>>,
+    /// Incoming migrations that accept extra data connections (parallel streams), and the
+    /// certificate that may attach them.
+    streams: Mutex<HashMap<String, (String, StreamSlot)>>,
+    /// The boot directories (canonical) an incoming VM's kernel and initrd must be in.
+    pub boot_dirs: Vec<PathBuf>,
+    /// The machine types this host's QEMU knows (`-machine help`).
+    pub machine_types: Vec<String>,
+    /// This host's memory (MemTotal), MiB: no incoming VM may be larger.
+    pub host_memory_mib: u64,
 }
 
 /// Where an incoming migration takes its extra data connections.
 pub type StreamSlot = tokio::sync::mpsc::UnboundedSender<(u16, conn::FrameReader<tls::PeerRead>)>;
+
+/// Why a peer's data connection was not taken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AttachRefused {
+    /// No incoming migration of that id takes data connections here.
+    Unknown,
+    /// The migration belongs to another peer's certificate.
+    OtherPeer,
+}
+
+/// Why an incoming migration was not registered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AddIncomingError {
+    /// Its id is known here already.
+    KnownId,
+    /// This many incoming migrations run already (the configured maximum).
+    Busy(usize),
+}
+
+/// Why a peer's Query about a migration is not answered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("migration {0} was prepared by another peer's certificate")]
+pub struct QueryRefused(pub String);
+
+/// This host's memory in MiB (MemTotal of /proc/meminfo); 0 if unknown.
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib >> 10)
+}
 
 /// Stops accepting data connections for a migration when dropped.
 pub struct StreamsGuard {
@@ -144,7 +200,7 @@ pub struct StreamsGuard {
 
 impl Drop for StreamsGuard {
     fn drop(&mut self) {
-        self.agent.streams.lock().unwrap().remove(&self.id);
+        self.agent.streams.lock().remove(&self.id);
     }
 }
 
@@ -171,14 +227,39 @@ pub enum AgentError {
     Policy(#[from] policy::PolicyError),
     #[error("cannot open the chunk index")]
     ChunkIndex(#[from] tern_chunks::OpenIndexError),
+    #[error("QEMU's user {0:?} does not exist on this host: create it (useradd --system --no-create-home --shell /usr/sbin/nologin {0}; add it to group kvm for KVM guests), or name another with --qemu-user")]
+    NoQemuUser(String),
 }
 
-/// Writes a 0600 binary key file, atomically, unless it already holds `key`.
-fn write_key_file(path: &std::path::Path, key: &[u8]) -> Result<(), pki::PkiError> {
-    if std::fs::read(path).is_ok_and(|k| k == key) {
-        return Ok(());
-    }
-    pki::write_file(path, key, 0o600)
+/// Where a VM's vTPM migration key lives: its run directory (root only), random per VM.
+pub fn tpm_migration_key_path(run_dir: &std::path::Path) -> PathBuf {
+    run_dir.join("tpm-migration.key")
+}
+
+/// The vTPM migration key a VM's swtpm runs with: its own, or (a VM an older agent
+/// started) the cluster-wide one it was started with.
+pub fn tpm_migration_key_of(
+    state_dir: &std::path::Path,
+    run_dir: &std::path::Path,
+) -> std::io::Result<[u8; 32]> {
+    let own = tpm_migration_key_path(run_dir);
+    let path = if own.exists() {
+        own
+    } else {
+        state_dir.join("tpm-migration.key")
+    };
+    std::fs::read(path)?
+        .try_into()
+        .map_err(|_| std::io::Error::other("a vTPM migration key is 32 bytes"))
+}
+
+/// Writes an incoming VM's vTPM migration key into its run directory (0600), for its
+/// swtpm.
+pub fn write_tpm_migration_key(
+    run_dir: &std::path::Path,
+    key: &[u8; 32],
+) -> Result<(), pki::PkiError> {
+    pki::write_file(&tpm_migration_key_path(run_dir), key, 0o600)
 }
 
 /// Reads the cluster key, creating it (random) if the file does not exist yet.
@@ -201,7 +282,8 @@ pub fn load_cluster_key(path: &std::path::Path) -> Result<[u8; 32], AgentError> 
             Err(e) => return Err(err(format!("cannot create: {e}"))),
         }
     }
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let text = pki::read_secret(path).map_err(|e| err(e.to_string()))?;
+    let text = String::from_utf8_lossy(&text);
     let bytes = hex::decode(text.trim()).map_err(|e| err(format!("not hex: {e}")))?;
     bytes
         .try_into()
@@ -211,6 +293,21 @@ pub fn load_cluster_key(path: &std::path::Path) -> Result<[u8; 32], AgentError> 
 impl Agent {
     /// Opens the cluster key and the page store (whose spill file starts empty).
     pub fn new(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+        if let Some(u) = &config.qemu_user {
+            let known = std::process::Command::new("id")
+                .args(["-u", u])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !known {
+                return Err(AgentError::NoQemuUser(u.clone()));
+            }
+        } else {
+            tracing::warn!(
+                "QEMU runs as root (no --qemu-user): a guest that escapes QEMU owns the host"
+            );
+        }
         let security = match (&config.tls_dir, config.insecure_plaintext) {
             (_, true) => {
                 tracing::warn!("peer connections are PLAINTEXT and unauthenticated (TERN_INSECURE_PLAINTEXT): for benchmarks only");
@@ -234,12 +331,13 @@ impl Agent {
         let hasher = tern_store::ContentHasher::new(cluster_key);
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|e| AgentError::StateDir(config.state_dir.clone(), e))?;
-        let tpm_migration_key = config.state_dir.join("tpm-migration.key");
-        write_key_file(
-            &tpm_migration_key,
-            &blake3::derive_key("tern vTPM migration key v1", &cluster_key),
-        )
-        .map_err(|e| AgentError::KeyFile(tpm_migration_key.clone(), e))?;
+        // root only, whatever an older agent or an administrator left: nothing below it
+        // (page store, run directories, images, keys) is reachable by other users
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| AgentError::StateDir(config.state_dir.clone(), e))?;
+        }
         const PAGE: usize = 4096;
         let pages = |mib: u64| (mib << 20) as usize / PAGE;
         let spill = config.state_dir.join("pages.store");
@@ -248,19 +346,46 @@ impl Agent {
             pages(config.store_mem_mib),
             Some((&spill, pages(config.store_file_mib))),
         )?;
+        {
+            // guest memory: root only, also when an older agent made the file
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&spill, std::fs::Permissions::from_mode(0o600));
+        }
         let chunks =
             tern_chunks::ChunkIndex::open(config.state_dir.join("chunks"), hasher.clone())?;
         for p in chunks.load_problems() {
             tracing::warn!("chunk index: {p}");
         }
         let images_dir = config.state_dir.join("images");
+        let wanted_boot_dirs = if config.boot_dirs.is_empty() {
+            vec![config.state_dir.join("boot")]
+        } else {
+            config.boot_dirs.clone()
+        };
+        let boot_dirs: Vec<PathBuf> = wanted_boot_dirs
+            .iter()
+            .filter_map(|d| match std::fs::canonicalize(d) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(dir = %d.display(), "boot directory unusable ({e}): incoming VMs cannot boot from it");
+                    None
+                }
+            })
+            .collect();
+        let qemu = tern_qemu::launch::LaunchOptions::new(PathBuf::new()).qemu_binary;
+        let machine_types = tern_qemu::launch::machine_types(&qemu).unwrap_or_else(|e| {
+            tracing::warn!(qemu = %qemu.display(), "cannot list QEMU's machine types ({e}): incoming migrations will be refused");
+            Vec::new()
+        });
         Ok(Arc::new(Agent {
-            chunks: Arc::new(Mutex::new(chunks)),
+            boot_dirs,
+            machine_types,
+            host_memory_mib: host_memory_mib(),
+            chunks: Arc::new(std::sync::Mutex::new(chunks)),
             images_dir,
             config,
             store: Arc::new(Mutex::new(store)),
             hasher,
-            tpm_migration_key,
             security,
             policy,
             vms: Mutex::new(HashMap::new()),
@@ -283,41 +408,53 @@ impl Agent {
     }
 
     pub fn vm(&self, name: &str) -> Option<Arc<Vm>> {
-        self.vms.lock().unwrap().get(name).cloned()
+        self.vms.lock().get(name).cloned()
     }
 
     pub fn vms(&self) -> Vec<Arc<Vm>> {
-        let mut v: Vec<_> = self.vms.lock().unwrap().values().cloned().collect();
+        let mut v: Vec<_> = self.vms.lock().values().cloned().collect();
         v.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         v
     }
 
-    /// Lets data connections for incoming migration `id` reach it until the guard drops.
-    pub fn accept_streams(self: &Arc<Self>, id: &str, slot: StreamSlot) -> StreamsGuard {
-        self.streams.lock().unwrap().insert(id.to_string(), slot);
+    /// Lets data connections for incoming migration `id` reach it until the guard drops;
+    /// only from the certificate `peer` (the one that prepared it).
+    pub fn accept_streams(
+        self: &Arc<Self>,
+        id: &str,
+        peer: &str,
+        slot: StreamSlot,
+    ) -> StreamsGuard {
+        self.streams
+            .lock()
+            .insert(id.to_string(), (peer.to_string(), slot));
         StreamsGuard {
             agent: self.clone(),
             id: id.to_string(),
         }
     }
 
-    /// Hands a data connection to its migration; false if no such migration takes one.
+    /// Hands a data connection from certificate `peer` to its migration.
     pub fn attach_stream(
         &self,
         id: &str,
+        peer: &str,
         index: u16,
         reader: conn::FrameReader<tls::PeerRead>,
-    ) -> bool {
-        match self.streams.lock().unwrap().get(id) {
-            Some(slot) => slot.send((index, reader)).is_ok(),
-            None => false,
+    ) -> Result<(), AttachRefused> {
+        match self.streams.lock().get(id) {
+            Some((owner, _)) if owner != peer => Err(AttachRefused::OtherPeer),
+            Some((_, slot)) => slot
+                .send((index, reader))
+                .map_err(|_| AttachRefused::Unknown),
+            None => Err(AttachRefused::Unknown),
         }
     }
 
     /// Holds a name for an incoming VM; false if the name is taken.
     pub fn reserve_name(&self, name: &str) -> bool {
-        let vms = self.vms.lock().unwrap();
-        let mut r = self.reserved.lock().unwrap();
+        let vms = self.vms.lock();
+        let mut r = self.reserved.lock();
         if vms.contains_key(name) || r.contains(name) {
             return false;
         }
@@ -326,19 +463,19 @@ impl Agent {
     }
 
     pub fn release_name(&self, name: &str) {
-        self.reserved.lock().unwrap().remove(name);
+        self.reserved.lock().remove(name);
     }
 
     /// Adds a VM that now runs here (after an incoming switchover); releases its reservation.
     pub fn adopt(&self, vm: Arc<Vm>) {
         let name = vm.spec.name.clone();
-        self.vms.lock().unwrap().insert(name.clone(), vm);
+        self.vms.lock().insert(name.clone(), vm);
         self.release_name(&name);
     }
 
     /// Forgets a VM (after it left or stopped).
     pub fn forget(&self, name: &str) -> Option<Arc<Vm>> {
-        self.vms.lock().unwrap().remove(name)
+        self.vms.lock().remove(name)
     }
 
     pub async fn start_vm(&self, spec: VmSpec) -> Result<Arc<Vm>, StartVmError> {
@@ -371,7 +508,10 @@ impl Agent {
         opts: &LaunchOptions,
     ) -> Result<QemuProcess, StartVmError> {
         let mut tpm = self.start_tpm(spec, &opts.run_dir).await?;
-        match QemuProcess::launch(spec, opts).await {
+        let mut opts = opts.clone();
+        opts.run_as = self.config.qemu_user.clone();
+        opts.sandbox = true;
+        match QemuProcess::launch(spec, &opts).await {
             Ok(p) => Ok(p),
             Err(e) => {
                 if let Some(t) = tpm.as_mut() {
@@ -384,7 +524,10 @@ impl Agent {
 
     /// Starts the VM's swtpm when its spec asks for a TPM: state in `RUN/tpm`, encrypted
     /// at rest with this host's `STATE_DIR/tpm.key`; QEMU connects to it at launch. An
-    /// incoming VM gets an empty state, which QEMU fills from the migration stream.
+    /// incoming VM gets an empty state, which QEMU fills from the migration stream. The
+    /// state also travels encrypted with the VM's own migration key
+    /// ([`tpm_migration_key_path`]): made at random for a new VM, received from the source
+    /// (`TpmKey`) for an incoming one, which writes it into the run directory first.
     async fn start_tpm(
         &self,
         spec: &VmSpec,
@@ -397,7 +540,9 @@ impl Agent {
         let key = self.config.state_dir.join("tpm.key");
         swtpm::ensure_key_file(&key)?;
         let mut cfg = swtpm::SwtpmConfig::for_run_dir(run_dir, key);
-        cfg.migration_key_file = Some(self.tpm_migration_key.clone());
+        let mkey = tpm_migration_key_path(run_dir);
+        swtpm::ensure_key_file(&mkey)?;
+        cfg.migration_key_file = Some(mkey);
         cfg.kill_on_drop = false; // it lives as long as its QEMU
         Ok(Some(swtpm::Swtpm::start(&cfg).await?))
     }
@@ -430,39 +575,78 @@ impl Agent {
     }
 
     pub fn add_migration(&self, m: Arc<MigrationHandle>) {
-        self.migrations.lock().unwrap().insert(m.id.clone(), m);
+        self.migrations.lock().insert(m.id.clone(), m);
+    }
+
+    /// Registers an incoming migration unless its id is known here already (from either
+    /// direction, or a VM that arrived with it): false then. A reused id could make a
+    /// source believe a VM runs here that it did not send.
+    /// Also refuses when [`AgentConfig::max_incoming`] migrations are coming in already.
+    pub fn add_incoming(&self, m: Arc<MigrationHandle>) -> Result<(), AddIncomingError> {
+        if self.switch_record_of(&m.id).is_some() {
+            return Err(AddIncomingError::KnownId);
+        }
+        let mut all = self.migrations.lock();
+        if all.contains_key(&m.id) {
+            return Err(AddIncomingError::KnownId);
+        }
+        let busy = all
+            .values()
+            .filter(|m| m.direction == migrate::Direction::Incoming && !m.is_finished())
+            .count();
+        if busy >= self.config.max_incoming {
+            return Err(AddIncomingError::Busy(busy));
+        }
+        all.insert(m.id.clone(), m);
+        Ok(())
+    }
+
+    /// The switchover record of migration `id` in one of this host's run directories.
+    fn switch_record_of(&self, id: &str) -> Option<migrate::dest::SwitchRecord> {
+        let dirs = std::fs::read_dir(self.config.state_dir.join("run")).ok()?;
+        dirs.flatten()
+            .filter_map(|e| migrate::dest::SwitchRecord::read(&e.path()))
+            .find(|r| r.migration_id == id)
     }
 
     pub fn migration(&self, id: &str) -> Option<Arc<MigrationHandle>> {
-        self.migrations.lock().unwrap().get(id).cloned()
+        self.migrations.lock().get(id).cloned()
     }
 
     pub fn migrations(&self) -> Vec<Arc<MigrationHandle>> {
-        let mut v: Vec<_> = self.migrations.lock().unwrap().values().cloned().collect();
+        let mut v: Vec<_> = self.migrations.lock().values().cloned().collect();
         v.sort_by_key(|m| m.started);
         v
     }
 
-    /// What this agent knows of a migration it received (answers a source's Query).
-    pub fn incoming_state(&self, id: &str) -> (tern_proto::MigrationState, u64) {
+    /// What this agent knows of a migration it received (answers a source's Query), for
+    /// the certificate `peer` that asks: only the one that prepared it gets an answer.
+    pub fn incoming_state(
+        &self,
+        id: &str,
+        peer: &str,
+    ) -> Result<(tern_proto::MigrationState, u64), QueryRefused> {
         use tern_proto::MigrationState as S;
         let Some(m) = self
             .migration(id)
             .filter(|m| m.direction == migrate::Direction::Incoming)
         else {
             // an agent restarted after the switchover still knows from the VM's run dir
-            let arrived = self.vms().iter().any(|vm| {
-                std::fs::read_to_string(vm.run_dir.join(migrate::dest::SWITCHED_IN))
-                    .is_ok_and(|s| s == id)
-            });
-            return (if arrived { S::Running } else { S::Unknown }, 0);
+            return match self.switch_record_of(id) {
+                Some(r) if r.peer != peer => Err(QueryRefused(id.into())),
+                Some(r) => Ok((S::Running, r.resumed_unix_us)),
+                None => Ok((S::Unknown, 0)),
+            };
         };
+        if m.peer_fingerprint() != peer {
+            return Err(QueryRefused(id.into()));
+        }
         let st = m.status();
-        match (st.finished, st.report) {
+        Ok(match (st.finished, st.report) {
             (true, Some(r)) => (S::Running, r.resumed_unix_us),
             (true, None) => (S::Discarded, 0),
             (false, _) => (S::InProgress, 0),
-        }
+        })
     }
 
     /// The migration of `vm` that is still in progress, if any.
@@ -486,7 +670,12 @@ impl Agent {
                 .ok()
                 .and_then(|p| p.trim().parse::<u32>().ok())
                 .filter(|p| vm::process_alive(*p) && cmdline_mentions(*p, &d));
-            if d.join(migrate::dest::INCOMING_MARKER).exists() {
+            let record = migrate::dest::SwitchRecord::read(&d);
+            // both marks: the previous agent died between recording the switchover and
+            // resuming the VM; the source committed and the VM is this host's
+            let unfinished_switch =
+                d.join(migrate::dest::INCOMING_MARKER).exists() && record.is_some();
+            if d.join(migrate::dest::INCOMING_MARKER).exists() && record.is_none() {
                 if let Some(p) = pid {
                     tracing::warn!(dir = %d.display(), pid = p, "removing an incoming VM that never switched over");
                     vm::kill_pid(p);
@@ -509,7 +698,11 @@ impl Agent {
             .await
             {
                 Ok(qmp) if self.reserve_name(&spec.name) => {
-                    clear_stale_migration(&qmp, &spec).await;
+                    if unfinished_switch {
+                        finish_switchover(&qmp, &spec, &d, record.as_ref()).await;
+                    } else {
+                        clear_stale_migration(&qmp, &spec).await;
+                    }
                     tracing::info!(vm = %spec.name, pid, "re-attached to a running VM");
                     self.adopt(Arc::new(Vm::reattach(spec, qmp, pid, d)));
                 }
@@ -557,6 +750,31 @@ async fn clear_stale_migration(qmp: &tern_qemu::qmp::QmpClient, spec: &VmSpec) {
     }
 }
 
+/// A previous agent recorded an incoming VM's switchover and died before it resumed the
+/// VM (or before it cleared the incoming mark): the source committed, so the VM is this
+/// host's; run it if it ran on the source.
+async fn finish_switchover(
+    qmp: &tern_qemu::qmp::QmpClient,
+    spec: &VmSpec,
+    dir: &std::path::Path,
+    record: Option<&migrate::dest::SwitchRecord>,
+) {
+    let Some(r) = record else { return };
+    if r.source_running {
+        match qmp.query_status().await {
+            Ok(s) if !s.running => {
+                tracing::warn!(vm = %spec.name, migration = %r.migration_id, status = %s.status, "resuming a VM whose switchover the previous agent recorded but did not finish");
+                if let Err(e) = qmp.execute("cont", None).await {
+                    tracing::error!(vm = %spec.name, "cannot resume it: {e}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(vm = %spec.name, "cannot ask its QEMU: {e}"),
+        }
+    }
+    let _ = std::fs::remove_file(dir.join(migrate::dest::INCOMING_MARKER));
+}
+
 /// Whether /proc/PID/cmdline mentions `dir` (the pid file is not reused by another process).
 fn cmdline_mentions(pid: u32, dir: &std::path::Path) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -569,6 +787,9 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
+    // Everything the agent creates is its own: guest memory (page store), disks made for
+    // incoming VMs, console logs, keys. Nobody else reads them.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     std::fs::create_dir_all(config.state_dir.join("run"))
         .map_err(|e| AgentError::StateDir(config.state_dir.clone(), e))?;
     let peers = TcpListener::bind(config.peer_listen)
@@ -624,8 +845,7 @@ pub async fn run(
         vms = agent.vms().len(),
         "tern agent shutting down; its VMs keep running"
     );
-    if let ApiAddr::Unix(p) = &agent.config.api {
-        let _ = std::fs::remove_file(p);
-    }
+    let ApiAddr::Unix(p) = &agent.config.api;
+    let _ = std::fs::remove_file(p);
     Ok(())
 }

@@ -42,6 +42,23 @@ pub enum PkiError {
     Generate(#[from] rcgen::Error),
     #[error("the peer's certificate cannot be parsed")]
     Parse,
+    #[error("{path} holds a secret key but other users may read it (mode {mode:04o}): chmod 600 {path}, and treat the key as leaked (make a new one)")]
+    LooseMode { path: PathBuf, mode: u32 },
+}
+
+/// Reads a secret key file, refusing one that users other than its owner may read or
+/// write: such a key must be considered leaked, and silently using it would hide that.
+pub fn read_secret(path: &Path) -> Result<Vec<u8>, PkiError> {
+    use std::os::unix::fs::PermissionsExt;
+    let md = std::fs::metadata(path).map_err(|e| PkiError::Read(path.into(), e))?;
+    let mode = md.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(PkiError::LooseMode {
+            path: path.into(),
+            mode,
+        });
+    }
+    std::fs::read(path).map_err(|e| PkiError::Read(path.into(), e))
 }
 
 /// What `tern cert issue` puts in an agent certificate.
@@ -91,7 +108,12 @@ pub fn init_ca(dir: &Path, cluster: &str) -> Result<(), PkiError> {
 /// `--tls-dir` needs.
 pub fn issue(ca_dir: &Path, req: &IssueRequest, out: &Path) -> Result<(), PkiError> {
     let ca_pem = read(&ca_dir.join(CA_CERT))?;
-    let ca_key_pem = read(&ca_dir.join(CA_KEY))?;
+    let ca_key_pem = String::from_utf8(read_secret(&ca_dir.join(CA_KEY))?).map_err(|e| {
+        PkiError::Read(
+            ca_dir.join(CA_KEY),
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        )
+    })?;
     let ca_key =
         KeyPair::from_pem(&ca_key_pem).map_err(|e| PkiError::BadCa(ca_dir.join(CA_KEY), e))?;
     let ca_params = CertificateParams::from_ca_cert_pem(&ca_pem)
@@ -143,7 +165,7 @@ pub fn issue(ca_dir: &Path, req: &IssueRequest, out: &Path) -> Result<(), PkiErr
     write_file(&out.join(CA_CERT), ca_pem.as_bytes(), 0o644)?;
     let ck = ca_dir.join(CLUSTER_KEY);
     if ck.exists() {
-        write_secret(&out.join(CLUSTER_KEY), read(&ck)?.as_bytes())?;
+        write_secret(&out.join(CLUSTER_KEY), &read_secret(&ck)?)?;
     }
     Ok(())
 }
@@ -226,20 +248,40 @@ fn write_secret(p: &Path, data: &[u8]) -> Result<(), PkiError> {
     write_file(p, data, 0o600)
 }
 
-/// Writes `data` to `p` atomically (temporary file, fsync, rename) with `mode`.
+/// Writes `data` to `p` atomically (a new temporary file of its own, fsync, rename) with
+/// `mode` from the start: the temporary is created exclusively under a fresh name, so no
+/// stale or planted file (with looser permissions) is ever written through.
 pub(crate) fn write_file(p: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = p.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| PkiError::Write(p.into(), e))?;
-    f.write_all(data)
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let werr = |e| PkiError::Write(p.into(), e);
+    let dir = p.parent().unwrap_or(Path::new("."));
+    let base = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (tmp, mut f) = loop {
+        let tag = random_key().map_err(werr)?;
+        let tmp = dir.join(format!(".{base}.{}.tmp", hex::encode(&tag[..6])));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+        {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(werr(e)),
+        }
+    };
+    let written = f
+        .set_permissions(std::fs::Permissions::from_mode(mode)) // (the umask narrowed it)
+        .and_then(|_| f.write_all(data))
         .and_then(|_| f.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, p))
-        .map_err(|e| PkiError::Write(p.into(), e))
+        .and_then(|_| std::fs::rename(&tmp, p));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(werr(e));
+    }
+    Ok(())
 }

@@ -10,8 +10,12 @@
 //! hosts = ["trusted"]    # labels the destination must all have
 //! ```
 //!
-//! Without a policy file the built-in policy applies: VMs with a vTPM go only to hosts
-//! labelled `trusted`.
+//! The built-in rule always applies: VMs with a vTPM go only to hosts labelled `trusted`.
+//! A policy file's rules add to it, unless the file says plainly that it replaces it:
+//!
+//! ```toml
+//! replace_builtin = true   # the built-in vTPM rule no longer applies; say what does
+//! ```
 
 use std::path::{Path, PathBuf};
 
@@ -54,6 +58,10 @@ pub struct Rule {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
+    /// The file's rules replace the built-in one (vTPM VMs only to `trusted` hosts)
+    /// instead of adding to it.
+    #[serde(default)]
+    replace_builtin: bool,
     #[serde(default)]
     rule: Vec<Rule>,
 }
@@ -112,7 +120,13 @@ impl Policy {
                 ));
             }
         }
-        Ok(Policy { rules: f.rule })
+        let mut rules = if f.replace_builtin {
+            Vec::new()
+        } else {
+            Policy::default().rules
+        };
+        rules.extend(f.rule);
+        Ok(Policy { rules })
     }
 
     /// Whether `vm` may run on `host`, whose certificate carries `labels`.
@@ -220,16 +234,20 @@ mod tests {
         p.check(&db, "h", &labels(&["prod", "ssd"])).unwrap();
         p.check(&web, "h", &labels(&["prod"])).unwrap();
         assert!(p.check(&web, "h", &[]).is_err());
-        // an explicit file replaces the built-in rule: TPM VMs need only what it says
-        p.check(
-            &VmFacts {
-                name: "t",
-                tpm: true,
-            },
-            "h",
-            &labels(&["prod"]),
-        )
-        .unwrap();
+        // a file's rules add to the built-in one: TPM VMs still need `trusted`...
+        let tpm = VmFacts {
+            name: "t",
+            tpm: true,
+        };
+        assert!(p.check(&tpm, "h", &labels(&["prod"])).is_err());
+        p.check(&tpm, "h", &labels(&["prod", "trusted"])).unwrap();
+        // ...unless it says plainly that it replaces it
+        let r =
+            Policy::parse("replace_builtin = true\n[[rule]]\nvms = \"all\"\nhosts = [\"prod\"]\n")
+                .unwrap();
+        r.check(&tpm, "h", &labels(&["prod"])).unwrap();
+        // an empty file is the built-in policy
+        assert_eq!(Policy::parse("").unwrap(), Policy::default());
     }
 
     #[test]

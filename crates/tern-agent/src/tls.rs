@@ -75,6 +75,9 @@ pub struct TlsConfigs {
 pub struct PeerIdentity {
     pub names: Vec<String>,
     pub labels: Vec<String>,
+    /// The certificate itself: hex of the first 16 bytes of the BLAKE3 of its DER (empty in
+    /// plaintext mode). A migration is bound to the certificate that prepared it.
+    pub fingerprint: String,
 }
 
 impl std::fmt::Debug for PeerSecurity {
@@ -99,7 +102,7 @@ impl PeerSecurity {
         };
         let ca_pem = read(pki::CA_CERT)?;
         let cert_pem = read(pki::AGENT_CERT)?;
-        let key_pem = read(pki::AGENT_KEY)?;
+        let key_pem = pki::read_secret(&dir.join(pki::AGENT_KEY))?;
         let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&ca_pem)
             .filter_map(Result::ok)
             .collect();
@@ -233,12 +236,20 @@ impl PeerSecurity {
 }
 
 fn identity(certs: Option<&[CertificateDer<'_>]>) -> PeerIdentity {
-    match certs
-        .and_then(|c| c.first())
-        .map(|c| pki::names_and_labels(c))
-    {
-        Some(Ok((names, labels))) => PeerIdentity { names, labels },
-        _ => PeerIdentity::default(),
+    let Some(cert) = certs.and_then(|c| c.first()) else {
+        return PeerIdentity::default();
+    };
+    let fingerprint = hex::encode(&blake3::hash(cert).as_bytes()[..16]);
+    match pki::names_and_labels(cert) {
+        Ok((names, labels)) => PeerIdentity {
+            names,
+            labels,
+            fingerprint,
+        },
+        Err(_) => PeerIdentity {
+            fingerprint,
+            ..PeerIdentity::default()
+        },
     }
 }
 

@@ -153,6 +153,11 @@ impl TestAgent {
             // one cluster: every test agent shares a key (created by the first agent)
             cmd.args(["--cluster-key", TEST_CLUSTER_KEY]);
         }
+        if !o.args.contains(&"--boot-dir") {
+            // incoming test VMs boot the test guest (guest/build.sh's cache)
+            cmd.arg("--boot-dir")
+                .arg(crate::guest::repo_root()?.join(".cache/guest"));
+        }
         let tls_dir = match o.tls_dir {
             Some(d) => d.to_path_buf(),
             None => {
@@ -269,6 +274,16 @@ impl TestAgent {
             &format!("/v1/vms/{vm}/qmp"),
             Some(&json!({ "execute": command, "arguments": arguments })),
         )
+    }
+
+    /// The guest's physical memory `[0, size)` saved to `path` (a new file) by the agent.
+    pub fn save_memory(&self, vm: &str, size: u64, path: &Path) -> Result<()> {
+        self.call(
+            "POST",
+            &format!("/v1/vms/{vm}/memory"),
+            Some(&json!({ "path": path, "size": size })),
+        )?;
+        Ok(())
     }
 
     /// The VM's run state as QEMU reports it (`running`, `paused`, ...).

@@ -24,7 +24,7 @@ const DEFAULT_API: &str = "unix:/run/tern/agent.sock";
     about = "Live-migrate running QEMU/KVM VMs between hosts"
 )]
 struct Cli {
-    /// The agent to talk to: unix:/path or tcp:HOST:PORT [env: TERN_AGENT]
+    /// The agent to talk to: unix:/path [env: TERN_AGENT]
     #[arg(long, global = true)]
     agent: Option<String>,
     #[command(subcommand)]
@@ -137,7 +137,7 @@ struct AgentArgs {
     /// Where VM run directories live.
     #[arg(long, default_value = "/var/lib/tern")]
     state_dir: PathBuf,
-    /// Control API address: unix:/path or tcp:IP:PORT.
+    /// Control API socket: unix:/path (root only).
     #[arg(long, default_value = DEFAULT_API)]
     api: String,
     /// Peer-agent listener (TCP).
@@ -164,6 +164,17 @@ struct AgentArgs {
     /// with a vTPM go only to hosts labelled `trusted`.
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// A directory incoming VMs may boot from (kernel, initrd); repeat for more. A peer
+    /// names the files: only files under these are launched. Default: STATE_DIR/boot.
+    #[arg(long = "boot-dir")]
+    boot_dirs: Vec<PathBuf>,
+    /// The unprivileged user QEMU runs as (it opens its start-up files as root, then drops
+    /// to this user, with its seccomp sandbox on). `root` keeps QEMU root (not advised).
+    #[arg(long, default_value = tern_agent::DEFAULT_QEMU_USER)]
+    qemu_user: String,
+    /// Incoming migrations at once; more are refused until one ends.
+    #[arg(long, default_value_t = 4)]
+    max_incoming: usize,
 }
 
 #[derive(Subcommand)]
@@ -327,6 +338,9 @@ fn run_agent(a: AgentArgs) -> Result<()> {
     config.store_mem_mib = a.store_mem_mib;
     config.store_file_mib = a.store_file_mib;
     config.policy = a.policy;
+    config.boot_dirs = a.boot_dirs;
+    config.qemu_user = (a.qemu_user != "root").then_some(a.qemu_user);
+    config.max_incoming = a.max_incoming.max(1);
     if std::env::var("TERN_INSECURE_PLAINTEXT").is_ok_and(|v| v == "1") {
         config.insecure_plaintext = true;
     } else {

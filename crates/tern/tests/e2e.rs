@@ -44,11 +44,7 @@ fn console_of(agent: &TestAgent, vm: &str) -> Result<std::path::PathBuf> {
 }
 
 fn pmemsave(agent: &TestAgent, vm: &str, size: u64, path: &Path) -> Result<Vec<u8>> {
-    agent.qmp(
-        vm,
-        "pmemsave",
-        Some(json!({ "val": 0, "size": size, "filename": path.display().to_string() })),
-    )?;
+    agent.save_memory(vm, size, path)?;
     Ok(std::fs::read(path)?)
 }
 

@@ -16,8 +16,9 @@ use std::time::{Duration, SystemTime};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use serde_json::json;
-use tern_proto::{ErrorCode, Message, PageBody};
+use tern_proto::{limits, ErrorCode, Message, PageBody};
 use tern_qemu::launch::{LaunchOptions, QemuProcess};
 use tern_qemu::qmp::QmpClient;
 use tern_qemu::rp::{parse_rp, RpMessage};
@@ -25,14 +26,14 @@ use tern_qemu::spec::VmSpec;
 use tern_qemu::stream::{BlockName, Encoder, Item, NameMode, RamRecord};
 use tern_store::Hash;
 use tokio::io::AsyncReadExt;
-use tokio::net::{unix, UnixStream};
+use tokio::net::unix;
 use tokio::sync::{mpsc, Mutex};
 
 use super::digest::MemoryDigest;
 use super::disk::{free_bytes, incoming_disk_path, DestDiskError, DestDisks};
 use super::pages::{PageDecoder, Resolved};
 use super::source::error_chain;
-use super::{unix_us, Counters, Direction, Fault, MigrationHandle};
+use super::{unix_us, Counters, Fault, MigrationHandle};
 use crate::conn::{ExpectError, FrameReader, FrameWriter, RecvError, Segments};
 use crate::vm::Vm;
 use crate::Agent;
@@ -41,8 +42,75 @@ type PeerWriter = Arc<Mutex<FrameWriter<crate::tls::PeerWrite>>>;
 
 /// File in a run directory while its QEMU is an incoming migration not yet switched over.
 pub const INCOMING_MARKER: &str = "incoming";
-/// File in a run directory naming the migration that brought the VM here.
+/// File in a run directory naming the migration that brought the VM here
+/// ([`SwitchRecord`]).
 pub const SWITCHED_IN: &str = "switched-in";
+
+/// What a destination writes, durably, before an incoming VM runs: the VM is this host's
+/// from then on. A restarted agent reads it to answer the source's Query and to finish a
+/// switchover its predecessor began (a run directory with both this and
+/// [`INCOMING_MARKER`] died between this record and `cont`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SwitchRecord {
+    pub migration_id: String,
+    /// The certificate of the source agent (only it may ask about the migration).
+    pub peer: String,
+    /// The VM ran on the source: it must run here.
+    pub source_running: bool,
+    /// When it resumed here (0: not yet, or it was paused).
+    #[serde(default)]
+    pub resumed_unix_us: u64,
+}
+
+impl SwitchRecord {
+    /// Writes the record into `run_dir` and makes it durable (file and directory synced).
+    pub fn write(&self, run_dir: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = run_dir.join(format!("{SWITCHED_IN}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, run_dir.join(SWITCHED_IN))?;
+        std::fs::File::open(run_dir)?.sync_all()
+    }
+
+    /// The record in `run_dir`, if there is a readable one.
+    pub fn read(run_dir: &std::path::Path) -> Option<SwitchRecord> {
+        let b = std::fs::read(run_dir.join(SWITCHED_IN)).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+}
+
+/// Sends `Applied{units}` (unchanged: no new stream) every
+/// [`limits::KEEPALIVE_INTERVAL`] until dropped.
+fn keepalive(writer: PeerWriter, units: u64) -> AbortOnDropTask {
+    AbortOnDropTask(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(limits::KEEPALIVE_INTERVAL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let sent = tokio::time::timeout(limits::KEEPALIVE_INTERVAL, async {
+                writer.lock().await.send(&Message::Applied { units }).await
+            })
+            .await;
+            if matches!(sent, Ok(Err(_))) {
+                return;
+            }
+        }
+    }))
+}
+
+struct AbortOnDropTask(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDropTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// Why an incoming migration failed (the code is sent to the source in `Abort`).
 #[derive(Debug, thiserror::Error)]
@@ -130,26 +198,58 @@ pub async fn serve_peer(
         run_dir: None,
     };
     let mut handle: Option<Arc<MigrationHandle>> = None;
-    let result = receive(&agent, &mut reader, &writer, &mut inc, &mut handle, addr).await;
+    // A bug that panics here cleans up like an error: QEMU, run directory, name.
+    let result = std::panic::AssertUnwindSafe(receive(
+        &agent,
+        &mut reader,
+        &writer,
+        &mut inc,
+        &mut handle,
+        addr,
+        &peer,
+    ))
+    .catch_unwind()
+    .await
+    .unwrap_or_else(|p| {
+        Err(refuse(
+            ErrorCode::Internal,
+            format!(
+                "tern failed internally (a bug: {})",
+                super::panic_message(&*p)
+            ),
+        ))
+    });
     if let Ok(Some((id, index))) = &result {
         // an extra data connection: hand it to its migration
-        if !agent.attach_stream(id, *index, reader) {
-            tracing::warn!(peer = %addr, migration = %id, "data connection for no running migration");
-            let _ = writer
-                .lock()
-                .await
-                .send(&Message::Abort {
-                    code: ErrorCode::Protocol,
-                    message: format!("no incoming migration {id} here"),
-                })
-                .await;
-        }
+        let refused = match agent.attach_stream(id, &peer.fingerprint, *index, reader) {
+            Ok(()) => return,
+            Err(crate::AttachRefused::Unknown) => (
+                ErrorCode::Protocol,
+                format!("no incoming migration {id} here"),
+            ),
+            Err(crate::AttachRefused::OtherPeer) => (
+                ErrorCode::NotAuthorized,
+                format!("migration {id} was prepared by another peer's certificate"),
+            ),
+        };
+        tracing::warn!(peer = %addr, migration = %id, "data connection refused: {}", refused.1);
+        let _ = writer
+            .lock()
+            .await
+            .send(&Message::Abort {
+                code: refused.0,
+                message: refused.1,
+            })
+            .await;
         return;
     }
     if let Err(e) = result {
         let code = e.code();
         let message = error_chain(&e);
         tracing::warn!(peer = %addr, code = code.name(), %message, "incoming migration failed");
+        // Nothing of the VM may run here once the source hears of the failure (it resumes
+        // its copy then): clean up first, then tell it.
+        inc.cleanup(&agent).await;
         if !matches!(
             e,
             IncomingError::Aborted { .. } | IncomingError::PeerClosed(_)
@@ -164,7 +264,6 @@ pub async fn serve_peer(
             })
             .await;
         }
-        inc.cleanup(&agent).await;
         if let Some(h) = handle {
             h.finish_err(code, message, "removed from this host".into());
         }
@@ -191,6 +290,7 @@ async fn receive(
     inc: &mut Incoming,
     handle_slot: &mut Option<Arc<MigrationHandle>>,
     addr: SocketAddr,
+    peer: &crate::tls::PeerIdentity,
 ) -> Result<Option<(String, u16)>, IncomingError> {
     // --- hello
     let (peer_min, peer_max, peer_name) =
@@ -227,14 +327,26 @@ async fn receive(
     )
     .await?;
 
-    // --- prepare (v3: the VM's disks first, when it has some)
+    // --- prepare (v3: the VM's disks first, when it has some; v4: its vTPM key)
     let mut first = next_msg(reader, Duration::from_secs(30), "Prepare").await?;
     let mut disk_offer = None;
-    if let Message::DiskOffer { disks } = first {
-        if version < 3 {
-            return Err(refuse(ErrorCode::Protocol, "DiskOffer needs protocol v3"));
+    let mut tpm_key = None;
+    loop {
+        match first {
+            Message::DiskOffer { disks } if disk_offer.is_none() => {
+                if version < 3 {
+                    return Err(refuse(ErrorCode::Protocol, "DiskOffer needs protocol v3"));
+                }
+                disk_offer = Some(disks);
+            }
+            Message::TpmKey { key } if tpm_key.is_none() => {
+                if version < 4 {
+                    return Err(refuse(ErrorCode::Protocol, "TpmKey needs protocol v4"));
+                }
+                tpm_key = Some(key);
+            }
+            _ => break,
         }
-        disk_offer = Some(disks);
         first = next_msg(reader, Duration::from_secs(30), "Prepare").await?;
     }
     let (id, spec_toml, source_running, source_qemu) = match first {
@@ -249,7 +361,10 @@ async fn receive(
             index,
         } if version >= 2 => return Ok(Some((migration_id, index))),
         Message::Query { migration_id } => {
-            let (state, resumed_unix_us) = agent.incoming_state(&migration_id);
+            let (state, resumed_unix_us) =
+                agent
+                    .incoming_state(&migration_id, &peer.fingerprint)
+                    .map_err(|e| refuse(ErrorCode::NotAuthorized, e.to_string()))?;
             tracing::info!(migration = %migration_id, ?state, "answered a query");
             send(
                 writer,
@@ -268,8 +383,30 @@ async fn receive(
             ))
         }
     };
+    if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') || id.is_empty() || id.len() > 64
+    {
+        return Err(refuse(
+            ErrorCode::Protocol,
+            format!("invalid migration id {id:?}"),
+        ));
+    }
     let mut spec = VmSpec::from_toml(&spec_toml)
         .map_err(|e| refuse(ErrorCode::SpecRejected, error_chain(&e)))?;
+    vet_incoming_spec(agent, &mut spec)?;
+    if spec.tpm != tpm_key.is_some() {
+        return Err(refuse(
+            if spec.tpm {
+                ErrorCode::SpecRejected
+            } else {
+                ErrorCode::Protocol
+            },
+            if spec.tpm {
+                "a VM with a vTPM needs its migration key (TpmKey) before Prepare"
+            } else {
+                "TpmKey for a VM without a vTPM"
+            },
+        ));
+    }
     let offer = disk_offer.unwrap_or_default();
     if offer.len() != spec.disks.len() {
         return Err(refuse(
@@ -298,13 +435,34 @@ async fn receive(
             agent.security.own_labels(),
         )
         .map_err(|e| refuse(ErrorCode::NotAuthorized, e.to_string()))?;
-    if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') || id.is_empty() || id.len() > 64
-    {
-        return Err(refuse(
-            ErrorCode::Protocol,
-            format!("invalid migration id {id:?}"),
-        ));
+    let handle = Arc::new(MigrationHandle::incoming(
+        id.clone(),
+        spec.name.clone(),
+        format!("{peer_name} ({addr})"),
+        peer.fingerprint.clone(),
+    ));
+    match agent.add_incoming(handle.clone()) {
+        Ok(()) => {}
+        Err(crate::AddIncomingError::KnownId) => {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                format!(
+                    "migration id {id} is already known on {}",
+                    agent.config.name
+                ),
+            ))
+        }
+        Err(crate::AddIncomingError::Busy(n)) => {
+            return Err(refuse(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "{} already receives {n} migrations at once; try again when one has finished",
+                    agent.config.name
+                ),
+            ))
+        }
     }
+    *handle_slot = Some(handle.clone());
     if !agent.reserve_name(&spec.name) {
         return Err(refuse(
             ErrorCode::VmExists,
@@ -315,14 +473,6 @@ async fn receive(
         ));
     }
     inc.name = Some(spec.name.clone());
-    let handle = Arc::new(MigrationHandle::new(
-        id.clone(),
-        spec.name.clone(),
-        Direction::Incoming,
-        format!("{peer_name} ({addr})"),
-    ));
-    agent.add_migration(handle.clone());
-    *handle_slot = Some(handle.clone());
     handle.set_phase("prepare");
 
     let run_dir = agent.new_run_dir(&spec.name);
@@ -340,6 +490,18 @@ async fn receive(
                 format!("cannot create {}: {e}", run_dir.display()),
             )
         })?;
+    if let Some(key) = &tpm_key {
+        crate::write_tpm_migration_key(&run_dir, key).map_err(|e| {
+            refuse(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "cannot keep the vTPM key in {}: {}",
+                    run_dir.display(),
+                    error_chain(&e)
+                ),
+            )
+        })?;
+    }
     if !spec.disks.is_empty() {
         prepare_disks(agent, &mut spec, &offer, &run_dir).await?;
     }
@@ -369,14 +531,14 @@ async fn receive(
         .await
         .map_err(qemu_err)?;
     let mut events = qmp.subscribe();
-    let sock = run_dir.join("incoming.sock");
+    // the stream comes in over a socket QEMU is handed (it may not open paths itself)
+    let qemu_sock = qmp.stream_socket("tern-incoming").await.map_err(qemu_err)?;
     qmp.execute(
         "migrate-incoming",
-        Some(json!({ "uri": format!("unix:{}", sock.display()) })),
+        Some(json!({ "uri": "fd:tern-incoming" })),
     )
     .await
     .map_err(qemu_err)?;
-    let qemu_sock = connect_retry(&sock, Duration::from_secs(10)).await?;
     // the disks: written through the incoming QEMU's own NBD exports
     let mut disks = if spec.disks.is_empty() {
         None
@@ -386,6 +548,9 @@ async fn receive(
                 &qmp,
                 &run_dir,
                 offer.iter().map(|d| d.virtual_size).collect(),
+                offer
+                    .iter()
+                    .fold(0u64, |a, d| a.saturating_add(d.allocated)),
                 agent.chunks.clone(),
                 agent.hasher.clone(),
                 writer.clone(),
@@ -424,7 +589,7 @@ async fn receive(
     }
     // Extra data connections (parallel streams) arrive through the agent.
     let (attach_tx, mut attach_rx) = mpsc::unbounded_channel();
-    let _attach = agent.accept_streams(&id, attach_tx);
+    let _attach = agent.accept_streams(&id, &peer.fingerprint, attach_tx);
     send(writer, &Message::Prepared { qemu_version }).await?;
 
     // --- transfer: frames -> QEMU stream; QEMU's return path -> frames
@@ -438,7 +603,9 @@ async fn receive(
         digest: None,
         corrupt_pending: agent.config.fault == Some(Fault::CorruptPage),
         pending: VecDeque::new(),
+        pending_bytes: 0,
         missing: HashSet::new(),
+        lengths: Vec::new(),
         out_units: 0,
         applied: 0,
         reported: 0,
@@ -450,8 +617,8 @@ async fn receive(
     let mut early_commit = false;
     // Data frames from parallel streams, applied in sequence order.
     let (data_tx, mut data_rx) = mpsc::channel::<DataFrame>(64);
-    let mut reorder: BTreeMap<u64, Message> = BTreeMap::new();
-    let mut next_seq = 0u64;
+    let mut reorder = Reorder::default();
+    let mut attached: HashSet<u16> = HashSet::new();
     let mut ready: VecDeque<Message> = VecDeque::new();
     let mut last_input = tokio::time::Instant::now();
     let source_digest = loop {
@@ -480,12 +647,9 @@ async fn receive(
                     last_input = tokio::time::Instant::now();
                     match d.expect("the loop holds a sender") {
                         Ok((seq, m)) => {
-                            if seq < next_seq || reorder.insert(seq, m).is_some() {
-                                return Err(refuse(ErrorCode::Protocol, format!("data frame #{seq} twice")));
-                            }
-                            while let Some(m) = reorder.remove(&next_seq) {
+                            reorder.insert(seq, m).map_err(|why| refuse(ErrorCode::Protocol, why))?;
+                            while let Some(m) = reorder.pop() {
                                 ready.push_back(m);
-                                next_seq += 1;
                             }
                         }
                         Err(e) => return Err(e),
@@ -494,6 +658,12 @@ async fn receive(
                 }
                 a = attach_rx.recv() => {
                     if let Some((index, r)) = a {
+                        if index == 0 || index > limits::MAX_DATA_STREAMS || !attached.insert(index) {
+                            return Err(refuse(
+                                ErrorCode::Protocol,
+                                format!("data connection #{index}: numbered 1..={} and each once", limits::MAX_DATA_STREAMS),
+                            ));
+                        }
                         tracing::info!(migration = %id, index, "data connection attached");
                         tokio::spawn(data_stream(r, data_tx.clone(), handle.clone()));
                     }
@@ -509,7 +679,7 @@ async fn receive(
                         pending = rb.pending.len(),
                         missing = rb.missing.len(),
                         ready = ready.len(),
-                        reorder = reorder.len(),
+                        reorder = reorder.held.len(),
                         "no data from the source"
                     );
                     return Err(IncomingError::Timeout(stall, "data from the source"));
@@ -532,6 +702,15 @@ async fn receive(
         match msg? {
             Some(Message::QemuBytes(b)) => rb.push(Pending::Verbatim(b), c)?,
             Some(Message::RamBlocks { page_size, blocks }) => {
+                if rb.digest.is_some() {
+                    return Err(refuse(
+                        ErrorCode::Protocol,
+                        "RamBlocks twice in one migration",
+                    ));
+                }
+                check_ram_blocks(page_size, &blocks, spec.memory_mib)
+                    .map_err(|why| refuse(ErrorCode::Protocol, format!("RamBlocks: {why}")))?;
+                rb.lengths = blocks.iter().map(|b| b.used_length).collect();
                 rb.names = blocks
                     .iter()
                     .map(|b| BlockName::from(b.name.as_str()))
@@ -554,8 +733,13 @@ async fn receive(
                         format!("Pages for unknown block #{block}"),
                     ));
                 }
+                if agent.config.fault == Some(Fault::PanicInTransfer) && super::fault_once() {
+                    let _store = agent.store.lock();
+                    panic!("fault injection: panic in the transfer, holding the page store");
+                }
                 let mut want = Vec::new();
                 for p in records {
+                    rb.check_record(block, &p)?;
                     let counter = match &p.body {
                         PageBody::Zero { .. } => &c.pages_zero,
                         PageBody::Raw(_) => &c.pages_raw,
@@ -599,14 +783,47 @@ async fn receive(
                         n = want.len(),
                         "asking the source for content this host lacks"
                     );
-                    send(writer, &Message::Want { hashes: want }).await?;
+                    for hashes in want.chunks(limits::MAX_WANT_HASHES) {
+                        send(
+                            writer,
+                            &Message::Want {
+                                hashes: hashes.to_vec(),
+                            },
+                        )
+                        .await?;
+                    }
                 }
                 if rb.out.len() >= 1 << 20 {
                     rb.flush(&mut qemu_wr, writer, version).await?;
                 }
             }
             Some(Message::Content { pages: contents }) => {
+                if contents.len() > limits::MAX_WANT_HASHES {
+                    return Err(refuse(
+                        ErrorCode::Protocol,
+                        format!(
+                            "Content with {} pages (at most {})",
+                            contents.len(),
+                            limits::MAX_WANT_HASHES
+                        ),
+                    ));
+                }
                 for (h, data) in contents {
+                    if !rb.missing.contains(&h) {
+                        return Err(refuse(
+                            ErrorCode::Protocol,
+                            format!(
+                                "Content for page {} that this host did not ask for",
+                                hex::encode(h)
+                            ),
+                        ));
+                    }
+                    if data.len() as u64 != limits::PAGE_SIZE {
+                        return Err(refuse(
+                            ErrorCode::Protocol,
+                            "Content page of the wrong size",
+                        ));
+                    }
                     pages
                         .content(h, &data)
                         .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?;
@@ -652,6 +869,10 @@ async fn receive(
         }
     };
     let digest = rb.digest.take();
+    // From here the destination works without reading the source's frames for a while
+    // (QEMU loads the rest, disks are flushed, the VM resumed): it says it is alive, so
+    // the source's silence limit means a dead peer, not a busy one.
+    let _keepalive = (version >= 2).then(|| keepalive(writer.clone(), rb.applied));
 
     // --- verify: digests, and QEMU loaded everything
     handle.set_phase("verify");
@@ -709,6 +930,38 @@ async fn receive(
     }
     // ===== SWITCHOVER POINT: this host owns the VM from here on. =====
     handle.set_phase("switchover");
+    // Durable before the guest runs: a restarted agent must find that this VM is ours
+    // (and answer the source's Query with "running"), never kill it as an incoming VM
+    // that did not switch over. No record, no run: the source resumes its copy.
+    let record = SwitchRecord {
+        migration_id: id.clone(),
+        peer: peer.fingerprint.clone(),
+        source_running,
+        resumed_unix_us: 0,
+    };
+    if agent.config.fault == Some(Fault::FailSwitchRecord) {
+        tracing::warn!("fault injection: the switchover record cannot be written");
+        return Err(refuse(
+            ErrorCode::ResourceExhausted,
+            format!(
+                "cannot record the switchover in {}: fault injection; the VM was not started here",
+                run_dir.display()
+            ),
+        ));
+    }
+    record.write(&run_dir).map_err(|e| {
+        refuse(
+            ErrorCode::ResourceExhausted,
+            format!(
+                "cannot record the switchover in {}: {e}; the VM was not started here",
+                run_dir.display()
+            ),
+        )
+    })?;
+    if agent.config.fault == Some(Fault::ExitAtSwitchover) {
+        tracing::warn!("fault injection: exiting between the switchover record and cont");
+        std::process::exit(71);
+    }
     let resumed_at = if source_running {
         let mut ev = qmp.subscribe();
         qmp.execute("cont", None).await.map_err(qemu_err)?;
@@ -727,9 +980,16 @@ async fn receive(
         .take()
         .expect("process is set during a migration");
     inc.run_dir = None;
-    // Record which migration brought the VM here before dropping the incoming mark, so a
-    // restarted agent still answers a source's Query with "running" (never a second copy).
-    let _ = std::fs::write(process.run_dir.join(SWITCHED_IN), id.as_bytes());
+    // the run directory is a VM's now; the record says when it resumed (best effort)
+    let _ = SwitchRecord {
+        resumed_unix_us: if source_running {
+            unix_us(resumed_at)
+        } else {
+            0
+        },
+        ..record
+    }
+    .write(&process.run_dir);
     let _ = std::fs::remove_file(process.run_dir.join(INCOMING_MARKER));
     let vm = Arc::new(Vm::supervise(spec, process));
     vm.migrating.store(false, Ordering::SeqCst);
@@ -801,11 +1061,29 @@ async fn prepare_disks(
             format!("cannot create {}: {e}", dir.display()),
         )
     })?;
+    for (i, d) in offer.iter().enumerate() {
+        if d.virtual_size == 0
+            || d.virtual_size > limits::MAX_DISK_BYTES
+            || !d.virtual_size.is_multiple_of(512)
+            || d.allocated > d.virtual_size
+        {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                format!(
+                    "DiskOffer: disk {i} of {} bytes with {} allocated (sizes are multiples of 512 up to {} TiB, allocated at most the size)",
+                    d.virtual_size,
+                    d.allocated,
+                    limits::MAX_DISK_BYTES >> 40
+                ),
+            ));
+        }
+    }
     let needed = offer
         .iter()
         .fold(0u64, |a, d| a.saturating_add(d.allocated));
-    // qcow2 metadata and the filesystem's own needs
-    let margin = 16 << 20;
+    // qcow2 metadata and the filesystem's own needs; the copy keeps this much free too,
+    // whatever `allocated` said (the disk worker watches)
+    let margin = super::disk::FREE_SPACE_RESERVE;
     let free = free_bytes(&dir).map_err(|e| {
         refuse(
             ErrorCode::ResourceExhausted,
@@ -842,6 +1120,75 @@ async fn prepare_disks(
         d.path = path;
     }
     Ok(())
+}
+
+/// What a destination takes from a peer's VM spec, whatever the peer wrote: capabilities
+/// are dropped (a peer does not configure this host's QEMU), the machine type must be one
+/// this host's QEMU knows, the kernel and initrd must be files under this agent's boot
+/// directories (refused with the same words whether or not a path exists elsewhere), and
+/// the VM must fit this host's memory.
+fn vet_incoming_spec(agent: &Agent, spec: &mut VmSpec) -> Result<(), IncomingError> {
+    let host = &agent.config.name;
+    spec.migration_capabilities.clear();
+    if !agent.machine_types.contains(&spec.machine) {
+        return Err(refuse(
+            ErrorCode::SpecRejected,
+            format!(
+                "machine type {:?} is not one this host's QEMU ({host}) knows",
+                spec.machine
+            ),
+        ));
+    }
+    spec.kernel = boot_file("kernel", &spec.kernel, &agent.boot_dirs, host)?;
+    if let Some(i) = &spec.initrd {
+        spec.initrd = Some(boot_file("initrd", i, &agent.boot_dirs, host)?);
+    }
+    if agent.host_memory_mib > 0 && u64::from(spec.memory_mib) > agent.host_memory_mib {
+        return Err(refuse(
+            ErrorCode::ResourceExhausted,
+            format!(
+                "VM {} has {} MiB of memory, more than {host} has ({} MiB)",
+                spec.name, spec.memory_mib, agent.host_memory_mib
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `path`, if it names a regular file under one of `dirs` (canonical), as its canonical
+/// path. The refusal says only that the path is not an allowed boot file here: nothing
+/// about what exists outside the boot directories.
+fn boot_file(
+    what: &str,
+    path: &std::path::Path,
+    dirs: &[PathBuf],
+    host: &str,
+) -> Result<PathBuf, IncomingError> {
+    use std::path::Component;
+    let refused = || {
+        refuse(
+            ErrorCode::SpecRejected,
+            format!(
+                "{what} {} is not a file in {host}'s boot directories ({}); put the VM's boot files there (tern agent --boot-dir)",
+                path.display(),
+                dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        )
+    };
+    let plain = path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !plain || !dirs.iter().any(|d| path.starts_with(d)) {
+        return Err(refused());
+    }
+    // inside a boot directory: what exists there is no secret; symlinks must not lead out
+    let real = std::fs::canonicalize(path).map_err(|_| refused())?;
+    let is_file = std::fs::metadata(&real).is_ok_and(|m| m.is_file());
+    if !is_file || !dirs.iter().any(|d| real.starts_with(d)) {
+        return Err(refused());
+    }
+    Ok(real)
 }
 
 /// "10.0.2" -> (10, 0).
@@ -904,6 +1251,103 @@ enum Pending {
     },
 }
 
+impl Pending {
+    /// What holding this back costs in memory.
+    fn bytes(&self) -> u64 {
+        match self {
+            Pending::Verbatim(b) => b.len() as u64,
+            Pending::Zero { .. } => 16,
+            Pending::Page { .. } => limits::PAGE_SIZE,
+        }
+    }
+}
+
+/// Data frames of parallel streams, released in sequence order; what waits for an
+/// earlier frame is bounded ([`limits::MAX_REORDER_FRAMES`], [`limits::MAX_REORDER_BYTES`]).
+#[derive(Default)]
+struct Reorder {
+    next: u64,
+    held: BTreeMap<u64, Message>,
+    bytes: u64,
+}
+
+impl Reorder {
+    fn insert(&mut self, seq: u64, m: Message) -> Result<(), String> {
+        if seq < self.next || self.held.contains_key(&seq) {
+            return Err(format!("data frame #{seq} twice"));
+        }
+        if seq - self.next > limits::MAX_REORDER_FRAMES as u64 {
+            return Err(format!(
+                "data frame #{seq} is more than {} frames ahead of #{}",
+                limits::MAX_REORDER_FRAMES,
+                self.next
+            ));
+        }
+        self.bytes += tern_proto::frame_len(&m) as u64;
+        self.held.insert(seq, m);
+        if self.held.len() > limits::MAX_REORDER_FRAMES || self.bytes > limits::MAX_REORDER_BYTES {
+            return Err(format!(
+                "{} data frames ({} bytes) wait for #{}",
+                self.held.len(),
+                self.bytes,
+                self.next
+            ));
+        }
+        Ok(())
+    }
+
+    /// The next frame in order, if it is here.
+    fn pop(&mut self) -> Option<Message> {
+        let m = self.held.remove(&self.next)?;
+        self.bytes -= tern_proto::frame_len(&m) as u64;
+        self.next += 1;
+        Some(m)
+    }
+}
+
+/// The rules for a peer's RamBlocks: the target page size only, at most
+/// [`limits::MAX_RAM_BLOCKS`] named blocks, adding up to no more than the spec's memory
+/// plus [`limits::RAM_SLACK_BYTES`].
+fn check_ram_blocks(
+    page_size: u32,
+    blocks: &[tern_proto::RamBlock],
+    memory_mib: u32,
+) -> Result<(), String> {
+    if u64::from(page_size) != limits::PAGE_SIZE {
+        return Err(format!(
+            "page size {page_size} (this host takes {} only)",
+            limits::PAGE_SIZE
+        ));
+    }
+    if blocks.is_empty() || blocks.len() > limits::MAX_RAM_BLOCKS {
+        return Err(format!(
+            "{} RAM blocks (1..={})",
+            blocks.len(),
+            limits::MAX_RAM_BLOCKS
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut total = 0u64;
+    for b in blocks {
+        if b.name.is_empty() || b.name.len() > limits::MAX_RAM_BLOCK_NAME || !names.insert(&b.name)
+        {
+            return Err(format!(
+                "RAM block name {:?} empty, too long or twice",
+                b.name
+            ));
+        }
+        total = total.saturating_add(b.used_length);
+    }
+    let allowed = (u64::from(memory_mib) << 20) + limits::RAM_SLACK_BYTES;
+    if total > allowed {
+        return Err(format!(
+            "RAM blocks add up to {total} bytes, more than the VM's {memory_mib} MiB plus {} MiB",
+            limits::RAM_SLACK_BYTES >> 20
+        ));
+    }
+    Ok(())
+}
+
 /// Rebuilds QEMU's stream. Records go out in the order they came; when one lacks its
 /// content, it and everything after it wait in `pending` until the content arrives.
 /// The memory digest is taken as records go out, so it follows the same order.
@@ -914,7 +1358,11 @@ struct Rebuild {
     digest: Option<MemoryDigest>,
     corrupt_pending: bool,
     pending: VecDeque<Pending>,
+    /// Bytes of what `pending` holds (bounded: [`limits::MAX_PENDING_BYTES`]).
+    pending_bytes: u64,
     missing: HashSet<Hash>,
+    /// The RAM blocks' lengths, from RamBlocks.
+    lengths: Vec<u64>,
     /// Stream units in `out`, written to QEMU so far, and last told to the source.
     out_units: u64,
     applied: u64,
@@ -944,14 +1392,55 @@ impl Rebuild {
         Ok(())
     }
 
+    /// A page record fits the VM's RAM blocks and carries a whole page: checked before
+    /// anything of it is stored or hashed.
+    fn check_record(&self, block: u16, p: &tern_proto::Page) -> Result<(), IncomingError> {
+        let len = self.lengths.get(block as usize).copied().unwrap_or(0);
+        if !p.offset.is_multiple_of(limits::PAGE_SIZE) || p.offset >= len {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                format!(
+                    "page record at {:#x} of block #{block} is outside its {len} bytes or not page-aligned",
+                    p.offset
+                ),
+            ));
+        }
+        if let PageBody::Raw(d) = &p.body {
+            if d.len() as u64 != limits::PAGE_SIZE {
+                return Err(refuse(
+                    ErrorCode::Protocol,
+                    format!(
+                        "page of {} bytes (pages are {})",
+                        d.len(),
+                        limits::PAGE_SIZE
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn push(&mut self, p: Pending, c: &Counters) -> Result<(), IncomingError> {
         let ready = !matches!(p, Pending::Page { data: None, .. });
         if self.pending.is_empty() && ready {
-            self.write(p, c)
-        } else {
-            self.pending.push_back(p);
-            Ok(())
+            return self.write(p, c);
         }
+        self.pending_bytes += p.bytes();
+        self.pending.push_back(p);
+        if self.pending.len() > limits::MAX_PENDING_RECORDS
+            || self.pending_bytes > limits::MAX_PENDING_BYTES
+        {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                format!(
+                    "{} records ({} bytes) wait behind {} pages the source referred to and did not send",
+                    self.pending.len(),
+                    self.pending_bytes,
+                    self.missing.len()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn fill(&mut self, h: Hash, data: &Bytes) {
@@ -976,6 +1465,7 @@ impl Rebuild {
                 break;
             }
             let p = self.pending.pop_front().expect("front");
+            self.pending_bytes -= p.bytes();
             self.write(p, c)?;
         }
         Ok(())
@@ -1053,25 +1543,6 @@ async fn write_qemu(w: &mut unix::OwnedWriteHalf, out: &mut Segments) -> Result<
         .await
         .map_err(|e| IncomingError::Qemu(format!("writing its stream failed: {e}")))?;
     Ok(())
-}
-
-async fn connect_retry(
-    path: &std::path::Path,
-    within: Duration,
-) -> Result<UnixStream, IncomingError> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match UnixStream::connect(path).await {
-            Ok(s) => return Ok(s),
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(IncomingError::Qemu(format!(
-                    "its incoming socket {} did not accept: {e}",
-                    path.display()
-                )))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
 }
 
 /// Waits until the destination QEMU has loaded the whole stream.

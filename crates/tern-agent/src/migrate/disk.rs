@@ -147,7 +147,7 @@ impl SourceDiskError {
 }
 
 /// What the destination tells the source's disk rounds.
-pub type DiskInbox = mpsc::UnboundedReceiver<Message>;
+pub type DiskInbox = mpsc::Receiver<Message>;
 
 /// One disk on the source.
 struct SrcDisk {
@@ -498,13 +498,20 @@ impl SourceDisks {
             )));
         };
         let mut wanted = 0u64;
+        // runs in order, apart, inside the piece: each block is sent at most once
+        let mut covered = start;
         for (offset, blocks) in runs {
             let end = offset.saturating_add(u64::from(blocks) * BLOCK_SIZE);
-            if offset < start || end > start + bytes.len() as u64 + BLOCK_SIZE || blocks == 0 {
+            if offset < covered
+                || end > start + bytes.len() as u64 + BLOCK_SIZE
+                || blocks == 0
+                || !(offset - start).is_multiple_of(BLOCK_SIZE)
+            {
                 return Err(SourceDiskError::Protocol(format!(
-                    "DiskWant run {offset}+{blocks} blocks is outside piece {piece}"
+                    "DiskWant run {offset}+{blocks} blocks is outside piece {piece}, unaligned, or overlaps another"
                 )));
             }
+            covered = end;
             let end = end.min(start + bytes.len() as u64);
             wanted += u64::from(blocks);
             let mut at = offset;
@@ -782,6 +789,7 @@ impl DestDisks {
         qmp: &QmpClient,
         run_dir: &Path,
         sizes: Vec<u64>,
+        claimed: u64,
         index: SharedIndex,
         hasher: tern_store::ContentHasher,
         writer: PeerWriter,
@@ -813,13 +821,15 @@ impl DestDisks {
         let thread = std::thread::Builder::new()
             .name("tern-disk-in".into())
             .spawn(move || {
-                let mut w = match Worker::open(&sock, &names, sizes, index, hasher, reply_tx, dir) {
-                    Ok(w) => w,
-                    Err(e) => {
-                        let _ = fail_tx.send(e);
-                        return;
-                    }
-                };
+                let mut w =
+                    match Worker::open(&sock, &names, sizes, claimed, index, hasher, reply_tx, dir)
+                    {
+                        Ok(w) => w,
+                        Err(e) => {
+                            let _ = fail_tx.send(e);
+                            return;
+                        }
+                    };
                 while let Some(cmd) = rx.blocking_recv() {
                     match cmd {
                         Cmd::Msg(m) => {
@@ -909,16 +919,34 @@ struct Worker {
     /// Bytes written per disk since its last flush: flushed every [`FLUSH_BYTES`], so the
     /// flush at a round's end (which the source waits for) stays short.
     unflushed: Vec<u64>,
+    /// Per disk: the round whose data comes now, and whether its last round ended.
+    rounds: Vec<u32>,
+    closed: Vec<bool>,
+    /// Round 0's pieces already described (each comes once).
+    seen_pieces: Vec<std::collections::HashSet<u32>>,
+    /// What the source said its disks hold, and what was written (all disks).
+    claimed: u64,
+    total_written: u64,
+    checked_at: u64,
 }
 
 /// The destination flushes a disk at least every this many bytes written.
 const FLUSH_BYTES: u64 = 64 << 20;
 
+/// Free space an incoming disk copy leaves on the destination's filesystem, whatever the
+/// source claimed (the room check before the copy keeps the same margin).
+pub const FREE_SPACE_RESERVE: u64 = 16 << 20;
+
+/// Past the claimed allocation, the free space is looked at every this many bytes written.
+const FREE_CHECK_BYTES: u64 = 4 << 20;
+
 impl Worker {
+    #[allow(clippy::too_many_arguments)]
     fn open(
         sock: &Path,
         names: &[String],
         sizes: Vec<u64>,
+        claimed: u64,
         index: SharedIndex,
         hasher: tern_store::ContentHasher,
         reply: mpsc::UnboundedSender<Message>,
@@ -933,6 +961,12 @@ impl Worker {
         Ok(Worker {
             round_written: vec![0; targets.len()],
             unflushed: vec![0; targets.len()],
+            rounds: vec![0; targets.len()],
+            closed: vec![false; targets.len()],
+            seen_pieces: vec![Default::default(); targets.len()],
+            claimed,
+            total_written: 0,
+            checked_at: 0,
             targets,
             sizes,
             pieces: HashMap::new(),
@@ -955,6 +989,17 @@ impl Worker {
         Ok(d)
     }
 
+    /// A disk that may still get data (its last round has not ended).
+    fn open_disk(&self, disk: u16) -> Result<usize, DestDiskError> {
+        let d = self.disk(disk)?;
+        if self.closed[d] {
+            return Err(DestDiskError::Protocol(format!(
+                "disk {disk}: data after its last round"
+            )));
+        }
+        Ok(d)
+    }
+
     fn write_error(&self, disk: u16, offset: u64, e: &dyn std::error::Error) -> DestDiskError {
         if is_enospc(e) {
             DestDiskError::Full {
@@ -971,8 +1016,30 @@ impl Worker {
         }
     }
 
-    /// Counts `n` bytes written to disk `d`; flushes it when enough piled up.
+    /// Counts `n` bytes written to disk `d`; flushes it when enough piled up. Past what
+    /// the source said it has allocated, the filesystem's free space is watched: the
+    /// copy stops before it would leave less than [`FREE_SPACE_RESERVE`] for everything
+    /// else on this host (a source's `allocated` is a claim, not a promise).
     fn wrote(&mut self, d: usize, n: u64) -> Result<(), DestDiskError> {
+        self.total_written += n;
+        if self.total_written > self.claimed
+            && self.total_written - self.checked_at >= FREE_CHECK_BYTES
+        {
+            self.checked_at = self.total_written;
+            match free_bytes(&self.dir) {
+                Ok(free) if free < FREE_SPACE_RESERVE => {
+                    return Err(DestDiskError::Full {
+                        disk: d as u16,
+                        offset: 0,
+                        dir: self.dir.clone(),
+                    })
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(dir = %self.dir.display(), "cannot tell the free space: {e}")
+                }
+            }
+        }
         self.unflushed[d] += n;
         if self.unflushed[d] >= FLUSH_BYTES {
             self.unflushed[d] = 0;
@@ -997,7 +1064,7 @@ impl Worker {
                 offset,
                 data,
             } => {
-                let d = self.disk(disk)?;
+                let d = self.open_disk(disk)?;
                 let end = offset.saturating_add(data.len() as u64);
                 if end > self.sizes[d] {
                     return Err(DestDiskError::Protocol(format!(
@@ -1033,8 +1100,16 @@ impl Worker {
                 self.round_written[d] += data.len() as u64;
                 self.wrote(d, data.len() as u64)
             }
-            Message::DiskRoundEnd { disk, round, .. } => {
-                let d = self.disk(disk)?;
+            Message::DiskRoundEnd { disk, round, last } => {
+                let d = self.open_disk(disk)?;
+                if round != self.rounds[d] {
+                    return Err(DestDiskError::Protocol(format!(
+                        "disk {disk}: round {round} ended, round {} was due",
+                        self.rounds[d]
+                    )));
+                }
+                self.rounds[d] += 1;
+                self.closed[d] = last;
                 let open = self.pieces.keys().filter(|(k, _)| *k == disk).count();
                 if open > 0 {
                     return Err(DestDiskError::Protocol(format!(
@@ -1063,14 +1138,36 @@ impl Worker {
     }
 
     fn manifest(&mut self, disk: u16, piece: u32, bytes: &[u8]) -> Result<(), DestDiskError> {
-        let d = self.disk(disk)?;
+        let d = self.open_disk(disk)?;
+        if self.rounds[d] != 0 {
+            return Err(DestDiskError::Protocol(format!(
+                "disk {disk}: a manifest in round {} (manifests are round 0's)",
+                self.rounds[d]
+            )));
+        }
+        let Some(range) = tern_proto::limits::disk_piece_range(piece, self.sizes[d]) else {
+            return Err(DestDiskError::Protocol(format!(
+                "disk {disk}: piece {piece} is past the end of its {} bytes",
+                self.sizes[d]
+            )));
+        };
+        if self.pieces.contains_key(&(disk, piece)) || !self.seen_pieces[d].insert(piece) {
+            return Err(DestDiskError::Protocol(format!(
+                "disk {disk}: piece {piece} twice"
+            )));
+        }
+        if self.pieces.len() >= tern_proto::limits::MAX_OPEN_PIECES {
+            return Err(DestDiskError::Protocol(format!(
+                "more than {} disk pieces open at once",
+                tern_proto::limits::MAX_OPEN_PIECES
+            )));
+        }
         let m = Manifest::decode(bytes)
             .map_err(|e| DestDiskError::Protocol(format!("disk {disk} piece {piece}: {e}")))?;
-        if m.range().end > self.sizes[d] || self.pieces.contains_key(&(disk, piece)) {
+        if m.range() != range {
             return Err(DestDiskError::Protocol(format!(
-                "disk {disk} piece {piece}: range {:?} (disk of {} bytes) or piece twice",
-                m.range(),
-                self.sizes[d]
+                "disk {disk} piece {piece}: its manifest covers {:?}, the piece is {range:?}",
+                m.range()
             )));
         }
         let rb = {

@@ -15,8 +15,8 @@ pub mod pages;
 pub mod rate;
 pub mod source;
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -39,6 +39,21 @@ pub enum Fault {
     /// The source agent exits (as if killed) when its QEMU pauses before the switchover:
     /// the VM is left paused, migrating into a dead socket, with tern's NBD state in it.
     ExitAtPreSwitchover,
+    /// The destination agent exits right after it recorded the switchover, before `cont`:
+    /// the VM is paused there, the source committed and waiting.
+    ExitAtSwitchover,
+    /// The destination cannot write its switchover record: it must not run the VM.
+    FailSwitchRecord,
+    /// The destination panics (a bug) on the first page frame of its first incoming
+    /// migration, holding the page store's lock: it must clean up like an error does and
+    /// take the next migration.
+    PanicInTransfer,
+}
+
+/// Whether a once-per-process fault fires now (the first time it is asked).
+pub fn fault_once() -> bool {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    !FIRED.swap(true, Ordering::SeqCst)
 }
 
 impl std::str::FromStr for Fault {
@@ -49,8 +64,11 @@ impl std::str::FromStr for Fault {
             "drop-after-commit" => Ok(Fault::DropAfterCommit),
             "disk-copy-at-switchover" => Ok(Fault::DiskCopyAtSwitchover),
             "exit-at-pre-switchover" => Ok(Fault::ExitAtPreSwitchover),
+            "exit-at-switchover" => Ok(Fault::ExitAtSwitchover),
+            "fail-switch-record" => Ok(Fault::FailSwitchRecord),
+            "panic-in-transfer" => Ok(Fault::PanicInTransfer),
             _ => Err(format!(
-                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover)"
+                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover, exit-at-switchover, fail-switch-record, panic-in-transfer)"
             )),
         }
     }
@@ -289,6 +307,9 @@ pub struct MigrationHandle {
     pub vm: String,
     pub direction: Direction,
     pub peer: String,
+    /// Incoming: the certificate of the peer that prepared it (empty in plaintext mode);
+    /// only it may attach data connections and ask what became of the migration.
+    peer_cert: String,
     pub started: Instant,
     pub counters: Counters,
     status: Mutex<MigrationStatus>,
@@ -314,6 +335,7 @@ impl MigrationHandle {
             vm,
             direction,
             peer,
+            peer_cert: String::new(),
             started: Instant::now(),
             counters: Counters::default(),
             status: Mutex::new(status),
@@ -321,8 +343,20 @@ impl MigrationHandle {
         }
     }
 
+    /// An incoming migration, bound to the certificate `peer_cert` that prepared it.
+    pub fn incoming(id: String, vm: String, peer: String, peer_cert: String) -> MigrationHandle {
+        MigrationHandle {
+            peer_cert,
+            ..MigrationHandle::new(id, vm, Direction::Incoming, peer)
+        }
+    }
+
+    pub fn peer_fingerprint(&self) -> &str {
+        &self.peer_cert
+    }
+
     pub fn status(&self) -> MigrationStatus {
-        let mut s = self.status.lock().unwrap().clone();
+        let mut s = self.status.lock().clone();
         if !s.finished {
             let c = &self.counters;
             s.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
@@ -336,7 +370,7 @@ impl MigrationHandle {
     }
 
     pub fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
-        f(&mut self.status.lock().unwrap())
+        f(&mut self.status.lock())
     }
 
     pub fn set_phase(&self, phase: &str) {
@@ -345,7 +379,7 @@ impl MigrationHandle {
     }
 
     pub fn is_finished(&self) -> bool {
-        self.status.lock().unwrap().finished
+        self.status.lock().finished
     }
 
     pub fn finish_ok(&self, report: MigrationReport) {
@@ -396,6 +430,14 @@ pub async fn wait_cancelled(rx: &mut watch::Receiver<bool>) {
         // the handle is gone: never resolve
         std::future::pending::<()>().await;
     }
+}
+
+/// What a caught panic said, for an error message.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
 /// A new migration id: short, unique enough per agent pair, safe in file names.

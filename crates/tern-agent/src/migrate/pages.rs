@@ -11,7 +11,9 @@
 //! referenced stays pinned for the migration ([`Pins`]).
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use tern_proto::PageBody;
@@ -66,10 +68,9 @@ impl Pins {
 
 impl Drop for Pins {
     fn drop(&mut self) {
-        if let Ok(mut st) = self.store.lock() {
-            for h in &self.held {
-                st.unpin(h);
-            }
+        let mut st = self.store.lock();
+        for h in &self.held {
+            st.unpin(h);
         }
     }
 }
@@ -117,8 +118,9 @@ pub struct PageEncoder {
     dedup: bool,
     /// Prefixes of what the destination's store held when the migration started.
     summary: HashSet<u64>,
-    /// Content the destination received in this migration (it keeps it pinned).
-    sent: HashSet<Hash>,
+    /// Content the destination received or was referred to in this migration (it keeps
+    /// it pinned): the only content its `Want`s may ask for.
+    sent: Offered,
     map: PageMap,
     diff: Vec<u8>,
     pub stats: EncodeStats,
@@ -137,7 +139,7 @@ impl PageEncoder {
             store,
             dedup,
             summary,
-            sent: HashSet::new(),
+            sent: Offered::default(),
             map: PageMap::default(),
             diff: Vec::with_capacity(4096),
             stats: EncodeStats::default(),
@@ -150,6 +152,11 @@ impl PageEncoder {
 
     pub fn summary_len(&self) -> usize {
         self.summary.len()
+    }
+
+    /// What this migration sent or referred to, for answering the destination's Wants.
+    pub fn offered(&self) -> Offered {
+        self.sent.clone()
     }
 
     /// The VM's RAM blocks (lengths in bytes), from QEMU's MEM_SIZE record.
@@ -172,7 +179,7 @@ impl PageEncoder {
         }
         let h = self.hasher.hash(&data);
         let prev = self.map.slot(block, offset).and_then(|s| s.replace(h));
-        let mut st = self.store.lock().expect("page store lock");
+        let mut st = self.store.lock();
         // Everything referenced must stay answerable (a Want): keep it pinned here.
         if !self.pins.keep(&mut st, h, &data) {
             drop(st);
@@ -182,12 +189,11 @@ impl PageEncoder {
             self.stats.raw += 1;
             return PageBody::Raw(data);
         }
-        if self.sent.contains(&h) || self.summary.contains(&prefix(&h)) {
-            self.sent.insert(h);
+        let known = !self.sent.0.lock().insert(h);
+        if known || self.summary.contains(&prefix(&h)) {
             self.stats.refs += 1;
             return PageBody::Ref(h);
         }
-        self.sent.insert(h);
         if let Some(base) = prev.and_then(|p| st.get(&p).ok().flatten()) {
             drop(st);
             self.diff.clear();
@@ -206,13 +212,49 @@ impl PageEncoder {
     }
 }
 
-/// Answers a destination's Want from the store (everything referenced is pinned there).
-pub fn answer_want(store: &SharedStore, hashes: &[Hash]) -> Vec<(Hash, Bytes)> {
-    let mut st = store.lock().expect("page store lock");
-    hashes
+/// The content one outgoing migration sent or referred to (shared between its encoder and
+/// the reader that answers Wants).
+#[derive(Clone, Default)]
+pub struct Offered(Arc<Mutex<HashSet<Hash>>>);
+
+/// Why a destination's Want cannot be answered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WantError {
+    #[error("the destination asked for {0} pages at once (at most {max})", max = tern_proto::limits::MAX_WANT_HASHES)]
+    TooMany(usize),
+    #[error("the destination asked for page {0}, which this migration never sent or referred to")]
+    NotOffered(String),
+    #[error("the destination asked for {0} pages this host no longer holds")]
+    Gone(usize),
+}
+
+/// Answers a destination's Want: only with content of this migration (`offered`), never
+/// anything else the page store holds (other VMs' pages), from the store where everything
+/// referenced stays pinned. At most [`tern_proto::limits::MAX_WANT_HASHES`] per Want.
+pub fn answer_want(
+    store: &SharedStore,
+    offered: &Offered,
+    hashes: &[Hash],
+) -> Result<Vec<(Hash, Bytes)>, WantError> {
+    if hashes.len() > tern_proto::limits::MAX_WANT_HASHES {
+        return Err(WantError::TooMany(hashes.len()));
+    }
+    {
+        let offered = offered.0.lock();
+        if let Some(h) = hashes.iter().find(|h| !offered.contains(*h)) {
+            return Err(WantError::NotOffered(hex::encode(h)));
+        }
+    }
+    let mut st = store.lock();
+    let found: Vec<(Hash, Bytes)> = hashes
         .iter()
         .filter_map(|h| st.get(h).ok().flatten().map(|d| (*h, d)))
-        .collect()
+        .collect();
+    if found.len() < hashes.len() {
+        // cannot happen while the pins hold; the destination would wait forever
+        return Err(WantError::Gone(hashes.len() - found.len()));
+    }
+    Ok(found)
 }
 
 /// A page record turned back into content.
@@ -266,7 +308,7 @@ impl PageDecoder {
     /// Pins everything the store holds for this migration and returns the summary:
     /// the cluster key's id and the 64-bit prefixes of every hash.
     pub fn summary(&mut self) -> (u64, Vec<u64>) {
-        let mut st = self.store.lock().expect("page store lock");
+        let mut st = self.store.lock();
         let hashes = st.hashes();
         let mut prefixes = Vec::with_capacity(hashes.len());
         for h in hashes {
@@ -292,13 +334,13 @@ impl PageDecoder {
             PageBody::Raw(data) => {
                 let h = self.hasher.hash(&data);
                 *self.map.slot(block, offset).ok_or(oor)? = Some(h);
-                let mut st = self.store.lock().expect("page store lock");
+                let mut st = self.store.lock();
                 self.pins.keep(&mut st, h, &data);
                 Ok(Resolved::Page(data))
             }
             PageBody::Ref(h) => {
                 *self.map.slot(block, offset).ok_or(oor)? = Some(h);
-                let mut st = self.store.lock().expect("page store lock");
+                let mut st = self.store.lock();
                 match st.get(&h).ok().flatten() {
                     Some(d) => {
                         self.pins.pin(&mut st, h);
@@ -310,7 +352,7 @@ impl PageDecoder {
             PageBody::Delta { result, diff } => {
                 let slot = self.map.slot(block, offset).ok_or(oor)?;
                 let base = slot.replace(result);
-                let mut st = self.store.lock().expect("page store lock");
+                let mut st = self.store.lock();
                 let Some(base) = base.and_then(|b| st.get(&b).ok().flatten()) else {
                     return Ok(Resolved::Missing(result));
                 };
@@ -334,19 +376,14 @@ impl PageDecoder {
         if self.hasher.hash(data) != h {
             return Err(DecodeError::ContentMismatch(hex::encode(h)));
         }
-        let mut st = self.store.lock().expect("page store lock");
+        let mut st = self.store.lock();
         self.pins.keep(&mut st, h, data);
         Ok(())
     }
 
     /// The content under `h`, if this host holds it.
     pub fn get(&self, h: &Hash) -> Option<Bytes> {
-        self.store
-            .lock()
-            .expect("page store lock")
-            .get(h)
-            .ok()
-            .flatten()
+        self.store.lock().get(h).ok().flatten()
     }
 }
 
@@ -399,7 +436,7 @@ mod tests {
             let (src_store, dst_store) = (store(64), store(64));
             for &(k, e) in &held {
                 let c = content(k, e);
-                dst_store.lock().unwrap().insert(hasher.hash(&c), &c).unwrap();
+                dst_store.lock().insert(hasher.hash(&c), &c).unwrap();
             }
             let mut dec = PageDecoder::new(hasher.clone(), dst_store.clone());
             let (key_id, mut prefixes) = dec.summary();
@@ -423,7 +460,7 @@ mod tests {
                         let got = match dec.resolve(0, off, body).unwrap() {
                             Resolved::Page(d) => d,
                             Resolved::Missing(h) => {
-                                let answer = answer_want(&src_store, &[h]);
+                                let answer = answer_want(&src_store, &enc.offered(), &[h]).unwrap();
                                 prop_assert_eq!(answer.len(), 1);
                                 dec.content(answer[0].0, &answer[0].1).unwrap();
                                 answer[0].1.clone()
@@ -508,13 +545,11 @@ mod tests {
             assert_eq!(enc.pins.len(), 2);
             assert!(st
                 .lock()
-                .unwrap()
                 .insert(hasher.hash(&content(4, 0)), &content(4, 0))
                 .is_err());
         }
         // the migration is over: its pages stay but may go
         st.lock()
-            .unwrap()
             .insert(hasher.hash(&content(4, 0)), &content(4, 0))
             .unwrap();
     }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
 use serde_json::json;
 use tern_proto::{
     Codec, ErrorCode, FrameCompressor, Message, MigrationState, Page, PageBody, RamBlock,
@@ -21,7 +22,7 @@ use tern_proto::{
 use tern_qemu::qmp::QmpError;
 use tern_qemu::stream::{BlockName, Encoder, Item, NameMode, Parser, RamRecord, StreamError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{unix, UnixListener};
+use tokio::net::unix;
 
 use crate::policy::VmFacts;
 use tokio::sync::{mpsc, Mutex};
@@ -29,7 +30,7 @@ use tokio::sync::{mpsc, Mutex};
 use super::codec::{CodecPicker, CodecPolicy};
 use super::digest::{DigestError, MemoryDigest};
 use super::disk;
-use super::pages::{answer_want, PageEncoder, SharedStore};
+use super::pages::{answer_want, Offered, PageEncoder, SharedStore};
 use super::{
     unix_us, Counters, EncodingReport, MigrationHandle, MigrationReport, PageCounts,
     SwitchoverTimes, UNSUPPORTED_CAPABILITIES,
@@ -104,6 +105,8 @@ pub enum MigrateError {
     Disk(#[source] Box<disk::SourceDiskError>),
     #[error("switchover in doubt: Commit was sent but the destination did not confirm ({0}); the source VM is kept paused: check the destination (tern vm list there) and stop one of the two copies")]
     InDoubt(String),
+    #[error("tern failed internally (a bug: {0}); the migration was stopped")]
+    Panicked(String),
 }
 
 impl From<disk::SourceDiskError> for MigrateError {
@@ -141,11 +144,17 @@ impl MigrateError {
             MigrateError::Cancelled => ErrorCode::Cancelled,
             MigrateError::BadRequest(_) => ErrorCode::SpecRejected,
             MigrateError::Timeout(..) => ErrorCode::Timeout,
-            MigrateError::LocalIo(_) | MigrateError::InDoubt(_) => ErrorCode::Internal,
+            MigrateError::LocalIo(_) | MigrateError::InDoubt(_) | MigrateError::Panicked(_) => {
+                ErrorCode::Internal
+            }
             MigrateError::Disk(e) => e.code(),
         }
     }
 }
+
+/// From Prepare to Prepared: the destination starts its QEMU (and makes its disk images)
+/// meanwhile.
+const PREPARE_WITHIN: Duration = Duration::from_secs(60);
 
 /// Refuses QEMU configurations tern's data path cannot carry, before anything moves.
 pub fn check_capabilities(caps: &[(String, bool)]) -> Result<(), MigrateError> {
@@ -249,9 +258,41 @@ pub async fn run(
         t0,
         source_running: false,
         committed: false,
+        commit_sent: Arc::new(AtomicBool::new(false)),
         writer: None,
     };
-    let result = ctx.migrate().await;
+    // A bug that panics mid-migration must not leave the VM paused, nor half a
+    // migration behind: it takes the same way out as an error.
+    let result = match std::panic::AssertUnwindSafe(ctx.migrate())
+        .catch_unwind()
+        .await
+    {
+        Ok(r) => r,
+        Err(p) => Err(MigrateError::Panicked(super::panic_message(&*p))),
+    };
+    if matches!(result, Err(MigrateError::Panicked(_)))
+        && ctx.commit_sent.load(Ordering::SeqCst)
+        && !ctx.committed
+    {
+        // the commit went out before the panic: only the destination knows
+        ctx.committed = true;
+        if let Ok((MigrationState::Running, _)) = ctx
+            .ask_destination("tern failed internally after the commit")
+            .await
+        {
+            tracing::error!(migration = %handle.id, "a panic after the commit; the VM runs on the destination");
+            vm.stop(StopMode::Quit).await;
+            agent.forget(&vm.spec.name);
+            agent.remove_run_dir(&vm.run_dir).await;
+            vm.migrating.store(false, Ordering::SeqCst);
+            handle.finish_err(
+                ErrorCode::Internal,
+                error_chain(result.as_ref().expect_err("an error")),
+                "running on the destination (the source copy was stopped)".into(),
+            );
+            return;
+        }
+    }
     match result {
         Ok(report) => {
             // The destination runs the VM: the source QEMU goes away.
@@ -381,6 +422,8 @@ struct SourceCtx {
     t0: Instant,
     source_running: bool,
     committed: bool,
+    /// v2: raised by the forwarder just before SourceDone carries the commit.
+    commit_sent: Arc<AtomicBool>,
     writer: Option<PeerWriter>,
 }
 
@@ -451,6 +494,19 @@ impl SourceCtx {
             )
             .await?;
         }
+        if self.vm.spec.tpm {
+            // only now, after the policy allowed this destination: the key that opens the
+            // VM's TPM state in the stream
+            if version < 4 {
+                return Err(MigrateError::BadRequest(format!(
+                    "VM {} has a vTPM and the destination agent speaks protocol v{version}: moving a vTPM needs v4 (upgrade tern on {dest_agent})",
+                    self.vm.spec.name
+                )));
+            }
+            let key = crate::tpm_migration_key_of(&self.agent.config.state_dir, &self.vm.run_dir)
+                .map_err(MigrateError::LocalIo)?;
+            send(&writer, &Message::TpmKey { key }).await?;
+        }
         send(
             &writer,
             &Message::Prepare {
@@ -470,15 +526,31 @@ impl SourceCtx {
             .map_err(MigrateError::BadRequest)?;
         let mut summary: HashSet<u64> = HashSet::new();
         let mut dest_key = None;
+        // one budget for the whole exchange: a destination that keeps sending Summary
+        // frames cannot hold the source here
+        let prepare_deadline = tokio::time::Instant::now() + PREPARE_WITHIN;
+        let mut summary_cut = false;
         let dest_qemu = loop {
+            let left = prepare_deadline.saturating_duration_since(tokio::time::Instant::now());
             let m = tokio::select! {
-                m = expect(&mut reader, Duration::from_secs(60), "Prepared") => m?,
+                m = expect(&mut reader, left, "Prepared") => m?,
                 _ = super::wait_cancelled(&mut cancel) => return Err(MigrateError::Cancelled),
             };
             match m {
                 Message::Summary { key_id, prefixes } => {
+                    if dest_key.is_some_and(|k| k != key_id) {
+                        return Err(MigrateError::Protocol(
+                            "Summary frames with two cluster key ids".into(),
+                        ));
+                    }
                     dest_key = Some(key_id);
-                    summary.extend(prefixes);
+                    let room =
+                        tern_proto::limits::MAX_SUMMARY_PREFIXES.saturating_sub(summary.len());
+                    if prefixes.len() > room && !summary_cut {
+                        summary_cut = true;
+                        tracing::warn!(migration = %self.handle.id, kept = tern_proto::limits::MAX_SUMMARY_PREFIXES, "the destination's summary is larger than this agent keeps: the rest is ignored (fewer references)");
+                    }
+                    summary.extend(prefixes.into_iter().take(room));
                 }
                 Message::Prepared { qemu_version } => break qemu_version,
                 m => return Err(unexpected(&m, "Prepared")),
@@ -540,7 +612,7 @@ impl SourceCtx {
         // The destination's frames: return path (once QEMU is connected), disk replies,
         // control messages.
         let (ev_tx, mut ev_rx) = mpsc::channel(16);
-        let (disk_tx, mut disk_inbox) = mpsc::unbounded_channel();
+        let (disk_tx, mut disk_inbox) = mpsc::channel(tern_proto::limits::MAX_DISK_REPLIES);
         let (qemu_tx, qemu_rx) = tokio::sync::oneshot::channel();
         let flow = (version >= 2).then(|| Arc::new(Flow::new()));
         let rp_task = tokio::spawn(peer_reader(
@@ -550,7 +622,7 @@ impl SourceCtx {
             disk_tx,
             self.handle.clone(),
             writer.clone(),
-            self.agent.store.clone(),
+            (self.agent.store.clone(), encoder.offered()),
             flow.clone(),
         ));
         let _guard = AbortOnDrop(rp_task);
@@ -602,23 +674,12 @@ impl SourceCtx {
         params["max-bandwidth"] = json!(bw);
         qmp.set_migrate_parameters(params).await?;
 
-        let sock_path = self
-            .vm
-            .run_dir
-            .join(format!("migrate-{}.sock", self.handle.id));
-        let _ = std::fs::remove_file(&sock_path);
-        let listener = UnixListener::bind(&sock_path).map_err(MigrateError::LocalIo)?;
+        // QEMU migrates into a socket it is handed (it may not open paths itself)
+        let fd_name = format!("tern-migrate-{}", self.handle.id);
+        let qemu_sock = qmp.stream_socket(&fd_name).await?;
         let mut events = qmp.subscribe();
-        qmp.execute(
-            "migrate",
-            Some(json!({ "uri": format!("unix:{}", sock_path.display()) })),
-        )
-        .await?;
-        let accepted = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await;
-        let _ = std::fs::remove_file(&sock_path);
-        let (qemu_sock, _) = accepted
-            .map_err(|_| MigrateError::Timeout(Duration::from_secs(10), "QEMU to connect"))?
-            .map_err(MigrateError::LocalIo)?;
+        qmp.execute("migrate", Some(json!({ "uri": format!("fd:{fd_name}") })))
+            .await?;
         let (qemu_rd, qemu_wr) = qemu_sock.into_split();
         let _ = qemu_tx.send(qemu_wr);
         // disk rounds go on beside memory until QEMU pauses before the switchover
@@ -634,7 +695,7 @@ impl SourceCtx {
         let mut disk_report = None;
         // v2: SourceDone carries the commit (the switchover point moves there); the
         // forwarder raises this flag just before sending it.
-        let commit_sent = Arc::new(AtomicBool::new(false));
+        let commit_sent = self.commit_sent.clone();
         let fwd_task = tokio::spawn(forward(
             qemu_rd,
             writer.clone(),
@@ -803,10 +864,15 @@ impl SourceCtx {
                 self.handle.set_phase("switchover");
                 self.committed = true;
                 let t_commit = SystemTime::now();
-                send(&writer, &Message::Commit)
-                    .await
-                    .map_err(|e| MigrateError::InDoubt(error_chain(&e)))?;
-                (digest, t_commit, await_resumed(&mut ev_rx).await)
+                // a failed send may still have reached it: ask, never guess
+                let resumed = match send(&writer, &Message::Commit).await {
+                    Ok(()) => await_resumed(&mut ev_rx, &self.handle.counters).await,
+                    Err(e) => Err(Lost::Unknown(format!(
+                        "sending Commit failed: {}",
+                        error_chain(&e)
+                    ))),
+                };
+                (digest, t_commit, resumed)
             }
             Ok(TransferEnd::Committed { resumed }) => {
                 // ===== SWITCHOVER POINT (v2): SourceDone carried the commit. =====
@@ -814,7 +880,7 @@ impl SourceCtx {
                 self.committed = true;
                 let resumed = match resumed {
                     Some(us) => Ok(us),
-                    None => await_resumed(&mut ev_rx).await,
+                    None => await_resumed(&mut ev_rx, &self.handle.counters).await,
                 };
                 // (the destination resumes only when its digest equals the source's)
                 let src = source_digest.unwrap_or_default();
@@ -1030,14 +1096,40 @@ enum Lost {
     Unknown(String),
 }
 
-/// Waits for the destination's Resumed after the commit (30 s at most).
-async fn await_resumed(ev_rx: &mut mpsc::Receiver<PeerEvent>) -> Result<u64, Lost> {
+/// How long the source waits for Resumed without hearing anything from the destination
+/// (a busy destination sends keepalives, `limits::KEEPALIVE_INTERVAL`)...
+const RESUMED_SILENCE: Duration = Duration::from_secs(30);
+/// ...and at most in all, keepalives or not.
+const RESUMED_WITHIN: Duration = Duration::from_secs(600);
+
+/// Waits for the destination's Resumed after the commit: until it has been silent for
+/// [`RESUMED_SILENCE`] (any frame counts: `wire_in` moves), at most [`RESUMED_WITHIN`].
+async fn await_resumed(ev_rx: &mut mpsc::Receiver<PeerEvent>, c: &Counters) -> Result<u64, Lost> {
+    let start = Instant::now();
+    let mut heard = (Counters::get(&c.wire_in), Instant::now());
     loop {
-        match tokio::time::timeout(Duration::from_secs(30), ev_rx.recv()).await {
+        let now = Counters::get(&c.wire_in);
+        if now != heard.0 {
+            heard = (now, Instant::now());
+        }
+        if heard.1.elapsed() > RESUMED_SILENCE {
+            return Err(Lost::Unknown(format!(
+                "no word from the destination for {} s",
+                RESUMED_SILENCE.as_secs()
+            )));
+        }
+        if start.elapsed() > RESUMED_WITHIN {
+            return Err(Lost::Unknown(format!(
+                "no Resumed within {} s",
+                RESUMED_WITHIN.as_secs()
+            )));
+        }
+        match tokio::time::timeout(Duration::from_secs(1), ev_rx.recv()).await {
+            Err(_) => continue,
             Ok(Some(PeerEvent::Msg(Message::Resumed { resumed_unix_us }))) => {
                 return Ok(resumed_unix_us)
             }
-            Ok(Some(PeerEvent::Msg(Message::ReturnPath(_)))) => continue,
+            Ok(Some(PeerEvent::Msg(Message::ReturnPath(_) | Message::Applied { .. }))) => continue,
             Ok(Some(PeerEvent::Msg(Message::Abort { code, message }))) => {
                 return Err(Lost::Discarded { code, message })
             }
@@ -1052,7 +1144,6 @@ async fn await_resumed(ev_rx: &mut mpsc::Receiver<PeerEvent>) -> Result<u64, Los
             Ok(Some(PeerEvent::Closed)) | Ok(None) => {
                 return Err(Lost::Unknown("connection closed".to_string()))
             }
-            Err(_) => return Err(Lost::Unknown("no answer within 30 s".to_string())),
         }
     }
 }
@@ -1104,10 +1195,10 @@ async fn peer_reader(
     mut reader: FrameReader<crate::tls::PeerRead>,
     mut qemu_rx: tokio::sync::oneshot::Receiver<unix::OwnedWriteHalf>,
     tx: mpsc::Sender<PeerEvent>,
-    disk_tx: mpsc::UnboundedSender<Message>,
+    disk_tx: mpsc::Sender<Message>,
     handle: Arc<MigrationHandle>,
     writer: PeerWriter,
-    store: SharedStore,
+    (store, offered): (SharedStore, Offered),
     flow: Option<Arc<Flow>>,
 ) {
     let mut qemu_ok = true;
@@ -1142,29 +1233,31 @@ async fn peer_reader(
                 continue;
             }
             Ok(Some(m @ (Message::DiskWant { .. } | Message::DiskRoundDone { .. }))) => {
-                let _ = disk_tx.send(m); // rounds that ended drop their inbox
-                continue;
+                match disk_tx.try_send(m) {
+                    // rounds that ended drop their inbox
+                    Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => continue,
+                    Err(mpsc::error::TrySendError::Full(_)) => PeerEvent::Broken(format!(
+                        "the destination sent more than {} disk replies nobody asked for",
+                        tern_proto::limits::MAX_DISK_REPLIES
+                    )),
+                }
             }
             Ok(Some(Message::Want { hashes })) => {
                 Counters::add(&handle.counters.wants, hashes.len() as u64);
-                let pages = answer_want(&store, &hashes);
-                if pages.len() < hashes.len() {
-                    // cannot happen while the pins hold; the destination would wait forever
-                    PeerEvent::Broken(format!(
-                        "the destination asked for {} pages this host no longer holds",
-                        hashes.len() - pages.len()
-                    ))
-                } else {
-                    if writer
-                        .lock()
-                        .await
-                        .send(&Message::Content { pages })
-                        .await
-                        .is_err()
-                    {
-                        PeerEvent::Closed
-                    } else {
-                        continue;
+                match answer_want(&store, &offered, &hashes) {
+                    Err(e) => PeerEvent::Broken(e.to_string()),
+                    Ok(pages) => {
+                        if writer
+                            .lock()
+                            .await
+                            .send(&Message::Content { pages })
+                            .await
+                            .is_err()
+                        {
+                            PeerEvent::Closed
+                        } else {
+                            continue;
+                        }
                     }
                 }
             }
