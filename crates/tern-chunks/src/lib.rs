@@ -56,3 +56,10 @@ pub use rebuild::{
 };
 pub use scan::{scan_image, ScanImageError};
 pub use tern_store::{ContentHasher, Hash};
+
+/// The index file format's encoder and decoder, for the fuzz targets in `crates/tern-fuzz`.
+/// Not an API: no stability promise.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::persist::{decode_file, encode_file, Loaded};
+}

@@ -324,11 +324,18 @@ impl Manifest {
         }
         let start_block = r.varint()?;
         let len = r.varint()?;
+        let blocks = blocks_in(len);
+        // Offsets step a whole block at a time: the last block's end, even that of a
+        // short last block, must fit in 64 bits too.
         let start = start_block
             .checked_mul(BLOCK_SIZE)
-            .filter(|s| s.checked_add(len).is_some())
+            .filter(|s| {
+                blocks
+                    .checked_mul(BLOCK_SIZE)
+                    .and_then(|b| s.checked_add(b))
+                    .is_some()
+            })
             .ok_or(DecodeManifestError::RangeOverflow { start_block, len })?;
-        let blocks = blocks_in(len);
         let mut m = Manifest {
             range: start..start + len,
             data: Vec::new(),
@@ -615,6 +622,37 @@ mod tests {
             Manifest::decode(&[b'T', b'M', 1, 3, 0]).unwrap(),
             Manifest::new(3 * 4096..3 * 4096).unwrap()
         );
+    }
+
+    #[test]
+    fn a_range_whose_last_block_would_end_at_2_pow_64_is_refused() {
+        // Found by the manifest_decode fuzz target: one short DATA block at 2^64 - 4096
+        // decoded, and encoding it overflowed (a panic in debug builds).
+        let mut b = vec![b'T', b'M', 1];
+        put_varint(&mut b, u64::MAX / 4096);
+        put_varint(&mut b, 1);
+        b.extend_from_slice(&[TAG_DATA, 1]);
+        b.extend_from_slice(&[7; 16]);
+        assert!(matches!(
+            Manifest::decode(&b),
+            Err(DecodeManifestError::RangeOverflow { .. })
+        ));
+        // A zero run over a range of u64::MAX bytes: its end overflowed in decode.
+        let mut b = vec![b'T', b'M', 1, 0];
+        put_varint(&mut b, u64::MAX);
+        b.push(TAG_ZERO);
+        put_varint(&mut b, 1 << 52);
+        assert!(matches!(
+            Manifest::decode(&b),
+            Err(DecodeManifestError::RangeOverflow { .. })
+        ));
+        // The highest range that still fits: its last block ends exactly at 2^64 - 4096.
+        let mut b = vec![b'T', b'M', 1];
+        put_varint(&mut b, u64::MAX / 4096 - 1);
+        put_varint(&mut b, 4096);
+        b.extend_from_slice(&[TAG_ZERO, 1]);
+        let m = Manifest::decode(&b).unwrap();
+        assert_eq!(m.encode(), b);
     }
 
     /// A manifest from a random block script: 0 = data, 1 = zero, 2 = unchanged.

@@ -68,7 +68,7 @@ pub enum IndexFileProblem {
 }
 
 /// A file's content as far as it can be trusted.
-pub(crate) enum Loaded {
+pub enum Loaded {
     /// Record and block list intact.
     Ok(ImageRecord, Manifest),
     /// The record is intact, the block list is not usable (or was never written because
@@ -168,11 +168,7 @@ fn decode_record(bytes: &[u8]) -> Option<ImageRecord> {
 
 /// The whole file for `record` and its block list (`None`: record only, flagged for
 /// re-indexing).
-pub(crate) fn encode_file(
-    record: &ImageRecord,
-    key_id: u64,
-    manifest: Option<&Manifest>,
-) -> Vec<u8> {
+pub fn encode_file(record: &ImageRecord, key_id: u64, manifest: Option<&Manifest>) -> Vec<u8> {
     let mut rec = Vec::new();
     encode_record(record, &mut rec);
     let body = manifest.map(Manifest::encode).unwrap_or_default();
@@ -191,7 +187,7 @@ pub(crate) fn encode_file(
 }
 
 /// Parses a file's bytes, trusting only what its checksums cover.
-pub(crate) fn decode_file(file: &Path, bytes: &[u8], key_id: u64) -> Loaded {
+pub fn decode_file(file: &Path, bytes: &[u8], key_id: u64) -> Loaded {
     let file = file.to_path_buf();
     if bytes.len() < PREFIX || bytes[..8] != MAGIC {
         return Loaded::Bad(IndexFileProblem::Unreadable { file });

@@ -53,3 +53,19 @@ pub use wire::{
     NbdErrno, ProtocolError, ServerError, BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH,
     QEMU_DIRTY_BITMAP_PREFIX, STATE_DIRTY, STATE_HOLE, STATE_ZERO,
 };
+
+/// The reply decoders of `wire` and the protocol numbers they use, for the fuzz targets in
+/// `crates/tern-fuzz`. Not an API: no stability promise.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::wire::{
+        option_error_message, parse_block_status, parse_error_chunk, parse_hole, parse_info,
+        parse_meta_context, parse_option_reply_header, parse_reply_header, reply_header_len,
+        ChunkHeader, Info, OptionReplyHeader, ReplyHeader, CHUNK_HEADER_LEN, INFO_BLOCK_SIZE,
+        INFO_EXPORT, MAX_METADATA_PAYLOAD, OPTION_REPLY_HEADER_LEN, OPTION_REPLY_MAGIC, OPT_GO,
+        REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR, REPLY_TYPE_ERROR_BIT,
+        REPLY_TYPE_ERROR_OFFSET, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
+        REP_ACK, REP_FLAG_ERROR, REP_INFO, REP_META_CONTEXT, SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC,
+        STRUCTURED_REPLY_MAGIC,
+    };
+}

@@ -18,7 +18,7 @@ pub(crate) const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// Oldstyle negotiation magic (`cliserv_magic`), which this client rejects.
 pub(crate) const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Magic of every option reply.
-pub(crate) const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 
 /// Handshake flag: server supports fixed newstyle (client echoes it as `NBD_FLAG_C_*`).
 pub(crate) const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -32,16 +32,16 @@ pub(crate) const OPT_ABORT: u32 = 2;
 pub(crate) const OPT_LIST: u32 = 3;
 pub(crate) const OPT_STARTTLS: u32 = 5;
 pub(crate) const OPT_INFO: u32 = 6;
-pub(crate) const OPT_GO: u32 = 7;
+pub const OPT_GO: u32 = 7;
 pub(crate) const OPT_STRUCTURED_REPLY: u32 = 8;
 pub(crate) const OPT_LIST_META_CONTEXT: u32 = 9;
 pub(crate) const OPT_SET_META_CONTEXT: u32 = 10;
 pub(crate) const OPT_EXTENDED_HEADERS: u32 = 11;
 
-pub(crate) const REP_ACK: u32 = 1;
-pub(crate) const REP_INFO: u32 = 3;
-pub(crate) const REP_META_CONTEXT: u32 = 4;
-pub(crate) const REP_FLAG_ERROR: u32 = 1 << 31;
+pub const REP_ACK: u32 = 1;
+pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
+pub const REP_FLAG_ERROR: u32 = 1 << 31;
 pub(crate) const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
 pub(crate) const REP_ERR_POLICY: u32 = REP_FLAG_ERROR | 2;
 pub(crate) const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
@@ -53,14 +53,14 @@ pub(crate) const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_FLAG_ERROR | 8;
 pub(crate) const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
 pub(crate) const REP_ERR_EXT_HEADER_REQD: u32 = REP_FLAG_ERROR | 10;
 
-pub(crate) const INFO_EXPORT: u16 = 0;
-pub(crate) const INFO_BLOCK_SIZE: u16 = 3;
+pub const INFO_EXPORT: u16 = 0;
+pub const INFO_BLOCK_SIZE: u16 = 3;
 
 // ---- transmission ----------------------------------------------------------------------
 
 pub(crate) const REQUEST_MAGIC: u32 = 0x2560_9513;
-pub(crate) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-pub(crate) const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 /// Extended-header reply magic; only valid after `NBD_OPT_EXTENDED_HEADERS`, which this
 /// client never sends. Recognised only to give a clearer error.
 pub(crate) const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
@@ -72,29 +72,29 @@ pub(crate) const CMD_FLUSH: u16 = 3;
 pub(crate) const CMD_BLOCK_STATUS: u16 = 7;
 
 /// Structured reply flag: last chunk of this reply.
-pub(crate) const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 
-pub(crate) const REPLY_TYPE_NONE: u16 = 0;
-pub(crate) const REPLY_TYPE_OFFSET_DATA: u16 = 1;
-pub(crate) const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
-pub(crate) const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
-pub(crate) const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
-pub(crate) const REPLY_TYPE_ERROR: u16 = REPLY_TYPE_ERROR_BIT | 1;
-pub(crate) const REPLY_TYPE_ERROR_OFFSET: u16 = REPLY_TYPE_ERROR_BIT | 2;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
+pub const REPLY_TYPE_ERROR: u16 = REPLY_TYPE_ERROR_BIT | 1;
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = REPLY_TYPE_ERROR_BIT | 2;
 
 /// Bytes of a request header.
 pub(crate) const REQUEST_LEN: usize = 28;
 /// Bytes of a simple reply header (magic included).
-pub(crate) const SIMPLE_REPLY_LEN: usize = 16;
+pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Bytes of a structured reply chunk header (magic included).
-pub(crate) const CHUNK_HEADER_LEN: usize = 20;
+pub const CHUNK_HEADER_LEN: usize = 20;
 /// Bytes of an option reply header.
-pub(crate) const OPTION_REPLY_HEADER_LEN: usize = 20;
+pub const OPTION_REPLY_HEADER_LEN: usize = 20;
 
 /// Largest option reply or non-data chunk payload accepted. Spec strings are at most
 /// 4096 bytes and QEMU caps a block status reply at about 1 MiB of extents; anything far
 /// beyond that is a broken or hostile server, not a reason to allocate.
-pub(crate) const MAX_METADATA_PAYLOAD: u32 = 16 << 20;
+pub const MAX_METADATA_PAYLOAD: u32 = 16 << 20;
 
 /// Largest string (export or context name) the client will send.
 pub(crate) const MAX_STRING_LEN: usize = 4096;
@@ -361,13 +361,13 @@ pub(crate) fn encode_set_meta_context_data(export_name: &str, queries: &[String]
 
 /// Header of one option reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct OptionReplyHeader {
+pub struct OptionReplyHeader {
     pub option: u32,
     pub reply_type: u32,
     pub length: u32,
 }
 
-pub(crate) fn parse_option_reply_header(
+pub fn parse_option_reply_header(
     buf: &[u8; OPTION_REPLY_HEADER_LEN],
     expected_option: u32,
 ) -> Result<OptionReplyHeader, ProtocolError> {
@@ -398,7 +398,7 @@ pub(crate) fn parse_option_reply_header(
 
 /// One `NBD_REP_INFO` payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Info {
+pub enum Info {
     Export {
         size: u64,
         flags: u16,
@@ -412,7 +412,7 @@ pub(crate) enum Info {
     Other,
 }
 
-pub(crate) fn parse_info(payload: &[u8]) -> Result<Info, ProtocolError> {
+pub fn parse_info(payload: &[u8]) -> Result<Info, ProtocolError> {
     let bad = || ProtocolError::BadPayload {
         what: "NBD_REP_INFO",
         len: payload.len() as u64,
@@ -463,7 +463,7 @@ pub(crate) fn parse_info(payload: &[u8]) -> Result<Info, ProtocolError> {
 }
 
 /// One `NBD_REP_META_CONTEXT` payload: context id and name.
-pub(crate) fn parse_meta_context(payload: &[u8]) -> Result<(u32, String), ProtocolError> {
+pub fn parse_meta_context(payload: &[u8]) -> Result<(u32, String), ProtocolError> {
     if payload.len() < 4 {
         return Err(ProtocolError::BadPayload {
             what: "NBD_REP_META_CONTEXT",
@@ -478,7 +478,7 @@ pub(crate) fn parse_meta_context(payload: &[u8]) -> Result<(u32, String), Protoc
 }
 
 /// Error message carried by an option error reply (lossy: it is only for display).
-pub(crate) fn option_error_message(payload: &[u8]) -> String {
+pub fn option_error_message(payload: &[u8]) -> String {
     String::from_utf8_lossy(payload).into_owned()
 }
 
@@ -509,7 +509,7 @@ impl Request {
 
 /// Header of a structured reply chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ChunkHeader {
+pub struct ChunkHeader {
     pub flags: u16,
     pub ty: u16,
     pub cookie: u64,
@@ -524,13 +524,13 @@ impl ChunkHeader {
 
 /// A reply header: simple or structured chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ReplyHeader {
+pub enum ReplyHeader {
     Simple { error: u32, cookie: u64 },
     Chunk(ChunkHeader),
 }
 
 /// Total header length (magic included) for a reply starting with `magic`.
-pub(crate) fn reply_header_len(magic: u32) -> Result<usize, ProtocolError> {
+pub fn reply_header_len(magic: u32) -> Result<usize, ProtocolError> {
     match magic {
         SIMPLE_REPLY_MAGIC => Ok(SIMPLE_REPLY_LEN),
         STRUCTURED_REPLY_MAGIC => Ok(CHUNK_HEADER_LEN),
@@ -540,7 +540,7 @@ pub(crate) fn reply_header_len(magic: u32) -> Result<usize, ProtocolError> {
 }
 
 /// Parses a whole reply header (magic included; length from [`reply_header_len`]).
-pub(crate) fn parse_reply_header(buf: &[u8]) -> Result<ReplyHeader, ProtocolError> {
+pub fn parse_reply_header(buf: &[u8]) -> Result<ReplyHeader, ProtocolError> {
     if buf.len() < 4 {
         return Err(ProtocolError::BadPayload {
             what: "reply header",
@@ -571,7 +571,7 @@ pub(crate) fn parse_reply_header(buf: &[u8]) -> Result<ReplyHeader, ProtocolErro
 }
 
 /// `NBD_REPLY_TYPE_OFFSET_HOLE` payload: offset and nonzero hole size.
-pub(crate) fn parse_hole(payload: &[u8]) -> Result<(u64, u32), ProtocolError> {
+pub fn parse_hole(payload: &[u8]) -> Result<(u64, u32), ProtocolError> {
     let bad = || ProtocolError::BadPayload {
         what: "NBD_REPLY_TYPE_OFFSET_HOLE",
         len: payload.len() as u64,
@@ -588,7 +588,7 @@ pub(crate) fn parse_hole(payload: &[u8]) -> Result<(u64, u32), ProtocolError> {
 
 /// Any error chunk (type with bit 15 set): errno, message, and for
 /// `NBD_REPLY_TYPE_ERROR_OFFSET` the offset. Unknown error types keep the common prefix.
-pub(crate) fn parse_error_chunk(ty: u16, payload: &[u8]) -> Result<ServerError, ProtocolError> {
+pub fn parse_error_chunk(ty: u16, payload: &[u8]) -> Result<ServerError, ProtocolError> {
     let bad = || ProtocolError::BadPayload {
         what: "error chunk",
         len: payload.len() as u64,
@@ -630,7 +630,7 @@ pub(crate) fn parse_error_chunk(ty: u16, payload: &[u8]) -> Result<ServerError, 
 
 /// `NBD_REPLY_TYPE_BLOCK_STATUS` payload: context id and `(length, flags)` descriptors,
 /// none of zero length.
-pub(crate) fn parse_block_status(payload: &[u8]) -> Result<(u32, Vec<(u32, u32)>), ProtocolError> {
+pub fn parse_block_status(payload: &[u8]) -> Result<(u32, Vec<(u32, u32)>), ProtocolError> {
     if payload.len() < 12 || !(payload.len() - 4).is_multiple_of(8) {
         return Err(ProtocolError::BadPayload {
             what: "NBD_REPLY_TYPE_BLOCK_STATUS",

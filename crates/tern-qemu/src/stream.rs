@@ -626,7 +626,11 @@ impl Parser {
         let named = flags & F_CONTINUE == 0;
         let block: BlockName = if named {
             let n = need!(c.counted());
-            match self.block_len.get_key_value(n_as_str(n).as_ref()) {
+            // strictly UTF-8: a lossy conversion would match bytes that name no block
+            match std::str::from_utf8(n)
+                .ok()
+                .and_then(|name| self.block_len.get_key_value(name))
+            {
                 Some((k, _)) => k.clone(),
                 None if self.blocks.is_empty() => Arc::from(self.name(n, 8, "RAM block name")?),
                 None => {
@@ -745,10 +749,6 @@ impl Parser {
             p -= 1;
         }
     }
-}
-
-fn n_as_str(b: &[u8]) -> std::borrow::Cow<'_, str> {
-    String::from_utf8_lossy(b)
 }
 
 /// Turns items back into QEMU's bytes, with its own "last block written" state.

@@ -385,6 +385,22 @@ fn names_that_are_not_utf8_are_refused_not_mangled() {
 }
 
 #[test]
+fn a_page_naming_a_block_in_bytes_that_are_not_utf8_is_refused() {
+    // found writing the stream_parser fuzz target: the name 0xff, converted lossily,
+    // matched a block named U+FFFD, and re-encoding wrote that name instead
+    let mut v = header();
+    start_ram(&mut v, &[("\u{fffd}", 4 * 4096)]);
+    part(&mut v, false);
+    v.extend_from_slice(&F_ZERO.to_be_bytes());
+    v.extend_from_slice(&[1, 0xff, 0]);
+    assert!(
+        malformed(&v).contains("unknown RAM block"),
+        "{}",
+        malformed(&v)
+    );
+}
+
+#[test]
 fn truncated_streams_fail_at_finish() {
     let s = sample();
     for cut in [0, 5, 30, 200, 5000, s.len() - 40, s.len() - 1] {

@@ -1,0 +1,77 @@
+//! Target `stream_parser`: QEMU's migration stream and its return path.
+//!
+//! The input is fed after a valid header when its first byte is odd (and it does not start
+//! with a header of its own), so mutations reach the RAM and tail states quickly. The
+//! same input goes to the return-path parser.
+
+use bytes::Bytes;
+use tern_qemu::rp::{encode_rp, parse_rp, RpMessage};
+use tern_qemu::stream::{Encoder, NameMode, Parser};
+
+/// A valid stream header: magic, version 3, configuration section "pc-10x".
+pub(crate) const HEADER: &[u8] = b"QEVM\x00\x00\x00\x03\x07\x00\x00\x00\x06pc-10x";
+
+pub(crate) fn run(data: &[u8]) {
+    let mut input = Vec::new();
+    if data.first().is_some_and(|b| b & 1 == 1) && !data.starts_with(&HEADER[..4]) {
+        input.extend_from_slice(HEADER);
+    }
+    input.extend_from_slice(data);
+
+    let mut p = Parser::new();
+    let mut enc = Encoder::new(4096);
+    let mut out = Vec::new();
+    let mut items = Vec::new();
+    let mut pos = 0;
+    while let Ok(Some((item, n))) = p.parse(&input[pos..]) {
+        assert!(
+            n > 0 && n <= input.len() - pos,
+            "item of {n} bytes at {pos}"
+        );
+        enc.encode(&item, NameMode::AsInput, &mut out);
+        items.push(item);
+        pos += n;
+    }
+    assert_eq!(
+        &out[..],
+        &input[..pos],
+        "re-encoding differs from what was parsed"
+    );
+    assert_eq!(p.offset(), pos as u64);
+    let _ = p.finish();
+
+    // the same items from shared bytes (page data sliced, not copied)
+    let shared = Bytes::from(input);
+    let mut q = Parser::new();
+    let mut at = 0;
+    for want in &items {
+        let (got, n) = q
+            .parse_bytes(&shared.slice(at..))
+            .expect("parse_bytes refused what parse accepted")
+            .expect("parse_bytes wants more than parse did");
+        assert_eq!(&got, want, "parse_bytes differs from parse at {at}");
+        at += n;
+    }
+
+    let mut rest = data;
+    while let Ok(Some((msg, n))) = parse_rp(rest) {
+        assert!(
+            n >= 4 && n <= rest.len(),
+            "return-path message of {n} bytes"
+        );
+        assert_eq!(parse_rp(&rest[..n - 1]), Ok(None), "{msg:?} cut short");
+        let mut again = Vec::new();
+        encode_rp(&msg, &mut again);
+        // block names are decoded lossily (the agent relays the raw bytes, not these)
+        let lossy = match &msg {
+            RpMessage::ReqPagesId { block, .. } | RpMessage::RecvBitmap { block, .. } => {
+                block.contains('\u{fffd}')
+            }
+            _ => false,
+        };
+        if !lossy {
+            assert_eq!(again, &rest[..n], "{msg:?} re-encodes differently");
+        }
+        rest = &rest[n..];
+    }
+}
