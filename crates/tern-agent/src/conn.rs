@@ -239,6 +239,9 @@ pub struct FrameWriter<W> {
     w: W,
     q: Segments,
     pub bytes_written: u64,
+    /// A flush that the peer does not take within this fails (a peer that stops reading
+    /// must not hold a writer, and what waits on it, forever).
+    deadline: Option<std::time::Duration>,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
@@ -247,7 +250,14 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             w,
             q: Segments::default(),
             bytes_written: 0,
+            deadline: None,
         }
+    }
+
+    /// Fails every flush that takes longer than `d` ([`std::io::ErrorKind::TimedOut`]).
+    pub fn with_deadline(mut self, d: std::time::Duration) -> Self {
+        self.deadline = Some(d);
+        self
     }
 
     /// Queues a frame; nothing is sent until [`FrameWriter::flush`].
@@ -265,6 +275,19 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     pub async fn flush(&mut self) -> std::io::Result<()> {
+        let Some(d) = self.deadline else {
+            return self.flush_now().await;
+        };
+        match tokio::time::timeout(d, self.flush_now()).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the peer took none of our data for {d:?}"),
+            )),
+        }
+    }
+
+    async fn flush_now(&mut self) -> std::io::Result<()> {
         if !self.q.is_empty() {
             self.bytes_written += self.q.write_to(&mut self.w).await?;
         }

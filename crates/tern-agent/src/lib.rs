@@ -541,6 +541,10 @@ impl Agent {
         swtpm::ensure_key_file(&key)?;
         let mut cfg = swtpm::SwtpmConfig::for_run_dir(run_dir, key);
         let mkey = tpm_migration_key_path(run_dir);
+        std::fs::create_dir_all(run_dir).map_err(|e| swtpm::SwtpmStartError::Files {
+            path: run_dir.to_path_buf(),
+            source: e,
+        })?;
         swtpm::ensure_key_file(&mkey)?;
         cfg.migration_key_file = Some(mkey);
         cfg.kill_on_drop = false; // it lives as long as its QEMU

@@ -524,7 +524,7 @@ pub async fn remove_tern_bitmaps(qmp: &QmpClient, node: &str) -> Result<(), Stop
 /// Why QEMU's NBD server could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum StartNbdServerError {
-    #[error("NBD socket path {0} is too long for a unix socket (max 100 bytes)")]
+    #[error("NBD socket path {0} is too long for a unix socket (max 96 bytes)")]
     PathTooLong(PathBuf),
     #[error("QEMU already runs an NBD server (one per QEMU): stop it first")]
     AlreadyRunning,
@@ -547,39 +547,47 @@ pub enum StartNbdServerError {
 /// `nbd-server-start {addr: {type: fd}}`); a stale socket file is replaced. One server per
 /// QEMU; exports come and go on it; clients connect to `socket`.
 pub async fn start_nbd_server(qmp: &QmpClient, socket: &Path) -> Result<(), StartNbdServerError> {
-    if socket.as_os_str().len() > 100 {
+    if socket.as_os_str().len() > 96 {
         return Err(StartNbdServerError::PathTooLong(socket.to_path_buf()));
     }
     let listen_err = |source| StartNbdServerError::Listen {
         path: socket.to_path_buf(),
         source,
     };
-    let _ = std::fs::remove_file(socket);
-    let listener = std::os::unix::net::UnixListener::bind(socket).map_err(listen_err)?;
+    // bound under a new name and moved into place once QEMU serves it: a server that
+    // runs already keeps its socket
+    let mut fresh = socket.as_os_str().to_owned();
+    fresh.push(".new");
+    let fresh = PathBuf::from(fresh);
+    let _ = std::fs::remove_file(&fresh);
+    let listener = std::os::unix::net::UnixListener::bind(&fresh).map_err(listen_err)?;
     let name = "tern-nbd-listen";
     let qmp_err = |source| StartNbdServerError::Qmp {
         path: socket.to_path_buf(),
         source,
     };
-    qmp.getfd(name, std::os::fd::OwnedFd::from(listener))
-        .await
-        .map_err(qmp_err)?;
-    // (the legacy form: nbd-server-start's flat form has no fd type)
-    match qmp
-        .execute(
+    let started = async {
+        qmp.getfd(name, std::os::fd::OwnedFd::from(listener))
+            .await?;
+        // (the legacy form: nbd-server-start's flat form has no fd type)
+        qmp.execute(
             "nbd-server-start",
             Some(json!({ "addr": { "type": "fd", "data": { "str": name } } })),
         )
         .await
-    {
+    }
+    .await;
+    if started.is_err() {
+        let _ = std::fs::remove_file(&fresh);
+    } else {
+        std::fs::rename(&fresh, socket).map_err(listen_err)?;
+    }
+    match started {
         Ok(_) => Ok(()),
         Err(e) if is_command_error(&e, "already running") => {
             Err(StartNbdServerError::AlreadyRunning)
         }
-        Err(source) => Err(StartNbdServerError::Qmp {
-            path: socket.to_path_buf(),
-            source,
-        }),
+        Err(source) => Err(qmp_err(source)),
     }
 }
 

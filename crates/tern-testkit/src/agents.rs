@@ -110,14 +110,15 @@ impl TestAgent {
         )
     }
 
-    /// An agent restart: a new `tern agent` process with this one's name and state
-    /// directory (default options otherwise), after this one stopped or died.
+    /// An agent restart: a new `tern agent` process with this one's name, state directory
+    /// and peer address (default options otherwise), after this one stopped or died.
     pub fn successor(&self, bin: &Path) -> Result<TestAgent> {
         Self::start_with(
             bin,
             &self.name,
             AgentOptions {
                 state_dir: Some(&self.state_dir),
+                listen: Some(self.peer_addr),
                 ..Default::default()
             },
         )

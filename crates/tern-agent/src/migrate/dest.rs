@@ -191,7 +191,9 @@ pub async fn serve_peer(
     tracing::debug!(peer = %addr, names = ?peer.names, labels = ?peer.labels, "peer authenticated");
     let (rd, wr) = stream.split();
     let mut reader = FrameReader::new(rd);
-    let writer: PeerWriter = Arc::new(Mutex::new(FrameWriter::new(wr)));
+    let writer: PeerWriter = Arc::new(Mutex::new(
+        FrameWriter::new(wr).with_deadline(agent.config.stall_timeout),
+    ));
     let mut inc = Incoming {
         name: None,
         process: None,
@@ -889,6 +891,10 @@ async fn receive(
         ));
     }
     wait_incoming_done(&qmp, &mut events, Duration::from_secs(30)).await?;
+    if agent.config.fault == Some(Fault::SlowFinish) {
+        tracing::warn!("fault injection: finishing 35 s late");
+        tokio::time::sleep(Duration::from_secs(35)).await;
+    }
     // every disk's last round was read (the loop above waits for it) and queued before
     // Finish, so the worker has written and flushed it: NBD goes, then the guest may run
     if let Some(d) = disks.take() {

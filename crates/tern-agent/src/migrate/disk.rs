@@ -497,10 +497,10 @@ impl SourceDisks {
                 "DiskWant for piece {piece} of disk {d}, which is not in flight"
             )));
         };
-        let mut wanted = 0u64;
-        // runs in order, apart, inside the piece: each block is sent at most once
+        // runs in order, apart, inside the piece: each block is sent at most once (all
+        // checked before anything is sent)
         let mut covered = start;
-        for (offset, blocks) in runs {
+        for &(offset, blocks) in &runs {
             let end = offset.saturating_add(u64::from(blocks) * BLOCK_SIZE);
             if offset < covered
                 || end > start + bytes.len() as u64 + BLOCK_SIZE
@@ -512,6 +512,10 @@ impl SourceDisks {
                 )));
             }
             covered = end;
+        }
+        let mut wanted = 0u64;
+        for (offset, blocks) in runs {
+            let end = offset.saturating_add(u64::from(blocks) * BLOCK_SIZE);
             let end = end.min(start + bytes.len() as u64);
             wanted += u64::from(blocks);
             let mut at = offset;

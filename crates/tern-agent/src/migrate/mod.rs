@@ -48,6 +48,9 @@ pub enum Fault {
     /// migration, holding the page store's lock: it must clean up like an error does and
     /// take the next migration.
     PanicInTransfer,
+    /// The destination takes 35 s more to finish after its QEMU loaded the stream (as a
+    /// large disk's last flush would): the source must wait, not declare doubt.
+    SlowFinish,
 }
 
 /// Whether a once-per-process fault fires now (the first time it is asked).
@@ -67,8 +70,9 @@ impl std::str::FromStr for Fault {
             "exit-at-switchover" => Ok(Fault::ExitAtSwitchover),
             "fail-switch-record" => Ok(Fault::FailSwitchRecord),
             "panic-in-transfer" => Ok(Fault::PanicInTransfer),
+            "slow-finish" => Ok(Fault::SlowFinish),
             _ => Err(format!(
-                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover, exit-at-switchover, fail-switch-record, panic-in-transfer)"
+                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover, exit-at-switchover, fail-switch-record, panic-in-transfer, slow-finish)"
             )),
         }
     }
