@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod delta;
+mod disk_worker;
 mod frames;
 mod index_file;
 mod input;
@@ -42,6 +43,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("qmp_line", qmp_line),
     ("page_decode", page_decode),
     ("chunks_rebuild", chunks_rebuild),
+    ("disk_worker", disk_worker),
 ];
 
 /// tern frames (`tern_proto::decode`): no panic; every decoded message re-encodes to
@@ -110,4 +112,11 @@ pub fn page_decode(data: &[u8]) {
 /// manifest's range; a complete rebuild holds the source's blocks.
 pub fn chunks_rebuild(data: &[u8]) {
     rebuild::run(data);
+}
+
+/// The destination's disk worker itself (`tern_agent::migrate::disk`), disks in memory:
+/// whatever disk frames a source sends, no panic and no write outside a disk (the
+/// in-memory disk asserts it); bad frames are refused, not applied.
+pub fn disk_worker(data: &[u8]) {
+    disk_worker::run(data);
 }

@@ -34,6 +34,13 @@ pub fn all() -> Vec<(&'static str, Vec<Seed>)> {
         ("qmp_line", qmp_line()),
         ("page_decode", page_decode()),
         ("chunks_rebuild", chunks_rebuild()),
+        (
+            "disk_worker",
+            chunks_rebuild()
+                .into_iter()
+                .filter(|(name, _)| name.starts_with("worker"))
+                .collect(),
+        ),
     ]
 }
 

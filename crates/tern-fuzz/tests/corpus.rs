@@ -423,6 +423,7 @@ fuzz_tests!(
     qmp_line,
     page_decode,
     chunks_rebuild,
+    disk_worker,
 );
 
 /// The committed corpus holds every seed the generator makes, as it makes it.

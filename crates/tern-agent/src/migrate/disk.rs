@@ -711,10 +711,23 @@ pub fn incoming_disk_path(run_dir: &Path, index: usize, format: &str) -> PathBuf
     run_dir.join("disks").join(format!("disk{index}.{format}"))
 }
 
-/// A rebuild target shared by the pieces of one disk; flushed once per round.
-struct SharedTarget(Rc<RefCell<NbdTarget>>);
+/// Where the destination's disk worker writes one disk: the incoming QEMU's NBD export
+/// (or, for fuzzing, memory).
+pub trait DiskTarget: BlockTarget {
+    /// Done with the disk: everything written is on it.
+    fn close(self) -> std::io::Result<()>;
+}
 
-impl BlockTarget for SharedTarget {
+impl DiskTarget for NbdTarget {
+    fn close(self) -> std::io::Result<()> {
+        NbdTarget::close(self)
+    }
+}
+
+/// A rebuild target shared by the pieces of one disk; flushed once per round.
+struct SharedTarget<T>(Rc<RefCell<T>>);
+
+impl<T: BlockTarget> BlockTarget for SharedTarget<T> {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         self.0.borrow_mut().write_at(offset, data)
     }
@@ -910,10 +923,10 @@ impl DestDisks {
     }
 }
 
-struct Worker {
-    targets: Vec<Rc<RefCell<NbdTarget>>>,
+struct Worker<T> {
+    targets: Vec<Rc<RefCell<T>>>,
     sizes: Vec<u64>,
-    pieces: HashMap<(u16, u32), Rebuild<SharedTarget>>,
+    pieces: HashMap<(u16, u32), Rebuild<SharedTarget<T>>>,
     index: SharedIndex,
     hasher: tern_store::ContentHasher,
     reply: mpsc::UnboundedSender<Message>,
@@ -944,7 +957,7 @@ pub const FREE_SPACE_RESERVE: u64 = 16 << 20;
 /// Past the claimed allocation, the free space is looked at every this many bytes written.
 const FREE_CHECK_BYTES: u64 = 4 << 20;
 
-impl Worker {
+impl Worker<NbdTarget> {
     #[allow(clippy::too_many_arguments)]
     fn open(
         sock: &Path,
@@ -960,9 +973,29 @@ impl Worker {
         for (i, name) in names.iter().enumerate() {
             let t = NbdTarget::connect_unix(sock, name)
                 .map_err(|e| DestDiskError::Open(super::source::error_chain(&e), i as u16))?;
-            targets.push(Rc::new(RefCell::new(t)));
+            targets.push(t);
         }
-        Ok(Worker {
+        Ok(Worker::new(
+            targets, sizes, claimed, index, hasher, reply, dir,
+        ))
+    }
+}
+
+impl<T: DiskTarget> Worker<T> {
+    fn new(
+        targets: Vec<T>,
+        sizes: Vec<u64>,
+        claimed: u64,
+        index: SharedIndex,
+        hasher: tern_store::ContentHasher,
+        reply: mpsc::UnboundedSender<Message>,
+        dir: PathBuf,
+    ) -> Self {
+        let targets: Vec<Rc<RefCell<T>>> = targets
+            .into_iter()
+            .map(|t| Rc::new(RefCell::new(t)))
+            .collect();
+        Worker {
             round_written: vec![0; targets.len()],
             unflushed: vec![0; targets.len()],
             rounds: vec![0; targets.len()],
@@ -979,7 +1012,7 @@ impl Worker {
             reply,
             dir,
             written: 0,
-        })
+        }
     }
 
     fn disk(&self, disk: u16) -> Result<usize, DestDiskError> {
@@ -1224,10 +1257,72 @@ impl Worker {
             t.close().map_err(|e| DestDiskError::Write {
                 disk: i as u16,
                 offset: 0,
-                message: format!("closing the NBD connection: {e}"),
+                message: format!("closing the disk: {e}"),
             })?;
         }
         Ok(self.written)
+    }
+}
+
+/// The destination's disk worker without QEMU, for the fuzz targets in `crates/tern-fuzz`:
+/// disks in memory, an empty chunk index. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// A disk in memory; a write past its end is a bug of the worker's checks.
+    pub struct MemDisk(pub Vec<u8>);
+
+    impl BlockTarget for MemDisk {
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            let end = offset as usize + data.len();
+            assert!(
+                end <= self.0.len(),
+                "the worker wrote {offset}..{end} on a disk of {} bytes",
+                self.0.len()
+            );
+            self.0[offset as usize..end].copy_from_slice(data);
+            Ok(())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl DiskTarget for MemDisk {
+        fn close(self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Feeds `msgs` to a worker holding disks of `sizes` (the source claimed `claimed`
+    /// bytes); then finishes it. Err: the worker refused (what a peer's bad message must
+    /// cause), with the reason.
+    pub fn disk_worker(
+        sizes: &[u64],
+        claimed: u64,
+        index: SharedIndex,
+        hasher: tern_store::ContentHasher,
+        msgs: impl IntoIterator<Item = Message>,
+    ) -> Result<u64, String> {
+        let (reply, _replies) = mpsc::unbounded_channel();
+        let disks = sizes
+            .iter()
+            .map(|s| MemDisk(vec![0; *s as usize]))
+            .collect();
+        let mut w = Worker::new(
+            disks,
+            sizes.to_vec(),
+            claimed,
+            index,
+            hasher,
+            reply,
+            std::env::temp_dir(),
+        );
+        for m in msgs {
+            w.handle(m).map_err(|e| e.to_string())?;
+        }
+        w.finish().map_err(|e| e.to_string())
     }
 }
 
