@@ -1,0 +1,471 @@
+//! The legal order of messages, sans I/O. One [`Conversation`] per connection is fed every
+//! message received (and, where an agent wants to check itself, sent), with who sent it; a
+//! message that may not come now is an [`OrderError`], which the receiver answers with
+//! `Abort{protocol}`. The order lives here once, unit-tested without sockets, instead of in
+//! checks scattered over the agents.
+//!
+//! ```text
+//!  Hello ──> HelloAck ──> Opening ──Prepare──> Preparing ──Prepared──> Transfer
+//!   (src)     (dst)        │  (src: DiskOffer v3, TpmKey v4 first)   (dst: Summary v2)
+//!                          ├─Query──> Querying ──QueryAnswer──> Closed
+//!                          └─Attach─> Data (src: Seq, frame, Seq, frame, ...)
+//!  Transfer ──SourceDone{commit}──> Finishing ──Resumed──> Closed          (v2)
+//!  Transfer ──SourceDone──> Finishing ──ReadyToResume──> AwaitCommit
+//!           ──Commit──> Committed ──Resumed──> Closed                      (v1)
+//!  Abort from either side, at any stage: Closed.
+//! ```
+
+use crate::message::{Message, MessageType};
+use crate::version::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+
+/// Who sent a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Source => "the source",
+            Side::Destination => "the destination",
+        }
+    }
+}
+
+/// Where a connection is in its conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Nothing yet: the source says Hello.
+    Hello,
+    /// The destination answers with the version (or aborts).
+    HelloAck,
+    /// The source says what the connection is for: Prepare (after DiskOffer and TpmKey
+    /// when the VM has them), Query, or Attach.
+    Opening,
+    /// The destination prepares: Summary frames (v2), then Prepared.
+    Preparing,
+    /// QEMU's stream and the disks travel; the destination relays the return path.
+    Transfer,
+    /// SourceDone came; what is left of the disks' last rounds and Wants may still travel.
+    Finishing { commit: bool },
+    /// v1: the destination is ready; the source commits.
+    AwaitCommit,
+    /// v1: committed; the destination answers Resumed.
+    Committed,
+    /// A Query: the destination answers.
+    Querying,
+    /// An extra data connection: `Seq`, then the frame it numbers, again and again.
+    Data { frame_next: bool },
+    /// Ended (Abort, Resumed, QueryAnswer): nothing more may come.
+    Closed,
+}
+
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Hello => "before Hello",
+            Stage::HelloAck => "waiting for HelloAck",
+            Stage::Opening => "before Prepare",
+            Stage::Preparing => "while the destination prepares",
+            Stage::Transfer => "during the transfer",
+            Stage::Finishing { .. } => "after SourceDone",
+            Stage::AwaitCommit => "waiting for Commit",
+            Stage::Committed => "after Commit",
+            Stage::Querying => "during a Query",
+            Stage::Data { .. } => "on a data connection",
+            Stage::Closed => "after the conversation ended",
+        }
+    }
+}
+
+/// A message that may not come now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OrderError {
+    #[error("{msg} from {} is not allowed {}", from.name(), stage.name())]
+    OutOfOrder {
+        msg: &'static str,
+        from: Side,
+        stage: Stage,
+    },
+    #[error("{msg} needs protocol v{needs}; this connection speaks v{version}")]
+    Version {
+        msg: &'static str,
+        needs: u16,
+        version: u16,
+    },
+    #[error("HelloAck names version {0}, which the Hello did not offer")]
+    BadVersion(u16),
+}
+
+/// One connection's conversation.
+#[derive(Debug, Clone)]
+pub struct Conversation {
+    stage: Stage,
+    /// Offered in Hello, then agreed in HelloAck.
+    offered: (u16, u16),
+    version: u16,
+    disk_offer: bool,
+    tpm_key: bool,
+}
+
+impl Default for Conversation {
+    fn default() -> Self {
+        Conversation::new()
+    }
+}
+
+impl Conversation {
+    pub fn new() -> Self {
+        Conversation {
+            stage: Stage::Hello,
+            offered: (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
+            version: MIN_PROTOCOL_VERSION,
+            disk_offer: false,
+            tpm_key: false,
+        }
+    }
+
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    /// The agreed version (once HelloAck went by).
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// Checks `msg`, sent by `from`, against the order and moves on.
+    pub fn on(&mut self, from: Side, msg: &Message) -> Result<(), OrderError> {
+        use MessageType as T;
+        use Side::{Destination as D, Source as S};
+        let kind = msg.kind();
+        let out_of_order = OrderError::OutOfOrder {
+            msg: kind.name(),
+            from,
+            stage: self.stage,
+        };
+        if !matches!(self.stage, Stage::Hello | Stage::HelloAck) && kind.since() > self.version {
+            return Err(OrderError::Version {
+                msg: kind.name(),
+                needs: kind.since(),
+                version: self.version,
+            });
+        }
+        if kind == T::Abort && self.stage != Stage::Closed {
+            self.stage = Stage::Closed;
+            return Ok(());
+        }
+        let next = match (self.stage, from, kind) {
+            (Stage::Hello, S, T::Hello) => {
+                if let Message::Hello {
+                    min_version,
+                    max_version,
+                    ..
+                } = msg
+                {
+                    self.offered = (*min_version, *max_version);
+                }
+                Stage::HelloAck
+            }
+            (Stage::HelloAck, D, T::HelloAck) => {
+                if let Message::HelloAck { version, .. } = msg {
+                    if !(self.offered.0..=self.offered.1).contains(version) {
+                        return Err(OrderError::BadVersion(*version));
+                    }
+                    self.version = *version;
+                }
+                Stage::Opening
+            }
+            (Stage::Opening, S, T::DiskOffer) if !self.disk_offer => {
+                self.disk_offer = true;
+                Stage::Opening
+            }
+            (Stage::Opening, S, T::TpmKey) if !self.tpm_key => {
+                self.tpm_key = true;
+                Stage::Opening
+            }
+            (Stage::Opening, S, T::Prepare) => Stage::Preparing,
+            (Stage::Opening, S, T::Query) if !self.disk_offer && !self.tpm_key => Stage::Querying,
+            (Stage::Opening, S, T::Attach) if !self.disk_offer && !self.tpm_key => {
+                Stage::Data { frame_next: false }
+            }
+            (Stage::Preparing, D, T::Summary) => Stage::Preparing,
+            (Stage::Preparing, D, T::Prepared) => Stage::Transfer,
+            (
+                Stage::Transfer,
+                S,
+                T::QemuBytes
+                | T::RamBlocks
+                | T::Pages
+                | T::Content
+                | T::DiskManifest
+                | T::DiskData
+                | T::DiskRoundEnd,
+            ) => Stage::Transfer,
+            (Stage::Transfer, S, T::SourceDone) => Stage::Finishing {
+                commit: matches!(msg, Message::SourceDone { commit: true, .. }),
+            },
+            (
+                Stage::Transfer | Stage::Finishing { .. },
+                D,
+                T::ReturnPath | T::Want | T::Applied | T::DiskWant | T::DiskRoundDone,
+            ) => self.stage,
+            (Stage::Finishing { .. }, S, T::Content | T::DiskData | T::DiskRoundEnd) => self.stage,
+            (Stage::Finishing { commit: false }, D, T::ReadyToResume) => Stage::AwaitCommit,
+            (Stage::Finishing { commit: true }, D, T::Resumed) => Stage::Closed,
+            (Stage::AwaitCommit | Stage::Committed, D, T::ReturnPath | T::Applied) => self.stage,
+            (Stage::AwaitCommit, S, T::Commit) => Stage::Committed,
+            (Stage::Committed, D, T::Resumed) => Stage::Closed,
+            (Stage::Querying, D, T::QueryAnswer) => Stage::Closed,
+            (Stage::Data { frame_next: false }, S, T::Seq) => Stage::Data { frame_next: true },
+            (
+                Stage::Data { frame_next: true },
+                S,
+                T::QemuBytes | T::RamBlocks | T::Pages | T::SourceDone,
+            ) => Stage::Data { frame_next: false },
+            _ => return Err(out_of_order),
+        };
+        self.stage = next;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ErrorCode, MigrationState};
+    use bytes::Bytes;
+    use Side::{Destination as D, Source as S};
+
+    fn hello(max: u16) -> Message {
+        Message::Hello {
+            min_version: 1,
+            max_version: max,
+            agent: "a".into(),
+        }
+    }
+    fn ack(v: u16) -> Message {
+        Message::HelloAck {
+            version: v,
+            agent: "b".into(),
+        }
+    }
+    fn prepare() -> Message {
+        Message::Prepare {
+            migration_id: "m".into(),
+            spec_toml: String::new(),
+            source_running: true,
+            qemu_version: "10.0.2".into(),
+        }
+    }
+    fn prepared() -> Message {
+        Message::Prepared {
+            qemu_version: "10.0.2".into(),
+        }
+    }
+    fn data() -> Message {
+        Message::QemuBytes(Bytes::from_static(b"x"))
+    }
+    fn done(commit: bool) -> Message {
+        Message::SourceDone {
+            digest: [0; 32],
+            pages: 1,
+            commit,
+        }
+    }
+
+    fn run(c: &mut Conversation, steps: &[(Side, Message)]) -> Result<(), OrderError> {
+        for (from, m) in steps {
+            c.on(*from, m)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_v2_migration_with_summary_wants_and_an_early_commit() {
+        let mut c = Conversation::new();
+        run(
+            &mut c,
+            &[
+                (S, hello(4)),
+                (D, ack(2)),
+                (S, prepare()),
+                (
+                    D,
+                    Message::Summary {
+                        key_id: 1,
+                        prefixes: vec![],
+                    },
+                ),
+                (D, prepared()),
+                (S, data()),
+                (D, Message::Want { hashes: vec![] }),
+                (S, Message::Content { pages: vec![] }),
+                (D, Message::Applied { units: 1 }),
+                (S, done(true)),
+                (D, Message::Applied { units: 1 }),
+                (D, Message::Resumed { resumed_unix_us: 1 }),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.stage(), Stage::Closed);
+        assert_eq!(c.version(), 2);
+        assert!(c.on(S, &data()).is_err(), "nothing after the end");
+    }
+
+    #[test]
+    fn a_v1_migration_commits_after_ready_to_resume() {
+        let mut c = Conversation::new();
+        run(
+            &mut c,
+            &[
+                (S, hello(1)),
+                (D, ack(1)),
+                (S, prepare()),
+                (D, prepared()),
+                (S, data()),
+                (S, done(false)),
+                (D, Message::ReadyToResume { digest: [0; 32] }),
+                (S, Message::Commit),
+                (D, Message::Resumed { resumed_unix_us: 1 }),
+            ],
+        )
+        .unwrap();
+        // Resumed without a commit, or Commit before ReadyToResume: refused
+        let mut c = Conversation::new();
+        run(
+            &mut c,
+            &[(S, hello(1)), (D, ack(1)), (S, prepare()), (D, prepared())],
+        )
+        .unwrap();
+        c.on(S, &done(false)).unwrap();
+        assert!(c.on(S, &Message::Commit).is_err());
+        assert!(c.on(D, &Message::Resumed { resumed_unix_us: 1 }).is_err());
+    }
+
+    #[test]
+    fn messages_newer_than_the_agreed_version_are_refused() {
+        let mut c = Conversation::new();
+        run(&mut c, &[(S, hello(4)), (D, ack(2))]).unwrap();
+        let e = c.on(S, &Message::TpmKey { key: [0; 32] }).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                OrderError::Version {
+                    needs: 4,
+                    version: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(c.on(S, &Message::DiskOffer { disks: vec![] }).is_err());
+        // a HelloAck outside what the Hello offered
+        let mut c = Conversation::new();
+        c.on(S, &hello(2)).unwrap();
+        assert_eq!(c.on(D, &ack(3)), Err(OrderError::BadVersion(3)));
+    }
+
+    #[test]
+    fn the_opening_takes_disks_and_a_key_once_each_then_prepare() {
+        let mut c = Conversation::new();
+        run(
+            &mut c,
+            &[
+                (S, hello(4)),
+                (D, ack(4)),
+                (S, Message::DiskOffer { disks: vec![] }),
+                (S, Message::TpmKey { key: [1; 32] }),
+            ],
+        )
+        .unwrap();
+        assert!(c.on(S, &Message::TpmKey { key: [1; 32] }).is_err(), "twice");
+        let mut c2 = c.clone();
+        assert!(
+            c2.on(
+                S,
+                &Message::Query {
+                    migration_id: "m".into()
+                }
+            )
+            .is_err(),
+            "a Query after a DiskOffer"
+        );
+        c.on(S, &prepare()).unwrap();
+        assert!(c.on(S, &data()).is_err(), "data before Prepared");
+        assert!(c.on(S, &prepare()).is_err(), "Prepare twice");
+    }
+
+    #[test]
+    fn queries_and_data_connections_have_their_own_order() {
+        let mut q = Conversation::new();
+        run(
+            &mut q,
+            &[
+                (S, hello(4)),
+                (D, ack(4)),
+                (
+                    S,
+                    Message::Query {
+                        migration_id: "m".into(),
+                    },
+                ),
+                (
+                    D,
+                    Message::QueryAnswer {
+                        state: MigrationState::Running,
+                        resumed_unix_us: 0,
+                    },
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(q.stage(), Stage::Closed);
+        let mut d = Conversation::new();
+        run(
+            &mut d,
+            &[
+                (S, hello(4)),
+                (D, ack(4)),
+                (
+                    S,
+                    Message::Attach {
+                        migration_id: "m".into(),
+                        index: 1,
+                    },
+                ),
+                (S, Message::Seq { seq: 0 }),
+                (S, data()),
+                (S, Message::Seq { seq: 1 }),
+                (S, done(true)),
+            ],
+        )
+        .unwrap();
+        assert!(d.on(S, &data()).is_err(), "a frame without its Seq");
+        d.on(S, &Message::Seq { seq: 2 }).unwrap();
+        assert!(d.on(S, &Message::Seq { seq: 3 }).is_err(), "two Seqs");
+    }
+
+    #[test]
+    fn abort_ends_any_stage_and_the_wrong_side_is_refused() {
+        let mut c = Conversation::new();
+        run(&mut c, &[(S, hello(4)), (D, ack(4)), (S, prepare())]).unwrap();
+        assert!(c.on(S, &prepared()).is_err(), "Prepared from the source");
+        c.on(
+            D,
+            &Message::Abort {
+                code: ErrorCode::VmExists,
+                message: String::new(),
+            },
+        )
+        .unwrap();
+        assert_eq!(c.stage(), Stage::Closed);
+        let e = c.on(D, &prepared()).unwrap_err();
+        assert!(
+            e.to_string().contains("after the conversation ended"),
+            "{e}"
+        );
+    }
+}
