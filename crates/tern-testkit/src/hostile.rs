@@ -287,21 +287,23 @@ pub fn uid_and_seccomp(pid: u32) -> Result<(u32, u32)> {
 
 /// Whether an unprivileged user (`nobody`) can read `path` (runs `cat` as that user).
 pub fn readable_by_nobody(path: &Path) -> Result<bool> {
-    let st = std::process::Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "cat"])
-        .arg(path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .context("setpriv (util-linux)")?;
-    Ok(st.success())
+    as_nobody("cat", path)
 }
 
 /// Whether `nobody` can list directory `dir`.
 pub fn listable_by_nobody(dir: &Path) -> Result<bool> {
+    as_nobody("ls", dir)
+}
+
+fn as_nobody(program: &str, path: &Path) -> Result<bool> {
     let st = std::process::Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "ls"])
-        .arg(dir)
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            program,
+        ])
+        .arg(path)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()

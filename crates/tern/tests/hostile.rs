@@ -154,6 +154,14 @@ fn expect_abort(p: &mut HostilePeer, code: ErrorCode, words: &str, case: &str) -
     }
 }
 
+/// A Pages frame of one record.
+fn one_page(block: u16, offset: u64, body: PageBody) -> Message {
+    Message::Pages {
+        block,
+        pages: vec![Page { offset, body }],
+    }
+}
+
 fn ram_blocks(len: u64) -> Message {
     Message::RamBlocks {
         page_size: 4096,
@@ -212,13 +220,7 @@ fn a_hostile_source_cannot_crash_exhaust_or_mislead_a_destination() -> Result<()
             "page past its block",
             vec![
                 ram_blocks(64 << 20),
-                Message::Pages {
-                    block: 0,
-                    pages: vec![Page {
-                        offset: 64 << 20,
-                        body: PageBody::Zero { fill: 0 },
-                    }],
-                },
+                one_page(0, 64 << 20, PageBody::Zero { fill: 0 }),
             ],
             "outside",
         ),
@@ -226,13 +228,7 @@ fn a_hostile_source_cannot_crash_exhaust_or_mislead_a_destination() -> Result<()
             "page not aligned",
             vec![
                 ram_blocks(64 << 20),
-                Message::Pages {
-                    block: 0,
-                    pages: vec![Page {
-                        offset: 100,
-                        body: PageBody::Zero { fill: 0 },
-                    }],
-                },
+                one_page(0, 100, PageBody::Zero { fill: 0 }),
             ],
             "aligned",
         ),
@@ -240,13 +236,7 @@ fn a_hostile_source_cannot_crash_exhaust_or_mislead_a_destination() -> Result<()
             "page of an unknown block",
             vec![
                 ram_blocks(64 << 20),
-                Message::Pages {
-                    block: 7,
-                    pages: vec![Page {
-                        offset: 0,
-                        body: PageBody::Zero { fill: 0 },
-                    }],
-                },
+                one_page(7, 0, PageBody::Zero { fill: 0 }),
             ],
             "unknown block",
         ),
@@ -254,13 +244,7 @@ fn a_hostile_source_cannot_crash_exhaust_or_mislead_a_destination() -> Result<()
             "a page of 8 KiB",
             vec![
                 ram_blocks(64 << 20),
-                Message::Pages {
-                    block: 0,
-                    pages: vec![Page {
-                        offset: 0,
-                        body: PageBody::Raw(Bytes::from(vec![1u8; 8192])),
-                    }],
-                },
+                one_page(0, 0, PageBody::Raw(Bytes::from(vec![1u8; 8192]))),
             ],
             "page of 8192 bytes",
         ),

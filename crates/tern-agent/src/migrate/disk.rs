@@ -838,15 +838,24 @@ impl DestDisks {
         let thread = std::thread::Builder::new()
             .name("tern-disk-in".into())
             .spawn(move || {
-                let mut w =
-                    match Worker::open(&sock, &names, sizes, claimed, index, hasher, reply_tx, dir)
-                    {
-                        Ok(w) => w,
-                        Err(e) => {
-                            let _ = fail_tx.send(e);
-                            return;
-                        }
-                    };
+                let mut w = match Worker::open(
+                    &sock,
+                    &names,
+                    WorkerSetup {
+                        sizes,
+                        claimed,
+                        index,
+                        hasher,
+                        reply: reply_tx,
+                        dir,
+                    },
+                ) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        let _ = fail_tx.send(e);
+                        return;
+                    }
+                };
                 while let Some(cmd) = rx.blocking_recv() {
                     match cmd {
                         Cmd::Msg(m) => {
@@ -957,40 +966,40 @@ pub const FREE_SPACE_RESERVE: u64 = 16 << 20;
 /// Past the claimed allocation, the free space is looked at every this many bytes written.
 const FREE_CHECK_BYTES: u64 = 4 << 20;
 
+/// What a disk worker needs besides its disks.
+struct WorkerSetup {
+    sizes: Vec<u64>,
+    /// What the source said its disks hold (the free-space watch starts past it).
+    claimed: u64,
+    index: SharedIndex,
+    hasher: tern_store::ContentHasher,
+    reply: mpsc::UnboundedSender<Message>,
+    /// Where the disks are (for the free space).
+    dir: PathBuf,
+}
+
 impl Worker<NbdTarget> {
-    #[allow(clippy::too_many_arguments)]
-    fn open(
-        sock: &Path,
-        names: &[String],
-        sizes: Vec<u64>,
-        claimed: u64,
-        index: SharedIndex,
-        hasher: tern_store::ContentHasher,
-        reply: mpsc::UnboundedSender<Message>,
-        dir: PathBuf,
-    ) -> Result<Self, DestDiskError> {
+    fn open(sock: &Path, names: &[String], setup: WorkerSetup) -> Result<Self, DestDiskError> {
         let mut targets = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let t = NbdTarget::connect_unix(sock, name)
                 .map_err(|e| DestDiskError::Open(super::source::error_chain(&e), i as u16))?;
             targets.push(t);
         }
-        Ok(Worker::new(
-            targets, sizes, claimed, index, hasher, reply, dir,
-        ))
+        Ok(Worker::new(targets, setup))
     }
 }
 
 impl<T: DiskTarget> Worker<T> {
-    fn new(
-        targets: Vec<T>,
-        sizes: Vec<u64>,
-        claimed: u64,
-        index: SharedIndex,
-        hasher: tern_store::ContentHasher,
-        reply: mpsc::UnboundedSender<Message>,
-        dir: PathBuf,
-    ) -> Self {
+    fn new(targets: Vec<T>, setup: WorkerSetup) -> Self {
+        let WorkerSetup {
+            sizes,
+            claimed,
+            index,
+            hasher,
+            reply,
+            dir,
+        } = setup;
         let targets: Vec<Rc<RefCell<T>>> = targets
             .into_iter()
             .map(|t| Rc::new(RefCell::new(t)))
@@ -1312,12 +1321,14 @@ pub mod fuzzing {
             .collect();
         let mut w = Worker::new(
             disks,
-            sizes.to_vec(),
-            claimed,
-            index,
-            hasher,
-            reply,
-            std::env::temp_dir(),
+            WorkerSetup {
+                sizes: sizes.to_vec(),
+                claimed,
+                index,
+                hasher,
+                reply,
+                dir: std::env::temp_dir(),
+            },
         );
         for m in msgs {
             w.handle(m).map_err(|e| e.to_string())?;
