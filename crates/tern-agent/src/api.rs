@@ -24,14 +24,16 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tern_qemu::spec::VmSpec;
 
-use crate::images::{ImageInfo, ImportError, ImportReport, RefreshSummary};
+use crate::images::ImportError;
+use tern_api::image::{ImageInfo, ImportImageRequest, ImportReport, RefreshSummary, RemoveImageRequest};
+use tern_api::vm::{QmpRequest, SaveMemoryRequest, StartVmRequest, VmInfo};
+use tern_api::MigrateStarted;
 use crate::migrate::source::{self, MigrateRequest};
 use crate::migrate::{new_migration_id, Direction, MigrationHandle, MigrationStatus};
-use crate::vm::{StartVmError, StopVmError, VmInfo};
+use crate::vm::{StartVmError, StopVmError};
 use crate::{Agent, AgentError, ApiAddr};
 
 /// An error as the API returns it: an HTTP status and `{"error": ..., "kind": ...}`.
@@ -69,36 +71,23 @@ fn chain(e: &dyn std::error::Error) -> String {
     source::error_chain(e)
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct StartVmRequest {
-    pub spec_toml: String,
-}
+/// A JSON body; one that does not parse is a 400 with a JSON error, like every other
+/// refusal of this API.
+pub struct Body<T>(pub T);
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct QmpRequest {
-    pub execute: String,
-    #[serde(default)]
-    pub arguments: Option<Value>,
-}
+impl<St: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<St> for Body<T> {
+    type Rejection = ApiError;
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct MigrateStarted {
-    pub id: String,
-}
-
-/// `POST /v1/images`: index the image at `path` (absolute, on the agent's host) in place.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ImportImageRequest {
-    pub path: std::path::PathBuf,
-    /// `raw` or `qcow2`; probed from the file when absent.
-    #[serde(default)]
-    pub format: Option<String>,
-}
-
-/// `DELETE /v1/images`: drop the image at `path` from the index (the file stays).
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RemoveImageRequest {
-    pub path: std::path::PathBuf,
+    async fn from_request(req: axum::extract::Request, state: &St) -> Result<Self, ApiError> {
+        match <Json<T> as axum::extract::FromRequest<St>>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(r) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                r.body_text(),
+            )),
+        }
+    }
 }
 
 type S = State<Arc<Agent>>;
@@ -186,7 +175,7 @@ async fn list_vms(State(a): S) -> Json<Vec<VmInfo>> {
 
 async fn start_vm(
     State(a): S,
-    Json(req): Json<StartVmRequest>,
+    Body(req): Body<StartVmRequest>,
 ) -> Result<(StatusCode, Json<VmInfo>), ApiError> {
     let spec = VmSpec::from_toml(&req.spec_toml)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-spec", chain(&e)))?;
@@ -236,7 +225,7 @@ pub fn qmp_allowed(command: &str) -> bool {
 async fn qmp(
     State(a): S,
     Path(name): Path<String>,
-    Json(req): Json<QmpRequest>,
+    Body(req): Body<QmpRequest>,
 ) -> Result<Json<Value>, ApiError> {
     if !qmp_allowed(&req.execute) {
         return Err(ApiError::new(
@@ -262,19 +251,10 @@ async fn qmp(
     Ok(Json(r))
 }
 
-/// `POST /v1/vms/{name}/memory`: the guest's physical memory `[0, size)` as raw bytes, in
-/// a new file at `path` on the agent's host (mode 0600). For tests and debugging: the
-/// agent takes it without QEMU opening any path.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SaveMemoryRequest {
-    pub path: std::path::PathBuf,
-    pub size: u64,
-}
-
 async fn save_memory(
     State(a): S,
     Path(name): Path<String>,
-    Json(req): Json<SaveMemoryRequest>,
+    Body(req): Body<SaveMemoryRequest>,
 ) -> Result<StatusCode, ApiError> {
     if !req.path.is_absolute() {
         return Err(ApiError::new(
@@ -300,12 +280,8 @@ async fn save_memory(
 async fn migrate(
     State(a): S,
     Path(name): Path<String>,
-    Json(req): Json<MigrateRequest>,
+    Body(req): Body<MigrateRequest>,
 ) -> Result<(StatusCode, Json<MigrateStarted>), ApiError> {
-    if let Some(c) = &req.compression {
-        c.parse::<crate::migrate::codec::CodecPolicy>()
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e))?;
-    }
     let vm = find_vm(&a, &name)?;
     if vm.exit_reason().is_some() {
         return Err(ApiError::new(
@@ -467,7 +443,7 @@ async fn list_images(State(a): S) -> Result<Json<Vec<ImageInfo>>, ApiError> {
 
 async fn import_image(
     State(a): S,
-    Json(req): Json<ImportImageRequest>,
+    Body(req): Body<ImportImageRequest>,
 ) -> Result<Json<ImportReport>, ApiError> {
     absolute_image_path(&req.path)?;
     let r = crate::images::import(&a.chunks, req.path, req.format)
@@ -485,7 +461,7 @@ async fn refresh_images(State(a): S) -> Result<Json<RefreshSummary>, ApiError> {
 
 async fn remove_image(
     State(a): S,
-    Json(req): Json<RemoveImageRequest>,
+    Body(req): Body<RemoveImageRequest>,
 ) -> Result<StatusCode, ApiError> {
     absolute_image_path(&req.path)?;
     crate::images::remove(&a.chunks, req.path)

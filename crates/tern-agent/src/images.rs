@@ -23,42 +23,7 @@ fn lock(index: &SharedIndex) -> std::sync::MutexGuard<'_, ChunkIndex> {
     index.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// One indexed image, as the API shows it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ImageInfo {
-    pub path: PathBuf,
-    pub format: String,
-    pub virtual_size: u64,
-    pub data_blocks: u64,
-    pub zero_blocks: u64,
-    pub backing_files: Vec<PathBuf>,
-    /// Changed since indexed (or found stale): re-read by the next `tern image index`.
-    pub needs_reindex: bool,
-}
-
-/// What indexing one image did.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ImportReport {
-    pub path: PathBuf,
-    pub format: String,
-    pub virtual_size: u64,
-    pub data_blocks: u64,
-    pub zero_blocks: u64,
-    /// Distinct chunks the index did not hold before.
-    pub new_chunks: u64,
-    pub bytes_read: u64,
-    pub elapsed_ms: u64,
-}
-
-/// What `tern image index` did.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct RefreshSummary {
-    pub unchanged: Vec<PathBuf>,
-    pub reindexed: Vec<ImportReport>,
-    pub dropped: Vec<PathBuf>,
-    /// (image, why) for images that could not be read again.
-    pub failed: Vec<(PathBuf, String)>,
-}
+pub use tern_api::image::{ImageInfo, ImportReport, RefreshSummary};
 
 /// Why an image could not be imported.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,6 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod client;
 pub mod conn;
 pub mod images;
 pub mod migrate;

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde::Serialize;
 use tern_qemu::launch::{LaunchError, QemuProcess};
 use tern_qemu::qmp::QmpClient;
 use tern_qemu::spec::VmSpec;
@@ -36,23 +35,7 @@ pub struct Vm {
     stop_tx: mpsc::Sender<StopMode>,
 }
 
-/// What `tern vm list` shows for a VM.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct VmInfo {
-    pub name: String,
-    pub state: String,
-    pub memory_mib: u32,
-    pub vcpus: u32,
-    pub accel: String,
-    pub pid: Option<u32>,
-    pub qemu_version: String,
-    pub run_dir: PathBuf,
-    pub console_log: PathBuf,
-    pub qmp_socket: PathBuf,
-    /// Its local disks as this host has them (after a migration: the images tern made).
-    #[serde(default)]
-    pub disks: Vec<tern_qemu::spec::DiskSpec>,
-}
+pub use tern_api::vm::VmInfo;
 
 impl Vm {
     /// Takes ownership of a launched QEMU and supervises it until it exits or is stopped.
@@ -176,7 +159,15 @@ impl Vm {
             run_dir: self.run_dir.clone(),
             console_log: self.console_log.clone(),
             qmp_socket: self.run_dir.join("qmp.sock"),
-            disks: self.spec.disks.clone(),
+            disks: self
+                .spec
+                .disks
+                .iter()
+                .map(|d| tern_api::vm::VmDisk {
+                    path: d.path.clone(),
+                    format: d.format.as_str().into(),
+                })
+                .collect(),
         }
     }
 }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use tern_agent::client::{Client, Endpoint};
-use tern_agent::migrate::MigrationStatus;
+use tern_api::client::{Client, Endpoint};
+use tern_api::MigrationStatus;
 
 /// Serialises end-to-end tests: at most two guests run at once on a 2-core machine.
 pub fn e2e_lock() -> MutexGuard<'static, ()> {

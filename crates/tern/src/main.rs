@@ -10,10 +10,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use tern_agent::migrate::{MigrationReport, MigrationStatus};
+use tern_api::{Compression, MigrateRequest, MigrationReport, MigrationStatus};
 
-use tern_agent::client::{Client, Endpoint};
-use tern_agent::images::{ImageInfo, ImportReport, RefreshSummary};
+use tern_api::client::{Client, Endpoint};
+use tern_api::image::{ImageInfo, ImportReport, RefreshSummary};
 
 const DEFAULT_API: &str = "unix:/run/tern/agent.sock";
 
@@ -212,7 +212,7 @@ struct MigrateArgs {
     max_bandwidth_mibps: Option<u64>,
     /// Frame compression: auto (picked from link speed and CPU), none, lz4, zstd-1..19.
     #[arg(long, default_value = "auto")]
-    compression: String,
+    compression: Compression,
     /// Send every page's bytes: no references to content the destination holds, no deltas.
     #[arg(long)]
     no_dedup: bool,
@@ -570,22 +570,15 @@ fn migrate(c: Client, m: MigrateArgs) -> Result<()> {
         return Ok(());
     }
     let to = m.to.expect("clap requires --to");
-    let started = c.call(
-        "POST",
-        &format!("/v1/vms/{}/migrate", m.name),
-        Some(&json!({
-            "to": to,
-            "downtime_ms": m.downtime_ms,
-            "max_bandwidth_mibps": m.max_bandwidth_mibps,
-            "compression": m.compression,
-            "dedup": !m.no_dedup,
-            "streams": m.streams,
-        })),
-    )?;
-    let id = started["id"]
-        .as_str()
-        .context("agent did not return a migration id")?
-        .to_string();
+    let req = MigrateRequest {
+        to,
+        downtime_ms: m.downtime_ms,
+        max_bandwidth_mibps: m.max_bandwidth_mibps,
+        compression: Some(m.compression),
+        dedup: Some(!m.no_dedup),
+        streams: m.streams,
+    };
+    let id = c.migrate(&m.name, &req)?.id;
 
     // Ctrl-C cancels the migration (the source keeps running) instead of killing the CLI.
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -613,8 +606,7 @@ fn migrate(c: Client, m: MigrateArgs) -> Result<()> {
             eprintln!("\ninterrupted: cancelling migration {id} (the source VM keeps running)");
             let _ = c.call("POST", &format!("/v1/migrations/{id}/cancel"), None);
         }
-        let s: MigrationStatus =
-            serde_json::from_value(c.call("GET", &format!("/v1/migrations/{id}"), None)?)?;
+        let s = c.migration(&id)?;
         if s.finished {
             break s;
         }

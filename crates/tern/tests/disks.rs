@@ -53,7 +53,7 @@ fn migrate(
     b: &TestAgent,
     vm: &str,
     extra: serde_json::Value,
-) -> Result<tern_agent::migrate::MigrationStatus> {
+) -> Result<tern_api::MigrationStatus> {
     let id = a.start_migration(vm, &b.peer_addr.to_string(), extra)?;
     a.wait_migration(&id, Duration::from_secs(240))
 }
@@ -62,7 +62,7 @@ fn migrate_ok(
     a: &TestAgent,
     b: &TestAgent,
     vm: &str,
-) -> Result<tern_agent::migrate::MigrationReport> {
+) -> Result<tern_api::MigrationReport> {
     let st = migrate(a, b, vm, json!({}))?;
     match st.report {
         Some(r) => Ok(r),
@@ -430,7 +430,7 @@ fn an_interrupted_disk_copy_leaves_the_source_running_and_nothing_behind_and_a_r
             .migrations()?
             .iter()
             .find_map(|m| m.dest_qemu_pid)
-            .filter(|_| a.migration(&id).is_ok_and(|m| m.phase == "disk copy"));
+            .filter(|_| a.migration(&id).is_ok_and(|m| m.phase == tern_api::Phase::DiskCopy));
         let image = b
             .run_dirs()
             .into_iter()
@@ -452,7 +452,7 @@ fn an_interrupted_disk_copy_leaves_the_source_running_and_nothing_behind_and_a_r
     let m = a.migration(&id)?;
     let per_sec = m.progress.bytes_on_wire - w1;
     ensure!(
-        m.phase == "disk copy" && per_sec < 4 * MIB + MIB / 2 && per_sec > 2 * MIB,
+        m.phase == tern_api::Phase::DiskCopy && per_sec < 4 * MIB + MIB / 2 && per_sec > 2 * MIB,
         "phase {}, {per_sec} bytes in a second at a 4 MiB/s cap",
         m.phase
     );

@@ -86,7 +86,7 @@ fn wait_dest_transfer(b: &TestAgent) -> Result<u32> {
         let m = b.migrations()?;
         if let Some(p) = m
             .iter()
-            .find(|m| m.phase == "transfer")
+            .find(|m| m.phase == tern_api::Phase::Transfer)
             .and_then(|m| m.dest_qemu_pid)
         {
             return Ok(p);
@@ -110,7 +110,7 @@ fn migrate_ok(
     a: &TestAgent,
     b: &TestAgent,
     vm: &str,
-) -> Result<tern_agent::migrate::MigrationReport> {
+) -> Result<tern_api::MigrationReport> {
     migrate_ok_with(a, b, vm, json!({}))
 }
 
@@ -119,7 +119,7 @@ fn migrate_ok_with(
     b: &TestAgent,
     vm: &str,
     request: serde_json::Value,
-) -> Result<tern_agent::migrate::MigrationReport> {
+) -> Result<tern_api::MigrationReport> {
     let id = a.start_migration(vm, &b.peer_addr.to_string(), request)?;
     let st = a.wait_migration(&id, Duration::from_secs(180))?;
     match st.report {
@@ -311,7 +311,7 @@ fn boot_dirtier(a: &TestAgent, g: &GuestImage, name: &str, extra: &str) -> Resul
     Ok(())
 }
 
-fn expect_failure(a: &TestAgent, id: &str, code: &str) -> Result<tern_agent::migrate::FailureInfo> {
+fn expect_failure(a: &TestAgent, id: &str, code: &str) -> Result<tern_api::FailureInfo> {
     let st = a.wait_migration(id, Duration::from_secs(120))?;
     let Some(e) = st.error else {
         bail!("migration {id} succeeded, expected {code}")
@@ -403,7 +403,7 @@ fn cancel_leaves_source_running_and_destination_clean() -> Result<()> {
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !b.migrations()?.iter().any(|m| m.phase == "transfer") {
+    while !b.migrations()?.iter().any(|m| m.phase == tern_api::Phase::Transfer) {
         assert!(
             Instant::now() < deadline,
             "the migration never reached transfer"
@@ -1051,7 +1051,7 @@ fn a_link_that_dies_while_the_destination_prepares_is_noticed_quickly() -> Resul
     let id = a.start_migration("w2", "198.18.0.2:7700", json!({}))?;
     // the destination is starting its QEMU: nothing flows, the source waits for Prepared
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !b.migrations()?.iter().any(|m| m.phase == "prepare") {
+    while !b.migrations()?.iter().any(|m| m.phase == tern_api::Phase::Prepare) {
         assert!(Instant::now() < deadline, "the destination never prepared");
         std::thread::sleep(Duration::from_millis(5));
     }

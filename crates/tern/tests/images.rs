@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use tern_agent::client::ClientError;
+use tern_api::client::ClientError;
 use tern_agent::images::{ImageInfo, ImportReport, RefreshSummary};
 use tern_testkit::agents::TestAgent;
 

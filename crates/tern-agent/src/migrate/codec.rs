@@ -20,22 +20,15 @@ pub enum CodecPolicy {
     Fixed(Codec),
 }
 
-impl std::str::FromStr for CodecPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "auto" => CodecPolicy::Auto,
-            "none" => CodecPolicy::Fixed(Codec::None),
-            "lz4" => CodecPolicy::Fixed(Codec::Lz4),
-            _ => match s.strip_prefix("zstd-").and_then(|l| l.parse::<i32>().ok()) {
-                Some(l) if (1..=19).contains(&l) => CodecPolicy::Fixed(Codec::Zstd(l)),
-                _ => {
-                    return Err(format!(
-                        "compression {s:?}: use auto, none, lz4 or zstd-1 .. zstd-19"
-                    ))
-                }
-            },
-        })
+impl From<tern_api::Compression> for CodecPolicy {
+    fn from(c: tern_api::Compression) -> Self {
+        use tern_api::Compression as C;
+        match c {
+            C::Auto => CodecPolicy::Auto,
+            C::None => CodecPolicy::Fixed(Codec::None),
+            C::Lz4 => CodecPolicy::Fixed(Codec::Lz4),
+            C::Zstd(l) => CodecPolicy::Fixed(Codec::Zstd(l)),
+        }
     }
 }
 
@@ -274,17 +267,15 @@ mod tests {
     }
 
     #[test]
-    fn fixed_policies_never_change_and_names_parse() {
-        let mut p = CodecPicker::new("zstd-3".parse().unwrap());
+    fn fixed_policies_never_change() {
+        let mut p = CodecPicker::new(CodecPolicy::from(tern_api::Compression::Zstd(3)));
         p.sample(&text(256 << 10));
         p.flushed(6 << 20, Duration::from_secs(1));
         assert_eq!(p.codec(), Codec::Zstd(3));
         assert!(!p.wants_sample());
-        assert!("zstd-0".parse::<CodecPolicy>().is_err());
-        assert!("gzip".parse::<CodecPolicy>().is_err());
         assert_eq!(
-            "lz4".parse::<CodecPolicy>(),
-            Ok(CodecPolicy::Fixed(Codec::Lz4))
+            CodecPolicy::from(tern_api::Compression::Lz4),
+            CodecPolicy::Fixed(Codec::Lz4)
         );
     }
 }

@@ -475,7 +475,7 @@ async fn receive(
         ));
     }
     inc.name = Some(spec.name.clone());
-    handle.set_phase("prepare");
+    handle.set_phase(super::Phase::Prepare);
 
     let run_dir = agent.new_run_dir(&spec.name);
     inc.run_dir = Some(run_dir.clone());
@@ -595,7 +595,7 @@ async fn receive(
     send(writer, &Message::Prepared { qemu_version }).await?;
 
     // --- transfer: frames -> QEMU stream; QEMU's return path -> frames
-    handle.set_phase("transfer");
+    handle.set_phase(super::Phase::Transfer);
     let rp_task = tokio::spawn(return_path(qemu_rd, writer.clone()));
     let mut rp_task = AbortOnDrop(Some(rp_task));
     let mut rb = Rebuild {
@@ -877,7 +877,7 @@ async fn receive(
     let _keepalive = (version >= 2).then(|| keepalive(writer.clone(), rb.applied));
 
     // --- verify: digests, and QEMU loaded everything
-    handle.set_phase("verify");
+    handle.set_phase(super::Phase::Verify);
     let ours = digest.as_ref().map(|d| d.finish()).unwrap_or([0; 32]);
     drop(pages); // this migration's pages stay in the store, unpinned
     if ours != source_digest {
@@ -935,7 +935,7 @@ async fn receive(
         }
     }
     // ===== SWITCHOVER POINT: this host owns the VM from here on. =====
-    handle.set_phase("switchover");
+    handle.set_phase(super::Phase::Switchover);
     // Durable before the guest runs: a restarted agent must find that this VM is ours
     // (and answer the source's Query with "running"), never kill it as an incoming VM
     // that did not switch over. No record, no run: the source resumes its copy.
@@ -1031,7 +1031,7 @@ async fn receive(
         bytes_on_wire: Counters::get(&c.wire_in)
             + Counters::get(&c.wire_data)
             + writer.lock().await.bytes_written,
-        pages: super::PageCounts::from_counters(c),
+        pages: super::page_counts(c),
         digest_ok: true,
         digest: hex::encode(ours),
         source_was_running: source_running,

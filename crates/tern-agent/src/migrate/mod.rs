@@ -19,7 +19,10 @@ use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
-use serde::{Deserialize, Serialize};
+pub use tern_api::{
+    Direction, DiskReport, EncodingReport, FailureInfo, MigrationReport, MigrationStatus,
+    PageCounts, Phase, Progress, SwitchoverTimes, Timeline,
+};
 use tern_proto::ErrorCode;
 use tokio::sync::watch;
 
@@ -78,14 +81,6 @@ impl std::str::FromStr for Fault {
     }
 }
 
-/// Which way a migration goes, seen from this agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    Outgoing,
-    Incoming,
-}
-
 /// Live counters, updated by the data path without locks.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -113,196 +108,19 @@ impl Counters {
     }
 }
 
-/// Pages by how they crossed the wire.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PageCounts {
-    pub zero: u64,
-    pub raw: u64,
-    /// Sent as a reference to content the destination held.
-    #[serde(default)]
-    pub refs: u64,
-    /// Sent as the changes against the destination's previous version.
-    #[serde(default)]
-    pub deltas: u64,
-    pub total: u64,
-}
-
-impl PageCounts {
-    pub fn from_counters(c: &Counters) -> Self {
-        let zero = Counters::get(&c.pages_zero);
-        let raw = Counters::get(&c.pages_raw);
-        let refs = Counters::get(&c.pages_ref);
-        let deltas = Counters::get(&c.pages_delta);
-        PageCounts {
-            zero,
-            raw,
-            refs,
-            deltas,
-            total: zero + raw + refs + deltas,
-        }
+/// Pages by how they crossed the wire, from the live counters.
+pub fn page_counts(c: &Counters) -> PageCounts {
+    let zero = Counters::get(&c.pages_zero);
+    let raw = Counters::get(&c.pages_raw);
+    let refs = Counters::get(&c.pages_ref);
+    let deltas = Counters::get(&c.pages_delta);
+    PageCounts {
+        zero,
+        raw,
+        refs,
+        deltas,
+        total: zero + raw + refs + deltas,
     }
-}
-
-/// Progress as the API reports it while a migration runs.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Progress {
-    pub elapsed_ms: u64,
-    pub bytes_from_qemu: u64,
-    pub bytes_on_wire: u64,
-    pub pages: PageCounts,
-    pub qemu_status: String,
-    pub ram_remaining: Option<u64>,
-    pub ram_total: Option<u64>,
-    pub dirty_pages_rate: Option<u64>,
-    pub dirty_sync_count: Option<u64>,
-    /// Pages the destination's store held at the start (its summary).
-    #[serde(default)]
-    pub destination_held_pages: u64,
-    /// The compression in use now.
-    #[serde(default)]
-    pub codec: String,
-    /// The disks so far (source side; None: the VM has none, or they have not started).
-    #[serde(default)]
-    pub disk: Option<DiskReport>,
-}
-
-/// The final report of a migration (`tern migrate --json` prints it).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct MigrationReport {
-    pub migration_id: String,
-    pub vm: String,
-    pub source: String,
-    pub destination: String,
-    pub outcome: String,
-    pub total_time_ms: u64,
-    /// End to end: source QEMU's STOP event to destination QEMU's RESUME event (wall
-    /// clocks of the two hosts); for a VM that was paused before, 0.
-    pub downtime_ms: u64,
-    /// What the source QEMU itself reports as downtime.
-    pub qemu_downtime_ms: Option<u64>,
-    /// The source QEMU's own migration time (from `migrate` to completed): the transfer,
-    /// without tern's connect/prepare steps.
-    pub qemu_total_time_ms: Option<u64>,
-    pub ram_bytes: u64,
-    pub bytes_from_qemu: u64,
-    pub bytes_on_wire: u64,
-    pub pages: PageCounts,
-    pub throughput_mbps: f64,
-    pub digest_ok: bool,
-    pub digest: String,
-    pub qemu_version: String,
-    pub destination_qemu_version: String,
-    pub source_was_running: bool,
-    pub protocol_version: u16,
-    /// Where the downtime went (source side clocks; RESUME from the destination's).
-    pub switchover: Option<SwitchoverTimes>,
-    /// The destination QEMU's RESUME event (wall clock, µs); 0 if the VM was paused.
-    pub resumed_unix_us: u64,
-    /// Set when Resumed was lost and the outcome was learned by asking the destination.
-    pub resolved_by_query: bool,
-    /// How the WAN data path encoded the stream (source side).
-    #[serde(default)]
-    pub encoding: EncodingReport,
-    /// What the VM's local disks cost (None: the VM has none).
-    #[serde(default)]
-    pub disk: Option<DiskReport>,
-}
-
-/// How the VM's local disks moved (source side). Memory's share of the wire is
-/// `bytes_on_wire - disk.wire_bytes`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct DiskReport {
-    pub disks: u32,
-    /// Guest-visible size of all disks.
-    pub virtual_bytes: u64,
-    /// Round 0: how far the source has read through the disks (progress).
-    #[serde(default)]
-    pub scanned_bytes: u64,
-    /// Round 0: bytes of blocks that do not read as zero (what a full copy sends).
-    pub data_bytes: u64,
-    /// Round 0: bytes the destination filled from images it held (its chunk index), or
-    /// by repeating a block it was sent.
-    pub local_bytes: u64,
-    /// Block bytes sent, all rounds (before compression).
-    pub sent_bytes: u64,
-    /// Disk frames on the wire (manifests, wants, blocks; compressed, headers included).
-    pub wire_bytes: u64,
-    /// Rounds per disk (round 0 = the full copy; the last ran with the VM paused).
-    pub rounds: u32,
-    /// Time to the end of round 0 and the live rounds before memory started, ms.
-    pub copy_ms: u64,
-    /// The last round (guest paused, before QEMU's switchover): bytes and time.
-    pub last_round_bytes: u64,
-    pub last_round_ms: f64,
-    /// From QEMU's pause before the switchover to `migrate-continue`: the part of the
-    /// downtime the disks add (the end of a live round in progress, then the last round).
-    #[serde(default)]
-    pub pause_ms: f64,
-    /// Of which: waiting for a live round in progress to end.
-    #[serde(default)]
-    pub live_round_wait_ms: f64,
-}
-
-/// What the source's encoder did.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct EncodingReport {
-    /// References and deltas were on (v2 peer, same cluster key, not turned off).
-    pub dedup: bool,
-    /// Pages the destination's store held at the start.
-    pub destination_held_pages: u64,
-    /// Bytes of all delta bodies.
-    pub delta_bytes: u64,
-    /// Frame payload bytes before compression, and after (headers included).
-    pub frames_raw_bytes: u64,
-    pub frames_wire_bytes: u64,
-    /// Compression in use at the end, and how often it changed.
-    pub codec: String,
-    pub codec_switches: u32,
-    /// Contents the destination asked for (references it could not resolve).
-    pub wants: u64,
-    /// Extra TCP connections that carried the data (0: the control connection did).
-    #[serde(default)]
-    pub data_streams: u16,
-}
-
-/// The steps of the switchover, in ms, as the source saw them.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct SwitchoverTimes {
-    /// Source QEMU stopped the VM -> its stream ended (device state sent, SHUT came back).
-    pub stop_to_stream_end_ms: Option<f64>,
-    /// Stream end -> the destination confirmed digest and load (ReadyToResume).
-    pub stream_end_to_ready_ms: Option<f64>,
-    /// ReadyToResume -> Commit sent.
-    pub ready_to_commit_ms: Option<f64>,
-    /// Commit sent -> the destination QEMU's RESUME event.
-    pub commit_to_resume_ms: Option<f64>,
-}
-
-/// A failure as the API reports it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FailureInfo {
-    pub code: String,
-    pub message: String,
-    pub retryable: bool,
-    /// Where the VM is now, in words an operator can act on.
-    pub vm_state: String,
-}
-
-/// What `GET /v1/migrations/{id}` returns.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MigrationStatus {
-    pub id: String,
-    pub vm: String,
-    pub direction: Direction,
-    pub peer: String,
-    /// connect, prepare, transfer, verify, switchover, done, failed
-    pub phase: String,
-    pub finished: bool,
-    pub progress: Progress,
-    pub report: Option<MigrationReport>,
-    pub error: Option<FailureInfo>,
-    /// The QEMU this migration started on the destination (incoming side only).
-    pub dest_qemu_pid: Option<u32>,
 }
 
 /// The shared handle of one migration: the engine writes, the API reads.
@@ -327,12 +145,13 @@ impl MigrationHandle {
             vm: vm.clone(),
             direction,
             peer: peer.clone(),
-            phase: "connect".into(),
+            phase: Phase::Connect,
             finished: false,
             progress: Progress::default(),
             report: None,
             error: None,
             dest_qemu_pid: None,
+            timeline: Timeline::default(),
         };
         MigrationHandle {
             id,
@@ -368,7 +187,7 @@ impl MigrationHandle {
             s.progress.bytes_on_wire = Counters::get(&c.wire_out)
                 + Counters::get(&c.wire_in)
                 + Counters::get(&c.wire_data);
-            s.progress.pages = PageCounts::from_counters(c);
+            s.progress.pages = page_counts(c);
         }
         s
     }
@@ -377,18 +196,26 @@ impl MigrationHandle {
         f(&mut self.status.lock())
     }
 
-    pub fn set_phase(&self, phase: &str) {
-        tracing::info!(migration = %self.id, vm = %self.vm, phase, "migration phase");
-        self.update(|s| s.phase = phase.into());
+    /// The migration enters `phase` (its timeline records when).
+    pub fn set_phase(&self, phase: Phase) {
+        tracing::info!(migration = %self.id, vm = %self.vm, phase = phase.as_str(), "migration phase");
+        let at = self.started.elapsed();
+        self.update(|s| {
+            s.phase = phase;
+            s.timeline.enter(phase, at);
+        });
     }
 
     pub fn is_finished(&self) -> bool {
         self.status.lock().finished
     }
 
-    pub fn finish_ok(&self, report: MigrationReport) {
+    pub fn finish_ok(&self, mut report: MigrationReport) {
+        let at = self.started.elapsed();
         self.update(|s| {
-            s.phase = "done".into();
+            s.phase = Phase::Done;
+            s.timeline.enter(Phase::Done, at);
+            report.timeline = s.timeline.clone();
             s.finished = true;
             s.progress.elapsed_ms = report.total_time_ms;
             s.progress.bytes_from_qemu = report.bytes_from_qemu;
@@ -400,8 +227,10 @@ impl MigrationHandle {
 
     pub fn finish_err(&self, code: ErrorCode, message: String, vm_state: String) {
         tracing::warn!(migration = %self.id, vm = %self.vm, code = code.name(), %message, %vm_state, "migration failed");
+        let at = self.started.elapsed();
         self.update(|s| {
-            s.phase = "failed".into();
+            s.phase = Phase::Failed;
+            s.timeline.enter(Phase::Failed, at);
             s.finished = true;
             s.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
             s.error = Some(FailureInfo {

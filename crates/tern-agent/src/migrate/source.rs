@@ -39,27 +39,7 @@ use crate::conn::{ExpectError, FrameReader, FrameWriter, RecvError};
 use crate::vm::{StopMode, Vm};
 use crate::Agent;
 
-/// What the operator asked for.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct MigrateRequest {
-    /// Destination agent, HOST:PORT.
-    pub to: String,
-    /// QEMU's downtime limit (default 300 ms, QEMU's own).
-    pub downtime_ms: Option<u64>,
-    /// Cap on what the migration sends, MiB/s (default: none): bytes on the wire of memory
-    /// and disks together, and QEMU's own stream rate.
-    pub max_bandwidth_mibps: Option<u64>,
-    /// Frame compression: auto (default), none, lz4, zstd-N.
-    #[serde(default)]
-    pub compression: Option<String>,
-    /// References and deltas (default on); off sends every page's bytes.
-    #[serde(default)]
-    pub dedup: Option<bool>,
-    /// Extra TCP connections for data (parallel streams); default: 4 when the round trip
-    /// is 10 ms or more, else none (the control connection carries the data).
-    #[serde(default)]
-    pub streams: Option<u16>,
-}
+pub use tern_api::MigrateRequest;
 
 /// Why an outgoing migration failed.
 #[derive(Debug, thiserror::Error)]
@@ -444,7 +424,7 @@ impl SourceCtx {
         self.source_running = qmp.query_status().await?.running;
 
         // --- connect
-        self.handle.set_phase("connect");
+        self.handle.set_phase(super::Phase::Connect);
         let (stream, peer) = self.dial(Duration::from_secs(10)).await?;
         let (rd, wr) = stream.split();
         let mut reader = FrameReader::new(rd);
@@ -478,7 +458,7 @@ impl SourceCtx {
             .check(&VmFacts::of(&self.vm.spec), &host, &peer.labels)?;
 
         // --- prepare
-        self.handle.set_phase("prepare");
+        self.handle.set_phase(super::Phase::Prepare);
         if let Some(infos) = &disk_plan {
             if version < 3 {
                 return Err(MigrateError::BadRequest(format!(
@@ -517,13 +497,7 @@ impl SourceCtx {
             },
         )
         .await?;
-        let policy: CodecPolicy = self
-            .req
-            .compression
-            .as_deref()
-            .unwrap_or("auto")
-            .parse()
-            .map_err(MigrateError::BadRequest)?;
+        let policy = CodecPolicy::from(self.req.compression.unwrap_or_default());
         let mut summary: HashSet<u64> = HashSet::new();
         let mut dest_key = None;
         // one budget for the whole exchange: a destination that keeps sending Summary
@@ -630,7 +604,7 @@ impl SourceCtx {
         // --- disks: the full copy and rounds until little is dirty, before memory moves
         let mut disks = None;
         if let Some(infos) = disk_plan {
-            self.handle.set_phase("disk copy");
+            self.handle.set_phase(super::Phase::DiskCopy);
             let codec = match policy {
                 CodecPolicy::Fixed(c) => c,
                 CodecPolicy::Auto if rtt >= Duration::from_millis(10) => Codec::Zstd(3),
@@ -661,7 +635,7 @@ impl SourceCtx {
         }
 
         // --- transfer
-        self.handle.set_phase("transfer");
+        self.handle.set_phase(super::Phase::Transfer);
         qmp.set_migrate_capabilities(&[("return-path", true), ("events", true)])
             .await?;
         let mut params = json!({ "downtime-limit": self.req.downtime_ms.unwrap_or(300) });
@@ -733,7 +707,7 @@ impl SourceCtx {
                     if commit_sent.load(Ordering::SeqCst) {
                         break Ok(TransferEnd::Committed { resumed: None });
                     }
-                    self.handle.set_phase("verify");
+                    self.handle.set_phase(super::Phase::Verify);
                 }
                 ev = ev_rx.recv() => match ev {
                     Some(PeerEvent::Msg(Message::ReadyToResume { digest })) => {
@@ -861,7 +835,7 @@ impl SourceCtx {
                     return Err(MigrateError::Cancelled);
                 }
                 // ===== SWITCHOVER POINT (v1): after Commit the source never resumes. =====
-                self.handle.set_phase("switchover");
+                self.handle.set_phase(super::Phase::Switchover);
                 self.committed = true;
                 let t_commit = SystemTime::now();
                 // a failed send may still have reached it: ask, never guess
@@ -876,7 +850,7 @@ impl SourceCtx {
             }
             Ok(TransferEnd::Committed { resumed }) => {
                 // ===== SWITCHOVER POINT (v2): SourceDone carried the commit. =====
-                self.handle.set_phase("switchover");
+                self.handle.set_phase(super::Phase::Switchover);
                 self.committed = true;
                 let resumed = match resumed {
                     Some(us) => Ok(us),
@@ -890,7 +864,7 @@ impl SourceCtx {
             Err(e @ MigrateError::Remote { .. }) => return Err(e),
             Err(e) if commit_sent.load(Ordering::SeqCst) => {
                 // The commit went out: never resume without the destination's word.
-                self.handle.set_phase("switchover");
+                self.handle.set_phase(super::Phase::Switchover);
                 self.committed = true;
                 let src = source_digest.unwrap_or_default();
                 (
@@ -928,7 +902,7 @@ impl SourceCtx {
             },
         };
         let info = qmp.query_migrate().await?;
-        let pages = PageCounts::from_counters(&self.handle.counters).total;
+        let pages = super::page_counts(&self.handle.counters).total;
         let total = self.t0.elapsed();
         let ms = |a: Option<SystemTime>, b: SystemTime| -> Option<f64> {
             Some(b.duration_since(a?).ok()?.as_secs_f64() * 1000.0)
@@ -968,7 +942,7 @@ impl SourceCtx {
             bytes_on_wire: wire,
             pages: PageCounts {
                 total: pages,
-                ..PageCounts::from_counters(c)
+                ..super::page_counts(c)
             },
             throughput_mbps: bytes_from_qemu as f64 * 8.0 / 1e6 / secs,
             digest_ok: true,
@@ -982,6 +956,7 @@ impl SourceCtx {
             resolved_by_query,
             encoding: fwd_stats.map(|f| f.encoding).unwrap_or_default(),
             disk: disk_report,
+            timeline: self.handle.status().timeline,
         })
     }
 
@@ -1643,6 +1618,8 @@ async fn forward(
             codec_switches: comp.picker.switches,
             wants: Counters::get(&c.wants),
             data_streams: links.senders.len() as u16,
+            data_path: if pages.dedup() { "dedup" } else { "lean" }.into(),
+            data_path_switches: 0,
         },
     })
 }

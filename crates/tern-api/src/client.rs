@@ -11,7 +11,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
-use crate::images::{ImageInfo, ImportReport, RefreshSummary};
+use crate::image::{ImageInfo, ImportReport, RefreshSummary};
+use crate::migration::{MigrateRequest, MigrateStarted, MigrationStatus};
+use crate::vm::VmInfo;
 
 /// How long a call waits for the agent's answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -140,6 +142,35 @@ fn utf8(p: &Path) -> Result<&str> {
 
 fn typed<T: DeserializeOwned>(what: &str, v: Value) -> Result<T> {
     serde_json::from_value(v).map_err(|e| ClientError::Shape(what.into(), e))
+}
+
+/// VMs and migrations, typed.
+impl Client {
+    /// The VMs on the agent's host.
+    pub fn vms(&self) -> Result<Vec<VmInfo>> {
+        typed("GET /v1/vms", self.call("GET", "/v1/vms", None)?)
+    }
+
+    /// Starts a migration; its id.
+    pub fn migrate(&self, vm: &str, req: &MigrateRequest) -> Result<MigrateStarted> {
+        let path = format!("/v1/vms/{vm}/migrate");
+        let body = serde_json::to_value(req).map_err(|e| ClientError::Shape(path.clone(), e))?;
+        typed(&path.clone(), self.call("POST", &path, Some(&body))?)
+    }
+
+    /// One migration's status, progress and report.
+    pub fn migration(&self, id: &str) -> Result<MigrationStatus> {
+        let path = format!("/v1/migrations/{id}");
+        typed(&path.clone(), self.call("GET", &path, None)?)
+    }
+
+    /// Every migration this agent knows.
+    pub fn migrations(&self) -> Result<Vec<MigrationStatus>> {
+        typed(
+            "GET /v1/migrations",
+            self.call("GET", "/v1/migrations", None)?,
+        )
+    }
 }
 
 /// The host's image library (the chunk index an incoming disk is rebuilt from). These

@@ -1,0 +1,19 @@
+//! The agent's control API as types, in one place: what `tern agent` serves
+//! (`tern_agent::api` maps routes to them), what the `tern` CLI and the test kit send and
+//! read, and the blocking [`client`] they use. JSON on the wire is these types' serde
+//! form; docs/architecture.md lists the routes.
+//!
+//! Owns the shapes and their parsing (a compression name is parsed here, once); must not
+//! do any work of the agent's or depend on it.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod image;
+pub mod migration;
+pub mod vm;
+
+pub use migration::{
+    Compression, Direction, DiskReport, EncodingReport, FailureInfo, MigrateRequest,
+    MigrateStarted, MigrationReport, MigrationStatus, PageCounts, Phase, PhaseSpan, Progress,
+    SwitchoverTimes, Timeline,
+};
