@@ -28,13 +28,15 @@ use serde_json::{json, Value};
 use tern_qemu::spec::VmSpec;
 
 use crate::images::ImportError;
-use tern_api::image::{ImageInfo, ImportImageRequest, ImportReport, RefreshSummary, RemoveImageRequest};
-use tern_api::vm::{QmpRequest, SaveMemoryRequest, StartVmRequest, VmInfo};
-use tern_api::MigrateStarted;
-use crate::migrate::source::{self, MigrateRequest};
-use crate::migrate::{new_migration_id, Direction, MigrationHandle, MigrationStatus};
 use crate::vm::{StartVmError, StopVmError};
 use crate::{Agent, AgentError, ApiAddr};
+use tern_api::image::{
+    ImageInfo, ImportImageRequest, ImportReport, RefreshSummary, RemoveImageRequest,
+};
+use tern_api::vm::{QmpRequest, SaveMemoryRequest, StartVmRequest, VmInfo};
+use tern_api::MigrateStarted;
+use tern_api::{Direction, MigrateRequest, MigrationStatus};
+use tern_engine::{new_migration_id, MigrationHandle};
 
 /// An error as the API returns it: an HTTP status and `{"error": ..., "kind": ...}`.
 #[derive(Debug)]
@@ -68,7 +70,7 @@ impl IntoResponse for ApiError {
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
-    source::error_chain(e)
+    tern_engine::error_chain(e)
 }
 
 /// A JSON body; one that does not parse is a 400 with a JSON error, like every other
@@ -98,7 +100,9 @@ fn find_vm(a: &Agent, name: &str) -> Result<Arc<crate::vm::Vm>, ApiError> {
 }
 
 fn find_migration(a: &Agent, id: &str) -> Result<Arc<MigrationHandle>, ApiError> {
-    a.migration(id)
+    a.engine
+        .registry
+        .migration(id)
         .ok_or_else(|| ApiError::not_found(format!("no migration {id:?}")))
 }
 
@@ -160,8 +164,8 @@ async fn agent_info(State(a): S) -> Json<Value> {
         "state_dir": a.config.state_dir,
         "version": env!("CARGO_PKG_VERSION"),
         "protocol": tern_proto::PROTOCOL_VERSION,
-        "peer_security": if a.security.is_tls() { "mutual-tls" } else { "plaintext (test only)" },
-        "labels": a.security.own_labels(),
+        "peer_security": if a.engine.security.is_tls() { "mutual-tls" } else { "plaintext (test only)" },
+        "labels": a.engine.security.own_labels(),
     }))
 }
 
@@ -308,9 +312,14 @@ async fn migrate(
         Direction::Outgoing,
         req.to.clone(),
     ));
-    a.add_migration(handle.clone());
+    a.engine.registry.add_migration(handle.clone());
     tokio::spawn(async move {
-        let task = tokio::spawn(source::run(a.clone(), vm.clone(), req, handle.clone()));
+        let task = tokio::spawn(crate::outgoing::run(
+            a.clone(),
+            vm.clone(),
+            req,
+            handle.clone(),
+        ));
         if let Err(e) = task.await {
             // A bug, not an outcome: say so, and leave the VM as it is (the commit may
             // have gone out: resuming could run it twice).
@@ -330,15 +339,26 @@ async fn cancel_vm_migration(
     State(a): S,
     Path(name): Path<String>,
 ) -> Result<Json<MigrationStatus>, ApiError> {
-    let m = a.active_migration_of(&name).ok_or_else(|| {
-        ApiError::not_found(format!("VM {name:?} has no migration in progress here"))
-    })?;
+    let m = a
+        .engine
+        .registry
+        .active_migration_of(&name)
+        .ok_or_else(|| {
+            ApiError::not_found(format!("VM {name:?} has no migration in progress here"))
+        })?;
     m.cancel();
     Ok(Json(m.status()))
 }
 
 async fn list_migrations(State(a): S) -> Json<Vec<MigrationStatus>> {
-    Json(a.migrations().iter().map(|m| m.status()).collect())
+    Json(
+        a.engine
+            .registry
+            .migrations()
+            .iter()
+            .map(|m| m.status())
+            .collect(),
+    )
 }
 
 async fn show_migration(
@@ -435,7 +455,7 @@ fn image_error(e: ImportError) -> ApiError {
 
 async fn list_images(State(a): S) -> Result<Json<Vec<ImageInfo>>, ApiError> {
     // The index's lock is held through whole imports: wait for it off the runtime.
-    let list = tokio::task::spawn_blocking(move || crate::images::list(&a.chunks))
+    let list = tokio::task::spawn_blocking(move || crate::images::list(&a.engine.chunks))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?;
     Ok(Json(list))
@@ -446,14 +466,14 @@ async fn import_image(
     Body(req): Body<ImportImageRequest>,
 ) -> Result<Json<ImportReport>, ApiError> {
     absolute_image_path(&req.path)?;
-    let r = crate::images::import(&a.chunks, req.path, req.format)
+    let r = crate::images::import(&a.engine.chunks, req.path, req.format)
         .await
         .map_err(image_error)?;
     Ok(Json(r))
 }
 
 async fn refresh_images(State(a): S) -> Result<Json<RefreshSummary>, ApiError> {
-    let r = crate::images::refresh(&a.chunks)
+    let r = crate::images::refresh(&a.engine.chunks)
         .await
         .map_err(image_error)?;
     Ok(Json(r))
@@ -464,7 +484,7 @@ async fn remove_image(
     Body(req): Body<RemoveImageRequest>,
 ) -> Result<StatusCode, ApiError> {
     absolute_image_path(&req.path)?;
-    crate::images::remove(&a.chunks, req.path)
+    crate::images::remove(&a.engine.chunks, req.path)
         .await
         .map_err(image_error)?;
     Ok(StatusCode::NO_CONTENT)

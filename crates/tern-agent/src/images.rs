@@ -10,14 +10,13 @@
 //! Must not talk to peers or QEMU.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use tern_chunks::{AddImageError, ChunkIndex, ImageFormat, RemoveImageError};
 use tern_qemu::spec::{DiskFormat, VmSpec};
 
 /// The agent's chunk index, shared by imports and migrations (blocking API: use it from
 /// `spawn_blocking`).
-pub type SharedIndex = Arc<Mutex<ChunkIndex>>;
+pub use tern_engine::disk::SharedIndex;
 
 fn lock(index: &SharedIndex) -> std::sync::MutexGuard<'_, ChunkIndex> {
     index.lock().unwrap_or_else(|e| e.into_inner())
@@ -120,7 +119,7 @@ pub async fn refresh(index: &SharedIndex) -> Result<RefreshSummary, ImportError>
             ..RefreshSummary::default()
         };
         summary.unchanged.sort();
-        let chain = |e: &dyn std::error::Error| crate::migrate::source::error_chain(e);
+        let chain = |e: &dyn std::error::Error| tern_engine::error_chain(e);
         for (path, format, gone) in candidates {
             if gone {
                 match lock(&index).remove_image(&path) {
@@ -204,7 +203,7 @@ pub async fn index_kept(index: &SharedIndex, kept: Vec<(PathBuf, DiskFormat)>) {
                 tracing::info!(image = %path.display(), data_blocks = r.data_blocks, ms = r.elapsed_ms, "indexed the disk of a departed VM");
             }
             Err(e) => {
-                tracing::warn!(image = %path.display(), "cannot index the disk of a departed VM: {}", crate::migrate::source::error_chain(&e))
+                tracing::warn!(image = %path.display(), "cannot index the disk of a departed VM: {}", tern_engine::error_chain(&e))
             }
         }
     }

@@ -7,16 +7,15 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod conn;
 pub mod images;
-pub mod migrate;
+pub mod outgoing;
 pub mod pki;
 pub mod policy;
-pub mod tls;
 pub mod vm;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -26,7 +25,9 @@ use tern_qemu::launch::{LaunchOptions, QemuProcess};
 use tern_qemu::spec::VmSpec;
 use tokio::net::TcpListener;
 
-use migrate::MigrationHandle;
+use tern_engine::dest::{SwitchRecord, INCOMING_MARKER};
+use tern_engine::transport::tls;
+use tern_engine::{BoxFuture, Engine, EngineConfig, Host, HostLaunchError};
 use vm::{StartVmError, StopMode, StopVmError, Vm};
 
 /// Where the control API listens: a unix socket only root can use. There is no TCP API:
@@ -52,6 +53,9 @@ impl std::str::FromStr for ApiAddr {
     }
 }
 
+/// Peer connections an agent keeps open at once; more are closed at once.
+pub const MAX_PEER_CONNECTIONS: usize = 256;
+
 /// The user QEMU runs as unless configured otherwise (`scripts/setup.sh` creates it).
 pub const DEFAULT_QEMU_USER: &str = "tern-qemu";
 
@@ -64,8 +68,9 @@ pub struct AgentConfig {
     pub api: ApiAddr,
     /// TCP address for peer agents.
     pub peer_listen: SocketAddr,
-    /// Fault injection for tests (`TERN_FAULT`); see [`migrate::Fault`].
-    pub fault: Option<migrate::Fault>,
+    /// Fault injection for tests (`TERN_FAULT`; test builds only); see
+    /// [`tern_engine::Fault`].
+    pub fault: Option<tern_engine::Fault>,
     /// A migration whose peer connection makes no progress for this long fails (a link that
     /// died silently never resets a TCP connection by itself).
     pub stall_timeout: std::time::Duration,
@@ -127,57 +132,17 @@ impl AgentConfig {
 /// Shared state of a running agent.
 pub struct Agent {
     pub config: AgentConfig,
-    /// Pages of VMs that live or lived here, and pages received, by content hash.
-    pub store: migrate::pages::SharedStore,
-    pub hasher: tern_store::ContentHasher,
-    /// How peer connections are secured (mutual TLS unless the test-only plaintext mode).
-    pub security: tls::PeerSecurity,
+    /// The migration engine: page store, chunk index, peer security, migrations.
+    pub engine: Arc<Engine>,
     pub policy: policy::Policy,
-    /// The chunk index of this host's images (`STATE_DIR/chunks`): what an incoming disk
-    /// is rebuilt from ([`images`]).
-    pub chunks: images::SharedIndex,
     /// Disks of VMs that left, kept for a return trip (`STATE_DIR/images`).
     pub images_dir: PathBuf,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
     /// Names held by incoming migrations that have not switched over yet.
     reserved: Mutex<HashSet<String>>,
-    migrations: Mutex<HashMap<String, Arc<MigrationHandle>>>,
-    /// Incoming migrations that accept extra data connections (parallel streams), and the
-    /// certificate that may attach them.
-    streams: Mutex<HashMap<String, (String, StreamSlot)>>,
-    /// The boot directories (canonical) an incoming VM's kernel and initrd must be in.
-    pub boot_dirs: Vec<PathBuf>,
-    /// The machine types this host's QEMU knows (`-machine help`).
-    pub machine_types: Vec<String>,
-    /// This host's memory (MemTotal), MiB: no incoming VM may be larger.
-    pub host_memory_mib: u64,
+    /// Itself, for handing to the engine as its [`Host`].
+    me: std::sync::Weak<Agent>,
 }
-
-/// Where an incoming migration takes its extra data connections.
-pub type StreamSlot = tokio::sync::mpsc::UnboundedSender<(u16, conn::FrameReader<tls::PeerRead>)>;
-
-/// Why a peer's data connection was not taken.
-#[derive(Debug, PartialEq, Eq)]
-pub enum AttachRefused {
-    /// No incoming migration of that id takes data connections here.
-    Unknown,
-    /// The migration belongs to another peer's certificate.
-    OtherPeer,
-}
-
-/// Why an incoming migration was not registered.
-#[derive(Debug, PartialEq, Eq)]
-pub enum AddIncomingError {
-    /// Its id is known here already.
-    KnownId,
-    /// This many incoming migrations run already (the configured maximum).
-    Busy(usize),
-}
-
-/// Why a peer's Query about a migration is not answered.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("migration {0} was prepared by another peer's certificate")]
-pub struct QueryRefused(pub String);
 
 /// This host's memory in MiB (MemTotal of /proc/meminfo); 0 if unknown.
 fn host_memory_mib() -> u64 {
@@ -189,18 +154,6 @@ fn host_memory_mib() -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(0, |kib| kib >> 10)
-}
-
-/// Stops accepting data connections for a migration when dropped.
-pub struct StreamsGuard {
-    agent: Arc<Agent>,
-    id: String,
-}
-
-impl Drop for StreamsGuard {
-    fn drop(&mut self) {
-        self.agent.streams.lock().remove(&self.id);
-    }
 }
 
 /// Why the agent could not run.
@@ -230,18 +183,10 @@ pub enum AgentError {
     NoQemuUser(String),
 }
 
-/// Where a VM's vTPM migration key lives: its run directory (root only), random per VM.
-pub fn tpm_migration_key_path(run_dir: &std::path::Path) -> PathBuf {
-    run_dir.join("tpm-migration.key")
-}
-
 /// The vTPM migration key a VM's swtpm runs with: its own, or (a VM an older agent
 /// started) the cluster-wide one it was started with.
-pub fn tpm_migration_key_of(
-    state_dir: &std::path::Path,
-    run_dir: &std::path::Path,
-) -> std::io::Result<[u8; 32]> {
-    let own = tpm_migration_key_path(run_dir);
+pub fn tpm_migration_key_of(state_dir: &Path, run_dir: &Path) -> std::io::Result<[u8; 32]> {
+    let own = tern_engine::tpm_migration_key_path(run_dir);
     let path = if own.exists() {
         own
     } else {
@@ -250,15 +195,6 @@ pub fn tpm_migration_key_of(
     std::fs::read(path)?
         .try_into()
         .map_err(|_| std::io::Error::other("a vTPM migration key is 32 bytes"))
-}
-
-/// Writes an incoming VM's vTPM migration key into its run directory (0600), for its
-/// swtpm.
-pub fn write_tpm_migration_key(
-    run_dir: &std::path::Path,
-    key: &[u8; 32],
-) -> Result<(), pki::PkiError> {
-    pki::write_file(&tpm_migration_key_path(run_dir), key, 0o600)
 }
 
 /// Reads the cluster key, creating it (random) if the file does not exist yet.
@@ -376,21 +312,33 @@ impl Agent {
             tracing::warn!(qemu = %qemu.display(), "cannot list QEMU's machine types ({e}): incoming migrations will be refused");
             Vec::new()
         });
-        Ok(Arc::new(Agent {
-            boot_dirs,
-            machine_types,
-            host_memory_mib: host_memory_mib(),
-            chunks: Arc::new(std::sync::Mutex::new(chunks)),
-            images_dir,
-            config,
+        let engine = Engine {
+            config: EngineConfig {
+                name: config.name.clone(),
+                stall_timeout: config.stall_timeout,
+                max_protocol: config.max_protocol,
+                fault: config.fault,
+                boot_dirs,
+                machine_types,
+                host_memory_mib: host_memory_mib(),
+            },
             store: Arc::new(Mutex::new(store)),
             hasher,
+            chunks: Arc::new(std::sync::Mutex::new(chunks)),
             security,
+            registry: Arc::new(tern_engine::registry::Registry::new(
+                config.state_dir.join("run"),
+                config.max_incoming,
+            )),
+        };
+        Ok(Arc::new_cyclic(|me| Agent {
+            engine: Arc::new(engine),
+            images_dir,
+            config,
             policy,
             vms: Mutex::new(HashMap::new()),
             reserved: Mutex::new(HashSet::new()),
-            migrations: Mutex::new(HashMap::new()),
-            streams: Mutex::new(HashMap::new()),
+            me: me.clone(),
         }))
     }
 
@@ -414,40 +362,6 @@ impl Agent {
         let mut v: Vec<_> = self.vms.lock().values().cloned().collect();
         v.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         v
-    }
-
-    /// Lets data connections for incoming migration `id` reach it until the guard drops;
-    /// only from the certificate `peer` (the one that prepared it).
-    pub fn accept_streams(
-        self: &Arc<Self>,
-        id: &str,
-        peer: &str,
-        slot: StreamSlot,
-    ) -> StreamsGuard {
-        self.streams
-            .lock()
-            .insert(id.to_string(), (peer.to_string(), slot));
-        StreamsGuard {
-            agent: self.clone(),
-            id: id.to_string(),
-        }
-    }
-
-    /// Hands a data connection from certificate `peer` to its migration.
-    pub fn attach_stream(
-        &self,
-        id: &str,
-        peer: &str,
-        index: u16,
-        reader: conn::FrameReader<tls::PeerRead>,
-    ) -> Result<(), AttachRefused> {
-        match self.streams.lock().get(id) {
-            Some((owner, _)) if owner != peer => Err(AttachRefused::OtherPeer),
-            Some((_, slot)) => slot
-                .send((index, reader))
-                .map_err(|_| AttachRefused::Unknown),
-            None => Err(AttachRefused::Unknown),
-        }
     }
 
     /// Holds a name for an incoming VM; false if the name is taken.
@@ -539,7 +453,7 @@ impl Agent {
         let key = self.config.state_dir.join("tpm.key");
         swtpm::ensure_key_file(&key)?;
         let mut cfg = swtpm::SwtpmConfig::for_run_dir(run_dir, key);
-        let mkey = tpm_migration_key_path(run_dir);
+        let mkey = tern_engine::tpm_migration_key_path(run_dir);
         std::fs::create_dir_all(run_dir).map_err(|e| swtpm::SwtpmStartError::Files {
             path: run_dir.to_path_buf(),
             source: e,
@@ -558,7 +472,7 @@ impl Agent {
             if let Err(e) =
                 tern_qemu::swtpm::remove_state(&tpm, std::time::Duration::from_secs(10)).await
             {
-                tracing::warn!(dir = %tpm.display(), "TPM state: {}", migrate::source::error_chain(&e));
+                tracing::warn!(dir = %tpm.display(), "TPM state: {}", tern_engine::error_chain(&e));
             }
         }
         let _ = std::fs::remove_dir_all(run_dir);
@@ -577,87 +491,9 @@ impl Agent {
         Ok(())
     }
 
-    pub fn add_migration(&self, m: Arc<MigrationHandle>) {
-        self.migrations.lock().insert(m.id.clone(), m);
-    }
-
-    /// Registers an incoming migration unless its id is known here already (from either
-    /// direction, or a VM that arrived with it): false then. A reused id could make a
-    /// source believe a VM runs here that it did not send.
-    /// Also refuses when [`AgentConfig::max_incoming`] migrations are coming in already.
-    pub fn add_incoming(&self, m: Arc<MigrationHandle>) -> Result<(), AddIncomingError> {
-        if self.switch_record_of(&m.id).is_some() {
-            return Err(AddIncomingError::KnownId);
-        }
-        let mut all = self.migrations.lock();
-        if all.contains_key(&m.id) {
-            return Err(AddIncomingError::KnownId);
-        }
-        let busy = all
-            .values()
-            .filter(|m| m.direction == migrate::Direction::Incoming && !m.is_finished())
-            .count();
-        if busy >= self.config.max_incoming {
-            return Err(AddIncomingError::Busy(busy));
-        }
-        all.insert(m.id.clone(), m);
-        Ok(())
-    }
-
-    /// The switchover record of migration `id` in one of this host's run directories.
-    fn switch_record_of(&self, id: &str) -> Option<migrate::dest::SwitchRecord> {
-        let dirs = std::fs::read_dir(self.config.state_dir.join("run")).ok()?;
-        dirs.flatten()
-            .filter_map(|e| migrate::dest::SwitchRecord::read(&e.path()))
-            .find(|r| r.migration_id == id)
-    }
-
-    pub fn migration(&self, id: &str) -> Option<Arc<MigrationHandle>> {
-        self.migrations.lock().get(id).cloned()
-    }
-
-    pub fn migrations(&self) -> Vec<Arc<MigrationHandle>> {
-        let mut v: Vec<_> = self.migrations.lock().values().cloned().collect();
-        v.sort_by_key(|m| m.started);
-        v
-    }
-
-    /// What this agent knows of a migration it received (answers a source's Query), for
-    /// the certificate `peer` that asks: only the one that prepared it gets an answer.
-    pub fn incoming_state(
-        &self,
-        id: &str,
-        peer: &str,
-    ) -> Result<(tern_proto::MigrationState, u64), QueryRefused> {
-        use tern_proto::MigrationState as S;
-        let Some(m) = self
-            .migration(id)
-            .filter(|m| m.direction == migrate::Direction::Incoming)
-        else {
-            // an agent restarted after the switchover still knows from the VM's run dir
-            return match self.switch_record_of(id) {
-                Some(r) if r.peer != peer => Err(QueryRefused(id.into())),
-                Some(r) => Ok((S::Running, r.resumed_unix_us)),
-                None => Ok((S::Unknown, 0)),
-            };
-        };
-        if m.peer_fingerprint() != peer {
-            return Err(QueryRefused(id.into()));
-        }
-        let st = m.status();
-        Ok(match (st.finished, st.report) {
-            (true, Some(r)) => (S::Running, r.resumed_unix_us),
-            (true, None) => (S::Discarded, 0),
-            (false, _) => (S::InProgress, 0),
-        })
-    }
-
-    /// The migration of `vm` that is still in progress, if any.
-    pub fn active_migration_of(&self, vm: &str) -> Option<Arc<MigrationHandle>> {
-        self.migrations()
-            .into_iter()
-            .rev()
-            .find(|m| m.vm == vm && !m.is_finished())
+    /// The engine's view of this agent: its policy, names, run directories, launches.
+    pub fn host(&self) -> Arc<dyn Host> {
+        self.me.upgrade().expect("an agent outlives its own calls")
     }
 
     /// Finds the VMs a previous agent process left running (their run directories hold
@@ -673,12 +509,11 @@ impl Agent {
                 .ok()
                 .and_then(|p| p.trim().parse::<u32>().ok())
                 .filter(|p| vm::process_alive(*p) && cmdline_mentions(*p, &d));
-            let record = migrate::dest::SwitchRecord::read(&d);
+            let record = SwitchRecord::read(&d);
             // both marks: the previous agent died between recording the switchover and
             // resuming the VM; the source committed and the VM is this host's
-            let unfinished_switch =
-                d.join(migrate::dest::INCOMING_MARKER).exists() && record.is_some();
-            if d.join(migrate::dest::INCOMING_MARKER).exists() && record.is_none() {
+            let unfinished_switch = d.join(INCOMING_MARKER).exists() && record.is_some();
+            if d.join(INCOMING_MARKER).exists() && record.is_none() {
                 if let Some(p) = pid {
                     tracing::warn!(dir = %d.display(), pid = p, "removing an incoming VM that never switched over");
                     vm::kill_pid(p);
@@ -718,6 +553,56 @@ impl Agent {
     }
 }
 
+impl Host for Agent {
+    fn authorize_here(&self, spec: &VmSpec) -> Result<(), String> {
+        self.policy
+            .check(
+                &policy::VmFacts::of(spec),
+                &self.config.name,
+                self.engine.security.own_labels(),
+            )
+            .map_err(|e| e.to_string())
+    }
+
+    fn authorize_there(&self, spec: &VmSpec, host: &str, labels: &[String]) -> Result<(), String> {
+        self.policy
+            .check(&policy::VmFacts::of(spec), host, labels)
+            .map_err(|e| e.to_string())
+    }
+
+    fn reserve_name(&self, name: &str) -> bool {
+        Agent::reserve_name(self, name)
+    }
+
+    fn release_name(&self, name: &str) {
+        Agent::release_name(self, name)
+    }
+
+    fn new_run_dir(&self, name: &str) -> PathBuf {
+        Agent::new_run_dir(self, name)
+    }
+
+    fn launch<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+        opts: &'a LaunchOptions,
+    ) -> BoxFuture<'a, Result<QemuProcess, HostLaunchError>> {
+        Box::pin(async move {
+            Agent::launch(self, spec, opts)
+                .await
+                .map_err(|e| HostLaunchError(tern_engine::error_chain(&e)))
+        })
+    }
+
+    fn adopt(&self, spec: VmSpec, process: QemuProcess) {
+        Agent::adopt(self, Arc::new(Vm::supervise(spec, process)));
+    }
+
+    fn remove_run_dir<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, ()> {
+        Box::pin(Agent::remove_run_dir(self, dir))
+    }
+}
+
 /// A previous agent that died mid-migration may have left the VM's QEMU migrating into a
 /// socket nobody reads, or paused before its switchover (a VM with disks), with tern's
 /// NBD server, exports and dirty bitmaps in it. The stream cannot have ended (the source
@@ -746,10 +631,7 @@ async fn clear_stale_migration(qmp: &tern_qemu::qmp::QmpClient, spec: &VmSpec) {
         }
     }
     if !spec.disks.is_empty() {
-        migrate::disk::stop_source_disks(qmp, spec.disks.len()).await;
-        let _ = qmp
-            .set_migrate_capabilities(&[("pause-before-switchover", false)])
-            .await;
+        tern_engine::source::recover::clear_disk_state(qmp, spec.disks.len()).await;
     }
 }
 
@@ -760,7 +642,7 @@ async fn finish_switchover(
     qmp: &tern_qemu::qmp::QmpClient,
     spec: &VmSpec,
     dir: &std::path::Path,
-    record: Option<&migrate::dest::SwitchRecord>,
+    record: Option<&SwitchRecord>,
 ) {
     let Some(r) = record else { return };
     if r.source_running {
@@ -775,7 +657,7 @@ async fn finish_switchover(
             Err(e) => tracing::error!(vm = %spec.name, "cannot ask its QEMU: {e}"),
         }
     }
-    let _ = std::fs::remove_file(dir.join(migrate::dest::INCOMING_MARKER));
+    let _ = std::fs::remove_file(dir.join(INCOMING_MARKER));
 }
 
 /// Whether /proc/PID/cmdline mentions `dir` (the pid file is not reused by another process).
@@ -809,13 +691,22 @@ pub async fn run(
     );
     let peer_loop = {
         let agent = agent.clone();
+        // connections at once (handshakes included): a peer cannot exhaust the agent by
+        // opening and holding them
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
         async move {
             loop {
                 match peers.accept().await {
                     Ok((tcp, addr)) => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            tracing::warn!(peer = %addr, "refused a peer connection: {MAX_PEER_CONNECTIONS} are open");
+                            continue;
+                        };
                         let agent = agent.clone();
                         tokio::spawn(async move {
-                            let shake = agent
+                            let _slot = slot;
+                            let engine = agent.engine.clone();
+                            let shake = engine
                                 .security
                                 .accept(
                                     tcp,
@@ -826,10 +717,17 @@ pub async fn run(
                                 .await;
                             match shake {
                                 Ok((stream, peer)) => {
-                                    migrate::dest::serve_peer(agent, stream, addr, peer).await
+                                    tern_engine::dest::serve_peer(
+                                        engine,
+                                        agent.host(),
+                                        stream,
+                                        addr,
+                                        peer,
+                                    )
+                                    .await
                                 }
                                 Err(e) => {
-                                    tracing::warn!(peer = %addr, "peer refused: {}", migrate::source::error_chain(&e))
+                                    tracing::warn!(peer = %addr, "peer refused: {}", tern_engine::error_chain(&e))
                                 }
                             }
                         });

@@ -16,12 +16,10 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, SanType,
 };
 
-pub const CA_CERT: &str = "ca.pem";
-pub const CA_KEY: &str = "ca.key";
-pub const CLUSTER_KEY: &str = "cluster.key";
-pub const AGENT_CERT: &str = "agent.pem";
-pub const AGENT_KEY: &str = "agent.key";
-const LABEL_PREFIX: &str = "tern-label:";
+pub use tern_engine::secret::{random_key, read_secret, write_file};
+pub use tern_engine::transport::cert::{
+    labels_of, names_and_labels, AGENT_CERT, AGENT_KEY, CA_CERT, CA_KEY, CLUSTER_KEY, LABEL_PREFIX,
+};
 
 /// Why the CA or a certificate could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -40,25 +38,10 @@ pub enum PkiError {
     BadLabel(String),
     #[error("certificate generation failed")]
     Generate(#[from] rcgen::Error),
-    #[error("the peer's certificate cannot be parsed")]
-    Parse,
-    #[error("{path} holds a secret key but other users may read it (mode {mode:04o}): chmod 600 {path}, and treat the key as leaked (make a new one)")]
-    LooseMode { path: PathBuf, mode: u32 },
-}
-
-/// Reads a secret key file, refusing one that users other than its owner may read or
-/// write: such a key must be considered leaked, and silently using it would hide that.
-pub fn read_secret(path: &Path) -> Result<Vec<u8>, PkiError> {
-    use std::os::unix::fs::PermissionsExt;
-    let md = std::fs::metadata(path).map_err(|e| PkiError::Read(path.into(), e))?;
-    let mode = md.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(PkiError::LooseMode {
-            path: path.into(),
-            mode,
-        });
-    }
-    std::fs::read(path).map_err(|e| PkiError::Read(path.into(), e))
+    #[error(transparent)]
+    Parse(#[from] tern_engine::transport::cert::CertParseError),
+    #[error(transparent)]
+    Secret(#[from] tern_engine::secret::SecretError),
 }
 
 /// What `tern cert issue` puts in an agent certificate.
@@ -170,38 +153,6 @@ pub fn issue(ca_dir: &Path, req: &IssueRequest, out: &Path) -> Result<(), PkiErr
     Ok(())
 }
 
-/// The host labels a certificate carries.
-pub fn labels_of(cert_der: &[u8]) -> Result<Vec<String>, PkiError> {
-    Ok(names_and_labels(cert_der)?.1)
-}
-
-/// The DNS names and IP addresses (as text) and the labels of a certificate.
-pub fn names_and_labels(cert_der: &[u8]) -> Result<(Vec<String>, Vec<String>), PkiError> {
-    use x509_parser::extensions::GeneralName;
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|_| PkiError::Parse)?;
-    let mut names = Vec::new();
-    let mut labels = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for n in &san.value.general_names {
-            match n {
-                GeneralName::DNSName(d) => names.push(d.to_string()),
-                GeneralName::IPAddress(b) => match b.len() {
-                    4 => names.push(IpAddr::from(<[u8; 4]>::try_from(*b).unwrap()).to_string()),
-                    16 => names.push(IpAddr::from(<[u8; 16]>::try_from(*b).unwrap()).to_string()),
-                    _ => {}
-                },
-                GeneralName::URI(u) => {
-                    if let Some(l) = u.strip_prefix(LABEL_PREFIX) {
-                        labels.push(l.to_string());
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    Ok((names, labels))
-}
-
 fn ca_name(cluster: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, format!("tern cluster CA {cluster}"));
@@ -232,56 +183,10 @@ fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
 
-/// 32 random bytes from the kernel (a cluster key).
-pub(crate) fn random_key() -> std::io::Result<[u8; 32]> {
-    let mut k = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut k))?;
-    Ok(k)
-}
-
 fn read(p: &Path) -> Result<String, PkiError> {
     std::fs::read_to_string(p).map_err(|e| PkiError::Read(p.into(), e))
 }
 
 fn write_secret(p: &Path, data: &[u8]) -> Result<(), PkiError> {
-    write_file(p, data, 0o600)
-}
-
-/// Writes `data` to `p` atomically (a new temporary file of its own, fsync, rename) with
-/// `mode` from the start: the temporary is created exclusively under a fresh name, so no
-/// stale or planted file (with looser permissions) is ever written through.
-pub(crate) fn write_file(p: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let werr = |e| PkiError::Write(p.into(), e);
-    let dir = p.parent().unwrap_or(Path::new("."));
-    let base = p
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let (tmp, mut f) = loop {
-        let tag = random_key().map_err(werr)?;
-        let tmp = dir.join(format!(".{base}.{}.tmp", hex::encode(&tag[..6])));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-        {
-            Ok(f) => break (tmp, f),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(werr(e)),
-        }
-    };
-    let written = f
-        .set_permissions(std::fs::Permissions::from_mode(mode)) // (the umask narrowed it)
-        .and_then(|_| f.write_all(data))
-        .and_then(|_| f.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, p));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(werr(e));
-    }
-    Ok(())
+    Ok(write_file(p, data, 0o600)?)
 }

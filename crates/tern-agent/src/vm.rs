@@ -81,6 +81,11 @@ impl Vm {
         self.exited.borrow().clone()
     }
 
+    /// Watches for QEMU going away (`Some(reason)` then).
+    pub fn exit_watch(&self) -> watch::Receiver<Option<String>> {
+        self.exited.clone()
+    }
+
     /// Supervises a QEMU that is not our child: one a previous agent process started.
     /// Its exit is noticed by polling `/proc/PID`; stopping uses QMP `quit`, then SIGKILL.
     pub fn reattach(spec: VmSpec, qmp: QmpClient, pid: u32, run_dir: PathBuf) -> Vm {

@@ -1,4 +1,4 @@
-//! Target `disk_worker`: the destination's real disk worker (`tern_agent::migrate::disk`,
+//! Target `disk_worker`: the destination's real disk worker (`tern_engine::disk`,
 //! through its `fuzzing` entry: disks in memory, an empty chunk index) fed the disk frames
 //! a source may send. It must refuse what is wrong (out of range, out of order, not
 //! wanted, not matching) and never write outside a disk.
@@ -10,7 +10,7 @@
 use std::sync::OnceLock;
 
 use bytes::BytesMut;
-use tern_agent::images::SharedIndex;
+use tern_engine::disk::SharedIndex;
 use tern_proto::{decode, Message};
 
 use crate::input::Input;
@@ -44,11 +44,6 @@ pub(crate) fn run(data: &[u8]) {
         }
     }
     // a claimed allocation of the whole disk: the free-space watch stays out of it
-    let _ = tern_agent::migrate::disk::fuzzing::disk_worker(
-        &[size],
-        size,
-        index(),
-        rebuild::hasher(),
-        msgs,
-    );
+    let _ =
+        tern_engine::disk::fuzzing::disk_worker(&[size], size, index(), rebuild::hasher(), msgs);
 }

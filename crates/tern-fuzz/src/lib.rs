@@ -96,7 +96,7 @@ pub fn qmp_line(data: &[u8]) {
 }
 
 /// The destination's page handling: `Pages` and `Content` frames through
-/// `tern_agent::migrate::pages::PageDecoder` (with a small in-memory page store) in the
+/// `tern_engine::pages::PageDecoder` (with a small in-memory page store) in the
 /// order `migrate::dest` applies them, and `migrate::digest::MemoryDigest` over the
 /// records that reach QEMU: no panic; resolved content matches the hash it was named by;
 /// the decoder refuses nothing the digest would accept; the digest equals one taken over
@@ -114,7 +114,7 @@ pub fn chunks_rebuild(data: &[u8]) {
     rebuild::run(data);
 }
 
-/// The destination's disk worker itself (`tern_agent::migrate::disk`), disks in memory:
+/// The destination's disk worker itself (`tern_engine::disk`), disks in memory:
 /// whatever disk frames a source sends, no panic and no write outside a disk (the
 /// in-memory disk asserts it); bad frames are refused, not applied.
 pub fn disk_worker(data: &[u8]) {

@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tern_agent::migrate::digest::MemoryDigest;
-use tern_agent::migrate::pages::{DecodeError, PageDecoder, Resolved, SharedStore};
+use tern_engine::digest::MemoryDigest;
+use tern_engine::pages::{DecodeError, PageDecoder, Resolved, SharedStore};
 use tern_proto::{decode, Message, Page, PageBody};
 use tern_store::{ContentHasher, Hash, PageStore, TieredStore};
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
 use rustls::pki_types::ServerName;
-use tern_agent::tls::PeerSecurity;
+use tern_engine::transport::tls::PeerSecurity;
 use tern_proto::{ErrorCode, Message};
 
 use crate::agents::{test_ca, TEST_CA};

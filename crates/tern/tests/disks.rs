@@ -58,11 +58,7 @@ fn migrate(
     a.wait_migration(&id, Duration::from_secs(240))
 }
 
-fn migrate_ok(
-    a: &TestAgent,
-    b: &TestAgent,
-    vm: &str,
-) -> Result<tern_api::MigrationReport> {
+fn migrate_ok(a: &TestAgent, b: &TestAgent, vm: &str) -> Result<tern_api::MigrationReport> {
     let st = migrate(a, b, vm, json!({}))?;
     match st.report {
         Some(r) => Ok(r),
@@ -430,7 +426,10 @@ fn an_interrupted_disk_copy_leaves_the_source_running_and_nothing_behind_and_a_r
             .migrations()?
             .iter()
             .find_map(|m| m.dest_qemu_pid)
-            .filter(|_| a.migration(&id).is_ok_and(|m| m.phase == tern_api::Phase::DiskCopy));
+            .filter(|_| {
+                a.migration(&id)
+                    .is_ok_and(|m| m.phase == tern_api::Phase::DiskCopy)
+            });
         let image = b
             .run_dirs()
             .into_iter()

@@ -106,11 +106,7 @@ fn dest_pids(b: &TestAgent) -> Vec<u32> {
         .collect()
 }
 
-fn migrate_ok(
-    a: &TestAgent,
-    b: &TestAgent,
-    vm: &str,
-) -> Result<tern_api::MigrationReport> {
+fn migrate_ok(a: &TestAgent, b: &TestAgent, vm: &str) -> Result<tern_api::MigrationReport> {
     migrate_ok_with(a, b, vm, json!({}))
 }
 
@@ -403,7 +399,11 @@ fn cancel_leaves_source_running_and_destination_clean() -> Result<()> {
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !b.migrations()?.iter().any(|m| m.phase == tern_api::Phase::Transfer) {
+    while !b
+        .migrations()?
+        .iter()
+        .any(|m| m.phase == tern_api::Phase::Transfer)
+    {
         assert!(
             Instant::now() < deadline,
             "the migration never reached transfer"
@@ -1051,7 +1051,11 @@ fn a_link_that_dies_while_the_destination_prepares_is_noticed_quickly() -> Resul
     let id = a.start_migration("w2", "198.18.0.2:7700", json!({}))?;
     // the destination is starting its QEMU: nothing flows, the source waits for Prepared
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !b.migrations()?.iter().any(|m| m.phase == tern_api::Phase::Prepare) {
+    while !b
+        .migrations()?
+        .iter()
+        .any(|m| m.phase == tern_api::Phase::Prepare)
+    {
         assert!(Instant::now() < deadline, "the destination never prepared");
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -8,8 +8,8 @@ use std::process::{Command, Output};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use tern_api::client::ClientError;
 use tern_agent::images::{ImageInfo, ImportReport, RefreshSummary};
+use tern_api::client::ClientError;
 use tern_testkit::agents::TestAgent;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tern");

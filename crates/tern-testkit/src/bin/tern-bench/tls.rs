@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use tern_agent::tls::PeerSecurity;
+use tern_engine::transport::tls::PeerSecurity;
 use tern_testkit::agents::{issue_cert, test_ca, TEST_CA};
 use tern_testkit::guest::GuestImage;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Why a frame could not be read from the peer.
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError {
-    #[error("peer connection failed: {}", crate::tls::describe(.0))]
+    #[error("peer connection failed: {}", super::tls::describe(.0))]
     Io(std::io::Error),
     #[error("peer sent an invalid frame")]
     Frame(#[from] FrameError),

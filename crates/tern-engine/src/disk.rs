@@ -43,13 +43,16 @@ use tern_qemu::disk::{self as qdisk, DirtyTracker, FrozenBitmap, NbdExport, Remo
 use tern_qemu::qmp::QmpClient;
 use tern_qemu::spec::VmSpec;
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use super::DiskReport;
-use crate::conn::FrameWriter;
-use crate::images::SharedIndex;
+use crate::error::error_chain;
+use crate::handle::{DiskReport, MigrationHandle};
+use crate::transport::links::PeerWriter;
+use crate::transport::rate::RateLimit;
 
-type PeerWriter = Arc<Mutex<FrameWriter<crate::tls::PeerWrite>>>;
+/// The host's chunk index, shared by imports and migrations (blocking API: use it from a
+/// worker thread or `spawn_blocking`).
+pub type SharedIndex = Arc<std::sync::Mutex<tern_chunks::ChunkIndex>>;
 
 /// Round 0 reads and describes the disk in pieces of this size.
 pub const PIECE_BYTES: u64 = 4 << 20;
@@ -167,8 +170,8 @@ pub struct SourceDisks {
     comp: FrameCompressor,
     buf: BytesMut,
     stall: Duration,
-    budget: Option<Arc<super::rate::RateLimit>>,
-    handle: Arc<super::MigrationHandle>,
+    budget: Option<Arc<RateLimit>>,
+    handle: Arc<MigrationHandle>,
     pub report: DiskReport,
     started: Instant,
 }
@@ -234,8 +237,8 @@ impl SourceDisks {
         hasher: tern_store::ContentHasher,
         codec: Codec,
         stall: Duration,
-        budget: Option<Arc<super::rate::RateLimit>>,
-        handle: Arc<super::MigrationHandle>,
+        budget: Option<Arc<RateLimit>>,
+        handle: Arc<MigrationHandle>,
     ) -> Result<Self, SourceDiskError> {
         let sock = run_dir.join("disk-nbd.sock");
         let _ = std::fs::remove_file(&sock);
@@ -814,12 +817,12 @@ impl DestDisks {
         let sock = run_dir.join("disk-nbd.sock");
         qdisk::start_nbd_server(qmp, &sock)
             .await
-            .map_err(|e| super::source::error_chain(&e))?;
+            .map_err(|e| error_chain(&e))?;
         let mut exports = Vec::new();
         for i in 0..sizes.len() {
             let e = qdisk::export_writable(qmp, &qdisk::node_name(i))
                 .await
-                .map_err(|e| super::source::error_chain(&e))?;
+                .map_err(|e| error_chain(&e))?;
             exports.push(e);
         }
         let sizes_len = sizes.len();
@@ -923,11 +926,11 @@ impl DestDisks {
         for e in &self.exports {
             qdisk::finish_incoming(qmp, e, QEMU_WAIT)
                 .await
-                .map_err(|e| super::source::error_chain(&e))?;
+                .map_err(|e| error_chain(&e))?;
         }
         qdisk::stop_nbd_server(qmp)
             .await
-            .map_err(|e| super::source::error_chain(&e))?;
+            .map_err(|e| error_chain(&e))?;
         Ok(written)
     }
 }
@@ -983,7 +986,7 @@ impl Worker<NbdTarget> {
         let mut targets = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let t = NbdTarget::connect_unix(sock, name)
-                .map_err(|e| DestDiskError::Open(super::source::error_chain(&e), i as u16))?;
+                .map_err(|e| DestDiskError::Open(error_chain(&e), i as u16))?;
             targets.push(t);
         }
         Ok(Worker::new(targets, setup))
@@ -1057,7 +1060,7 @@ impl<T: DiskTarget> Worker<T> {
             DestDiskError::Write {
                 disk,
                 offset,
-                message: super::source::error_chain(e),
+                message: error_chain(e),
             }
         }
     }

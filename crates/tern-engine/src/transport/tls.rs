@@ -20,7 +20,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::pki;
+use super::cert;
+use crate::secret;
 
 /// Why the agent's TLS credentials could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +35,9 @@ pub enum TlsSetupError {
     #[error("client certificate verifier")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("the agent's own certificate cannot be parsed")]
-    Own(#[from] pki::PkiError),
+    Own(#[from] cert::CertParseError),
+    #[error("cannot read the agent's key")]
+    Key(#[from] secret::SecretError),
 }
 
 /// Why a peer connection could not be made secure.
@@ -100,29 +103,32 @@ impl PeerSecurity {
             let p = dir.join(f);
             std::fs::read(&p).map_err(|e| TlsSetupError::Read(p, e))
         };
-        let ca_pem = read(pki::CA_CERT)?;
-        let cert_pem = read(pki::AGENT_CERT)?;
-        let key_pem = pki::read_secret(&dir.join(pki::AGENT_KEY))?;
+        let ca_pem = read(cert::CA_CERT)?;
+        let cert_pem = read(cert::AGENT_CERT)?;
+        let key_pem = secret::read_secret(&dir.join(cert::AGENT_KEY))?;
         let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&ca_pem)
             .filter_map(Result::ok)
             .collect();
         if cas.is_empty() {
-            return Err(TlsSetupError::Pem(dir.join(pki::CA_CERT), "certificate"));
+            return Err(TlsSetupError::Pem(dir.join(cert::CA_CERT), "certificate"));
         }
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
             .filter_map(Result::ok)
             .collect();
         if chain.is_empty() {
-            return Err(TlsSetupError::Pem(dir.join(pki::AGENT_CERT), "certificate"));
+            return Err(TlsSetupError::Pem(
+                dir.join(cert::AGENT_CERT),
+                "certificate",
+            ));
         }
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|_| TlsSetupError::Pem(dir.join(pki::AGENT_KEY), "private key"))?;
+            .map_err(|_| TlsSetupError::Pem(dir.join(cert::AGENT_KEY), "private key"))?;
         let mut roots = rustls::RootCertStore::empty();
         for c in cas {
             roots.add(c)?;
         }
         let roots = Arc::new(roots);
-        let (names, labels) = pki::names_and_labels(&chain[0])?;
+        let (names, labels) = cert::names_and_labels(&chain[0])?;
 
         let client = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -183,7 +189,7 @@ impl PeerSecurity {
                 source: e,
             })?;
         let _ = tcp.set_nodelay(true);
-        crate::conn::watch_peer_socket(&tcp, dead_after);
+        super::conn::watch_peer_socket(&tcp, dead_after);
         match self {
             PeerSecurity::Plaintext => Ok((PeerStream::Plain(tcp), PeerIdentity::default())),
             PeerSecurity::Tls(c) => {
@@ -216,7 +222,7 @@ impl PeerSecurity {
         dead_after: Duration,
     ) -> Result<(PeerStream, PeerIdentity), HandshakeError> {
         let _ = tcp.set_nodelay(true);
-        crate::conn::watch_peer_socket(&tcp, dead_after);
+        super::conn::watch_peer_socket(&tcp, dead_after);
         match self {
             PeerSecurity::Plaintext => Ok((PeerStream::Plain(tcp), PeerIdentity::default())),
             PeerSecurity::Tls(c) => {
@@ -240,7 +246,7 @@ fn identity(certs: Option<&[CertificateDer<'_>]>) -> PeerIdentity {
         return PeerIdentity::default();
     };
     let fingerprint = hex::encode(&blake3::hash(cert).as_bytes()[..16]);
-    match pki::names_and_labels(cert) {
+    match cert::names_and_labels(cert) {
         Ok((names, labels)) => PeerIdentity {
             names,
             labels,
@@ -373,153 +379,5 @@ impl AsyncWrite for PeerStream {
             PeerStream::Server(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             PeerStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    fn cluster(dir: &Path, name: &str, host: &str, labels: &[&str]) -> PathBuf {
-        let ca = dir.join(format!("{name}-ca"));
-        if !ca.join(pki::CA_CERT).exists() {
-            pki::init_ca(&ca, name).unwrap();
-        }
-        let out = dir.join(format!("{name}-{host}"));
-        pki::issue(
-            &ca,
-            &pki::IssueRequest {
-                host: host.into(),
-                labels: labels.iter().map(|s| s.to_string()).collect(),
-                days: 1,
-                ..Default::default()
-            },
-            &out,
-        )
-        .unwrap();
-        out
-    }
-
-    async fn pair(
-        server: &PeerSecurity,
-        client: &PeerSecurity,
-    ) -> (
-        Result<(PeerStream, PeerIdentity), HandshakeError>,
-        Result<(PeerStream, PeerIdentity), HandshakeError>,
-    ) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let server = server.clone();
-        let acc = tokio::spawn(async move {
-            let (s, a) = l.accept().await.unwrap();
-            server
-                .accept(s, a, Duration::from_secs(5), Duration::from_secs(5))
-                .await
-        });
-        let c = client
-            .connect(&addr, Duration::from_secs(5), Duration::from_secs(5))
-            .await;
-        (acc.await.unwrap(), c)
-    }
-
-    #[tokio::test]
-    async fn same_ca_talks_and_sees_labels_other_ca_is_refused_both_ways() {
-        let d = tempfile::tempdir().unwrap();
-        let a = PeerSecurity::load(&cluster(d.path(), "one", "127.0.0.1", &["trusted"])).unwrap();
-        let b = PeerSecurity::load(&cluster(d.path(), "one", "127.0.0.1", &[])).unwrap();
-        let x = PeerSecurity::load(&cluster(d.path(), "two", "127.0.0.1", &["trusted"])).unwrap();
-
-        let (s, c) = pair(&a, &b).await;
-        let ((mut s, sid), (mut c, cid)) = (s.unwrap(), c.unwrap());
-        assert_eq!(sid.labels, Vec::<String>::new());
-        assert_eq!(cid.labels, vec!["trusted".to_string()]);
-        assert_eq!(cid.names, vec!["127.0.0.1".to_string()]);
-        c.write_all(b"hello").await.unwrap();
-        c.flush().await.unwrap();
-        let mut got = [0u8; 5];
-        s.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"hello");
-
-        // a client from another CA: the server refuses it
-        let (s, c) = pair(&a, &x).await;
-        let e = s.err().expect("server must refuse a foreign client");
-        assert!(
-            describe_err(&e).contains("certificate"),
-            "{}",
-            describe_err(&e)
-        );
-        // the client may finish its side of the handshake first; its first read fails
-        if let Ok((mut c, _)) = c {
-            let mut b = [0u8; 1];
-            assert!(c.read(&mut b).await.is_err());
-        }
-        // a server from another CA: the client refuses it
-        let (_, c) = pair(&x, &a).await;
-        let e = c.err().expect("client must refuse a foreign server");
-        assert!(
-            describe_err(&e).contains("not from this cluster's CA"),
-            "{}",
-            describe_err(&e)
-        );
-    }
-
-    #[tokio::test]
-    async fn a_certificate_for_another_name_is_refused() {
-        let d = tempfile::tempdir().unwrap();
-        let a = PeerSecurity::load(&cluster(d.path(), "one", "10.9.9.9", &[])).unwrap();
-        let b = PeerSecurity::load(&cluster(d.path(), "one", "127.0.0.1", &[])).unwrap();
-        let (_, c) = pair(&a, &b).await;
-        let e = c.err().expect("name mismatch must be refused");
-        assert!(
-            describe_err(&e).contains("not issued for"),
-            "{}",
-            describe_err(&e)
-        );
-    }
-
-    fn describe_err(e: &HandshakeError) -> String {
-        match e {
-            HandshakeError::Tls { cause, .. } => describe(cause),
-            e => e.to_string(),
-        }
-    }
-
-    #[test]
-    fn bad_names_and_labels_are_refused_and_ca_is_not_overwritten() {
-        let d = tempfile::tempdir().unwrap();
-        let ca = d.path().join("ca");
-        pki::init_ca(&ca, "c").unwrap();
-        assert!(matches!(
-            pki::init_ca(&ca, "c"),
-            Err(pki::PkiError::Exists(_))
-        ));
-        let req = |host: &str, label: &str| pki::IssueRequest {
-            host: host.into(),
-            labels: vec![label.into()],
-            days: 1,
-            ..Default::default()
-        };
-        let out = d.path().join("o");
-        assert!(matches!(
-            pki::issue(&ca, &req("bad host", "x"), &out),
-            Err(pki::PkiError::BadHost(_))
-        ));
-        assert!(matches!(
-            pki::issue(&ca, &req("h1", "Trusted!"), &out),
-            Err(pki::PkiError::BadLabel(_))
-        ));
-        pki::issue(&ca, &req("h1.example", "zone-a"), &out).unwrap();
-        let mode = |f: &str| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777
-        };
-        assert_eq!(mode(pki::AGENT_KEY), 0o600);
-        assert_eq!(mode(pki::CLUSTER_KEY), 0o600);
-        let pem = std::fs::read(out.join(pki::AGENT_CERT)).unwrap();
-        let der = CertificateDer::from_pem_slice(&pem).unwrap();
-        let (names, labels) = pki::names_and_labels(&der).unwrap();
-        assert_eq!(names, vec!["h1.example".to_string()]);
-        assert_eq!(labels, vec!["zone-a".to_string()]);
     }
 }

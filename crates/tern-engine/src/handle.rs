@@ -1,19 +1,7 @@
-//! Migration in both directions: the source side ([`source`]) drives the source QEMU and
-//! forwards its stream; the destination side ([`dest`]) starts the destination QEMU and
-//! rebuilds the stream for it. This module holds what both share: the handle the API
-//! reads progress from, the report, the typed errors and the fault-injection hooks.
-//!
-//! Safety rule (Propolis-style): the source stays authoritative until the switchover
-//! point, the `Commit` message. Before it, every failure resumes the source VM and
-//! removes the destination's. After it, the destination owns the VM.
-
-pub mod codec;
-pub mod dest;
-pub mod digest;
-pub mod disk;
-pub mod pages;
-pub mod rate;
-pub mod source;
+//! One migration as the daemon's API sees it: the shared [`MigrationHandle`] the engine
+//! writes (phase and timeline, live [`Counters`], the final report or failure) and the API
+//! reads, its cancellation, and small helpers both directions use (ids, wall-clock
+//! stamps). Must not drive a migration.
 
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,62 +12,8 @@ pub use tern_api::{
     PageCounts, Phase, Progress, SwitchoverTimes, Timeline,
 };
 use tern_proto::ErrorCode;
+
 use tokio::sync::watch;
-
-/// Faults a test can inject into an agent (env `TERN_FAULT`). Never set in production.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// The destination flips one byte of the first non-zero page it receives, as a
-    /// decoding bug would: the digest comparison must catch it before the VM runs there.
-    CorruptPage,
-    /// The destination resumes the VM after Commit but drops the connection instead of
-    /// answering Resumed: the source must find out by asking (Query), not guess.
-    DropAfterCommit,
-    /// The destination copies each disk image to `PATH.at-switchover` after the last disk
-    /// round, just before the VM runs there: a test's witness of the images at the
-    /// switchover (the running guest changes them right after).
-    DiskCopyAtSwitchover,
-    /// The source agent exits (as if killed) when its QEMU pauses before the switchover:
-    /// the VM is left paused, migrating into a dead socket, with tern's NBD state in it.
-    ExitAtPreSwitchover,
-    /// The destination agent exits right after it recorded the switchover, before `cont`:
-    /// the VM is paused there, the source committed and waiting.
-    ExitAtSwitchover,
-    /// The destination cannot write its switchover record: it must not run the VM.
-    FailSwitchRecord,
-    /// The destination panics (a bug) on the first page frame of its first incoming
-    /// migration, holding the page store's lock: it must clean up like an error does and
-    /// take the next migration.
-    PanicInTransfer,
-    /// The destination takes 35 s more to finish after its QEMU loaded the stream (as a
-    /// large disk's last flush would): the source must wait, not declare doubt.
-    SlowFinish,
-}
-
-/// Whether a once-per-process fault fires now (the first time it is asked).
-pub fn fault_once() -> bool {
-    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    !FIRED.swap(true, Ordering::SeqCst)
-}
-
-impl std::str::FromStr for Fault {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "corrupt-page" => Ok(Fault::CorruptPage),
-            "drop-after-commit" => Ok(Fault::DropAfterCommit),
-            "disk-copy-at-switchover" => Ok(Fault::DiskCopyAtSwitchover),
-            "exit-at-pre-switchover" => Ok(Fault::ExitAtPreSwitchover),
-            "exit-at-switchover" => Ok(Fault::ExitAtSwitchover),
-            "fail-switch-record" => Ok(Fault::FailSwitchRecord),
-            "panic-in-transfer" => Ok(Fault::PanicInTransfer),
-            "slow-finish" => Ok(Fault::SlowFinish),
-            _ => Err(format!(
-                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover, exit-at-switchover, fail-switch-record, panic-in-transfer, slow-finish)"
-            )),
-        }
-    }
-}
 
 /// Live counters, updated by the data path without locks.
 #[derive(Debug, Default)]
@@ -265,14 +199,6 @@ pub async fn wait_cancelled(rx: &mut watch::Receiver<bool>) {
     }
 }
 
-/// What a caught panic said, for an error message.
-pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic".into())
-}
-
 /// A new migration id: short, unique enough per agent pair, safe in file names.
 pub fn new_migration_id() -> String {
     let t = SystemTime::now()
@@ -288,41 +214,3 @@ pub fn unix_us(t: SystemTime) -> u64 {
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }
-
-/// Capabilities tern cannot carry through its data path, and what to tell the operator.
-pub const UNSUPPORTED_CAPABILITIES: &[(&str, &str)] = &[
-    (
-        "multifd",
-        "multifd moves pages over side channels tern does not terminate",
-    ),
-    (
-        "xbzrle",
-        "XBZRLE deltas depend on destination state; tern does its own delta encoding",
-    ),
-    ("compress", "QEMU's compression is replaced by tern's own"),
-    ("postcopy-ram", "postcopy is not supported by tern yet"),
-    ("postcopy-preempt", "postcopy is not supported by tern yet"),
-    (
-        "postcopy-blocktime",
-        "postcopy is not supported by tern yet",
-    ),
-    ("x-colo", "COLO is not supported"),
-    ("rdma-pin-all", "RDMA is not supported"),
-    (
-        "dirty-bitmaps",
-        "dirty-bitmap migration is not supported; tern migrates disks itself",
-    ),
-    (
-        "block",
-        "block migration is not supported; tern migrates disks itself",
-    ),
-    ("mapped-ram", "mapped-ram is for migration to a file"),
-    (
-        "background-snapshot",
-        "background snapshots are not migrations",
-    ),
-    (
-        "x-ignore-shared",
-        "shared-memory skipping is not supported yet",
-    ),
-];

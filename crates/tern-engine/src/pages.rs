@@ -66,6 +66,16 @@ impl Pins {
     }
 }
 
+impl Pins {
+    /// Unpins everything this migration pinned (the pages stay, but may go).
+    fn release(&mut self) {
+        let mut st = self.store.lock();
+        for h in self.held.drain() {
+            st.unpin(&h);
+        }
+    }
+}
+
 impl Drop for Pins {
     fn drop(&mut self) {
         let mut st = self.store.lock();
@@ -379,6 +389,11 @@ impl PageDecoder {
         let mut st = self.store.lock();
         self.pins.keep(&mut st, h, data);
         Ok(())
+    }
+
+    /// The migration's pages stay in the store, unpinned (it no longer needs them).
+    pub fn release(&mut self) {
+        self.pins.release();
     }
 
     /// The content under `h`, if this host holds it.

@@ -1,0 +1,122 @@
+//! The opening of a peer connection: Hello and the version both speak, then what the
+//! connection is for. A Query is answered here (only to the certificate that prepared the
+//! migration); an Attach hands the connection to its migration; a Prepare (after the VM's
+//! DiskOffer and TpmKey, when it has them) starts an incoming migration.
+
+use std::time::Duration;
+
+use tern_proto::{DiskInfo, ErrorCode, Message};
+
+use super::{refuse, Conn, Incoming, IncomingError};
+
+/// What the source asked for in Prepare, and what came before it.
+pub(super) struct PrepareRequest {
+    pub id: String,
+    pub spec_toml: String,
+    pub source_running: bool,
+    pub source_qemu: String,
+    pub disk_offer: Option<Vec<DiskInfo>>,
+    pub tpm_key: Option<[u8; 32]>,
+    /// The source agent's name, as it said it.
+    pub peer_name: String,
+    pub version: u16,
+}
+
+/// What the connection is for.
+pub(super) enum Opening {
+    Prepare(PrepareRequest),
+    Attach {
+        id: String,
+        index: u16,
+    },
+    /// A Query, answered.
+    Answered,
+}
+
+pub(super) async fn run(inc: &mut Incoming, conn: &mut Conn) -> Result<Opening, IncomingError> {
+    let config = &inc.engine.config;
+    let (peer_min, peer_max, peer_name) = match conn.next(Duration::from_secs(30), "Hello").await? {
+        Message::Hello {
+            min_version,
+            max_version,
+            agent,
+        } => (min_version, max_version, agent),
+        m => {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                format!("expected Hello, got {}", m.name()),
+            ))
+        }
+    };
+    let Some(version) = tern_proto::negotiate(peer_min, peer_max.min(config.max_protocol)) else {
+        return Err(refuse(
+            ErrorCode::VersionMismatch,
+            format!(
+                "no common protocol version: peer speaks {peer_min}..={peer_max}, this agent {}..={}",
+                tern_proto::MIN_PROTOCOL_VERSION,
+                tern_proto::PROTOCOL_VERSION
+            ),
+        ));
+    };
+    conn.send(&Message::HelloAck {
+        version,
+        agent: config.name.clone(),
+    })
+    .await?;
+
+    // (v3: the VM's disks first, when it has some; v4: its vTPM key)
+    let mut disk_offer = None;
+    let mut tpm_key = None;
+    loop {
+        match conn.next(Duration::from_secs(30), "Prepare").await? {
+            Message::DiskOffer { disks } => disk_offer = Some(disks),
+            Message::TpmKey { key } => tpm_key = Some(key),
+            Message::Prepare {
+                migration_id,
+                spec_toml,
+                source_running,
+                qemu_version,
+            } => {
+                return Ok(Opening::Prepare(PrepareRequest {
+                    id: migration_id,
+                    spec_toml,
+                    source_running,
+                    source_qemu: qemu_version,
+                    disk_offer,
+                    tpm_key,
+                    peer_name,
+                    version,
+                }))
+            }
+            Message::Attach {
+                migration_id,
+                index,
+            } => {
+                return Ok(Opening::Attach {
+                    id: migration_id,
+                    index,
+                })
+            }
+            Message::Query { migration_id } => {
+                let (state, resumed_unix_us) = inc
+                    .engine
+                    .registry
+                    .incoming_state(&migration_id, &conn.peer.fingerprint)
+                    .map_err(|e| refuse(ErrorCode::NotAuthorized, e.to_string()))?;
+                tracing::info!(migration = %migration_id, ?state, "answered a query");
+                conn.send(&Message::QueryAnswer {
+                    state,
+                    resumed_unix_us,
+                })
+                .await?;
+                return Ok(Opening::Answered);
+            }
+            m => {
+                return Err(refuse(
+                    ErrorCode::Protocol,
+                    format!("expected Prepare, got {}", m.name()),
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The destination side of a migration: answers a peer agent, starts the destination QEMU
+//! (`-incoming defer`, paused), rebuilds an ordinary QEMU stream from tern frames and
+//! writes it into that QEMU, relays the return path, checks the memory digest and runs the
+//! VM only once the source committed.
+//!
+//! [`serve_peer`] reads as the phases, in order, each in its own file:
+//!
+//! | phase | file | does |
+//! |---|---|---|
+//! | hello | `hello.rs` | the version; what the connection is for: Prepare (after DiskOffer, TpmKey), Query, Attach |
+//! | `Prepare` | `prepare.rs` | the spec vetted (`spec.rs`), the migration admitted, its QEMU launched, disks exported, the summary, Prepared |
+//! | `Transfer` | `transfer.rs` | frames in order (reordered from data connections) rebuilt into QEMU's stream; the return path relayed (`relay.rs`) |
+//! | `Verify` | `verify.rs` | digests equal, QEMU loaded everything, disks handed to the guest, the commit (v1: asked for) |
+//! | `Switchover` | `switchover.rs` | the durable record (`record.rs`), `cont`, the VM handed to the daemon, Resumed |
+//!
+//! Every message received goes through the conversation's order
+//! (`tern_proto::conversation`) first. Before the switchover record, any failure (peer
+//! gone, Abort, QEMU died, digest mismatch, a panic) kills the destination QEMU, removes
+//! its run directory and releases its name, and only then tells the source. After it,
+//! this host owns the VM.
+
+mod hello;
+mod prepare;
+pub mod record;
+mod relay;
+pub mod spec;
+mod switchover;
+mod transfer;
+mod verify;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tern_proto::conversation::{Conversation, Side};
+use tern_proto::{ErrorCode, Message};
+use tern_qemu::launch::QemuProcess;
+use tern_qemu::qmp::QmpError;
+use tokio::sync::Mutex;
+
+pub use record::{SwitchRecord, INCOMING_MARKER, SWITCHED_IN};
+pub use transfer::check_ram_blocks;
+
+use crate::disk::DestDiskError;
+use crate::error::{error_chain, panic_message};
+use crate::handle::MigrationHandle;
+use crate::registry::AttachRefused;
+use crate::transport::conn::{ExpectError, FrameReader, FrameWriter, RecvError};
+use crate::transport::links::{DataStreamError, PeerWriter};
+use crate::transport::tls::{is_tls_failure, PeerIdentity, PeerRead, PeerStream};
+use crate::{Engine, Host};
+
+/// Why an incoming migration failed (the code is sent to the source in `Abort`).
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    #[error("{message}")]
+    Refuse { code: ErrorCode, message: String },
+    #[error("the source agent aborted ({}): {message}", code.name())]
+    Aborted { code: ErrorCode, message: String },
+    #[error("connection to the source agent failed")]
+    Peer(#[from] RecvError),
+    #[error("sending to the source agent failed")]
+    PeerWrite(#[source] std::io::Error),
+    #[error("the source agent closed the connection during {0}")]
+    PeerClosed(&'static str),
+    #[error("the destination QEMU failed: {0}")]
+    Qemu(String),
+    #[error("the destination QEMU failed: {what}")]
+    Qmp {
+        what: &'static str,
+        #[source]
+        source: QmpError,
+    },
+    #[error("the disks failed")]
+    Disk(#[from] DestDiskError),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, &'static str),
+}
+
+impl IncomingError {
+    fn code(&self) -> ErrorCode {
+        let timed_out = |e: &std::io::Error| e.kind() == std::io::ErrorKind::TimedOut;
+        match self {
+            IncomingError::Peer(RecvError::Io(e)) | IncomingError::PeerWrite(e) if timed_out(e) => {
+                ErrorCode::Timeout
+            }
+            IncomingError::Peer(RecvError::Io(e)) | IncomingError::PeerWrite(e)
+                if is_tls_failure(e) =>
+            {
+                ErrorCode::Security
+            }
+            IncomingError::Refuse { code, .. } | IncomingError::Aborted { code, .. } => *code,
+            IncomingError::Peer(_) | IncomingError::PeerClosed(_) | IncomingError::PeerWrite(_) => {
+                ErrorCode::Protocol
+            }
+            IncomingError::Qemu(_) | IncomingError::Qmp { .. } => ErrorCode::QemuFailed,
+            IncomingError::Disk(e) => e.code(),
+            IncomingError::Timeout(..) => ErrorCode::Timeout,
+        }
+    }
+}
+
+impl From<DataStreamError> for IncomingError {
+    fn from(e: DataStreamError) -> Self {
+        match e {
+            DataStreamError::Recv(e) => IncomingError::Peer(e),
+            DataStreamError::Closed => IncomingError::PeerClosed("a data stream"),
+            DataStreamError::NotSeq(got) => refuse(
+                ErrorCode::Protocol,
+                format!("expected Seq on a data connection, got {got}"),
+            ),
+        }
+    }
+}
+
+pub(crate) fn refuse(code: ErrorCode, message: impl Into<String>) -> IncomingError {
+    IncomingError::Refuse {
+        code,
+        message: message.into(),
+    }
+}
+
+/// A QMP failure of the destination QEMU, typed.
+pub(crate) fn qmp_failed(what: &'static str) -> impl Fn(QmpError) -> IncomingError {
+    move |source| IncomingError::Qmp { what, source }
+}
+
+/// What is set up on this host for the incoming VM, torn down unless it switches over.
+pub(crate) struct Incoming {
+    engine: Arc<Engine>,
+    host: Arc<dyn Host>,
+    name: Option<String>,
+    process: Option<QemuProcess>,
+    run_dir: Option<PathBuf>,
+    handle: Option<Arc<MigrationHandle>>,
+}
+
+impl Incoming {
+    async fn cleanup(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill().await;
+        }
+        if let Some(d) = self.run_dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        if let Some(n) = self.name.take() {
+            self.host.release_name(&n);
+        }
+    }
+}
+
+/// One peer connection: frames in order, as the conversation allows them.
+pub(crate) struct Conn {
+    reader: FrameReader<PeerRead>,
+    writer: PeerWriter,
+    conv: Conversation,
+    addr: SocketAddr,
+    peer: PeerIdentity,
+}
+
+impl Conn {
+    /// The next message within `within`, checked against the conversation's order; the
+    /// peer's Abort and a clean close are errors.
+    async fn next(
+        &mut self,
+        within: Duration,
+        what: &'static str,
+    ) -> Result<Message, IncomingError> {
+        let m = self
+            .reader
+            .expect(within, what)
+            .await
+            .map_err(|e| match e {
+                ExpectError::Timeout(d, w) => IncomingError::Timeout(d, w),
+                ExpectError::Closed(w) => IncomingError::PeerClosed(w),
+                ExpectError::Aborted { code, message } => IncomingError::Aborted { code, message },
+                ExpectError::Recv(e) => IncomingError::Peer(e),
+            })?;
+        self.check(&m)?;
+        Ok(m)
+    }
+
+    /// `m` from the source may come now.
+    fn check(&mut self, m: &Message) -> Result<(), IncomingError> {
+        self.conv
+            .on(Side::Source, m)
+            .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))
+    }
+
+    async fn send(&mut self, m: &Message) -> Result<(), IncomingError> {
+        // (what this side sends keeps the conversation's stage in step)
+        let _ = self.conv.on(Side::Destination, m);
+        send(&self.writer, m).await
+    }
+}
+
+/// Serves one peer connection (one incoming migration, a Query, or a data connection) to
+/// its end.
+pub async fn serve_peer(
+    engine: Arc<Engine>,
+    host: Arc<dyn Host>,
+    stream: PeerStream,
+    addr: SocketAddr,
+    peer: PeerIdentity,
+) {
+    tracing::debug!(peer = %addr, names = ?peer.names, labels = ?peer.labels, "peer authenticated");
+    let (rd, wr) = stream.split();
+    let mut conn = Conn {
+        reader: FrameReader::new(rd),
+        writer: Arc::new(Mutex::new(
+            FrameWriter::new(wr).with_deadline(engine.config.stall_timeout),
+        )),
+        conv: Conversation::new(),
+        addr,
+        peer,
+    };
+    let mut inc = Incoming {
+        engine: engine.clone(),
+        host,
+        name: None,
+        process: None,
+        run_dir: None,
+        handle: None,
+    };
+    // A bug that panics here cleans up like an error: QEMU, run directory, name.
+    let result = std::panic::AssertUnwindSafe(receive(&mut inc, &mut conn))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|p| {
+            Err(refuse(
+                ErrorCode::Internal,
+                format!("tern failed internally (a bug: {})", panic_message(&*p)),
+            ))
+        });
+    match result {
+        Ok(Some((id, index))) => attach(&engine, conn, &id, index).await,
+        Ok(None) => {}
+        Err(e) => {
+            let code = e.code();
+            let message = error_chain(&e);
+            tracing::warn!(peer = %addr, code = code.name(), %message, "incoming migration failed");
+            // Nothing of the VM may run here once the source hears of the failure (it
+            // resumes its copy then): clean up first, then tell it.
+            inc.cleanup().await;
+            if !matches!(
+                e,
+                IncomingError::Aborted { .. } | IncomingError::PeerClosed(_)
+            ) {
+                // bounded: the return-path relay may hold the writer, blocked on a dead link
+                let abort = Message::Abort {
+                    code,
+                    message: message.clone(),
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    conn.writer.lock().await.send(&abort).await
+                })
+                .await;
+            }
+            if let Some(h) = inc.handle.take() {
+                h.finish_err(code, message, "removed from this host".into());
+            }
+        }
+    }
+}
+
+/// The phases of an incoming migration. `Some((id, index))`: the connection is an extra
+/// data connection of migration `id`.
+async fn receive(
+    inc: &mut Incoming,
+    conn: &mut Conn,
+) -> Result<Option<(String, u16)>, IncomingError> {
+    let request = match hello::run(inc, conn).await? {
+        hello::Opening::Prepare(r) => r,
+        hello::Opening::Attach { id, index } => return Ok(Some((id, index))),
+        hello::Opening::Answered => return Ok(None),
+    };
+    let mut prepared = prepare::run(inc, conn, request).await?;
+    let received = transfer::run(inc, conn, &mut prepared).await?;
+    // From here the destination works without reading the source's frames for a while
+    // (QEMU loads the rest, disks are flushed, the VM resumed): it says it is alive, so the
+    // source's silence limit means a dead peer, not a busy one.
+    let _alive =
+        (prepared.version >= 2).then(|| relay::keepalive(conn.writer.clone(), received.applied));
+    verify::run(inc, conn, &mut prepared, &received).await?;
+    switchover::run(inc, conn, prepared, received).await?;
+    Ok(None)
+}
+
+/// Hands an extra data connection to its migration (only from the certificate that
+/// prepared it).
+async fn attach(engine: &Engine, conn: Conn, id: &str, index: u16) {
+    let refused =
+        match engine
+            .registry
+            .attach_stream(id, &conn.peer.fingerprint, index, conn.reader)
+        {
+            Ok(()) => return,
+            Err(AttachRefused::Unknown) => (
+                ErrorCode::Protocol,
+                format!("no incoming migration {id} here"),
+            ),
+            Err(AttachRefused::OtherPeer) => (
+                ErrorCode::NotAuthorized,
+                format!("migration {id} was prepared by another peer's certificate"),
+            ),
+        };
+    tracing::warn!(peer = %conn.addr, migration = %id, "data connection refused: {}", refused.1);
+    let _ = conn
+        .writer
+        .lock()
+        .await
+        .send(&Message::Abort {
+            code: refused.0,
+            message: refused.1,
+        })
+        .await;
+}
+
+pub(crate) async fn send(w: &PeerWriter, m: &Message) -> Result<(), IncomingError> {
+    w.lock()
+        .await
+        .send(m)
+        .await
+        .map_err(IncomingError::PeerWrite)
+}

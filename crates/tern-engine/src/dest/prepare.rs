@@ -1,0 +1,360 @@
+//! Phase `Prepare`: the incoming VM's spec vetted (`spec.rs`), the migration admitted (an
+//! id used once, bound to the certificate that sent Prepare; at most so many at once), its
+//! name reserved, its run directory made (marked incoming until the switchover), its disk
+//! images made (room checked), its QEMU started paused with `-incoming defer` and handed
+//! the socket its stream will come through; then the page summary (v2) and Prepared.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::json;
+use tern_proto::{limits, ErrorCode, Message};
+use tern_qemu::launch::LaunchOptions;
+use tern_qemu::qmp::{QmpClient, QmpEvent};
+use tern_qemu::spec::VmSpec;
+use tokio::net::unix;
+use tokio::sync::{broadcast, mpsc};
+
+use super::hello::PrepareRequest;
+use super::record::INCOMING_MARKER;
+use super::spec::{major_minor, vet_incoming_spec};
+use super::{qmp_failed, refuse, Conn, Incoming, IncomingError};
+use crate::disk::{free_bytes, incoming_disk_path, DestDisks};
+use crate::error::error_chain;
+use crate::handle::{MigrationHandle, Phase};
+use crate::pages::PageDecoder;
+use crate::registry::{AddIncomingError, StreamsGuard};
+use crate::transport::conn::FrameReader;
+use crate::transport::tls::PeerRead;
+
+/// An incoming migration whose QEMU waits for its stream.
+pub(super) struct Prepared {
+    pub id: String,
+    pub handle: Arc<MigrationHandle>,
+    pub spec: VmSpec,
+    pub run_dir: PathBuf,
+    pub source_running: bool,
+    pub version: u16,
+    pub qmp: QmpClient,
+    pub qemu_events: broadcast::Receiver<QmpEvent>,
+    pub qemu_rd: Option<unix::OwnedReadHalf>,
+    pub qemu_wr: unix::OwnedWriteHalf,
+    pub disks: Option<DestDisks>,
+    /// The pages this host holds, pinned for the migration; what it receives goes there.
+    pub pages: PageDecoder,
+    /// Extra data connections of this migration, as they attach.
+    pub attached: mpsc::UnboundedReceiver<(u16, FrameReader<PeerRead>)>,
+    pub _streams: StreamsGuard,
+}
+
+pub(super) async fn run(
+    inc: &mut Incoming,
+    conn: &mut Conn,
+    r: PrepareRequest,
+) -> Result<Prepared, IncomingError> {
+    let engine = inc.engine.clone();
+    let config = &engine.config;
+    let PrepareRequest {
+        id,
+        spec_toml,
+        source_running,
+        source_qemu,
+        disk_offer,
+        tpm_key,
+        peer_name,
+        version,
+    } = r;
+    if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') || id.is_empty() || id.len() > 64
+    {
+        return Err(refuse(
+            ErrorCode::Protocol,
+            format!("invalid migration id {id:?}"),
+        ));
+    }
+    let mut spec = VmSpec::from_toml(&spec_toml)
+        .map_err(|e| refuse(ErrorCode::SpecRejected, error_chain(&e)))?;
+    vet_incoming_spec(config, &mut spec)?;
+    if spec.tpm != tpm_key.is_some() {
+        return Err(if spec.tpm {
+            refuse(
+                ErrorCode::SpecRejected,
+                "a VM with a vTPM needs its migration key (TpmKey) before Prepare",
+            )
+        } else {
+            refuse(ErrorCode::Protocol, "TpmKey for a VM without a vTPM")
+        });
+    }
+    let offer = disk_offer.unwrap_or_default();
+    if offer.len() != spec.disks.len() {
+        return Err(refuse(
+            ErrorCode::Protocol,
+            format!(
+                "the spec has {} disks, the source offered {}",
+                spec.disks.len(),
+                offer.len()
+            ),
+        ));
+    }
+    {
+        // the disks are made here below; the rest must exist already
+        let mut files = spec.clone();
+        files.disks.clear();
+        files
+            .check_files()
+            .map_err(|e| refuse(ErrorCode::SpecRejected, error_chain(&e)))?;
+    }
+    // the source checked our labels; check again with our own policy
+    inc.host
+        .authorize_here(&spec)
+        .map_err(|e| refuse(ErrorCode::NotAuthorized, e))?;
+    let handle = Arc::new(MigrationHandle::incoming(
+        id.clone(),
+        spec.name.clone(),
+        format!("{peer_name} ({})", conn.addr),
+        conn.peer.fingerprint.clone(),
+    ));
+    match engine.registry.add_incoming(handle.clone()) {
+        Ok(()) => {}
+        Err(AddIncomingError::KnownId) => {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                format!("migration id {id} is already known on {}", config.name),
+            ))
+        }
+        Err(AddIncomingError::Busy(n)) => {
+            return Err(refuse(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "{} already receives {n} migrations at once; try again when one has finished",
+                    config.name
+                ),
+            ))
+        }
+    }
+    inc.handle = Some(handle.clone());
+    if !inc.host.reserve_name(&spec.name) {
+        return Err(refuse(
+            ErrorCode::VmExists,
+            format!(
+                "a VM named {:?} already exists on {}",
+                spec.name, config.name
+            ),
+        ));
+    }
+    inc.name = Some(spec.name.clone());
+    handle.set_phase(Phase::Prepare);
+
+    let run_dir = inc.host.new_run_dir(&spec.name);
+    inc.run_dir = Some(run_dir.clone());
+    let mut opts = LaunchOptions::new(run_dir.clone());
+    opts.incoming_defer = true;
+    opts.start_paused = true;
+    // cleanup is explicit; after the switchover the VM outlives us
+    opts.kill_on_drop = false;
+    // Until the switchover this QEMU is not a VM of ours: a restarted agent removes it.
+    std::fs::create_dir_all(&run_dir)
+        .and_then(|_| std::fs::write(run_dir.join(INCOMING_MARKER), id.as_bytes()))
+        .map_err(|e| {
+            refuse(
+                ErrorCode::ResourceExhausted,
+                format!("cannot create {}: {e}", run_dir.display()),
+            )
+        })?;
+    if let Some(key) = &tpm_key {
+        crate::secret::write_file(&crate::tpm_migration_key_path(&run_dir), key, 0o600).map_err(
+            |e| {
+                refuse(
+                    ErrorCode::ResourceExhausted,
+                    format!(
+                        "cannot keep the vTPM key in {}: {}",
+                        run_dir.display(),
+                        error_chain(&e)
+                    ),
+                )
+            },
+        )?;
+    }
+    if !spec.disks.is_empty() {
+        prepare_disks(&config.name, &mut spec, &offer, &run_dir).await?;
+    }
+    let process = inc
+        .host
+        .launch(&spec, &opts)
+        .await
+        .map_err(|e| refuse(ErrorCode::QemuLaunchFailed, e.0))?;
+    let qmp = process.qmp.clone();
+    let qemu_version = qmp.version().to_string();
+    handle.update(|s| s.dest_qemu_pid = process.pid());
+    inc.process = Some(process);
+    // QEMU migrates only to the same or a newer version (an older one rejects what it does
+    // not know, e.g. 7.2 and SWITCHOVER_START): refuse before anything moves.
+    if let (Some(src), Some(dst)) = (major_minor(&source_qemu), major_minor(&qemu_version)) {
+        if dst < src {
+            return Err(refuse(
+                ErrorCode::SpecRejected,
+                format!(
+                    "destination QEMU {qemu_version} is older than the source's {source_qemu}: QEMU migrates only to the same or a newer version; upgrade QEMU on {}",
+                    config.name
+                ),
+            ));
+        }
+    }
+    qmp.set_migrate_capabilities(&[("return-path", true), ("events", true)])
+        .await
+        .map_err(qmp_failed("setting its migration capabilities"))?;
+    let qemu_events = qmp.subscribe();
+    // the stream comes in over a socket QEMU is handed (it may not open paths itself)
+    let qemu_sock = qmp
+        .stream_socket("tern-incoming")
+        .await
+        .map_err(qmp_failed("handing it the stream's socket"))?;
+    qmp.execute(
+        "migrate-incoming",
+        Some(json!({ "uri": "fd:tern-incoming" })),
+    )
+    .await
+    .map_err(qmp_failed("migrate-incoming"))?;
+    // the disks: written through the incoming QEMU's own NBD exports
+    let disks = if spec.disks.is_empty() {
+        None
+    } else {
+        Some(
+            DestDisks::start(
+                &qmp,
+                &run_dir,
+                offer.iter().map(|d| d.virtual_size).collect(),
+                offer
+                    .iter()
+                    .fold(0u64, |a, d| a.saturating_add(d.allocated)),
+                engine.chunks.clone(),
+                engine.hasher.clone(),
+                conn.writer.clone(),
+            )
+            .await
+            .map_err(|e| IncomingError::Qemu(format!("cannot export the incoming disks: {e}")))?,
+        )
+    };
+    let (qemu_rd, qemu_wr) = qemu_sock.into_split();
+    // What this host holds, so the source can send references instead of pages (v2).
+    let mut pages = PageDecoder::new(engine.hasher.clone(), engine.store.clone());
+    if version >= 2 {
+        let (key_id, prefixes) = pages.summary();
+        tracing::info!(migration = %id, pages = prefixes.len(), "sending the page summary");
+        // 1 MiB frames: the source reads them as they come
+        let mut chunks = prefixes.chunks(128 << 10).peekable();
+        if chunks.peek().is_none() {
+            conn.send(&Message::Summary {
+                key_id,
+                prefixes: Vec::new(),
+            })
+            .await?;
+        }
+        for chunk in chunks {
+            conn.send(&Message::Summary {
+                key_id,
+                prefixes: chunk.to_vec(),
+            })
+            .await?;
+        }
+    }
+    // Extra data connections (parallel streams) arrive through the registry.
+    let (attach_tx, attached) = mpsc::unbounded_channel();
+    let streams = engine
+        .registry
+        .accept_streams(&id, &conn.peer.fingerprint, attach_tx);
+    conn.send(&Message::Prepared { qemu_version }).await?;
+    Ok(Prepared {
+        id,
+        handle,
+        spec,
+        run_dir,
+        source_running,
+        version,
+        qmp,
+        qemu_events,
+        qemu_rd: Some(qemu_rd),
+        qemu_wr,
+        disks,
+        pages,
+        attached,
+        _streams: streams,
+    })
+}
+
+/// Room, paths and empty images for an incoming VM's disks: each goes to
+/// `RUN/disks/diskN.FMT` (a flat image of the source's virtual size; the rebuild fills
+/// it), and `spec` is rewritten to use them. Refuses before QEMU starts when the
+/// filesystem lacks room for what the source has allocated.
+async fn prepare_disks(
+    host_name: &str,
+    spec: &mut VmSpec,
+    offer: &[tern_proto::DiskInfo],
+    run_dir: &std::path::Path,
+) -> Result<(), IncomingError> {
+    let dir = run_dir.join("disks");
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        refuse(
+            ErrorCode::ResourceExhausted,
+            format!("cannot create {}: {e}", dir.display()),
+        )
+    })?;
+    for (i, d) in offer.iter().enumerate() {
+        if d.virtual_size == 0
+            || d.virtual_size > limits::MAX_DISK_BYTES
+            || !d.virtual_size.is_multiple_of(512)
+            || d.allocated > d.virtual_size
+        {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                format!(
+                    "DiskOffer: disk {i} of {} bytes with {} allocated (sizes are multiples of 512 up to {} TiB, allocated at most the size)",
+                    d.virtual_size,
+                    d.allocated,
+                    limits::MAX_DISK_BYTES >> 40
+                ),
+            ));
+        }
+    }
+    let needed = offer
+        .iter()
+        .fold(0u64, |a, d| a.saturating_add(d.allocated));
+    // qcow2 metadata and the filesystem's own needs; the copy keeps this much free too,
+    // whatever `allocated` said (the disk worker watches)
+    let margin = crate::disk::FREE_SPACE_RESERVE;
+    let free = free_bytes(&dir).map_err(|e| {
+        refuse(
+            ErrorCode::ResourceExhausted,
+            format!("cannot tell the free space in {}: {e}", dir.display()),
+        )
+    })?;
+    if free < needed.saturating_add(margin) {
+        return Err(refuse(
+            ErrorCode::ResourceExhausted,
+            format!(
+                "not enough disk space on {} for VM {}'s disks: they hold {} MiB on the source, {} has {} MiB free; free space there or migrate elsewhere",
+                host_name,
+                spec.name,
+                needed.div_ceil(1 << 20),
+                dir.display(),
+                free >> 20
+            ),
+        ));
+    }
+    for (i, (d, info)) in spec.disks.iter_mut().zip(offer).enumerate() {
+        let path = incoming_disk_path(run_dir, i, d.format.as_str());
+        tern_qemu::disk::create_image(&path, d.format, info.virtual_size)
+            .await
+            .map_err(|e| {
+                refuse(
+                    ErrorCode::ResourceExhausted,
+                    format!(
+                        "cannot create disk {i} at {}: {}",
+                        path.display(),
+                        error_chain(&e)
+                    ),
+                )
+            })?;
+        d.path = path;
+    }
+    Ok(())
+}

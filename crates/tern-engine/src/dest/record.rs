@@ -1,0 +1,48 @@
+//! The durable mark of the switchover on a destination: written and fsynced before the
+//! incoming VM runs, read by a restarted agent (to answer the source's Query, and to
+//! finish a switchover its predecessor began) and by the registry (an id is used once).
+
+/// File in a run directory while its QEMU is an incoming migration not yet switched over.
+pub const INCOMING_MARKER: &str = "incoming";
+/// File in a run directory naming the migration that brought the VM here
+/// ([`SwitchRecord`]).
+pub const SWITCHED_IN: &str = "switched-in";
+
+/// What a destination writes, durably, before an incoming VM runs: the VM is this host's
+/// from then on. A restarted agent reads it to answer the source's Query and to finish a
+/// switchover its predecessor began (a run directory with both this and
+/// [`INCOMING_MARKER`] died between this record and `cont`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SwitchRecord {
+    pub migration_id: String,
+    /// The certificate of the source agent (only it may ask about the migration).
+    pub peer: String,
+    /// The VM ran on the source: it must run here.
+    pub source_running: bool,
+    /// When it resumed here (0: not yet, or it was paused).
+    #[serde(default)]
+    pub resumed_unix_us: u64,
+}
+
+impl SwitchRecord {
+    /// Writes the record into `run_dir` and makes it durable (file and directory synced).
+    pub fn write(&self, run_dir: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = run_dir.join(format!("{SWITCHED_IN}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, run_dir.join(SWITCHED_IN))?;
+        std::fs::File::open(run_dir)?.sync_all()
+    }
+
+    /// The record in `run_dir`, if there is a readable one.
+    pub fn read(run_dir: &std::path::Path) -> Option<SwitchRecord> {
+        let b = std::fs::read(run_dir.join(SWITCHED_IN)).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+}

@@ -1,0 +1,111 @@
+//! The destination QEMU's return path (PONG, SHUT, ...), relayed to the source agent one
+//! message per frame, flushed at once: the source QEMU waits for them.
+
+use tern_proto::Message;
+use tern_qemu::rp::{parse_rp, RpMessage};
+use tokio::io::AsyncReadExt;
+use tokio::net::unix;
+
+use tern_proto::limits;
+
+use crate::transport::links::PeerWriter;
+
+/// Relays the destination QEMU's return path to the source agent, one message per frame,
+/// flushed at once. Returns Ok(true) if QEMU said SHUT(0) before closing, an error text if
+/// QEMU closed without SHUT (it died or failed).
+pub(super) async fn return_path(
+    mut qemu: unix::OwnedReadHalf,
+    writer: PeerWriter,
+) -> Result<bool, String> {
+    let mut buf = bytes::BytesMut::with_capacity(64 << 10);
+    let mut shut_ok = false;
+    loop {
+        loop {
+            match parse_rp(&buf) {
+                Ok(Some((msg, used))) => {
+                    let raw = buf.split_to(used).freeze();
+                    if let RpMessage::Shut(status) = msg {
+                        shut_ok = status == 0;
+                        if status != 0 {
+                            let _ = writer.lock().await.send(&Message::ReturnPath(raw)).await;
+                            return Err(format!("it reported a failed load (SHUT {status})"));
+                        }
+                    }
+                    writer
+                        .lock()
+                        .await
+                        .send(&Message::ReturnPath(raw))
+                        .await
+                        .map_err(|e| format!("relaying its return path failed: {e}"))?;
+                }
+                Ok(None) => break,
+                Err(e) => return Err(format!("its return path is malformed: {e}")),
+            }
+        }
+        match qemu.read_buf(&mut buf).await {
+            Ok(0) if shut_ok => return Ok(true),
+            Ok(0) => {
+                return Err("it closed the migration socket without finishing (exited?)".into())
+            }
+            Ok(_) => {}
+            Err(e) if shut_ok => {
+                tracing::debug!("return path after SHUT: {e}");
+                return Ok(true);
+            }
+            Err(e) => return Err(format!("reading its return path failed: {e}")),
+        }
+    }
+}
+
+pub(super) struct AbortOnDrop(pub(super) Option<tokio::task::JoinHandle<Result<bool, String>>>);
+
+impl AbortOnDrop {
+    pub(super) async fn join(&mut self) -> Result<Result<bool, String>, tokio::task::JoinError> {
+        match self.0.as_mut() {
+            Some(h) => {
+                let r = h.await;
+                self.0 = None;
+                r
+            }
+            None => std::future::pending().await,
+        }
+    }
+    pub(super) fn abort(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// Sends `Applied{units}` (unchanged: no new stream) every
+/// [`limits::KEEPALIVE_INTERVAL`] until dropped.
+pub(super) fn keepalive(writer: PeerWriter, units: u64) -> AbortOnDropTask {
+    AbortOnDropTask(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(limits::KEEPALIVE_INTERVAL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let sent = tokio::time::timeout(limits::KEEPALIVE_INTERVAL, async {
+                writer.lock().await.send(&Message::Applied { units }).await
+            })
+            .await;
+            if matches!(sent, Ok(Err(_))) {
+                return;
+            }
+        }
+    }))
+}
+
+pub(super) struct AbortOnDropTask(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDropTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,89 @@
+//! What a destination takes from a peer's VM spec: its own decision, not the peer's. The
+//! kernel and initrd only from its boot directories, machine types its QEMU knows, no
+//! migration capabilities from the peer, no VM larger than the host.
+
+use std::path::PathBuf;
+
+use tern_proto::ErrorCode;
+use tern_qemu::spec::VmSpec;
+
+use super::{refuse, IncomingError};
+use crate::EngineConfig;
+
+/// What a destination takes from a peer's VM spec, whatever the peer wrote: capabilities
+/// are dropped (a peer does not configure this host's QEMU), the machine type must be one
+/// this host's QEMU knows, the kernel and initrd must be files under this agent's boot
+/// directories (refused with the same words whether or not a path exists elsewhere), and
+/// the VM must fit this host's memory.
+pub fn vet_incoming_spec(config: &EngineConfig, spec: &mut VmSpec) -> Result<(), IncomingError> {
+    let host = &config.name;
+    spec.migration_capabilities.clear();
+    if !config.machine_types.contains(&spec.machine) {
+        return Err(refuse(
+            ErrorCode::SpecRejected,
+            format!(
+                "machine type {:?} is not one this host's QEMU ({host}) knows",
+                spec.machine
+            ),
+        ));
+    }
+    spec.kernel = boot_file("kernel", &spec.kernel, &config.boot_dirs, host)?;
+    if let Some(i) = &spec.initrd {
+        spec.initrd = Some(boot_file("initrd", i, &config.boot_dirs, host)?);
+    }
+    if config.host_memory_mib > 0 && u64::from(spec.memory_mib) > config.host_memory_mib {
+        return Err(refuse(
+            ErrorCode::ResourceExhausted,
+            format!(
+                "VM {} has {} MiB of memory, more than {host} has ({} MiB)",
+                spec.name, spec.memory_mib, config.host_memory_mib
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `path`, if it names a regular file under one of `dirs` (canonical), as its canonical
+/// path. The refusal says only that the path is not an allowed boot file here: nothing
+/// about what exists outside the boot directories.
+fn boot_file(
+    what: &str,
+    path: &std::path::Path,
+    dirs: &[PathBuf],
+    host: &str,
+) -> Result<PathBuf, IncomingError> {
+    use std::path::Component;
+    let refused = || {
+        refuse(
+            ErrorCode::SpecRejected,
+            format!(
+                "{what} {} is not a file in {host}'s boot directories ({}); put the VM's boot files there (tern agent --boot-dir)",
+                path.display(),
+                dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        )
+    };
+    let plain = path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !plain || !dirs.iter().any(|d| path.starts_with(d)) {
+        return Err(refused());
+    }
+    // inside a boot directory: what exists there is no secret; symlinks must not lead out
+    let real = std::fs::canonicalize(path).map_err(|_| refused())?;
+    let is_file = std::fs::metadata(&real).is_ok_and(|m| m.is_file());
+    if !is_file || !dirs.iter().any(|d| real.starts_with(d)) {
+        return Err(refused());
+    }
+    Ok(real)
+}
+
+/// "10.0.2" -> (10, 0).
+pub(super) fn major_minor(v: &str) -> Option<(u32, u32)> {
+    let mut it = v.split('.');
+    Some((
+        it.next()?.trim().parse().ok()?,
+        it.next()?.trim().parse().ok()?,
+    ))
+}

@@ -1,0 +1,130 @@
+//! Phase `Switchover` on the destination: the durable record first (no record, no run:
+//! the source resumes its copy), then the guest runs (`cont`, its RESUME event), the VM is
+//! handed to the daemon, and the source is told (Resumed).
+//!
+//! ===== SWITCHOVER POINT: from the record on, this host owns the VM. =====
+
+use std::time::{Duration, SystemTime};
+
+use tern_proto::{ErrorCode, Message};
+
+use super::prepare::Prepared;
+use super::record::{SwitchRecord, INCOMING_MARKER};
+use super::transfer::Received;
+use super::{qmp_failed, refuse, send, Conn, Incoming, IncomingError};
+use crate::fault::fault;
+use crate::handle::{page_counts, unix_us, Counters, MigrationReport, Phase};
+
+pub(super) async fn run(
+    inc: &mut Incoming,
+    conn: &mut Conn,
+    p: Prepared,
+    mut r: Received,
+) -> Result<(), IncomingError> {
+    let handle = p.handle.clone();
+    handle.set_phase(Phase::Switchover);
+    let fault = inc.engine.config.fault;
+    // Durable before the guest runs: a restarted agent must find that this VM is ours
+    // (and answer the source's Query with "running"), never kill it as an incoming VM
+    // that did not switch over.
+    let record = SwitchRecord {
+        migration_id: p.id.clone(),
+        peer: conn.peer.fingerprint.clone(),
+        source_running: p.source_running,
+        resumed_unix_us: 0,
+    };
+    if fault!(fault, FailSwitchRecord) {
+        tracing::warn!("fault injection: the switchover record cannot be written");
+        return Err(refuse(
+            ErrorCode::ResourceExhausted,
+            format!(
+                "cannot record the switchover in {}: fault injection; the VM was not started here",
+                p.run_dir.display()
+            ),
+        ));
+    }
+    record.write(&p.run_dir).map_err(|e| {
+        refuse(
+            ErrorCode::ResourceExhausted,
+            format!(
+                "cannot record the switchover in {}: {e}; the VM was not started here",
+                p.run_dir.display()
+            ),
+        )
+    })?;
+    if fault!(fault, ExitAtSwitchover) {
+        tracing::warn!("fault injection: exiting between the switchover record and cont");
+        std::process::exit(71);
+    }
+    let resumed_at = if p.source_running {
+        let mut ev = p.qmp.subscribe();
+        p.qmp
+            .execute("cont", None)
+            .await
+            .map_err(qmp_failed("cont"))?;
+        match p
+            .qmp
+            .wait_event(&mut ev, "RESUME", Duration::from_secs(10))
+            .await
+        {
+            Ok(e) => e.timestamp,
+            Err(_) => SystemTime::now(),
+        }
+    } else {
+        SystemTime::now()
+    };
+    let resumed_unix_us = if p.source_running {
+        unix_us(resumed_at)
+    } else {
+        0
+    };
+    let process = inc
+        .process
+        .take()
+        .expect("the process is set during a migration");
+    inc.run_dir = None;
+    // the run directory is a VM's now; the record says when it resumed (best effort)
+    let _ = SwitchRecord {
+        resumed_unix_us,
+        ..record
+    }
+    .write(&process.run_dir);
+    let _ = std::fs::remove_file(process.run_dir.join(INCOMING_MARKER));
+    inc.host.adopt(p.spec, process);
+    inc.name = None;
+    r.relay.abort();
+    if fault!(fault, DropAfterCommit) {
+        tracing::warn!("fault injection: dropping the connection instead of sending Resumed");
+        let _ = conn.writer.lock().await.shutdown().await;
+    } else {
+        let _ = send(
+            &conn.writer,
+            &Message::Resumed {
+                resumed_unix_us: unix_us(resumed_at),
+            },
+        )
+        .await;
+    }
+    let c = &handle.counters;
+    let total = handle.started.elapsed();
+    let wire_out = conn.writer.lock().await.bytes_written;
+    handle.finish_ok(MigrationReport {
+        migration_id: p.id,
+        vm: handle.vm.clone(),
+        source: handle.peer.clone(),
+        destination: inc.engine.config.name.clone(),
+        outcome: "succeeded".into(),
+        total_time_ms: total.as_millis() as u64,
+        bytes_from_qemu: 0,
+        bytes_on_wire: Counters::get(&c.wire_in) + Counters::get(&c.wire_data) + wire_out,
+        pages: page_counts(c),
+        digest_ok: true,
+        digest: hex::encode(r.source_digest),
+        source_was_running: p.source_running,
+        protocol_version: p.version,
+        resumed_unix_us,
+        ..Default::default()
+    });
+    inc.handle = None;
+    Ok(())
+}

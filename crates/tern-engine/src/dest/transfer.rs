@@ -1,0 +1,608 @@
+//! Phase `Transfer`: frames become QEMU's stream again. Frames come from the control
+//! connection and, numbered, from the extra data connections (applied in number order,
+//! [`Reorder`]); each is checked against the conversation's order and every bound a peer
+//! must keep (`tern_proto::limits`) before anything is allocated; page records are
+//! resolved (zero, bytes, a reference to content held here, a delta) and written to QEMU in
+//! the order they came, a record whose content must be asked for (Want) holding back those
+//! after it. Disk frames go to the disk worker; QEMU's return path is relayed meanwhile.
+//! Ends when SourceDone came and everything before it is written.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use tern_proto::{limits, ErrorCode, Message, PageBody};
+use tern_qemu::stream::{BlockName, Encoder, Item, NameMode, RamRecord};
+use tern_store::Hash;
+use tokio::net::unix;
+use tokio::sync::mpsc;
+
+use super::prepare::Prepared;
+use super::relay::{return_path, AbortOnDrop};
+use super::{refuse, send, Conn, Incoming, IncomingError};
+use crate::digest::MemoryDigest;
+use crate::disk::{DestDiskError, DestDisks};
+use crate::fault::{fault, fault_once};
+use crate::handle::{Counters, Phase};
+use crate::pages::Resolved;
+use crate::transport::conn::Segments;
+use crate::transport::links::{data_stream, DataFrame, PeerWriter, Reorder};
+
+/// What the transfer leaves for the verification.
+pub(super) struct Received {
+    /// The source's digest (SourceDone) and whether it carried the commit (v2).
+    pub source_digest: [u8; 32],
+    pub early_commit: bool,
+    /// The digest of what this side wrote to its QEMU.
+    pub digest: Option<MemoryDigest>,
+    /// Stream units written to QEMU (for keepalives).
+    pub applied: u64,
+    /// The return-path relay, still running.
+    pub relay: AbortOnDrop,
+}
+
+pub(super) async fn run(
+    inc: &mut Incoming,
+    conn: &mut Conn,
+    p: &mut Prepared,
+) -> Result<Received, IncomingError> {
+    p.handle.set_phase(Phase::Transfer);
+    let qemu_rd = p
+        .qemu_rd
+        .take()
+        .expect("the transfer takes QEMU's return path once");
+    let rp_task = tokio::spawn(return_path(qemu_rd, conn.writer.clone()));
+    let mut rp_task = AbortOnDrop(Some(rp_task));
+    let mut rb = Rebuild {
+        enc: Encoder::new(tern_qemu::stream::DEFAULT_PAGE_SIZE),
+        out: Segments::default(),
+        names: Vec::new(),
+        digest: None,
+        corrupt_pending: fault!(inc.engine.config.fault, CorruptPage),
+        pending: VecDeque::new(),
+        pending_bytes: 0,
+        missing: HashSet::new(),
+        lengths: Vec::new(),
+        out_units: 0,
+        applied: 0,
+        reported: 0,
+    };
+    let c = &p.handle.counters;
+    let mut rp_result: Option<Result<bool, String>> = None;
+    let id = &p.id;
+    let handle = &p.handle;
+    let version = p.version;
+    let stall = inc.engine.config.stall_timeout;
+    let mut source_done: Option<[u8; 32]> = None;
+    let mut early_commit = false;
+    // Data frames from parallel streams, applied in sequence order.
+    let (data_tx, mut data_rx) = mpsc::channel::<DataFrame>(64);
+    let mut reorder = Reorder::default();
+    let mut attached: HashSet<u16> = HashSet::new();
+    let mut ready: VecDeque<Message> = VecDeque::new();
+    let mut last_input = tokio::time::Instant::now();
+    let source_digest = loop {
+        if let Some(d) = source_done {
+            // (disks: their last rounds travel on the control connection, SourceDone may
+            // come first on a data connection)
+            if rb.pending.is_empty() && p.disks.as_ref().is_none_or(DestDisks::all_last) {
+                rb.flush(&mut p.qemu_wr, &conn.writer, version).await?;
+                break d;
+            }
+        }
+        let msg = if let Some(m) = ready.pop_front() {
+            Ok(Some(m))
+        } else {
+            // Write to QEMU only when the next frame is not here yet (and nothing more is
+            // waiting in the sockets), or when a lot is queued: large writes, no stalls.
+            if !conn.reader.has_frame() && data_rx.is_empty() && !rb.out.is_empty() {
+                conn.reader.try_fill()?;
+                if !conn.reader.has_frame() {
+                    rb.flush(&mut p.qemu_wr, &conn.writer, version).await?;
+                }
+            }
+            tokio::select! {
+                m = conn.reader.next() => m,
+                d = data_rx.recv() => {
+                    last_input = tokio::time::Instant::now();
+                    match d.expect("the loop holds a sender") {
+                        Ok((seq, m)) => {
+                            reorder.insert(seq, m).map_err(|why| refuse(ErrorCode::Protocol, why))?;
+                            while let Some(m) = reorder.pop() {
+                                ready.push_back(m);
+                            }
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    continue;
+                }
+                a = p.attached.recv() => {
+                    if let Some((index, r)) = a {
+                        if index == 0 || index > limits::MAX_DATA_STREAMS || !attached.insert(index) {
+                            return Err(refuse(
+                                ErrorCode::Protocol,
+                                format!("data connection #{index}: numbered 1..={} and each once", limits::MAX_DATA_STREAMS),
+                            ));
+                        }
+                        tracing::info!(migration = %id, index, "data connection attached");
+                        tokio::spawn(data_stream(r, data_tx.clone(), handle.clone()));
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(last_input + stall) => {
+                    tracing::warn!(
+                        migration = %id,
+                        wire_in = conn.reader.bytes_read,
+                        applied = rb.applied,
+                        reported = rb.reported,
+                        queued = rb.out.len(),
+                        pending = rb.pending.len(),
+                        missing = rb.missing.len(),
+                        ready = ready.len(),
+                        reorder = reorder.held.len(),
+                        "no data from the source"
+                    );
+                    return Err(IncomingError::Timeout(stall, "data from the source"));
+                }
+                e = async { p.disks.as_mut().expect("guarded").failed.recv().await }, if p.disks.is_some() => {
+                    return Err(disk_failure(e));
+                }
+                r = rp_task.join(), if rp_result.is_none() => {
+                    let r = r.unwrap_or_else(|e| Err(format!("return-path task failed: {e}")));
+                    if let Err(why) = &r {
+                        return Err(IncomingError::Qemu(why.clone()));
+                    }
+                    rp_result = Some(r);
+                    continue;
+                }
+            }
+        };
+        last_input = tokio::time::Instant::now();
+        c.wire_in.store(conn.reader.bytes_read, Ordering::Relaxed);
+        let msg = msg?;
+        if let Some(m) = &msg {
+            conn.check(m)?;
+        }
+        match msg {
+            Some(Message::QemuBytes(b)) => rb.push(Pending::Verbatim(b), c)?,
+            Some(Message::RamBlocks { page_size, blocks }) => {
+                if rb.digest.is_some() {
+                    return Err(refuse(
+                        ErrorCode::Protocol,
+                        "RamBlocks twice in one migration",
+                    ));
+                }
+                check_ram_blocks(page_size, &blocks, p.spec.memory_mib)
+                    .map_err(|why| refuse(ErrorCode::Protocol, format!("RamBlocks: {why}")))?;
+                rb.lengths = blocks.iter().map(|b| b.used_length).collect();
+                rb.names = blocks
+                    .iter()
+                    .map(|b| BlockName::from(b.name.as_str()))
+                    .collect();
+                rb.enc = Encoder::new(u64::from(page_size));
+                rb.digest = Some(MemoryDigest::new(
+                    u64::from(page_size),
+                    blocks.iter().map(|b| (b.name.as_str(), b.used_length)),
+                ));
+                let lengths: Vec<u64> = blocks.iter().map(|b| b.used_length).collect();
+                p.pages.set_blocks(u64::from(page_size), &lengths);
+            }
+            Some(Message::Pages {
+                block,
+                pages: records,
+            }) => {
+                if rb.digest.is_none() || rb.names.get(block as usize).is_none() {
+                    return Err(refuse(
+                        ErrorCode::Protocol,
+                        format!("Pages for unknown block #{block}"),
+                    ));
+                }
+                if fault!(inc.engine.config.fault, PanicInTransfer) && fault_once() {
+                    let _store = inc.engine.store.lock();
+                    panic!("fault injection: panic in the transfer, holding the page store");
+                }
+                let mut want = Vec::new();
+                for rec in records {
+                    rb.check_record(block, &rec)?;
+                    let counter = match &rec.body {
+                        PageBody::Zero { .. } => &c.pages_zero,
+                        PageBody::Raw(_) => &c.pages_raw,
+                        PageBody::Ref(_) => &c.pages_ref,
+                        PageBody::Delta { .. } => &c.pages_delta,
+                    };
+                    Counters::add(counter, 1);
+                    let offset = rec.offset;
+                    let item = match p
+                        .pages
+                        .resolve(block, offset, rec.body)
+                        .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?
+                    {
+                        Resolved::Zero(fill) => Pending::Zero {
+                            block,
+                            offset,
+                            fill,
+                        },
+                        Resolved::Page(data) => Pending::Page {
+                            block,
+                            offset,
+                            data: Some(data),
+                            hash: [0; 16],
+                        },
+                        Resolved::Missing(hash) => {
+                            if rb.missing.insert(hash) {
+                                want.push(hash);
+                            }
+                            Pending::Page {
+                                block,
+                                offset,
+                                data: None,
+                                hash,
+                            }
+                        }
+                    };
+                    rb.push(item, c)?;
+                }
+                if !want.is_empty() {
+                    Counters::add(&c.wants, want.len() as u64);
+                    tracing::info!(
+                        n = want.len(),
+                        "asking the source for content this host lacks"
+                    );
+                    for hashes in want.chunks(limits::MAX_WANT_HASHES) {
+                        conn.send(&Message::Want {
+                            hashes: hashes.to_vec(),
+                        })
+                        .await?;
+                    }
+                }
+                if rb.out.len() >= 1 << 20 {
+                    rb.flush(&mut p.qemu_wr, &conn.writer, version).await?;
+                }
+            }
+            Some(Message::Content { pages: contents }) => {
+                if contents.len() > limits::MAX_WANT_HASHES {
+                    return Err(refuse(
+                        ErrorCode::Protocol,
+                        format!(
+                            "Content with {} pages (at most {})",
+                            contents.len(),
+                            limits::MAX_WANT_HASHES
+                        ),
+                    ));
+                }
+                for (h, data) in contents {
+                    if !rb.missing.contains(&h) {
+                        return Err(refuse(
+                            ErrorCode::Protocol,
+                            format!(
+                                "Content for page {} that this host did not ask for",
+                                hex::encode(h)
+                            ),
+                        ));
+                    }
+                    if data.len() as u64 != limits::PAGE_SIZE {
+                        return Err(refuse(
+                            ErrorCode::Protocol,
+                            "Content page of the wrong size",
+                        ));
+                    }
+                    p.pages
+                        .content(h, &data)
+                        .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?;
+                    rb.fill(h, &data);
+                }
+                rb.drain(c)?;
+            }
+            Some(Message::SourceDone {
+                digest: src,
+                commit,
+                ..
+            }) => {
+                source_done = Some(src);
+                early_commit = commit;
+            }
+            Some(Message::Abort { code, message }) => {
+                return Err(IncomingError::Aborted { code, message })
+            }
+            Some(
+                m @ (Message::DiskManifest { .. }
+                | Message::DiskData { .. }
+                | Message::DiskRoundEnd { .. }),
+            ) => match p.disks.as_mut() {
+                Some(d) => {
+                    if d.handle(m).await.is_err() {
+                        return Err(disk_failure(d.failed.recv().await));
+                    }
+                }
+                None => {
+                    return Err(refuse(
+                        ErrorCode::Protocol,
+                        format!("{} for a VM without disks", m.name()),
+                    ))
+                }
+            },
+            Some(m) => {
+                return Err(refuse(
+                    ErrorCode::Protocol,
+                    format!("unexpected {} during transfer", m.name()),
+                ))
+            }
+            None => return Err(IncomingError::PeerClosed("the transfer")),
+        }
+    };
+    Ok(Received {
+        source_digest,
+        early_commit,
+        digest: rb.digest.take(),
+        applied: rb.applied,
+        relay: rp_task,
+    })
+}
+
+/// The disk worker's failure as this migration's error.
+fn disk_failure(e: Option<DestDiskError>) -> IncomingError {
+    match e {
+        Some(e) => e.into(),
+        None => refuse(ErrorCode::Internal, "the disk worker stopped"),
+    }
+}
+
+/// Something for the destination QEMU, in stream order.
+pub(super) enum Pending {
+    Verbatim(Bytes),
+    Zero {
+        block: u16,
+        offset: u64,
+        fill: u8,
+    },
+    /// `data` is `None` while the content (`hash`) is asked for.
+    Page {
+        block: u16,
+        offset: u64,
+        data: Option<Bytes>,
+        hash: Hash,
+    },
+}
+
+impl Pending {
+    /// What holding this back costs in memory.
+    fn bytes(&self) -> u64 {
+        match self {
+            Pending::Verbatim(b) => b.len() as u64,
+            Pending::Zero { .. } => 16,
+            Pending::Page { .. } => limits::PAGE_SIZE,
+        }
+    }
+}
+
+/// The rules for a peer's RamBlocks: the target page size only, at most
+/// [`limits::MAX_RAM_BLOCKS`] named blocks, adding up to no more than the spec's memory
+/// plus [`limits::RAM_SLACK_BYTES`].
+pub fn check_ram_blocks(
+    page_size: u32,
+    blocks: &[tern_proto::RamBlock],
+    memory_mib: u32,
+) -> Result<(), String> {
+    if u64::from(page_size) != limits::PAGE_SIZE {
+        return Err(format!(
+            "page size {page_size} (this host takes {} only)",
+            limits::PAGE_SIZE
+        ));
+    }
+    if blocks.is_empty() || blocks.len() > limits::MAX_RAM_BLOCKS {
+        return Err(format!(
+            "{} RAM blocks (1..={})",
+            blocks.len(),
+            limits::MAX_RAM_BLOCKS
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut total = 0u64;
+    for b in blocks {
+        if b.name.is_empty() || b.name.len() > limits::MAX_RAM_BLOCK_NAME || !names.insert(&b.name)
+        {
+            return Err(format!(
+                "RAM block name {:?} empty, too long or twice",
+                b.name
+            ));
+        }
+        total = total.saturating_add(b.used_length);
+    }
+    let allowed = (u64::from(memory_mib) << 20) + limits::RAM_SLACK_BYTES;
+    if total > allowed {
+        return Err(format!(
+            "RAM blocks add up to {total} bytes, more than the VM's {memory_mib} MiB plus {} MiB",
+            limits::RAM_SLACK_BYTES >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// Rebuilds QEMU's stream. Records go out in the order they came; when one lacks its
+/// content, it and everything after it wait in `pending` until the content arrives.
+/// The memory digest is taken as records go out, so it follows the same order.
+pub(super) struct Rebuild {
+    enc: Encoder,
+    out: Segments,
+    names: Vec<BlockName>,
+    digest: Option<MemoryDigest>,
+    corrupt_pending: bool,
+    pending: VecDeque<Pending>,
+    /// Bytes of what `pending` holds (bounded: [`limits::MAX_PENDING_BYTES`]).
+    pending_bytes: u64,
+    missing: HashSet<Hash>,
+    /// The RAM blocks' lengths, from RamBlocks.
+    lengths: Vec<u64>,
+    /// Stream units in `out`, written to QEMU so far, and last told to the source.
+    out_units: u64,
+    applied: u64,
+    reported: u64,
+}
+
+impl Rebuild {
+    /// Writes what is queued into QEMU; tells the source (v2) every 256 KiB of stream.
+    async fn flush(
+        &mut self,
+        qemu: &mut unix::OwnedWriteHalf,
+        writer: &PeerWriter,
+        version: u16,
+    ) -> Result<(), IncomingError> {
+        write_qemu(qemu, &mut self.out).await?;
+        self.applied += std::mem::take(&mut self.out_units);
+        if version >= 2 && self.applied - self.reported >= 256 << 10 {
+            self.reported = self.applied;
+            send(
+                writer,
+                &Message::Applied {
+                    units: self.applied,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A page record fits the VM's RAM blocks and carries a whole page: checked before
+    /// anything of it is stored or hashed.
+    fn check_record(&self, block: u16, p: &tern_proto::Page) -> Result<(), IncomingError> {
+        let len = self.lengths.get(block as usize).copied().unwrap_or(0);
+        if !p.offset.is_multiple_of(limits::PAGE_SIZE) || p.offset >= len {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                format!(
+                    "page record at {:#x} of block #{block} is outside its {len} bytes or not page-aligned",
+                    p.offset
+                ),
+            ));
+        }
+        if let PageBody::Raw(d) = &p.body {
+            if d.len() as u64 != limits::PAGE_SIZE {
+                return Err(refuse(
+                    ErrorCode::Protocol,
+                    format!(
+                        "page of {} bytes (pages are {})",
+                        d.len(),
+                        limits::PAGE_SIZE
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, p: Pending, c: &Counters) -> Result<(), IncomingError> {
+        let ready = !matches!(p, Pending::Page { data: None, .. });
+        if self.pending.is_empty() && ready {
+            return self.write(p, c);
+        }
+        self.pending_bytes += p.bytes();
+        self.pending.push_back(p);
+        if self.pending.len() > limits::MAX_PENDING_RECORDS
+            || self.pending_bytes > limits::MAX_PENDING_BYTES
+        {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                format!(
+                    "{} records ({} bytes) wait behind {} pages the source referred to and did not send",
+                    self.pending.len(),
+                    self.pending_bytes,
+                    self.missing.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn fill(&mut self, h: Hash, data: &Bytes) {
+        self.missing.remove(&h);
+        for p in self.pending.iter_mut() {
+            if let Pending::Page {
+                data: d @ None,
+                hash,
+                ..
+            } = p
+            {
+                if *hash == h {
+                    *d = Some(data.clone());
+                }
+            }
+        }
+    }
+
+    fn drain(&mut self, c: &Counters) -> Result<(), IncomingError> {
+        while let Some(p) = self.pending.front() {
+            if matches!(p, Pending::Page { data: None, .. }) {
+                break;
+            }
+            let p = self.pending.pop_front().expect("front");
+            self.pending_bytes -= p.bytes();
+            self.write(p, c)?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, p: Pending, _c: &Counters) -> Result<(), IncomingError> {
+        let bad = |e: crate::digest::DigestError| refuse(ErrorCode::Protocol, e.to_string());
+        let d = self.digest.as_mut();
+        let rec = match p {
+            Pending::Verbatim(b) => {
+                self.out_units += b.len() as u64;
+                self.out.push(b);
+                return Ok(());
+            }
+            Pending::Zero {
+                block,
+                offset,
+                fill,
+            } => {
+                d.ok_or_else(|| refuse(ErrorCode::Protocol, "page before RamBlocks"))?
+                    .fill(block as usize, offset, fill)
+                    .map_err(bad)?;
+                RamRecord::Zero {
+                    block: self.names[block as usize].clone(),
+                    offset,
+                    fill,
+                    named: false,
+                }
+            }
+            Pending::Page {
+                block,
+                offset,
+                data,
+                ..
+            } => {
+                let d = d.ok_or_else(|| refuse(ErrorCode::Protocol, "page before RamBlocks"))?;
+                let data = data.expect("written only once its content is here");
+                if data.len() as u64 != d.page_size() {
+                    return Err(refuse(ErrorCode::Protocol, "page of the wrong size"));
+                }
+                let data = if self.corrupt_pending && data.iter().any(|&b| b != 0) {
+                    self.corrupt_pending = false;
+                    let mut v = data.to_vec();
+                    v[100] ^= 0x5a;
+                    v.into()
+                } else {
+                    data
+                };
+                d.page(block as usize, offset, &data).map_err(bad)?;
+                RamRecord::Page {
+                    block: self.names[block as usize].clone(),
+                    offset,
+                    data,
+                    named: false,
+                }
+            }
+        };
+        self.out_units += self.enc.page_size();
+        self.enc
+            .encode(&Item::Ram(rec), NameMode::Auto, self.out.scratch());
+        Ok(())
+    }
+}
+
+async fn write_qemu(w: &mut unix::OwnedWriteHalf, out: &mut Segments) -> Result<(), IncomingError> {
+    out.write_to(w)
+        .await
+        .map_err(|e| IncomingError::Qemu(format!("writing its stream failed: {e}")))?;
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! Phase `Verify`: the digest of what this side wrote to its QEMU equals the source's,
+//! QEMU loaded the whole stream, the disks' last rounds are written and handed to the guest
+//! (no NBD export may stay on a running guest's disk); then the source's decision: given
+//! with SourceDone (v2), or asked for with ReadyToResume (v1).
+
+use std::time::Duration;
+
+use tern_proto::{ErrorCode, Message};
+use tern_qemu::qmp::QmpClient;
+
+use super::prepare::Prepared;
+use super::transfer::Received;
+use super::{qmp_failed, refuse, Conn, Incoming, IncomingError};
+use crate::fault::fault;
+use crate::handle::Phase;
+
+pub(super) async fn run(
+    inc: &mut Incoming,
+    conn: &mut Conn,
+    p: &mut Prepared,
+    r: &Received,
+) -> Result<(), IncomingError> {
+    p.handle.set_phase(Phase::Verify);
+    let ours = r.digest.as_ref().map(|d| d.finish()).unwrap_or([0; 32]);
+    p.pages.release(); // this migration's pages stay in the store, unpinned
+    if ours != r.source_digest {
+        return Err(refuse(
+            ErrorCode::DigestMismatch,
+            format!(
+                "memory digest mismatch: source {}, destination {}",
+                hex::encode(r.source_digest),
+                hex::encode(ours)
+            ),
+        ));
+    }
+    wait_incoming_done(&p.qmp, &mut p.qemu_events, Duration::from_secs(30)).await?;
+    if fault!(inc.engine.config.fault, SlowFinish) {
+        tracing::warn!("fault injection: finishing 35 s late");
+        tokio::time::sleep(Duration::from_secs(35)).await;
+    }
+    // every disk's last round was read (the transfer waits for it) and queued before
+    // Finish, so the worker has written and flushed it: NBD goes, then the guest may run
+    if let Some(d) = p.disks.take() {
+        let written = d
+            .finish(&p.qmp)
+            .await
+            .map_err(|e| IncomingError::Qemu(format!("cannot hand the disks to the guest: {e}")))?;
+        tracing::info!(migration = %p.id, written, "disks rebuilt");
+        if fault!(inc.engine.config.fault, DiskCopyAtSwitchover) {
+            for d in &p.spec.disks {
+                let mut to = d.path.clone().into_os_string();
+                to.push(".at-switchover");
+                let ok = tokio::process::Command::new("cp")
+                    .arg("--sparse=always")
+                    .arg(&d.path)
+                    .arg(&to)
+                    .status()
+                    .await
+                    .is_ok_and(|s| s.success());
+                tracing::warn!(disk = %d.path.display(), ok, "fault injection: copied the disk at the switchover");
+            }
+        }
+    }
+    // the source's decision: given with SourceDone (v2), or asked for (v1)
+    if !r.early_commit {
+        conn.send(&Message::ReadyToResume { digest: ours }).await?;
+        match conn.next(Duration::from_secs(60), "Commit").await? {
+            Message::Commit => {}
+            m => {
+                return Err(refuse(
+                    ErrorCode::Protocol,
+                    format!("expected Commit, got {}", m.name()),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the destination QEMU has loaded the whole stream.
+async fn wait_incoming_done(
+    qmp: &QmpClient,
+    events: &mut tokio::sync::broadcast::Receiver<tern_qemu::qmp::QmpEvent>,
+    within: Duration,
+) -> Result<(), IncomingError> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let info = qmp
+            .query_migrate()
+            .await
+            .map_err(qmp_failed("query-migrate"))?;
+        match info.status.as_str() {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(IncomingError::Qemu(format!(
+                    "incoming migration {}: {}",
+                    info.status,
+                    info.error_desc.unwrap_or_default()
+                )))
+            }
+            _ => {}
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(IncomingError::Timeout(
+                within,
+                "the destination QEMU to load the stream",
+            ));
+        }
+        let _ = qmp
+            .wait_event(events, "MIGRATION", left.min(Duration::from_millis(500)))
+            .await;
+    }
+}

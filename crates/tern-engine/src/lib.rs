@@ -1,0 +1,124 @@
+//! tern's migration engine: moves one running VM from the QEMU on this host to the QEMU on
+//! another through tern's own data path, in either direction, and says what happened.
+//!
+//! ```text
+//!  source (source::run)                            destination (dest::serve_peer)
+//!  connect ─ prepare ─ disk copy ─ transfer ─ verify ─ switchover     (Phase, one each)
+//!  QEMU ──fd──> parse ─ encode pages ─ frames ══TLS══> frames ─ rebuild ─ QEMU
+//!                 (pages, codec)    (transport)        (pages, digest)
+//! ```
+//!
+//! Owns: the phases on each side (`source`, `dest`), how pages travel (`pages`, `codec`,
+//! `digest`), disks inside a migration (`disk`), the connections between agents
+//! (`transport`), the migrations an agent knows (`registry`, `handle`), the switchover's
+//! safety (the source is authoritative until the commit; after it only the destination's
+//! word counts), and the faults tests inject (`fault`, a cargo feature).
+//!
+//! Must not: keep the VM registry, serve the API, decide policy or hold certificates of
+//! its own. Those are the daemon's (`tern-agent`), which the engine reaches only through
+//! [`Host`] and the values it is given ([`Engine`], [`source::SourceVm`]).
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod dest;
+pub mod digest;
+pub mod disk;
+pub mod error;
+pub mod fault;
+pub mod handle;
+pub mod pages;
+pub mod registry;
+pub mod secret;
+pub mod source;
+pub mod transport;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern_qemu::launch::{LaunchOptions, QemuProcess};
+use tern_qemu::spec::VmSpec;
+
+pub use error::error_chain;
+pub use fault::Fault;
+pub use handle::MigrationHandle;
+
+/// A boxed future, for [`Host`]'s async methods (the trait is used as a trait object).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How this host's engine behaves; the daemon fills it from its own configuration.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// This host's name, told to peers and shown in reports.
+    pub name: String,
+    /// A migration whose peer makes no progress for this long fails (a link that died
+    /// silently never resets a TCP connection by itself).
+    pub stall_timeout: Duration,
+    /// Newest protocol version offered and accepted.
+    pub max_protocol: u16,
+    /// A fault injected for a test (`fault-injection` builds only).
+    pub fault: Option<Fault>,
+    /// Where an incoming VM's kernel and initrd may come from (canonical directories).
+    pub boot_dirs: Vec<PathBuf>,
+    /// The machine types this host's QEMU knows.
+    pub machine_types: Vec<String>,
+    /// This host's memory, MiB (0: unknown): no incoming VM may be larger.
+    pub host_memory_mib: u64,
+}
+
+/// What one host's migrations share: made by the daemon at start.
+pub struct Engine {
+    pub config: EngineConfig,
+    /// Pages of VMs that live or lived here, and pages received, by content hash.
+    pub store: pages::SharedStore,
+    pub hasher: tern_store::ContentHasher,
+    /// The chunk index of this host's images: what an incoming disk is rebuilt from.
+    pub chunks: disk::SharedIndex,
+    /// How peer connections are secured.
+    pub security: transport::tls::PeerSecurity,
+    /// The migrations this host knows.
+    pub registry: Arc<registry::Registry>,
+}
+
+/// Why the daemon could not start an incoming VM's QEMU.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HostLaunchError(pub String);
+
+/// What the engine needs from the daemon that runs it, for incoming VMs: its policy, its
+/// VM names, run directories and QEMU launches, and taking a VM over once it switched in.
+pub trait Host: Send + Sync {
+    /// Whether the daemon's policy lets `spec` run on this host (its own labels).
+    fn authorize_here(&self, spec: &VmSpec) -> Result<(), String>;
+    /// Whether the policy lets `spec` go to `host`, whose certificate carries `labels`.
+    fn authorize_there(&self, spec: &VmSpec, host: &str, labels: &[String]) -> Result<(), String>;
+    /// Holds a VM name for an incoming VM; false if the name is taken.
+    fn reserve_name(&self, name: &str) -> bool;
+    fn release_name(&self, name: &str);
+    /// A fresh run directory for a VM instance (not created yet).
+    fn new_run_dir(&self, name: &str) -> PathBuf;
+    /// Starts QEMU for `spec` (with its swtpm when it has a TPM), as the daemon starts
+    /// every QEMU (its user, its sandbox).
+    fn launch<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+        opts: &'a LaunchOptions,
+    ) -> BoxFuture<'a, Result<QemuProcess, HostLaunchError>>;
+    /// An incoming VM switched over: the daemon runs it from now on.
+    fn adopt(&self, spec: VmSpec, process: QemuProcess);
+    /// Removes a VM's run directory once its QEMU is gone (its TPM state first).
+    fn remove_run_dir<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, ()>;
+}
+
+/// Where a VM's vTPM migration key lives: its run directory (root only), random per VM
+/// (made when its swtpm first starts, received from the source for an incoming VM).
+pub fn tpm_migration_key_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("tpm-migration.key")
+}
+
+/// A new migration id: short, unique enough per agent pair, safe in file names.
+pub fn new_migration_id() -> String {
+    handle::new_migration_id()
+}

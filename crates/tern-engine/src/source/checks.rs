@@ -1,0 +1,80 @@
+//! Before anything moves: QEMU's configuration must be one tern's data path can carry,
+//! the disks are described (their sizes for the destination), and whether the VM runs
+//! decides whether it runs again on failure.
+
+use tern_proto::DiskInfo;
+
+use super::{MigrateError, Migration};
+use crate::disk;
+
+/// What the checks found.
+pub(super) struct Plan {
+    /// The VM's local disks, when it has some.
+    pub disks: Option<Vec<DiskInfo>>,
+}
+
+pub(super) async fn run(m: &mut Migration) -> Result<Plan, MigrateError> {
+    let qmp = &m.vm.qmp;
+    check_capabilities(&qmp.query_migrate_capabilities().await?)?;
+    let disks = if m.vm.spec.disks.is_empty() {
+        None
+    } else {
+        Some(disk::SourceDisks::describe(qmp, &m.vm.spec).await?)
+    };
+    m.source_running = qmp.query_status().await?.running;
+    Ok(Plan { disks })
+}
+
+/// Refuses QEMU configurations tern's data path cannot carry, before anything moves.
+pub fn check_capabilities(caps: &[(String, bool)]) -> Result<(), MigrateError> {
+    for (name, on) in caps {
+        if !on {
+            continue;
+        }
+        if let Some((_, why)) = UNSUPPORTED_CAPABILITIES.iter().find(|(c, _)| c == name) {
+            return Err(MigrateError::UnsupportedCapability {
+                cap: name.clone(),
+                why,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Capabilities tern cannot carry through its data path, and what to tell the operator.
+pub const UNSUPPORTED_CAPABILITIES: &[(&str, &str)] = &[
+    (
+        "multifd",
+        "multifd moves pages over side channels tern does not terminate",
+    ),
+    (
+        "xbzrle",
+        "XBZRLE deltas depend on destination state; tern does its own delta encoding",
+    ),
+    ("compress", "QEMU's compression is replaced by tern's own"),
+    ("postcopy-ram", "postcopy is not supported by tern yet"),
+    ("postcopy-preempt", "postcopy is not supported by tern yet"),
+    (
+        "postcopy-blocktime",
+        "postcopy is not supported by tern yet",
+    ),
+    ("x-colo", "COLO is not supported"),
+    ("rdma-pin-all", "RDMA is not supported"),
+    (
+        "dirty-bitmaps",
+        "dirty-bitmap migration is not supported; tern migrates disks itself",
+    ),
+    (
+        "block",
+        "block migration is not supported; tern migrates disks itself",
+    ),
+    ("mapped-ram", "mapped-ram is for migration to a file"),
+    (
+        "background-snapshot",
+        "background snapshots are not migrations",
+    ),
+    (
+        "x-ignore-shared",
+        "shared-memory skipping is not supported yet",
+    ),
+];

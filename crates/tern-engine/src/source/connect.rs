@@ -1,0 +1,133 @@
+//! Phase `Connect`: a mutually authenticated connection to the destination agent, Hello
+//! (the protocol version both speak, the round trip), and the policy checked against the
+//! labels the cluster CA gave the destination, before anything of the VM is sent. Also
+//! the other connections a migration opens to the same agent: extra data connections and
+//! a Query.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tern_proto::{Message, MigrationState};
+use tokio::sync::Mutex;
+
+use super::{expect, send, unexpected, MigrateError, Migration};
+use crate::handle::Phase;
+use crate::transport::conn::{FrameReader, FrameWriter};
+use crate::transport::links::PeerWriter;
+use crate::transport::tls::{PeerIdentity, PeerRead, PeerStream, PeerWrite};
+
+/// The control connection, after Hello.
+pub(super) struct Peer {
+    pub reader: FrameReader<PeerRead>,
+    pub writer: PeerWriter,
+    pub version: u16,
+    /// The destination agent's name, as it said it.
+    pub agent: String,
+    /// Hello's round trip.
+    pub rtt: Duration,
+}
+
+pub(super) async fn run(m: &mut Migration) -> Result<Peer, MigrateError> {
+    m.handle.set_phase(Phase::Connect);
+    let (stream, identity) = dial(m, Duration::from_secs(10)).await?;
+    let (rd, wr) = stream.split();
+    let mut reader = FrameReader::new(rd);
+    let writer: PeerWriter = Arc::new(Mutex::new(FrameWriter::new(wr)));
+    m.writer = Some(writer.clone());
+    let t_hello = Instant::now();
+    send(&writer, &hello(m)).await?;
+    let (version, agent) = match expect(&mut reader, Duration::from_secs(10), "HelloAck").await? {
+        Message::HelloAck { version, agent } => (version, agent),
+        msg => return Err(unexpected(&msg, "HelloAck")),
+    };
+    let rtt = t_hello.elapsed();
+    authorize(m, &agent, &identity)?;
+    Ok(Peer {
+        reader,
+        writer,
+        version,
+        agent,
+        rtt,
+    })
+}
+
+/// The policy, on the labels the cluster CA gave the destination.
+fn authorize(m: &Migration, agent: &str, identity: &PeerIdentity) -> Result<(), MigrateError> {
+    let host = match identity.names.first() {
+        Some(n) => format!("{agent} ({n})"),
+        None => agent.to_string(),
+    };
+    m.host
+        .authorize_there(&m.vm.spec, &host, &identity.labels)
+        .map_err(MigrateError::NotAuthorized)
+}
+
+fn hello(m: &Migration) -> Message {
+    Message::Hello {
+        min_version: tern_proto::MIN_PROTOCOL_VERSION,
+        max_version: m.engine.config.max_protocol,
+        agent: m.engine.config.name.clone(),
+    }
+}
+
+/// A mutually authenticated connection to the destination agent.
+async fn dial(m: &Migration, within: Duration) -> Result<(PeerStream, PeerIdentity), MigrateError> {
+    Ok(m.engine
+        .security
+        .connect(&m.req.to, within, m.engine.config.stall_timeout)
+        .await?)
+}
+
+/// Another connection to the same agent, after Hello.
+async fn side_connection(
+    m: &Migration,
+    within: Duration,
+) -> Result<(FrameReader<PeerRead>, FrameWriter<PeerWrite>), MigrateError> {
+    let (stream, _) = dial(m, within).await?;
+    let (rd, wr) = stream.split();
+    let mut reader = FrameReader::new(rd);
+    let mut writer = FrameWriter::new(wr);
+    writer
+        .send(&hello(m))
+        .await
+        .map_err(MigrateError::PeerWrite)?;
+    match expect(&mut reader, within, "HelloAck").await? {
+        Message::HelloAck { .. } => Ok((reader, writer)),
+        msg => Err(unexpected(&msg, "HelloAck")),
+    }
+}
+
+/// Opens extra data connection `index` for this migration (Hello, then Attach).
+pub(super) async fn open_data_stream(
+    m: &Migration,
+    index: u16,
+) -> Result<FrameWriter<PeerWrite>, MigrateError> {
+    let (_, mut writer) = side_connection(m, Duration::from_secs(10)).await?;
+    writer
+        .send(&Message::Attach {
+            migration_id: m.handle.id.clone(),
+            index,
+        })
+        .await
+        .map_err(MigrateError::PeerWrite)?;
+    Ok(writer)
+}
+
+/// Asks the destination what became of this migration (Query), once.
+pub(super) async fn query_once(m: &Migration) -> Result<(MigrationState, u64), MigrateError> {
+    let within = Duration::from_secs(5);
+    let (mut reader, mut writer) = side_connection(m, within).await?;
+    writer
+        .send(&Message::Query {
+            migration_id: m.handle.id.clone(),
+        })
+        .await
+        .map_err(MigrateError::PeerWrite)?;
+    match expect(&mut reader, within, "QueryAnswer").await? {
+        Message::QueryAnswer {
+            state,
+            resumed_unix_us,
+        } => Ok((state, resumed_unix_us)),
+        msg => Err(unexpected(&msg, "QueryAnswer")),
+    }
+}

@@ -1,0 +1,302 @@
+//! The pump of an outgoing migration: reads QEMU's stream, parses it item by item, turns
+//! page records into the cheapest form the encoder finds (zero, bytes, a reference, a
+//! delta) and everything else into verbatim QEMU bytes, in order; digests the memory image
+//! the stream describes; and sends it all in batches under flow control. Page data is a
+//! slice of what was read from QEMU all the way to the socket (no copy).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tern_proto::{FrameCompressor, Message, Page, PageBody, RamBlock};
+use tern_qemu::stream::{BlockName, Encoder, Item, NameMode, Parser, RamRecord, StreamError};
+use tokio::io::AsyncReadExt;
+use tokio::net::unix;
+
+use super::MigrateError;
+use crate::codec::CodecPicker;
+use crate::digest::MemoryDigest;
+use crate::handle::{Counters, EncodingReport, MigrationHandle};
+use crate::pages::PageEncoder;
+use crate::transport::batch::{Compression, Outbox};
+use crate::transport::flow::{Flow, Window};
+use crate::transport::links::{flush_out, Links, PeerWriter};
+
+/// How the forwarder encodes and sends: decided before the transfer starts.
+pub(super) struct ForwardPlan {
+    pub pages: PageEncoder,
+    pub picker: CodecPicker,
+    /// v2: raised just before SourceDone carries the commit.
+    pub commit: Option<Arc<AtomicBool>>,
+    /// Extra data connections (none: the control connection carries the data).
+    pub links: Links,
+    /// v2 flow control, with the round trip to the destination.
+    pub flow: Option<(Arc<Flow>, Duration)>,
+}
+
+/// What the forwarder hands back once QEMU's stream ended properly.
+pub(super) struct ForwardDone {
+    pub digest: [u8; 32],
+    pub encoding: EncodingReport,
+}
+
+/// Parses the source QEMU's stream and forwards it to the destination agent, each page
+/// in the cheapest form the encoder finds; returns the memory digest of what it
+/// forwarded once QEMU closed the stream at a proper end.
+pub(super) async fn forward(
+    mut qemu: unix::OwnedReadHalf,
+    writer: PeerWriter,
+    handle: Arc<MigrationHandle>,
+    plan: ForwardPlan,
+) -> Result<ForwardDone, MigrateError> {
+    let ForwardPlan {
+        mut pages,
+        picker,
+        commit,
+        mut links,
+        flow,
+    } = plan;
+    let mut window = flow.as_ref().map(|(_, rtt)| Window::new(*rtt));
+    // stream units handed to the outbox so far (the destination counts the same)
+    let mut units = 0u64;
+    let mut parser = Parser::new();
+    let mut enc = Encoder::new(tern_qemu::stream::DEFAULT_PAGE_SIZE);
+    let mut inbuf = BytesMut::with_capacity(4 << 20);
+    let mut out = Outbox::new();
+    let mut comp = Compression {
+        fc: FrameCompressor::default(),
+        picker,
+        buf: BytesMut::new(),
+        sample: BytesMut::new(),
+        raw: 0,
+        wire: 0,
+    };
+    let mut scratch = Vec::with_capacity(64 << 10);
+    let mut digest: Option<MemoryDigest> = None;
+    let mut block_index: HashMap<BlockName, u16> = HashMap::new();
+    let c = &handle.counters;
+    // Bytes read from QEMU live in `inbuf`; each round freezes them so that page records
+    // are slices of the read buffer (no copy) all the way into the socket to the peer.
+    let mut rest = Bytes::new();
+    loop {
+        match parser.parse_bytes(&rest)? {
+            Some((item, used)) => {
+                rest.advance(used);
+                match item {
+                    Item::Ram(RamRecord::Zero {
+                        block,
+                        offset,
+                        fill,
+                        ..
+                    }) => {
+                        let idx = lookup(&block_index, &block, parser.offset())?;
+                        digest_of(&mut digest, parser.offset())?.fill(
+                            idx as usize,
+                            offset,
+                            fill,
+                        )?;
+                        pages.zero(idx, offset);
+                        units += parser.page_size();
+                        out.page(
+                            idx,
+                            Page {
+                                offset,
+                                body: PageBody::Zero { fill },
+                            },
+                        );
+                        Counters::add(&c.pages_zero, 1);
+                    }
+                    Item::Ram(RamRecord::Page {
+                        block,
+                        offset,
+                        data,
+                        ..
+                    }) => {
+                        let idx = lookup(&block_index, &block, parser.offset())?;
+                        digest_of(&mut digest, parser.offset())?.page(
+                            idx as usize,
+                            offset,
+                            &data,
+                        )?;
+                        let body = pages.page(idx, offset, data);
+                        units += parser.page_size();
+                        Counters::add(
+                            match &body {
+                                PageBody::Ref(_) => &c.pages_ref,
+                                PageBody::Delta { .. } => &c.pages_delta,
+                                _ => &c.pages_raw,
+                            },
+                            1,
+                        );
+                        out.page(idx, Page { offset, body });
+                    }
+                    Item::Ram(RamRecord::MemSize { ref blocks, total }) => {
+                        if blocks.len() > u16::MAX as usize {
+                            return Err(MigrateError::Protocol(
+                                "more than 65535 RAM blocks".into(),
+                            ));
+                        }
+                        block_index = blocks
+                            .iter()
+                            .enumerate()
+                            .map(|(i, b)| (b.name.clone(), i as u16))
+                            .collect();
+                        let ps = parser.page_size();
+                        digest = Some(MemoryDigest::new(
+                            ps,
+                            blocks.iter().map(|b| (&*b.name, b.used_length)),
+                        ));
+                        let lengths: Vec<u64> = blocks.iter().map(|b| b.used_length).collect();
+                        pages.set_blocks(ps, &lengths);
+                        handle.update(|s| s.progress.ram_total = Some(total));
+                        scratch.clear();
+                        enc.encode(&item, NameMode::Auto, &mut scratch);
+                        units += scratch.len() as u64;
+                        out.verbatim(&scratch);
+                        out.message(Message::RamBlocks {
+                            page_size: ps as u32,
+                            blocks: blocks
+                                .iter()
+                                .map(|b| RamBlock {
+                                    name: b.name.to_string(),
+                                    used_length: b.used_length,
+                                })
+                                .collect(),
+                        });
+                    }
+                    Item::Tail(b) => {
+                        units += b.len() as u64;
+                        out.verbatim(&b);
+                    }
+                    other => {
+                        scratch.clear();
+                        enc.encode(&other, NameMode::Auto, &mut scratch);
+                        units += scratch.len() as u64;
+                        out.verbatim(&scratch);
+                    }
+                }
+                if out.size() >= 1 << 20 {
+                    flush_out(&mut out, &mut comp, &writer, &mut links, &handle).await?;
+                }
+            }
+            None => {
+                // Flow control: do not take more from QEMU while the window is full.
+                if let (Some((f, _)), Some(w)) = (&flow, window.as_mut()) {
+                    loop {
+                        let applied = f.applied.load(Ordering::SeqCst);
+                        if units.saturating_sub(applied) <= w.size(applied) {
+                            break;
+                        }
+                        flush_out(&mut out, &mut comp, &writer, &mut links, &handle).await?;
+                        let t = Instant::now();
+                        if tokio::time::timeout(Duration::from_secs(5), f.notify.notified())
+                            .await
+                            .is_err()
+                        {
+                            tracing::warn!(
+                                migration = %handle.id,
+                                units,
+                                applied,
+                                window = w.size(applied),
+                                wire_out = handle.counters.wire_out.load(Ordering::Relaxed),
+                                "flow control: no progress from the destination for 5 s"
+                            );
+                        }
+                        // waiting for the path is waiting for the link, to the picker
+                        comp.picker.flushed(0, t.elapsed());
+                    }
+                }
+                // keep the partial record (a few KiB at most) in front of the next read
+                inbuf.extend_from_slice(&rest);
+                if inbuf.capacity() - inbuf.len() < 256 << 10 {
+                    inbuf.reserve(4 << 20);
+                }
+                // Read what QEMU has already written without waiting; only when the read
+                // would block, send what we hold first, so no PING/SHUT exchange can wait
+                // on bytes sitting in our buffer (and writes stay large while QEMU streams).
+                let n = match qemu.try_read_buf(&mut inbuf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        flush_out(&mut out, &mut comp, &writer, &mut links, &handle).await?;
+                        qemu.read_buf(&mut inbuf)
+                            .await
+                            .map_err(MigrateError::LocalIo)?
+                    }
+                    Err(e) => return Err(MigrateError::LocalIo(e)),
+                };
+                rest = inbuf.split().freeze();
+                if n == 0 {
+                    break;
+                }
+                Counters::add(&c.bytes_from_qemu, n as u64);
+            }
+        }
+    }
+    if !rest.is_empty() {
+        return Err(StreamError::Truncated {
+            offset: parser.offset(),
+            state: "a record",
+        }
+        .into());
+    }
+    parser.finish()?;
+    let d = digest.ok_or(StreamError::Truncated {
+        offset: parser.offset(),
+        state: "RAM setup",
+    })?;
+    let sum = d.finish();
+    if let Some(flag) = &commit {
+        // ===== SWITCHOVER POINT (v2): from here on the source never resumes unless the
+        // destination says it holds nothing of the VM. =====
+        flag.store(true, Ordering::SeqCst);
+    }
+    out.message(Message::SourceDone {
+        digest: sum,
+        pages: d.pages,
+        commit: commit.is_some(),
+    });
+    flush_out(&mut out, &mut comp, &writer, &mut links, &handle).await?;
+    let s = pages.stats;
+    Ok(ForwardDone {
+        digest: sum,
+        encoding: EncodingReport {
+            dedup: pages.dedup(),
+            destination_held_pages: pages.summary_len() as u64,
+            delta_bytes: s.delta_bytes,
+            frames_raw_bytes: comp.raw,
+            frames_wire_bytes: comp.wire,
+            codec: comp.picker.codec().name(),
+            codec_switches: comp.picker.switches,
+            wants: Counters::get(&c.wants),
+            data_streams: links.senders.len() as u16,
+            data_path: if pages.dedup() { "dedup" } else { "lean" }.into(),
+            data_path_switches: 0,
+        },
+    })
+}
+
+fn lookup(
+    index: &HashMap<BlockName, u16>,
+    block: &BlockName,
+    at: u64,
+) -> Result<u16, MigrateError> {
+    index.get(block).copied().ok_or_else(|| {
+        StreamError::Malformed {
+            offset: at,
+            what: format!("page of unknown RAM block {block:?}"),
+        }
+        .into()
+    })
+}
+
+fn digest_of(d: &mut Option<MemoryDigest>, at: u64) -> Result<&mut MemoryDigest, MigrateError> {
+    d.as_mut().ok_or_else(|| {
+        StreamError::Malformed {
+            offset: at,
+            what: "page record before the RAM block list".into(),
+        }
+        .into()
+    })
+}

@@ -1,0 +1,307 @@
+//! The source side of a migration: from the VM running here to the VM running there.
+//!
+//! [`run`] reads as the phases, in order, each in its own file:
+//!
+//! | phase | file | does |
+//! |---|---|---|
+//! | checks | `checks.rs` | QEMU's capabilities tern can carry, the disks' sizes, whether the VM runs |
+//! | `Connect` | `connect.rs` | mutual TLS, Hello, the policy on the destination's labels |
+//! | `Prepare` | `prepare.rs` | DiskOffer, TpmKey, Prepare; the destination's summary; data connections, encoder, the reader of the destination's frames (`peer.rs`) |
+//! | `DiskCopy` | `disks.rs` | the disks' full copy and rounds before memory moves |
+//! | `Transfer`, `Verify` | `transfer.rs` | QEMU migrates into a handed socket; the stream is forwarded (`forward.rs`) |
+//! | `Switchover` | `switchover.rs` | the commit, Resumed, or asking the destination when it did not come |
+//! | report | `report.rs` | the report, from the timeline and counters |
+//!
+//! One recovery path ([`recover`]): until the commit went out, any failure (an error, a
+//! cancel, a panic) tells the destination, cancels QEMU's migration, resumes the VM if it
+//! ran and clears tern's disk state in QEMU. After the commit the source never resumes
+//! without the destination's word that it holds nothing of the VM.
+
+mod checks;
+mod connect;
+mod disks;
+mod forward;
+mod peer;
+mod prepare;
+pub mod recover;
+mod report;
+mod switchover;
+mod transfer;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use tern_proto::{ErrorCode, Message, MigrationState};
+use tern_qemu::qmp::{QmpClient, QmpError};
+use tern_qemu::spec::VmSpec;
+use tern_qemu::stream::StreamError;
+use tokio::sync::watch;
+
+pub use checks::{check_capabilities, UNSUPPORTED_CAPABILITIES};
+pub use tern_api::MigrateRequest;
+
+use crate::digest::DigestError;
+use crate::disk;
+use crate::error::panic_message;
+use crate::handle::{MigrationHandle, MigrationReport};
+use crate::transport::conn::{ExpectError, FrameReader, RecvError};
+use crate::transport::links::{PeerWriter, SendError};
+use crate::transport::tls::HandshakeError;
+use crate::{Engine, Host};
+
+/// The VM being moved, as the daemon hands it over.
+pub struct SourceVm {
+    pub spec: VmSpec,
+    pub qmp: QmpClient,
+    pub run_dir: PathBuf,
+    pub qemu_version: String,
+    /// Set once QEMU is gone (why).
+    pub exited: watch::Receiver<Option<String>>,
+    /// The vTPM migration key its swtpm runs with (a VM with `tpm = true`).
+    pub tpm_key: Option<[u8; 32]>,
+}
+
+impl SourceVm {
+    /// `Some(reason)` once QEMU is gone.
+    pub fn exit_reason(&self) -> Option<String> {
+        self.exited.borrow().clone()
+    }
+}
+
+/// How an outgoing migration ended, for the daemon.
+#[derive(Debug)]
+pub enum SourceOutcome {
+    /// The VM runs at the destination: the source's copy must go.
+    Moved(Box<MigrationReport>),
+    /// It failed; the VM is where `vm_state` says (resumed here unless the commit went out
+    /// and the destination could not be asked).
+    Failed {
+        code: ErrorCode,
+        message: String,
+        vm_state: String,
+    },
+    /// tern failed internally after the commit, and the destination says the VM runs
+    /// there: the source's copy must go, the failure still be told.
+    MovedAfterBug { message: String },
+}
+
+/// Why an outgoing migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("QEMU migration capability {cap:?} is on ({why}): turn it off with migrate-set-capabilities, or remove it from the VM spec's migration_capabilities")]
+    UnsupportedCapability { cap: String, why: &'static str },
+    #[error("cannot open a secure connection to the destination agent")]
+    Handshake(#[from] HandshakeError),
+    #[error("{0}")]
+    NotAuthorized(String),
+    #[error("destination agent refused ({}): {message}", code.name())]
+    Remote { code: ErrorCode, message: String },
+    #[error("the source QEMU's migration stream cannot be carried")]
+    Stream(#[from] StreamError),
+    #[error("connection to the destination agent failed")]
+    Peer(#[from] RecvError),
+    #[error("sending to the destination agent failed")]
+    PeerWrite(#[source] std::io::Error),
+    #[error("the destination agent closed the connection during {0}")]
+    PeerClosed(&'static str),
+    #[error("the destination agent broke the protocol: {0}")]
+    Protocol(String),
+    #[error("talking to the source QEMU failed")]
+    Qmp(#[from] QmpError),
+    #[error("the source QEMU's migration failed: {0}")]
+    QemuMigration(String),
+    #[error("the source QEMU's stream does not match its RAM blocks")]
+    Digest(#[from] DigestError),
+    #[error("memory digests differ: source {source_digest}, destination {dest_digest}")]
+    DigestMismatch {
+        source_digest: String,
+        dest_digest: String,
+    },
+    #[error("cancelled by the operator")]
+    Cancelled,
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, &'static str),
+    #[error("local socket for QEMU's stream failed")]
+    LocalIo(#[source] std::io::Error),
+    #[error("moving the VM's disks failed")]
+    Disk(#[source] Box<disk::SourceDiskError>),
+    #[error("switchover in doubt: Commit was sent but the destination did not confirm ({0}); the source VM is kept paused: check the destination (tern vm list there) and stop one of the two copies")]
+    InDoubt(String),
+    #[error("tern failed internally (a bug: {0}); the migration was stopped")]
+    Panicked(String),
+}
+
+impl From<disk::SourceDiskError> for MigrateError {
+    fn from(e: disk::SourceDiskError) -> Self {
+        MigrateError::Disk(Box::new(e))
+    }
+}
+
+impl From<SendError> for MigrateError {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Write(e) => MigrateError::PeerWrite(e),
+            SendError::LinkClosed(i) => MigrateError::PeerWrite(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                format!("data stream {i} closed"),
+            )),
+        }
+    }
+}
+
+impl MigrateError {
+    pub fn code(&self) -> ErrorCode {
+        let timed_out = |e: &std::io::Error| e.kind() == std::io::ErrorKind::TimedOut;
+        use crate::transport::tls::is_tls_failure;
+        match self {
+            // a dead link, noticed by the socket's keepalive / user timeout
+            MigrateError::Peer(RecvError::Io(e)) | MigrateError::PeerWrite(e) if timed_out(e) => {
+                ErrorCode::Timeout
+            }
+            // a TLS record failed authentication: altered on the wire
+            MigrateError::Peer(RecvError::Io(e)) | MigrateError::PeerWrite(e)
+                if is_tls_failure(e) =>
+            {
+                ErrorCode::Security
+            }
+            MigrateError::Handshake(HandshakeError::Tls { .. }) => ErrorCode::Security,
+            MigrateError::NotAuthorized(_) => ErrorCode::NotAuthorized,
+            MigrateError::UnsupportedCapability { .. } => ErrorCode::StreamUnsupported,
+            MigrateError::Handshake(_) | MigrateError::PeerWrite(_) => ErrorCode::Internal,
+            MigrateError::Remote { code, .. } => *code,
+            MigrateError::Stream(StreamError::Unsupported { .. }) => ErrorCode::StreamUnsupported,
+            MigrateError::Stream(_) | MigrateError::Digest(_) => ErrorCode::StreamMalformed,
+            MigrateError::Peer(_) | MigrateError::PeerClosed(_) | MigrateError::Protocol(_) => {
+                ErrorCode::Protocol
+            }
+            MigrateError::Qmp(_) | MigrateError::QemuMigration(_) => ErrorCode::QemuFailed,
+            MigrateError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
+            MigrateError::Cancelled => ErrorCode::Cancelled,
+            MigrateError::BadRequest(_) => ErrorCode::SpecRejected,
+            MigrateError::Timeout(..) => ErrorCode::Timeout,
+            MigrateError::LocalIo(_) | MigrateError::InDoubt(_) | MigrateError::Panicked(_) => {
+                ErrorCode::Internal
+            }
+            MigrateError::Disk(e) => e.code(),
+        }
+    }
+}
+
+/// One outgoing migration, as its phases share it.
+pub(crate) struct Migration {
+    engine: Arc<Engine>,
+    host: Arc<dyn Host>,
+    vm: SourceVm,
+    req: MigrateRequest,
+    handle: Arc<MigrationHandle>,
+    t0: Instant,
+    /// The VM ran when the migration started (so it runs again if it fails).
+    source_running: bool,
+    /// The switchover point passed: the source never resumes without the destination's
+    /// word.
+    committed: bool,
+    /// v2: raised by the forwarder just before SourceDone carries the commit.
+    commit_sent: Arc<AtomicBool>,
+    /// The control connection, for telling the destination about a failure.
+    writer: Option<PeerWriter>,
+}
+
+/// Runs an outgoing migration to its end: the VM moved, or it is where the outcome says.
+pub async fn run(
+    engine: Arc<Engine>,
+    host: Arc<dyn Host>,
+    vm: SourceVm,
+    req: MigrateRequest,
+    handle: Arc<MigrationHandle>,
+) -> SourceOutcome {
+    let mut m = Migration {
+        engine,
+        host,
+        vm,
+        req,
+        handle,
+        t0: Instant::now(),
+        source_running: false,
+        committed: false,
+        commit_sent: Arc::new(AtomicBool::new(false)),
+        writer: None,
+    };
+    // A bug that panics mid-migration must not leave the VM paused, nor half a
+    // migration behind: it takes the same way out as an error.
+    let result = match std::panic::AssertUnwindSafe(m.phases())
+        .catch_unwind()
+        .await
+    {
+        Ok(r) => r,
+        Err(p) => Err(MigrateError::Panicked(panic_message(&*p))),
+    };
+    match result {
+        Ok(report) => SourceOutcome::Moved(Box::new(report)),
+        Err(e) => recover::after_failure(&mut m, e).await,
+    }
+}
+
+impl Migration {
+    /// The phases, in order.
+    async fn phases(&mut self) -> Result<MigrationReport, MigrateError> {
+        let plan = checks::run(self).await?;
+        let peer = connect::run(self).await?;
+        let mut prepared = prepare::run(self, peer, plan.disks.as_deref()).await?;
+        let disks = disks::copy(self, &mut prepared, plan.disks).await?;
+        let transferred = transfer::run(self, prepared, disks).await?;
+        let mut transferred = transferred;
+        let resolved = switchover::run(self, &mut transferred).await?;
+        report::build(self, transferred, resolved).await
+    }
+}
+
+pub(crate) async fn send(w: &PeerWriter, m: &Message) -> Result<(), MigrateError> {
+    w.lock()
+        .await
+        .send(m)
+        .await
+        .map_err(MigrateError::PeerWrite)
+}
+
+pub(crate) async fn expect<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut FrameReader<R>,
+    within: Duration,
+    what: &'static str,
+) -> Result<Message, MigrateError> {
+    r.expect(within, what).await.map_err(|e| match e {
+        ExpectError::Timeout(d, w) => MigrateError::Timeout(d, w),
+        ExpectError::Closed(w) => MigrateError::PeerClosed(w),
+        ExpectError::Aborted { code, message } => MigrateError::Remote { code, message },
+        ExpectError::Recv(e) => MigrateError::Peer(e),
+    })
+}
+
+pub(crate) fn unexpected(m: &Message, wanted: &str) -> MigrateError {
+    MigrateError::Protocol(format!("expected {wanted}, got {}", m.name()))
+}
+
+/// Aborts a task when dropped (a failed migration leaves none running).
+pub(crate) struct AbortOnDrop(pub tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Whether the commit went out (the forwarder raised it, or the v1 Commit was sent).
+pub(crate) fn commit_went_out(m: &Migration) -> bool {
+    m.committed || m.commit_sent.load(Ordering::SeqCst)
+}
+
+/// What the destination says became of this migration, asked on a new connection.
+pub(crate) async fn query_destination(
+    m: &Migration,
+) -> Result<(MigrationState, u64), MigrateError> {
+    connect::query_once(m).await
+}

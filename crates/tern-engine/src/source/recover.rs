@@ -1,0 +1,118 @@
+//! The one recovery path of an outgoing migration. Before the commit went out, a failure
+//! (an error, a cancel, a panic) tells the destination (it discards everything), cancels
+//! QEMU's migration, resumes the VM if it ran and removes tern's disk state from QEMU.
+//! After the commit the source does not resume on its own: a panic there asks the
+//! destination; otherwise the VM stays paused and the switchover is reported in doubt.
+
+use std::time::{Duration, Instant};
+
+use tern_proto::{Message, MigrationState};
+use tern_qemu::qmp::QmpClient;
+
+use super::{commit_went_out, MigrateError, Migration, SourceOutcome};
+use crate::disk;
+use crate::error::error_chain;
+
+/// After `e`: tell, recover, and say where the VM is.
+pub(super) async fn after_failure(m: &mut Migration, e: MigrateError) -> SourceOutcome {
+    let code = e.code();
+    let message = error_chain(&e);
+    if matches!(e, MigrateError::Panicked(_)) && commit_went_out(m) {
+        // the commit went out before the bug: only the destination knows
+        m.committed = true;
+        if let Ok((MigrationState::Running, _)) =
+            super::switchover::ask_destination(m, "tern failed internally after the commit").await
+        {
+            tracing::error!(migration = %m.handle.id, "a panic after the commit; the VM runs on the destination");
+            return SourceOutcome::MovedAfterBug { message };
+        }
+    }
+    if let Some(w) = &m.writer {
+        // Tell the destination (best effort) so it cleans up at once; the forwarder may
+        // hold the writer, blocked on a dead link: bounded.
+        if !matches!(e, MigrateError::Remote { .. } | MigrateError::InDoubt(_)) {
+            let abort = Message::Abort {
+                code,
+                message: message.clone(),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                w.lock().await.send(&abort).await
+            })
+            .await;
+        }
+    }
+    let vm_state = if m.committed {
+        "paused on the source (switchover in doubt)".to_string()
+    } else {
+        let vm = &m.vm;
+        let state = recover_source(&vm.qmp, vm.exit_reason(), m.source_running).await;
+        if !vm.spec.disks.is_empty() && vm.exit_reason().is_none() {
+            clear_disk_state(&vm.qmp, vm.spec.disks.len()).await;
+        }
+        state
+    };
+    SourceOutcome::Failed {
+        code,
+        message,
+        vm_state,
+    }
+}
+
+/// tern's exports, bitmaps, NBD server and the pause before switchover go from a QEMU
+/// that stays where it is.
+pub async fn clear_disk_state(qmp: &QmpClient, disks: usize) {
+    disk::stop_source_disks(qmp, disks).await;
+    let _ = qmp
+        .set_migrate_capabilities(&[("pause-before-switchover", false)])
+        .await;
+}
+
+/// Brings the source VM back to how it was before the migration: cancels QEMU's
+/// migration if it still runs and resumes the VM if it was running. Returns its state.
+pub async fn recover_source(qmp: &QmpClient, exit: Option<String>, was_running: bool) -> String {
+    if let Some(r) = exit {
+        return format!("source QEMU {r}");
+    }
+    let status = qmp
+        .query_migrate()
+        .await
+        .map(|m| m.status)
+        .unwrap_or_default();
+    if matches!(
+        status.as_str(),
+        "setup" | "active" | "device" | "pre-switchover" | "wait-unplug"
+    ) {
+        let _ = qmp.execute("migrate_cancel", None).await;
+        // QEMU leaves "cancelling" on its own; wait for a terminal state (bounded).
+        let mut events = qmp.subscribe();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = qmp
+                .query_migrate()
+                .await
+                .map(|m| m.status)
+                .unwrap_or_default();
+            if !matches!(
+                s.as_str(),
+                "setup" | "active" | "cancelling" | "device" | "pre-switchover"
+            ) {
+                break;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            let _ = qmp
+                .wait_event(&mut events, "MIGRATION", Duration::from_millis(500))
+                .await;
+        }
+    }
+    match qmp.query_status().await {
+        Ok(s) if s.running => "running on the source".into(),
+        Ok(s) if was_running => match qmp.execute("cont", None).await {
+            Ok(_) => "running on the source (resumed)".into(),
+            Err(e) => format!("paused on the source ({}; resume failed: {e})", s.status),
+        },
+        Ok(s) => format!("{} on the source (as before the migration)", s.status),
+        Err(e) => format!("unknown ({e})"),
+    }
+}

@@ -1,0 +1,69 @@
+//! The report of a migration that moved the VM: what it cost (bytes, pages, time), where
+//! the downtime went, and the timeline of its phases.
+
+use std::time::{Duration, SystemTime};
+
+use super::switchover::Resolved;
+use super::transfer::Transferred;
+use super::{MigrateError, Migration};
+use crate::handle::{page_counts, unix_us, Counters, MigrationReport, SwitchoverTimes};
+
+pub(super) async fn build(
+    m: &mut Migration,
+    t: Transferred,
+    r: Resolved,
+) -> Result<MigrationReport, MigrateError> {
+    let info = m.vm.qmp.query_migrate().await?;
+    let total = m.t0.elapsed();
+    let ms = |a: Option<SystemTime>, b: SystemTime| -> Option<f64> {
+        Some(b.duration_since(a?).ok()?.as_secs_f64() * 1000.0)
+    };
+    let resumed_at = SystemTime::UNIX_EPOCH + Duration::from_micros(r.resumed_us);
+    let switchover = SwitchoverTimes {
+        stop_to_stream_end_ms: t.t_stream_end.and_then(|e| ms(t.stopped_at, e)),
+        stream_end_to_ready_ms: t.t_ready.and_then(|ready| ms(t.t_stream_end, ready)),
+        ready_to_commit_ms: ms(t.t_ready, r.t_commit),
+        commit_to_resume_ms: ms(Some(r.t_commit), resumed_at),
+    };
+    tracing::info!(migration = %m.handle.id, ?switchover, "switchover timing");
+    let downtime_ms = match (m.source_running, t.stopped_at) {
+        (true, Some(stop)) => r.resumed_us.saturating_sub(unix_us(stop)) / 1000,
+        _ => 0,
+    };
+    let c = &m.handle.counters;
+    let bytes_from_qemu = Counters::get(&c.bytes_from_qemu);
+    let wire = {
+        let w = t.writer.lock().await;
+        w.bytes_written + Counters::get(&c.wire_in) + Counters::get(&c.wire_data)
+    };
+    let status = m.handle.status();
+    let secs = total.as_secs_f64().max(1e-6);
+    Ok(MigrationReport {
+        migration_id: m.handle.id.clone(),
+        vm: m.vm.spec.name.clone(),
+        source: m.engine.config.name.clone(),
+        destination: format!("{} ({})", t.dest_agent, m.req.to),
+        outcome: "succeeded".into(),
+        total_time_ms: total.as_millis() as u64,
+        downtime_ms,
+        qemu_downtime_ms: info.downtime_ms,
+        qemu_total_time_ms: info.total_time_ms,
+        ram_bytes: status.progress.ram_total.unwrap_or(0),
+        bytes_from_qemu,
+        bytes_on_wire: wire,
+        pages: page_counts(c),
+        throughput_mbps: bytes_from_qemu as f64 * 8.0 / 1e6 / secs,
+        digest_ok: true,
+        digest: hex::encode(r.digest),
+        qemu_version: m.vm.qemu_version.clone(),
+        destination_qemu_version: t.dest_qemu,
+        source_was_running: m.source_running,
+        protocol_version: t.version,
+        switchover: Some(switchover),
+        resumed_unix_us: r.resumed_us,
+        resolved_by_query: r.by_query,
+        encoding: t.encoding.unwrap_or_default(),
+        disk: t.disk_report,
+        timeline: status.timeline,
+    })
+}

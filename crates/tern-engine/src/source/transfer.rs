@@ -1,0 +1,262 @@
+//! Phases `Transfer` and `Verify`: QEMU migrates into a socket it is handed; the stream
+//! is forwarded (`forward.rs`) while the disk rounds go on beside it; QEMU's events mark
+//! the guest's stop and its pause before the switchover (the disks' last round); once
+//! QEMU's stream ended properly, the destination confirms (v1) or the commit already went
+//! with SourceDone (v2). A link that makes no progress for the stall time ends it.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::json;
+use tern_proto::Message;
+use tokio::sync::mpsc;
+
+use super::disks::{CopiedDisks, LiveDisks};
+use super::forward::{forward, ForwardDone, ForwardPlan};
+use super::peer::PeerEvent;
+use super::prepare::Prepared;
+use super::{unexpected, AbortOnDrop, MigrateError, Migration};
+use crate::codec::CodecPicker;
+use crate::error::error_chain;
+use crate::fault::fault;
+use crate::handle::{wait_cancelled, Counters, DiskReport, EncodingReport, Phase};
+use crate::transport::links::PeerWriter;
+
+/// How the transfer ended.
+pub(super) enum TransferEnd {
+    /// v1: the destination is ready with this digest; the source decides (Commit).
+    Ready { digest: [u8; 32] },
+    /// v2: SourceDone carried the commit; Resumed may already be here.
+    Committed { resumed: Option<u64> },
+    /// The commit went out and then the transfer failed: only the destination knows.
+    CommitLost(String),
+}
+
+/// The transfer, done: how it ended and what the switchover and the report need.
+pub(super) struct Transferred {
+    pub end: TransferEnd,
+    pub writer: PeerWriter,
+    pub events: mpsc::Receiver<PeerEvent>,
+    pub version: u16,
+    pub dest_agent: String,
+    pub dest_qemu: String,
+    /// QEMU's STOP event (the guest paused for the switchover).
+    pub stopped_at: Option<SystemTime>,
+    /// The digest of what QEMU's stream described, once it ended.
+    pub source_digest: Option<[u8; 32]>,
+    pub t_stream_end: Option<SystemTime>,
+    pub t_ready: Option<SystemTime>,
+    pub encoding: Option<EncodingReport>,
+    pub disk_report: Option<DiskReport>,
+    /// Tasks that end with the migration.
+    pub _tasks: Vec<AbortOnDrop>,
+}
+
+pub(super) async fn run(
+    m: &mut Migration,
+    p: Prepared,
+    disks: Option<CopiedDisks>,
+) -> Result<Transferred, MigrateError> {
+    m.handle.set_phase(Phase::Transfer);
+    let qmp = m.vm.qmp.clone();
+    let Prepared {
+        writer,
+        version,
+        dest_agent,
+        dest_qemu,
+        rtt,
+        policy,
+        links,
+        encoder,
+        budget: _,
+        mut events,
+        disk_inbox: _,
+        mut qemu_tx,
+        flow,
+        mut tasks,
+    } = p;
+    qmp.set_migrate_capabilities(&[("return-path", true), ("events", true)])
+        .await?;
+    let mut params = json!({ "downtime-limit": m.req.downtime_ms.unwrap_or(300) });
+    // Without a cap QEMU limits itself to 128 MiB/s; tern's socket applies back-pressure.
+    let bw = m
+        .req
+        .max_bandwidth_mibps
+        .map(|mib| mib << 20)
+        .unwrap_or(1 << 40);
+    params["max-bandwidth"] = json!(bw);
+    qmp.set_migrate_parameters(params).await?;
+
+    // QEMU migrates into a socket it is handed (it may not open paths itself)
+    let fd_name = format!("tern-migrate-{}", m.handle.id);
+    let qemu_sock = qmp.stream_socket(&fd_name).await?;
+    let mut qemu_events = qmp.subscribe();
+    qmp.execute("migrate", Some(json!({ "uri": format!("fd:{fd_name}") })))
+        .await?;
+    let (qemu_rd, qemu_wr) = qemu_sock.into_split();
+    if let Some(tx) = qemu_tx.take() {
+        let _ = tx.send(qemu_wr);
+    }
+    let mut live = LiveDisks::start(disks);
+    // v2: SourceDone carries the commit (the switchover point moves there); the forwarder
+    // raises this flag just before sending it.
+    let commit_sent = m.commit_sent.clone();
+    let mut fwd = tokio::spawn(forward(
+        qemu_rd,
+        writer.clone(),
+        m.handle.clone(),
+        ForwardPlan {
+            pages: encoder,
+            picker: CodecPicker::new(policy),
+            commit: (version >= 2).then(|| commit_sent.clone()),
+            links,
+            flow: flow.map(|f| (f, rtt)),
+        },
+    ));
+    tasks.push(AbortOnDrop(fwd.abort_handle()));
+
+    let mut t = Transferred {
+        end: TransferEnd::CommitLost(String::new()),
+        writer,
+        events: mpsc::channel(1).1,
+        version,
+        dest_agent,
+        dest_qemu,
+        stopped_at: None,
+        source_digest: None,
+        t_stream_end: None,
+        t_ready: None,
+        encoding: None,
+        disk_report: None,
+        _tasks: Vec::new(),
+    };
+    let stall = m.engine.config.stall_timeout;
+    let mut cancel = m.handle.cancelled();
+    let mut last_progress = (0u64, Instant::now());
+    let mut fwd_done = false;
+    let mut told_bps = 0u64;
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let forwarded = |t: &mut Transferred, done: ForwardDone| {
+        t.source_digest = Some(done.digest);
+        t.encoding = Some(done.encoding);
+        t.t_stream_end = Some(SystemTime::now());
+    };
+    let ended: Result<TransferEnd, MigrateError> = async {
+        loop {
+            tokio::select! {
+                r = &mut fwd, if !fwd_done => {
+                    fwd_done = true;
+                    let done = r.map_err(|e| MigrateError::Protocol(format!("forwarder panicked: {e}")))??;
+                    forwarded(&mut t, done);
+                    if commit_sent.load(Ordering::SeqCst) {
+                        break Ok(TransferEnd::Committed { resumed: None });
+                    }
+                    m.handle.set_phase(Phase::Verify);
+                }
+                ev = events.recv() => match ev {
+                    Some(PeerEvent::Msg(Message::ReadyToResume { digest })) => {
+                        // The forwarder sent SourceDone (the destination answers only then)
+                        // but its completion may not have been seen yet: join it first.
+                        if !fwd_done {
+                            let r = tokio::time::timeout(Duration::from_secs(10), &mut fwd)
+                                .await
+                                .map_err(|_| MigrateError::Protocol("ReadyToResume before SourceDone".into()))?;
+                            let done = r.map_err(|e| MigrateError::Protocol(format!("forwarder panicked: {e}")))??;
+                            forwarded(&mut t, done);
+                        }
+                        let Some(src) = t.source_digest else {
+                            return Err(MigrateError::Protocol("ReadyToResume before SourceDone".into()));
+                        };
+                        t.t_ready = Some(SystemTime::now());
+                        if src != digest {
+                            return Err(MigrateError::DigestMismatch {
+                                source_digest: hex::encode(src),
+                                dest_digest: hex::encode(digest),
+                            });
+                        }
+                        break Ok(TransferEnd::Ready { digest });
+                    }
+                    Some(PeerEvent::Msg(Message::Resumed { resumed_unix_us })) if commit_sent.load(Ordering::SeqCst) => {
+                        // the forwarder sent SourceDone; its completion may not be seen yet
+                        if !fwd_done {
+                            if let Ok(Ok(Ok(done))) = tokio::time::timeout(Duration::from_secs(10), &mut fwd).await {
+                                forwarded(&mut t, done);
+                            }
+                        }
+                        break Ok(TransferEnd::Committed { resumed: Some(resumed_unix_us) });
+                    }
+                    Some(PeerEvent::Msg(Message::Abort { code, message })) => {
+                        return Err(MigrateError::Remote { code, message });
+                    }
+                    Some(PeerEvent::Msg(msg)) => return Err(unexpected(&msg, "ReturnPath or ReadyToResume")),
+                    Some(PeerEvent::Failed(e)) => return Err(e.into()),
+                    Some(PeerEvent::Broken(why)) => return Err(MigrateError::Protocol(why)),
+                    Some(PeerEvent::Closed) | None => return Err(MigrateError::PeerClosed("the transfer")),
+                },
+                ev = qemu_events.recv() => {
+                    let Ok(ev) = ev else { continue };
+                    match ev.event.as_str() {
+                        "STOP" => t.stopped_at = Some(ev.timestamp),
+                        "MIGRATION" => {
+                            let st = ev.data.get("status").and_then(|s| s.as_str()).unwrap_or("");
+                            if st == "failed" {
+                                let info = qmp.query_migrate().await.ok();
+                                let why = info.and_then(|i| i.error_desc).unwrap_or_else(|| "no reason given".into());
+                                return Err(MigrateError::QemuMigration(why));
+                            }
+                            if st == "pre-switchover" {
+                                // the guest is stopped and its disks drained: the last disk
+                                // round, then QEMU sends the device state
+                                if fault!(m.engine.config.fault, ExitAtPreSwitchover) {
+                                    tracing::warn!("fault injection: exiting at pre-switchover");
+                                    std::process::exit(70);
+                                }
+                                t.disk_report = live.finish(m, ev.timestamp).await?;
+                            }
+                        }
+                        "SHUTDOWN" => return Err(MigrateError::QemuMigration("source QEMU shut down".into())),
+                        _ => {}
+                    }
+                }
+                _ = wait_cancelled(&mut cancel) => return Err(MigrateError::Cancelled),
+                e = live.failed(), if live.running() => return Err(e),
+                _ = ticker.tick() => {
+                    let c = &m.handle.counters;
+                    let moved = Counters::get(&c.bytes_from_qemu) + Counters::get(&c.wire_out) + Counters::get(&c.wire_in) + Counters::get(&c.wire_data);
+                    if moved != last_progress.0 {
+                        last_progress = (moved, Instant::now());
+                    } else if last_progress.1.elapsed() > stall {
+                        return Err(MigrateError::Timeout(stall, "any progress on the connection to the destination"));
+                    }
+                    let bps = Counters::get(&c.switchover_bps);
+                    if bps > 0 && (bps as f64 - told_bps as f64).abs() > 0.15 * told_bps as f64 {
+                        // QEMU >= 8.2; older ones keep their own estimate
+                        let _ = qmp.set_migrate_parameters(json!({ "avail-switchover-bandwidth": bps })).await;
+                        told_bps = bps;
+                    }
+                    if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_millis(200), qmp.query_migrate()).await {
+                        m.handle.update(|s| {
+                            s.progress.qemu_status = info.status.clone();
+                            s.progress.ram_remaining = info.ram_remaining;
+                            s.progress.ram_total = info.ram_total;
+                            s.progress.dirty_pages_rate = info.dirty_pages_rate;
+                            s.progress.dirty_sync_count = info.dirty_sync_count;
+                        });
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    t.end = match ended {
+        Ok(end) => end,
+        // The destination discarded everything (its Abort): the source may resume.
+        Err(e @ MigrateError::Remote { .. }) => return Err(e),
+        // The commit went out: never resume without the destination's word.
+        Err(e) if commit_sent.load(Ordering::SeqCst) => TransferEnd::CommitLost(error_chain(&e)),
+        Err(e) => return Err(e),
+    };
+    t.events = events;
+    t._tasks = tasks;
+    Ok(t)
+}
