@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs (QEMU 10, guest build inputs), builds the
-# test guest, then runs every test of the workspace against real QEMU (TCG).
-# Usage: bash scripts/test.sh [extra cargo test args]
+# test guest, then runs every test of the workspace against real QEMU (TCG): the unit and
+# property tests plain `cargo test` runs, and the tiers it leaves out (`#[ignore = "tier
+# qemu: ..."]`, `#[ignore = "tier vm: ..."]`). The two hand-run writers of committed
+# fixtures (write_golden, write_seed_corpus) are not tests of the code and stay out.
+# Usage: bash scripts/test.sh [extra cargo test args, e.g. -p tern --test e2e]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then echo "scripts/test.sh: run as root (installs packages, starts VMs)" >&2; exit 1; fi
@@ -11,7 +14,10 @@ export CARGO_TERM_COLOR=never
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
+args=("$@")
+[ ${#args[@]} -gt 0 ] || args=(--workspace)
+cargo test --no-fail-fast "${args[@]}" -- --include-ignored \
+    --skip write_golden --skip write_seed_corpus 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole suite (cargo ends with per-crate doc-test summaries).

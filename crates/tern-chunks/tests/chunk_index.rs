@@ -36,6 +36,7 @@ fn all_lookups(index: &ChunkIndex, hashes: &[Hash]) -> Vec<Option<(u64, std::pat
 }
 
 #[test]
+#[ignore = "tier qemu: needs QEMU 10 and its tools (bash scripts/test.sh runs it)"]
 fn raw_and_qcow2_images_index_exactly_their_non_zero_blocks() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let raw = dir.path().join("disk.raw");
@@ -70,6 +71,7 @@ fn raw_and_qcow2_images_index_exactly_their_non_zero_blocks() -> Result<()> {
 }
 
 #[test]
+#[ignore = "tier qemu: needs QEMU 10 and its tools (bash scripts/test.sh runs it)"]
 fn overlay_is_indexed_with_the_content_it_reads_from_its_backing_file() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let base = dir.path().join("base.qcow2");
@@ -111,6 +113,7 @@ fn overlay_is_indexed_with_the_content_it_reads_from_its_backing_file() -> Resul
 }
 
 #[test]
+#[ignore = "tier qemu: needs QEMU 10 and its tools (bash scripts/test.sh runs it)"]
 fn index_reopened_from_disk_gives_the_same_lookups_without_reading_images() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let a = dir.path().join("a.raw");
@@ -166,6 +169,7 @@ fn index_reopened_from_disk_gives_the_same_lookups_without_reading_images() -> R
 }
 
 #[test]
+#[ignore = "tier qemu: needs QEMU 10 and its tools (bash scripts/test.sh runs it)"]
 fn refresh_rereads_only_the_modified_image() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let h = hasher();
@@ -201,6 +205,7 @@ fn refresh_rereads_only_the_modified_image() -> Result<()> {
 }
 
 #[test]
+#[ignore = "tier qemu: needs QEMU 10 and its tools (bash scripts/test.sh runs it)"]
 fn vanished_image_is_dropped_and_its_shared_chunks_stay_located_in_the_other() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let h = hasher();
@@ -247,6 +252,7 @@ fn vanished_image_is_dropped_and_its_shared_chunks_stay_located_in_the_other() -
 }
 
 #[test]
+#[ignore = "tier qemu: needs QEMU 10 and its tools (bash scripts/test.sh runs it)"]
 fn remove_image_keeps_chunks_other_images_hold() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let h = hasher();
@@ -272,6 +278,7 @@ fn remove_image_keeps_chunks_other_images_hold() -> Result<()> {
 }
 
 #[test]
+#[ignore = "tier qemu: needs QEMU 10 and its tools (bash scripts/test.sh runs it)"]
 fn stale_entry_is_caught_by_the_hash_check_on_read() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let h = hasher();
@@ -303,6 +310,7 @@ fn stale_entry_is_caught_by_the_hash_check_on_read() -> Result<()> {
 }
 
 #[test]
+#[ignore = "tier qemu: needs QEMU 10 and its tools (bash scripts/test.sh runs it)"]
 fn damaged_index_files_are_reported_and_their_images_reindexed_not_trusted() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let h = hasher();
@@ -365,6 +373,7 @@ fn damaged_index_files_are_reported_and_their_images_reindexed_not_trusted() -> 
 }
 
 #[test]
+#[ignore = "tier qemu: needs QEMU 10 and its tools (bash scripts/test.sh runs it)"]
 fn qcow2_held_open_by_another_qemu_can_be_indexed() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let img = dir.path().join("busy.qcow2");

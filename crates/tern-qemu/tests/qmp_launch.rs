@@ -27,6 +27,7 @@ fn spec(kernel: PathBuf, initrd: Option<PathBuf>) -> VmSpec {
 }
 
 #[tokio::test]
+#[ignore = "tier qemu: needs QEMU 10 and its tools (bash scripts/test.sh runs it)"]
 async fn a_qemu_that_cannot_start_reports_its_own_message() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let not_a_kernel = dir.path().join("not-a-kernel");
@@ -54,6 +55,7 @@ async fn a_qemu_that_cannot_start_reports_its_own_message() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tier qemu: needs QEMU 10 and its tools (bash scripts/test.sh runs it)"]
 async fn qmp_answers_concurrently_sees_events_and_fails_fast_when_qemu_dies() -> Result<()> {
     let (k, i) = guest()?;
     let dir = tempfile::tempdir()?;

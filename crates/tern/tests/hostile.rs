@@ -187,6 +187,7 @@ fn ram_blocks(len: u64) -> Message {
 }
 
 #[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
 fn a_hostile_source_cannot_crash_exhaust_or_mislead_a_destination() -> Result<()> {
     let _l = e2e_lock();
     let g = ensure_guest()?;
@@ -587,6 +588,7 @@ fn a_hostile_source_cannot_crash_exhaust_or_mislead_a_destination() -> Result<()
 }
 
 #[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
 fn a_destination_launches_only_boot_files_from_its_boot_directories() -> Result<()> {
     let _l = e2e_lock();
     let g = ensure_guest()?;
@@ -671,6 +673,7 @@ fn hostile_destination(
 }
 
 #[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
 fn a_hostile_destination_cannot_read_other_pages_nor_exhaust_the_source() -> Result<()> {
     let _l = e2e_lock();
     let g = ensure_guest()?;
@@ -771,6 +774,7 @@ fn spec_with_workload(name: &str, g: &GuestImage, mem_mib: u32, workload: &str) 
 }
 
 #[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
 fn a_hostile_destination_cannot_flood_a_source_with_disk_replies() -> Result<()> {
     let _l = e2e_lock();
     let g = ensure_guest()?;
@@ -889,6 +893,7 @@ fn a_hostile_destination_cannot_flood_a_source_with_disk_replies() -> Result<()>
 }
 
 #[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
 fn a_vtpm_key_reaches_only_an_authorised_destination_and_is_the_vms_own() -> Result<()> {
     let _l = e2e_lock();
     let g = ensure_guest()?;
@@ -961,6 +966,7 @@ fn a_vtpm_key_reaches_only_an_authorised_destination_and_is_the_vms_own() -> Res
 }
 
 #[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
 fn a_source_that_understates_its_disks_cannot_fill_the_destinations_filesystem() -> Result<()> {
     let _l = e2e_lock();
     let g = ensure_guest()?;
