@@ -16,6 +16,12 @@
 //     page), then forever rewrites whole pages with fresh random bytes at RATE MiB/s. The first 8 bytes of each page hold tag(pass, page), checked
 //     after each pass: a lost dirty page shows up as "TERN-CORRUPT ...". Every ~2 s: "tern-random
 //     pass P t=S rate=R MiB/s corrupt_total=C".
+//   tern-realistic fill MIB
+//     Fills MIB MiB (mlocked) for data-path benchmarks of a paused guest: the first half
+//     English-like text, the second half random bytes; every page distinct (its first 8
+//     bytes hold a per-boot tag and its index: nothing to dedup, no two boots alike), built
+//     from 1 MiB pools so that filling is memcpy-fast even under TCG. Prints TERN-READY and
+//     pause()s.
 //   tern-realistic --dump DIR MIB SEED
 //     (host-side check) writes the realistic files and the 3 heaps (DIR/heap-N) and exits.
 #include <fcntl.h>
@@ -242,9 +248,27 @@ int main(int argc, char **argv) {
     printf("TERN-READY workload=random mib=%zu rate=%g\n", mib, rate); fflush(stdout);
     dirty_loop("random", npages, rate, touch_random, check_random);
   }
+  if (!strcmp(mode, "fill")) {
+    size_t mib = argc > 2 ? strtoul(argv[2], 0, 0) : 64;
+    if (!mib) return 1;
+    struct timespec t; clock_gettime(CLOCK_REALTIME, &t);
+    uint64_t boot = mix(t.tv_sec ^ (uint64_t)t.tv_nsec << 32), s = boot;
+    const size_t pool = 1 << 20; char *text = malloc(pool); uint8_t *rand = malloc(pool);
+    if (!text || !rand) die("malloc");
+    put_text(&s, text, pool); put_random(&s, rand, pool);
+    npages = mib * 256; mem = alloc_locked(mib << 20);
+    double t0 = now();
+    for (size_t j = 0; j < npages; j++) {
+      uint8_t *pg = mem + j * 4096; size_t at = (j * 4096 + j / 256 * 8) % (pool - 4096);
+      memcpy(pg, j < npages / 2 ? (uint8_t *)text + at : rand + at, 4096);
+      uint64_t id = boot ^ j; memcpy(pg, &id, 8);
+    }
+    printf("TERN-READY workload=fill mib=%zu secs=%.1f\n", mib, now() - t0); fflush(stdout);
+    for (;;) pause();
+  }
   int dump = !strcmp(mode, "--dump");
   if (!dump && strcmp(mode, "realistic")) {
-    fprintf(stderr, "usage: tern-realistic realistic MIB SEED [DIRTY RATE KIND DIR] | random MIB RATE | --dump DIR MIB SEED\n");
+    fprintf(stderr, "usage: tern-realistic realistic MIB SEED [DIRTY RATE KIND DIR] | random MIB RATE | fill MIB | --dump DIR MIB SEED\n");
     return 2;
   }
   int a = dump ? 3 : 2;

@@ -4,7 +4,7 @@
 //!
 //! | method | path | does |
 //! |---|---|---|
-//! | GET | /v1/agent | agent name and addresses |
+//! | GET | /v1/agent | agent name, addresses, labels, protocol, pages in the page store |
 //! | GET, POST | /v1/vms | list VMs; start one (`{"spec_toml": "..."}`) |
 //! | GET, DELETE | /v1/vms/{name} | show; stop and remove |
 //! | POST | /v1/vms/{name}/qmp | pass one QMP command (`{"execute", "arguments"}`): `query-*` and [`QMP_ALLOWED`] only |
@@ -158,6 +158,9 @@ fn futures_either(
 }
 
 async fn agent_info(State(a): S) -> Json<Value> {
+    use tern_store::PageStore;
+    // pages the page store holds (what dedup can refer to, here and in summaries)
+    let held = a.engine.store.lock().len();
     Json(json!({
         "name": a.config.name,
         "peer_listen": a.config.peer_listen.to_string(),
@@ -166,6 +169,7 @@ async fn agent_info(State(a): S) -> Json<Value> {
         "protocol": tern_proto::PROTOCOL_VERSION,
         "peer_security": if a.engine.security.is_tls() { "mutual-tls" } else { "plaintext (test only)" },
         "labels": a.engine.security.own_labels(),
+        "page_store_pages": held,
     }))
 }
 

@@ -20,7 +20,9 @@ pub struct MigrateRequest {
     /// Frame compression (default: auto).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<Compression>,
-    /// References and deltas (default on); off sends every page's bytes.
+    /// The data path: unset (the default) measures and switches between lean and dedup as
+    /// the migration runs; `false` always lean (every page's bytes, nothing hashed or
+    /// kept); `true` always dedup (references and deltas wherever they are smaller).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup: Option<bool>,
     /// Extra TCP connections for data (parallel streams); default: 4 when the round trip
@@ -231,6 +233,9 @@ pub struct Progress {
     /// The compression in use now.
     #[serde(default)]
     pub codec: String,
+    /// The data path in use now: `lean` or `dedup`.
+    #[serde(default)]
+    pub data_path: String,
     /// The disks so far (source side; None: the VM has none, or they have not started).
     #[serde(default)]
     pub disk: Option<DiskReport>,
@@ -319,7 +324,8 @@ pub struct DiskReport {
 /// What the source's encoder did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct EncodingReport {
-    /// References and deltas were on (v2 peer, same cluster key, not turned off).
+    /// References and deltas were possible (v2 peer, same cluster key, not turned off);
+    /// whether pages went that way is `data_path`.
     pub dedup: bool,
     /// Pages the destination's store held at the start.
     pub destination_held_pages: u64,
@@ -343,6 +349,9 @@ pub struct EncodingReport {
     pub data_path: String,
     #[serde(default)]
     pub data_path_switches: u32,
+    /// Pages the lean path sent (the rest of the non-zero pages went the dedup way).
+    #[serde(default)]
+    pub lean_pages: u64,
 }
 
 /// The steps of the switchover, in ms, as the source saw them.

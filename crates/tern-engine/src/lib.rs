@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod datapath;
 pub mod dest;
 pub mod digest;
 pub mod disk;

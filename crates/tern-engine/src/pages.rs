@@ -3,6 +3,12 @@
 //! page's previous version there, or the bytes), and the destination's [`PageDecoder`]
 //! turns each record back into the page's bytes, using the agent's page store.
 //!
+//! Two data paths, switched as the migration runs ([`crate::datapath`]): **dedup** does all
+//! of the above, hashing and keeping every page on both sides; **lean** sends every page's
+//! bytes as they are and neither side hashes or keeps them (v5 `Plain`; to an older peer
+//! `Raw`, which it keeps). A page sent lean has no known version at the destination, so
+//! no later delta is made against it.
+//!
 //! Both sides track, per page of the VM, the hash of the version the destination has:
 //! they see the same records in the same order, so they agree on every delta's base. A
 //! reference the destination cannot resolve (a summary prefix that matched by chance, a
@@ -114,6 +120,8 @@ impl PageMap {
 pub struct EncodeStats {
     pub zero: u64,
     pub raw: u64,
+    /// Pages sent as bytes by the lean path (counted in `raw` too).
+    pub lean: u64,
     pub refs: u64,
     pub deltas: u64,
     pub delta_bytes: u64,
@@ -124,8 +132,12 @@ pub struct PageEncoder {
     hasher: ContentHasher,
     store: SharedStore,
     pins: Pins,
-    /// References and deltas allowed (v2 peer with the same cluster key, not turned off).
+    /// References and deltas possible (v2 peer with the same cluster key, not turned off).
     dedup: bool,
+    /// The lean path is in use: bytes as they are, nothing hashed or kept.
+    lean: bool,
+    /// The peer takes `Plain` pages (v5): lean pages it need not keep.
+    plain: bool,
     /// Prefixes of what the destination's store held when the migration started.
     summary: HashSet<u64>,
     /// Content the destination received or was referred to in this migration (it keeps
@@ -148,6 +160,8 @@ impl PageEncoder {
             pins: Pins::new(store.clone()),
             store,
             dedup,
+            lean: !dedup,
+            plain: false,
             summary,
             sent: Offered::default(),
             map: PageMap::default(),
@@ -158,6 +172,27 @@ impl PageEncoder {
 
     pub fn dedup(&self) -> bool {
         self.dedup
+    }
+
+    /// Whether pages go the lean way now.
+    pub fn lean(&self) -> bool {
+        self.lean
+    }
+
+    /// Switches between the data paths (the dedup path only where it is possible).
+    pub fn set_lean(&mut self, lean: bool) {
+        self.lean = lean || !self.dedup;
+    }
+
+    /// How many pages went each way so far: (lean, dedup).
+    pub fn paths(&self) -> (u64, u64) {
+        let s = &self.stats;
+        (s.lean, s.raw - s.lean + s.refs + s.deltas)
+    }
+
+    /// The peer speaks v5: lean pages go as `Plain`, which it neither hashes nor keeps.
+    pub fn set_plain(&mut self, plain: bool) {
+        self.plain = plain;
     }
 
     pub fn summary_len(&self) -> usize {
@@ -183,9 +218,19 @@ impl PageEncoder {
 
     /// The cheapest body for this page.
     pub fn page(&mut self, block: u16, offset: u64, data: Bytes) -> PageBody {
-        if !self.dedup {
+        if self.lean {
             self.stats.raw += 1;
-            return PageBody::Raw(data);
+            self.stats.lean += 1;
+            // the source will not know this version: no delta against it later (an older
+            // peer keeps a Raw page under its hash, but nothing here refers to it)
+            if let Some(s) = self.map.slot(block, offset) {
+                *s = None;
+            }
+            return if self.plain {
+                PageBody::Plain(data)
+            } else {
+                PageBody::Raw(data)
+            };
         }
         let h = self.hasher.hash(&data);
         let prev = self.map.slot(block, offset).and_then(|s| s.replace(h));
@@ -270,7 +315,11 @@ pub fn answer_want(
 /// A page record turned back into content.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolved {
-    Zero(u8),
+    /// `pages` pages from the record's offset, every byte `fill`.
+    Zero {
+        fill: u8,
+        pages: u32,
+    },
     Page(Bytes),
     /// Content this host does not hold: ask the source for it.
     Missing(Hash),
@@ -339,7 +388,28 @@ impl PageDecoder {
         match body {
             PageBody::Zero { fill } => {
                 *self.map.slot(block, offset).ok_or(oor)? = None;
-                Ok(Resolved::Zero(fill))
+                Ok(Resolved::Zero { fill, pages: 1 })
+            }
+            PageBody::ZeroRun { fill, pages } => {
+                let ps = self.map.page_size.max(1);
+                let end = u64::from(pages)
+                    .checked_mul(ps)
+                    .and_then(|n| n.checked_add(offset))
+                    .ok_or(DecodeError::OutOfRange { block, offset })?;
+                if pages == 0 || self.map.slot(block, end - ps).is_none() {
+                    return Err(DecodeError::OutOfRange { block, offset });
+                }
+                for i in 0..u64::from(pages) {
+                    if let Some(s) = self.map.slot(block, offset + i * ps) {
+                        *s = None;
+                    }
+                }
+                Ok(Resolved::Zero { fill, pages })
+            }
+            PageBody::Plain(data) => {
+                // the lean path: nothing refers to this version later, nothing is kept
+                *self.map.slot(block, offset).ok_or(oor)? = None;
+                Ok(Resolved::Page(data))
             }
             PageBody::Raw(data) => {
                 let h = self.hasher.hash(&data);
@@ -466,7 +536,7 @@ mod tests {
                     Op::Zero(i) => {
                         enc.zero(0, i as u64 * PS as u64);
                         let r = dec.resolve(0, i as u64 * PS as u64, PageBody::Zero { fill: 0 }).unwrap();
-                        prop_assert_eq!(r, Resolved::Zero(0));
+                        prop_assert_eq!(r, Resolved::Zero { fill: 0, pages: 1 });
                     }
                     Op::Write(i, k, e) => {
                         let c = content(k, e);
@@ -480,7 +550,7 @@ mod tests {
                                 dec.content(answer[0].0, &answer[0].1).unwrap();
                                 answer[0].1.clone()
                             }
-                            Resolved::Zero(_) => panic!("page became zero"),
+                            Resolved::Zero { .. } => panic!("page became zero"),
                         };
                         prop_assert_eq!(got, c);
                     }

@@ -97,7 +97,7 @@ pub fn qmp_line(data: &[u8]) {
 
 /// The destination's page handling: `Pages` and `Content` frames through
 /// `tern_engine::pages::PageDecoder` (with a small in-memory page store) in the
-/// order `migrate::dest` applies them, and `migrate::digest::MemoryDigest` over the
+/// order `tern_engine::dest` applies them, and `tern_engine::digest::MemoryDigest` over the
 /// records that reach QEMU: no panic; resolved content matches the hash it was named by;
 /// the decoder refuses nothing the digest would accept; the digest equals one taken over
 /// the final memory image in another order.

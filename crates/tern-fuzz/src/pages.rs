@@ -1,5 +1,5 @@
 //! Target `page_decode`: what the destination agent does with `Pages` and `Content`
-//! frames (`migrate::dest`): each page record through `PageDecoder::resolve`, records in
+//! frames (`tern_engine::dest`): each page record through `PageDecoder::resolve`, records in
 //! order (a record whose content is missing holds back those after it until `Content`
 //! brings it), and each record that reaches QEMU into the `MemoryDigest`.
 //!
@@ -92,34 +92,65 @@ impl Dest {
         let r = match self.dec.resolve(block, offset, p.body) {
             Ok(r) => r,
             Err(DecodeError::OutOfRange { .. }) => {
-                assert!(
-                    self.probe.fill(block.into(), offset, 0).is_err(),
-                    "the decoder refused block #{block} offset {offset:#x}, the digest takes it"
-                );
+                // the record's last page (a run's, if it has one) is what lies outside
+                let last = match &body {
+                    PageBody::ZeroRun { pages, .. } => u64::from(*pages)
+                        .checked_sub(1)
+                        .and_then(|n| n.checked_mul(self.page_size))
+                        .and_then(|n| n.checked_add(offset)),
+                    _ => Some(offset),
+                };
+                if let Some(at) = last {
+                    assert!(
+                        self.probe.fill(block.into(), offset, 0).is_err()
+                            || self.probe.fill(block.into(), at, 0).is_err(),
+                        "the decoder refused block #{block} offset {offset:#x}, the digest takes it"
+                    );
+                }
                 return Err(Refused);
             }
             Err(_) => return Err(Refused),
         };
         let rec = match (r, body) {
-            (Resolved::Zero(fill), PageBody::Zero { fill: f }) => {
-                assert_eq!(fill, f);
+            (Resolved::Zero { fill, pages }, PageBody::Zero { fill: f }) => {
+                assert_eq!((fill, pages), (f, 1));
                 Rec::Zero {
                     block,
                     offset,
                     fill,
                 }
             }
+            (Resolved::Zero { fill, pages }, PageBody::ZeroRun { fill: f, pages: n }) => {
+                assert_eq!((fill, pages), (f, n));
+                // the decoder checked the run fits the block (a small layout): every page
+                // of it goes to QEMU, the last as this record
+                for i in 0..u64::from(pages) - 1 {
+                    let r = Rec::Zero {
+                        block,
+                        offset: offset + i * self.page_size,
+                        fill,
+                    };
+                    self.queue_or_write(r)?;
+                }
+                Rec::Zero {
+                    block,
+                    offset: offset + (u64::from(pages) - 1) * self.page_size,
+                    fill,
+                }
+            }
             (Resolved::Page(d), body) => {
                 let hash = self.hasher.hash(&d);
                 match body {
-                    PageBody::Raw(x) => assert_eq!(d, x, "raw page changed"),
+                    PageBody::Raw(x) | PageBody::Plain(x) => assert_eq!(d, x, "raw page changed"),
                     PageBody::Ref(h) => {
                         assert_eq!(hash, h, "a reference resolved to other content")
                     }
                     PageBody::Delta { result, .. } => {
                         assert_eq!(hash, result, "a delta gave other content than it names")
                     }
-                    PageBody::Zero { .. } => panic!("a zero record resolved to a page"),
+                    PageBody::Zero { .. } | PageBody::ZeroRun { .. } => {
+                        panic!("a zero record resolved to a page")
+                    }
                 }
                 Rec::Page {
                     block,
@@ -144,8 +175,12 @@ impl Dest {
                     hash: h,
                 }
             }
-            (Resolved::Zero(_), other) => panic!("{other:?} resolved as a zero page"),
+            (Resolved::Zero { .. }, other) => panic!("{other:?} resolved as a zero page"),
         };
+        self.queue_or_write(rec)
+    }
+
+    fn queue_or_write(&mut self, rec: Rec) -> Result<(), Refused> {
         let ready = !matches!(rec, Rec::Page { data: None, .. });
         if self.queue.is_empty() && ready {
             self.write(rec)

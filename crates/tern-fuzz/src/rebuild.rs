@@ -1,5 +1,5 @@
 //! Target `chunks_rebuild`: `tern_chunks::Rebuild` into an in-memory disk, the way the
-//! destination's disk worker (`migrate::disk`) drives it.
+//! destination's disk worker (`tern_engine::disk`) drives it.
 //!
 //! Input: a mode byte. Even: a source disk of up to 16 blocks is made from the input (the
 //! last one possibly short, contents from a small palette so duplicates occur, some blocks

@@ -837,6 +837,53 @@ fn page_decode() -> Vec<Seed> {
             ],
         }]),
     )];
+    // the lean path (v5): plain pages, runs of zero pages (one that fits, one past the
+    // block's end, one of no pages), then a delta against a plain page (no base)
+    out.push(seed(
+        "lean-plain-and-zero-runs",
+        frames_of(&[
+            Message::Pages {
+                block: 0,
+                pages: vec![
+                    Page {
+                        offset: 0,
+                        body: PageBody::Plain(Bytes::from(old.clone())),
+                    },
+                    Page {
+                        offset: p,
+                        body: PageBody::ZeroRun { fill: 0, pages: 5 },
+                    },
+                    Page {
+                        offset: 6 * p,
+                        body: PageBody::ZeroRun { fill: 3, pages: 2 },
+                    },
+                ],
+            },
+            Message::Pages {
+                block: 1,
+                pages: vec![
+                    Page {
+                        offset: 2 * p,
+                        body: PageBody::ZeroRun { fill: 0, pages: 3 },
+                    },
+                    Page {
+                        offset: 0,
+                        body: PageBody::ZeroRun { fill: 0, pages: 0 },
+                    },
+                ],
+            },
+            Message::Pages {
+                block: 0,
+                pages: vec![Page {
+                    offset: 0,
+                    body: PageBody::Delta {
+                        result: h(&new),
+                        diff: Bytes::from(diff.clone()),
+                    },
+                }],
+            },
+        ]),
+    ));
     // a reference the destination lacks: held back until Content brings it
     out.push(seed(
         "want-then-content",

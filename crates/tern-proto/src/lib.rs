@@ -435,6 +435,8 @@ mod tests {
                 any::<[u8; 16]>().prop_map(PageBody::Ref),
                 (any::<[u8; 16]>(), proptest::collection::vec(any::<u8>(), 0..64))
                     .prop_map(|(result, d)| PageBody::Delta { result, diff: Bytes::from(d) }),
+                proptest::collection::vec(any::<u8>(), 0..64).prop_map(|v| PageBody::Plain(Bytes::from(v))),
+                (any::<u8>(), any::<u32>()).prop_map(|(fill, pages)| PageBody::ZeroRun { fill, pages }),
             ]), 0..20), block in any::<u16>()) {
             let m = Message::Pages { block, pages: pages.into_iter().map(|(offset, body)| Page { offset, body }).collect() };
             prop_assert_eq!(roundtrip(&m), m);

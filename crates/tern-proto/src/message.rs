@@ -118,12 +118,50 @@ pub enum PageBody {
     /// The page's previous version at the destination with `diff` applied (v2); `result`
     /// names the new content, so a destination missing the base can ask for it instead.
     Delta { result: ContentHash, diff: Bytes },
+    /// The page's bytes, which the destination need not keep (v5, the lean data path):
+    /// no later reference or delta will name them, so it neither hashes nor stores them.
+    Plain(Bytes),
+    /// `pages` consecutive pages from this record's offset, every byte of each `fill` (v5):
+    /// a run of QEMU's ZERO records in one.
+    ZeroRun { fill: u8, pages: u32 },
+}
+
+impl PageBody {
+    /// The protocol version that brought this kind of page record.
+    pub fn since(&self) -> u16 {
+        match self {
+            PageBody::Zero { .. } | PageBody::Raw(_) => 1,
+            PageBody::Ref(_) | PageBody::Delta { .. } => 2,
+            PageBody::Plain(_) | PageBody::ZeroRun { .. } => 5,
+        }
+    }
+
+    /// How many guest pages the record stands for.
+    pub fn pages(&self) -> u64 {
+        match self {
+            PageBody::ZeroRun { pages, .. } => u64::from(*pages),
+            _ => 1,
+        }
+    }
+
+    /// Encoded size of a page record with this body (offset and kind included).
+    pub fn record_len(&self) -> usize {
+        match self {
+            PageBody::Zero { .. } => 10,
+            PageBody::Raw(d) | PageBody::Plain(d) => 13 + d.len(),
+            PageBody::Ref(_) => 25,
+            PageBody::Delta { diff, .. } => 29 + diff.len(),
+            PageBody::ZeroRun { .. } => 14,
+        }
+    }
 }
 
 const PAGE_ZERO: u8 = 0;
 const PAGE_RAW: u8 = 1;
 const PAGE_REF: u8 = 2;
 const PAGE_DELTA: u8 = 3;
+const PAGE_PLAIN: u8 = 4;
+const PAGE_ZERO_RUN: u8 = 5;
 
 /// One page record: the page at byte `offset` of a block.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -402,6 +440,16 @@ pub(crate) fn encode_payload(msg: &Message, out: &mut BytesMut, segs: &mut Vec<B
                         out.put_slice(result);
                         put_bytes(out, diff);
                     }
+                    PageBody::Plain(data) => {
+                        out.put_u8(PAGE_PLAIN);
+                        out.put_u32(data.len() as u32);
+                        bulk(out, segs, data);
+                    }
+                    PageBody::ZeroRun { fill, pages } => {
+                        out.put_u8(PAGE_ZERO_RUN);
+                        out.put_u8(*fill);
+                        out.put_u32(*pages);
+                    }
                 }
             }
         }
@@ -533,15 +581,7 @@ pub(crate) fn payload_len(msg: &Message) -> usize {
             8 + blocks.iter().map(|b| s(&b.name) + 8).sum::<usize>()
         }
         Message::Pages { pages, .. } => {
-            6 + pages
-                .iter()
-                .map(|p| match &p.body {
-                    PageBody::Zero { .. } => 10,
-                    PageBody::Raw(d) => 13 + d.len(),
-                    PageBody::Ref(_) => 25,
-                    PageBody::Delta { diff, .. } => 29 + diff.len(),
-                })
-                .sum::<usize>()
+            6 + pages.iter().map(|p| p.body.record_len()).sum::<usize>()
         }
         Message::SourceDone { commit, .. } => 40 + usize::from(*commit),
         Message::ReadyToResume { .. } => 32,
@@ -621,6 +661,11 @@ pub(crate) fn decode_payload(ty: MessageType, payload: Bytes) -> Result<Message,
                     PAGE_DELTA => PageBody::Delta {
                         result: r.hash()?,
                         diff: r.bytes()?,
+                    },
+                    PAGE_PLAIN => PageBody::Plain(r.bytes()?),
+                    PAGE_ZERO_RUN => PageBody::ZeroRun {
+                        fill: r.u8()?,
+                        pages: r.u32()?,
                     },
                     _ => return Err(r.invalid("page kind")),
                 };

@@ -76,6 +76,19 @@ fn canonical(v: u16) -> Vec<Message> {
                         },
                     });
                 }
+                if v >= 5 {
+                    p.push(Page {
+                        offset: 16384,
+                        body: PageBody::Plain(Bytes::from(vec![0x5a; 4096])),
+                    });
+                    p.push(Page {
+                        offset: 20480,
+                        body: PageBody::ZeroRun {
+                            fill: 0,
+                            pages: 300,
+                        },
+                    });
+                }
                 p
             },
         },

@@ -138,6 +138,7 @@ fn pump(
 pub struct Capture {
     child: Option<Child>,
     pub file: PathBuf,
+    err: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -150,7 +151,8 @@ impl Capture {
         let file = dir.path().join("cap.pcap");
         let err = dir.path().join("tcpdump.err");
         let mut child = Command::new("tcpdump")
-            .args(["-i", iface, "-U", "-n", "-s", "0", "-w"])
+            // a 64 MiB kernel buffer: a migration over loopback outruns the default
+            .args(["-i", iface, "-U", "-n", "-s", "0", "-B", "65536", "-w"])
             .arg(&file)
             .arg(format!("tcp port {port}"))
             .stdin(Stdio::null())
@@ -176,11 +178,13 @@ impl Capture {
         Ok(Capture {
             child: Some(child),
             file,
+            err,
             _dir: dir,
         })
     }
 
-    /// Stops the capture and returns the pcap's bytes.
+    /// Stops the capture and returns the pcap's bytes; an error if the kernel dropped
+    /// packets (the capture would not be the whole conversation).
     pub fn finish(mut self) -> Result<Vec<u8>> {
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill")
@@ -188,6 +192,15 @@ impl Capture {
                 .arg(c.id().to_string())
                 .status();
             c.wait()?;
+        }
+        let text = std::fs::read_to_string(&self.err).unwrap_or_default();
+        let dropped: u64 = text
+            .lines()
+            .find(|l| l.contains("dropped by kernel"))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        if dropped > 0 {
+            bail!("the capture missed {dropped} packets (dropped by the kernel): {text}");
         }
         Ok(std::fs::read(&self.file)?)
     }

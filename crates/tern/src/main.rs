@@ -17,6 +17,14 @@ use tern_api::image::{ImageInfo, ImportReport, RefreshSummary};
 
 const DEFAULT_API: &str = "unix:/run/tern/agent.sock";
 
+/// `--data-path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DataPath {
+    Auto,
+    Lean,
+    Dedup,
+}
+
 #[derive(Parser)]
 #[command(
     name = "tern",
@@ -213,8 +221,13 @@ struct MigrateArgs {
     /// Frame compression: auto (picked from link speed and CPU), none, lz4, zstd-1..19.
     #[arg(long, default_value = "auto")]
     compression: Compression,
-    /// Send every page's bytes: no references to content the destination holds, no deltas.
-    #[arg(long)]
+    /// The data path: auto (measured as it runs: lean where the link keeps up, dedup where
+    /// it is the bottleneck), lean (every page's bytes, nothing hashed or kept) or dedup
+    /// (references to content the destination holds and deltas, wherever smaller).
+    #[arg(long, value_enum, default_value_t = DataPath::Auto)]
+    data_path: DataPath,
+    /// The same as --data-path lean.
+    #[arg(long, conflicts_with = "data_path")]
     no_dedup: bool,
     /// Extra TCP connections for the data (default: 4 when the round trip is 10 ms or
     /// more, else 0: the control connection carries it).
@@ -575,7 +588,15 @@ fn migrate(c: Client, m: MigrateArgs) -> Result<()> {
         downtime_ms: m.downtime_ms,
         max_bandwidth_mibps: m.max_bandwidth_mibps,
         compression: Some(m.compression),
-        dedup: Some(!m.no_dedup),
+        dedup: if m.no_dedup {
+            Some(false)
+        } else {
+            match m.data_path {
+                DataPath::Auto => None,
+                DataPath::Lean => Some(false),
+                DataPath::Dedup => Some(true),
+            }
+        },
         streams: m.streams,
     };
     let id = c.migrate(&m.name, &req)?.id;
@@ -716,8 +737,10 @@ fn print_report(r: &MigrationReport) {
     let e = &r.encoding;
     if e.frames_raw_bytes > 0 {
         println!(
-            "  encoding        dedup {}, compression {} ({} changes), frames {:.1} -> {:.1} MiB, {} pages held at the destination, {} asked for again, {} data streams",
-            if e.dedup { "on" } else { "off" },
+            "  encoding        data path {} ({} changes, {} pages lean), compression {} ({} changes), frames {:.1} -> {:.1} MiB, {} pages held at the destination, {} asked for again, {} data streams",
+            e.data_path,
+            e.data_path_switches,
+            e.lean_pages,
             e.codec,
             e.codec_switches,
             mib(e.frames_raw_bytes),

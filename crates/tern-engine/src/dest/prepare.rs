@@ -38,7 +38,8 @@ pub(super) struct Prepared {
     pub qmp: QmpClient,
     pub qemu_events: broadcast::Receiver<QmpEvent>,
     pub qemu_rd: Option<unix::OwnedReadHalf>,
-    pub qemu_wr: unix::OwnedWriteHalf,
+    /// QEMU's incoming stream, until the transfer's feeder takes it.
+    pub qemu_wr: Option<unix::OwnedWriteHalf>,
     pub disks: Option<DestDisks>,
     /// The pages this host holds, pinned for the migration; what it receives goes there.
     pub pages: PageDecoder,
@@ -273,7 +274,7 @@ pub(super) async fn run(
         qmp,
         qemu_events,
         qemu_rd: Some(qemu_rd),
-        qemu_wr,
+        qemu_wr: Some(qemu_wr),
         disks,
         pages,
         attached,

@@ -8,7 +8,8 @@
 //! Ends when SourceDone came and everything before it is written.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tern_proto::{limits, ErrorCode, Message, PageBody};
@@ -53,7 +54,16 @@ pub(super) async fn run(
         .expect("the transfer takes QEMU's return path once");
     let rp_task = tokio::spawn(return_path(qemu_rd, conn.writer.clone()));
     let mut rp_task = AbortOnDrop(Some(rp_task));
+    let feeder = Feeder::start(
+        p.qemu_wr
+            .take()
+            .expect("the transfer takes QEMU's stream once"),
+        conn.writer.clone(),
+        p.version,
+    );
     let mut rb = Rebuild {
+        version: p.version,
+        feeder,
         enc: Encoder::new(tern_qemu::stream::DEFAULT_PAGE_SIZE),
         out: Segments::default(),
         names: Vec::new(),
@@ -64,14 +74,11 @@ pub(super) async fn run(
         missing: HashSet::new(),
         lengths: Vec::new(),
         out_units: 0,
-        applied: 0,
-        reported: 0,
     };
     let c = &p.handle.counters;
     let mut rp_result: Option<Result<bool, String>> = None;
     let id = &p.id;
     let handle = &p.handle;
-    let version = p.version;
     let stall = inc.engine.config.stall_timeout;
     let mut source_done: Option<[u8; 32]> = None;
     let mut early_commit = false;
@@ -86,7 +93,8 @@ pub(super) async fn run(
             // (disks: their last rounds travel on the control connection, SourceDone may
             // come first on a data connection)
             if rb.pending.is_empty() && p.disks.as_ref().is_none_or(DestDisks::all_last) {
-                rb.flush(&mut p.qemu_wr, &conn.writer, version).await?;
+                rb.flush().await?;
+                p.qemu_wr = Some(rb.feeder.finish().await?);
                 break d;
             }
         }
@@ -98,7 +106,7 @@ pub(super) async fn run(
             if !conn.reader.has_frame() && data_rx.is_empty() && !rb.out.is_empty() {
                 conn.reader.try_fill()?;
                 if !conn.reader.has_frame() {
-                    rb.flush(&mut p.qemu_wr, &conn.writer, version).await?;
+                    rb.flush().await?;
                 }
             }
             tokio::select! {
@@ -133,8 +141,7 @@ pub(super) async fn run(
                     tracing::warn!(
                         migration = %id,
                         wire_in = conn.reader.bytes_read,
-                        applied = rb.applied,
-                        reported = rb.reported,
+                        applied = rb.feeder.applied(),
                         queued = rb.out.len(),
                         pending = rb.pending.len(),
                         missing = rb.missing.len(),
@@ -205,22 +212,23 @@ pub(super) async fn run(
                 for rec in records {
                     rb.check_record(block, &rec)?;
                     let counter = match &rec.body {
-                        PageBody::Zero { .. } => &c.pages_zero,
-                        PageBody::Raw(_) => &c.pages_raw,
+                        PageBody::Zero { .. } | PageBody::ZeroRun { .. } => &c.pages_zero,
+                        PageBody::Raw(_) | PageBody::Plain(_) => &c.pages_raw,
                         PageBody::Ref(_) => &c.pages_ref,
                         PageBody::Delta { .. } => &c.pages_delta,
                     };
-                    Counters::add(counter, 1);
+                    Counters::add(counter, rec.body.pages());
                     let offset = rec.offset;
                     let item = match p
                         .pages
                         .resolve(block, offset, rec.body)
                         .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?
                     {
-                        Resolved::Zero(fill) => Pending::Zero {
+                        Resolved::Zero { fill, pages } => Pending::Zero {
                             block,
                             offset,
                             fill,
+                            pages,
                         },
                         Resolved::Page(data) => Pending::Page {
                             block,
@@ -255,8 +263,8 @@ pub(super) async fn run(
                         .await?;
                     }
                 }
-                if rb.out.len() >= 1 << 20 {
-                    rb.flush(&mut p.qemu_wr, &conn.writer, version).await?;
+                if rb.out.len() >= 256 << 10 {
+                    rb.flush().await?;
                 }
             }
             Some(Message::Content { pages: contents }) => {
@@ -334,7 +342,7 @@ pub(super) async fn run(
         source_digest,
         early_commit,
         digest: rb.digest.take(),
-        applied: rb.applied,
+        applied: rb.feeder.applied(),
         relay: rp_task,
     })
 }
@@ -350,10 +358,12 @@ fn disk_failure(e: Option<DestDiskError>) -> IncomingError {
 /// Something for the destination QEMU, in stream order.
 pub(super) enum Pending {
     Verbatim(Bytes),
+    /// `pages` pages from `offset`, every byte `fill`.
     Zero {
         block: u16,
         offset: u64,
         fill: u8,
+        pages: u32,
     },
     /// `data` is `None` while the content (`hash`) is asked for.
     Page {
@@ -422,6 +432,9 @@ pub fn check_ram_blocks(
 /// content, it and everything after it wait in `pending` until the content arrives.
 /// The memory digest is taken as records go out, so it follows the same order.
 pub(super) struct Rebuild {
+    /// The protocol version of the migration (which page records may come).
+    version: u16,
+    feeder: Feeder,
     enc: Encoder,
     out: Segments,
     names: Vec<BlockName>,
@@ -433,33 +446,106 @@ pub(super) struct Rebuild {
     missing: HashSet<Hash>,
     /// The RAM blocks' lengths, from RamBlocks.
     lengths: Vec<u64>,
-    /// Stream units in `out`, written to QEMU so far, and last told to the source.
+    /// Stream units in `out`.
     out_units: u64,
-    applied: u64,
-    reported: u64,
+}
+
+/// Writes the rebuilt stream into the destination QEMU on a task of its own, so that the
+/// migration goes on reading, checking and resolving the next frames while QEMU takes the
+/// last ones (QEMU starts loading as soon as bytes arrive, and neither side waits on the
+/// other); tells the source (v2) how much QEMU took, every 256 KiB. At most
+/// [`Feeder::QUEUE`] batches wait for it.
+struct Feeder {
+    tx: Option<mpsc::Sender<(Segments, u64)>>,
+    task: Option<tokio::task::JoinHandle<Result<unix::OwnedWriteHalf, IncomingError>>>,
+    applied: Arc<AtomicU64>,
+}
+
+impl Feeder {
+    const QUEUE: usize = 8;
+
+    fn start(mut qemu: unix::OwnedWriteHalf, writer: PeerWriter, version: u16) -> Feeder {
+        let (tx, mut rx) = mpsc::channel::<(Segments, u64)>(Self::QUEUE);
+        let applied = Arc::new(AtomicU64::new(0));
+        let a = applied.clone();
+        let task = tokio::spawn(async move {
+            let mut reported = 0;
+            while let Some((mut out, units)) = rx.recv().await {
+                out.write_to(&mut qemu)
+                    .await
+                    .map_err(|e| IncomingError::Qemu(format!("writing its stream failed: {e}")))?;
+                let applied = a.fetch_add(units, Ordering::Relaxed) + units;
+                if version >= 2 && applied - reported >= 256 << 10 {
+                    reported = applied;
+                    send(&writer, &Message::Applied { units: applied }).await?;
+                }
+            }
+            Ok(qemu)
+        });
+        Feeder {
+            tx: Some(tx),
+            task: Some(task),
+            applied,
+        }
+    }
+
+    /// Stream units QEMU has taken.
+    fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    /// Queues a batch; waits only while [`Feeder::QUEUE`] batches are ahead of it.
+    async fn feed(&mut self, out: Segments, units: u64) -> Result<(), IncomingError> {
+        let sent = match &self.tx {
+            Some(tx) => tx.send((out, units)).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            // the task ended early: its error says why
+            Err(self
+                .join()
+                .await
+                .err()
+                .unwrap_or_else(|| IncomingError::Qemu("its stream writer stopped".into())))
+        }
+    }
+
+    /// Waits until QEMU took everything queued; gives its stream back.
+    async fn finish(&mut self) -> Result<unix::OwnedWriteHalf, IncomingError> {
+        self.tx = None;
+        self.join().await
+    }
+
+    async fn join(&mut self) -> Result<unix::OwnedWriteHalf, IncomingError> {
+        self.tx = None;
+        match self.task.take() {
+            Some(t) => t
+                .await
+                .map_err(|e| IncomingError::Qemu(format!("its stream writer failed: {e}")))?,
+            None => Err(IncomingError::Qemu("its stream writer stopped".into())),
+        }
+    }
+}
+
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
 }
 
 impl Rebuild {
-    /// Writes what is queued into QEMU; tells the source (v2) every 256 KiB of stream.
-    async fn flush(
-        &mut self,
-        qemu: &mut unix::OwnedWriteHalf,
-        writer: &PeerWriter,
-        version: u16,
-    ) -> Result<(), IncomingError> {
-        write_qemu(qemu, &mut self.out).await?;
-        self.applied += std::mem::take(&mut self.out_units);
-        if version >= 2 && self.applied - self.reported >= 256 << 10 {
-            self.reported = self.applied;
-            send(
-                writer,
-                &Message::Applied {
-                    units: self.applied,
-                },
-            )
-            .await?;
+    /// Hands what is queued to the feeder.
+    async fn flush(&mut self) -> Result<(), IncomingError> {
+        if self.out.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let out = std::mem::take(&mut self.out);
+        let units = std::mem::take(&mut self.out_units);
+        self.feeder.feed(out, units).await
     }
 
     /// A page record fits the VM's RAM blocks and carries a whole page: checked before
@@ -475,7 +561,31 @@ impl Rebuild {
                 ),
             ));
         }
-        if let PageBody::Raw(d) = &p.body {
+        if p.body.since() > self.version {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                format!(
+                    "a page record of protocol v{} in a v{} migration",
+                    p.body.since(),
+                    self.version
+                ),
+            ));
+        }
+        if let PageBody::ZeroRun { pages, .. } = &p.body {
+            let end = u64::from(*pages)
+                .checked_mul(limits::PAGE_SIZE)
+                .and_then(|n| n.checked_add(p.offset));
+            if *pages == 0 || end.is_none_or(|e| e > len) {
+                return Err(refuse(
+                    ErrorCode::Protocol,
+                    format!(
+                        "a run of {pages} zero pages at {:#x} of block #{block} does not fit its {len} bytes",
+                        p.offset
+                    ),
+                ));
+            }
+        }
+        if let PageBody::Raw(d) | PageBody::Plain(d) = &p.body {
             if d.len() as u64 != limits::PAGE_SIZE {
                 return Err(refuse(
                     ErrorCode::Protocol,
@@ -554,16 +664,23 @@ impl Rebuild {
                 block,
                 offset,
                 fill,
+                pages,
             } => {
-                d.ok_or_else(|| refuse(ErrorCode::Protocol, "page before RamBlocks"))?
-                    .fill(block as usize, offset, fill)
-                    .map_err(bad)?;
-                RamRecord::Zero {
-                    block: self.names[block as usize].clone(),
-                    offset,
-                    fill,
-                    named: false,
+                let d = d.ok_or_else(|| refuse(ErrorCode::Protocol, "page before RamBlocks"))?;
+                let ps = self.enc.page_size();
+                for i in 0..u64::from(pages) {
+                    d.fill(block as usize, offset + i * ps, fill).map_err(bad)?;
+                    self.out_units += ps;
+                    let rec = RamRecord::Zero {
+                        block: self.names[block as usize].clone(),
+                        offset: offset + i * ps,
+                        fill,
+                        named: false,
+                    };
+                    self.enc
+                        .encode(&Item::Ram(rec), NameMode::Auto, self.out.scratch());
                 }
+                return Ok(());
             }
             Pending::Page {
                 block,
@@ -598,11 +715,4 @@ impl Rebuild {
             .encode(&Item::Ram(rec), NameMode::Auto, self.out.scratch());
         Ok(())
     }
-}
-
-async fn write_qemu(w: &mut unix::OwnedWriteHalf, out: &mut Segments) -> Result<(), IncomingError> {
-    out.write_to(w)
-        .await
-        .map_err(|e| IncomingError::Qemu(format!("writing its stream failed: {e}")))?;
-    Ok(())
 }

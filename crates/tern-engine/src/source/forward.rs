@@ -1,8 +1,17 @@
-//! The pump of an outgoing migration: reads QEMU's stream, parses it item by item, turns
-//! page records into the cheapest form the encoder finds (zero, bytes, a reference, a
-//! delta) and everything else into verbatim QEMU bytes, in order; digests the memory image
-//! the stream describes; and sends it all in batches under flow control. Page data is a
-//! slice of what was read from QEMU all the way to the socket (no copy).
+//! The pump of an outgoing migration, a pipeline of two tasks (so two cores work on it
+//! where the host has them):
+//!
+//! - the **reader** (this task) reads QEMU's stream, parses it item by item, digests the
+//!   memory image the stream describes, turns page records into the form the data path
+//!   gives them (lean: the bytes; dedup: zero, bytes, a reference or a delta, whichever is
+//!   cheapest; [`DataPathPicker`] switches between them) and everything else into verbatim
+//!   QEMU bytes, in order, and hands batches of frames on under flow control;
+//! - the **sender** ([`sender`]) compresses them with the codec the picker chose, encrypts
+//!   (TLS) and writes them to the destination.
+//!
+//! Between them at most [`SEND_QUEUE`] batches of about 1 MiB wait, so the final pass and
+//! the device state are never held behind more than that. Page data is a slice of what
+//! was read from QEMU all the way to the socket (no copy before TLS's own).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,12 +26,99 @@ use tokio::net::unix;
 
 use super::MigrateError;
 use crate::codec::CodecPicker;
+use crate::datapath::DataPathPicker;
 use crate::digest::MemoryDigest;
 use crate::handle::{Counters, EncodingReport, MigrationHandle};
 use crate::pages::PageEncoder;
 use crate::transport::batch::{Compression, Outbox};
 use crate::transport::flow::{Flow, Window};
-use crate::transport::links::{flush_out, Links, PeerWriter};
+use crate::transport::links::{send_frames, Links, PeerWriter, SendError};
+use tokio::sync::mpsc;
+
+/// Batches of frames that may wait between the reader and the sender.
+pub(super) const SEND_QUEUE: usize = 4;
+
+/// From the reader to the sender.
+enum ToSender {
+    Frames(Vec<Message>),
+    /// The reader waited this long for the destination (flow control) across a WAN: for
+    /// the codec picker, waiting for the path there is waiting for the link.
+    Waited(Duration),
+}
+
+/// The sending half of the pipeline: compresses, encrypts and writes what the reader
+/// hands on, in order; gives back its compression state and links at the end.
+async fn sender(
+    mut rx: mpsc::Receiver<ToSender>,
+    mut comp: Compression,
+    mut links: Links,
+    writer: PeerWriter,
+    handle: Arc<MigrationHandle>,
+) -> Result<(Compression, Links), SendError> {
+    while let Some(m) = rx.recv().await {
+        match m {
+            ToSender::Frames(frames) => {
+                send_frames(frames, &mut comp, &writer, &mut links, &handle).await?;
+                comp.picker.progress(comp.raw, Instant::now());
+            }
+            ToSender::Waited(d) => comp.picker.flushed(0, d),
+        }
+    }
+    Ok((comp, links))
+}
+
+/// The reader's end of the pipeline.
+struct Pipe {
+    tx: Option<mpsc::Sender<ToSender>>,
+    task: Option<tokio::task::JoinHandle<Result<(Compression, Links), SendError>>>,
+}
+
+impl Pipe {
+    /// Hands everything `out` holds to the sender (waits only while it is
+    /// [`SEND_QUEUE`] batches behind).
+    async fn hand(&mut self, out: &mut Outbox) -> Result<(), MigrateError> {
+        let frames = out.take();
+        if frames.is_empty() {
+            return Ok(());
+        }
+        self.send(ToSender::Frames(frames)).await
+    }
+
+    async fn send(&mut self, m: ToSender) -> Result<(), MigrateError> {
+        let ok = match &self.tx {
+            Some(tx) => tx.send(m).await.is_ok(),
+            None => false,
+        };
+        if ok {
+            return Ok(());
+        }
+        // the sender stopped: its error says why
+        match self.finish().await {
+            Err(e) => Err(e),
+            Ok(_) => Err(MigrateError::Protocol("the sender stopped early".into())),
+        }
+    }
+
+    /// Waits until everything handed on is written; the sender's state back.
+    async fn finish(&mut self) -> Result<(Compression, Links), MigrateError> {
+        self.tx = None;
+        match self.task.take() {
+            Some(t) => match t.await {
+                Ok(r) => Ok(r?),
+                Err(e) => Err(MigrateError::Protocol(format!("the sender failed: {e}"))),
+            },
+            None => Err(MigrateError::Protocol("the sender stopped".into())),
+        }
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
 
 /// How the forwarder encodes and sends: decided before the transfer starts.
 pub(super) struct ForwardPlan {
@@ -32,6 +128,10 @@ pub(super) struct ForwardPlan {
     pub commit: Option<Arc<AtomicBool>>,
     /// Extra data connections (none: the control connection carries the data).
     pub links: Links,
+    /// Lean or dedup, re-decided as the stream goes.
+    pub datapath: DataPathPicker,
+    /// The peer speaks v5 (Plain pages, zero runs).
+    pub v5: bool,
     /// v2 flow control, with the round trip to the destination.
     pub flow: Option<(Arc<Flow>, Duration)>,
 }
@@ -55,9 +155,13 @@ pub(super) async fn forward(
         mut pages,
         picker,
         commit,
-        mut links,
+        links,
         flow,
+        mut datapath,
+        v5,
     } = plan;
+    pages.set_plain(v5);
+    pages.set_lean(!datapath.dedup());
     let mut window = flow.as_ref().map(|(_, rtt)| Window::new(*rtt));
     // stream units handed to the outbox so far (the destination counts the same)
     let mut units = 0u64;
@@ -65,13 +169,25 @@ pub(super) async fn forward(
     let mut enc = Encoder::new(tern_qemu::stream::DEFAULT_PAGE_SIZE);
     let mut inbuf = BytesMut::with_capacity(4 << 20);
     let mut out = Outbox::new();
-    let mut comp = Compression {
+    out.zero_runs = v5;
+    let comp = Compression {
         fc: FrameCompressor::default(),
         picker,
         buf: BytesMut::new(),
         sample: BytesMut::new(),
         raw: 0,
         wire: 0,
+    };
+    let (tx, rx) = mpsc::channel(SEND_QUEUE);
+    let mut pipe = Pipe {
+        tx: Some(tx),
+        task: Some(tokio::spawn(sender(
+            rx,
+            comp,
+            links,
+            writer,
+            handle.clone(),
+        ))),
     };
     let mut scratch = Vec::with_capacity(64 << 10);
     let mut digest: Option<MemoryDigest> = None;
@@ -178,18 +294,22 @@ pub(super) async fn forward(
                     }
                 }
                 if out.size() >= 1 << 20 {
-                    flush_out(&mut out, &mut comp, &writer, &mut links, &handle).await?;
+                    pipe.hand(&mut out).await?;
+                    if datapath.tick(units, Instant::now()) {
+                        pages.set_lean(!datapath.dedup());
+                        handle.update(|s| s.progress.data_path = datapath.name().into());
+                    }
                 }
             }
             None => {
                 // Flow control: do not take more from QEMU while the window is full.
-                if let (Some((f, _)), Some(w)) = (&flow, window.as_mut()) {
+                if let (Some((f, rtt)), Some(w)) = (&flow, window.as_mut()) {
                     loop {
                         let applied = f.applied.load(Ordering::SeqCst);
                         if units.saturating_sub(applied) <= w.size(applied) {
                             break;
                         }
-                        flush_out(&mut out, &mut comp, &writer, &mut links, &handle).await?;
+                        pipe.hand(&mut out).await?;
                         let t = Instant::now();
                         if tokio::time::timeout(Duration::from_secs(5), f.notify.notified())
                             .await
@@ -204,8 +324,13 @@ pub(super) async fn forward(
                                 "flow control: no progress from the destination for 5 s"
                             );
                         }
-                        // waiting for the path is waiting for the link, to the picker
-                        comp.picker.flushed(0, t.elapsed());
+                        // Across a WAN the window fills because the link is slow; on a LAN
+                        // because the destination is (its QEMU loading), where compressing
+                        // harder would only cost CPU: only the former tells the codec picker
+                        // about the link (a slow LAN link shows as writes that block).
+                        if *rtt >= DataPathPicker::WAN_RTT {
+                            pipe.send(ToSender::Waited(t.elapsed())).await?;
+                        }
                     }
                 }
                 // keep the partial record (a few KiB at most) in front of the next read
@@ -219,7 +344,7 @@ pub(super) async fn forward(
                 let n = match qemu.try_read_buf(&mut inbuf) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        flush_out(&mut out, &mut comp, &writer, &mut links, &handle).await?;
+                        pipe.hand(&mut out).await?;
                         qemu.read_buf(&mut inbuf)
                             .await
                             .map_err(MigrateError::LocalIo)?
@@ -257,7 +382,8 @@ pub(super) async fn forward(
         pages: d.pages,
         commit: commit.is_some(),
     });
-    flush_out(&mut out, &mut comp, &writer, &mut links, &handle).await?;
+    pipe.hand(&mut out).await?;
+    let (comp, links) = pipe.finish().await?;
     let s = pages.stats;
     Ok(ForwardDone {
         digest: sum,
@@ -271,8 +397,9 @@ pub(super) async fn forward(
             codec_switches: comp.picker.switches,
             wants: Counters::get(&c.wants),
             data_streams: links.senders.len() as u16,
-            data_path: if pages.dedup() { "dedup" } else { "lean" }.into(),
-            data_path_switches: 0,
+            data_path: datapath.name().into(),
+            data_path_switches: datapath.switches,
+            lean_pages: s.lean,
         },
     })
 }

@@ -143,7 +143,8 @@ pub(super) async fn run(
     if version >= 2 && !same_key {
         tracing::warn!(migration = %m.handle.id, "the destination uses another cluster key: no references or deltas (give both agents the same --cluster-key)");
     }
-    let dedup = version >= 2 && same_key && m.req.dedup.unwrap_or(true);
+    // references and deltas are possible (whether they are used, the data path decides)
+    let dedup = version >= 2 && same_key && m.req.dedup != Some(false);
     let policy = if version >= 2 {
         CodecPolicy::from(m.req.compression.unwrap_or_default())
     } else {

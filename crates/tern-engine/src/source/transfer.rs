@@ -17,6 +17,7 @@ use super::peer::PeerEvent;
 use super::prepare::Prepared;
 use super::{unexpected, AbortOnDrop, MigrateError, Migration};
 use crate::codec::CodecPicker;
+use crate::datapath::{DataPathPicker, DataPathPolicy};
 use crate::error::error_chain;
 use crate::fault::fault;
 use crate::handle::{wait_cancelled, Counters, DiskReport, EncodingReport, Phase};
@@ -106,8 +107,18 @@ pub(super) async fn run(
         writer.clone(),
         m.handle.clone(),
         ForwardPlan {
+            datapath: DataPathPicker::new(
+                if encoder.dedup() {
+                    DataPathPolicy::from_request(m.req.dedup)
+                } else {
+                    DataPathPolicy::Lean
+                },
+                rtt,
+                std::time::Instant::now(),
+            ),
+            v5: version >= 5,
             pages: encoder,
-            picker: CodecPicker::new(policy),
+            picker: CodecPicker::new(policy, rtt),
             commit: (version >= 2).then(|| commit_sent.clone()),
             links,
             flow: flow.map(|f| (f, rtt)),

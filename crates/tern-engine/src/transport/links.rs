@@ -3,7 +3,7 @@
 //! `Seq{n}`; on the destination, each connection's frames handed to the migration, which
 //! applies them in `n` order within bounded memory ([`Reorder`]). Also the source's one
 //! way of sending a batch, over the data connections or the control connection
-//! ([`flush_out`]), under the migration's rate limit.
+//! ([`send_frames`]), under the migration's rate limit.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -13,7 +13,7 @@ use std::time::Instant;
 use tern_proto::{limits, Message};
 use tokio::sync::{mpsc, Mutex};
 
-use super::batch::{Compression, Out, Outbox};
+use super::batch::{Compression, Out};
 use super::conn::{FrameReader, FrameWriter, RecvError};
 use super::rate::RateLimit;
 use super::tls::{PeerRead, PeerWrite};
@@ -72,11 +72,12 @@ pub async fn data_link(
     w.shutdown().await
 }
 
-/// Sends everything `out` holds, in order: over the data connections (numbered, round
-/// robin) when there are any, else on the control connection; charged to the rate limit
-/// and told to the codec picker (how long the link took).
-pub async fn flush_out(
-    out: &mut Outbox,
+/// Sends `frames`, in order: compressed (`comp`), over the data connections (numbered,
+/// round robin) when there are any, else on the control connection; charged to the rate
+/// limit and told to the codec picker (how long the link took: only the wait for the
+/// socket, not the compression).
+pub async fn send_frames(
+    frames: Vec<Message>,
     comp: &mut Compression,
     writer: &PeerWriter,
     links: &mut Links,
@@ -84,7 +85,7 @@ pub async fn flush_out(
 ) -> Result<(), SendError> {
     if !links.senders.is_empty() {
         // Parallel streams: this batch goes to the next connection, each frame numbered.
-        let frames = out.drain(comp);
+        let frames = comp.encode(frames);
         if frames.is_empty() {
             return Ok(());
         }
@@ -121,7 +122,7 @@ pub async fn flush_out(
         }
         return Ok(());
     }
-    let frames = out.drain(comp);
+    let frames = comp.encode(frames);
     let mut w = writer.lock().await;
     for f in frames {
         match f {

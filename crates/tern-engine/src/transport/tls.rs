@@ -199,7 +199,7 @@ impl PeerSecurity {
                         .map_err(|_| HandshakeError::BadAddress { addr: addr.into() })?,
                 };
                 let conn = tokio_rustls::TlsConnector::from(c.client.clone());
-                let s = tokio::time::timeout(within, conn.connect(name, tcp))
+                let s = tokio::time::timeout(within, conn.connect(name, buffered(tcp)))
                     .await
                     .map_err(|_| HandshakeError::Timeout(within))?
                     .map_err(|e| HandshakeError::Tls {
@@ -227,7 +227,7 @@ impl PeerSecurity {
             PeerSecurity::Plaintext => Ok((PeerStream::Plain(tcp), PeerIdentity::default())),
             PeerSecurity::Tls(c) => {
                 let acc = tokio_rustls::TlsAcceptor::from(c.server.clone());
-                let s = tokio::time::timeout(within, acc.accept(tcp))
+                let s = tokio::time::timeout(within, acc.accept(buffered(tcp)))
                     .await
                     .map_err(|_| HandshakeError::Timeout(within))?
                     .map_err(|e| HandshakeError::Tls {
@@ -306,10 +306,22 @@ pub fn describe(e: &std::io::Error) -> String {
     }
 }
 
+/// What rustls reads from: the TCP socket behind a read buffer of [`TLS_READ_BUFFER`].
+/// rustls asks for 4 KiB at a time; without the buffer every 4 KiB of a migration would
+/// be a `read` of its own (and often a window update sent back).
+pub type TlsTcp = tokio::io::BufReader<TcpStream>;
+
+/// The read buffer under rustls (see [`TlsTcp`]).
+pub const TLS_READ_BUFFER: usize = 256 << 10;
+
+fn buffered(tcp: TcpStream) -> TlsTcp {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
+}
+
 /// An agent-to-agent connection, encrypted or (test-only) plain.
 pub enum PeerStream {
-    Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-    Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Client(Box<tokio_rustls::client::TlsStream<TlsTcp>>),
+    Server(Box<tokio_rustls::server::TlsStream<TlsTcp>>),
     Plain(TcpStream),
 }
 

@@ -1,4 +1,5 @@
-//! `tern-bench loopback`: the foundation benchmark (`tern-bench wan`: see [`wan`];
+//! `tern-bench loopback`: the foundation benchmark (`tern-bench datapath`: see
+//! [`datapath`]; `tern-bench wan`: see [`wan`];
 //! `tern-bench tls`: see [`tls`]; `tern-bench disk`: see [`disk`]). Same guest, same
 //! machine, one run:
 //! QEMU's own migration (QEMU to QEMU over loopback TCP) against the same migration
@@ -8,6 +9,7 @@
 //!
 //! Usage: tern-bench loopback --tern target/release/tern [--rounds 3] [--out FILE]
 
+mod datapath;
 mod disk;
 mod tls;
 mod wan;
@@ -219,6 +221,31 @@ fn main() -> Result<()> {
             }
             return Ok(());
         }
+        Some("spread") => {
+            let profile = arg("--profile").unwrap_or_else(|| "wan-100m-50ms".into());
+            let mem: u32 = arg("--mem-mib").map(|m| m.parse()).transpose()?.unwrap_or(1024);
+            let runs: usize = arg("--runs").map(|r| r.parse()).transpose()?.unwrap_or(20);
+            let out = wan::spread(&bin, &ensure_guest()?, &profile, mem, runs)?;
+            print!("{out}");
+            if let Some(p) = arg("--out") {
+                std::fs::write(&p, &out).with_context(|| format!("writing {p}"))?;
+            }
+            return Ok(());
+        }
+        Some("datapath") => {
+            let sizes: Vec<u32> = arg("--sizes")
+                .unwrap_or_else(|| "2048,8192".into())
+                .split(',')
+                .map(|s| s.trim().parse().context("--sizes: MiB, comma-separated"))
+                .collect::<Result<_>>()?;
+            let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(5);
+            let out = datapath::bench(&bin, &ensure_guest()?, &sizes, rounds)?;
+            print!("{out}");
+            if let Some(p) = arg("--out") {
+                std::fs::write(&p, &out).with_context(|| format!("writing {p}"))?;
+            }
+            return Ok(());
+        }
         Some("disk") => {
             let opts = disk::Options::parse(arg)?;
             let out = disk::bench(&bin, &ensure_guest()?, &opts)?;
@@ -229,7 +256,7 @@ fn main() -> Result<()> {
             return Ok(());
         }
         _ => bail!(
-            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]\n       tern-bench disk --tern PATH [--link wan-100m-50ms] [--disk-mib 256] [--rounds 1] [--scenario a|b|c] [--only qemu|tern] [--limit-secs 600] [--out FILE (appended)]"
+            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench datapath --tern PATH [--sizes 2048,8192] [--rounds 5] [--out FILE]\n       tern-bench spread --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--runs 20] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]\n       tern-bench disk --tern PATH [--link wan-100m-50ms] [--disk-mib 256] [--rounds 1] [--scenario a|b|c] [--only qemu|tern] [--limit-secs 600] [--out FILE (appended)]"
         ),
     }
     let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);
