@@ -12,7 +12,7 @@
 //! A socket that blocks does not say whether the link or the receiver is slow (on a LAN
 //! or loopback it is mostly the destination, where compressing harder only costs CPU),
 //! so the model's pick is a proposal: it is tried for a window, and kept only if the
-//! stream (bytes before compression per second) went at least 5% faster than with the
+//! stream (bytes before compression per second) went at least 15% faster than with the
 //! codec before it; else the picker goes back, and does not propose that codec again for
 //! a while (4 s, doubling up to 32 s). It starts uncompressed on a LAN and with lz4
 //! across a WAN.
@@ -81,12 +81,18 @@ pub struct CodecPicker {
     window_blocked: Duration,
     /// Link rate (bytes/s) when the link was the bottleneck in the last window.
     link: Option<f64>,
+    /// The last window mostly waited for the socket (or, across a WAN, the window).
+    bound: bool,
     pub switches: u32,
 }
 
 impl CodecPicker {
     /// How long a trial runs after settling, and how long it settles.
     const TRIAL: Duration = Duration::from_millis(1000);
+    /// How much faster the stream must go with a proposed codec for it to be kept: the
+    /// stream's own swings (a destination faulting in fresh memory, a guest's dirtying)
+    /// reach 10% between windows; where compression pays, it pays more than 15%.
+    const WIN: f64 = 1.15;
     const SETTLE: Duration = Duration::from_millis(250);
 
     /// For a link with this round trip (a WAN starts compressed).
@@ -130,6 +136,7 @@ impl CodecPicker {
             window_bytes: 0,
             window_blocked: Duration::ZERO,
             link: None,
+            bound: false,
             switches: 0,
         }
     }
@@ -200,7 +207,8 @@ impl CodecPicker {
             // through is its rate. Otherwise it carried all we had: its rate is at least
             // that (a link once measured stays known; a quiet spell says nothing new).
             let seen = self.window_bytes as f64 / span.as_secs_f64();
-            if self.window_blocked.as_secs_f64() > 0.3 * span.as_secs_f64() {
+            self.bound = self.window_blocked.as_secs_f64() > 0.3 * span.as_secs_f64();
+            if self.bound {
                 self.link = Some(seen);
             } else if let Some(l) = self.link {
                 self.link = Some(l.max(seen));
@@ -227,6 +235,11 @@ impl CodecPicker {
         self.link
     }
 
+    /// Whether the last half second mostly waited for the link (or the receiver).
+    pub fn link_bound(&self) -> bool {
+        self.bound
+    }
+
     /// How far the stream got: `raw` frame bytes (before compression) sent so far. Runs
     /// the rate windows and judges a trial.
     pub fn progress(&mut self, raw: u64, now: Instant) {
@@ -249,7 +262,7 @@ impl CodecPicker {
             let rate = raw.saturating_sub(r0) as f64 / dt.as_secs_f64();
             self.trial = None;
             self.measure = (now, raw);
-            if rate >= 1.05 * t.from_rate {
+            if rate >= Self::WIN * t.from_rate {
                 tracing::info!(from = %t.from.name(), to = %self.current.name(), was_mbps = t.from_rate * 8e-6, now_mbps = rate * 8e-6, link_mbps = ?self.link.map(|l| l * 8e-6), "compression changed");
                 self.rate = Some(rate);
                 self.switches += 1;

@@ -8,7 +8,8 @@
 //! round trip suggests (dedup from [`DataPathPicker::WAN_RTT`] up, lean below), measures
 //! how fast QEMU's stream goes through (stream bytes per second) for a window, then every
 //! [`DataPathPicker::PROBE_EVERY`] (backing off to [`DataPathPicker::PROBE_MAX`] while
-//! probes lose) tries the other path for a window and keeps whichever moved the stream
+//! probes lose), where the other path could win (dedup while the link is the bottleneck,
+//! lean while it is not), tries it for a window and keeps whichever moved the stream
 //! faster: the current one unless the other was at least 25% faster ([`DataPathPicker::WIN`]),
 //! so that the stream's own swings (a guest's dirtying, a destination faulting in fresh
 //! memory) do not flip it, and a tie keeps what the link suggested. Where the link is the
@@ -114,9 +115,13 @@ impl DataPathPicker {
         }
     }
 
-    /// Told as the stream goes through (`units`: stream bytes forwarded so far); returns
-    /// whether the path changed (for a probe or for good).
-    pub fn tick(&mut self, units: u64, now: Instant) -> bool {
+    /// Told as the stream goes through (`units`: stream bytes forwarded so far;
+    /// `link_bound`: the sender mostly waits for the link); returns whether the path
+    /// changed (for a probe or for good). A probe runs only where the other path could
+    /// win: dedup only while the link is the bottleneck (it saves bytes, not CPU), lean
+    /// only while it is not (across a WAN a lean probe would send as bytes what dedup
+    /// sends as references).
+    pub fn tick(&mut self, units: u64, now: Instant, link_bound: bool) -> bool {
         if self.policy != DataPathPolicy::Auto {
             return false;
         }
@@ -128,7 +133,10 @@ impl DataPathPicker {
                 }
                 let rate = units.saturating_sub(u0) as f64 / dt.as_secs_f64();
                 self.rate = Some(rate);
-                if now.saturating_duration_since(self.last_probe) >= self.probe_every && rate > 0.0
+                let could_win = link_bound != self.dedup;
+                if now.saturating_duration_since(self.last_probe) >= self.probe_every
+                    && rate > 0.0
+                    && could_win
                 {
                     self.last_probe = now;
                     self.dedup = !self.dedup;
@@ -193,7 +201,13 @@ mod tests {
 
     /// Runs the picker over `secs` of a migration whose stream moves at `rate(dedup)`
     /// bytes per second, ticking every 10 ms; returns the fraction of time spent deduping.
-    fn run(p: &mut DataPathPicker, t0: Instant, secs: f64, rate: impl Fn(bool) -> f64) -> f64 {
+    fn run(
+        p: &mut DataPathPicker,
+        t0: Instant,
+        secs: f64,
+        rate: impl Fn(bool) -> f64,
+        link_bound: bool,
+    ) -> f64 {
         let mut units = 0.0;
         let mut dedup_time = 0.0;
         let step = 0.01;
@@ -205,7 +219,7 @@ mod tests {
                 dedup_time += step;
             }
             t += step;
-            p.tick(units as u64, t0 + Duration::from_secs_f64(t));
+            p.tick(units as u64, t0 + Duration::from_secs_f64(t), link_bound);
         }
         dedup_time / secs
     }
@@ -216,16 +230,21 @@ mod tests {
         // loopback: dedup's per-page work makes the stream slower
         let mut p = DataPathPicker::new(DataPathPolicy::Auto, Duration::ZERO, t0);
         assert!(!p.dedup());
-        let share = run(&mut p, t0, 60.0, |d| if d { 200e6 } else { 300e6 });
+        // (a receiver slow enough to block the socket: the probes find dedup slower)
+        let share = run(&mut p, t0, 60.0, |d| if d { 200e6 } else { 300e6 }, true);
         assert!(!p.dedup() && p.switches == 0, "{share}");
         assert_eq!(p.name(), "lean");
         // probes at 5 s, 14 s, 31 s (backing off), 1.25 s each
         assert!(share < 0.1, "probes only: {share}");
         // a link that is the bottleneck, where dedup sends a third of the bytes
         let mut p = DataPathPicker::new(DataPathPolicy::Auto, Duration::ZERO, t0);
-        run(&mut p, t0, 30.0, |d| if d { 30e6 } else { 12e6 });
+        run(&mut p, t0, 30.0, |d| if d { 30e6 } else { 12e6 }, true);
         assert!(p.dedup());
         assert_eq!(p.switches, 1);
+        // a link that never blocks: dedup is not even tried
+        let mut p = DataPathPicker::new(DataPathPolicy::Auto, Duration::ZERO, t0);
+        let share = run(&mut p, t0, 30.0, |d| if d { 30e6 } else { 12e6 }, false);
+        assert!(!p.dedup() && share == 0.0, "{share}");
     }
 
     #[test]
@@ -233,8 +252,13 @@ mod tests {
         let t0 = Instant::now();
         let mut p = DataPathPicker::new(DataPathPolicy::Auto, Duration::from_millis(50), t0);
         assert!(p.dedup());
-        run(&mut p, t0, 30.0, |_| 12e6);
+        run(&mut p, t0, 30.0, |_| 12e6, false);
         assert!(p.dedup() && p.switches == 0);
+        // while the WAN link is the bottleneck, lean is never tried (it would send as
+        // bytes what dedup sends as references)
+        let mut p = DataPathPicker::new(DataPathPolicy::Auto, Duration::from_millis(50), t0);
+        let share = run(&mut p, t0, 30.0, |d| if d { 12e6 } else { 40e6 }, true);
+        assert!(p.dedup() && share > 0.999, "{share}");
     }
 
     #[test]
@@ -242,7 +266,13 @@ mod tests {
         let t0 = Instant::now();
         for (policy, dedup) in [(DataPathPolicy::Lean, false), (DataPathPolicy::Dedup, true)] {
             let mut p = DataPathPicker::new(policy, Duration::from_millis(50), t0);
-            let share = run(&mut p, t0, 20.0, |d| if d == dedup { 1e6 } else { 100e6 });
+            let share = run(
+                &mut p,
+                t0,
+                20.0,
+                |d| if d == dedup { 1e6 } else { 100e6 },
+                dedup,
+            );
             assert_eq!(p.dedup(), dedup);
             let want = if dedup { 1.0 } else { 0.0 };
             assert!((share - want).abs() < 1e-9, "{share}");

@@ -200,7 +200,7 @@ fn a_hostile_source_cannot_crash_exhaust_or_mislead_a_destination() -> Result<()
     };
 
     // RAM blocks: sizes past the VM's memory, other page sizes, twice, too many
-    let cases: Vec<(&str, Vec<Message>, &str)> = vec![
+    let v2_cases: Vec<(&str, Vec<Message>, &str)> = vec![
         ("huge RAM block", vec![ram_blocks(1 << 50)], "RamBlocks"),
         (
             "1 GiB pages",
@@ -274,8 +274,43 @@ fn a_hostile_source_cannot_crash_exhaust_or_mislead_a_destination() -> Result<()
             "did not ask",
         ),
     ];
-    for (case, msgs, words) in cases {
-        let mut p = prepared(&v, "evil-src", 2, &id(), &vm, &[])?;
+    // the lean path's page kinds (v5): runs of zero pages that do not fit, and a v5 kind
+    // in a migration of an older version
+    let zero_run =
+        |offset: u64, pages: u32| one_page(0, offset, PageBody::ZeroRun { fill: 0, pages });
+    let mut cases: Vec<(&str, u16, Vec<Message>, &str)> =
+        v2_cases.into_iter().map(|(c, m, w)| (c, 2, m, w)).collect();
+    cases.extend([
+        (
+            "a zero run past its block",
+            5,
+            vec![ram_blocks(64 << 20), zero_run((64 << 20) - 4096, 2)],
+            "does not fit",
+        ),
+        (
+            "a zero run of 2^32-1 pages",
+            5,
+            vec![ram_blocks(64 << 20), zero_run(0, u32::MAX)],
+            "does not fit",
+        ),
+        (
+            "a zero run of no pages",
+            5,
+            vec![ram_blocks(64 << 20), zero_run(0, 0)],
+            "does not fit",
+        ),
+        (
+            "a plain page in a v2 migration",
+            2,
+            vec![
+                ram_blocks(64 << 20),
+                one_page(0, 0, PageBody::Plain(Bytes::from(vec![1u8; 4096]))),
+            ],
+            "protocol v5",
+        ),
+    ]);
+    for (case, version, msgs, words) in cases {
+        let mut p = prepared(&v, "evil-src", version, &id(), &vm, &[])?;
         for m in &msgs {
             p.send(m)?;
         }

@@ -54,6 +54,7 @@ async fn sender(
     mut links: Links,
     writer: PeerWriter,
     handle: Arc<MigrationHandle>,
+    link_bound: Arc<AtomicBool>,
 ) -> Result<(Compression, Links), SendError> {
     while let Some(m) = rx.recv().await {
         match m {
@@ -63,6 +64,7 @@ async fn sender(
             }
             ToSender::Waited(d) => comp.picker.flushed(0, d),
         }
+        link_bound.store(comp.picker.link_bound(), Ordering::Relaxed);
     }
     Ok((comp, links))
 }
@@ -179,6 +181,8 @@ pub(super) async fn forward(
         wire: 0,
     };
     let (tx, rx) = mpsc::channel(SEND_QUEUE);
+    // the sender's view of the link, for the data path's probes
+    let link_bound = Arc::new(AtomicBool::new(false));
     let mut pipe = Pipe {
         tx: Some(tx),
         task: Some(tokio::spawn(sender(
@@ -187,6 +191,7 @@ pub(super) async fn forward(
             links,
             writer,
             handle.clone(),
+            link_bound.clone(),
         ))),
     };
     let mut scratch = Vec::with_capacity(64 << 10);
@@ -295,7 +300,7 @@ pub(super) async fn forward(
                 }
                 if out.size() >= 1 << 20 {
                     pipe.hand(&mut out).await?;
-                    if datapath.tick(units, Instant::now()) {
+                    if datapath.tick(units, Instant::now(), link_bound.load(Ordering::Relaxed)) {
                         pages.set_lean(!datapath.dedup());
                         handle.update(|s| s.progress.data_path = datapath.name().into());
                     }

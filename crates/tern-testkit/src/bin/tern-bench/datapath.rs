@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use tern_qemu::launch::{LaunchOptions, QemuProcess};
 use tern_testkit::agents::{wait_for_text, TestAgent};
 use tern_testkit::guest::GuestImage;
 
-use crate::{machine_cpu_seconds, median, spec};
+use crate::{direct_pair, machine_cpu_seconds, median, spec};
 
 /// What one paused migration did.
 struct Run {
@@ -125,12 +124,10 @@ impl ProcessCpu {
 }
 
 fn guest_spec(g: &GuestImage, name: &str, mib: u32) -> tern_qemu::spec::VmSpec {
-    // leave the guest kernel 256 MiB of its own; fill the rest
-    let mut s = spec(
-        name,
-        g,
-        &format!("tern.workload=fill tern.mib={}", mib.saturating_sub(256)),
-    );
+    // leave the guest kernel its own (256 MiB, or 1/16 of a large guest: page tables and
+    // the kernel's own structures grow with it); fill the rest
+    let fill = mib.saturating_sub((mib / 16).max(256));
+    let mut s = spec(name, g, &format!("tern.workload=fill tern.mib={fill}"));
     s.memory_mib = mib;
     s
 }
@@ -138,25 +135,8 @@ fn guest_spec(g: &GuestImage, name: &str, mib: u32) -> tern_qemu::spec::VmSpec {
 /// QEMU to QEMU over loopback TCP, the guest paused before the migration starts.
 async fn direct(g: &GuestImage, mib: u32, work: &Path) -> Result<Run> {
     let s = guest_spec(g, "bench-direct", mib);
-    let mut src = QemuProcess::launch(&s, &LaunchOptions::new(work.join("src"))).await?;
-    wait_for_text(&src.console_log, "TERN-READY", Duration::from_secs(600))?;
+    let (mut src, mut dst, uri) = direct_pair(&s, work, Duration::from_secs(600)).await?;
     src.qmp.execute("stop", None).await?;
-    let mut dst_opts = LaunchOptions::new(work.join("dst"));
-    dst_opts.incoming_defer = true;
-    let mut dst = QemuProcess::launch(&s, &dst_opts).await?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    for q in [&src.qmp, &dst.qmp] {
-        q.set_migrate_capabilities(&[("events", true)]).await?;
-    }
-    src.qmp
-        .set_migrate_parameters(json!({ "downtime-limit": 300, "max-bandwidth": 1u64 << 40 }))
-        .await?;
-    let uri = format!("tcp:127.0.0.1:{port}");
-    dst.qmp
-        .execute("migrate-incoming", Some(json!({ "uri": uri })))
-        .await?;
     let cpu0 = (machine_cpu_seconds(), ProcessCpu::start());
     let t0 = Instant::now();
     src.qmp

@@ -75,15 +75,19 @@ fn event_us(t: std::time::SystemTime) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// QEMU to QEMU directly, over loopback TCP, same parameters tern uses.
-async fn qemu_direct(g: &GuestImage, append: &str, work: &Path) -> Result<Sample> {
-    let s = spec("bench-direct", g, append);
-    let src_opts = LaunchOptions::new(work.join("direct-src"));
-    let mut src = QemuProcess::launch(&s, &src_opts).await?;
-    wait_for_text(&src.console_log, "TERN-READY", Duration::from_secs(90))?;
+/// A source QEMU running `s` (ready once its console says TERN-READY) and a destination
+/// QEMU waiting for it on a loopback TCP port, both with the parameters tern uses
+/// (events on, downtime limit 300 ms, no rate cap); returns them and the URI to migrate to.
+pub(crate) async fn direct_pair(
+    s: &VmSpec,
+    work: &Path,
+    ready_within: Duration,
+) -> Result<(QemuProcess, QemuProcess, String)> {
+    let src = QemuProcess::launch(s, &LaunchOptions::new(work.join("direct-src"))).await?;
+    wait_for_text(&src.console_log, "TERN-READY", ready_within)?;
     let mut dst_opts = LaunchOptions::new(work.join("direct-dst"));
     dst_opts.incoming_defer = true;
-    let mut dst = QemuProcess::launch(&s, &dst_opts).await?;
+    let dst = QemuProcess::launch(s, &dst_opts).await?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -93,21 +97,23 @@ async fn qemu_direct(g: &GuestImage, append: &str, work: &Path) -> Result<Sample
     src.qmp
         .set_migrate_parameters(json!({ "downtime-limit": 300, "max-bandwidth": 1u64 << 40 }))
         .await?;
+    let uri = format!("tcp:127.0.0.1:{port}");
     dst.qmp
-        .execute(
-            "migrate-incoming",
-            Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
-        )
+        .execute("migrate-incoming", Some(json!({ "uri": uri })))
         .await?;
+    Ok((src, dst, uri))
+}
+
+/// QEMU to QEMU directly, over loopback TCP, same parameters tern uses.
+async fn qemu_direct(g: &GuestImage, append: &str, work: &Path) -> Result<Sample> {
+    let s = spec("bench-direct", g, append);
+    let (mut src, mut dst, uri) = direct_pair(&s, work, Duration::from_secs(90)).await?;
     let mut sev = src.qmp.subscribe();
     let mut dev = dst.qmp.subscribe();
     let cpu0 = machine_cpu_seconds();
     let t0 = Instant::now();
     src.qmp
-        .execute(
-            "migrate",
-            Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
-        )
+        .execute("migrate", Some(json!({ "uri": uri })))
         .await?;
     let stop = src
         .qmp
@@ -168,6 +174,10 @@ pub(crate) fn via_tern(
         .report
         .with_context(|| format!("tern migration failed: {:?}", st.error))?;
     let qemu_ms = r.qemu_total_time_ms.unwrap_or(0) as f64;
+    eprintln!(
+        "  tern: {} ms downtime, switchover {:?}, {} / {}",
+        r.downtime_ms, r.switchover, r.encoding.data_path, r.encoding.codec
+    );
     Ok(Sample {
         total_ms: r.total_time_ms as f64,
         qemu_ms,
