@@ -169,6 +169,11 @@ impl<B: Backend> SlotStore<B> {
         self.scanned
     }
 
+    /// Entries in the eviction queues, stale ones included (their cost, for tests).
+    pub fn queued(&self) -> usize {
+        self.fifo.len() + self.parked.len()
+    }
+
     /// Entries with at least one pin.
     pub fn pinned(&self) -> usize {
         self.pinned
@@ -341,7 +346,14 @@ impl<B: Backend> PageStore for SlotStore<B> {
         if let Some(e) = self.map.get_mut(h) {
             if e.pins == 1 {
                 self.pinned -= 1;
-                // evictable again: back in the queue (it may be parked)
+                // evictable again: back in the queue as the newest entry (a page a
+                // migration just used), under a new sequence number, so that the copies
+                // already queued or parked are stale and each entry is queued once (with
+                // its old number a page pinned and unpinned by every migration piled up
+                // copies no compaction could drop, and each insert then compacted the
+                // whole queue: a host that was a source before took minutes per page)
+                self.seq += 1;
+                e.seq = self.seq;
                 self.fifo.push_back((e.seq, *h));
             }
             e.pins = e.pins.saturating_sub(1);

@@ -135,6 +135,45 @@ fn a_store_full_of_pins_refuses_at_once_and_eviction_does_not_rescan() {
 }
 
 #[test]
+fn pages_pinned_and_unpinned_by_migration_after_migration_stay_queued_once() {
+    // A host that is a migration's source again pins and unpins the same pages each
+    // time. Each entry must stay queued once: copies that compaction cannot drop made
+    // every insert compact the whole queue (a third trip stalled for minutes).
+    const N: u32 = 5000;
+    let mut s = MemStore::new(PS, 2 * N as usize);
+    for i in 0..N {
+        s.insert(h(i), &page(i)).unwrap();
+    }
+    for _trip in 0..4 {
+        for i in 0..N {
+            assert!(s.pin(&h(i)));
+        }
+        for i in 0..N {
+            s.unpin(&h(i));
+        }
+    }
+    // inserts compact as they go; afterwards the queues hold each live entry about once
+    for i in N..N + 200 {
+        s.insert(h(i), &page(i)).unwrap();
+    }
+    let live = s.len();
+    assert!(
+        s.queued() <= 2 * live + 64,
+        "{} queued for {live} entries",
+        s.queued()
+    );
+    // and the oldest page is the first to go (unpinned pages count as just used)
+    let mut full = MemStore::new(PS, 3);
+    for i in 0..3 {
+        full.insert(h(i), &page(i)).unwrap();
+    }
+    assert!(full.pin(&h(0)));
+    full.unpin(&h(0));
+    full.insert(h(3), &page(3)).unwrap();
+    assert!(full.contains(&h(0)) && !full.contains(&h(1)));
+}
+
+#[test]
 fn the_tiered_store_spills_to_its_file_and_brings_pages_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = TieredStore::new(PS, 2, Some((&dir.path().join("t"), 4))).unwrap();
