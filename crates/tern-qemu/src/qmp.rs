@@ -20,7 +20,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 /// answers in milliseconds; a QEMU that does not answer within this is hung.
 pub const COMMAND_DEADLINE: Duration = Duration::from_secs(20);
 
-/// Socket buffer of each end of a migration stream socket ([`QmpClient::stream_socket`]).
+/// A roomy socket buffer for a migration stream socket ([`QmpClient::stream_socket`]):
+/// a few MiB in flight, so neither end waits on the other for every 200 KiB (the default).
 pub const STREAM_SOCKET_BUFFER: usize = 4 << 20;
 
 /// A QMP event (`{"event": ..., "data": ..., "timestamp": {...}}`).
@@ -404,18 +405,17 @@ impl QmpClient {
         Ok(())
     }
 
-    /// A connected socket pair for a migration stream (buffers of
-    /// [`STREAM_SOCKET_BUFFER`] each way): QEMU gets one end under `name`
+    /// A connected socket pair for a migration stream (send and receive buffers of
+    /// `buffer` bytes, e.g. [`STREAM_SOCKET_BUFFER`]): QEMU gets one end under `name`
     /// (`getfd`), the caller keeps the other; then `migrate` or `migrate-incoming` with
     /// `uri: "fd:NAME"`. QEMU opens nothing itself, so it needs no access to any path.
-    pub async fn stream_socket(&self, name: &str) -> Result<UnixStream, QmpError> {
+    pub async fn stream_socket(&self, name: &str, buffer: usize) -> Result<UnixStream, QmpError> {
         let (ours, theirs) = UnixStream::pair()?;
-        // Room for a few MiB in flight each way, so neither end of a migration stream
-        // waits on the other for every 200 KiB (the default); past the system's limit
-        // only where the agent may (root), else as much as it allows.
+        // past the system's limit only where the agent may (root), else as much as it
+        // allows
         {
             use rustix::net::sockopt as so;
-            let n = STREAM_SOCKET_BUFFER;
+            let n = buffer;
             for s in [ours.as_fd(), theirs.as_fd()] {
                 if so::set_socket_send_buffer_size_force(s, n).is_err() {
                     let _ = so::set_socket_send_buffer_size(s, n);

@@ -180,7 +180,11 @@ impl TestAgent {
             .arg(&state_dir)
             .arg("--api")
             .arg(format!("unix:{}", api.display()))
-            .env("TERN_LOG", "info,tern_agent=debug")
+            // TERN_AGENT_LOG (a tracing filter) asks for more, e.g. to see why a bench hangs
+            .env(
+                "TERN_LOG",
+                std::env::var("TERN_AGENT_LOG").unwrap_or_else(|_| "info,tern_agent=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf);

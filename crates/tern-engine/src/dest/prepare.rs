@@ -206,7 +206,7 @@ pub(super) async fn run(
     let qemu_events = qmp.subscribe();
     // the stream comes in over a socket QEMU is handed (it may not open paths itself)
     let qemu_sock = qmp
-        .stream_socket("tern-incoming")
+        .stream_socket("tern-incoming", tern_qemu::qmp::STREAM_SOCKET_BUFFER)
         .await
         .map_err(qmp_failed("handing it the stream's socket"))?;
     qmp.execute(

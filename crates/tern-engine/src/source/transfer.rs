@@ -53,6 +53,12 @@ pub(super) struct Transferred {
     pub _tasks: Vec<AbortOnDrop>,
 }
 
+/// Socket buffer between the source QEMU and its agent. Small on purpose: what QEMU has
+/// written but tern has not taken is stream QEMU counts as sent, so a large buffer makes
+/// QEMU overrate the link and stop the VM with megabytes still to drain (loopback bench,
+/// 7 rounds: idle downtime 84 ms median with 4 MiB, 49 ms with 256 KiB, throughput the same).
+const QEMU_OUT_BUFFER: usize = 256 << 10;
+
 pub(super) async fn run(
     m: &mut Migration,
     p: Prepared,
@@ -90,7 +96,7 @@ pub(super) async fn run(
 
     // QEMU migrates into a socket it is handed (it may not open paths itself)
     let fd_name = format!("tern-migrate-{}", m.handle.id);
-    let qemu_sock = qmp.stream_socket(&fd_name).await?;
+    let qemu_sock = qmp.stream_socket(&fd_name, QEMU_OUT_BUFFER).await?;
     let mut qemu_events = qmp.subscribe();
     qmp.execute("migrate", Some(json!({ "uri": format!("fd:{fd_name}") })))
         .await?;

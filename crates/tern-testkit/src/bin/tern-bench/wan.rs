@@ -448,10 +448,23 @@ pub fn spread(
     for i in 0..runs {
         let (from, to) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
         let id = from.start_migration("spread-vm", &addr(to), json!({ "downtime_ms": 300 }))?;
-        let st = from.wait_migration(&id, Duration::from_secs(300))?;
-        let r = st
-            .report
-            .with_context(|| format!("run {}: {:?}", i + 1, st.error))?;
+        let st = from.wait_migration(&id, Duration::from_secs(300));
+        let r = st.and_then(|st| {
+            st.report
+                .with_context(|| format!("run {}: {:?}", i + 1, st.error))
+        });
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                // the agents' logs say why; the work directory goes with this function
+                for (t, name) in [(&a, "a"), (&b, "b")] {
+                    let keep = format!("/tmp/tern-bench-spread-{name}.log");
+                    let _ = std::fs::copy(&t.log, &keep);
+                    eprintln!("  agent log of host-{name} kept in {keep}");
+                }
+                return Err(e);
+            }
+        };
         eprintln!(
             "  run {}: {} ms downtime, {} ms total, switchover {:?}",
             i + 1,
