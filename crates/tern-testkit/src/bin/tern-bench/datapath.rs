@@ -180,14 +180,7 @@ fn via_tern(bin: &Path, g: &GuestImage, mib: u32) -> Result<Run> {
     let console = PathBuf::from(info["console_log"].as_str().context("console")?);
     wait_for_text(&console, "TERN-READY", Duration::from_secs(600))?;
     a.qmp("bench-tern", "stop", None)?;
-    let mut req = json!({ "downtime_ms": 300 });
-    if let Ok(extra) = std::env::var("TERN_BENCH_REQUEST") {
-        let extra: serde_json::Value =
-            serde_json::from_str(&extra).context("TERN_BENCH_REQUEST")?;
-        for (k, v) in extra.as_object().context("TERN_BENCH_REQUEST: an object")? {
-            req[k] = v.clone();
-        }
-    }
+    let req = super::bench_request()?;
     let cpu0 = (machine_cpu_seconds(), ProcessCpu::start());
     let t0 = Instant::now();
     let id = a.start_migration("bench-tern", &b.peer_addr.to_string(), req)?;

@@ -158,15 +158,7 @@ pub(crate) fn via_tern(
     let console = PathBuf::from(info["console_log"].as_str().context("console")?);
     wait_for_text(&console, "TERN-READY", Duration::from_secs(90))?;
     let cpu0 = machine_cpu_seconds();
-    let mut req = json!({ "downtime_ms": 300 });
-    // e.g. TERN_BENCH_REQUEST='{"dedup": false}' to measure one part of the data path
-    if let Ok(extra) = std::env::var("TERN_BENCH_REQUEST") {
-        let extra: serde_json::Value =
-            serde_json::from_str(&extra).context("TERN_BENCH_REQUEST")?;
-        for (k, v) in extra.as_object().context("TERN_BENCH_REQUEST: an object")? {
-            req[k] = v.clone();
-        }
-    }
+    let req = bench_request()?;
     let id = a.start_migration("bench-tern", &b.peer_addr.to_string(), req)?;
     let st = a.wait_migration(&id, Duration::from_secs(300))?;
     let cpu1 = machine_cpu_seconds();
@@ -340,4 +332,18 @@ fn main() -> Result<()> {
         std::fs::write(&p, &out).with_context(|| format!("writing {p}"))?;
     }
     Ok(())
+}
+
+/// The migrate request of a bench: downtime limit 300 ms, plus the fields of
+/// TERN_BENCH_REQUEST (e.g. '{"dedup": false}' to measure one part of the data path).
+pub(crate) fn bench_request() -> Result<serde_json::Value> {
+    let mut req = json!({ "downtime_ms": 300 });
+    if let Ok(extra) = std::env::var("TERN_BENCH_REQUEST") {
+        let extra: serde_json::Value =
+            serde_json::from_str(&extra).context("TERN_BENCH_REQUEST")?;
+        for (k, v) in extra.as_object().context("TERN_BENCH_REQUEST: an object")? {
+            req[k] = v.clone();
+        }
+    }
+    Ok(req)
 }
