@@ -214,7 +214,7 @@ pub fn via_tern(a: &TestAgent, vm: &str, limit: Duration) -> Result<Run> {
     let bytes0 = link_bytes()?;
     let cpu0 = machine_cpu_seconds();
     let t0 = Instant::now();
-    let id = a.start_migration(vm, "198.18.0.2:7700", json!({ "downtime_ms": 300 }))?;
+    let id = a.start_migration(vm, "198.18.0.2:7700", super::bench_request()?)?;
     let st = match a.wait_migration(&id, limit) {
         Ok(st) => st,
         Err(_) => {
@@ -447,7 +447,7 @@ pub fn spread(
     let mut downtimes = Vec::new();
     for i in 0..runs {
         let (from, to) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
-        let id = from.start_migration("spread-vm", &addr(to), json!({ "downtime_ms": 300 }))?;
+        let id = from.start_migration("spread-vm", &addr(to), super::bench_request()?)?;
         let st = from.wait_migration(&id, Duration::from_secs(300));
         let r = st.and_then(|st| {
             st.report
