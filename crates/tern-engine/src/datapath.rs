@@ -60,8 +60,6 @@ pub struct DataPathPicker {
     /// other path lost (up to [`DataPathPicker::PROBE_MAX`]), so a path that keeps losing
     /// costs less and less.
     probe_every: Duration,
-    /// Stream bytes per second the current path moved in its last window.
-    rate: Option<f64>,
     pub switches: u32,
 }
 
@@ -94,7 +92,6 @@ impl DataPathPicker {
             },
             last_probe: now,
             probe_every: Self::PROBE_EVERY,
-            rate: None,
             switches: 0,
         }
     }
@@ -132,7 +129,6 @@ impl DataPathPicker {
                     return false;
                 }
                 let rate = units.saturating_sub(u0) as f64 / dt.as_secs_f64();
-                self.rate = Some(rate);
                 let could_win = link_bound != self.dedup;
                 if now.saturating_duration_since(self.last_probe) >= self.probe_every
                     && rate > 0.0
@@ -181,12 +177,10 @@ impl DataPathPicker {
                         was_mbps = current_rate * 8e-6,
                         "data path changed"
                     );
-                    self.rate = Some(probed);
                     self.switches += 1;
                     false
                 } else {
                     self.dedup = !self.dedup; // back to what was faster
-                    self.rate = Some(current_rate);
                     self.probe_every = (self.probe_every * 2).min(Self::PROBE_MAX);
                     true
                 }

@@ -174,20 +174,9 @@ impl PageEncoder {
         self.dedup
     }
 
-    /// Whether pages go the lean way now.
-    pub fn lean(&self) -> bool {
-        self.lean
-    }
-
     /// Switches between the data paths (the dedup path only where it is possible).
     pub fn set_lean(&mut self, lean: bool) {
         self.lean = lean || !self.dedup;
-    }
-
-    /// How many pages went each way so far: (lean, dedup).
-    pub fn paths(&self) -> (u64, u64) {
-        let s = &self.stats;
-        (s.lean, s.raw - s.lean + s.refs + s.deltas)
     }
 
     /// The peer speaks v5: lean pages go as `Plain`, which it neither hashes nor keeps.

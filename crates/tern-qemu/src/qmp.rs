@@ -415,13 +415,12 @@ impl QmpClient {
         // allows
         {
             use rustix::net::sockopt as so;
-            let n = buffer;
             for s in [ours.as_fd(), theirs.as_fd()] {
-                if so::set_socket_send_buffer_size_force(s, n).is_err() {
-                    let _ = so::set_socket_send_buffer_size(s, n);
+                if so::set_socket_send_buffer_size_force(s, buffer).is_err() {
+                    let _ = so::set_socket_send_buffer_size(s, buffer);
                 }
-                if so::set_socket_recv_buffer_size_force(s, n).is_err() {
-                    let _ = so::set_socket_recv_buffer_size(s, n);
+                if so::set_socket_recv_buffer_size_force(s, buffer).is_err() {
+                    let _ = so::set_socket_recv_buffer_size(s, buffer);
                 }
             }
         }

@@ -197,6 +197,14 @@ fn main() -> Result<()> {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
+    // a bench's table: printed, and written to --out when given
+    let emit = |out: &str| -> Result<()> {
+        print!("{out}");
+        if let Some(p) = arg("--out") {
+            std::fs::write(&p, out).with_context(|| format!("writing {p}"))?;
+        }
+        Ok(())
+    };
     let bin = PathBuf::from(arg("--tern").unwrap_or_else(|| "target/release/tern".into()));
     match args.get(1).map(String::as_str) {
         Some("loopback") => {}
@@ -204,11 +212,7 @@ fn main() -> Result<()> {
             let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);
             let only = arg("--only");
             let out = tls::bench(&bin, &ensure_guest()?, rounds, only.as_deref())?;
-            print!("{out}");
-            if let Some(p) = arg("--out") {
-                std::fs::write(&p, &out).with_context(|| format!("writing {p}"))?;
-            }
-            return Ok(());
+            return emit(&out);
         }
         Some("wan") => {
             let g = ensure_guest()?;
@@ -217,22 +221,14 @@ fn main() -> Result<()> {
             let limit: u64 = arg("--limit-secs").map(|m| m.parse()).transpose()?.unwrap_or(180);
             let only = arg("--only");
             let out = wan::bench(&bin, &g, &profile, mem, Duration::from_secs(limit), only.as_deref())?;
-            print!("{out}");
-            if let Some(p) = arg("--out") {
-                std::fs::write(&p, &out).with_context(|| format!("writing {p}"))?;
-            }
-            return Ok(());
+            return emit(&out);
         }
         Some("spread") => {
             let profile = arg("--profile").unwrap_or_else(|| "wan-100m-50ms".into());
             let mem: u32 = arg("--mem-mib").map(|m| m.parse()).transpose()?.unwrap_or(1024);
             let runs: usize = arg("--runs").map(|r| r.parse()).transpose()?.unwrap_or(20);
             let out = wan::spread(&bin, &ensure_guest()?, &profile, mem, runs)?;
-            print!("{out}");
-            if let Some(p) = arg("--out") {
-                std::fs::write(&p, &out).with_context(|| format!("writing {p}"))?;
-            }
-            return Ok(());
+            return emit(&out);
         }
         Some("datapath") => {
             let sizes: Vec<u32> = arg("--sizes")
@@ -242,11 +238,7 @@ fn main() -> Result<()> {
                 .collect::<Result<_>>()?;
             let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(5);
             let out = datapath::bench(&bin, &ensure_guest()?, &sizes, rounds)?;
-            print!("{out}");
-            if let Some(p) = arg("--out") {
-                std::fs::write(&p, &out).with_context(|| format!("writing {p}"))?;
-            }
-            return Ok(());
+            return emit(&out);
         }
         Some("disk") => {
             let opts = disk::Options::parse(arg)?;
@@ -327,11 +319,7 @@ fn main() -> Result<()> {
     }
     out.push('\n');
     out.push_str(&ratios);
-    print!("{out}");
-    if let Some(p) = arg("--out") {
-        std::fs::write(&p, &out).with_context(|| format!("writing {p}"))?;
-    }
-    Ok(())
+    emit(&out)
 }
 
 /// The migrate request of a bench: downtime limit 300 ms, plus the fields of
