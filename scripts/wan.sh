@@ -2,7 +2,7 @@
 # tern's WAN lab: two hosts in network namespaces joined through a switch namespace.
 #   wan.sh up PROFILE    (profiles: lan, wan-1g-20ms, wan-100m-50ms)     wan.sh down
 #   tern-a 198.18.0.1/24 -- veth -- tern-sw (bridge) -- veth -- tern-b 198.18.0.2/24
-# Bandwidth: tc tbf on both directions of A's access link. Latency: this kernel has no
+# Bandwidth: tc tbf on the switch's port towards each host (A->B at sw-b, B->A at sw-a). Latency: this kernel has no
 # netem, so the switch sends A<->B packets to NFQUEUE and nfq-delay releases them after
 # half the RTT. Only addresses in 198.18.0.0/15, only inside our own namespaces.
 set -euo pipefail
@@ -44,7 +44,10 @@ up() {
     i=$((i + 1))
   done
   if [ -n "$rate" ]; then
-    ip netns exec tern-a tc qdisc replace dev a-up root tbf rate "$rate" burst 256kb latency 50ms
+    # the bottleneck sits in the switch, as a WAN router does: a queue in the sender's own
+    # qdisc is hidden from TCP's round trip (TCP Small Queues keeps each socket's share of
+    # it to about a millisecond), so delay-based control would see no queueing there
+    ip netns exec tern-sw tc qdisc replace dev sw-b root tbf rate "$rate" burst 256kb latency 50ms
     ip netns exec tern-sw tc qdisc replace dev sw-a root tbf rate "$rate" burst 256kb latency 50ms
   fi
   if [ "$delay" != 0 ]; then

@@ -11,9 +11,12 @@
 //     a random 64..512-byte span is rewritten with new words (small delta, stays compressible);
 //     KIND random: the whole page gets fresh random bytes. Every ~2 s: "tern-realistic pass P
 //     t=S rate=R MiB/s".
-//   tern-realistic random MIB RATE
+//   tern-realistic random MIB RATE [PACE]
 //     Fills MIB MiB (mlocked) with random bytes (seeded from the clock: no two boots share a
-//     page), then forever rewrites whole pages with fresh random bytes at RATE MiB/s. The first 8 bytes of each page hold tag(pass, page), checked
+//     page), then forever rewrites whole pages with fresh random bytes at RATE MiB/s. PACE
+//     clock (default): busy-wait pacing, the rate holds whatever CPU the guest gets. PACE cpu:
+//     each page costs a calibrated amount of CPU work so that RATE is what a full vCPU
+//     reaches: a vCPU slowed by half dirties at half RATE (a CPU-bound workload). The first 8 bytes of each page hold tag(pass, page), checked
 //     after each pass: a lost dirty page shows up as "TERN-CORRUPT ...". Every ~2 s: "tern-random
 //     pass P t=S rate=R MiB/s corrupt_total=C".
 //   tern-realistic fill MIB
@@ -184,6 +187,8 @@ static char *heap(size_t bytes, uint64_t seed, int child) {
 }
 
 // Paced passes over `pages` pages; touch(page index) dirties one page. Never returns.
+static volatile uint64_t work_sink; static uint64_t work_per_page; // PACE cpu: spins per page
+static void spin(uint64_t n) { uint64_t s = 88172645463325252ull; for (uint64_t i = 0; i < n; i++) rnd(&s); work_sink = s; }
 static void dirty_loop(const char *name, size_t pages, double rate, void (*touch)(size_t, uint64_t), size_t (*check)(uint64_t)) {
   double t0 = now(), last = t0, done_mib = 0; uint64_t pass = 0, touched = 0, corrupt_total = 0;
   const size_t chunk = 64; // pages per paced step (256 KiB)
@@ -191,9 +196,9 @@ static void dirty_loop(const char *name, size_t pages, double rate, void (*touch
     pass++;
     for (size_t i = 0; i < pages; i += chunk) {
       size_t e = i + chunk < pages ? i + chunk : pages;
-      for (size_t j = i; j < e; j++) touch(j, pass);
+      for (size_t j = i; j < e; j++) { touch(j, pass); if (work_per_page) spin(work_per_page); }
       touched += e - i;
-      if (rate > 0) {
+      if (rate > 0 && !work_per_page) {
         done_mib += (double)(e - i) / 256;
         while (now() - t0 < done_mib / rate) { /* busy-wait: no short sleeps */ }
       }
@@ -245,6 +250,18 @@ int main(int argc, char **argv) {
     struct timespec t; clock_gettime(CLOCK_REALTIME, &t); // a different stream every boot: nothing to dedup
     npages = mib * 256; mem = alloc_locked(mib << 20); rs = mix(t.tv_sec ^ (uint64_t)t.tv_nsec << 32 ^ (uint64_t)(now() * 1e9));
     for (size_t j = 0; j < npages; j++) touch_random(j, 0);
+    if (argc > 4 && !strcmp(argv[4], "cpu") && rate > 0) {
+      // calibrate: the time a page takes, and a spin; then spins per page so that a full
+      // vCPU makes RATE MiB/s
+      double t = now(); size_t n = 0;
+      while (now() - t < 0.5) { touch_random(n % npages, 0); n++; }
+      double per_page = (now() - t) / n;
+      t = now(); spin(1 << 20); double per_spin = (now() - t) / (1 << 20);
+      double want = 1.0 / (rate * 256);
+      work_per_page = want > per_page ? (uint64_t)((want - per_page) / per_spin) : 0;
+      if (!work_per_page) work_per_page = 1;
+      printf("tern-random: cpu-paced, %.1f us per page, %llu spins per page\n", per_page * 1e6, (unsigned long long)work_per_page);
+    }
     printf("TERN-READY workload=random mib=%zu rate=%g\n", mib, rate); fflush(stdout);
     dirty_loop("random", npages, rate, touch_random, check_random);
   }

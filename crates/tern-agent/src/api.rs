@@ -10,6 +10,7 @@
 //! | POST | /v1/vms/{name}/qmp | pass one QMP command (`{"execute", "arguments"}`): `query-*` and [`QMP_ALLOWED`] only |
 //! | POST | /v1/vms/{name}/memory | save the guest's physical memory to a file (`{"path", "size"}`) |
 //! | POST | /v1/vms/{name}/migrate | start a migration ([`MigrateRequest`]); 202 + id |
+//! | POST | /v1/vms/{name}/plan | what that migration would cost ([`tern_api::MigrationPlan`]); nothing moves |
 //! | POST | /v1/vms/{name}/migration/cancel | cancel the VM's running migration |
 //! | GET | /v1/migrations, /v1/migrations/{id} | migration status, progress and report |
 //! | POST | /v1/migrations/{id}/cancel | cancel by id |
@@ -114,6 +115,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/qmp", post(qmp))
         .route("/v1/vms/{name}/memory", post(save_memory))
         .route("/v1/vms/{name}/migrate", post(migrate))
+        .route("/v1/vms/{name}/plan", post(plan))
         .route("/v1/vms/{name}/migration/cancel", post(cancel_vm_migration))
         .route("/v1/migrations", get(list_migrations))
         .route("/v1/migrations/{id}", get(show_migration))
@@ -285,12 +287,37 @@ async fn save_memory(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn migrate(
+/// `--plan`: what migrating the VM would cost; nothing of it moves.
+async fn plan(
     State(a): S,
     Path(name): Path<String>,
     Body(req): Body<MigrateRequest>,
-) -> Result<(StatusCode, Json<MigrateStarted>), ApiError> {
-    let vm = find_vm(&a, &name)?;
+) -> Result<Json<tern_api::MigrationPlan>, ApiError> {
+    let vm = vm_to_move(&a, &name, &req)?;
+    if vm.migrating.load(Ordering::SeqCst) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "busy",
+            format!("VM {name:?} is migrating: plan it once that is over"),
+        ));
+    }
+    let source = crate::outgoing::source_vm(&a, &vm)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?;
+    let link = crate::links::memory_of(&a.config.state_dir, &req.to);
+    tern_engine::source::plan::plan(a.engine.clone(), a.host(), source, req, link)
+        .await
+        .map(Json)
+        .map_err(|e| {
+            let code = e.code();
+            ApiError::new(StatusCode::BAD_GATEWAY, code.name(), chain(&e))
+        })
+}
+
+/// The VM a migration or plan request names, once the request is valid and the VM runs.
+fn vm_to_move(a: &Agent, name: &str, req: &MigrateRequest) -> Result<Arc<crate::vm::Vm>, ApiError> {
+    req.validate()
+        .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", why))?;
+    let vm = find_vm(a, name)?;
     if vm.exit_reason().is_some() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -298,6 +325,15 @@ async fn migrate(
             format!("VM {name:?} has exited"),
         ));
     }
+    Ok(vm)
+}
+
+async fn migrate(
+    State(a): S,
+    Path(name): Path<String>,
+    Body(req): Body<MigrateRequest>,
+) -> Result<(StatusCode, Json<MigrateStarted>), ApiError> {
+    let vm = vm_to_move(&a, &name, &req)?;
     if vm
         .migrating
         .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)

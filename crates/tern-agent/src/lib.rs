@@ -8,6 +8,8 @@
 
 pub mod api;
 pub mod images;
+pub mod links;
+pub mod metrics;
 pub mod outgoing;
 pub mod pki;
 pub mod policy;
@@ -103,6 +105,8 @@ pub struct AgentConfig {
     /// The unprivileged user QEMU runs as (after opening its start-up files as root);
     /// None runs QEMU as root. Every QEMU runs with its seccomp sandbox on.
     pub qemu_user: Option<String>,
+    /// Where `GET /metrics` (Prometheus) is served, plain HTTP; None: not at all.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -125,6 +129,7 @@ impl AgentConfig {
             boot_dirs: Vec::new(),
             max_incoming: 4,
             qemu_user: Some(DEFAULT_QEMU_USER.into()),
+            metrics_listen: None,
         }
     }
 }
@@ -165,6 +170,8 @@ pub enum AgentError {
     PeerListen(SocketAddr, #[source] std::io::Error),
     #[error("cannot serve the control API on {0:?}")]
     Api(ApiAddr, #[source] std::io::Error),
+    #[error("cannot serve metrics on {0} (--metrics-listen)")]
+    Metrics(SocketAddr, #[source] std::io::Error),
     #[error("cluster key {0}: {1} (it holds 64 hex digits; the same file on every agent of the cluster)")]
     ClusterKey(PathBuf, String),
     #[error("cannot write key file {0}")]
@@ -683,6 +690,11 @@ pub async fn run(
     let agent = Agent::new(config)?;
     agent.reattach().await;
     let api = api::serve(agent.clone()).await?;
+    let metrics: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        match agent.config.metrics_listen {
+            Some(addr) => Box::pin(metrics::serve(agent.clone(), addr).await?),
+            None => Box::pin(std::future::pending()),
+        };
     tracing::info!(
         agent = %agent.config.name,
         peers = %peers.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -740,6 +752,7 @@ pub async fn run(
     tokio::select! {
         _ = peer_loop => {}
         _ = api => {}
+        _ = metrics => {}
         _ = shutdown => {}
     }
     tracing::info!(

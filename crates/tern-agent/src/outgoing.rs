@@ -14,6 +14,28 @@ use tern_proto::ErrorCode;
 use crate::vm::{StopMode, Vm};
 use crate::Agent;
 
+/// The VM as the engine takes it (with its vTPM key, if it has a vTPM).
+pub fn source_vm(agent: &Agent, vm: &Vm) -> Result<SourceVm, String> {
+    let tpm_key = if vm.spec.tpm {
+        Some(
+            crate::tpm_migration_key_of(&agent.config.state_dir, &vm.run_dir).map_err(|e| {
+                format!("cannot read VM {}'s vTPM migration key: {e}", vm.spec.name)
+            })?,
+        )
+    } else {
+        None
+    };
+    Ok(SourceVm {
+        spec: vm.spec.clone(),
+        qmp: vm.qmp.clone(),
+        run_dir: vm.run_dir.clone(),
+        qemu_version: vm.qemu_version.clone(),
+        exited: vm.exit_watch(),
+        tpm_key,
+        pid: vm.pid,
+    })
+}
+
 /// Runs the migration of `vm` to its end and records the outcome in `handle`.
 pub async fn run(
     agent: Arc<Agent>,
@@ -21,41 +43,35 @@ pub async fn run(
     req: tern_api::MigrateRequest,
     handle: Arc<MigrationHandle>,
 ) {
-    let tpm_key = if vm.spec.tpm {
-        match crate::tpm_migration_key_of(&agent.config.state_dir, &vm.run_dir) {
-            Ok(k) => Some(k),
-            Err(e) => {
-                vm.migrating.store(false, Ordering::SeqCst);
-                handle.finish_err(
-                    ErrorCode::Internal,
-                    format!("cannot read VM {}'s vTPM migration key: {e}", vm.spec.name),
-                    "running on the source (nothing moved)".into(),
-                );
-                return;
-            }
+    let source = match source_vm(&agent, &vm) {
+        Ok(s) => s,
+        Err(message) => {
+            vm.migrating.store(false, Ordering::SeqCst);
+            handle.finish_err(
+                ErrorCode::Internal,
+                message,
+                "running on the source (nothing moved)".into(),
+            );
+            return;
         }
-    } else {
-        None
     };
-    let source = SourceVm {
-        spec: vm.spec.clone(),
-        qmp: vm.qmp.clone(),
-        run_dir: vm.run_dir.clone(),
-        qemu_version: vm.qemu_version.clone(),
-        exited: vm.exit_watch(),
-        tpm_key,
-    };
+    let req_to = req.to.clone();
+    let link = crate::links::memory_of(&agent.config.state_dir, &req_to);
     let outcome = tern_engine::source::run(
         agent.engine.clone(),
         agent.host(),
         source,
         req,
         handle.clone(),
+        link,
     )
     .await;
     match outcome {
         SourceOutcome::Moved(report) => {
             moved(&agent, &vm).await;
+            if let Err(e) = crate::links::record(&agent.config.state_dir, &req_to, &report) {
+                tracing::warn!("cannot remember the link to {req_to} for plans: {e}");
+            }
             handle.finish_ok(*report);
         }
         SourceOutcome::MovedAfterBug { message } => {

@@ -13,7 +13,8 @@ pub mod migration;
 pub mod vm;
 
 pub use migration::{
-    Compression, Direction, DiskReport, EncodingReport, FailureInfo, MigrateRequest,
-    MigrateStarted, MigrationReport, MigrationStatus, PageCounts, Phase, PhaseSpan, Progress,
+    Compression, ConvergenceReport, Direction, DiskReport, EncodingReport, FailureInfo,
+    MigrateRequest, MigrateStarted, MigrationPlan, MigrationReport, MigrationStatus, Objective,
+    PacingReport, PageCounts, Phase, PhaseSpan, PlanInputs, PlanPrediction, Progress,
     SwitchoverTimes, Timeline,
 };

@@ -29,6 +29,163 @@ pub struct MigrateRequest {
     /// is 10 ms or more, else none (the control connection carries the data).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub streams: Option<u16>,
+    /// How far tern may slow the guest's CPUs (QEMU's throttle, percent, 0-99) when
+    /// pre-copy does not converge; 0 never slows it. Default 99.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_throttle: Option<u8>,
+    /// How far tern may raise the downtime limit, ms, once the throttle is at its most and
+    /// pre-copy still does not converge. Default: the downtime limit (never raised).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_downtime_ms: Option<u64>,
+    /// With the throttle and the downtime limit at their most: how long pre-copy may go
+    /// without getting closer to the switchover before the migration stops (the VM keeps
+    /// running here), seconds. Default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converge_timeout_s: Option<u64>,
+    /// What the bandwidth controller optimises (default: fastest; least-link-use when only
+    /// a deadline is given). See docs/bandwidth.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objective: Option<Objective>,
+    /// With `least-link-use`: finish within this many seconds of the start, at the lowest
+    /// rate that does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_s: Option<u64>,
+}
+
+/// What the bandwidth controller optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Objective {
+    /// Total time: every byte the link (and `--max-bandwidth`) takes, as TCP shares it.
+    #[default]
+    Fastest,
+    /// Downtime: the link at full rate, and a low starting downtime limit (50 ms unless
+    /// given), so pre-copy runs more rounds and stops on a smaller dirty set.
+    LeastDowntime,
+    /// The link's other traffic: with a deadline, the lowest rate that still finishes in
+    /// time; without one, what the link has spare (tern backs off when queueing delay on
+    /// the path grows and takes the link back when it falls).
+    LeastLinkUse,
+}
+
+impl Objective {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Objective::Fastest => "fastest",
+            Objective::LeastDowntime => "least-downtime",
+            Objective::LeastLinkUse => "least-link-use",
+        }
+    }
+}
+
+impl std::str::FromStr for Objective {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fastest" => Ok(Objective::Fastest),
+            "least-downtime" => Ok(Objective::LeastDowntime),
+            "least-link-use" => Ok(Objective::LeastLinkUse),
+            _ => Err(format!(
+                "objective {s:?}: use fastest, least-downtime or least-link-use"
+            )),
+        }
+    }
+}
+
+/// The longest `--deadline`: a week.
+pub const MAX_DEADLINE_S: u64 = 7 * 86_400;
+
+/// Reads a duration the way an operator writes it: `90`, `90s`, `10m`, `2h`.
+pub fn parse_duration_s(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 's')) => (&t[..i], 1),
+        Some((i, 'm')) => (&t[..i], 60),
+        Some((i, 'h')) => (&t[..i], 3600),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("duration {s:?}: write it as 90, 90s, 10m or 2h"))
+}
+
+/// The most `downtime_ms` / `max_downtime_ms` may be: a minute paused is no live migration.
+pub const MAX_DOWNTIME_MS: u64 = 60_000;
+
+impl MigrateRequest {
+    /// The downtime limit QEMU starts with, ms (300, QEMU's own default; 50 for
+    /// `least-downtime`).
+    pub fn downtime_limit_ms(&self) -> u64 {
+        match (self.downtime_ms, self.objective()) {
+            (Some(ms), _) => ms,
+            (None, Objective::LeastDowntime) => 50,
+            (None, _) => 300,
+        }
+    }
+
+    /// The objective in force: as given, else least-link-use when a deadline is given,
+    /// else fastest.
+    pub fn objective(&self) -> Objective {
+        match (self.objective, self.deadline_s) {
+            (Some(o), _) => o,
+            (None, Some(_)) => Objective::LeastLinkUse,
+            (None, None) => Objective::Fastest,
+        }
+    }
+
+    /// Refuses a request that cannot be carried out as asked, with what to change;
+    /// nothing has moved when it is refused.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.to.trim().is_empty() {
+            return Err("no destination: give --to HOST:PORT".into());
+        }
+        let downtime = self.downtime_limit_ms();
+        if downtime == 0 || downtime > MAX_DOWNTIME_MS {
+            return Err(format!(
+                "downtime limit {downtime} ms: give 1 to {MAX_DOWNTIME_MS} ms"
+            ));
+        }
+        if let Some(max) = self.max_downtime_ms {
+            if max < downtime || max > MAX_DOWNTIME_MS {
+                return Err(format!(
+                    "--max-downtime {max} ms: give at least the downtime limit ({downtime} ms) and at most {MAX_DOWNTIME_MS} ms"
+                ));
+            }
+        }
+        if let Some(bw) = self.max_bandwidth_mibps {
+            if bw == 0 || bw > 1 << 20 {
+                return Err(format!(
+                    "--max-bandwidth {bw} MiB/s: give 1 to {} MiB/s (leave it out for no cap)",
+                    1u64 << 20
+                ));
+            }
+        }
+        if let Some(t) = self.max_throttle {
+            if t > 99 {
+                return Err(format!(
+                    "--max-throttle {t}%: give 0 (never slow the guest) to 99"
+                ));
+            }
+        }
+        if self.converge_timeout_s == Some(0) {
+            return Err("--converge-timeout 0 s: give at least 1 s".into());
+        }
+        if let Some(d) = self.deadline_s {
+            if d == 0 || d > MAX_DEADLINE_S {
+                return Err(format!(
+                    "--deadline {d} s: give 1 s to {MAX_DEADLINE_S} s (7 days)"
+                ));
+            }
+            if self.objective() != Objective::LeastLinkUse {
+                return Err(format!(
+                    "--deadline is for --objective least-link-use (the lowest rate that finishes in time); {} does not pace to a deadline",
+                    self.objective().as_str()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Frame compression a migration uses: `auto` (picked from the link and the CPU as it
@@ -239,6 +396,29 @@ pub struct Progress {
     /// The disks so far (source side; None: the VM has none, or they have not started).
     #[serde(default)]
     pub disk: Option<DiskReport>,
+    /// How far the migration is, percent (source side): never goes down, dirty rounds
+    /// included; 100 only when it is done.
+    #[serde(default)]
+    pub percent: f64,
+    /// Time left, ms, re-estimated from the model as the migration runs (None: not known
+    /// yet).
+    #[serde(default)]
+    pub eta_ms: Option<u64>,
+    /// The guest CPU throttle QEMU applies now, percent (0: none).
+    #[serde(default)]
+    pub throttle_pct: u8,
+    /// QEMU's downtime limit now, ms (tern may raise it up to --max-downtime).
+    #[serde(default)]
+    pub downtime_limit_ms: u64,
+    /// The rate the bandwidth controller allows now, MiB/s (None: no limit).
+    #[serde(default)]
+    pub rate_limit_mibps: Option<f64>,
+    /// The path to the destination as the data connections see it (TCP's smoothed round
+    /// trip, and how far it is above the least seen: queueing on the path), ms.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
+    #[serde(default)]
+    pub queue_delay_ms: Option<f64>,
 }
 
 /// The final report of a migration (`tern migrate --json` prints it).
@@ -284,6 +464,127 @@ pub struct MigrationReport {
     /// When each phase started and ended.
     #[serde(default)]
     pub timeline: Timeline,
+    /// What tern did to make pre-copy converge (source side).
+    #[serde(default)]
+    pub convergence: ConvergenceReport,
+    /// What the model predicted from what was known when the migration started (the
+    /// guest's dirty rate sampled while it connected, the link's rate this host learned in
+    /// past migrations to that destination): beside what happened. None for the first
+    /// migration to a destination (without --max-bandwidth).
+    #[serde(default)]
+    pub prediction: Option<PlanPrediction>,
+    /// What the bandwidth controller did (source side).
+    #[serde(default)]
+    pub pacing: PacingReport,
+}
+
+/// What the bandwidth controller did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PacingReport {
+    /// `fastest`, `least-downtime` or `least-link-use`.
+    pub objective: String,
+    pub deadline_s: Option<u64>,
+    /// Whether it finished within the deadline (None: no deadline).
+    pub deadline_met: Option<bool>,
+    /// The least round trip the data connections saw, ms (the path without queueing).
+    pub base_rtt_ms: f64,
+    /// The queueing delay the controller holds the path under, ms (least-link-use).
+    pub target_queue_ms: f64,
+    /// What the link delivered (bytes the destination acknowledged per second), MiB/s:
+    /// the mean over the transfer and the highest of one second.
+    pub delivered_mean_mibps: f64,
+    pub delivered_max_mibps: f64,
+    /// The limit the controller set: least and highest (None: never limited).
+    pub rate_min_mibps: Option<f64>,
+    pub rate_max_mibps: Option<f64>,
+    /// Times it backed off for other traffic, and for how long in all, ms.
+    pub yields: u32,
+    pub yielded_ms: u64,
+    /// Each decision that changed the regime, in words, with when (ms since the start).
+    pub steps: Vec<String>,
+}
+
+/// What tern did to make pre-copy converge.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ConvergenceReport {
+    /// Dirty-bitmap syncs QEMU made (1: the first pass was the only one).
+    pub dirty_syncs: u64,
+    /// The highest guest CPU throttle QEMU applied, percent (0: never slowed).
+    pub throttle_max_pct: u8,
+    /// The downtime limit at the end, ms (higher than asked if tern raised it).
+    pub downtime_limit_ms: u64,
+    /// The guest's dirty rate and the rate its memory crossed, at the last sync, MiB/s.
+    pub dirty_mibps: f64,
+    pub transfer_mibps: f64,
+    /// Each step tern took, in words, with when (ms since the migration began).
+    pub steps: Vec<String>,
+}
+
+/// What a migration would cost, before it starts (`tern migrate VM --to HOST --plan`,
+/// `POST /v1/vms/{name}/plan`): the inputs, measured, and the prediction of the model
+/// (docs/convergence.md). Nothing of the VM moves to make it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MigrationPlan {
+    pub vm: String,
+    pub destination: String,
+    /// The destination agent's name and the protocol version both speak.
+    pub destination_agent: String,
+    pub protocol_version: u16,
+    pub inputs: PlanInputs,
+    /// None when the link's rate is not known (no migration to that destination yet and
+    /// no --max-bandwidth): `notes` says so.
+    pub prediction: Option<PlanPrediction>,
+    /// What the inputs assume, in words.
+    pub notes: Vec<String>,
+}
+
+/// What a plan was made from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PlanInputs {
+    pub ram_bytes: u64,
+    /// From a sample of 1024 pages of RAM (None: it could not be read): the share that is
+    /// zero, and compressed bytes per byte of the rest (zstd -1).
+    #[serde(default)]
+    pub zero_fraction: Option<f64>,
+    #[serde(default)]
+    pub compressed_ratio: Option<f64>,
+    /// The local disks' allocated bytes (what a copy without help from the destination
+    /// sends).
+    pub disk_bytes: u64,
+    /// The guest's dirty rate, MiB/s (QEMU's page sampling over `dirty_sample_s`).
+    pub dirty_mibps: f64,
+    pub dirty_sample_s: u64,
+    /// The round trip to the destination agent (TLS connection, Hello), ms.
+    pub rtt_ms: f64,
+    /// The rate memory crossed at to this destination before, MiB/s of QEMU's stream,
+    /// and wire bytes per stream byte; where they come from.
+    pub link_mibps: Option<f64>,
+    pub wire_ratio: f64,
+    pub link_from: String,
+    pub downtime_limit_ms: u64,
+    pub max_throttle: u8,
+    pub max_downtime_ms: u64,
+}
+
+/// What the model predicts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PlanPrediction {
+    pub total_s: f64,
+    pub downtime_ms: f64,
+    /// Bytes on the wire: memory and disks apart.
+    pub memory_wire_bytes: u64,
+    pub disk_wire_bytes: u64,
+    /// Pre-copy rounds (1: the first pass was enough).
+    pub rounds: u32,
+    /// Whether plain pre-copy converges at this dirty rate, without tern's help.
+    pub converges_without_help: bool,
+    /// What tern will do: the throttle it will need, the downtime limit it will end at,
+    /// and whether it will stop (`not-converging`) within what the request allows.
+    pub throttle_pct: u8,
+    pub downtime_limit_ms: u64,
+    pub stops: bool,
+    /// The same, in words.
+    pub summary: String,
 }
 
 /// How the VM's local disks moved (source side). Memory's share of the wire is
@@ -466,5 +767,74 @@ mod tests {
         let r: MigrateRequest = serde_json::from_str(r#"{"to": "b:7700"}"#).unwrap();
         assert_eq!(r.compression, None);
         assert_eq!(r.to, "b:7700");
+    }
+
+    #[test]
+    fn requests_that_cannot_be_carried_out_are_refused_with_what_to_change() {
+        let ok = MigrateRequest {
+            to: "b:7700".into(),
+            ..Default::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let bad = |f: &dyn Fn(&mut MigrateRequest)| {
+            let mut r = ok.clone();
+            f(&mut r);
+            r.validate().unwrap_err()
+        };
+        assert!(bad(&|r| r.to = " ".into()).contains("--to"));
+        assert!(bad(&|r| r.max_bandwidth_mibps = Some(0)).contains("--max-bandwidth"));
+        assert!(bad(&|r| r.max_bandwidth_mibps = Some(u64::MAX)).contains("--max-bandwidth"));
+        assert!(bad(&|r| r.max_throttle = Some(100)).contains("--max-throttle"));
+        assert!(bad(&|r| r.downtime_ms = Some(0)).contains("downtime"));
+        assert!(bad(&|r| {
+            r.downtime_ms = Some(500);
+            r.max_downtime_ms = Some(400)
+        })
+        .contains("--max-downtime"));
+        assert!(bad(&|r| r.max_downtime_ms = Some(3_600_000)).contains("--max-downtime"));
+        assert!(bad(&|r| r.converge_timeout_s = Some(0)).contains("--converge-timeout"));
+        assert!(bad(&|r| r.deadline_s = Some(0)).contains("--deadline"));
+        assert!(bad(&|r| {
+            r.deadline_s = Some(600);
+            r.objective = Some(Objective::Fastest)
+        })
+        .contains("least-link-use"));
+        let mut fine = ok.clone();
+        fine.max_throttle = Some(0);
+        fine.max_downtime_ms = Some(2000);
+        assert_eq!(fine.validate(), Ok(()));
+    }
+
+    #[test]
+    fn objectives_deadlines_and_the_downtime_they_start_with() {
+        let mut r = MigrateRequest {
+            to: "b:7700".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            (r.objective(), r.downtime_limit_ms()),
+            (Objective::Fastest, 300)
+        );
+        r.deadline_s = Some(600);
+        assert_eq!(r.objective(), Objective::LeastLinkUse, "a deadline alone");
+        assert_eq!(r.validate(), Ok(()));
+        r.deadline_s = None;
+        r.objective = Some(Objective::LeastDowntime);
+        assert_eq!(r.downtime_limit_ms(), 50);
+        r.downtime_ms = Some(120);
+        assert_eq!(r.downtime_limit_ms(), 120, "the operator's limit wins");
+        for o in ["fastest", "least-downtime", "least-link-use"] {
+            let parsed: Objective = o.parse().unwrap();
+            assert_eq!(parsed.as_str(), o);
+            assert_eq!(serde_json::to_string(&parsed).unwrap(), format!("\"{o}\""));
+        }
+        assert!("cheapest".parse::<Objective>().is_err());
+        assert_eq!(parse_duration_s("90"), Ok(90));
+        assert_eq!(parse_duration_s("90s"), Ok(90));
+        assert_eq!(parse_duration_s("10m"), Ok(600));
+        assert_eq!(parse_duration_s("2h"), Ok(7200));
+        for bad in ["", "m", "ten", "-5s", "1.5m", "99999999999999999999h"] {
+            assert!(parse_duration_s(bad).is_err(), "{bad}");
+        }
     }
 }

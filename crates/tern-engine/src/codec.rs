@@ -225,9 +225,12 @@ impl CodecPicker {
     /// switchover bandwidth, so that it stops the VM only when what is left to send fits
     /// the downtime limit (its own estimate counts references and deltas at the rate
     /// tern accepted them: far too optimistic for the last, freshly dirtied pages).
-    pub fn switchover_rate(&self) -> Option<f64> {
+    /// `cap`: the migration's rate limit, bytes/s on the wire (the link rate is measured
+    /// without the limiter's waits, so under a limit it is the link's, not the migration's).
+    pub fn switchover_rate(&self, cap: Option<f64>) -> Option<f64> {
         let i = CANDIDATES.iter().position(|c| *c == self.current)?;
-        self.link.map(|l| l * self.est[i].ratio.max(1.0))
+        self.link
+            .map(|l| l.min(cap.unwrap_or(f64::INFINITY)) * self.est[i].ratio.max(1.0))
     }
 
     /// The measured link rate (bytes/s), when the link is the bottleneck.

@@ -312,7 +312,13 @@ impl SourceDisks {
     fn publish(&mut self) {
         self.report.rounds = self.disks.iter().map(|d| d.rounds).max().unwrap_or(0);
         let r = self.report.clone();
-        self.handle.update(|s| s.progress.disk = Some(r));
+        self.handle.update(|s| {
+            // the disks' full copy as a share of all the work (disks, then memory)
+            let all = r.virtual_bytes as f64 + s.progress.ram_total.unwrap_or(0) as f64;
+            let pct = 100.0 * r.scanned_bytes as f64 / all.max(1.0);
+            s.progress.percent = s.progress.percent.max(pct.min(99.0));
+            s.progress.disk = Some(r);
+        });
     }
 
     async fn next_reply(&self, inbox: &mut DiskInbox) -> Result<Message, SourceDiskError> {

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 pub use tern_api::{
-    Direction, DiskReport, EncodingReport, FailureInfo, MigrationReport, MigrationStatus,
-    PageCounts, Phase, Progress, SwitchoverTimes, Timeline,
+    ConvergenceReport, Direction, DiskReport, EncodingReport, FailureInfo, MigrationReport,
+    MigrationStatus, PageCounts, Phase, Progress, SwitchoverTimes, Timeline,
 };
 use tern_proto::ErrorCode;
 
@@ -31,6 +31,9 @@ pub struct Counters {
     pub wire_data: AtomicU64,
     /// Bytes/s of QEMU's stream the link carries for pages sent as bytes (0: unknown).
     pub switchover_bps: AtomicU64,
+    /// The same at one byte of stream per byte on the wire (what the first pass may
+    /// assume: the compression ratio of its pages says nothing of the last dirty ones).
+    pub switchover_wire_bps: AtomicU64,
 }
 
 impl Counters {
@@ -155,6 +158,8 @@ impl MigrationHandle {
             s.progress.bytes_from_qemu = report.bytes_from_qemu;
             s.progress.bytes_on_wire = report.bytes_on_wire;
             s.progress.pages = report.pages.clone();
+            s.progress.percent = 100.0;
+            s.progress.eta_ms = Some(0);
             s.report = Some(report);
         });
     }

@@ -17,9 +17,11 @@
 //! Must not: keep the VM registry, serve the API, decide policy or hold certificates of
 //! its own. Those are the daemon's (`tern-agent`), which the engine reaches only through
 //! [`Host`] and the values it is given ([`Engine`], [`source::SourceVm`]).
-#![forbid(unsafe_code)]
+// One exception, in `transport::probe`: reading the kernel's TCP_INFO (no safe wrapper).
+#![deny(unsafe_code)]
 
 pub mod codec;
+pub mod converge;
 pub mod datapath;
 pub mod dest;
 pub mod digest;
@@ -27,6 +29,7 @@ pub mod disk;
 pub mod error;
 pub mod fault;
 pub mod handle;
+pub mod pace;
 pub mod pages;
 pub mod registry;
 pub mod secret;

@@ -783,6 +783,7 @@ fn qmp_line() -> Vec<Seed> {
         ("query-migrate-failed", r#"{"return": {"status": "failed", "error-desc": "Unable to write to socket: Broken pipe"}, "id": 13}"#),
         ("capabilities", r#"{"return": [{"state": false, "capability": "xbzrle"}, {"state": true, "capability": "events"}], "id": 5}"#),
         ("no-return", r#"{"id": 4}"#),
+        ("ramblocks", r#"{"return": {"human-readable-text": "              Block Name    PSize              Offset               Used              Total                HVA  RO\n                  pc.ram    4 KiB  0x0000000000000000 0x0000000010000000 0x0000000010000000 0x00007f9cffe00000  rw\n                 pc.bios    4 KiB  0x0000000010000000 0x0000000000040000 0x0000000000040000 0x00007f9d5ae00000  ro\n"}, "id": 9}"#),
         ("several-lines", "{\"return\": {}, \"id\": 1}\r\n{\"event\": \"RESUME\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\n{\"return\": {}}\n"),
     ]
     .iter()

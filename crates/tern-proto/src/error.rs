@@ -67,6 +67,8 @@ pub enum ErrorCode {
     NotAuthorized,
     /// Peer authentication or integrity failed (certificate refused, data altered).
     Security,
+    /// Pre-copy did not converge within what the request allowed (throttle, downtime).
+    NotConverging,
     /// A code this build does not know (a newer peer).
     Unknown(u16),
 }
@@ -89,6 +91,7 @@ impl ErrorCode {
             ErrorCode::ResourceExhausted => 13,
             ErrorCode::NotAuthorized => 14,
             ErrorCode::Security => 15,
+            ErrorCode::NotConverging => 16,
             ErrorCode::Unknown(c) => c,
         }
     }
@@ -110,6 +113,7 @@ impl ErrorCode {
             13 => ErrorCode::ResourceExhausted,
             14 => ErrorCode::NotAuthorized,
             15 => ErrorCode::Security,
+            16 => ErrorCode::NotConverging,
             c => ErrorCode::Unknown(c),
         }
     }
@@ -145,6 +149,7 @@ impl ErrorCode {
             ErrorCode::ResourceExhausted => "resource-exhausted",
             ErrorCode::NotAuthorized => "not-authorized",
             ErrorCode::Security => "security",
+            ErrorCode::NotConverging => "not-converging",
             ErrorCode::Unknown(_) => "unknown",
         }
     }

@@ -13,6 +13,7 @@ pub mod disk;
 pub mod launch;
 pub mod memdump;
 pub mod qmp;
+pub mod ramsample;
 pub mod rp;
 pub mod spec;
 pub mod stream;

@@ -95,6 +95,8 @@ pub struct MigrationInfo {
     pub dirty_pages_rate: Option<u64>,
     pub dirty_sync_count: Option<u64>,
     pub mbps: Option<f64>,
+    /// The guest CPU throttle auto-converge applies now, percent (present while on).
+    pub cpu_throttle_percentage: Option<u64>,
     pub error_desc: Option<String>,
 }
 
@@ -123,6 +125,7 @@ impl MigrationInfo {
                 .get("ram")
                 .and_then(|r| r.get("mbps"))
                 .and_then(Value::as_f64),
+            cpu_throttle_percentage: u("cpu-throttle-percentage"),
             error_desc: v
                 .get("error-desc")
                 .and_then(Value::as_str)

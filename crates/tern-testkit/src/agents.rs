@@ -2,10 +2,11 @@
 //! directory, API socket and peer port, killed when dropped. Also the lock that keeps
 //! end-to-end tests from running more than one migration (two guests) at a time.
 
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -292,6 +293,16 @@ impl TestAgent {
     }
 
     /// The VM's run state as QEMU reports it (`running`, `paused`, ...).
+    /// Where VM `vm`'s console is logged on this agent.
+    pub fn console_log(&self, vm: &str) -> Result<PathBuf> {
+        let v = self.vm(vm)?;
+        Ok(PathBuf::from(
+            v["console_log"]
+                .as_str()
+                .context("console_log in the VM's info")?,
+        ))
+    }
+
     pub fn vm_status(&self, vm: &str) -> Result<String> {
         let v = self.qmp(vm, "query-status", None)?;
         Ok(v["status"].as_str().unwrap_or_default().to_string())
@@ -397,6 +408,37 @@ impl WanLab {
         Ok(WanLab)
     }
 
+    /// Two agents (`bin`), host-a in tern-a on 198.18.0.1:7700 and host-b in tern-b on
+    /// 198.18.0.2:7700, with default options.
+    pub fn agents(&self, bin: &Path) -> Result<(TestAgent, TestAgent)> {
+        let agent = |name, ns, ip: &str| -> Result<TestAgent> {
+            TestAgent::start_with(
+                bin,
+                name,
+                AgentOptions {
+                    netns: Some(ns),
+                    listen: Some(format!("{ip}:7700").parse()?),
+                    ..Default::default()
+                },
+            )
+        };
+        Ok((
+            agent("host-a", "tern-a", "198.18.0.1")?,
+            agent("host-b", "tern-b", "198.18.0.2")?,
+        ))
+    }
+
+    /// Bytes through host A's side of the link so far (received + sent, headers
+    /// included).
+    pub fn link_bytes() -> Result<u64> {
+        let out = Command::new("ip")
+            .args(["-n", "tern-a", "-j", "-s", "link", "show", "a-up"])
+            .output()?;
+        let v: Value = serde_json::from_slice(&out.stdout).context("ip -j -s link")?;
+        let s = &v[0]["stats64"];
+        Ok(s["rx"]["bytes"].as_u64().unwrap_or(0) + s["tx"]["bytes"].as_u64().unwrap_or(0))
+    }
+
     /// Takes host B's link down (`false`) or up again (`true`), at the switch.
     pub fn link_b(&self, up: bool) -> Result<()> {
         let st = Command::new("ip")
@@ -424,6 +466,94 @@ impl Drop for WanLab {
                 .arg("down")
                 .output();
         }
+    }
+}
+
+/// The rate between two instants, bytes/s, of a running count sampled as (when, total so
+/// far), in time order: the last sample at or before each instant counts.
+pub fn rate_between(samples: &[(Instant, u64)], from: Instant, to: Instant) -> f64 {
+    let at = |t: Instant| {
+        samples
+            .iter()
+            .take_while(|x| x.0 <= t)
+            .last()
+            .map_or(0, |x| x.1)
+    };
+    at(to).saturating_sub(at(from)) as f64 / to.duration_since(from).as_secs_f64().max(1e-3)
+}
+
+/// Other traffic on the WAN lab's link: one bulk TCP flow from tern-a to tern-b (socat,
+/// `/dev/zero` into a socket), and what arrived at tern-b, counted as it comes. Stopped
+/// (both ends killed) when dropped.
+pub struct CrossTraffic {
+    sender: Option<Child>,
+    receiver: Child,
+    arrivals: Arc<Mutex<Vec<(Instant, u64)>>>,
+}
+
+impl CrossTraffic {
+    /// Starts the flow to 198.18.0.2:`port`.
+    pub fn start(port: u16) -> Result<CrossTraffic> {
+        let mut receiver = Command::new("ip")
+            .args(["netns", "exec", "tern-b", "socat", "-u"])
+            .arg(format!("TCP-LISTEN:{port},bind=198.18.0.2,reuseaddr"))
+            .arg("STDOUT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("socat (bash scripts/setup.sh installs it)")?;
+        let mut out = receiver.stdout.take().context("socat stdout")?;
+        let arrivals = Arc::new(Mutex::new(vec![(Instant::now(), 0u64)]));
+        let log = arrivals.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0u64;
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+                log.lock().unwrap().push((Instant::now(), total));
+            }
+        });
+        // the listener may not be up yet: socat retries the connect
+        let sender = Command::new("ip")
+            .args(["netns", "exec", "tern-a", "socat", "-u", "/dev/zero"])
+            .arg(format!("TCP:198.18.0.2:{port},retry=100,interval=0.05"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(CrossTraffic {
+            sender: Some(sender),
+            receiver,
+            arrivals,
+        })
+    }
+
+    /// Bytes that arrived so far.
+    pub fn received(&self) -> u64 {
+        self.arrivals.lock().unwrap().last().map_or(0, |a| a.1)
+    }
+
+    /// The flow's rate between two instants, bytes/s.
+    pub fn rate(&self, from: Instant, to: Instant) -> f64 {
+        rate_between(&self.arrivals.lock().unwrap(), from, to)
+    }
+
+    /// Stops sending (the receiver stays, so what was counted stays readable).
+    pub fn stop_sending(&mut self) {
+        if let Some(mut s) = self.sender.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+}
+
+impl Drop for CrossTraffic {
+    fn drop(&mut self) {
+        self.stop_sending();
+        let _ = self.receiver.kill();
+        let _ = self.receiver.wait();
     }
 }
 

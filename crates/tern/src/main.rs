@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use tern_api::{Compression, MigrateRequest, MigrationReport, MigrationStatus};
+use tern_api::{Compression, MigrateRequest, MigrationReport, MigrationStatus, Objective};
 
 use tern_api::client::{Client, Endpoint};
 use tern_api::image::{ImageInfo, ImportReport, RefreshSummary};
@@ -183,6 +183,10 @@ struct AgentArgs {
     /// Incoming migrations at once; more are refused until one ends.
     #[arg(long, default_value_t = 4)]
     max_incoming: usize,
+    /// Serve Prometheus metrics on this address (GET /metrics, plain HTTP: use a local or
+    /// management address), e.g. 127.0.0.1:9477. Default: off.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -233,6 +237,31 @@ struct MigrateArgs {
     /// more, else 0: the control connection carries it).
     #[arg(long)]
     streams: Option<u16>,
+    /// When pre-copy does not converge (the guest dirties memory faster than it crosses),
+    /// tern slows the guest's CPUs just enough, up to this percentage (QEMU's throttle);
+    /// 0 never slows it.
+    #[arg(long, default_value_t = 99)]
+    max_throttle: u8,
+    /// Then it may raise the downtime limit up to this many ms (default: never raised).
+    #[arg(long = "max-downtime")]
+    max_downtime_ms: Option<u64>,
+    /// With both at their most: seconds without getting closer to the switchover before the
+    /// migration stops (the VM keeps running here).
+    #[arg(long = "converge-timeout", default_value_t = 60)]
+    converge_timeout_s: u64,
+    /// What the bandwidth controller optimises: fastest (default), least-downtime (the
+    /// link at full rate, a 50 ms starting downtime limit), least-link-use (yields to the
+    /// link's other traffic; with --deadline, the lowest rate that finishes in time).
+    #[arg(long)]
+    objective: Option<Objective>,
+    /// Finish within this long (90s, 10m, 2h) at the lowest rate that does; implies
+    /// --objective least-link-use.
+    #[arg(long, value_parser = tern_api::migration::parse_duration_s)]
+    deadline: Option<u64>,
+    /// Move nothing: measure (the guest's dirty rate, the round trip, the policy) and
+    /// print what the migration would cost and what tern would do.
+    #[arg(long)]
+    plan: bool,
     /// Print the final report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -316,9 +345,20 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 let list: Vec<MigrationStatus> = serde_json::from_value(v)?;
                 for m in list {
+                    let p = &m.progress;
+                    let mut how = String::new();
+                    if m.direction == tern_api::Direction::Outgoing {
+                        how = format!("{:5.1}%", p.percent);
+                        if let (false, Some(eta)) = (m.finished, p.eta_ms) {
+                            how.push_str(&format!(" ETA {:.0}s", eta as f64 / 1000.0));
+                        }
+                        if p.throttle_pct > 0 && !m.finished {
+                            how.push_str(&format!(" throttled {}%", p.throttle_pct));
+                        }
+                    }
                     println!(
-                        "{}  {:<8?} {:<12} {:<10} {}",
-                        m.id, m.direction, m.vm, m.phase, m.peer
+                        "{}  {:<8?} {:<12} {:<10} {:<28} {}",
+                        m.id, m.direction, m.vm, m.phase, m.peer, how
                     );
                 }
             }
@@ -354,6 +394,7 @@ fn run_agent(a: AgentArgs) -> Result<()> {
     config.boot_dirs = a.boot_dirs;
     config.qemu_user = (a.qemu_user != "root").then_some(a.qemu_user);
     config.max_incoming = a.max_incoming.max(1);
+    config.metrics_listen = a.metrics_listen;
     if std::env::var("TERN_INSECURE_PLAINTEXT").is_ok_and(|v| v == "1") {
         config.insecure_plaintext = true;
     } else {
@@ -598,7 +639,28 @@ fn migrate(c: Client, m: MigrateArgs) -> Result<()> {
             }
         },
         streams: m.streams,
+        max_throttle: Some(m.max_throttle),
+        max_downtime_ms: m.max_downtime_ms,
+        converge_timeout_s: Some(m.converge_timeout_s),
+        objective: m.objective,
+        deadline_s: m.deadline,
     };
+    if let Err(why) = req.validate() {
+        bail!("{why}");
+    }
+    if m.plan {
+        let v = c.call(
+            "POST",
+            &format!("/v1/vms/{}/plan", m.name),
+            Some(&serde_json::to_value(&req)?),
+        )?;
+        if m.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print_plan(&serde_json::from_value(v)?);
+        }
+        return Ok(());
+    }
     let id = c.migrate(&m.name, &req)?.id;
 
     // Ctrl-C cancels the migration (the source keeps running) instead of killing the CLI.
@@ -685,11 +747,13 @@ fn progress_line(s: &MigrationStatus) -> String {
     let p = &s.progress;
     let secs = (p.elapsed_ms as f64 / 1000.0).max(0.001);
     let mut line = format!(
-        "{} {} -> {} [{}] {:.1}s  from QEMU {:.1} MiB  wire {:.1} MiB  {:.0} Mbit/s  pages {} ({} zero)",
+        "{} {} -> {} [{}] {:.1}%{} {:.1}s  from QEMU {:.1} MiB  wire {:.1} MiB  {:.0} Mbit/s  pages {} ({} zero)",
         s.vm,
         s.id,
         s.peer,
         if p.qemu_status.is_empty() { s.phase.as_str() } else { p.qemu_status.as_str() },
+        p.percent,
+        p.eta_ms.map(|ms| format!(" ETA {:.0}s", ms as f64 / 1000.0)).unwrap_or_default(),
         secs,
         mib(p.bytes_from_qemu),
         mib(p.bytes_on_wire),
@@ -703,6 +767,15 @@ fn progress_line(s: &MigrationStatus) -> String {
     if let Some(d) = p.dirty_pages_rate {
         line.push_str(&format!("  dirty {d} pages/s"));
     }
+    if p.throttle_pct > 0 {
+        line.push_str(&format!("  guest throttled {}%", p.throttle_pct));
+    }
+    if let Some(r) = p.rate_limit_mibps {
+        line.push_str(&format!("  paced {r:.1} MiB/s"));
+    }
+    if let (Some(rtt), Some(q)) = (p.rtt_ms, p.queue_delay_ms) {
+        line.push_str(&format!("  rtt {rtt:.0} ms (queue {q:.0})"));
+    }
     if let Some(d) = &p.disk {
         line.push_str(&format!(
             "  disk: read {:.0}/{:.0} MiB, {:.1} MiB held there, sent {:.1} MiB, round {}",
@@ -714,6 +787,60 @@ fn progress_line(s: &MigrationStatus) -> String {
         ));
     }
     line
+}
+
+fn print_plan(p: &tern_api::MigrationPlan) {
+    let i = &p.inputs;
+    println!(
+        "plan: {} to {} ({}, protocol v{}); nothing was moved",
+        p.vm, p.destination, p.destination_agent, p.protocol_version
+    );
+    println!("  inputs");
+    println!("    RAM             {:.0} MiB", mib(i.ram_bytes));
+    if let (Some(z), Some(r)) = (i.zero_fraction, i.compressed_ratio) {
+        println!(
+            "    RAM sample      {:.0}% zero, the rest compresses to {:.0}%",
+            z * 100.0,
+            r * 100.0
+        );
+    }
+    if i.disk_bytes > 0 {
+        println!("    disks           {:.1} MiB allocated", mib(i.disk_bytes));
+    }
+    println!(
+        "    dirty rate      {:.1} MiB/s (QEMU page sampling, {} s)",
+        i.dirty_mibps, i.dirty_sample_s
+    );
+    println!("    round trip      {:.1} ms", i.rtt_ms);
+    match i.link_mibps {
+        Some(r) => println!(
+            "    link            {r:.1} MiB/s of memory, {:.2} wire bytes per byte ({})",
+            i.wire_ratio, i.link_from
+        ),
+        None => println!("    link            {}", i.link_from),
+    }
+    println!(
+        "    allowed         throttle up to {}%, downtime limit {} ms up to {} ms",
+        i.max_throttle, i.downtime_limit_ms, i.max_downtime_ms
+    );
+    match &p.prediction {
+        Some(pr) => {
+            println!("  prediction");
+            println!("    total time      {:.1} s", pr.total_s);
+            println!("    downtime        {:.0} ms", pr.downtime_ms);
+            println!(
+                "    on the wire     {:.1} MiB memory, {:.1} MiB disks",
+                mib(pr.memory_wire_bytes),
+                mib(pr.disk_wire_bytes)
+            );
+            println!("    rounds          {}", pr.rounds);
+            println!("    convergence     {}", pr.summary);
+        }
+        None => println!("  prediction      none (the link's rate is not known)"),
+    }
+    for n in &p.notes {
+        println!("  note: {n}");
+    }
 }
 
 fn print_report(r: &MigrationReport) {
@@ -770,6 +897,48 @@ fn print_report(r: &MigrationReport) {
         );
     }
     println!("  throughput      {:.0} Mbit/s", r.throughput_mbps);
+    if let Some(p) = &r.prediction {
+        println!(
+            "  predicted       {:.1} s, downtime {:.0} ms, {:.1} MiB on the wire (from what was known at the start: {})",
+            p.total_s,
+            p.downtime_ms,
+            mib(p.memory_wire_bytes + p.disk_wire_bytes),
+            p.summary
+        );
+    }
+    let cv = &r.convergence;
+    println!(
+        "  convergence     {} dirty syncs, guest throttled up to {}%, downtime limit {} ms, last dirty rate {:.1} MiB/s against {:.1} MiB/s crossing",
+        cv.dirty_syncs, cv.throttle_max_pct, cv.downtime_limit_ms, cv.dirty_mibps, cv.transfer_mibps
+    );
+    for step in &cv.steps {
+        println!("                  {step}");
+    }
+    let pc = &r.pacing;
+    let mut pacing = format!(
+        "  bandwidth       {}: delivered {:.1} MiB/s mean, {:.1} at most; path {:.0} ms",
+        pc.objective, pc.delivered_mean_mibps, pc.delivered_max_mibps, pc.base_rtt_ms
+    );
+    if let (Some(lo), Some(hi)) = (pc.rate_min_mibps, pc.rate_max_mibps) {
+        pacing.push_str(&format!("; paced {lo:.1} to {hi:.1} MiB/s"));
+    }
+    if let (Some(d), Some(met)) = (pc.deadline_s, pc.deadline_met) {
+        pacing.push_str(&format!(
+            "; deadline {d} s {}",
+            if met { "met" } else { "MISSED" }
+        ));
+    }
+    if pc.yields > 0 {
+        pacing.push_str(&format!(
+            "; backed off {} times ({:.1} s) for other traffic",
+            pc.yields,
+            pc.yielded_ms as f64 / 1e3
+        ));
+    }
+    println!("{pacing}");
+    for step in &pc.steps {
+        println!("                  {step}");
+    }
     println!(
         "  memory digest   {} ({})",
         if r.digest_ok { "equal" } else { "DIFFERENT" },

@@ -37,10 +37,7 @@ fn boot(a: &TestAgent, spec_toml: &str, name: &str) -> Result<std::path::PathBuf
 }
 
 fn console_of(agent: &TestAgent, vm: &str) -> Result<std::path::PathBuf> {
-    Ok(agent.vm(vm)?["console_log"]
-        .as_str()
-        .context("console path")?
-        .into())
+    agent.console_log(vm)
 }
 
 fn pmemsave(agent: &TestAgent, vm: &str, size: u64, path: &Path) -> Result<Vec<u8>> {

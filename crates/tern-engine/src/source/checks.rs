@@ -22,6 +22,10 @@ pub(super) async fn run(m: &mut Migration) -> Result<Plan, MigrateError> {
         Some(disk::SourceDisks::describe(qmp, &m.vm.spec).await?)
     };
     m.source_running = qmp.query_status().await?.running;
+    // the progress counts the disks' work against memory's (the stream says the exact
+    // RAM size later)
+    let ram = u64::from(m.vm.spec.memory_mib) << 20;
+    m.handle.update(|s| s.progress.ram_total = Some(ram));
     Ok(Plan { disks })
 }
 

@@ -14,6 +14,7 @@ use super::{expect, send, unexpected, MigrateError, Migration};
 use crate::handle::Phase;
 use crate::transport::conn::{FrameReader, FrameWriter};
 use crate::transport::links::PeerWriter;
+use crate::transport::probe::TcpProbe;
 use crate::transport::tls::{PeerIdentity, PeerRead, PeerStream, PeerWrite};
 
 /// The control connection, after Hello.
@@ -25,11 +26,14 @@ pub(super) struct Peer {
     pub agent: String,
     /// Hello's round trip.
     pub rtt: Duration,
+    /// The control connection's path, for the bandwidth controller.
+    pub probe: Option<TcpProbe>,
 }
 
 pub(super) async fn run(m: &mut Migration) -> Result<Peer, MigrateError> {
     m.handle.set_phase(Phase::Connect);
     let (stream, identity) = dial(m, Duration::from_secs(10)).await?;
+    let probe = stream.probe();
     let (rd, wr) = stream.split();
     let mut reader = FrameReader::new(rd);
     let writer: PeerWriter = Arc::new(Mutex::new(FrameWriter::new(wr)));
@@ -48,6 +52,7 @@ pub(super) async fn run(m: &mut Migration) -> Result<Peer, MigrateError> {
         version,
         agent,
         rtt,
+        probe,
     })
 }
 
@@ -84,6 +89,14 @@ async fn side_connection(
     within: Duration,
 ) -> Result<(FrameReader<PeerRead>, FrameWriter<PeerWrite>), MigrateError> {
     let (stream, _) = dial(m, within).await?;
+    side_hello(m, stream, within).await
+}
+
+async fn side_hello(
+    m: &Migration,
+    stream: PeerStream,
+    within: Duration,
+) -> Result<(FrameReader<PeerRead>, FrameWriter<PeerWrite>), MigrateError> {
     let (rd, wr) = stream.split();
     let mut reader = FrameReader::new(rd);
     let mut writer = FrameWriter::new(wr);
@@ -101,8 +114,11 @@ async fn side_connection(
 pub(super) async fn open_data_stream(
     m: &Migration,
     index: u16,
-) -> Result<FrameWriter<PeerWrite>, MigrateError> {
-    let (_, mut writer) = side_connection(m, Duration::from_secs(10)).await?;
+) -> Result<(FrameWriter<PeerWrite>, Option<TcpProbe>), MigrateError> {
+    let within = Duration::from_secs(10);
+    let (stream, _) = dial(m, within).await?;
+    let probe = stream.probe();
+    let (_, mut writer) = side_hello(m, stream, within).await?;
     writer
         .send(&Message::Attach {
             migration_id: m.handle.id.clone(),
@@ -110,7 +126,7 @@ pub(super) async fn open_data_stream(
         })
         .await
         .map_err(MigrateError::PeerWrite)?;
-    Ok(writer)
+    Ok((writer, probe))
 }
 
 /// Asks the destination what became of this migration (Query), once.

@@ -12,6 +12,9 @@
 //! | `Switchover` | `switchover.rs` | the commit, Resumed, or asking the destination when it did not come |
 //! | report | `report.rs` | the report, from the timeline and counters |
 //!
+//! `plan.rs` (`--plan`) runs the checks and `Connect` only, measures the guest's dirty rate
+//! and predicts the rest with the model of `converge.rs`.
+//!
 //! One recovery path ([`recover`]): until the commit went out, any failure (an error, a
 //! cancel, a panic) tells the destination, cancels QEMU's migration, resumes the VM if it
 //! ran and clears tern's disk state in QEMU. After the commit the source never resumes
@@ -21,7 +24,9 @@ mod checks;
 mod connect;
 mod disks;
 mod forward;
+mod pacing;
 mod peer;
+pub mod plan;
 mod prepare;
 pub mod recover;
 mod report;
@@ -62,6 +67,8 @@ pub struct SourceVm {
     pub exited: watch::Receiver<Option<String>>,
     /// The vTPM migration key its swtpm runs with (a VM with `tpm = true`).
     pub tpm_key: Option<[u8; 32]>,
+    /// Its QEMU's process (for sampling its RAM in a plan); None if not known.
+    pub pid: Option<u32>,
 }
 
 impl SourceVm {
@@ -132,6 +139,8 @@ pub enum MigrateError {
     Disk(#[source] Box<disk::SourceDiskError>),
     #[error("switchover in doubt: Commit was sent but the destination did not confirm ({0}); the source VM is kept paused: check the destination (tern vm list there) and stop one of the two copies")]
     InDoubt(String),
+    #[error("{0}")]
+    NotConverging(String),
     #[error("tern failed internally (a bug: {0}); the migration was stopped")]
     Panicked(String),
 }
@@ -188,6 +197,7 @@ impl MigrateError {
                 ErrorCode::Internal
             }
             MigrateError::Disk(e) => e.code(),
+            MigrateError::NotConverging(_) => ErrorCode::NotConverging,
         }
     }
 }
@@ -209,6 +219,13 @@ pub(crate) struct Migration {
     commit_sent: Arc<AtomicBool>,
     /// The control connection, for telling the destination about a failure.
     writer: Option<PeerWriter>,
+    /// What the daemon remembers of the link to the destination (for the prediction the
+    /// report shows beside what happened), Hello's round trip, and whether QEMU samples
+    /// the guest's dirty rate for it.
+    link: Option<plan::LinkMemory>,
+    rtt: Duration,
+    dirty_sampling: bool,
+    content: Option<plan::Content>,
 }
 
 /// Runs an outgoing migration to its end: the VM moved, or it is where the outcome says.
@@ -218,19 +235,9 @@ pub async fn run(
     vm: SourceVm,
     req: MigrateRequest,
     handle: Arc<MigrationHandle>,
+    link: Option<plan::LinkMemory>,
 ) -> SourceOutcome {
-    let mut m = Migration {
-        engine,
-        host,
-        vm,
-        req,
-        handle,
-        t0: Instant::now(),
-        source_running: false,
-        committed: false,
-        commit_sent: Arc::new(AtomicBool::new(false)),
-        writer: None,
-    };
+    let mut m = Migration::new(engine, host, vm, req, handle, link);
     // A bug that panics mid-migration must not leave the VM paused, nor half a
     // migration behind: it takes the same way out as an error.
     let result = match std::panic::AssertUnwindSafe(m.phases())
@@ -247,10 +254,40 @@ pub async fn run(
 }
 
 impl Migration {
+    fn new(
+        engine: Arc<Engine>,
+        host: Arc<dyn Host>,
+        vm: SourceVm,
+        req: MigrateRequest,
+        handle: Arc<MigrationHandle>,
+        link: Option<plan::LinkMemory>,
+    ) -> Migration {
+        Migration {
+            engine,
+            host,
+            vm,
+            req,
+            handle,
+            t0: Instant::now(),
+            source_running: false,
+            committed: false,
+            commit_sent: Arc::new(AtomicBool::new(false)),
+            writer: None,
+            link,
+            rtt: Duration::ZERO,
+            dirty_sampling: false,
+            content: None,
+        }
+    }
+
     /// The phases, in order.
     async fn phases(&mut self) -> Result<MigrationReport, MigrateError> {
         let plan = checks::run(self).await?;
+        // for the prediction: the guest's RAM sampled, its dirty rate sampled by QEMU while
+        // tern connects
+        plan::start_sampling(self).await;
         let peer = connect::run(self).await?;
+        self.rtt = peer.rtt;
         let mut prepared = prepare::run(self, peer, plan.disks.as_deref()).await?;
         let disks = disks::copy(self, &mut prepared, plan.disks).await?;
         let transferred = transfer::run(self, prepared, disks).await?;

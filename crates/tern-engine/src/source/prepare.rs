@@ -13,14 +13,17 @@ use tokio::net::unix;
 use tokio::sync::{mpsc, oneshot};
 
 use super::connect::{open_data_stream, Peer};
+use super::pacing::{self, Pacing};
 use super::peer::{peer_reader, PeerEvent};
 use super::{expect, send, unexpected, AbortOnDrop, MigrateError, Migration};
 use crate::codec::CodecPolicy;
 use crate::disk::DiskInbox;
 use crate::handle::{wait_cancelled, Phase};
+use crate::pace::{PacePolicy, Pacer};
 use crate::pages::PageEncoder;
 use crate::transport::flow::Flow;
 use crate::transport::links::{data_link, Links, PeerWriter};
+use crate::transport::probe::TcpProbe;
 use crate::transport::rate::RateLimit;
 
 /// From Prepare to Prepared: the destination starts its QEMU (and makes its disk images)
@@ -39,8 +42,11 @@ pub(super) struct Prepared {
     pub policy: CodecPolicy,
     pub links: Links,
     pub encoder: PageEncoder,
-    /// `--max-bandwidth`: one budget for memory and disk bytes on the wire.
+    /// One budget for memory and disk bytes on the wire: `--max-bandwidth`, or the
+    /// bandwidth controller's rate.
     pub budget: Option<Arc<RateLimit>>,
+    /// The bandwidth controller, running.
+    pub pacing: Pacing,
     /// The destination's control messages, disk replies, and where the return path goes
     /// once QEMU's socket exists.
     pub events: mpsc::Receiver<PeerEvent>,
@@ -64,6 +70,7 @@ pub(super) async fn run(
         version,
         agent: dest_agent,
         rtt,
+        probe,
     } = peer;
     let mut cancel = m.handle.cancelled();
     if let Some(disks) = disks {
@@ -152,10 +159,10 @@ pub(super) async fn run(
     };
     m.handle
         .update(|s| s.progress.destination_held_pages = summary.len() as u64);
-    let budget = m
-        .req
-        .max_bandwidth_mibps
-        .map(|mib| Arc::new(RateLimit::new(mib << 20)));
+    let pace_policy = PacePolicy::from_request(&m.req);
+    let pacer = Pacer::new(pace_policy, m.t0);
+    let budget = pacing::budget(&pace_policy, &pacer);
+    let mut probes: Vec<TcpProbe> = probe.into_iter().collect();
     // parallel streams: extra connections that carry the data frames, in sequence
     let data_streams = if version >= 2 {
         match m.req.streams {
@@ -169,7 +176,8 @@ pub(super) async fn run(
     let mut links = Links::new(budget.clone());
     let mut tasks = Vec::new();
     for index in 1..=data_streams {
-        let w = open_data_stream(m, index).await?;
+        let (w, probe) = open_data_stream(m, index).await?;
+        probes.extend(probe);
         let (tx, rx) = mpsc::channel(2);
         let handle = m.handle.clone();
         let t = tokio::spawn(async move {
@@ -207,6 +215,8 @@ pub(super) async fn run(
         flow.clone(),
     ));
     tasks.push(AbortOnDrop(t.abort_handle()));
+    let dirty_hint = super::plan::dirty_rate_at_start(m).await;
+    let pacing = Pacing::start(m.handle.clone(), probes, budget.clone(), pacer, dirty_hint);
     Ok(Prepared {
         writer,
         version,
@@ -217,6 +227,7 @@ pub(super) async fn run(
         links,
         encoder,
         budget,
+        pacing,
         events,
         disk_inbox,
         qemu_tx: Some(qemu_tx),

@@ -38,6 +38,8 @@ pub(super) async fn build(
     };
     let status = m.handle.status();
     let secs = total.as_secs_f64().max(1e-6);
+    let disk_allocated = t.disk_report.as_ref().map_or(0, |d| d.data_bytes);
+    let prediction = super::plan::prediction_at_start(m, disk_allocated).await;
     Ok(MigrationReport {
         migration_id: m.handle.id.clone(),
         vm: m.vm.spec.name.clone(),
@@ -65,5 +67,8 @@ pub(super) async fn build(
         encoding: t.encoding.unwrap_or_default(),
         disk: t.disk_report,
         timeline: status.timeline,
+        convergence: t.convergence,
+        pacing: t.pacing.report(),
+        prediction,
     })
 }

@@ -13,14 +13,18 @@ use tokio::sync::mpsc;
 
 use super::disks::{CopiedDisks, LiveDisks};
 use super::forward::{forward, ForwardDone, ForwardPlan};
+use super::pacing::Pacing;
 use super::peer::PeerEvent;
 use super::prepare::Prepared;
 use super::{unexpected, AbortOnDrop, MigrateError, Migration};
 use crate::codec::CodecPicker;
+use crate::converge::{self, Converger, Step};
 use crate::datapath::{DataPathPicker, DataPathPolicy};
 use crate::error::error_chain;
 use crate::fault::fault;
-use crate::handle::{wait_cancelled, Counters, DiskReport, EncodingReport, Phase};
+use crate::handle::{
+    page_counts, wait_cancelled, ConvergenceReport, Counters, DiskReport, EncodingReport, Phase,
+};
 use crate::transport::links::PeerWriter;
 
 /// How the transfer ended.
@@ -49,6 +53,10 @@ pub(super) struct Transferred {
     pub t_ready: Option<SystemTime>,
     pub encoding: Option<EncodingReport>,
     pub disk_report: Option<DiskReport>,
+    /// What tern did to make pre-copy converge.
+    pub convergence: ConvergenceReport,
+    /// The bandwidth controller (running until the report is made).
+    pub pacing: Pacing,
     /// Tasks that end with the migration.
     pub _tasks: Vec<AbortOnDrop>,
 }
@@ -76,15 +84,30 @@ pub(super) async fn run(
         links,
         encoder,
         budget: _,
+        pacing,
         mut events,
         disk_inbox: _,
         mut qemu_tx,
         flow,
         mut tasks,
     } = p;
-    qmp.set_migrate_capabilities(&[("return-path", true), ("events", true)])
-        .await?;
-    let mut params = json!({ "downtime-limit": m.req.downtime_ms.unwrap_or(300) });
+    let policy_conv = converge::Policy::from_request(&m.req);
+    let throttling = policy_conv.max_throttle > 0;
+    // auto-converge is QEMU's throttle; tern holds it at 1% (QEMU's least) until its own
+    // model says pre-copy will not converge, then sets the level (`converge.rs`)
+    qmp.set_migrate_capabilities(&[
+        ("return-path", true),
+        ("events", true),
+        ("auto-converge", throttling),
+    ])
+    .await?;
+    let mut params = json!({ "downtime-limit": policy_conv.downtime_ms });
+    if throttling {
+        params["cpu-throttle-initial"] = json!(1);
+        params["max-cpu-throttle"] = json!(1);
+        params["cpu-throttle-increment"] = json!(99);
+        params["throttle-trigger-threshold"] = json!(50);
+    }
     // Without a cap QEMU limits itself to 128 MiB/s; tern's socket applies back-pressure.
     let bw = m
         .req
@@ -145,8 +168,20 @@ pub(super) async fn run(
         t_ready: None,
         encoding: None,
         disk_report: None,
+        convergence: ConvergenceReport::default(),
+        pacing,
         _tasks: Vec::new(),
     };
+    let mut conv = Converger::new(policy_conv, Instant::now());
+    let disk_bytes = m
+        .handle
+        .status()
+        .progress
+        .disk
+        .map_or(0, |d| d.virtual_bytes);
+    let mut syncs = 0u64;
+    m.handle
+        .update(|s| s.progress.downtime_limit_ms = policy_conv.downtime_ms);
     let stall = m.engine.config.stall_timeout;
     let mut cancel = m.handle.cancelled();
     let mut last_progress = (0u64, Instant::now());
@@ -213,7 +248,10 @@ pub(super) async fn run(
                 ev = qemu_events.recv() => {
                     let Ok(ev) = ev else { continue };
                     match ev.event.as_str() {
-                        "STOP" => t.stopped_at = Some(ev.timestamp),
+                        "STOP" => {
+                            t.stopped_at = Some(ev.timestamp);
+                            t.pacing.guest_paused();
+                        }
                         "MIGRATION" => {
                             let st = ev.data.get("status").and_then(|s| s.as_str()).unwrap_or("");
                             if st == "failed" {
@@ -245,19 +283,64 @@ pub(super) async fn run(
                     } else if last_progress.1.elapsed() > stall {
                         return Err(MigrateError::Timeout(stall, "any progress on the connection to the destination"));
                     }
-                    let bps = Counters::get(&c.switchover_bps);
+                    // in the first pass, at one stream byte per wire byte: a compression
+                    // ratio sampled from its frames (zero-filled, text) says nothing of the
+                    // last dirty pages, and a high one made QEMU stop with tens of MiB left
+                    // (5 s of downtime at a 6 MiB/s deadline pace)
+                    let bps = if syncs >= 2 {
+                        Counters::get(&c.switchover_bps)
+                    } else {
+                        Counters::get(&c.switchover_wire_bps)
+                    };
                     if bps > 0 && (bps as f64 - told_bps as f64).abs() > 0.15 * told_bps as f64 {
                         // QEMU >= 8.2; older ones keep their own estimate
+                        tracing::debug!(migration = %m.handle.id, mibps = bps as f64 / 1048576.0, "switchover bandwidth told to QEMU");
                         let _ = qmp.set_migrate_parameters(json!({ "avail-switchover-bandwidth": bps })).await;
                         told_bps = bps;
                     }
                     if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_millis(200), qmp.query_migrate()).await {
+                        let pages = page_counts(c);
+                        let sample = converge::Sample {
+                            sync_count: info.dirty_sync_count.unwrap_or(0),
+                            remaining: info.ram_remaining.unwrap_or(0),
+                            dirty_pages_rate: info.dirty_pages_rate.unwrap_or(0),
+                            pages: pages.total,
+                            nonzero_pages: pages.raw + pages.refs + pages.deltas,
+                            throttle: info.cpu_throttle_percentage.unwrap_or(0).min(99) as u8,
+                            switchover_bps: bps,
+                            ram_total: info.ram_total.unwrap_or(0),
+                            done_before: disk_bytes,
+                        };
+                        syncs = syncs.max(sample.sync_count);
+                        let now = Instant::now();
+                        let est = conv.estimate(&sample, now);
+                        let step = if info.status == "active" { conv.observe(&sample, now) } else { None };
+                        match step {
+                            Some(Step::Throttle(level)) => {
+                                tracing::info!(migration = %m.handle.id, level, "pre-copy does not converge: throttling the guest");
+                                qmp.set_migrate_parameters(json!({
+                                    "cpu-throttle-initial": level,
+                                    "max-cpu-throttle": level,
+                                    "throttle-trigger-threshold": 1,
+                                })).await?;
+                            }
+                            Some(Step::Downtime(ms)) => {
+                                tracing::info!(migration = %m.handle.id, ms, "pre-copy does not converge: raising the downtime limit");
+                                qmp.set_migrate_parameters(json!({ "downtime-limit": ms })).await?;
+                            }
+                            Some(Step::GiveUp(why)) => return Err(MigrateError::NotConverging(why)),
+                            None => {}
+                        }
                         m.handle.update(|s| {
                             s.progress.qemu_status = info.status.clone();
                             s.progress.ram_remaining = info.ram_remaining;
                             s.progress.ram_total = info.ram_total;
                             s.progress.dirty_pages_rate = info.dirty_pages_rate;
                             s.progress.dirty_sync_count = info.dirty_sync_count;
+                            s.progress.percent = s.progress.percent.max(est.percent);
+                            s.progress.eta_ms = est.eta.map(|d| d.as_millis() as u64);
+                            s.progress.throttle_pct = sample.throttle;
+                            s.progress.downtime_limit_ms = conv.downtime_ms();
                         });
                     }
                 }
@@ -273,6 +356,7 @@ pub(super) async fn run(
         Err(e) if commit_sent.load(Ordering::SeqCst) => TransferEnd::CommitLost(error_chain(&e)),
         Err(e) => return Err(e),
     };
+    t.convergence = conv.report(syncs);
     t.events = events;
     t._tasks = tasks;
     Ok(t)

@@ -17,6 +17,7 @@ use super::batch::{Compression, Out};
 use super::conn::{FrameReader, FrameWriter, RecvError};
 use super::rate::RateLimit;
 use super::tls::{PeerRead, PeerWrite};
+use crate::codec::CodecPicker;
 use crate::handle::{Counters, MigrationHandle};
 
 /// The control connection's writer, shared by the tasks that send on it.
@@ -114,12 +115,7 @@ pub async fn send_frames(
             .await
             .map_err(|_| SendError::LinkClosed(i + 1))?;
         comp.picker.flushed(bytes, t.elapsed());
-        if let Some(r) = comp.picker.switchover_rate() {
-            handle
-                .counters
-                .switchover_bps
-                .store(r as u64, Ordering::Relaxed);
-        }
+        tell_switchover_rate(&comp.picker, links, handle);
         return Ok(());
     }
     let frames = comp.encode(frames);
@@ -138,12 +134,7 @@ pub async fn send_frames(
         let t = Instant::now();
         w.flush().await.map_err(SendError::Write)?;
         comp.picker.flushed(n, t.elapsed());
-        if let Some(r) = comp.picker.switchover_rate() {
-            handle
-                .counters
-                .switchover_bps
-                .store(r as u64, Ordering::Relaxed);
-        }
+        tell_switchover_rate(&comp.picker, links, handle);
     }
     handle
         .counters
@@ -155,6 +146,19 @@ pub async fn send_frames(
         handle.update(|s| s.progress.codec = codec.name());
     }
     Ok(())
+}
+
+/// What the link carries now, for QEMU's switchover decision (`Counters::switchover_bps`).
+fn tell_switchover_rate(picker: &CodecPicker, links: &Links, handle: &MigrationHandle) {
+    let cap = links.budget.as_ref().map(|b| b.bytes_per_sec() as f64);
+    let c = &handle.counters;
+    if let Some(r) = picker.switchover_rate(cap) {
+        c.switchover_bps.store(r as u64, Ordering::Relaxed);
+    }
+    if let Some(l) = picker.link_rate() {
+        let wire = l.min(cap.unwrap_or(f64::INFINITY));
+        c.switchover_wire_bps.store(wire as u64, Ordering::Relaxed);
+    }
 }
 
 /// Data frames of parallel streams, released in sequence order; what waits for an

@@ -13,37 +13,71 @@ use std::time::{Duration, Instant};
 /// write is never refused, only spaced out.
 #[derive(Debug)]
 pub struct RateLimit {
+    state: Mutex<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
     rate: f64,
     burst: f64,
-    state: Mutex<(f64, Instant)>,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// Adds what the rate earned since the last look, up to the burst.
+    fn refill(&mut self, now: Instant) {
+        let earned = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.burst);
+        self.at = now;
+    }
+}
+
+fn burst_of(rate: f64) -> f64 {
+    (rate * 0.05).max(256.0 * 1024.0)
 }
 
 impl RateLimit {
     pub fn new(bytes_per_sec: u64) -> Self {
         let rate = bytes_per_sec.max(1) as f64;
-        let burst = (rate * 0.05).max(256.0 * 1024.0);
+        let burst = burst_of(rate);
         RateLimit {
-            rate,
-            burst,
-            state: Mutex::new((burst, Instant::now())),
+            state: Mutex::new(Bucket {
+                rate,
+                burst,
+                tokens: burst,
+                at: Instant::now(),
+            }),
         }
     }
 
+    fn bucket(&self) -> std::sync::MutexGuard<'_, Bucket> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn bytes_per_sec(&self) -> u64 {
-        self.rate as u64
+        self.bucket().rate as u64
+    }
+
+    /// A new rate from now on (the bandwidth controller's); a debt already run up is paid
+    /// at the new rate.
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        let mut b = self.bucket();
+        b.refill(Instant::now());
+        b.rate = bytes_per_sec.max(1) as f64;
+        b.burst = burst_of(b.rate);
+        b.tokens = b.tokens.min(b.burst);
     }
 
     /// Charges `n` bytes; returns how long the caller must wait before writing them.
     pub fn charge(&self, n: u64) -> Duration {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let refill = now.duration_since(s.1).as_secs_f64() * self.rate;
-        s.0 = (s.0 + refill).min(self.burst) - n as f64;
-        s.1 = now;
-        if s.0 >= 0.0 {
+        let mut b = self.bucket();
+        b.refill(Instant::now());
+        b.tokens -= n as f64;
+        if b.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-s.0 / self.rate)
+            Duration::from_secs_f64(-b.tokens / b.rate)
         }
     }
 
@@ -78,5 +112,23 @@ mod tests {
         // 50 ms of 10 MiB/s = 512 KiB at most, not 1.2 MiB
         assert_eq!(r.charge(512 << 10), Duration::ZERO);
         assert!(r.charge(512 << 10) > Duration::from_millis(40));
+    }
+
+    #[test]
+    fn a_new_rate_applies_from_now() {
+        let r = RateLimit::new(1 << 20);
+        assert_eq!(r.charge(256 << 10), Duration::ZERO);
+        r.set_rate(10 << 20);
+        assert_eq!(r.bytes_per_sec(), 10 << 20);
+        // 1 MiB at 10 MiB/s: about 100 ms, not a second
+        let w = r.charge(1 << 20);
+        assert!(
+            w > Duration::from_millis(80) && w < Duration::from_millis(120),
+            "{w:?}"
+        );
+        // no limit in effect: nothing waits
+        r.set_rate(u64::MAX);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(r.charge(1 << 20), Duration::ZERO);
     }
 }

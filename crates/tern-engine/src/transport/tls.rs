@@ -332,6 +332,22 @@ impl PeerStream {
     pub fn split(self) -> (PeerRead, PeerWrite) {
         tokio::io::split(self)
     }
+
+    /// The TCP socket under the stream.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            PeerStream::Client(s) => s.get_ref().0.get_ref(),
+            PeerStream::Server(s) => s.get_ref().0.get_ref(),
+            PeerStream::Plain(s) => s,
+        }
+    }
+
+    /// A probe on the socket's path (None, with a warning, when it cannot be made).
+    pub fn probe(&self) -> Option<super::probe::TcpProbe> {
+        super::probe::TcpProbe::of(self.tcp())
+            .inspect_err(|e| tracing::warn!("no TCP probe on a peer connection: {e}"))
+            .ok()
+    }
 }
 
 impl AsyncRead for PeerStream {

@@ -46,7 +46,7 @@ use tern_testkit::agents::{wait_for_text, TestAgent, WanLab};
 use tern_testkit::guest::GuestImage;
 use tokio::sync::broadcast;
 
-use super::wan::{self, link_bytes, qemu_in};
+use super::wan::{self, qemu_in};
 use super::{event_us, median};
 
 /// qcow2's default cluster: the unit of the base image's data/zero layout.
@@ -618,7 +618,7 @@ async fn via_qemu(g: &GuestImage, img: &Images, dir: &Path, limit: Duration) -> 
     let mut sev = src.qmp.subscribe();
     let mut dev = dst.qmp.subscribe();
     let mut jobs = src.qmp.subscribe();
-    let bytes0 = link_bytes()?;
+    let bytes0 = WanLab::link_bytes()?;
     let t0 = Instant::now();
     src.qmp
         .execute(
@@ -656,7 +656,7 @@ async fn via_qemu(g: &GuestImage, img: &Images, dir: &Path, limit: Duration) -> 
         }
     };
     let disk_s = t0.elapsed().as_secs_f64();
-    let disk_link = (link_bytes()? - bytes0) as f64;
+    let disk_link = (WanLab::link_bytes()? - bytes0) as f64;
     eprintln!(
         "  QEMU: mirror READY after {disk_s:.1} s, {:.1} MB on the link (job: offset {}, len {})",
         disk_link / 1e6,
@@ -682,7 +682,7 @@ async fn via_qemu(g: &GuestImage, img: &Images, dir: &Path, limit: Duration) -> 
         mem.ram_duplicate,
         mem.total_time_ms,
         mem.downtime_ms,
-        (link_bytes()? - bytes0) as f64 / 1e6
+        (WanLab::link_bytes()? - bytes0) as f64 / 1e6
     );
     let t_handover = Instant::now();
     // libvirt keeps the source image: cancel (not complete) the ready job
@@ -734,7 +734,7 @@ async fn via_qemu(g: &GuestImage, img: &Images, dir: &Path, limit: Duration) -> 
         .wait_event(&mut dev, "RESUME", Duration::from_secs(60))
         .await?;
     let total_s = t0.elapsed().as_secs_f64();
-    let total_link = (link_bytes()? - bytes0) as f64;
+    let total_link = (WanLab::link_bytes()? - bytes0) as f64;
     let downtime_ms = (event_us(resume.timestamp) - event_us(stop.timestamp)) / 1000.0;
     // both QEMUs gone (everything flushed), then the images must be identical
     src.quit(Duration::from_secs(10)).await;
@@ -823,7 +823,7 @@ fn via_tern(bin: &Path, g: &GuestImage, img: &Images, dir: &Path, limit: Duratio
         running: "TERN-READY",
     };
     wan::boot(&a, &vm_spec(TERN_VM, g, &src_img), &w)?;
-    let bytes0 = link_bytes()?;
+    let bytes0 = WanLab::link_bytes()?;
     let t0 = Instant::now();
     let id = match a.start_migration(TERN_VM, "198.18.0.2:7700", json!({ "downtime_ms": 300 })) {
         Ok(id) => id,
@@ -837,7 +837,7 @@ fn via_tern(bin: &Path, g: &GuestImage, img: &Images, dir: &Path, limit: Duratio
     let mut memory_seen = false;
     let mut cancelled = false;
     let st = loop {
-        let now_bytes = link_bytes()?;
+        let now_bytes = WanLab::link_bytes()?;
         let now_s = t0.elapsed().as_secs_f64();
         let st = a.call("GET", &format!("/v1/migrations/{id}"), None)?;
         if st["finished"].as_bool() == Some(true) {
@@ -859,7 +859,7 @@ fn via_tern(bin: &Path, g: &GuestImage, img: &Images, dir: &Path, limit: Duratio
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let total_link = (link_bytes()? - bytes0) as f64;
+    let total_link = (WanLab::link_bytes()? - bytes0) as f64;
     let elapsed = t0.elapsed().as_secs_f64();
     let report = &st["report"];
     if report.is_null() {

@@ -1,6 +1,7 @@
 //! `tern-bench loopback`: the foundation benchmark (`tern-bench datapath`: see
 //! [`datapath`]; `tern-bench wan`: see [`wan`];
-//! `tern-bench tls`: see [`tls`]; `tern-bench disk`: see [`disk`]). Same guest, same
+//! `tern-bench tls`: see [`tls`]; `tern-bench disk`: see [`disk`]; `tern-bench shared`:
+//! see [`shared`]). Same guest, same
 //! machine, one run:
 //! QEMU's own migration (QEMU to QEMU over loopback TCP) against the same migration
 //! through two tern agents, alternating, N rounds per workload. Prints a Markdown table of
@@ -11,6 +12,7 @@
 
 mod datapath;
 mod disk;
+mod shared;
 mod tls;
 mod wan;
 
@@ -223,6 +225,13 @@ fn main() -> Result<()> {
             let out = wan::bench(&bin, &g, &profile, mem, Duration::from_secs(limit), only.as_deref())?;
             return emit(&out);
         }
+        Some("shared") => {
+            let profile = arg("--profile").unwrap_or_else(|| "wan-100m-50ms".into());
+            let mem: u32 = arg("--mem-mib").map(|m| m.parse()).transpose()?.unwrap_or(512);
+            let fill: u32 = arg("--fill-mib").map(|m| m.parse()).transpose()?.unwrap_or(320);
+            let out = shared::bench(&bin, &ensure_guest()?, &profile, mem, fill)?;
+            return emit(&out);
+        }
         Some("spread") => {
             let profile = arg("--profile").unwrap_or_else(|| "wan-100m-50ms".into());
             let mem: u32 = arg("--mem-mib").map(|m| m.parse()).transpose()?.unwrap_or(1024);
@@ -250,7 +259,7 @@ fn main() -> Result<()> {
             return Ok(());
         }
         _ => bail!(
-            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench datapath --tern PATH [--sizes 2048,8192] [--rounds 5] [--out FILE]\n       tern-bench spread --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--runs 20] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]\n       tern-bench disk --tern PATH [--link wan-100m-50ms] [--disk-mib 256] [--rounds 1] [--scenario a|b|c] [--only qemu|tern] [--limit-secs 600] [--out FILE (appended)]"
+            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench datapath --tern PATH [--sizes 2048,8192] [--rounds 5] [--out FILE]\n       tern-bench spread --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--runs 20] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench shared --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 320] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]\n       tern-bench disk --tern PATH [--link wan-100m-50ms] [--disk-mib 256] [--rounds 1] [--scenario a|b|c] [--only qemu|tern] [--limit-secs 600] [--out FILE (appended)]"
         ),
     }
     let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);

@@ -6,7 +6,6 @@
 //! downtime is end to end, source STOP event to destination RESUME event.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -28,6 +27,41 @@ pub struct Run {
     pub qemu_downtime_ms: f64,
     pub link_mb: f64,
     pub cpu_s: f64,
+    /// The guest's own dirtying rate while it ran at the source during the migration,
+    /// against before it (MiB/s, from its console; NaN: it prints none).
+    pub guest_rate: f64,
+    pub guest_rate_before: f64,
+    /// tern: the highest throttle it applied (QEMU auto-converge: the last one seen).
+    pub throttle: Option<u64>,
+    /// When the migration was started and when it ended.
+    pub span: (Instant, Instant),
+}
+
+/// The mean of the `rate=R MiB/s` lines a dirtier printed in `text` (NaN: none).
+fn mean_rate(text: &str) -> f64 {
+    let v: Vec<f64> = text
+        .lines()
+        .filter_map(|l| {
+            l.split("rate=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+/// What the console at `path` holds from byte `from` on, and its length now.
+fn console_from(path: &Path, from: usize) -> (String, usize) {
+    let b = std::fs::read(path).unwrap_or_default();
+    let s = String::from_utf8_lossy(b.get(from.min(b.len())..).unwrap_or_default()).into_owned();
+    (s, b.len())
 }
 
 impl Run {
@@ -41,16 +75,6 @@ pub struct Workload {
     pub append: String,
     /// A console line that shows the workload is under way (its dirtier runs).
     pub running: &'static str,
-}
-
-/// Bytes through host A's side of the link so far (received + sent).
-pub(crate) fn link_bytes() -> Result<u64> {
-    let out = Command::new("ip")
-        .args(["-n", "tern-a", "-j", "-s", "link", "show", "a-up"])
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j -s link")?;
-    let s = &v[0]["stats64"];
-    Ok(s["rx"]["bytes"].as_u64().unwrap_or(0) + s["tx"]["bytes"].as_u64().unwrap_or(0))
 }
 
 /// A QEMU binary that runs in a network namespace (`ip netns exec` keeps the pid).
@@ -71,10 +95,12 @@ pub fn vm_spec(name: &str, g: &GuestImage, mem_mib: u32, append: &str) -> VmSpec
     s
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum QemuMode {
     Precopy,
     Postcopy,
+    /// Precopy with QEMU's auto-converge (its defaults: throttle 20%, +10% per step).
+    AutoConverge,
 }
 
 /// QEMU to QEMU across the WAN lab.
@@ -102,6 +128,9 @@ pub async fn qemu_direct(
         if post {
             caps.push(("postcopy-ram", true));
         }
+        if mode == QemuMode::AutoConverge {
+            caps.push(("auto-converge", true));
+        }
         q.set_migrate_capabilities(&caps).await?;
     }
     src.qmp
@@ -113,7 +142,9 @@ pub async fn qemu_direct(
         .await?;
     let mut sev = src.qmp.subscribe();
     let mut dev = dst.qmp.subscribe();
-    let bytes0 = link_bytes()?;
+    let (before, mark) = console_from(&src.console_log, 0);
+    let mut throttle = None;
+    let bytes0 = WanLab::link_bytes()?;
     let cpu0 = machine_cpu_seconds();
     let t0 = Instant::now();
     src.qmp
@@ -123,6 +154,7 @@ pub async fn qemu_direct(
     let outcome = loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let info = src.qmp.query_migrate().await?;
+        throttle = info.cpu_throttle_percentage.or(throttle);
         match info.status.as_str() {
             "completed" => break "completed".to_string(),
             "failed" | "cancelled" => {
@@ -140,14 +172,16 @@ pub async fn qemu_direct(
         }
     };
     let total = t0.elapsed();
+    let ended = Instant::now();
     let cpu = machine_cpu_seconds() - cpu0;
-    let link = link_bytes()? - bytes0;
+    let link = WanLab::link_bytes()? - bytes0;
     let info = src.qmp.query_migrate().await?;
+    let (during, _) = console_from(&src.console_log, mark);
     let mut run = Run {
-        path: if post {
-            "QEMU postcopy"
-        } else {
-            "QEMU precopy"
+        path: match mode {
+            QemuMode::Precopy => "QEMU precopy",
+            QemuMode::Postcopy => "QEMU postcopy",
+            QemuMode::AutoConverge => "QEMU auto-converge",
         }
         .into(),
         outcome,
@@ -156,6 +190,10 @@ pub async fn qemu_direct(
         qemu_downtime_ms: info.downtime_ms.map(|d| d as f64).unwrap_or(f64::NAN),
         link_mb: link as f64 / 1e6,
         cpu_s: cpu,
+        guest_rate: mean_rate(&during),
+        guest_rate_before: mean_rate(tail_lines(&before, 5)),
+        throttle,
+        span: (t0, ended),
     };
     if run.completed() {
         let stop = src
@@ -211,21 +249,52 @@ pub fn boot(a: &TestAgent, s: &VmSpec, w: &Workload) -> Result<()> {
 
 /// Migrates `vm` from `a` to `b` through tern.
 pub fn via_tern(a: &TestAgent, vm: &str, limit: Duration) -> Result<Run> {
-    let bytes0 = link_bytes()?;
+    via_tern_with(a, vm, limit, json!({}))
+}
+
+/// Migrates `vm` from `a` to `b` through tern, with `extra` fields in the request.
+pub fn via_tern_with(
+    a: &TestAgent,
+    vm: &str,
+    limit: Duration,
+    extra: serde_json::Value,
+) -> Result<Run> {
+    let console = PathBuf::from(a.vm(vm)?["console_log"].as_str().context("console")?);
+    let (before, mark) = console_from(&console, 0);
+    let bytes0 = WanLab::link_bytes()?;
     let cpu0 = machine_cpu_seconds();
     let t0 = Instant::now();
-    let id = a.start_migration(vm, "198.18.0.2:7700", super::bench_request()?)?;
-    let st = match a.wait_migration(&id, limit) {
-        Ok(st) => st,
-        Err(_) => {
+    let mut req = super::bench_request()?;
+    for (k, v) in extra
+        .as_object()
+        .context("extra request fields: an object")?
+    {
+        req[k] = v.clone();
+    }
+    let id = a.start_migration(vm, "198.18.0.2:7700", req)?;
+    // the source's console goes with its run directory once the VM moved: read it while
+    // the migration runs
+    let mut during = String::new();
+    let st = loop {
+        let st = a.migration(&id)?;
+        let (text, _) = console_from(&console, mark);
+        if text.len() >= during.len() {
+            during = text;
+        }
+        if st.finished {
+            break st;
+        }
+        if t0.elapsed() > limit {
             a.call("POST", &format!("/v1/migrations/{id}/cancel"), None)
                 .ok();
-            a.wait_migration(&id, Duration::from_secs(30))?
+            break a.wait_migration(&id, Duration::from_secs(30))?;
         }
+        std::thread::sleep(Duration::from_millis(200));
     };
     let total = t0.elapsed();
+    let ended = Instant::now();
     let cpu = machine_cpu_seconds() - cpu0;
-    let link = link_bytes()? - bytes0;
+    let link = WanLab::link_bytes()? - bytes0;
     let (outcome, downtime, qd) = match &st.report {
         Some(r) => (
             "completed".to_string(),
@@ -255,7 +324,26 @@ pub fn via_tern(a: &TestAgent, vm: &str, limit: Duration) -> Result<Run> {
         qemu_downtime_ms: qd,
         link_mb: link as f64 / 1e6,
         cpu_s: cpu,
+        guest_rate: mean_rate(&during),
+        guest_rate_before: mean_rate(tail_lines(&before, 5)),
+        throttle: st
+            .report
+            .as_ref()
+            .map(|r| u64::from(r.convergence.throttle_max_pct)),
+        span: (t0, ended),
     })
+}
+
+/// The last `n` lines of `s`.
+fn tail_lines(s: &str, n: usize) -> &str {
+    let mut idx = s.len();
+    for _ in 0..=n {
+        match s[..idx].rfind('\n') {
+            Some(i) => idx = i,
+            None => return s,
+        }
+    }
+    &s[idx + 1..]
 }
 
 pub fn bench(
@@ -292,7 +380,7 @@ pub fn bench(
         },
         Workload {
             label: "random dirtier at 1.5x the link (incompressible)",
-            append: format!("tern.workload=random tern.mib=128 tern.rate={rate}"),
+            append: format!("tern.workload=random tern.mib=128 tern.rate={rate} tern.pace=cpu"),
             running: "tern-random pass",
         },
     ];
@@ -306,16 +394,13 @@ pub fn bench(
             continue;
         }
         let mut runs = Vec::new();
-        for mode in [QemuMode::Precopy, QemuMode::Postcopy] {
-            eprintln!(
-                "[{}] QEMU {}",
-                w.label,
-                if mode == QemuMode::Precopy {
-                    "precopy"
-                } else {
-                    "postcopy"
-                }
-            );
+        let mut modes = vec![QemuMode::Precopy, QemuMode::Postcopy];
+        if w.label.starts_with("random") {
+            // where throttling is the question: QEMU's own answer beside tern's
+            modes.push(QemuMode::AutoConverge);
+        }
+        for mode in modes {
+            eprintln!("[{}] QEMU {mode:?}", w.label);
             let dir = work.path().join(format!("w{i}-{}", runs.len()));
             runs.push(rt.block_on(qemu_direct(g, w, mem_mib, &dir, mode, limit))?);
         }
@@ -361,7 +446,7 @@ pub fn bench(
          Bytes: host A's link, both directions, headers included. Downtime: source STOP to destination RESUME.\n\n",
         limit.as_secs()
     );
-    out.push_str("| workload | path | outcome | total s | downtime ms | QEMU's downtime ms | link MB | CPU s (machine) |\n|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| workload | path | outcome | total s | downtime ms | QEMU's downtime ms | link MB | CPU s (machine) | guest MiB/s during (before) | throttle % |\n|---|---|---|---|---|---|---|---|---|---|\n");
     out.push_str(&rows);
     out.push('\n');
     out.push_str(&ratios);
@@ -377,14 +462,19 @@ fn row(label: &str, r: &Run) -> String {
         }
     };
     format!(
-        "| {label} | {} | {} | {} | {} | {} | {} | {} |\n",
+        "| {label} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} |\n",
         r.path,
         r.outcome,
         f(r.total_s, 1),
         f(r.downtime_ms, 0),
         f(r.qemu_downtime_ms, 0),
         f(r.link_mb, 1),
-        f(r.cpu_s, 1)
+        f(r.cpu_s, 1),
+        f(r.guest_rate, 1),
+        f(r.guest_rate_before, 1),
+        r.throttle
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "-".into())
     )
 }
 
