@@ -53,11 +53,16 @@ impl Pacing {
             let mut tick = tokio::time::interval(LOOK_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last_acked = vec![0u64; probes.len()];
+            // QEMU's last dirty-bitmap sync (its count, when tern saw it change)
+            let mut sync = (None, Instant::now());
             loop {
                 tick.tick().await;
                 let link = look_at(&probes, &mut last_acked);
                 let progress = handle.status().progress;
-                let work = work_left(&progress, dirty_hint);
+                if progress.dirty_sync_count != sync.0 {
+                    sync = (progress.dirty_sync_count, Instant::now());
+                }
+                let work = work_left(&progress, dirty_hint, sync.1.elapsed());
                 let d = p.lock().look(link, work, Instant::now());
                 if let Some(b) = &limit {
                     b.set_rate(d.rate.map_or(u64::MAX, |r| r as u64));
@@ -121,7 +126,10 @@ fn look_at(probes: &[TcpProbe], last_acked: &mut [u64]) -> Option<LinkLook> {
 /// (zero pages and references cost almost nothing), disks at what their scanned part cost;
 /// what the guest dirties, at what a page that is not zero cost (QEMU measures the dirty
 /// rate only from its second pass on: before, `dirty_hint`, sampled while tern connected).
-fn work_left(p: &Progress, dirty_hint: Option<f64>) -> WorkLook {
+/// Memory left counts what the guest dirtied since QEMU's last bitmap sync
+/// (`since_sync` ago), which its count of remaining bytes does not show yet: at a 40 s
+/// deadline, a pass of 30 s left 33 MiB for the next one that a plan without it missed.
+fn work_left(p: &Progress, dirty_hint: Option<f64>, since_sync: Duration) -> WorkLook {
     let pages = p.pages.zero + p.pages.raw + p.pages.refs + p.pages.deltas;
     let disk_wire = p.disk.as_ref().map_or(0, |d| d.wire_bytes);
     let mem_wire = p.bytes_on_wire.saturating_sub(disk_wire) as f64;
@@ -157,8 +165,11 @@ fn work_left(p: &Progress, dirty_hint: Option<f64>) -> WorkLook {
         0 | 1 => dirty_hint.unwrap_or(0.0),
         _ => p.dirty_pages_rate.unwrap_or(0) as f64 * PAGE,
     };
+    // at most every page already sent once is dirty again
+    let sent = (p.ram_total.unwrap_or(0) as f64 - mem_left).max(0.0);
+    let backlog = (dirty * since_sync.as_secs_f64()).min(sent);
     WorkLook {
-        left: mem_left * per_byte + disk_left,
+        left: mem_left * per_byte + backlog * per_dirty_byte + disk_left,
         dirty_bps: dirty * per_dirty_byte,
     }
 }
@@ -174,7 +185,7 @@ mod tests {
             ..Default::default()
         };
         // nothing sent yet: all of RAM, at full cost
-        assert_eq!(work_left(&p, None).left, (1u64 << 30) as f64);
+        assert_eq!(work_left(&p, None, Duration::ZERO).left, (1u64 << 30) as f64);
         // half the pages were zero so far (the wire carried half their bytes), 256 MiB
         // left in this round, 100 pages/s dirtied; a quarter of RAM was seen
         p.qemu_status = "active".into();
@@ -184,18 +195,25 @@ mod tests {
         p.ram_remaining = Some(256 << 20);
         p.dirty_pages_rate = Some(100);
         p.dirty_sync_count = Some(2);
-        let w = work_left(&p, Some(1e9));
+        let w = work_left(&p, Some(1e9), Duration::ZERO);
         assert_eq!(w.left, (128u64 << 20) as f64);
         // dirtied pages are data: at what a data page cost (the whole wire went to them)
         assert_eq!(w.dirty_bps, 100.0 * 4096.0);
         // in the first pass QEMU has no dirty rate: the one sampled at the start counts
         p.dirty_sync_count = Some(1);
-        assert_eq!(work_left(&p, Some(2e6)).dirty_bps, 2e6);
+        assert_eq!(work_left(&p, Some(2e6), Duration::ZERO).dirty_bps, 2e6);
+        // 10 s after the sync, 2 MB/s dirtied since then must go again: 20 MB more
+        // (at a data page's cost, here a full byte)
+        let later = work_left(&p, Some(2e6), Duration::from_secs(10));
+        assert_eq!(later.left - w.left, 20e6);
+        // but never more than was already sent (the rest is in QEMU's count)
+        let long = work_left(&p, Some(2e6), Duration::from_secs(100_000));
+        assert_eq!(long.left - w.left, ((1u64 << 30) - (256u64 << 20)) as f64);
         // after 16 MiB of zero pages: still costed near a full byte
         p.pages = Default::default();
         p.pages.zero = 4096;
         p.bytes_on_wire = 0;
-        let early = work_left(&p, None);
+        let early = work_left(&p, None, Duration::ZERO);
         assert!(
             (early.left / (256u64 << 20) as f64 - 0.9375).abs() < 1e-9,
             "{early:?}"
