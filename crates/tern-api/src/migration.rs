@@ -50,6 +50,12 @@ pub struct MigrateRequest {
     /// rate that does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_s: Option<u64>,
+    /// When the link to the destination is lost before the switchover: how long, seconds,
+    /// tern waits for it to come back (the VM keeps running here) and then goes on, what
+    /// the destination already holds travelling as references. Default 120; 0 fails at
+    /// the first stall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outage_wait_s: Option<u64>,
 }
 
 /// What the bandwidth controller optimises.
@@ -110,6 +116,11 @@ pub fn parse_duration_s(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("duration {s:?}: write it as 90, 90s, 10m or 2h"))
 }
 
+/// How long a lost link is waited for unless the request says (`outage_wait_s`).
+pub const DEFAULT_OUTAGE_WAIT_S: u64 = 120;
+/// The longest `--outage-wait`: a day.
+pub const MAX_OUTAGE_WAIT_S: u64 = 86_400;
+
 /// The most `downtime_ms` / `max_downtime_ms` may be: a minute paused is no live migration.
 pub const MAX_DOWNTIME_MS: u64 = 60_000;
 
@@ -122,6 +133,11 @@ impl MigrateRequest {
             (None, Objective::LeastDowntime) => 50,
             (None, _) => 300,
         }
+    }
+
+    /// How long a lost link is waited for before the migration fails.
+    pub fn outage_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.outage_wait_s.unwrap_or(DEFAULT_OUTAGE_WAIT_S))
     }
 
     /// The objective in force: as given, else least-link-use when a deadline is given,
@@ -170,6 +186,11 @@ impl MigrateRequest {
         }
         if self.converge_timeout_s == Some(0) {
             return Err("--converge-timeout 0 s: give at least 1 s".into());
+        }
+        if let Some(w) = self.outage_wait_s.filter(|w| *w > MAX_OUTAGE_WAIT_S) {
+            return Err(format!(
+                "--outage-wait {w} s: give 0 (fail at the first stall) to {MAX_OUTAGE_WAIT_S} s (a day)"
+            ));
         }
         if let Some(d) = self.deadline_s {
             if d == 0 || d > MAX_DEADLINE_S {
@@ -258,6 +279,8 @@ pub enum Direction {
 
 /// Where a migration is. A source goes Connect, Prepare, (DiskCopy), Transfer, Verify,
 /// Switchover, then Done or Failed; a destination Prepare, Transfer, Verify, Switchover.
+/// A source that lost the link before the switchover waits for it (WaitingForLink) and
+/// goes through the phases again from Connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
@@ -269,6 +292,9 @@ pub enum Phase {
     Transfer,
     Verify,
     Switchover,
+    /// The link to the destination was lost before the switchover: the VM runs here, tern
+    /// waits for the link to come back (up to `outage_wait_s`).
+    WaitingForLink,
     Done,
     Failed,
 }
@@ -282,6 +308,7 @@ impl Phase {
             Phase::Transfer => "transfer",
             Phase::Verify => "verify",
             Phase::Switchover => "switchover",
+            Phase::WaitingForLink => "waiting-for-link",
             Phase::Done => "done",
             Phase::Failed => "failed",
         }
@@ -476,6 +503,22 @@ pub struct MigrationReport {
     /// What the bandwidth controller did (source side).
     #[serde(default)]
     pub pacing: PacingReport,
+    /// Links lost before the switchover and waited out (source side), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outages: Vec<LinkOutage>,
+}
+
+/// A lost link the source waited out.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LinkOutage {
+    /// When tern gave the try up (ms since the migration started).
+    pub lost_at_ms: u64,
+    /// How long until the destination answered again.
+    pub waited_ms: u64,
+    /// What failed.
+    pub cause: String,
+    /// Bytes on the wire up to the loss (the report's total counts them too).
+    pub wire_bytes_before: u64,
 }
 
 /// What the bandwidth controller did.
@@ -746,6 +789,7 @@ mod tests {
             Phase::Transfer,
             Phase::Verify,
             Phase::Switchover,
+            Phase::WaitingForLink,
             Phase::Done,
             Phase::Failed,
         ] {
@@ -799,7 +843,12 @@ mod tests {
             r.objective = Some(Objective::Fastest)
         })
         .contains("least-link-use"));
+        assert!(bad(&|r| r.outage_wait_s = Some(MAX_OUTAGE_WAIT_S + 1)).contains("--outage-wait"));
+        assert_eq!(ok.outage_wait().as_secs(), DEFAULT_OUTAGE_WAIT_S);
         let mut fine = ok.clone();
+        fine.outage_wait_s = Some(0);
+        assert_eq!(fine.validate(), Ok(()), "0: fail at the first stall");
+        assert!(fine.outage_wait().is_zero());
         fine.max_throttle = Some(0);
         fine.max_downtime_ms = Some(2000);
         assert_eq!(fine.validate(), Ok(()));

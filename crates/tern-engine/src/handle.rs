@@ -29,6 +29,9 @@ pub struct Counters {
     pub wants: AtomicU64,
     /// Bytes through the extra data connections (parallel streams), either direction.
     pub wire_data: AtomicU64,
+    /// Bytes the control connections of earlier tries carried (a try that lost the link;
+    /// `wire_out` and `wire_in` count the current try's connection).
+    pub wire_earlier: AtomicU64,
     /// Bytes/s of QEMU's stream the link carries for pages sent as bytes (0: unknown).
     pub switchover_bps: AtomicU64,
     /// The same at one byte of stream per byte on the wire (what the first pass may
@@ -123,7 +126,8 @@ impl MigrationHandle {
             s.progress.bytes_from_qemu = Counters::get(&c.bytes_from_qemu);
             s.progress.bytes_on_wire = Counters::get(&c.wire_out)
                 + Counters::get(&c.wire_in)
-                + Counters::get(&c.wire_data);
+                + Counters::get(&c.wire_data)
+                + Counters::get(&c.wire_earlier);
             s.progress.pages = page_counts(c);
         }
         s

@@ -258,6 +258,11 @@ struct MigrateArgs {
     /// --objective least-link-use.
     #[arg(long, value_parser = tern_api::migration::parse_duration_s)]
     deadline: Option<u64>,
+    /// When the link to the destination is lost before the switchover, wait this long in
+    /// all (90s, 10m) for it to come back, the VM running here, then go on where it was
+    /// (default 2m; 0 fails at the first stall).
+    #[arg(long, value_parser = tern_api::migration::parse_duration_s)]
+    outage_wait: Option<u64>,
     /// Move nothing: measure (the guest's dirty rate, the round trip, the policy) and
     /// print what the migration would cost and what tern would do.
     #[arg(long)]
@@ -644,6 +649,7 @@ fn migrate(c: Client, m: MigrateArgs) -> Result<()> {
         converge_timeout_s: Some(m.converge_timeout_s),
         objective: m.objective,
         deadline_s: m.deadline,
+        outage_wait_s: m.outage_wait,
     };
     if let Err(why) = req.validate() {
         bail!("{why}");
@@ -746,6 +752,23 @@ fn mib(b: u64) -> f64 {
 fn progress_line(s: &MigrationStatus) -> String {
     let p = &s.progress;
     let secs = (p.elapsed_ms as f64 / 1000.0).max(0.001);
+    if s.phase == tern_api::Phase::WaitingForLink {
+        let lost = s
+            .timeline
+            .spans
+            .last()
+            .map_or(0.0, |sp| sp.start_ms / 1000.0);
+        return format!(
+            "{} {} -> {} [waiting for the link, {:.0}s] {:.1}% {:.1}s  the VM runs here; tern goes on when the destination answers  wire {:.1} MiB",
+            s.vm,
+            s.id,
+            s.peer,
+            (secs - lost).max(0.0),
+            p.percent,
+            secs,
+            mib(p.bytes_on_wire),
+        );
+    }
     let mut line = format!(
         "{} {} -> {} [{}] {:.1}%{} {:.1}s  from QEMU {:.1} MiB  wire {:.1} MiB  {:.0} Mbit/s  pages {} ({} zero)",
         s.vm,
@@ -938,6 +961,15 @@ fn print_report(r: &MigrationReport) {
     println!("{pacing}");
     for step in &pc.steps {
         println!("                  {step}");
+    }
+    for o in &r.outages {
+        println!(
+            "  link lost       at {:.1} s, back after {:.1} s ({:.1} MiB on the wire before; then went on): {}",
+            o.lost_at_ms as f64 / 1e3,
+            o.waited_ms as f64 / 1e3,
+            mib(o.wire_bytes_before),
+            o.cause
+        );
     }
     println!(
         "  memory digest   {} ({})",

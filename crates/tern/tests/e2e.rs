@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
 use tern_testkit::agents::{e2e_lock, pid_alive, wait_for_text, AgentOptions, TestAgent, WanLab};
 use tern_testkit::guest::{count_pattern_pages, ensure_guest, qemu72, GuestImage};
@@ -717,7 +717,12 @@ fn link_cut_between_namespace_hosts_leaves_source_running_and_a_retry_succeeds()
         },
     )?;
     boot_dirtier(&a, &g, "w1", "")?;
-    let id = a.start_migration("w1", "198.18.0.2:7700", json!({ "max_bandwidth_mibps": 8 }))?;
+    // not waiting for the link (the default waits 2 minutes for it to come back)
+    let id = a.start_migration(
+        "w1",
+        "198.18.0.2:7700",
+        json!({ "max_bandwidth_mibps": 8, "outage_wait_s": 0 }),
+    )?;
     let pid = wait_dest_transfer(&b)?;
     // Cut only once pages flow: a Prepared still in flight would leave the source waiting
     // the 60 s a destination may take to start its QEMU, which is another test.
@@ -744,6 +749,121 @@ fn link_cut_between_namespace_hosts_leaves_source_running_and_a_retry_succeeds()
     assert!(r.digest_ok);
     let text = std::fs::read_to_string(console_of(&b, "w1")?)?;
     assert!(!text.contains("TERN-CORRUPT"), "{text}");
+    Ok(())
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn a_60_s_link_outage_is_waited_out_and_the_migration_goes_on_by_reference() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let lab = WanLab::up("wan-1g-20ms")?;
+    let stall = ["--stall-timeout-secs", "4"];
+    let opts = |ns, ip: &str| -> Result<AgentOptions<'_>> {
+        Ok(AgentOptions {
+            netns: Some(ns),
+            listen: Some(ip.parse()?),
+            args: &stall,
+            ..Default::default()
+        })
+    };
+    let a = TestAgent::start_with(Path::new(BIN), "host-a", opts("tern-a", "198.18.0.1:7700")?)?;
+    let b = TestAgent::start_with(Path::new(BIN), "host-b", opts("tern-b", "198.18.0.2:7700")?)?;
+    boot(&a, &realistic("out", &g, 11, ""), "out")?;
+    // the dedup path, as between two sites, slow enough to cut in the middle
+    let id = a.start_migration(
+        "out",
+        "198.18.0.2:7700",
+        json!({ "dedup": true, "max_bandwidth_mibps": 4 }),
+    )?;
+    let pid = wait_dest_transfer(&b)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.migration(&id)?.progress.pages.raw < 8192 {
+        ensure!(Instant::now() < deadline, "32 MiB of data never crossed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // the link dies silently for 60 s
+    lab.link_b(false)?;
+    let cut = Instant::now();
+    let deadline = cut + Duration::from_secs(40);
+    let waiting = loop {
+        let m = a.migration(&id)?;
+        ensure!(m.error.is_none(), "the migration gave up: {:?}", m.error);
+        if m.phase == tern_api::Phase::WaitingForLink {
+            break m;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "never waited for the link: {:?}",
+            m.phase
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // meanwhile the VM runs here and the destination let go of the try
+    assert_source_running(&a, "out")?;
+    assert_dest_clean(&b, &[pid])?;
+    std::thread::sleep(Duration::from_secs(60).saturating_sub(cut.elapsed()));
+    let still = a.migration(&id)?;
+    ensure!(
+        still.phase == tern_api::Phase::WaitingForLink && still.error.is_none(),
+        "{:?} {:?}",
+        still.phase,
+        still.error
+    );
+    ensure!(
+        still.progress.percent >= waiting.progress.percent,
+        "progress went back while waiting"
+    );
+    lab.link_b(true)?;
+    let st = a.wait_migration(&id, Duration::from_secs(180))?;
+    let r = st.report.with_context(|| {
+        format!(
+            "failed after the link came back: {:?}\nsource log:\n{}",
+            st.error,
+            a.log_text()
+        )
+    })?;
+    assert!(r.digest_ok);
+    let text = std::fs::read_to_string(console_of(&b, "out")?)?;
+    assert!(!text.contains("TERN-CORRUPT"), "{text}");
+    assert_eq!(b.vm_status("out")?, "running");
+    assert!(a.vms()?.is_empty(), "exactly one copy");
+    // one outage, waited out for most of the minute (the rest went to noticing it)
+    assert_eq!(r.outages.len(), 1, "{:?}", r.outages);
+    let o = &r.outages[0];
+    assert!(
+        (40_000..70_000).contains(&o.waited_ms),
+        "waited {} ms",
+        o.waited_ms
+    );
+    assert!(
+        o.cause.contains("timed out") || o.cause.contains("no data"),
+        "{}",
+        o.cause
+    );
+    // what crossed before the outage went again by reference, and the rest of the
+    // migration cost less than sending its pages at the price they had before
+    let before = &waiting.progress;
+    let data_before = before.pages.raw + before.pages.deltas;
+    let refs_after = r.pages.refs - before.pages.refs;
+    assert!(
+        refs_after * 10 >= data_before * 6,
+        "{refs_after} references after the outage for {data_before} pages sent before"
+    );
+    let wire_before = before.bytes_on_wire;
+    assert_eq!(o.wire_bytes_before, wire_before);
+    let wire_after = r.bytes_on_wire - wire_before;
+    let pages_after = r.pages.raw + r.pages.deltas + r.pages.refs
+        - (before.pages.raw + before.pages.deltas + before.pages.refs);
+    let fresh = wire_before as f64 / data_before as f64 * pages_after as f64;
+    eprintln!(
+        "outage: {} ms waited; before {wire_before} bytes for {data_before} pages; after {wire_after} bytes ({refs_after} references) against {fresh:.0} starting over",
+        o.waited_ms
+    );
+    assert!(
+        (wire_after as f64) < 0.7 * fresh,
+        "after the outage {wire_after} bytes on the wire, starting over {fresh:.0}"
+    );
     Ok(())
 }
 
@@ -1133,7 +1253,7 @@ fn a_link_that_dies_while_the_destination_prepares_is_noticed_quickly() -> Resul
     let a = TestAgent::start_with(Path::new(BIN), "host-a", opts("tern-a", "198.18.0.1:7700")?)?;
     let b = TestAgent::start_with(Path::new(BIN), "host-b", opts("tern-b", "198.18.0.2:7700")?)?;
     boot_dirtier(&a, &g, "w2", "")?;
-    let id = a.start_migration("w2", "198.18.0.2:7700", json!({}))?;
+    let id = a.start_migration("w2", "198.18.0.2:7700", json!({ "outage_wait_s": 0 }))?;
     // the destination is starting its QEMU: nothing flows, the source waits for Prepared
     let deadline = Instant::now() + Duration::from_secs(30);
     while !b

@@ -121,7 +121,7 @@ pub(super) async fn open_data_stream(
     let (_, mut writer) = side_hello(m, stream, within).await?;
     writer
         .send(&Message::Attach {
-            migration_id: m.handle.id.clone(),
+            migration_id: m.wire_id(),
             index,
         })
         .await
@@ -135,7 +135,7 @@ pub(super) async fn query_once(m: &Migration) -> Result<(MigrationState, u64), M
     let (mut reader, mut writer) = side_connection(m, within).await?;
     writer
         .send(&Message::Query {
-            migration_id: m.handle.id.clone(),
+            migration_id: m.wire_id(),
         })
         .await
         .map_err(MigrateError::PeerWrite)?;

@@ -15,6 +15,11 @@
 //! `plan.rs` (`--plan`) runs the checks and `Connect` only, measures the guest's dirty rate
 //! and predicts the rest with the model of `converge.rs`.
 //!
+//! A try that lost the link before the switchover is given up that way too, then
+//! `outage.rs` waits for the destination to answer again (`WaitingForLink`, up to
+//! `outage_wait_s`) and the phases run again from Connect as a new try (its own id on the
+//! wire, `{id}-r{n}`), what the destination already holds going as references.
+//!
 //! One recovery path ([`recover`]): until the commit went out, any failure (an error, a
 //! cancel, a panic) tells the destination, cancels QEMU's migration, resumes the VM if it
 //! ran and clears tern's disk state in QEMU. After the commit the source never resumes
@@ -24,6 +29,7 @@ mod checks;
 mod connect;
 mod disks;
 mod forward;
+mod outage;
 mod pacing;
 mod peer;
 pub mod plan;
@@ -226,6 +232,10 @@ pub(crate) struct Migration {
     rtt: Duration,
     dirty_sampling: bool,
     content: Option<plan::Content>,
+    /// Which try this is (1, then 2 after a link was lost and came back, ...).
+    attempt: u32,
+    /// The lost links waited out so far.
+    outages: Vec<tern_api::LinkOutage>,
 }
 
 /// Runs an outgoing migration to its end: the VM moved, or it is where the outcome says.
@@ -238,18 +248,66 @@ pub async fn run(
     link: Option<plan::LinkMemory>,
 ) -> SourceOutcome {
     let mut m = Migration::new(engine, host, vm, req, handle, link);
-    // A bug that panics mid-migration must not leave the VM paused, nor half a
-    // migration behind: it takes the same way out as an error.
-    let result = match std::panic::AssertUnwindSafe(m.phases())
-        .catch_unwind()
-        .await
-    {
-        Ok(r) => r,
-        Err(p) => Err(MigrateError::Panicked(panic_message(&*p))),
-    };
-    match result {
-        Ok(report) => SourceOutcome::Moved(Box::new(report)),
-        Err(e) => recover::after_failure(&mut m, e).await,
+    let mut wait_left = m.req.outage_wait();
+    loop {
+        // A bug that panics mid-migration must not leave the VM paused, nor half a
+        // migration behind: it takes the same way out as an error.
+        let result = match std::panic::AssertUnwindSafe(m.phases())
+            .catch_unwind()
+            .await
+        {
+            Ok(r) => r,
+            Err(p) => Err(MigrateError::Panicked(panic_message(&*p))),
+        };
+        let e = match result {
+            Ok(mut report) => {
+                report.outages = std::mem::take(&mut m.outages);
+                return SourceOutcome::Moved(Box::new(report));
+            }
+            Err(e) => e,
+        };
+        let wait = outage::lost_link(&e) && !wait_left.is_zero() && m.attempt < outage::MAX_TRIES;
+        let outcome = recover::after_failure(&mut m, e).await;
+        let SourceOutcome::Failed {
+            code,
+            message,
+            vm_state,
+        } = outcome
+        else {
+            return outcome;
+        };
+        if !wait || m.committed || m.vm.exit_reason().is_some() {
+            return SourceOutcome::Failed {
+                code,
+                message,
+                vm_state,
+            };
+        }
+        let since = Instant::now();
+        match outage::wait_for_link(&mut m, &message, wait_left).await {
+            Ok(outage) => {
+                wait_left = wait_left.saturating_sub(since.elapsed());
+                m.outages.push(outage);
+                m.next_attempt();
+            }
+            Err(None) => {
+                return SourceOutcome::Failed {
+                    code,
+                    message: format!(
+                    "{message}; the destination did not answer again within {} s (--outage-wait)",
+                    m.req.outage_wait().as_secs()
+                ),
+                    vm_state,
+                }
+            }
+            Err(Some(e)) => {
+                return SourceOutcome::Failed {
+                    code: e.code(),
+                    message: crate::error::error_chain(&e),
+                    vm_state,
+                }
+            }
+        }
     }
 }
 
@@ -277,7 +335,31 @@ impl Migration {
             rtt: Duration::ZERO,
             dirty_sampling: false,
             content: None,
+            attempt: 1,
+            outages: Vec::new(),
         }
+    }
+
+    /// The id this try has on the wire: the migration's, then `{id}-r{n}` for try n (a
+    /// destination never takes an id twice).
+    pub(crate) fn wire_id(&self) -> String {
+        match self.attempt {
+            1 => self.handle.id.clone(),
+            n => format!("{}-r{n}", self.handle.id),
+        }
+    }
+
+    /// After a lost link came back: a new try, with nothing of the last one's connection.
+    fn next_attempt(&mut self) {
+        use crate::handle::Counters;
+        let c = &self.handle.counters;
+        let last = c.wire_out.swap(0, Ordering::Relaxed) + c.wire_in.swap(0, Ordering::Relaxed);
+        Counters::add(&c.wire_earlier, last);
+        self.attempt += 1;
+        self.committed = false;
+        self.commit_sent = Arc::new(AtomicBool::new(false));
+        self.writer = None;
+        self.rtt = Duration::ZERO;
     }
 
     /// The phases, in order.

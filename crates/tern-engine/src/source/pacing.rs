@@ -185,7 +185,10 @@ mod tests {
             ..Default::default()
         };
         // nothing sent yet: all of RAM, at full cost
-        assert_eq!(work_left(&p, None, Duration::ZERO).left, (1u64 << 30) as f64);
+        assert_eq!(
+            work_left(&p, None, Duration::ZERO).left,
+            (1u64 << 30) as f64
+        );
         // half the pages were zero so far (the wire carried half their bytes), 256 MiB
         // left in this round, 100 pages/s dirtied; a quarter of RAM was seen
         p.qemu_status = "active".into();

@@ -105,7 +105,7 @@ pub(super) async fn run(
     send(
         &writer,
         &Message::Prepare {
-            migration_id: m.handle.id.clone(),
+            migration_id: m.wire_id(),
             spec_toml: m.vm.spec.to_toml(),
             source_running: m.source_running,
             qemu_version: m.vm.qemu_version.clone(),

@@ -34,7 +34,10 @@ pub(super) async fn build(
     let bytes_from_qemu = Counters::get(&c.bytes_from_qemu);
     let wire = {
         let w = t.writer.lock().await;
-        w.bytes_written + Counters::get(&c.wire_in) + Counters::get(&c.wire_data)
+        w.bytes_written
+            + Counters::get(&c.wire_in)
+            + Counters::get(&c.wire_data)
+            + Counters::get(&c.wire_earlier)
     };
     let status = m.handle.status();
     let secs = total.as_secs_f64().max(1e-6);
@@ -70,5 +73,6 @@ pub(super) async fn build(
         convergence: t.convergence,
         pacing: t.pacing.report(),
         prediction,
+        outages: Vec::new(), // the driver adds them
     })
 }

@@ -118,7 +118,7 @@ pub(super) async fn run(
     qmp.set_migrate_parameters(params).await?;
 
     // QEMU migrates into a socket it is handed (it may not open paths itself)
-    let fd_name = format!("tern-migrate-{}", m.handle.id);
+    let fd_name = format!("tern-migrate-{}", m.wire_id());
     let qemu_sock = qmp.stream_socket(&fd_name, QEMU_OUT_BUFFER).await?;
     let mut qemu_events = qmp.subscribe();
     qmp.execute("migrate", Some(json!({ "uri": format!("fd:{fd_name}") })))
