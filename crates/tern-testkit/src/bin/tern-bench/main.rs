@@ -12,6 +12,7 @@
 
 mod datapath;
 mod disk;
+mod predict;
 mod shared;
 mod tls;
 mod wan;
@@ -232,6 +233,16 @@ fn main() -> Result<()> {
             let out = shared::bench(&bin, &ensure_guest()?, &profile, mem, fill)?;
             return emit(&out);
         }
+        Some("predict") => {
+            let profiles: Vec<String> = arg("--profiles")
+                .unwrap_or_else(|| "wan-100m-50ms,wan-1g-20ms".into())
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .collect();
+            let mem: u32 = arg("--mem-mib").map(|m| m.parse()).transpose()?.unwrap_or(512);
+            let out = predict::bench(&bin, &ensure_guest()?, &profiles, mem)?;
+            return emit(&out);
+        }
         Some("spread") => {
             let profile = arg("--profile").unwrap_or_else(|| "wan-100m-50ms".into());
             let mem: u32 = arg("--mem-mib").map(|m| m.parse()).transpose()?.unwrap_or(1024);
@@ -259,7 +270,7 @@ fn main() -> Result<()> {
             return Ok(());
         }
         _ => bail!(
-            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench datapath --tern PATH [--sizes 2048,8192] [--rounds 5] [--out FILE]\n       tern-bench spread --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--runs 20] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench shared --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 320] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]\n       tern-bench disk --tern PATH [--link wan-100m-50ms] [--disk-mib 256] [--rounds 1] [--scenario a|b|c] [--only qemu|tern] [--limit-secs 600] [--out FILE (appended)]"
+            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench datapath --tern PATH [--sizes 2048,8192] [--rounds 5] [--out FILE]\n       tern-bench spread --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--runs 20] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench predict --tern PATH [--profiles wan-100m-50ms,wan-1g-20ms] [--mem-mib 512] [--out FILE]\n       tern-bench shared --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 320] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]\n       tern-bench disk --tern PATH [--link wan-100m-50ms] [--disk-mib 256] [--rounds 1] [--scenario a|b|c] [--only qemu|tern] [--limit-secs 600] [--out FILE (appended)]"
         ),
     }
     let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);
@@ -333,6 +344,13 @@ fn main() -> Result<()> {
 
 /// The migrate request of a bench: downtime limit 300 ms, plus the fields of
 /// TERN_BENCH_REQUEST (e.g. '{"dedup": false}' to measure one part of the data path).
+/// `bench_request` as a whole request to `to` (for a plan).
+pub(crate) fn bench_request_to(to: &str) -> Result<serde_json::Value> {
+    let mut req = bench_request()?;
+    req["to"] = json!(to);
+    Ok(req)
+}
+
 pub(crate) fn bench_request() -> Result<serde_json::Value> {
     let mut req = json!({ "downtime_ms": 300 });
     if let Ok(extra) = std::env::var("TERN_BENCH_REQUEST") {
