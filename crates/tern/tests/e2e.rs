@@ -307,6 +307,28 @@ fn boot_dirtier(a: &TestAgent, g: &GuestImage, name: &str, extra: &str) -> Resul
     Ok(())
 }
 
+/// The WAN lab (wan-1g-20ms) with an agent on each side that notices a dead link after
+/// 4 s (`--stall-timeout-secs`), for the tests that cut it.
+fn lab_agents() -> Result<(WanLab, TestAgent, TestAgent)> {
+    let lab = WanLab::up("wan-1g-20ms")?;
+    let stall = ["--stall-timeout-secs", "4"];
+    let start = |name, ns, ip: &str| -> Result<TestAgent> {
+        TestAgent::start_with(
+            Path::new(BIN),
+            name,
+            AgentOptions {
+                netns: Some(ns),
+                listen: Some(ip.parse()?),
+                args: &stall,
+                ..Default::default()
+            },
+        )
+    };
+    let a = start("host-a", "tern-a", "198.18.0.1:7700")?;
+    let b = start("host-b", "tern-b", "198.18.0.2:7700")?;
+    Ok((lab, a, b))
+}
+
 fn expect_failure(a: &TestAgent, id: &str, code: &str) -> Result<tern_api::FailureInfo> {
     let st = a.wait_migration(id, Duration::from_secs(120))?;
     let Some(e) = st.error else {
@@ -694,28 +716,7 @@ fn lost_resumed_after_commit_is_resolved_by_asking_the_destination() -> Result<(
 fn link_cut_between_namespace_hosts_leaves_source_running_and_a_retry_succeeds() -> Result<()> {
     let _l = e2e_lock();
     let g = ensure_guest()?;
-    let lab = WanLab::up("wan-1g-20ms")?;
-    let stall = ["--stall-timeout-secs", "4"];
-    let a = TestAgent::start_with(
-        Path::new(BIN),
-        "host-a",
-        AgentOptions {
-            netns: Some("tern-a"),
-            listen: Some("198.18.0.1:7700".parse()?),
-            args: &stall,
-            ..Default::default()
-        },
-    )?;
-    let b = TestAgent::start_with(
-        Path::new(BIN),
-        "host-b",
-        AgentOptions {
-            netns: Some("tern-b"),
-            listen: Some("198.18.0.2:7700".parse()?),
-            args: &stall,
-            ..Default::default()
-        },
-    )?;
+    let (lab, a, b) = lab_agents()?;
     boot_dirtier(&a, &g, "w1", "")?;
     // not waiting for the link (the default waits 2 minutes for it to come back)
     let id = a.start_migration(
@@ -757,18 +758,7 @@ fn link_cut_between_namespace_hosts_leaves_source_running_and_a_retry_succeeds()
 fn a_60_s_link_outage_is_waited_out_and_the_migration_goes_on_by_reference() -> Result<()> {
     let _l = e2e_lock();
     let g = ensure_guest()?;
-    let lab = WanLab::up("wan-1g-20ms")?;
-    let stall = ["--stall-timeout-secs", "4"];
-    let opts = |ns, ip: &str| -> Result<AgentOptions<'_>> {
-        Ok(AgentOptions {
-            netns: Some(ns),
-            listen: Some(ip.parse()?),
-            args: &stall,
-            ..Default::default()
-        })
-    };
-    let a = TestAgent::start_with(Path::new(BIN), "host-a", opts("tern-a", "198.18.0.1:7700")?)?;
-    let b = TestAgent::start_with(Path::new(BIN), "host-b", opts("tern-b", "198.18.0.2:7700")?)?;
+    let (lab, a, b) = lab_agents()?;
     boot(&a, &realistic("out", &g, 11, ""), "out")?;
     // the dedup path, as between two sites, slow enough to cut in the middle
     let id = a.start_migration(
@@ -1240,18 +1230,7 @@ fn parallel_streams_keep_a_live_migration_exact() -> Result<()> {
 fn a_link_that_dies_while_the_destination_prepares_is_noticed_quickly() -> Result<()> {
     let _l = e2e_lock();
     let g = ensure_guest()?;
-    let lab = WanLab::up("wan-1g-20ms")?;
-    let stall = ["--stall-timeout-secs", "4"];
-    let opts = |ns, ip: &str| -> Result<AgentOptions<'_>> {
-        Ok(AgentOptions {
-            netns: Some(ns),
-            listen: Some(ip.parse()?),
-            args: &stall,
-            ..Default::default()
-        })
-    };
-    let a = TestAgent::start_with(Path::new(BIN), "host-a", opts("tern-a", "198.18.0.1:7700")?)?;
-    let b = TestAgent::start_with(Path::new(BIN), "host-b", opts("tern-b", "198.18.0.2:7700")?)?;
+    let (lab, a, b) = lab_agents()?;
     boot_dirtier(&a, &g, "w2", "")?;
     let id = a.start_migration("w2", "198.18.0.2:7700", json!({ "outage_wait_s": 0 }))?;
     // the destination is starting its QEMU: nothing flows, the source waits for Prepared
