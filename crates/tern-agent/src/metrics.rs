@@ -40,6 +40,7 @@ pub fn render(agent: &Agent) -> String {
     let (mut total_sum, mut total_count) = (0.0, 0u64);
     let mut throttle_max = 0u8;
     let mut backoffs = 0u64;
+    let mut outages = 0u64;
     let mut running = Vec::new();
     for h in agent.engine.registry.migrations() {
         let s = h.status();
@@ -96,6 +97,7 @@ pub fn render(agent: &Agent) -> String {
                     total_count += 1;
                     throttle_max = throttle_max.max(r.convergence.throttle_max_pct);
                     backoffs += u64::from(r.pacing.yields);
+                    outages += r.outages.len() as u64;
                 }
             }
         }
@@ -187,6 +189,12 @@ pub fn render(agent: &Agent) -> String {
         "Times outgoing migrations that succeeded backed off for other traffic on the link (least-link-use).",
     );
     m.sample("tern_migration_backoffs_total", &[], backoffs as f64);
+    m.head(
+        "tern_migration_link_outages_total",
+        "counter",
+        "Lost links that outgoing migrations which succeeded waited out (--outage-wait).",
+    );
+    m.sample("tern_migration_link_outages_total", &[], outages as f64);
     m.per_migration(
         "tern_migration_rate_limit_bytes_per_second",
         "The rate the bandwidth controller allows each outgoing migration in flight (absent: no limit).",

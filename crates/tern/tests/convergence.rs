@@ -168,6 +168,12 @@ fn a_guest_outrunning_the_link_is_throttled_just_enough_converges_and_progress_n
     );
     assert_eq!(r.pacing.yields, 0);
     assert_eq!(r.pacing.objective, "fastest");
+    // no lost link to wait out
+    assert_eq!(
+        value("tern_migration_link_outages_total"),
+        r.outages.len() as f64
+    );
+    assert!(r.outages.is_empty());
     // the exposition format: HELP and TYPE before each family, names as Prometheus wants
     // them (counters end in _total, units in the name)
     let mut typed = std::collections::HashSet::new();
