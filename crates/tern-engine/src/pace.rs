@@ -482,16 +482,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn alone_on_the_link_the_scavenger_takes_it_and_keeps_the_queue_short() {
-        let cap = 12.0 * MIB;
-        let mut link = Link::new(cap);
+    /// A scavenger starting now on a link of `cap` bytes/s, with endless work.
+    fn scavenger_on(cap: f64) -> (Link, Instant, Pacer, WorkLook) {
         let t0 = Instant::now();
-        let mut p = Pacer::new(scavenger(), t0);
         let work = WorkLook {
             left: 1e12,
             dirty_bps: 0.0,
         };
+        (Link::new(cap), t0, Pacer::new(scavenger(), t0), work)
+    }
+
+    #[test]
+    fn alone_on_the_link_the_scavenger_takes_it_and_keeps_the_queue_short() {
+        let cap = 12.0 * MIB;
+        let (mut link, t0, mut p, work) = scavenger_on(cap);
         let (mut sent, mut queue_max) = (0.0, Duration::ZERO);
         for i in 1..=80 {
             let d = p.look(Some(link.look()), work, t0 + LOOK * i);
@@ -509,13 +513,7 @@ mod tests {
     #[test]
     fn the_scavenger_yields_to_other_traffic_and_takes_the_link_back_when_it_leaves() {
         let cap = 12.0 * MIB;
-        let mut link = Link::new(cap);
-        let t0 = Instant::now();
-        let mut p = Pacer::new(scavenger(), t0);
-        let work = WorkLook {
-            left: 1e12,
-            dirty_bps: 0.0,
-        };
+        let (mut link, t0, mut p, work) = scavenger_on(cap);
         let mut shares = [0.0; 3];
         for i in 1..=120u32 {
             // other traffic from 10 s to 20 s
