@@ -355,14 +355,14 @@ mod tests {
         v
     }
 
-    /// Runs `secs` of a migration from `t` on, in 10 ms steps: each step the stream moves
-    /// `raw_rate(codec)` raw bytes and the socket blocks for `blocked` of it. Returns the
-    /// time at the end.
     /// What the codecs did on this text on one core of the CI's machine, unloaded,
     /// bytes/s (timed under a concurrent build they were half that, and the blocked-
     /// socket case tried no codec at all).
     const SPEEDS: Option<[f64; 4]> = Some([10e9, 400e6, 285e6, 250e6]);
 
+    /// Runs `secs` of a migration from `t` on, in 10 ms steps: each step the stream moves
+    /// `raw_rate(codec)` raw bytes and the socket blocks for `blocked` of it. Returns the
+    /// time at the end.
     fn run(
         p: &mut CodecPicker,
         t: Instant,

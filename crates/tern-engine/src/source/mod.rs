@@ -283,10 +283,9 @@ pub async fn run(
                 vm_state,
             };
         }
-        let since = Instant::now();
-        match outage::wait_for_link(&mut m, &message, wait_left).await {
+        match outage::wait_for_link(&m, &message, wait_left).await {
             Ok(outage) => {
-                wait_left = wait_left.saturating_sub(since.elapsed());
+                wait_left = wait_left.saturating_sub(Duration::from_millis(outage.waited_ms));
                 m.outages.push(outage);
                 m.next_attempt();
             }

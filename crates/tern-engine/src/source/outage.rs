@@ -35,8 +35,8 @@ pub(super) fn lost_link(e: &MigrateError) -> bool {
     };
     match e {
         MigrateError::Peer(RecvError::Io(e)) | MigrateError::PeerWrite(e) if unreachable(e) => true,
-        // the destination gave up on a silent link first, and its word still came through
-        MigrateError::Remote { code, .. } => *code == ErrorCode::Timeout,
+        // also the destination's Abort when it gave up on a silent link first and its word
+        // still came through (a Remote error's code is the destination's)
         e => e.code() == ErrorCode::Timeout,
     }
 }
@@ -45,7 +45,7 @@ pub(super) fn lost_link(e: &MigrateError) -> bool {
 /// with `cause`. Err(None) when `left` ran out, Err(Some) for another reason to stop (the
 /// operator's cancel).
 pub(super) async fn wait_for_link(
-    m: &mut Migration,
+    m: &Migration,
     cause: &str,
     left: Duration,
 ) -> Result<LinkOutage, Option<MigrateError>> {
