@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use tern_qemu::spec::VmSpec;
 
 use crate::images::ImportError;
-use crate::vm::{StartVmError, StopVmError};
+use crate::vm::{StartVmError, StopVmError, UpgradeVmError};
 use crate::{Agent, AgentError, ApiAddr};
 use tern_api::image::{
     ImageInfo, ImportImageRequest, ImportReport, RefreshSummary, RemoveImageRequest,
@@ -115,6 +115,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/qmp", post(qmp))
         .route("/v1/vms/{name}/memory", post(save_memory))
         .route("/v1/vms/{name}/migrate", post(migrate))
+        .route("/v1/vms/{name}/upgrade", post(upgrade_vm))
         .route("/v1/vms/{name}/plan", post(plan))
         .route("/v1/vms/{name}/migration/cancel", post(cancel_vm_migration))
         .route("/v1/migrations", get(list_migrations))
@@ -211,6 +212,30 @@ async fn stop_vm(State(a): S, Path(name): Path<String>) -> Result<StatusCode, Ap
         StopVmError::Migrating(_) => ApiError::new(StatusCode::CONFLICT, "busy", &e),
     })?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn upgrade_vm(
+    State(a): S,
+    Path(name): Path<String>,
+    Body(req): Body<tern_api::vm::UpgradeRequest>,
+) -> Result<Json<tern_api::vm::UpgradeReport>, ApiError> {
+    if let Some(q) = req.qemu.as_ref().filter(|q| !q.is_absolute()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!(
+                "QEMU binary {} is not absolute: name the binary on the agent's host by its absolute path",
+                q.display()
+            ),
+        ));
+    }
+    a.upgrade_vm(&name, req).await.map(Json).map_err(|e| match &e {
+        UpgradeVmError::NotFound(_) => ApiError::not_found(&e),
+        UpgradeVmError::Busy(_) => ApiError::new(StatusCode::CONFLICT, "busy", &e),
+        UpgradeVmError::Failed { .. } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upgrade-failed", chain(&e))
+        }
+    })
 }
 
 /// QMP commands the pass-through takes besides `query-*`: none of them can run a

@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tern_engine::dest::{SwitchRecord, INCOMING_MARKER};
 use tern_engine::transport::tls;
 use tern_engine::{BoxFuture, Engine, EngineConfig, Host, HostLaunchError};
-use vm::{StartVmError, StopMode, StopVmError, Vm};
+use vm::{StartVmError, StopMode, StopVmError, UpgradeVmError, Vm};
 
 /// Where the control API listens: a unix socket only root can use. There is no TCP API:
 /// it could start VMs and reach their QEMU, and a network listener would need its own
@@ -498,6 +498,54 @@ impl Agent {
         Ok(())
     }
 
+    /// Continues VM `name` in a new QEMU process on this host ([`tern_engine::local`]):
+    /// its memory handed over, not copied. On success the VM's entry points at the new
+    /// QEMU and the old one is stopped; on failure the old one runs the VM as before.
+    pub async fn upgrade_vm(
+        &self,
+        name: &str,
+        req: tern_api::vm::UpgradeRequest,
+    ) -> Result<tern_api::vm::UpgradeReport, UpgradeVmError> {
+        use std::sync::atomic::Ordering;
+        let vm = self
+            .vm(name)
+            .ok_or_else(|| UpgradeVmError::NotFound(name.into()))?;
+        if vm.migrating.swap(true, Ordering::SeqCst) {
+            return Err(UpgradeVmError::Busy(name.into()));
+        }
+        let opts = tern_engine::local::UpgradeOptions {
+            qemu_binary: req.qemu,
+            qemu_user: self.config.qemu_user.clone(),
+            fault: self.config.fault,
+        };
+        let local = tern_engine::local::LocalVm {
+            spec: &vm.spec,
+            qmp: &vm.qmp,
+            run_dir: &vm.run_dir,
+            pid: vm.pid,
+        };
+        match tern_engine::local::upgrade(self, local, &opts).await {
+            Ok(up) => {
+                let new = Arc::new(Vm::supervise(vm.spec.clone(), up.process));
+                let new_dir = new.run_dir.clone();
+                self.vms.lock().insert(name.to_string(), new);
+                // the old QEMU holds the VM paused for good (postmigrate)
+                vm.stop(StopMode::Quit).await;
+                self.remove_run_dir(&vm.run_dir).await;
+                tern_engine::local::finish(&new_dir);
+                tracing::info!(vm = name, downtime_ms = ?up.report.downtime_ms, new_qemu = %up.report.new_qemu_version, "upgraded to a new QEMU");
+                Ok(up.report)
+            }
+            Err(e) => {
+                vm.migrating.store(false, Ordering::SeqCst);
+                Err(UpgradeVmError::Failed {
+                    vm: name.into(),
+                    source: e,
+                })
+            }
+        }
+    }
+
     /// The engine's view of this agent: its policy, names, run directories, launches.
     pub fn host(&self) -> Arc<dyn Host> {
         self.me.upgrade().expect("an agent outlives its own calls")
@@ -507,11 +555,16 @@ impl Agent {
     /// spec.toml, qemu.pid and qmp.sock) and supervises them again. A run directory marked
     /// `incoming` belongs to a migration that never switched over: its QEMU is killed and
     /// the directory removed. Directories whose QEMU is gone are removed too.
+    ///
+    /// A run directory marked [`tern_engine::local::UPGRADING`] held the VM when an
+    /// upgrade began: if the new QEMU's directory recorded the switchover, the VM is there
+    /// and this QEMU is stopped; otherwise the VM is here (resumed if it ran).
     pub async fn reattach(&self) {
         let Ok(dirs) = std::fs::read_dir(self.config.state_dir.join("run")) else {
             return;
         };
         for d in dirs.flatten().map(|e| e.path()) {
+            let upgrade = tern_engine::local::UpgradeMark::read(&d);
             let pid = std::fs::read_to_string(d.join("qemu.pid"))
                 .ok()
                 .and_then(|p| p.trim().parse::<u32>().ok())
@@ -536,6 +589,18 @@ impl Agent {
                 let _ = std::fs::remove_dir_all(&d);
                 continue;
             };
+            if upgrade.as_ref().is_some_and(|u| u.committed()) {
+                tracing::warn!(vm = %spec.name, pid, "stopping the old QEMU of an upgrade that committed");
+                vm::kill_pid(pid);
+                for _ in 0..100 {
+                    if !vm::process_alive(pid) {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                self.remove_run_dir(&d).await;
+                continue;
+            }
             match tern_qemu::qmp::QmpClient::connect(
                 &d.join("qmp.sock"),
                 std::time::Duration::from_secs(5),
@@ -547,6 +612,9 @@ impl Agent {
                         finish_switchover(&qmp, &spec, &d, record.as_ref()).await;
                     } else {
                         clear_stale_migration(&qmp, &spec).await;
+                    }
+                    if let Some(u) = &upgrade {
+                        resume_after_upgrade(&qmp, &spec, &d, u).await;
                     }
                     tracing::info!(vm = %spec.name, pid, "re-attached to a running VM");
                     self.adopt(Arc::new(Vm::reattach(spec, qmp, pid, d)));
@@ -640,6 +708,32 @@ async fn clear_stale_migration(qmp: &tern_qemu::qmp::QmpClient, spec: &VmSpec) {
     if !spec.disks.is_empty() {
         tern_engine::source::recover::clear_disk_state(qmp, spec.disks.len()).await;
     }
+}
+
+/// A previous agent died during an upgrade that did not commit: the VM is in this QEMU,
+/// paused by the hand-over; run it if it ran.
+async fn resume_after_upgrade(
+    qmp: &tern_qemu::qmp::QmpClient,
+    spec: &VmSpec,
+    dir: &std::path::Path,
+    mark: &tern_engine::local::UpgradeMark,
+) {
+    let _ = qmp
+        .set_migrate_parameters(serde_json::json!({ "mode": "normal" }))
+        .await;
+    if mark.source_running {
+        match qmp.query_status().await {
+            Ok(s) if !s.running => {
+                tracing::warn!(vm = %spec.name, status = %s.status, "resuming a VM whose upgrade the previous agent did not finish");
+                if let Err(e) = qmp.execute("cont", None).await {
+                    tracing::error!(vm = %spec.name, "cannot resume it: {e}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(vm = %spec.name, "cannot ask its QEMU: {e}"),
+        }
+    }
+    let _ = std::fs::remove_file(dir.join(tern_engine::local::UPGRADING));
 }
 
 /// A previous agent recorded an incoming VM's switchover and died before it resumed the

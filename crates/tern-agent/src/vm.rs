@@ -215,3 +215,18 @@ pub enum StopVmError {
     #[error("VM {0:?} is being migrated; cancel the migration first (tern migrate --cancel {0})")]
     Migrating(String),
 }
+
+/// Why `tern vm upgrade` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeVmError {
+    #[error("no VM named {0:?} on this host")]
+    NotFound(String),
+    #[error("VM {0:?} is being migrated or upgraded; wait for it or cancel it first")]
+    Busy(String),
+    #[error("the upgrade of VM {vm:?} failed")]
+    Failed {
+        vm: String,
+        #[source]
+        source: tern_engine::local::UpgradeFailed,
+    },
+}

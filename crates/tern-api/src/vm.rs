@@ -50,3 +50,38 @@ pub struct SaveMemoryRequest {
     pub path: PathBuf,
     pub size: u64,
 }
+
+/// `POST /v1/vms/{name}/upgrade`: continue the VM in a new QEMU process on this host, its
+/// memory handed over without a copy (`tern vm upgrade`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UpgradeRequest {
+    /// The new QEMU binary on the agent's host; None: the one new VMs get.
+    #[serde(default)]
+    pub qemu: Option<PathBuf>,
+}
+
+/// What an upgrade did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeReport {
+    pub vm: String,
+    pub old_qemu_version: String,
+    pub new_qemu_version: String,
+    pub new_binary: PathBuf,
+    pub new_pid: Option<u32>,
+    /// The VM ran (and runs again in the new QEMU); false: it was paused and stays so.
+    pub running: bool,
+    /// From the request to the new QEMU running the VM.
+    pub total_ms: u64,
+    /// The guest's pause as tern saw it: from the old QEMU stopping to the new one
+    /// running (None when the VM was paused anyway).
+    pub downtime_ms: Option<u64>,
+    /// The old QEMU's own measure of the pause (its `downtime`).
+    pub qemu_downtime_ms: u64,
+    /// The device-state stream tern carried from the old QEMU to the new one.
+    pub stream_bytes: u64,
+    /// RAM pages (and their bytes) in that stream: 0 when memory was handed over.
+    pub ram_pages_copied: u64,
+    pub ram_bytes_copied: u64,
+    /// RAM pages sent as "all one byte" records (also 0 when handed over).
+    pub zero_pages: u64,
+}

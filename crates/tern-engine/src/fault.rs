@@ -34,6 +34,18 @@ pub enum Fault {
     /// The destination takes 35 s more to finish after its QEMU loaded the stream (as a
     /// large disk's last flush would): the source must wait, not declare doubt.
     SlowFinish,
+    /// An upgrade's relay cuts the device-state stream after 4 KiB: the old QEMU must run
+    /// the VM again.
+    UpgradeCutStream,
+    /// An upgrade kills the new QEMU as soon as it answers QMP (it holds the memory, has
+    /// not loaded the device state): the old QEMU must run the VM again.
+    UpgradeKillNewQemu,
+    /// The agent exits when the new QEMU loaded the VM, before the upgrade's commit: a
+    /// restarted agent must run the VM in the old QEMU.
+    UpgradeExitBeforeCommit,
+    /// The agent exits right after the upgrade's commit, before `cont`: a restarted agent
+    /// must run the VM in the new QEMU and stop the old one.
+    UpgradeExitAfterCommit,
 }
 
 /// Without the `fault-injection` feature there is no fault to name.
@@ -60,8 +72,12 @@ impl std::str::FromStr for Fault {
             "fail-switch-record" => Ok(Fault::FailSwitchRecord),
             "panic-in-transfer" => Ok(Fault::PanicInTransfer),
             "slow-finish" => Ok(Fault::SlowFinish),
+            "upgrade-cut-stream" => Ok(Fault::UpgradeCutStream),
+            "upgrade-kill-new-qemu" => Ok(Fault::UpgradeKillNewQemu),
+            "upgrade-exit-before-commit" => Ok(Fault::UpgradeExitBeforeCommit),
+            "upgrade-exit-after-commit" => Ok(Fault::UpgradeExitAfterCommit),
             _ => Err(format!(
-                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover, exit-at-switchover, fail-switch-record, panic-in-transfer, slow-finish)"
+                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover, exit-at-switchover, fail-switch-record, panic-in-transfer, slow-finish, upgrade-cut-stream, upgrade-kill-new-qemu, upgrade-exit-before-commit, upgrade-exit-after-commit)"
             )),
         }
     }

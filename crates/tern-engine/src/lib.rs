@@ -8,6 +8,9 @@
 //!                 (pages, codec)    (transport)        (pages, digest)
 //! ```
 //!
+//! Same-host moves (`local`: a VM continues in a new QEMU, its memory handed over, not
+//! copied) use the same switchover record and recovery rules.
+//!
 //! Owns: the phases on each side (`source`, `dest`), how pages travel (`pages`, `codec`,
 //! `digest`), disks inside a migration (`disk`), the connections between agents
 //! (`transport`), the migrations an agent knows (`registry`, `handle`), the switchover's
@@ -29,6 +32,7 @@ pub mod disk;
 pub mod error;
 pub mod fault;
 pub mod handle;
+pub mod local;
 pub mod pace;
 pub mod pages;
 pub mod registry;

@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::disk;
 use crate::qmp::{QmpClient, QmpError};
-use crate::spec::{Accel, SpecError, VmSpec};
+use crate::spec::{Accel, GuestMemory, SpecError, VmSpec, SHARED_RAM_ID};
 
 /// How to launch a VM.
 #[derive(Debug, Clone)]
@@ -43,6 +43,19 @@ pub struct LaunchOptions {
     pub run_as: Option<String>,
     /// QEMU's seccomp sandbox ([`SANDBOX`]).
     pub sandbox: bool,
+    /// Start as the new QEMU of a same-host hand-over (`cpr-transfer`): listen on these
+    /// two unix sockets instead of `-incoming defer`. Its QMP socket appears only after
+    /// the old QEMU sent its memory on `cpr`, so [`QemuProcess::launch`] waits for it.
+    pub cpr_incoming: Option<CprIncoming>,
+}
+
+/// The listening sockets of a QEMU that takes a VM over on the same host.
+#[derive(Debug, Clone)]
+pub struct CprIncoming {
+    /// The migration stream (device state; RAM stays where it is).
+    pub main: PathBuf,
+    /// The channel on which the old QEMU passes its memory's descriptors.
+    pub cpr: PathBuf,
 }
 
 /// QEMU's seccomp sandbox as tern runs it: no obsolete system calls, no spawning
@@ -67,6 +80,7 @@ impl LaunchOptions {
             tpm_ctrl_socket: None,
             run_as: None,
             sandbox: false,
+            cpr_incoming: None,
         }
     }
 
@@ -231,7 +245,22 @@ impl QemuProcess {
         push("-name");
         push(&format!("guest={},debug-threads=on", spec.name));
         push("-machine");
-        push(&spec.machine);
+        match spec.memory {
+            // RAM in a memfd both QEMUs of a same-host upgrade map (cpr-transfer hands
+            // it over); aux-ram-share puts the machine's other RAM (ROMs, VGA) there too.
+            GuestMemory::Shared => {
+                push(&format!(
+                    "{},memory-backend={SHARED_RAM_ID},aux-ram-share=on",
+                    spec.machine
+                ));
+                push("-object");
+                push(&format!(
+                    "memory-backend-memfd,id={SHARED_RAM_ID},size={}M,share=on",
+                    spec.memory_mib
+                ));
+            }
+            GuestMemory::Private => push(&spec.machine),
+        }
         push("-accel");
         push(spec.accel.as_str());
         if spec.accel == Accel::Kvm {
@@ -259,7 +288,19 @@ impl QemuProcess {
         if opts.start_paused {
             push("-S");
         }
-        if opts.incoming_defer {
+        if let Some(c) = &opts.cpr_incoming {
+            // cpr-transfer: the memory's descriptors arrive on `cpr`, the device state on
+            // `main`; QEMU waits for `cpr` before it opens its QMP socket.
+            for (channel, path) in [("main", &c.main), ("cpr", &c.cpr)] {
+                push("-incoming");
+                push(
+                    &json!({ "channel-type": channel,
+                             "addr": { "transport": "socket", "type": "unix",
+                                       "path": path.to_string_lossy() } })
+                    .to_string(),
+                );
+            }
+        } else if opts.incoming_defer {
             push("-incoming");
             push("defer");
         }
@@ -395,7 +436,8 @@ impl QemuProcess {
             child,
             exited: None,
         };
-        if !spec.migration_capabilities.is_empty() {
+        // (a cpr-transfer target takes no migration settings: it is mid-migration)
+        if !spec.migration_capabilities.is_empty() && opts.cpr_incoming.is_none() {
             let caps: Vec<(&str, bool)> = spec
                 .migration_capabilities
                 .iter()
@@ -473,6 +515,7 @@ mod tests {
             migration_capabilities: vec![],
             tpm: false,
             disks: vec![],
+            memory: Default::default(),
         }
     }
 

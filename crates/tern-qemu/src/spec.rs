@@ -35,6 +35,7 @@ impl Accel {
 /// initrd = "/var/lib/tern/guest/initrd.gz"
 /// append = "console=ttyS0 tern.workload=dirty tern.mib=64"
 /// tpm = true    # optional: a TPM 2.0 (swtpm, see crate::swtpm)
+/// memory = "shared"   # default; "private" for anonymous RAM (KSM-mergeable, no upgrade)
 ///
 /// [[disk]]       # optional, any number up to 16: virtio-blk disks /dev/vda, /dev/vdb, ...
 /// path = "/var/lib/tern/disks/web1.qcow2"
@@ -76,7 +77,39 @@ pub struct VmSpec {
     /// this key.
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskSpec>,
+    /// Guest RAM shared (default, can be upgraded in place) or private ([`GuestMemory`]).
+    /// Left out of the TOML when shared, so such a spec reads on an agent that does not
+    /// know this key.
+    #[serde(default, skip_serializing_if = "GuestMemory::is_shared")]
+    pub memory: GuestMemory,
 }
+
+/// Where guest RAM lives.
+///
+/// `shared` (the default): a memfd that QEMU maps shared (`memory-backend-memfd,share=on`
+/// with `aux-ram-share=on`), so a second QEMU on the same host can take over the very same
+/// memory without copying a page (`tern vm upgrade`, QEMU's `cpr-transfer`). `private`:
+/// anonymous memory, which the kernel's KSM can merge across VMs, but which cannot be
+/// handed to another QEMU: such a VM is upgraded only by a restart or by migrating it.
+/// Both migrate to other hosts alike (the RAM block is `tern-ram` when shared, `pc.ram`
+/// when private, so both ends of a migration must agree: the spec travels with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestMemory {
+    #[default]
+    Shared,
+    Private,
+}
+
+impl GuestMemory {
+    fn is_shared(&self) -> bool {
+        *self == GuestMemory::Shared
+    }
+}
+
+/// The id of the memory backend of a VM with [`GuestMemory::Shared`] (also its RAM block's
+/// name in the migration stream).
+pub const SHARED_RAM_ID: &str = "tern-ram";
 
 /// Most disks a VM may have.
 pub const MAX_DISKS: usize = 16;

@@ -339,6 +339,7 @@ async fn disk_migrates_live_while_the_guest_writes_and_stays_consistent() -> Res
             path: img.to_path_buf(),
             format: DiskFormat::Qcow2,
         }],
+        memory: Default::default(),
     }
     };
     let node = disk::node_name(0);

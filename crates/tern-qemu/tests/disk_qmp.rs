@@ -47,6 +47,7 @@ fn spec(disks: Vec<DiskSpec>) -> Result<VmSpec> {
         migration_capabilities: vec![],
         tpm: false,
         disks,
+        memory: Default::default(),
     })
 }
 

@@ -23,6 +23,7 @@ fn spec(kernel: PathBuf, initrd: Option<PathBuf>) -> VmSpec {
         migration_capabilities: vec![],
         tpm: false,
         disks: vec![],
+        memory: Default::default(),
     }
 }
 

@@ -68,6 +68,7 @@ async fn capture(binary: Option<PathBuf>, paused: bool, dir: &Path) -> Result<Ve
         migration_capabilities: vec![],
         tpm: false,
         disks: vec![],
+        memory: Default::default(),
     };
     let mut opts = LaunchOptions::new(dir.join("run"));
     if let Some(b) = binary {

@@ -244,6 +244,7 @@ async fn tpm_pcrs_survive_two_migrations_and_state_is_encrypted() -> Result<()> 
         migration_capabilities: vec![],
         tpm: true,
         disks: vec![],
+        memory: Default::default(),
     };
     let mkey = dir.join("migration.key");
     swtpm::ensure_key_file(&mkey)?;

@@ -200,6 +200,17 @@ enum VmCmd {
     },
     /// Stop a VM (QMP quit) and forget it.
     Stop { name: String },
+    /// Continue a running VM in a new QEMU process on this host (e.g. after a QEMU
+    /// update), its memory handed over without a copy; the old QEMU runs it on if
+    /// anything fails. Needs memory = "shared" in the VM's spec (the default).
+    Upgrade {
+        name: String,
+        /// The new QEMU binary on the agent's host (default: the one new VMs get).
+        #[arg(long)]
+        qemu: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Send one QMP command to a VM, e.g. `tern vm qmp web1 query-status`.
     Qmp {
         name: String,
@@ -472,6 +483,46 @@ fn vm(c: Client, cmd: VmCmd) -> Result<()> {
         VmCmd::Stop { name } => {
             c.call("DELETE", &format!("/v1/vms/{name}"), None)?;
             println!("stopped {name}");
+        }
+        VmCmd::Upgrade { name, qemu, json } => {
+            let qemu = match qemu {
+                Some(q) => Some(
+                    std::fs::canonicalize(&q)
+                        .with_context(|| format!("QEMU binary {} not found", q.display()))?,
+                ),
+                None => None,
+            };
+            let req = tern_api::vm::UpgradeRequest { qemu };
+            let v = c.call(
+                "POST",
+                &format!("/v1/vms/{name}/upgrade"),
+                Some(&serde_json::to_value(&req)?),
+            )?;
+            let r: tern_api::vm::UpgradeReport = serde_json::from_value(v.clone())
+                .context("the agent's upgrade report is not what this tern expects")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "upgraded {}: QEMU {} -> {} ({}, pid {})",
+                    r.vm,
+                    r.old_qemu_version,
+                    r.new_qemu_version,
+                    r.new_binary.display(),
+                    r.new_pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
+                );
+                match r.downtime_ms {
+                    Some(d) => println!(
+                        "  guest paused {d} ms (QEMU's own measure {} ms), {} ms in all",
+                        r.qemu_downtime_ms, r.total_ms
+                    ),
+                    None => println!("  the VM was paused and stays paused; {} ms in all", r.total_ms),
+                }
+                println!(
+                    "  device state carried: {} bytes; RAM copied: {} pages, {} bytes (memory handed over)",
+                    r.stream_bytes, r.ram_pages_copied, r.ram_bytes_copied
+                );
+            }
         }
         VmCmd::Qmp {
             name,

@@ -69,6 +69,7 @@ fn spec(name: &str, g: &GuestImage, append: &str) -> VmSpec {
         migration_capabilities: vec![],
         tpm: false,
         disks: vec![],
+        memory: Default::default(),
     }
 }
 

@@ -1,0 +1,568 @@
+//! Same-host moves: a running VM continues in a new QEMU process on this host (a newer
+//! QEMU binary, or the same one after a library update) without a page of its memory
+//! being copied. Owns the hand-over and its safety; the daemon owns the VM registry and
+//! swaps the VM's entry when [`upgrade`] returns.
+//!
+//! ```text
+//!  old QEMU (running) ── cpr socket: memfd descriptors ──────────────> new QEMU (-S)
+//!      └─ src socket ─> tern: parse + count (relay) ─> main socket ──────┘
+//!  record the switchover (new run dir) ─ cont new ─ daemon stops old, removes its dir
+//! ```
+//!
+//! Guest RAM lives in a memfd both QEMUs map ([`tern_qemu::spec::GuestMemory::Shared`]);
+//! QEMU's `cpr-transfer` mode passes its descriptors over a unix socket and sends only the
+//! device state (TPM state included), which tern carries and counts ([`relay`]). The old
+//! QEMU stops when the hand-over starts and stays intact (paused, `postmigrate`) until the
+//! new one runs, so until the commit any failure resumes it: [`upgrade`] returns
+//! [`UpgradeFailed`] with where the VM is. The commit is the [`SwitchRecord`] in the new
+//! run directory; the old one carries an [`UPGRADING`] mark naming the new one, so an agent
+//! restarted at any point knows which QEMU is the VM ([`UpgradeMark`]).
+
+mod relay;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tern_qemu::launch::{binary_version, CprIncoming, LaunchOptions, QemuProcess};
+use tern_qemu::qmp::{QmpClient, QmpError};
+use tern_qemu::spec::{GuestMemory, VmSpec};
+
+pub use relay::{Carried, RelayError};
+
+use crate::dest::{SwitchRecord, INCOMING_MARKER};
+use crate::fault::fault;
+use crate::{Fault, Host};
+
+/// File in the old QEMU's run directory while an upgrade hands its VM over ([`UpgradeMark`]).
+pub const UPGRADING: &str = "upgrading";
+
+/// Oldest QEMU that can hand a VM over (`cpr-transfer` came in 10.0).
+const CPR_QEMU: (u32, u32) = (10, 0);
+
+/// Longest any one step may take (start-up of the new QEMU, the device state).
+const STEP: Duration = Duration::from_secs(60);
+
+/// What the old run directory says during an upgrade: the new QEMU's run directory, and
+/// whether the VM ran. A restarted agent finds the VM in `to` if `to` holds a
+/// [`SwitchRecord`], else here (resumed if it ran).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UpgradeMark {
+    pub to: PathBuf,
+    pub source_running: bool,
+}
+
+impl UpgradeMark {
+    fn write(&self, run_dir: &Path) -> std::io::Result<()> {
+        write_durably(
+            run_dir,
+            UPGRADING,
+            &serde_json::to_vec(self).map_err(std::io::Error::other)?,
+        )
+    }
+
+    /// The mark in `run_dir`, if there is a readable one.
+    pub fn read(run_dir: &Path) -> Option<UpgradeMark> {
+        serde_json::from_slice(&std::fs::read(run_dir.join(UPGRADING)).ok()?).ok()
+    }
+
+    /// Whether the hand-over committed: the new QEMU's directory holds the switchover record.
+    pub fn committed(&self) -> bool {
+        SwitchRecord::read(&self.to).is_some()
+    }
+}
+
+fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The VM as it runs now.
+pub struct LocalVm<'a> {
+    pub spec: &'a VmSpec,
+    pub qmp: &'a QmpClient,
+    pub run_dir: &'a Path,
+    /// Its QEMU's pid: only that process may send the device state.
+    pub pid: Option<u32>,
+}
+
+/// How to upgrade.
+#[derive(Debug, Clone, Default)]
+pub struct UpgradeOptions {
+    /// The new QEMU binary; None: the one new VMs get (`TERN_QEMU` or
+    /// `qemu-system-x86_64` on the PATH).
+    pub qemu_binary: Option<PathBuf>,
+    /// The user QEMU runs as (the old QEMU connects to the new one's socket as it).
+    pub qemu_user: Option<String>,
+    pub fault: Option<Fault>,
+}
+
+/// A finished hand-over: the new QEMU (running if the VM ran) and what it cost.
+pub struct Upgraded {
+    pub process: QemuProcess,
+    pub report: tern_api::vm::UpgradeReport,
+}
+
+/// Why an upgrade did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("VM {0:?} has private memory (memory = \"private\" in its spec): it cannot be handed to a new QEMU without a copy; restart it with memory = \"shared\", or migrate it to another host")]
+    PrivateMemory(String),
+    #[error("VM {vm:?} is {status}: only a running or paused VM can be upgraded")]
+    NotRunning { vm: String, status: String },
+    #[error("VM {vm:?} has a migration in QEMU ({status}): wait for it or cancel it first")]
+    MigrationActive { vm: String, status: String },
+    #[error("cannot run {binary} -version (is it a QEMU binary?)")]
+    Binary {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} is QEMU {major}.{minor}: handing a VM over needs QEMU 10.0 or newer on both sides (cpr-transfer)")]
+    OldQemu { what: String, major: u32, minor: u32 },
+    #[error("cannot prepare the hand-over ({what})")]
+    Files {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the new QEMU did not start: {0}")]
+    Launch(String),
+    #[error("the new QEMU did not open its hand-over socket within {0} s (see its qemu.log)")]
+    NoCprSocket(u64),
+    #[error("{step} failed")]
+    Qmp {
+        step: &'static str,
+        #[source]
+        source: QmpError,
+    },
+    #[error("QEMU's hand-over failed on the {side} side: {message}")]
+    Qemu { side: &'static str, message: String },
+    #[error("carrying the device state failed")]
+    Relay(#[from] RelayError),
+    #[error("{0} did not finish within {1} s")]
+    Timeout(&'static str, u64),
+    #[error("cannot record the switchover in {dir}: the VM stays with its old QEMU")]
+    Record {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A failed upgrade: why, and where the VM is now.
+#[derive(Debug, thiserror::Error)]
+#[error("{error} ({vm_state})")]
+pub struct UpgradeFailed {
+    #[source]
+    pub error: UpgradeError,
+    pub vm_state: String,
+}
+
+fn qmp_err(step: &'static str) -> impl FnOnce(QmpError) -> UpgradeError {
+    move |source| UpgradeError::Qmp { step, source }
+}
+
+/// Hands the VM over to a new QEMU on this host. On success the new QEMU runs the VM (or
+/// holds it paused, as it was) and the old one is paused for good: the caller stops it
+/// and removes its run directory, then clears the new directory's incoming mark
+/// ([`finish`]). On failure the old QEMU runs the VM as before.
+pub async fn upgrade(
+    host: &dyn Host,
+    vm: LocalVm<'_>,
+    o: &UpgradeOptions,
+) -> Result<Upgraded, UpgradeFailed> {
+    let fail = |error, vm_state: &str| UpgradeFailed {
+        error,
+        vm_state: vm_state.to_string(),
+    };
+    let untouched = "the VM runs in its old QEMU, untouched";
+    let started = Instant::now();
+    let checked = check(&vm, o).await.map_err(|e| fail(e, untouched))?;
+    // the new QEMU's run directory, marked incoming until the daemon took it over
+    let to = host.new_run_dir(&vm.spec.name);
+    let mark = UpgradeMark {
+        to: to.clone(),
+        source_running: checked.running,
+    };
+    if let Err(e) = prepare_dirs(&vm, &to, &mark) {
+        let _ = std::fs::remove_dir_all(&to);
+        let _ = std::fs::remove_file(vm.run_dir.join(UPGRADING));
+        return Err(fail(e, untouched));
+    }
+    match hand_over(host, &vm, o, &checked, &to, started).await {
+        Ok(u) => Ok(u),
+        Err(error) => {
+            tracing::warn!(vm = %vm.spec.name, "upgrade failed: {}", crate::error_chain(&error));
+            let vm_state = roll_back(host, &vm, &to, checked.running).await;
+            Err(UpgradeFailed { error, vm_state })
+        }
+    }
+}
+
+/// After the daemon took the new QEMU over and stopped the old one: the new run
+/// directory is the VM's for good.
+pub fn finish(new_run_dir: &Path) {
+    let _ = std::fs::remove_file(new_run_dir.join(INCOMING_MARKER));
+}
+
+struct Checked {
+    running: bool,
+    binary: PathBuf,
+}
+
+async fn check(vm: &LocalVm<'_>, o: &UpgradeOptions) -> Result<Checked, UpgradeError> {
+    let name = vm.spec.name.clone();
+    if vm.spec.memory != GuestMemory::Shared {
+        return Err(UpgradeError::PrivateMemory(name));
+    }
+    let binary = o
+        .qemu_binary
+        .clone()
+        .unwrap_or_else(|| LaunchOptions::new(PathBuf::new()).qemu_binary);
+    let (major, minor) = binary_version(&binary).map_err(|source| UpgradeError::Binary {
+        binary: binary.clone(),
+        source,
+    })?;
+    if (major, minor) < CPR_QEMU {
+        return Err(UpgradeError::OldQemu {
+            what: binary.display().to_string(),
+            major,
+            minor,
+        });
+    }
+    let v = vm.qmp.version();
+    if (v.major, v.minor) < CPR_QEMU {
+        return Err(UpgradeError::OldQemu {
+            what: "the VM's QEMU".into(),
+            major: v.major,
+            minor: v.minor,
+        });
+    }
+    let status = vm
+        .qmp
+        .query_status()
+        .await
+        .map_err(qmp_err("query-status"))?;
+    if !status.running && status.status != "paused" {
+        return Err(UpgradeError::NotRunning {
+            vm: name,
+            status: status.status,
+        });
+    }
+    let m = vm
+        .qmp
+        .query_migrate()
+        .await
+        .map_err(qmp_err("query-migrate"))?;
+    if matches!(
+        m.status.as_str(),
+        "setup" | "active" | "device" | "pre-switchover" | "cancelling" | "wait-unplug"
+    ) {
+        return Err(UpgradeError::MigrationActive {
+            vm: name,
+            status: m.status,
+        });
+    }
+    Ok(Checked {
+        running: status.running,
+        binary,
+    })
+}
+
+fn prepare_dirs(vm: &LocalVm<'_>, to: &Path, mark: &UpgradeMark) -> Result<(), UpgradeError> {
+    let files = |what: &str| {
+        let what = what.to_string();
+        move |source| UpgradeError::Files { what, source }
+    };
+    std::fs::create_dir_all(to).map_err(files("the new run directory"))?;
+    std::fs::write(to.join(INCOMING_MARKER), b"upgrade").map_err(files("the incoming mark"))?;
+    if vm.spec.tpm {
+        // the TPM state crosses in the device state, sealed with the VM's migration key
+        std::fs::copy(
+            crate::tpm_migration_key_path(vm.run_dir),
+            crate::tpm_migration_key_path(to),
+        )
+        .map_err(files("the TPM migration key"))?;
+    }
+    mark.write(vm.run_dir).map_err(files("the upgrade mark"))
+}
+
+/// A directory for the two hand-over sockets that only the QEMU user (and root) can
+/// enter: the old QEMU, which runs as that user, must connect to the new one's socket.
+fn hand_over_dir(user: Option<&str>) -> Result<tempfile::TempDir, UpgradeError> {
+    let files = |source| UpgradeError::Files {
+        what: "the hand-over directory".into(),
+        source,
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("tern-cpr-")
+        .tempdir()
+        .map_err(files)?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).map_err(files)?;
+    if let Some(u) = user {
+        chown_to(dir.path(), u)?;
+    }
+    Ok(dir)
+}
+
+/// Gives `path` to `user` (the old QEMU connects to it as that user).
+fn chown_to(path: &Path, user: &str) -> Result<(), UpgradeError> {
+    user_ids(user)
+        .and_then(|(uid, gid)| std::os::unix::fs::chown(path, Some(uid), Some(gid)))
+        .map_err(|source| UpgradeError::Files {
+            what: format!("giving {} to {user}", path.display()),
+            source,
+        })
+}
+
+/// `(uid, gid)` of a user, from `id`.
+fn user_ids(user: &str) -> std::io::Result<(u32, u32)> {
+    let id = |flag: &str| -> std::io::Result<u32> {
+        let out = std::process::Command::new("id").args([flag, user]).output()?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| std::io::Error::other(format!("no user {user:?}")))
+    };
+    Ok((id("-u")?, id("-g")?))
+}
+
+async fn hand_over(
+    host: &dyn Host,
+    vm: &LocalVm<'_>,
+    o: &UpgradeOptions,
+    checked: &Checked,
+    to: &Path,
+    started: Instant,
+) -> Result<Upgraded, UpgradeError> {
+    let dir = hand_over_dir(o.qemu_user.as_deref())?;
+    let cpr = dir.path().join("cpr.sock");
+    let main = dir.path().join("main.sock");
+    let mut opts = LaunchOptions::new(to.to_path_buf());
+    opts.qemu_binary = checked.binary.clone();
+    opts.start_paused = true;
+    opts.kill_on_drop = false; // the VM outlives the agent
+    opts.cpr_incoming = Some(CprIncoming {
+        main: main.clone(),
+        cpr: cpr.clone(),
+    });
+    let launch = host.launch(vm.spec, &opts);
+    tokio::pin!(launch);
+    // The new QEMU listens on `cpr` before anything else (no QMP yet).
+    let deadline = Instant::now() + STEP;
+    while !cpr.exists() {
+        tokio::select! {
+            r = &mut launch => {
+                return Err(match r {
+                    Err(e) => UpgradeError::Launch(e.0),
+                    Ok(mut p) => {
+                        p.kill().await;
+                        UpgradeError::Launch("it answered QMP before it had the memory".into())
+                    }
+                });
+            }
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+        if Instant::now() > deadline {
+            return Err(UpgradeError::NoCprSocket(STEP.as_secs()));
+        }
+    }
+    if let Some(u) = &o.qemu_user {
+        // QEMU made it as root (before dropping to its user)
+        chown_to(&cpr, u)?;
+    }
+    let q = vm.qmp;
+    q.set_migrate_capabilities(&[("pause-before-switchover", false)])
+        .await
+        .map_err(qmp_err("migrate-set-capabilities"))?;
+    q.set_migrate_parameters(json!({ "mode": "cpr-transfer" }))
+        .await
+        .map_err(qmp_err("migrate-set-parameters mode=cpr-transfer"))?;
+    // QEMU 10.0.2 crashes in cpr-transfer with an `fd:` main channel (checked): the old
+    // QEMU connects to tern by path instead, and tern takes only that process.
+    let src = dir.path().join("src.sock");
+    let listener = tokio::net::UnixListener::bind(&src).map_err(|source| UpgradeError::Files {
+        what: "tern's hand-over socket".into(),
+        source,
+    })?;
+    if let Some(u) = &o.qemu_user {
+        chown_to(&src, u)?;
+    }
+    let stopped = Instant::now();
+    q.execute(
+        "migrate",
+        Some(json!({ "channels": [
+            { "channel-type": "main",
+              "addr": { "transport": "socket", "type": "unix", "path": src.to_string_lossy() } },
+            { "channel-type": "cpr",
+              "addr": { "transport": "socket", "type": "unix", "path": cpr.to_string_lossy() } },
+        ] })),
+    )
+    .await
+    .map_err(qmp_err("migrate (cpr-transfer)"))?;
+    let cut = fault!(o.fault, UpgradeCutStream).then_some(4096);
+    let carry = async {
+        relay::carry(&listener, vm.pid, &main, cut)
+            .await
+            .map_err(UpgradeError::from)
+    };
+    let launched = async {
+        let p = launch.await.map_err(|e| UpgradeError::Launch(e.0))?;
+        if fault!(o.fault, UpgradeKillNewQemu) {
+            tracing::warn!("fault injection: killing the new QEMU during the hand-over");
+            if let Some(pid) = p.pid() {
+                kill(pid);
+            }
+        }
+        Ok(p)
+    };
+    let (mut process, carried) = tokio::time::timeout(STEP, async {
+        tokio::try_join!(launched, carry)
+    })
+    .await
+    .map_err(|_| UpgradeError::Timeout("the hand-over", STEP.as_secs()))??;
+    let result = async {
+        let old_downtime = wait_completed(q, "old").await?;
+        wait_completed(&process.qmp, "new").await?;
+        Ok::<_, UpgradeError>(old_downtime)
+    }
+    .await;
+    let qemu_downtime_ms = match result {
+        Ok(d) => d,
+        Err(e) => {
+            process.kill().await;
+            return Err(e);
+        }
+    };
+    if fault!(o.fault, UpgradeExitBeforeCommit) {
+        tracing::warn!("fault injection: exiting before the upgrade's commit");
+        std::process::exit(72);
+    }
+    let record = SwitchRecord {
+        migration_id: format!("upgrade-{}", crate::new_migration_id()),
+        peer: "this host".into(),
+        source_running: checked.running,
+        resumed_unix_us: 0,
+    };
+    if let Err(source) = record.write(to) {
+        process.kill().await;
+        return Err(UpgradeError::Record {
+            dir: to.to_path_buf(),
+            source,
+        });
+    }
+    if fault!(o.fault, UpgradeExitAfterCommit) {
+        tracing::warn!("fault injection: exiting between the upgrade's commit and cont");
+        std::process::exit(73);
+    }
+    if checked.running {
+        if let Err(e) = process.qmp.execute("cont", None).await {
+            // it never ran: the old QEMU may still take the VM back
+            let _ = std::fs::remove_file(to.join(crate::dest::SWITCHED_IN));
+            process.kill().await;
+            return Err(UpgradeError::Qmp {
+                step: "cont (new QEMU)",
+                source: e,
+            });
+        }
+    }
+    let downtime_ms = checked
+        .running
+        .then(|| stopped.elapsed().as_millis() as u64);
+    let v = vm.qmp.version();
+    let nv = process.qmp.version();
+    let report = tern_api::vm::UpgradeReport {
+        vm: vm.spec.name.clone(),
+        old_qemu_version: format!("{}.{}.{}", v.major, v.minor, v.micro),
+        new_qemu_version: format!("{}.{}.{}", nv.major, nv.minor, nv.micro),
+        new_binary: checked.binary.clone(),
+        new_pid: process.pid(),
+        running: checked.running,
+        total_ms: started.elapsed().as_millis() as u64,
+        downtime_ms,
+        qemu_downtime_ms,
+        stream_bytes: carried.bytes,
+        ram_pages_copied: carried.ram_pages,
+        ram_bytes_copied: carried.ram_page_bytes,
+        zero_pages: carried.zero_pages,
+    };
+    Ok(Upgraded { process, report })
+}
+
+/// Waits until `qmp`'s migration completed (polled: both ends, in milliseconds); the old
+/// side's QEMU-measured downtime (ms).
+async fn wait_completed(qmp: &QmpClient, side: &'static str) -> Result<u64, UpgradeError> {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let m = qmp.query_migrate().await.map_err(qmp_err("query-migrate"))?;
+        match m.status.as_str() {
+            "completed" => return Ok(m.downtime_ms.unwrap_or(0)),
+            "failed" | "cancelled" => {
+                return Err(UpgradeError::Qemu {
+                    side,
+                    message: m.error_desc.unwrap_or(m.status),
+                })
+            }
+            _ if Instant::now() > deadline => {
+                return Err(UpgradeError::Timeout("QEMU's hand-over", STEP.as_secs()))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    }
+}
+
+/// Before the commit: the new QEMU goes (it may never have answered QMP, so by its pid
+/// file), its directory with it, and the old QEMU runs the VM as before.
+async fn roll_back(host: &dyn Host, vm: &LocalVm<'_>, to: &Path, was_running: bool) -> String {
+    if let Some(pid) = std::fs::read_to_string(to.join("qemu.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    {
+        if cmdline_mentions(pid, to) {
+            kill(pid);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while cmdline_mentions(pid, to) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    host.remove_run_dir(to).await;
+    let state = crate::source::recover::recover_source(vm.qmp, None, was_running).await;
+    let _ = vm
+        .qmp
+        .set_migrate_parameters(json!({ "mode": "normal" }))
+        .await;
+    let _ = std::fs::remove_file(vm.run_dir.join(UPGRADING));
+    let pid = vm.pid.map(|p| format!(", pid {p}")).unwrap_or_default();
+    match vm.qmp.query_status().await {
+        Ok(s) if s.running => format!("the VM runs in its old QEMU{pid}"),
+        Ok(s) => format!("the VM is {} in its old QEMU{pid} ({state})", s.status),
+        Err(_) => format!("the VM's old QEMU: {state}"),
+    }
+}
+
+/// Whether process `pid` is alive and its command line mentions `dir` (a QEMU of ours).
+fn cmdline_mentions(pid: u32, dir: &Path) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
+        .unwrap_or(false)
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| !r.starts_with('Z')))
+}
+
+fn kill(pid: u32) {
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+    }
+}

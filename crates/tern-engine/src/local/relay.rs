@@ -1,0 +1,129 @@
+//! The hand-over's device-state stream, carried through tern: the old QEMU connects to a
+//! socket tern listens on (only the old QEMU's process is taken: its pid is checked), tern parses every byte ([`tern_qemu::stream::Parser`]) before it
+//! forwards it to the new QEMU's listening socket, and counts what crossed. With shared
+//! memory the stream holds no RAM page; the counts prove it rather than assume it.
+//! Anything the return direction carries (QEMU's return path, when a capability turned it
+//! on) is copied back unparsed.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use tern_qemu::stream::{Item, Parser, RamRecord, StreamError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+/// What crossed from the old QEMU to the new one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    /// Every byte of the stream.
+    pub bytes: u64,
+    /// RAM pages whose contents crossed, and their bytes (0 when memory is shared).
+    pub ram_pages: u64,
+    pub ram_page_bytes: u64,
+    /// RAM pages sent as "all one byte" records.
+    pub zero_pages: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("the old QEMU did not connect to tern's socket within {0} s")]
+    NoSource(u64),
+    #[error("process {got:?} connected to the hand-over socket, not the old QEMU (pid {want:?}): refused")]
+    Stranger { got: Option<i32>, want: Option<u32> },
+    #[error("the new QEMU did not open its migration socket {path} within {secs} s")]
+    NoListener { path: String, secs: u64 },
+    #[error("the device-state stream is not one tern carries")]
+    Stream(#[from] StreamError),
+    #[error("copying the device-state stream failed")]
+    Io(#[from] std::io::Error),
+    #[error("fault injection: the device-state stream was cut after {0} bytes")]
+    Cut(u64),
+}
+
+/// How long the new QEMU may take to listen once it has the memory.
+const LISTEN_WITHIN: Duration = Duration::from_secs(30);
+
+/// Carries the stream from the old QEMU (process `old_pid`, connecting to `listener`) to
+/// the new QEMU listening on `new_listener`, until both directions ended. `cut_after`: a
+/// test's fault (stop after that many bytes).
+pub async fn carry(
+    listener: &UnixListener,
+    old_pid: Option<u32>,
+    new_listener: &Path,
+    cut_after: Option<u64>,
+) -> Result<Carried, RelayError> {
+    let (old, _) = tokio::time::timeout(LISTEN_WITHIN, listener.accept())
+        .await
+        .map_err(|_| RelayError::NoSource(LISTEN_WITHIN.as_secs()))??;
+    let got = old.peer_cred()?.pid();
+    if old_pid.is_none() || got.map(|p| p as i64) != old_pid.map(|p| p as i64) {
+        return Err(RelayError::Stranger {
+            got,
+            want: old_pid,
+        });
+    }
+    let deadline = Instant::now() + LISTEN_WITHIN;
+    let new = loop {
+        match UnixStream::connect(new_listener).await {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(_) => {
+                return Err(RelayError::NoListener {
+                    path: new_listener.display().to_string(),
+                    secs: LISTEN_WITHIN.as_secs(),
+                })
+            }
+        }
+    };
+    let (mut old_rd, mut old_wr) = old.into_split();
+    let (mut new_rd, mut new_wr) = new.into_split();
+    let forward = async {
+        let mut parser = Parser::new();
+        let mut buf = BytesMut::with_capacity(1 << 20);
+        let mut c = Carried::default();
+        loop {
+            let n = old_rd.read_buf(&mut buf).await?;
+            if n == 0 {
+                parser.finish()?;
+                new_wr.shutdown().await?;
+                return Ok::<_, RelayError>(c);
+            }
+            // forward only what parsed
+            let mut parsed = 0;
+            while let Some((item, used)) = parser.parse(&buf[parsed..])? {
+                parsed += used;
+                if let Item::Ram(r) = item {
+                    match r {
+                        RamRecord::Page { data, .. } => {
+                            c.ram_pages += 1;
+                            c.ram_page_bytes += data.len() as u64;
+                        }
+                        RamRecord::Zero { .. } => c.zero_pages += 1,
+                        RamRecord::MemSize { .. } | RamRecord::Eos => {}
+                    }
+                }
+                if parsed == buf.len() {
+                    break;
+                }
+            }
+            if let Some(limit) = cut_after {
+                if c.bytes + parsed as u64 > limit {
+                    return Err(RelayError::Cut(c.bytes));
+                }
+            }
+            new_wr.write_all(&buf[..parsed]).await?;
+            c.bytes += parsed as u64;
+            buf.advance(parsed);
+        }
+    };
+    let back = async {
+        tokio::io::copy(&mut new_rd, &mut old_wr).await?;
+        let _ = old_wr.shutdown().await;
+        Ok::<_, RelayError>(())
+    };
+    let (c, ()) = tokio::try_join!(forward, back)?;
+    Ok(c)
+}

@@ -1,0 +1,408 @@
+//! Same-host upgrades (`tern vm upgrade`): a running VM continues in a new QEMU process
+//! with its memory handed over (QEMU's cpr-transfer), its disk and its TPM; tern carries
+//! the device state and counts it (no RAM page crosses). Every failure before the commit
+//! leaves the VM running in its old QEMU, and an agent that dies at either side of the
+//! commit is followed by one that runs the VM exactly once.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::json;
+use tern_api::vm::UpgradeReport;
+use tern_testkit::agents::{e2e_lock, pid_alive, wait_for_text, AgentOptions, TestAgent};
+use tern_testkit::guest::{ensure_guest, GuestImage};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tern");
+
+/// The dirtier writes 32 MiB at 4 MiB/s and checks every page it wrote.
+const DIRTY: &str = "tern.workload=dirty tern.mib=32 tern.rate=4";
+
+fn spec(name: &str, g: &GuestImage, mib: u32, append: &str, extra: &str) -> String {
+    format!(
+        "name = {name:?}\nmemory_mib = {mib}\nvcpus = 1\naccel = \"tcg\"\nkernel = {:?}\ninitrd = {:?}\nappend = \"console=ttyS0 panic=-1 {append}\"\n{extra}",
+        g.kernel.display().to_string(),
+        g.initrd.display().to_string()
+    )
+}
+
+fn agent(env: &[(&str, &str)]) -> Result<TestAgent> {
+    TestAgent::start_with(
+        Path::new(BIN),
+        "host-a",
+        AgentOptions {
+            env,
+            ..Default::default()
+        },
+    )
+}
+
+fn boot(a: &TestAgent, spec_toml: &str, ready: &str) -> Result<PathBuf> {
+    let info = a.start_vm(spec_toml)?;
+    let console = PathBuf::from(info["console_log"].as_str().context("console path")?);
+    wait_for_text(&console, ready, Duration::from_secs(120)).context("guest did not boot")?;
+    Ok(console)
+}
+
+fn upgrade(a: &TestAgent, vm: &str, body: serde_json::Value) -> Result<UpgradeReport> {
+    let v = a
+        .call("POST", &format!("/v1/vms/{vm}/upgrade"), Some(&body))
+        .with_context(|| logs(a))?;
+    Ok(serde_json::from_value(v)?)
+}
+
+/// The agent's log and each QEMU's, for a failure's message.
+fn logs(a: &TestAgent) -> String {
+    let mut s = format!("agent log:\n{}", tern_testkit::agents::tail(&a.log_text(), 3000));
+    for d in a.run_dirs() {
+        let q = std::fs::read_to_string(d.join("qemu.log")).unwrap_or_default();
+        s += &format!("\n{}: qemu.log: {q}", d.display());
+    }
+    s
+}
+
+/// The API's error for an upgrade that must fail.
+fn upgrade_error(a: &TestAgent, vm: &str, body: serde_json::Value) -> Result<String> {
+    match a.call("POST", &format!("/v1/vms/{vm}/upgrade"), Some(&body)) {
+        Ok(v) => bail!("the upgrade succeeded: {v}"),
+        Err(e) => Ok(format!("{e:#}")),
+    }
+}
+
+fn pid_of(a: &TestAgent, vm: &str) -> Result<u32> {
+    Ok(a.vm(vm)?["pid"].as_u64().context("pid")? as u32)
+}
+
+fn console_of(a: &TestAgent, vm: &str) -> Result<PathBuf> {
+    Ok(a.vm(vm)?["console_log"].as_str().context("console")?.into())
+}
+
+/// The guest's dirtier goes on, its checker finds every page (after `since` bytes of
+/// console).
+fn checker_clean(console: &Path, since: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        let fresh = text.get(since..).unwrap_or("");
+        ensure!(
+            !fresh.contains("TERN-CORRUPT"),
+            "the guest lost pages:\n{fresh}"
+        );
+        if fresh.matches("tern-dirty pass").count() >= 2 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the guest's dirtier did not go on: {}",
+                tern_testkit::agents::tail(&text, 1000)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn console_len(console: &Path) -> usize {
+    std::fs::read_to_string(console).map(|t| t.len()).unwrap_or(0)
+}
+
+/// The VM runs, in the QEMU with `pid`, and the agent keeps one run directory for it.
+fn runs_in(a: &TestAgent, vm: &str, pid: u32) -> Result<()> {
+    ensure!(a.vm_status(vm)? == "running", "{vm} is not running");
+    ensure!(pid_of(a, vm)? == pid, "{vm} runs in another QEMU");
+    let dirs = a.run_dirs();
+    ensure!(dirs.len() == 1, "one run directory, found {dirs:?}");
+    Ok(())
+}
+
+fn wait_exit(a: &TestAgent) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while a.pid().is_some_and(pid_alive) {
+        ensure!(Instant::now() < deadline, "the agent did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn ext4_image(dir: &Path) -> Result<PathBuf> {
+    let img = dir.join("data.raw");
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&img)
+        .arg("32M")
+        .output()?;
+    ensure!(out.status.success(), "mkfs.ext4: {out:?}");
+    Ok(img)
+}
+
+/// The newest `TERN-DISK ok seq=K` on a console.
+fn disk_seq(console: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(console).ok()?;
+    text.lines().rev().find_map(|l| {
+        l.trim()
+            .strip_prefix("TERN-DISK ok seq=")?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// The newest complete `TERN-PCR seq=K 0=HEX ... 23=HEX` line on a console: (K, PCR 16).
+fn pcr16(console: &Path) -> Option<(u64, String)> {
+    let text = std::fs::read_to_string(console).ok()?;
+    let whole = &text[..text.rfind('\n')? + 1];
+    whole.lines().rev().find_map(|l| {
+        let rest = l.trim().strip_prefix("TERN-PCR seq=")?;
+        let mut it = rest.split_whitespace();
+        let seq = it.next()?.parse().ok()?;
+        let p = it.find_map(|kv| kv.strip_prefix("16="))?.to_string();
+        (p.len() == 64).then_some((seq, p))
+    })
+}
+
+fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        ensure!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn a_running_vm_continues_in_a_new_qemu_with_its_disk_and_tpm_and_no_ram_copied() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    let img = ext4_image(d.path())?;
+    let a = agent(&[])?;
+    let console = boot(
+        &a,
+        &spec(
+            "up1",
+            &g,
+            192,
+            &format!("{DIRTY} tern.disk=1 tern.disk_rate=256 tern.tpm_extend=5 tern.tpm_print=1"),
+            &format!(
+                "tpm = true\n[[disk]]\npath = {:?}\nformat = \"raw\"\n",
+                img.display().to_string()
+            ),
+        ),
+        "TERN-DISK-READY",
+    )?;
+    let (_, pcr_before) = wait_until("no TERN-PCR line", || pcr16(&console))?;
+    ensure!(pcr_before != "0".repeat(64), "PCR 16 was extended");
+    let disk_before = wait_until("no TERN-DISK ok line", || disk_seq(&console))?;
+    let old_pid = pid_of(&a, "up1")?;
+    let old_dir = a.run_dirs().into_iter().next().context("run dir")?;
+
+    let r = upgrade(&a, "up1", json!({}))?;
+    eprintln!("upgrade: {r:?}");
+    ensure!(r.running, "the VM ran before and runs after");
+    ensure!(
+        r.ram_pages_copied == 0 && r.ram_bytes_copied == 0 && r.zero_pages == 0,
+        "no RAM page crossed: {r:?}"
+    );
+    ensure!(
+        r.stream_bytes > 0 && r.stream_bytes < 4 << 20,
+        "only device state crossed: {} bytes",
+        r.stream_bytes
+    );
+    let downtime = r.downtime_ms.context("downtime of a running VM")?;
+    ensure!(downtime < 10_000, "downtime {downtime} ms");
+    let new_pid = r.new_pid.context("new pid")?;
+    ensure!(new_pid != old_pid, "a new QEMU process");
+    runs_in(&a, "up1", new_pid)?;
+    ensure!(!pid_alive(old_pid), "the old QEMU is gone");
+    ensure!(!old_dir.exists(), "the old run directory is removed");
+
+    // the guest goes on in the new QEMU: memory checker, disk writer, TPM
+    let console = console_of(&a, "up1")?;
+    checker_clean(&console, 0)?;
+    let (_, pcr_after) = wait_until("no TERN-PCR line after the upgrade", || pcr16(&console))?;
+    assert_eq!(pcr_after, pcr_before, "PCR 16 is the same in the new QEMU");
+    let disk_after = wait_until("the disk writer did not go on", || {
+        disk_seq(&console).filter(|s| *s > disk_before)
+    })?;
+    let text = std::fs::read_to_string(&console)?;
+    ensure!(
+        !text.contains("TERN-DISK-CORRUPT") && !text.contains("TERN-DISK-ERROR"),
+        "disk writer: {}",
+        tern_testkit::agents::tail(&text, 800)
+    );
+    eprintln!("disk seq {disk_before} -> {disk_after}");
+    // and it can be upgraded again (the new QEMU shares its memory the same way)
+    let r2 = upgrade(&a, "up1", json!({}))?;
+    ensure!(r2.ram_bytes_copied == 0, "{r2:?}");
+    runs_in(&a, "up1", r2.new_pid.context("pid")?)?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn a_paused_vm_stays_paused_and_its_memory_is_identical_in_the_new_qemu() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    let a = agent(&[])?;
+    let console = boot(&a, &spec("up2", &g, 128, DIRTY, ""), "TERN-READY")?;
+    a.qmp("up2", "stop", None)?;
+    let size = 128u64 << 20;
+    let before = d.path().join("before.ram");
+    let after = d.path().join("after.ram");
+    a.save_memory("up2", size, &before)?;
+    let r = upgrade(&a, "up2", json!({}))?;
+    ensure!(!r.running && r.downtime_ms.is_none(), "{r:?}");
+    ensure!(a.vm_status("up2")? == "paused", "the VM stays paused");
+    a.save_memory("up2", size, &after)?;
+    let (x, y) = (std::fs::read(&before)?, std::fs::read(&after)?);
+    ensure!(x.len() as u64 == size && y.len() as u64 == size);
+    let differ = x
+        .chunks(4096)
+        .zip(y.chunks(4096))
+        .filter(|(p, q)| p != q)
+        .count();
+    ensure!(differ == 0, "{differ} pages differ after the upgrade");
+    ensure!(
+        x.chunks(4096).filter(|p| p.iter().any(|b| *b != 0)).count() > 4096,
+        "the comparison covered a guest with data"
+    );
+    let _ = console;
+    a.qmp("up2", "cont", None)?;
+    checker_clean(&console_of(&a, "up2")?, 0)?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn a_new_qemu_that_cannot_take_the_vm_leaves_it_running_in_the_old_one() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    let a = agent(&[])?;
+    let console = boot(&a, &spec("up3", &g, 128, DIRTY, ""), "TERN-READY")?;
+    let pid = pid_of(&a, "up3")?;
+
+    let e = upgrade_error(&a, "up3", json!({ "qemu": "/nonexistent/qemu" }))?;
+    ensure!(e.contains("/nonexistent/qemu -version"), "{e}");
+    runs_in(&a, "up3", pid)?;
+
+    // a binary that says it is QEMU 10 but dies at start-up
+    let wrapper = d.path().join("qemu-broken");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\nif [ \"$1\" = -version ]; then exec qemu-system-x86_64 -version; fi\necho 'broken build' >&2\nexit 3\n",
+    )?;
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let since = console_len(&console);
+    let e = upgrade_error(&a, "up3", json!({ "qemu": wrapper }))?;
+    ensure!(
+        e.contains("new QEMU did not start") && e.contains("broken build"),
+        "{e}"
+    );
+    ensure!(
+        e.contains("the VM runs in its old QEMU"),
+        "the error says where the VM is: {e}"
+    );
+    runs_in(&a, "up3", pid)?;
+    checker_clean(&console, since)?;
+
+    // private memory cannot be handed over: said before anything starts
+    boot(
+        &a,
+        &spec("up4", &g, 128, "tern.workload=idle", "memory = \"private\"\n"),
+        "TERN-READY",
+    )?;
+    let e = upgrade_error(&a, "up4", json!({}))?;
+    ensure!(e.contains("private memory"), "{e}");
+    Ok(())
+}
+
+/// An agent with `fault` upgrades a running VM: it fails, and the VM runs on in its old
+/// QEMU with every page intact.
+fn fault_leaves_the_old_qemu_running(fault: &str, expect: &str) -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let a = agent(&[("TERN_FAULT", fault)])?;
+    let console = boot(&a, &spec("upf", &g, 128, DIRTY, ""), "TERN-READY")?;
+    let pid = pid_of(&a, "upf")?;
+    let since = console_len(&console);
+    let e = upgrade_error(&a, "upf", json!({}))?;
+    ensure!(e.contains(expect), "{e}");
+    ensure!(e.contains("the VM runs in its old QEMU"), "{e}");
+    runs_in(&a, "upf", pid)?;
+    checker_clean(&console, since)?;
+    // the next upgrade (no fault now: faults fire once) works
+    Ok(())
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn a_cut_device_state_stream_leaves_the_vm_in_its_old_qemu() -> Result<()> {
+    fault_leaves_the_old_qemu_running("upgrade-cut-stream", "stream was cut")
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn a_new_qemu_killed_during_the_hand_over_leaves_the_vm_in_its_old_qemu() -> Result<()> {
+    fault_leaves_the_old_qemu_running("upgrade-kill-new-qemu", "upgrade of VM \"upf\" failed")
+}
+
+/// The agent dies at `fault` during an upgrade; the next agent must run the VM exactly
+/// once: in the old QEMU (`in_new` false) or in the new one.
+fn agent_death_runs_the_vm_once(fault: &str, in_new: bool) -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let mut a = agent(&[("TERN_FAULT", fault)])?;
+    let console = boot(&a, &spec("upx", &g, 128, DIRTY, ""), "TERN-READY")?;
+    let old_pid = pid_of(&a, "upx")?;
+    let _ = a.call("POST", "/v1/vms/upx/upgrade", Some(&json!({})));
+    wait_exit(&a)?;
+    a.kill();
+    let qemus: Vec<u32> = a
+        .run_dirs()
+        .iter()
+        .filter_map(|d| std::fs::read_to_string(d.join("qemu.pid")).ok())
+        .filter_map(|p| p.trim().parse().ok())
+        .filter(|p| pid_alive(*p))
+        .collect();
+    ensure!(qemus.len() == 2, "both QEMUs are alive: {qemus:?}");
+    let new_pid = *qemus.iter().find(|p| **p != old_pid).context("new QEMU")?;
+    let b = a.successor(Path::new(BIN))?;
+    let (runs, gone) = if in_new {
+        (new_pid, old_pid)
+    } else {
+        (old_pid, new_pid)
+    };
+    runs_in(&b, "upx", runs)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pid_alive(gone) {
+        ensure!(Instant::now() < deadline, "the other QEMU is still alive");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let console_now = console_of(&b, "upx")?;
+    let since = if in_new { 0 } else { console_len(&console) };
+    checker_clean(&console_now, since)?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn an_agent_that_dies_before_the_upgrades_commit_is_followed_by_the_old_qemu_running() -> Result<()>
+{
+    agent_death_runs_the_vm_once("upgrade-exit-before-commit", false)
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn an_agent_that_dies_after_the_upgrades_commit_is_followed_by_the_new_qemu_running() -> Result<()>
+{
+    agent_death_runs_the_vm_once("upgrade-exit-after-commit", true)
+}
