@@ -229,13 +229,18 @@ async fn upgrade_vm(
             ),
         ));
     }
-    a.upgrade_vm(&name, req).await.map(Json).map_err(|e| match &e {
-        UpgradeVmError::NotFound(_) => ApiError::not_found(&e),
-        UpgradeVmError::Busy(_) => ApiError::new(StatusCode::CONFLICT, "busy", &e),
-        UpgradeVmError::Failed { .. } => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upgrade-failed", chain(&e))
-        }
-    })
+    a.upgrade_vm(&name, req)
+        .await
+        .map(Json)
+        .map_err(|e| match &e {
+            UpgradeVmError::NotFound(_) => ApiError::not_found(&e),
+            UpgradeVmError::Busy(_) => ApiError::new(StatusCode::CONFLICT, "busy", &e),
+            UpgradeVmError::Failed { .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "upgrade-failed",
+                chain(&e),
+            ),
+        })
 }
 
 /// QMP commands the pass-through takes besides `query-*`: none of them can run a

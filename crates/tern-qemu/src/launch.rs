@@ -531,6 +531,48 @@ mod tests {
     }
 
     #[test]
+    fn shared_memory_is_a_memfd_and_a_cpr_target_listens_on_two_channels() {
+        let mut o = LaunchOptions::new(PathBuf::from("/run/x"));
+        o.start_paused = true;
+        o.cpr_incoming = Some(CprIncoming {
+            main: "/h/main.sock".into(),
+            cpr: "/h/cpr.sock".into(),
+        });
+        let a: Vec<String> = QemuProcess::command_line(&spec(Accel::Tcg), &o)
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            after(&a, "-machine"),
+            Some("pc,memory-backend=tern-ram,aux-ram-share=on")
+        );
+        assert!(a
+            .iter()
+            .any(|s| s.starts_with("memory-backend-memfd,id=tern-ram,size=")
+                && s.ends_with(",share=on")));
+        let incoming: Vec<serde_json::Value> = a
+            .windows(2)
+            .filter(|w| w[0] == "-incoming")
+            .map(|w| serde_json::from_str(&w[1]).unwrap())
+            .collect();
+        assert_eq!(incoming.len(), 2, "{a:?}");
+        assert_eq!(incoming[0]["channel-type"], "main");
+        assert_eq!(incoming[0]["addr"]["path"], "/h/main.sock");
+        assert_eq!(incoming[1]["channel-type"], "cpr");
+        assert_eq!(incoming[1]["addr"]["path"], "/h/cpr.sock");
+        assert!(!a.contains(&"defer".to_string()));
+
+        let mut private = spec(Accel::Tcg);
+        private.memory = crate::spec::GuestMemory::Private;
+        let a: Vec<String> = QemuProcess::command_line(&private, &LaunchOptions::new("/r".into()))
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert_eq!(after(&a, "-machine"), Some("pc"));
+        assert!(!a.iter().any(|s| s.contains("memory-backend")));
+    }
+
+    #[test]
     fn unprivileged_sandboxed_command_line_names_the_user_as_the_version_wants() {
         let mut o = LaunchOptions::new("/run/x".into());
         o.run_as = Some("tern-qemu".into());

@@ -476,4 +476,16 @@ mod tests {
         VmSpec::from_toml("name='x'\nmemory_mib=64\nkernel='/k'\nmachine='pc-i440fx-10.0'")
             .unwrap();
     }
+
+    #[test]
+    fn memory_is_shared_unless_the_spec_says_private_and_shared_is_left_out_of_the_toml() {
+        let s = VmSpec::from_toml("name='x'\nmemory_mib=64\nkernel='/k'").unwrap();
+        assert_eq!(s.memory, GuestMemory::Shared);
+        assert!(!s.to_toml().contains("memory ="), "{}", s.to_toml());
+        let p =
+            VmSpec::from_toml("name='x'\nmemory_mib=64\nkernel='/k'\nmemory='private'").unwrap();
+        assert_eq!(p.memory, GuestMemory::Private);
+        assert_eq!(VmSpec::from_toml(&p.to_toml()).unwrap(), p);
+        assert!(VmSpec::from_toml("name='x'\nmemory_mib=64\nkernel='/k'\nmemory='huge'").is_err());
+    }
 }

@@ -509,14 +509,19 @@ fn vm(c: Client, cmd: VmCmd) -> Result<()> {
                     r.old_qemu_version,
                     r.new_qemu_version,
                     r.new_binary.display(),
-                    r.new_pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
+                    r.new_pid
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| "?".into())
                 );
                 match r.downtime_ms {
                     Some(d) => println!(
                         "  guest paused {d} ms (QEMU's own measure {} ms), {} ms in all",
                         r.qemu_downtime_ms, r.total_ms
                     ),
-                    None => println!("  the VM was paused and stays paused; {} ms in all", r.total_ms),
+                    None => println!(
+                        "  the VM was paused and stays paused; {} ms in all",
+                        r.total_ms
+                    ),
                 }
                 println!(
                     "  device state carried: {} bytes; RAM copied: {} pages, {} bytes (memory handed over)",

@@ -54,7 +54,10 @@ fn upgrade(a: &TestAgent, vm: &str, body: serde_json::Value) -> Result<UpgradeRe
 
 /// The agent's log and each QEMU's, for a failure's message.
 fn logs(a: &TestAgent) -> String {
-    let mut s = format!("agent log:\n{}", tern_testkit::agents::tail(&a.log_text(), 3000));
+    let mut s = format!(
+        "agent log:\n{}",
+        tern_testkit::agents::tail(&a.log_text(), 3000)
+    );
     for d in a.run_dirs() {
         let q = std::fs::read_to_string(d.join("qemu.log")).unwrap_or_default();
         s += &format!("\n{}: qemu.log: {q}", d.display());
@@ -103,7 +106,9 @@ fn checker_clean(console: &Path, since: usize) -> Result<()> {
 }
 
 fn console_len(console: &Path) -> usize {
-    std::fs::read_to_string(console).map(|t| t.len()).unwrap_or(0)
+    std::fs::read_to_string(console)
+        .map(|t| t.len())
+        .unwrap_or(0)
 }
 
 /// The VM runs, in the QEMU with `pid`, and the agent keeps one run directory for it.
@@ -249,7 +254,7 @@ fn a_paused_vm_stays_paused_and_its_memory_is_identical_in_the_new_qemu() -> Res
     let g = ensure_guest()?;
     let d = tempfile::tempdir()?;
     let a = agent(&[])?;
-    let console = boot(&a, &spec("up2", &g, 128, DIRTY, ""), "TERN-READY")?;
+    boot(&a, &spec("up2", &g, 128, DIRTY, ""), "TERN-READY")?;
     a.qmp("up2", "stop", None)?;
     let size = 128u64 << 20;
     let before = d.path().join("before.ram");
@@ -271,7 +276,6 @@ fn a_paused_vm_stays_paused_and_its_memory_is_identical_in_the_new_qemu() -> Res
         x.chunks(4096).filter(|p| p.iter().any(|b| *b != 0)).count() > 4096,
         "the comparison covered a guest with data"
     );
-    let _ = console;
     a.qmp("up2", "cont", None)?;
     checker_clean(&console_of(&a, "up2")?, 0)?;
     Ok(())
@@ -317,7 +321,13 @@ fn a_new_qemu_that_cannot_take_the_vm_leaves_it_running_in_the_old_one() -> Resu
     // private memory cannot be handed over: said before anything starts
     boot(
         &a,
-        &spec("up4", &g, 128, "tern.workload=idle", "memory = \"private\"\n"),
+        &spec(
+            "up4",
+            &g,
+            128,
+            "tern.workload=idle",
+            "memory = \"private\"\n",
+        ),
         "TERN-READY",
     )?;
     let e = upgrade_error(&a, "up4", json!({}))?;
@@ -405,4 +415,43 @@ fn an_agent_that_dies_before_the_upgrades_commit_is_followed_by_the_old_qemu_run
 fn an_agent_that_dies_after_the_upgrades_commit_is_followed_by_the_new_qemu_running() -> Result<()>
 {
     agent_death_runs_the_vm_once("upgrade-exit-after-commit", true)
+}
+
+/// The operator's path (docs/upgrade.md): the agent is replaced by a new binary while the
+/// VM runs (it re-attaches), then the VM moves to the new QEMU binary.
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn an_operator_upgrades_the_agent_then_qemu_while_the_vm_runs() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    let mut a = agent(&[])?;
+    let console = boot(&a, &spec("up5", &g, 128, DIRTY, ""), "TERN-READY")?;
+    let pid = pid_of(&a, "up5")?;
+    // 1. the agent: stop the old one (its VMs keep running), start the new binary
+    let new_tern = d.path().join("tern-new");
+    std::fs::copy(BIN, &new_tern)?;
+    a.terminate();
+    ensure!(pid_alive(pid), "the VM outlives its agent");
+    let b = a.successor(&new_tern)?;
+    runs_in(&b, "up5", pid)?;
+    // 2. QEMU: the "new" binary (a wrapper in its own path standing in for a new build)
+    let new_qemu = d.path().join("qemu-new");
+    std::fs::write(&new_qemu, "#!/bin/sh\nexec qemu-system-x86_64 \"$@\"\n")?;
+    std::fs::set_permissions(
+        &new_qemu,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let r = upgrade(&b, "up5", json!({ "qemu": new_qemu }))?;
+    ensure!(r.new_binary == new_qemu, "{r:?}");
+    ensure!(r.ram_bytes_copied == 0, "{r:?}");
+    let new_pid = r.new_pid.context("pid")?;
+    runs_in(&b, "up5", new_pid)?;
+    ensure!(!pid_alive(pid), "the re-attached old QEMU is stopped");
+    ensure!(
+        !console_of(&b, "up5")?.starts_with(console.parent().context("run dir")?),
+        "the VM has a new run directory"
+    );
+    checker_clean(&console_of(&b, "up5")?, 0)?;
+    Ok(())
 }

@@ -129,7 +129,11 @@ pub enum UpgradeError {
         source: std::io::Error,
     },
     #[error("{what} is QEMU {major}.{minor}: handing a VM over needs QEMU 10.0 or newer on both sides (cpr-transfer)")]
-    OldQemu { what: String, major: u32, minor: u32 },
+    OldQemu {
+        what: String,
+        major: u32,
+        minor: u32,
+    },
     #[error("cannot prepare the hand-over ({what})")]
     Files {
         what: String,
@@ -329,7 +333,9 @@ fn chown_to(path: &Path, user: &str) -> Result<(), UpgradeError> {
 /// `(uid, gid)` of a user, from `id`.
 fn user_ids(user: &str) -> std::io::Result<(u32, u32)> {
     let id = |flag: &str| -> std::io::Result<u32> {
-        let out = std::process::Command::new("id").args([flag, user]).output()?;
+        let out = std::process::Command::new("id")
+            .args([flag, user])
+            .output()?;
         String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse()
@@ -427,11 +433,10 @@ async fn hand_over(
         }
         Ok(p)
     };
-    let (mut process, carried) = tokio::time::timeout(STEP, async {
-        tokio::try_join!(launched, carry)
-    })
-    .await
-    .map_err(|_| UpgradeError::Timeout("the hand-over", STEP.as_secs()))??;
+    let (mut process, carried) =
+        tokio::time::timeout(STEP, async { tokio::try_join!(launched, carry) })
+            .await
+            .map_err(|_| UpgradeError::Timeout("the hand-over", STEP.as_secs()))??;
     let result = async {
         let old_downtime = wait_completed(q, "old").await?;
         wait_completed(&process.qmp, "new").await?;
@@ -505,7 +510,10 @@ async fn hand_over(
 async fn wait_completed(qmp: &QmpClient, side: &'static str) -> Result<u64, UpgradeError> {
     let deadline = Instant::now() + STEP;
     loop {
-        let m = qmp.query_migrate().await.map_err(qmp_err("query-migrate"))?;
+        let m = qmp
+            .query_migrate()
+            .await
+            .map_err(qmp_err("query-migrate"))?;
         match m.status.as_str() {
             "completed" => return Ok(m.downtime_ms.unwrap_or(0)),
             "failed" | "cancelled" => {
@@ -557,12 +565,43 @@ fn cmdline_mentions(pid: u32, dir: &Path) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
         .unwrap_or(false)
-        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| !r.starts_with('Z')))
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, r)| !r.starts_with('Z'))
+        })
 }
 
 fn kill(pid: u32) {
     if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mark_says_the_upgrade_committed_only_once_the_new_directory_holds_the_record() {
+        let old = tempfile::tempdir().unwrap();
+        let new = tempfile::tempdir().unwrap();
+        let mark = UpgradeMark {
+            to: new.path().to_path_buf(),
+            source_running: true,
+        };
+        mark.write(old.path()).unwrap();
+        let read = UpgradeMark::read(old.path()).unwrap();
+        assert_eq!(read, mark);
+        assert!(!read.committed(), "no record yet: the VM is the old QEMU's");
+        SwitchRecord {
+            migration_id: "upgrade-x".into(),
+            peer: "this host".into(),
+            source_running: true,
+            resumed_unix_us: 0,
+        }
+        .write(new.path())
+        .unwrap();
+        assert!(read.committed(), "the record is the commit");
+        assert!(UpgradeMark::read(new.path()).is_none());
     }
 }

@@ -58,10 +58,7 @@ pub async fn carry(
         .map_err(|_| RelayError::NoSource(LISTEN_WITHIN.as_secs()))??;
     let got = old.peer_cred()?.pid();
     if old_pid.is_none() || got.map(|p| p as i64) != old_pid.map(|p| p as i64) {
-        return Err(RelayError::Stranger {
-            got,
-            want: old_pid,
-        });
+        return Err(RelayError::Stranger { got, want: old_pid });
     }
     let deadline = Instant::now() + LISTEN_WITHIN;
     let new = loop {
@@ -126,4 +123,64 @@ pub async fn carry(
     };
     let (c, ()) = tokio::try_join!(forward, back)?;
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn setup() -> (tempfile::TempDir, UnixListener, UnixListener) {
+        let d = tempfile::tempdir().unwrap();
+        let src = UnixListener::bind(d.path().join("src.sock")).unwrap();
+        let new = UnixListener::bind(d.path().join("main.sock")).unwrap();
+        (d, src, new)
+    }
+
+    #[tokio::test]
+    async fn only_the_old_qemus_process_may_send_the_device_state() {
+        let (d, src, _new) = setup().await;
+        let _me = UnixStream::connect(d.path().join("src.sock"))
+            .await
+            .unwrap();
+        // pid 1 is not us
+        let e = carry(&src, Some(1), &d.path().join("main.sock"), None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, RelayError::Stranger { want: Some(1), .. }),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bytes_that_are_not_a_migration_stream_are_refused_and_never_forwarded() {
+        let (d, src, new) = setup().await;
+        let mut me = UnixStream::connect(d.path().join("src.sock"))
+            .await
+            .unwrap();
+        me.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        me.shutdown().await.unwrap();
+        let received = tokio::spawn(async move {
+            let (mut s, _) = new.accept().await.unwrap();
+            let mut v = Vec::new();
+            let _ = s.read_to_end(&mut v).await;
+            v
+        });
+        let e = carry(
+            &src,
+            Some(std::process::id()),
+            &d.path().join("main.sock"),
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(e, RelayError::Stream(StreamError::BadMagic(_))),
+            "{e}"
+        );
+        assert!(
+            received.await.unwrap().is_empty(),
+            "nothing reached the new QEMU"
+        );
+    }
 }
