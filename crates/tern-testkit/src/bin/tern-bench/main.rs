@@ -1,7 +1,7 @@
 //! `tern-bench loopback`: the foundation benchmark (`tern-bench datapath`: see
 //! [`datapath`]; `tern-bench wan`: see [`wan`];
 //! `tern-bench tls`: see [`tls`]; `tern-bench disk`: see [`disk`]; `tern-bench shared`:
-//! see [`shared`]). Same guest, same
+//! see [`shared`]; `tern-bench upgrade`: see [`upgrade`]). Same guest, same
 //! machine, one run:
 //! QEMU's own migration (QEMU to QEMU over loopback TCP) against the same migration
 //! through two tern agents, alternating, N rounds per workload. Prints a Markdown table of
@@ -15,6 +15,7 @@ mod disk;
 mod predict;
 mod shared;
 mod tls;
+mod upgrade;
 mod wan;
 
 use std::path::{Path, PathBuf};
@@ -261,6 +262,17 @@ fn main() -> Result<()> {
             let out = datapath::bench(&bin, &ensure_guest()?, &sizes, rounds)?;
             return emit(&out);
         }
+        Some("upgrade") => {
+            let sizes: Vec<u32> = arg("--sizes")
+                .unwrap_or_else(|| "1024,4096,16384".into())
+                .split(',')
+                .map(|s| s.trim().parse().context("--sizes: MiB, comma-separated"))
+                .collect::<Result<_>>()?;
+            let fill: u32 = arg("--fill-mib").map(|m| m.parse()).transpose()?.unwrap_or(512);
+            let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);
+            let out = upgrade::bench(&bin, &ensure_guest()?, &sizes, fill, rounds)?;
+            return emit(&out);
+        }
         Some("disk") => {
             let opts = disk::Options::parse(arg)?;
             let out = disk::bench(&bin, &ensure_guest()?, &opts)?;
@@ -271,7 +283,7 @@ fn main() -> Result<()> {
             return Ok(());
         }
         _ => bail!(
-            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench datapath --tern PATH [--sizes 2048,8192] [--rounds 5] [--out FILE]\n       tern-bench spread --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--runs 20] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench predict --tern PATH [--profiles wan-100m-50ms,wan-1g-20ms] [--mem-mib 512] [--out FILE]\n       tern-bench shared --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 320] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]\n       tern-bench disk --tern PATH [--link wan-100m-50ms] [--disk-mib 256] [--rounds 1] [--scenario a|b|c] [--only qemu|tern] [--limit-secs 600] [--out FILE (appended)]"
+            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench datapath --tern PATH [--sizes 2048,8192] [--rounds 5] [--out FILE]\n       tern-bench spread --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--runs 20] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench predict --tern PATH [--profiles wan-100m-50ms,wan-1g-20ms] [--mem-mib 512] [--out FILE]\n       tern-bench shared --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 320] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]\n       tern-bench upgrade --tern PATH [--sizes 1024,4096,16384] [--fill-mib 512] [--rounds 3] [--out FILE]\n       tern-bench disk --tern PATH [--link wan-100m-50ms] [--disk-mib 256] [--rounds 1] [--scenario a|b|c] [--only qemu|tern] [--limit-secs 600] [--out FILE (appended)]"
         ),
     }
     let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);

@@ -1,0 +1,109 @@
+//! `tern-bench upgrade`: what a same-host upgrade (`tern vm upgrade`, memory handed over)
+//! costs against a normal migration of the same guest over loopback between two agents on
+//! this machine, for guests of several sizes. Each guest fills the same amount of memory
+//! (the rest stays untouched), then runs idle: the upgrade's pause should not grow with
+//! the guest's size, a copy's does.
+//!
+//! Usage: tern-bench upgrade --tern target/release/tern [--sizes 1024,4096,16384]
+//! [--fill-mib 512] [--rounds 3] [--out FILE]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tern_api::vm::UpgradeReport;
+use tern_testkit::agents::{wait_for_text, TestAgent};
+use tern_testkit::guest::GuestImage;
+
+use super::{bench_request, machine_cpu_seconds, median, spec};
+
+struct Row {
+    mib: u32,
+    upgrades: Vec<UpgradeReport>,
+    upgrade_cpu_s: Vec<f64>,
+    migrate_downtime_ms: f64,
+    migrate_total_ms: f64,
+    migrate_mb: f64,
+    migrate_cpu_s: f64,
+}
+
+pub fn bench(bin: &Path, g: &GuestImage, sizes: &[u32], fill: u32, rounds: usize) -> Result<String> {
+    let mut rows = Vec::new();
+    for &mib in sizes {
+        eprintln!("[{mib} MiB] boot, fill {fill} MiB");
+        let a = TestAgent::start(bin, "bench-a", &[])?;
+        let b = TestAgent::start(bin, "bench-b", &[])?;
+        let mut s = spec("bench-up", g, &format!("tern.workload=fill tern.mib={fill}"));
+        s.memory_mib = mib;
+        let info = a.start_vm(&s.to_toml())?;
+        let console = PathBuf::from(info["console_log"].as_str().context("console")?);
+        wait_for_text(&console, "TERN-READY", Duration::from_secs(600))?;
+        let mut upgrades = Vec::new();
+        let mut upgrade_cpu_s = Vec::new();
+        for i in 0..rounds {
+            let cpu0 = machine_cpu_seconds();
+            let v = a
+                .call("POST", "/v1/vms/bench-up/upgrade", Some(&json!({})))
+                .with_context(|| format!("upgrade {} of the {mib} MiB guest", i + 1))?;
+            upgrade_cpu_s.push(machine_cpu_seconds() - cpu0);
+            let r: UpgradeReport = serde_json::from_value(v)?;
+            eprintln!(
+                "  upgrade {}: {:?} ms paused (QEMU {} ms), {} B of device state, {} RAM B",
+                i + 1,
+                r.downtime_ms,
+                r.qemu_downtime_ms,
+                r.stream_bytes,
+                r.ram_bytes_copied
+            );
+            upgrades.push(r);
+        }
+        eprintln!("[{mib} MiB] migrate to a second agent over loopback");
+        let cpu0 = machine_cpu_seconds();
+        let id = a.start_migration("bench-up", &b.peer_addr.to_string(), bench_request()?)?;
+        let st = a.wait_migration(&id, Duration::from_secs(900))?;
+        let cpu = machine_cpu_seconds() - cpu0;
+        let r = st
+            .report
+            .with_context(|| format!("the migration failed: {:?}", st.error))?;
+        eprintln!(
+            "  migration: {} ms paused, {} ms in all, {} B on the wire",
+            r.downtime_ms, r.total_time_ms, r.bytes_on_wire
+        );
+        rows.push(Row {
+            mib,
+            upgrades,
+            upgrade_cpu_s,
+            migrate_downtime_ms: r.downtime_ms as f64,
+            migrate_total_ms: r.total_time_ms as f64,
+            migrate_mb: r.bytes_on_wire as f64 / 1e6,
+            migrate_cpu_s: cpu,
+        });
+    }
+    let mut out = format!(
+        "Same host, 2 cores shared by every QEMU and agent, TCG. Each guest filled {fill} MiB, then idle. \
+         Upgrade: median of {rounds} in a row on one guest; migration: one, to a second agent over loopback (TLS), after the upgrades.\n\n\
+         | guest | upgrade: paused ms (tern: stop to running) | QEMU's own downtime ms | total ms | device state KB | RAM copied B | CPU s | migration: paused ms | total ms | MB on the wire | CPU s | paused, upgrade / migration |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    );
+    for r in &rows {
+        let m = |f: &dyn Fn(&UpgradeReport) -> f64| median(r.upgrades.iter().map(f).collect());
+        let paused = m(&|u| u.downtime_ms.unwrap_or(0) as f64);
+        out += &format!(
+            "| {} GiB | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.1} | {:.2} | {:.3}x |\n",
+            r.mib / 1024,
+            paused,
+            m(&|u| u.qemu_downtime_ms as f64),
+            m(&|u| u.total_ms as f64),
+            m(&|u| u.stream_bytes as f64 / 1e3),
+            m(&|u| u.ram_bytes_copied as f64),
+            median(r.upgrade_cpu_s.clone()),
+            r.migrate_downtime_ms,
+            r.migrate_total_ms,
+            r.migrate_mb,
+            r.migrate_cpu_s,
+            paused / r.migrate_downtime_ms.max(1.0),
+        );
+    }
+    Ok(out)
+}
