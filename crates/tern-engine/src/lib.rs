@@ -32,6 +32,7 @@ pub mod disk;
 pub mod error;
 pub mod fault;
 pub mod handle;
+pub mod hostmem;
 pub mod local;
 pub mod pace;
 pub mod pages;

@@ -538,7 +538,9 @@ mod tests {
             main: "/h/main.sock".into(),
             cpr: "/h/cpr.sock".into(),
         });
-        let a: Vec<String> = QemuProcess::command_line(&spec(Accel::Tcg), &o)
+        let mut shared = spec(Accel::Tcg);
+        shared.memory = crate::spec::GuestMemory::Shared;
+        let a: Vec<String> = QemuProcess::command_line(&shared, &o)
             .into_iter()
             .map(|s| s.into_string().unwrap())
             .collect();
@@ -562,12 +564,11 @@ mod tests {
         assert_eq!(incoming[1]["addr"]["path"], "/h/cpr.sock");
         assert!(!a.contains(&"defer".to_string()));
 
-        let mut private = spec(Accel::Tcg);
-        private.memory = crate::spec::GuestMemory::Private;
-        let a: Vec<String> = QemuProcess::command_line(&private, &LaunchOptions::new("/r".into()))
-            .into_iter()
-            .map(|s| s.into_string().unwrap())
-            .collect();
+        let a: Vec<String> =
+            QemuProcess::command_line(&spec(Accel::Tcg), &LaunchOptions::new("/r".into()))
+                .into_iter()
+                .map(|s| s.into_string().unwrap())
+                .collect();
         assert_eq!(after(&a, "-machine"), Some("pc"));
         assert!(!a.iter().any(|s| s.contains("memory-backend")));
     }

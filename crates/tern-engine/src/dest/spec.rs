@@ -1,11 +1,12 @@
 //! What a destination takes from a peer's VM spec: its own decision, not the peer's. The
 //! kernel and initrd only from its boot directories, machine types its QEMU knows, no
-//! migration capabilities from the peer, no VM larger than the host.
+//! migration capabilities from the peer, no VM larger than the host (and none with shared
+//! memory larger than what it has available).
 
 use std::path::PathBuf;
 
 use tern_proto::ErrorCode;
-use tern_qemu::spec::VmSpec;
+use tern_qemu::spec::{GuestMemory, VmSpec};
 
 use super::{refuse, IncomingError};
 use crate::EngineConfig;
@@ -39,6 +40,20 @@ pub fn vet_incoming_spec(config: &EngineConfig, spec: &mut VmSpec) -> Result<(),
                 spec.name, spec.memory_mib, config.host_memory_mib
             ),
         ));
+    }
+    if spec.memory == GuestMemory::Shared {
+        // an incoming shared-memory guest fills all of its RAM here (crate::hostmem)
+        if let Some(available) = crate::hostmem::available_mib() {
+            if let Err(need) = crate::hostmem::room_for(u64::from(spec.memory_mib), 0, available) {
+                return Err(refuse(
+                    ErrorCode::ResourceExhausted,
+                    format!(
+                        "VM {} has {need} MiB of shared memory (memory = \"shared\"), which an incoming migration fills completely, and {host} has {available} MiB available",
+                        spec.name
+                    ),
+                ));
+            }
+        }
     }
     Ok(())
 }

@@ -116,7 +116,7 @@ pub struct Upgraded {
 /// Why an upgrade did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
-    #[error("VM {0:?} has private memory (memory = \"private\" in its spec): it cannot be handed to a new QEMU without a copy; restart it with memory = \"shared\", or migrate it to another host")]
+    #[error("VM {0:?} has private memory (the default; its spec has no memory = \"shared\"): it cannot be handed to a new QEMU without a copy; restart it with memory = \"shared\", or migrate it to another host")]
     PrivateMemory(String),
     #[error("VM {vm:?} is {status}: only a running or paused VM can be upgraded")]
     NotRunning { vm: String, status: String },

@@ -3,6 +3,7 @@
 //! decides whether it runs again on failure.
 
 use tern_proto::DiskInfo;
+use tern_qemu::spec::GuestMemory;
 
 use super::{MigrateError, Migration};
 use crate::disk;
@@ -21,12 +22,33 @@ pub(super) async fn run(m: &mut Migration) -> Result<Plan, MigrateError> {
     } else {
         Some(disk::SourceDisks::describe(qmp, &m.vm.spec).await?)
     };
+    if m.vm.spec.memory == GuestMemory::Shared {
+        check_room_for_shared_memory(&m.vm)?;
+    }
     m.source_running = qmp.query_status().await?.running;
     // the progress counts the disks' work against memory's (the stream says the exact
     // RAM size later)
     let ram = u64::from(m.vm.spec.memory_mib) << 20;
     m.handle.update(|s| s.progress.ram_total = Some(ram));
     Ok(Plan { disks })
+}
+
+/// A guest with shared memory: QEMU's reads during the migration allocate every page it
+/// has not touched yet ([`crate::hostmem`]). Refused when that does not fit here, instead
+/// of the OOM killer taking a QEMU.
+fn check_room_for_shared_memory(vm: &super::SourceVm) -> Result<(), MigrateError> {
+    use crate::hostmem;
+    let resident = vm.pid.and_then(hostmem::shared_resident_mib).unwrap_or(0);
+    let Some(available_mib) = hostmem::available_mib() else {
+        return Ok(()); // unknown: nothing to say
+    };
+    hostmem::room_for(u64::from(vm.spec.memory_mib), resident, available_mib).map_err(|need_mib| {
+        MigrateError::SharedMemoryRoom {
+            vm: vm.spec.name.clone(),
+            need_mib,
+            available_mib,
+        }
+    })
 }
 
 /// Refuses QEMU configurations tern's data path cannot carry, before anything moves.

@@ -106,6 +106,12 @@ pub enum SourceOutcome {
 pub enum MigrateError {
     #[error("QEMU migration capability {cap:?} is on ({why}): turn it off with migrate-set-capabilities, or remove it from the VM spec's migration_capabilities")]
     UnsupportedCapability { cap: String, why: &'static str },
+    #[error("VM {vm:?} has shared memory (memory = \"shared\"): migrating it makes its QEMU fill all of its RAM on this host, {need_mib} MiB more than it holds now, but this host has {available_mib} MiB available: free memory here first, or restart the VM with memory = \"private\" (it then migrates without filling)")]
+    SharedMemoryRoom {
+        vm: String,
+        need_mib: u64,
+        available_mib: u64,
+    },
     #[error("cannot open a secure connection to the destination agent")]
     Handshake(#[from] HandshakeError),
     #[error("{0}")]
@@ -186,6 +192,7 @@ impl MigrateError {
             }
             MigrateError::Handshake(HandshakeError::Tls { .. }) => ErrorCode::Security,
             MigrateError::NotAuthorized(_) => ErrorCode::NotAuthorized,
+            MigrateError::SharedMemoryRoom { .. } => ErrorCode::ResourceExhausted,
             MigrateError::UnsupportedCapability { .. } => ErrorCode::StreamUnsupported,
             MigrateError::Handshake(_) | MigrateError::PeerWrite(_) => ErrorCode::Internal,
             MigrateError::Remote { code, .. } => *code,
