@@ -116,6 +116,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/memory", post(save_memory))
         .route("/v1/vms/{name}/migrate", post(migrate))
         .route("/v1/vms/{name}/upgrade", post(upgrade_vm))
+        .route("/v1/vms/{name}/move", post(move_vm))
+        .route("/v1/handover", post(receive_handover))
+        .route("/v1/handover/{id}/commit", post(commit_handover))
+        .route("/v1/handover/{id}/abort", post(abort_handover))
         .route("/v1/vms/{name}/plan", post(plan))
         .route("/v1/vms/{name}/migration/cancel", post(cancel_vm_migration))
         .route("/v1/migrations", get(list_migrations))
@@ -241,6 +245,65 @@ async fn upgrade_vm(
                 chain(&e),
             ),
         })
+}
+
+fn upgrade_error(e: UpgradeVmError) -> ApiError {
+    match &e {
+        UpgradeVmError::NotFound(_) => ApiError::not_found(&e),
+        UpgradeVmError::Busy(_) => ApiError::new(StatusCode::CONFLICT, "busy", &e),
+        UpgradeVmError::Failed { .. } => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "upgrade-failed",
+            chain(&e),
+        ),
+    }
+}
+
+async fn move_vm(
+    State(a): S,
+    Path(name): Path<String>,
+    Body(req): Body<tern_api::vm::MoveLocalRequest>,
+) -> Result<Json<tern_api::vm::UpgradeReport>, ApiError> {
+    a.move_vm_local(&name, req)
+        .await
+        .map(Json)
+        .map_err(upgrade_error)
+}
+
+fn receive_error(e: crate::handover::ReceiveError) -> ApiError {
+    use crate::handover::ReceiveError as R;
+    let status = match &e {
+        R::Exists(_) => StatusCode::CONFLICT,
+        R::Unknown(_) => StatusCode::NOT_FOUND,
+        R::Spec(_) | R::NotShared(_) | R::TpmKey(_) => StatusCode::BAD_REQUEST,
+        R::Upgrade(_) => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    ApiError::new(status, "handover-failed", chain(&e))
+}
+
+async fn receive_handover(
+    State(a): S,
+    Body(req): Body<tern_api::vm::HandOverRequest>,
+) -> Result<Json<tern_api::vm::HandOverReady>, ApiError> {
+    a.receive_handover(req)
+        .await
+        .map(Json)
+        .map_err(receive_error)
+}
+
+async fn commit_handover(
+    State(a): S,
+    Path(id): Path<String>,
+) -> Result<Json<tern_api::vm::HandOverDone>, ApiError> {
+    a.handover_command(&id, true)
+        .await
+        .map(Json)
+        .map_err(receive_error)
+}
+
+async fn abort_handover(State(a): S, Path(id): Path<String>) -> StatusCode {
+    let _ = a.handover_command(&id, false).await;
+    StatusCode::NO_CONTENT
 }
 
 /// QMP commands the pass-through takes besides `query-*`: none of them can run a

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod handover;
 pub mod images;
 pub mod links;
 pub mod metrics;
@@ -30,7 +31,7 @@ use tokio::net::TcpListener;
 use tern_engine::dest::{SwitchRecord, INCOMING_MARKER};
 use tern_engine::transport::tls;
 use tern_engine::{BoxFuture, Engine, EngineConfig, Host, HostLaunchError};
-use vm::{StartVmError, StopMode, StopVmError, UpgradeVmError, Vm};
+use vm::{StartVmError, StopMode, StopVmError, Vm};
 
 /// Where the control API listens: a unix socket only root can use. There is no TCP API:
 /// it could start VMs and reach their QEMU, and a network listener would need its own
@@ -145,6 +146,8 @@ pub struct Agent {
     vms: Mutex<HashMap<String, Arc<Vm>>>,
     /// Names held by incoming migrations that have not switched over yet.
     reserved: Mutex<HashSet<String>>,
+    /// Hand-overs from other agents on this host waiting for their sender's word.
+    handovers: Mutex<HashMap<String, tokio::sync::mpsc::Sender<handover::HandOverCmd>>>,
     /// Itself, for handing to the engine as its [`Host`].
     me: std::sync::Weak<Agent>,
 }
@@ -345,6 +348,7 @@ impl Agent {
             policy,
             vms: Mutex::new(HashMap::new()),
             reserved: Mutex::new(HashSet::new()),
+            handovers: Mutex::new(HashMap::new()),
             me: me.clone(),
         }))
     }
@@ -498,52 +502,10 @@ impl Agent {
         Ok(())
     }
 
-    /// Continues VM `name` in a new QEMU process on this host ([`tern_engine::local`]):
-    /// its memory handed over, not copied. On success the VM's entry points at the new
-    /// QEMU and the old one is stopped; on failure the old one runs the VM as before.
-    pub async fn upgrade_vm(
-        &self,
-        name: &str,
-        req: tern_api::vm::UpgradeRequest,
-    ) -> Result<tern_api::vm::UpgradeReport, UpgradeVmError> {
-        use std::sync::atomic::Ordering;
-        let vm = self
-            .vm(name)
-            .ok_or_else(|| UpgradeVmError::NotFound(name.into()))?;
-        if vm.migrating.swap(true, Ordering::SeqCst) {
-            return Err(UpgradeVmError::Busy(name.into()));
-        }
-        let opts = tern_engine::local::UpgradeOptions {
-            qemu_binary: req.qemu,
-            qemu_user: self.config.qemu_user.clone(),
-            fault: self.config.fault,
-        };
-        let local = tern_engine::local::LocalVm {
-            spec: &vm.spec,
-            qmp: &vm.qmp,
-            run_dir: &vm.run_dir,
-            pid: vm.pid,
-        };
-        match tern_engine::local::upgrade(self, local, &opts).await {
-            Ok(up) => {
-                let new = Arc::new(Vm::supervise(vm.spec.clone(), up.process));
-                let new_dir = new.run_dir.clone();
-                self.vms.lock().insert(name.to_string(), new);
-                // the old QEMU holds the VM paused for good (postmigrate)
-                vm.stop(StopMode::Quit).await;
-                self.remove_run_dir(&vm.run_dir).await;
-                tern_engine::local::finish(&new_dir);
-                tracing::info!(vm = name, downtime_ms = ?up.report.downtime_ms, new_qemu = %up.report.new_qemu_version, "upgraded to a new QEMU");
-                Ok(up.report)
-            }
-            Err(e) => {
-                vm.migrating.store(false, Ordering::SeqCst);
-                Err(UpgradeVmError::Failed {
-                    vm: name.into(),
-                    source: e,
-                })
-            }
-        }
+    /// Puts `vm` in the registry under `name` in place of the entry there (a same-host
+    /// hand-over: the new QEMU takes the old one's place).
+    pub(crate) fn replace(&self, name: &str, vm: Arc<Vm>) {
+        self.vms.lock().insert(name.to_string(), vm);
     }
 
     /// The engine's view of this agent: its policy, names, run directories, launches.
@@ -762,7 +724,7 @@ async fn finish_switchover(
 }
 
 /// Whether /proc/PID/cmdline mentions `dir` (the pid file is not reused by another process).
-fn cmdline_mentions(pid: u32, dir: &std::path::Path) -> bool {
+pub(crate) fn cmdline_mentions(pid: u32, dir: &std::path::Path) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
         .unwrap_or(false)

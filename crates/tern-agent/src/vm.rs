@@ -227,6 +227,6 @@ pub enum UpgradeVmError {
     Failed {
         vm: String,
         #[source]
-        source: tern_engine::local::UpgradeFailed,
+        source: Box<tern_engine::local::UpgradeFailed>,
     },
 }

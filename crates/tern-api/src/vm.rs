@@ -85,3 +85,44 @@ pub struct UpgradeReport {
     /// RAM pages sent as "all one byte" records (also 0 when handed over).
     pub zero_pages: u64,
 }
+
+/// `POST /v1/vms/{name}/move`: hand the VM to another agent on this host, its memory
+/// handed over without a copy (`tern vm move`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MoveLocalRequest {
+    /// The other agent's API, `unix:/path` (root only, like this one's).
+    pub agent: String,
+}
+
+/// `POST /v1/handover` (from another agent on this host): start a QEMU that takes over a
+/// VM's memory and device state from the caller's QEMU.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandOverRequest {
+    pub spec_toml: String,
+    /// The VM runs (and must run here after the commit).
+    pub running: bool,
+    /// The VM's vTPM migration key (hex), when it has a TPM.
+    #[serde(default)]
+    pub tpm_key_hex: Option<String>,
+    /// The user the caller's QEMU runs as: it must reach the new QEMU's sockets.
+    #[serde(default)]
+    pub source_qemu_user: Option<String>,
+}
+
+/// The answer to a [`HandOverRequest`]: where the new QEMU listens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandOverReady {
+    pub id: String,
+    pub cpr: PathBuf,
+    pub main: PathBuf,
+    /// The new QEMU's run directory (it holds the switchover record after the commit).
+    pub run_dir: PathBuf,
+}
+
+/// `POST /v1/handover/{id}/commit`: the VM runs in the new QEMU.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandOverDone {
+    pub pid: Option<u32>,
+    pub qemu_version: String,
+    pub binary: PathBuf,
+}

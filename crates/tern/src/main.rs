@@ -211,6 +211,17 @@ enum VmCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Hand a running VM to another tern agent on this host (its new QEMU there takes
+    /// the memory over, no copy); needs memory = "shared". The VM runs on here if
+    /// anything fails.
+    Move {
+        name: String,
+        /// The other agent's API socket, e.g. unix:/run/tern-b/agent.sock.
+        #[arg(long = "to-agent")]
+        to_agent: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Send one QMP command to a VM, e.g. `tern vm qmp web1 query-status`.
     Qmp {
         name: String,
@@ -498,36 +509,20 @@ fn vm(c: Client, cmd: VmCmd) -> Result<()> {
                 &format!("/v1/vms/{name}/upgrade"),
                 Some(&serde_json::to_value(&req)?),
             )?;
-            let r: tern_api::vm::UpgradeReport = serde_json::from_value(v.clone())
-                .context("the agent's upgrade report is not what this tern expects")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!(
-                    "upgraded {}: QEMU {} -> {} ({}, pid {})",
-                    r.vm,
-                    r.old_qemu_version,
-                    r.new_qemu_version,
-                    r.new_binary.display(),
-                    r.new_pid
-                        .map(|p| p.to_string())
-                        .unwrap_or_else(|| "?".into())
-                );
-                match r.downtime_ms {
-                    Some(d) => println!(
-                        "  guest paused {d} ms (QEMU's own measure {} ms), {} ms in all",
-                        r.qemu_downtime_ms, r.total_ms
-                    ),
-                    None => println!(
-                        "  the VM was paused and stays paused; {} ms in all",
-                        r.total_ms
-                    ),
-                }
-                println!(
-                    "  device state carried: {} bytes; RAM copied: {} pages, {} bytes (memory handed over)",
-                    r.stream_bytes, r.ram_pages_copied, r.ram_bytes_copied
-                );
-            }
+            print_handover("upgraded", &v, json)?;
+        }
+        VmCmd::Move {
+            name,
+            to_agent,
+            json,
+        } => {
+            let req = tern_api::vm::MoveLocalRequest { agent: to_agent };
+            let v = c.call(
+                "POST",
+                &format!("/v1/vms/{name}/move"),
+                Some(&serde_json::to_value(&req)?),
+            )?;
+            print_handover("moved", &v, json)?;
         }
         VmCmd::Qmp {
             name,
@@ -548,6 +543,41 @@ fn vm(c: Client, cmd: VmCmd) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
     }
+    Ok(())
+}
+
+/// A same-host hand-over's report (`tern vm upgrade`, `tern vm move`).
+fn print_handover(what: &str, v: &Value, json: bool) -> Result<()> {
+    let r: tern_api::vm::UpgradeReport = serde_json::from_value(v.clone())
+        .context("the agent's report is not what this tern expects")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    }
+    println!(
+        "{what} {}: QEMU {} -> {} ({}, pid {})",
+        r.vm,
+        r.old_qemu_version,
+        r.new_qemu_version,
+        r.new_binary.display(),
+        r.new_pid
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "?".into())
+    );
+    match r.downtime_ms {
+        Some(d) => println!(
+            "  guest paused {d} ms (QEMU's own measure {} ms), {} ms in all",
+            r.qemu_downtime_ms, r.total_ms
+        ),
+        None => println!(
+            "  the VM was paused and stays paused; {} ms in all",
+            r.total_ms
+        ),
+    }
+    println!(
+        "  device state carried: {} bytes; RAM copied: {} pages, {} bytes (memory handed over)",
+        r.stream_bytes, r.ram_pages_copied, r.ram_bytes_copied
+    );
     Ok(())
 }
 

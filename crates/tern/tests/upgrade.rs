@@ -481,7 +481,11 @@ fn a_shared_memory_guest_too_large_to_fill_here_is_refused_before_it_migrates() 
         >> 10;
     // larger than the host (it boots: untouched memfd pages take no memory)
     let mib = total_mib + 4096;
-    boot(&a, &spec("big", &g, mib, "tern.workload=idle", ""), "TERN-READY")?;
+    boot(
+        &a,
+        &spec("big", &g, mib, "tern.workload=idle", ""),
+        "TERN-READY",
+    )?;
     let pid = pid_of(&a, "big")?;
     let id = a.start_migration("big", &b.peer_addr.to_string(), json!({}))?;
     let st = a.wait_migration(&id, Duration::from_secs(60))?;
@@ -505,5 +509,70 @@ fn a_shared_memory_guest_too_large_to_fill_here_is_refused_before_it_migrates() 
         shmem_mib < u64::from(total_mib) / 2,
         "QEMU did not start filling the guest's memory: {shmem_mib} MiB resident"
     );
+    Ok(())
+}
+
+/// `tern vm move --to-agent`: a VM goes to another agent on this host, its memory handed
+/// over (QEMU's cpr-transfer across the two agents' QEMUs), its TPM state with it; a
+/// receiving agent whose new QEMU dies leaves the VM with the sender.
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn a_vm_moves_to_another_agent_on_this_host_without_its_memory_copied() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let a = agent(&[])?;
+    let console = boot(
+        &a,
+        &spec(
+            "mv1",
+            &g,
+            128,
+            &format!("{DIRTY} tern.tpm_extend=9 tern.tpm_print=1"),
+            "tpm = true\n",
+        ),
+        "TERN-READY",
+    )?;
+    let (_, pcr_before) = wait_until("no TERN-PCR line", || pcr16(&console))?;
+    let pid = pid_of(&a, "mv1")?;
+    let to = |b: &TestAgent| json!({ "agent": format!("unix:{}", b.api.display()) });
+
+    // a receiver whose new QEMU dies once it has the memory: the VM stays here
+    let broken = TestAgent::start(
+        Path::new(BIN),
+        "host-a2",
+        &[("TERN_FAULT", "upgrade-kill-new-qemu")],
+    )?;
+    let since = console_len(&console);
+    let e = match a.call("POST", "/v1/vms/mv1/move", Some(&to(&broken))) {
+        Ok(v) => bail!("the move succeeded: {v}"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(e.contains("the VM runs in its old QEMU"), "{e}");
+    runs_in(&a, "mv1", pid)?;
+    ensure!(
+        broken.vms()?.is_empty() && broken.run_dirs().is_empty(),
+        "the receiver cleaned up"
+    );
+    checker_clean(&console, since)?;
+
+    // a good receiver takes it
+    let b = TestAgent::start(Path::new(BIN), "host-a3", &[])?;
+    let v = a
+        .call("POST", "/v1/vms/mv1/move", Some(&to(&b)))
+        .with_context(|| format!("{}\n{}", logs(&a), logs(&b)))?;
+    let r: UpgradeReport = serde_json::from_value(v)?;
+    eprintln!("move: {r:?}");
+    ensure!(r.ram_bytes_copied == 0 && r.ram_pages_copied == 0, "{r:?}");
+    let new_pid = r.new_pid.context("pid")?;
+    runs_in(&b, "mv1", new_pid)?;
+    ensure!(
+        a.vms()?.is_empty() && a.run_dirs().is_empty(),
+        "the sender forgot it"
+    );
+    ensure!(!pid_alive(pid), "the old QEMU is gone");
+    let console = console_of(&b, "mv1")?;
+    checker_clean(&console, 0)?;
+    let (_, pcr_after) = wait_until("no TERN-PCR line after the move", || pcr16(&console))?;
+    assert_eq!(pcr_after, pcr_before, "PCR 16 moved with the VM");
     Ok(())
 }

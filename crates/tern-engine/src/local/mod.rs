@@ -33,7 +33,7 @@ pub use relay::{Carried, RelayError};
 
 use crate::dest::{SwitchRecord, INCOMING_MARKER};
 use crate::fault::fault;
-use crate::{Fault, Host};
+use crate::{BoxFuture, Fault, Host, HostLaunchError};
 
 /// File in the old QEMU's run directory while an upgrade hands its VM over ([`UpgradeMark`]).
 pub const UPGRADING: &str = "upgrading";
@@ -54,7 +54,8 @@ pub struct UpgradeMark {
 }
 
 impl UpgradeMark {
-    fn write(&self, run_dir: &Path) -> std::io::Result<()> {
+    /// Writes the mark into the old QEMU's `run_dir`, durably.
+    pub fn write(&self, run_dir: &Path) -> std::io::Result<()> {
         write_durably(
             run_dir,
             UPGRADING,
@@ -156,6 +157,8 @@ pub enum UpgradeError {
     Relay(#[from] RelayError),
     #[error("{0} did not finish within {1} s")]
     Timeout(&'static str, u64),
+    #[error("the other agent: {0}")]
+    Peer(String),
     #[error("cannot record the switchover in {dir}: the VM stays with its old QEMU")]
     Record {
         dir: PathBuf,
@@ -226,16 +229,19 @@ struct Checked {
 }
 
 async fn check(vm: &LocalVm<'_>, o: &UpgradeOptions) -> Result<Checked, UpgradeError> {
-    let name = vm.spec.name.clone();
-    if vm.spec.memory != GuestMemory::Shared {
-        return Err(UpgradeError::PrivateMemory(name));
-    }
+    let running = check_source(vm).await?;
     let binary = o
         .qemu_binary
         .clone()
         .unwrap_or_else(|| LaunchOptions::new(PathBuf::new()).qemu_binary);
-    let (major, minor) = binary_version(&binary).map_err(|source| UpgradeError::Binary {
-        binary: binary.clone(),
+    check_binary(&binary)?;
+    Ok(Checked { running, binary })
+}
+
+/// Whether `binary` is a QEMU that can take a VM over (10.0 or newer).
+pub fn check_binary(binary: &Path) -> Result<(), UpgradeError> {
+    let (major, minor) = binary_version(binary).map_err(|source| UpgradeError::Binary {
+        binary: binary.to_path_buf(),
         source,
     })?;
     if (major, minor) < CPR_QEMU {
@@ -244,6 +250,16 @@ async fn check(vm: &LocalVm<'_>, o: &UpgradeOptions) -> Result<Checked, UpgradeE
             major,
             minor,
         });
+    }
+    Ok(())
+}
+
+/// Whether the VM can be handed over from its QEMU: shared memory, QEMU 10.0 or newer,
+/// running or paused, no migration in QEMU. Whether it runs.
+pub async fn check_source(vm: &LocalVm<'_>) -> Result<bool, UpgradeError> {
+    let name = vm.spec.name.clone();
+    if vm.spec.memory != GuestMemory::Shared {
+        return Err(UpgradeError::PrivateMemory(name));
     }
     let v = vm.qmp.version();
     if (v.major, v.minor) < CPR_QEMU {
@@ -278,10 +294,7 @@ async fn check(vm: &LocalVm<'_>, o: &UpgradeOptions) -> Result<Checked, UpgradeE
             status: m.status,
         });
     }
-    Ok(Checked {
-        running: status.running,
-        binary,
-    })
+    Ok(status.running)
 }
 
 fn prepare_dirs(vm: &LocalVm<'_>, to: &Path, mark: &UpgradeMark) -> Result<(), UpgradeError> {
@@ -344,28 +357,58 @@ fn user_ids(user: &str) -> std::io::Result<(u32, u32)> {
     Ok((id("-u")?, id("-g")?))
 }
 
-async fn hand_over(
-    host: &dyn Host,
-    vm: &LocalVm<'_>,
-    o: &UpgradeOptions,
-    checked: &Checked,
-    to: &Path,
-    started: Instant,
-) -> Result<Upgraded, UpgradeError> {
-    let dir = hand_over_dir(o.qemu_user.as_deref())?;
-    let cpr = dir.path().join("cpr.sock");
-    let main = dir.path().join("main.sock");
-    let mut opts = LaunchOptions::new(to.to_path_buf());
-    opts.qemu_binary = checked.binary.clone();
-    opts.start_paused = true;
-    opts.kill_on_drop = false; // the VM outlives the agent
-    opts.cpr_incoming = Some(CprIncoming {
-        main: main.clone(),
-        cpr: cpr.clone(),
-    });
-    let launch = host.launch(vm.spec, &opts);
-    tokio::pin!(launch);
-    // The new QEMU listens on `cpr` before anything else (no QMP yet).
+/// Where the two QEMUs meet: a fresh directory only the old QEMU's user (and root) can
+/// enter, with the new QEMU's two listening sockets and tern's relay socket.
+pub struct HandOverDir {
+    dir: tempfile::TempDir,
+    /// The old QEMU's user, who gets the sockets it connects to.
+    user: Option<String>,
+}
+
+impl HandOverDir {
+    /// A new directory for the old QEMU, which runs as `user` (None: root).
+    pub fn new(user: Option<&str>) -> Result<HandOverDir, UpgradeError> {
+        Ok(HandOverDir {
+            dir: hand_over_dir(user)?,
+            user: user.map(str::to_string),
+        })
+    }
+    /// The new QEMU's channel for the memory's descriptors.
+    pub fn cpr(&self) -> PathBuf {
+        self.dir.path().join("cpr.sock")
+    }
+    /// The new QEMU's channel for the device state.
+    pub fn main(&self) -> PathBuf {
+        self.dir.path().join("main.sock")
+    }
+    /// How the new QEMU starts: paused, listening here, kept when the agent exits.
+    pub fn receiver_options(&self, to: &Path, binary: &Path) -> LaunchOptions {
+        let mut opts = LaunchOptions::new(to.to_path_buf());
+        opts.qemu_binary = binary.to_path_buf();
+        opts.start_paused = true;
+        opts.kill_on_drop = false; // the VM outlives the agent
+        opts.cpr_incoming = Some(CprIncoming {
+            main: self.main(),
+            cpr: self.cpr(),
+        });
+        opts
+    }
+}
+
+/// A new QEMU that started and listens for the memory (no QMP yet: it opens its monitor
+/// only once it has the memory). Await it with [`loaded`].
+pub type Pending<'a> = BoxFuture<'a, Result<QemuProcess, HostLaunchError>>;
+
+/// The receiving half, first step: starts the new QEMU (`opts` from
+/// [`HandOverDir::receiver_options`]) and returns once its cpr socket exists.
+pub async fn start_receiver<'a>(
+    host: &'a dyn Host,
+    spec: &'a VmSpec,
+    opts: &'a LaunchOptions,
+    h: &HandOverDir,
+) -> Result<Pending<'a>, UpgradeError> {
+    let cpr = h.cpr();
+    let mut launch = host.launch(spec, opts);
     let deadline = Instant::now() + STEP;
     while !cpr.exists() {
         tokio::select! {
@@ -384,10 +427,98 @@ async fn hand_over(
             return Err(UpgradeError::NoCprSocket(STEP.as_secs()));
         }
     }
-    if let Some(u) = &o.qemu_user {
+    if let Some(u) = &h.user {
         // QEMU made it as root (before dropping to its user)
         chown_to(&cpr, u)?;
     }
+    Ok(launch)
+}
+
+/// The receiving half, second step: the new QEMU answers QMP and has loaded the device
+/// state (it stays paused).
+pub async fn loaded(
+    pending: Pending<'_>,
+    fault: Option<Fault>,
+) -> Result<QemuProcess, UpgradeError> {
+    let mut p = tokio::time::timeout(STEP, pending)
+        .await
+        .map_err(|_| UpgradeError::Timeout("the new QEMU's start", STEP.as_secs()))?
+        .map_err(|e| UpgradeError::Launch(e.0))?;
+    if fault!(fault, UpgradeKillNewQemu) {
+        tracing::warn!("fault injection: killing the new QEMU during the hand-over");
+        if let Some(pid) = p.pid() {
+            kill(pid);
+        }
+    }
+    if let Err(e) = wait_completed(&p.qmp, "new").await {
+        p.kill().await;
+        return Err(e);
+    }
+    Ok(p)
+}
+
+/// The receiving half, last step: the commit (the switchover record in `to`), then the
+/// VM runs there if it ran. A failure here kills the new QEMU; before `cont` the record
+/// is taken back, so the old QEMU may still run the VM.
+pub async fn commit(
+    process: &mut QemuProcess,
+    to: &Path,
+    running: bool,
+    fault: Option<Fault>,
+) -> Result<(), UpgradeError> {
+    if fault!(fault, UpgradeExitBeforeCommit) {
+        tracing::warn!("fault injection: exiting before the upgrade's commit");
+        std::process::exit(72);
+    }
+    let record = SwitchRecord {
+        migration_id: format!("upgrade-{}", crate::new_migration_id()),
+        peer: "this host".into(),
+        source_running: running,
+        resumed_unix_us: 0,
+    };
+    if let Err(source) = record.write(to) {
+        process.kill().await;
+        return Err(UpgradeError::Record {
+            dir: to.to_path_buf(),
+            source,
+        });
+    }
+    if fault!(fault, UpgradeExitAfterCommit) {
+        tracing::warn!("fault injection: exiting between the upgrade's commit and cont");
+        std::process::exit(73);
+    }
+    if running {
+        if let Err(e) = process.qmp.execute("cont", None).await {
+            // it never ran: the old QEMU may still take the VM back
+            let _ = std::fs::remove_file(to.join(crate::dest::SWITCHED_IN));
+            process.kill().await;
+            return Err(UpgradeError::Qmp {
+                step: "cont (new QEMU)",
+                source: e,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What the sending half did.
+pub struct Sent {
+    pub carried: Carried,
+    /// The old QEMU's own measure of its pause.
+    pub qemu_downtime_ms: u64,
+    /// When the old QEMU stopped the guest.
+    pub stopped: Instant,
+}
+
+/// The sending half: the old QEMU hands its memory to the QEMU listening on `cpr` and
+/// sends its device state through tern's relay (its socket in `own`) to `main`.
+pub async fn send(
+    vm: &LocalVm<'_>,
+    own: &HandOverDir,
+    cpr: &Path,
+    main: &Path,
+    fault: Option<Fault>,
+) -> Result<Sent, UpgradeError> {
     let q = vm.qmp;
     q.set_migrate_capabilities(&[("pause-before-switchover", false)])
         .await
@@ -397,12 +528,12 @@ async fn hand_over(
         .map_err(qmp_err("migrate-set-parameters mode=cpr-transfer"))?;
     // QEMU 10.0.2 crashes in cpr-transfer with an `fd:` main channel (checked): the old
     // QEMU connects to tern by path instead, and tern takes only that process.
-    let src = dir.path().join("src.sock");
+    let src = own.dir.path().join("src.sock");
     let listener = tokio::net::UnixListener::bind(&src).map_err(|source| UpgradeError::Files {
         what: "tern's hand-over socket".into(),
         source,
     })?;
-    if let Some(u) = &o.qemu_user {
+    if let Some(u) = &own.user {
         chown_to(&src, u)?;
     }
     let stopped = Instant::now();
@@ -417,92 +548,70 @@ async fn hand_over(
     )
     .await
     .map_err(qmp_err("migrate (cpr-transfer)"))?;
-    let cut = fault!(o.fault, UpgradeCutStream).then_some(4096);
-    let carry = async {
-        relay::carry(&listener, vm.pid, &main, cut)
-            .await
-            .map_err(UpgradeError::from)
-    };
-    let launched = async {
-        let p = launch.await.map_err(|e| UpgradeError::Launch(e.0))?;
-        if fault!(o.fault, UpgradeKillNewQemu) {
-            tracing::warn!("fault injection: killing the new QEMU during the hand-over");
-            if let Some(pid) = p.pid() {
-                kill(pid);
-            }
-        }
-        Ok(p)
-    };
-    let (mut process, carried) =
-        tokio::time::timeout(STEP, async { tokio::try_join!(launched, carry) })
-            .await
-            .map_err(|_| UpgradeError::Timeout("the hand-over", STEP.as_secs()))??;
-    let result = async {
-        let old_downtime = wait_completed(q, "old").await?;
-        wait_completed(&process.qmp, "new").await?;
-        Ok::<_, UpgradeError>(old_downtime)
-    }
-    .await;
-    let qemu_downtime_ms = match result {
-        Ok(d) => d,
-        Err(e) => {
-            process.kill().await;
-            return Err(e);
-        }
-    };
-    if fault!(o.fault, UpgradeExitBeforeCommit) {
-        tracing::warn!("fault injection: exiting before the upgrade's commit");
-        std::process::exit(72);
-    }
-    let record = SwitchRecord {
-        migration_id: format!("upgrade-{}", crate::new_migration_id()),
-        peer: "this host".into(),
-        source_running: checked.running,
-        resumed_unix_us: 0,
-    };
-    if let Err(source) = record.write(to) {
-        process.kill().await;
-        return Err(UpgradeError::Record {
-            dir: to.to_path_buf(),
-            source,
-        });
-    }
-    if fault!(o.fault, UpgradeExitAfterCommit) {
-        tracing::warn!("fault injection: exiting between the upgrade's commit and cont");
-        std::process::exit(73);
-    }
-    if checked.running {
-        if let Err(e) = process.qmp.execute("cont", None).await {
-            // it never ran: the old QEMU may still take the VM back
-            let _ = std::fs::remove_file(to.join(crate::dest::SWITCHED_IN));
-            process.kill().await;
-            return Err(UpgradeError::Qmp {
-                step: "cont (new QEMU)",
-                source: e,
-            });
-        }
-    }
-    let downtime_ms = checked
-        .running
-        .then(|| stopped.elapsed().as_millis() as u64);
+    let cut = fault!(fault, UpgradeCutStream).then_some(4096);
+    let carried = tokio::time::timeout(STEP, relay::carry(&listener, vm.pid, main, cut))
+        .await
+        .map_err(|_| UpgradeError::Timeout("the hand-over", STEP.as_secs()))??;
+    let qemu_downtime_ms = wait_completed(q, "old").await?;
+    Ok(Sent {
+        carried,
+        qemu_downtime_ms,
+        stopped,
+    })
+}
+
+async fn hand_over(
+    host: &dyn Host,
+    vm: &LocalVm<'_>,
+    o: &UpgradeOptions,
+    checked: &Checked,
+    to: &Path,
+    started: Instant,
+) -> Result<Upgraded, UpgradeError> {
+    let h = HandOverDir::new(o.qemu_user.as_deref())?;
+    let opts = h.receiver_options(to, &checked.binary);
+    let pending = start_receiver(host, vm.spec, &opts, &h).await?;
+    let (cpr, main) = (h.cpr(), h.main());
+    let (sent, mut process) =
+        tokio::try_join!(send(vm, &h, &cpr, &main, o.fault), loaded(pending, o.fault))?;
+    commit(&mut process, to, checked.running, o.fault).await?;
+    let report = report(
+        vm,
+        &process,
+        &checked.binary,
+        checked.running,
+        &sent,
+        started,
+    );
+    Ok(Upgraded { process, report })
+}
+
+/// The report of a hand-over that committed.
+pub fn report(
+    vm: &LocalVm<'_>,
+    process: &QemuProcess,
+    binary: &Path,
+    running: bool,
+    sent: &Sent,
+    started: Instant,
+) -> tern_api::vm::UpgradeReport {
     let v = vm.qmp.version();
     let nv = process.qmp.version();
-    let report = tern_api::vm::UpgradeReport {
+    tern_api::vm::UpgradeReport {
         vm: vm.spec.name.clone(),
         old_qemu_version: format!("{}.{}.{}", v.major, v.minor, v.micro),
         new_qemu_version: format!("{}.{}.{}", nv.major, nv.minor, nv.micro),
-        new_binary: checked.binary.clone(),
+        new_binary: binary.to_path_buf(),
         new_pid: process.pid(),
-        running: checked.running,
+        running,
         total_ms: started.elapsed().as_millis() as u64,
-        downtime_ms,
-        qemu_downtime_ms,
-        stream_bytes: carried.bytes,
-        ram_pages_copied: carried.ram_pages,
-        ram_bytes_copied: carried.ram_page_bytes,
-        zero_pages: carried.zero_pages,
-    };
-    Ok(Upgraded { process, report })
+        downtime_ms: running.then(|| sent.stopped.elapsed().as_millis() as u64),
+        qemu_downtime_ms: sent.qemu_downtime_ms,
+        stream_bytes: sent.carried.bytes,
+        ram_pages_copied: sent.carried.ram_pages,
+        ram_bytes_copied: sent.carried.ram_page_bytes,
+        zero_pages: sent.carried.zero_pages,
+    }
 }
 
 /// Waits until `qmp`'s migration completed (polled: both ends, in milliseconds); the old
@@ -546,13 +655,26 @@ async fn roll_back(host: &dyn Host, vm: &LocalVm<'_>, to: &Path, was_running: bo
         }
     }
     host.remove_run_dir(to).await;
+    resume_old(vm, to, was_running).await
+}
+
+/// The old QEMU takes the VM back (its migration cancelled if it still runs, resumed if
+/// it ran), unless `to` recorded the switchover: then the VM is there and the old QEMU
+/// stays paused for good. Clears the upgrade mark either way; says where the VM is.
+pub async fn resume_old(vm: &LocalVm<'_>, to: &Path, was_running: bool) -> String {
+    let pid = vm.pid.map(|p| format!(", pid {p}")).unwrap_or_default();
+    if SwitchRecord::read(to).is_some() {
+        return format!(
+            "the VM runs in its new QEMU (the switchover was recorded in {})",
+            to.display()
+        );
+    }
     let state = crate::source::recover::recover_source(vm.qmp, None, was_running).await;
     let _ = vm
         .qmp
         .set_migrate_parameters(json!({ "mode": "normal" }))
         .await;
     let _ = std::fs::remove_file(vm.run_dir.join(UPGRADING));
-    let pid = vm.pid.map(|p| format!(", pid {p}")).unwrap_or_default();
     match vm.qmp.query_status().await {
         Ok(s) if s.running => format!("the VM runs in its old QEMU{pid}"),
         Ok(s) => format!("the VM is {} in its old QEMU{pid} ({state})", s.status),
