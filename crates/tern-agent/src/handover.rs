@@ -230,9 +230,7 @@ impl Agent {
                 .await;
             me.handovers.lock().remove(&task_id);
         });
-        ready_rx
-            .await
-            .unwrap_or(Err(ReceiveError::Unknown(id)))
+        ready_rx.await.unwrap_or(Err(ReceiveError::Unknown(id)))
     }
 
     /// The receiving half's task (see [`Agent::receive_handover`]).

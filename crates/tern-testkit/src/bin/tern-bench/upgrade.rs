@@ -2,17 +2,20 @@
 //! costs against a normal migration of the same guest over loopback between two agents on
 //! this machine, for guests of several sizes. Each guest fills the same amount of memory
 //! (the rest stays untouched), then runs idle: the upgrade's pause should not grow with
-//! the guest's size, a copy's does.
+//! the guest's size, a copy's does. QEMU's own cpr-transfer between two QEMUs (no tern)
+//! is measured in the same run, on the same guest configuration.
 //!
 //! Usage: tern-bench upgrade --tern target/release/tern [--sizes 1024,4096,16384]
 //! [--fill-mib 512] [--rounds 3] [--out FILE]
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::json;
 use tern_api::vm::UpgradeReport;
+use tern_qemu::launch::{CprIncoming, LaunchOptions, QemuProcess};
+use tern_qemu::spec::VmSpec;
 use tern_testkit::agents::{wait_for_text, TestAgent};
 use tern_testkit::guest::GuestImage;
 
@@ -20,6 +23,8 @@ use super::{bench_request, machine_cpu_seconds, median, spec};
 
 struct Row {
     mib: u32,
+    /// QEMU's own cpr-transfer, QEMU to QEMU (no tern): paused ms, QEMU's downtime ms.
+    direct: Vec<(f64, f64)>,
     upgrades: Vec<UpgradeReport>,
     upgrade_cpu_s: Vec<f64>,
     /// The migration, or why the agents refused it.
@@ -33,6 +38,66 @@ struct Migrated {
     cpu_s: f64,
 }
 
+/// QEMU's own same-host hand-over, without tern: `rounds` cpr-transfers in a row (each
+/// new QEMU the next one's source), from `migrate` to the new QEMU running (polled every
+/// 2 ms, as tern's own wait polls).
+async fn qemu_direct(s: &VmSpec, work: &Path, rounds: usize) -> Result<Vec<(f64, f64)>> {
+    let mut src = QemuProcess::launch(s, &LaunchOptions::new(work.join("d0"))).await?;
+    wait_for_text(&src.console_log, "TERN-READY", Duration::from_secs(600))?;
+    let mut out = Vec::new();
+    for i in 1..=rounds {
+        let hand = work.join(format!("h{i}"));
+        std::fs::create_dir_all(&hand)?;
+        let mut o = LaunchOptions::new(work.join(format!("d{i}")));
+        o.cpr_incoming = Some(CprIncoming {
+            main: hand.join("main.sock"),
+            cpr: hand.join("cpr.sock"),
+        });
+        let launch = QemuProcess::launch(s, &o);
+        tokio::pin!(launch);
+        let cpr = hand.join("cpr.sock");
+        while !cpr.exists() {
+            tokio::select! {
+                r = &mut launch => {
+                    r?;
+                    anyhow::bail!("the new QEMU answered before the memory came");
+                }
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
+        src.qmp
+            .set_migrate_parameters(json!({ "mode": "cpr-transfer" }))
+            .await?;
+        let t0 = Instant::now();
+        src.qmp
+            .execute(
+                "migrate",
+                Some(json!({ "channels": [
+                    { "channel-type": "main", "addr": { "transport": "socket", "type": "unix",
+                      "path": hand.join("main.sock").to_string_lossy() } },
+                    { "channel-type": "cpr", "addr": { "transport": "socket", "type": "unix",
+                      "path": cpr.to_string_lossy() } } ] })),
+            )
+            .await?;
+        let dst = launch.await?;
+        while !dst.qmp.query_status().await?.running {
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the new QEMU never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let paused = t0.elapsed().as_secs_f64() * 1e3;
+        let qemu = src.qmp.query_migrate().await?.downtime_ms.unwrap_or(0) as f64;
+        eprintln!("  QEMU direct {i}: {paused:.0} ms paused (QEMU {qemu} ms)");
+        out.push((paused, qemu));
+        src.kill().await;
+        src = dst;
+    }
+    src.kill().await;
+    Ok(out)
+}
+
 pub fn bench(
     bin: &Path,
     g: &GuestImage,
@@ -40,6 +105,7 @@ pub fn bench(
     fill: u32,
     rounds: usize,
 ) -> Result<String> {
+    let rt = tokio::runtime::Runtime::new()?;
     let mut rows = Vec::new();
     for &mib in sizes {
         eprintln!("[{mib} MiB] boot, fill {fill} MiB");
@@ -52,6 +118,11 @@ pub fn bench(
         );
         s.memory_mib = mib;
         s.memory = tern_qemu::spec::GuestMemory::Shared;
+        eprintln!("[{mib} MiB] QEMU's own cpr-transfer, no tern");
+        let work = tempfile::Builder::new()
+            .prefix("tern-bench-")
+            .tempdir_in("/tmp")?;
+        let direct = rt.block_on(qemu_direct(&s, work.path(), rounds))?;
         let info = a.start_vm(&s.to_toml())?;
         let console = PathBuf::from(info["console_log"].as_str().context("console")?);
         wait_for_text(&console, "TERN-READY", Duration::from_secs(600))?;
@@ -84,6 +155,7 @@ pub fn bench(
             eprintln!("  migration skipped: {why}");
             rows.push(Row {
                 mib,
+                direct: direct.clone(),
                 upgrades,
                 upgrade_cpu_s,
                 migrate: Err(why),
@@ -105,6 +177,7 @@ pub fn bench(
             eprintln!("  migration refused: {}", e.message);
             rows.push(Row {
                 mib,
+                direct: direct.clone(),
                 upgrades,
                 upgrade_cpu_s,
                 migrate: Err(e.message),
@@ -117,6 +190,7 @@ pub fn bench(
         );
         rows.push(Row {
             mib,
+            direct,
             upgrades,
             upgrade_cpu_s,
             migrate: Ok(Migrated {
@@ -130,8 +204,9 @@ pub fn bench(
     let mut out = format!(
         "Same host, 2 cores shared by every QEMU and agent, TCG. Each guest filled {fill} MiB, then idle. \
          Upgrade: median of {rounds} in a row on one guest; migration: one, to a second agent over loopback (TLS), after the upgrades.\n\n\
-         | guest | upgrade: paused ms (tern: stop to running) | QEMU's own downtime ms | total ms | device state KB | RAM copied B | CPU s | migration: paused ms | total ms | MB on the wire | CPU s | paused, upgrade / migration |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n"
+         QEMU direct: QEMU's own cpr-transfer between two QEMUs (no tern, no sandbox), median of {rounds}, `migrate` to the new QEMU running.\n\n\
+         | guest | QEMU direct: paused ms | tern upgrade: paused ms (stop to running) | tern / QEMU direct | QEMU's own downtime ms (tern's run) | total ms | device state KB | RAM copied B | CPU s | migration: paused ms | total ms | MB on the wire | CPU s | paused, upgrade / migration |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for r in &rows {
         let m = |f: &dyn Fn(&UpgradeReport) -> f64| median(r.upgrades.iter().map(f).collect());
@@ -147,10 +222,12 @@ pub fn bench(
             ),
             Err(why) => format!("not run: {why} | | | | "),
         };
+        let direct = median(r.direct.iter().map(|d| d.0).collect());
         out += &format!(
-            "| {} GiB | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {migration} |\n",
+            "| {} GiB | {direct:.0} | {:.0} | {:.2}x | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {migration} |\n",
             r.mib / 1024,
             paused,
+            paused / direct.max(1.0),
             m(&|u| u.qemu_downtime_ms as f64),
             m(&|u| u.total_ms as f64),
             m(&|u| u.stream_bytes as f64 / 1e3),
