@@ -142,21 +142,12 @@ impl Agent {
         };
         match (sent, done) {
             (Ok(sent), Ok(done)) => {
-                let report = UpgradeReport {
-                    vm: name.into(),
-                    old_qemu_version: vm.qemu_version.clone(),
-                    new_qemu_version: done.qemu_version,
-                    new_binary: done.binary,
-                    new_pid: done.pid,
-                    running,
-                    total_ms: started.elapsed().as_millis() as u64,
-                    downtime_ms: running.then(|| sent.stopped.elapsed().as_millis() as u64),
-                    qemu_downtime_ms: sent.qemu_downtime_ms,
-                    stream_bytes: sent.carried.bytes,
-                    ram_pages_copied: sent.carried.ram_pages,
-                    ram_bytes_copied: sent.carried.ram_page_bytes,
-                    zero_pages: sent.carried.zero_pages,
+                let new = local::NewQemu {
+                    version: done.qemu_version,
+                    pid: done.pid,
+                    binary: done.binary,
                 };
+                let report = local::report(&lv, &new, running, &sent, started);
                 self.forget(name);
                 self.retire(&vm).await;
                 tracing::info!(vm = name, to = %req.agent, "handed over to another agent on this host");
@@ -276,11 +267,11 @@ impl Agent {
             };
             match local::commit(&mut process, &to, req.running, fault).await {
                 Ok(()) => {
-                    let v = process.qmp.version();
+                    let new = local::NewQemu::of(&process, &binary);
                     let done = HandOverDone {
-                        pid: process.pid(),
-                        qemu_version: format!("{}.{}.{}", v.major, v.minor, v.micro),
-                        binary: binary.clone(),
+                        pid: new.pid,
+                        qemu_version: new.version,
+                        binary: new.binary,
                     };
                     self.adopt(Arc::new(Vm::supervise(spec.clone(), process)));
                     local::finish(&to);

@@ -561,6 +561,27 @@ impl Drop for CrossTraffic {
 pub use tern_agent::vm::process_alive as pid_alive;
 
 /// Waits until `text` appears in the file (a guest console), returning the file's text.
+/// The guest's dirtier (`tern.workload=dirty`) goes on and its checker finds every page:
+/// two fresh `tern-dirty pass` lines and no `TERN-CORRUPT` after `since` bytes of
+/// `console`, within 60 s.
+pub fn checker_clean(console: &Path, since: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        let fresh = text.get(since..).unwrap_or("");
+        if fresh.contains("TERN-CORRUPT") {
+            bail!("the guest lost pages:\n{fresh}");
+        }
+        if fresh.matches("tern-dirty pass").count() >= 2 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the guest's dirtier did not go on: {}", tail(&text, 1000));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 pub fn wait_for_text(path: &Path, text: &str, within: Duration) -> Result<String> {
     let deadline = Instant::now() + within;
     loop {

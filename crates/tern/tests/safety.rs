@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
-use tern_testkit::agents::{e2e_lock, pid_alive, wait_for_text, AgentOptions, TestAgent};
+use tern_testkit::agents::{
+    checker_clean, e2e_lock, pid_alive, wait_for_text, AgentOptions, TestAgent,
+};
 use tern_testkit::guest::{ensure_guest, GuestImage};
 use tern_testkit::hostile::{files_below, listable_by_nobody, readable_by_nobody, uid_and_seccomp};
 
@@ -47,30 +49,6 @@ fn agent_with(name: &str, env: &[(&str, &str)]) -> Result<TestAgent> {
 
 fn console_of(a: &TestAgent, vm: &str) -> Result<PathBuf> {
     Ok(a.vm(vm)?["console_log"].as_str().context("console")?.into())
-}
-
-/// The guest's dirtier goes on and its checker finds every page (after `since` bytes of
-/// console).
-fn checker_clean(console: &Path, since: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = std::fs::read_to_string(console).unwrap_or_default();
-        let fresh = text.get(since..).unwrap_or("");
-        ensure!(
-            !fresh.contains("TERN-CORRUPT"),
-            "the guest lost pages:\n{fresh}"
-        );
-        if fresh.matches("tern-dirty pass").count() >= 2 {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the guest's dirtier did not go on: {}",
-                tern_testkit::agents::tail(&text, 1000)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

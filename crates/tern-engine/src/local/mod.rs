@@ -575,34 +575,45 @@ async fn hand_over(
     let (sent, mut process) =
         tokio::try_join!(send(vm, &h, &cpr, &main, o.fault), loaded(pending, o.fault))?;
     commit(&mut process, to, checked.running, o.fault).await?;
-    let report = report(
-        vm,
-        &process,
-        &checked.binary,
-        checked.running,
-        &sent,
-        started,
-    );
+    let new = NewQemu::of(&process, &checked.binary);
+    let report = report(vm, &new, checked.running, &sent, started);
     Ok(Upgraded { process, report })
+}
+
+/// The QEMU that took the VM over, as a report names it.
+#[derive(Debug, Clone)]
+pub struct NewQemu {
+    pub version: String,
+    pub pid: Option<u32>,
+    pub binary: PathBuf,
+}
+
+impl NewQemu {
+    pub fn of(process: &QemuProcess, binary: &Path) -> NewQemu {
+        let v = process.qmp.version();
+        NewQemu {
+            version: format!("{}.{}.{}", v.major, v.minor, v.micro),
+            pid: process.pid(),
+            binary: binary.to_path_buf(),
+        }
+    }
 }
 
 /// The report of a hand-over that committed.
 pub fn report(
     vm: &LocalVm<'_>,
-    process: &QemuProcess,
-    binary: &Path,
+    new: &NewQemu,
     running: bool,
     sent: &Sent,
     started: Instant,
 ) -> tern_api::vm::UpgradeReport {
     let v = vm.qmp.version();
-    let nv = process.qmp.version();
     tern_api::vm::UpgradeReport {
         vm: vm.spec.name.clone(),
         old_qemu_version: format!("{}.{}.{}", v.major, v.minor, v.micro),
-        new_qemu_version: format!("{}.{}.{}", nv.major, nv.minor, nv.micro),
-        new_binary: binary.to_path_buf(),
-        new_pid: process.pid(),
+        new_qemu_version: new.version.clone(),
+        new_binary: new.binary.clone(),
+        new_pid: new.pid,
         running,
         total_ms: started.elapsed().as_millis() as u64,
         downtime_ms: running.then(|| sent.stopped.elapsed().as_millis() as u64),
