@@ -38,6 +38,7 @@ use tern_api::vm::{QmpRequest, SaveMemoryRequest, StartVmRequest, VmInfo};
 use tern_api::MigrateStarted;
 use tern_api::{Direction, MigrateRequest, MigrationStatus};
 use tern_engine::{new_migration_id, MigrationHandle};
+use tracing::Instrument;
 
 /// An error as the API returns it: an HTTP status and `{"error": ..., "kind": ...}`.
 #[derive(Debug)]
@@ -447,12 +448,10 @@ async fn migrate(
     ));
     a.engine.registry.add_migration(handle.clone());
     tokio::spawn(async move {
-        let task = tokio::spawn(crate::outgoing::run(
-            a.clone(),
-            vm.clone(),
-            req,
-            handle.clone(),
-        ));
+        let span = tracing::info_span!("migration", migration = %handle.id, vm = %vm.spec.name);
+        let task = tokio::spawn(
+            crate::outgoing::run(a.clone(), vm.clone(), req, handle.clone()).instrument(span),
+        );
         if let Err(e) = task.await {
             // A bug, not an outcome: say so, and leave the VM as it is (the commit may
             // have gone out: resuming could run it twice).

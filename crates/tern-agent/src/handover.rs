@@ -17,6 +17,7 @@ use tern_api::vm::{
 use tern_engine::local::{self, HandOverDir, LocalVm, UpgradeError, UpgradeFailed, UpgradeMark};
 use tern_qemu::spec::{GuestMemory, VmSpec};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::vm::{StopMode, UpgradeVmError, Vm};
 use crate::Agent;
@@ -216,11 +217,15 @@ impl Agent {
         let (ready_tx, ready_rx) = oneshot::channel();
         let me = self.clone();
         let task_id = id.clone();
-        tokio::spawn(async move {
-            me.run_handover(task_id.clone(), spec, to, binary, req, ready_tx, cmd_rx)
-                .await;
-            me.handovers.lock().remove(&task_id);
-        });
+        let span = tracing::info_span!("handover", id = %task_id, vm = %spec.name);
+        tokio::spawn(
+            async move {
+                me.run_handover(task_id.clone(), spec, to, binary, req, ready_tx, cmd_rx)
+                    .await;
+                me.handovers.lock().remove(&task_id);
+            }
+            .instrument(span),
+        );
         ready_rx.await.unwrap_or(Err(ReceiveError::Unknown(id)))
     }
 

@@ -835,7 +835,7 @@ impl DestDisks {
         let (tx, mut rx) = mpsc::channel::<Cmd>(64);
         let (fail_tx, failed) = mpsc::unbounded_channel();
         let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<Message>();
-        tokio::spawn(async move {
+        crate::spawn(async move {
             while let Some(m) = reply_rx.recv().await {
                 if writer.lock().await.send(&m).await.is_err() {
                     return; // the connection is gone: the main loop finds out itself

@@ -121,6 +121,16 @@ pub trait Host: Send + Sync {
     fn remove_run_dir<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, ()>;
 }
 
+/// `tokio::spawn` keeping the caller's span: a task of a migration logs with its id.
+pub(crate) fn spawn<F>(fut: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    use tracing::Instrument;
+    tokio::spawn(fut.in_current_span())
+}
+
 /// Where a VM's vTPM migration key lives: its run directory (root only), random per VM
 /// (made when its swtpm first starts, received from the source for an incoming VM).
 pub fn tpm_migration_key_path(run_dir: &Path) -> PathBuf {

@@ -183,6 +183,10 @@ struct AgentArgs {
     /// Incoming migrations at once; more are refused until one ends.
     #[arg(long, default_value_t = 4)]
     max_incoming: usize,
+    /// Log lines as text or as JSON objects (one per line, for log shippers); a line
+    /// logged during a migration or a hand-over carries its id and VM either way.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Serve Prometheus metrics on this address (GET /metrics, plain HTTP: use a local or
     /// management address), e.g. 127.0.0.1:9477. Default: off.
     #[arg(long)]
@@ -394,14 +398,28 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// How `tern agent` writes its log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 fn run_agent(a: AgentArgs) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match a.log_format {
+        LogFormat::Text => log.init(),
+        // the innermost span's fields (migration id, VM) on each line, flattened
+        LogFormat::Json => log
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
     let fault = match std::env::var("TERN_FAULT") {
         Ok(f) if !f.is_empty() => Some(f.parse().map_err(anyhow::Error::msg)?),
         _ => None,

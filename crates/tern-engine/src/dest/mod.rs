@@ -205,6 +205,26 @@ pub async fn serve_peer(
     addr: SocketAddr,
     peer: PeerIdentity,
 ) {
+    use tracing::Instrument;
+    // the id is recorded once the peer says it (Prepare or Attach)
+    let span = tracing::info_span!(
+        "incoming",
+        peer = %addr,
+        migration = tracing::field::Empty,
+        vm = tracing::field::Empty
+    );
+    serve(engine, host, stream, addr, peer)
+        .instrument(span)
+        .await
+}
+
+async fn serve(
+    engine: Arc<Engine>,
+    host: Arc<dyn Host>,
+    stream: PeerStream,
+    addr: SocketAddr,
+    peer: PeerIdentity,
+) {
     tracing::debug!(peer = %addr, names = ?peer.names, labels = ?peer.labels, "peer authenticated");
     let (rd, wr) = stream.split();
     let mut conn = Conn {
@@ -273,9 +293,17 @@ async fn receive(
 ) -> Result<Option<(String, u16)>, IncomingError> {
     let request = match hello::run(inc, conn).await? {
         hello::Opening::Prepare(r) => r,
-        hello::Opening::Attach { id, index } => return Ok(Some((id, index))),
+        hello::Opening::Attach { id, index } => {
+            tracing::Span::current().record("migration", id.as_str());
+            return Ok(Some((id, index)));
+        }
         hello::Opening::Answered => return Ok(None),
     };
+    let span = tracing::Span::current();
+    span.record("migration", request.id.as_str());
+    if let Ok(spec) = tern_qemu::spec::VmSpec::from_toml(&request.spec_toml) {
+        span.record("vm", spec.name.as_str());
+    }
     let mut prepared = prepare::run(inc, conn, request).await?;
     let received = transfer::run(inc, conn, &mut prepared).await?;
     // From here the destination works without reading the source's frames for a while

@@ -86,7 +86,7 @@ impl Drop for AbortOnDrop {
 /// Sends `Applied{units}` (unchanged: no new stream) every
 /// [`limits::KEEPALIVE_INTERVAL`] until dropped.
 pub(super) fn keepalive(writer: PeerWriter, units: u64) -> AbortOnDropTask {
-    AbortOnDropTask(tokio::spawn(async move {
+    AbortOnDropTask(crate::spawn(async move {
         let mut tick = tokio::time::interval(limits::KEEPALIVE_INTERVAL);
         tick.tick().await;
         loop {

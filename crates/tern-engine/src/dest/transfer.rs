@@ -52,7 +52,7 @@ pub(super) async fn run(
         .qemu_rd
         .take()
         .expect("the transfer takes QEMU's return path once");
-    let rp_task = tokio::spawn(return_path(qemu_rd, conn.writer.clone()));
+    let rp_task = crate::spawn(return_path(qemu_rd, conn.writer.clone()));
     let mut rp_task = AbortOnDrop(Some(rp_task));
     let feeder = Feeder::start(
         p.qemu_wr
@@ -133,7 +133,7 @@ pub(super) async fn run(
                             ));
                         }
                         tracing::info!(migration = %id, index, "data connection attached");
-                        tokio::spawn(data_stream(r, data_tx.clone(), handle.clone()));
+                        crate::spawn(data_stream(r, data_tx.clone(), handle.clone()));
                     }
                     continue;
                 }
@@ -468,7 +468,7 @@ impl Feeder {
         let (tx, mut rx) = mpsc::channel::<(Segments, u64)>(Self::QUEUE);
         let applied = Arc::new(AtomicU64::new(0));
         let a = applied.clone();
-        let task = tokio::spawn(async move {
+        let task = crate::spawn(async move {
             let mut reported = 0;
             while let Some((mut out, units)) = rx.recv().await {
                 out.write_to(&mut qemu)

@@ -160,7 +160,7 @@ mod tests {
             .unwrap();
         me.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         me.shutdown().await.unwrap();
-        let received = tokio::spawn(async move {
+        let received = crate::spawn(async move {
             let (mut s, _) = new.accept().await.unwrap();
             let mut v = Vec::new();
             let _ = s.read_to_end(&mut v).await;

@@ -82,7 +82,7 @@ impl LiveDisks {
             };
         };
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(disks.live(inbox, stop_rx));
+        let task = crate::spawn(disks.live(inbox, stop_rx));
         // a failed migration must not leave rounds running behind its cleanup
         let guard = AbortOnDrop(task.abort_handle());
         LiveDisks {

@@ -185,7 +185,7 @@ pub(super) async fn forward(
     let link_bound = Arc::new(AtomicBool::new(false));
     let mut pipe = Pipe {
         tx: Some(tx),
-        task: Some(tokio::spawn(sender(
+        task: Some(crate::spawn(sender(
             rx,
             comp,
             links,

@@ -49,7 +49,7 @@ impl Pacing {
         let pacer = Arc::new(Mutex::new(pacer));
         let p = pacer.clone();
         let limit = budget.clone();
-        let task = tokio::spawn(async move {
+        let task = crate::spawn(async move {
             let mut tick = tokio::time::interval(LOOK_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last_acked = vec![0u64; probes.len()];

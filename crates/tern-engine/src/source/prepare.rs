@@ -180,7 +180,7 @@ pub(super) async fn run(
         probes.extend(probe);
         let (tx, rx) = mpsc::channel(2);
         let handle = m.handle.clone();
-        let t = tokio::spawn(async move {
+        let t = crate::spawn(async move {
             if let Err(e) = data_link(w, rx, handle).await {
                 tracing::warn!("data stream {index} failed: {e}");
             }
@@ -204,7 +204,7 @@ pub(super) async fn run(
     let (disk_tx, disk_inbox) = mpsc::channel(limits::MAX_DISK_REPLIES);
     let (qemu_tx, qemu_rx) = oneshot::channel();
     let flow = (version >= 2).then(|| Arc::new(Flow::new()));
-    let t = tokio::spawn(peer_reader(
+    let t = crate::spawn(peer_reader(
         reader,
         qemu_rx,
         ev_tx,

@@ -131,7 +131,7 @@ pub(super) async fn run(
     // v2: SourceDone carries the commit (the switchover point moves there); the forwarder
     // raises this flag just before sending it.
     let commit_sent = m.commit_sent.clone();
-    let mut fwd = tokio::spawn(forward(
+    let mut fwd = crate::spawn(forward(
         qemu_rd,
         writer.clone(),
         m.handle.clone(),

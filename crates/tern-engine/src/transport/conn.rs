@@ -322,7 +322,7 @@ mod tests {
             want.extend_from_slice(&bulk);
             q.push(bulk);
         }
-        let reader = tokio::spawn(async move {
+        let reader = crate::spawn(async move {
             let mut got = Vec::new();
             b.read_to_end(&mut got).await.unwrap();
             got
