@@ -123,6 +123,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/handover/{id}/abort", post(abort_handover))
         .route("/v1/vms/{name}/plan", post(plan))
         .route("/v1/vms/{name}/migration/cancel", post(cancel_vm_migration))
+        .route("/v1/events", get(events))
         .route("/v1/migrations", get(list_migrations))
         .route("/v1/migrations/{id}", get(show_migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
@@ -246,6 +247,35 @@ async fn upgrade_vm(
                 chain(&e),
             ),
         })
+}
+
+/// `GET /v1/events`: server-sent events, one [`tern_api::events::AgentEvent`] as JSON per
+/// `data:` line, from now on (a keep-alive comment every 15 s).
+async fn events(
+    State(a): S,
+) -> axum::response::sse::Sse<
+    impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tern_api::events::AgentEvent;
+    use tokio::sync::broadcast::error::RecvError;
+    let rx = a.engine.registry.subscribe();
+    let open = AgentEvent::Open {
+        agent: a.config.name.clone(),
+    };
+    let first = futures_util::stream::once(async move {
+        Ok(Event::default().data(serde_json::to_string(&open).unwrap_or_default()))
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let ev = match rx.recv().await {
+            Ok(ev) => ev,
+            Err(RecvError::Lagged(missed)) => AgentEvent::Lagged { missed },
+            Err(RecvError::Closed) => return None,
+        };
+        let data = serde_json::to_string(&ev).unwrap_or_default();
+        Some((Ok(Event::default().data(data)), rx))
+    });
+    Sse::new(futures_util::StreamExt::chain(first, stream)).keep_alive(KeepAlive::default())
 }
 
 fn upgrade_error(e: UpgradeVmError) -> ApiError {

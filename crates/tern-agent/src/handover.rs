@@ -70,6 +70,7 @@ impl Agent {
                 self.replace(name, new);
                 self.retire(&vm).await;
                 local::finish(&new_dir);
+                self.vm_event(name, "upgraded", up.report.new_pid);
                 tracing::info!(vm = name, downtime_ms = ?up.report.downtime_ms, new_qemu = %up.report.new_qemu_version, "upgraded to a new QEMU");
                 Ok(up.report)
             }
@@ -151,6 +152,7 @@ impl Agent {
                 let report = local::report(&lv, &new, running, &sent, started);
                 self.forget(name);
                 self.retire(&vm).await;
+                self.vm_event(name, "left", None);
                 tracing::info!(vm = name, to = %req.agent, "handed over to another agent on this host");
                 Ok(report)
             }
@@ -280,6 +282,7 @@ impl Agent {
                     };
                     self.adopt(Arc::new(Vm::supervise(spec.clone(), process)));
                     local::finish(&to);
+                    self.vm_event(&spec.name, "arrived", done.pid);
                     let _ = reply.send(Ok(done));
                     Ok(())
                 }

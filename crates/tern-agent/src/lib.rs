@@ -397,6 +397,16 @@ impl Agent {
         self.release_name(&name);
     }
 
+    /// Tells the event stream what happened to VM `name` (`started`, `stopped`, `arrived`,
+    /// `left`, `upgraded`).
+    pub fn vm_event(&self, name: &str, what: &str, pid: Option<u32>) {
+        self.engine.registry.emit(tern_api::events::AgentEvent::Vm {
+            name: name.into(),
+            what: what.into(),
+            pid,
+        });
+    }
+
     /// Forgets a VM (after it left or stopped).
     pub fn forget(&self, name: &str) -> Option<Arc<Vm>> {
         self.vms.lock().remove(name)
@@ -414,6 +424,7 @@ impl Agent {
             Ok(p) => {
                 let vm = Arc::new(Vm::supervise(spec, p));
                 self.adopt(vm.clone());
+                self.vm_event(&vm.spec.name, "started", vm.pid);
                 Ok(vm)
             }
             Err(e) => {
@@ -499,6 +510,7 @@ impl Agent {
         vm.stop(StopMode::Quit).await;
         self.forget(name);
         self.remove_run_dir(&vm.run_dir).await;
+        self.vm_event(name, "stopped", None);
         Ok(())
     }
 
@@ -632,7 +644,10 @@ impl Host for Agent {
     }
 
     fn adopt(&self, spec: VmSpec, process: QemuProcess) {
-        Agent::adopt(self, Arc::new(Vm::supervise(spec, process)));
+        let vm = Arc::new(Vm::supervise(spec, process));
+        let (name, pid) = (vm.spec.name.clone(), vm.pid);
+        Agent::adopt(self, vm);
+        self.vm_event(&name, "arrived", pid);
     }
 
     fn remove_run_dir<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, ()> {

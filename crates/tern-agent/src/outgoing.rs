@@ -100,6 +100,7 @@ pub async fn run(
 async fn moved(agent: &Arc<Agent>, vm: &Vm) {
     vm.stop(StopMode::Quit).await;
     agent.forget(&vm.spec.name);
+    agent.vm_event(&vm.spec.name, "left", None);
     let kept = crate::images::keep_departed_disks(
         &agent.engine.chunks,
         &agent.images_dir,

@@ -144,6 +144,80 @@ fn typed<T: DeserializeOwned>(what: &str, v: Value) -> Result<T> {
     serde_json::from_value(v).map_err(|e| ClientError::Shape(what.into(), e))
 }
 
+/// The agent's event stream.
+impl Client {
+    /// Follows `GET /v1/events`: calls `each` with every event as it comes, until `each`
+    /// returns false or the agent closes the stream.
+    pub fn events(&self, mut each: impl FnMut(crate::events::AgentEvent) -> bool) -> Result<()> {
+        use std::io::BufRead;
+        let mut c = self.connect(None)?;
+        c.write_all(b"GET /v1/events HTTP/1.1\r\nHost: tern\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n")?;
+        let mut r = std::io::BufReader::new(c);
+        let bad = |s: &str| ClientError::BadResponse(s.into());
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("no status line"))?;
+        let mut chunked = false;
+        loop {
+            line.clear();
+            if r.read_line(&mut line)? == 0 {
+                return Err(bad("headers cut short"));
+            }
+            let l = line.trim().to_ascii_lowercase();
+            if l.is_empty() {
+                break;
+            }
+            chunked |= l.starts_with("transfer-encoding:") && l.contains("chunked");
+        }
+        if status != 200 {
+            return Err(ClientError::Api {
+                status,
+                message: "the agent refused the event stream".into(),
+            });
+        }
+        let mut text = String::new();
+        loop {
+            // the next piece of the body: one chunk, or what a plain body has
+            let piece = if chunked {
+                line.clear();
+                r.read_line(&mut line)?;
+                let size =
+                    usize::from_str_radix(line.trim(), 16).map_err(|_| bad("bad chunk size"))?;
+                if size == 0 {
+                    return Ok(());
+                }
+                let mut b = vec![0; size + 2];
+                r.read_exact(&mut b)?;
+                b.truncate(size);
+                b
+            } else {
+                let mut b = vec![0; 4096];
+                let n = r.read(&mut b)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                b.truncate(n);
+                b
+            };
+            text.push_str(&String::from_utf8_lossy(&piece));
+            while let Some(end) = text.find("\n\n") {
+                let event: String = text.drain(..end + 2).collect();
+                for data in event.lines().filter_map(|l| l.strip_prefix("data:")) {
+                    let ev = serde_json::from_str(data.trim())
+                        .map_err(|e| ClientError::Shape("GET /v1/events".into(), e))?;
+                    if !each(ev) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// VMs and migrations, typed.
 impl Client {
     /// The VMs on the agent's host.

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod events;
 pub mod image;
 pub mod migration;
 pub mod vm;

@@ -76,6 +76,8 @@ pub struct MigrationHandle {
     pub counters: Counters,
     status: Mutex<MigrationStatus>,
     cancel_tx: watch::Sender<bool>,
+    /// Where its phase changes go (the registry's event stream), once registered.
+    events: std::sync::OnceLock<tokio::sync::broadcast::Sender<tern_api::events::AgentEvent>>,
 }
 
 impl MigrationHandle {
@@ -103,6 +105,7 @@ impl MigrationHandle {
             counters: Counters::default(),
             status: Mutex::new(status),
             cancel_tx: watch::channel(false).0,
+            events: std::sync::OnceLock::new(),
         }
     }
 
@@ -111,6 +114,19 @@ impl MigrationHandle {
         MigrationHandle {
             peer_cert,
             ..MigrationHandle::new(id, vm, Direction::Incoming, peer)
+        }
+    }
+
+    /// Its phase changes go to `events` from now on.
+    pub fn tell(&self, events: tokio::sync::broadcast::Sender<tern_api::events::AgentEvent>) {
+        let _ = self.events.set(events);
+    }
+
+    fn emit(&self) {
+        if let Some(e) = self.events.get() {
+            let _ = e.send(tern_api::events::AgentEvent::Migration {
+                status: Box::new(self.status()),
+            });
         }
     }
 
@@ -145,6 +161,7 @@ impl MigrationHandle {
             s.phase = phase;
             s.timeline.enter(phase, at);
         });
+        self.emit();
     }
 
     pub fn is_finished(&self) -> bool {
@@ -166,6 +183,7 @@ impl MigrationHandle {
             s.progress.eta_ms = Some(0);
             s.report = Some(report);
         });
+        self.emit();
     }
 
     pub fn finish_err(&self, code: ErrorCode, message: String, vm_state: String) {
@@ -183,6 +201,7 @@ impl MigrationHandle {
                 vm_state,
             });
         });
+        self.emit();
     }
 
     /// Asks the migration to stop; it fails with `cancelled` unless past switchover.

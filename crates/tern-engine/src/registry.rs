@@ -50,6 +50,8 @@ pub struct Registry {
     /// Where VMs' run directories are (switchover records live there).
     run_root: PathBuf,
     max_incoming: usize,
+    /// What happens here, for the API's event stream (`GET /v1/events`).
+    events: tokio::sync::broadcast::Sender<tern_api::events::AgentEvent>,
 }
 
 /// Stops accepting data connections for a migration when dropped.
@@ -71,10 +73,22 @@ impl Registry {
             streams: Mutex::new(HashMap::new()),
             run_root,
             max_incoming,
+            events: tokio::sync::broadcast::channel(1024).0,
         }
     }
 
+    /// Events from now on (a slow listener misses the oldest: it is told how many).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<tern_api::events::AgentEvent> {
+        self.events.subscribe()
+    }
+
+    /// Tells the event stream's listeners (none: nothing happens).
+    pub fn emit(&self, e: tern_api::events::AgentEvent) {
+        let _ = self.events.send(e);
+    }
+
     pub fn add_migration(&self, m: Arc<MigrationHandle>) {
+        m.tell(self.events.clone());
         self.migrations.lock().insert(m.id.clone(), m);
     }
 
@@ -116,6 +130,7 @@ impl Registry {
         if busy >= self.max_incoming {
             return Err(AddIncomingError::Busy(busy));
         }
+        m.tell(self.events.clone());
         all.insert(m.id.clone(), m);
         Ok(())
     }

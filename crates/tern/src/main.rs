@@ -60,6 +60,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Follow what happens on the agent as it happens (migrations' phases and outcomes;
+    /// VMs started, stopped, arrived, left, upgraded) until interrupted.
+    Events {
+        /// One JSON object per line (the API's `GET /v1/events` data).
+        #[arg(long)]
+        json: bool,
+    },
     /// The cluster's certificate authority (agents accept only peers it certified).
     Ca {
         #[command(subcommand)]
@@ -369,6 +376,52 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Vm { cmd } => vm(Client::new(Endpoint::parse(&api)?), cmd),
         Cmd::Migrate(m) => migrate(Client::new(Endpoint::parse(&api)?), m),
         Cmd::Image { cmd } => image(Client::new(Endpoint::parse(&api)?), cmd),
+        Cmd::Events { json } => {
+            use tern_api::events::AgentEvent;
+            let mut failed = None;
+            Client::new(Endpoint::parse(&api)?).events(|e| {
+                let line = if json {
+                    serde_json::to_string(&e).unwrap_or_default()
+                } else {
+                    match &e {
+                        AgentEvent::Migration { status: m } => {
+                            let mut l = format!(
+                                "migration {} {} {:?} {}",
+                                m.id,
+                                m.vm,
+                                m.direction,
+                                m.phase.as_str()
+                            );
+                            if let Some(err) = &m.error {
+                                l += &format!(": {} ({})", err.message, err.vm_state);
+                            }
+                            l
+                        }
+                        AgentEvent::Vm { name, what, pid } => match pid {
+                            Some(p) => format!("vm {name} {what} (pid {p})"),
+                            None => format!("vm {name} {what}"),
+                        },
+                        AgentEvent::Open { agent } => format!("following agent {agent}"),
+                        AgentEvent::Lagged { missed } => {
+                            format!("({missed} events missed: this listener fell behind)")
+                        }
+                    }
+                };
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                if let Err(e) = writeln!(out, "{line}").and_then(|_| out.flush()) {
+                    failed = Some(e);
+                    return false;
+                }
+                true
+            })?;
+            if let Some(e) = failed {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    return Err(e.into());
+                }
+            }
+            Ok(())
+        }
         Cmd::Migrations { json } => {
             let v = Client::new(Endpoint::parse(&api)?).call("GET", "/v1/migrations", None)?;
             if json {

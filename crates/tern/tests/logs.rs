@@ -1,12 +1,15 @@
-//! Structured logs (`tern agent --log-format json`): every line an agent writes is one
-//! JSON object, and what the engine logs during a migration carries the migration's id
-//! and VM on both hosts, also from the tasks a migration spawns.
+//! What tools see of an agent: structured logs (`tern agent --log-format json`: every line
+//! one JSON object; what the engine logs during a migration carries the migration's id and
+//! VM on both hosts, also from the tasks a migration spawns) and the event stream
+//! (`GET /v1/events`, `tern events`: migrations' phases and VMs' lives as they happen).
 
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
+use tern_api::client::{Client, Endpoint};
+use tern_api::events::AgentEvent;
 use tern_testkit::agents::{e2e_lock, wait_for_text, AgentOptions, TestAgent};
 use tern_testkit::guest::ensure_guest;
 
@@ -91,5 +94,123 @@ fn json_logs_carry_the_migration_id_on_every_engine_line_of_both_hosts() -> Resu
             engine_then.len()
         );
     }
+    Ok(())
+}
+
+/// Follows an agent's event stream on a thread; the events arrive on the receiver (the
+/// first is `Open`, once the stream is subscribed).
+fn follow(a: &TestAgent) -> std::sync::mpsc::Receiver<AgentEvent> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let client = Client::new(Endpoint::Unix(a.api.display().to_string()));
+    std::thread::spawn(move || {
+        let _ = client.events(|e| tx.send(e).is_ok());
+    });
+    rx
+}
+
+/// Events from `rx` until each of `wanted` matched one of them (within 60 s each).
+fn until(
+    rx: &std::sync::mpsc::Receiver<AgentEvent>,
+    wanted: &[&dyn Fn(&AgentEvent) -> bool],
+) -> Result<Vec<AgentEvent>> {
+    let mut seen: Vec<AgentEvent> = Vec::new();
+    while !wanted.iter().all(|w| seen.iter().any(|e| w(e))) {
+        let e = rx
+            .recv_timeout(Duration::from_secs(60))
+            .with_context(|| format!("no more events; so far {seen:?}"))?;
+        seen.push(e);
+    }
+    Ok(seen)
+}
+
+/// The last event of migration `id` (it carries the report or the error).
+fn ended(e: &AgentEvent, id: &str) -> bool {
+    matches!(e, AgentEvent::Migration { status } if status.id == id && status.finished)
+}
+
+fn vm_event(e: &AgentEvent, vm: &str, what: &str) -> bool {
+    matches!(e, AgentEvent::Vm { name, what: w, .. } if name == vm && w == what)
+}
+
+/// The phases a stream showed for migration `id`, in order.
+fn phases(events: &[AgentEvent], id: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            AgentEvent::Migration { status } if status.id == id => {
+                Some(status.phase.as_str().to_string())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn the_event_stream_follows_a_migration_and_the_vm_on_both_hosts() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
+    let b = TestAgent::start(Path::new(BIN), "host-b", &[])?;
+    let (ra, rb) = (follow(&a), follow(&b));
+    for (rx, name) in [(&ra, "host-a"), (&rb, "host-b")] {
+        let first = until(rx, &[&|_| true])?;
+        ensure!(
+            matches!(&first[0], AgentEvent::Open { agent } if agent == name),
+            "{first:?}"
+        );
+    }
+    let spec = format!(
+        "name = \"ev1\"\nmemory_mib = 128\nvcpus = 1\naccel = \"tcg\"\nkernel = {:?}\ninitrd = {:?}\nappend = \"console=ttyS0 panic=-1 tern.workload=idle\"\n",
+        g.kernel.display().to_string(),
+        g.initrd.display().to_string()
+    );
+    let info = a.start_vm(&spec)?;
+    let pid = info["pid"].as_u64();
+    let id = a.start_migration("ev1", &b.peer_addr.to_string(), json!({}))?;
+    let st = a.wait_migration(&id, Duration::from_secs(180))?;
+    ensure!(st.report.is_some(), "migration failed: {:?}", st.error);
+
+    let on_a = until(&ra, &[&|e| vm_event(e, "ev1", "left"), &|e| ended(e, &id)])?;
+    ensure!(
+        on_a.iter().any(|e| matches!(e, AgentEvent::Vm { name, what, pid: p } if name == "ev1" && what == "started" && p.map(u64::from) == pid)),
+        "the source told the VM's start with its pid: {on_a:?}"
+    );
+    let pa = phases(&on_a, &id);
+    ensure!(
+        pa.first().map(String::as_str) == Some("connect")
+            && pa.last().map(String::as_str) == Some("done"),
+        "the source's phases, first to last: {pa:?}"
+    );
+    ensure!(
+        pa.contains(&"transfer".to_string()) && pa.contains(&"switchover".to_string()),
+        "{pa:?}"
+    );
+    let done = on_a.iter().rev().find_map(|e| match e {
+        AgentEvent::Migration { status } if status.id == id => Some(status),
+        _ => None,
+    });
+    ensure!(
+        done.is_some_and(|s| s.finished && s.report.is_some()),
+        "the last migration event carries the report"
+    );
+
+    let on_b = until(
+        &rb,
+        &[&|e| vm_event(e, "ev1", "arrived"), &|e| ended(e, &id)],
+    )?;
+    let pb = phases(&on_b, &id);
+    ensure!(
+        !pb.is_empty(),
+        "the destination told its side of the migration: {on_b:?}"
+    );
+    let arrived_pid = on_b.iter().find_map(|e| match e {
+        AgentEvent::Vm { name, what, pid } if name == "ev1" && what == "arrived" => *pid,
+        _ => None,
+    });
+    ensure!(
+        arrived_pid.map(u64::from) == b.vm("ev1")?["pid"].as_u64(),
+        "the destination told the VM's arrival with its pid"
+    );
     Ok(())
 }
