@@ -114,7 +114,7 @@ fn until(
     wanted: &[&dyn Fn(&AgentEvent) -> bool],
 ) -> Result<Vec<AgentEvent>> {
     let mut seen: Vec<AgentEvent> = Vec::new();
-    while !wanted.iter().all(|w| seen.iter().any(|e| w(e))) {
+    while !wanted.iter().all(|w| seen.iter().any(w)) {
         let e = rx
             .recv_timeout(Duration::from_secs(60))
             .with_context(|| format!("no more events; so far {seen:?}"))?;
