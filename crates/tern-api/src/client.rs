@@ -179,41 +179,61 @@ impl Client {
                 message: "the agent refused the event stream".into(),
             });
         }
-        let mut text = String::new();
-        loop {
-            // the next piece of the body: one chunk, or what a plain body has
-            let piece = if chunked {
-                line.clear();
-                r.read_line(&mut line)?;
-                let size =
-                    usize::from_str_radix(line.trim(), 16).map_err(|_| bad("bad chunk size"))?;
-                if size == 0 {
+        read_events(&mut r, chunked, &mut each)
+    }
+}
+
+/// Largest event (and chunk) the event stream may send: a migration's status is a few KB.
+const MAX_EVENT: usize = 1 << 20;
+
+/// The body of an event stream (chunked or plain), event by event, until `each` says stop
+/// or the body ends. Sizes are checked before anything is allocated for them.
+fn read_events(
+    r: &mut impl std::io::BufRead,
+    chunked: bool,
+    each: &mut impl FnMut(crate::events::AgentEvent) -> bool,
+) -> Result<()> {
+    let bad = |s: &str| ClientError::BadResponse(s.into());
+    let mut pending: Vec<u8> = Vec::new();
+    let mut line = String::new();
+    loop {
+        // the next piece of the body: one chunk, or what a plain body has
+        let piece = if chunked {
+            line.clear();
+            r.read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim(), 16).map_err(|_| bad("bad chunk size"))?;
+            if size > MAX_EVENT {
+                return Err(bad("an event stream chunk larger than 1 MiB"));
+            }
+            if size == 0 {
+                return Ok(());
+            }
+            let mut b = vec![0; size + 2];
+            r.read_exact(&mut b)?;
+            b.truncate(size);
+            b
+        } else {
+            let b = r.fill_buf()?.to_vec();
+            if b.is_empty() {
+                return Ok(());
+            }
+            r.consume(b.len());
+            b
+        };
+        pending.extend_from_slice(&piece);
+        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = pending.drain(..end + 2).collect();
+            let event = String::from_utf8_lossy(&event);
+            for data in event.lines().filter_map(|l| l.strip_prefix("data:")) {
+                let ev = serde_json::from_str(data.trim())
+                    .map_err(|e| ClientError::Shape("GET /v1/events".into(), e))?;
+                if !each(ev) {
                     return Ok(());
-                }
-                let mut b = vec![0; size + 2];
-                r.read_exact(&mut b)?;
-                b.truncate(size);
-                b
-            } else {
-                let mut b = vec![0; 4096];
-                let n = r.read(&mut b)?;
-                if n == 0 {
-                    return Ok(());
-                }
-                b.truncate(n);
-                b
-            };
-            text.push_str(&String::from_utf8_lossy(&piece));
-            while let Some(end) = text.find("\n\n") {
-                let event: String = text.drain(..end + 2).collect();
-                for data in event.lines().filter_map(|l| l.strip_prefix("data:")) {
-                    let ev = serde_json::from_str(data.trim())
-                        .map_err(|e| ClientError::Shape("GET /v1/events".into(), e))?;
-                    if !each(ev) {
-                        return Ok(());
-                    }
                 }
             }
+        }
+        if pending.len() > MAX_EVENT {
+            return Err(bad("an event stream event larger than 1 MiB"));
         }
     }
 }
@@ -338,6 +358,45 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_stream_is_read_event_by_event_and_oversized_pieces_are_refused() {
+        use crate::events::AgentEvent;
+        let open = r#"data: {"kind":"open","agent":"a"}"#;
+        let vm = r#"data: {"kind":"vm","name":"x","what":"started","pid":7}"#;
+        // one event split across two chunks, a keep-alive comment, a second event
+        let body = format!("{open}\n\n:\n\n{vm}\n\n");
+        let (one, two) = body.split_at(10);
+        let chunked = format!(
+            "{:x}\r\n{one}\r\n{:x}\r\n{two}\r\n0\r\n\r\n",
+            one.len(),
+            two.len()
+        );
+        let mut seen = Vec::new();
+        read_events(&mut chunked.as_bytes(), true, &mut |e| {
+            seen.push(e);
+            true
+        })
+        .unwrap();
+        assert!(matches!(&seen[0], AgentEvent::Open { agent } if agent == "a"));
+        assert!(matches!(&seen[1], AgentEvent::Vm { pid: Some(7), .. }));
+        assert_eq!(seen.len(), 2);
+        // a listener that says stop gets no more
+        let mut n = 0;
+        read_events(&mut body.as_bytes(), false, &mut |_| {
+            n += 1;
+            false
+        })
+        .unwrap();
+        assert_eq!(n, 1);
+        // a hostile chunk size is refused before anything is allocated for it
+        let e = read_events(&mut "ffffffffff\r\n".as_bytes(), true, &mut |_| true);
+        assert!(matches!(e, Err(ClientError::BadResponse(_))), "{e:?}");
+        // an endless event too
+        let endless = "data: ".to_string() + &"x".repeat(MAX_EVENT + 10);
+        let e = read_events(&mut endless.as_bytes(), false, &mut |_| true);
+        assert!(matches!(e, Err(ClientError::BadResponse(_))), "{e:?}");
+    }
 
     #[test]
     fn parses_plain_and_chunked_responses() {
