@@ -138,12 +138,14 @@ impl Agent {
             local::send(&lv, &own, &ready.cpr, &ready.main, self.config.fault).await
         }
         .await;
-        let done: Result<HandOverDone, UpgradeError> = match &sent {
-            Ok(_) => call(&peer, &format!("/v1/handover/{}/commit", ready.id), &()).await,
-            Err(_) => Err(UpgradeError::Peer("not committed".into())),
+        let committed = match sent {
+            Ok(sent) => call(&peer, &format!("/v1/handover/{}/commit", ready.id), &())
+                .await
+                .map(|done: HandOverDone| (sent, done)),
+            Err(e) => Err(e),
         };
-        match (sent, done) {
-            (Ok(sent), Ok(done)) => {
+        match committed {
+            Ok((sent, done)) => {
                 let new = local::NewQemu {
                     version: done.qemu_version,
                     pid: done.pid,
@@ -156,11 +158,7 @@ impl Agent {
                 tracing::info!(vm = name, to = %req.agent, "handed over to another agent on this host");
                 Ok(report)
             }
-            (sent, done) => {
-                let error = match (sent, done) {
-                    (Err(e), _) | (Ok(_), Err(e)) => e,
-                    (Ok(_), Ok(_)) => unreachable!("handled above"),
-                };
+            Err(error) => {
                 let _ = call::<_, serde_json::Value>(
                     &peer,
                     &format!("/v1/handover/{}/abort", ready.id),
@@ -168,8 +166,9 @@ impl Agent {
                 )
                 .await;
                 let vm_state = local::resume_old(&lv, &ready.run_dir, running).await;
-                if UpgradeMark::read(&vm.run_dir).is_none() && mark.committed() {
-                    // the other agent committed although this one saw an error: it runs there
+                if mark.committed() {
+                    // the other agent committed although this one saw an error: it runs
+                    // there, and the old QEMU here stays paused for good
                     self.forget(name);
                     self.retire(&vm).await;
                 }
@@ -295,14 +294,7 @@ impl Agent {
         .await;
         if let Err(e) = outcome {
             tracing::warn!(vm = %spec.name, handover = %id, "receiving a hand-over failed: {}", tern_engine::error_chain(&e));
-            if let Some(pid) = std::fs::read_to_string(to.join("qemu.pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<u32>().ok())
-                .filter(|p| crate::vm::process_alive(*p) && crate::cmdline_mentions(*p, &to))
-            {
-                crate::vm::kill_pid(pid);
-            }
-            self.remove_run_dir(&to).await;
+            local::discard_new(self, &to).await;
             self.release_name(&spec.name);
         }
     }

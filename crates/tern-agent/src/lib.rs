@@ -152,18 +152,6 @@ pub struct Agent {
     me: std::sync::Weak<Agent>,
 }
 
-/// This host's memory in MiB (MemTotal of /proc/meminfo); 0 if unknown.
-fn host_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib >> 10)
-}
-
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -330,7 +318,7 @@ impl Agent {
                 fault: config.fault,
                 boot_dirs,
                 machine_types,
-                host_memory_mib: host_memory_mib(),
+                host_memory_mib: tern_engine::hostmem::total_mib().unwrap_or(0),
             },
             store: Arc::new(Mutex::new(store)),
             hasher,
@@ -588,7 +576,16 @@ impl Agent {
                         clear_stale_migration(&qmp, &spec).await;
                     }
                     if let Some(u) = &upgrade {
-                        resume_after_upgrade(&qmp, &spec, &d, u).await;
+                        // an upgrade that did not commit: the VM is in this QEMU
+                        let vm = tern_engine::local::LocalVm {
+                            spec: &spec,
+                            qmp: &qmp,
+                            run_dir: &d,
+                            pid: Some(pid),
+                        };
+                        let state =
+                            tern_engine::local::resume_old(&vm, &u.to, u.source_running).await;
+                        tracing::warn!(vm = %spec.name, "an upgrade the previous agent began did not commit: {state}");
                     }
                     tracing::info!(vm = %spec.name, pid, "re-attached to a running VM");
                     self.adopt(Arc::new(Vm::reattach(spec, qmp, pid, d)));
@@ -687,32 +684,6 @@ async fn clear_stale_migration(qmp: &tern_qemu::qmp::QmpClient, spec: &VmSpec) {
     }
 }
 
-/// A previous agent died during an upgrade that did not commit: the VM is in this QEMU,
-/// paused by the hand-over; run it if it ran.
-async fn resume_after_upgrade(
-    qmp: &tern_qemu::qmp::QmpClient,
-    spec: &VmSpec,
-    dir: &std::path::Path,
-    mark: &tern_engine::local::UpgradeMark,
-) {
-    let _ = qmp
-        .set_migrate_parameters(serde_json::json!({ "mode": "normal" }))
-        .await;
-    if mark.source_running {
-        match qmp.query_status().await {
-            Ok(s) if !s.running => {
-                tracing::warn!(vm = %spec.name, status = %s.status, "resuming a VM whose upgrade the previous agent did not finish");
-                if let Err(e) = qmp.execute("cont", None).await {
-                    tracing::error!(vm = %spec.name, "cannot resume it: {e}");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::error!(vm = %spec.name, "cannot ask its QEMU: {e}"),
-        }
-    }
-    let _ = std::fs::remove_file(dir.join(tern_engine::local::UPGRADING));
-}
-
 /// A previous agent recorded an incoming VM's switchover and died before it resumed the
 /// VM (or before it cleared the incoming mark): the source committed, so the VM is this
 /// host's; run it if it ran on the source.
@@ -739,7 +710,7 @@ async fn finish_switchover(
 }
 
 /// Whether /proc/PID/cmdline mentions `dir` (the pid file is not reused by another process).
-pub(crate) fn cmdline_mentions(pid: u32, dir: &std::path::Path) -> bool {
+fn cmdline_mentions(pid: u32, dir: &std::path::Path) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
         .unwrap_or(false)

@@ -2,18 +2,24 @@
 //! is concerned: reading a page of shared memory allocates it (a shmem read fault fills
 //! the page; anonymous memory reads as the zero page), so migrating such a guest fills all
 //! of its RAM on the source (QEMU reads every page) and on the destination (QEMU checks
-//! each zero page before it writes it). Both ends check the room before they start.
+//! each zero page before it writes it). Both ends check the room before they start. Also
+//! this host's total memory, which no incoming VM may exceed.
 
 /// Host memory kept free beside a shared-memory guest's RAM filling up (MiB).
 pub const ROOM_MARGIN_MIB: u64 = 256;
 
 /// `MemAvailable` of /proc/meminfo, MiB.
 pub fn available_mib() -> Option<u64> {
-    kib_field(
-        &std::fs::read_to_string("/proc/meminfo").ok()?,
-        "MemAvailable:",
-    )
-    .map(|k| k >> 10)
+    meminfo_mib("MemAvailable:")
+}
+
+/// `MemTotal` of /proc/meminfo, MiB.
+pub fn total_mib() -> Option<u64> {
+    meminfo_mib("MemTotal:")
+}
+
+fn meminfo_mib(key: &str) -> Option<u64> {
+    kib_field(&std::fs::read_to_string("/proc/meminfo").ok()?, key).map(|k| k >> 10)
 }
 
 /// The shared memory process `pid` holds resident (`RssShmem`), MiB.
@@ -66,5 +72,7 @@ mod tests {
         );
         assert_eq!(kib_field("RssAnon: x kB\n", "RssShmem:"), None);
         assert!(available_mib().is_some_and(|m| m > 0));
+        assert!(total_mib() >= available_mib());
+        assert!(total_mib() >= available_mib());
     }
 }

@@ -27,17 +27,11 @@ pub struct SwitchRecord {
 impl SwitchRecord {
     /// Writes the record into `run_dir` and makes it durable (file and directory synced).
     pub fn write(&self, run_dir: &std::path::Path) -> std::io::Result<()> {
-        use std::io::Write;
-        let tmp = run_dir.join(format!("{SWITCHED_IN}.tmp"));
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, run_dir.join(SWITCHED_IN))?;
-        std::fs::File::open(run_dir)?.sync_all()
+        write_durably(
+            run_dir,
+            SWITCHED_IN,
+            &serde_json::to_vec(self).map_err(std::io::Error::other)?,
+        )
     }
 
     /// The record in `run_dir`, if there is a readable one.
@@ -45,4 +39,24 @@ impl SwitchRecord {
         let b = std::fs::read(run_dir.join(SWITCHED_IN)).ok()?;
         serde_json::from_slice(&b).ok()
     }
+}
+
+/// Writes `dir/name` so that it is there whole or not at all after a crash: a temporary
+/// file written and synced, renamed into place, the directory synced.
+pub(crate) fn write_durably(
+    dir: &std::path::Path,
+    name: &str,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
 }

@@ -56,7 +56,7 @@ pub struct UpgradeMark {
 impl UpgradeMark {
     /// Writes the mark into the old QEMU's `run_dir`, durably.
     pub fn write(&self, run_dir: &Path) -> std::io::Result<()> {
-        write_durably(
+        crate::dest::record::write_durably(
             run_dir,
             UPGRADING,
             &serde_json::to_vec(self).map_err(std::io::Error::other)?,
@@ -72,20 +72,6 @@ impl UpgradeMark {
     pub fn committed(&self) -> bool {
         SwitchRecord::read(&self.to).is_some()
     }
-}
-
-fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = dir.join(format!("{name}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The VM as it runs now.
@@ -315,34 +301,6 @@ fn prepare_dirs(vm: &LocalVm<'_>, to: &Path, mark: &UpgradeMark) -> Result<(), U
     mark.write(vm.run_dir).map_err(files("the upgrade mark"))
 }
 
-/// A directory for the two hand-over sockets that only the QEMU user (and root) can
-/// enter: the old QEMU, which runs as that user, must connect to the new one's socket.
-fn hand_over_dir(user: Option<&str>) -> Result<tempfile::TempDir, UpgradeError> {
-    let files = |source| UpgradeError::Files {
-        what: "the hand-over directory".into(),
-        source,
-    };
-    let dir = tempfile::Builder::new()
-        .prefix("tern-cpr-")
-        .tempdir()
-        .map_err(files)?;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).map_err(files)?;
-    if let Some(u) = user {
-        chown_to(dir.path(), u)?;
-    }
-    Ok(dir)
-}
-
-/// Gives `path` to `user` (the old QEMU connects to it as that user).
-fn chown_to(path: &Path, user: &str) -> Result<(), UpgradeError> {
-    user_ids(user)
-        .and_then(|(uid, gid)| std::os::unix::fs::chown(path, Some(uid), Some(gid)))
-        .map_err(|source| UpgradeError::Files {
-            what: format!("giving {} to {user}", path.display()),
-            source,
-        })
-}
-
 /// `(uid, gid)` of a user, from `id`.
 fn user_ids(user: &str) -> std::io::Result<(u32, u32)> {
     let id = |flag: &str| -> std::io::Result<u32> {
@@ -361,16 +319,45 @@ fn user_ids(user: &str) -> std::io::Result<(u32, u32)> {
 /// enter, with the new QEMU's two listening sockets and tern's relay socket.
 pub struct HandOverDir {
     dir: tempfile::TempDir,
-    /// The old QEMU's user, who gets the sockets it connects to.
-    user: Option<String>,
+    /// `(uid, gid)` of the old QEMU's user, who gets the directory and the sockets it
+    /// connects to (None: root's).
+    owner: Option<(u32, u32)>,
 }
 
 impl HandOverDir {
-    /// A new directory for the old QEMU, which runs as `user` (None: root).
+    /// A new directory (mode 0700) for the old QEMU, which runs as `user` (None: root).
     pub fn new(user: Option<&str>) -> Result<HandOverDir, UpgradeError> {
-        Ok(HandOverDir {
-            dir: hand_over_dir(user)?,
-            user: user.map(str::to_string),
+        let files = |source| UpgradeError::Files {
+            what: "the hand-over directory".into(),
+            source,
+        };
+        let owner = user
+            .map(|u| {
+                user_ids(u).map_err(|source| UpgradeError::Files {
+                    what: format!("the ids of user {u}"),
+                    source,
+                })
+            })
+            .transpose()?;
+        let dir = tempfile::Builder::new()
+            .prefix("tern-cpr-")
+            .tempdir()
+            .map_err(files)?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .map_err(files)?;
+        let h = HandOverDir { dir, owner };
+        h.give(h.dir.path())?;
+        Ok(h)
+    }
+
+    /// Gives `path` to the old QEMU's user (it connects to it as that user).
+    fn give(&self, path: &Path) -> Result<(), UpgradeError> {
+        let Some((uid, gid)) = self.owner else {
+            return Ok(());
+        };
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| UpgradeError::Files {
+            what: format!("giving {} to uid {uid}", path.display()),
+            source,
         })
     }
     /// The new QEMU's channel for the memory's descriptors.
@@ -427,10 +414,8 @@ pub async fn start_receiver<'a>(
             return Err(UpgradeError::NoCprSocket(STEP.as_secs()));
         }
     }
-    if let Some(u) = &h.user {
-        // QEMU made it as root (before dropping to its user)
-        chown_to(&cpr, u)?;
-    }
+    // QEMU made it as root (before dropping to its user)
+    h.give(&cpr)?;
     Ok(launch)
 }
 
@@ -533,9 +518,7 @@ pub async fn send(
         what: "tern's hand-over socket".into(),
         source,
     })?;
-    if let Some(u) = &own.user {
-        chown_to(&src, u)?;
-    }
+    own.give(&src)?;
     let stopped = Instant::now();
     q.execute(
         "migrate",
@@ -653,6 +636,13 @@ async fn wait_completed(qmp: &QmpClient, side: &'static str) -> Result<u64, Upgr
 /// Before the commit: the new QEMU goes (it may never have answered QMP, so by its pid
 /// file), its directory with it, and the old QEMU runs the VM as before.
 async fn roll_back(host: &dyn Host, vm: &LocalVm<'_>, to: &Path, was_running: bool) -> String {
+    discard_new(host, to).await;
+    resume_old(vm, to, was_running).await
+}
+
+/// The receiving half gives up: the new QEMU in `to` is killed by its pid file (it may
+/// never have answered QMP) and its run directory removed (its swtpm's state first).
+pub async fn discard_new(host: &dyn Host, to: &Path) {
     if let Some(pid) = std::fs::read_to_string(to.join("qemu.pid"))
         .ok()
         .and_then(|p| p.trim().parse::<u32>().ok())
@@ -666,7 +656,6 @@ async fn roll_back(host: &dyn Host, vm: &LocalVm<'_>, to: &Path, was_running: bo
         }
     }
     host.remove_run_dir(to).await;
-    resume_old(vm, to, was_running).await
 }
 
 /// The old QEMU takes the VM back (its migration cancelled if it still runs, resumed if
