@@ -307,7 +307,7 @@ fn receive_error(e: crate::handover::ReceiveError) -> ApiError {
         R::Exists(_) => StatusCode::CONFLICT,
         R::Unknown(_) => StatusCode::NOT_FOUND,
         R::Spec(_) | R::NotShared(_) | R::TpmKey(_) => StatusCode::BAD_REQUEST,
-        R::Upgrade(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        R::Upgrade(_) | R::Failed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
     };
     ApiError::new(status, "handover-failed", chain(&e))
 }

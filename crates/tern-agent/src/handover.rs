@@ -31,6 +31,16 @@ pub(crate) enum HandOverCmd {
     Abort,
 }
 
+/// How long a receiving agent remembers why a hand-over failed (for the sender's commit).
+const REMEMBER_FAILURE: Duration = Duration::from_secs(300);
+
+/// A hand-over this agent receives: waiting for the sender's word, or failed (and why,
+/// so the sender's commit gets the reason rather than "unknown").
+pub(crate) enum HandOverSlot {
+    Waiting(mpsc::Sender<HandOverCmd>),
+    Failed { why: String, at: Instant },
+}
+
 /// Why a hand-over could not be received.
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
@@ -46,6 +56,8 @@ pub enum ReceiveError {
     Upgrade(#[from] UpgradeError),
     #[error("the hand-over {0:?} is not waiting here (it timed out, or it never was)")]
     Unknown(String),
+    #[error("the hand-over {id:?} failed on this side: {why}")]
+    Failed { id: String, why: String },
 }
 
 impl Agent {
@@ -214,16 +226,32 @@ impl Agent {
         }
         let id = tern_engine::new_migration_id();
         let (cmd_tx, cmd_rx) = mpsc::channel(1);
-        self.handovers.lock().insert(id.clone(), cmd_tx);
+        self.handovers
+            .lock()
+            .insert(id.clone(), HandOverSlot::Waiting(cmd_tx));
         let (ready_tx, ready_rx) = oneshot::channel();
         let me = self.clone();
         let task_id = id.clone();
         let span = tracing::info_span!("handover", id = %task_id, vm = %spec.name);
         tokio::spawn(
             async move {
-                me.run_handover(task_id.clone(), spec, to, binary, req, ready_tx, cmd_rx)
+                let r = me
+                    .run_handover(task_id.clone(), spec, to, binary, req, ready_tx, cmd_rx)
                     .await;
-                me.handovers.lock().remove(&task_id);
+                let mut slots = me.handovers.lock();
+                slots.retain(|_, s| {
+                    !matches!(s, HandOverSlot::Failed { at, .. } if at.elapsed() > REMEMBER_FAILURE)
+                });
+                match r {
+                    Ok(()) => slots.remove(&task_id),
+                    Err(why) => slots.insert(
+                        task_id,
+                        HandOverSlot::Failed {
+                            why,
+                            at: Instant::now(),
+                        },
+                    ),
+                };
             }
             .instrument(span),
         );
@@ -241,7 +269,7 @@ impl Agent {
         req: HandOverRequest,
         ready_tx: oneshot::Sender<Result<HandOverReady, ReceiveError>>,
         mut cmd_rx: mpsc::Receiver<HandOverCmd>,
-    ) {
+    ) -> Result<(), String> {
         let fault = self.config.fault;
         let outcome = async {
             let h = HandOverDir::new(req.source_qemu_user.as_deref())?;
@@ -253,11 +281,35 @@ impl Agent {
                 main: h.main(),
                 run_dir: to.clone(),
             }));
-            let mut process = tokio::select! {
-                p = local::loaded(pending, fault) => p?,
-                _ = cmd_rx.recv() => return Err(UpgradeError::Peer("aborted by the sender".into())),
+            // the sender may commit before this side saw its QEMU load (the old QEMU
+            // finishes first): the commit then waits for the load
+            let loading = local::loaded(pending, fault);
+            tokio::pin!(loading);
+            let mut early: Option<oneshot::Sender<Result<HandOverDone, String>>> = None;
+            let mut process = loop {
+                tokio::select! {
+                    p = &mut loading => match p {
+                        Ok(p) => break p,
+                        Err(e) => {
+                            if let Some(reply) = early.take() {
+                                let _ = reply.send(Err(tern_engine::error_chain(&e)));
+                            }
+                            return Err(e);
+                        }
+                    },
+                    c = cmd_rx.recv(), if early.is_none() => match c {
+                        Some(HandOverCmd::Commit(reply)) => early = Some(reply),
+                        Some(HandOverCmd::Abort) | None => {
+                            return Err(UpgradeError::Peer("aborted by the sender".into()))
+                        }
+                    },
+                }
             };
-            let reply = match tokio::time::timeout(COMMIT_WITHIN, cmd_rx.recv()).await {
+            let next = match early {
+                Some(reply) => Ok(Some(HandOverCmd::Commit(reply))),
+                None => tokio::time::timeout(COMMIT_WITHIN, cmd_rx.recv()).await,
+            };
+            let reply = match next {
                 Ok(Some(HandOverCmd::Commit(reply))) => reply,
                 Ok(Some(HandOverCmd::Abort)) | Ok(None) => {
                     process.kill().await;
@@ -293,10 +345,13 @@ impl Agent {
         }
         .await;
         if let Err(e) = outcome {
-            tracing::warn!(vm = %spec.name, handover = %id, "receiving a hand-over failed: {}", tern_engine::error_chain(&e));
+            let why = tern_engine::error_chain(&e);
+            tracing::warn!(vm = %spec.name, handover = %id, "receiving a hand-over failed: {why}");
             local::discard_new(self, &to).await;
             self.release_name(&spec.name);
+            return Err(why);
         }
+        Ok(())
     }
 
     /// The sender's word for a hand-over this agent receives.
@@ -305,12 +360,16 @@ impl Agent {
         id: &str,
         commit: bool,
     ) -> Result<HandOverDone, ReceiveError> {
-        let tx = self
-            .handovers
-            .lock()
-            .get(id)
-            .cloned()
-            .ok_or_else(|| ReceiveError::Unknown(id.into()))?;
+        let tx = match self.handovers.lock().get(id) {
+            Some(HandOverSlot::Waiting(tx)) => tx.clone(),
+            Some(HandOverSlot::Failed { why, .. }) => {
+                return Err(ReceiveError::Failed {
+                    id: id.into(),
+                    why: why.clone(),
+                })
+            }
+            None => return Err(ReceiveError::Unknown(id.into())),
+        };
         if !commit {
             let _ = tx.send(HandOverCmd::Abort).await;
             return Err(ReceiveError::Unknown(id.into()));

@@ -147,7 +147,7 @@ pub struct Agent {
     /// Names held by incoming migrations that have not switched over yet.
     reserved: Mutex<HashSet<String>>,
     /// Hand-overs from other agents on this host waiting for their sender's word.
-    handovers: Mutex<HashMap<String, tokio::sync::mpsc::Sender<handover::HandOverCmd>>>,
+    handovers: Mutex<HashMap<String, handover::HandOverSlot>>,
     /// Itself, for handing to the engine as its [`Host`].
     me: std::sync::Weak<Agent>,
 }

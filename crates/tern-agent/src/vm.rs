@@ -47,12 +47,17 @@ impl Vm {
         let console_log = process.console_log.clone();
         let pid = process.pid();
         let qemu_version = qmp.version().to_string();
+        let name = spec.name.clone();
         tokio::spawn(async move {
             let how = tokio::select! {
-                st = process.wait() => match st {
-                    Ok(s) => format!("exited ({s})"),
-                    Err(e) => format!("lost ({e})"),
-                },
+                st = process.wait() => {
+                    let how = match st {
+                        Ok(s) => format!("exited ({s})"),
+                        Err(e) => format!("lost ({e})"),
+                    };
+                    tracing::warn!(vm = %name, pid = ?pid, "the VM's QEMU {how} without being asked to stop");
+                    how
+                }
                 Some(mode) = stop_rx.recv() => {
                     match mode {
                         StopMode::Quit => process.quit(Duration::from_secs(10)).await,

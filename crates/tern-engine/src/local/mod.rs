@@ -532,9 +532,13 @@ pub async fn send(
     .await
     .map_err(qmp_err("migrate (cpr-transfer)"))?;
     let cut = fault!(fault, UpgradeCutStream).then_some(4096);
-    let carried = tokio::time::timeout(STEP, relay::carry(&listener, vm.pid, main, cut))
-        .await
-        .map_err(|_| UpgradeError::Timeout("the hand-over", STEP.as_secs()))??;
+    // the old QEMU's own failure (or its exit) ends the wait at once, with its words
+    let carried = tokio::select! {
+        r = tokio::time::timeout(STEP, relay::carry(&listener, vm.pid, main, cut)) => {
+            r.map_err(|_| UpgradeError::Timeout("the hand-over", STEP.as_secs()))??
+        }
+        e = until_failed(q, "old") => return Err(e),
+    };
     let qemu_downtime_ms = wait_completed(q, "old").await?;
     Ok(Sent {
         carried,
@@ -629,6 +633,27 @@ async fn wait_completed(qmp: &QmpClient, side: &'static str) -> Result<u64, Upgr
                 return Err(UpgradeError::Timeout("QEMU's hand-over", STEP.as_secs()))
             }
             _ => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    }
+}
+
+/// Returns only when `qmp`'s migration failed or its QEMU stopped answering: why.
+async fn until_failed(qmp: &QmpClient, side: &'static str) -> UpgradeError {
+    loop {
+        match qmp.query_migrate().await {
+            Err(source) => {
+                return UpgradeError::Qmp {
+                    step: "query-migrate",
+                    source,
+                }
+            }
+            Ok(m) if matches!(m.status.as_str(), "failed" | "cancelled") => {
+                return UpgradeError::Qemu {
+                    side,
+                    message: m.error_desc.unwrap_or(m.status),
+                }
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
 }

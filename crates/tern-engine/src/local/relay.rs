@@ -33,6 +33,12 @@ pub enum RelayError {
     Stranger { got: Option<i32>, want: Option<u32> },
     #[error("the new QEMU did not open its migration socket {path} within {secs} s")]
     NoListener { path: String, secs: u64 },
+    #[error("the new QEMU's migration socket {path} refuses connections (the new QEMU is gone)")]
+    Refused {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the device-state stream is not one tern carries")]
     Stream(#[from] StreamError),
     #[error("copying the device-state stream failed")]
@@ -64,6 +70,13 @@ pub async fn carry(
     let new = loop {
         match UnixStream::connect(new_listener).await {
             Ok(s) => break s,
+            // the socket exists and nobody listens: the new QEMU is gone
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Err(RelayError::Refused {
+                    path: new_listener.display().to_string(),
+                    source: e,
+                })
+            }
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(5)).await
             }
