@@ -8,12 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::{json, Value};
 use tern_api::{Compression, MigrateRequest, MigrationReport, MigrationStatus, Objective};
 
 use tern_api::client::{Client, Endpoint};
 use tern_api::image::{ImageInfo, ImportReport, RefreshSummary};
+
+mod config;
+mod docs;
 
 const DEFAULT_API: &str = "unix:/run/tern/agent.sock";
 
@@ -77,6 +80,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CertCmd,
     },
+    /// Print a shell completion script, e.g. `tern completions bash > /etc/bash_completion.d/tern`.
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages for tern and each of its commands (tern.1, tern-migrate.1, ...) into OUT.
+    Man { out: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -144,8 +151,12 @@ enum CertCmd {
     },
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug)]
 struct AgentArgs {
+    /// Read options from this TOML file (keys: these flags' names without the dashes;
+    /// a flag given here wins). The package's unit uses /etc/tern/agent.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// This host's name, shown to peers and in reports.
     #[arg(long, default_value_t = default_hostname())]
     name: String,
@@ -213,7 +224,7 @@ enum VmCmd {
     Stop { name: String },
     /// Continue a running VM in a new QEMU process on this host (e.g. after a QEMU
     /// update), its memory handed over without a copy; the old QEMU runs it on if
-    /// anything fails. Needs memory = "shared" in the VM's spec (the default).
+    /// anything fails. Needs memory = "shared" in the VM's spec (not the default).
     Upgrade {
         name: String,
         /// The new QEMU binary on the agent's host (default: the one new VMs get).
@@ -315,8 +326,12 @@ fn default_hostname() -> String {
 }
 
 fn main() {
-    let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    if let Err(e) = run(cli, &matches) {
         // Print the whole chain once (each layer's Display omits its source).
         let mut msg = format!("error: {e}");
         for c in e.chain().skip(1) {
@@ -327,13 +342,24 @@ fn main() {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     let api = cli
         .agent
         .or_else(|| std::env::var("TERN_AGENT").ok())
         .unwrap_or_else(|| DEFAULT_API.to_string());
     match cli.cmd {
-        Cmd::Agent(a) => run_agent(a),
+        // the agent's flags go over its config file
+        Cmd::Agent(_) => run_agent(config::agent_args(
+            matches
+                .subcommand_matches("agent")
+                .context("agent arguments")?,
+        )?),
+        Cmd::Completions { shell } => Ok(docs::completions(shell, &mut std::io::stdout())?),
+        Cmd::Man { out } => {
+            let pages = docs::man_pages(&out)?;
+            println!("{pages} man pages in {}", out.display());
+            Ok(())
+        }
         Cmd::Ca {
             cmd: CaCmd::Init { dir, cluster },
         } => {
@@ -452,7 +478,8 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// How `tern agent` writes its log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum LogFormat {
     Text,
     Json,
@@ -463,6 +490,8 @@ fn run_agent(a: AgentArgs) -> Result<()> {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let log = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // colours only on a terminal (not into the journal or a log file)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match a.log_format {
         LogFormat::Text => log.init(),
