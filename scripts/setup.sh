@@ -2,7 +2,7 @@
 # Installs what tern needs on a fresh Debian 12 machine (idempotent):
 #   QEMU 10 from bookworm-backports (Debian's 7.2 loses dirty pages in live migration under
 #   TCG), the guest-build inputs (busybox-static, cpio, gcc), network tools (iproute2,
-#   iptables, socat, tcpdump), e2fsprogs (test and demo disks), debootstrap (the package test's clean Debian root) and swtpm (the software TPM behind a VM spec's `tpm = true`),
+#   iptables, socat, tcpdump), e2fsprogs (test and demo disks), debootstrap (the package test's clean Debian root), dosfstools, mtools and syslinux (a disk image the firmware boots) and swtpm (the software TPM behind a VM spec's `tpm = true`),
 #   and the system user `tern-qemu` that QEMU runs as.
 # Run as root. Safe to run again: it only installs what is missing.
 set -euo pipefail
@@ -10,7 +10,7 @@ need_qemu=0
 if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then need_qemu=1
 elif ! qemu-system-x86_64 --version | grep -q 'version 10\.'; then need_qemu=1
 elif ! command -v qemu-nbd >/dev/null 2>&1; then need_qemu=1; fi  # qemu-utils: qemu-img, qemu-nbd (disks)
-pkgs=(busybox-static cpio gcc libc6-dev iproute2 iptables socat swtpm swtpm-tools tcpdump e2fsprogs debootstrap)
+pkgs=(busybox-static cpio gcc libc6-dev iproute2 iptables socat swtpm swtpm-tools tcpdump e2fsprogs debootstrap dosfstools mtools syslinux syslinux-common)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p"); done
 if [ "$need_qemu" = 1 ] || [ "${#missing[@]}" -gt 0 ]; then

@@ -304,8 +304,10 @@ impl QemuProcess {
             push("-incoming");
             push("defer");
         }
-        a.push("-kernel".into());
-        a.push(spec.kernel.clone().into());
+        if let Some(k) = &spec.kernel {
+            a.push("-kernel".into());
+            a.push(k.clone().into());
+        }
         if let Some(i) = &spec.initrd {
             a.push("-initrd".into());
             a.push(i.clone().into());
@@ -327,7 +329,16 @@ impl QemuProcess {
                 "-blockdev".to_string(),
                 format.to_string(),
                 "-device".to_string(),
-                format!("virtio-blk-pci,drive={node},id={}", disk::device_id(i)),
+                format!(
+                    "virtio-blk-pci,drive={node},id={}{}",
+                    disk::device_id(i),
+                    // no kernel: the firmware boots disk 0
+                    if i == 0 && spec.kernel.is_none() {
+                        ",bootindex=0"
+                    } else {
+                        ""
+                    }
+                ),
             ] {
                 a.push(s.into());
             }
@@ -508,7 +519,7 @@ mod tests {
             memory_mib: 256,
             vcpus: 2,
             accel,
-            kernel: "/k".into(),
+            kernel: Some("/k".into()),
             initrd: Some("/i".into()),
             append: "console=ttyS0 a=b".into(),
             machine: "pc".into(),
@@ -721,6 +732,31 @@ mod tests {
             &LaunchOptions::new("/run/x".into()),
         ));
         assert!(!none.contains(&"-blockdev".to_string()));
+
+        // without a kernel the firmware boots disk 0, and nothing else is booted
+        s.kernel = None;
+        s.initrd = None;
+        s.append.clear();
+        let a = args(QemuProcess::command_line(
+            &s,
+            &LaunchOptions::new("/run/x".into()),
+        ));
+        for flag in ["-kernel", "-initrd", "-append"] {
+            assert!(!a.contains(&flag.to_string()), "{flag} in {a:?}");
+        }
+        let devices: Vec<&String> = a
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| *x == "-device")
+            .map(|(i, _)| &a[i + 1])
+            .collect();
+        assert_eq!(
+            devices,
+            vec![
+                "virtio-blk-pci,drive=disk0,id=virtio-disk0,bootindex=0",
+                "virtio-blk-pci,drive=disk1,id=virtio-disk1"
+            ]
+        );
     }
 
     #[tokio::test]
@@ -729,7 +765,7 @@ mod tests {
         let k = d.path().join("k");
         std::fs::write(&k, b"kernel").unwrap();
         let mut s = spec(Accel::Tcg);
-        s.kernel = k;
+        s.kernel = Some(k);
         s.initrd = None;
         s.tpm = true;
         let mut o = LaunchOptions::new(d.path().join("run"));

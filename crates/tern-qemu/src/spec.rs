@@ -31,9 +31,9 @@ impl Accel {
 /// memory_mib = 512
 /// vcpus = 1
 /// accel = "tcg"
-/// kernel = "/var/lib/tern/guest/vmlinuz"
-/// initrd = "/var/lib/tern/guest/initrd.gz"
-/// append = "console=ttyS0 tern.workload=dirty tern.mib=64"
+/// kernel = "/var/lib/tern/guest/vmlinuz"   # optional: without it the VM boots its first
+/// initrd = "/var/lib/tern/guest/initrd.gz"  # disk with the firmware (SeaBIOS), as a cloud
+/// append = "console=ttyS0 tern.workload=dirty tern.mib=64"   # image expects
 /// tpm = true    # optional: a TPM 2.0 (swtpm, see crate::swtpm)
 /// memory = "shared"  # optional: RAM a new QEMU can take over (`tern vm upgrade`); default "private"
 ///
@@ -53,7 +53,11 @@ pub struct VmSpec {
     pub vcpus: u32,
     #[serde(default)]
     pub accel: Accel,
-    pub kernel: PathBuf,
+    /// A kernel QEMU loads directly (with `initrd` and `append`). None: the firmware
+    /// (SeaBIOS) boots disk 0, whose bootloader takes it from there. Left out of the TOML
+    /// when absent; an agent older than this reads such a spec as missing its kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
     #[serde(default)]
     pub initrd: Option<PathBuf>,
     #[serde(default)]
@@ -195,6 +199,10 @@ pub enum SpecError {
     },
     #[error("disk {index}: {path} is not a qcow2 image (no qcow2 header) but the spec says format = \"qcow2\"")]
     NotQcow2 { index: usize, path: PathBuf },
+    #[error("the VM has neither a kernel nor a disk to boot from: give it kernel = \"...\" or a [[disk]] holding a bootloader")]
+    NothingToBoot,
+    #[error("{0} without kernel: initrd and append go with a kernel QEMU loads; a VM booting its disk takes them from its bootloader's configuration")]
+    WithoutKernel(&'static str),
 }
 
 impl VmSpec {
@@ -238,6 +246,17 @@ impl VmSpec {
         if self.disks.len() > MAX_DISKS {
             return Err(SpecError::TooManyDisks(self.disks.len()));
         }
+        if self.kernel.is_none() {
+            if self.disks.is_empty() {
+                return Err(SpecError::NothingToBoot);
+            }
+            if self.initrd.is_some() {
+                return Err(SpecError::WithoutKernel("initrd"));
+            }
+            if !self.append.is_empty() {
+                return Err(SpecError::WithoutKernel("append"));
+            }
+        }
         for (index, d) in self.disks.iter().enumerate() {
             if !d.path.is_absolute() || d.path.to_str().is_none() {
                 return Err(SpecError::BadDiskPath {
@@ -258,11 +277,13 @@ impl VmSpec {
 
     /// The files QEMU will need must exist on this host.
     pub fn check_files(&self) -> Result<(), SpecError> {
-        if !self.kernel.exists() {
-            return Err(SpecError::MissingFile {
-                what: "kernel",
-                path: self.kernel.clone(),
-            });
+        if let Some(k) = &self.kernel {
+            if !k.exists() {
+                return Err(SpecError::MissingFile {
+                    what: "kernel",
+                    path: k.clone(),
+                });
+            }
         }
         if let Some(i) = &self.initrd {
             if !i.exists() {
@@ -421,7 +442,7 @@ mod tests {
         hdr.resize(512, 0);
         std::fs::write(&real, hdr).unwrap();
         let mut s = VmSpec::from_toml("name='a1'\nmemory_mib=128\nkernel='/k'\n").unwrap();
-        s.kernel = k;
+        s.kernel = Some(k);
         let disk = |p: &Path, format| DiskSpec {
             path: p.to_path_buf(),
             format,
@@ -490,5 +511,28 @@ mod tests {
         assert_eq!(p.memory, GuestMemory::Shared);
         assert_eq!(VmSpec::from_toml(&p.to_toml()).unwrap(), p);
         assert!(VmSpec::from_toml("name='x'\nmemory_mib=64\nkernel='/k'\nmemory='huge'").is_err());
+    }
+
+    #[test]
+    fn a_vm_without_a_kernel_boots_its_first_disk_and_says_what_is_missing_otherwise() {
+        let disk = "[[disk]]\npath = '/d/a.img'\nformat = 'raw'\n";
+        let s = VmSpec::from_toml(&format!("name='x'\nmemory_mib=64\n{disk}")).unwrap();
+        assert_eq!(s.kernel, None);
+        assert!(
+            !s.to_toml().contains("kernel"),
+            "no kernel key for agents that would read it as a path"
+        );
+        assert!(matches!(
+            VmSpec::from_toml("name='x'\nmemory_mib=64\n"),
+            Err(SpecError::NothingToBoot)
+        ));
+        assert!(matches!(
+            VmSpec::from_toml(&format!("name='x'\nmemory_mib=64\ninitrd='/i'\n{disk}")),
+            Err(SpecError::WithoutKernel("initrd"))
+        ));
+        assert!(matches!(
+            VmSpec::from_toml(&format!("name='x'\nmemory_mib=64\nappend='quiet'\n{disk}")),
+            Err(SpecError::WithoutKernel("append"))
+        ));
     }
 }

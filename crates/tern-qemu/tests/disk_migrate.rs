@@ -327,7 +327,7 @@ async fn disk_migrates_live_while_the_guest_writes_and_stays_consistent() -> Res
         memory_mib: 128,
         vcpus: 1,
         accel: Accel::Tcg,
-        kernel: kernel.clone(),
+        kernel: Some(kernel.clone()),
         initrd: Some(initrd.clone()),
         append: format!(
             "console=ttyS0 panic=-1 tern.workload=idle tern.disk=1 tern.disk_rate={RATE_KIBPS} tern.seed=7"

@@ -40,7 +40,7 @@ fn spec(disks: Vec<DiskSpec>) -> Result<VmSpec> {
         memory_mib: 64,
         vcpus: 1,
         accel: Accel::Tcg,
-        kernel: kernel()?,
+        kernel: Some(kernel()?),
         initrd: None,
         append: String::new(),
         machine: "pc".into(),

@@ -16,7 +16,7 @@ fn spec(kernel: PathBuf, initrd: Option<PathBuf>) -> VmSpec {
         memory_mib: 64,
         vcpus: 1,
         accel: Accel::Tcg,
-        kernel,
+        kernel: Some(kernel),
         initrd,
         append: "console=ttyS0 panic=-1 tern.workload=idle".into(),
         machine: "pc".into(),

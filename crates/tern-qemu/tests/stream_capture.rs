@@ -61,7 +61,7 @@ async fn capture(binary: Option<PathBuf>, paused: bool, dir: &Path) -> Result<Ve
         memory_mib: 128,
         vcpus: 1,
         accel: tern_qemu::spec::Accel::Tcg,
-        kernel,
+        kernel: Some(kernel),
         initrd: Some(initrd),
         append: "console=ttyS0 panic=-1 tern.workload=pattern tern.mib=8 tern.seed=5".into(),
         machine: "pc".into(),

@@ -236,7 +236,7 @@ async fn tpm_pcrs_survive_two_migrations_and_state_is_encrypted() -> Result<()> 
         memory_mib: 128,
         vcpus: 1,
         accel: Accel::Tcg,
-        kernel,
+        kernel: Some(kernel),
         initrd: Some(initrd),
         append: "console=ttyS0 panic=-1 tern.workload=idle tern.tpm_extend=1234 tern.tpm_print=1"
             .into(),

@@ -136,3 +136,46 @@ mod tests {
         assert_eq!(count_pattern_pages(&ram, 41), (0, 0));
     }
 }
+
+/// A raw disk image the firmware boots (no kernel in the VM's spec): a FAT filesystem
+/// holding the test guest's kernel and initrd with SYSLINUX as its bootloader, built with
+/// the distribution's tools (dosfstools, mtools, syslinux). SYSLINUX prints its banner on
+/// the serial console (`SYSLINUX` in the console log), then boots the kernel with `append`.
+pub fn boot_disk(g: &GuestImage, path: &Path, append: &str) -> Result<PathBuf> {
+    use std::process::Command;
+    let run = |cmd: &mut Command| -> Result<()> {
+        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+        if !out.status.success() {
+            bail!(
+                "{cmd:?}: {}{} (bash scripts/setup.sh installs dosfstools, mtools, syslinux)",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    let _ = std::fs::remove_file(path);
+    let kib =
+        (std::fs::metadata(&g.kernel)?.len() + std::fs::metadata(&g.initrd)?.len()) / 1024 + 8192;
+    run(Command::new("mkfs.vfat")
+        .args(["-C", "-n", "TERNBOOT"])
+        .arg(path)
+        .arg(kib.to_string()))?;
+    let cfg = path.with_extension("syslinux.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "SERIAL 0 115200\nDEFAULT tern\nPROMPT 0\nTIMEOUT 0\nLABEL tern\n  KERNEL vmlinuz\n  INITRD initrd\n  APPEND {append}\n"
+        ),
+    )?;
+    for (from, to) in [
+        (&g.kernel, "::vmlinuz"),
+        (&g.initrd, "::initrd"),
+        (&cfg, "::syslinux.cfg"),
+    ] {
+        run(Command::new("mcopy").arg("-i").arg(path).arg(from).arg(to))?;
+    }
+    let _ = std::fs::remove_file(&cfg);
+    run(Command::new("syslinux").arg("--install").arg(path))?;
+    Ok(path.to_path_buf())
+}

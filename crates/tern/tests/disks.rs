@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
-use tern_testkit::agents::{e2e_lock, pid_alive, wait_for_text, AgentOptions, TestAgent};
+use tern_testkit::agents::{
+    checker_clean, e2e_lock, pid_alive, wait_for_text, AgentOptions, TestAgent,
+};
 use tern_testkit::guest::{ensure_guest, GuestImage};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tern");
@@ -777,5 +779,66 @@ fn a_source_agent_that_dies_with_its_vm_paused_before_the_switchover_gets_it_run
     let r = migrate_ok(&a2, &b, "dk6")?;
     ensure!(r.disk.is_some());
     compare(&disk, "raw", &disk_path(&b, "dk6")?, "raw")?;
+    Ok(())
+}
+
+/// A VM whose spec has no kernel: the firmware (SeaBIOS) boots its disk, a FAT image with
+/// SYSLINUX built here with the distribution's tools; it migrates live with that disk, the
+/// guest's checker goes on clean there, the destination's copy equals the source's, and a
+/// new VM booted from a copy of it comes up through SYSLINUX again.
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest, syslinux, mtools and root (bash scripts/test.sh runs it)"]
+fn a_vm_the_firmware_boots_from_its_disk_migrates_with_it_and_its_copy_boots_there() -> Result<()> {
+    for tool in ["mkfs.vfat", "mcopy", "syslinux", "qemu-img"] {
+        ensure!(
+            have(tool),
+            "{tool} is not installed: bash scripts/setup.sh installs it"
+        );
+    }
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    let append = "console=ttyS0 panic=-1 tern.workload=dirty tern.mib=16 tern.rate=2";
+    let disk = tern_testkit::guest::boot_disk(&g, &d.path().join("boot.img"), append)?;
+    let spec = |name: &str, disk: &Path| {
+        format!(
+            "name = {name:?}\nmemory_mib = 128\nvcpus = 1\naccel = \"tcg\"\n[[disk]]\npath = {:?}\nformat = \"raw\"\n",
+            disk.display().to_string()
+        )
+    };
+    let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
+    let b = TestAgent::start(Path::new(BIN), "host-b", &[])?;
+    let console = boot(&a, &spec("fw1", &disk), "TERN-READY")?;
+    let text = std::fs::read_to_string(&console)?;
+    ensure!(
+        text.contains("SYSLINUX"),
+        "the guest came up through its disk's bootloader:\n{text}"
+    );
+    let pid = a.vm("fw1")?["pid"].as_u64().context("pid")?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    ensure!(
+        !cmdline.contains("-kernel") && cmdline.contains("bootindex=0"),
+        "QEMU loads no kernel, the firmware boots disk 0: {cmdline}"
+    );
+
+    let r = migrate_ok(&a, &b, "fw1")?;
+    let dr = r.disk.clone().context("no disk part in the report")?;
+    eprintln!("firmware-booted VM: {dr:?}, total {} ms", r.total_time_ms);
+    let console_b = b.console_log("fw1")?;
+    checker_clean(&console_b, 0)?;
+    let copy = disk_path(&b, "fw1")?;
+    compare(&disk, "raw", &copy, "raw")?;
+
+    // the destination's copy is a disk the firmware boots
+    let again = d.path().join("again.img");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-U", "-f", "raw", "-O", "raw"])
+            .arg(&copy)
+            .arg(&again),
+    )?;
+    let console2 = boot(&b, &spec("fw2", &again), "TERN-READY")?;
+    ensure!(std::fs::read_to_string(&console2)?.contains("SYSLINUX"));
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! What a destination takes from a peer's VM spec: its own decision, not the peer's. The
-//! kernel and initrd only from its boot directories, machine types its QEMU knows, no
+//! kernel and initrd (when the VM has them; else it boots its disk, which travels with it)
+//! only from its boot directories, machine types its QEMU knows, no
 //! migration capabilities from the peer, no VM larger than the host (and none with shared
 //! memory larger than what it has available).
 
@@ -28,7 +29,9 @@ pub fn vet_incoming_spec(config: &EngineConfig, spec: &mut VmSpec) -> Result<(),
             ),
         ));
     }
-    spec.kernel = boot_file("kernel", &spec.kernel, &config.boot_dirs, host)?;
+    if let Some(k) = &spec.kernel {
+        spec.kernel = Some(boot_file("kernel", k, &config.boot_dirs, host)?);
+    }
     if let Some(i) = &spec.initrd {
         spec.initrd = Some(boot_file("initrd", i, &config.boot_dirs, host)?);
     }

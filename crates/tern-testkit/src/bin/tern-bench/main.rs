@@ -63,7 +63,7 @@ fn spec(name: &str, g: &GuestImage, append: &str) -> VmSpec {
         memory_mib: 512,
         vcpus: 1,
         accel: tern_qemu::spec::Accel::Tcg,
-        kernel: g.kernel.clone(),
+        kernel: Some(g.kernel.clone()),
         initrd: Some(g.initrd.clone()),
         append: format!("console=ttyS0 panic=-1 {append}"),
         machine: "pc".into(),
