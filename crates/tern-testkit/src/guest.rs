@@ -115,28 +115,6 @@ pub fn count_pattern_pages(ram: &[u8], seed: u64) -> (u64, u64) {
     (good.len() as u64, bad)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pattern_pages_are_deterministic_and_distinct() {
-        let a = pattern_page(42, 7);
-        assert_eq!(a, pattern_page(42, 7));
-        assert_ne!(a, pattern_page(42, 8));
-        assert_ne!(a, pattern_page(43, 7));
-        assert_eq!(&a[..8], b"TERNPAT1");
-        let mut ram = Vec::new();
-        ram.extend_from_slice(&[0u8; 4096]);
-        ram.extend_from_slice(&pattern_page(42, 0));
-        let mut broken = pattern_page(42, 1);
-        broken[4000] ^= 1;
-        ram.extend_from_slice(&broken);
-        assert_eq!(count_pattern_pages(&ram, 42), (1, 1));
-        assert_eq!(count_pattern_pages(&ram, 41), (0, 0));
-    }
-}
-
 /// A raw disk image the firmware boots (no kernel in the VM's spec): a FAT filesystem
 /// holding the test guest's kernel and initrd with SYSLINUX as its bootloader, built with
 /// the distribution's tools (dosfstools, mtools, syslinux). SYSLINUX prints its banner on
@@ -178,4 +156,26 @@ pub fn boot_disk(g: &GuestImage, path: &Path, append: &str) -> Result<PathBuf> {
     let _ = std::fs::remove_file(&cfg);
     run(Command::new("syslinux").arg("--install").arg(path))?;
     Ok(path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_pages_are_deterministic_and_distinct() {
+        let a = pattern_page(42, 7);
+        assert_eq!(a, pattern_page(42, 7));
+        assert_ne!(a, pattern_page(42, 8));
+        assert_ne!(a, pattern_page(43, 7));
+        assert_eq!(&a[..8], b"TERNPAT1");
+        let mut ram = Vec::new();
+        ram.extend_from_slice(&[0u8; 4096]);
+        ram.extend_from_slice(&pattern_page(42, 0));
+        let mut broken = pattern_page(42, 1);
+        broken[4000] ^= 1;
+        ram.extend_from_slice(&broken);
+        assert_eq!(count_pattern_pages(&ram, 42), (1, 1));
+        assert_eq!(count_pattern_pages(&ram, 41), (0, 0));
+    }
 }
