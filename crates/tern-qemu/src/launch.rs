@@ -682,6 +682,15 @@ mod tests {
         );
     }
 
+    /// The value after each `flag` in a command line.
+    fn values_of<'a>(a: &'a [String], flag: &str) -> Vec<&'a String> {
+        a.iter()
+            .enumerate()
+            .filter(|(_, x)| *x == flag)
+            .map(|(i, _)| &a[i + 1])
+            .collect()
+    }
+
     #[test]
     fn disk_command_line() {
         let mut s = spec(Accel::Tcg);
@@ -714,12 +723,7 @@ mod tests {
                 json!({"driver": "raw", "node-name": "disk1", "file": "disk1-file"}),
             ]
         );
-        let devices: Vec<&String> = a
-            .iter()
-            .enumerate()
-            .filter(|(_, x)| *x == "-device")
-            .map(|(i, _)| &a[i + 1])
-            .collect();
+        let devices = values_of(&a, "-device");
         assert_eq!(
             devices,
             vec![
@@ -744,12 +748,7 @@ mod tests {
         for flag in ["-kernel", "-initrd", "-append"] {
             assert!(!a.contains(&flag.to_string()), "{flag} in {a:?}");
         }
-        let devices: Vec<&String> = a
-            .iter()
-            .enumerate()
-            .filter(|(_, x)| *x == "-device")
-            .map(|(i, _)| &a[i + 1])
-            .collect();
+        let devices = values_of(&a, "-device");
         assert_eq!(
             devices,
             vec![

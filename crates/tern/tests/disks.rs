@@ -23,6 +23,17 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Every tool in `tools` is installed.
+fn need(tools: &[&str]) -> Result<()> {
+    for tool in tools {
+        ensure!(
+            have(tool),
+            "{tool} is not installed: bash scripts/setup.sh installs it"
+        );
+    }
+    Ok(())
+}
+
 fn run_ok(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     let text = format!(
@@ -285,12 +296,7 @@ fn fsck_clean(image: &Path, work: &Path) -> Result<String> {
 #[test]
 #[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
 fn a_writing_guests_disk_moves_there_and_back_identical_at_each_switchover() -> Result<()> {
-    for tool in ["mkfs.ext4", "e2fsck", "qemu-img"] {
-        ensure!(
-            have(tool),
-            "{tool} is not installed: bash scripts/setup.sh installs it"
-        );
-    }
+    need(&["mkfs.ext4", "e2fsck", "qemu-img"])?;
     let _l = e2e_lock();
     let g = ensure_guest()?;
     let d = tempfile::tempdir()?;
@@ -789,12 +795,7 @@ fn a_source_agent_that_dies_with_its_vm_paused_before_the_switchover_gets_it_run
 #[test]
 #[ignore = "tier vm: needs QEMU 10, the test guest, syslinux, mtools and root (bash scripts/test.sh runs it)"]
 fn a_vm_the_firmware_boots_from_its_disk_migrates_with_it_and_its_copy_boots_there() -> Result<()> {
-    for tool in ["mkfs.vfat", "mcopy", "syslinux", "qemu-img"] {
-        ensure!(
-            have(tool),
-            "{tool} is not installed: bash scripts/setup.sh installs it"
-        );
-    }
+    need(&["mkfs.vfat", "mcopy", "syslinux", "qemu-img"])?;
     let _l = e2e_lock();
     let g = ensure_guest()?;
     let d = tempfile::tempdir()?;
