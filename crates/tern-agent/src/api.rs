@@ -250,32 +250,72 @@ async fn upgrade_vm(
 }
 
 /// `GET /v1/events`: server-sent events, one [`tern_api::events::AgentEvent`] as JSON per
-/// `data:` line, from now on (a keep-alive comment every 15 s).
+/// `data:` line, each numbered in its `id:` line (progress ticks are not). A listener that
+/// sends `Last-Event-ID: N` (or asks `?since=N`) first gets the kept events after N, and a
+/// `lagged` event counting those no longer kept; else it starts from now. A keep-alive
+/// comment every 15 s.
 async fn events(
     State(a): S,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
 ) -> axum::response::sse::Sse<
     impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
 > {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use tern_api::events::AgentEvent;
+    use tern_engine::events::Numbered;
     use tokio::sync::broadcast::error::RecvError;
-    let rx = a.engine.registry.subscribe();
-    let open = AgentEvent::Open {
-        agent: a.config.name.clone(),
+    let since = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .or_else(|| {
+            uri.query()?
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("since="))?
+                .parse()
+                .ok()
+        });
+    let follow = a.engine.registry.follow(since);
+    let sse = |n: &Numbered| {
+        let e = Event::default().data(serde_json::to_string(&n.event).unwrap_or_default());
+        Ok(match n.seq {
+            Some(seq) => e.id(seq.to_string()),
+            None => e,
+        })
     };
-    let first = futures_util::stream::once(async move {
-        Ok(Event::default().data(serde_json::to_string(&open).unwrap_or_default()))
-    });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        let ev = match rx.recv().await {
-            Ok(ev) => ev,
-            Err(RecvError::Lagged(missed)) => AgentEvent::Lagged { missed },
+    let mut first = vec![Numbered {
+        seq: None,
+        event: AgentEvent::Open {
+            agent: a.config.name.clone(),
+        },
+    }];
+    if follow.missed > 0 {
+        first.push(Numbered {
+            seq: None,
+            event: AgentEvent::Lagged {
+                missed: follow.missed,
+            },
+        });
+    }
+    first.extend(follow.replay);
+    let first: Vec<_> = first.iter().map(sse).collect();
+    let stream = futures_util::stream::unfold(follow.live, move |mut rx| async move {
+        let n = match rx.recv().await {
+            Ok(n) => n,
+            Err(RecvError::Lagged(missed)) => Numbered {
+                seq: None,
+                event: AgentEvent::Lagged { missed },
+            },
             Err(RecvError::Closed) => return None,
         };
-        let data = serde_json::to_string(&ev).unwrap_or_default();
-        Some((Ok(Event::default().data(data)), rx))
+        Some((sse(&n), rx))
     });
-    Sse::new(futures_util::StreamExt::chain(first, stream)).keep_alive(KeepAlive::default())
+    Sse::new(futures_util::StreamExt::chain(
+        futures_util::stream::iter(first),
+        stream,
+    ))
+    .keep_alive(KeepAlive::default())
 }
 
 fn upgrade_error(e: UpgradeVmError) -> ApiError {

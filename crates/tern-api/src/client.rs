@@ -149,9 +149,23 @@ impl Client {
     /// Follows `GET /v1/events`: calls `each` with every event as it comes, until `each`
     /// returns false or the agent closes the stream.
     pub fn events(&self, mut each: impl FnMut(crate::events::AgentEvent) -> bool) -> Result<()> {
+        self.events_since(None, |_, e| each(e))
+    }
+
+    /// The agent's events as [`Client::events`], each with its number (None for progress
+    /// ticks and the stream's own `open` and `lagged`); with `since`, first the kept
+    /// events after that number (a listener that reconnects misses nothing still kept).
+    pub fn events_since(
+        &self,
+        since: Option<u64>,
+        mut each: impl FnMut(Option<u64>, crate::events::AgentEvent) -> bool,
+    ) -> Result<()> {
         use std::io::BufRead;
         let mut c = self.connect(None)?;
-        c.write_all(b"GET /v1/events HTTP/1.1\r\nHost: tern\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n")?;
+        let last = since
+            .map(|n| format!("Last-Event-ID: {n}\r\n"))
+            .unwrap_or_default();
+        c.write_all(format!("GET /v1/events HTTP/1.1\r\nHost: tern\r\nAccept: text/event-stream\r\n{last}Connection: close\r\n\r\n").as_bytes())?;
         let mut r = std::io::BufReader::new(c);
         let bad = |s: &str| ClientError::BadResponse(s.into());
         let mut line = String::new();
@@ -191,7 +205,7 @@ const MAX_EVENT: usize = 1 << 20;
 fn read_events(
     r: &mut impl std::io::BufRead,
     chunked: bool,
-    each: &mut impl FnMut(crate::events::AgentEvent) -> bool,
+    each: &mut impl FnMut(Option<u64>, crate::events::AgentEvent) -> bool,
 ) -> Result<()> {
     let bad = |s: &str| ClientError::BadResponse(s.into());
     let mut pending: Vec<u8> = Vec::new();
@@ -224,10 +238,14 @@ fn read_events(
         while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = pending.drain(..end + 2).collect();
             let event = String::from_utf8_lossy(&event);
+            let id = event
+                .lines()
+                .find_map(|l| l.strip_prefix("id:"))
+                .and_then(|v| v.trim().parse().ok());
             for data in event.lines().filter_map(|l| l.strip_prefix("data:")) {
                 let ev = serde_json::from_str(data.trim())
                     .map_err(|e| ClientError::Shape("GET /v1/events".into(), e))?;
-                if !each(ev) {
+                if !each(id, ev) {
                     return Ok(());
                 }
             }
@@ -363,7 +381,8 @@ mod tests {
     fn an_event_stream_is_read_event_by_event_and_oversized_pieces_are_refused() {
         use crate::events::AgentEvent;
         let open = r#"data: {"kind":"open","agent":"a"}"#;
-        let vm = r#"data: {"kind":"vm","name":"x","what":"started","pid":7}"#;
+        let vm =
+            "id: 41\n".to_string() + r#"data: {"kind":"vm","name":"x","what":"started","pid":7}"#;
         // one event split across two chunks, a keep-alive comment, a second event
         let body = format!("{open}\n\n:\n\n{vm}\n\n");
         let (one, two) = body.split_at(10);
@@ -373,28 +392,31 @@ mod tests {
             two.len()
         );
         let mut seen = Vec::new();
-        read_events(&mut chunked.as_bytes(), true, &mut |e| {
-            seen.push(e);
+        read_events(&mut chunked.as_bytes(), true, &mut |id, e| {
+            seen.push((id, e));
             true
         })
         .unwrap();
-        assert!(matches!(&seen[0], AgentEvent::Open { agent } if agent == "a"));
-        assert!(matches!(&seen[1], AgentEvent::Vm { pid: Some(7), .. }));
+        assert!(matches!(&seen[0], (None, AgentEvent::Open { agent }) if agent == "a"));
+        assert!(matches!(
+            &seen[1],
+            (Some(41), AgentEvent::Vm { pid: Some(7), .. })
+        ));
         assert_eq!(seen.len(), 2);
         // a listener that says stop gets no more
         let mut n = 0;
-        read_events(&mut body.as_bytes(), false, &mut |_| {
+        read_events(&mut body.as_bytes(), false, &mut |_, _| {
             n += 1;
             false
         })
         .unwrap();
         assert_eq!(n, 1);
         // a hostile chunk size is refused before anything is allocated for it
-        let e = read_events(&mut "ffffffffff\r\n".as_bytes(), true, &mut |_| true);
+        let e = read_events(&mut "ffffffffff\r\n".as_bytes(), true, &mut |_, _| true);
         assert!(matches!(e, Err(ClientError::BadResponse(_))), "{e:?}");
         // an endless event too
         let endless = "data: ".to_string() + &"x".repeat(MAX_EVENT + 10);
-        let e = read_events(&mut endless.as_bytes(), false, &mut |_| true);
+        let e = read_events(&mut endless.as_bytes(), false, &mut |_, _| true);
         assert!(matches!(e, Err(ClientError::BadResponse(_))), "{e:?}");
     }
 

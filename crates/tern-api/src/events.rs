@@ -22,6 +22,10 @@ pub enum AgentEvent {
         #[serde(default)]
         pid: Option<u32>,
     },
-    /// The stream fell behind and `missed` events were dropped for this listener.
+    /// A running migration's progress (about once a second while somebody listens; not
+    /// numbered, not replayed: the next one is newer).
+    Progress { status: Box<MigrationStatus> },
+    /// The stream fell behind, or the listener asked for events no longer kept: `missed`
+    /// events it will not get.
     Lagged { missed: u64 },
 }

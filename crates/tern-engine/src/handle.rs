@@ -77,7 +77,7 @@ pub struct MigrationHandle {
     status: Mutex<MigrationStatus>,
     cancel_tx: watch::Sender<bool>,
     /// Where its phase changes go (the registry's event stream), once registered.
-    events: std::sync::OnceLock<tokio::sync::broadcast::Sender<tern_api::events::AgentEvent>>,
+    events: std::sync::OnceLock<std::sync::Arc<crate::events::EventLog>>,
 }
 
 impl MigrationHandle {
@@ -118,13 +118,13 @@ impl MigrationHandle {
     }
 
     /// Its phase changes go to `events` from now on.
-    pub fn tell(&self, events: tokio::sync::broadcast::Sender<tern_api::events::AgentEvent>) {
+    pub fn tell(&self, events: std::sync::Arc<crate::events::EventLog>) {
         let _ = self.events.set(events);
     }
 
     fn emit(&self) {
         if let Some(e) = self.events.get() {
-            let _ = e.send(tern_api::events::AgentEvent::Migration {
+            e.emit(tern_api::events::AgentEvent::Migration {
                 status: Box::new(self.status()),
             });
         }

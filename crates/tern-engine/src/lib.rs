@@ -30,6 +30,7 @@ pub mod dest;
 pub mod digest;
 pub mod disk;
 pub mod error;
+pub mod events;
 pub mod fault;
 pub mod handle;
 pub mod hostmem;

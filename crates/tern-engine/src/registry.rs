@@ -51,7 +51,7 @@ pub struct Registry {
     run_root: PathBuf,
     max_incoming: usize,
     /// What happens here, for the API's event stream (`GET /v1/events`).
-    events: tokio::sync::broadcast::Sender<tern_api::events::AgentEvent>,
+    events: Arc<crate::events::EventLog>,
 }
 
 /// Stops accepting data connections for a migration when dropped.
@@ -73,22 +73,24 @@ impl Registry {
             streams: Mutex::new(HashMap::new()),
             run_root,
             max_incoming,
-            events: tokio::sync::broadcast::channel(1024).0,
+            events: Arc::default(),
         }
     }
 
-    /// Events from now on (a slow listener misses the oldest: it is told how many).
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<tern_api::events::AgentEvent> {
-        self.events.subscribe()
+    /// The agent's events: kept ones after `since`, then live ones
+    /// ([`crate::events::EventLog::follow`]).
+    pub fn follow(&self, since: Option<u64>) -> crate::events::Follow {
+        self.events.follow(since)
     }
 
-    /// Tells the event stream's listeners (none: nothing happens).
+    /// Tells the event stream's listeners (and keeps it for those that come back).
     pub fn emit(&self, e: tern_api::events::AgentEvent) {
-        let _ = self.events.send(e);
+        self.events.emit(e);
     }
 
     pub fn add_migration(&self, m: Arc<MigrationHandle>) {
         m.tell(self.events.clone());
+        self.events.tick_while_running(&m);
         self.migrations.lock().insert(m.id.clone(), m);
     }
 

@@ -159,6 +159,25 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_config_file_parses_and_every_key_it_shows_is_one_the_agent_takes() {
+        let packaged = include_str!("../../../packaging/agent.toml");
+        parse(packaged, &[]).unwrap();
+        // each commented `# key = value` line, uncommented
+        let keys: Vec<&str> = packaged
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.split_once(" = ")
+                    .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+            })
+            .collect();
+        assert!(keys.len() >= 14, "{keys:?}");
+        let a = parse(&keys.join("\n"), &[]).unwrap();
+        assert_eq!(a.state_dir, PathBuf::from("/var/lib/tern"));
+        assert_eq!(a.tls_dir, PathBuf::from("/etc/tern/tls"));
+    }
+
+    #[test]
     fn a_missing_file_is_an_error_not_a_silent_default() {
         let m = crate::Cli::command()
             .try_get_matches_from(["tern", "agent", "--config", "/nonexistent/agent.toml"])

@@ -66,9 +66,14 @@ enum Cmd {
     /// Follow what happens on the agent as it happens (migrations' phases and outcomes;
     /// VMs started, stopped, arrived, left, upgraded) until interrupted.
     Events {
-        /// One JSON object per line (the API's `GET /v1/events` data).
+        /// One JSON object per line (the API's `GET /v1/events` data, with `seq`: the
+        /// event's number).
         #[arg(long)]
         json: bool,
+        /// First the kept events numbered after N (the last number a previous run
+        /// printed), then new ones: nothing still kept is missed across a reconnect.
+        #[arg(long, value_name = "N")]
+        since: Option<u64>,
     },
     /// The cluster's certificate authority (agents accept only peers it certified).
     Ca {
@@ -402,12 +407,16 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
         Cmd::Vm { cmd } => vm(Client::new(Endpoint::parse(&api)?), cmd),
         Cmd::Migrate(m) => migrate(Client::new(Endpoint::parse(&api)?), m),
         Cmd::Image { cmd } => image(Client::new(Endpoint::parse(&api)?), cmd),
-        Cmd::Events { json } => {
+        Cmd::Events { json, since } => {
             use tern_api::events::AgentEvent;
             let mut failed = None;
-            Client::new(Endpoint::parse(&api)?).events(|e| {
+            Client::new(Endpoint::parse(&api)?).events_since(since, |seq, e| {
                 let line = if json {
-                    serde_json::to_string(&e).unwrap_or_default()
+                    let mut v = serde_json::to_value(&e).unwrap_or_default();
+                    if let (Some(seq), Some(o)) = (seq, v.as_object_mut()) {
+                        o.insert("seq".into(), seq.into());
+                    }
+                    v.to_string()
                 } else {
                     match &e {
                         AgentEvent::Migration { status: m } => {
@@ -427,11 +436,30 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
                             Some(p) => format!("vm {name} {what} (pid {p})"),
                             None => format!("vm {name} {what}"),
                         },
+                        AgentEvent::Progress { status: m } => {
+                            let p = &m.progress;
+                            let eta = p
+                                .eta_ms
+                                .map(|e| format!(", {:.0} s left", e as f64 / 1000.0))
+                                .unwrap_or_default();
+                            format!(
+                                "migration {} {} {} {:.0}% {} MiB on the wire{eta}",
+                                m.id,
+                                m.vm,
+                                m.phase.as_str(),
+                                p.percent,
+                                p.bytes_on_wire >> 20
+                            )
+                        }
                         AgentEvent::Open { agent } => format!("following agent {agent}"),
                         AgentEvent::Lagged { missed } => {
-                            format!("({missed} events missed: this listener fell behind)")
+                            format!("({missed} events missed: no longer kept, or this listener fell behind)")
                         }
                     }
+                };
+                let line = match seq {
+                    Some(n) if !json => format!("#{n} {line}"),
+                    _ => line,
                 };
                 use std::io::Write;
                 let mut out = std::io::stdout().lock();

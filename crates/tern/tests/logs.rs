@@ -167,11 +167,28 @@ fn the_event_stream_follows_a_migration_and_the_vm_on_both_hosts() -> Result<()>
     );
     let info = a.start_vm(&spec)?;
     let pid = info["pid"].as_u64();
-    let id = a.start_migration("ev1", &b.peer_addr.to_string(), json!({}))?;
+    // capped so that it lasts a few seconds: progress ticks come once a second
+    let id = a.start_migration(
+        "ev1",
+        &b.peer_addr.to_string(),
+        json!({ "max_bandwidth_mibps": 8 }),
+    )?;
     let st = a.wait_migration(&id, Duration::from_secs(180))?;
     ensure!(st.report.is_some(), "migration failed: {:?}", st.error);
 
     let on_a = until(&ra, &[&|e| vm_event(e, "ev1", "left"), &|e| ended(e, &id)])?;
+    let ticks: Vec<f64> = on_a
+        .iter()
+        .filter_map(|e| match e {
+            AgentEvent::Progress { status } if status.id == id => Some(status.progress.percent),
+            _ => None,
+        })
+        .collect();
+    ensure!(
+        !ticks.is_empty() && ticks.iter().all(|p| (0.0..=100.0).contains(p)),
+        "progress ticks while it ran ({} ms): {ticks:?}",
+        st.report.as_ref().map_or(0, |r| r.total_time_ms)
+    );
     ensure!(
         on_a.iter().any(|e| matches!(e, AgentEvent::Vm { name, what, pid: p } if name == "ev1" && what == "started" && p.map(u64::from) == pid)),
         "the source told the VM's start with its pid: {on_a:?}"
@@ -212,5 +229,59 @@ fn the_event_stream_follows_a_migration_and_the_vm_on_both_hosts() -> Result<()>
         arrived_pid.map(u64::from) == b.vm("ev1")?["pid"].as_u64(),
         "the destination told the VM's arrival with its pid"
     );
+
+    // a listener that comes back later gets what it missed, numbered, without the ticks
+    let all = replay(&a, 0, &id)?;
+    let seqs: Vec<u64> = all.iter().filter_map(|(s, _)| *s).collect();
+    ensure!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1) && seqs.first() == Some(&1),
+        "numbered 1, 2, 3, ...: {seqs:?}"
+    );
+    ensure!(
+        !all.iter()
+            .any(|(_, e)| matches!(e, AgentEvent::Progress { .. })),
+        "progress ticks are not kept"
+    );
+    let events: Vec<AgentEvent> = all.iter().map(|(_, e)| e.clone()).collect();
+    ensure!(
+        events.iter().any(|e| vm_event(e, "ev1", "started"))
+            && phases(&events, &id) == pa
+            && events.iter().any(|e| vm_event(e, "ev1", "left")),
+        "the replay holds the VM's start, the migration's phases as they came live ({pa:?}) and its leaving: {events:?}"
+    );
+    let started = all
+        .iter()
+        .find(|(_, e)| vm_event(e, "ev1", "started"))
+        .and_then(|(s, _)| *s)
+        .context("the start's number")?;
+    let after = replay(&a, started, &id)?;
+    ensure!(
+        after.iter().filter_map(|(s, _)| *s).next() == Some(started + 1)
+            && !after.iter().any(|(_, e)| vm_event(e, "ev1", "started")),
+        "from number {started} on: {after:?}"
+    );
     Ok(())
+}
+
+/// The events an agent still keeps after number `since` (`Last-Event-ID`), with their
+/// numbers, until migration `id` ended and VM ev1 left.
+fn replay(a: &TestAgent, since: u64, id: &str) -> Result<Vec<(Option<u64>, AgentEvent)>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let client = Client::new(Endpoint::Unix(a.api.display().to_string()));
+    std::thread::spawn(move || {
+        let _ = client.events_since(Some(since), |seq, e| tx.send((seq, e)).is_ok());
+    });
+    let mut seen = Vec::new();
+    loop {
+        let (seq, e) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .with_context(|| format!("the replay stopped short: {seen:?}"))?;
+        if !matches!(e, AgentEvent::Open { .. }) {
+            seen.push((seq, e));
+        }
+        let has = |f: &dyn Fn(&AgentEvent) -> bool| seen.iter().any(|(_, e)| f(e));
+        if has(&|e| ended(e, id)) && has(&|e| vm_event(e, "ev1", "left")) {
+            return Ok(seen);
+        }
+    }
 }
