@@ -46,6 +46,9 @@ pub enum Fault {
     /// The agent exits right after the upgrade's commit, before `cont`: a restarted agent
     /// must run the VM in the new QEMU and stop the old one.
     UpgradeExitAfterCommit,
+    /// The agent that sent a hand-over's device state exits before it asks for the commit:
+    /// the receiver must give up by itself and a restarted sender run the VM again.
+    MoveExitBeforeCommit,
 }
 
 /// Without the `fault-injection` feature there is no fault to name.
@@ -76,8 +79,9 @@ impl std::str::FromStr for Fault {
             "upgrade-kill-new-qemu" => Ok(Fault::UpgradeKillNewQemu),
             "upgrade-exit-before-commit" => Ok(Fault::UpgradeExitBeforeCommit),
             "upgrade-exit-after-commit" => Ok(Fault::UpgradeExitAfterCommit),
+            "move-exit-before-commit" => Ok(Fault::MoveExitBeforeCommit),
             _ => Err(format!(
-                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover, exit-at-switchover, fail-switch-record, panic-in-transfer, slow-finish, upgrade-cut-stream, upgrade-kill-new-qemu, upgrade-exit-before-commit, upgrade-exit-after-commit)"
+                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover, exit-at-switchover, fail-switch-record, panic-in-transfer, slow-finish, upgrade-cut-stream, upgrade-kill-new-qemu, upgrade-exit-before-commit, upgrade-exit-after-commit, move-exit-before-commit)"
             )),
         }
     }

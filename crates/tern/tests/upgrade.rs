@@ -554,3 +554,103 @@ fn a_vm_moves_to_another_agent_on_this_host_without_its_memory_copied() -> Resul
     assert_eq!(pcr_after, pcr_before, "PCR 16 moved with the VM");
     Ok(())
 }
+
+/// Where a move between two agents ends when one of them dies at the worst moment: the
+/// VM runs exactly once, in the QEMU the commit (the record in the receiver's run
+/// directory) says, once the dead agent is back.
+fn move_with_a_dying_agent(
+    sender_fault: &'static str,
+    receiver_fault: &'static str,
+    at_receiver: bool,
+) -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let fault = |f: &'static str| {
+        if f.is_empty() {
+            vec![]
+        } else {
+            vec![("TERN_FAULT", f)]
+        }
+    };
+    let mut a = agent(&fault(sender_fault))?;
+    let console = boot(&a, &spec("mvd", &g, 128, DIRTY, ""), "TERN-READY")?;
+    let old_pid = pid_of(&a, "mvd")?;
+    let mut b = TestAgent::start(Path::new(BIN), "host-b", &fault(receiver_fault))?;
+    let to = json!({ "agent": format!("unix:{}", b.api.display()) });
+    let answer = a.call("POST", "/v1/vms/mvd/move", Some(&to));
+    ensure!(answer.is_err(), "the move succeeded: {answer:?}");
+    // the new QEMU: the receiver's only run directory's
+    let new_pid = |b: &TestAgent| -> Option<u32> {
+        b.run_dirs()
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(d.join("qemu.pid")).ok())
+            .filter_map(|p| p.trim().parse().ok())
+            .find(|p| pid_alive(*p))
+    };
+    let (new, a, b) = if !sender_fault.is_empty() {
+        wait_exit(&a)?;
+        let new = new_pid(&b).context("the receiver's new QEMU")?;
+        a.kill();
+        (new, a.successor(Path::new(BIN))?, b)
+    } else {
+        wait_exit(&b)?;
+        let new = new_pid(&b).context("the receiver's new QEMU")?;
+        b.kill();
+        let e = format!("{:#}", answer.unwrap_err());
+        let said = if at_receiver {
+            "runs in its new QEMU"
+        } else {
+            "runs in its old QEMU"
+        };
+        ensure!(e.contains(said), "the sender says where the VM is: {e}");
+        let b2 = b.successor(Path::new(BIN))?;
+        (new, a, b2)
+    };
+    let (runs, idle, pid, gone) = if at_receiver {
+        (&b, &a, new, old_pid)
+    } else {
+        (&a, &b, old_pid, new)
+    };
+    runs_in(runs, "mvd", pid)?;
+    // a receiver whose sender died gives up by itself, within its commit wait (60 s)
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while pid_alive(gone) || !idle.vms()?.is_empty() || !idle.run_dirs().is_empty() {
+        ensure!(
+            Instant::now() < deadline,
+            "the other side still holds the VM: pid {gone} alive {}, vms {:?}, dirs {:?}",
+            pid_alive(gone),
+            idle.vms()?,
+            idle.run_dirs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let now = console_of(runs, "mvd")?;
+    let since = if at_receiver {
+        0
+    } else {
+        console_len(&console)
+    };
+    checker_clean(&now, since)?;
+    ensure!(new != old_pid);
+    Ok(())
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn a_receiving_agent_that_dies_before_the_moves_commit_leaves_the_vm_with_the_sender() -> Result<()>
+{
+    move_with_a_dying_agent("", "upgrade-exit-before-commit", false)
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn a_receiving_agent_that_dies_after_the_moves_commit_runs_the_vm_when_it_is_back() -> Result<()> {
+    move_with_a_dying_agent("", "upgrade-exit-after-commit", true)
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn a_sending_agent_that_dies_before_the_moves_commit_gets_its_vm_back_when_it_is_back() -> Result<()>
+{
+    move_with_a_dying_agent("move-exit-before-commit", "", false)
+}

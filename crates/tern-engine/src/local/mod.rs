@@ -540,6 +540,10 @@ pub async fn send(
         e = until_failed(q, "old") => return Err(e),
     };
     let qemu_downtime_ms = wait_completed(q, "old").await?;
+    if fault!(fault, MoveExitBeforeCommit) {
+        tracing::warn!("fault injection: exiting after sending the VM, before its commit");
+        std::process::exit(74);
+    }
     Ok(Sent {
         carried,
         qemu_downtime_ms,
