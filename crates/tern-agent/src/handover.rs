@@ -28,7 +28,8 @@ const COMMIT_WITHIN: Duration = Duration::from_secs(60);
 /// What the sender tells a receiving hand-over.
 pub(crate) enum HandOverCmd {
     Commit(oneshot::Sender<Result<HandOverDone, String>>),
-    Abort,
+    /// Answered (or dropped) once the hand-over is over: its QEMU gone, or committed.
+    Abort(oneshot::Sender<()>),
 }
 
 /// How long a receiving agent remembers why a hand-over failed (for the sender's commit).
@@ -139,6 +140,10 @@ impl Agent {
         let mark = UpgradeMark {
             to: ready.run_dir.clone(),
             source_running: running,
+            handover: Some(local::HandOverPeer {
+                agent: req.agent.clone(),
+                id: ready.id.clone(),
+            }),
         };
         let sent = async {
             mark.write(&vm.run_dir)
@@ -171,12 +176,9 @@ impl Agent {
                 Ok(report)
             }
             Err(error) => {
-                let _ = call::<_, serde_json::Value>(
-                    &peer,
-                    &format!("/v1/handover/{}/abort", ready.id),
-                    &(),
-                )
-                .await;
+                // the receiver answers once its hand-over is over (aborted, or committed
+                // if the commit reached it): only then does its directory say for sure
+                fence(&req.agent, &ready.id).await;
                 let vm_state = local::resume_old(&lv, &ready.run_dir, running).await;
                 if mark.committed() {
                     // the other agent committed although this one saw an error: it runs
@@ -271,6 +273,7 @@ impl Agent {
         mut cmd_rx: mpsc::Receiver<HandOverCmd>,
     ) -> Result<(), String> {
         let fault = self.config.fault;
+        let mut aborted: Option<oneshot::Sender<()>> = None;
         let outcome = async {
             let h = HandOverDir::new(req.source_qemu_user.as_deref())?;
             let opts = h.receiver_options(&to, &binary);
@@ -299,9 +302,11 @@ impl Agent {
                     },
                     c = cmd_rx.recv(), if early.is_none() => match c {
                         Some(HandOverCmd::Commit(reply)) => early = Some(reply),
-                        Some(HandOverCmd::Abort) | None => {
-                            return Err(UpgradeError::Peer("aborted by the sender".into()))
+                        Some(HandOverCmd::Abort(reply)) => {
+                            aborted = Some(reply);
+                            return Err(UpgradeError::Peer("aborted by the sender".into()));
                         }
+                        None => return Err(UpgradeError::Peer("aborted by the sender".into())),
                     },
                 }
             };
@@ -311,7 +316,12 @@ impl Agent {
             };
             let reply = match next {
                 Ok(Some(HandOverCmd::Commit(reply))) => reply,
-                Ok(Some(HandOverCmd::Abort)) | Ok(None) => {
+                Ok(Some(HandOverCmd::Abort(reply))) => {
+                    aborted = Some(reply);
+                    process.kill().await;
+                    return Err(UpgradeError::Peer("aborted by the sender".into()));
+                }
+                Ok(None) => {
                     process.kill().await;
                     return Err(UpgradeError::Peer("aborted by the sender".into()));
                 }
@@ -344,14 +354,21 @@ impl Agent {
             }
         }
         .await;
-        if let Err(e) = outcome {
-            let why = tern_engine::error_chain(&e);
-            tracing::warn!(vm = %spec.name, handover = %id, "receiving a hand-over failed: {why}");
-            local::discard_new(self, &to).await;
-            self.release_name(&spec.name);
-            return Err(why);
+        let result = match outcome {
+            Err(e) => {
+                let why = tern_engine::error_chain(&e);
+                tracing::warn!(vm = %spec.name, handover = %id, "receiving a hand-over failed: {why}");
+                local::discard_new(self, &to).await;
+                self.release_name(&spec.name);
+                Err(why)
+            }
+            Ok(()) => Ok(()),
+        };
+        // the sender's abort is answered once nothing of the hand-over is left here
+        if let Some(reply) = aborted {
+            let _ = reply.send(());
         }
-        Ok(())
+        result
     }
 
     /// The sender's word for a hand-over this agent receives.
@@ -371,7 +388,11 @@ impl Agent {
             None => return Err(ReceiveError::Unknown(id.into())),
         };
         if !commit {
-            let _ = tx.send(HandOverCmd::Abort).await;
+            // wait until the hand-over is over: aborted, or (a commit came first) committed
+            let (done_tx, done_rx) = oneshot::channel();
+            if tx.send(HandOverCmd::Abort(done_tx)).await.is_ok() {
+                let _ = done_rx.await;
+            }
             return Err(ReceiveError::Unknown(id.into()));
         }
         let (reply_tx, reply_rx) = oneshot::channel();
@@ -417,6 +438,26 @@ fn local_vm(vm: &Vm) -> LocalVm<'_> {
         qmp: &vm.qmp,
         run_dir: &vm.run_dir,
         pid: vm.pid,
+    }
+}
+
+/// Asks the receiving agent `agent` to give hand-over `id` up, and returns once it
+/// answered: its hand-over is then over (aborted, or committed if the commit reached it
+/// first), so its run directory says for sure where the VM is. An agent that is gone
+/// (nobody at its socket) cannot commit any more either; one that does not answer within
+/// the API call's timeout is taken as gone.
+pub(crate) async fn fence(agent: &str, id: &str) {
+    let Ok(endpoint) = Endpoint::parse(agent) else {
+        return;
+    };
+    if let Err(e) = call::<_, serde_json::Value>(
+        &Client::new(endpoint),
+        &format!("/v1/handover/{id}/abort"),
+        &(),
+    )
+    .await
+    {
+        tracing::debug!(handover = id, "abort: {e}");
     }
 }
 

@@ -551,7 +551,15 @@ impl Agent {
                 let _ = std::fs::remove_dir_all(&d);
                 continue;
             };
-            if upgrade.as_ref().is_some_and(|u| u.committed()) {
+            let mut committed = upgrade.as_ref().is_some_and(|u| u.committed());
+            if let (false, Some(h)) = (committed, upgrade.as_ref().and_then(|u| u.handover.clone()))
+            {
+                // a move this agent's predecessor sent: the receiver must be done with it
+                // (aborted, or committed after all) before this QEMU may run the VM again
+                handover::fence(&h.agent, &h.id).await;
+                committed = upgrade.as_ref().is_some_and(|u| u.committed());
+            }
+            if committed {
                 tracing::warn!(vm = %spec.name, pid, "stopping the old QEMU of an upgrade that committed");
                 vm::kill_pid(pid);
                 for _ in 0..100 {

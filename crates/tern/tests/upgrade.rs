@@ -612,8 +612,9 @@ fn move_with_a_dying_agent(
         (&a, &b, old_pid, new)
     };
     runs_in(runs, "mvd", pid)?;
-    // a receiver whose sender died gives up by itself, within its commit wait (60 s)
-    let deadline = Instant::now() + Duration::from_secs(90);
+    // a receiver whose sender died is told to give up by the restarted sender (which
+    // waits for that before it runs the VM again); else by its own 60 s commit wait
+    let deadline = Instant::now() + Duration::from_secs(20);
     while pid_alive(gone) || !idle.vms()?.is_empty() || !idle.run_dirs().is_empty() {
         ensure!(
             Instant::now() < deadline,

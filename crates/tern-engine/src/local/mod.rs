@@ -51,6 +51,19 @@ const STEP: Duration = Duration::from_secs(60);
 pub struct UpgradeMark {
     pub to: PathBuf,
     pub source_running: bool,
+    /// A move to another agent: where to reach its hand-over (a restarted sender asks it
+    /// to give up, and waits for its answer, before it runs the VM here again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<HandOverPeer>,
+}
+
+/// The receiving agent of a move, as the sender's upgrade mark names it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HandOverPeer {
+    /// Its local API, `unix:/path`.
+    pub agent: String,
+    /// The hand-over's id there.
+    pub id: String,
 }
 
 impl UpgradeMark {
@@ -187,6 +200,7 @@ pub async fn upgrade(
     let mark = UpgradeMark {
         to: to.clone(),
         source_running: checked.running,
+        handover: None,
     };
     if let Err(e) = prepare_dirs(&vm, &to, &mark) {
         let _ = std::fs::remove_dir_all(&to);
@@ -739,6 +753,7 @@ mod tests {
         let mark = UpgradeMark {
             to: new.path().to_path_buf(),
             source_running: true,
+            handover: None,
         };
         mark.write(old.path()).unwrap();
         let read = UpgradeMark::read(old.path()).unwrap();
@@ -754,5 +769,22 @@ mod tests {
         .unwrap();
         assert!(read.committed(), "the record is the commit");
         assert!(UpgradeMark::read(new.path()).is_none());
+
+        // a move's mark names the receiver; a mark written before moves existed still reads
+        let moved = UpgradeMark {
+            handover: Some(HandOverPeer {
+                agent: "unix:/run/b.sock".into(),
+                id: "m1".into(),
+            }),
+            ..mark.clone()
+        };
+        moved.write(old.path()).unwrap();
+        assert_eq!(UpgradeMark::read(old.path()), Some(moved));
+        std::fs::write(
+            old.path().join(UPGRADING),
+            format!(r#"{{"to":{:?},"source_running":false}}"#, new.path()),
+        )
+        .unwrap();
+        assert_eq!(UpgradeMark::read(old.path()).unwrap().handover, None);
     }
 }
