@@ -4,7 +4,7 @@
 //! `ExecStart`, reading the packaged /etc/tern/agent.toml), a second one with flags over
 //! that file, and a VM migrates between them with the packaged binary and the root's QEMU.
 //! Systemd itself does not run on this machine (its PID 1 is not systemd), so the unit
-//! is read, not started by systemd.
+//! is checked by `systemd-analyze verify` and its `ExecStart` run, not started by systemd.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -222,6 +222,31 @@ fn the_package_installs_into_a_clean_debian_and_its_agents_migrate_a_vm() -> Res
     ensure!(
         unit.contains("KillMode=process"),
         "VMs outlive the agent: {unit}"
+    );
+    // systemd's own check of the unit as installed (systemd does not run here: see above)
+    root.run(&[
+        "apt-get",
+        "install",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+        "systemd",
+    ])?;
+    let verify = Command::new("chroot")
+        .arg(root.path())
+        // (the man pages are checked in the package above; man-db is not in the root)
+        .args([
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            "tern-agent.service",
+        ])
+        .output()?;
+    let said = String::from_utf8_lossy(&verify.stderr).into_owned()
+        + &String::from_utf8_lossy(&verify.stdout);
+    ensure!(
+        verify.status.success() && !said.contains("tern-agent.service:"),
+        "systemd-analyze verify: {said}"
     );
 
     // the operator's steps: a CA, each host's credentials, its config file
