@@ -78,6 +78,13 @@ impl Root {
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
     }
 
+    /// `apt-get install` in the root, without recommended packages.
+    fn apt_install(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
+        all.extend_from_slice(args);
+        self.run(&all)
+    }
+
     /// Starts `tern agent ARGS` in the root, its log in the root's /var/log.
     fn agent(&mut self, args: &[String], log: &str) -> Result<()> {
         let out = std::fs::File::create(self.path().join("var/log").join(log))?;
@@ -185,17 +192,8 @@ fn the_package_installs_into_a_clean_debian_and_its_agents_migrate_a_vm() -> Res
     let mut root = Root::new()?;
     std::fs::copy(&deb, root.path().join("tmp/tern.deb"))?;
     root.run(&["apt-get", "update", "-qq"])?;
-    root.run(&[
-        "apt-get",
-        "install",
-        "-y",
-        "-qq",
-        "--no-install-recommends",
-        "-t",
-        "bookworm-backports",
-        "/tmp/tern.deb",
-    ])
-    .context("apt-get install ./tern.deb")?;
+    root.apt_install(&["-t", "bookworm-backports", "/tmp/tern.deb"])
+        .context("apt-get install ./tern.deb")?;
     root.run(&["id", "tern-qemu"])
         .context("the package made QEMU's user")?;
     let version = root.run(&["tern", "--version"])?;
@@ -224,14 +222,7 @@ fn the_package_installs_into_a_clean_debian_and_its_agents_migrate_a_vm() -> Res
         "VMs outlive the agent: {unit}"
     );
     // systemd's own check of the unit as installed (systemd does not run here: see above)
-    root.run(&[
-        "apt-get",
-        "install",
-        "-y",
-        "-qq",
-        "--no-install-recommends",
-        "systemd",
-    ])?;
+    root.apt_install(&["systemd"])?;
     let verify = Command::new("chroot")
         .arg(root.path())
         // (the man pages are checked in the package above; man-db is not in the root)
