@@ -32,6 +32,21 @@ pub(crate) enum HandOverCmd {
     Abort(oneshot::Sender<()>),
 }
 
+impl HandOverCmd {
+    /// An abort's reply (None for a commit).
+    fn into_abort_reply(self) -> Option<oneshot::Sender<()>> {
+        match self {
+            HandOverCmd::Abort(reply) => Some(reply),
+            HandOverCmd::Commit(_) => None,
+        }
+    }
+}
+
+/// A receiving hand-over that the sender aborted, or whose sender went away.
+fn by_the_sender() -> UpgradeError {
+    UpgradeError::Peer("aborted by the sender".into())
+}
+
 /// How long a receiving agent remembers why a hand-over failed (for the sender's commit).
 const REMEMBER_FAILURE: Duration = Duration::from_secs(300);
 
@@ -302,11 +317,10 @@ impl Agent {
                     },
                     c = cmd_rx.recv(), if early.is_none() => match c {
                         Some(HandOverCmd::Commit(reply)) => early = Some(reply),
-                        Some(HandOverCmd::Abort(reply)) => {
-                            aborted = Some(reply);
-                            return Err(UpgradeError::Peer("aborted by the sender".into()));
+                        abort => {
+                            aborted = abort.and_then(HandOverCmd::into_abort_reply);
+                            return Err(by_the_sender());
                         }
-                        None => return Err(UpgradeError::Peer("aborted by the sender".into())),
                     },
                 }
             };
@@ -316,14 +330,10 @@ impl Agent {
             };
             let reply = match next {
                 Ok(Some(HandOverCmd::Commit(reply))) => reply,
-                Ok(Some(HandOverCmd::Abort(reply))) => {
-                    aborted = Some(reply);
+                Ok(abort) => {
+                    aborted = abort.and_then(HandOverCmd::into_abort_reply);
                     process.kill().await;
-                    return Err(UpgradeError::Peer("aborted by the sender".into()));
-                }
-                Ok(None) => {
-                    process.kill().await;
-                    return Err(UpgradeError::Peer("aborted by the sender".into()));
+                    return Err(by_the_sender());
                 }
                 Err(_) => {
                     process.kill().await;
@@ -341,9 +351,9 @@ impl Agent {
                         qemu_version: new.version,
                         binary: new.binary,
                     };
-                    self.adopt(Arc::new(Vm::supervise(spec.clone(), process)));
+                    // supervised, registered and told as "arrived", as a migration's VM
+                    tern_engine::Host::adopt(self, spec.clone(), process);
                     local::finish(&to);
-                    self.vm_event(&spec.name, "arrived", done.pid);
                     let _ = reply.send(Ok(done));
                     Ok(())
                 }

@@ -551,15 +551,13 @@ impl Agent {
                 let _ = std::fs::remove_dir_all(&d);
                 continue;
             };
-            let mut committed = upgrade.as_ref().is_some_and(|u| u.committed());
-            if let (false, Some(h)) = (committed, upgrade.as_ref().and_then(|u| u.handover.clone()))
-            {
+            let moving = upgrade.as_ref().filter(|u| !u.committed());
+            if let Some(h) = moving.and_then(|u| u.handover.as_ref()) {
                 // a move this agent's predecessor sent: the receiver must be done with it
-                // (aborted, or committed after all) before this QEMU may run the VM again
+                // (aborted, or committed after all) before its record says where the VM is
                 handover::fence(&h.agent, &h.id).await;
-                committed = upgrade.as_ref().is_some_and(|u| u.committed());
             }
-            if committed {
+            if upgrade.as_ref().is_some_and(|u| u.committed()) {
                 tracing::warn!(vm = %spec.name, pid, "stopping the old QEMU of an upgrade that committed");
                 vm::kill_pid(pid);
                 for _ in 0..100 {

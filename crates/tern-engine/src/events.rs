@@ -111,9 +111,8 @@ impl EventLog {
                 .filter(|n| n.seq.is_some_and(|s| s > since))
                 .cloned()
                 .collect(),
-            missed: oldest
-                .saturating_sub(since.saturating_add(1))
-                .min(k.last.saturating_sub(since)),
+            // kept from `oldest` on (nothing kept: it would be the next one)
+            missed: oldest.saturating_sub(since.saturating_add(1)),
             last: k.last,
             live,
         }

@@ -641,12 +641,7 @@ async fn wait_completed(qmp: &QmpClient, side: &'static str) -> Result<u64, Upgr
             .map_err(qmp_err("query-migrate"))?;
         match m.status.as_str() {
             "completed" => return Ok(m.downtime_ms.unwrap_or(0)),
-            "failed" | "cancelled" => {
-                return Err(UpgradeError::Qemu {
-                    side,
-                    message: m.error_desc.unwrap_or(m.status),
-                })
-            }
+            _ if failed(&m) => return Err(qemu_failure(m, side)),
             _ if Instant::now() > deadline => {
                 return Err(UpgradeError::Timeout("QEMU's hand-over", STEP.as_secs()))
             }
@@ -659,20 +654,23 @@ async fn wait_completed(qmp: &QmpClient, side: &'static str) -> Result<u64, Upgr
 async fn until_failed(qmp: &QmpClient, side: &'static str) -> UpgradeError {
     loop {
         match qmp.query_migrate().await {
-            Err(source) => {
-                return UpgradeError::Qmp {
-                    step: "query-migrate",
-                    source,
-                }
-            }
-            Ok(m) if matches!(m.status.as_str(), "failed" | "cancelled") => {
-                return UpgradeError::Qemu {
-                    side,
-                    message: m.error_desc.unwrap_or(m.status),
-                }
-            }
+            Err(source) => return qmp_err("query-migrate")(source),
+            Ok(m) if failed(&m) => return qemu_failure(m, side),
             Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
+    }
+}
+
+/// Whether QEMU's migration ended without completing.
+fn failed(m: &tern_qemu::qmp::MigrationInfo) -> bool {
+    matches!(m.status.as_str(), "failed" | "cancelled")
+}
+
+/// A failed QEMU migration on `side`, in QEMU's words.
+fn qemu_failure(m: tern_qemu::qmp::MigrationInfo, side: &'static str) -> UpgradeError {
+    UpgradeError::Qemu {
+        side,
+        message: m.error_desc.unwrap_or(m.status),
     }
 }
 
