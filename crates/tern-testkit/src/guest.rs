@@ -121,16 +121,10 @@ pub fn count_pattern_pages(ram: &[u8], seed: u64) -> (u64, u64) {
 /// the serial console (`SYSLINUX` in the console log), then boots the kernel with `append`.
 pub fn boot_disk(g: &GuestImage, path: &Path, append: &str) -> Result<PathBuf> {
     use std::process::Command;
-    let run = |cmd: &mut Command| -> Result<()> {
-        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-        if !out.status.success() {
-            bail!(
-                "{cmd:?}: {}{} (bash scripts/setup.sh installs dosfstools, mtools, syslinux)",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+    let run = |cmd: &mut Command| {
+        crate::run(cmd)
+            .context("building the boot disk (bash scripts/setup.sh installs dosfstools, mtools, syslinux)")
+            .map(drop)
     };
     let _ = std::fs::remove_file(path);
     let kib =

@@ -1,7 +1,7 @@
 //! Test fixtures for tern: the test guest image ([`guest`]), real agents on this machine
 //! ([`agents`]), what sits on the wire between them ([`wire`]: TLS test peers, a relay
 //! that alters bytes, packet capture), a hostile peer with a valid certificate
-//! ([`hostile`]) and helpers to read guest consoles. Used by
+//! ([`hostile`]), helpers to read guest consoles and to run tools ([`run`]). Used by
 //! integration tests and benchmarks only.
 #![forbid(unsafe_code)]
 
@@ -9,3 +9,20 @@ pub mod agents;
 pub mod guest;
 pub mod hostile;
 pub mod wire;
+
+/// Runs a tool to its end: its stdout if it succeeded, else an error with the command and
+/// everything it printed.
+pub fn run(cmd: &mut std::process::Command) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

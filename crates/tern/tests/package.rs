@@ -13,23 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use tern_testkit::agents::{checker_clean, e2e_lock, wait_for_text};
 use tern_testkit::guest::ensure_guest;
+use tern_testkit::run;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn sh(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A clean Debian root with /proc mounted; unmounted and removed when dropped (never
@@ -43,7 +30,7 @@ impl Root {
     fn new() -> Result<Root> {
         let dir = tempfile::Builder::new().prefix("tern-debroot-").tempdir()?;
         let p = dir.path();
-        sh(Command::new("debootstrap")
+        run(Command::new("debootstrap")
             .args(["--variant=minbase", "bookworm"])
             .arg(p)
             .arg("http://deb.debian.org/debian"))
@@ -57,7 +44,7 @@ impl Root {
                 p.join("etc/apt/sources.list.d").join(e.file_name()),
             )?;
         }
-        sh(Command::new("mount")
+        run(Command::new("mount")
             .args(["-t", "proc", "proc"])
             .arg(p.join("proc")))?;
         Ok(Root {
@@ -71,7 +58,7 @@ impl Root {
     }
 
     fn run(&self, args: &[&str]) -> Result<String> {
-        sh(Command::new("chroot")
+        run(Command::new("chroot")
             .arg(self.path())
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
@@ -161,7 +148,7 @@ fn the_package_installs_into_a_clean_debian_and_its_agents_migrate_a_vm() -> Res
     let _l = e2e_lock();
     let g = ensure_guest()?;
     // build
-    let out = sh(Command::new("bash")
+    let out = run(Command::new("bash")
         .arg(repo().join("scripts/package.sh"))
         .current_dir(repo()))?;
     let deb = repo().join(
@@ -170,7 +157,7 @@ fn the_package_installs_into_a_clean_debian_and_its_agents_migrate_a_vm() -> Res
             .context("package.sh printed no path")?
             .trim(),
     );
-    let listing = sh(Command::new("dpkg-deb").arg("-c").arg(&deb))?;
+    let listing = run(Command::new("dpkg-deb").arg("-c").arg(&deb))?;
     for f in [
         "./usr/bin/tern",
         "tern-agent.service",
@@ -182,7 +169,7 @@ fn the_package_installs_into_a_clean_debian_and_its_agents_migrate_a_vm() -> Res
     ] {
         ensure!(listing.contains(f), "{f} is not in the package:\n{listing}");
     }
-    let depends = sh(Command::new("dpkg-deb")
+    let depends = run(Command::new("dpkg-deb")
         .args(["-f"])
         .arg(&deb)
         .arg("Depends"))?;
