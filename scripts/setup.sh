@@ -3,6 +3,8 @@
 #   QEMU 10 from bookworm-backports (Debian's 7.2 loses dirty pages in live migration under
 #   TCG), the guest-build inputs (busybox-static, cpio, gcc), network tools (iproute2,
 #   iptables, socat, tcpdump), e2fsprogs (test and demo disks), debootstrap (the package test's clean Debian root), dosfstools, mtools and syslinux (a disk image the firmware boots) and swtpm (the software TPM behind a VM spec's `tpm = true`),
+#   libvirt 11 from bookworm-backports (libvirtd, its QEMU driver and virsh, no recommends:
+#   no default network; for `tern migrate --libvirt` and its tests),
 #   and the system user `tern-qemu` that QEMU runs as.
 # Run as root. Safe to run again: it only installs what is missing.
 set -euo pipefail
@@ -10,10 +12,13 @@ need_qemu=0
 if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then need_qemu=1
 elif ! qemu-system-x86_64 --version | grep -q 'version 10\.'; then need_qemu=1
 elif ! command -v qemu-nbd >/dev/null 2>&1; then need_qemu=1; fi  # qemu-utils: qemu-img, qemu-nbd (disks)
+need_libvirt=0
+if ! command -v virsh >/dev/null 2>&1 || [ ! -x /usr/sbin/libvirtd ]; then need_libvirt=1
+elif ! dpkg-query -W -f='${Version}' libvirt-daemon-driver-qemu 2>/dev/null | grep -q '^11\.'; then need_libvirt=1; fi
 pkgs=(busybox-static cpio gcc libc6-dev iproute2 iptables socat swtpm swtpm-tools tcpdump e2fsprogs debootstrap dosfstools mtools syslinux syslinux-common)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p"); done
-if [ "$need_qemu" = 1 ] || [ "${#missing[@]}" -gt 0 ]; then
+if [ "$need_qemu" = 1 ] || [ "$need_libvirt" = 1 ] || [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   if [ ! -f /etc/apt/sources.list.d/bookworm-backports.sources ]; then
     src=/etc/apt/sources.list.d/debian.sources
@@ -26,6 +31,11 @@ if [ "$need_qemu" = 1 ] || [ "${#missing[@]}" -gt 0 ]; then
   [ "${#missing[@]}" -gt 0 ] && apt-get install -y -qq "${missing[@]}"
   if [ "$need_qemu" = 1 ]; then
     apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
+  fi
+  if [ "$need_libvirt" = 1 ]; then
+    # only these three from backports (not the rest of libvirt's dependencies)
+    apt-get install -y -qq --no-install-recommends libvirt-daemon/bookworm-backports \
+      libvirt-daemon-driver-qemu/bookworm-backports libvirt-clients/bookworm-backports
   fi
 fi
 # The unprivileged user every QEMU runs as (tern agent --qemu-user; kvm group for KVM).

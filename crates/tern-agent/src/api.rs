@@ -122,6 +122,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/handover/{id}/commit", post(commit_handover))
         .route("/v1/handover/{id}/abort", post(abort_handover))
         .route("/v1/vms/{name}/plan", post(plan))
+        .route("/v1/libvirt/{domain}/migrate", post(migrate_libvirt))
         .route("/v1/vms/{name}/migration/cancel", post(cancel_vm_migration))
         .route("/v1/events", get(events))
         .route("/v1/migrations", get(list_migrations))
@@ -198,7 +199,7 @@ async fn start_vm(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-spec", chain(&e)))?;
     let vm = a.start_vm(spec).await.map_err(|e| {
         let status = match e {
-            StartVmError::Spec(_) => StatusCode::BAD_REQUEST,
+            StartVmError::Spec(_) | StartVmError::LibvirtDomain => StatusCode::BAD_REQUEST,
             StartVmError::Exists(_) => StatusCode::CONFLICT,
             StartVmError::Launch(_) | StartVmError::Tpm(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -531,6 +532,56 @@ async fn migrate(
                 tern_proto::ErrorCode::Internal,
                 format!("tern failed internally ({e}); the VM was left as it was"),
                 "unknown: check `tern vm list` on both hosts".into(),
+            );
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(MigrateStarted { id })))
+}
+
+/// A libvirt domain's migration, carried (`crate::libvirt`).
+async fn migrate_libvirt(
+    State(a): S,
+    Path(domain): Path<String>,
+    Body(req): Body<tern_api::LibvirtMigrateRequest>,
+) -> Result<(StatusCode, Json<MigrateStarted>), ApiError> {
+    req.validate()
+        .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", why))?;
+    if a.engine.registry.active_migration_of(&domain).is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "busy",
+            format!("libvirt domain {domain:?} is already migrating"),
+        ));
+    }
+    let d = crate::libvirt::domain(&a.config.libvirt_uri, &domain)
+        .await
+        .map_err(|e| {
+            use crate::libvirt::LibvirtError as E;
+            let status = match e {
+                E::NotRunning { .. } | E::BadMemory { .. } | E::Carrier(_) => StatusCode::CONFLICT,
+                E::Failed { .. } => StatusCode::NOT_FOUND,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            ApiError::new(status, "libvirt", chain(&e))
+        })?;
+    let id = new_migration_id();
+    let handle = Arc::new(MigrationHandle::new(
+        id.clone(),
+        domain,
+        Direction::Outgoing,
+        req.migrate.to.clone(),
+    ));
+    a.engine.registry.add_migration(handle.clone());
+    tokio::spawn(async move {
+        let span = tracing::info_span!("migration", migration = %handle.id, vm = %d.name);
+        let task = tokio::spawn(crate::libvirt::run(a, d, req, handle.clone()).instrument(span));
+        if let Err(e) = task.await {
+            // a bug: the stream closed with the task, so libvirt's migration fails
+            tracing::error!(migration = %handle.id, "libvirt migration task failed: {e}");
+            handle.finish_err(
+                tern_proto::ErrorCode::Internal,
+                format!("tern failed internally ({e}); tern's stream closed, so libvirt's migration fails"),
+                "as libvirt says: virsh domstate".into(),
             );
         }
     });

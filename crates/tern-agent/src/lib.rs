@@ -9,6 +9,7 @@
 pub mod api;
 pub mod handover;
 pub mod images;
+pub mod libvirt;
 pub mod links;
 pub mod metrics;
 pub mod outgoing;
@@ -61,6 +62,8 @@ pub const MAX_PEER_CONNECTIONS: usize = 256;
 
 /// The user QEMU runs as unless configured otherwise (`scripts/setup.sh` creates it).
 pub const DEFAULT_QEMU_USER: &str = "tern-qemu";
+/// The libvirt an agent asks about domains whose migration it carries.
+pub const DEFAULT_LIBVIRT_URI: &str = "qemu:///system";
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -108,6 +111,11 @@ pub struct AgentConfig {
     pub qemu_user: Option<String>,
     /// Where `GET /metrics` (Prometheus) is served, plain HTTP; None: not at all.
     pub metrics_listen: Option<SocketAddr>,
+    /// This host's libvirt (`virsh -c URI`), for domains whose migration tern carries;
+    /// default `qemu:///system`.
+    pub libvirt_uri: String,
+    /// Carrier sockets and libvirt's pid files ([`tern_engine::libvirt`]).
+    pub libvirt_paths: tern_engine::libvirt::LibvirtPaths,
 }
 
 impl AgentConfig {
@@ -131,6 +139,8 @@ impl AgentConfig {
             max_incoming: 4,
             qemu_user: Some(DEFAULT_QEMU_USER.into()),
             metrics_listen: None,
+            libvirt_uri: DEFAULT_LIBVIRT_URI.into(),
+            libvirt_paths: Default::default(),
         }
     }
 }
@@ -319,6 +329,7 @@ impl Agent {
                 boot_dirs,
                 machine_types,
                 host_memory_mib: tern_engine::hostmem::total_mib().unwrap_or(0),
+                libvirt: config.libvirt_paths.clone(),
             },
             store: Arc::new(Mutex::new(store)),
             hasher,
@@ -402,6 +413,9 @@ impl Agent {
 
     pub async fn start_vm(&self, spec: VmSpec) -> Result<Arc<Vm>, StartVmError> {
         spec.validate()?;
+        if spec.libvirt.is_some() {
+            return Err(StartVmError::LibvirtDomain);
+        }
         spec.check_files()?;
         if !self.reserve_name(&spec.name) {
             return Err(StartVmError::Exists(spec.name));

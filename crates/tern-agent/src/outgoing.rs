@@ -7,7 +7,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tern_engine::source::{SourceOutcome, SourceVm};
+use tern_engine::source::{SourceOutcome, SourceQemu, SourceVm};
 use tern_engine::MigrationHandle;
 use tern_proto::ErrorCode;
 
@@ -27,7 +27,7 @@ pub fn source_vm(agent: &Agent, vm: &Vm) -> Result<SourceVm, String> {
     };
     Ok(SourceVm {
         spec: vm.spec.clone(),
-        qmp: vm.qmp.clone(),
+        qemu: SourceQemu::Tern(vm.qmp.clone()),
         run_dir: vm.run_dir.clone(),
         qemu_version: vm.qemu_version.clone(),
         exited: vm.exit_watch(),

@@ -206,6 +206,8 @@ pub enum StartVmError {
     Spec(#[from] tern_qemu::spec::SpecError),
     #[error("a VM named {0:?} already exists on this host")]
     Exists(String),
+    #[error("the spec names a libvirt domain ([libvirt]): libvirt starts its domains; tern only carries their migrations (tern migrate --libvirt)")]
+    LibvirtDomain,
     #[error("could not start QEMU")]
     Launch(#[from] LaunchError),
     #[error("could not start the VM's TPM (swtpm)")]

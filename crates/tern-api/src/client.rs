@@ -270,6 +270,17 @@ impl Client {
         typed(&path.clone(), self.call("POST", &path, Some(&body))?)
     }
 
+    /// Carries a libvirt domain's migration (libvirt runs it, tern carries the stream).
+    pub fn migrate_libvirt(
+        &self,
+        domain: &str,
+        req: &crate::LibvirtMigrateRequest,
+    ) -> Result<MigrateStarted> {
+        let path = format!("/v1/libvirt/{domain}/migrate");
+        let body = serde_json::to_value(req).map_err(|e| ClientError::Shape(path.clone(), e))?;
+        typed(&path.clone(), self.call("POST", &path, Some(&body))?)
+    }
+
     /// One migration's status, progress and report.
     pub fn migration(&self, id: &str) -> Result<MigrationStatus> {
         let path = format!("/v1/migrations/{id}");

@@ -14,8 +14,8 @@ pub mod migration;
 pub mod vm;
 
 pub use migration::{
-    Compression, ConvergenceReport, Direction, DiskReport, EncodingReport, FailureInfo, LinkOutage,
-    MigrateRequest, MigrateStarted, MigrationPlan, MigrationReport, MigrationStatus, Objective,
-    PacingReport, PageCounts, Phase, PhaseSpan, PlanInputs, PlanPrediction, Progress,
-    SwitchoverTimes, Timeline,
+    Compression, ConvergenceReport, Direction, DiskReport, EncodingReport, FailureInfo,
+    LibvirtMigrateRequest, LinkOutage, MigrateRequest, MigrateStarted, MigrationPlan,
+    MigrationReport, MigrationStatus, Objective, PacingReport, PageCounts, Phase, PhaseSpan,
+    PlanInputs, PlanPrediction, Progress, SwitchoverTimes, Timeline,
 };

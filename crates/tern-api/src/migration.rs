@@ -263,6 +263,57 @@ impl<'de> Deserialize<'de> for Compression {
     }
 }
 
+/// `POST /v1/libvirt/{domain}/migrate`: carry a libvirt domain's migration. libvirt runs
+/// it (`virsh migrate --live DOMAIN LIBVIRT_TO --migrateuri unix://DIR/DOMAIN.sock`, run by
+/// the source agent) and tern carries the stream between the agents.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LibvirtMigrateRequest {
+    /// The destination's libvirt, as `virsh migrate` takes it (e.g.
+    /// `qemu+tls://host-b/system`).
+    pub libvirt_to: String,
+    /// Further `virsh migrate` flags, from [`LIBVIRT_FLAGS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virsh_flags: Vec<String>,
+    /// The destination agent and tern's options for the stream.
+    #[serde(flatten)]
+    pub migrate: MigrateRequest,
+}
+
+/// The `virsh migrate` flags a carried migration may add: those that change what libvirt
+/// does with the domain's definition or its convergence, not how the stream travels
+/// (`--tunnelled`, `--parallel`, `--compressed`, `--postcopy`, `--copy-storage-*` would
+/// bypass tern or put in the stream what tern does not carry).
+pub const LIBVIRT_FLAGS: &[&str] = &[
+    "--persistent",
+    "--undefinesource",
+    "--auto-converge",
+    "--abort-on-error",
+    "--unsafe",
+];
+
+impl LibvirtMigrateRequest {
+    pub fn validate(&self) -> Result<(), String> {
+        self.migrate.validate()?;
+        if self.libvirt_to.trim().is_empty() || self.libvirt_to.starts_with('-') {
+            return Err(
+                "no destination libvirt: give --libvirt-to URI (e.g. qemu+tls://host-b/system)"
+                    .into(),
+            );
+        }
+        if let Some(f) = self
+            .virsh_flags
+            .iter()
+            .find(|f| !LIBVIRT_FLAGS.contains(&f.as_str()))
+        {
+            return Err(format!(
+                "virsh migrate flag {f:?} cannot be used with a carried migration; allowed: {}",
+                LIBVIRT_FLAGS.join(" ")
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `POST /v1/vms/{name}/migrate` answers with the new migration's id.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrateStarted {

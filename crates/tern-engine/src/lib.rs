@@ -34,6 +34,7 @@ pub mod events;
 pub mod fault;
 pub mod handle;
 pub mod hostmem;
+pub mod libvirt;
 pub mod local;
 pub mod pace;
 pub mod pages;
@@ -76,6 +77,8 @@ pub struct EngineConfig {
     pub machine_types: Vec<String>,
     /// This host's memory, MiB (0: unknown): no incoming VM may be larger.
     pub host_memory_mib: u64,
+    /// Where libvirt domains' carrier sockets and pid files are.
+    pub libvirt: libvirt::LibvirtPaths,
 }
 
 /// What one host's migrations share: made by the daemon at start.

@@ -527,6 +527,7 @@ mod tests {
             tpm: false,
             disks: vec![],
             memory: Default::default(),
+            libvirt: None,
         }
     }
 

@@ -86,6 +86,34 @@ pub struct VmSpec {
     /// know this key.
     #[serde(default, skip_serializing_if = "GuestMemory::is_private")]
     pub memory: GuestMemory,
+    /// Set only on the wire, for a libvirt domain whose stream tern carries: libvirt runs
+    /// both QEMUs, the destination connects to the one libvirt started for the domain
+    /// instead of launching its own. Never in a spec file (an agent refuses to start one);
+    /// an agent that does not know this key refuses such a migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<LibvirtDomain>,
+}
+
+/// A libvirt domain, as a migration carried for libvirt names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtDomain {
+    /// The domain's name (libvirt's `<name>`), which names the carrier socket.
+    pub domain: String,
+}
+
+impl LibvirtDomain {
+    /// Whether `name` may name a domain tern carries: it becomes a file name
+    /// (`DIR/NAME.sock`), so letters, digits, `-`, `_` and `.` only, not starting with `.`,
+    /// at most 64 bytes.
+    pub fn valid_name(name: &str) -> bool {
+        !name.is_empty()
+            && name.len() <= 64
+            && !name.starts_with('.')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    }
 }
 
 /// Where guest RAM lives.
@@ -172,6 +200,10 @@ pub enum SpecError {
     Toml(#[from] toml::de::Error),
     #[error("VM name {0:?} is invalid: use 1-64 characters from [A-Za-z0-9._-], not starting with '.' or '-'")]
     BadName(String),
+    #[error("libvirt domain {0:?} cannot be carried: tern carries domains named with 1-64 characters from [A-Za-z0-9._-], not starting with '.', and names the VM after it")]
+    BadLibvirtDomain(String),
+    #[error("a libvirt domain's spec says nothing of what to launch (no kernel, disks or TPM): libvirt runs its QEMU")]
+    LibvirtWithLaunch,
     #[error("memory_mib must be between 16 and 1048576, got {0}")]
     BadMemory(u32),
     #[error("vcpus must be between 1 and 256, got {0}")]
@@ -246,7 +278,15 @@ impl VmSpec {
         if self.disks.len() > MAX_DISKS {
             return Err(SpecError::TooManyDisks(self.disks.len()));
         }
-        if self.kernel.is_none() {
+        if let Some(lv) = &self.libvirt {
+            // libvirt's QEMU: nothing of it is launched from this spec
+            if lv.domain != self.name || !LibvirtDomain::valid_name(&lv.domain) {
+                return Err(SpecError::BadLibvirtDomain(lv.domain.clone()));
+            }
+            if self.tpm || !self.disks.is_empty() || self.kernel.is_some() {
+                return Err(SpecError::LibvirtWithLaunch);
+            }
+        } else if self.kernel.is_none() {
             if self.disks.is_empty() {
                 return Err(SpecError::NothingToBoot);
             }

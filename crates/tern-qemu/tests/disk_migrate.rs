@@ -340,6 +340,7 @@ async fn disk_migrates_live_while_the_guest_writes_and_stays_consistent() -> Res
             format: DiskFormat::Qcow2,
         }],
         memory: Default::default(),
+        libvirt: None,
     }
     };
     let node = disk::node_name(0);

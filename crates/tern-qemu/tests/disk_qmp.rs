@@ -48,6 +48,7 @@ fn spec(disks: Vec<DiskSpec>) -> Result<VmSpec> {
         tpm: false,
         disks,
         memory: Default::default(),
+        libvirt: None,
     })
 }
 

@@ -24,6 +24,7 @@ fn spec(kernel: PathBuf, initrd: Option<PathBuf>) -> VmSpec {
         tpm: false,
         disks: vec![],
         memory: Default::default(),
+        libvirt: None,
     }
 }
 

@@ -69,6 +69,7 @@ async fn capture(binary: Option<PathBuf>, paused: bool, dir: &Path) -> Result<Ve
         tpm: false,
         disks: vec![],
         memory: Default::default(),
+        libvirt: None,
     };
     let mut opts = LaunchOptions::new(dir.join("run"));
     if let Some(b) = binary {

@@ -245,6 +245,7 @@ async fn tpm_pcrs_survive_two_migrations_and_state_is_encrypted() -> Result<()> 
         tpm: true,
         disks: vec![],
         memory: Default::default(),
+        libvirt: None,
     };
     let mkey = dir.join("migration.key");
     swtpm::ensure_key_file(&mkey)?;

@@ -56,6 +56,9 @@ pub struct AgentOptions<'a> {
     pub labels: &'a [&'a str],
     /// TLS credentials to use instead of a certificate from the shared test CA.
     pub tls_dir: Option<&'a Path>,
+    /// Run inside this mount namespace (`/proc/PID/ns/mnt`, e.g. a
+    /// [`crate::libvirt::LibvirtHost`]'s); not with `netns`.
+    pub mountns: Option<&'a Path>,
 }
 
 /// The CA every test agent's certificate comes from unless told otherwise.
@@ -141,13 +144,20 @@ impl TestAgent {
             .state_dir
             .map(Path::to_path_buf)
             .unwrap_or_else(|| dir.path().to_path_buf());
-        let mut cmd = match o.netns {
-            Some(ns) => {
+        let mut cmd = match (o.netns, o.mountns) {
+            (Some(ns), _) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns]).arg(bin);
                 c
             }
-            None => Command::new(bin),
+            (None, Some(mnt)) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--mount={}", mnt.display()))
+                    .arg("--")
+                    .arg(bin);
+                c
+            }
+            (None, None) => Command::new(bin),
         };
         cmd.args(["agent", "--name", name, "--listen", &peer_addr.to_string()])
             .args(o.args);

@@ -49,6 +49,9 @@ pub struct AgentFile {
     max_incoming: Option<usize>,
     log_format: Option<LogFormat>,
     metrics_listen: Option<SocketAddr>,
+    libvirt_uri: Option<String>,
+    libvirt_socket_dir: Option<PathBuf>,
+    libvirt_run_dir: Option<PathBuf>,
 }
 
 impl AgentFile {
@@ -97,7 +100,10 @@ impl AgentFile {
             boot_dirs,
             qemu_user,
             max_incoming,
-            log_format
+            log_format,
+            libvirt_uri,
+            libvirt_socket_dir,
+            libvirt_run_dir
         );
         take_opt!(cluster_key, policy, metrics_listen);
     }

@@ -214,6 +214,17 @@ struct AgentArgs {
     /// management address), e.g. 127.0.0.1:9477. Default: off.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// This host's libvirt, for `tern migrate --libvirt` (virsh -c URI).
+    #[arg(long, default_value = tern_agent::DEFAULT_LIBVIRT_URI)]
+    libvirt_uri: String,
+    /// Where the carrier sockets of libvirt domains are: the `--migrateuri
+    /// unix://DIR/DOMAIN.sock` path, the same on every host.
+    #[arg(long, default_value = "/run/tern/libvirt")]
+    libvirt_socket_dir: PathBuf,
+    /// libvirt's QEMU state directory (DOMAIN.pid names the domain's QEMU, the only
+    /// process a carrier socket talks to).
+    #[arg(long, default_value = "/run/libvirt/qemu")]
+    libvirt_run_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -260,8 +271,20 @@ enum VmCmd {
 
 #[derive(clap::Args)]
 struct MigrateArgs {
-    /// The VM to move.
+    /// The VM to move (with --libvirt: the libvirt domain).
     name: String,
+    /// NAME is a libvirt domain on this host: libvirt runs the migration (virsh migrate,
+    /// started by the agent) and tern carries its stream to the agent at --to.
+    #[arg(long, requires = "libvirt_to", conflicts_with = "plan")]
+    libvirt: bool,
+    /// With --libvirt: the destination's libvirt, as virsh migrate takes it (e.g.
+    /// qemu+tls://host-b/system).
+    #[arg(long, requires = "libvirt")]
+    libvirt_to: Option<String>,
+    /// With --libvirt: a further virsh migrate flag (repeat for more): --persistent,
+    /// --undefinesource, --auto-converge, --abort-on-error, --unsafe.
+    #[arg(long = "virsh-flag", requires = "libvirt", allow_hyphen_values = true)]
+    virsh_flags: Vec<String>,
     /// Destination agent, HOST:PORT.
     #[arg(long, required_unless_present = "cancel")]
     to: Option<String>,
@@ -550,6 +573,11 @@ fn run_agent(a: AgentArgs) -> Result<()> {
     config.qemu_user = (a.qemu_user != "root").then_some(a.qemu_user);
     config.max_incoming = a.max_incoming.max(1);
     config.metrics_listen = a.metrics_listen;
+    config.libvirt_uri = a.libvirt_uri;
+    config.libvirt_paths = tern_engine::libvirt::LibvirtPaths {
+        socket_dir: a.libvirt_socket_dir,
+        run_dir: a.libvirt_run_dir,
+    };
     if std::env::var("TERN_INSECURE_PLAINTEXT").is_ok_and(|v| v == "1") {
         config.insecure_plaintext = true;
     } else {
@@ -881,7 +909,19 @@ fn migrate(c: Client, m: MigrateArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let id = c.migrate(&m.name, &req)?.id;
+    let id = if m.libvirt {
+        let req = tern_api::LibvirtMigrateRequest {
+            libvirt_to: m.libvirt_to.clone().expect("clap requires --libvirt-to"),
+            virsh_flags: m.virsh_flags.clone(),
+            migrate: req,
+        };
+        if let Err(why) = req.validate() {
+            bail!("{why}");
+        }
+        c.migrate_libvirt(&m.name, &req)?.id
+    } else {
+        c.migrate(&m.name, &req)?.id
+    };
 
     // Ctrl-C cancels the migration (the source keeps running) instead of killing the CLI.
     let interrupted = Arc::new(AtomicBool::new(false));

@@ -8,10 +8,11 @@
 //! | phase | file | does |
 //! |---|---|---|
 //! | hello | `hello.rs` | the version; what the connection is for: Prepare (after DiskOffer, TpmKey), Query, Attach |
-//! | `Prepare` | `prepare.rs` | the spec vetted (`spec.rs`), the migration admitted, its QEMU launched, disks exported, the summary, Prepared |
+//! | `Prepare` | `prepare.rs` | the spec vetted (`spec.rs`), the migration admitted, its QEMU launched (a libvirt domain's: connected to, `crate::libvirt`), disks exported, the summary, Prepared |
 //! | `Transfer` | `transfer.rs` | frames in order (reordered from data connections) rebuilt into QEMU's stream; the return path relayed (`relay.rs`) |
 //! | `Verify` | `verify.rs` | digests equal, QEMU loaded everything, disks handed to the guest, the commit (v1: asked for) |
 //! | `Switchover` | `switchover.rs` | the durable record (`record.rs`), `cont`, the VM handed to the daemon, Resumed |
+//! | `Verify`, `Switchover` of a libvirt domain | `carried.rs` | digests equal, then the device state (held back until now) to the QEMU libvirt started; its SHUT, Resumed |
 //!
 //! Every message received goes through the conversation's order
 //! (`tern_proto::conversation`) first. Before the switchover record, any failure (peer
@@ -19,6 +20,7 @@
 //! its run directory and releases its name, and only then tells the source. After it,
 //! this host owns the VM.
 
+mod carried;
 mod hello;
 mod prepare;
 pub mod record;
@@ -306,6 +308,11 @@ async fn receive(
     }
     let mut prepared = prepare::run(inc, conn, request).await?;
     let received = transfer::run(inc, conn, &mut prepared).await?;
+    if prepared.qmp.is_none() {
+        // a libvirt domain's QEMU: libvirt resumes it
+        carried::finish(inc, conn, prepared, received).await?;
+        return Ok(None);
+    }
     // From here the destination works without reading the source's frames for a while
     // (QEMU loads the rest, disks are flushed, the VM resumed): it says it is alive, so the
     // source's silence limit means a dead peer, not a busy one.

@@ -35,8 +35,9 @@ pub(super) struct Prepared {
     pub run_dir: PathBuf,
     pub source_running: bool,
     pub version: u16,
-    pub qmp: QmpClient,
-    pub qemu_events: broadcast::Receiver<QmpEvent>,
+    /// tern's QEMU's monitor and events; None for a libvirt domain's QEMU (carried).
+    pub qmp: Option<QmpClient>,
+    pub qemu_events: Option<broadcast::Receiver<QmpEvent>>,
     pub qemu_rd: Option<unix::OwnedReadHalf>,
     /// QEMU's incoming stream, until the transfer's feeder takes it.
     pub qemu_wr: Option<unix::OwnedWriteHalf>,
@@ -46,6 +47,15 @@ pub(super) struct Prepared {
     /// Extra data connections of this migration, as they attach.
     pub attached: mpsc::UnboundedReceiver<(u16, FrameReader<PeerRead>)>,
     pub _streams: StreamsGuard,
+}
+
+impl Prepared {
+    /// tern's QEMU's monitor (a libvirt domain's QEMU has none for tern).
+    pub fn qmp(&self) -> Result<QmpClient, IncomingError> {
+        self.qmp.clone().ok_or_else(|| {
+            IncomingError::Qemu("a libvirt domain's QEMU has no monitor for tern".into())
+        })
+    }
 }
 
 pub(super) async fn run(
@@ -74,6 +84,9 @@ pub(super) async fn run(
     }
     let mut spec = VmSpec::from_toml(&spec_toml)
         .map_err(|e| refuse(ErrorCode::SpecRejected, error_chain(&e)))?;
+    if spec.libvirt.is_some() {
+        return prepare_carried(inc, conn, spec, id, source_running, version, peer_name).await;
+    }
     vet_incoming_spec(config, &mut spec)?;
     if spec.tpm != tpm_key.is_some() {
         return Err(if spec.tpm {
@@ -108,31 +121,7 @@ pub(super) async fn run(
     inc.host
         .authorize_here(&spec)
         .map_err(|e| refuse(ErrorCode::NotAuthorized, e))?;
-    let handle = Arc::new(MigrationHandle::incoming(
-        id.clone(),
-        spec.name.clone(),
-        format!("{peer_name} ({})", conn.addr),
-        conn.peer.fingerprint.clone(),
-    ));
-    match engine.registry.add_incoming(handle.clone()) {
-        Ok(()) => {}
-        Err(AddIncomingError::KnownId) => {
-            return Err(refuse(
-                ErrorCode::Protocol,
-                format!("migration id {id} is already known on {}", config.name),
-            ))
-        }
-        Err(AddIncomingError::Busy(n)) => {
-            return Err(refuse(
-                ErrorCode::ResourceExhausted,
-                format!(
-                    "{} already receives {n} migrations at once; try again when one has finished",
-                    config.name
-                ),
-            ))
-        }
-    }
-    inc.handle = Some(handle.clone());
+    let handle = admit(inc, conn, &id, &spec, &peer_name)?;
     if !inc.host.reserve_name(&spec.name) {
         return Err(refuse(
             ErrorCode::VmExists,
@@ -236,7 +225,79 @@ pub(super) async fn run(
         )
     };
     let (qemu_rd, qemu_wr) = qemu_sock.into_split();
-    // What this host holds, so the source can send references instead of pages (v2).
+    let (pages, attached, streams) = offer_pages(inc, conn, &id, version).await?;
+    conn.send(&Message::Prepared { qemu_version }).await?;
+    Ok(Prepared {
+        id,
+        handle,
+        spec,
+        run_dir,
+        source_running,
+        version,
+        qmp: Some(qmp),
+        qemu_events: Some(qemu_events),
+        qemu_rd: Some(qemu_rd),
+        qemu_wr: Some(qemu_wr),
+        disks,
+        pages,
+        attached,
+        _streams: streams,
+    })
+}
+
+/// The migration admitted: an id used once, at most so many at once; its handle.
+fn admit(
+    inc: &mut Incoming,
+    conn: &Conn,
+    id: &str,
+    spec: &VmSpec,
+    peer_name: &str,
+) -> Result<Arc<MigrationHandle>, IncomingError> {
+    let config = &inc.engine.config;
+    let handle = Arc::new(MigrationHandle::incoming(
+        id.to_string(),
+        spec.name.clone(),
+        format!("{peer_name} ({})", conn.addr),
+        conn.peer.fingerprint.clone(),
+    ));
+    match inc.engine.registry.add_incoming(handle.clone()) {
+        Ok(()) => {}
+        Err(AddIncomingError::KnownId) => {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                format!("migration id {id} is already known on {}", config.name),
+            ))
+        }
+        Err(AddIncomingError::Busy(n)) => {
+            return Err(refuse(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "{} already receives {n} migrations at once; try again when one has finished",
+                    config.name
+                ),
+            ))
+        }
+    }
+    inc.handle = Some(handle.clone());
+    Ok(handle)
+}
+
+/// What this host holds, so the source can send references instead of pages (v2); and
+/// where the extra data connections arrive.
+async fn offer_pages(
+    inc: &Incoming,
+    conn: &mut Conn,
+    id: &str,
+    version: u16,
+) -> Result<
+    (
+        PageDecoder,
+        mpsc::UnboundedReceiver<(u16, FrameReader<PeerRead>)>,
+        StreamsGuard,
+    ),
+    IncomingError,
+> {
+    let engine = &inc.engine;
     let mut pages = PageDecoder::new(engine.hasher.clone(), engine.store.clone());
     if version >= 2 {
         let (key_id, prefixes) = pages.summary();
@@ -262,20 +323,72 @@ pub(super) async fn run(
     let (attach_tx, attached) = mpsc::unbounded_channel();
     let streams = engine
         .registry
-        .accept_streams(&id, &conn.peer.fingerprint, attach_tx);
-    conn.send(&Message::Prepared { qemu_version }).await?;
+        .accept_streams(id, &conn.peer.fingerprint, attach_tx);
+    Ok((pages, attached, streams))
+}
+
+/// A libvirt domain's migration, carried: libvirt started the destination QEMU (listening
+/// on the domain's carrier socket, `tern_engine::libvirt`); this side connects to it
+/// instead of launching one. Nothing of the VM is tern's here: no name, no run directory.
+async fn prepare_carried(
+    inc: &mut Incoming,
+    conn: &mut Conn,
+    spec: VmSpec,
+    id: String,
+    source_running: bool,
+    version: u16,
+    peer_name: String,
+) -> Result<Prepared, IncomingError> {
+    let config = &inc.engine.config;
+    let domain = spec
+        .libvirt
+        .as_ref()
+        .map(|l| l.domain.clone())
+        .unwrap_or_default();
+    if version < 2 {
+        return Err(refuse(
+            ErrorCode::Protocol,
+            "a carried libvirt migration needs protocol version 2 or newer",
+        ));
+    }
+    if config.host_memory_mib > 0 && u64::from(spec.memory_mib) > config.host_memory_mib {
+        return Err(refuse(
+            ErrorCode::SpecRejected,
+            format!(
+                "domain {domain:?} has {} MiB of memory, more than {} has ({} MiB)",
+                spec.memory_mib, config.name, config.host_memory_mib
+            ),
+        ));
+    }
+    inc.host
+        .authorize_here(&spec)
+        .map_err(|e| refuse(ErrorCode::NotAuthorized, e))?;
+    let handle = admit(inc, conn, &id, &spec, &peer_name)?;
+    handle.set_phase(Phase::Prepare);
+    let qemu = crate::libvirt::connect(&inc.engine.config.libvirt, &domain)
+        .await
+        .map_err(|e| refuse(ErrorCode::QemuLaunchFailed, error_chain(&e)))?;
+    let pid = inc.engine.config.libvirt.domain_pid(&domain).ok();
+    handle.update(|s| s.dest_qemu_pid = pid);
+    tracing::info!(migration = %id, %domain, ?pid, "connected to the QEMU libvirt started for the domain");
+    let (qemu_rd, qemu_wr) = qemu.into_split();
+    let (pages, attached, streams) = offer_pages(inc, conn, &id, version).await?;
+    conn.send(&Message::Prepared {
+        qemu_version: format!("libvirt's (domain {domain})"),
+    })
+    .await?;
     Ok(Prepared {
         id,
         handle,
         spec,
-        run_dir,
+        run_dir: PathBuf::new(),
         source_running,
         version,
-        qmp,
-        qemu_events,
+        qmp: None,
+        qemu_events: None,
         qemu_rd: Some(qemu_rd),
         qemu_wr: Some(qemu_wr),
-        disks,
+        disks: None,
         pages,
         attached,
         _streams: streams,

@@ -1,6 +1,9 @@
 //! The destination QEMU's return path (PONG, SHUT, ...), relayed to the source agent one
 //! message per frame, flushed at once: the source QEMU waits for them.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use tern_proto::Message;
 use tern_qemu::rp::{parse_rp, RpMessage};
 use tokio::io::AsyncReadExt;
@@ -12,10 +15,12 @@ use crate::transport::links::PeerWriter;
 
 /// Relays the destination QEMU's return path to the source agent, one message per frame,
 /// flushed at once. Returns Ok(true) if QEMU said SHUT(0) before closing, an error text if
-/// QEMU closed without SHUT (it died or failed).
+/// QEMU closed without SHUT (it died or failed). `shut` is raised just before a SHUT(0) is
+/// relayed: QEMU loaded the whole stream.
 pub(super) async fn return_path(
     mut qemu: unix::OwnedReadHalf,
     writer: PeerWriter,
+    shut: Arc<AtomicBool>,
 ) -> Result<bool, String> {
     let mut buf = bytes::BytesMut::with_capacity(64 << 10);
     let mut shut_ok = false;
@@ -26,6 +31,7 @@ pub(super) async fn return_path(
                     let raw = buf.split_to(used).freeze();
                     if let RpMessage::Shut(status) = msg {
                         shut_ok = status == 0;
+                        shut.store(shut_ok, Ordering::SeqCst);
                         if status != 0 {
                             let _ = writer.lock().await.send(&Message::ReturnPath(raw)).await;
                             return Err(format!("it reported a failed load (SHUT {status})"));

@@ -57,13 +57,12 @@ pub(super) async fn run(
         std::process::exit(71);
     }
     let resumed_at = if p.source_running {
-        let mut ev = p.qmp.subscribe();
-        p.qmp
-            .execute("cont", None)
+        let qmp = p.qmp()?;
+        let mut ev = qmp.subscribe();
+        qmp.execute("cont", None)
             .await
             .map_err(qmp_failed("cont"))?;
-        match p
-            .qmp
+        match qmp
             .wait_event(&mut ev, "RESUME", Duration::from_secs(10))
             .await
         {

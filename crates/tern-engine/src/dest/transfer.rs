@@ -40,6 +40,8 @@ pub(super) struct Received {
     pub applied: u64,
     /// The return-path relay, still running.
     pub relay: AbortOnDrop,
+    /// Raised once the relay passed on QEMU's SHUT(0) (it loaded the whole stream).
+    pub shut: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub(super) async fn run(
@@ -52,7 +54,8 @@ pub(super) async fn run(
         .qemu_rd
         .take()
         .expect("the transfer takes QEMU's return path once");
-    let rp_task = crate::spawn(return_path(qemu_rd, conn.writer.clone()));
+    let shut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rp_task = crate::spawn(return_path(qemu_rd, conn.writer.clone(), shut.clone()));
     let mut rp_task = AbortOnDrop(Some(rp_task));
     let feeder = Feeder::start(
         p.qemu_wr
@@ -344,6 +347,7 @@ pub(super) async fn run(
         digest: rb.digest.take(),
         applied: rb.feeder.applied(),
         relay: rp_task,
+        shut,
     })
 }
 

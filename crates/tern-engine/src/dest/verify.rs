@@ -33,7 +33,11 @@ pub(super) async fn run(
             ),
         ));
     }
-    wait_incoming_done(&p.qmp, &mut p.qemu_events, Duration::from_secs(30)).await?;
+    let qmp = p.qmp()?;
+    let Some(events) = p.qemu_events.as_mut() else {
+        return Err(IncomingError::Qemu("tern's QEMU without its events".into()));
+    };
+    wait_incoming_done(&qmp, events, Duration::from_secs(30)).await?;
     if fault!(inc.engine.config.fault, SlowFinish) {
         tracing::warn!("fault injection: finishing 35 s late");
         tokio::time::sleep(Duration::from_secs(35)).await;
@@ -42,7 +46,7 @@ pub(super) async fn run(
     // Finish, so the worker has written and flushed it: NBD goes, then the guest may run
     if let Some(d) = p.disks.take() {
         let written = d
-            .finish(&p.qmp)
+            .finish(&qmp)
             .await
             .map_err(|e| IncomingError::Qemu(format!("cannot hand the disks to the guest: {e}")))?;
         tracing::info!(migration = %p.id, written, "disks rebuilt");

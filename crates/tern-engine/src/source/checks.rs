@@ -15,7 +15,7 @@ pub(super) struct Plan {
 }
 
 pub(super) async fn run(m: &mut Migration) -> Result<Plan, MigrateError> {
-    let qmp = &m.vm.qmp;
+    let qmp = m.vm.qmp()?;
     check_capabilities(&qmp.query_migrate_capabilities().await?)?;
     let disks = if m.vm.spec.disks.is_empty() {
         None

@@ -46,7 +46,7 @@ pub(super) async fn copy(
         CodecPolicy::Auto => Codec::Lz4,
     };
     let mut d = SourceDisks::start(
-        m.vm.qmp.clone(),
+        m.vm.qmp()?.clone(),
         &m.vm.run_dir,
         &infos,
         p.writer.clone(),
@@ -65,7 +65,7 @@ pub(super) async fn copy(
         _ = wait_cancelled(&mut cancel) => return Err(MigrateError::Cancelled),
     }
     tracing::info!(migration = %m.handle.id, report = ?d.report, "disk copy done, memory next");
-    tern_qemu::disk::enable_pause_before_switchover(&m.vm.qmp)
+    tern_qemu::disk::enable_pause_before_switchover(m.vm.qmp()?)
         .await
         .map_err(|e| MigrateError::Qmp(e.0))?;
     Ok(Some(CopiedDisks { disks: d, inbox }))
@@ -122,7 +122,7 @@ impl LiveDisks {
         m: &Migration,
         paused_at: SystemTime,
     ) -> Result<Option<DiskReport>, MigrateError> {
-        let qmp = &m.vm.qmp;
+        let qmp = m.vm.qmp()?;
         let Some(task) = self.task.take() else {
             tern_qemu::disk::continue_switchover(qmp)
                 .await

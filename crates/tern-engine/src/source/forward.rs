@@ -136,6 +136,9 @@ pub(super) struct ForwardPlan {
     pub v5: bool,
     /// v2 flow control, with the round trip to the destination.
     pub flow: Option<(Arc<Flow>, Duration)>,
+    /// A libvirt domain's QEMU: the stream is complete when this fires (the destination
+    /// QEMU's SHUT came; the source QEMU closes the stream only after it gets it).
+    pub stream_end: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// What the forwarder hands back once QEMU's stream ended properly.
@@ -161,6 +164,7 @@ pub(super) async fn forward(
         flow,
         mut datapath,
         v5,
+        mut stream_end,
     } = plan;
     pages.set_plain(v5);
     pages.set_lean(!datapath.dedup());
@@ -350,9 +354,12 @@ pub(super) async fn forward(
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         pipe.hand(&mut out).await?;
-                        qemu.read_buf(&mut inbuf)
-                            .await
-                            .map_err(MigrateError::LocalIo)?
+                        tokio::select! {
+                            r = qemu.read_buf(&mut inbuf) => r.map_err(MigrateError::LocalIo)?,
+                            // the destination QEMU loaded everything sent so far: as at EOF,
+                            // the stream must have ended properly (checked below)
+                            () = ended(&mut stream_end) => 0,
+                        }
                     }
                     Err(e) => return Err(MigrateError::LocalIo(e)),
                 };
@@ -407,6 +414,18 @@ pub(super) async fn forward(
             lean_pages: s.lean,
         },
     })
+}
+
+/// Fires once `end` did; never without one (or once its sender is gone without firing).
+async fn ended(end: &mut Option<tokio::sync::oneshot::Receiver<()>>) {
+    let Some(rx) = end else {
+        return std::future::pending().await;
+    };
+    let fired = rx.await.is_ok();
+    *end = None;
+    if !fired {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn lookup(

@@ -66,7 +66,7 @@ use crate::{Engine, Host};
 /// The VM being moved, as the daemon hands it over.
 pub struct SourceVm {
     pub spec: VmSpec,
-    pub qmp: QmpClient,
+    pub qemu: SourceQemu,
     pub run_dir: PathBuf,
     pub qemu_version: String,
     /// Set once QEMU is gone (why).
@@ -77,7 +77,26 @@ pub struct SourceVm {
     pub pid: Option<u32>,
 }
 
+/// Who runs the VM's QEMU, and what tern holds of it.
+pub enum SourceQemu {
+    /// tern's own: its QMP monitor. tern drives the migration (capabilities, pacing,
+    /// convergence, the switchover).
+    Tern(QmpClient),
+    /// A libvirt domain's (its name is `spec.libvirt`): libvirt drives the migration and
+    /// owns the monitor; tern holds the stream the QEMU migrates into (its carrier socket,
+    /// connected; the transfer takes it) and carries it.
+    Libvirt(Option<tokio::net::UnixStream>),
+}
+
 impl SourceVm {
+    /// tern's monitor of the VM's QEMU; a libvirt domain's QEMU has none.
+    pub fn qmp(&self) -> Result<&QmpClient, MigrateError> {
+        match &self.qemu {
+            SourceQemu::Tern(q) => Ok(q),
+            SourceQemu::Libvirt(_) => Err(MigrateError::LibvirtOwned),
+        }
+    }
+
     /// `Some(reason)` once QEMU is gone.
     pub fn exit_reason(&self) -> Option<String> {
         self.exited.borrow().clone()
@@ -130,6 +149,8 @@ pub enum MigrateError {
     Protocol(String),
     #[error("talking to the source QEMU failed")]
     Qmp(#[from] QmpError),
+    #[error("this is a libvirt domain: libvirt owns its QEMU's monitor, and this step needs it (not available with --libvirt)")]
+    LibvirtOwned,
     #[error("the source QEMU's migration failed: {0}")]
     QemuMigration(String),
     #[error("the source QEMU's stream does not match its RAM blocks")]
@@ -204,7 +225,7 @@ impl MigrateError {
             MigrateError::Qmp(_) | MigrateError::QemuMigration(_) => ErrorCode::QemuFailed,
             MigrateError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
             MigrateError::Cancelled => ErrorCode::Cancelled,
-            MigrateError::BadRequest(_) => ErrorCode::SpecRejected,
+            MigrateError::BadRequest(_) | MigrateError::LibvirtOwned => ErrorCode::SpecRejected,
             MigrateError::Timeout(..) => ErrorCode::Timeout,
             MigrateError::LocalIo(_) | MigrateError::InDoubt(_) | MigrateError::Panicked(_) => {
                 ErrorCode::Internal
@@ -273,7 +294,11 @@ pub async fn run(
             }
             Err(e) => e,
         };
-        let wait = outage::lost_link(&e) && !wait_left.is_zero() && m.attempt < outage::MAX_TRIES;
+        // (a carried stream ends with its connection: nothing to try again)
+        let wait = outage::lost_link(&e)
+            && !wait_left.is_zero()
+            && m.attempt < outage::MAX_TRIES
+            && matches!(m.vm.qemu, SourceQemu::Tern(_));
         let outcome = recover::after_failure(&mut m, e).await;
         let SourceOutcome::Failed {
             code,
@@ -370,6 +395,9 @@ impl Migration {
 
     /// The phases, in order.
     async fn phases(&mut self) -> Result<MigrationReport, MigrateError> {
+        if let SourceQemu::Libvirt(_) = self.vm.qemu {
+            return self.carried_phases().await;
+        }
         let plan = checks::run(self).await?;
         // for the prediction: the guest's RAM sampled, its dirty rate sampled by QEMU while
         // tern connects
@@ -380,6 +408,26 @@ impl Migration {
         let disks = disks::copy(self, &mut prepared, plan.disks).await?;
         let transferred = transfer::run(self, prepared, disks).await?;
         let mut transferred = transferred;
+        let resolved = switchover::run(self, &mut transferred).await?;
+        report::build(self, transferred, resolved).await
+    }
+}
+
+impl Migration {
+    /// A libvirt domain's migration, carried: libvirt started it (its QEMU is already
+    /// migrating into the carrier socket) and decides the switchover; tern connects,
+    /// prepares the destination (which connects to the QEMU libvirt started there),
+    /// carries the stream, and the destination hands QEMU the device state only once the
+    /// digests agree. No checks over QMP (libvirt's QEMU has no monitor for tern), no disk
+    /// copy (a carried domain's disks are shared), no pacing of QEMU.
+    async fn carried_phases(&mut self) -> Result<MigrationReport, MigrateError> {
+        self.source_running = true;
+        let ram = u64::from(self.vm.spec.memory_mib) << 20;
+        self.handle.update(|s| s.progress.ram_total = Some(ram));
+        let peer = connect::run(self).await?;
+        self.rtt = peer.rtt;
+        let prepared = prepare::run(self, peer, None).await?;
+        let mut transferred = transfer::run(self, prepared, None).await?;
         let resolved = switchover::run(self, &mut transferred).await?;
         report::build(self, transferred, resolved).await
     }

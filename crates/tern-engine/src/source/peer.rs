@@ -3,11 +3,19 @@
 //! PONG and SHUT must not wait), Applied feeds flow control, a Want is answered at once
 //! (only with content of this migration), disk replies go to the disk rounds (a bounded
 //! inbox), everything else to the phase that waits for it ([`PeerEvent`]).
+//!
+//! A libvirt domain's migration (carried) holds one return-path message back: the
+//! destination QEMU's SHUT(0), which says it loaded the whole stream. Without it the source
+//! QEMU neither completes nor closes the stream, so its arrival is where tern ends the
+//! stream (the `shut_gate` fires; the forwarder sends SourceDone), and the source QEMU
+//! gets it only once the destination answered Resumed (the digests agreed). Otherwise
+//! it never gets it: its migration fails and libvirt keeps the domain here.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tern_proto::Message;
+use tern_qemu::rp::{parse_rp, RpMessage};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix;
 use tokio::sync::mpsc;
@@ -48,7 +56,10 @@ pub(super) fn peer_event_error(ev: Option<PeerEvent>, during: &'static str) -> M
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn peer_reader(
     mut reader: FrameReader<PeerRead>,
-    mut qemu_rx: tokio::sync::oneshot::Receiver<unix::OwnedWriteHalf>,
+    (mut qemu_rx, mut shut_gate): (
+        tokio::sync::oneshot::Receiver<unix::OwnedWriteHalf>,
+        Option<tokio::sync::oneshot::Sender<()>>,
+    ),
     tx: mpsc::Sender<PeerEvent>,
     disk_tx: mpsc::Sender<Message>,
     handle: Arc<MigrationHandle>,
@@ -58,6 +69,7 @@ pub(super) async fn peer_reader(
 ) {
     let mut qemu_ok = true;
     let mut qemu: Option<unix::OwnedWriteHalf> = None;
+    let mut held_shut: Option<bytes::Bytes> = None;
     loop {
         let r = reader.next().await;
         handle
@@ -65,6 +77,31 @@ pub(super) async fn peer_reader(
             .wire_in
             .store(reader.bytes_read, Ordering::Relaxed);
         let ev = match r {
+            Ok(Some(Message::ReturnPath(b)))
+                if shut_gate.is_some()
+                    && matches!(parse_rp(&b), Ok(Some((RpMessage::Shut(0), n))) if n == b.len()) =>
+            {
+                held_shut = Some(b);
+                if let Some(g) = shut_gate.take() {
+                    let _ = g.send(());
+                }
+                continue;
+            }
+            Ok(Some(Message::Resumed { resumed_unix_us })) if held_shut.is_some() => {
+                // the digests agreed: the source QEMU may complete now
+                if qemu.is_none() && qemu_ok {
+                    match (&mut qemu_rx).await {
+                        Ok(q) => qemu = Some(q),
+                        Err(_) => qemu_ok = false,
+                    }
+                }
+                if let (Some(q), Some(b)) = (qemu.as_mut(), held_shut.take()) {
+                    if qemu_ok && q.write_all(&b).await.is_err() {
+                        qemu_ok = false;
+                    }
+                }
+                PeerEvent::Msg(Message::Resumed { resumed_unix_us })
+            }
             Ok(Some(Message::ReturnPath(b))) => {
                 if qemu.is_none() && qemu_ok {
                     // the return path starts after QEMU connected to us

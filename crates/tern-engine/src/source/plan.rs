@@ -129,7 +129,7 @@ pub(super) struct Content {
 /// Samples 1024 pages of the guest's RAM (read from its QEMU process; nothing pauses).
 async fn sample_content(m: &Migration) -> Option<Content> {
     let pid = m.vm.pid?;
-    match tern_qemu::ramsample::sample(&m.vm.qmp, pid, 1024).await {
+    match tern_qemu::ramsample::sample(m.vm.qmp().ok()?, pid, 1024).await {
         Ok(s) if s.pages > 0 => {
             let ratio = if s.nonzero.is_empty() {
                 1.0
@@ -207,8 +207,11 @@ pub(super) async fn start_sampling(m: &mut Migration) {
     if !m.source_running || !wanted {
         return;
     }
+    let Ok(qmp) = m.vm.qmp() else {
+        return; // libvirt's QEMU: no sampling
+    };
     m.content = sample_content(m).await;
-    let r = start_dirty_rate(&m.vm.qmp, Duration::from_millis(200)).await;
+    let r = start_dirty_rate(qmp, Duration::from_millis(200)).await;
     if let Err(e) = &r {
         tracing::debug!(migration = %m.handle.id, "no dirty-rate sampling for the prediction: {e}");
     }
@@ -221,7 +224,7 @@ pub(super) async fn dirty_rate_at_start(m: &Migration) -> Option<f64> {
     if !m.dirty_sampling {
         return None;
     }
-    Some(measured_dirty_rate(&m.vm.qmp).await.ok()?? * 1048576.0)
+    Some(measured_dirty_rate(m.vm.qmp().ok()?).await.ok()?? * 1048576.0)
 }
 
 /// The prediction from what was known when the migration started (the dirty rate sampled
@@ -233,7 +236,7 @@ pub(super) async fn prediction_at_start(m: &Migration, disk_bytes: u64) -> Optio
     }
     let (rate, wire_ratio, _) = link_rate(m.link.as_ref(), &m.req, m.content);
     let rate = rate?;
-    let dirty = measured_dirty_rate(&m.vm.qmp).await.ok()??;
+    let dirty = measured_dirty_rate(m.vm.qmp().ok()?).await.ok()??;
     let zero = m.content.map_or(0.0, |c| c.zero);
     Some(predict(
         f64::from(m.vm.spec.memory_mib) * 1048576.0 * (1.0 - zero),
@@ -331,7 +334,7 @@ fn predict(
 
 /// The guest's dirty rate, MiB/s, by QEMU's page sampling over [`DIRTY_SAMPLE`].
 async fn dirty_rate(m: &Migration) -> Result<f64, MigrateError> {
-    let qmp = &m.vm.qmp;
+    let qmp = m.vm.qmp()?;
     start_dirty_rate(qmp, DIRTY_SAMPLE).await?;
     let within = DIRTY_SAMPLE + Duration::from_secs(10);
     let deadline = Instant::now() + within;

@@ -52,6 +52,9 @@ pub(super) struct Prepared {
     pub events: mpsc::Receiver<PeerEvent>,
     pub disk_inbox: DiskInbox,
     pub qemu_tx: Option<oneshot::Sender<unix::OwnedWriteHalf>>,
+    /// A libvirt domain's QEMU: fires when the destination QEMU said SHUT (the stream is
+    /// complete; the source QEMU waits for that SHUT before it closes the stream).
+    pub stream_end: Option<oneshot::Receiver<()>>,
     /// v2 flow control.
     pub flow: Option<Arc<Flow>>,
     /// Tasks that end with the migration (the data connections' writers, the reader).
@@ -204,9 +207,18 @@ pub(super) async fn run(
     let (disk_tx, disk_inbox) = mpsc::channel(limits::MAX_DISK_REPLIES);
     let (qemu_tx, qemu_rx) = oneshot::channel();
     let flow = (version >= 2).then(|| Arc::new(Flow::new()));
+    // a libvirt domain's QEMU: the destination QEMU's SHUT ends the stream (see
+    // `peer_reader`)
+    let (shut_gate, stream_end) = match m.vm.qemu {
+        super::SourceQemu::Libvirt(_) => {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        }
+        super::SourceQemu::Tern(_) => (None, None),
+    };
     let t = crate::spawn(peer_reader(
         reader,
-        qemu_rx,
+        (qemu_rx, shut_gate),
         ev_tx,
         disk_tx,
         m.handle.clone(),
@@ -231,6 +243,7 @@ pub(super) async fn run(
         events,
         disk_inbox,
         qemu_tx: Some(qemu_tx),
+        stream_end,
         flow,
         tasks,
     })

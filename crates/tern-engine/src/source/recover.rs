@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tern_proto::{Message, MigrationState};
 use tern_qemu::qmp::QmpClient;
 
-use super::{commit_went_out, MigrateError, Migration, SourceOutcome};
+use super::{commit_went_out, MigrateError, Migration, SourceOutcome, SourceQemu};
 use crate::disk;
 use crate::error::error_chain;
 
@@ -45,11 +45,20 @@ pub(super) async fn after_failure(m: &mut Migration, e: MigrateError) -> SourceO
         "paused on the source (switchover in doubt)".to_string()
     } else {
         let vm = &m.vm;
-        let state = recover_source(&vm.qmp, vm.exit_reason(), m.source_running).await;
-        if !vm.spec.disks.is_empty() && vm.exit_reason().is_none() {
-            clear_disk_state(&vm.qmp, vm.spec.disks.len()).await;
+        match &vm.qemu {
+            SourceQemu::Tern(qmp) => {
+                let state = recover_source(qmp, vm.exit_reason(), m.source_running).await;
+                if !vm.spec.disks.is_empty() && vm.exit_reason().is_none() {
+                    clear_disk_state(qmp, vm.spec.disks.len()).await;
+                }
+                state
+            }
+            // tern closes the stream (the carrier goes with the migration): the source
+            // QEMU's migration fails and libvirt keeps the domain running there
+            SourceQemu::Libvirt(_) => {
+                "running on the source under libvirt (tern closed its stream: libvirt's migration fails there)".to_string()
+            }
         }
-        state
     };
     SourceOutcome::Failed {
         code,

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use super::switchover::Resolved;
 use super::transfer::Transferred;
-use super::{MigrateError, Migration};
+use super::{MigrateError, Migration, SourceQemu};
 use crate::handle::{page_counts, unix_us, Counters, MigrationReport, SwitchoverTimes};
 
 pub(super) async fn build(
@@ -13,7 +13,10 @@ pub(super) async fn build(
     t: Transferred,
     r: Resolved,
 ) -> Result<MigrationReport, MigrateError> {
-    let info = m.vm.qmp.query_migrate().await?;
+    let info = match &m.vm.qemu {
+        SourceQemu::Tern(qmp) => Some(qmp.query_migrate().await?),
+        SourceQemu::Libvirt(_) => None, // libvirt's report has QEMU's times
+    };
     let total = m.t0.elapsed();
     let ms = |a: Option<SystemTime>, b: SystemTime| -> Option<f64> {
         Some(b.duration_since(a?).ok()?.as_secs_f64() * 1000.0)
@@ -51,8 +54,8 @@ pub(super) async fn build(
         outcome: "succeeded".into(),
         total_time_ms: total.as_millis() as u64,
         downtime_ms,
-        qemu_downtime_ms: info.downtime_ms,
-        qemu_total_time_ms: info.total_time_ms,
+        qemu_downtime_ms: info.as_ref().and_then(|i| i.downtime_ms),
+        qemu_total_time_ms: info.as_ref().and_then(|i| i.total_time_ms),
         ram_bytes: status.progress.ram_total.unwrap_or(0),
         bytes_from_qemu,
         bytes_on_wire: wire,

@@ -49,7 +49,7 @@ pub(super) async fn run(m: &mut Migration, t: &mut Transferred) -> Result<Resolv
             TransferEnd::Ready { digest } => {
                 // v1: the source QEMU must have completed (it did when it closed the
                 // stream); then Commit
-                let info = m.vm.qmp.query_migrate().await?;
+                let info = m.vm.qmp()?.query_migrate().await?;
                 if info.status != "completed" {
                     return Err(MigrateError::QemuMigration(format!(
                         "source QEMU reports {:?} after sending everything",

@@ -9,14 +9,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
 use tern_proto::Message;
-use tokio::sync::mpsc;
+use tern_qemu::qmp::{QmpClient, QmpEvent};
+use tokio::sync::{broadcast, mpsc};
 
 use super::disks::{CopiedDisks, LiveDisks};
 use super::forward::{forward, ForwardDone, ForwardPlan};
 use super::pacing::Pacing;
 use super::peer::PeerEvent;
 use super::prepare::Prepared;
-use super::{unexpected, AbortOnDrop, MigrateError, Migration};
+use super::{unexpected, AbortOnDrop, MigrateError, Migration, SourceQemu};
 use crate::codec::CodecPicker;
 use crate::converge::{self, Converger, Step};
 use crate::datapath::{DataPathPicker, DataPathPolicy};
@@ -61,37 +62,14 @@ pub(super) struct Transferred {
     pub _tasks: Vec<AbortOnDrop>,
 }
 
-/// Socket buffer between the source QEMU and its agent. Small on purpose: what QEMU has
-/// written but tern has not taken is stream QEMU counts as sent, so a large buffer makes
-/// QEMU overrate the link and stop the VM with megabytes still to drain (loopback bench,
-/// 7 rounds: idle downtime 84 ms median with 4 MiB, 49 ms with 256 KiB, throughput the same).
-const QEMU_OUT_BUFFER: usize = 256 << 10;
-
-pub(super) async fn run(
-    m: &mut Migration,
-    p: Prepared,
-    disks: Option<CopiedDisks>,
-) -> Result<Transferred, MigrateError> {
-    m.handle.set_phase(Phase::Transfer);
-    let qmp = m.vm.qmp.clone();
-    let Prepared {
-        writer,
-        version,
-        dest_agent,
-        dest_qemu,
-        rtt,
-        policy,
-        links,
-        encoder,
-        budget: _,
-        pacing,
-        mut events,
-        disk_inbox: _,
-        mut qemu_tx,
-        flow,
-        mut tasks,
-    } = p;
-    let policy_conv = converge::Policy::from_request(&m.req);
+/// tern's QEMU: its capabilities and parameters for tern's data path, then `migrate` into
+/// a socket it is handed (it may not open paths itself). The socket, and QEMU's events
+/// from before the migrate.
+async fn start_qemu(
+    m: &Migration,
+    qmp: &QmpClient,
+    policy_conv: &converge::Policy,
+) -> Result<(tokio::net::UnixStream, broadcast::Receiver<QmpEvent>), MigrateError> {
     let throttling = policy_conv.max_throttle > 0;
     // auto-converge is QEMU's throttle; tern holds it at 1% (QEMU's least) until its own
     // model says pre-copy will not converge, then sets the level (`converge.rs`)
@@ -120,9 +98,74 @@ pub(super) async fn run(
     // QEMU migrates into a socket it is handed (it may not open paths itself)
     let fd_name = format!("tern-migrate-{}", m.wire_id());
     let qemu_sock = qmp.stream_socket(&fd_name, QEMU_OUT_BUFFER).await?;
-    let mut qemu_events = qmp.subscribe();
+    let qemu_events = qmp.subscribe();
     qmp.execute("migrate", Some(json!({ "uri": format!("fd:{fd_name}") })))
         .await?;
+    Ok((qemu_sock, qemu_events))
+}
+
+/// QEMU's next event; never, for a QEMU tern has no monitor of.
+async fn next_event(
+    events: &mut Option<broadcast::Receiver<QmpEvent>>,
+) -> Result<QmpEvent, broadcast::error::RecvError> {
+    match events {
+        Some(e) => e.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Socket buffer between the source QEMU and its agent. Small on purpose: what QEMU has
+/// written but tern has not taken is stream QEMU counts as sent, so a large buffer makes
+/// QEMU overrate the link and stop the VM with megabytes still to drain (loopback bench,
+/// 7 rounds: idle downtime 84 ms median with 4 MiB, 49 ms with 256 KiB, throughput the same).
+const QEMU_OUT_BUFFER: usize = 256 << 10;
+
+pub(super) async fn run(
+    m: &mut Migration,
+    p: Prepared,
+    disks: Option<CopiedDisks>,
+) -> Result<Transferred, MigrateError> {
+    m.handle.set_phase(Phase::Transfer);
+    // tern's QEMU: tern drives its migration; a libvirt domain's: libvirt does, tern
+    // carries the stream it already migrates into
+    let qmp = match &mut m.vm.qemu {
+        SourceQemu::Tern(q) => Some(q.clone()),
+        SourceQemu::Libvirt(_) => None,
+    };
+    let Prepared {
+        writer,
+        version,
+        dest_agent,
+        dest_qemu,
+        rtt,
+        policy,
+        links,
+        encoder,
+        budget: _,
+        pacing,
+        mut events,
+        disk_inbox: _,
+        mut qemu_tx,
+        stream_end,
+        flow,
+        mut tasks,
+    } = p;
+    let policy_conv = converge::Policy::from_request(&m.req);
+    let (qemu_sock, mut qemu_events) = match &qmp {
+        Some(qmp) => {
+            let (sock, events) = start_qemu(m, qmp, &policy_conv).await?;
+            (sock, Some(events))
+        }
+        None => match &mut m.vm.qemu {
+            SourceQemu::Libvirt(s) => (
+                s.take().ok_or_else(|| {
+                    MigrateError::Protocol("the carried stream was taken twice".into())
+                })?,
+                None,
+            ),
+            SourceQemu::Tern(_) => unreachable!("qmp is None only for a libvirt domain"),
+        },
+    };
     let (qemu_rd, qemu_wr) = qemu_sock.into_split();
     if let Some(tx) = qemu_tx.take() {
         let _ = tx.send(qemu_wr);
@@ -151,6 +194,7 @@ pub(super) async fn run(
             commit: (version >= 2).then(|| commit_sent.clone()),
             links,
             flow: flow.map(|f| (f, rtt)),
+            stream_end,
         },
     ));
     tasks.push(AbortOnDrop(fwd.abort_handle()));
@@ -245,8 +289,9 @@ pub(super) async fn run(
                     Some(PeerEvent::Broken(why)) => return Err(MigrateError::Protocol(why)),
                     Some(PeerEvent::Closed) | None => return Err(MigrateError::PeerClosed("the transfer")),
                 },
-                ev = qemu_events.recv() => {
+                ev = next_event(&mut qemu_events) => {
                     let Ok(ev) = ev else { continue };
+                    let Some(qmp) = &qmp else { continue };
                     match ev.event.as_str() {
                         "STOP" => {
                             t.stopped_at = Some(ev.timestamp);
@@ -283,6 +328,8 @@ pub(super) async fn run(
                     } else if last_progress.1.elapsed() > stall {
                         return Err(MigrateError::Timeout(stall, "any progress on the connection to the destination"));
                     }
+                    // libvirt's QEMU: libvirt paces and converges it
+                    let Some(qmp) = &qmp else { continue };
                     // in the first pass, at one stream byte per wire byte: a compression
                     // ratio sampled from its frames (zero-filled, text) says nothing of the
                     // last dirty pages, and a high one made QEMU stop with tens of MiB left

@@ -71,6 +71,7 @@ fn spec(name: &str, g: &GuestImage, append: &str) -> VmSpec {
         tpm: false,
         disks: vec![],
         memory: Default::default(),
+        libvirt: None,
     }
 }
 

@@ -1,0 +1,200 @@
+//! libvirt hosts on this machine: a `libvirtd` (the distribution's) per host, each in a
+//! mount namespace of its own where its state, configuration and the carrier-socket
+//! directory are private bind mounts, so the same paths (`/run/libvirt`,
+//! `/run/tern/libvirt`) mean a different host's files in each, as on two machines. A
+//! test agent joins its host's namespace ([`LibvirtHost::mount_ns`] for
+//! `AgentOptions::mountns`). QEMU runs as root without confinement, cgroups or
+//! namespaces of libvirt's (none of which a test host here has), and libvirt brings up no
+//! network of its own (no network driver is installed).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::run;
+
+/// The directories libvirt's QEMU driver uses, each a private bind mount per host.
+const PRIVATE: &[(&str, &str)] = &[
+    ("run", "/run/libvirt"),
+    ("lib", "/var/lib/libvirt"),
+    ("log", "/var/log/libvirt"),
+    ("cache", "/var/cache/libvirt"),
+    ("etc", "/etc/libvirt"),
+    ("carrier", "/run/tern/libvirt"),
+];
+
+/// This host's libvirt as its own agent reaches it, from inside its namespace.
+pub const URI_INSIDE: &str = "qemu+unix:///system?socket=/run/libvirt/libvirt-sock";
+
+pub struct LibvirtHost {
+    pub name: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    pid: u32,
+}
+
+impl LibvirtHost {
+    /// Starts this host's libvirtd and waits until it answers.
+    pub fn start(name: &str) -> Result<LibvirtHost> {
+        which("libvirtd").context("libvirt is not installed: run scripts/setup.sh")?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("tern-libvirt-{name}-"))
+            .tempdir_in("/tmp")?;
+        let d = dir.path();
+        for (sub, target) in PRIVATE {
+            std::fs::create_dir_all(d.join(sub))?;
+            std::fs::create_dir_all(target)?;
+        }
+        run(Command::new("cp")
+            .arg("-a")
+            .arg("/etc/libvirt/.")
+            .arg(d.join("etc")))?;
+        append(
+            &d.join("etc/qemu.conf"),
+            "user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nremember_owner = 0\n\
+             security_driver = \"none\"\ncgroup_controllers = [ ]\nnamespaces = [ ]\n\
+             stdio_handler = \"file\"\n",
+        )?;
+        append(
+            &d.join("etc/libvirtd.conf"),
+            "auth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n",
+        )?;
+        let mut script = String::from("set -e\n");
+        for (sub, target) in PRIVATE {
+            script.push_str(&format!(
+                "mount --bind {} {target}\n",
+                d.join(sub).display()
+            ));
+        }
+        let pidfile = d.join("libvirtd.pid");
+        script.push_str(&format!("exec libvirtd --pid-file {}\n", pidfile.display()));
+        let log = std::fs::File::create(d.join("libvirtd.log"))?;
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "bash", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting libvirtd")?;
+        let mut h = LibvirtHost {
+            name: name.into(),
+            pid: 0,
+            child: Some(child),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(p) = std::fs::read_to_string(&pidfile) {
+                if let Ok(pid) = p.trim().parse() {
+                    h.pid = pid;
+                    if h.virsh(&["version"]).is_ok() {
+                        return Ok(h);
+                    }
+                }
+            }
+            if let Some(st) = h.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("libvirtd of {name} exited ({st}):\n{}", h.log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "libvirtd of {name} did not answer within 30 s:\n{}",
+                    h.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// This host's libvirt as `virsh -c` reaches it from outside its namespace (what the
+    /// other host is told as the destination).
+    pub fn uri(&self) -> String {
+        format!(
+            "qemu+unix:///system?socket={}",
+            self.dir.path().join("run/libvirt-sock").display()
+        )
+    }
+
+    /// Its mount namespace, for its agent.
+    pub fn mount_ns(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/mnt", self.pid))
+    }
+
+    /// A directory of its own for files both it and the test read (consoles).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn virsh(&self, args: &[&str]) -> Result<String> {
+        run(Command::new("virsh").arg("-c").arg(self.uri()).args(args))
+    }
+
+    /// The names of the domains it runs.
+    pub fn running(&self) -> Result<Vec<String>> {
+        Ok(self
+            .virsh(&["list", "--name", "--state-running"])?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("libvirtd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for LibvirtHost {
+    fn drop(&mut self) {
+        // libvirt's QEMUs outlive libvirtd: destroy them first
+        if let Ok(names) = self.virsh(&["list", "--name"]) {
+            for n in names.lines().map(str::trim).filter(|n| !n.is_empty()) {
+                let _ = self.virsh(&["destroy", n]);
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A transient domain booting the test guest (kernel and initrd, serial console to
+/// `console`), TCG.
+pub fn test_domain(
+    name: &str,
+    g: &crate::guest::GuestImage,
+    mib: u32,
+    append: &str,
+    console: &Path,
+) -> String {
+    format!(
+        "<domain type='qemu'>\n  <name>{name}</name>\n  <memory unit='MiB'>{mib}</memory>\n  <vcpu>1</vcpu>\n  \
+         <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n    <kernel>{}</kernel>\n    <initrd>{}</initrd>\n    \
+         <cmdline>console=ttyS0 panic=-1 {append}</cmdline>\n  </os>\n  <on_crash>destroy</on_crash>\n  \
+         <devices>\n    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n    <controller type='usb' model='none'/>\n    \
+         <serial type='file'><source path='{}' append='on'/></serial>\n    <memballoon model='none'/>\n  </devices>\n</domain>\n",
+        g.kernel.display(),
+        g.initrd.display(),
+        console.display()
+    )
+}
+
+fn append(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path)?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn which(tool: &str) -> Result<PathBuf> {
+    for d in ["/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+        let p = Path::new(d).join(tool);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("{tool} not found")
+}

@@ -1,0 +1,161 @@
+//! libvirt domains, migrated by libvirt with tern carrying the stream (`tern migrate
+//! --libvirt`): two real libvirtd instances (the distribution's, 11.3 from
+//! bookworm-backports) as two hosts on this machine, each with its agent in its mount
+//! namespace, a real guest whose memory checker runs through the move.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use tern_testkit::agents::{checker_clean, e2e_lock, wait_for_text, AgentOptions, TestAgent};
+use tern_testkit::guest::ensure_guest;
+use tern_testkit::libvirt::{test_domain, LibvirtHost, URI_INSIDE};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tern");
+
+/// A libvirt host and its agent (the agent dropped first).
+struct Host {
+    agent: TestAgent,
+    libvirt: LibvirtHost,
+}
+
+fn host(name: &str, env: &[(&str, &str)]) -> Result<Host> {
+    let libvirt = LibvirtHost::start(name)?;
+    let mnt = libvirt.mount_ns();
+    let agent = TestAgent::start_with(
+        Path::new(BIN),
+        name,
+        AgentOptions {
+            env,
+            mountns: Some(&mnt),
+            args: &["--libvirt-uri", URI_INSIDE, "--qemu-user", "root"],
+            ..Default::default()
+        },
+    )?;
+    Ok(Host { agent, libvirt })
+}
+
+/// Starts the test guest's dirtier as a libvirt domain on `h`; its console.
+fn boot(h: &Host, name: &str) -> Result<std::path::PathBuf> {
+    let g = ensure_guest()?;
+    let console = h.libvirt.dir().join(format!("{name}.console"));
+    let xml = h.libvirt.dir().join(format!("{name}.xml"));
+    std::fs::write(
+        &xml,
+        test_domain(
+            name,
+            &g,
+            128,
+            "tern.workload=dirty tern.mib=32 tern.rate=4",
+            &console,
+        ),
+    )?;
+    h.libvirt.virsh(&["create", &xml.display().to_string()])?;
+    wait_for_text(&console, "tern-dirty pass 1", Duration::from_secs(90))
+        .with_context(|| format!("domain {name} did not boot"))?;
+    Ok(console)
+}
+
+/// `tern migrate --libvirt` through the CLI, as an operator runs it: its exit status and
+/// its JSON (the report, or the failure).
+fn migrate(from: &Host, to: &Host, domain: &str) -> Result<(bool, serde_json::Value, String)> {
+    let out = Command::new(BIN)
+        .args(["--agent", &format!("unix:{}", from.agent.api.display())])
+        .args(["migrate", domain, "--libvirt", "--to"])
+        .arg(to.agent.peer_addr.to_string())
+        .arg("--libvirt-to")
+        .arg(to.libvirt.uri())
+        .arg("--json")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
+    Ok((out.status.success(), json, stderr))
+}
+
+#[test]
+#[ignore = "tier vm: needs root, libvirt and QEMU 10 (bash scripts/test.sh runs it)"]
+fn a_libvirt_domain_migrates_through_tern_and_libvirt_runs_it_at_the_destination() -> Result<()> {
+    let _l = e2e_lock();
+    let a = host("lv-a", &[])?;
+    let b = host("lv-b", &[])?;
+    let console = boot(&a, "web")?;
+    let since = std::fs::read(&console)?.len();
+    let (ok, report, stderr) = migrate(&a, &b, "web")?;
+    ensure!(
+        ok,
+        "tern migrate --libvirt failed: {stderr}\nsource agent:\n{}\ndestination agent:\n{}",
+        a.agent.log_text(),
+        b.agent.log_text()
+    );
+    // tern carried it: pages through its data path, both digests equal
+    ensure!(report["outcome"] == "succeeded", "{report}");
+    ensure!(report["digest_ok"] == true, "{report}");
+    let pages = report["pages"]["total"].as_u64().unwrap_or(0);
+    ensure!(
+        pages >= 128 * 256 / 2,
+        "only {pages} pages crossed: {report}"
+    );
+    ensure!(
+        report["bytes_on_wire"].as_u64().unwrap_or(0) > 0,
+        "{report}"
+    );
+    // libvirt measured the pause, and tern reports it
+    ensure!(report["qemu_downtime_ms"].as_u64().is_some(), "{report}");
+    // libvirt runs it at the destination and no longer at the source
+    ensure!(b.libvirt.running()? == vec!["web".to_string()]);
+    ensure!(a.libvirt.running()?.is_empty(), "{:?}", a.libvirt.running());
+    // and the guest goes on there with every page it had
+    checker_clean(&console, since)?;
+    // the destination agent saw the same migration
+    let incoming = b.agent.migrations()?;
+    ensure!(
+        incoming
+            .iter()
+            .any(|m| m.vm == "web" && m.finished && m.error.is_none()),
+        "{incoming:?}"
+    );
+    // and back, the same way
+    let since = std::fs::read(&console)?.len();
+    let (ok, report, stderr) = migrate(&b, &a, "web")?;
+    ensure!(ok, "the way back failed: {stderr}");
+    ensure!(report["digest_ok"] == true, "{report}");
+    ensure!(a.libvirt.running()? == vec!["web".to_string()]);
+    checker_clean(&console, since)?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "tier vm: needs root, libvirt and QEMU 10 (bash scripts/test.sh runs it)"]
+fn a_libvirt_migration_whose_memory_arrives_wrong_leaves_the_domain_running_at_the_source(
+) -> Result<()> {
+    let _l = e2e_lock();
+    let a = host("lv-c", &[])?;
+    // the destination corrupts one page it writes to its QEMU
+    let b = host("lv-d", &[("TERN_FAULT", "corrupt-page")])?;
+    let console = boot(&a, "db")?;
+    let since = std::fs::read(&console)?.len();
+    let (ok, failure, stderr) = migrate(&a, &b, "db")?;
+    ensure!(
+        !ok,
+        "the migration succeeded with a corrupted page: {failure}"
+    );
+    ensure!(
+        stderr.contains("digest-mismatch"),
+        "not refused for its digest: {stderr}"
+    );
+    // libvirt keeps it running where it was; nothing of it runs at the destination
+    ensure!(a.libvirt.running()? == vec!["db".to_string()], "{stderr}");
+    ensure!(b.libvirt.running()?.is_empty(), "{:?}", b.libvirt.running());
+    checker_clean(&console, since)?;
+    // and a second try, without the fault, moves it
+    drop(b);
+    let b = host("lv-e", &[])?;
+    let since = std::fs::read(&console)?.len();
+    let (ok, _, stderr) = migrate(&a, &b, "db")?;
+    ensure!(ok, "{stderr}");
+    ensure!(b.libvirt.running()? == vec!["db".to_string()]);
+    checker_clean(&console, since)?;
+    Ok(())
+}
