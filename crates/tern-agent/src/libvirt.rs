@@ -256,8 +256,18 @@ pub async fn run(
     let mut virsh_run = Box::pin(virsh_run);
     // libvirt prepares the destination, then its QEMU connects here; virsh ending first
     // means libvirt refused before any byte moved
+    let mut cancel = handle.cancelled();
     let stream = tokio::select! {
         s = carrier.accept(CONNECT_WITHIN) => s,
+        () = tern_engine::handle::wait_cancelled(&mut cancel) => {
+            // virsh goes with its future (kill_on_drop): libvirt cancels the migration
+            fail(
+                ErrorCode::Cancelled,
+                "cancelled before libvirt's QEMU connected".into(),
+                state_here(&uri, &domain.name).await,
+            );
+            return;
+        }
         out = &mut virsh_run => {
             let why = match out {
                 Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),

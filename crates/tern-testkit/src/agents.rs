@@ -57,7 +57,7 @@ pub struct AgentOptions<'a> {
     /// TLS credentials to use instead of a certificate from the shared test CA.
     pub tls_dir: Option<&'a Path>,
     /// Run inside this mount namespace (`/proc/PID/ns/mnt`, e.g. a
-    /// [`crate::libvirt::LibvirtHost`]'s); not with `netns`.
+    /// [`crate::libvirt::LibvirtHost`]'s), and in `netns` when that is set too.
     pub mountns: Option<&'a Path>,
 }
 
@@ -144,21 +144,24 @@ impl TestAgent {
             .state_dir
             .map(Path::to_path_buf)
             .unwrap_or_else(|| dir.path().to_path_buf());
-        let mut cmd = match (o.netns, o.mountns) {
-            (Some(ns), _) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin);
-                c
-            }
-            (None, Some(mnt)) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--mount={}", mnt.display()))
-                    .arg("--")
-                    .arg(bin);
-                c
-            }
-            (None, None) => Command::new(bin),
-        };
+        // ip netns exec NS  nsenter --mount=MNT --  BIN, each part when asked for
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = o.netns {
+            argv.extend(["ip", "netns", "exec", ns].map(Into::into));
+        }
+        if let Some(mnt) = o.mountns {
+            argv.push("nsenter".into());
+            argv.push(format!("--mount={}", mnt.display()).into());
+            argv.push("--".into());
+        }
+        // absolute: nsenter starts the agent in the namespace's working directory
+        argv.push(
+            std::fs::canonicalize(bin)
+                .unwrap_or_else(|_| bin.to_path_buf())
+                .into(),
+        );
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         cmd.args(["agent", "--name", name, "--listen", &peer_addr.to_string()])
             .args(o.args);
         if !o.args.contains(&"--cluster-key") {

@@ -38,6 +38,12 @@ pub struct LibvirtHost {
 impl LibvirtHost {
     /// Starts this host's libvirtd and waits until it answers.
     pub fn start(name: &str) -> Result<LibvirtHost> {
+        Self::start_in(name, None)
+    }
+
+    /// The same, with libvirtd (and so its QEMUs) in network namespace `netns` (a
+    /// [`crate::agents::WanLab`] host).
+    pub fn start_in(name: &str, netns: Option<&str>) -> Result<LibvirtHost> {
         which("libvirtd").context("libvirt is not installed: run scripts/setup.sh")?;
         let dir = tempfile::Builder::new()
             .prefix(&format!("tern-libvirt-{name}-"))
@@ -71,7 +77,15 @@ impl LibvirtHost {
         let pidfile = d.join("libvirtd.pid");
         script.push_str(&format!("exec libvirtd --pid-file {}\n", pidfile.display()));
         let log = std::fs::File::create(d.join("libvirtd.log"))?;
-        let child = Command::new("unshare")
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "unshare"]);
+                c
+            }
+            None => Command::new("unshare"),
+        };
+        let child = cmd
             .args(["--mount", "--propagation", "private", "bash", "-c", &script])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
