@@ -16,7 +16,7 @@ use tern_proto::{ErrorCode, Message};
 use super::prepare::Prepared;
 use super::transfer::Received;
 use super::{refuse, send, Conn, Incoming, IncomingError};
-use crate::handle::{page_counts, unix_us, Counters, MigrationReport, Phase};
+use crate::handle::{unix_us, Phase};
 
 pub(super) async fn finish(
     inc: &mut Incoming,
@@ -24,20 +24,7 @@ pub(super) async fn finish(
     mut p: Prepared,
     r: Received,
 ) -> Result<(), IncomingError> {
-    let handle = p.handle.clone();
-    handle.set_phase(Phase::Verify);
-    let ours = r.digest.as_ref().map(|d| d.finish()).unwrap_or([0; 32]);
-    p.pages.release();
-    if ours != r.source_digest {
-        return Err(refuse(
-            ErrorCode::DigestMismatch,
-            format!(
-                "memory digest mismatch: source {}, destination {}",
-                hex::encode(r.source_digest),
-                hex::encode(ours)
-            ),
-        ));
-    }
+    let digest = super::verify::digests_agree(&mut p, &r)?;
     if !r.early_commit {
         return Err(refuse(
             ErrorCode::Protocol,
@@ -51,7 +38,7 @@ pub(super) async fn finish(
             "the source ended the stream before the destination QEMU said it loaded it (SHUT)",
         ));
     }
-    handle.set_phase(Phase::Switchover);
+    p.handle.set_phase(Phase::Switchover);
     let loaded_at = unix_us(SystemTime::now());
     tracing::info!(migration = %p.id, "the destination QEMU loaded the stream and the digests agree: libvirt finishes the migration");
     let _ = send(
@@ -61,24 +48,6 @@ pub(super) async fn finish(
         },
     )
     .await;
-    let c = &handle.counters;
-    let wire_out = conn.writer.lock().await.bytes_written;
-    handle.finish_ok(MigrationReport {
-        migration_id: p.id,
-        vm: handle.vm.clone(),
-        source: handle.peer.clone(),
-        destination: inc.engine.config.name.clone(),
-        outcome: "succeeded".into(),
-        total_time_ms: handle.started.elapsed().as_millis() as u64,
-        bytes_on_wire: Counters::get(&c.wire_in) + Counters::get(&c.wire_data) + wire_out,
-        pages: page_counts(c),
-        digest_ok: true,
-        digest: hex::encode(r.source_digest),
-        source_was_running: p.source_running,
-        protocol_version: p.version,
-        resumed_unix_us: loaded_at,
-        ..Default::default()
-    });
-    inc.handle = None;
+    super::switchover::succeeded(inc, conn, &p, digest, loaded_at).await;
     Ok(())
 }

@@ -351,15 +351,7 @@ async fn prepare_carried(
             "a carried libvirt migration needs protocol version 2 or newer",
         ));
     }
-    if config.host_memory_mib > 0 && u64::from(spec.memory_mib) > config.host_memory_mib {
-        return Err(refuse(
-            ErrorCode::SpecRejected,
-            format!(
-                "domain {domain:?} has {} MiB of memory, more than {} has ({} MiB)",
-                spec.memory_mib, config.name, config.host_memory_mib
-            ),
-        ));
-    }
+    super::spec::fits_here(config, &spec)?;
     inc.host
         .authorize_here(&spec)
         .map_err(|e| refuse(ErrorCode::NotAuthorized, e))?;

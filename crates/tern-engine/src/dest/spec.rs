@@ -35,15 +35,7 @@ pub fn vet_incoming_spec(config: &EngineConfig, spec: &mut VmSpec) -> Result<(),
     if let Some(i) = &spec.initrd {
         spec.initrd = Some(boot_file("initrd", i, &config.boot_dirs, host)?);
     }
-    if config.host_memory_mib > 0 && u64::from(spec.memory_mib) > config.host_memory_mib {
-        return Err(refuse(
-            ErrorCode::ResourceExhausted,
-            format!(
-                "VM {} has {} MiB of memory, more than {host} has ({} MiB)",
-                spec.name, spec.memory_mib, config.host_memory_mib
-            ),
-        ));
-    }
+    fits_here(config, spec)?;
     if spec.memory == GuestMemory::Shared {
         // an incoming shared-memory guest fills all of its RAM here (crate::hostmem)
         if let Some(available) = crate::hostmem::available_mib() {
@@ -104,4 +96,18 @@ pub(super) fn major_minor(v: &str) -> Option<(u32, u32)> {
         it.next()?.trim().parse().ok()?,
         it.next()?.trim().parse().ok()?,
     ))
+}
+
+/// No incoming VM larger than this host.
+pub(super) fn fits_here(config: &EngineConfig, spec: &VmSpec) -> Result<(), IncomingError> {
+    if config.host_memory_mib > 0 && u64::from(spec.memory_mib) > config.host_memory_mib {
+        return Err(refuse(
+            ErrorCode::ResourceExhausted,
+            format!(
+                "VM {} has {} MiB of memory, more than {} has ({} MiB)",
+                spec.name, spec.memory_mib, config.name, config.host_memory_mib
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -89,7 +89,7 @@ pub(super) async fn run(
     }
     .write(&process.run_dir);
     let _ = std::fs::remove_file(process.run_dir.join(INCOMING_MARKER));
-    inc.host.adopt(p.spec, process);
+    inc.host.adopt(p.spec.clone(), process);
     inc.name = None;
     r.relay.abort();
     if fault!(fault, DropAfterCommit) {
@@ -104,26 +104,38 @@ pub(super) async fn run(
         )
         .await;
     }
+    succeeded(inc, conn, &p, r.source_digest, resumed_unix_us).await;
+    Ok(())
+}
+
+/// The migration succeeded here: its report (what crossed, the digest both sides agreed
+/// on), and the handle is the registry's alone from now on.
+pub(super) async fn succeeded(
+    inc: &mut Incoming,
+    conn: &Conn,
+    p: &Prepared,
+    digest: [u8; 32],
+    resumed_unix_us: u64,
+) {
+    let handle = &p.handle;
     let c = &handle.counters;
-    let total = handle.started.elapsed();
     let wire_out = conn.writer.lock().await.bytes_written;
     handle.finish_ok(MigrationReport {
-        migration_id: p.id,
+        migration_id: p.id.clone(),
         vm: handle.vm.clone(),
         source: handle.peer.clone(),
         destination: inc.engine.config.name.clone(),
         outcome: "succeeded".into(),
-        total_time_ms: total.as_millis() as u64,
+        total_time_ms: handle.started.elapsed().as_millis() as u64,
         bytes_from_qemu: 0,
         bytes_on_wire: Counters::get(&c.wire_in) + Counters::get(&c.wire_data) + wire_out,
         pages: page_counts(c),
         digest_ok: true,
-        digest: hex::encode(r.source_digest),
+        digest: hex::encode(digest),
         source_was_running: p.source_running,
         protocol_version: p.version,
         resumed_unix_us,
         ..Default::default()
     });
     inc.handle = None;
-    Ok(())
 }

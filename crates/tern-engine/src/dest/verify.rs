@@ -20,19 +20,7 @@ pub(super) async fn run(
     p: &mut Prepared,
     r: &Received,
 ) -> Result<(), IncomingError> {
-    p.handle.set_phase(Phase::Verify);
-    let ours = r.digest.as_ref().map(|d| d.finish()).unwrap_or([0; 32]);
-    p.pages.release(); // this migration's pages stay in the store, unpinned
-    if ours != r.source_digest {
-        return Err(refuse(
-            ErrorCode::DigestMismatch,
-            format!(
-                "memory digest mismatch: source {}, destination {}",
-                hex::encode(r.source_digest),
-                hex::encode(ours)
-            ),
-        ));
-    }
+    let ours = digests_agree(p, r)?;
     let qmp = p.qmp()?;
     let Some(events) = p.qemu_events.as_mut() else {
         return Err(IncomingError::Qemu("tern's QEMU without its events".into()));
@@ -79,6 +67,25 @@ pub(super) async fn run(
         }
     }
     Ok(())
+}
+
+/// Phase `Verify` begins: the digest of what this side wrote to its QEMU must equal the
+/// source's. This migration's pages stay in the store, unpinned.
+pub(super) fn digests_agree(p: &mut Prepared, r: &Received) -> Result<[u8; 32], IncomingError> {
+    p.handle.set_phase(Phase::Verify);
+    let ours = r.digest.as_ref().map(|d| d.finish()).unwrap_or([0; 32]);
+    p.pages.release();
+    if ours != r.source_digest {
+        return Err(refuse(
+            ErrorCode::DigestMismatch,
+            format!(
+                "memory digest mismatch: source {}, destination {}",
+                hex::encode(r.source_digest),
+                hex::encode(ours)
+            ),
+        ));
+    }
+    Ok(ours)
 }
 
 /// Waits until the destination QEMU has loaded the whole stream.
