@@ -12,7 +12,7 @@
 //! | `Transfer` | `transfer.rs` | frames in order (reordered from data connections) rebuilt into QEMU's stream; the return path relayed (`relay.rs`) |
 //! | `Verify` | `verify.rs` | digests equal, QEMU loaded everything, disks handed to the guest, the commit (v1: asked for) |
 //! | `Switchover` | `switchover.rs` | the durable record (`record.rs`), `cont`, the VM handed to the daemon, Resumed |
-//! | `Verify`, `Switchover` of a libvirt domain | `carried.rs` | digests equal, then the device state (held back until now) to the QEMU libvirt started; its SHUT, Resumed |
+//! | `Verify`, `Switchover` of a libvirt domain | `carried.rs` | digests equal once the QEMU libvirt started has loaded the stream (its SHUT, which the source holds back from its QEMU until then), Resumed |
 //!
 //! Every message received goes through the conversation's order
 //! (`tern_proto::conversation`) first. Before the switchover record, any failure (peer

@@ -56,7 +56,7 @@ pub(super) fn peer_event_error(ev: Option<PeerEvent>, during: &'static str) -> M
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn peer_reader(
     mut reader: FrameReader<PeerRead>,
-    (mut qemu_rx, mut shut_gate): (
+    (qemu_rx, mut shut_gate): (
         tokio::sync::oneshot::Receiver<unix::OwnedWriteHalf>,
         Option<tokio::sync::oneshot::Sender<()>>,
     ),
@@ -67,8 +67,11 @@ pub(super) async fn peer_reader(
     (store, offered): (SharedStore, Offered),
     flow: Option<Arc<Flow>>,
 ) {
-    let mut qemu_ok = true;
-    let mut qemu: Option<unix::OwnedWriteHalf> = None;
+    let mut qemu = ReturnPathOut {
+        rx: qemu_rx,
+        w: None,
+        ok: true,
+    };
     let mut held_shut: Option<bytes::Bytes> = None;
     loop {
         let r = reader.next().await;
@@ -89,32 +92,13 @@ pub(super) async fn peer_reader(
             }
             Ok(Some(Message::Resumed { resumed_unix_us })) if held_shut.is_some() => {
                 // the digests agreed: the source QEMU may complete now
-                if qemu.is_none() && qemu_ok {
-                    match (&mut qemu_rx).await {
-                        Ok(q) => qemu = Some(q),
-                        Err(_) => qemu_ok = false,
-                    }
-                }
-                if let (Some(q), Some(b)) = (qemu.as_mut(), held_shut.take()) {
-                    if qemu_ok && q.write_all(&b).await.is_err() {
-                        qemu_ok = false;
-                    }
+                if let Some(b) = held_shut.take() {
+                    qemu.write(&b).await;
                 }
                 PeerEvent::Msg(Message::Resumed { resumed_unix_us })
             }
             Ok(Some(Message::ReturnPath(b))) => {
-                if qemu.is_none() && qemu_ok {
-                    // the return path starts after QEMU connected to us
-                    match (&mut qemu_rx).await {
-                        Ok(q) => qemu = Some(q),
-                        Err(_) => qemu_ok = false,
-                    }
-                }
-                let Some(q) = qemu.as_mut() else { continue };
-                if qemu_ok && q.write_all(&b).await.is_err() {
-                    // QEMU closed its end (done or failed): its own status tells which.
-                    qemu_ok = false;
-                }
+                qemu.write(&b).await;
                 continue;
             }
             Ok(Some(Message::Applied { units })) if flow.is_some() => {
@@ -160,6 +144,31 @@ pub(super) async fn peer_reader(
         let last = !matches!(ev, PeerEvent::Msg(_));
         if tx.send(ev).await.is_err() || last {
             return;
+        }
+    }
+}
+
+/// Where the return path goes: the source QEMU's socket, once QEMU connected to us.
+struct ReturnPathOut {
+    rx: tokio::sync::oneshot::Receiver<unix::OwnedWriteHalf>,
+    w: Option<unix::OwnedWriteHalf>,
+    /// False once the socket is gone or closed.
+    ok: bool,
+}
+
+impl ReturnPathOut {
+    async fn write(&mut self, b: &[u8]) {
+        if self.w.is_none() && self.ok {
+            // the return path starts after QEMU connected to us
+            match (&mut self.rx).await {
+                Ok(q) => self.w = Some(q),
+                Err(_) => self.ok = false,
+            }
+        }
+        let Some(q) = self.w.as_mut() else { return };
+        if self.ok && q.write_all(b).await.is_err() {
+            // QEMU closed its end (done or failed): its own status tells which.
+            self.ok = false;
         }
     }
 }

@@ -126,12 +126,6 @@ pub(super) async fn run(
     disks: Option<CopiedDisks>,
 ) -> Result<Transferred, MigrateError> {
     m.handle.set_phase(Phase::Transfer);
-    // tern's QEMU: tern drives its migration; a libvirt domain's: libvirt does, tern
-    // carries the stream it already migrates into
-    let qmp = match &mut m.vm.qemu {
-        SourceQemu::Tern(q) => Some(q.clone()),
-        SourceQemu::Libvirt(_) => None,
-    };
     let Prepared {
         writer,
         version,
@@ -151,20 +145,20 @@ pub(super) async fn run(
         mut tasks,
     } = p;
     let policy_conv = converge::Policy::from_request(&m.req);
-    let (qemu_sock, mut qemu_events) = match &qmp {
-        Some(qmp) => {
-            let (sock, events) = start_qemu(m, qmp, &policy_conv).await?;
-            (sock, Some(events))
+    // tern's QEMU: tern drives its migration; a libvirt domain's: libvirt does, tern
+    // carries the stream it already migrates into
+    let (qmp, qemu_sock, mut qemu_events) = match &mut m.vm.qemu {
+        SourceQemu::Tern(q) => {
+            let q = q.clone();
+            let (sock, events) = start_qemu(m, &q, &policy_conv).await?;
+            (Some(q), sock, Some(events))
         }
-        None => match &mut m.vm.qemu {
-            SourceQemu::Libvirt(s) => (
-                s.take().ok_or_else(|| {
-                    MigrateError::Protocol("the carried stream was taken twice".into())
-                })?,
-                None,
-            ),
-            SourceQemu::Tern(_) => unreachable!("qmp is None only for a libvirt domain"),
-        },
+        SourceQemu::Libvirt(s) => {
+            let sock = s.take().ok_or_else(|| {
+                MigrateError::Protocol("the carried stream was taken twice".into())
+            })?;
+            (None, sock, None)
+        }
     };
     let (qemu_rd, qemu_wr) = qemu_sock.into_split();
     if let Some(tx) = qemu_tx.take() {
