@@ -158,9 +158,9 @@ pub async fn domain(uri: &str, name: &str) -> Result<Domain, LibvirtError> {
 }
 
 /// A finished migration as libvirt measured it.
-struct CompletedJob {
-    downtime_ms: Option<u64>,
-    total_ms: Option<u64>,
+pub struct CompletedJob {
+    pub downtime_ms: Option<u64>,
+    pub total_ms: Option<u64>,
 }
 
 /// `virsh domjobinfo --completed` at `uri` (the destination's libvirt keeps the incoming
@@ -173,7 +173,8 @@ async fn completed_job(uri: &str, name: &str) -> Option<CompletedJob> {
     Some(parse_job(&text))
 }
 
-fn parse_job(text: &str) -> CompletedJob {
+/// `virsh domjobinfo --completed`'s text, read.
+pub fn parse_job(text: &str) -> CompletedJob {
     let ms = |key: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(key))
@@ -216,6 +217,17 @@ pub async fn run(
     let uri = agent.config.libvirt_uri.clone();
     let fail = |code: ErrorCode, message: String, state: String| {
         handle.finish_err(code, message, state);
+    };
+    let spec = match carried_spec(&domain) {
+        Ok(s) => s,
+        Err(e) => {
+            fail(
+                ErrorCode::SpecRejected,
+                tern_engine::error_chain(&e),
+                "running on the source (nothing moved)".into(),
+            );
+            return;
+        }
     };
     let carrier = match Carrier::listen(&agent.config.libvirt_paths, &domain.name) {
         Ok(c) => c,
@@ -294,17 +306,6 @@ pub async fn run(
         }
     };
     drop(carrier); // one connection per migration; the socket file goes
-    let spec = match carried_spec(&domain) {
-        Ok(s) => s,
-        Err(e) => {
-            fail(
-                ErrorCode::SpecRejected,
-                tern_engine::error_chain(&e),
-                state_here(&uri, &domain.name).await,
-            );
-            return;
-        }
-    };
     let vm = SourceVm {
         spec,
         qemu: SourceQemu::Libvirt(Some(stream)),

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::agents::{AgentOptions, TestAgent};
 use crate::run;
 
 /// The directories libvirt's QEMU driver uses, each a private bind mount per host.
@@ -153,6 +154,56 @@ impl LibvirtHost {
             .filter(|l| !l.is_empty())
             .map(String::from)
             .collect())
+    }
+
+    /// This host's agent (`bin`), in its mount namespace and, when given, network
+    /// namespace `netns`, talking to this libvirt.
+    pub fn start_agent(
+        &self,
+        bin: &Path,
+        netns: Option<&str>,
+        listen: Option<std::net::SocketAddr>,
+        env: &[(&str, &str)],
+    ) -> Result<TestAgent> {
+        let mnt = self.mount_ns();
+        TestAgent::start_with(
+            bin,
+            &self.name,
+            AgentOptions {
+                env,
+                netns,
+                listen,
+                mountns: Some(&mnt),
+                args: &["--libvirt-uri", URI_INSIDE, "--qemu-user", "root"],
+                ..Default::default()
+            },
+        )
+    }
+
+    /// `tern migrate DOMAIN --libvirt --json` through the CLI (`bin`) at `from`, to agent
+    /// `to` and this host's libvirt as the destination: its exit status, its JSON (the
+    /// report, or null) and its stderr.
+    pub fn migrate_here(
+        &self,
+        bin: &Path,
+        from: &TestAgent,
+        to: &TestAgent,
+        domain: &str,
+    ) -> Result<(bool, serde_json::Value, String)> {
+        let out = Command::new(bin)
+            .args(["--agent", &format!("unix:{}", from.api.display())])
+            .args(["migrate", domain, "--libvirt", "--to"])
+            .arg(to.peer_addr.to_string())
+            .arg("--libvirt-to")
+            .arg(self.uri())
+            .arg("--json")
+            .output()?;
+        let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        Ok((
+            out.status.success(),
+            json,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 
     pub fn log(&self) -> String {

@@ -4,13 +4,12 @@
 //! namespace, a real guest whose memory checker runs through the move.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use tern_testkit::agents::{checker_clean, e2e_lock, wait_for_text, AgentOptions, TestAgent};
+use tern_testkit::agents::{checker_clean, e2e_lock, wait_for_text, TestAgent};
 use tern_testkit::guest::ensure_guest;
-use tern_testkit::libvirt::{test_domain, LibvirtHost, URI_INSIDE};
+use tern_testkit::libvirt::{test_domain, LibvirtHost};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tern");
 
@@ -22,17 +21,7 @@ struct Host {
 
 fn host(name: &str, env: &[(&str, &str)]) -> Result<Host> {
     let libvirt = LibvirtHost::start(name)?;
-    let mnt = libvirt.mount_ns();
-    let agent = TestAgent::start_with(
-        Path::new(BIN),
-        name,
-        AgentOptions {
-            env,
-            mountns: Some(&mnt),
-            args: &["--libvirt-uri", URI_INSIDE, "--qemu-user", "root"],
-            ..Default::default()
-        },
-    )?;
+    let agent = libvirt.start_agent(Path::new(BIN), None, None, env)?;
     Ok(Host { agent, libvirt })
 }
 
@@ -57,21 +46,10 @@ fn boot(h: &Host, name: &str) -> Result<std::path::PathBuf> {
     Ok(console)
 }
 
-/// `tern migrate --libvirt` through the CLI, as an operator runs it: its exit status and
-/// its JSON (the report, or the failure).
+/// `tern migrate --libvirt` through the CLI, as an operator runs it.
 fn migrate(from: &Host, to: &Host, domain: &str) -> Result<(bool, serde_json::Value, String)> {
-    let out = Command::new(BIN)
-        .args(["--agent", &format!("unix:{}", from.agent.api.display())])
-        .args(["migrate", domain, "--libvirt", "--to"])
-        .arg(to.agent.peer_addr.to_string())
-        .arg("--libvirt-to")
-        .arg(to.libvirt.uri())
-        .arg("--json")
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let json = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
-    Ok((out.status.success(), json, stderr))
+    to.libvirt
+        .migrate_here(Path::new(BIN), &from.agent, &to.agent, domain)
 }
 
 #[test]

@@ -11,13 +11,12 @@
 //! [--mem-mib 512] [--fill-mib 256] [--out FILE]
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use tern_testkit::agents::{wait_for_text, AgentOptions, TestAgent, WanLab};
+use tern_testkit::agents::{wait_for_text, TestAgent, WanLab};
 use tern_testkit::guest::GuestImage;
-use tern_testkit::libvirt::{test_domain, LibvirtHost, URI_INSIDE};
+use tern_testkit::libvirt::{test_domain, LibvirtHost};
 
 struct Host {
     agent: TestAgent,
@@ -34,27 +33,14 @@ struct Trip {
 
 fn host(bin: &Path, name: &str, ns: &str, ip: &'static str) -> Result<Host> {
     let libvirt = LibvirtHost::start_in(name, Some(ns))?;
-    let mnt = libvirt.mount_ns();
-    let agent = TestAgent::start_with(
-        bin,
-        name,
-        AgentOptions {
-            netns: Some(ns),
-            mountns: Some(&mnt),
-            listen: Some(format!("{ip}:7700").parse()?),
-            args: &["--libvirt-uri", URI_INSIDE, "--qemu-user", "root"],
-            ..Default::default()
-        },
-    )?;
+    let agent = libvirt.start_agent(bin, Some(ns), Some(format!("{ip}:7700").parse()?), &[])?;
     Ok(Host { agent, libvirt, ip })
 }
 
 /// libvirt's own measure of the pause, at the destination.
 fn libvirt_downtime(to: &Host, dom: &str) -> Option<u64> {
     let text = to.libvirt.virsh(&["domjobinfo", "--completed", dom]).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("Total downtime:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    tern_agent::libvirt::parse_job(&text).downtime_ms
 }
 
 fn direct(from: &Host, to: &Host, dom: &str) -> Result<Trip> {
@@ -83,22 +69,11 @@ fn direct(from: &Host, to: &Host, dom: &str) -> Result<Trip> {
 fn carried(bin: &Path, from: &Host, to: &Host, dom: &str, label: &str) -> Result<Trip> {
     let link0 = WanLab::link_bytes()?;
     let t0 = Instant::now();
-    let out = Command::new(bin)
-        .args(["--agent", &format!("unix:{}", from.agent.api.display())])
-        .args(["migrate", dom, "--libvirt", "--to"])
-        .arg(to.agent.peer_addr.to_string())
-        .arg("--libvirt-to")
-        .arg(to.libvirt.uri())
-        .arg("--json")
-        .output()?;
+    let (ok, r, stderr) = to.libvirt.migrate_here(bin, &from.agent, &to.agent, dom)?;
     let total_s = t0.elapsed().as_secs_f64();
-    if !out.status.success() {
-        bail!(
-            "tern migrate --libvirt failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    if !ok {
+        bail!("tern migrate --libvirt failed: {stderr}");
     }
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     ensure!(r["digest_ok"] == true, "{r}");
     Ok(Trip {
         label: format!(
