@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::disk;
 use crate::qmp::{QmpClient, QmpError};
-use crate::spec::{Accel, GuestMemory, SpecError, VmSpec, SHARED_RAM_ID};
+use crate::spec::{Accel, Firmware, GuestMemory, SpecError, VmSpec, SHARED_RAM_ID};
 
 /// How to launch a VM.
 #[derive(Debug, Clone)]
@@ -158,6 +158,35 @@ fn parse_machine_help(text: &str) -> Vec<String> {
 }
 
 /// `s` as one value inside a QEMU `-opt key=value,...` list (commas doubled).
+/// OVMF as Debian's `ovmf` package installs it: (code, variable-store template), the
+/// 4 MiB flash layout first.
+pub const OVMF: &[(&str, &str)] = &[
+    (
+        "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "/usr/share/OVMF/OVMF_VARS_4M.fd",
+    ),
+    (
+        "/usr/share/OVMF/OVMF_CODE.fd",
+        "/usr/share/OVMF/OVMF_VARS.fd",
+    ),
+];
+
+/// This host's OVMF (code, variable-store template), if installed.
+pub fn ovmf() -> Option<(PathBuf, PathBuf)> {
+    OVMF.iter()
+        .map(|(c, v)| (PathBuf::from(c), PathBuf::from(v)))
+        .find(|(c, v)| c.exists() && v.exists())
+}
+
+/// Block node names of a UEFI VM's firmware code and variable store.
+pub const EFI_CODE_NODE: &str = "efi-code";
+pub const EFI_VARS_NODE: &str = "efi-vars";
+
+/// A UEFI VM's own variable store: a copy of OVMF's template, made at its first start.
+pub fn efi_vars_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("efivars.fd")
+}
+
 fn qemu_opt_value(s: &Path) -> String {
     s.display().to_string().replace(',', ",,")
 }
@@ -189,6 +218,13 @@ pub enum LaunchError {
     Qmp(#[source] QmpError),
     #[error("the VM spec has tpm = true but no swtpm listens on {path}: start the VM's swtpm first (tern_qemu::swtpm)")]
     NoSwtpm { path: PathBuf },
+    #[error("the VM spec has firmware = \"uefi\" but OVMF is not installed on this host (none of {}): apt install ovmf", OVMF.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", "))]
+    NoOvmf,
+    #[error("cannot make the VM's UEFI variable store {path}")]
+    EfiVars {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A running QEMU, killed if dropped.
@@ -245,13 +281,19 @@ impl QemuProcess {
         push("-name");
         push(&format!("guest={},debug-threads=on", spec.name));
         push("-machine");
+        let machine = match spec.firmware {
+            Firmware::Bios => spec.machine.clone(),
+            Firmware::Uefi => format!(
+                "{},pflash0={EFI_CODE_NODE},pflash1={EFI_VARS_NODE}",
+                spec.machine
+            ),
+        };
         match spec.memory {
             // RAM in a memfd both QEMUs of a same-host upgrade map (cpr-transfer hands
             // it over); aux-ram-share puts the machine's other RAM (ROMs, VGA) there too.
             GuestMemory::Shared => {
                 push(&format!(
-                    "{},memory-backend={SHARED_RAM_ID},aux-ram-share=on",
-                    spec.machine
+                    "{machine},memory-backend={SHARED_RAM_ID},aux-ram-share=on"
                 ));
                 push("-object");
                 push(&format!(
@@ -259,7 +301,7 @@ impl QemuProcess {
                     spec.memory_mib
                 ));
             }
-            GuestMemory::Private => push(&spec.machine),
+            GuestMemory::Private => push(&machine),
         }
         push("-accel");
         push(spec.accel.as_str());
@@ -303,6 +345,31 @@ impl QemuProcess {
         } else if opts.incoming_defer {
             push("-incoming");
             push("defer");
+        }
+        if spec.firmware == Firmware::Uefi {
+            // The code read-only from the package; the variables the VM's own (`launch`
+            // copies the template). Block nodes, not `-drive if=pflash`: a -drive is
+            // auto-read-only, so QEMU reopens its file by path when the migration
+            // inactivates it, which fails once QEMU runs as an unprivileged user (the
+            // source's migration then fails at completion: bdrv_inactivate_all() -1).
+            let code = ovmf().map_or_else(|| PathBuf::from(OVMF[0].0), |(c, _)| c);
+            for s in [
+                format!(
+                    "driver=file,filename={},node-name={EFI_CODE_NODE}-file,read-only=on",
+                    qemu_opt_value(&code)
+                ),
+                format!(
+                    "driver=raw,file={EFI_CODE_NODE}-file,node-name={EFI_CODE_NODE},read-only=on"
+                ),
+                format!(
+                    "driver=file,filename={},node-name={EFI_VARS_NODE}-file",
+                    qemu_opt_value(&efi_vars_path(rd))
+                ),
+                format!("driver=raw,file={EFI_VARS_NODE}-file,node-name={EFI_VARS_NODE}"),
+            ] {
+                a.push("-blockdev".into());
+                a.push(s.into());
+            }
         }
         if let Some(k) = &spec.kernel {
             a.push("-kernel".into());
@@ -386,6 +453,16 @@ impl QemuProcess {
             source: e,
         })?;
         let _ = std::fs::remove_file(&qmp_path);
+        if spec.firmware == Firmware::Uefi {
+            let (_, template) = ovmf().ok_or(LaunchError::NoOvmf)?;
+            let vars = efi_vars_path(&opts.run_dir);
+            if !vars.exists() {
+                std::fs::copy(&template, &vars).map_err(|source| LaunchError::EfiVars {
+                    path: vars.clone(),
+                    source,
+                })?;
+            }
+        }
         let log_path = opts.run_dir.join("qemu.log");
         let log = std::fs::File::create(&log_path).map_err(|e| LaunchError::RunDir {
             path: log_path.clone(),
@@ -528,6 +605,7 @@ mod tests {
             disks: vec![],
             memory: Default::default(),
             libvirt: None,
+            firmware: Default::default(),
         }
     }
 
@@ -690,6 +768,40 @@ mod tests {
             .filter(|(_, x)| *x == flag)
             .map(|(i, _)| &a[i + 1])
             .collect()
+    }
+
+    #[test]
+    fn a_uefi_vm_gets_ovmf_read_only_and_its_own_variable_store() {
+        let mut s = spec(Accel::Tcg);
+        let bios = args(QemuProcess::command_line(
+            &s,
+            &LaunchOptions::new("/run/x".into()),
+        ));
+        assert!(!bios.iter().any(|x| x.contains("pflash")), "{bios:?}");
+        s.firmware = Firmware::Uefi;
+        let a = args(QemuProcess::command_line(
+            &s,
+            &LaunchOptions::new("/run/x,y".into()),
+        ));
+        assert!(
+            values_of(&a, "-drive").is_empty(),
+            "no auto-read-only drive: {a:?}"
+        );
+        let nodes = values_of(&a, "-blockdev");
+        assert_eq!(nodes.len(), 4, "{a:?}");
+        assert!(
+            nodes[0].starts_with("driver=file,filename=/usr/share/OVMF/OVMF_CODE")
+                && nodes[0].ends_with("read-only=on"),
+            "{nodes:?}"
+        );
+        assert_eq!(
+            nodes[2],
+            "driver=file,filename=/run/x,,y/efivars.fd,node-name=efi-vars-file"
+        );
+        assert_eq!(
+            after(&a, "-machine"),
+            Some("pc,pflash0=efi-code,pflash1=efi-vars")
+        );
     }
 
     #[test]

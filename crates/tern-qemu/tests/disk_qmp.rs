@@ -49,6 +49,7 @@ fn spec(disks: Vec<DiskSpec>) -> Result<VmSpec> {
         disks,
         memory: Default::default(),
         libvirt: None,
+        firmware: Default::default(),
     })
 }
 

@@ -25,6 +25,7 @@ fn spec(kernel: PathBuf, initrd: Option<PathBuf>) -> VmSpec {
         disks: vec![],
         memory: Default::default(),
         libvirt: None,
+        firmware: Default::default(),
     }
 }
 

@@ -70,6 +70,7 @@ async fn capture(binary: Option<PathBuf>, paused: bool, dir: &Path) -> Result<Ve
         disks: vec![],
         memory: Default::default(),
         libvirt: None,
+        firmware: Default::default(),
     };
     let mut opts = LaunchOptions::new(dir.join("run"));
     if let Some(b) = binary {

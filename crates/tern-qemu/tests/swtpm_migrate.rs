@@ -246,6 +246,7 @@ async fn tpm_pcrs_survive_two_migrations_and_state_is_encrypted() -> Result<()> 
         disks: vec![],
         memory: Default::default(),
         libvirt: None,
+        firmware: Default::default(),
     };
     let mkey = dir.join("migration.key");
     swtpm::ensure_key_file(&mkey)?;

@@ -152,6 +152,52 @@ pub fn boot_disk(g: &GuestImage, path: &Path, append: &str) -> Result<PathBuf> {
     Ok(path.to_path_buf())
 }
 
+/// A raw disk image UEFI firmware (OVMF) boots: a FAT filesystem (the EFI system
+/// partition, the whole disk) with systemd-boot as `\EFI\BOOT\BOOTX64.EFI` and one loader
+/// entry for the test guest's kernel and initrd with `append`, built with the
+/// distribution's tools (dosfstools, mtools, systemd-boot-efi).
+pub fn uefi_disk(g: &GuestImage, path: &Path, append: &str) -> Result<PathBuf> {
+    use std::process::Command;
+    const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
+    let run = |cmd: &mut Command| {
+        crate::run(cmd)
+            .context("building the UEFI disk (bash scripts/setup.sh installs dosfstools, mtools, systemd-boot-efi)")
+            .map(drop)
+    };
+    let _ = std::fs::remove_file(path);
+    let kib =
+        (std::fs::metadata(&g.kernel)?.len() + std::fs::metadata(&g.initrd)?.len()) / 1024 + 8192;
+    run(Command::new("mkfs.vfat")
+        .args(["-C", "-F", "32", "-n", "TERNESP"])
+        .arg(path)
+        .arg(kib.max(34 << 10).to_string()))?;
+    run(Command::new("mmd").arg("-i").arg(path).args([
+        "::/EFI",
+        "::/EFI/BOOT",
+        "::/loader",
+        "::/loader/entries",
+    ]))?;
+    let loader = path.with_extension("loader.conf");
+    std::fs::write(&loader, "default tern.conf\ntimeout 0\n")?;
+    let entry = path.with_extension("entry.conf");
+    std::fs::write(
+        &entry,
+        format!("title tern\nlinux /vmlinuz\ninitrd /initrd\noptions {append}\n"),
+    )?;
+    for (from, to) in [
+        (Path::new(SYSTEMD_BOOT), "::/EFI/BOOT/BOOTX64.EFI"),
+        (g.kernel.as_path(), "::/vmlinuz"),
+        (g.initrd.as_path(), "::/initrd"),
+        (loader.as_path(), "::/loader/loader.conf"),
+        (entry.as_path(), "::/loader/entries/tern.conf"),
+    ] {
+        run(Command::new("mcopy").arg("-i").arg(path).arg(from).arg(to))?;
+    }
+    let _ = std::fs::remove_file(&loader);
+    let _ = std::fs::remove_file(&entry);
+    Ok(path.to_path_buf())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

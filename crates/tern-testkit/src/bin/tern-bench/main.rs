@@ -73,6 +73,7 @@ fn spec(name: &str, g: &GuestImage, append: &str) -> VmSpec {
         disks: vec![],
         memory: Default::default(),
         libvirt: None,
+        firmware: Default::default(),
     }
 }
 
