@@ -8,7 +8,8 @@
 //!  Hello ──> HelloAck ──> Opening ──Prepare──> Preparing ──Prepared──> Transfer
 //!   (src)     (dst)        │  (src: DiskOffer v3, TpmKey v4 first)   (dst: Summary v2)
 //!                          ├─Query──> Querying ──QueryAnswer──> Closed
-//!                          └─Attach─> Data (src: Seq, frame, Seq, frame, ...)
+//!                          ├─Attach─> Data (src: Seq, frame, Seq, frame, ...)
+//!                          └─Tunnel─> Tunneling ──TunnelOpen──> Closed (v6; raw bytes follow)
 //!  Transfer ──SourceDone{commit}──> Finishing ──Resumed──> Closed          (v2)
 //!  Transfer ──SourceDone──> Finishing ──ReadyToResume──> AwaitCommit
 //!           ──Commit──> Committed ──Resumed──> Closed                      (v1)
@@ -58,6 +59,8 @@ pub enum Stage {
     Querying,
     /// An extra data connection: `Seq`, then the frame it numbers, again and again.
     Data { frame_next: bool },
+    /// A libvirt storage tunnel (v6): the destination opens it or aborts.
+    Tunneling,
     /// Ended (Abort, Resumed, QueryAnswer): nothing more may come.
     Closed,
 }
@@ -75,6 +78,7 @@ impl Stage {
             Stage::Committed => "after Commit",
             Stage::Querying => "during a Query",
             Stage::Data { .. } => "on a data connection",
+            Stage::Tunneling => "while a tunnel opens",
             Stage::Closed => "after the conversation ended",
         }
     }
@@ -191,6 +195,8 @@ impl Conversation {
             (Stage::Opening, S, T::Attach) if !self.disk_offer && !self.tpm_key => {
                 Stage::Data { frame_next: false }
             }
+            (Stage::Opening, S, T::Tunnel) if !self.disk_offer && !self.tpm_key => Stage::Tunneling,
+            (Stage::Tunneling, D, T::TunnelOpen) => Stage::Closed,
             (Stage::Preparing, D, T::Summary) => Stage::Preparing,
             (Stage::Preparing, D, T::Prepared) => Stage::Transfer,
             (
@@ -446,6 +452,33 @@ mod tests {
         assert!(d.on(S, &data()).is_err(), "a frame without its Seq");
         d.on(S, &Message::Seq { seq: 2 }).unwrap();
         assert!(d.on(S, &Message::Seq { seq: 3 }).is_err(), "two Seqs");
+    }
+
+    #[test]
+    fn a_tunnel_opens_once_and_then_carries_no_frame() {
+        let tunnel = || Message::Tunnel {
+            domain: "web".into(),
+        };
+        let mut t = Conversation::new();
+        run(&mut t, &[(S, hello(6)), (D, ack(6)), (S, tunnel())]).unwrap();
+        assert!(t.on(S, &data()).is_err(), "a frame before it opened");
+        t.on(D, &Message::TunnelOpen).unwrap();
+        assert_eq!(t.stage(), Stage::Closed);
+        // v6 only, and never after a VM's disks or key
+        let mut old = Conversation::new();
+        run(&mut old, &[(S, hello(5)), (D, ack(5))]).unwrap();
+        assert!(old.on(S, &tunnel()).is_err(), "a v5 peer");
+        let mut after = Conversation::new();
+        run(
+            &mut after,
+            &[
+                (S, hello(6)),
+                (D, ack(6)),
+                (S, Message::TpmKey { key: [1; 32] }),
+            ],
+        )
+        .unwrap();
+        assert!(after.on(S, &tunnel()).is_err());
     }
 
     #[test]

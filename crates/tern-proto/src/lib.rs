@@ -230,6 +230,10 @@ mod tests {
                 written: 12345,
             },
             Message::TpmKey { key: [7; 32] },
+            Message::Tunnel {
+                domain: "web-1".into(),
+            },
+            Message::TunnelOpen,
         ]
     }
 

@@ -79,6 +79,8 @@ message_types! {
     DiskRoundEnd = 26, since 3;
     DiskRoundDone = 27, since 3;
     TpmKey = 28, since 4;
+    Tunnel = 29, since 6;
+    TunnelOpen = 30, since 6;
 }
 
 /// [`Message::DiskData`] with this piece number is a plain write (a later round's dirty
@@ -322,6 +324,16 @@ pub enum Message {
     TpmKey {
         key: [u8; 32],
     },
+    /// Source -> destination (v6), first after Hello/HelloAck: this connection carries,
+    /// byte for byte, one connection of libvirt domain `domain`'s storage migration (its
+    /// source QEMU's NBD client to its destination QEMU's NBD server, which libvirt puts
+    /// on the same socket path on both hosts). No frame follows it on the connection.
+    Tunnel {
+        domain: String,
+    },
+    /// Destination -> source (v6): the destination QEMU's NBD server took the tunnel; from
+    /// the next byte on, the connection carries its bytes both ways.
+    TunnelOpen,
 }
 
 impl Message {
@@ -356,6 +368,8 @@ impl Message {
             Message::DiskRoundEnd { .. } => MessageType::DiskRoundEnd,
             Message::DiskRoundDone { .. } => MessageType::DiskRoundDone,
             Message::TpmKey { .. } => MessageType::TpmKey,
+            Message::Tunnel { .. } => MessageType::Tunnel,
+            Message::TunnelOpen => MessageType::TunnelOpen,
         }
     }
 
@@ -560,6 +574,8 @@ pub(crate) fn encode_payload(msg: &Message, out: &mut BytesMut, segs: &mut Vec<B
             out.put_u64(*written);
         }
         Message::TpmKey { key } => out.put_slice(key),
+        Message::Tunnel { domain } => put_str(out, domain),
+        Message::TunnelOpen => {}
     }
 }
 
@@ -602,6 +618,8 @@ pub(crate) fn payload_len(msg: &Message) -> usize {
         Message::DiskRoundEnd { .. } => 7,
         Message::DiskRoundDone { .. } => 14,
         Message::TpmKey { .. } => 32,
+        Message::Tunnel { domain } => s(domain),
+        Message::TunnelOpen => 0,
     }
 }
 
@@ -773,6 +791,8 @@ pub(crate) fn decode_payload(ty: MessageType, payload: Bytes) -> Result<Message,
             written: r.u64()?,
         },
         MessageType::TpmKey => Message::TpmKey { key: r.digest()? },
+        MessageType::Tunnel => Message::Tunnel { domain: r.str()? },
+        MessageType::TunnelOpen => Message::TunnelOpen,
     };
     if !r.b.is_empty() {
         return Err(FrameError::Trailing(r.b.len(), r.msg));

@@ -163,6 +163,10 @@ fn canonical(v: u16) -> Vec<Message> {
             written: 8192,
         },
         Message::TpmKey { key: [0x77; 32] },
+        Message::Tunnel {
+            domain: "web-1".into(),
+        },
+        Message::TunnelOpen,
     ];
     assert_eq!(all.len(), MessageType::ALL.len(), "one message per type");
     all.into_iter().filter(|m| m.kind().since() <= v).collect()
