@@ -6,8 +6,12 @@
 //! before the destination QEMU gets its device state). libvirt's outcome decides where
 //! the domain runs; a failure on tern's side closes the stream, so libvirt's migration
 //! fails and the domain stays running at the source, as libvirt does for any failure.
+//! With `copy_storage`, libvirt copies the domain's local disks too (`--copy-storage-all
+//! --disks-uri unix://DIR/DOMAIN.disks.sock`): each NBD connection its QEMU opens there is
+//! carried to the destination agent through a storage tunnel ([`StorageTunnels`]).
 
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,37 +22,6 @@ use tern_engine::MigrationHandle;
 use tern_proto::ErrorCode;
 use tern_qemu::spec::{LibvirtDomain, VmSpec};
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_carried_domain_travels_with_a_spec_that_names_it_and_launches_nothing() {
-        let spec = carried_spec(&Domain {
-            name: "web-1".into(),
-            memory_mib: 2048,
-            qemu_version: "10.0.2".into(),
-        })
-        .unwrap();
-        assert_eq!(spec.name, "web-1");
-        assert_eq!(spec.memory_mib, 2048);
-        assert_eq!(spec.libvirt.as_ref().unwrap().domain, "web-1");
-        assert!(spec.kernel.is_none() && spec.disks.is_empty() && !spec.tpm);
-        // and it reads back the same at the destination
-        assert_eq!(VmSpec::from_toml(&spec.to_toml()).unwrap(), spec);
-    }
-
-    #[test]
-    fn libvirts_job_statistics_give_the_downtime() {
-        // virsh domjobinfo --completed, libvirt 11.3, at the destination
-        let text = "Job type:         Completed   \nOperation:        Incoming migration\nTime elapsed:     531          ms\nTime elapsed w/o network: 530          ms\nTotal downtime:   113          ms\nDowntime w/o network: 112          ms\n";
-        let j = parse_job(text);
-        assert_eq!(j.downtime_ms, Some(113));
-        assert_eq!(j.total_ms, Some(531));
-        let j = parse_job("Job type: None\n");
-        assert_eq!((j.downtime_ms, j.total_ms), (None, None));
-    }
-}
 use tokio::process::Command;
 
 use crate::Agent;
@@ -157,6 +130,98 @@ pub async fn domain(uri: &str, name: &str) -> Result<Domain, LibvirtError> {
     })
 }
 
+/// The storage tunnels of one carried migration: every NBD connection the domain's QEMU
+/// opens on its storage socket, carried to the destination agent until it closes.
+/// [`StorageTunnels::stop`] ends them (and removes the socket).
+struct StorageTunnels {
+    path: std::path::PathBuf,
+    task: tokio::task::JoinHandle<()>,
+    totals: Arc<TunnelTotals>,
+}
+
+#[derive(Default)]
+struct TunnelTotals {
+    connections: AtomicU32,
+    to_destination: AtomicU64,
+    to_source: AtomicU64,
+}
+
+impl StorageTunnels {
+    fn start(agent: &Arc<Agent>, carrier: Carrier, to: &str, spec: &VmSpec) -> StorageTunnels {
+        let totals = Arc::new(TunnelTotals::default());
+        let path = carrier.path().to_path_buf();
+        let (agent, to, spec, t) = (agent.clone(), to.to_string(), spec.clone(), totals.clone());
+        let task = tokio::spawn(async move {
+            let mut running = tokio::task::JoinSet::new();
+            loop {
+                let qemu = tokio::select! {
+                    s = carrier.accept(Duration::from_secs(24 * 3600)) => s,
+                    Some(_) = running.join_next() => continue,
+                };
+                let qemu = match qemu {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("storage socket: {}", tern_engine::error_chain(&e));
+                        break;
+                    }
+                };
+                t.connections.fetch_add(1, Ordering::Relaxed);
+                let (agent, to, spec, t) = (agent.clone(), to.clone(), spec.clone(), t.clone());
+                running.spawn(async move {
+                    let host = agent.host();
+                    let authorize = |name: &str, id: &tern_engine::transport::tls::PeerIdentity| {
+                        let there = match id.names.first() {
+                            Some(n) => format!("{name} ({n})"),
+                            None => name.to_string(),
+                        };
+                        host.authorize_there(&spec, &there, &id.labels)
+                    };
+                    match tern_engine::tunnel::carry_out(
+                        &agent.engine,
+                        &to,
+                        &spec.name,
+                        authorize,
+                        qemu,
+                    )
+                    .await
+                    {
+                        Ok(b) => {
+                            t.to_destination
+                                .fetch_add(b.to_destination, Ordering::Relaxed);
+                            t.to_source.fetch_add(b.to_source, Ordering::Relaxed);
+                            tracing::info!(
+                                to_destination = b.to_destination,
+                                to_source = b.to_source,
+                                "storage tunnel ended"
+                            );
+                        }
+                        // the QEMU's connection closes with the task: libvirt's mirror
+                        // fails and says so
+                        Err(e) => tracing::warn!(
+                            "storage tunnel failed: {}",
+                            tern_engine::error_chain(&e)
+                        ),
+                    }
+                });
+            }
+        });
+        StorageTunnels { path, task, totals }
+    }
+
+    /// Ends the tunnels and says what they carried.
+    fn stop(self) -> tern_api::DiskReport {
+        self.task.abort();
+        let t = &self.totals;
+        let sent = t.to_destination.load(Ordering::Relaxed);
+        tern_api::DiskReport {
+            disks: t.connections.load(Ordering::Relaxed),
+            sent_bytes: sent,
+            wire_bytes: sent + t.to_source.load(Ordering::Relaxed),
+            ..Default::default()
+        }
+    }
+}
+
 /// A finished migration as libvirt measured it.
 pub struct CompletedJob {
     pub downtime_ms: Option<u64>,
@@ -240,6 +305,21 @@ pub async fn run(
             return;
         }
     };
+    let tunnels = if req.copy_storage {
+        match Carrier::listen_disks(&agent.config.libvirt_paths, &domain.name) {
+            Ok(c) => Some(StorageTunnels::start(&agent, c, &req.migrate.to, &spec)),
+            Err(e) => {
+                fail(
+                    ErrorCode::Internal,
+                    tern_engine::error_chain(&e),
+                    "running on the source (nothing moved)".into(),
+                );
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let migrate_uri = format!("unix://{}", carrier.path().display());
     let mut cmd = Command::new("virsh");
     cmd.arg("-c")
@@ -253,7 +333,12 @@ pub async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    tracing::info!(domain = %domain.name, to = %req.libvirt_to, %migrate_uri, "virsh migrate");
+    if let Some(t) = &tunnels {
+        cmd.arg("--copy-storage-all")
+            .arg("--disks-uri")
+            .arg(format!("unix://{}", t.path.display()));
+    }
+    tracing::info!(domain = %domain.name, to = %req.libvirt_to, %migrate_uri, disks = tunnels.is_some(), "virsh migrate");
     let virsh_run = match cmd.spawn() {
         Ok(c) => c.wait_with_output(),
         Err(e) => {
@@ -269,8 +354,14 @@ pub async fn run(
     // libvirt prepares the destination, then its QEMU connects here; virsh ending first
     // means libvirt refused before any byte moved
     let mut cancel = handle.cancelled();
+    // (with its disks, libvirt first copies them all: no bound but virsh's own end)
+    let connect_within = if tunnels.is_some() {
+        Duration::from_secs(24 * 3600)
+    } else {
+        CONNECT_WITHIN
+    };
     let stream = tokio::select! {
-        s = carrier.accept(CONNECT_WITHIN) => s,
+        s = carrier.accept(connect_within) => s,
         () = tern_engine::handle::wait_cancelled(&mut cancel) => {
             // virsh goes with its future (kill_on_drop): libvirt cancels the migration
             fail(
@@ -285,9 +376,14 @@ pub async fn run(
                 Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
                 Err(e) => e.to_string(),
             };
+            let hint = if req.copy_storage {
+                " (with --copy-storage the destination needs each of the domain's disk images at the same path and size; libvirt makes missing ones only through a storage pool)"
+            } else {
+                ""
+            };
             fail(
                 ErrorCode::QemuFailed,
-                format!("libvirt's migration failed before its QEMU connected to tern: {why}"),
+                format!("libvirt's migration failed before its QEMU connected to tern: {why}{hint}"),
                 state_here(&uri, &domain.name).await,
             );
             return;
@@ -333,8 +429,14 @@ pub async fn run(
             "virsh migrate did not end within {FINISH_WITHIN:?} of the stream's end"
         )),
     };
+    // libvirt ended its mirrors (and their connections) before the switchover
+    let carried_disks = tunnels.map(StorageTunnels::stop);
     match (outcome, libvirt) {
         (SourceOutcome::Moved(mut report), Ok(())) => {
+            if let Some(d) = carried_disks {
+                report.bytes_on_wire += d.wire_bytes;
+                report.disk = Some(d);
+            }
             // the whole of it, from virsh migrate on (the engine's clock starts when
             // libvirt's QEMU connected)
             report.total_time_ms = handle.started.elapsed().as_millis() as u64;
@@ -371,5 +473,37 @@ pub async fn run(
                 state_here(&uri, &domain.name).await,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_carried_domain_travels_with_a_spec_that_names_it_and_launches_nothing() {
+        let spec = carried_spec(&Domain {
+            name: "web-1".into(),
+            memory_mib: 2048,
+            qemu_version: "10.0.2".into(),
+        })
+        .unwrap();
+        assert_eq!(spec.name, "web-1");
+        assert_eq!(spec.memory_mib, 2048);
+        assert_eq!(spec.libvirt.as_ref().unwrap().domain, "web-1");
+        assert!(spec.kernel.is_none() && spec.disks.is_empty() && !spec.tpm);
+        // and it reads back the same at the destination
+        assert_eq!(VmSpec::from_toml(&spec.to_toml()).unwrap(), spec);
+    }
+
+    #[test]
+    fn libvirts_job_statistics_give_the_downtime() {
+        // virsh domjobinfo --completed, libvirt 11.3, at the destination
+        let text = "Job type:         Completed   \nOperation:        Incoming migration\nTime elapsed:     531          ms\nTime elapsed w/o network: 530          ms\nTotal downtime:   113          ms\nDowntime w/o network: 112          ms\n";
+        let j = parse_job(text);
+        assert_eq!(j.downtime_ms, Some(113));
+        assert_eq!(j.total_ms, Some(531));
+        let j = parse_job("Job type: None\n");
+        assert_eq!((j.downtime_ms, j.total_ms), (None, None));
     }
 }

@@ -274,6 +274,11 @@ pub struct LibvirtMigrateRequest {
     /// Further `virsh migrate` flags, from [`LIBVIRT_FLAGS`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub virsh_flags: Vec<String>,
+    /// The domain's local disks move too: libvirt copies them (`--copy-storage-all`) over
+    /// NBD connections tern carries (`--disks-uri`, storage tunnels). The destination
+    /// needs each image at the same path with the same size, as libvirt does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub copy_storage: bool,
     /// The destination agent and tern's options for the stream.
     #[serde(flatten)]
     pub migrate: MigrateRequest,
@@ -281,8 +286,9 @@ pub struct LibvirtMigrateRequest {
 
 /// The `virsh migrate` flags a carried migration may add: those that change what libvirt
 /// does with the domain's definition or its convergence, not how the stream travels
-/// (`--tunnelled`, `--parallel`, `--compressed`, `--postcopy`, `--copy-storage-*` would
-/// bypass tern or put in the stream what tern does not carry).
+/// (`--tunnelled`, `--parallel`, `--compressed`, `--postcopy` would bypass tern or put in
+/// the stream what tern does not carry; local disks go with
+/// [`LibvirtMigrateRequest::copy_storage`], whose NBD connections tern carries).
 pub const LIBVIRT_FLAGS: &[&str] = &[
     "--persistent",
     "--undefinesource",

@@ -42,6 +42,7 @@ pub mod registry;
 pub mod secret;
 pub mod source;
 pub mod transport;
+pub mod tunnel;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

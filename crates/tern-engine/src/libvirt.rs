@@ -7,11 +7,19 @@
 //! ([`Carrier`]), the destination agent connects to the destination QEMU's socket on its
 //! host ([`connect`]), and the stream travels between the agents as any other.
 //!
+//! A domain with local disks migrates them too (`--copy-storage-all --disks-uri
+//! unix://DIR/DOMAIN.disks.sock`): libvirt's destination QEMU serves the disks over NBD on
+//! that path, its source QEMU mirrors each disk to it over a connection of its own. The
+//! source agent listens there too ([`Carrier::listen_disks`]) and carries each connection
+//! byte for byte through a storage tunnel ([`crate::tunnel`]) to the destination agent,
+//! which connects to the NBD server ([`connect_disks`]).
+//!
 //! The other end of a carrier socket must be libvirt: the process at the other end of the
-//! connection (`SO_PEERCRED`) must be the domain's QEMU (`RUN/DOMAIN.pid`) or libvirt's
-//! QEMU driver (`RUN/driver.pid`: libvirtd or virtqemud, which opens the connection and
-//! hands it to QEMU). A local user who connects first, or who made a socket of that name,
-//! is refused, so nobody else can feed a stream to the destination or read the guest's.
+//! connection (`SO_PEERCRED`) must be the domain's QEMU (`RUN/DOMAIN.pid`) or, for the
+//! migration stream, libvirt's QEMU driver (`RUN/driver.pid`: libvirtd or virtqemud, which
+//! opens that connection and hands it to QEMU; QEMU opens its NBD connections itself). A
+//! local user who connects first, or who made a socket of that name, is refused, so nobody
+//! else can feed a stream or a disk to the destination or read the guest's.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -42,6 +50,11 @@ impl LibvirtPaths {
     /// The carrier socket of `domain` (a name [`LibvirtDomain::valid_name`] accepts).
     pub fn socket(&self, domain: &str) -> PathBuf {
         self.socket_dir.join(format!("{domain}.sock"))
+    }
+
+    /// The socket of `domain`'s storage migration (`--disks-uri`).
+    pub fn disks_socket(&self, domain: &str) -> PathBuf {
+        self.socket_dir.join(format!("{domain}.disks.sock"))
     }
 
     /// The pid of the domain's QEMU, from libvirt's pid file.
@@ -86,13 +99,13 @@ pub enum CarrierError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot connect to the destination QEMU's socket {path}: did libvirt start the domain here with --migrateuri unix://{path}?")]
+    #[error("cannot connect to the destination QEMU's socket {path}: did libvirt start the domain here with --migrateuri (or --disks-uri) unix://{path}?")]
     Connect {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("the process at the other end of {path} (pid {found}) is neither libvirt domain {domain:?}'s QEMU (pid {qemu}) nor libvirt (pid {driver})")]
+    #[error("the process at the other end of {path} (pid {found}) is not libvirt domain {domain:?}'s QEMU (pid {qemu}){}", driver_note(.driver))]
     NotTheDomain {
         path: PathBuf,
         domain: String,
@@ -110,6 +123,14 @@ pub enum CarrierError {
     },
 }
 
+/// ", nor libvirt (pid N)" where libvirt's driver may connect (0: it may not).
+fn driver_note(driver: &u32) -> String {
+    match driver {
+        0 => String::new(),
+        d => format!(" nor libvirt (pid {d})"),
+    }
+}
+
 fn check_name(domain: &str) -> Result<(), CarrierError> {
     if LibvirtDomain::valid_name(domain) {
         Ok(())
@@ -118,17 +139,30 @@ fn check_name(domain: &str) -> Result<(), CarrierError> {
     }
 }
 
-/// The other end of `s` must be the domain's QEMU.
+/// What a carrier socket carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Channel {
+    /// The migration stream: libvirt's driver connects and hands QEMU the socket.
+    Stream,
+    /// One NBD connection of the storage migration: QEMU connects itself.
+    Disks,
+}
+
+/// The other end of `s` must be the domain's QEMU (or, for the stream, libvirt's driver).
 fn check_peer(
     s: &UnixStream,
     paths: &LibvirtPaths,
     domain: &str,
     path: &Path,
+    channel: Channel,
 ) -> Result<(), CarrierError> {
     let qemu = paths.domain_pid(domain)?;
-    let driver = paths.driver_pid(domain)?;
+    let driver = match channel {
+        Channel::Stream => paths.driver_pid(domain)?,
+        Channel::Disks => 0,
+    };
     let found = s.peer_cred().ok().and_then(|c| c.pid());
-    if found.is_some_and(|p| p == qemu as i32 || p == driver as i32) {
+    if found.is_some_and(|p| p == qemu as i32 || (driver != 0 && p == driver as i32)) {
         return Ok(());
     }
     Err(CarrierError::NotTheDomain {
@@ -143,32 +177,67 @@ fn check_peer(
 /// The destination side: a connection to the destination QEMU libvirt started for
 /// `domain`, listening on its carrier socket.
 pub async fn connect(paths: &LibvirtPaths, domain: &str) -> Result<UnixStream, CarrierError> {
+    connect_to(paths, domain, Channel::Stream).await
+}
+
+/// The destination side of a storage tunnel: a connection to the NBD server of the
+/// destination QEMU libvirt started for `domain`.
+pub async fn connect_disks(paths: &LibvirtPaths, domain: &str) -> Result<UnixStream, CarrierError> {
+    connect_to(paths, domain, Channel::Disks).await
+}
+
+async fn connect_to(
+    paths: &LibvirtPaths,
+    domain: &str,
+    channel: Channel,
+) -> Result<UnixStream, CarrierError> {
     check_name(domain)?;
-    let path = paths.socket(domain);
+    let path = match channel {
+        Channel::Stream => paths.socket(domain),
+        Channel::Disks => paths.disks_socket(domain),
+    };
     let s = UnixStream::connect(&path)
         .await
         .map_err(|source| CarrierError::Connect {
             path: path.clone(),
             source,
         })?;
-    check_peer(&s, paths, domain, &path)?;
+    check_peer(&s, paths, domain, &path, channel)?;
     Ok(s)
 }
 
-/// The source side: the socket the domain's QEMU migrates into. Removed when dropped.
+/// The source side: the socket the domain's QEMU migrates into (or, for its disks,
+/// connects its NBD clients to). Removed when dropped.
 pub struct Carrier {
     listener: UnixListener,
     path: PathBuf,
     domain: String,
     paths: LibvirtPaths,
+    channel: Channel,
 }
 
 impl Carrier {
     /// Listens on `domain`'s carrier socket (a stale one from an earlier run is replaced).
     pub fn listen(paths: &LibvirtPaths, domain: &str) -> Result<Carrier, CarrierError> {
+        Carrier::listen_on(paths, domain, Channel::Stream)
+    }
+
+    /// Listens on `domain`'s storage socket, for the NBD connections of its disks.
+    pub fn listen_disks(paths: &LibvirtPaths, domain: &str) -> Result<Carrier, CarrierError> {
+        Carrier::listen_on(paths, domain, Channel::Disks)
+    }
+
+    fn listen_on(
+        paths: &LibvirtPaths,
+        domain: &str,
+        channel: Channel,
+    ) -> Result<Carrier, CarrierError> {
         use std::os::unix::fs::PermissionsExt;
         check_name(domain)?;
-        let path = paths.socket(domain);
+        let path = match channel {
+            Channel::Stream => paths.socket(domain),
+            Channel::Disks => paths.disks_socket(domain),
+        };
         let bind = |e| CarrierError::Bind {
             path: path.clone(),
             source: e,
@@ -190,6 +259,7 @@ impl Carrier {
             path,
             domain: domain.into(),
             paths: paths.clone(),
+            channel,
         })
     }
 
@@ -212,7 +282,7 @@ impl Carrier {
                     path: self.path.clone(),
                     source,
                 })?;
-            match check_peer(&s, &self.paths, &self.domain, &self.path) {
+            match check_peer(&s, &self.paths, &self.domain, &self.path, self.channel) {
                 Ok(()) => return Ok(s),
                 Err(e @ CarrierError::NotTheDomain { .. }) => {
                     tracing::warn!("{e}: connection refused");
@@ -271,6 +341,19 @@ mod tests {
         let path = carrier.path().to_path_buf();
         drop(carrier);
         assert!(!path.exists(), "the carrier socket goes with the carrier");
+
+        // the disks' socket: QEMU connects itself, libvirt's driver is not let in
+        let disks = Carrier::listen_disks(&p, "dom").unwrap();
+        assert_eq!(disks.path(), p.socket_dir.join("dom.disks.sock"));
+        let _driver = UnixStream::connect(disks.path()).await.unwrap();
+        let e = disks.accept(Duration::from_millis(300)).await.unwrap_err();
+        assert!(matches!(e, CarrierError::NoConnection { .. }), "{e}");
+        let e = connect_disks(&p, "dom").await.unwrap_err();
+        assert!(matches!(e, CarrierError::NotTheDomain { .. }), "{e}");
+        std::fs::write(p.run_dir.join("dom.pid"), std::process::id().to_string()).unwrap();
+        let _qemu = UnixStream::connect(disks.path()).await.unwrap();
+        disks.accept(Duration::from_secs(5)).await.unwrap();
+        connect_disks(&p, "dom").await.unwrap();
     }
 
     #[test]

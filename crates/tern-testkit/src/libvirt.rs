@@ -24,7 +24,12 @@ const PRIVATE: &[(&str, &str)] = &[
     ("cache", "/var/cache/libvirt"),
     ("etc", "/etc/libvirt"),
     ("carrier", "/run/tern/libvirt"),
+    ("images", IMAGES),
 ];
+
+/// Where a host's disk images are, as its libvirt sees them (a private bind mount of
+/// [`LibvirtHost::images`]): the same path on every host, a different file on each.
+pub const IMAGES: &str = "/var/lib/tern-test/images";
 
 /// This host's libvirt as its own agent reaches it, from inside its namespace.
 pub const URI_INSIDE: &str = "qemu+unix:///system?socket=/run/libvirt/libvirt-sock";
@@ -131,6 +136,11 @@ impl LibvirtHost {
         )
     }
 
+    /// [`IMAGES`] of this host, as seen from outside its namespace.
+    pub fn images(&self) -> PathBuf {
+        self.dir.path().join("images")
+    }
+
     /// Its mount namespace, for its agent.
     pub fn mount_ns(&self) -> PathBuf {
         PathBuf::from(format!("/proc/{}/ns/mnt", self.pid))
@@ -190,12 +200,25 @@ impl LibvirtHost {
         to: &TestAgent,
         domain: &str,
     ) -> Result<(bool, serde_json::Value, String)> {
+        self.migrate_here_with(bin, from, to, domain, &[])
+    }
+
+    /// The same with further `tern migrate` arguments (`--copy-storage`).
+    pub fn migrate_here_with(
+        &self,
+        bin: &Path,
+        from: &TestAgent,
+        to: &TestAgent,
+        domain: &str,
+        extra: &[&str],
+    ) -> Result<(bool, serde_json::Value, String)> {
         let out = Command::new(bin)
             .args(["--agent", &format!("unix:{}", from.api.display())])
             .args(["migrate", domain, "--libvirt", "--to"])
             .arg(to.peer_addr.to_string())
             .arg("--libvirt-to")
             .arg(self.uri())
+            .args(extra)
             .arg("--json")
             .output()?;
         let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
@@ -227,20 +250,28 @@ impl Drop for LibvirtHost {
 }
 
 /// A transient domain booting the test guest (kernel and initrd, serial console to
-/// `console`), TCG.
+/// `console`), TCG; with `disk`, a raw image (a path as libvirt sees it) as its virtio disk.
 pub fn test_domain(
     name: &str,
     g: &crate::guest::GuestImage,
     mib: u32,
     append: &str,
     console: &Path,
+    disk: Option<&Path>,
 ) -> String {
+    let disk = disk.map_or_else(String::new, |d| {
+        format!(
+            "    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/>\
+             <target dev='vda' bus='virtio'/></disk>\n",
+            d.display()
+        )
+    });
     format!(
         "<domain type='qemu'>\n  <name>{name}</name>\n  <memory unit='MiB'>{mib}</memory>\n  <vcpu>1</vcpu>\n  \
          <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n    <kernel>{}</kernel>\n    <initrd>{}</initrd>\n    \
          <cmdline>console=ttyS0 panic=-1 {append}</cmdline>\n  </os>\n  <on_crash>destroy</on_crash>\n  \
          <devices>\n    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n    <controller type='usb' model='none'/>\n    \
-         <serial type='file'><source path='{}' append='on'/></serial>\n    <memballoon model='none'/>\n  </devices>\n</domain>\n",
+         <serial type='file'><source path='{}' append='on'/></serial>\n{disk}    <memballoon model='none'/>\n  </devices>\n</domain>\n",
         g.kernel.display(),
         g.initrd.display(),
         console.display()

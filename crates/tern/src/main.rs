@@ -285,6 +285,11 @@ struct MigrateArgs {
     /// --undefinesource, --auto-converge, --abort-on-error, --unsafe.
     #[arg(long = "virsh-flag", requires = "libvirt", allow_hyphen_values = true)]
     virsh_flags: Vec<String>,
+    /// With --libvirt: the domain's local disks move too (virsh migrate
+    /// --copy-storage-all; tern carries libvirt's NBD connections). The destination needs
+    /// each image at the same path and size, as libvirt does.
+    #[arg(long, requires = "libvirt")]
+    copy_storage: bool,
     /// Destination agent, HOST:PORT.
     #[arg(long, required_unless_present = "cancel")]
     to: Option<String>,
@@ -913,6 +918,7 @@ fn migrate(c: Client, m: MigrateArgs) -> Result<()> {
         let req = tern_api::LibvirtMigrateRequest {
             libvirt_to: m.libvirt_to.clone().expect("clap requires --libvirt-to"),
             virsh_flags: m.virsh_flags.clone(),
+            copy_storage: m.copy_storage,
             migrate: req,
         };
         if let Err(why) = req.validate() {

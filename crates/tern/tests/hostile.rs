@@ -462,6 +462,33 @@ fn a_hostile_source_cannot_crash_exhaust_or_mislead_a_destination() -> Result<()
     }
     v.still_fine("ids", 512)?;
 
+    // Storage tunnels (v6) reach only the NBD server of a domain libvirt migrates in here
+    for (version, domain, code, words, case) in [
+        (
+            6,
+            "nope",
+            ErrorCode::QemuFailed,
+            "cannot connect",
+            "a tunnel to no domain",
+        ),
+        (
+            6,
+            "../../etc/x",
+            ErrorCode::QemuFailed,
+            "cannot be carried",
+            "a tunnel to a path",
+        ),
+        (5, "nope", ErrorCode::Protocol, "Tunnel", "a tunnel on v5"),
+    ] {
+        let mut t = HostilePeer::connect(v.agent.peer_addr, "evil-src", &[])?;
+        t.hello(version)?;
+        t.send(&Message::Tunnel {
+            domain: domain.into(),
+        })?;
+        expect_abort(&mut t, code, words, case)?;
+    }
+    v.still_fine("tunnels", 512)?;
+
     // Disks: pieces tied to byte ranges, rounds in order, sizes sane
     let disk_vm = spec(
         "hd",

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use tern_testkit::agents::{checker_clean, e2e_lock, wait_for_text, TestAgent};
 use tern_testkit::guest::ensure_guest;
-use tern_testkit::libvirt::{test_domain, LibvirtHost};
+use tern_testkit::libvirt::{test_domain, LibvirtHost, IMAGES};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tern");
 
@@ -27,6 +27,11 @@ fn host(name: &str, env: &[(&str, &str)]) -> Result<Host> {
 
 /// Starts the test guest's dirtier as a libvirt domain on `h`; its console.
 fn boot(h: &Host, name: &str) -> Result<std::path::PathBuf> {
+    boot_with(h, name, None)
+}
+
+/// The same, with `disk` (a path libvirt sees) as its virtio disk.
+fn boot_with(h: &Host, name: &str, disk: Option<&Path>) -> Result<std::path::PathBuf> {
     let g = ensure_guest()?;
     let console = h.libvirt.dir().join(format!("{name}.console"));
     let xml = h.libvirt.dir().join(format!("{name}.xml"));
@@ -38,12 +43,41 @@ fn boot(h: &Host, name: &str) -> Result<std::path::PathBuf> {
             128,
             "tern.workload=dirty tern.mib=32 tern.rate=4",
             &console,
+            disk,
         ),
     )?;
     h.libvirt.virsh(&["create", &xml.display().to_string()])?;
     wait_for_text(&console, "tern-dirty pass 1", Duration::from_secs(90))
         .with_context(|| format!("domain {name} did not boot"))?;
     Ok(console)
+}
+
+/// The same with the domain's local disks (`--copy-storage`).
+fn migrate_with_disks(
+    from: &Host,
+    to: &Host,
+    domain: &str,
+) -> Result<(bool, serde_json::Value, String)> {
+    to.libvirt.migrate_here_with(
+        Path::new(BIN),
+        &from.agent,
+        &to.agent,
+        domain,
+        &["--copy-storage"],
+    )
+}
+
+/// `len` bytes that do not compress (xorshift).
+fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }
 
 /// `tern migrate --libvirt` through the CLI, as an operator runs it.
@@ -54,20 +88,46 @@ fn migrate(from: &Host, to: &Host, domain: &str) -> Result<(bool, serde_json::Va
 
 #[test]
 #[ignore = "tier vm: needs root, libvirt and QEMU 10 (bash scripts/test.sh runs it)"]
-fn a_libvirt_domain_migrates_through_tern_and_libvirt_runs_it_at_the_destination() -> Result<()> {
+fn a_libvirt_domain_and_its_local_disk_migrate_through_tern_and_libvirt_runs_it_at_the_destination(
+) -> Result<()> {
     let _l = e2e_lock();
     let a = host("lv-a", &[])?;
     let b = host("lv-b", &[])?;
-    let console = boot(&a, "web")?;
+    // a 48 MiB disk of data that does not compress, at the same path on both hosts
+    let disk = Path::new(IMAGES).join("data.raw");
+    let image = noise(48 << 20);
+    std::fs::write(a.libvirt.images().join("data.raw"), &image)?;
+    let console = boot_with(&a, "web", Some(&disk))?;
+
+    // no image at the destination: libvirt refuses, the domain stays where it runs
     let since = std::fs::read(&console)?.len();
-    let (ok, report, stderr) = migrate(&a, &b, "web")?;
+    let (ok, failure, stderr) = migrate_with_disks(&a, &b, "web")?;
+    ensure!(
+        !ok,
+        "migrated without an image at the destination: {failure}"
+    );
+    ensure!(
+        failure["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("same path and size")),
+        "{failure}"
+    );
+    ensure!(a.libvirt.running()? == vec!["web".to_string()], "{stderr}");
+    ensure!(b.libvirt.running()?.is_empty());
+    checker_clean(&console, since)?;
+
+    // with an empty image of its size there, the disk moves through tern's tunnels
+    let copy = b.libvirt.images().join("data.raw");
+    std::fs::write(&copy, vec![0u8; image.len()])?;
+    let since = std::fs::read(&console)?.len();
+    let (ok, report, stderr) = migrate_with_disks(&a, &b, "web")?;
     ensure!(
         ok,
-        "tern migrate --libvirt failed: {stderr}\nsource agent:\n{}\ndestination agent:\n{}",
+        "tern migrate --libvirt --copy-storage failed: {stderr}\nsource agent:\n{}\ndestination agent:\n{}",
         a.agent.log_text(),
         b.agent.log_text()
     );
-    // tern carried it: pages through its data path, both digests equal
+    // tern carried the memory: pages through its data path, both digests equal
     ensure!(report["outcome"] == "succeeded", "{report}");
     ensure!(report["digest_ok"] == true, "{report}");
     let pages = report["pages"]["total"].as_u64().unwrap_or(0);
@@ -75,17 +135,33 @@ fn a_libvirt_domain_migrates_through_tern_and_libvirt_runs_it_at_the_destination
         pages >= 128 * 256 / 2,
         "only {pages} pages crossed: {report}"
     );
+    // and the disk: every byte of it through one tunnel (libvirt's one NBD connection)
+    let sent = report["disk"]["sent_bytes"].as_u64().unwrap_or(0);
     ensure!(
-        report["bytes_on_wire"].as_u64().unwrap_or(0) > 0,
+        sent >= image.len() as u64,
+        "the tunnels carried {sent} bytes of a {} byte disk: {report}",
+        image.len()
+    );
+    ensure!(report["disk"]["disks"] == 1, "{report}");
+    ensure!(
+        report["bytes_on_wire"].as_u64().unwrap_or(0) > sent,
         "{report}"
+    );
+    eprintln!(
+        "with its disk: total {} ms, downtime {} ms, disk {sent} bytes",
+        report["total_time_ms"], report["downtime_ms"]
     );
     // libvirt measured the pause, and tern reports it
     ensure!(report["qemu_downtime_ms"].as_u64().is_some(), "{report}");
     // libvirt runs it at the destination and no longer at the source
     ensure!(b.libvirt.running()? == vec!["web".to_string()]);
     ensure!(a.libvirt.running()?.is_empty(), "{:?}", a.libvirt.running());
-    // and the guest goes on there with every page it had
+    // and the guest goes on there with every page it had, on the same disk
     checker_clean(&console, since)?;
+    ensure!(
+        std::fs::read(&copy)? == image,
+        "the destination's image is not the source's"
+    );
     // the destination agent saw the same migration
     let incoming = b.agent.migrations()?;
     ensure!(
@@ -94,13 +170,15 @@ fn a_libvirt_domain_migrates_through_tern_and_libvirt_runs_it_at_the_destination
             .any(|m| m.vm == "web" && m.finished && m.error.is_none()),
         "{incoming:?}"
     );
-    // and back, the same way
+    // and back, the same way (the source kept its image)
+    std::fs::write(a.libvirt.images().join("data.raw"), vec![0u8; image.len()])?;
     let since = std::fs::read(&console)?.len();
-    let (ok, report, stderr) = migrate(&b, &a, "web")?;
+    let (ok, report, stderr) = migrate_with_disks(&b, &a, "web")?;
     ensure!(ok, "the way back failed: {stderr}");
     ensure!(report["digest_ok"] == true, "{report}");
     ensure!(a.libvirt.running()? == vec!["web".to_string()]);
     checker_clean(&console, since)?;
+    ensure!(std::fs::read(a.libvirt.images().join("data.raw"))? == image);
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! The opening of a peer connection: Hello and the version both speak, then what the
 //! connection is for. A Query is answered here (only to the certificate that prepared the
 //! migration); an Attach hands the connection to its migration; a Prepare (after the VM's
-//! DiskOffer and TpmKey, when it has them) starts an incoming migration.
+//! DiskOffer and TpmKey, when it has them) starts an incoming migration; a Tunnel carries a
+//! libvirt domain's storage connection (`crate::tunnel`).
 
 use std::time::Duration;
 
@@ -31,6 +32,10 @@ pub(super) enum Opening {
     },
     /// A Query, answered.
     Answered,
+    /// A storage tunnel of libvirt domain `domain` (v6).
+    Tunnel {
+        domain: String,
+    },
 }
 
 pub(super) async fn run(inc: &mut Incoming, conn: &mut Conn) -> Result<Opening, IncomingError> {
@@ -97,6 +102,7 @@ pub(super) async fn run(inc: &mut Incoming, conn: &mut Conn) -> Result<Opening, 
                     index,
                 })
             }
+            Message::Tunnel { domain } => return Ok(Opening::Tunnel { domain }),
             Message::Query { migration_id } => {
                 let (state, resumed_unix_us) = inc
                     .engine

@@ -7,7 +7,7 @@
 //!
 //! | phase | file | does |
 //! |---|---|---|
-//! | hello | `hello.rs` | the version; what the connection is for: Prepare (after DiskOffer, TpmKey), Query, Attach |
+//! | hello | `hello.rs` | the version; what the connection is for: Prepare (after DiskOffer, TpmKey), Query, Attach, Tunnel (`crate::tunnel`) |
 //! | `Prepare` | `prepare.rs` | the spec vetted (`spec.rs`), the migration admitted, its QEMU launched (a libvirt domain's: connected to, `crate::libvirt`), disks exported, the summary, Prepared |
 //! | `Transfer` | `transfer.rs` | frames in order (reordered from data connections) rebuilt into QEMU's stream; the return path relayed (`relay.rs`) |
 //! | `Verify` | `verify.rs` | digests equal, QEMU loaded everything, disks handed to the guest, the commit (v1: asked for) |
@@ -257,8 +257,9 @@ async fn serve(
             ))
         });
     match result {
-        Ok(Some((id, index))) => attach(&engine, conn, &id, index).await,
-        Ok(None) => {}
+        Ok(Then::Attach { id, index }) => attach(&engine, conn, &id, index).await,
+        Ok(Then::Tunnel { domain }) => tunnel(&engine, conn, &domain).await,
+        Ok(Then::Done) => {}
         Err(e) => {
             let code = e.code();
             let message = error_chain(&e);
@@ -287,19 +288,29 @@ async fn serve(
     }
 }
 
-/// The phases of an incoming migration. `Some((id, index))`: the connection is an extra
-/// data connection of migration `id`.
-async fn receive(
-    inc: &mut Incoming,
-    conn: &mut Conn,
-) -> Result<Option<(String, u16)>, IncomingError> {
+/// What a connection does once [`receive`] is through with it.
+enum Then {
+    /// Nothing more (a migration or a Query ended).
+    Done,
+    /// It is extra data connection `index` of migration `id`.
+    Attach { id: String, index: u16 },
+    /// It carries a storage connection of libvirt domain `domain`.
+    Tunnel { domain: String },
+}
+
+/// The phases of an incoming migration, or what else the connection is for.
+async fn receive(inc: &mut Incoming, conn: &mut Conn) -> Result<Then, IncomingError> {
     let request = match hello::run(inc, conn).await? {
         hello::Opening::Prepare(r) => r,
         hello::Opening::Attach { id, index } => {
             tracing::Span::current().record("migration", id.as_str());
-            return Ok(Some((id, index)));
+            return Ok(Then::Attach { id, index });
         }
-        hello::Opening::Answered => return Ok(None),
+        hello::Opening::Tunnel { domain } => {
+            tracing::Span::current().record("vm", domain.as_str());
+            return Ok(Then::Tunnel { domain });
+        }
+        hello::Opening::Answered => return Ok(Then::Done),
     };
     let span = tracing::Span::current();
     span.record("migration", request.id.as_str());
@@ -311,7 +322,7 @@ async fn receive(
     if prepared.qmp.is_none() {
         // a libvirt domain's QEMU: libvirt resumes it
         carried::finish(inc, conn, prepared, received).await?;
-        return Ok(None);
+        return Ok(Then::Done);
     }
     // From here the destination works without reading the source's frames for a while
     // (QEMU loads the rest, disks are flushed, the VM resumed): it says it is alive, so the
@@ -320,7 +331,36 @@ async fn receive(
         (prepared.version >= 2).then(|| relay::keepalive(conn.writer.clone(), received.applied));
     verify::run(inc, conn, &mut prepared, &received).await?;
     switchover::run(inc, conn, prepared, received).await?;
-    Ok(None)
+    Ok(Then::Done)
+}
+
+/// Carries a storage tunnel to its end (its conversation said `Tunnel`: no frame follows).
+async fn tunnel(engine: &Engine, conn: Conn, domain: &str) {
+    let Conn {
+        reader,
+        writer,
+        addr,
+        ..
+    } = conn;
+    let Ok(writer) = Arc::try_unwrap(writer) else {
+        tracing::warn!(peer = %addr, "storage tunnel: the connection's writer is still shared");
+        return;
+    };
+    match crate::tunnel::serve(engine, domain, reader, writer.into_inner()).await {
+        Ok(b) => tracing::info!(
+            peer = %addr,
+            domain,
+            to_destination = b.to_destination,
+            to_source = b.to_source,
+            "storage tunnel ended"
+        ),
+        Err(e) => tracing::warn!(
+            peer = %addr,
+            domain,
+            "storage tunnel refused: {}",
+            error_chain(&e)
+        ),
+    }
 }
 
 /// Hands an extra data connection to its migration (only from the certificate that

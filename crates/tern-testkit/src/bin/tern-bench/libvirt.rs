@@ -101,6 +101,7 @@ pub fn bench(bin: &Path, g: &GuestImage, profile: &str, mem: u32, fill: u32) -> 
             mem,
             &format!("tern.workload=realistic tern.mib={fill} tern.seed=1"),
             &console,
+            None,
         ),
     )?;
     a.libvirt.virsh(&["create", &xml.display().to_string()])?;
