@@ -283,42 +283,30 @@ pub async fn run(
     let fail = |code: ErrorCode, message: String, state: String| {
         handle.finish_err(code, message, state);
     };
+    // before virsh runs, a failure leaves everything as it was
+    let refuse = |code: ErrorCode, e: &dyn std::error::Error| {
+        fail(
+            code,
+            tern_engine::error_chain(e),
+            "running on the source (nothing moved)".into(),
+        );
+    };
     let spec = match carried_spec(&domain) {
         Ok(s) => s,
-        Err(e) => {
-            fail(
-                ErrorCode::SpecRejected,
-                tern_engine::error_chain(&e),
-                "running on the source (nothing moved)".into(),
-            );
-            return;
-        }
+        Err(e) => return refuse(ErrorCode::SpecRejected, &e),
     };
-    let carrier = match Carrier::listen(&agent.config.libvirt_paths, &domain.name) {
+    let paths = &agent.config.libvirt_paths;
+    let carrier = match Carrier::listen(paths, &domain.name) {
         Ok(c) => c,
-        Err(e) => {
-            fail(
-                ErrorCode::Internal,
-                tern_engine::error_chain(&e),
-                "running on the source (nothing moved)".into(),
-            );
-            return;
-        }
+        Err(e) => return refuse(ErrorCode::Internal, &e),
     };
-    let tunnels = if req.copy_storage {
-        match Carrier::listen_disks(&agent.config.libvirt_paths, &domain.name) {
-            Ok(c) => Some(StorageTunnels::start(&agent, c, &req.migrate.to, &spec)),
-            Err(e) => {
-                fail(
-                    ErrorCode::Internal,
-                    tern_engine::error_chain(&e),
-                    "running on the source (nothing moved)".into(),
-                );
-                return;
-            }
-        }
-    } else {
-        None
+    let tunnels = match req
+        .copy_storage
+        .then(|| Carrier::listen_disks(paths, &domain.name))
+        .transpose()
+    {
+        Ok(c) => c.map(|c| StorageTunnels::start(&agent, c, &req.migrate.to, &spec)),
+        Err(e) => return refuse(ErrorCode::Internal, &e),
     };
     let migrate_uri = format!("unix://{}", carrier.path().display());
     let mut cmd = Command::new("virsh");
@@ -341,14 +329,7 @@ pub async fn run(
     tracing::info!(domain = %domain.name, to = %req.libvirt_to, %migrate_uri, disks = tunnels.is_some(), "virsh migrate");
     let virsh_run = match cmd.spawn() {
         Ok(c) => c.wait_with_output(),
-        Err(e) => {
-            fail(
-                ErrorCode::Internal,
-                tern_engine::error_chain(&LibvirtError::Spawn(e)),
-                "running on the source (nothing moved)".into(),
-            );
-            return;
-        }
+        Err(e) => return refuse(ErrorCode::Internal, &LibvirtError::Spawn(e)),
     };
     let mut virsh_run = Box::pin(virsh_run);
     // libvirt prepares the destination, then its QEMU connects here; virsh ending first

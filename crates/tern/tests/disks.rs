@@ -788,6 +788,87 @@ fn a_source_agent_that_dies_with_its_vm_paused_before_the_switchover_gets_it_run
     Ok(())
 }
 
+/// A VM the firmware boots from its disk, on agent `a`, with `b` to migrate to.
+struct FirmwareVm {
+    a: TestAgent,
+    b: TestAgent,
+    dir: tempfile::TempDir,
+    disk: PathBuf,
+    console: PathBuf,
+    /// The spec's lines after its name (memory, firmware).
+    lines: &'static str,
+    banner: &'static str,
+}
+
+impl FirmwareVm {
+    fn spec(&self, name: &str, disk: &Path) -> String {
+        format!(
+            "name = {name:?}\n{}[[disk]]\npath = {:?}\nformat = \"raw\"\n",
+            self.lines,
+            disk.display().to_string()
+        )
+    }
+
+    /// Builds the disk (`make_disk(guest, path, kernel command line)`), boots VM `name`
+    /// from it on `a`, checks its console shows `banner` and QEMU's command line has
+    /// `in_cmdline` and no kernel.
+    fn boot(
+        name: &str,
+        lines: &'static str,
+        make_disk: impl Fn(&GuestImage, &Path, &str) -> Result<PathBuf>,
+        banner: &'static str,
+        in_cmdline: &str,
+    ) -> Result<FirmwareVm> {
+        let g = ensure_guest()?;
+        let dir = tempfile::tempdir()?;
+        let append = "console=ttyS0 panic=-1 tern.workload=dirty tern.mib=16 tern.rate=2";
+        let disk = make_disk(&g, &dir.path().join("boot.img"), append)?;
+        let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
+        let b = TestAgent::start(Path::new(BIN), "host-b", &[])?;
+        let mut vm = FirmwareVm {
+            a,
+            b,
+            dir,
+            disk,
+            console: PathBuf::new(),
+            lines,
+            banner,
+        };
+        vm.console = boot(&vm.a, &vm.spec(name, &vm.disk), "TERN-READY")?;
+        let text = std::fs::read_to_string(&vm.console)?;
+        ensure!(
+            text.contains(banner),
+            "the guest did not come up through its disk's bootloader ({banner}):\n{text}"
+        );
+        let pid = vm.a.vm(name)?["pid"].as_u64().context("pid")?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        ensure!(
+            !cmdline.contains("-kernel") && cmdline.contains(in_cmdline),
+            "QEMU loads no kernel and has {in_cmdline}: {cmdline}"
+        );
+        Ok(vm)
+    }
+
+    /// After VM `name` moved to `b`: its checker is clean, its disk there equals the
+    /// source's, and a copy of that disk boots (`banner` again) as VM `again`.
+    fn moved_and_copy_boots(&self, name: &str, again: &str) -> Result<()> {
+        checker_clean(&self.b.console_log(name)?, 0)?;
+        let copy = disk_path(&self.b, name)?;
+        compare(&self.disk, "raw", &copy, "raw")?;
+        let second = self.dir.path().join("again.img");
+        run_ok(
+            Command::new("qemu-img")
+                .args(["convert", "-U", "-f", "raw", "-O", "raw"])
+                .arg(&copy)
+                .arg(&second),
+        )?;
+        let console = boot(&self.b, &self.spec(again, &second), "TERN-READY")?;
+        ensure!(std::fs::read_to_string(&console)?.contains(self.banner));
+        Ok(())
+    }
+}
+
 /// A VM whose spec has no kernel: the firmware (SeaBIOS) boots its disk, a FAT image with
 /// SYSLINUX built here with the distribution's tools; it migrates live with that disk, the
 /// guest's checker goes on clean there, the destination's copy equals the source's, and a
@@ -797,57 +878,24 @@ fn a_source_agent_that_dies_with_its_vm_paused_before_the_switchover_gets_it_run
 fn a_vm_the_firmware_boots_from_its_disk_migrates_with_it_and_its_copy_boots_there() -> Result<()> {
     need(&["mkfs.vfat", "mcopy", "syslinux", "qemu-img"])?;
     let _l = e2e_lock();
-    let g = ensure_guest()?;
-    let d = tempfile::tempdir()?;
-    let append = "console=ttyS0 panic=-1 tern.workload=dirty tern.mib=16 tern.rate=2";
-    let disk = tern_testkit::guest::boot_disk(&g, &d.path().join("boot.img"), append)?;
-    let spec = |name: &str, disk: &Path| {
-        format!(
-            "name = {name:?}\nmemory_mib = 128\nvcpus = 1\naccel = \"tcg\"\n[[disk]]\npath = {:?}\nformat = \"raw\"\n",
-            disk.display().to_string()
-        )
-    };
-    let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
-    let b = TestAgent::start(Path::new(BIN), "host-b", &[])?;
-    let console = boot(&a, &spec("fw1", &disk), "TERN-READY")?;
-    let text = std::fs::read_to_string(&console)?;
-    ensure!(
-        text.contains("SYSLINUX"),
-        "the guest came up through its disk's bootloader:\n{text}"
-    );
-    let pid = a.vm("fw1")?["pid"].as_u64().context("pid")?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    ensure!(
-        !cmdline.contains("-kernel") && cmdline.contains("bootindex=0"),
-        "QEMU loads no kernel, the firmware boots disk 0: {cmdline}"
-    );
-
-    let r = migrate_ok(&a, &b, "fw1")?;
+    let vm = FirmwareVm::boot(
+        "fw1",
+        "memory_mib = 128\nvcpus = 1\naccel = \"tcg\"\n",
+        tern_testkit::guest::boot_disk,
+        "SYSLINUX",
+        "bootindex=0",
+    )?;
+    let r = migrate_ok(&vm.a, &vm.b, "fw1")?;
     let dr = r.disk.clone().context("no disk part in the report")?;
     eprintln!("firmware-booted VM: {dr:?}, total {} ms", r.total_time_ms);
-    let console_b = b.console_log("fw1")?;
-    checker_clean(&console_b, 0)?;
-    let copy = disk_path(&b, "fw1")?;
-    compare(&disk, "raw", &copy, "raw")?;
-
-    // the destination's copy is a disk the firmware boots
-    let again = d.path().join("again.img");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-U", "-f", "raw", "-O", "raw"])
-            .arg(&copy)
-            .arg(&again),
-    )?;
-    let console2 = boot(&b, &spec("fw2", &again), "TERN-READY")?;
-    ensure!(std::fs::read_to_string(&console2)?.contains("SYSLINUX"));
-    Ok(())
+    vm.moved_and_copy_boots("fw1", "fw2")
 }
 
 /// A VM whose spec asks for UEFI (`firmware = "uefi"`) starts through OVMF, which boots
 /// its disk (an EFI system partition with systemd-boot and the guest's kernel); it
-/// migrates with its disk (OVMF's flash, variables included, travels in QEMU's stream),
-/// its memory exact, and the destination's copy of the disk boots through UEFI again.
+/// migrates with its disk (OVMF's flash, variables included, travels in QEMU's stream and
+/// reaches the destination's variable store), its memory exact, and the destination's
+/// copy of the disk boots through UEFI again.
 #[test]
 #[ignore = "tier vm: needs QEMU 10, OVMF, the test guest, systemd-boot-efi, mtools and root (bash scripts/test.sh runs it)"]
 fn a_uefi_vm_boots_from_its_disk_migrates_with_it_and_its_copy_boots_there() -> Result<()> {
@@ -857,39 +905,20 @@ fn a_uefi_vm_boots_from_its_disk_migrates_with_it_and_its_copy_boots_there() -> 
         "OVMF is not installed: bash scripts/setup.sh installs ovmf"
     );
     let _l = e2e_lock();
-    let g = ensure_guest()?;
-    let d = tempfile::tempdir()?;
-    let append = "console=ttyS0 panic=-1 tern.workload=dirty tern.mib=16 tern.rate=2";
     // (OVMF with 128 MiB could not start the 14 MB kernel under TCG: #UD in the stub)
-    let disk = tern_testkit::guest::uefi_disk(&g, &d.path().join("esp.img"), append)?;
-    let spec = |name: &str, disk: &Path| {
-        format!(
-            "name = {name:?}\nmemory_mib = 256\nvcpus = 1\naccel = \"tcg\"\nfirmware = \"uefi\"\n[[disk]]\npath = {:?}\nformat = \"raw\"\n",
-            disk.display().to_string()
-        )
-    };
-    let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
-    let b = TestAgent::start(Path::new(BIN), "host-b", &[])?;
-    let console = boot(&a, &spec("efi1", &disk), "TERN-READY")?;
-    let text = std::fs::read_to_string(&console)?;
-    ensure!(
-        text.contains("EFI stub"),
-        "the kernel did not start as an EFI program:\n{text}"
-    );
-    let pid = a.vm("efi1")?["pid"].as_u64().context("pid")?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    ensure!(
-        cmdline.contains("pflash0=efi-code,pflash1=efi-vars") && !cmdline.contains("-kernel"),
-        "QEMU runs OVMF and loads no kernel: {cmdline}"
-    );
-
+    let vm = FirmwareVm::boot(
+        "efi1",
+        "memory_mib = 256\nvcpus = 1\naccel = \"tcg\"\nfirmware = \"uefi\"\n",
+        tern_testkit::guest::uefi_disk,
+        "EFI stub",
+        "pflash0=efi-code,pflash1=efi-vars",
+    )?;
     // the variables the boot wrote (systemd-boot keeps its own there) reach the copy
     let template = std::fs::read(tern_qemu::launch::ovmf().context("ovmf")?.1)?;
-    let vars = std::fs::read(console.with_file_name("efivars.fd"))?;
+    let vars = std::fs::read(vm.console.with_file_name("efivars.fd"))?;
     ensure!(vars != template, "the boot wrote no UEFI variable");
-    let r = migrate_ok(&a, &b, "efi1")?;
-    let moved = std::fs::read(b.console_log("efi1")?.with_file_name("efivars.fd"))?;
+    let r = migrate_ok(&vm.a, &vm.b, "efi1")?;
+    let moved = std::fs::read(vm.b.console_log("efi1")?.with_file_name("efivars.fd"))?;
     ensure!(
         moved == vars,
         "the destination's variable store is not the source's"
@@ -899,19 +928,5 @@ fn a_uefi_vm_boots_from_its_disk_migrates_with_it_and_its_copy_boots_there() -> 
         r.total_time_ms, r.downtime_ms
     );
     ensure!(r.digest_ok);
-    checker_clean(&b.console_log("efi1")?, 0)?;
-    let copy = disk_path(&b, "efi1")?;
-    compare(&disk, "raw", &copy, "raw")?;
-
-    // the destination's copy is a disk UEFI boots
-    let again = d.path().join("again.img");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-U", "-f", "raw", "-O", "raw"])
-            .arg(&copy)
-            .arg(&again),
-    )?;
-    let console2 = boot(&b, &spec("efi2", &again), "TERN-READY")?;
-    ensure!(std::fs::read_to_string(&console2)?.contains("EFI stub"));
-    Ok(())
+    vm.moved_and_copy_boots("efi1", "efi2")
 }
