@@ -132,40 +132,63 @@ pub async fn domain(uri: &str, name: &str) -> Result<Domain, LibvirtError> {
 
 /// The storage tunnels of one carried migration: every NBD connection the domain's QEMU
 /// opens on its storage socket, carried to the destination agent until it closes.
-/// [`StorageTunnels::stop`] ends them (and removes the socket).
+/// [`StorageTunnels::stop`] ends them and says what they carried; dropped, they end at
+/// once (and the socket goes).
 struct StorageTunnels {
     path: std::path::PathBuf,
     task: tokio::task::JoinHandle<()>,
+    stop: Arc<tokio::sync::Notify>,
     totals: Arc<TunnelTotals>,
 }
 
 #[derive(Default)]
 struct TunnelTotals {
-    connections: AtomicU32,
+    /// Tunnels that opened.
+    opened: AtomicU32,
     to_destination: AtomicU64,
-    to_source: AtomicU64,
+    /// Frames both ways on the tunnels' connections.
+    wire: AtomicU64,
+    /// The first tunnel that failed, and why (libvirt's mirror then fails with less to say).
+    failure: parking_lot::Mutex<Option<String>>,
 }
+
+/// How long tunnels still open at the end may take to close.
+const TUNNELS_CLOSE_WITHIN: Duration = Duration::from_secs(10);
 
 impl StorageTunnels {
     fn start(agent: &Arc<Agent>, carrier: Carrier, to: &str, spec: &VmSpec) -> StorageTunnels {
         let totals = Arc::new(TunnelTotals::default());
+        let stop = Arc::new(tokio::sync::Notify::new());
         let path = carrier.path().to_path_buf();
-        let (agent, to, spec, t) = (agent.clone(), to.to_string(), spec.clone(), totals.clone());
+        let (agent, to, spec, t, stopped) = (
+            agent.clone(),
+            to.to_string(),
+            spec.clone(),
+            totals.clone(),
+            stop.clone(),
+        );
         let task = tokio::spawn(async move {
             let mut running = tokio::task::JoinSet::new();
             loop {
                 let qemu = tokio::select! {
                     s = carrier.accept(Duration::from_secs(24 * 3600)) => s,
                     Some(_) = running.join_next() => continue,
+                    () = stopped.notified() => break,
                 };
                 let qemu = match qemu {
                     Ok(s) => s,
-                    Err(e) => {
+                    Err(e @ CarrierError::NoConnection { .. }) => {
                         tracing::warn!("storage socket: {}", tern_engine::error_chain(&e));
                         break;
                     }
+                    // (a pid file between two states, no file descriptor left: the
+                    // tunnels already open go on)
+                    Err(e) => {
+                        tracing::warn!("storage socket: {}", tern_engine::error_chain(&e));
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
                 };
-                t.connections.fetch_add(1, Ordering::Relaxed);
                 let (agent, to, spec, t) = (agent.clone(), to.clone(), spec.clone(), t.clone());
                 running.spawn(async move {
                     let host = agent.host();
@@ -176,11 +199,15 @@ impl StorageTunnels {
                         };
                         host.authorize_there(&spec, &there, &id.labels)
                     };
+                    let opened = || {
+                        t.opened.fetch_add(1, Ordering::Relaxed);
+                    };
                     match tern_engine::tunnel::carry_out(
                         &agent.engine,
                         &to,
                         &spec.name,
                         authorize,
+                        opened,
                         qemu,
                     )
                     .await
@@ -188,37 +215,69 @@ impl StorageTunnels {
                         Ok(b) => {
                             t.to_destination
                                 .fetch_add(b.to_destination, Ordering::Relaxed);
-                            t.to_source.fetch_add(b.to_source, Ordering::Relaxed);
+                            t.wire
+                                .fetch_add(b.wire_sent + b.wire_received, Ordering::Relaxed);
                             tracing::info!(
                                 to_destination = b.to_destination,
                                 to_source = b.to_source,
+                                wire_sent = b.wire_sent,
+                                wire_received = b.wire_received,
                                 "storage tunnel ended"
                             );
                         }
                         // the QEMU's connection closes with the task: libvirt's mirror
-                        // fails and says so
-                        Err(e) => tracing::warn!(
-                            "storage tunnel failed: {}",
-                            tern_engine::error_chain(&e)
-                        ),
+                        // fails, and the migration's error says why
+                        Err(e) => {
+                            let why = tern_engine::error_chain(&e);
+                            tracing::warn!("storage tunnel failed: {why}");
+                            t.failure.lock().get_or_insert(why);
+                        }
                     }
                 });
             }
+            drop(carrier); // no new tunnel; the socket goes
+            let close = async { while running.join_next().await.is_some() {} };
+            if tokio::time::timeout(TUNNELS_CLOSE_WITHIN, close)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "storage tunnels still open {TUNNELS_CLOSE_WITHIN:?} after the migration: closed"
+                );
+            }
         });
-        StorageTunnels { path, task, totals }
+        StorageTunnels {
+            path,
+            task,
+            stop,
+            totals,
+        }
     }
 
-    /// Ends the tunnels and says what they carried.
-    fn stop(self) -> tern_api::DiskReport {
-        self.task.abort();
+    /// Why a tunnel failed, if one did.
+    fn failure(&self) -> Option<String> {
+        self.totals.failure.lock().clone()
+    }
+
+    /// Takes no new tunnel, lets the open ones close (bounded) and says what they carried
+    /// and why one failed, if one did.
+    async fn stop(mut self) -> (tern_api::DiskReport, Option<String>) {
+        self.stop.notify_one();
+        let _ = (&mut self.task).await;
         let t = &self.totals;
-        let sent = t.to_destination.load(Ordering::Relaxed);
-        tern_api::DiskReport {
-            disks: t.connections.load(Ordering::Relaxed),
-            sent_bytes: sent,
-            wire_bytes: sent + t.to_source.load(Ordering::Relaxed),
+        let report = tern_api::DiskReport {
+            disks: t.opened.load(Ordering::Relaxed),
+            sent_bytes: t.to_destination.load(Ordering::Relaxed),
+            wire_bytes: t.wire.load(Ordering::Relaxed),
             ..Default::default()
-        }
+        };
+        (report, self.failure())
+    }
+}
+
+impl Drop for StorageTunnels {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -357,10 +416,10 @@ pub async fn run(
                 Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
                 Err(e) => e.to_string(),
             };
-            let hint = if req.copy_storage {
-                " (with --copy-storage the destination needs each of the domain's disk images at the same path and size; libvirt makes missing ones only through a storage pool)"
-            } else {
-                ""
+            let hint = match tunnels.as_ref().map(StorageTunnels::failure) {
+                Some(Some(tunnel)) => format!(" (tern's storage tunnel failed: {tunnel})"),
+                Some(None) => " (with --copy-storage the destination needs each of the domain's disk images at the same path and size; libvirt makes missing ones only through a storage pool)".into(),
+                None => String::new(),
             };
             fail(
                 ErrorCode::QemuFailed,
@@ -411,7 +470,16 @@ pub async fn run(
         )),
     };
     // libvirt ended its mirrors (and their connections) before the switchover
-    let carried_disks = tunnels.map(StorageTunnels::stop);
+    let (carried_disks, tunnel_failure) = match tunnels {
+        Some(t) => {
+            let (d, failure) = t.stop().await;
+            (Some(d), failure)
+        }
+        None => (None, None),
+    };
+    let tunnel_note = tunnel_failure
+        .map(|t| format!("; tern's storage tunnel failed: {t}"))
+        .unwrap_or_default();
     match (outcome, libvirt) {
         (SourceOutcome::Moved(mut report), Ok(())) => {
             if let Some(d) = carried_disks {
@@ -432,7 +500,7 @@ pub async fn run(
         }
         (SourceOutcome::Moved(_), Err(why)) => fail(
             ErrorCode::QemuFailed,
-            format!("tern carried the whole stream and the digests agreed, but libvirt's migration failed: {why}"),
+            format!("tern carried the whole stream and the digests agreed, but libvirt's migration failed: {why}{tunnel_note}"),
             state_here(&uri, &domain.name).await,
         ),
         (SourceOutcome::MovedAfterBug { message }, _) => fail(
@@ -450,7 +518,7 @@ pub async fn run(
             };
             fail(
                 code,
-                format!("{message} ({libvirt})"),
+                format!("{message} ({libvirt}{tunnel_note})"),
                 state_here(&uri, &domain.name).await,
             );
         }

@@ -52,6 +52,9 @@ pub struct Registry {
     max_incoming: usize,
     /// What happens here, for the API's event stream (`GET /v1/events`).
     events: Arc<crate::events::EventLog>,
+    /// Which certificate may tunnel to (and carry the stream of) each libvirt domain
+    /// migrating in.
+    pub tunnel_claims: crate::tunnel::Claims,
 }
 
 /// Stops accepting data connections for a migration when dropped.
@@ -74,6 +77,7 @@ impl Registry {
             run_root,
             max_incoming,
             events: Arc::default(),
+            tunnel_claims: Default::default(),
         }
     }
 

@@ -7,15 +7,24 @@
 //! destination's labels, `Tunnel{domain}`); the destination agent connects to the NBD
 //! server libvirt's QEMU runs for that domain there (its listener must be that QEMU) and
 //! answers `TunnelOpen` ([`serve`]); from then on the connection carries the NBD bytes
-//! both ways, inside TLS, until either end closes. tern does not read the NBD protocol:
+//! both ways as `TunnelBytes` frames (the source's compressed with zstd, a frame that
+//! does not shrink going as it is), inside TLS, until either end closes. tern does not
+//! read the NBD protocol:
 //! libvirt's mirror decides what is copied and whether the copy succeeded (a tunnel that
 //! breaks fails the mirror, and libvirt keeps the domain at the source).
+//!
+//! libvirt's NBD server takes any number of connections, and they may write. So the
+//! destination lets only one certificate at an incoming domain's QEMU ([`Claims`]): the
+//! first peer whose tunnel reached it; another peer's tunnel, or its migration stream
+//! for that domain, is refused while that QEMU lives. A peer that is first can only make
+//! the real migration fail (libvirt then discards that QEMU and its disk writes).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tern_proto::{ErrorCode, Message};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tern_proto::{Codec, ErrorCode, FrameCompressor, Message};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use crate::libvirt::CarrierError;
@@ -29,6 +38,106 @@ pub const TUNNEL_VERSION: u16 = 6;
 /// How long each step of opening a tunnel may take.
 const OPEN_WITHIN: Duration = Duration::from_secs(30);
 
+/// A read of the local connection becomes one frame of at most this many bytes.
+const CHUNK: usize = 1 << 20;
+
+/// How the source compresses what it sends (the disks' data): zstd's fastest level, which
+/// keeps up with a LAN on one core and still halves ordinary file systems.
+const SOURCE_CODEC: Codec = Codec::Zstd(1);
+
+/// Tunnels one peer may hold open to one domain's QEMU at once (libvirt opens one per disk).
+pub const MAX_TUNNELS_PER_DOMAIN: u32 = 64;
+
+/// Who holds each libvirt domain migrating in: its incoming QEMU (by pid) and the
+/// certificate of the peer that tunnelled to it first. A new QEMU (the next migration)
+/// starts a new claim.
+#[derive(Default)]
+pub struct Claims {
+    by_domain: parking_lot::Mutex<HashMap<String, Claim>>,
+}
+
+struct Claim {
+    qemu_pid: u32,
+    fingerprint: String,
+    open: u32,
+}
+
+/// Why a peer may not tunnel to a domain.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClaimRefused {
+    #[error("another peer's certificate is migrating libvirt domain {0:?} here")]
+    OtherPeer(String),
+    #[error("{MAX_TUNNELS_PER_DOMAIN} storage tunnels to libvirt domain {0:?} are open already")]
+    TooMany(String),
+}
+
+/// An open tunnel's hold on its claim; the claim stays (it belongs to the QEMU).
+pub struct ClaimGuard<'a> {
+    claims: &'a Claims,
+    domain: String,
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.claims.by_domain.lock().get_mut(&self.domain) {
+            c.open = c.open.saturating_sub(1);
+        }
+    }
+}
+
+impl Claims {
+    /// A tunnel from certificate `fingerprint` to `domain`'s QEMU `qemu_pid`.
+    pub fn open(
+        &self,
+        domain: &str,
+        qemu_pid: u32,
+        fingerprint: &str,
+    ) -> Result<ClaimGuard<'_>, ClaimRefused> {
+        let mut all = self.by_domain.lock();
+        match all.get_mut(domain) {
+            Some(c) if c.qemu_pid == qemu_pid => {
+                if c.fingerprint != fingerprint {
+                    return Err(ClaimRefused::OtherPeer(domain.into()));
+                }
+                if c.open >= MAX_TUNNELS_PER_DOMAIN {
+                    return Err(ClaimRefused::TooMany(domain.into()));
+                }
+                c.open += 1;
+            }
+            _ => {
+                all.insert(
+                    domain.into(),
+                    Claim {
+                        qemu_pid,
+                        fingerprint: fingerprint.into(),
+                        open: 1,
+                    },
+                );
+            }
+        }
+        Ok(ClaimGuard {
+            claims: self,
+            domain: domain.into(),
+        })
+    }
+
+    /// Whether certificate `fingerprint` may carry the migration stream of `domain`'s QEMU
+    /// `qemu_pid`: yes, unless another certificate tunnelled to that QEMU.
+    pub fn check_stream(
+        &self,
+        domain: &str,
+        qemu_pid: u32,
+        fingerprint: &str,
+    ) -> Result<(), ClaimRefused> {
+        match self.by_domain.lock().get(domain) {
+            Some(c) if c.qemu_pid == qemu_pid && c.fingerprint != fingerprint => {
+                Err(ClaimRefused::OtherPeer(domain.into()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// What a tunnel carried.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TunnelBytes {
@@ -36,6 +145,10 @@ pub struct TunnelBytes {
     pub to_destination: u64,
     /// The other way (NBD replies).
     pub to_source: u64,
+    /// Frames this side sent on the connection (compressed, headers included).
+    pub wire_sent: u64,
+    /// Frames this side received.
+    pub wire_received: u64,
 }
 
 /// Why a tunnel could not be opened.
@@ -57,6 +170,8 @@ pub enum TunnelError {
     Write(#[source] std::io::Error),
     #[error(transparent)]
     Carrier(#[from] CarrierError),
+    #[error(transparent)]
+    Claim(#[from] ClaimRefused),
 }
 
 impl TunnelError {
@@ -64,7 +179,10 @@ impl TunnelError {
     fn code(&self) -> ErrorCode {
         match self {
             TunnelError::Carrier(_) => ErrorCode::QemuFailed,
-            TunnelError::NotAuthorized(_) => ErrorCode::NotAuthorized,
+            TunnelError::NotAuthorized(_) | TunnelError::Claim(ClaimRefused::OtherPeer(_)) => {
+                ErrorCode::NotAuthorized
+            }
+            TunnelError::Claim(ClaimRefused::TooMany(_)) => ErrorCode::ResourceExhausted,
             _ => ErrorCode::Internal,
         }
     }
@@ -72,12 +190,14 @@ impl TunnelError {
 
 /// Source side: carries `qemu` (one NBD connection the domain's QEMU opened on its storage
 /// socket) to the agent at `to`, until either end closes. `authorize` gets the
-/// destination agent's name and certificate (the policy, as for the migration).
+/// destination agent's name and certificate (the policy, as for the migration); `opened`
+/// is called once the destination took the tunnel.
 pub async fn carry_out(
     engine: &Engine,
     to: &str,
     domain: &str,
     authorize: impl FnOnce(&str, &PeerIdentity) -> Result<(), String>,
+    opened: impl FnOnce(),
     qemu: UnixStream,
 ) -> Result<TunnelBytes, TunnelError> {
     let (stream, identity) = engine
@@ -110,15 +230,15 @@ pub async fn carry_out(
         .await
         .map_err(TunnelError::Write)?;
     match expect(&mut reader, "TunnelOpen").await? {
-        Message::TunnelOpen => {}
+        Message::TunnelOpen => opened(),
         m => return Err(TunnelError::Unexpected(m.name())),
     }
-    let (rd, early) = reader.into_parts();
-    let wr = writer.into_inner().await.map_err(TunnelError::Write)?;
-    let (to_source, to_destination) = splice(rd, early, wr, qemu).await;
+    let s = splice(reader, writer, qemu, SOURCE_CODEC).await;
     Ok(TunnelBytes {
-        to_destination,
-        to_source,
+        to_destination: s.local_to_peer,
+        to_source: s.peer_to_local,
+        wire_sent: s.wire_sent,
+        wire_received: s.wire_received,
     })
 }
 
@@ -138,6 +258,7 @@ async fn expect<R: AsyncRead + Unpin>(
 pub(crate) async fn serve<R, W>(
     engine: &Engine,
     domain: &str,
+    fingerprint: &str,
     reader: FrameReader<R>,
     mut writer: FrameWriter<W>,
 ) -> Result<TunnelBytes, TunnelError>
@@ -145,10 +266,23 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let nbd = match crate::libvirt::connect_disks(&engine.config.libvirt, domain).await {
-        Ok(s) => s,
+    let opened = async {
+        let nbd = crate::libvirt::connect_disks(&engine.config.libvirt, domain).await?;
+        let pid = nbd
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or(0);
+        let claim = engine
+            .registry
+            .tunnel_claims
+            .open(domain, pid, fingerprint)?;
+        Ok::<_, TunnelError>((nbd, claim))
+    };
+    let (nbd, _claim) = match opened.await {
+        Ok(x) => x,
         Err(e) => {
-            let e = TunnelError::from(e);
             let _ = writer
                 .send(&Message::Abort {
                     code: e.code(),
@@ -162,53 +296,107 @@ where
         .send(&Message::TunnelOpen)
         .await
         .map_err(TunnelError::Write)?;
-    let (rd, early) = reader.into_parts();
-    let wr = writer.into_inner().await.map_err(TunnelError::Write)?;
-    let (to_destination, to_source) = splice(rd, early, wr, nbd).await;
+    // (what goes back is NBD's replies: small, not worth compressing)
+    let s = splice(reader, writer, nbd, Codec::None).await;
     Ok(TunnelBytes {
-        to_destination,
-        to_source,
+        to_destination: s.peer_to_local,
+        to_source: s.local_to_peer,
+        wire_sent: s.wire_sent,
+        wire_received: s.wire_received,
     })
 }
 
-/// Copies between the peer connection and `local` both ways until both directions ended
-/// (each direction's end is passed on as a shutdown): (peer to local, local to peer).
-/// Errors end a direction like a close does: the NBD client and server at either end see
-/// the connection end and decide (libvirt's mirror fails and the migration with it).
+/// What [`splice`] moved.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Spliced {
+    local_to_peer: u64,
+    peer_to_local: u64,
+    wire_sent: u64,
+    wire_received: u64,
+}
+
+/// Copies between the peer connection (TunnelBytes frames, what goes out compressed with
+/// `codec`) and `local` both ways until both directions ended; each direction's end is
+/// passed on as a shutdown. Errors end a direction like a close does: the NBD client and
+/// server at either end see the connection end and decide (libvirt's mirror fails and the
+/// migration with it). A frame other than TunnelBytes ends the inbound direction.
 async fn splice<R, W>(
-    mut peer_r: R,
-    early: BytesMut,
-    mut peer_w: W,
+    mut peer_r: FrameReader<R>,
+    mut peer_w: FrameWriter<W>,
     local: UnixStream,
-) -> (u64, u64)
+    codec: Codec,
+) -> Spliced
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let (mut local_r, mut local_w) = local.into_split();
+    let read_before = peer_r.bytes_read;
+    // a frame that breaks the tunnel's order (an Abort too) ends both directions
+    let broken = tokio::sync::Notify::new();
     let inbound = async {
-        let mut n = 0;
-        if local_w.write_all(&early).await.is_ok() {
-            n += early.len() as u64;
-            match tokio::io::copy(&mut peer_r, &mut local_w).await {
-                Ok(k) => n += k,
-                Err(e) => tracing::debug!("storage tunnel, peer to local: {e}"),
+        let mut n = 0u64;
+        loop {
+            match peer_r.next().await {
+                Ok(Some(Message::TunnelBytes(b))) => {
+                    if let Err(e) = local_w.write_all(&b).await {
+                        tracing::debug!("storage tunnel, to the local end: {e}");
+                        break;
+                    }
+                    n += b.len() as u64;
+                }
+                Ok(None) => break,
+                Ok(Some(m)) => {
+                    tracing::warn!("storage tunnel: the peer sent {}: tunnel ended", m.name());
+                    broken.notify_one();
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!("storage tunnel, from the peer: {e}");
+                    break;
+                }
             }
         }
         let _ = local_w.shutdown().await;
-        n
+        (n, peer_r.bytes_read - read_before)
     };
     let outbound = async {
-        let n = tokio::io::copy(&mut local_r, &mut peer_w)
-            .await
-            .unwrap_or_else(|e| {
-                tracing::debug!("storage tunnel, local to peer: {e}");
-                0
-            });
+        let (mut n, mut wire) = (0u64, 0u64);
+        let mut comp = FrameCompressor::default();
+        let mut frames = BytesMut::new();
+        loop {
+            let mut buf = BytesMut::with_capacity(CHUNK);
+            let read = tokio::select! {
+                r = local_r.read_buf(&mut buf) => r,
+                () = broken.notified() => break,
+            };
+            match read {
+                Ok(0) => break,
+                Ok(k) => n += k as u64,
+                Err(e) => {
+                    tracing::debug!("storage tunnel, from the local end: {e}");
+                    break;
+                }
+            }
+            let c = comp.encode(&Message::TunnelBytes(buf.freeze()), codec, &mut frames);
+            wire += c.wire as u64;
+            peer_w.push_encoded(frames.split().freeze());
+            if let Err(e) = peer_w.flush().await {
+                tracing::debug!("storage tunnel, to the peer: {e}");
+                break;
+            }
+        }
         let _ = peer_w.shutdown().await;
-        n
+        (n, wire)
     };
-    tokio::join!(inbound, outbound)
+    let ((peer_to_local, wire_received), (local_to_peer, wire_sent)) =
+        tokio::join!(inbound, outbound);
+    Spliced {
+        local_to_peer,
+        peer_to_local,
+        wire_sent,
+        wire_received,
+    }
 }
 
 #[cfg(test)]
@@ -216,23 +404,76 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_splice_carries_both_ways_with_what_came_early_first_and_passes_each_end_on() {
-        use tokio::io::AsyncReadExt;
-        // the peer side as a socket pair, the local side as QEMU's
-        let (peer, mut far) = tokio::net::UnixStream::pair().unwrap();
+    async fn a_splice_carries_both_ways_compressed_and_passes_each_end_on() {
+        // the peer side as a socket pair speaking frames, the local side as QEMU's
+        let (peer, far) = tokio::net::UnixStream::pair().unwrap();
         let (local, mut qemu) = tokio::net::UnixStream::pair().unwrap();
         let (pr, pw) = peer.into_split();
-        let task = tokio::spawn(splice(pr, BytesMut::from(&b"early"[..]), pw, local));
-        far.write_all(b" and late").await.unwrap();
-        far.shutdown().await.unwrap();
+        let task = tokio::spawn(splice(
+            FrameReader::new(pr),
+            FrameWriter::new(pw),
+            local,
+            Codec::Zstd(1),
+        ));
+        let (fr, fw) = far.into_split();
+        let (mut far_r, mut far_w) = (FrameReader::new(fr), FrameWriter::new(fw));
+        far_w
+            .send(&Message::TunnelBytes(bytes::Bytes::from_static(b"to qemu")))
+            .await
+            .unwrap();
+        far_w.shutdown().await.unwrap();
         let mut got = Vec::new();
         qemu.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"early and late", "the far end's close reaches QEMU");
-        qemu.write_all(b"reply").await.unwrap();
+        assert_eq!(got, b"to qemu", "the far end's close reaches QEMU");
+        // what QEMU writes goes out compressed, and arrives whole
+        let disk = vec![7u8; 300_000];
+        qemu.write_all(&disk).await.unwrap();
         qemu.shutdown().await.unwrap();
         let mut back = Vec::new();
-        far.read_to_end(&mut back).await.unwrap();
-        assert_eq!(back, b"reply");
-        assert_eq!(task.await.unwrap(), (14, 5));
+        while let Some(m) = far_r.next().await.unwrap() {
+            match m {
+                Message::TunnelBytes(b) => back.extend_from_slice(&b),
+                m => panic!("{}", m.name()),
+            }
+        }
+        assert_eq!(back, disk);
+        let s = task.await.unwrap();
+        assert_eq!((s.local_to_peer, s.peer_to_local), (300_000, 7));
+        assert!(s.wire_sent < 10_000, "not compressed: {s:?}");
+        assert_eq!(s.wire_received, far_w_bytes());
+    }
+
+    #[test]
+    fn a_domains_qemu_belongs_to_the_first_certificate_that_tunnelled_to_it() {
+        let c = Claims::default();
+        let first = c.open("web", 100, "cert-a").unwrap();
+        let second = c.open("web", 100, "cert-a").unwrap();
+        assert_eq!(
+            c.open("web", 100, "cert-b").err(),
+            Some(ClaimRefused::OtherPeer("web".into()))
+        );
+        assert!(c.check_stream("web", 100, "cert-b").is_err());
+        c.check_stream("web", 100, "cert-a").unwrap();
+        // the claim outlives its tunnels: it is the QEMU's
+        drop((first, second));
+        assert!(c.open("web", 100, "cert-b").is_err());
+        // the next migration's QEMU is anyone's first
+        let _next = c.open("web", 200, "cert-b").unwrap();
+        assert!(c.open("web", 200, "cert-a").is_err());
+        // other domains are apart, and open tunnels are bounded
+        let held: Vec<_> = (0..MAX_TUNNELS_PER_DOMAIN)
+            .map(|_| c.open("db", 7, "cert-a").unwrap())
+            .collect();
+        assert_eq!(
+            c.open("db", 7, "cert-a").err(),
+            Some(ClaimRefused::TooMany("db".into()))
+        );
+        drop(held);
+        c.open("db", 7, "cert-a").unwrap();
+    }
+
+    /// A TunnelBytes frame of 7 bytes, header included.
+    fn far_w_bytes() -> u64 {
+        (tern_proto::HEADER_LEN + 7) as u64
     }
 }

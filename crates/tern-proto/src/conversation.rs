@@ -9,7 +9,7 @@
 //!   (src)     (dst)        │  (src: DiskOffer v3, TpmKey v4 first)   (dst: Summary v2)
 //!                          ├─Query──> Querying ──QueryAnswer──> Closed
 //!                          ├─Attach─> Data (src: Seq, frame, Seq, frame, ...)
-//!                          └─Tunnel─> Tunneling ──TunnelOpen──> Closed (v6; raw bytes follow)
+//!                          └─Tunnel─> Tunneling ──TunnelOpen──> Tunnel (v6: TunnelBytes both ways)
 //!  Transfer ──SourceDone{commit}──> Finishing ──Resumed──> Closed          (v2)
 //!  Transfer ──SourceDone──> Finishing ──ReadyToResume──> AwaitCommit
 //!           ──Commit──> Committed ──Resumed──> Closed                      (v1)
@@ -61,6 +61,8 @@ pub enum Stage {
     Data { frame_next: bool },
     /// A libvirt storage tunnel (v6): the destination opens it or aborts.
     Tunneling,
+    /// An open storage tunnel: TunnelBytes either way, until each side closes.
+    Tunnel,
     /// Ended (Abort, Resumed, QueryAnswer): nothing more may come.
     Closed,
 }
@@ -79,6 +81,7 @@ impl Stage {
             Stage::Querying => "during a Query",
             Stage::Data { .. } => "on a data connection",
             Stage::Tunneling => "while a tunnel opens",
+            Stage::Tunnel => "in a tunnel",
             Stage::Closed => "after the conversation ended",
         }
     }
@@ -196,7 +199,8 @@ impl Conversation {
                 Stage::Data { frame_next: false }
             }
             (Stage::Opening, S, T::Tunnel) if !self.disk_offer && !self.tpm_key => Stage::Tunneling,
-            (Stage::Tunneling, D, T::TunnelOpen) => Stage::Closed,
+            (Stage::Tunneling, D, T::TunnelOpen) => Stage::Tunnel,
+            (Stage::Tunnel, _, T::TunnelBytes) => Stage::Tunnel,
             (Stage::Preparing, D, T::Summary) => Stage::Preparing,
             (Stage::Preparing, D, T::Prepared) => Stage::Transfer,
             (
@@ -455,15 +459,18 @@ mod tests {
     }
 
     #[test]
-    fn a_tunnel_opens_once_and_then_carries_no_frame() {
+    fn a_tunnel_opens_once_and_then_carries_only_its_bytes() {
         let tunnel = || Message::Tunnel {
             domain: "web".into(),
         };
         let mut t = Conversation::new();
+        let bytes = || Message::TunnelBytes(Bytes::from_static(b"x"));
         run(&mut t, &[(S, hello(6)), (D, ack(6)), (S, tunnel())]).unwrap();
-        assert!(t.on(S, &data()).is_err(), "a frame before it opened");
+        assert!(t.on(S, &bytes()).is_err(), "bytes before it opened");
         t.on(D, &Message::TunnelOpen).unwrap();
-        assert_eq!(t.stage(), Stage::Closed);
+        run(&mut t, &[(S, bytes()), (D, bytes()), (S, bytes())]).unwrap();
+        assert!(t.on(S, &data()).is_err(), "a migration's frame in a tunnel");
+        assert!(t.on(D, &Message::TunnelOpen).is_err(), "opened twice");
         // v6 only, and never after a VM's disks or key
         let mut old = Conversation::new();
         run(&mut old, &[(S, hello(5)), (D, ack(5))]).unwrap();

@@ -234,6 +234,7 @@ mod tests {
                 domain: "web-1".into(),
             },
             Message::TunnelOpen,
+            Message::TunnelBytes(Bytes::from_static(b"\x25\x60\x95\x13nbd")),
         ]
     }
 

@@ -81,6 +81,7 @@ message_types! {
     TpmKey = 28, since 4;
     Tunnel = 29, since 6;
     TunnelOpen = 30, since 6;
+    TunnelBytes = 31, since 6;
 }
 
 /// [`Message::DiskData`] with this piece number is a plain write (a later round's dirty
@@ -332,8 +333,11 @@ pub enum Message {
         domain: String,
     },
     /// Destination -> source (v6): the destination QEMU's NBD server took the tunnel; from
-    /// the next byte on, the connection carries its bytes both ways.
+    /// now on the connection carries TunnelBytes both ways.
     TunnelOpen,
+    /// Either way (v6), after TunnelOpen: the next bytes of the tunnelled connection, in
+    /// order (the source's usually compressed). A side's clean close ends its direction.
+    TunnelBytes(Bytes),
 }
 
 impl Message {
@@ -370,6 +374,7 @@ impl Message {
             Message::TpmKey { .. } => MessageType::TpmKey,
             Message::Tunnel { .. } => MessageType::Tunnel,
             Message::TunnelOpen => MessageType::TunnelOpen,
+            Message::TunnelBytes(_) => MessageType::TunnelBytes,
         }
     }
 
@@ -421,7 +426,9 @@ pub(crate) fn encode_payload(msg: &Message, out: &mut BytesMut, segs: &mut Vec<B
             put_str(out, qemu_version);
         }
         Message::Prepared { qemu_version } => put_str(out, qemu_version),
-        Message::QemuBytes(b) | Message::ReturnPath(b) => bulk(out, segs, b),
+        Message::QemuBytes(b) | Message::ReturnPath(b) | Message::TunnelBytes(b) => {
+            bulk(out, segs, b)
+        }
         Message::RamBlocks { page_size, blocks } => {
             out.put_u32(*page_size);
             out.put_u32(blocks.len() as u32);
@@ -592,7 +599,7 @@ pub(crate) fn payload_len(msg: &Message) -> usize {
             ..
         } => s(migration_id) + 4 + spec_toml.len() + 1 + s(qemu_version),
         Message::Prepared { qemu_version } => s(qemu_version),
-        Message::QemuBytes(b) | Message::ReturnPath(b) => b.len(),
+        Message::QemuBytes(b) | Message::ReturnPath(b) | Message::TunnelBytes(b) => b.len(),
         Message::RamBlocks { blocks, .. } => {
             8 + blocks.iter().map(|b| s(&b.name) + 8).sum::<usize>()
         }
@@ -793,6 +800,7 @@ pub(crate) fn decode_payload(ty: MessageType, payload: Bytes) -> Result<Message,
         MessageType::TpmKey => Message::TpmKey { key: r.digest()? },
         MessageType::Tunnel => Message::Tunnel { domain: r.str()? },
         MessageType::TunnelOpen => Message::TunnelOpen,
+        MessageType::TunnelBytes => Message::TunnelBytes(r.rest()),
     };
     if !r.b.is_empty() {
         return Err(FrameError::Trailing(r.b.len(), r.msg));

@@ -167,6 +167,7 @@ fn canonical(v: u16) -> Vec<Message> {
             domain: "web-1".into(),
         },
         Message::TunnelOpen,
+        Message::TunnelBytes(Bytes::from_static(b"\x25\x60\x95\x13nbd")),
     ];
     assert_eq!(all.len(), MessageType::ALL.len(), "one message per type");
     all.into_iter().filter(|m| m.kind().since() <= v).collect()

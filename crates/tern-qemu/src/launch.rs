@@ -157,7 +157,6 @@ fn parse_machine_help(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// `s` as one value inside a QEMU `-opt key=value,...` list (commas doubled).
 /// OVMF as Debian's `ovmf` package installs it: (code, variable-store template), the
 /// 4 MiB flash layout first.
 pub const OVMF: &[(&str, &str)] = &[
@@ -187,6 +186,7 @@ pub fn efi_vars_path(run_dir: &Path) -> PathBuf {
     run_dir.join("efivars.fd")
 }
 
+/// `s` as one value inside a QEMU `-opt key=value,...` list (commas doubled).
 fn qemu_opt_value(s: &Path) -> String {
     s.display().to_string().replace(',', ",,")
 }

@@ -93,9 +93,16 @@ fn a_libvirt_domain_and_its_local_disk_migrate_through_tern_and_libvirt_runs_it_
     let _l = e2e_lock();
     let a = host("lv-a", &[])?;
     let b = host("lv-b", &[])?;
-    // a 48 MiB disk of data that does not compress, at the same path on both hosts
+    // a 48 MiB disk at the same path on both hosts: half data that does not compress,
+    // half text that does
     let disk = Path::new(IMAGES).join("data.raw");
-    let image = noise(48 << 20);
+    let mut image = noise(24 << 20);
+    let mut n = 0u64;
+    while image.len() < 48 << 20 {
+        image.extend_from_slice(format!("line {n} of a log file that compresses\n").as_bytes());
+        n += 1;
+    }
+    image.truncate(48 << 20);
     std::fs::write(a.libvirt.images().join("data.raw"), &image)?;
     let console = boot_with(&a, "web", Some(&disk))?;
 
@@ -143,6 +150,12 @@ fn a_libvirt_domain_and_its_local_disk_migrate_through_tern_and_libvirt_runs_it_
         image.len()
     );
     ensure!(report["disk"]["disks"] == 1, "{report}");
+    // compressed on the way: the text half shrank
+    let wire = report["disk"]["wire_bytes"].as_u64().unwrap_or(0);
+    ensure!(
+        wire > 0 && wire < sent - (16 << 20),
+        "the tunnel's {wire} bytes on the wire for {sent} bytes of disk: {report}"
+    );
     ensure!(
         report["bytes_on_wire"].as_u64().unwrap_or(0) > sent,
         "{report}"

@@ -340,13 +340,22 @@ async fn tunnel(engine: &Engine, conn: Conn, domain: &str) {
         reader,
         writer,
         addr,
+        peer,
         ..
     } = conn;
     let Ok(writer) = Arc::try_unwrap(writer) else {
         tracing::warn!(peer = %addr, "storage tunnel: the connection's writer is still shared");
         return;
     };
-    match crate::tunnel::serve(engine, domain, reader, writer.into_inner()).await {
+    match crate::tunnel::serve(
+        engine,
+        domain,
+        &peer.fingerprint,
+        reader,
+        writer.into_inner(),
+    )
+    .await
+    {
         Ok(b) => tracing::info!(
             peer = %addr,
             domain,

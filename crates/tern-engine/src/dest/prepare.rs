@@ -361,6 +361,12 @@ async fn prepare_carried(
         .await
         .map_err(|e| refuse(ErrorCode::QemuLaunchFailed, error_chain(&e)))?;
     let pid = inc.engine.config.libvirt.domain_pid(&domain).ok();
+    // (a domain whose disks another peer tunnelled to is that peer's)
+    inc.engine
+        .registry
+        .tunnel_claims
+        .check_stream(&domain, pid.unwrap_or(0), &conn.peer.fingerprint)
+        .map_err(|e| refuse(ErrorCode::NotAuthorized, e.to_string()))?;
     handle.update(|s| s.dest_qemu_pid = pid);
     tracing::info!(migration = %id, %domain, ?pid, "connected to the QEMU libvirt started for the domain");
     let (qemu_rd, qemu_wr) = qemu.into_split();

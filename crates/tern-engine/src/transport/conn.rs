@@ -101,12 +101,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// The reader and what was read past the last frame (a connection that carries raw
-    /// bytes after its frames: a storage tunnel).
-    pub fn into_parts(self) -> (R, BytesMut) {
-        (self.r, self.buf)
-    }
-
     /// Whether a whole frame is already buffered (so `next` will not wait on the socket).
     pub fn has_frame(&self) -> bool {
         if self.buf.len() < tern_proto::HEADER_LEN {
@@ -258,12 +252,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             bytes_written: 0,
             deadline: None,
         }
-    }
-
-    /// The writer, once everything queued is written.
-    pub async fn into_inner(mut self) -> std::io::Result<W> {
-        self.flush().await?;
-        Ok(self.w)
     }
 
     /// Fails every flush that takes longer than `d` ([`std::io::ErrorKind::TimedOut`]).

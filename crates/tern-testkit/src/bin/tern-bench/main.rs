@@ -280,7 +280,8 @@ fn main() -> Result<()> {
             let profile = arg("--profile").unwrap_or_else(|| "wan-100m-50ms".into());
             let mem: u32 = arg("--mem-mib").map(|m| m.parse()).transpose()?.unwrap_or(512);
             let fill: u32 = arg("--fill-mib").map(|m| m.parse()).transpose()?.unwrap_or(256);
-            let out = libvirt::bench(&bin, &ensure_guest()?, &profile, mem, fill)?;
+            let disk: Option<u64> = arg("--disk-mib").map(|m| m.parse()).transpose()?;
+            let out = libvirt::bench(&bin, &ensure_guest()?, &profile, mem, fill, disk)?;
             return emit(&out);
         }
         Some("disk") => {
@@ -293,7 +294,7 @@ fn main() -> Result<()> {
             return Ok(());
         }
         _ => bail!(
-            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench datapath --tern PATH [--sizes 2048,8192] [--rounds 5] [--out FILE]\n       tern-bench spread --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--runs 20] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench predict --tern PATH [--profiles wan-100m-50ms,wan-1g-20ms] [--mem-mib 512] [--out FILE]\n       tern-bench shared --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 320] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]\n       tern-bench upgrade --tern PATH [--sizes 1024,4096,16384] [--fill-mib 512] [--rounds 3] [--out FILE]\n       tern-bench libvirt --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 256] [--out FILE]\n       tern-bench disk --tern PATH [--link wan-100m-50ms] [--disk-mib 256] [--rounds 1] [--scenario a|b|c] [--only qemu|tern] [--limit-secs 600] [--out FILE (appended)]"
+            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench datapath --tern PATH [--sizes 2048,8192] [--rounds 5] [--out FILE]\n       tern-bench spread --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--runs 20] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench predict --tern PATH [--profiles wan-100m-50ms,wan-1g-20ms] [--mem-mib 512] [--out FILE]\n       tern-bench shared --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 320] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]\n       tern-bench upgrade --tern PATH [--sizes 1024,4096,16384] [--fill-mib 512] [--rounds 3] [--out FILE]\n       tern-bench libvirt --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 256] [--disk-mib N] [--out FILE]\n       tern-bench disk --tern PATH [--link wan-100m-50ms] [--disk-mib 256] [--rounds 1] [--scenario a|b|c] [--only qemu|tern] [--limit-secs 600] [--out FILE (appended)]"
         ),
     }
     let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);
