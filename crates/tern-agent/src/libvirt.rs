@@ -152,6 +152,9 @@ struct TunnelTotals {
     failure: parking_lot::Mutex<Option<String>>,
 }
 
+/// A wait bounded by other means (virsh's end, cancellation, the migration's end).
+const NO_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+
 /// How long tunnels still open at the end may take to close.
 const TUNNELS_CLOSE_WITHIN: Duration = Duration::from_secs(10);
 
@@ -171,7 +174,7 @@ impl StorageTunnels {
             let mut running = tokio::task::JoinSet::new();
             loop {
                 let qemu = tokio::select! {
-                    s = carrier.accept(Duration::from_secs(24 * 3600)) => s,
+                    s = carrier.accept(NO_DEADLINE) => s,
                     Some(_) = running.join_next() => continue,
                     () = stopped.notified() => break,
                 };
@@ -191,22 +194,14 @@ impl StorageTunnels {
                 };
                 let (agent, to, spec, t) = (agent.clone(), to.clone(), spec.clone(), t.clone());
                 running.spawn(async move {
-                    let host = agent.host();
-                    let authorize = |name: &str, id: &tern_engine::transport::tls::PeerIdentity| {
-                        let there = match id.names.first() {
-                            Some(n) => format!("{name} ({n})"),
-                            None => name.to_string(),
-                        };
-                        host.authorize_there(&spec, &there, &id.labels)
-                    };
                     let opened = || {
                         t.opened.fetch_add(1, Ordering::Relaxed);
                     };
                     match tern_engine::tunnel::carry_out(
                         &agent.engine,
+                        &*agent.host(),
                         &to,
-                        &spec.name,
-                        authorize,
+                        &spec,
                         opened,
                         qemu,
                     )
@@ -396,7 +391,7 @@ pub async fn run(
     let mut cancel = handle.cancelled();
     // (with its disks, libvirt first copies them all: no bound but virsh's own end)
     let connect_within = if tunnels.is_some() {
-        Duration::from_secs(24 * 3600)
+        NO_DEADLINE
     } else {
         CONNECT_WITHIN
     };

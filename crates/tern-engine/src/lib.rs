@@ -96,6 +96,33 @@ pub struct Engine {
     pub registry: Arc<registry::Registry>,
 }
 
+impl Engine {
+    /// The Hello that opens each connection to a peer agent: the versions this agent speaks
+    /// (capped by its configuration), its name.
+    pub(crate) fn hello(&self) -> tern_proto::Message {
+        tern_proto::Message::Hello {
+            min_version: tern_proto::MIN_PROTOCOL_VERSION,
+            max_version: self.config.max_protocol,
+            agent: self.config.name.clone(),
+        }
+    }
+}
+
+/// The policy on a destination agent: whether `spec` may go to the agent that called itself
+/// `agent` and holds certificate `identity` (the cluster CA's labels).
+pub(crate) fn authorize_there(
+    host: &dyn Host,
+    spec: &VmSpec,
+    agent: &str,
+    identity: &transport::tls::PeerIdentity,
+) -> Result<(), String> {
+    let there = match identity.names.first() {
+        Some(n) => format!("{agent} ({n})"),
+        None => agent.to_string(),
+    };
+    host.authorize_there(spec, &there, &identity.labels)
+}
+
 /// Why the daemon could not start an incoming VM's QEMU.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -148,22 +148,25 @@ enum Channel {
     Disks,
 }
 
-/// The other end of `s` must be the domain's QEMU (or, for the stream, libvirt's driver).
+/// The other end of `s` must be the domain's QEMU (or, for the stream, libvirt's driver);
+/// its pid.
 fn check_peer(
     s: &UnixStream,
     paths: &LibvirtPaths,
     domain: &str,
     path: &Path,
     channel: Channel,
-) -> Result<(), CarrierError> {
+) -> Result<u32, CarrierError> {
     let qemu = paths.domain_pid(domain)?;
     let driver = match channel {
         Channel::Stream => paths.driver_pid(domain)?,
         Channel::Disks => 0,
     };
     let found = s.peer_cred().ok().and_then(|c| c.pid());
-    if found.is_some_and(|p| p == qemu as i32 || (driver != 0 && p == driver as i32)) {
-        return Ok(());
+    if let Some(p) = found.and_then(|p| u32::try_from(p).ok()) {
+        if p == qemu || (driver != 0 && p == driver) {
+            return Ok(p);
+        }
     }
     Err(CarrierError::NotTheDomain {
         path: path.to_path_buf(),
@@ -177,12 +180,15 @@ fn check_peer(
 /// The destination side: a connection to the destination QEMU libvirt started for
 /// `domain`, listening on its carrier socket.
 pub async fn connect(paths: &LibvirtPaths, domain: &str) -> Result<UnixStream, CarrierError> {
-    connect_to(paths, domain, Channel::Stream).await
+    Ok(connect_to(paths, domain, Channel::Stream).await?.0)
 }
 
 /// The destination side of a storage tunnel: a connection to the NBD server of the
-/// destination QEMU libvirt started for `domain`.
-pub async fn connect_disks(paths: &LibvirtPaths, domain: &str) -> Result<UnixStream, CarrierError> {
+/// destination QEMU libvirt started for `domain`, and that QEMU's pid.
+pub async fn connect_disks(
+    paths: &LibvirtPaths,
+    domain: &str,
+) -> Result<(UnixStream, u32), CarrierError> {
     connect_to(paths, domain, Channel::Disks).await
 }
 
@@ -190,7 +196,7 @@ async fn connect_to(
     paths: &LibvirtPaths,
     domain: &str,
     channel: Channel,
-) -> Result<UnixStream, CarrierError> {
+) -> Result<(UnixStream, u32), CarrierError> {
     check_name(domain)?;
     let path = match channel {
         Channel::Stream => paths.socket(domain),
@@ -202,8 +208,8 @@ async fn connect_to(
             path: path.clone(),
             source,
         })?;
-    check_peer(&s, paths, domain, &path, channel)?;
-    Ok(s)
+    let pid = check_peer(&s, paths, domain, &path, channel)?;
+    Ok((s, pid))
 }
 
 /// The source side: the socket the domain's QEMU migrates into (or, for its disks,
@@ -283,7 +289,7 @@ impl Carrier {
                     source,
                 })?;
             match check_peer(&s, &self.paths, &self.domain, &self.path, self.channel) {
-                Ok(()) => return Ok(s),
+                Ok(_) => return Ok(s),
                 Err(e @ CarrierError::NotTheDomain { .. }) => {
                     tracing::warn!("{e}: connection refused");
                 }
@@ -353,7 +359,10 @@ mod tests {
         std::fs::write(p.run_dir.join("dom.pid"), std::process::id().to_string()).unwrap();
         let _qemu = UnixStream::connect(disks.path()).await.unwrap();
         disks.accept(Duration::from_secs(5)).await.unwrap();
-        connect_disks(&p, "dom").await.unwrap();
+        assert_eq!(
+            connect_disks(&p, "dom").await.unwrap().1,
+            std::process::id()
+        );
     }
 
     #[test]

@@ -29,8 +29,9 @@ use tokio::net::UnixStream;
 
 use crate::libvirt::CarrierError;
 use crate::transport::conn::{ExpectError, FrameReader, FrameWriter};
-use crate::transport::tls::{HandshakeError, PeerIdentity};
-use crate::Engine;
+use crate::transport::tls::HandshakeError;
+use crate::{Engine, Host};
+use tern_qemu::spec::VmSpec;
 
 /// The first protocol version with storage tunnels.
 pub const TUNNEL_VERSION: u16 = 6;
@@ -189,14 +190,14 @@ impl TunnelError {
 }
 
 /// Source side: carries `qemu` (one NBD connection the domain's QEMU opened on its storage
-/// socket) to the agent at `to`, until either end closes. `authorize` gets the
-/// destination agent's name and certificate (the policy, as for the migration); `opened`
-/// is called once the destination took the tunnel.
+/// socket) to the agent at `to`, until either end closes, once `host`'s policy let `spec`
+/// (the carried domain's) go there, as for its migration; `opened` is called once the
+/// destination took the tunnel.
 pub async fn carry_out(
     engine: &Engine,
+    host: &dyn Host,
     to: &str,
-    domain: &str,
-    authorize: impl FnOnce(&str, &PeerIdentity) -> Result<(), String>,
+    spec: &VmSpec,
     opened: impl FnOnce(),
     qemu: UnixStream,
 ) -> Result<TunnelBytes, TunnelError> {
@@ -208,11 +209,7 @@ pub async fn carry_out(
     let mut reader = FrameReader::new(rd);
     let mut writer = FrameWriter::new(wr).with_deadline(engine.config.stall_timeout);
     writer
-        .send(&Message::Hello {
-            min_version: tern_proto::MIN_PROTOCOL_VERSION,
-            max_version: engine.config.max_protocol,
-            agent: engine.config.name.clone(),
-        })
+        .send(&engine.hello())
         .await
         .map_err(TunnelError::Write)?;
     let agent = match expect(&mut reader, "HelloAck").await? {
@@ -222,10 +219,11 @@ pub async fn carry_out(
         Message::HelloAck { agent, .. } => agent,
         m => return Err(TunnelError::Unexpected(m.name())),
     };
-    authorize(&agent, &identity).map_err(TunnelError::NotAuthorized)?;
+    crate::authorize_there(host, spec, &agent, &identity).map_err(TunnelError::NotAuthorized)?;
+    let domain = spec.libvirt.as_ref().map_or(&spec.name, |l| &l.domain);
     writer
         .send(&Message::Tunnel {
-            domain: domain.into(),
+            domain: domain.clone(),
         })
         .await
         .map_err(TunnelError::Write)?;
@@ -267,13 +265,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let opened = async {
-        let nbd = crate::libvirt::connect_disks(&engine.config.libvirt, domain).await?;
-        let pid = nbd
-            .peer_cred()
-            .ok()
-            .and_then(|c| c.pid())
-            .and_then(|p| u32::try_from(p).ok())
-            .unwrap_or(0);
+        let (nbd, pid) = crate::libvirt::connect_disks(&engine.config.libvirt, domain).await?;
         let claim = engine
             .registry
             .tunnel_claims
@@ -319,7 +311,7 @@ struct Spliced {
 /// `codec`) and `local` both ways until both directions ended; each direction's end is
 /// passed on as a shutdown. Errors end a direction like a close does: the NBD client and
 /// server at either end see the connection end and decide (libvirt's mirror fails and the
-/// migration with it). A frame other than TunnelBytes ends the inbound direction.
+/// migration with it). A frame other than TunnelBytes (an Abort too) ends both.
 async fn splice<R, W>(
     mut peer_r: FrameReader<R>,
     mut peer_w: FrameWriter<W>,

@@ -39,7 +39,7 @@ pub(super) async fn run(m: &mut Migration) -> Result<Peer, MigrateError> {
     let writer: PeerWriter = Arc::new(Mutex::new(FrameWriter::new(wr)));
     m.writer = Some(writer.clone());
     let t_hello = Instant::now();
-    send(&writer, &hello(m)).await?;
+    send(&writer, &m.engine.hello()).await?;
     let (version, agent) = match expect(&mut reader, Duration::from_secs(10), "HelloAck").await? {
         Message::HelloAck { version, agent } => (version, agent),
         msg => return Err(unexpected(&msg, "HelloAck")),
@@ -58,21 +58,8 @@ pub(super) async fn run(m: &mut Migration) -> Result<Peer, MigrateError> {
 
 /// The policy, on the labels the cluster CA gave the destination.
 fn authorize(m: &Migration, agent: &str, identity: &PeerIdentity) -> Result<(), MigrateError> {
-    let host = match identity.names.first() {
-        Some(n) => format!("{agent} ({n})"),
-        None => agent.to_string(),
-    };
-    m.host
-        .authorize_there(&m.vm.spec, &host, &identity.labels)
+    crate::authorize_there(&*m.host, &m.vm.spec, agent, identity)
         .map_err(MigrateError::NotAuthorized)
-}
-
-fn hello(m: &Migration) -> Message {
-    Message::Hello {
-        min_version: tern_proto::MIN_PROTOCOL_VERSION,
-        max_version: m.engine.config.max_protocol,
-        agent: m.engine.config.name.clone(),
-    }
 }
 
 /// A mutually authenticated connection to the destination agent.
@@ -101,7 +88,7 @@ async fn side_hello(
     let mut reader = FrameReader::new(rd);
     let mut writer = FrameWriter::new(wr);
     writer
-        .send(&hello(m))
+        .send(&m.engine.hello())
         .await
         .map_err(MigrateError::PeerWrite)?;
     match expect(&mut reader, within, "HelloAck").await? {
