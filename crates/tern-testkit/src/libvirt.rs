@@ -5,7 +5,9 @@
 //! test agent joins its host's namespace ([`LibvirtHost::mount_ns`] for
 //! `AgentOptions::mountns`). QEMU runs as root without confinement, cgroups or
 //! namespaces of libvirt's (none of which a test host here has), and libvirt brings up no
-//! network of its own (no network driver is installed).
+//! network of its own (no network driver is installed). A rooted host
+//! ([`LibvirtHost::start_rooted`]) runs the libvirtd installed in a Debian root (the
+//! package test's), with the same private mounts inside that root.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,6 +41,8 @@ pub struct LibvirtHost {
     dir: tempfile::TempDir,
     child: Option<Child>,
     pid: u32,
+    /// The root directory libvirtd runs in (`chroot`), when not `/`.
+    root: Option<PathBuf>,
 }
 
 impl LibvirtHost {
@@ -51,17 +55,33 @@ impl LibvirtHost {
     /// [`crate::agents::WanLab`] host).
     pub fn start_in(name: &str, netns: Option<&str>) -> Result<LibvirtHost> {
         which("libvirtd").context("libvirt is not installed: run scripts/setup.sh")?;
+        Self::start_full(name, netns, None)
+    }
+
+    /// A host whose libvirtd is the one installed in the Debian root `root` and runs
+    /// there (`chroot`), as the package test's agents do; its files (console, images)
+    /// are under the root's /tmp.
+    pub fn start_rooted(name: &str, root: &Path) -> Result<LibvirtHost> {
+        if !root.join("usr/sbin/libvirtd").exists() {
+            bail!("libvirt is not installed in {}", root.display());
+        }
+        Self::start_full(name, None, Some(root))
+    }
+
+    fn start_full(name: &str, netns: Option<&str>, root: Option<&Path>) -> Result<LibvirtHost> {
+        let top = root.unwrap_or(Path::new("/"));
         let dir = tempfile::Builder::new()
             .prefix(&format!("tern-libvirt-{name}-"))
-            .tempdir_in("/tmp")?;
+            .tempdir_in(top.join("tmp"))?;
         let d = dir.path();
+        let under = |target: &str| top.join(target.trim_start_matches('/'));
         for (sub, target) in PRIVATE {
             std::fs::create_dir_all(d.join(sub))?;
-            std::fs::create_dir_all(target)?;
+            std::fs::create_dir_all(under(target))?;
         }
         run(Command::new("cp")
             .arg("-a")
-            .arg("/etc/libvirt/.")
+            .arg(under("/etc/libvirt/."))
             .arg(d.join("etc")))?;
         append(
             &d.join("etc/qemu.conf"),
@@ -76,12 +96,26 @@ impl LibvirtHost {
         let mut script = String::from("set -e\n");
         for (sub, target) in PRIVATE {
             script.push_str(&format!(
-                "mount --bind {} {target}\n",
-                d.join(sub).display()
+                "mount --bind {} {}\n",
+                d.join(sub).display(),
+                under(target).display()
             ));
         }
+        if let Some(r) = root {
+            // the host's devices and sysfs, as libvirt and QEMU find them on a host
+            for fs in ["dev", "sys"] {
+                script.push_str(&format!("mount --rbind /{fs} {}\n", r.join(fs).display()));
+            }
+        }
         let pidfile = d.join("libvirtd.pid");
-        script.push_str(&format!("exec libvirtd --pid-file {}\n", pidfile.display()));
+        match root {
+            Some(r) => script.push_str(&format!(
+                "exec chroot {} /usr/sbin/libvirtd --pid-file {}\n",
+                r.display(),
+                inside(r, &pidfile).display()
+            )),
+            None => script.push_str(&format!("exec libvirtd --pid-file {}\n", pidfile.display())),
+        }
         let log = std::fs::File::create(d.join("libvirtd.log"))?;
         let mut cmd = match netns {
             Some(ns) => {
@@ -103,6 +137,7 @@ impl LibvirtHost {
             pid: 0,
             child: Some(child),
             dir,
+            root: root.map(Path::to_path_buf),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -127,13 +162,30 @@ impl LibvirtHost {
         }
     }
 
-    /// This host's libvirt as `virsh -c` reaches it from outside its namespace (what the
-    /// other host is told as the destination).
+    /// This host's libvirt as `virsh -c` reaches it from outside its namespace.
     pub fn uri(&self) -> String {
         format!(
             "qemu+unix:///system?socket={}",
             self.dir.path().join("run/libvirt-sock").display()
         )
+    }
+
+    /// The same as another host's agent reaches it (what it is told as the destination):
+    /// [`Self::uri`], or inside the root for a rooted host.
+    pub fn peer_uri(&self) -> String {
+        format!(
+            "qemu+unix:///system?socket={}",
+            self.inside(&self.dir.path().join("run/libvirt-sock"))
+                .display()
+        )
+    }
+
+    /// `path` (under this host's root) as processes in the root see it.
+    pub fn inside(&self, path: &Path) -> PathBuf {
+        match &self.root {
+            Some(r) => inside(r, path),
+            None => path.to_path_buf(),
+        }
     }
 
     /// [`IMAGES`] of this host, as seen from outside its namespace.
@@ -217,7 +269,7 @@ impl LibvirtHost {
             .args(["migrate", domain, "--libvirt", "--to"])
             .arg(to.peer_addr.to_string())
             .arg("--libvirt-to")
-            .arg(self.uri())
+            .arg(self.peer_uri())
             .args(extra)
             .arg("--json")
             .output()?;
@@ -229,8 +281,19 @@ impl LibvirtHost {
         ))
     }
 
+    /// libvirtd's log, and the QEMU logs of its domains.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("libvirtd.log")).unwrap_or_default()
+        let mut text =
+            std::fs::read_to_string(self.dir.path().join("libvirtd.log")).unwrap_or_default();
+        for e in std::fs::read_dir(self.dir.path().join("log/qemu"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            text.push_str(&format!("\n--- {}:\n", e.path().display()));
+            text.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+        text
     }
 }
 
@@ -276,6 +339,11 @@ pub fn test_domain(
         g.initrd.display(),
         console.display()
     )
+}
+
+/// `path`, which is under `root`, as seen from inside it.
+fn inside(root: &Path, path: &Path) -> PathBuf {
+    Path::new("/").join(path.strip_prefix(root).unwrap_or(path))
 }
 
 fn append(path: &Path, text: &str) -> Result<()> {

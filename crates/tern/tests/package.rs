@@ -3,6 +3,9 @@
 //! from bookworm-backports; the agent runs exactly as its systemd unit says (the unit's
 //! `ExecStart`, reading the packaged /etc/tern/agent.toml), a second one with flags over
 //! that file, and a VM migrates between them with the packaged binary and the root's QEMU.
+//! Then libvirt as an operator's libvirt host has it: installed with apt in the same root,
+//! two libvirtd there (each in a mount namespace of its own, with its agent), and a
+//! libvirt domain moves from one to the other with one `tern migrate --libvirt` command.
 //! Systemd itself does not run on this machine (its PID 1 is not systemd), so the unit
 //! is checked by `systemd-analyze verify` and its `ExecStart` run, not started by systemd.
 
@@ -12,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use tern_testkit::agents::{checker_clean, e2e_lock, wait_for_text};
-use tern_testkit::guest::ensure_guest;
+use tern_testkit::guest::{ensure_guest, GuestImage};
+use tern_testkit::libvirt::{test_domain, LibvirtHost};
 use tern_testkit::run;
 
 fn repo() -> PathBuf {
@@ -72,10 +76,13 @@ impl Root {
         self.run(&all)
     }
 
-    /// Starts `tern agent ARGS` in the root, its log in the root's /var/log.
-    fn agent(&mut self, args: &[String], log: &str) -> Result<()> {
+    /// Starts `tern agent ARGS` in the root and in mount namespace `mnt` (its libvirt
+    /// host's), its log in the root's /var/log.
+    fn agent(&mut self, mnt: &Path, args: &[String], log: &str) -> Result<()> {
         let out = std::fs::File::create(self.path().join("var/log").join(log))?;
-        let child = Command::new("chroot")
+        let child = Command::new("nsenter")
+            .arg(format!("--mount={}", mnt.display()))
+            .arg("chroot")
             .arg(self.path())
             .args(args)
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -227,6 +234,17 @@ fn the_package_installs_into_a_clean_debian_and_its_agents_migrate_a_vm() -> Res
         "systemd-analyze verify: {said}"
     );
 
+    // libvirt, as an operator's libvirt host has it (11 from backports, as
+    // scripts/setup.sh installs it), and two libvirt hosts running it in the root
+    root.apt_install(&[
+        "libvirt-daemon/bookworm-backports",
+        "libvirt-daemon-driver-qemu/bookworm-backports",
+        "libvirt-clients/bookworm-backports",
+    ])
+    .context("apt-get install libvirt")?;
+    let lv_a = LibvirtHost::start_rooted("pkg-a", root.path())?;
+    let lv_b = LibvirtHost::start_rooted("pkg-b", root.path())?;
+
     // the operator's steps: a CA, each host's credentials, its config file
     root.run(&["tern", "ca", "init", "--dir", "/etc/tern/ca"])?;
     for (host, dir) in [
@@ -258,7 +276,7 @@ fn the_package_installs_into_a_clean_debian_and_its_agents_migrate_a_vm() -> Res
     )?;
 
     // host A: exactly the unit's command; host B: the same file, flags over it
-    root.agent(&exec, "agent-a.log")?;
+    root.agent(&lv_a.mount_ns(), &exec, "agent-a.log")?;
     let mut b = exec.clone();
     b.extend(
         [
@@ -277,7 +295,7 @@ fn the_package_installs_into_a_clean_debian_and_its_agents_migrate_a_vm() -> Res
         ]
         .map(String::from),
     );
-    root.agent(&b, "agent-b.log")?;
+    root.agent(&lv_b.mount_ns(), &b, "agent-b.log")?;
     for log in ["agent-a.log", "agent-b.log"] {
         wait_for_text(
             &root.path().join("var/log").join(log),
@@ -343,5 +361,51 @@ fn the_package_installs_into_a_clean_debian_and_its_agents_migrate_a_vm() -> Res
         "stop",
         "pkg1",
     ])?;
+
+    // a libvirt domain on A, migrated to B with one command: the packaged agents' default
+    // libvirt settings (the packaged agent.toml's) find each host's libvirt
+    let boot = GuestImage {
+        kernel: "/var/lib/tern/boot/vmlinuz".into(),
+        initrd: "/var/lib/tern/boot/initrd".into(),
+    };
+    let console = lv_a.dir().join("web.console");
+    let xml = lv_a.dir().join("web.xml");
+    std::fs::write(
+        &xml,
+        test_domain(
+            "web",
+            &boot,
+            128,
+            "tern.workload=dirty tern.mib=16 tern.rate=2",
+            &lv_a.inside(&console),
+            None,
+        ),
+    )?;
+    lv_a.virsh(&["create", &xml.display().to_string()])
+        .with_context(|| lv_a.log())?;
+    wait_for_text(&console, "tern-dirty pass 1", Duration::from_secs(90))
+        .with_context(|| format!("the domain did not boot:\n{}", lv_a.log()))?;
+    let since = std::fs::read(&console)?.len();
+    let report = root
+        .run(&[
+            "tern",
+            "migrate",
+            "web",
+            "--libvirt",
+            "--to",
+            "127.0.0.1:17702",
+            "--libvirt-to",
+            &lv_b.peer_uri(),
+            "--json",
+        ])
+        .with_context(|| format!("{}\n{}", root.log("agent-a.log"), root.log("agent-b.log")))?;
+    let r: serde_json::Value = serde_json::from_str(&report)?;
+    ensure!(
+        r["outcome"] == "succeeded" && r["digest_ok"] == true,
+        "{report}"
+    );
+    ensure!(lv_b.running()? == vec!["web".to_string()], "{report}");
+    ensure!(lv_a.running()?.is_empty(), "{:?}", lv_a.running());
+    checker_clean(&console, since)?;
     Ok(())
 }
