@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what tern needs on a fresh Debian 12 machine (idempotent):
 #   QEMU 10 from bookworm-backports (Debian's 7.2 loses dirty pages in live migration under
-#   TCG), the guest-build inputs (busybox-static, cpio, gcc), network tools (iproute2,
+#   TCG), the guest-build inputs (busybox-static, cpio, gcc), network tools (iproute2, ping,
 #   iptables, socat, tcpdump), e2fsprogs (test and demo disks), debootstrap (the package test's clean Debian root), dosfstools, mtools, syslinux, ovmf and systemd-boot-efi (disk images SeaBIOS and UEFI boot) and swtpm (the software TPM behind a VM spec's `tpm = true`),
 #   libvirt 11 from bookworm-backports (libvirtd, its QEMU driver and virsh, no recommends:
 #   no default network; for `tern migrate --libvirt` and its tests),
@@ -15,7 +15,7 @@ elif ! command -v qemu-nbd >/dev/null 2>&1; then need_qemu=1; fi  # qemu-utils: 
 need_libvirt=0
 if ! command -v virsh >/dev/null 2>&1 || [ ! -x /usr/sbin/libvirtd ]; then need_libvirt=1
 elif ! dpkg-query -W -f='${Version}' libvirt-daemon-driver-qemu 2>/dev/null | grep -q '^11\.'; then need_libvirt=1; fi
-pkgs=(busybox-static cpio gcc libc6-dev iproute2 iptables socat swtpm swtpm-tools tcpdump e2fsprogs debootstrap dosfstools mtools syslinux syslinux-common ovmf systemd-boot-efi)
+pkgs=(busybox-static cpio gcc libc6-dev iproute2 iputils-ping iptables socat swtpm swtpm-tools tcpdump e2fsprogs debootstrap dosfstools mtools syslinux syslinux-common ovmf systemd-boot-efi)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p"); done
 if [ "$need_qemu" = 1 ] || [ "$need_libvirt" = 1 ] || [ "${#missing[@]}" -gt 0 ]; then

@@ -201,7 +201,10 @@ async fn start_vm(
         let status = match e {
             StartVmError::Spec(_) | StartVmError::LibvirtDomain => StatusCode::BAD_REQUEST,
             StartVmError::Exists(_) => StatusCode::CONFLICT,
-            StartVmError::Launch(_) | StartVmError::Tpm(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            StartVmError::Launch(_)
+            | StartVmError::Tpm(_)
+            | StartVmError::Mac(_)
+            | StartVmError::Net(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, "start-failed", chain(&e))
     })?;

@@ -411,8 +411,10 @@ impl Agent {
         self.vms.lock().remove(name)
     }
 
-    pub async fn start_vm(&self, spec: VmSpec) -> Result<Arc<Vm>, StartVmError> {
+    pub async fn start_vm(&self, mut spec: VmSpec) -> Result<Arc<Vm>, StartVmError> {
         spec.validate()?;
+        // made once, here; kept in the spec wherever the VM goes
+        spec.assign_macs().map_err(StartVmError::Mac)?;
         if spec.libvirt.is_some() {
             return Err(StartVmError::LibvirtDomain);
         }
@@ -444,8 +446,12 @@ impl Agent {
         spec: &VmSpec,
         opts: &LaunchOptions,
     ) -> Result<QemuProcess, StartVmError> {
-        let mut tpm = self.start_tpm(spec, &opts.run_dir).await?;
         let mut opts = opts.clone();
+        if opts.nic_fds.len() != spec.nics.len() {
+            // a new VM, or one arriving: its own taps (a hand-over passes the old QEMU's)
+            opts.nic_fds = open_nics(spec).await?;
+        }
+        let mut tpm = self.start_tpm(spec, &opts.run_dir).await?;
         opts.run_as = self.config.qemu_user.clone();
         opts.sandbox = true;
         match QemuProcess::launch(spec, &opts).await {
@@ -670,6 +676,29 @@ impl Host for Agent {
     fn remove_run_dir<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, ()> {
         Box::pin(Agent::remove_run_dir(self, dir))
     }
+}
+
+/// A tap for each of `spec`'s cards, on its network's bridge (made if missing).
+async fn open_nics(spec: &VmSpec) -> Result<Vec<Arc<std::os::fd::OwnedFd>>, tern_net::NetError> {
+    if spec.nics.is_empty() {
+        return Ok(Vec::new());
+    }
+    let nl = tern_net::bridge::Netlink::open()?;
+    let mut fds = Vec::new();
+    for (i, nic) in spec.nics.iter().enumerate() {
+        let bridge = nl.ensure_bridge(&nic.network).await?;
+        let tap = tern_net::tap::create()?;
+        nl.attach(&tap.name, bridge).await?;
+        tracing::info!(
+            vm = %spec.name,
+            card = i,
+            tap = %tap.name,
+            bridge = %tern_net::bridge::bridge_name(&nic.network),
+            "network card on its tap"
+        );
+        fds.push(Arc::new(tap.fd));
+    }
+    Ok(fds)
 }
 
 /// A previous agent that died mid-migration may have left the VM's QEMU migrating into a

@@ -178,6 +178,19 @@ impl Vm {
                     format: d.format.as_str().into(),
                 })
                 .collect(),
+            nics: self
+                .spec
+                .nics
+                .iter()
+                .enumerate()
+                .map(|(i, n)| tern_api::vm::VmNic {
+                    network: n.network.clone(),
+                    mac: n.mac.map(|m| m.to_string()).unwrap_or_default(),
+                    tap: self.pid.and_then(|pid| {
+                        tern_net::tap::name_in(pid, tern_qemu::launch::NIC_FD_BASE + i as i32)
+                    }),
+                })
+                .collect(),
         }
     }
 }
@@ -212,6 +225,10 @@ pub enum StartVmError {
     Launch(#[from] LaunchError),
     #[error("could not start the VM's TPM (swtpm)")]
     Tpm(#[from] tern_qemu::swtpm::SwtpmStartError),
+    #[error("could not make a MAC address for the VM's network card")]
+    Mac(#[source] std::io::Error),
+    #[error("could not set up the VM's network cards on this host")]
+    Net(#[from] tern_net::NetError),
 }
 
 /// Why `tern vm stop` failed.

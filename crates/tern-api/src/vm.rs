@@ -20,6 +20,18 @@ pub struct VmInfo {
     /// Its local disks as this host has them (after a migration: the images tern made).
     #[serde(default)]
     pub disks: Vec<VmDisk>,
+    /// Its network cards, in guest order.
+    #[serde(default)]
+    pub nics: Vec<VmNic>,
+}
+
+/// One network card of a VM: its virtual network, its MAC (kept wherever the VM goes) and
+/// the tap it has on this host (None if its QEMU is gone or the tap cannot be read).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmNic {
+    pub network: String,
+    pub mac: String,
+    pub tap: Option<String>,
 }
 
 /// One disk of a VM: the image on this host and its format (`raw`, `qcow2`).

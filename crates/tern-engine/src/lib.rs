@@ -163,6 +163,13 @@ where
     tokio::spawn(fut.in_current_span())
 }
 
+/// QEMU's `announce-self` as tern sends it once a VM runs somewhere new: five rounds over
+/// about half a second (a RARP from each network card; a guest that can also sends its own
+/// gratuitous ARP).
+pub fn announce_args() -> serde_json::Value {
+    serde_json::json!({ "initial": 50, "max": 550, "rounds": 5, "step": 100 })
+}
+
 /// Where a VM's vTPM migration key lives: its run directory (root only), random per VM
 /// (made when its swtpm first starts, received from the source for an incoming VM).
 pub fn tpm_migration_key_path(run_dir: &Path) -> PathBuf {

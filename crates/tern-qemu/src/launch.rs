@@ -4,11 +4,15 @@
 //! with `tpm = true` needs its swtpm listening before launch ([`crate::swtpm`]); the
 //! launcher only connects QEMU to it. Disks become `-blockdev` nodes and virtio-blk
 //! devices named as [`crate::disk`] documents, on the source and on an incoming
-//! destination alike (the destination's image must exist before launch).
+//! destination alike (the destination's image must exist before launch). Network cards
+//! are virtio-net devices on taps whose descriptors the caller opened
+//! ([`LaunchOptions::nic_fds`]); QEMU never opens a tap itself.
 
 use std::ffi::OsString;
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
@@ -47,7 +51,13 @@ pub struct LaunchOptions {
     /// two unix sockets instead of `-incoming defer`. Its QMP socket appears only after
     /// the old QEMU sent its memory on `cpr`, so [`QemuProcess::launch`] waits for it.
     pub cpr_incoming: Option<CprIncoming>,
+    /// One open tap descriptor per card of the spec, in its order (QEMU gets card N's at
+    /// descriptor [`NIC_FD_BASE`]` + N`). The caller keeps its own copies or drops them.
+    pub nic_fds: Vec<Arc<OwnedFd>>,
 }
+
+/// QEMU finds card N's tap at this descriptor plus N (`-netdev tap,fd=`).
+pub const NIC_FD_BASE: RawFd = 100;
 
 /// The listening sockets of a QEMU that takes a VM over on the same host.
 #[derive(Debug, Clone)]
@@ -81,6 +91,7 @@ impl LaunchOptions {
             run_as: None,
             sandbox: false,
             cpr_incoming: None,
+            nic_fds: Vec::new(),
         }
     }
 
@@ -220,11 +231,34 @@ pub enum LaunchError {
     NoSwtpm { path: PathBuf },
     #[error("the VM spec has firmware = \"uefi\" but OVMF is not installed on this host (none of {}): apt install ovmf", OVMF.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", "))]
     NoOvmf,
+    #[error("the VM has {cards} network cards but {taps} taps were opened for it")]
+    NicFds { cards: usize, taps: usize },
+    #[error("network card {0} has no MAC (the agent gives every card one before it starts)")]
+    NicWithoutMac(usize),
     #[error("cannot make the VM's UEFI variable store {path}")]
     EfiVars {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// QEMU inherits `fds` at [`NIC_FD_BASE`], [`NIC_FD_BASE`]` + 1`, ... (copies; no other
+/// descriptor of the caller's: the rest are close-on-exec).
+fn pass_fds(cmd: &mut Command, fds: &[Arc<OwnedFd>]) -> std::io::Result<()> {
+    use command_fds::{CommandFdExt, FdMapping};
+    if fds.is_empty() {
+        return Ok(());
+    }
+    let mut mappings = Vec::new();
+    for (i, fd) in fds.iter().enumerate() {
+        mappings.push(FdMapping {
+            parent_fd: fd.try_clone()?,
+            child_fd: NIC_FD_BASE + i as RawFd,
+        });
+    }
+    cmd.fd_mappings(mappings)
+        .map_err(|_| std::io::Error::other("two descriptors for one number"))?;
+    Ok(())
 }
 
 /// A running QEMU, killed if dropped.
@@ -410,6 +444,18 @@ impl QemuProcess {
                 a.push(s.into());
             }
         }
+        for (i, n) in spec.nics.iter().enumerate() {
+            let mac = n.mac.map(|m| m.to_string()).unwrap_or_default();
+            for s in [
+                "-netdev".to_string(),
+                format!("tap,id=net{i},fd={}", NIC_FD_BASE + i as RawFd),
+                "-device".to_string(),
+                // no option ROM: tern's VMs do not boot from the network
+                format!("virtio-net-pci,netdev=net{i},id=nic{i},mac={mac},romfile="),
+            ] {
+                a.push(s.into());
+            }
+        }
         if spec.tpm {
             let ctrl = qemu_opt_value(&opts.tpm_ctrl_socket());
             for s in [
@@ -431,6 +477,15 @@ impl QemuProcess {
         spec.check_files()?;
         if spec.accel == Accel::Kvm && !Path::new("/dev/kvm").exists() {
             return Err(LaunchError::NoKvm);
+        }
+        if spec.nics.len() != opts.nic_fds.len() {
+            return Err(LaunchError::NicFds {
+                cards: spec.nics.len(),
+                taps: opts.nic_fds.len(),
+            });
+        }
+        if let Some(i) = spec.nics.iter().position(|n| n.mac.is_none()) {
+            return Err(LaunchError::NicWithoutMac(i));
         }
         let qmp_path = opts.run_dir.join("qmp.sock");
         if qmp_path.as_os_str().len() > 100 {
@@ -493,6 +548,10 @@ impl QemuProcess {
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(opts.kill_on_drop);
+        pass_fds(&mut cmd, &opts.nic_fds).map_err(|e| LaunchError::Spawn {
+            binary: opts.qemu_binary.clone(),
+            source: e,
+        })?;
         let mut child = cmd.spawn().map_err(|e| LaunchError::Spawn {
             binary: opts.qemu_binary.clone(),
             source: e,
@@ -603,6 +662,7 @@ mod tests {
             migration_capabilities: vec![],
             tpm: false,
             disks: vec![],
+            nics: vec![],
             memory: Default::default(),
             libvirt: None,
             firmware: Default::default(),
@@ -802,6 +862,61 @@ mod tests {
             after(&a, "-machine"),
             Some("pc,pflash0=efi-code,pflash1=efi-vars")
         );
+    }
+
+    #[test]
+    fn each_card_is_virtio_net_on_the_tap_passed_at_its_descriptor() {
+        use crate::spec::{Mac, NicSpec};
+        let mut s = spec(Accel::Tcg);
+        assert!(!args(QemuProcess::command_line(
+            &s,
+            &LaunchOptions::new("/r".into())
+        ))
+        .iter()
+        .any(|x| x.contains("netdev")));
+        s.nics = vec![
+            NicSpec {
+                network: "blue".into(),
+                mac: Some(Mac([0x52, 0x54, 0, 1, 2, 3])),
+            },
+            NicSpec {
+                network: "red".into(),
+                mac: Some(Mac([0x52, 0x54, 0, 0xa, 0xb, 0xc])),
+            },
+        ];
+        let a = args(QemuProcess::command_line(
+            &s,
+            &LaunchOptions::new("/r".into()),
+        ));
+        assert_eq!(
+            values_of(&a, "-netdev"),
+            ["tap,id=net0,fd=100", "tap,id=net1,fd=101"]
+        );
+        let devices = values_of(&a, "-device");
+        assert!(devices.contains(
+            &&"virtio-net-pci,netdev=net1,id=nic1,mac=52:54:00:0a:0b:0c,romfile=".to_string()
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_vm_whose_cards_have_no_taps_is_refused_before_qemu_starts() {
+        let mut s = spec(Accel::Tcg);
+        s.kernel = Some("/".into()); // exists
+        s.initrd = None;
+        s.nics = vec![crate::spec::NicSpec {
+            network: "blue".into(),
+            mac: None,
+        }];
+        let dir = std::env::temp_dir().join(format!("tern-nic-{}", std::process::id()));
+        let e = QemuProcess::launch(&s, &LaunchOptions::new(dir.clone()))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(e, LaunchError::NicFds { cards: 1, taps: 0 }),
+            "{e}"
+        );
+        assert!(!dir.exists());
     }
 
     #[test]

@@ -40,6 +40,10 @@ impl Accel {
 /// [[disk]]       # optional, any number up to 16: virtio-blk disks /dev/vda, /dev/vdb, ...
 /// path = "/var/lib/tern/disks/web1.qcow2"
 /// format = "qcow2"   # or "raw"; a qcow2 may have a backing file (QEMU opens it itself)
+///
+/// [[nic]]        # optional, up to 8: virtio-net cards eth0, eth1, ... (see NicSpec)
+/// network = "blue"
+/// mac = "52:54:00:12:34:56"   # optional: made once when the VM starts, then kept
 /// ```
 ///
 /// QEMU addresses disk N (from 0, in this order) by the node names in [`crate::disk`]:
@@ -81,6 +85,11 @@ pub struct VmSpec {
     /// this key.
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskSpec>,
+    /// Network cards, in guest order (`eth0` first). None unless set, and left out of the
+    /// TOML when empty, so a spec without NICs still reads on an agent that does not know
+    /// this key (and one with NICs is refused by such an agent).
+    #[serde(default, rename = "nic", skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicSpec>,
     /// Guest RAM private (default) or shared (can be upgraded in place): [`GuestMemory`].
     /// Left out of the TOML when private, so such a spec reads on an agent that does not
     /// know this key.
@@ -202,6 +211,107 @@ pub struct DiskSpec {
     pub format: DiskFormat,
 }
 
+/// Most network cards a VM may have.
+pub const MAX_NICS: usize = 8;
+
+/// One `[[nic]]` of a [`VmSpec`]: a virtio-net card on a tap device that the agent
+/// creates and puts on the host's bridge of `network` (`tern-NETWORK`, see
+/// `tern_net`). The card's MAC and its network travel with the VM; the destination
+/// creates its tap before its QEMU starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    /// The virtual network: 1-10 characters from [a-z0-9-], not starting with '-'.
+    pub network: String,
+    /// The card's address. Absent in a spec file: the agent makes one (QEMU's `52:54:00`
+    /// prefix, the rest random) when the VM starts and keeps it in the spec, so the VM
+    /// keeps it wherever it moves. A migrating spec always has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<Mac>,
+}
+
+/// Longest network name: `tern-` and it make a Linux interface name (15 bytes at most).
+pub const MAX_NETWORK_NAME: usize = 10;
+
+/// Whether `name` may name a virtual network ([`NicSpec::network`]).
+pub fn valid_network_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NETWORK_NAME
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// A unicast Ethernet address, written `52:54:00:12:34:56` (lower or upper case).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// A new address with QEMU's prefix `52:54:00` and three random bytes.
+    pub fn random() -> std::io::Result<Mac> {
+        use std::io::Read;
+        let mut r = [0u8; 3];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut r)?;
+        Ok(Mac([0x52, 0x54, 0x00, r[0], r[1], r[2]]))
+    }
+
+    /// Unicast and not all zero: an address a card may have.
+    pub fn is_unicast(&self) -> bool {
+        self.0[0] & 1 == 0 && self.0 != [0; 6]
+    }
+}
+
+impl std::fmt::Display for Mac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl std::fmt::Debug for Mac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mac, String> {
+        let bad = || format!("{s:?} is not a MAC address (six hex bytes: 52:54:00:12:34:56)");
+        let mut b = [0u8; 6];
+        let mut parts = s.split(':');
+        for x in b.iter_mut() {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *x = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Mac(b))
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Mac, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// The first bytes of every qcow2 image.
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
@@ -257,6 +367,20 @@ pub enum SpecError {
     NotQcow2 { index: usize, path: PathBuf },
     #[error("the VM has neither a kernel nor a disk to boot from: give it kernel = \"...\" or a [[disk]] holding a bootloader")]
     NothingToBoot,
+    #[error("at most {MAX_NICS} network cards, got {0}")]
+    TooManyNics(usize),
+    #[error("nic {index}: network name {name:?} is invalid: use 1-{MAX_NETWORK_NAME} characters from [a-z0-9-], not starting with '-'")]
+    BadNetwork { index: usize, name: String },
+    #[error("nic {index}: {mac} is not a unicast address (the first byte must be even, and not all zero)")]
+    BadMac { index: usize, mac: Mac },
+    #[error("nic {index} and nic {other} have the same MAC {mac}")]
+    DuplicateMac {
+        index: usize,
+        other: usize,
+        mac: Mac,
+    },
+    #[error("nic {0} has no MAC: a migrating VM's cards keep the address they started with")]
+    NicWithoutMac(usize),
     #[error("{0} without kernel: initrd and append go with a kernel QEMU loads; a VM booting its disk takes them from its bootloader's configuration")]
     WithoutKernel(&'static str),
 }
@@ -302,6 +426,25 @@ impl VmSpec {
         if self.disks.len() > MAX_DISKS {
             return Err(SpecError::TooManyDisks(self.disks.len()));
         }
+        if self.nics.len() > MAX_NICS {
+            return Err(SpecError::TooManyNics(self.nics.len()));
+        }
+        for (index, n) in self.nics.iter().enumerate() {
+            if !valid_network_name(&n.network) {
+                return Err(SpecError::BadNetwork {
+                    index,
+                    name: n.network.clone(),
+                });
+            }
+            if let Some(mac) = n.mac {
+                if !mac.is_unicast() {
+                    return Err(SpecError::BadMac { index, mac });
+                }
+                if let Some(other) = self.nics[..index].iter().position(|o| o.mac == Some(mac)) {
+                    return Err(SpecError::DuplicateMac { index, other, mac });
+                }
+            }
+        }
         if let Some(lv) = &self.libvirt {
             // libvirt's QEMU: nothing of it is launched from this spec
             if lv.domain != self.name || !LibvirtDomain::valid_name(&lv.domain) {
@@ -309,6 +452,7 @@ impl VmSpec {
             }
             if self.tpm
                 || !self.disks.is_empty()
+                || !self.nics.is_empty()
                 || self.kernel.is_some()
                 || self.firmware != Firmware::Bios
             {
@@ -341,6 +485,28 @@ impl VmSpec {
             }
         }
         Ok(())
+    }
+
+    /// Gives every card without a MAC a new one (made once, when the VM first starts).
+    pub fn assign_macs(&mut self) -> std::io::Result<()> {
+        for i in 0..self.nics.len() {
+            while self.nics[i].mac.is_none() {
+                let m = Mac::random()?;
+                if !self.nics.iter().any(|o| o.mac == Some(m)) {
+                    self.nics[i].mac = Some(m);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A migrating spec: valid, and every card has its MAC.
+    pub fn validate_migrating(&self) -> Result<(), SpecError> {
+        self.validate()?;
+        match self.nics.iter().position(|n| n.mac.is_none()) {
+            Some(i) => Err(SpecError::NicWithoutMac(i)),
+            None => Ok(()),
+        }
     }
 
     /// The files QEMU will need must exist on this host.
@@ -413,6 +579,64 @@ fn check_disk_file(index: usize, d: &DiskSpec) -> Result<(), SpecError> {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn nics_read_from_toml_get_a_kept_mac_and_bad_ones_are_refused() {
+        let base = "name='n1'\nmemory_mib=128\nkernel='/k'\n";
+        let mut s = VmSpec::from_toml(&format!(
+            "{base}[[nic]]\nnetwork='blue'\n[[nic]]\nnetwork='red-2'\nmac='52:54:00:AB:cd:01'\n"
+        ))
+        .unwrap();
+        assert_eq!(s.nics[1].mac, Some(Mac([0x52, 0x54, 0, 0xab, 0xcd, 1])));
+        assert!(s.nics[0].mac.is_none());
+        assert!(matches!(
+            s.validate_migrating(),
+            Err(SpecError::NicWithoutMac(0))
+        ));
+        s.assign_macs().unwrap();
+        let mac = s.nics[0].mac.unwrap();
+        assert_eq!(&mac.0[..3], &[0x52, 0x54, 0]);
+        assert_ne!(Some(mac), s.nics[1].mac);
+        s.validate_migrating().unwrap();
+        // kept: the spec written out reads back with the same addresses
+        let again = VmSpec::from_toml(&s.to_toml()).unwrap();
+        assert_eq!(again, s);
+        assert!(s.to_toml().contains(&format!("mac = \"{mac}\"")));
+        // and a spec without NICs says nothing of them
+        assert!(!VmSpec::from_toml(base).unwrap().to_toml().contains("nic"));
+
+        for (nic, want) in [
+            ("network='Blue'", "network name"),
+            ("network='a-very-long-net'", "network name"),
+            ("network=''", "network name"),
+            ("network='-x'", "network name"),
+            ("network='b'\nmac='01:00:5e:00:00:01'", "not a unicast"),
+            ("network='b'\nmac='00:00:00:00:00:00'", "not a unicast"),
+            ("network='b'\nmac='52:54:00:00:01'", "not a MAC"),
+            ("network='b'\nmac='52:54:00:00:01:0g'", "not a MAC"),
+            ("network='b'\nbridge='br0'", "unknown field"),
+        ] {
+            let e = VmSpec::from_toml(&format!("{base}[[nic]]\n{nic}\n")).unwrap_err();
+            assert!(
+                e.to_string().contains(want) || format!("{e:?}").contains(want),
+                "{nic}: {e} / {e:?}"
+            );
+        }
+        let twice = "[[nic]]\nnetwork='a'\nmac='52:54:00:00:00:01'\n".repeat(2);
+        assert!(matches!(
+            VmSpec::from_toml(&format!("{base}{twice}")),
+            Err(SpecError::DuplicateMac {
+                index: 1,
+                other: 0,
+                ..
+            })
+        ));
+        let many = "[[nic]]\nnetwork='a'\n".repeat(MAX_NICS + 1);
+        assert!(matches!(
+            VmSpec::from_toml(&format!("{base}{many}")),
+            Err(SpecError::TooManyNics(9))
+        ));
+    }
 
     #[test]
     fn spec_roundtrips_through_toml() {

@@ -342,6 +342,7 @@ async fn disk_migrates_live_while_the_guest_writes_and_stays_consistent() -> Res
         memory: Default::default(),
         libvirt: None,
         firmware: Default::default(),
+        nics: vec![],
     }
     };
     let node = disk::node_name(0);

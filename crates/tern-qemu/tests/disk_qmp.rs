@@ -50,6 +50,7 @@ fn spec(disks: Vec<DiskSpec>) -> Result<VmSpec> {
         memory: Default::default(),
         libvirt: None,
         firmware: Default::default(),
+        nics: vec![],
     })
 }
 

@@ -26,6 +26,7 @@ fn spec(kernel: PathBuf, initrd: Option<PathBuf>) -> VmSpec {
         memory: Default::default(),
         libvirt: None,
         firmware: Default::default(),
+        nics: vec![],
     }
 }
 

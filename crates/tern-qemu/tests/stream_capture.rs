@@ -71,6 +71,7 @@ async fn capture(binary: Option<PathBuf>, paused: bool, dir: &Path) -> Result<Ve
         memory: Default::default(),
         libvirt: None,
         firmware: Default::default(),
+        nics: vec![],
     };
     let mut opts = LaunchOptions::new(dir.join("run"));
     if let Some(b) = binary {

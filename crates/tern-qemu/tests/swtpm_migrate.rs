@@ -247,6 +247,7 @@ async fn tpm_pcrs_survive_two_migrations_and_state_is_encrypted() -> Result<()> 
         memory: Default::default(),
         libvirt: None,
         firmware: Default::default(),
+        nics: vec![],
     };
     let mkey = dir.join("migration.key");
     swtpm::ensure_key_file(&mkey)?;

@@ -629,7 +629,7 @@ fn vm(c: Client, cmd: VmCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "{:<20} {:<12} {:>8} {:>5} {:<5} {:>8}",
+                    "{:<20} {:<12} {:>8} {:>5} {:<5} {:>8}  NICS",
                     "NAME", "STATE", "MEM(MiB)", "VCPU", "ACCEL", "PID"
                 );
                 for vm in v.as_array().into_iter().flatten() {
@@ -640,14 +640,33 @@ fn vm(c: Client, cmd: VmCmd) -> Result<()> {
                             .map(|n| n.to_string())
                             .unwrap_or_else(|| "-".into())
                     };
+                    // each card: NETWORK/MAC@TAP
+                    let nics: Vec<String> = vm["nics"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|n| {
+                            format!(
+                                "{}/{}@{}",
+                                n["network"].as_str().unwrap_or("?"),
+                                n["mac"].as_str().unwrap_or("?"),
+                                n["tap"].as_str().unwrap_or("-")
+                            )
+                        })
+                        .collect();
                     println!(
-                        "{:<20} {:<12} {:>8} {:>5} {:<5} {:>8}",
+                        "{:<20} {:<12} {:>8} {:>5} {:<5} {:>8}  {}",
                         vm["name"].as_str().unwrap_or("?"),
                         vm["state"].as_str().unwrap_or("?"),
                         num("memory_mib"),
                         num("vcpus"),
                         vm["accel"].as_str().unwrap_or("?"),
-                        num("pid")
+                        num("pid"),
+                        if nics.is_empty() {
+                            "-".into()
+                        } else {
+                            nics.join(" ")
+                        }
                     );
                 }
             }

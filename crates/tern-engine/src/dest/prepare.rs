@@ -83,6 +83,7 @@ pub(super) async fn run(
         ));
     }
     let mut spec = VmSpec::from_toml(&spec_toml)
+        .and_then(|s| s.validate_migrating().map(|()| s))
         .map_err(|e| refuse(ErrorCode::SpecRejected, error_chain(&e)))?;
     if spec.libvirt.is_some() {
         return prepare_carried(inc, conn, spec, id, source_running, version, peer_name).await;

@@ -72,6 +72,19 @@ pub(super) async fn run(
     } else {
         SystemTime::now()
     };
+    if !p.spec.nics.is_empty() {
+        // the cards say where they are now, five times over half a second (QEMU's
+        // announce-self: RARP from each card, and a guest that can sends its own
+        // gratuitous ARP), so switches forward to this host at once
+        if let Ok(qmp) = p.qmp() {
+            if let Err(e) = qmp
+                .execute("announce-self", Some(crate::announce_args()))
+                .await
+            {
+                tracing::warn!("announce-self after the switchover failed: {e}");
+            }
+        }
+    }
     let resumed_unix_us = if p.source_running {
         unix_us(resumed_at)
     } else {

@@ -158,6 +158,7 @@ pub enum UpgradeError {
     Timeout(&'static str, u64),
     #[error("the other agent: {0}")]
     Peer(String),
+
     #[error("cannot record the switchover in {dir}: the VM stays with its old QEMU")]
     Record {
         dir: PathBuf,
@@ -495,6 +496,16 @@ pub async fn commit(
                 step: "cont (new QEMU)",
                 source: e,
             });
+        }
+        // its network cards are on new taps (docs/network.md): they say so at once, so
+        // the bridge forwards to them and not to the old QEMU's taps (none for a VM
+        // without cards)
+        if let Err(e) = process
+            .qmp
+            .execute("announce-self", Some(crate::announce_args()))
+            .await
+        {
+            tracing::warn!("announce-self after the hand-over failed: {e}");
         }
     }
     Ok(())

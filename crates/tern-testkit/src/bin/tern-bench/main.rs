@@ -74,6 +74,7 @@ fn spec(name: &str, g: &GuestImage, append: &str) -> VmSpec {
         memory: Default::default(),
         libvirt: None,
         firmware: Default::default(),
+        nics: vec![],
     }
 }
 

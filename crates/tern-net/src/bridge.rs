@@ -1,0 +1,154 @@
+//! The bridge of a virtual network on this host, `tern-NETWORK`: the agent creates it the
+//! first time a VM card on that network needs it (and leaves it: other VMs, the host's own
+//! address or, later, the network's VXLAN port may be on it), and puts each card's tap on
+//! it. All through netlink (rtnetlink), never by running `ip`.
+
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+
+use crate::NetError;
+
+/// The bridge of virtual network `network` (`tern-blue` for `blue`).
+pub fn bridge_name(network: &str) -> String {
+    format!("tern-{network}")
+}
+
+/// A netlink connection to this network namespace's links; closed when dropped.
+pub struct Netlink {
+    handle: Handle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
+    let what = what.into();
+    move |source| NetError::Netlink { what, source }
+}
+
+/// A link found by name: its index and whether it is a bridge.
+struct Found {
+    index: u32,
+    bridge: bool,
+}
+
+impl Netlink {
+    /// Opens the connection (inside a tokio runtime).
+    pub fn open() -> Result<Netlink, NetError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| NetError::Io {
+            what: "open a netlink socket".into(),
+            source,
+        })?;
+        let task = tokio::spawn(conn);
+        Ok(Netlink { handle, task })
+    }
+
+    async fn find(&self, name: &str) -> Result<Option<Found>, NetError> {
+        let mut links = self.handle.link().get().execute();
+        while let Some(m) = links
+            .try_next()
+            .await
+            .map_err(netlink("list this host's interfaces"))?
+        {
+            if link_name(&m).as_deref() == Some(name) {
+                return Ok(Some(Found {
+                    index: m.header.index,
+                    bridge: is_bridge(&m),
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The index of `network`'s bridge, created (and up) if it is not there yet.
+    pub async fn ensure_bridge(&self, network: &str) -> Result<u32, NetError> {
+        let name = bridge_name(network);
+        if let Some(f) = self.find(&name).await? {
+            return if f.bridge {
+                Ok(f.index)
+            } else {
+                Err(NetError::NotABridge(name))
+            };
+        }
+        let made = self
+            .handle
+            .link()
+            .add(LinkBridge::new(&name).up().build())
+            .execute()
+            .await;
+        match (made, self.find(&name).await?) {
+            // (or made at the same time by another VM's start)
+            (_, Some(f)) if f.bridge => Ok(f.index),
+            (_, Some(_)) => Err(NetError::NotABridge(name)),
+            (Err(e), None) => Err(netlink(format!("create bridge {name}"))(e)),
+            (Ok(()), None) => Err(NetError::Io {
+                what: format!("find bridge {name} after creating it"),
+                source: std::io::ErrorKind::NotFound.into(),
+            }),
+        }
+    }
+
+    /// Puts interface `port` on the bridge with index `bridge` and sets it up.
+    pub async fn attach(&self, port: &str, bridge: u32) -> Result<(), NetError> {
+        let Some(f) = self.find(port).await? else {
+            return Err(NetError::Io {
+                what: format!("find interface {port}"),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        };
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(f.index)
+                    .controller(bridge)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(netlink(format!("put {port} on its bridge")))
+    }
+
+    /// The bridge `port` is on, by name, if any.
+    pub async fn bridge_of(&self, port: &str) -> Result<Option<String>, NetError> {
+        let mut links = self.handle.link().get().execute();
+        let mut controller = None;
+        let mut names = Vec::new();
+        while let Some(m) = links
+            .try_next()
+            .await
+            .map_err(netlink("list this host's interfaces"))?
+        {
+            let name = link_name(&m);
+            if name.as_deref() == Some(port) {
+                controller = m.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Controller(i) => Some(*i),
+                    _ => None,
+                });
+            }
+            names.push((m.header.index, name));
+        }
+        Ok(controller.and_then(|c| names.into_iter().find(|(i, _)| *i == c)?.1))
+    }
+}
+
+fn link_name(m: &LinkMessage) -> Option<String> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+fn is_bridge(m: &LinkMessage) -> bool {
+    m.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos
+            .iter()
+            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge))),
+        _ => false,
+    })
+}

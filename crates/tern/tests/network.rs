@@ -1,0 +1,241 @@
+//! VM network cards (`[[nic]]`): a virtio-net card on a tap the agent makes and puts on
+//! its network's bridge (`tern-NETWORK`); the MAC, made once when the VM starts, and the
+//! network travel with the VM. Two agents in one network namespace the test makes (so
+//! both hosts' bridges are one `tern-lab`, as one L2 segment), a real guest answering
+//! ping at 198.18.60.2 from the bridge's 198.18.60.1, through a failed upgrade, a
+//! migration and an upgrade (each new QEMU on a new tap).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::json;
+use tern_testkit::agents::{checker_clean, e2e_lock, wait_for_text, AgentOptions, TestAgent};
+use tern_testkit::guest::ensure_guest;
+use tern_testkit::run;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tern");
+const GUEST_IP: &str = "198.18.60.2";
+
+/// A network namespace of the test's own, deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: &str) -> Result<Netns> {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", name])
+            .stderr(Stdio::null())
+            .status();
+        run(Command::new("ip").args(["netns", "add", name]))?;
+        let ns = Netns(name.into());
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NS ARGS`.
+    fn ip(&self, args: &[&str]) -> Result<String> {
+        run(Command::new("ip").args(["-n", &self.0]).args(args))
+    }
+
+    /// One ping to the guest, waiting at most `secs` for its answer.
+    fn ping(&self, secs: u32) -> Result<()> {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.0, "ping", "-n", "-c", "1"])
+            .args(["-w", &secs.to_string(), GUEST_IP]))
+        .map(|_| ())
+    }
+
+    /// The taps on bridge `tern-lab`, by name.
+    fn taps(&self) -> Result<Vec<String>> {
+        let out = self.ip(&["-o", "link", "show", "master", "tern-lab"])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect())
+    }
+
+    /// The MAC the host's neighbour table has for the guest.
+    fn guest_mac(&self) -> Result<String> {
+        let out = self.ip(&["neigh", "show", GUEST_IP])?;
+        out.split_whitespace()
+            .skip_while(|w| *w != "lladdr")
+            .nth(1)
+            .map(String::from)
+            .with_context(|| format!("no MAC for {GUEST_IP}: {out:?}"))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+/// Pings the guest every 20 ms until stopped; how many went unanswered.
+struct Pinger(Child);
+
+impl Pinger {
+    fn start(ns: &Netns) -> Result<Pinger> {
+        Ok(Pinger(
+            Command::new("ip")
+                .args(["netns", "exec", &ns.0, "ping", "-n", "-i", "0.02", GUEST_IP])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?,
+        ))
+    }
+
+    /// (sent, answered)
+    fn stop(self) -> Result<(u64, u64)> {
+        run(Command::new("kill").args(["-INT", &self.0.id().to_string()]))?;
+        let out = self.0.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .with_context(|| format!("ping's summary: {text}"))?;
+        let n: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        ensure!(n.len() >= 2, "{line}");
+        Ok((n[0], n[1]))
+    }
+}
+
+fn agent(ns: &Netns, name: &str, env: &[(&str, &str)]) -> Result<TestAgent> {
+    TestAgent::start_with(
+        Path::new(BIN),
+        name,
+        AgentOptions {
+            netns: Some(&ns.0),
+            env,
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+#[ignore = "tier vm: needs root, network namespaces and QEMU (bash scripts/test.sh runs it)"]
+fn a_vm_keeps_its_card_address_and_pings_through_a_migration_and_an_upgrade() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let ns = Netns::new(&format!("tern-nic-{}", std::process::id()))?;
+    // A's upgrades fail once the new QEMU has the memory (it is killed)
+    let a = agent(&ns, "host-a", &[("TERN_FAULT", "upgrade-kill-new-qemu")])?;
+    let b = agent(&ns, "host-b", &[])?;
+    let spec = format!(
+        "name = \"web\"\nmemory_mib = 128\nvcpus = 1\naccel = \"tcg\"\nkernel = {:?}\ninitrd = {:?}\n\
+         append = \"console=ttyS0 panic=-1 tern.workload=dirty tern.mib=16 tern.rate=2 tern.ip={GUEST_IP}/24\"\n\
+         memory = \"shared\"\n[[nic]]\nnetwork = \"lab\"\n",
+        g.kernel.display().to_string(),
+        g.initrd.display().to_string()
+    );
+    // a card with a bad network name is refused before anything starts
+    let bad = spec.replace("network = \"lab\"", "network = \"Lab\"");
+    let e = a
+        .start_vm(&bad)
+        .err()
+        .context("a bad network name was taken")?;
+    ensure!(e.to_string().contains("network name"), "{e:#}");
+
+    let info = a.start_vm(&spec)?;
+    let console = PathBuf::from(info["console_log"].as_str().context("console")?);
+    wait_for_text(&console, "tern-dirty pass 1", Duration::from_secs(120))
+        .context("guest did not boot")?;
+    // the agent made the card's MAC and its tap, on the network's bridge (made too)
+    let nic = &info["nics"][0];
+    let mac = nic["mac"].as_str().context("no MAC")?.to_string();
+    ensure!(mac.starts_with("52:54:00:"), "{info}");
+    let tap_a = nic["tap"].as_str().context("no tap")?.to_string();
+    ensure!(ns.taps()? == vec![tap_a.clone()], "{:?}", ns.taps());
+    ns.ip(&["addr", "add", "198.18.60.1/24", "dev", "tern-lab"])?;
+    ns.ping(20)
+        .context("the guest does not answer on its card")?;
+    ensure!(
+        ns.guest_mac()? == mac,
+        "the guest answered from another MAC"
+    );
+
+    // an upgrade that fails once the new QEMU has the memory and its own tap leaves the
+    // VM running in its old QEMU, on its tap, answering (the new QEMU's tap is gone)
+    let e = a
+        .call("POST", "/v1/vms/web/upgrade", Some(&json!({})))
+        .err()
+        .context("the upgrade with its new QEMU killed succeeded")?;
+    ensure!(
+        format!("{e:#}").contains("the VM runs in its old QEMU"),
+        "{e:#}"
+    );
+    let again = a.vm("web")?;
+    ensure!(
+        again["pid"] == info["pid"] && again["state"] == "running",
+        "{again}"
+    );
+    ensure!(again["nics"][0]["tap"] == tap_a.as_str(), "{again}");
+    ns.ping(10).context("no answer after the failed upgrade")?;
+    ensure!(ns.taps()? == vec![tap_a.clone()], "{:?}", ns.taps());
+
+    // migrate while pinging: the card arrives with its MAC on B's tap
+    checker_clean(&console, 0)?;
+    let pinger = Pinger::start(&ns)?;
+    let id = a.start_migration("web", &b.peer_addr.to_string(), json!({}))?;
+    let m = a.wait_migration(&id, Duration::from_secs(120))?;
+    ensure!(
+        m.error.is_none(),
+        "migration failed: {m:?}\n{}",
+        a.log_text()
+    );
+    let on_b = b.vm("web")?;
+    ensure!(on_b["nics"][0]["mac"] == mac.as_str(), "{on_b}");
+    let tap_b = on_b["nics"][0]["tap"]
+        .as_str()
+        .context("no tap on B")?
+        .to_string();
+    // the source's tap went with its QEMU: one tap on the bridge, B's
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ns.taps()? != vec![tap_b.clone()] {
+        if std::time::Instant::now() > deadline {
+            bail!("taps on the bridge after the migration: {:?}", ns.taps()?);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ns.ping(10).context("no answer after the migration")?;
+    let (sent, answered) = pinger.stop()?;
+    eprintln!(
+        "migration: {sent} pings every 20 ms, {} unanswered, downtime {:?} ms",
+        sent - answered,
+        m.report.as_ref().map(|r| r.downtime_ms)
+    );
+    ensure!(answered > 0 && ns.guest_mac()? == mac);
+    checker_clean(&b.console_log("web")?, 0)?;
+
+    // a same-host upgrade: the new QEMU on a new tap on the same bridge, the old one's
+    // gone with it
+    let pinger = Pinger::start(&ns)?;
+    let r = b
+        .call("POST", "/v1/vms/web/upgrade", Some(&json!({})))
+        .with_context(|| b.log_text())?;
+    ensure!(r["ram_bytes_copied"] == 0, "{r}");
+    let after = b.vm("web")?;
+    ensure!(after["pid"] != on_b["pid"], "the same QEMU: {after}");
+    let tap_new = after["nics"][0]["tap"]
+        .as_str()
+        .context("no tap")?
+        .to_string();
+    ensure!(tap_new != tap_b, "{after}");
+    ensure!(ns.taps()? == vec![tap_new.clone()], "{:?}", ns.taps());
+    ns.ping(10).context("no answer after the upgrade")?;
+    let (sent, answered) = pinger.stop()?;
+    eprintln!(
+        "upgrade: {sent} pings every 20 ms, {} unanswered, paused {:?} ms",
+        sent - answered,
+        r["downtime_ms"]
+    );
+    checker_clean(&b.console_log("web")?, 0)?;
+    Ok(())
+}
