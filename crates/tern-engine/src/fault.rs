@@ -25,7 +25,8 @@ pub enum Fault {
     /// The destination agent exits right after it recorded the switchover, before `cont`:
     /// the VM is paused there, the source committed and waiting.
     ExitAtSwitchover,
-    /// The destination cannot write its switchover record: it must not run the VM.
+    /// The destination (of a migration, or a hand-over's new QEMU) cannot write its
+    /// switchover record: it must not run the VM (a hand-over's old QEMU runs it on).
     FailSwitchRecord,
     /// The destination panics (a bug) on the first page frame of its first incoming
     /// migration, holding the page store's lock: it must clean up like an error does and
@@ -46,6 +47,9 @@ pub enum Fault {
     /// The agent exits right after the upgrade's commit, before `cont`: a restarted agent
     /// must run the VM in the new QEMU and stop the old one.
     UpgradeExitAfterCommit,
+    /// The new QEMU of a hand-over is killed right after the commit was recorded, so its
+    /// `cont` fails: the record must be taken back and the old QEMU run the VM again.
+    UpgradeKillBeforeCont,
     /// The agent that sent a hand-over's device state exits before it asks for the commit:
     /// the receiver must give up by itself and a restarted sender run the VM again.
     MoveExitBeforeCommit,
@@ -79,9 +83,10 @@ impl std::str::FromStr for Fault {
             "upgrade-kill-new-qemu" => Ok(Fault::UpgradeKillNewQemu),
             "upgrade-exit-before-commit" => Ok(Fault::UpgradeExitBeforeCommit),
             "upgrade-exit-after-commit" => Ok(Fault::UpgradeExitAfterCommit),
+            "upgrade-kill-before-cont" => Ok(Fault::UpgradeKillBeforeCont),
             "move-exit-before-commit" => Ok(Fault::MoveExitBeforeCommit),
             _ => Err(format!(
-                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover, exit-at-switchover, fail-switch-record, panic-in-transfer, slow-finish, upgrade-cut-stream, upgrade-kill-new-qemu, upgrade-exit-before-commit, upgrade-exit-after-commit, move-exit-before-commit)"
+                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover, exit-at-switchover, fail-switch-record, panic-in-transfer, slow-finish, upgrade-cut-stream, upgrade-kill-new-qemu, upgrade-exit-before-commit, upgrade-exit-after-commit, upgrade-kill-before-cont, move-exit-before-commit)"
             )),
         }
     }

@@ -476,7 +476,13 @@ pub async fn commit(
         source_running: running,
         resumed_unix_us: 0,
     };
-    if let Err(source) = record.write(to) {
+    let written = if fault!(fault, FailSwitchRecord) {
+        tracing::warn!("fault injection: the hand-over's switchover record cannot be written");
+        Err(std::io::Error::other("fault injection"))
+    } else {
+        record.write(to)
+    };
+    if let Err(source) = written {
         process.kill().await;
         return Err(UpgradeError::Record {
             dir: to.to_path_buf(),
@@ -486,6 +492,12 @@ pub async fn commit(
     if fault!(fault, UpgradeExitAfterCommit) {
         tracing::warn!("fault injection: exiting between the upgrade's commit and cont");
         std::process::exit(73);
+    }
+    if fault!(fault, UpgradeKillBeforeCont) {
+        tracing::warn!("fault injection: killing the new QEMU between the commit and cont");
+        if let Some(pid) = process.pid() {
+            kill(pid);
+        }
     }
     if running {
         if let Err(e) = process.qmp.execute("cont", None).await {

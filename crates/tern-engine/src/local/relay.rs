@@ -165,6 +165,88 @@ mod tests {
         );
     }
 
+    /// A small stream as QEMU writes it: the header, RAM's START naming one 4-page block,
+    /// a PART with one page of data and one zero page, an empty END, EOF.
+    fn stream_with_one_page() -> Vec<u8> {
+        let be32 = |v: u32| v.to_be_bytes();
+        let mut v = Vec::new();
+        v.extend_from_slice(&be32(0x5145_564d)); // QEVM
+        v.extend_from_slice(&be32(3));
+        v.push(0x07); // configuration
+        v.extend_from_slice(&be32(6));
+        v.extend_from_slice(b"pc-10x");
+        v.push(0x01); // START of section 2, "ram"
+        v.extend_from_slice(&be32(2));
+        v.push(3);
+        v.extend_from_slice(b"ram");
+        v.extend_from_slice(&be32(0));
+        v.extend_from_slice(&be32(4));
+        v.extend_from_slice(&((4 * 4096u64) | 0x04).to_be_bytes()); // MEM_SIZE
+        v.push(6);
+        v.extend_from_slice(b"pc.ram");
+        v.extend_from_slice(&(4 * 4096u64).to_be_bytes());
+        let eos = |v: &mut Vec<u8>| {
+            v.extend_from_slice(&0x10u64.to_be_bytes()); // EOS
+            v.push(0x7e); // footer
+            v.extend_from_slice(&be32(2));
+        };
+        eos(&mut v);
+        v.push(0x02); // PART
+        v.extend_from_slice(&be32(2));
+        v.extend_from_slice(&0x08u64.to_be_bytes()); // PAGE at 0
+        v.push(6);
+        v.extend_from_slice(b"pc.ram");
+        v.extend_from_slice(&[7; 4096]);
+        v.extend_from_slice(&(4096u64 | 0x02 | 0x20).to_be_bytes()); // ZERO, CONTINUE
+        v.push(0);
+        eos(&mut v);
+        v.push(0x03); // END
+        v.extend_from_slice(&be32(2));
+        eos(&mut v);
+        v.push(0x00); // EOF
+        v
+    }
+
+    #[tokio::test]
+    async fn a_ram_page_in_the_stream_is_counted_and_every_byte_forwarded() {
+        let (d, src, new) = setup().await;
+        let stream = stream_with_one_page();
+        let mut me = UnixStream::connect(d.path().join("src.sock"))
+            .await
+            .unwrap();
+        let sent = stream.clone();
+        let writer = crate::spawn(async move {
+            me.write_all(&sent).await.unwrap();
+            me.shutdown().await.unwrap();
+            me
+        });
+        let received = crate::spawn(async move {
+            let (mut s, _) = new.accept().await.unwrap();
+            let mut v = Vec::new();
+            s.read_to_end(&mut v).await.unwrap();
+            v
+        });
+        let carried = carry(
+            &src,
+            Some(std::process::id()),
+            &d.path().join("main.sock"),
+            None,
+        )
+        .await
+        .unwrap();
+        drop(writer.await.unwrap());
+        assert_eq!(
+            carried,
+            Carried {
+                bytes: stream.len() as u64,
+                ram_pages: 1,
+                ram_page_bytes: 4096,
+                zero_pages: 1,
+            }
+        );
+        assert_eq!(received.await.unwrap(), stream);
+    }
+
     #[tokio::test]
     async fn bytes_that_are_not_a_migration_stream_are_refused_and_never_forwarded() {
         let (d, src, new) = setup().await;
