@@ -68,7 +68,14 @@ fn logs(a: &TestAgent) -> String {
     );
     for d in a.run_dirs() {
         let q = std::fs::read_to_string(d.join("qemu.log")).unwrap_or_default();
-        s += &format!("\n{}: qemu.log: {q}", d.display());
+        // the guest's last words too (a QEMU that exits by itself may have a guest
+        // that panicked or reset: -no-reboot)
+        let c = std::fs::read_to_string(d.join("console.log")).unwrap_or_default();
+        s += &format!(
+            "\n{}: qemu.log: {q}\nconsole (end): {}",
+            d.display(),
+            tern_testkit::agents::tail(&c, 1500)
+        );
     }
     s
 }
@@ -358,8 +365,8 @@ fn a_switchover_record_that_cannot_be_written_leaves_the_vm_in_its_old_qemu() ->
 
 #[test]
 #[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
-fn a_new_qemu_that_dies_between_the_commit_and_cont_gives_the_vm_back_to_the_old_one(
-) -> Result<()> {
+fn a_new_qemu_that_dies_between_the_commit_and_cont_gives_the_vm_back_to_the_old_one() -> Result<()>
+{
     fault_leaves_the_old_qemu_running("upgrade-kill-before-cont", "cont (new QEMU) failed")
 }
 
