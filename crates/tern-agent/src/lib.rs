@@ -116,6 +116,10 @@ pub struct AgentConfig {
     pub libvirt_uri: String,
     /// Carrier sockets and libvirt's pid files ([`tern_engine::libvirt`]).
     pub libvirt_paths: tern_engine::libvirt::LibvirtPaths,
+    /// Virtual networks this host serves: an incoming VM's card may join one of these
+    /// (its bridge made if missing) or a network whose bridge already exists here; any
+    /// other is refused (a peer names networks). Local starts may name any network.
+    pub networks: Vec<String>,
 }
 
 impl AgentConfig {
@@ -141,6 +145,7 @@ impl AgentConfig {
             metrics_listen: None,
             libvirt_uri: DEFAULT_LIBVIRT_URI.into(),
             libvirt_paths: Default::default(),
+            networks: Vec::new(),
         }
     }
 }
@@ -626,6 +631,34 @@ impl Agent {
 }
 
 impl Host for Agent {
+    fn vet_networks<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let wanted: Vec<&str> = spec
+                .nics
+                .iter()
+                .map(|n| n.network.as_str())
+                .filter(|n| !self.config.networks.iter().any(|c| c == n))
+                .collect();
+            if wanted.is_empty() {
+                return Ok(());
+            }
+            let nl = tern_net::bridge::Netlink::open().map_err(|e| tern_engine::error_chain(&e))?;
+            for n in wanted {
+                let has = nl
+                    .has_bridge(n)
+                    .await
+                    .map_err(|e| tern_engine::error_chain(&e))?;
+                if !has {
+                    return Err(format!(
+                        "network {n:?} is not served by this host (no bridge {} here, not in the agent's --network list): an incoming VM joins only the networks its destination has",
+                        tern_net::bridge::bridge_name(n)
+                    ));
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn authorize_here(&self, spec: &VmSpec) -> Result<(), String> {
         self.policy
             .check(

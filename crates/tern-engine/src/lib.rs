@@ -135,6 +135,10 @@ pub trait Host: Send + Sync {
     fn authorize_here(&self, spec: &VmSpec) -> Result<(), String>;
     /// Whether the policy lets `spec` go to `host`, whose certificate carries `labels`.
     fn authorize_there(&self, spec: &VmSpec, host: &str, labels: &[String]) -> Result<(), String>;
+    /// Whether an incoming `spec`'s network cards may join their networks here: a peer
+    /// names them, so only networks this host has (or serves by configuration) are
+    /// taken, never a bridge made for a peer's name.
+    fn vet_networks<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<(), String>>;
     /// Holds a VM name for an incoming VM; false if the name is taken.
     fn reserve_name(&self, name: &str) -> bool;
     fn release_name(&self, name: &str);

@@ -93,6 +93,14 @@ impl Netlink {
         }
     }
 
+    /// Whether `network`'s bridge exists here.
+    pub async fn has_bridge(&self, network: &str) -> Result<bool, NetError> {
+        Ok(self
+            .find(&bridge_name(network))
+            .await?
+            .is_some_and(|f| f.bridge))
+    }
+
     /// Puts interface `port` on the bridge with index `bridge` and sets it up.
     pub async fn attach(&self, port: &str, bridge: u32) -> Result<(), NetError> {
         let Some(f) = self.find(port).await? else {

@@ -45,6 +45,8 @@ pub struct AgentFile {
     policy: Option<PathBuf>,
     #[serde(rename = "boot-dir")]
     boot_dirs: Option<Vec<PathBuf>>,
+    #[serde(rename = "network")]
+    networks: Option<Vec<String>>,
     qemu_user: Option<String>,
     max_incoming: Option<usize>,
     log_format: Option<LogFormat>,
@@ -98,6 +100,7 @@ impl AgentFile {
             store_file_mib,
             tls_dir,
             boot_dirs,
+            networks,
             qemu_user,
             max_incoming,
             log_format,

@@ -199,6 +199,11 @@ struct AgentArgs {
     /// names the files: only files under these are launched. Default: STATE_DIR/boot.
     #[arg(long = "boot-dir")]
     boot_dirs: Vec<PathBuf>,
+    /// A virtual network this host serves (its bridge tern-NAME made when a VM needs it);
+    /// repeat for more. An incoming VM's network card may join only these, or a network
+    /// whose bridge already exists here. VMs started here may name any network.
+    #[arg(long = "network")]
+    networks: Vec<String>,
     /// The unprivileged user QEMU runs as (it opens its start-up files as root, then drops
     /// to this user, with its seccomp sandbox on). `root` keeps QEMU root (not advised).
     #[arg(long, default_value = tern_agent::DEFAULT_QEMU_USER)]
@@ -575,6 +580,14 @@ fn run_agent(a: AgentArgs) -> Result<()> {
     config.store_file_mib = a.store_file_mib;
     config.policy = a.policy;
     config.boot_dirs = a.boot_dirs;
+    if let Some(bad) = a
+        .networks
+        .iter()
+        .find(|n| !tern_qemu::spec::valid_network_name(n))
+    {
+        anyhow::bail!("--network {bad:?}: a network name is 1-10 characters from [a-z0-9-], not starting with '-'");
+    }
+    config.networks = a.networks;
     config.qemu_user = (a.qemu_user != "root").then_some(a.qemu_user);
     config.max_incoming = a.max_incoming.max(1);
     config.metrics_listen = a.metrics_listen;

@@ -9,7 +9,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
 use serde_json::json;
 use tern_proto::{limits, DiskInfo, ErrorCode, Message, Page, PageBody, RamBlock};
@@ -613,6 +613,23 @@ fn a_hostile_source_cannot_crash_exhaust_or_mislead_a_destination() -> Result<()
             ErrorCode::SpecRejected,
             "TpmKey",
         ),
+        (
+            "a network card on a network this host does not serve",
+            spec(
+                "hm",
+                &g,
+                64,
+                "[[nic]]\nnetwork = \"evil\"\nmac = \"52:54:00:00:00:01\"\n",
+            ),
+            ErrorCode::SpecRejected,
+            "not served by this host",
+        ),
+        (
+            "a network card without its MAC",
+            spec("hm", &g, 64, "[[nic]]\nnetwork = \"evil\"\n"),
+            ErrorCode::SpecRejected,
+            "no MAC",
+        ),
     ] {
         let mut p = HostilePeer::connect(v.agent.peer_addr, "evil-src", &[])?;
         p.hello(4)?;
@@ -622,6 +639,15 @@ fn a_hostile_source_cannot_crash_exhaust_or_mislead_a_destination() -> Result<()
         }
         v.still_fine(case, 512)?;
     }
+    // a peer's network name made no bridge here
+    ensure!(
+        !std::process::Command::new("ip")
+            .args(["link", "show", "tern-evil"])
+            .output()?
+            .status
+            .success(),
+        "a hostile source's network name became a bridge"
+    );
 
     // Incoming migrations at once: 4, then refused
     {

@@ -122,6 +122,10 @@ pub(super) async fn run(
     inc.host
         .authorize_here(&spec)
         .map_err(|e| refuse(ErrorCode::NotAuthorized, e))?;
+    inc.host
+        .vet_networks(&spec)
+        .await
+        .map_err(|e| refuse(ErrorCode::SpecRejected, e))?;
     let handle = admit(inc, conn, &id, &spec, &peer_name)?;
     if !inc.host.reserve_name(&spec.name) {
         return Err(refuse(
