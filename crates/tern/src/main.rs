@@ -45,7 +45,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the host agent (launches VMs, serves the API, accepts peer agents).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Manage VMs on the agent's host.
     Vm {
         #[command(subcommand)]
