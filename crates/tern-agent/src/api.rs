@@ -200,7 +200,7 @@ async fn start_vm(
     let vm = a.start_vm(spec).await.map_err(|e| {
         let status = match e {
             StartVmError::Spec(_) | StartVmError::LibvirtDomain => StatusCode::BAD_REQUEST,
-            StartVmError::Exists(_) => StatusCode::CONFLICT,
+            StartVmError::Exists(_) | StartVmError::MacInUse { .. } => StatusCode::CONFLICT,
             StartVmError::Launch(_)
             | StartVmError::Tpm(_)
             | StartVmError::Mac(_)

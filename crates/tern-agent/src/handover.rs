@@ -214,6 +214,7 @@ impl Agent {
         req: HandOverRequest,
     ) -> Result<HandOverReady, ReceiveError> {
         let spec = VmSpec::from_toml(&req.spec_toml)?;
+        spec.validate_migrating()?;
         spec.check_files()?;
         if spec.memory != GuestMemory::Shared {
             return Err(ReceiveError::NotShared(spec.name));

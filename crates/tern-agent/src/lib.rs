@@ -373,6 +373,17 @@ impl Agent {
         self.vms.lock().get(name).cloned()
     }
 
+    /// The VM here whose card on `network` has `mac`, if any.
+    pub fn mac_user(&self, network: &str, mac: tern_qemu::spec::Mac) -> Option<String> {
+        self.vms.lock().values().find_map(|vm| {
+            vm.spec
+                .nics
+                .iter()
+                .any(|n| n.network == network && n.mac == Some(mac))
+                .then(|| vm.spec.name.clone())
+        })
+    }
+
     pub fn vms(&self) -> Vec<Arc<Vm>> {
         let mut v: Vec<_> = self.vms.lock().values().cloned().collect();
         v.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
@@ -418,8 +429,37 @@ impl Agent {
 
     pub async fn start_vm(&self, mut spec: VmSpec) -> Result<Arc<Vm>, StartVmError> {
         spec.validate()?;
-        // made once, here; kept in the spec wherever the VM goes
-        spec.assign_macs().map_err(StartVmError::Mac)?;
+        // made once, here; kept in the spec wherever the VM goes. A card's MAC is unique
+        // on its network here: a given one that is taken is refused, a drawn one drawn
+        // again.
+        let given: Vec<bool> = spec.nics.iter().map(|n| n.mac.is_some()).collect();
+        for _ in 0..16 {
+            spec.assign_macs().map_err(StartVmError::Mac)?;
+            let mut again = false;
+            for (i, n) in spec.nics.iter_mut().enumerate() {
+                let Some(mac) = n.mac else { continue };
+                if let Some(vm) = self.mac_user(&n.network, mac) {
+                    if given[i] {
+                        return Err(StartVmError::MacInUse {
+                            mac: mac.to_string(),
+                            network: n.network.clone(),
+                            vm,
+                        });
+                    }
+                    n.mac = None;
+                    again = true;
+                }
+            }
+            if !again {
+                break;
+            }
+        }
+        if let Some(n) = spec.nics.iter().find(|n| n.mac.is_none()) {
+            return Err(StartVmError::Mac(std::io::Error::other(format!(
+                "no free MAC on network {} after 16 draws",
+                n.network
+            ))));
+        }
         if spec.libvirt.is_some() {
             return Err(StartVmError::LibvirtDomain);
         }
@@ -453,7 +493,10 @@ impl Agent {
     ) -> Result<QemuProcess, StartVmError> {
         let mut opts = opts.clone();
         if opts.nic_fds.len() != spec.nics.len() {
-            // a new VM, or one arriving: its own taps (a hand-over passes the old QEMU's)
+            // every QEMU gets taps of its own (a new VM, an arriving one, a hand-over's
+            // new QEMU); nothing is made for a spec that would be refused
+            spec.validate_migrating()?;
+            spec.check_files()?;
             opts.nic_fds = open_nics(spec).await?;
         }
         let mut tpm = self.start_tpm(spec, &opts.run_dir).await?;
@@ -639,6 +682,15 @@ impl Host for Agent {
                 .map(|n| n.network.as_str())
                 .filter(|n| !self.config.networks.iter().any(|c| c == n))
                 .collect();
+            for n in &spec.nics {
+                if let Some(vm) = n.mac.and_then(|m| self.mac_user(&n.network, m)) {
+                    return Err(format!(
+                        "MAC {} on network {:?} is VM {vm:?}'s here: two cards with one address on one network would take each other's traffic",
+                        n.mac.map(|m| m.to_string()).unwrap_or_default(),
+                        n.network
+                    ));
+                }
+            }
             if wanted.is_empty() {
                 return Ok(());
             }

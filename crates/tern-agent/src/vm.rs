@@ -227,6 +227,12 @@ pub enum StartVmError {
     Tpm(#[from] tern_qemu::swtpm::SwtpmStartError),
     #[error("could not make a MAC address for the VM's network card")]
     Mac(#[source] std::io::Error),
+    #[error("MAC {mac} on network {network:?} is VM {vm:?}'s on this host: give the card another mac (or none: one is made)")]
+    MacInUse {
+        mac: String,
+        network: String,
+        vm: String,
+    },
     #[error("could not set up the VM's network cards on this host")]
     Net(#[from] tern_net::NetError),
 }

@@ -167,9 +167,9 @@ where
     tokio::spawn(fut.in_current_span())
 }
 
-/// QEMU's `announce-self` as tern sends it once a VM runs somewhere new: five rounds over
-/// about half a second (a RARP from each network card; a guest that can also sends its own
-/// gratuitous ARP).
+/// QEMU's `announce-self` as tern sends it once a VM runs somewhere new (QEMU's own
+/// defaults): five rounds, at 0, 50, 150, 250 and 350 ms (a RARP from each network card; a
+/// guest that can also sends its own gratuitous ARP).
 pub fn announce_args() -> serde_json::Value {
     serde_json::json!({ "initial": 50, "max": 550, "rounds": 5, "step": 100 })
 }

@@ -49,20 +49,21 @@ impl Netlink {
     }
 
     async fn find(&self, name: &str) -> Result<Option<Found>, NetError> {
-        let mut links = self.handle.link().get().execute();
-        while let Some(m) = links
-            .try_next()
-            .await
-            .map_err(netlink("list this host's interfaces"))?
-        {
-            if link_name(&m).as_deref() == Some(name) {
-                return Ok(Some(Found {
-                    index: m.header.index,
-                    bridge: is_bridge(&m),
-                }));
-            }
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(m)) => Ok(Some(Found {
+                index: m.header.index,
+                bridge: is_bridge(&m),
+            })),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(netlink(format!("look up interface {name}"))(e)),
         }
-        Ok(None)
     }
 
     /// The index of `network`'s bridge, created (and up) if it is not there yet.
@@ -75,12 +76,21 @@ impl Netlink {
                 Err(NetError::NotABridge(name))
             };
         }
+        // made down, without IPv6, then up: the host takes no address on it (an
+        // IPv6 link-local one would let guests reach the host's services, and accept
+        // router advertisements from them); an operator who wants one adds it
         let made = self
             .handle
             .link()
-            .add(LinkBridge::new(&name).up().build())
+            .add(LinkBridge::new(&name).build())
             .execute()
             .await;
+        if made.is_ok() {
+            host_only_ipv4(&name)?;
+            if let Some(f) = self.find(&name).await? {
+                self.up(f.index, &name).await?;
+            }
+        }
         match (made, self.find(&name).await?) {
             // (or made at the same time by another VM's start)
             (_, Some(f)) if f.bridge => Ok(f.index),
@@ -101,7 +111,17 @@ impl Netlink {
             .is_some_and(|f| f.bridge))
     }
 
-    /// Puts interface `port` on the bridge with index `bridge` and sets it up.
+    async fn up(&self, index: u32, name: &str) -> Result<(), NetError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(netlink(format!("set {name} up")))
+    }
+
+    /// Puts interface `port` on the bridge with index `bridge` and sets it up (without
+    /// IPv6 of its own, as the bridge).
     pub async fn attach(&self, port: &str, bridge: u32) -> Result<(), NetError> {
         let Some(f) = self.find(port).await? else {
             return Err(NetError::Io {
@@ -109,6 +129,7 @@ impl Netlink {
                 source: std::io::ErrorKind::NotFound.into(),
             });
         };
+        host_only_ipv4(port)?;
         self.handle
             .link()
             .set(
@@ -121,35 +142,26 @@ impl Netlink {
             .await
             .map_err(netlink(format!("put {port} on its bridge")))
     }
-
-    /// The bridge `port` is on, by name, if any.
-    pub async fn bridge_of(&self, port: &str) -> Result<Option<String>, NetError> {
-        let mut links = self.handle.link().get().execute();
-        let mut controller = None;
-        let mut names = Vec::new();
-        while let Some(m) = links
-            .try_next()
-            .await
-            .map_err(netlink("list this host's interfaces"))?
-        {
-            let name = link_name(&m);
-            if name.as_deref() == Some(port) {
-                controller = m.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::Controller(i) => Some(*i),
-                    _ => None,
-                });
-            }
-            names.push((m.header.index, name));
-        }
-        Ok(controller.and_then(|c| names.into_iter().find(|(i, _)| *i == c)?.1))
-    }
 }
 
-fn link_name(m: &LinkMessage) -> Option<String> {
-    m.attributes.iter().find_map(|a| match a {
-        LinkAttribute::IfName(n) => Some(n.clone()),
-        _ => None,
-    })
+/// No IPv6 on interface `name` (its sysctls: `disable_ipv6`, and `accept_ra` off should
+/// an operator turn IPv6 on again).
+fn host_only_ipv4(name: &str) -> Result<(), NetError> {
+    for (key, value) in [("accept_ra", "0"), ("disable_ipv6", "1")] {
+        let path = format!("/proc/sys/net/ipv6/conf/{name}/{key}");
+        match std::fs::write(&path, value) {
+            Ok(()) => {}
+            // a kernel without IPv6 has nothing to turn off
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(NetError::Io {
+                    what: format!("write {path}"),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 fn is_bridge(m: &LinkMessage) -> bool {

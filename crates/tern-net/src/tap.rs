@@ -11,11 +11,6 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::NetError;
 
-/// `_IOW('T', 202, int)`
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-/// `_IOR('T', 210, unsigned int)`
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
-
 /// The kernel numbers tern's taps `terntap0`, `terntap1`, ... (the first free number).
 pub const TAP_PATTERN: &str = "terntap%d";
 
@@ -42,9 +37,11 @@ pub fn create() -> Result<Tap, NetError> {
     let mut req = ifreq_named(TAP_PATTERN);
     req.ifr_ifru.ifru_flags =
         (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-    // SAFETY: `req` is a valid, initialised `ifreq` that lives across the call; TUNSETIFF
-    // reads it and writes the chosen name back into it. The descriptor is open.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req as *mut libc::ifreq) };
+    // SAFETY: TUNSETIFF copies `sizeof(struct ifreq)` (40 bytes, the size of
+    // `libc::ifreq`) from the pointer and writes the chosen name back into the same
+    // struct; `req` is a valid, initialised `ifreq` that lives across the call. The
+    // descriptor is open.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut libc::ifreq) };
     if rc != 0 {
         return Err(NetError::Io {
             what: "create a tap device (TUNSETIFF)".into(),
@@ -53,21 +50,6 @@ pub fn create() -> Result<Tap, NetError> {
     }
     let name = name_of(&req);
     Ok(Tap { fd, name })
-}
-
-/// The interface name of the tap `fd` is attached to.
-pub fn name(fd: &OwnedFd) -> Result<String, NetError> {
-    let mut req = ifreq_named("");
-    // SAFETY: `req` is a valid `ifreq` that lives across the call; TUNGETIFF fills in the
-    // name and flags. The descriptor is open.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNGETIFF, &mut req as *mut libc::ifreq) };
-    if rc != 0 {
-        return Err(NetError::Io {
-            what: "read a tap's name (TUNGETIFF)".into(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(name_of(&req))
 }
 
 /// The name of the tap behind descriptor `fd` of process `pid`, as its `fdinfo` says
@@ -80,8 +62,8 @@ pub fn name_in(pid: u32, fd: RawFd) -> Option<String> {
 }
 
 fn ifreq_named(name: &str) -> libc::ifreq {
-    // SAFETY: `ifreq` is plain old data (a name and a union of integers): all zero is a
-    // valid value.
+    // SAFETY: `ifreq` is a name and a union of integers, sockaddrs, an `ifmap` and a raw
+    // pointer: all zero is a valid value of each (the pointer null).
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in req
         .ifr_name

@@ -568,6 +568,10 @@ impl QemuProcess {
                     if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(3), child.wait()).await {
                         return Err(LaunchError::Exited { status, stderr_tail: log_tail(&log_path, 2000, "QEMU") });
                     }
+                    // a QEMU that never answered is not left running (with its memory, its
+                    // taps), whoever would have owned it
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
                     return Err(LaunchError::Qmp(e));
                 }
             },

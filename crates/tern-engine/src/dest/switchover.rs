@@ -73,16 +73,10 @@ pub(super) async fn run(
         SystemTime::now()
     };
     if !p.spec.nics.is_empty() {
-        // the cards say where they are now, five times over half a second (QEMU's
-        // announce-self: RARP from each card, and a guest that can sends its own
-        // gratuitous ARP), so switches forward to this host at once
+        // the cards say where they are now (crate::announce_args), so switches forward
+        // to this host at once
         if let Ok(qmp) = p.qmp() {
-            if let Err(e) = qmp
-                .execute("announce-self", Some(crate::announce_args()))
-                .await
-            {
-                tracing::warn!("announce-self after the switchover failed: {e}");
-            }
+            crate::source::recover::announce(&qmp).await;
         }
     }
     let resumed_unix_us = if p.source_running {

@@ -158,7 +158,6 @@ pub enum UpgradeError {
     Timeout(&'static str, u64),
     #[error("the other agent: {0}")]
     Peer(String),
-
     #[error("cannot record the switchover in {dir}: the VM stays with its old QEMU")]
     Record {
         dir: PathBuf,
@@ -495,9 +494,7 @@ pub async fn commit(
     }
     if fault!(fault, UpgradeKillBeforeCont) {
         tracing::warn!("fault injection: killing the new QEMU between the commit and cont");
-        if let Some(pid) = process.pid() {
-            kill(pid);
-        }
+        process.kill().await;
     }
     if running {
         if let Err(e) = process.qmp.execute("cont", None).await {
@@ -512,13 +509,7 @@ pub async fn commit(
         // its network cards are on new taps (docs/network.md): they say so at once, so
         // the bridge forwards to them and not to the old QEMU's taps (none for a VM
         // without cards)
-        if let Err(e) = process
-            .qmp
-            .execute("announce-self", Some(crate::announce_args()))
-            .await
-        {
-            tracing::warn!("announce-self after the hand-over failed: {e}");
-        }
+        crate::source::recover::announce(&process.qmp).await;
     }
     Ok(())
 }

@@ -78,6 +78,21 @@ pub async fn clear_disk_state(qmp: &QmpClient, disks: usize) {
 
 /// Brings the source VM back to how it was before the migration: cancels QEMU's
 /// migration if it still runs and resumes the VM if it was running. Returns its state.
+/// The VM's network cards say they are here again: a destination QEMU that loaded the
+/// stream announced the cards from there (QEMU does so by itself at the end of an
+/// incoming migration, before tern's commit), so switches may send the guest's frames
+/// there until it speaks. Best effort, bounded (nothing happens for a VM without cards).
+pub(crate) async fn announce(qmp: &QmpClient) {
+    let sent = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        qmp.execute("announce-self", Some(crate::announce_args())),
+    )
+    .await;
+    if !matches!(sent, Ok(Ok(_))) {
+        tracing::warn!("announce-self failed or did not answer: {sent:?}");
+    }
+}
+
 pub async fn recover_source(qmp: &QmpClient, exit: Option<String>, was_running: bool) -> String {
     if let Some(r) = exit {
         return format!("source QEMU {r}");
@@ -116,9 +131,15 @@ pub async fn recover_source(qmp: &QmpClient, exit: Option<String>, was_running: 
         }
     }
     match qmp.query_status().await {
-        Ok(s) if s.running => "running on the source".into(),
+        Ok(s) if s.running => {
+            announce(qmp).await;
+            "running on the source".into()
+        }
         Ok(s) if was_running => match qmp.execute("cont", None).await {
-            Ok(_) => "running on the source (resumed)".into(),
+            Ok(_) => {
+                announce(qmp).await;
+                "running on the source (resumed)".into()
+            }
             Err(e) => format!("paused on the source ({}; resume failed: {e})", s.status),
         },
         Ok(s) => format!("{} on the source (as before the migration)", s.status),
