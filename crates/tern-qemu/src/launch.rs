@@ -464,7 +464,13 @@ impl QemuProcess {
                 "-tpmdev",
                 "emulator,id=tpm0,chardev=chrtpm",
                 "-device",
-                "tpm-tis,tpmdev=tpm0",
+                // ppi=off: QEMU 10.0's TPM Physical Presence Interface keeps its buffer
+                // in uninitialised memory and, at machine reset, zeroes all guest RAM
+                // when a stray bit there asks for it (hw/tpm/tpm_ppi.c, no cpr check).
+                // A cpr-transfer target resets its machine while the old QEMU still
+                // runs the guest on the same shared memory: that wiped a running guest
+                // in a move test. tern's guests do not use PPI.
+                "tpm-tis,tpmdev=tpm0,ppi=off",
             ] {
                 a.push(s.into());
             }
@@ -816,7 +822,7 @@ mod tests {
             after(&a, "-tpmdev"),
             Some("emulator,id=tpm0,chardev=chrtpm")
         );
-        assert_eq!(after(&a, "-device"), Some("tpm-tis,tpmdev=tpm0"));
+        assert_eq!(after(&a, "-device"), Some("tpm-tis,tpmdev=tpm0,ppi=off"));
         o.tpm_ctrl_socket = Some("/other/a,b.sock".into());
         let a = args(QemuProcess::command_line(&s, &o));
         assert_eq!(
