@@ -48,6 +48,7 @@ impl Vm {
         let pid = process.pid();
         let qemu_version = qmp.version().to_string();
         let name = spec.name.clone();
+        let taps = taps_of(&spec, pid);
         tokio::spawn(async move {
             let how = tokio::select! {
                 st = process.wait() => {
@@ -66,6 +67,7 @@ impl Vm {
                     "stopped".to_string()
                 }
             };
+            remove_taps(&taps).await;
             let _ = exit_tx.send(Some(how));
         });
         Vm {
@@ -98,6 +100,7 @@ impl Vm {
         let (stop_tx, mut stop_rx) = mpsc::channel::<StopMode>(1);
         let qemu_version = qmp.version().to_string();
         let q = qmp.clone();
+        let taps = taps_of(&spec, Some(pid));
         tokio::spawn(async move {
             let gone = || !process_alive(pid);
             let how = loop {
@@ -124,6 +127,7 @@ impl Vm {
                     }
                 }
             };
+            remove_taps(&taps).await;
             let _ = exit_tx.send(Some(how));
         });
         Vm {
@@ -202,6 +206,36 @@ pub fn process_alive(pid: u32) -> bool {
             .rsplit_once(") ")
             .is_some_and(|(_, rest)| !rest.starts_with('Z')),
         Err(_) => false,
+    }
+}
+
+/// The interface indexes of the taps QEMU `pid` holds for `spec`'s cards (where the
+/// agent passed them: `NIC_FD_BASE + N`).
+fn taps_of(spec: &VmSpec, pid: Option<u32>) -> Vec<u32> {
+    let Some(pid) = pid else { return Vec::new() };
+    (0..spec.nics.len())
+        .filter_map(|i| tern_net::tap::name_in(pid, tern_qemu::launch::NIC_FD_BASE + i as i32))
+        .filter_map(|name| tern_net::tap::index_of(&name))
+        .collect()
+}
+
+/// A gone QEMU's taps go with it: a tap vanishes with its last descriptor, unless QEMU
+/// made it persistent (a QEMU that escaped its sandbox can: the descriptor needs no
+/// privilege for that), so the agent deletes what is left, by index (a name is
+/// reused at once; an index is not).
+async fn remove_taps(taps: &[u32]) {
+    if taps.is_empty() {
+        return;
+    }
+    match tern_net::bridge::Netlink::open() {
+        Ok(nl) => {
+            for &index in taps {
+                if let Err(e) = nl.delete(index).await {
+                    tracing::warn!("a gone VM's tap: {e}");
+                }
+            }
+        }
+        Err(e) => tracing::warn!("a gone VM's taps: {e}"),
     }
 }
 

@@ -111,6 +111,16 @@ impl Netlink {
             .is_some_and(|f| f.bridge))
     }
 
+    /// Deletes the interface with index `index` if it is still there (an index is not
+    /// given to another interface, unlike a name).
+    pub async fn delete(&self, index: u32) -> Result<(), NetError> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+            Err(e) => Err(netlink(format!("delete interface {index}"))(e)),
+        }
+    }
+
     async fn up(&self, index: u32, name: &str) -> Result<(), NetError> {
         self.handle
             .link()

@@ -41,7 +41,13 @@ pub fn create() -> Result<Tap, NetError> {
     // `libc::ifreq`) from the pointer and writes the chosen name back into the same
     // struct; `req` is a valid, initialised `ifreq` that lives across the call. The
     // descriptor is open.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut libc::ifreq) };
+    let rc = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TUNSETIFF,
+            &mut req as *mut libc::ifreq,
+        )
+    };
     if rc != 0 {
         return Err(NetError::Io {
             what: "create a tap device (TUNSETIFF)".into(),
@@ -59,6 +65,15 @@ pub fn name_in(pid: u32, fd: RawFd) -> Option<String> {
     info.lines()
         .find_map(|l| l.strip_prefix("iff:"))
         .map(|n| n.trim().to_string())
+}
+
+/// The interface index of `name` in this network namespace, if it exists.
+pub fn index_of(name: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn ifreq_named(name: &str) -> libc::ifreq {
