@@ -120,6 +120,9 @@ pub struct AgentConfig {
     /// (its bridge made if missing) or a network whose bridge already exists here; any
     /// other is refused (a peer names networks). Local starts may name any network.
     pub networks: Vec<String>,
+    /// This host's end of the VXLAN overlay (`--vtep`, `--vxlan-peer`): every network's
+    /// bridge here gets a VXLAN port to the peers. None: networks stay on this host.
+    pub overlay: Option<tern_net::vxlan::Overlay>,
 }
 
 impl AgentConfig {
@@ -146,6 +149,7 @@ impl AgentConfig {
             libvirt_uri: DEFAULT_LIBVIRT_URI.into(),
             libvirt_paths: Default::default(),
             networks: Vec::new(),
+            overlay: None,
         }
     }
 }
@@ -192,6 +196,8 @@ pub enum AgentError {
     Policy(#[from] policy::PolicyError),
     #[error("cannot open the chunk index")]
     ChunkIndex(#[from] tern_chunks::OpenIndexError),
+    #[error("cannot set up the networks this host serves (--network)")]
+    Networks(#[source] tern_net::NetError),
     #[error("QEMU's user {0:?} does not exist on this host: create it (useradd --system --no-create-home --shell /usr/sbin/nologin {0}; add it to group kvm for KVM guests), or name another with --qemu-user")]
     NoQemuUser(String),
 }
@@ -497,7 +503,7 @@ impl Agent {
             // new QEMU); nothing is made for a spec that would be refused
             spec.validate_migrating()?;
             spec.check_files()?;
-            opts.nic_fds = open_nics(spec).await?;
+            opts.nic_fds = open_nics(spec, self.config.overlay.as_ref()).await?;
         }
         let mut tpm = self.start_tpm(spec, &opts.run_dir).await?;
         opts.run_as = self.config.qemu_user.clone();
@@ -763,15 +769,31 @@ impl Host for Agent {
     }
 }
 
+/// `network`'s bridge here (made if missing) and, with an overlay, its VXLAN port.
+async fn network_here(
+    nl: &tern_net::bridge::Netlink,
+    network: &str,
+    overlay: Option<&tern_net::vxlan::Overlay>,
+) -> Result<u32, tern_net::NetError> {
+    let bridge = nl.ensure_bridge(network).await?;
+    if let Some(o) = overlay {
+        nl.ensure_vxlan(network, bridge, o).await?;
+    }
+    Ok(bridge)
+}
+
 /// A tap for each of `spec`'s cards, on its network's bridge (made if missing).
-async fn open_nics(spec: &VmSpec) -> Result<Vec<Arc<std::os::fd::OwnedFd>>, tern_net::NetError> {
+async fn open_nics(
+    spec: &VmSpec,
+    overlay: Option<&tern_net::vxlan::Overlay>,
+) -> Result<Vec<Arc<std::os::fd::OwnedFd>>, tern_net::NetError> {
     if spec.nics.is_empty() {
         return Ok(Vec::new());
     }
     let nl = tern_net::bridge::Netlink::open()?;
     let mut fds = Vec::new();
     for (i, nic) in spec.nics.iter().enumerate() {
-        let bridge = nl.ensure_bridge(&nic.network).await?;
+        let bridge = network_here(&nl, &nic.network, overlay).await?;
         let tap = tern_net::tap::create()?;
         nl.attach(&tap.name, bridge).await?;
         tracing::info!(
@@ -863,6 +885,15 @@ pub async fn run(
     let peers = TcpListener::bind(config.peer_listen)
         .await
         .map_err(|e| AgentError::PeerListen(config.peer_listen, e))?;
+    if !config.networks.is_empty() {
+        // the networks this host serves are here before any VM needs them
+        let nl = tern_net::bridge::Netlink::open().map_err(AgentError::Networks)?;
+        for n in &config.networks {
+            network_here(&nl, n, config.overlay.as_ref())
+                .await
+                .map_err(AgentError::Networks)?;
+        }
+    }
     let agent = Agent::new(config)?;
     agent.reattach().await;
     let api = api::serve(agent.clone()).await?;

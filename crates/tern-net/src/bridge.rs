@@ -48,6 +48,15 @@ impl Netlink {
         Ok(Netlink { handle, task })
     }
 
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// The index of interface `name`, if it exists.
+    pub(crate) async fn index(&self, name: &str) -> Result<Option<u32>, NetError> {
+        Ok(self.find(name).await?.map(|f| f.index))
+    }
+
     async fn find(&self, name: &str) -> Result<Option<Found>, NetError> {
         let mut links = self
             .handle
@@ -156,7 +165,7 @@ impl Netlink {
 
 /// No IPv6 on interface `name` (its sysctls: `disable_ipv6`, and `accept_ra` off should
 /// an operator turn IPv6 on again).
-fn host_only_ipv4(name: &str) -> Result<(), NetError> {
+pub(crate) fn host_only_ipv4(name: &str) -> Result<(), NetError> {
     for (key, value) in [("accept_ra", "0"), ("disable_ipv6", "1")] {
         let path = format!("/proc/sys/net/ipv6/conf/{name}/{key}");
         match std::fs::write(&path, value) {

@@ -1,9 +1,11 @@
 //! Host networking of tern's VMs: what a VM's network card needs on the host it runs on.
 //! It owns the tap devices the agent creates for QEMU ([`tap`]) and each virtual
-//! network's bridge (`tern-NETWORK`, [`bridge`]), made and changed through netlink.
+//! network's bridge (`tern-NETWORK`, [`bridge`]) and its VXLAN port to the other hosts
+//! ([`vxlan`]), made and changed through netlink.
 
 pub mod bridge;
 pub mod tap;
+pub mod vxlan;
 
 /// Why a host-networking step failed.
 #[derive(Debug, thiserror::Error)]

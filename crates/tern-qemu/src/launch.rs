@@ -56,6 +56,12 @@ pub struct LaunchOptions {
     pub nic_fds: Vec<Arc<OwnedFd>>,
 }
 
+/// The MTU a VM's card offers its guest (virtio-net `host_mtu`): a 1500-byte underlay
+/// less VXLAN's 50 bytes, so every frame a guest sends fits a network that spans hosts
+/// (`tern_net::vxlan`), wherever the VM runs. The same on every host: it is part of the
+/// device a migration carries.
+pub const GUEST_MTU: u16 = 1450;
+
 /// QEMU finds card N's tap at this descriptor plus N (`-netdev tap,fd=`).
 pub const NIC_FD_BASE: RawFd = 100;
 
@@ -451,7 +457,7 @@ impl QemuProcess {
                 format!("tap,id=net{i},fd={}", NIC_FD_BASE + i as RawFd),
                 "-device".to_string(),
                 // no option ROM: tern's VMs do not boot from the network
-                format!("virtio-net-pci,netdev=net{i},id=nic{i},mac={mac},romfile="),
+                format!("virtio-net-pci,netdev=net{i},id=nic{i},mac={mac},host_mtu={GUEST_MTU},romfile="),
             ] {
                 a.push(s.into());
             }
@@ -904,7 +910,8 @@ mod tests {
         );
         let devices = values_of(&a, "-device");
         assert!(devices.contains(
-            &&"virtio-net-pci,netdev=net1,id=nic1,mac=52:54:00:0a:0b:0c,romfile=".to_string()
+            &&"virtio-net-pci,netdev=net1,id=nic1,mac=52:54:00:0a:0b:0c,host_mtu=1450,romfile="
+                .to_string()
         ));
     }
 

@@ -47,6 +47,9 @@ pub struct AgentFile {
     boot_dirs: Option<Vec<PathBuf>>,
     #[serde(rename = "network")]
     networks: Option<Vec<String>>,
+    vtep: Option<std::net::Ipv4Addr>,
+    #[serde(rename = "vxlan-peer")]
+    vxlan_peers: Option<Vec<std::net::Ipv4Addr>>,
     qemu_user: Option<String>,
     max_incoming: Option<usize>,
     log_format: Option<LogFormat>,
@@ -101,6 +104,7 @@ impl AgentFile {
             tls_dir,
             boot_dirs,
             networks,
+            vxlan_peers,
             qemu_user,
             max_incoming,
             log_format,
@@ -108,7 +112,7 @@ impl AgentFile {
             libvirt_socket_dir,
             libvirt_run_dir
         );
-        take_opt!(cluster_key, policy, metrics_listen);
+        take_opt!(cluster_key, policy, metrics_listen, vtep);
     }
 }
 

@@ -204,6 +204,14 @@ struct AgentArgs {
     /// whose bridge already exists here. VMs started here may name any network.
     #[arg(long = "network")]
     networks: Vec<String>,
+    /// This host's VTEP: its address in the underlay, for the VXLAN overlay that joins
+    /// each network's bridges across hosts (UDP 4789; docs/network.md). Unset: networks
+    /// stay on this host.
+    #[arg(long)]
+    vtep: Option<std::net::Ipv4Addr>,
+    /// Another host's VTEP; repeat for each. Frames for unknown addresses go to all.
+    #[arg(long = "vxlan-peer")]
+    vxlan_peers: Vec<std::net::Ipv4Addr>,
     /// The unprivileged user QEMU runs as (it opens its start-up files as root, then drops
     /// to this user, with its seccomp sandbox on). `root` keeps QEMU root (not advised).
     #[arg(long, default_value = tern_agent::DEFAULT_QEMU_USER)]
@@ -588,6 +596,16 @@ fn run_agent(a: AgentArgs) -> Result<()> {
         anyhow::bail!("--network {bad:?}: a network name is 1-10 characters from [a-z0-9-], not starting with '-'");
     }
     config.networks = a.networks;
+    config.overlay = match (a.vtep, a.vxlan_peers.is_empty()) {
+        (Some(local), _) => Some(tern_net::vxlan::Overlay {
+            local,
+            peers: a.vxlan_peers,
+        }),
+        (None, true) => None,
+        (None, false) => {
+            anyhow::bail!("--vxlan-peer without --vtep: give this host's own VTEP address too")
+        }
+    };
     config.qemu_user = (a.qemu_user != "root").then_some(a.qemu_user);
     config.max_incoming = a.max_incoming.max(1);
     config.metrics_listen = a.metrics_listen;

@@ -83,7 +83,9 @@ impl Pinger {
         Ok(Pinger(
             Command::new("ip")
                 // -q: only the summary (a pipe nobody reads until the end stays empty)
-                .args(["netns", "exec", &ns.0, "ping", "-q", "-n", "-i", "0.02", GUEST_IP])
+                .args([
+                    "netns", "exec", &ns.0, "ping", "-q", "-n", "-i", "0.02", GUEST_IP,
+                ])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()?,
@@ -155,14 +157,20 @@ fn a_vm_keeps_its_card_address_and_pings_through_a_migration_and_an_upgrade() ->
     let tap_a = nic["tap"].as_str().context("no tap")?.to_string();
     ensure!(ns.taps()? == vec![tap_a.clone()], "{:?}", ns.taps());
     // a second VM may not take that MAC on that network
-    let twin = spec
-        .replace("name = \"web\"", "name = \"web2\"")
-        .replace("network = \"lab\"", &format!("network = \"lab\"\nmac = \"{mac}\""));
-    let e = a.start_vm(&twin).err().context("a second card with the same MAC was taken")?;
+    let twin = spec.replace("name = \"web\"", "name = \"web2\"").replace(
+        "network = \"lab\"",
+        &format!("network = \"lab\"\nmac = \"{mac}\""),
+    );
+    let e = a
+        .start_vm(&twin)
+        .err()
+        .context("a second card with the same MAC was taken")?;
     ensure!(format!("{e:#}").contains("is VM \"web\"'s"), "{e:#}");
     // the host took no address on the bridge (no IPv6 link-local either)
     ensure!(
-        ns.ip(&["-6", "addr", "show", "dev", "tern-lab"])?.trim().is_empty(),
+        ns.ip(&["-6", "addr", "show", "dev", "tern-lab"])?
+            .trim()
+            .is_empty(),
         "{}",
         ns.ip(&["addr", "show", "dev", "tern-lab"])?
     );
@@ -260,6 +268,151 @@ fn a_vm_keeps_its_card_address_and_pings_through_a_migration_and_an_upgrade() ->
         "{} of {sent} pings unanswered for a {paused} ms pause",
         sent - answered
     );
+    checker_clean(&b.console_log("web")?, 0)?;
+    Ok(())
+}
+
+/// Three hosts in three IP subnets joined by a router (namespaces the test made): A
+/// 198.18.1.1, B 198.18.2.1, C 198.18.3.1, the router .254 in each. Each runs an agent
+/// with its VTEP and the other two as VXLAN peers, serving network `lab`.
+struct RoutedLab {
+    ns: Vec<Netns>,
+}
+
+impl RoutedLab {
+    fn up(tag: &str) -> Result<RoutedLab> {
+        let name = |h: &str| format!("tvx-{tag}-{h}");
+        let router = Netns::new(&name("r"))?;
+        let mut ns = Vec::new();
+        for (i, h) in ["a", "b", "c"].iter().enumerate() {
+            let host = Netns::new(&name(h))?;
+            let net = i + 1;
+            let (inside, outside) = (format!("u{h}"), format!("r{h}"));
+            run(Command::new("ip").args([
+                "link", "add", &inside, "netns", &host.0, "type", "veth", "peer", "name", &outside,
+                "netns", &router.0,
+            ]))?;
+            host.ip(&["addr", "add", &format!("198.18.{net}.1/24"), "dev", &inside])?;
+            host.ip(&["link", "set", &inside, "up"])?;
+            host.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("198.18.{net}.254"),
+            ])?;
+            router.ip(&[
+                "addr",
+                "add",
+                &format!("198.18.{net}.254/24"),
+                "dev",
+                &outside,
+            ])?;
+            router.ip(&["link", "set", &outside, "up"])?;
+            ns.push(host);
+        }
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &router.0,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
+        ]))?;
+        ns.push(router);
+        Ok(RoutedLab { ns })
+    }
+
+    /// Host `i`'s agent (0: A, 1: B, 2: C).
+    fn agent(&self, i: usize, env: &[(&str, &str)]) -> Result<TestAgent> {
+        let me = format!("198.18.{}.1", i + 1);
+        let peers: Vec<String> = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| format!("198.18.{}.1", j + 1))
+            .collect();
+        let args = [
+            "--vtep",
+            &me,
+            "--vxlan-peer",
+            &peers[0],
+            "--vxlan-peer",
+            &peers[1],
+            "--network",
+            "lab",
+        ];
+        TestAgent::start_with(
+            Path::new(BIN),
+            ["host-a", "host-b", "host-c"][i],
+            AgentOptions {
+                netns: Some(&self.ns[i].0),
+                listen: Some(format!("{me}:7700").parse()?),
+                args: &args,
+                env,
+                ..Default::default()
+            },
+        )
+    }
+}
+
+#[test]
+#[ignore = "tier vm: needs root, network namespaces and QEMU (bash scripts/test.sh runs it)"]
+fn a_vm_keeps_its_address_across_subnets_on_the_vxlan_overlay_while_a_client_pings_it() -> Result<()>
+{
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let lab = RoutedLab::up(&std::process::id().to_string())?;
+    let a = lab.agent(0, &[])?;
+    let b = lab.agent(1, &[])?;
+    let _c = lab.agent(2, &[])?;
+    // C serves `lab` with no VM: its bridge and VXLAN port are there; the client is C's
+    // own address on that bridge
+    let client = &lab.ns[2];
+    client.ip(&["addr", "add", "198.18.60.1/24", "dev", "tern-lab"])?;
+    let spec = format!(
+        "name = \"web\"\nmemory_mib = 128\nvcpus = 1\naccel = \"tcg\"\nkernel = {:?}\ninitrd = {:?}\n\
+         append = \"console=ttyS0 panic=-1 tern.workload=dirty tern.mib=16 tern.rate=2 tern.ip={GUEST_IP}/24\"\n\
+         [[nic]]\nnetwork = \"lab\"\n",
+        g.kernel.display().to_string(),
+        g.initrd.display().to_string()
+    );
+    let info = a.start_vm(&spec)?;
+    let console = PathBuf::from(info["console_log"].as_str().context("console")?);
+    wait_for_text(&console, "tern-dirty pass 1", Duration::from_secs(120))
+        .context("guest did not boot")?;
+    let mac = info["nics"][0]["mac"]
+        .as_str()
+        .context("no MAC")?
+        .to_string();
+    client
+        .ping(20)
+        .context("the client on C does not reach the guest on A over the overlay")?;
+    ensure!(client.guest_mac()? == mac);
+
+    // A (198.18.1.0/24) -> B (198.18.2.0/24) while C pings every 20 ms
+    let pinger = Pinger::start(client)?;
+    let id = a.start_migration("web", &b.peer_addr.to_string(), json!({}))?;
+    let m = a.wait_migration(&id, Duration::from_secs(120))?;
+    ensure!(
+        m.error.is_none(),
+        "migration failed: {m:?}\n{}",
+        a.log_text()
+    );
+    client
+        .ping(10)
+        .context("the client does not reach the guest on B")?;
+    let (sent, answered) = pinger.stop()?;
+    let downtime = m.report.as_ref().map_or(0, |r| r.downtime_ms);
+    eprintln!(
+        "across subnets: {sent} pings every 20 ms, {} unanswered, downtime {downtime} ms",
+        sent - answered
+    );
+    ensure!(
+        sent - answered <= downtime / 20 + 25,
+        "{} of {sent} pings unanswered for a {downtime} ms pause",
+        sent - answered
+    );
+    ensure!(client.guest_mac()? == mac);
     checker_clean(&b.console_log("web")?, 0)?;
     Ok(())
 }

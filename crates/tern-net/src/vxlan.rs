@@ -1,0 +1,158 @@
+//! A virtual network across hosts: each host's bridge `tern-NETWORK` gets a VXLAN port
+//! `tvx-NETWORK` (VNI from the network's name, UDP 4789, this host's VTEP address), and
+//! frames for every address it does not know yet (broadcast, unknown unicast, multicast)
+//! go to every peer VTEP (an all-zeros forwarding entry per peer, "head-end
+//! replication"). Each VTEP learns where a MAC lives from the frames it receives, so a
+//! VM that moved is found again as soon as it speaks: the announce after its switchover
+//! (RARP from its cards) reaches every peer and moves its entry there. Hosts may sit in
+//! different IP subnets: VXLAN is UDP over the routed underlay.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures_util::StreamExt;
+use rtnetlink::packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST,
+};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::{LinkUnspec, LinkVxlan};
+
+use crate::bridge::Netlink;
+use crate::NetError;
+
+/// The IANA VXLAN port.
+pub const VXLAN_PORT: u16 = 4789;
+
+/// The VXLAN port of `network`'s bridge.
+pub fn vxlan_name(network: &str) -> String {
+    format!("tvx-{network}")
+}
+
+/// `network`'s VNI: the same on every host without configuration (FNV-1a of the name, 24
+/// bits, never 0).
+pub fn vni(network: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in network.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h & 0x00ff_ffff).max(1)
+}
+
+/// Where this host's end of the overlay is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    /// This host's VTEP address (its address in the underlay).
+    pub local: Ipv4Addr,
+    /// The other hosts' VTEP addresses.
+    pub peers: Vec<Ipv4Addr>,
+}
+
+impl Netlink {
+    /// Gives the bridge with index `bridge` of `network` its VXLAN port (made if missing,
+    /// learning on, up) and a flooding entry for each peer of `overlay`.
+    pub async fn ensure_vxlan(
+        &self,
+        network: &str,
+        bridge: u32,
+        overlay: &Overlay,
+    ) -> Result<(), NetError> {
+        let name = vxlan_name(network);
+        if self.index(&name).await?.is_none() {
+            let made = self
+                .handle()
+                .link()
+                .add(
+                    LinkVxlan::new(&name, vni(network))
+                        .local(overlay.local)
+                        .port(VXLAN_PORT)
+                        .learning(true)
+                        .build(),
+                )
+                .execute()
+                .await;
+            // (or made at the same time by another VM's start)
+            if let (Err(e), None) = (made, self.index(&name).await?) {
+                return Err(NetError::Netlink {
+                    what: format!("create VXLAN port {name} (VNI {})", vni(network)),
+                    source: e,
+                });
+            }
+        }
+        let index = self.index(&name).await?.ok_or_else(|| NetError::Io {
+            what: format!("find VXLAN port {name}"),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
+        crate::bridge::host_only_ipv4(&name)?;
+        self.handle()
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .controller(bridge)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|source| NetError::Netlink {
+                what: format!("put {name} on its bridge"),
+                source,
+            })?;
+        for peer in &overlay.peers {
+            self.flood_to(index, *peer).await?;
+        }
+        Ok(())
+    }
+
+    /// `bridge fdb append 00:00:00:00:00:00 dev VXLAN dst PEER`: unknown and broadcast
+    /// frames also go to `peer` (already there: nothing to do).
+    async fn flood_to(&self, vxlan: u32, peer: Ipv4Addr) -> Result<(), NetError> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Bridge;
+        m.header.ifindex = vxlan;
+        m.header.state = NeighbourState::Permanent;
+        m.header.flags = NeighbourFlags::Own;
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(vec![0; 6]));
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                peer,
+            )));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(m));
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND;
+        let mut h = self.handle().clone();
+        let mut answers = h.request(req).map_err(|source| NetError::Netlink {
+            what: format!("flood to VTEP {peer}"),
+            source,
+        })?;
+        while let Some(a) = answers.next().await {
+            if let NetlinkPayload::Error(e) = a.payload {
+                if e.raw_code() == -libc::EEXIST {
+                    return Ok(());
+                }
+                return Err(NetError::Netlink {
+                    what: format!("flood to VTEP {}", IpAddr::V4(peer)),
+                    source: rtnetlink::Error::NetlinkError(e),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_networks_vni_is_fixed_by_its_name_and_never_zero() {
+        assert_eq!(vni("blue"), vni("blue"));
+        assert_ne!(vni("blue"), vni("red"));
+        for n in ["a", "lab", "blue", "x-1", "0123456789"] {
+            assert!((1..1 << 24).contains(&vni(n)), "{n}");
+        }
+        assert!(vxlan_name("0123456789").len() <= 15);
+    }
+}
