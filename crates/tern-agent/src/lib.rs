@@ -776,8 +776,9 @@ async fn network_here(
     overlay: Option<&tern_net::vxlan::Overlay>,
 ) -> Result<u32, tern_net::NetError> {
     let bridge = nl.ensure_bridge(network).await?;
-    if let Some(o) = overlay {
-        nl.ensure_vxlan(network, bridge, o).await?;
+    match overlay {
+        Some(o) => nl.ensure_vxlan(network, bridge, o).await?,
+        None => nl.remove_vxlan(network).await?,
     }
     Ok(bridge)
 }

@@ -57,7 +57,8 @@ impl Netlink {
         Ok(self.find(name).await?.map(|f| f.index))
     }
 
-    async fn find(&self, name: &str) -> Result<Option<Found>, NetError> {
+    /// Interface `name`'s description, if it exists.
+    pub(crate) async fn link(&self, name: &str) -> Result<Option<LinkMessage>, NetError> {
         let mut links = self
             .handle
             .link()
@@ -65,14 +66,17 @@ impl Netlink {
             .match_name(name.to_string())
             .execute();
         match links.try_next().await {
-            Ok(Some(m)) => Ok(Some(Found {
-                index: m.header.index,
-                bridge: is_bridge(&m),
-            })),
-            Ok(None) => Ok(None),
+            Ok(m) => Ok(m),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
             Err(e) => Err(netlink(format!("look up interface {name}"))(e)),
         }
+    }
+
+    async fn find(&self, name: &str) -> Result<Option<Found>, NetError> {
+        Ok(self.link(name).await?.map(|m| Found {
+            index: m.header.index,
+            bridge: is_bridge(&m),
+        }))
     }
 
     /// The index of `network`'s bridge, created (and up) if it is not there yet.

@@ -22,6 +22,26 @@ use rtnetlink::{LinkUnspec, LinkVxlan};
 use crate::bridge::Netlink;
 use crate::NetError;
 
+/// Most addresses a network's VXLAN port learns (its forwarding table's cap: a flood of
+/// forged source addresses fills no more).
+pub const MAX_LEARNED: u32 = 4096;
+
+/// Whether link `m` is a VXLAN port with `vni` from `local` on [`VXLAN_PORT`].
+fn is_vxlan_of(m: &rtnetlink::packet_route::link::LinkMessage, vni: u32, local: Ipv4Addr) -> bool {
+    use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo};
+    m.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().any(|i| match i {
+            LinkInfo::Data(InfoData::Vxlan(v)) => {
+                v.contains(&InfoVxlan::Id(vni))
+                    && v.contains(&InfoVxlan::Local(local))
+                    && v.contains(&InfoVxlan::Port(VXLAN_PORT))
+            }
+            _ => false,
+        }),
+        _ => false,
+    })
+}
+
 /// The IANA VXLAN port.
 pub const VXLAN_PORT: u16 = 4789;
 
@@ -60,6 +80,13 @@ impl Netlink {
         overlay: &Overlay,
     ) -> Result<(), NetError> {
         let name = vxlan_name(network);
+        if let Some(old) = self.link(&name).await? {
+            // made for another VNI or VTEP address (or not VXLAN at all): made again
+            if !is_vxlan_of(&old, vni(network), overlay.local) {
+                tracing::warn!(port = %name, "replacing a VXLAN port whose settings are not this agent's");
+                self.delete(old.header.index).await?;
+            }
+        }
         if self.index(&name).await?.is_none() {
             let made = self
                 .handle()
@@ -69,6 +96,7 @@ impl Netlink {
                         .local(overlay.local)
                         .port(VXLAN_PORT)
                         .learning(true)
+                        .limit(MAX_LEARNED)
                         .build(),
                 )
                 .execute()
@@ -106,8 +134,17 @@ impl Netlink {
         Ok(())
     }
 
+    /// Removes `network`'s VXLAN port, if any (an agent started without an overlay keeps
+    /// its networks on this host).
+    pub async fn remove_vxlan(&self, network: &str) -> Result<(), NetError> {
+        match self.index(&vxlan_name(network)).await? {
+            Some(i) => self.delete(i).await,
+            None => Ok(()),
+        }
+    }
+
     /// `bridge fdb append 00:00:00:00:00:00 dev VXLAN dst PEER`: unknown and broadcast
-    /// frames also go to `peer` (already there: nothing to do).
+    /// frames also go to `peer` (the kernel answers 0 for an entry already there).
     async fn flood_to(&self, vxlan: u32, peer: Ipv4Addr) -> Result<(), NetError> {
         let mut m = NeighbourMessage::default();
         m.header.family = AddressFamily::Bridge;

@@ -597,10 +597,22 @@ fn run_agent(a: AgentArgs) -> Result<()> {
     }
     config.networks = a.networks;
     config.overlay = match (a.vtep, a.vxlan_peers.is_empty()) {
-        (Some(local), _) => Some(tern_net::vxlan::Overlay {
-            local,
-            peers: a.vxlan_peers,
-        }),
+        (Some(local), _) => {
+            let mut seen = std::collections::HashSet::new();
+            if let Some(p) = a
+                .vxlan_peers
+                .iter()
+                .find(|p| **p == local || !seen.insert(**p))
+            {
+                anyhow::bail!(
+                    "--vxlan-peer {p}: each peer once, and not this host's own --vtep {local}"
+                );
+            }
+            Some(tern_net::vxlan::Overlay {
+                local,
+                peers: a.vxlan_peers,
+            })
+        }
         (None, true) => None,
         (None, false) => {
             anyhow::bail!("--vxlan-peer without --vtep: give this host's own VTEP address too")

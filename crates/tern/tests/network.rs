@@ -414,5 +414,14 @@ fn a_vm_keeps_its_address_across_subnets_on_the_vxlan_overlay_while_a_client_pin
     );
     ensure!(client.guest_mac()? == mac);
     checker_clean(&b.console_log("web")?, 0)?;
+    // each agent kept the VXLAN port it made at its start (a port whose settings it
+    // did not recognise would have been made again, cutting the network)
+    for agent in [&a, &b] {
+        ensure!(
+            !agent.log_text().contains("replacing a VXLAN port"),
+            "{}",
+            agent.log_text()
+        );
+    }
     Ok(())
 }
