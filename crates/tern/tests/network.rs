@@ -92,6 +92,19 @@ impl Pinger {
         ))
     }
 
+    /// Stops; the guest, paused `pause_ms` by `what`, went unanswered for about that
+    /// long, not longer (slack: 0.5 s). Prints what it saw.
+    fn stop_after_pause(self, what: &str, pause_ms: u64) -> Result<()> {
+        let (sent, answered) = self.stop()?;
+        let lost = sent - answered;
+        eprintln!("{what}: {sent} pings every 20 ms, {lost} unanswered, paused {pause_ms} ms");
+        ensure!(
+            lost <= pause_ms / 20 + 25,
+            "{what}: {lost} of {sent} pings unanswered for a {pause_ms} ms pause"
+        );
+        Ok(())
+    }
+
     /// (sent, answered)
     fn stop(self) -> Result<(u64, u64)> {
         run(Command::new("kill").args(["-INT", &self.0.id().to_string()]))?;
@@ -226,18 +239,7 @@ fn a_vm_keeps_its_card_address_and_pings_through_a_migration_and_an_upgrade() ->
         std::thread::sleep(Duration::from_millis(50));
     }
     ns.ping(10).context("no answer after the migration")?;
-    let (sent, answered) = pinger.stop()?;
-    let downtime = m.report.as_ref().map_or(0, |r| r.downtime_ms);
-    eprintln!(
-        "migration: {sent} pings every 20 ms, {} unanswered, downtime {downtime} ms",
-        sent - answered
-    );
-    // the guest went unanswered for about its pause, not longer (slack: 0.5 s)
-    ensure!(
-        sent - answered <= downtime / 20 + 25,
-        "{} of {sent} pings unanswered for a {downtime} ms pause",
-        sent - answered
-    );
+    pinger.stop_after_pause("migration", m.report.as_ref().map_or(0, |r| r.downtime_ms))?;
     ensure!(ns.guest_mac()? == mac);
     checker_clean(&b.console_log("web")?, 0)?;
 
@@ -257,17 +259,7 @@ fn a_vm_keeps_its_card_address_and_pings_through_a_migration_and_an_upgrade() ->
     ensure!(tap_new != tap_b, "{after}");
     ensure!(ns.taps()? == vec![tap_new.clone()], "{:?}", ns.taps());
     ns.ping(10).context("no answer after the upgrade")?;
-    let (sent, answered) = pinger.stop()?;
-    let paused = r["downtime_ms"].as_u64().unwrap_or(0);
-    eprintln!(
-        "upgrade: {sent} pings every 20 ms, {} unanswered, paused {paused} ms",
-        sent - answered
-    );
-    ensure!(
-        sent - answered <= paused / 20 + 25,
-        "{} of {sent} pings unanswered for a {paused} ms pause",
-        sent - answered
-    );
+    pinger.stop_after_pause("upgrade", r["downtime_ms"].as_u64().unwrap_or(0))?;
     checker_clean(&b.console_log("web")?, 0)?;
     Ok(())
 }
@@ -401,17 +393,10 @@ fn a_vm_keeps_its_address_across_subnets_on_the_vxlan_overlay_while_a_client_pin
     client
         .ping(10)
         .context("the client does not reach the guest on B")?;
-    let (sent, answered) = pinger.stop()?;
-    let downtime = m.report.as_ref().map_or(0, |r| r.downtime_ms);
-    eprintln!(
-        "across subnets: {sent} pings every 20 ms, {} unanswered, downtime {downtime} ms",
-        sent - answered
-    );
-    ensure!(
-        sent - answered <= downtime / 20 + 25,
-        "{} of {sent} pings unanswered for a {downtime} ms pause",
-        sent - answered
-    );
+    pinger.stop_after_pause(
+        "across subnets",
+        m.report.as_ref().map_or(0, |r| r.downtime_ms),
+    )?;
     ensure!(client.guest_mac()? == mac);
     checker_clean(&b.console_log("web")?, 0)?;
     // each agent kept the VXLAN port it made at its start (a port whose settings it
