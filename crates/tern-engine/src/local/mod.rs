@@ -411,7 +411,9 @@ pub async fn start_receiver<'a>(
     let cpr = h.cpr();
     let mut launch = host.launch(spec, opts);
     let deadline = Instant::now() + STEP;
-    while !cpr.exists() {
+    // listening, not only there: QEMU binds the socket (the file appears) a moment
+    // before it listens, and an old QEMU that connects in between is refused
+    while !listening(&cpr) {
         tokio::select! {
             r = &mut launch => {
                 return Err(match r {
@@ -431,6 +433,21 @@ pub async fn start_receiver<'a>(
     // QEMU made it as root (before dropping to its user)
     h.give(&cpr)?;
     Ok(launch)
+}
+
+/// Whether a unix socket listens at `path` (`/proc/net/unix`: its flags hold
+/// `__SO_ACCEPTCON`), in this network namespace.
+fn listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return path.exists();
+    };
+    let want = path.to_string_lossy();
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && f[7] == want
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x0001_0000 != 0)
+    })
 }
 
 /// The receiving half, second step: the new QEMU answers QMP and has loaded the device
@@ -757,6 +774,20 @@ fn kill(pid: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_is_listening_only_once_it_listens() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.sock");
+        assert!(!listening(&p));
+        // bound, not listening: the file is there, the socket refuses
+        let bound =
+            socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        bound.bind(&socket2::SockAddr::unix(&p).unwrap()).unwrap();
+        assert!(p.exists() && !listening(&p));
+        bound.listen(1).unwrap();
+        assert!(listening(&p));
+    }
 
     #[test]
     fn the_mark_says_the_upgrade_committed_only_once_the_new_directory_holds_the_record() {
