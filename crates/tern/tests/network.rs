@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
 use tern_testkit::agents::{checker_clean, e2e_lock, wait_for_text, AgentOptions, TestAgent};
-use tern_testkit::guest::ensure_guest;
+use tern_testkit::guest::{ensure_guest, GuestImage};
 use tern_testkit::run;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tern");
@@ -123,6 +123,39 @@ impl Pinger {
     }
 }
 
+/// The test VM "web": the dirtier, its card on network `lab` at [`GUEST_IP`]; `extra`
+/// goes before the card.
+fn web_spec(g: &GuestImage, extra: &str) -> String {
+    format!(
+        "name = \"web\"\nmemory_mib = 128\nvcpus = 1\naccel = \"tcg\"\nkernel = {:?}\ninitrd = {:?}\n\
+         append = \"console=ttyS0 panic=-1 tern.workload=dirty tern.mib=16 tern.rate=2 tern.ip={GUEST_IP}/24\"\n\
+         {extra}[[nic]]\nnetwork = \"lab\"\n",
+        g.kernel.display().to_string(),
+        g.initrd.display().to_string()
+    )
+}
+
+/// Starts `spec` on `a` and waits for its dirtier: the VM's info and its console.
+fn boot(a: &TestAgent, spec: &str) -> Result<(serde_json::Value, PathBuf)> {
+    let info = a.start_vm(spec)?;
+    let console = PathBuf::from(info["console_log"].as_str().context("console")?);
+    wait_for_text(&console, "tern-dirty pass 1", Duration::from_secs(120))
+        .context("guest did not boot")?;
+    Ok((info, console))
+}
+
+/// Migrates "web" from `a` to `b`; it must succeed.
+fn migrate(a: &TestAgent, b: &TestAgent) -> Result<tern_api::migration::MigrationStatus> {
+    let id = a.start_migration("web", &b.peer_addr.to_string(), json!({}))?;
+    let m = a.wait_migration(&id, Duration::from_secs(120))?;
+    ensure!(
+        m.error.is_none(),
+        "migration failed: {m:?}\n{}",
+        a.log_text()
+    );
+    Ok(m)
+}
+
 fn agent(ns: &Netns, name: &str, env: &[(&str, &str)]) -> Result<TestAgent> {
     TestAgent::start_with(
         Path::new(BIN),
@@ -144,13 +177,7 @@ fn a_vm_keeps_its_card_address_and_pings_through_a_migration_and_an_upgrade() ->
     // A's upgrades fail once the new QEMU has the memory (it is killed)
     let a = agent(&ns, "host-a", &[("TERN_FAULT", "upgrade-kill-new-qemu")])?;
     let b = agent(&ns, "host-b", &[])?;
-    let spec = format!(
-        "name = \"web\"\nmemory_mib = 128\nvcpus = 1\naccel = \"tcg\"\nkernel = {:?}\ninitrd = {:?}\n\
-         append = \"console=ttyS0 panic=-1 tern.workload=dirty tern.mib=16 tern.rate=2 tern.ip={GUEST_IP}/24\"\n\
-         memory = \"shared\"\n[[nic]]\nnetwork = \"lab\"\n",
-        g.kernel.display().to_string(),
-        g.initrd.display().to_string()
-    );
+    let spec = web_spec(&g, "memory = \"shared\"\n");
     // a card with a bad network name is refused before anything starts
     let bad = spec.replace("network = \"lab\"", "network = \"Lab\"");
     let e = a
@@ -159,10 +186,7 @@ fn a_vm_keeps_its_card_address_and_pings_through_a_migration_and_an_upgrade() ->
         .context("a bad network name was taken")?;
     ensure!(e.to_string().contains("network name"), "{e:#}");
 
-    let info = a.start_vm(&spec)?;
-    let console = PathBuf::from(info["console_log"].as_str().context("console")?);
-    wait_for_text(&console, "tern-dirty pass 1", Duration::from_secs(120))
-        .context("guest did not boot")?;
+    let (info, console) = boot(&a, &spec)?;
     // the agent made the card's MAC and its tap, on the network's bridge (made too)
     let nic = &info["nics"][0];
     let mac = nic["mac"].as_str().context("no MAC")?.to_string();
@@ -217,13 +241,7 @@ fn a_vm_keeps_its_card_address_and_pings_through_a_migration_and_an_upgrade() ->
     // migrate while pinging: the card arrives with its MAC on B's tap
     checker_clean(&console, 0)?;
     let pinger = Pinger::start(&ns)?;
-    let id = a.start_migration("web", &b.peer_addr.to_string(), json!({}))?;
-    let m = a.wait_migration(&id, Duration::from_secs(120))?;
-    ensure!(
-        m.error.is_none(),
-        "migration failed: {m:?}\n{}",
-        a.log_text()
-    );
+    let m = migrate(&a, &b)?;
     let on_b = b.vm("web")?;
     ensure!(on_b["nics"][0]["mac"] == mac.as_str(), "{on_b}");
     let tap_b = on_b["nics"][0]["tap"]
@@ -361,17 +379,8 @@ fn a_vm_keeps_its_address_across_subnets_on_the_vxlan_overlay_while_a_client_pin
     // own address on that bridge
     let client = &lab.ns[2];
     client.ip(&["addr", "add", "198.18.60.1/24", "dev", "tern-lab"])?;
-    let spec = format!(
-        "name = \"web\"\nmemory_mib = 128\nvcpus = 1\naccel = \"tcg\"\nkernel = {:?}\ninitrd = {:?}\n\
-         append = \"console=ttyS0 panic=-1 tern.workload=dirty tern.mib=16 tern.rate=2 tern.ip={GUEST_IP}/24\"\n\
-         [[nic]]\nnetwork = \"lab\"\n",
-        g.kernel.display().to_string(),
-        g.initrd.display().to_string()
-    );
-    let info = a.start_vm(&spec)?;
-    let console = PathBuf::from(info["console_log"].as_str().context("console")?);
-    wait_for_text(&console, "tern-dirty pass 1", Duration::from_secs(120))
-        .context("guest did not boot")?;
+    let spec = web_spec(&g, "");
+    let (info, _) = boot(&a, &spec)?;
     let mac = info["nics"][0]["mac"]
         .as_str()
         .context("no MAC")?
@@ -383,13 +392,7 @@ fn a_vm_keeps_its_address_across_subnets_on_the_vxlan_overlay_while_a_client_pin
 
     // A (198.18.1.0/24) -> B (198.18.2.0/24) while C pings every 20 ms
     let pinger = Pinger::start(client)?;
-    let id = a.start_migration("web", &b.peer_addr.to_string(), json!({}))?;
-    let m = a.wait_migration(&id, Duration::from_secs(120))?;
-    ensure!(
-        m.error.is_none(),
-        "migration failed: {m:?}\n{}",
-        a.log_text()
-    );
+    let m = migrate(&a, &b)?;
     client
         .ping(10)
         .context("the client does not reach the guest on B")?;
