@@ -13,6 +13,7 @@ pub mod libvirt;
 pub mod links;
 pub mod metrics;
 pub mod outgoing;
+pub mod overlay;
 pub mod pki;
 pub mod policy;
 pub mod vm;
@@ -167,6 +168,9 @@ pub struct Agent {
     reserved: Mutex<HashSet<String>>,
     /// Hand-overs from other agents on this host waiting for their sender's word.
     handovers: Mutex<HashMap<String, handover::HandOverSlot>>,
+    /// Where other hosts' VMs' network cards live ([`overlay`]); held while the
+    /// forwarding table is written, so claims land in order.
+    remote_cards: tokio::sync::Mutex<overlay::Remote>,
     /// Itself, for handing to the engine as its [`Host`].
     me: std::sync::Weak<Agent>,
 }
@@ -359,6 +363,7 @@ impl Agent {
             vms: Mutex::new(HashMap::new()),
             reserved: Mutex::new(HashSet::new()),
             handovers: Mutex::new(HashMap::new()),
+            remote_cards: Default::default(),
             me: me.clone(),
         }))
     }
@@ -480,6 +485,9 @@ impl Agent {
                 let vm = Arc::new(Vm::supervise(spec, p));
                 self.adopt(vm.clone());
                 self.vm_event(&vm.spec.name, "started", vm.pid);
+                if let Some(me) = self.me.upgrade() {
+                    me.cards_here(&vm.spec);
+                }
                 Ok(vm)
             }
             Err(e) => {
@@ -757,6 +765,32 @@ impl Host for Agent {
         })
     }
 
+    fn switched_here(&self, spec: &VmSpec) {
+        if let Some(me) = self.me.upgrade() {
+            me.cards_here(spec);
+        }
+    }
+
+    fn located<'a>(
+        &'a self,
+        peer: &'a str,
+        entries: Vec<tern_proto::Location>,
+    ) -> BoxFuture<'a, Result<Vec<tern_proto::Location>, String>> {
+        Box::pin(async move {
+            match &self.config.overlay {
+                Some(o) if !o.learning => {}
+                _ => {
+                    return Err(format!(
+                        "{} does not program its overlay from its peers (no --vtep, or --overlay-control learn)",
+                        self.config.name
+                    ))
+                }
+            }
+            self.take_locations(peer, entries).await;
+            Ok(self.local_locations())
+        })
+    }
+
     fn adopt(&self, spec: VmSpec, process: QemuProcess) {
         let vm = Arc::new(Vm::supervise(spec, process));
         let (name, pid) = (vm.spec.name.clone(), vm.pid);
@@ -897,6 +931,14 @@ pub async fn run(
     }
     let agent = Agent::new(config)?;
     agent.reattach().await;
+    {
+        // the peers learn where this host's cards are, this host where theirs are
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mine = agent.local_locations();
+            agent.tell_peers(mine).await
+        });
+    }
     let api = api::serve(agent.clone()).await?;
     let metrics: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
         match agent.config.metrics_listen {

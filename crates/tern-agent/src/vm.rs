@@ -31,6 +31,9 @@ pub struct Vm {
     pub qemu_version: String,
     /// Set while a migration owns this VM.
     pub migrating: AtomicBool,
+    /// When this agent began running it (microseconds since the epoch): its cards'
+    /// claim on the overlay ([`crate::overlay`]).
+    pub since_us: u64,
     exited: watch::Receiver<Option<String>>,
     stop_tx: mpsc::Sender<StopMode>,
 }
@@ -78,6 +81,7 @@ impl Vm {
             pid,
             qemu_version,
             migrating: AtomicBool::new(false),
+            since_us: crate::overlay::now_us(),
             exited,
             stop_tx,
         }
@@ -138,6 +142,7 @@ impl Vm {
             pid: Some(pid),
             qemu_version,
             migrating: AtomicBool::new(false),
+            since_us: crate::overlay::now_us(),
             exited,
             stop_tx,
         }

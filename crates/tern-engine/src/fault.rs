@@ -53,6 +53,9 @@ pub enum Fault {
     /// The agent that sent a hand-over's device state exits before it asks for the commit:
     /// the receiver must give up by itself and a restarted sender run the VM again.
     MoveExitBeforeCommit,
+    /// The agent never tells its peers where its VMs' network cards live (it still
+    /// answers them): the overlay as it would be without its control plane.
+    OverlaySilent,
 }
 
 /// Without the `fault-injection` feature there is no fault to name.
@@ -85,8 +88,9 @@ impl std::str::FromStr for Fault {
             "upgrade-exit-after-commit" => Ok(Fault::UpgradeExitAfterCommit),
             "upgrade-kill-before-cont" => Ok(Fault::UpgradeKillBeforeCont),
             "move-exit-before-commit" => Ok(Fault::MoveExitBeforeCommit),
+            "overlay-silent" => Ok(Fault::OverlaySilent),
             _ => Err(format!(
-                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover, exit-at-switchover, fail-switch-record, panic-in-transfer, slow-finish, upgrade-cut-stream, upgrade-kill-new-qemu, upgrade-exit-before-commit, upgrade-exit-after-commit, upgrade-kill-before-cont, move-exit-before-commit)"
+                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover, exit-at-switchover, fail-switch-record, panic-in-transfer, slow-finish, upgrade-cut-stream, upgrade-kill-new-qemu, upgrade-exit-before-commit, upgrade-exit-after-commit, upgrade-kill-before-cont, move-exit-before-commit, overlay-silent)"
             )),
         }
     }

@@ -36,6 +36,7 @@ pub mod handle;
 pub mod hostmem;
 pub mod libvirt;
 pub mod local;
+pub mod overlay;
 pub mod pace;
 pub mod pages;
 pub mod registry;
@@ -151,10 +152,21 @@ pub trait Host: Send + Sync {
         spec: &'a VmSpec,
         opts: &'a LaunchOptions,
     ) -> BoxFuture<'a, Result<QemuProcess, HostLaunchError>>;
+    /// An incoming VM's switchover is recorded (it runs here from now on, `cont` comes
+    /// next): the daemon tells whoever forwards to its cards ([`overlay`]).
+    fn switched_here(&self, spec: &VmSpec);
     /// An incoming VM switched over: the daemon runs it from now on.
     fn adopt(&self, spec: VmSpec, process: QemuProcess);
     /// Removes a VM's run directory once its QEMU is gone (its TPM state first).
     fn remove_run_dir<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, ()>;
+    /// Peer agent `peer` told where its VMs' network cards live ([`overlay`]): the daemon
+    /// takes what it may into its forwarding and answers where its own VMs' cards live;
+    /// an error (no overlay here) refuses the exchange.
+    fn located<'a>(
+        &'a self,
+        peer: &'a str,
+        entries: Vec<tern_proto::Location>,
+    ) -> BoxFuture<'a, Result<Vec<tern_proto::Location>, String>>;
 }
 
 /// `tokio::spawn` keeping the caller's span: a task of a migration logs with its id.

@@ -2,16 +2,22 @@
 //! `tvx-NETWORK` (VNI from the network's name, UDP 4789, this host's VTEP address), and
 //! frames for every address it does not know yet (broadcast, unknown unicast, multicast)
 //! go to every peer VTEP (an all-zeros forwarding entry per peer, "head-end
-//! replication"). Each VTEP learns where a MAC lives from the frames it receives, so a
-//! VM that moved is found again as soon as it speaks: the announce after its switchover
-//! (RARP from its cards) reaches every peer and moves its entry there. Hosts may sit in
-//! different IP subnets: VXLAN is UDP over the routed underlay.
+//! replication"). Where a MAC lives comes from one of two places:
+//! - programmed (the default): the agents tell each other where their VMs' cards are, and
+//!   each host writes a static entry per remote MAC ([`Netlink::point_mac`]); the port
+//!   learns nothing from the frames it receives, so a guest or a forged frame cannot move
+//!   another VM's traffic;
+//! - learned (`learning`): each VTEP learns from the frames it receives, so a VM that
+//!   moved is found again as soon as it speaks (the RARP announce after its switchover).
+//!
+//! Hosts may sit in different IP subnets: VXLAN is UDP over the routed underlay.
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::StreamExt;
 use rtnetlink::packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST,
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE,
+    NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -26,8 +32,14 @@ use crate::NetError;
 /// forged source addresses fills no more).
 pub const MAX_LEARNED: u32 = 4096;
 
-/// Whether link `m` is a VXLAN port with `vni` from `local` on [`VXLAN_PORT`].
-fn is_vxlan_of(m: &rtnetlink::packet_route::link::LinkMessage, vni: u32, local: Ipv4Addr) -> bool {
+/// Whether link `m` is a VXLAN port with `vni` from `local` on [`VXLAN_PORT`], learning
+/// or not as `learning` says.
+fn is_vxlan_of(
+    m: &rtnetlink::packet_route::link::LinkMessage,
+    vni: u32,
+    local: Ipv4Addr,
+    learning: bool,
+) -> bool {
     use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo};
     m.attributes.iter().any(|a| match a {
         LinkAttribute::LinkInfo(infos) => infos.iter().any(|i| match i {
@@ -35,6 +47,7 @@ fn is_vxlan_of(m: &rtnetlink::packet_route::link::LinkMessage, vni: u32, local: 
                 v.contains(&InfoVxlan::Id(vni))
                     && v.contains(&InfoVxlan::Local(local))
                     && v.contains(&InfoVxlan::Port(VXLAN_PORT))
+                    && v.contains(&InfoVxlan::Learning(learning))
             }
             _ => false,
         }),
@@ -68,6 +81,9 @@ pub struct Overlay {
     pub local: Ipv4Addr,
     /// The other hosts' VTEP addresses.
     pub peers: Vec<Ipv4Addr>,
+    /// Learn where MACs live from received frames (flood and learn), instead of entries
+    /// programmed by the agents.
+    pub learning: bool,
 }
 
 impl Netlink {
@@ -82,7 +98,7 @@ impl Netlink {
         let name = vxlan_name(network);
         if let Some(old) = self.link(&name).await? {
             // made for another VNI or VTEP address (or not VXLAN at all): made again
-            if !is_vxlan_of(&old, vni(network), overlay.local) {
+            if !is_vxlan_of(&old, vni(network), overlay.local, overlay.learning) {
                 tracing::warn!(port = %name, "replacing a VXLAN port whose settings are not this agent's");
                 self.delete(old.header.index).await?;
             }
@@ -95,7 +111,7 @@ impl Netlink {
                     LinkVxlan::new(&name, vni(network))
                         .local(overlay.local)
                         .port(VXLAN_PORT)
-                        .learning(true)
+                        .learning(overlay.learning)
                         .limit(MAX_LEARNED)
                         .build(),
                 )
@@ -146,37 +162,106 @@ impl Netlink {
     /// `bridge fdb append 00:00:00:00:00:00 dev VXLAN dst PEER`: unknown and broadcast
     /// frames also go to `peer` (the kernel answers 0 for an entry already there).
     async fn flood_to(&self, vxlan: u32, peer: Ipv4Addr) -> Result<(), NetError> {
-        let mut m = NeighbourMessage::default();
-        m.header.family = AddressFamily::Bridge;
-        m.header.ifindex = vxlan;
-        m.header.state = NeighbourState::Permanent;
-        m.header.flags = NeighbourFlags::Own;
-        m.attributes
-            .push(NeighbourAttribute::LinkLayerAddress(vec![0; 6]));
-        m.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-                peer,
-            )));
-        let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(m));
-        req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND;
+        let req = fdb_entry(vxlan, [0; 6], Some(peer));
+        self.fdb_request(
+            RouteNetlinkMessage::NewNeighbour(req),
+            NLM_F_CREATE | NLM_F_APPEND,
+            &[-libc::EEXIST],
+            || format!("flood to VTEP {}", IpAddr::V4(peer)),
+        )
+        .await
+    }
+
+    /// `bridge fdb replace MAC dev tvx-NETWORK dst VTEP self permanent`: frames for `mac`
+    /// on `network` go to the host at `vtep` (a no-op when this host has no VXLAN port for
+    /// `network`: false).
+    pub async fn point_mac(
+        &self,
+        network: &str,
+        mac: [u8; 6],
+        vtep: Ipv4Addr,
+    ) -> Result<bool, NetError> {
+        let Some(vxlan) = self.index(&vxlan_name(network)).await? else {
+            return Ok(false);
+        };
+        self.fdb_request(
+            RouteNetlinkMessage::NewNeighbour(fdb_entry(vxlan, mac, Some(vtep))),
+            NLM_F_CREATE | NLM_F_REPLACE,
+            &[],
+            || format!("point {} at VTEP {vtep} on {network}", mac_text(mac)),
+        )
+        .await?;
+        Ok(true)
+    }
+
+    /// Removes `network`'s entry for `mac` (its VM runs here now, or nowhere known); none
+    /// there is fine.
+    pub async fn forget_mac(&self, network: &str, mac: [u8; 6]) -> Result<(), NetError> {
+        let Some(vxlan) = self.index(&vxlan_name(network)).await? else {
+            return Ok(());
+        };
+        self.fdb_request(
+            RouteNetlinkMessage::DelNeighbour(fdb_entry(vxlan, mac, None)),
+            0,
+            &[-libc::ENOENT],
+            || format!("forget {} on {network}", mac_text(mac)),
+        )
+        .await
+    }
+
+    /// Sends one forwarding-table request; `fine` lists error codes that mean done.
+    async fn fdb_request(
+        &self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        fine: &[i32],
+        what: impl Fn() -> String,
+    ) -> Result<(), NetError> {
+        let mut req = NetlinkMessage::from(msg);
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
         let mut h = self.handle().clone();
         let mut answers = h.request(req).map_err(|source| NetError::Netlink {
-            what: format!("flood to VTEP {peer}"),
+            what: what(),
             source,
         })?;
         while let Some(a) = answers.next().await {
             if let NetlinkPayload::Error(e) = a.payload {
-                if e.raw_code() == -libc::EEXIST {
+                if fine.contains(&e.raw_code()) {
                     return Ok(());
                 }
                 return Err(NetError::Netlink {
-                    what: format!("flood to VTEP {}", IpAddr::V4(peer)),
+                    what: what(),
                     source: rtnetlink::Error::NetlinkError(e),
                 });
             }
         }
         Ok(())
     }
+}
+
+/// A static entry of VXLAN port `vxlan`'s own forwarding table: `mac` (all zeros: flood)
+/// reached through `vtep`.
+fn fdb_entry(vxlan: u32, mac: [u8; 6], vtep: Option<Ipv4Addr>) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Bridge;
+    m.header.ifindex = vxlan;
+    m.header.state = NeighbourState::Permanent;
+    m.header.flags = NeighbourFlags::Own;
+    m.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    if let Some(v) = vtep {
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(v)));
+    }
+    m
+}
+
+/// `52:54:00:12:34:56`
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]

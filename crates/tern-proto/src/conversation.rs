@@ -9,7 +9,8 @@
 //!   (src)     (dst)        │  (src: DiskOffer v3, TpmKey v4 first)   (dst: Summary v2)
 //!                          ├─Query──> Querying ──QueryAnswer──> Closed
 //!                          ├─Attach─> Data (src: Seq, frame, Seq, frame, ...)
-//!                          └─Tunnel─> Tunneling ──TunnelOpen──> Tunnel (v6: TunnelBytes both ways)
+//!                          ├─Tunnel─> Tunneling ──TunnelOpen──> Tunnel (v6: TunnelBytes both ways)
+//!                          └─Locations─> Locating ──Locations──> Closed (v7)
 //!  Transfer ──SourceDone{commit}──> Finishing ──Resumed──> Closed          (v2)
 //!  Transfer ──SourceDone──> Finishing ──ReadyToResume──> AwaitCommit
 //!           ──Commit──> Committed ──Resumed──> Closed                      (v1)
@@ -63,6 +64,8 @@ pub enum Stage {
     Tunneling,
     /// An open storage tunnel: TunnelBytes either way, until each side closes.
     Tunnel,
+    /// The opener told where network cards live (v7): the other side answers with its own.
+    Locating,
     /// Ended (Abort, Resumed, QueryAnswer): nothing more may come.
     Closed,
 }
@@ -82,6 +85,7 @@ impl Stage {
             Stage::Data { .. } => "on a data connection",
             Stage::Tunneling => "while a tunnel opens",
             Stage::Tunnel => "in a tunnel",
+            Stage::Locating => "while locations are exchanged",
             Stage::Closed => "after the conversation ended",
         }
     }
@@ -199,6 +203,10 @@ impl Conversation {
                 Stage::Data { frame_next: false }
             }
             (Stage::Opening, S, T::Tunnel) if !self.disk_offer && !self.tpm_key => Stage::Tunneling,
+            (Stage::Opening, S, T::Locations) if !self.disk_offer && !self.tpm_key => {
+                Stage::Locating
+            }
+            (Stage::Locating, D, T::Locations) => Stage::Closed,
             (Stage::Tunneling, D, T::TunnelOpen) => Stage::Tunnel,
             (Stage::Tunnel, _, T::TunnelBytes) => Stage::Tunnel,
             (Stage::Preparing, D, T::Summary) => Stage::Preparing,
@@ -456,6 +464,26 @@ mod tests {
         assert!(d.on(S, &data()).is_err(), "a frame without its Seq");
         d.on(S, &Message::Seq { seq: 2 }).unwrap();
         assert!(d.on(S, &Message::Seq { seq: 3 }).is_err(), "two Seqs");
+    }
+
+    #[test]
+    fn locations_are_told_once_and_answered_once_on_v7() {
+        let told = || Message::Locations { entries: vec![] };
+        let mut c = Conversation::new();
+        run(&mut c, &[(S, hello(7)), (D, ack(7)), (S, told())]).unwrap();
+        assert!(c.on(S, &told()).is_err(), "told twice");
+        assert!(c.on(D, &data()).is_err(), "a migration's frame");
+        c.on(D, &told()).unwrap();
+        assert!(c.on(D, &told()).is_err(), "answered twice");
+        let mut old = Conversation::new();
+        run(&mut old, &[(S, hello(6)), (D, ack(6))]).unwrap();
+        assert!(old.on(S, &told()).is_err(), "a v6 peer");
+        let mut first = Conversation::new();
+        run(&mut first, &[(S, hello(7)), (D, ack(7))]).unwrap();
+        assert!(
+            first.on(D, &told()).is_err(),
+            "the answer before the question"
+        );
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub use frame::{
     decode, encode, encode_segments, frame_len, stream_units, FrameError, HEADER_LEN, MAX_PAYLOAD,
 };
 pub use message::{
-    ContentHash, DiskInfo, Message, MessageType, Page, PageBody, RamBlock, DISK_DIRECT,
+    ContentHash, DiskInfo, Location, Message, MessageType, Page, PageBody, RamBlock, DISK_DIRECT,
 };
 pub use version::{negotiate, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
@@ -235,6 +235,23 @@ mod tests {
             },
             Message::TunnelOpen,
             Message::TunnelBytes(Bytes::from_static(b"\x25\x60\x95\x13nbd")),
+            Message::Locations {
+                entries: vec![
+                    Location {
+                        network: "lab".into(),
+                        mac: [0x52, 0x54, 0, 1, 2, 3],
+                        vtep: std::net::Ipv4Addr::new(198, 18, 1, 1),
+                        seq: u64::MAX,
+                    },
+                    Location {
+                        network: "x".into(),
+                        mac: [0; 6],
+                        vtep: std::net::Ipv4Addr::UNSPECIFIED,
+                        seq: 0,
+                    },
+                ],
+            },
+            Message::Locations { entries: vec![] },
         ]
     }
 

@@ -68,6 +68,10 @@ pub fn disk_piece_range(piece: u32, size: u64) -> Option<std::ops::Range<u64>> {
     (start < size).then(|| start..(start + DISK_PIECE_BYTES).min(size))
 }
 
+/// Most network cards one `Locations` message may name (a host's VMs' cards; the
+/// receiver also keeps at most this many remote cards per network).
+pub const MAX_LOCATIONS: usize = 4096;
+
 #[cfg(test)]
 mod tests {
     use super::*;

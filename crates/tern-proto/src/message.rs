@@ -82,6 +82,7 @@ message_types! {
     Tunnel = 29, since 6;
     TunnelOpen = 30, since 6;
     TunnelBytes = 31, since 6;
+    Locations = 32, since 7;
 }
 
 /// [`Message::DiskData`] with this piece number is a plain write (a later round's dirty
@@ -96,6 +97,18 @@ pub struct DiskInfo {
     /// Bytes that do not read as zero, as far as the source knows (allocation): what the
     /// destination must have room for.
     pub allocated: u64,
+}
+
+/// Where one network card of a VM lives (v7, in [`Message::Locations`]): frames for MAC
+/// `mac` on network `network` go to the host whose VTEP is `vtep`. `seq` orders claims
+/// for one card (the newest wins): the claiming host's wall clock, in microseconds, when
+/// the VM began to run there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub network: String,
+    pub mac: [u8; 6],
+    pub vtep: std::net::Ipv4Addr,
+    pub seq: u64,
 }
 
 /// A page's content identity: the first 16 bytes of the cluster-keyed BLAKE3 of its bytes
@@ -338,6 +351,13 @@ pub enum Message {
     /// Either way (v6), after TunnelOpen: the next bytes of the tunnelled connection, in
     /// order (the source's usually compressed). A side's clean close ends its direction.
     TunnelBytes(Bytes),
+    /// Either way (v7), first after Hello/HelloAck, then as the one answer: where network
+    /// cards live (the overlay's control plane between agents). The opener says what
+    /// changed on its side (or everything it runs, when it starts); the answer is
+    /// everything the answering host runs. Nothing follows the answer.
+    Locations {
+        entries: Vec<Location>,
+    },
 }
 
 impl Message {
@@ -375,6 +395,7 @@ impl Message {
             Message::Tunnel { .. } => MessageType::Tunnel,
             Message::TunnelOpen => MessageType::TunnelOpen,
             Message::TunnelBytes(_) => MessageType::TunnelBytes,
+            Message::Locations { .. } => MessageType::Locations,
         }
     }
 
@@ -583,6 +604,15 @@ pub(crate) fn encode_payload(msg: &Message, out: &mut BytesMut, segs: &mut Vec<B
         Message::TpmKey { key } => out.put_slice(key),
         Message::Tunnel { domain } => put_str(out, domain),
         Message::TunnelOpen => {}
+        Message::Locations { entries } => {
+            out.put_u16(entries.len() as u16);
+            for e in entries {
+                put_str(out, &e.network);
+                out.put_slice(&e.mac);
+                out.put_slice(&e.vtep.octets());
+                out.put_u64(e.seq);
+            }
+        }
     }
 }
 
@@ -627,6 +657,9 @@ pub(crate) fn payload_len(msg: &Message) -> usize {
         Message::TpmKey { .. } => 32,
         Message::Tunnel { domain } => s(domain),
         Message::TunnelOpen => 0,
+        Message::Locations { entries } => {
+            2 + entries.iter().map(|e| s(&e.network) + 18).sum::<usize>()
+        }
     }
 }
 
@@ -801,6 +834,27 @@ pub(crate) fn decode_payload(ty: MessageType, payload: Bytes) -> Result<Message,
         MessageType::Tunnel => Message::Tunnel { domain: r.str()? },
         MessageType::TunnelOpen => Message::TunnelOpen,
         MessageType::TunnelBytes => Message::TunnelBytes(r.rest()),
+        MessageType::Locations => {
+            let n = r.u16()? as usize;
+            if n > crate::limits::MAX_LOCATIONS {
+                return Err(r.invalid("count of locations"));
+            }
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                let network = r.str()?;
+                r.need(18)?;
+                let mut mac = [0u8; 6];
+                r.b.copy_to_slice(&mut mac);
+                let vtep = std::net::Ipv4Addr::from(r.b.get_u32());
+                entries.push(Location {
+                    network,
+                    mac,
+                    vtep,
+                    seq: r.b.get_u64(),
+                });
+            }
+            Message::Locations { entries }
+        }
     };
     if !r.b.is_empty() {
         return Err(FrameError::Trailing(r.b.len(), r.msg));

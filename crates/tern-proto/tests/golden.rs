@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use bytes::{Bytes, BytesMut};
 use tern_proto::{
-    decode, encode, Codec, DiskInfo, ErrorCode, FrameCompressor, Message, MessageType,
+    decode, encode, Codec, DiskInfo, ErrorCode, FrameCompressor, Location, Message, MessageType,
     MigrationState, Page, PageBody, RamBlock, DISK_DIRECT, PROTOCOL_VERSION,
 };
 
@@ -168,6 +168,14 @@ fn canonical(v: u16) -> Vec<Message> {
         },
         Message::TunnelOpen,
         Message::TunnelBytes(Bytes::from_static(b"\x25\x60\x95\x13nbd")),
+        Message::Locations {
+            entries: vec![Location {
+                network: "lab".into(),
+                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                vtep: std::net::Ipv4Addr::new(198, 18, 2, 1),
+                seq: 1_765_000_000_000_000,
+            }],
+        },
     ];
     assert_eq!(all.len(), MessageType::ALL.len(), "one message per type");
     all.into_iter().filter(|m| m.kind().since() <= v).collect()

@@ -28,3 +28,17 @@ pub fn run(cmd: &mut std::process::Command) -> anyhow::Result<String> {
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Moves the calling thread into network namespace `name` (made with `ip netns add`):
+/// the sockets it opens from then on live there. For a thread of its own.
+pub fn enter_netns(name: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::fd::AsFd;
+    let path = format!("/run/netns/{name}");
+    let ns = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+    rustix::thread::move_into_link_name_space(
+        ns.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .with_context(|| format!("enter network namespace {name}"))
+}

@@ -10,7 +10,7 @@ use clap::parser::ValueSource;
 use clap::ArgMatches;
 use serde::Deserialize;
 
-use crate::{AgentArgs, LogFormat};
+use crate::{AgentArgs, LogFormat, OverlayControl};
 
 /// Why a config file was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,8 @@ pub struct AgentFile {
     vtep: Option<std::net::Ipv4Addr>,
     #[serde(rename = "vxlan-peer")]
     vxlan_peers: Option<Vec<std::net::Ipv4Addr>>,
+    #[serde(rename = "overlay-control")]
+    overlay_control: Option<OverlayControl>,
     qemu_user: Option<String>,
     max_incoming: Option<usize>,
     log_format: Option<LogFormat>,
@@ -105,6 +107,7 @@ impl AgentFile {
             boot_dirs,
             networks,
             vxlan_peers,
+            overlay_control,
             qemu_user,
             max_incoming,
             log_format,

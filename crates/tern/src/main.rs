@@ -209,9 +209,15 @@ struct AgentArgs {
     /// stay on this host.
     #[arg(long)]
     vtep: Option<std::net::Ipv4Addr>,
-    /// Another host's VTEP; repeat for each. Frames for unknown addresses go to all.
+    /// Another host's VTEP; repeat for each. Frames for unknown addresses go to all. Its
+    /// agent listens for peers at that address, on this agent's --listen port.
     #[arg(long = "vxlan-peer")]
     vxlan_peers: Vec<std::net::Ipv4Addr>,
+    /// How a host knows where another host's VM cards are: `agents` (the agents tell each
+    /// other and program each host's forwarding, nothing learned from frames) or `learn`
+    /// (flood and learn from received frames, no control plane).
+    #[arg(long, value_enum, default_value_t = OverlayControl::Agents)]
+    overlay_control: OverlayControl,
     /// The unprivileged user QEMU runs as (it opens its start-up files as root, then drops
     /// to this user, with its seccomp sandbox on). `root` keeps QEMU root (not advised).
     #[arg(long, default_value = tern_agent::DEFAULT_QEMU_USER)]
@@ -546,6 +552,14 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     }
 }
 
+/// Where the overlay's forwarding comes from (`--overlay-control`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum OverlayControl {
+    Agents,
+    Learn,
+}
+
 /// How `tern agent` writes its log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -611,6 +625,7 @@ fn run_agent(a: AgentArgs) -> Result<()> {
             Some(tern_net::vxlan::Overlay {
                 local,
                 peers: a.vxlan_peers,
+                learning: a.overlay_control == OverlayControl::Learn,
             })
         }
         (None, true) => None,

@@ -2,7 +2,8 @@
 //! connection is for. A Query is answered here (only to the certificate that prepared the
 //! migration); an Attach hands the connection to its migration; a Prepare (after the VM's
 //! DiskOffer and TpmKey, when it has them) starts an incoming migration; a Tunnel carries a
-//! libvirt domain's storage connection (`crate::tunnel`).
+//! libvirt domain's storage connection (`crate::tunnel`); Locations are where a peer's
+//! VMs' network cards live (`crate::overlay`), answered with this host's.
 
 use std::time::Duration;
 
@@ -35,6 +36,11 @@ pub(super) enum Opening {
     /// A storage tunnel of libvirt domain `domain` (v6).
     Tunnel {
         domain: String,
+    },
+    /// Where the peer's VMs' cards live (v7), with its name, to be answered.
+    Locations {
+        peer: String,
+        entries: Vec<tern_proto::Location>,
     },
 }
 
@@ -103,6 +109,12 @@ pub(super) async fn run(inc: &mut Incoming, conn: &mut Conn) -> Result<Opening, 
                 })
             }
             Message::Tunnel { domain } => return Ok(Opening::Tunnel { domain }),
+            Message::Locations { entries } => {
+                return Ok(Opening::Locations {
+                    peer: peer_name,
+                    entries,
+                })
+            }
             Message::Query { migration_id } => {
                 let (state, resumed_unix_us) = inc
                     .engine

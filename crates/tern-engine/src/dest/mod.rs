@@ -311,6 +311,15 @@ async fn receive(inc: &mut Incoming, conn: &mut Conn) -> Result<Then, IncomingEr
             return Ok(Then::Tunnel { domain });
         }
         hello::Opening::Answered => return Ok(Then::Done),
+        hello::Opening::Locations { peer, entries } => {
+            let ours = inc
+                .host
+                .located(&peer, entries)
+                .await
+                .map_err(|e| refuse(ErrorCode::NotAuthorized, e))?;
+            conn.send(&Message::Locations { entries: ours }).await?;
+            return Ok(Then::Done);
+        }
     };
     let span = tracing::Span::current();
     span.record("migration", request.id.as_str());

@@ -52,6 +52,9 @@ pub(super) async fn run(
             ),
         )
     })?;
+    if !p.spec.nics.is_empty() {
+        inc.host.switched_here(&p.spec);
+    }
     if fault!(fault, ExitAtSwitchover) {
         tracing::warn!("fault injection: exiting between the switchover record and cont");
         std::process::exit(71);
