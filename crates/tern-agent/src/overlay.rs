@@ -120,13 +120,19 @@ impl Agent {
             let entries = entries.clone();
             let agent = self.clone();
             async move {
-                match tern_engine::overlay::tell(&agent.engine, &to, entries).await {
-                    Ok(theirs) => agent.take_locations(&to, theirs).await,
-                    Err(e) => tracing::warn!(
-                        peer = %to,
-                        "could not tell a peer where cards live (it forwards to where it knew them until the next exchange): {}",
-                        tern_engine::error_chain(&e)
-                    ),
+                // a peer that is down or unreachable is tried again a few times (1, 4, 16
+                // s later); past that it learns at the next exchange either side opens
+                for (attempt, wait) in [0u64, 1, 4, 16].into_iter().enumerate() {
+                    tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+                    match tern_engine::overlay::tell(&agent.engine, &to, entries.clone()).await {
+                        Ok(theirs) => return agent.take_locations(&to, theirs).await,
+                        Err(e) => tracing::warn!(
+                            peer = %to,
+                            attempt = attempt + 1,
+                            "could not tell a peer where cards live (it forwards to where it knew them meanwhile): {}",
+                            tern_engine::error_chain(&e)
+                        ),
+                    }
                 }
             }
         });
