@@ -170,7 +170,7 @@ pub struct Agent {
     handovers: Mutex<HashMap<String, handover::HandOverSlot>>,
     /// Where other hosts' VMs' network cards live ([`overlay`]); held while the
     /// forwarding table is written, so claims land in order.
-    remote_cards: tokio::sync::Mutex<overlay::Remote>,
+    remote_cards: Mutex<overlay::Remote>,
     /// Itself, for handing to the engine as its [`Host`].
     me: std::sync::Weak<Agent>,
 }
@@ -765,7 +765,7 @@ impl Host for Agent {
         })
     }
 
-    fn switched_here(&self, spec: &VmSpec) {
+    fn runs_here(&self, spec: &VmSpec) {
         if let Some(me) = self.me.upgrade() {
             me.cards_here(spec);
         }
@@ -774,19 +774,12 @@ impl Host for Agent {
     fn located<'a>(
         &'a self,
         peer: &'a str,
+        from: SocketAddr,
         entries: Vec<tern_proto::Location>,
     ) -> BoxFuture<'a, Result<Vec<tern_proto::Location>, String>> {
         Box::pin(async move {
-            match &self.config.overlay {
-                Some(o) if !o.learning => {}
-                _ => {
-                    return Err(format!(
-                        "{} does not program its overlay from its peers (no --vtep, or --overlay-control learn)",
-                        self.config.name
-                    ))
-                }
-            }
-            self.take_locations(peer, entries).await;
+            let from = self.overlay_peer(from.ip())?;
+            self.take_locations(peer, from, entries).await;
             Ok(self.local_locations())
         })
     }
@@ -933,10 +926,14 @@ pub async fn run(
     agent.reattach().await;
     {
         // the peers learn where this host's cards are, this host where theirs are
+        // (and every minute after: a peer that missed a claim or restarted is repaired)
         let agent = agent.clone();
         tokio::spawn(async move {
-            let mine = agent.local_locations();
-            agent.tell_peers(mine).await
+            loop {
+                let mine = agent.local_locations();
+                agent.tell_peers(mine).await;
+                tokio::time::sleep(overlay::RESYNC_EVERY).await;
+            }
         });
     }
     let api = api::serve(agent.clone()).await?;

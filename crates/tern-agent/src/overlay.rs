@@ -1,21 +1,26 @@
 //! The overlay's control plane on this host, "the agents tell each other" (ADR 0007): it
 //! owns where the other hosts' VMs' network cards live (the newest claim per card, as
 //! their agents told it) and writes it into each network's VXLAN forwarding table (a
-//! static entry per remote MAC; the port learns nothing). It tells every peer when a VM
-//! starts running here (a start, an incoming switchover) and, at the agent's start,
-//! everything that runs here; a told peer answers with everything that runs there.
+//! static entry per remote MAC; the VXLAN port learns nothing). It tells every peer when
+//! a VM starts running here (a start, an incoming switchover, a source VM running again
+//! after a failed migration), and everything that runs here at the agent's start and
+//! every minute; a told peer answers with everything that runs there.
 //!
-//! A peer is authenticated, not trusted: a claim names a network of this host, a unicast
-//! MAC, one of this agent's configured VTEP peers (`--vxlan-peer`), never a card of a VM
-//! that runs here and is not leaving; claims per network are bounded. A peer that is
-//! compromised can still point another host's MAC at a peer VTEP, as a BGP EVPN peer
+//! A peer is authenticated, not trusted. Only configured peers (`--vxlan-peer`) are
+//! answered, and a peer's claims may name only its own VTEP (the address it connects
+//! from, or the one dialled), a valid network name and a unicast MAC, with a seq not
+//! ahead of this host's clock by more than [`CLOCK_SLACK_US`]; never a card of a VM that
+//! runs here and is not leaving; at most `MAX_LOCATIONS` remote cards per network. A
+//! compromised peer can still claim another host's card for itself, as a BGP EVPN peer
 //! could; see docs/network.md.
 
-use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
+use tern_proto::limits::MAX_LOCATIONS;
 use tern_proto::Location;
 use tern_qemu::spec::VmSpec;
 
@@ -24,26 +29,52 @@ use crate::Agent;
 /// Where other hosts' cards live: (network, MAC) -> (VTEP, claim's seq).
 pub(crate) type Remote = HashMap<(String, [u8; 6]), (Ipv4Addr, u64)>;
 
+/// How far a claim's seq may be ahead of this host's clock (hosts' clocks differ a
+/// little; a claim from far in the future would win over every real one).
+pub const CLOCK_SLACK_US: u64 = 60_000_000;
+
+/// How often every peer is told again what runs here (a peer that missed a claim, or
+/// restarted, is repaired by then).
+pub const RESYNC_EVERY: Duration = Duration::from_secs(60);
+
 /// Now, in microseconds since the epoch (a claim's seq).
 pub(crate) fn now_us() -> u64 {
     tern_engine::handle::unix_us(std::time::SystemTime::now())
 }
 
-/// Why a peer's claim is not taken (before anything on this host is looked at).
-pub(crate) fn vet(e: &Location, overlay: &tern_net::vxlan::Overlay) -> Result<(), &'static str> {
+/// Why a claim from the peer at `from` is not taken (before anything on this host is
+/// looked at).
+pub(crate) fn vet(
+    e: &Location,
+    overlay: &tern_net::vxlan::Overlay,
+    from: Ipv4Addr,
+    now: u64,
+) -> Result<(), &'static str> {
     if !tern_qemu::spec::valid_network_name(&e.network) {
         return Err("not a network name");
     }
     if e.mac[0] & 1 == 1 || e.mac == [0; 6] {
         return Err("not a unicast MAC");
     }
-    if e.vtep == overlay.local {
-        return Err("it names this host's own VTEP");
-    }
     if !overlay.peers.contains(&e.vtep) {
         return Err("its VTEP is not one of this agent's --vxlan-peer");
     }
+    if e.vtep != from {
+        return Err("a peer may claim cards only for its own VTEP");
+    }
+    if e.seq > now.saturating_add(CLOCK_SLACK_US) {
+        return Err("its seq is ahead of this host's clock");
+    }
     Ok(())
+}
+
+/// Whether a claim (`seq`, `vtep`) replaces the one known (the newest wins; equal ones
+/// go to the higher VTEP address, so every host decides alike).
+fn newer(claim: (u64, Ipv4Addr), known: Option<&(Ipv4Addr, u64)>) -> bool {
+    match known {
+        None => true,
+        Some(&(vtep, seq)) => claim > (seq, vtep),
+    }
 }
 
 /// The locations of `spec`'s cards at `vtep` as of `seq`.
@@ -67,41 +98,70 @@ impl Agent {
         self.config.overlay.as_ref().filter(|o| !o.learning)
     }
 
-    /// Where the cards of the VMs running here live.
+    /// Where the cards of the VMs running here live (not those of VMs a migration owns:
+    /// they may be leaving), at most `MAX_LOCATIONS`.
     pub(crate) fn local_locations(&self) -> Vec<Location> {
         let Some(o) = self.controlled_overlay() else {
             return Vec::new();
         };
-        self.vms()
+        if tern_engine::overlay::silent(&self.engine) {
+            return Vec::new();
+        }
+        let mut all: Vec<Location> = self
+            .vms()
             .iter()
+            .filter(|vm| !vm.migrating.load(Ordering::SeqCst))
             .flat_map(|vm| cards(&vm.spec, o.local, vm.since_us))
-            .collect()
+            .collect();
+        if all.len() > MAX_LOCATIONS {
+            tracing::warn!(
+                "{} cards run here; peers are told of the first {MAX_LOCATIONS}",
+                all.len()
+            );
+            all.truncate(MAX_LOCATIONS);
+        }
+        all
     }
 
-    /// `spec`'s cards run here from now: no remote entry is kept for them, and every peer
-    /// is told (in the background).
+    /// `spec`'s cards run here from now: every peer is told (in the background), then no
+    /// remote entry is kept here for them. Each claim is newer than any this host knows
+    /// for the card (a destination whose clock is behind still wins).
     pub(crate) fn cards_here(self: &Arc<Self>, spec: &VmSpec) {
         let Some(o) = self.controlled_overlay() else {
             return;
         };
-        let mine = cards(spec, o.local, now_us());
+        let now = now_us();
+        let mine: Vec<Location> = {
+            let mut remote = self.remote_cards.lock();
+            cards(spec, o.local, now)
+                .into_iter()
+                .map(|mut c| {
+                    if let Some((_, seq)) = remote.remove(&(c.network.clone(), c.mac)) {
+                        c.seq = c.seq.max(seq.saturating_add(1));
+                    }
+                    c
+                })
+                .collect()
+        };
         if mine.is_empty() {
             return;
         }
         let agent = self.clone();
         tokio::spawn(async move {
-            {
-                let mut remote = agent.remote_cards.lock().await;
-                if let Ok(nl) = tern_net::bridge::Netlink::open() {
-                    for c in &mine {
-                        remote.remove(&(c.network.clone(), c.mac));
-                        if let Err(e) = nl.forget_mac(&c.network, c.mac).await {
+            let told = agent.tell_peers(mine.clone());
+            let forget = async {
+                let Ok(nl) = tern_net::bridge::Netlink::open() else {
+                    return;
+                };
+                for c in &mine {
+                    if let Ok(Some(vx)) = nl.vxlan_index(&c.network).await {
+                        if let Err(e) = nl.forget_mac(vx, c.mac).await {
                             tracing::warn!("{}", tern_engine::error_chain(&e));
                         }
                     }
                 }
-            }
-            agent.tell_peers(mine).await;
+            };
+            tokio::join!(told, forget);
         });
     }
 
@@ -115,17 +175,17 @@ impl Agent {
             return;
         }
         let port = self.config.peer_listen.port();
-        let tells = o.peers.iter().map(|peer| {
+        let tells = o.peers.iter().map(|&peer| {
             let to = format!("{peer}:{port}");
             let entries = entries.clone();
             let agent = self.clone();
             async move {
                 // a peer that is down or unreachable is tried again a few times (1, 4, 16
-                // s later); past that it learns at the next exchange either side opens
+                // s later); past that it learns at the next exchange
                 for (attempt, wait) in [0u64, 1, 4, 16].into_iter().enumerate() {
-                    tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+                    tokio::time::sleep(Duration::from_secs(wait)).await;
                     match tern_engine::overlay::tell(&agent.engine, &to, entries.clone()).await {
-                        Ok(theirs) => return agent.take_locations(&to, theirs).await,
+                        Ok(theirs) => return agent.take_locations(&to, peer, theirs).await,
                         Err(e) => tracing::warn!(
                             peer = %to,
                             attempt = attempt + 1,
@@ -139,56 +199,120 @@ impl Agent {
         futures_util::future::join_all(tells).await;
     }
 
-    /// Takes what peer `peer` told: each claim that passes [`vet`], is newer than what
-    /// this host knows and is not for a card running here goes into the forwarding table.
-    pub(crate) async fn take_locations(&self, peer: &str, entries: Vec<Location>) {
+    /// Whether the agent at `from` is one of this host's overlay peers (only they are
+    /// answered).
+    pub(crate) fn overlay_peer(&self, from: IpAddr) -> Result<Ipv4Addr, String> {
+        let Some(o) = self.controlled_overlay() else {
+            return Err(format!(
+                "{} does not program its overlay from its peers (no --vtep, or --overlay-control learn)",
+                self.config.name
+            ));
+        };
+        match from {
+            IpAddr::V4(v) if o.peers.contains(&v) => Ok(v),
+            _ => Err(format!(
+                "{from} is not one of {}'s overlay peers (--vxlan-peer)",
+                self.config.name
+            )),
+        }
+    }
+
+    /// Takes what the peer at `from` (`peer` in logs) told: each claim that passes
+    /// [`vet`], is newer than what this host knows and is not for a card running here
+    /// goes into the forwarding table.
+    pub(crate) async fn take_locations(&self, peer: &str, from: Ipv4Addr, entries: Vec<Location>) {
         let Some(o) = self.controlled_overlay() else {
             return;
         };
-        let nl = match tern_net::bridge::Netlink::open() {
-            Ok(nl) => nl,
-            Err(e) => {
-                tracing::warn!("{}", tern_engine::error_chain(&e));
-                return;
+        let now = now_us();
+        let here: HashSet<(String, [u8; 6])> = self
+            .vms()
+            .iter()
+            .filter(|vm| !vm.migrating.load(Ordering::SeqCst))
+            .flat_map(|vm| cards(&vm.spec, o.local, 0))
+            .map(|c| (c.network, c.mac))
+            .collect();
+        let (mut refused, mut taken) = (0usize, Vec::new());
+        {
+            let mut remote = self.remote_cards.lock();
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            for (n, _) in remote.keys() {
+                *counts.entry(n.clone()).or_default() += 1;
             }
-        };
-        let mut remote = self.remote_cards.lock().await;
-        for e in entries {
-            let mac = tern_net::vxlan::mac_text(e.mac);
-            if let Err(why) = vet(&e, o) {
-                tracing::warn!(%peer, network = %e.network, %mac, vtep = %e.vtep, "ignored a card's location: {why}");
-                continue;
-            }
-            if let Some(vm) = self.vms().into_iter().find(|vm| {
-                !vm.migrating.load(Ordering::SeqCst)
-                    && vm
-                        .spec
-                        .nics
-                        .iter()
-                        .any(|n| n.network == e.network && n.mac.map(|m| m.0) == Some(e.mac))
-            }) {
-                tracing::warn!(%peer, network = %e.network, %mac, vm = %vm.spec.name, "ignored a peer's claim on a card of a VM that runs here");
-                continue;
-            }
-            let key = (e.network.clone(), e.mac);
-            match remote.get(&key) {
-                Some(&(vtep, seq)) if seq > e.seq || (seq == e.seq && vtep == e.vtep) => continue,
-                None if remote.keys().filter(|(n, _)| *n == e.network).count()
-                    >= tern_proto::limits::MAX_LOCATIONS =>
-                {
-                    tracing::warn!(%peer, network = %e.network, "ignored a card's location: {} remote cards known on this network already", tern_proto::limits::MAX_LOCATIONS);
+            for e in entries {
+                let key = (e.network.clone(), e.mac);
+                let why = vet(&e, o, from, now).err().or_else(|| {
+                    if here.contains(&key) {
+                        Some("the card's VM runs here")
+                    } else if !remote.contains_key(&key)
+                        && counts.get(&e.network).copied().unwrap_or(0) >= MAX_LOCATIONS
+                    {
+                        Some("this network has as many remote cards as it may")
+                    } else {
+                        None
+                    }
+                });
+                if let Some(why) = why {
+                    refused += 1;
+                    if refused <= 3 {
+                        tracing::warn!(%peer, network = %e.network, mac = %tern_net::vxlan::mac_text(e.mac), vtep = %e.vtep, "ignored a card's location: {why}");
+                    }
                     continue;
                 }
-                _ => {}
-            }
-            match nl.point_mac(&e.network, e.mac, e.vtep).await {
-                Ok(true) => {
-                    tracing::info!(%peer, network = %e.network, %mac, vtep = %e.vtep, "a card lives there now");
-                    remote.insert(key, (e.vtep, e.seq));
+                if !newer((e.seq, e.vtep), remote.get(&key)) {
+                    continue;
                 }
-                // a network this host does not serve
-                Ok(false) => {}
-                Err(err) => tracing::warn!("{}", tern_engine::error_chain(&err)),
+                if !remote.contains_key(&key) {
+                    *counts.entry(e.network.clone()).or_default() += 1;
+                }
+                remote.insert(key.clone(), (e.vtep, e.seq));
+                taken.push(key);
+            }
+        }
+        if refused > 3 {
+            tracing::warn!(%peer, "ignored {refused} card locations in all");
+        }
+        if !taken.is_empty() {
+            self.write_locations(peer, taken).await;
+        }
+    }
+
+    /// Writes the table's current entry for each of `keys` into the VXLAN ports (again
+    /// if another exchange changed it meanwhile, so the kernel ends with the newest).
+    async fn write_locations(&self, peer: &str, keys: Vec<(String, [u8; 6])>) {
+        let nl = match tern_net::bridge::Netlink::open() {
+            Ok(nl) => nl,
+            Err(e) => return tracing::warn!("{}", tern_engine::error_chain(&e)),
+        };
+        let mut ports: HashMap<String, Option<u32>> = HashMap::new();
+        for key in keys {
+            let vx = match ports.get(&key.0) {
+                Some(v) => *v,
+                None => {
+                    let v = nl.vxlan_index(&key.0).await.ok().flatten();
+                    ports.insert(key.0.clone(), v);
+                    v
+                }
+            };
+            // a network this host does not serve
+            let Some(vx) = vx else { continue };
+            let mut written = None;
+            loop {
+                let want = self.remote_cards.lock().get(&key).copied();
+                if want == written {
+                    break;
+                }
+                let Some((vtep, _)) = want else { break };
+                match nl.point_mac(vx, key.1, vtep).await {
+                    Ok(()) => {
+                        tracing::info!(%peer, network = %key.0, mac = %tern_net::vxlan::mac_text(key.1), %vtep, "a card lives there now")
+                    }
+                    Err(e) => {
+                        tracing::warn!("{}", tern_engine::error_chain(&e));
+                        break;
+                    }
+                }
+                written = want;
             }
         }
     }
@@ -199,28 +323,58 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_claim_names_a_served_kind_of_network_a_unicast_mac_and_a_configured_peer() {
+    fn a_claim_names_a_network_a_unicast_mac_and_the_claiming_peers_own_vtep() {
+        let b = Ipv4Addr::new(198, 18, 2, 1);
+        let c = Ipv4Addr::new(198, 18, 3, 1);
         let o = tern_net::vxlan::Overlay {
             local: Ipv4Addr::new(198, 18, 1, 1),
-            peers: vec![Ipv4Addr::new(198, 18, 2, 1)],
+            peers: vec![b, c],
             learning: false,
         };
+        let now = 1_000_000_000_000;
         let good = Location {
             network: "lab".into(),
             mac: [0x52, 0x54, 0, 1, 2, 3],
-            vtep: Ipv4Addr::new(198, 18, 2, 1),
-            seq: 1,
+            vtep: b,
+            seq: now,
         };
-        assert_eq!(vet(&good, &o), Ok(()));
+        assert_eq!(vet(&good, &o, b, now), Ok(()));
         let bad = |f: &dyn Fn(&mut Location)| {
             let mut e = good.clone();
             f(&mut e);
-            vet(&e, &o).unwrap_err()
+            vet(&e, &o, b, now).unwrap_err()
         };
         assert!(bad(&|e| e.network = "Lab/../x".into()).contains("network"));
         assert!(bad(&|e| e.mac = [1, 0, 0x5e, 0, 0, 1]).contains("unicast"));
         assert!(bad(&|e| e.mac = [0; 6]).contains("unicast"));
-        assert!(bad(&|e| e.vtep = o.local).contains("own VTEP"));
+        assert!(bad(&|e| e.vtep = o.local).contains("--vxlan-peer"));
         assert!(bad(&|e| e.vtep = Ipv4Addr::new(8, 8, 8, 8)).contains("--vxlan-peer"));
+        // B may not point a card at C, though C is a peer
+        assert!(bad(&|e| e.vtep = c).contains("own VTEP"));
+        assert!(bad(&|e| e.seq = u64::MAX).contains("clock"));
+        assert!(vet(
+            &Location {
+                seq: now + CLOCK_SLACK_US,
+                ..good.clone()
+            },
+            &o,
+            b,
+            now
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn the_newest_claim_wins_and_equal_ones_go_to_the_higher_vtep_everywhere() {
+        let (b, c) = (Ipv4Addr::new(198, 18, 2, 1), Ipv4Addr::new(198, 18, 3, 1));
+        assert!(newer((5, b), None));
+        assert!(newer((6, b), Some(&(c, 5))));
+        assert!(!newer((4, c), Some(&(b, 5))));
+        assert!(
+            !newer((5, b), Some(&(b, 5))),
+            "the same claim again changes nothing"
+        );
+        assert!(newer((5, c), Some(&(b, 5))));
+        assert!(!newer((5, b), Some(&(c, 5))));
     }
 }

@@ -152,19 +152,22 @@ pub trait Host: Send + Sync {
         spec: &'a VmSpec,
         opts: &'a LaunchOptions,
     ) -> BoxFuture<'a, Result<QemuProcess, HostLaunchError>>;
-    /// An incoming VM's switchover is recorded (it runs here from now on, `cont` comes
-    /// next): the daemon tells whoever forwards to its cards ([`overlay`]).
-    fn switched_here(&self, spec: &VmSpec);
+    /// `spec`'s VM runs here from now on: an incoming VM whose switchover is recorded
+    /// (`cont` comes next), or a source VM running again after a failed migration. The
+    /// daemon tells whoever forwards to its cards ([`overlay`]).
+    fn runs_here(&self, spec: &VmSpec);
     /// An incoming VM switched over: the daemon runs it from now on.
     fn adopt(&self, spec: VmSpec, process: QemuProcess);
     /// Removes a VM's run directory once its QEMU is gone (its TPM state first).
     fn remove_run_dir<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, ()>;
-    /// Peer agent `peer` told where its VMs' network cards live ([`overlay`]): the daemon
-    /// takes what it may into its forwarding and answers where its own VMs' cards live;
-    /// an error (no overlay here) refuses the exchange.
+    /// The agent at `from` (which called itself `peer`) told where its VMs' network cards
+    /// live ([`overlay`]): the daemon takes what it may into its forwarding and answers
+    /// where its own VMs' cards live; an error (no overlay here, not a peer) refuses the
+    /// exchange.
     fn located<'a>(
         &'a self,
         peer: &'a str,
+        from: std::net::SocketAddr,
         entries: Vec<tern_proto::Location>,
     ) -> BoxFuture<'a, Result<Vec<tern_proto::Location>, String>>;
 }

@@ -4,9 +4,10 @@
 //! go to every peer VTEP (an all-zeros forwarding entry per peer, "head-end
 //! replication"). Where a MAC lives comes from one of two places:
 //! - programmed (the default): the agents tell each other where their VMs' cards are, and
-//!   each host writes a static entry per remote MAC ([`Netlink::point_mac`]); the port
-//!   learns nothing from the frames it receives, so a guest or a forged frame cannot move
-//!   another VM's traffic;
+//!   each host writes a static entry per remote MAC ([`Netlink::point_mac`]); the VXLAN
+//!   port learns nothing from the frames it receives, so a forged frame cannot send a
+//!   remote VM's traffic to another host (the bridge still learns which of its own ports
+//!   a MAC is behind);
 //! - learned (`learning`): each VTEP learns from the frames it receives, so a VM that
 //!   moved is found again as soon as it speaks (the RARP announce after its switchover).
 //!
@@ -88,7 +89,7 @@ pub struct Overlay {
 
 impl Netlink {
     /// Gives the bridge with index `bridge` of `network` its VXLAN port (made if missing,
-    /// learning on, up) and a flooding entry for each peer of `overlay`.
+    /// learning as `overlay` says, up) and a flooding entry for each peer of `overlay`.
     pub async fn ensure_vxlan(
         &self,
         network: &str,
@@ -107,14 +108,22 @@ impl Netlink {
             let made = self
                 .handle()
                 .link()
-                .add(
+                .add(if overlay.learning {
                     LinkVxlan::new(&name, vni(network))
                         .local(overlay.local)
                         .port(VXLAN_PORT)
-                        .learning(overlay.learning)
+                        .learning(true)
                         .limit(MAX_LEARNED)
-                        .build(),
-                )
+                        .build()
+                } else {
+                    // (no kernel cap: static entries count against it, and the agent
+                    // bounds what it writes)
+                    LinkVxlan::new(&name, vni(network))
+                        .local(overlay.local)
+                        .port(VXLAN_PORT)
+                        .learning(false)
+                        .build()
+                })
                 .execute()
                 .await;
             // (or made at the same time by another VM's start)
@@ -172,39 +181,36 @@ impl Netlink {
         .await
     }
 
-    /// `bridge fdb replace MAC dev tvx-NETWORK dst VTEP self permanent`: frames for `mac`
-    /// on `network` go to the host at `vtep` (a no-op when this host has no VXLAN port for
-    /// `network`: false).
+    /// The index of `network`'s VXLAN port here, if it has one.
+    pub async fn vxlan_index(&self, network: &str) -> Result<Option<u32>, NetError> {
+        self.index(&vxlan_name(network)).await
+    }
+
+    /// `bridge fdb replace MAC dev VXLAN dst VTEP self permanent`: frames for `mac` go
+    /// through VXLAN port `vxlan` ([`Netlink::vxlan_index`]) to the host at `vtep`.
     pub async fn point_mac(
         &self,
-        network: &str,
+        vxlan: u32,
         mac: [u8; 6],
         vtep: Ipv4Addr,
-    ) -> Result<bool, NetError> {
-        let Some(vxlan) = self.index(&vxlan_name(network)).await? else {
-            return Ok(false);
-        };
+    ) -> Result<(), NetError> {
         self.fdb_request(
             RouteNetlinkMessage::NewNeighbour(fdb_entry(vxlan, mac, Some(vtep))),
             NLM_F_CREATE | NLM_F_REPLACE,
             &[],
-            || format!("point {} at VTEP {vtep} on {network}", mac_text(mac)),
+            || format!("point {} at VTEP {vtep}", mac_text(mac)),
         )
-        .await?;
-        Ok(true)
+        .await
     }
 
-    /// Removes `network`'s entry for `mac` (its VM runs here now, or nowhere known); none
-    /// there is fine.
-    pub async fn forget_mac(&self, network: &str, mac: [u8; 6]) -> Result<(), NetError> {
-        let Some(vxlan) = self.index(&vxlan_name(network)).await? else {
-            return Ok(());
-        };
+    /// Removes VXLAN port `vxlan`'s own entry for `mac` (its VM runs here now); none there
+    /// is fine.
+    pub async fn forget_mac(&self, vxlan: u32, mac: [u8; 6]) -> Result<(), NetError> {
         self.fdb_request(
             RouteNetlinkMessage::DelNeighbour(fdb_entry(vxlan, mac, None)),
             0,
             &[-libc::ENOENT],
-            || format!("forget {} on {network}", mac_text(mac)),
+            || format!("forget {}", mac_text(mac)),
         )
         .await
     }

@@ -336,6 +336,16 @@ impl RoutedLab {
 
     /// Host `i`'s agent (0: A, 1: B, 2: C).
     fn agent(&self, i: usize, env: &[(&str, &str)]) -> Result<TestAgent> {
+        self.agent_in(i, env, None)
+    }
+
+    /// Host `i`'s agent, on state directory `state_dir` (a restart) or a new one.
+    fn agent_in(
+        &self,
+        i: usize,
+        env: &[(&str, &str)],
+        state_dir: Option<&Path>,
+    ) -> Result<TestAgent> {
         let me = format!("198.18.{}.1", i + 1);
         let peers: Vec<String> = (0..3)
             .filter(|&j| j != i)
@@ -359,6 +369,7 @@ impl RoutedLab {
                 listen: Some(format!("{me}:7700").parse()?),
                 args: &args,
                 env,
+                state_dir,
                 ..Default::default()
             },
         )
@@ -526,6 +537,11 @@ fn a_vm_keeps_its_address_and_connections_across_subnets_and_the_overlay_control
         seen.bytes, seen.longest_silence
     );
     ensure!(seen.bytes > 0);
+    ensure!(
+        seen.longest_silence < Duration::from_millis(downtime + 2000),
+        "the TCP stream stalled {:?} for a {downtime} ms pause",
+        seen.longest_silence
+    );
     ensure!(client.guest_mac()? == mac);
     checker_clean(&b.console_log("web")?, 0)?;
     // each agent kept the VXLAN port it made at its start (a port whose settings it
@@ -548,6 +564,17 @@ fn a_vm_keeps_its_address_and_connections_across_subnets_and_the_overlay_control
         "the client reached the guest on A though nobody told C"
     );
     ensure!(fdb_dst(client, &mac)?.as_deref() == Some("198.18.2.1"));
-    checker_clean(&a.console_log("web")?, 0)?;
+
+    // A's agent restarts without the fault: at its start it tells its peers what runs
+    // there, C forwards the card to A, and the client reaches the guest again
+    let mut a = a;
+    a.terminate();
+    let a2 = lab.agent_in(0, &[], Some(&a.state_dir))?;
+    ensure!(a2.vm("web")?["state"] == "running", "{}", a2.log_text());
+    wait_fdb(client, &mac, "198.18.1.1")?;
+    client
+        .ping(10)
+        .context("the client does not reach the guest once A told C")?;
+    checker_clean(&a2.console_log("web")?, 0)?;
     Ok(())
 }

@@ -312,11 +312,19 @@ async fn receive(inc: &mut Incoming, conn: &mut Conn) -> Result<Then, IncomingEr
         }
         hello::Opening::Answered => return Ok(Then::Done),
         hello::Opening::Locations { peer, entries } => {
-            let ours = inc
-                .host
-                .located(&peer, entries)
-                .await
-                .map_err(|e| refuse(ErrorCode::NotAuthorized, e))?;
+            // bounded: a peer's long list must not hold the connection (and its slot)
+            let ours = tokio::time::timeout(
+                crate::overlay::TELL_WITHIN,
+                inc.host.located(&peer, conn.addr, entries),
+            )
+            .await
+            .map_err(|_| {
+                refuse(
+                    ErrorCode::ResourceExhausted,
+                    "the locations took too long to take",
+                )
+            })?
+            .map_err(|e| refuse(ErrorCode::NotAuthorized, e))?;
             conn.send(&Message::Locations { entries: ours }).await?;
             return Ok(Then::Done);
         }

@@ -53,7 +53,7 @@ pub(super) async fn run(
         )
     })?;
     if !p.spec.nics.is_empty() {
-        inc.host.switched_here(&p.spec);
+        inc.host.runs_here(&p.spec);
     }
     if fault!(fault, ExitAtSwitchover) {
         tracing::warn!("fault injection: exiting between the switchover record and cont");

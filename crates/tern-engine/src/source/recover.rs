@@ -48,6 +48,11 @@ pub(super) async fn after_failure(m: &mut Migration, e: MigrateError) -> SourceO
         match &vm.qemu {
             SourceQemu::Tern(qmp) => {
                 let state = recover_source(qmp, vm.exit_reason(), m.source_running).await;
+                if !vm.spec.nics.is_empty() && state.starts_with("running on the source") {
+                    // a destination that recorded its switchover claimed the cards
+                    // before it failed: they are here again
+                    m.host.runs_here(&vm.spec);
+                }
                 if !vm.spec.disks.is_empty() && vm.exit_reason().is_none() {
                     clear_disk_state(qmp, vm.spec.disks.len()).await;
                 }
