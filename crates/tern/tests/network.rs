@@ -578,3 +578,79 @@ fn a_vm_keeps_its_address_and_connections_across_subnets_and_the_overlay_control
     checker_clean(&a2.console_log("web")?, 0)?;
     Ok(())
 }
+
+#[test]
+#[ignore = "tier vm: needs root and network namespaces (bash scripts/test.sh runs it)"]
+fn a_peer_claims_cards_only_for_its_own_vtep_and_a_host_that_is_no_peer_is_not_answered(
+) -> Result<()> {
+    use tern_proto::{ErrorCode, Location, Message};
+    use tern_testkit::hostile::HostilePeer;
+    let _l = e2e_lock();
+    let lab = RoutedLab::up(&format!("h{}", std::process::id()))?;
+    let a = lab.agent(0, &[])?;
+    let addr = a.peer_addr;
+    // a cluster certificate, from inside namespace `ns`: Locations, and what came back
+    let tell = |ns: &Netns, entries: Vec<Location>| -> Result<Message> {
+        let ns = ns.0.clone();
+        std::thread::spawn(move || -> Result<Message> {
+            tern_testkit::enter_netns(&ns)?;
+            let mut p = HostilePeer::connect(addr, "evil", &[])?;
+            p.hello(7)?;
+            p.send(&Message::Locations { entries })?;
+            p.recv(Duration::from_secs(15))?
+                .context("the agent closed without an answer")
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the peer's thread panicked"))?
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_micros() as u64;
+    let card = |last: u8, vtep: &str, seq: u64| -> Result<Location> {
+        Ok(Location {
+            network: "lab".into(),
+            mac: [0x52, 0x54, 0, 0, 0, last],
+            vtep: vtep.parse()?,
+            seq,
+        })
+    };
+    let (router, c) = (&lab.ns[3], &lab.ns[2]);
+    // the router (198.18.1.254) holds a cluster certificate but is no --vxlan-peer of A
+    match tell(router, vec![card(0x0c, "198.18.1.254", now)?])? {
+        Message::Abort { code, message } => ensure!(
+            code == ErrorCode::NotAuthorized && message.contains("overlay peers"),
+            "{code:?} {message}"
+        ),
+        other => bail!("a host that is no peer was answered: {other:?}"),
+    }
+    // C (198.18.3.1) is a peer: it may claim a card for itself, not for B, and not from
+    // the far future (a claim no real one could ever beat)
+    let answer = tell(
+        c,
+        vec![
+            card(0x0a, "198.18.2.1", now)?,
+            card(0x0b, "198.18.3.1", u64::MAX / 2)?,
+            card(0x0c, "198.18.3.1", now)?,
+        ],
+    )?;
+    ensure!(
+        matches!(&answer, Message::Locations { entries } if entries.is_empty()),
+        "A runs no VM, yet answered {answer:?}"
+    );
+    let host_a = &lab.ns[0];
+    wait_fdb(host_a, "52:54:00:00:00:0c", "198.18.3.1")?;
+    for mac in ["52:54:00:00:00:0a", "52:54:00:00:00:0b"] {
+        ensure!(
+            fdb_dst(host_a, mac)?.is_none(),
+            "A took a claim it should have refused: {mac}"
+        );
+    }
+    ensure!(
+        a.log_text()
+            .contains("a peer may claim cards only for its own VTEP")
+            && a.log_text().contains("ahead of this host's clock"),
+        "{}",
+        a.log_text()
+    );
+    Ok(())
+}
