@@ -174,6 +174,10 @@ pub async fn keep_departed_disks(
 ) -> Vec<(PathBuf, DiskFormat)> {
     let mut kept = Vec::new();
     for (i, d) in spec.disks.iter().enumerate() {
+        if d.shared {
+            // the destination runs on the same image: nothing of it stays here
+            continue;
+        }
         if !d.path.starts_with(run_dir) {
             kept.push((d.path.clone(), d.format));
             continue;

@@ -104,6 +104,10 @@ pub struct AgentConfig {
     /// the destination launches only files under one of these directories (default
     /// `STATE_DIR/boot`).
     pub boot_dirs: Vec<PathBuf>,
+    /// Where an incoming VM's shared disks (`shared = true`) may be: directories on
+    /// storage every host mounts at the same path (`--shared-dir`). None: an incoming VM
+    /// with a shared disk is refused.
+    pub shared_dirs: Vec<PathBuf>,
     /// Incoming migrations this agent runs at once (each starts a QEMU); more are refused
     /// with `resource-exhausted`.
     pub max_incoming: usize,
@@ -144,6 +148,7 @@ impl AgentConfig {
             insecure_plaintext: false,
             policy: None,
             boot_dirs: Vec::new(),
+            shared_dirs: Vec::new(),
             max_incoming: 4,
             qemu_user: Some(DEFAULT_QEMU_USER.into()),
             metrics_listen: None,
@@ -342,6 +347,17 @@ impl Agent {
                 max_protocol: config.max_protocol,
                 fault: config.fault,
                 boot_dirs,
+                shared_dirs: config
+                    .shared_dirs
+                    .iter()
+                    .filter_map(|d| match std::fs::canonicalize(d) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            tracing::warn!(dir = %d.display(), "shared storage directory unusable ({e}): no incoming shared disk is taken from it");
+                            None
+                        }
+                    })
+                    .collect(),
                 machine_types,
                 host_memory_mib: tern_engine::hostmem::total_mib().unwrap_or(0),
                 libvirt: config.libvirt_paths.clone(),
@@ -763,6 +779,17 @@ impl Host for Agent {
                 .await
                 .map_err(|e| HostLaunchError(tern_engine::error_chain(&e)))
         })
+    }
+
+    fn disk_user(&self, path: &Path) -> Option<String> {
+        let Ok(wanted) = std::fs::canonicalize(path) else {
+            return None;
+        };
+        let same = |p: &Path| std::fs::canonicalize(p).is_ok_and(|c| c == wanted);
+        self.vms()
+            .iter()
+            .find(|vm| vm.spec.disks.iter().any(|d| same(&d.path)))
+            .map(|vm| vm.spec.name.clone())
     }
 
     fn runs_here(&self, spec: &VmSpec) {

@@ -210,7 +210,8 @@ impl SourceDisks {
         spec: &VmSpec,
     ) -> Result<Vec<DiskInfo>, SourceDiskError> {
         let mut infos = Vec::new();
-        for (i, d) in spec.disks.iter().enumerate() {
+        for i in local_disks(spec) {
+            let d = &spec.disks[i];
             let info = qdisk::query_node(qmp, &qdisk::node_name(i))
                 .await
                 .map_err(|source| SourceDiskError::Query { disk: i, source })?;
@@ -226,12 +227,14 @@ impl SourceDisks {
         Ok(infos)
     }
 
-    /// Starts QEMU's NBD server (socket in `run_dir`) and dirty tracking of every disk
-    /// ([`SourceDisks::describe`]'s, in spec order).
+    /// Starts QEMU's NBD server (socket in `run_dir`) and dirty tracking of every local
+    /// disk ([`SourceDisks::describe`]'s, in spec order; `nodes[k]` is the spec index of
+    /// the k-th, [`local_disks`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         qmp: QmpClient,
         run_dir: &Path,
+        nodes: &[usize],
         disks_info: &[DiskInfo],
         writer: PeerWriter,
         hasher: tern_store::ContentHasher,
@@ -249,13 +252,14 @@ impl SourceDisks {
         };
         // an agent that died mid-migration may have left its NBD server, exports and
         // bitmaps in this QEMU: start from none
-        stop_source_disks(&qmp, disks_info.len()).await;
+        stop_source_disks(&qmp, nodes.iter().max().map_or(0, |n| n + 1)).await;
         qdisk::start_nbd_server(&qmp, &sock)
             .await
             .map_err(SourceDiskError::NbdServer)?;
         for (i, info) in disks_info.iter().enumerate() {
             let size = info.virtual_size;
-            let tracker = DirtyTracker::start(&qmp, &qdisk::node_name(i), Some(BLOCK_SIZE as u32))
+            let node = qdisk::node_name(nodes.get(i).copied().unwrap_or(i));
+            let tracker = DirtyTracker::start(&qmp, &node, Some(BLOCK_SIZE as u32))
                 .await
                 .map_err(|source| SourceDiskError::Track { disk: i, source })?;
             report.virtual_bytes += size;
@@ -707,6 +711,88 @@ pub async fn stop_source_disks(qmp: &QmpClient, disks: usize) {
     let _ = qdisk::stop_nbd_server(qmp).await;
 }
 
+/// The spec indexes of `spec`'s local disks (those a migration copies), in order: the
+/// k-th of them is disk k on the wire (DiskOffer, DiskData, ...). Shared disks
+/// (`shared = true`) are not copied.
+pub fn local_disks(spec: &VmSpec) -> Vec<usize> {
+    (0..spec.disks.len())
+        .filter(|&i| !spec.disks[i].shared)
+        .collect()
+}
+
+/// Blocks a shared disk's sample reads ([`shared_sample`]).
+const SAMPLE_BLOCKS: u64 = 8;
+
+/// What a host sees of a shared disk's image at `path`: its length and the content of 8
+/// blocks of 4 KiB spread over it (the first, which holds a qcow2 header, among them),
+/// as `len=N OFFSET:HASH ...` (BLAKE3, 128 bits). The source sends it; the destination
+/// compares ([`check_shared_sample`]).
+pub fn shared_sample(path: &Path) -> std::io::Result<String> {
+    let f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut out = format!("len={len}");
+    for k in 0..SAMPLE_BLOCKS {
+        let off = (len / SAMPLE_BLOCKS * k) & !4095;
+        out.push_str(&format!(" {off}:{}", block_hash(&f, off)?));
+    }
+    Ok(out)
+}
+
+fn block_hash(f: &std::fs::File, off: u64) -> std::io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], off + n as u64)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    let h = blake3::hash(&buf[..n]);
+    Ok(h.as_bytes()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Whether the image at `path` here is the one the source sampled (`sample`, from
+/// [`shared_sample`]): the same length for a raw image (a qcow2 may grow), the same
+/// content at every sampled offset. The error says what differs.
+pub fn check_shared_sample(
+    path: &Path,
+    format: tern_qemu::spec::DiskFormat,
+    sample: &str,
+) -> Result<(), String> {
+    let bad = || format!("a malformed sample {sample:?}");
+    let mut parts = sample.split(' ');
+    let len: u64 = parts
+        .next()
+        .and_then(|p| p.strip_prefix("len="))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(bad)?;
+    let f = std::fs::File::open(path).map_err(|e| format!("cannot open it here: {e}"))?;
+    let here = f.metadata().map_err(|e| e.to_string())?.len();
+    if format == tern_qemu::spec::DiskFormat::Raw && here != len {
+        return Err(format!("it is {here} bytes here and {len} at the source"));
+    }
+    let mut n = 0;
+    for p in parts {
+        let (off, want) = p.split_once(':').ok_or_else(bad)?;
+        let off: u64 = off.parse().map_err(|_| bad())?;
+        n += 1;
+        if n > SAMPLE_BLOCKS {
+            return Err(bad());
+        }
+        if block_hash(&f, off).map_err(|e| e.to_string())? != want {
+            return Err(format!("its content differs at byte {off}"));
+        }
+    }
+    if n == 0 {
+        return Err(bad());
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------- destination
 
 /// Free bytes for unprivileged use on the filesystem holding `dir`.
@@ -811,9 +897,12 @@ pub struct DestDisks {
 impl DestDisks {
     /// Exports every disk of the incoming QEMU writable on an NBD server in `run_dir` and
     /// starts the worker. Replies (DiskWant, DiskRoundDone) go out through `writer`.
+    /// `nodes[k]` is the spec index of the k-th disk offered (its local disks).
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         qmp: &QmpClient,
         run_dir: &Path,
+        nodes: &[usize],
         sizes: Vec<u64>,
         claimed: u64,
         index: SharedIndex,
@@ -826,7 +915,8 @@ impl DestDisks {
             .map_err(|e| error_chain(&e))?;
         let mut exports = Vec::new();
         for i in 0..sizes.len() {
-            let e = qdisk::export_writable(qmp, &qdisk::node_name(i))
+            let node = qdisk::node_name(nodes.get(i).copied().unwrap_or(i));
+            let e = qdisk::export_writable(qmp, &node)
                 .await
                 .map_err(|e| error_chain(&e))?;
             exports.push(e);

@@ -75,6 +75,9 @@ pub struct EngineConfig {
     pub fault: Option<Fault>,
     /// Where an incoming VM's kernel and initrd may come from (canonical directories).
     pub boot_dirs: Vec<PathBuf>,
+    /// Where an incoming VM's shared disks may be (canonical directories on storage
+    /// every host sees at the same path); none: no shared disk is taken.
+    pub shared_dirs: Vec<PathBuf>,
     /// The machine types this host's QEMU knows.
     pub machine_types: Vec<String>,
     /// This host's memory, MiB (0: unknown): no incoming VM may be larger.
@@ -140,6 +143,9 @@ pub trait Host: Send + Sync {
     /// names them, so only networks this host has (or serves by configuration) are
     /// taken, never a bridge made for a peer's name.
     fn vet_networks<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<(), String>>;
+    /// The VM here whose disk is the image at `path`, if any (a shared disk named by a
+    /// peer must not be a running VM's).
+    fn disk_user(&self, path: &Path) -> Option<String>;
     /// Holds a VM name for an incoming VM; false if the name is taken.
     fn reserve_name(&self, name: &str) -> bool;
     fn release_name(&self, name: &str);

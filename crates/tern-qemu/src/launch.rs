@@ -427,8 +427,14 @@ impl QemuProcess {
             let node = disk::node_name(i);
             let file = disk::file_node_name(i);
             // JSON syntax: any path is one value, commas included.
-            let protocol = json!({ "driver": "file", "node-name": file,
-                                   "filename": d.path.to_string_lossy() });
+            let mut protocol = json!({ "driver": "file", "node-name": file,
+                                       "filename": d.path.to_string_lossy() });
+            if d.shared {
+                // past this host's page cache: another host opens the same image at a
+                // switchover and must read what this QEMU wrote (QEMU flushes at the
+                // end of a migration; O_DIRECT keeps NFS clients' caches out of it)
+                protocol["cache"] = json!({ "direct": true });
+            }
             let format = json!({ "driver": d.format.as_str(), "node-name": node, "file": file });
             for s in [
                 "-blockdev".to_string(),
@@ -943,10 +949,14 @@ mod tests {
             DiskSpec {
                 path: "/d/web,1.qcow2".into(),
                 format: DiskFormat::Qcow2,
+                shared: false,
+                sample: None,
             },
             DiskSpec {
                 path: "/d/data \"x\".img".into(),
                 format: DiskFormat::Raw,
+                shared: false,
+                sample: None,
             },
         ];
         let a = args(QemuProcess::command_line(

@@ -40,6 +40,8 @@ impl Accel {
 /// [[disk]]       # optional, any number up to 16: virtio-blk disks /dev/vda, /dev/vdb, ...
 /// path = "/var/lib/tern/disks/web1.qcow2"
 /// format = "qcow2"   # or "raw"; a qcow2 may have a backing file (QEMU opens it itself)
+/// shared = true      # optional: on storage every host mounts at the same path (NFS):
+///                    # not copied by a migration, checked at the destination (--shared-dir)
 ///
 /// [[nic]]        # optional, up to 8: virtio-net cards eth0, eth1, ... (see NicSpec)
 /// network = "blue"
@@ -209,6 +211,17 @@ pub struct DiskSpec {
     /// Absolute path of the image (for a qcow2, the top of its backing chain).
     pub path: PathBuf,
     pub format: DiskFormat,
+    /// On storage every host sees at the same path (NFS, a cluster filesystem): a
+    /// migration does not copy it, and the destination opens the same image once it
+    /// checked that it sees the same one (`sample`). Default false: the disk is this
+    /// host's and travels with the VM.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
+    /// Set by a migration's source on a shared disk: the image's size and a sample of its
+    /// content as the source reads them, for the destination to compare with what it
+    /// reads at `path`. Not for spec files (a migration replaces it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample: Option<String>,
 }
 
 /// Most network cards a VM may have.
@@ -680,11 +693,15 @@ mod tests {
             vec![
                 DiskSpec {
                     path: "/d/a.qcow2".into(),
-                    format: DiskFormat::Qcow2
+                    format: DiskFormat::Qcow2,
+                    shared: false,
+                    sample: None,
                 },
                 DiskSpec {
                     path: "/d/b.img".into(),
-                    format: DiskFormat::Raw
+                    format: DiskFormat::Raw,
+                    shared: false,
+                    sample: None,
                 },
             ]
         );
@@ -738,6 +755,8 @@ mod tests {
         let disk = |p: &Path, format| DiskSpec {
             path: p.to_path_buf(),
             format,
+            shared: false,
+            sample: None,
         };
         s.disks = vec![disk(&raw, DiskFormat::Raw), disk(&real, DiskFormat::Qcow2)];
         s.check_files().unwrap();

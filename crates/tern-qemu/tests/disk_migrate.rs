@@ -338,6 +338,8 @@ async fn disk_migrates_live_while_the_guest_writes_and_stays_consistent() -> Res
         disks: vec![DiskSpec {
             path: img.to_path_buf(),
             format: DiskFormat::Qcow2,
+            shared: false,
+            sample: None,
         }],
         memory: Default::default(),
         libvirt: None,

@@ -94,6 +94,8 @@ fn qcow2(path: PathBuf) -> DiskSpec {
     DiskSpec {
         path,
         format: DiskFormat::Qcow2,
+        shared: false,
+        sample: None,
     }
 }
 
@@ -113,6 +115,8 @@ async fn rounds_freeze_export_release_and_requeue() -> Result<()> {
             DiskSpec {
                 path: raw.clone(),
                 format: DiskFormat::Raw,
+                shared: false,
+                sample: None,
             },
         ],
         false,

@@ -45,6 +45,8 @@ pub struct AgentFile {
     policy: Option<PathBuf>,
     #[serde(rename = "boot-dir")]
     boot_dirs: Option<Vec<PathBuf>>,
+    #[serde(rename = "shared-dir")]
+    shared_dirs: Option<Vec<PathBuf>>,
     #[serde(rename = "network")]
     networks: Option<Vec<String>>,
     vtep: Option<std::net::Ipv4Addr>,
@@ -105,6 +107,7 @@ impl AgentFile {
             store_file_mib,
             tls_dir,
             boot_dirs,
+            shared_dirs,
             networks,
             vxlan_peers,
             overlay_control,

@@ -199,6 +199,11 @@ struct AgentArgs {
     /// names the files: only files under these are launched. Default: STATE_DIR/boot.
     #[arg(long = "boot-dir")]
     boot_dirs: Vec<PathBuf>,
+    /// A directory on storage every host mounts at the same path (NFS, a cluster
+    /// filesystem); repeat for more. An incoming VM's shared disks (`shared = true`) may
+    /// only be there. None: incoming VMs with shared disks are refused.
+    #[arg(long = "shared-dir")]
+    shared_dirs: Vec<PathBuf>,
     /// A virtual network this host serves (its bridge tern-NAME made when a VM needs it);
     /// repeat for more. An incoming VM's network card may join only these, or a network
     /// whose bridge already exists here. VMs started here may name any network.
@@ -602,6 +607,7 @@ fn run_agent(a: AgentArgs) -> Result<()> {
     config.store_file_mib = a.store_file_mib;
     config.policy = a.policy;
     config.boot_dirs = a.boot_dirs;
+    config.shared_dirs = a.shared_dirs;
     if let Some(bad) = a
         .networks
         .iter()

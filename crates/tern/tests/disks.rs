@@ -930,3 +930,142 @@ fn a_uefi_vm_boots_from_its_disk_migrates_with_it_and_its_copy_boots_there() -> 
     ensure!(r.digest_ok);
     vm.moved_and_copy_boots("efi1", "efi2")
 }
+
+/// A raw ext4 image of `size` bytes at `path` (its own UUID: two made apart differ).
+fn ext4_raw(path: &Path, size: u64) -> Result<()> {
+    std::fs::File::create(path)?.set_len(size)?;
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(path),
+    )?;
+    Ok(())
+}
+
+/// A mount namespace (held by a sleeping process) where `over` is bind-mounted on
+/// `dir`: a host whose shared storage holds other images. Killed when dropped.
+struct OtherMount(std::process::Child);
+
+impl OtherMount {
+    fn new(over: &Path, dir: &Path) -> Result<OtherMount> {
+        let script = format!(
+            "mount --bind {} {} && echo mounted && exec sleep 600",
+            over.display(),
+            dir.display()
+        );
+        let mut child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        ensure!(line.trim() == "mounted", "bind mount failed: {line:?}");
+        Ok(OtherMount(child))
+    }
+
+    fn ns(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/mnt", self.0.id()))
+    }
+}
+
+impl Drop for OtherMount {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn a_shared_disk_is_checked_not_copied_and_a_destination_that_sees_another_image_refuses(
+) -> Result<()> {
+    need(&["mkfs.ext4", "unshare"])?;
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let d = tempfile::tempdir()?;
+    // the "NFS share": one directory every host sees at the same path
+    let share = d.path().join("share");
+    std::fs::create_dir(&share)?;
+    let disk = share.join("sd.raw");
+    ext4_raw(&disk, 64 * MIB)?;
+    // a host that mounts another share there: an image of the same name and size
+    let other = d.path().join("other");
+    std::fs::create_dir(&other)?;
+    ext4_raw(&other.join("sd.raw"), 64 * MIB)?;
+    let elsewhere = OtherMount::new(&other, &share)?;
+    let share_arg = share.display().to_string();
+    let shared = ["--shared-dir", share_arg.as_str()];
+    let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
+    let b = TestAgent::start_with(
+        Path::new(BIN),
+        "host-b",
+        AgentOptions {
+            args: &shared,
+            ..Default::default()
+        },
+    )?;
+    let no_share = TestAgent::start(Path::new(BIN), "host-c", &[])?;
+    let ns = elsewhere.ns();
+    let wrong = TestAgent::start_with(
+        Path::new(BIN),
+        "host-e",
+        AgentOptions {
+            args: &shared,
+            mountns: Some(&ns),
+            ..Default::default()
+        },
+    )?;
+    let append = "tern.workload=idle tern.disk=1 tern.disk_rate=512 tern.seed=5";
+    let spec_toml = spec("sd", &g, append, &disk, "raw") + "shared = true\n";
+    let console = boot(&a, &spec_toml, "TERN-DISK-READY")?;
+    let (seq, _) = wait_disk_writes(&console, 0)?;
+
+    // a destination that allows no shared storage refuses, and says where to allow it
+    let st = migrate(&a, &no_share, "sd", json!({}))?;
+    let e = st
+        .error
+        .context("a host without --shared-dir took a shared disk")?;
+    ensure!(
+        e.code == "spec-rejected" && e.message.contains("--shared-dir"),
+        "{e:?}"
+    );
+    // one that sees another image at that path refuses before anything moves
+    let st = migrate(&a, &wrong, "sd", json!({}))?;
+    let e = st
+        .error
+        .context("a host that sees another image took the disk")?;
+    ensure!(
+        e.code == "spec-rejected" && e.message.contains("is not the image the source has"),
+        "{e:?}"
+    );
+    ensure!(a.vm_status("sd")? == "running");
+    for h in [&no_share, &wrong] {
+        ensure!(
+            h.vms()?.is_empty() && h.run_dirs().is_empty(),
+            "{} not clean",
+            h.name
+        );
+    }
+
+    // the right destination opens the same image: nothing of the disk travels
+    let r = migrate_ok(&a, &b, "sd")?;
+    eprintln!(
+        "shared disk: {} bytes on the wire in all, downtime {} ms, disk report {:?}",
+        r.bytes_on_wire, r.downtime_ms, r.disk
+    );
+    ensure!(r.disk.is_none(), "a shared disk was copied: {:?}", r.disk);
+    ensure!(
+        disk_path(&b, "sd")? == std::fs::canonicalize(&disk)?,
+        "the destination uses {:?}",
+        disk_path(&b, "sd")?
+    );
+    // the guest goes on writing to it there, every read checked
+    let console_b = b.console_log("sd")?;
+    wait_disk_writes(&console_b, seq)?;
+    let trouble = [disk_trouble(&console), disk_trouble(&console_b)].concat();
+    ensure!(trouble.is_empty(), "{trouble:?}");
+    // and the source kept nothing of it for a return trip
+    ensure!(disk.exists() && a.vms()?.is_empty());
+    Ok(())
+}

@@ -100,23 +100,35 @@ pub(super) async fn run(
         });
     }
     let offer = disk_offer.unwrap_or_default();
-    if offer.len() != spec.disks.len() {
+    let local = crate::disk::local_disks(&spec);
+    if offer.len() != local.len() {
         return Err(refuse(
             ErrorCode::Protocol,
             format!(
-                "the spec has {} disks, the source offered {}",
-                spec.disks.len(),
+                "the spec has {} local disks, the source offered {}",
+                local.len(),
                 offer.len()
             ),
         ));
     }
     {
-        // the disks are made here below; the rest must exist already
+        // the local disks are made here below; the rest (shared disks too) must exist
         let mut files = spec.clone();
-        files.disks.clear();
+        files.disks.retain(|d| d.shared);
         files
             .check_files()
             .map_err(|e| refuse(ErrorCode::SpecRejected, error_chain(&e)))?;
+    }
+    for (i, d) in spec.disks.iter().enumerate().filter(|(_, d)| d.shared) {
+        if let Some(vm) = inc.host.disk_user(&d.path) {
+            return Err(refuse(
+                ErrorCode::SpecRejected,
+                format!(
+                    "shared disk {i} ({}) is VM {vm:?}'s disk here: two QEMUs writing one image would corrupt it",
+                    d.path.display()
+                ),
+            ));
+        }
     }
     // the source checked our labels; check again with our own policy
     inc.host
@@ -169,8 +181,8 @@ pub(super) async fn run(
             },
         )?;
     }
-    if !spec.disks.is_empty() {
-        prepare_disks(&config.name, &mut spec, &offer, &run_dir).await?;
+    if !local.is_empty() {
+        prepare_disks(&config.name, &mut spec, &local, &offer, &run_dir).await?;
     }
     let process = inc
         .host
@@ -210,13 +222,14 @@ pub(super) async fn run(
     .await
     .map_err(qmp_failed("migrate-incoming"))?;
     // the disks: written through the incoming QEMU's own NBD exports
-    let disks = if spec.disks.is_empty() {
+    let disks = if local.is_empty() {
         None
     } else {
         Some(
             DestDisks::start(
                 &qmp,
                 &run_dir,
+                &local,
                 offer.iter().map(|d| d.virtual_size).collect(),
                 offer
                     .iter()
@@ -398,13 +411,14 @@ async fn prepare_carried(
     })
 }
 
-/// Room, paths and empty images for an incoming VM's disks: each goes to
-/// `RUN/disks/diskN.FMT` (a flat image of the source's virtual size; the rebuild fills
+/// Room, paths and empty images for an incoming VM's local disks (spec indexes `local`,
+/// offered in that order): each goes to `RUN/disks/diskN.FMT` (a flat image of the source's virtual size; the rebuild fills
 /// it), and `spec` is rewritten to use them. Refuses before QEMU starts when the
 /// filesystem lacks room for what the source has allocated.
 async fn prepare_disks(
     host_name: &str,
     spec: &mut VmSpec,
+    local: &[usize],
     offer: &[tern_proto::DiskInfo],
     run_dir: &std::path::Path,
 ) -> Result<(), IncomingError> {
@@ -457,7 +471,8 @@ async fn prepare_disks(
             ),
         ));
     }
-    for (i, (d, info)) in spec.disks.iter_mut().zip(offer).enumerate() {
+    for (&i, info) in local.iter().zip(offer) {
+        let d = &mut spec.disks[i];
         let path = incoming_disk_path(run_dir, i, d.format.as_str());
         tern_qemu::disk::create_image(&path, d.format, info.virtual_size)
             .await

@@ -35,6 +35,32 @@ pub fn vet_incoming_spec(config: &EngineConfig, spec: &mut VmSpec) -> Result<(),
     if let Some(i) = &spec.initrd {
         spec.initrd = Some(boot_file("initrd", i, &config.boot_dirs, host)?);
     }
+    for (i, d) in spec.disks.iter_mut().enumerate().filter(|(_, d)| d.shared) {
+        let what = format!("shared disk {i}");
+        d.path = allowed_file(
+            &what,
+            &d.path,
+            &config.shared_dirs,
+            host,
+            "shared storage directories",
+            "--shared-dir",
+        )?;
+        let sample = d.sample.take().ok_or_else(|| {
+            refuse(
+                ErrorCode::Protocol,
+                format!("{what} came without the source's sample"),
+            )
+        })?;
+        crate::disk::check_shared_sample(&d.path, d.format, &sample).map_err(|why| {
+            refuse(
+                ErrorCode::SpecRejected,
+                format!(
+                    "{what} ({}) is not the image the source has: {why}. Mount the same shared storage at the same path on {host}, or make the disk local (shared = false) so that it is copied",
+                    d.path.display()
+                ),
+            )
+        })?;
+    }
     fits_here(config, spec)?;
     if spec.memory == GuestMemory::Shared {
         // an incoming shared-memory guest fills all of its RAM here (crate::hostmem)
@@ -62,17 +88,31 @@ fn boot_file(
     dirs: &[PathBuf],
     host: &str,
 ) -> Result<PathBuf, IncomingError> {
+    allowed_file(what, path, dirs, host, "boot directories", "--boot-dir")
+}
+
+/// `path`, if it names a regular file under one of `dirs` (canonical; `kind` and `flag`
+/// name them in the refusal), as its canonical path.
+fn allowed_file(
+    what: &str,
+    path: &std::path::Path,
+    dirs: &[PathBuf],
+    host: &str,
+    kind: &str,
+    flag: &str,
+) -> Result<PathBuf, IncomingError> {
     use std::path::Component;
-    let refused = || {
-        refuse(
-            ErrorCode::SpecRejected,
-            format!(
-                "{what} {} is not a file in {host}'s boot directories ({}); put the VM's boot files there (tern agent --boot-dir)",
+    let refused =
+        || {
+            refuse(
+                ErrorCode::SpecRejected,
+                format!(
+                "{what} {} is not a file in {host}'s {kind} ({}); put it there (tern agent {flag})",
                 path.display(),
                 dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
             ),
-        )
-    };
+            )
+        };
     let plain = path.is_absolute()
         && path
             .components()

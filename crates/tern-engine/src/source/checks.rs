@@ -17,7 +17,8 @@ pub(super) struct Plan {
 pub(super) async fn run(m: &mut Migration) -> Result<Plan, MigrateError> {
     let qmp = m.vm.qmp()?;
     check_capabilities(&qmp.query_migrate_capabilities().await?)?;
-    let disks = if m.vm.spec.disks.is_empty() {
+    // (shared disks are not copied: the destination opens the same image)
+    let disks = if disk::local_disks(&m.vm.spec).is_empty() {
         None
     } else {
         Some(disk::SourceDisks::describe(qmp, &m.vm.spec).await?)

@@ -48,6 +48,7 @@ pub(super) async fn copy(
     let mut d = SourceDisks::start(
         m.vm.qmp()?.clone(),
         &m.vm.run_dir,
+        &crate::disk::local_disks(&m.vm.spec),
         &infos,
         p.writer.clone(),
         m.engine.hasher.clone(),

@@ -105,11 +105,25 @@ pub(super) async fn run(
         })?;
         send(&writer, &Message::TpmKey { key }).await?;
     }
+    // a shared disk goes with what this host sees of it, for the destination to compare
+    let mut spec = m.vm.spec.clone();
+    for (i, d) in spec.disks.iter_mut().enumerate() {
+        d.sample = None;
+        if d.shared {
+            let sample = crate::disk::shared_sample(&d.path).map_err(|e| {
+                MigrateError::BadRequest(format!(
+                    "shared disk {i} ({}): cannot read it here: {e}",
+                    d.path.display()
+                ))
+            })?;
+            d.sample = Some(sample);
+        }
+    }
     send(
         &writer,
         &Message::Prepare {
             migration_id: m.wire_id(),
-            spec_toml: m.vm.spec.to_toml(),
+            spec_toml: spec.to_toml(),
             source_running: m.source_running,
             qemu_version: m.vm.qemu_version.clone(),
         },

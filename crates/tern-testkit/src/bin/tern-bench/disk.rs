@@ -442,6 +442,8 @@ fn vm_spec(name: &str, g: &GuestImage, disk: &Path) -> VmSpec {
     s.disks = vec![DiskSpec {
         path: disk.to_path_buf(),
         format: DiskFormat::Qcow2,
+        shared: false,
+        sample: None,
     }];
     s
 }
