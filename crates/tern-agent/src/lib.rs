@@ -325,16 +325,10 @@ impl Agent {
         } else {
             config.boot_dirs.clone()
         };
-        let boot_dirs: Vec<PathBuf> = wanted_boot_dirs
-            .iter()
-            .filter_map(|d| match std::fs::canonicalize(d) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    tracing::warn!(dir = %d.display(), "boot directory unusable ({e}): incoming VMs cannot boot from it");
-                    None
-                }
-            })
-            .collect();
+        let boot_dirs = canonical_dirs(
+            &wanted_boot_dirs,
+            "boot directory unusable: incoming VMs cannot boot from it",
+        );
         let qemu = tern_qemu::launch::LaunchOptions::new(PathBuf::new()).qemu_binary;
         let machine_types = tern_qemu::launch::machine_types(&qemu).unwrap_or_else(|e| {
             tracing::warn!(qemu = %qemu.display(), "cannot list QEMU's machine types ({e}): incoming migrations will be refused");
@@ -347,17 +341,10 @@ impl Agent {
                 max_protocol: config.max_protocol,
                 fault: config.fault,
                 boot_dirs,
-                shared_dirs: config
-                    .shared_dirs
-                    .iter()
-                    .filter_map(|d| match std::fs::canonicalize(d) {
-                        Ok(c) => Some(c),
-                        Err(e) => {
-                            tracing::warn!(dir = %d.display(), "shared storage directory unusable ({e}): no incoming shared disk is taken from it");
-                            None
-                        }
-                    })
-                    .collect(),
+                shared_dirs: canonical_dirs(
+                    &config.shared_dirs,
+                    "shared storage directory unusable: no incoming shared disk is taken from it",
+                ),
                 machine_types,
                 host_memory_mib: tern_engine::hostmem::total_mib().unwrap_or(0),
                 libvirt: config.libvirt_paths.clone(),
@@ -821,6 +808,19 @@ impl Host for Agent {
     fn remove_run_dir<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, ()> {
         Box::pin(Agent::remove_run_dir(self, dir))
     }
+}
+
+/// `dirs` as canonical paths; one that cannot be resolved is left out, logged with `why`.
+fn canonical_dirs(dirs: &[PathBuf], why: &str) -> Vec<PathBuf> {
+    dirs.iter()
+        .filter_map(|d| match std::fs::canonicalize(d) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(dir = %d.display(), error = %e, "{why}");
+                None
+            }
+        })
+        .collect()
 }
 
 /// `network`'s bridge here (made if missing) and, with an overlay, its VXLAN port.
