@@ -340,11 +340,8 @@ impl Agent {
                 stall_timeout: config.stall_timeout,
                 max_protocol: config.max_protocol,
                 fault: config.fault,
+                shared_dirs: shared_dirs(&config, &boot_dirs),
                 boot_dirs,
-                shared_dirs: canonical_dirs(
-                    &config.shared_dirs,
-                    "shared storage directory unusable: no incoming shared disk is taken from it",
-                ),
                 machine_types,
                 host_memory_mib: tern_engine::hostmem::total_mib().unwrap_or(0),
                 libvirt: config.libvirt_paths.clone(),
@@ -443,6 +440,10 @@ impl Agent {
 
     pub async fn start_vm(&self, mut spec: VmSpec) -> Result<Arc<Vm>, StartVmError> {
         spec.validate()?;
+        // (a migration's source sets it; a spec file's would mean nothing)
+        for d in &mut spec.disks {
+            d.sample = None;
+        }
         // made once, here; kept in the spec wherever the VM goes. A card's MAC is unique
         // on its network here: a given one that is taken is refused, a drawn one drawn
         // again.
@@ -768,11 +769,9 @@ impl Host for Agent {
         })
     }
 
-    fn disk_user(&self, path: &Path) -> Option<String> {
-        let Ok(wanted) = std::fs::canonicalize(path) else {
-            return None;
-        };
-        let same = |p: &Path| std::fs::canonicalize(p).is_ok_and(|c| c == wanted);
+    fn disk_user(&self, id: (u64, u64)) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let same = |p: &Path| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == id);
         self.vms()
             .iter()
             .find(|vm| vm.spec.disks.iter().any(|d| same(&d.path)))
@@ -808,6 +807,29 @@ impl Host for Agent {
     fn remove_run_dir<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, ()> {
         Box::pin(Agent::remove_run_dir(self, dir))
     }
+}
+
+/// The shared storage directories (`--shared-dir`) an incoming VM's disk may be in: never
+/// one that holds this agent's state or boot files, or the root (a peer would name the
+/// TLS key as a raw disk).
+fn shared_dirs(config: &AgentConfig, boot_dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let state = std::fs::canonicalize(&config.state_dir).unwrap_or(config.state_dir.clone());
+    canonical_dirs(
+        &config.shared_dirs,
+        "shared storage directory unusable: no incoming shared disk is taken from it",
+    )
+    .into_iter()
+    .filter(|d| {
+        let mine = d.as_os_str() == "/"
+            || state.starts_with(d)
+            || boot_dirs.iter().any(|b| b.starts_with(d))
+            || config.tls_dir.as_ref().is_some_and(|t| t.starts_with(d));
+        if mine {
+            tracing::warn!(dir = %d.display(), "a shared storage directory may not hold the agent's own files (state, boot, TLS): no incoming shared disk is taken from it");
+        }
+        !mine
+    })
+    .collect()
 }
 
 /// `dirs` as canonical paths; one that cannot be resolved is left out, logged with `why`.

@@ -724,16 +724,19 @@ pub fn local_disks(spec: &VmSpec) -> Vec<usize> {
 const SAMPLE_BLOCKS: u64 = 8;
 
 /// What a host sees of a shared disk's image at `path`: its length and the content of 8
-/// blocks of 4 KiB spread over it (the first, which holds a qcow2 header, among them),
-/// as `len=N OFFSET:HASH ...` (BLAKE3, 128 bits). The source sends it; the destination
-/// compares ([`check_shared_sample`]).
+/// blocks of 4 KiB spread over it (the first among them), as `len=N OFFSET:HASH ...`
+/// (BLAKE3, 128 bits). The source sends it; the destination computes its own from the
+/// image it opened ([`open_shared`]) and compares the two whole.
 pub fn shared_sample(path: &Path) -> std::io::Result<String> {
-    let f = std::fs::File::open(path)?;
+    sample_of(&std::fs::File::open(path)?)
+}
+
+fn sample_of(f: &std::fs::File) -> std::io::Result<String> {
     let len = f.metadata()?.len();
     let mut out = format!("len={len}");
     for k in 0..SAMPLE_BLOCKS {
         let off = (len / SAMPLE_BLOCKS * k) & !4095;
-        out.push_str(&format!(" {off}:{}", block_hash(&f, off)?));
+        out.push_str(&format!(" {off}:{}", block_hash(f, off)?));
     }
     Ok(out)
 }
@@ -755,42 +758,55 @@ fn block_hash(f: &std::fs::File, off: u64) -> std::io::Result<String> {
         .collect())
 }
 
-/// Whether the image at `path` here is the one the source sampled (`sample`, from
-/// [`shared_sample`]): the same length for a raw image (a qcow2 may grow), the same
-/// content at every sampled offset. The error says what differs.
-pub fn check_shared_sample(
-    path: &Path,
-    format: tern_qemu::spec::DiskFormat,
-    sample: &str,
-) -> Result<(), String> {
-    let bad = || format!("a malformed sample {sample:?}");
-    let mut parts = sample.split(' ');
-    let len: u64 = parts
-        .next()
-        .and_then(|p| p.strip_prefix("len="))
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(bad)?;
-    let f = std::fs::File::open(path).map_err(|e| format!("cannot open it here: {e}"))?;
-    let here = f.metadata().map_err(|e| e.to_string())?.len();
-    if format == tern_qemu::spec::DiskFormat::Raw && here != len {
-        return Err(format!("it is {here} bytes here and {len} at the source"));
+/// A shared disk's image opened for an incoming VM: QEMU gets `fd` (read-write,
+/// O_DIRECT) instead of opening the path itself.
+pub struct SharedImage {
+    pub fd: std::os::fd::OwnedFd,
+    /// (device, inode): which file it is, whatever the path.
+    pub id: (u64, u64),
+}
+
+/// Opens the image at `path` (canonical, under a shared directory) that a peer named,
+/// once: no symbolic link anywhere in the path (`openat2` `RESOLVE_NO_SYMLINKS`, so a
+/// link swapped in after the check leads nowhere), never blocking (a FIFO), a regular
+/// file with one name (a hard link could be a file from elsewhere on the filesystem),
+/// and what it holds equal to the source's `sample` ([`shared_sample`]). Blocking I/O:
+/// run it off the async threads.
+pub fn open_shared(path: &Path, sample: &str) -> Result<SharedImage, String> {
+    use rustix::fs::{openat2, Mode, OFlags, ResolveFlags, CWD};
+    use std::os::unix::fs::MetadataExt;
+    let fd = openat2(
+        CWD,
+        path,
+        OFlags::RDWR | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| format!("cannot open it here ({e}; no symbolic links are followed)"))?;
+    let f = std::fs::File::from(fd);
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("it is not a regular file here".into());
     }
-    let mut n = 0;
-    for p in parts {
-        let (off, want) = p.split_once(':').ok_or_else(bad)?;
-        let off: u64 = off.parse().map_err(|_| bad())?;
-        n += 1;
-        if n > SAMPLE_BLOCKS {
-            return Err(bad());
-        }
-        if block_hash(&f, off).map_err(|e| e.to_string())? != want {
-            return Err(format!("its content differs at byte {off}"));
-        }
+    if meta.nlink() != 1 {
+        return Err("it has more than one name (hard links) here".into());
     }
-    if n == 0 {
-        return Err(bad());
+    let mine = sample_of(&f).map_err(|e| format!("cannot read it here ({e})"))?;
+    if mine != sample {
+        return Err("its length or content differs from the image the source has".into());
     }
-    Ok(())
+    // the same file again, for QEMU's cache.direct=on (O_DIRECT reads need aligned
+    // buffers the sample above did not use)
+    let direct = rustix::fs::open(
+        format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f)),
+        OFlags::RDWR | OFlags::DIRECT | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("cannot open it for direct I/O here ({e})"))?;
+    Ok(SharedImage {
+        fd: direct,
+        id: (meta.dev(), meta.ino()),
+    })
 }
 
 // ---------------------------------------------------------------- destination

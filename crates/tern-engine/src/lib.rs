@@ -143,9 +143,9 @@ pub trait Host: Send + Sync {
     /// names them, so only networks this host has (or serves by configuration) are
     /// taken, never a bridge made for a peer's name.
     fn vet_networks<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<(), String>>;
-    /// The VM here whose disk is the image at `path`, if any (a shared disk named by a
-    /// peer must not be a running VM's).
-    fn disk_user(&self, path: &Path) -> Option<String>;
+    /// The VM here one of whose disks is the file `id` (device, inode), if any (a shared
+    /// disk named by a peer must not be a running VM's).
+    fn disk_user(&self, id: (u64, u64)) -> Option<String>;
     /// Holds a VM name for an incoming VM; false if the name is taken.
     fn reserve_name(&self, name: &str) -> bool;
     fn release_name(&self, name: &str);

@@ -54,6 +54,11 @@ pub struct LaunchOptions {
     /// One open tap descriptor per card of the spec, in its order (QEMU gets card N's at
     /// descriptor [`NIC_FD_BASE`]` + N`). The caller keeps its own copies or drops them.
     pub nic_fds: Vec<Arc<OwnedFd>>,
+    /// Disk N's image as an open descriptor (read-write, O_DIRECT), for a disk the caller
+    /// opened itself (a shared disk a peer named): QEMU gets it at [`DISK_FD_BASE`]` + N`
+    /// (`-add-fd`, `filename=/dev/fdset/N+1`) and never opens that path. None, or no
+    /// entry: QEMU opens the path.
+    pub disk_fds: Vec<Option<Arc<OwnedFd>>>,
 }
 
 /// The MTU a VM's card offers its guest (virtio-net `host_mtu`): a 1500-byte underlay
@@ -64,6 +69,10 @@ pub const GUEST_MTU: u16 = 1450;
 
 /// QEMU finds card N's tap at this descriptor plus N (`-netdev tap,fd=`).
 pub const NIC_FD_BASE: RawFd = 100;
+
+/// Where QEMU finds disk N's descriptor when the caller opened it
+/// ([`LaunchOptions::disk_fds`]).
+pub const DISK_FD_BASE: RawFd = 200;
 
 /// The listening sockets of a QEMU that takes a VM over on the same host.
 #[derive(Debug, Clone)]
@@ -98,6 +107,7 @@ impl LaunchOptions {
             sandbox: false,
             cpr_incoming: None,
             nic_fds: Vec::new(),
+            disk_fds: Vec::new(),
         }
     }
 
@@ -250,17 +260,29 @@ pub enum LaunchError {
 
 /// QEMU inherits `fds` at [`NIC_FD_BASE`], [`NIC_FD_BASE`]` + 1`, ... (copies; no other
 /// descriptor of the caller's: the rest are close-on-exec).
-fn pass_fds(cmd: &mut Command, fds: &[Arc<OwnedFd>]) -> std::io::Result<()> {
+fn pass_fds(
+    cmd: &mut Command,
+    fds: &[Arc<OwnedFd>],
+    disks: &[Option<Arc<OwnedFd>>],
+) -> std::io::Result<()> {
     use command_fds::{CommandFdExt, FdMapping};
-    if fds.is_empty() {
-        return Ok(());
-    }
     let mut mappings = Vec::new();
     for (i, fd) in fds.iter().enumerate() {
         mappings.push(FdMapping {
             parent_fd: fd.try_clone()?,
             child_fd: NIC_FD_BASE + i as RawFd,
         });
+    }
+    for (i, fd) in disks.iter().enumerate() {
+        if let Some(fd) = fd {
+            mappings.push(FdMapping {
+                parent_fd: fd.try_clone()?,
+                child_fd: DISK_FD_BASE + i as RawFd,
+            });
+        }
+    }
+    if mappings.is_empty() {
+        return Ok(());
     }
     cmd.fd_mappings(mappings)
         .map_err(|_| std::io::Error::other("two descriptors for one number"))?;
@@ -429,6 +451,13 @@ impl QemuProcess {
             // JSON syntax: any path is one value, commas included.
             let mut protocol = json!({ "driver": "file", "node-name": file,
                                        "filename": d.path.to_string_lossy() });
+            if opts.disk_fds.get(i).is_some_and(Option::is_some) {
+                // the caller opened it: QEMU takes the descriptor, not the path
+                let set = i + 1;
+                a.push("-add-fd".into());
+                a.push(format!("fd={},set={set}", DISK_FD_BASE + i as RawFd).into());
+                protocol["filename"] = json!(format!("/dev/fdset/{set}"));
+            }
             if d.shared {
                 // past this host's page cache: another host opens the same image at a
                 // switchover and must read what this QEMU wrote (QEMU flushes at the
@@ -566,7 +595,7 @@ impl QemuProcess {
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(opts.kill_on_drop);
-        pass_fds(&mut cmd, &opts.nic_fds).map_err(|e| LaunchError::Spawn {
+        pass_fds(&mut cmd, &opts.nic_fds, &opts.disk_fds).map_err(|e| LaunchError::Spawn {
             binary: opts.qemu_binary.clone(),
             source: e,
         })?;

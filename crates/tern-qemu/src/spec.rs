@@ -361,6 +361,8 @@ pub enum SpecError {
     MissingFile { what: &'static str, path: PathBuf },
     #[error("at most {MAX_DISKS} disks, got {0}")]
     TooManyDisks(usize),
+    #[error("disk {0}: a shared disk is raw (a qcow2's header names other files, which a destination would open)")]
+    SharedNotRaw(usize),
     #[error("disk {index}: path {path:?} must be absolute and UTF-8")]
     BadDiskPath { index: usize, path: PathBuf },
     #[error("disk {index} and disk {other} are the same file {path}")]
@@ -438,6 +440,13 @@ impl VmSpec {
         }
         if self.disks.len() > MAX_DISKS {
             return Err(SpecError::TooManyDisks(self.disks.len()));
+        }
+        if let Some(i) = self
+            .disks
+            .iter()
+            .position(|d| d.shared && d.format != DiskFormat::Raw)
+        {
+            return Err(SpecError::SharedNotRaw(i));
         }
         if self.nics.len() > MAX_NICS {
             return Err(SpecError::TooManyNics(self.nics.len()));

@@ -1018,6 +1018,12 @@ fn a_shared_disk_is_checked_not_copied_and_a_destination_that_sees_another_image
     )?;
     let append = "tern.workload=idle tern.disk=1 tern.disk_rate=512 tern.seed=5";
     let spec_toml = spec("sd", &g, append, &disk, "raw") + "shared = true\n";
+    // a shared disk is raw: a qcow2's header names other files a destination would open
+    let e = a
+        .start_vm(&spec_toml.replace("format = \"raw\"", "format = \"qcow2\""))
+        .err()
+        .context("a shared qcow2 was taken")?;
+    ensure!(format!("{e:#}").contains("a shared disk is raw"), "{e:#}");
     let console = boot(&a, &spec_toml, "TERN-DISK-READY")?;
     let (seq, _) = wait_disk_writes(&console, 0)?;
 
@@ -1059,6 +1065,15 @@ fn a_shared_disk_is_checked_not_copied_and_a_destination_that_sees_another_image
         disk_path(&b, "sd")? == std::fs::canonicalize(&disk)?,
         "the destination uses {:?}",
         disk_path(&b, "sd")?
+    );
+    // B's QEMU got the image as the descriptor B opened, never the path (a link swapped
+    // into the share after B's checks leads nowhere)
+    let pid = b.vm("sd")?["pid"].as_u64().context("no pid on B")?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    ensure!(
+        cmdline.contains("/dev/fdset/1") && !cmdline.contains(&disk.display().to_string()),
+        "B's QEMU: {cmdline}"
     );
     // the guest goes on writing to it there, every read checked
     let console_b = b.console_log("sd")?;

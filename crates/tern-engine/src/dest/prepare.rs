@@ -17,7 +17,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::hello::PrepareRequest;
 use super::record::INCOMING_MARKER;
-use super::spec::{major_minor, vet_incoming_spec};
+use super::spec::{major_minor, open_shared_disks, vet_incoming_spec};
 use super::{qmp_failed, refuse, Conn, Incoming, IncomingError};
 use crate::disk::{free_bytes, incoming_disk_path, DestDisks};
 use crate::error::error_chain;
@@ -112,23 +112,12 @@ pub(super) async fn run(
         ));
     }
     {
-        // the local disks are made here below; the rest (shared disks too) must exist
+        // the local disks are made here below, the shared ones opened after the policy
         let mut files = spec.clone();
-        files.disks.retain(|d| d.shared);
+        files.disks.clear();
         files
             .check_files()
             .map_err(|e| refuse(ErrorCode::SpecRejected, error_chain(&e)))?;
-    }
-    for (i, d) in spec.disks.iter().enumerate().filter(|(_, d)| d.shared) {
-        if let Some(vm) = inc.host.disk_user(&d.path) {
-            return Err(refuse(
-                ErrorCode::SpecRejected,
-                format!(
-                    "shared disk {i} ({}) is VM {vm:?}'s disk here: two QEMUs writing one image would corrupt it",
-                    d.path.display()
-                ),
-            ));
-        }
     }
     // the source checked our labels; check again with our own policy
     inc.host
@@ -150,10 +139,45 @@ pub(super) async fn run(
     }
     inc.name = Some(spec.name.clone());
     handle.set_phase(Phase::Prepare);
+    let shared = if spec.disks.iter().any(|d| d.shared) {
+        let (host, mut s) = (config.name.clone(), spec.clone());
+        let opened = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            tokio::task::spawn_blocking(move || open_shared_disks(&mut s, &host).map(|o| (s, o))),
+        )
+        .await
+        .map_err(|_| {
+            refuse(
+                ErrorCode::Timeout,
+                "the shared storage did not answer within 30 s",
+            )
+        })?
+        .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))??;
+        spec = opened.0;
+        for (i, image) in opened.1.iter().enumerate() {
+            let Some(image) = image else { continue };
+            if let Some(vm) = inc.host.disk_user(image.id) {
+                return Err(refuse(
+                    ErrorCode::SpecRejected,
+                    format!(
+                        "shared disk {i} ({}) is VM {vm:?}'s disk here: two QEMUs writing one image would corrupt it",
+                        spec.disks[i].path.display()
+                    ),
+                ));
+            }
+        }
+        opened.1
+    } else {
+        Vec::new()
+    };
 
     let run_dir = inc.host.new_run_dir(&spec.name);
     inc.run_dir = Some(run_dir.clone());
     let mut opts = LaunchOptions::new(run_dir.clone());
+    opts.disk_fds = shared
+        .into_iter()
+        .map(|o| o.map(|i| std::sync::Arc::new(i.fd)))
+        .collect();
     opts.incoming_defer = true;
     opts.start_paused = true;
     // cleanup is explicit; after the switchover the VM outlives us

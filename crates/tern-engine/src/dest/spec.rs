@@ -35,8 +35,19 @@ pub fn vet_incoming_spec(config: &EngineConfig, spec: &mut VmSpec) -> Result<(),
     if let Some(i) = &spec.initrd {
         spec.initrd = Some(boot_file("initrd", i, &config.boot_dirs, host)?);
     }
-    for (i, d) in spec.disks.iter_mut().enumerate().filter(|(_, d)| d.shared) {
+    for (i, d) in spec.disks.iter_mut().enumerate() {
+        if !d.shared {
+            d.sample = None;
+            continue;
+        }
         let what = format!("shared disk {i}");
+        if d.format != tern_qemu::spec::DiskFormat::Raw {
+            // a qcow2's header names files (backing, data file) QEMU would open as root
+            return Err(refuse(
+                ErrorCode::SpecRejected,
+                format!("{what} is {}: a shared disk is raw", d.format.as_str()),
+            ));
+        }
         d.path = allowed_file(
             &what,
             &d.path,
@@ -45,21 +56,12 @@ pub fn vet_incoming_spec(config: &EngineConfig, spec: &mut VmSpec) -> Result<(),
             "shared storage directories",
             "--shared-dir",
         )?;
-        let sample = d.sample.take().ok_or_else(|| {
-            refuse(
+        if d.sample.is_none() {
+            return Err(refuse(
                 ErrorCode::Protocol,
                 format!("{what} came without the source's sample"),
-            )
-        })?;
-        crate::disk::check_shared_sample(&d.path, d.format, &sample).map_err(|why| {
-            refuse(
-                ErrorCode::SpecRejected,
-                format!(
-                    "{what} ({}) is not the image the source has: {why}. Mount the same shared storage at the same path on {host}, or make the disk local (shared = false) so that it is copied",
-                    d.path.display()
-                ),
-            )
-        })?;
+            ));
+        }
     }
     fits_here(config, spec)?;
     if spec.memory == GuestMemory::Shared {
@@ -150,4 +152,32 @@ pub(super) fn fits_here(config: &EngineConfig, spec: &VmSpec) -> Result<(), Inco
         ));
     }
     Ok(())
+}
+
+/// Opens `spec`'s shared disks (already vetted by [`vet_incoming_spec`]) for QEMU, each
+/// checked against the source's sample, which goes from the spec: the descriptors by disk
+/// index (None for a local disk) and which files they are. Blocking I/O, bounded by the
+/// caller.
+pub(super) fn open_shared_disks(
+    spec: &mut VmSpec,
+    host: &str,
+) -> Result<Vec<Option<crate::disk::SharedImage>>, IncomingError> {
+    let mut out = Vec::new();
+    for (i, d) in spec.disks.iter_mut().enumerate() {
+        let Some(sample) = d.sample.take().filter(|_| d.shared) else {
+            out.push(None);
+            continue;
+        };
+        let image = crate::disk::open_shared(&d.path, &sample).map_err(|why| {
+            refuse(
+                ErrorCode::SpecRejected,
+                format!(
+                    "shared disk {i} ({}) is not the image the source has: {why}. Mount the same shared storage at the same path on {host}, or make the disk local (shared = false) so that it is copied",
+                    d.path.display()
+                ),
+            )
+        })?;
+        out.push(Some(image));
+    }
+    Ok(out)
 }
