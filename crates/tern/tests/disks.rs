@@ -1054,6 +1054,26 @@ fn a_shared_disk_is_checked_not_copied_and_a_destination_that_sees_another_image
         );
     }
 
+    // a destination that fails after the stream loaded (it cannot record the
+    // switchover) leaves the VM to the source, which takes its image back and writes on
+    let failing = TestAgent::start_with(
+        Path::new(BIN),
+        "host-f",
+        AgentOptions {
+            args: &shared,
+            env: &[("TERN_FAULT", "fail-switch-record")],
+            ..Default::default()
+        },
+    )?;
+    let st = migrate(&a, &failing, "sd", json!({}))?;
+    ensure!(
+        st.error.is_some(),
+        "the switchover record could not fail: {st:?}"
+    );
+    ensure!(a.vm_status("sd")? == "running", "{}", a.log_text());
+    let (seq, _) = wait_disk_writes(&console, seq)?;
+    ensure!(failing.vms()?.is_empty(), "host-f kept the VM");
+
     // the right destination opens the same image: nothing of the disk travels
     let r = migrate_ok(&a, &b, "sd")?;
     eprintln!(

@@ -230,9 +230,17 @@ pub(super) async fn run(
             ));
         }
     }
-    qmp.set_migrate_capabilities(&[("return-path", true), ("events", true)])
-        .await
-        .map_err(qmp_failed("setting its migration capabilities"))?;
+    // a shared disk's image is the source's too: this QEMU takes it (its write lock) only
+    // when it runs the VM, after the commit, not as soon as the stream loaded; a source
+    // that runs on after a failure then keeps it
+    let late = spec.disks.iter().any(|d| d.shared);
+    qmp.set_migrate_capabilities(&[
+        ("return-path", true),
+        ("events", true),
+        ("late-block-activate", late),
+    ])
+    .await
+    .map_err(qmp_failed("setting its migration capabilities"))?;
     let qemu_events = qmp.subscribe();
     // the stream comes in over a socket QEMU is handed (it may not open paths itself)
     let qemu_sock = qmp
