@@ -199,7 +199,9 @@ async fn start_vm(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-spec", chain(&e)))?;
     let vm = a.start_vm(spec).await.map_err(|e| {
         let status = match e {
-            StartVmError::Spec(_) | StartVmError::LibvirtDomain => StatusCode::BAD_REQUEST,
+            StartVmError::Spec(_) | StartVmError::LibvirtDomain | StartVmError::SharedDisk(_) => {
+                StatusCode::BAD_REQUEST
+            }
             StartVmError::Exists(_) | StartVmError::MacInUse { .. } => StatusCode::CONFLICT,
             StartVmError::Launch(_)
             | StartVmError::Tpm(_)

@@ -517,6 +517,11 @@ impl Agent {
             spec.check_files()?;
             opts.nic_fds = open_nics(spec, self.config.overlay.as_ref()).await?;
         }
+        if opts.disk_fds.is_empty() && spec.disks.iter().any(|d| d.shared) {
+            // a shared image is opened here without following links (its path is in
+            // storage other hosts write), and QEMU gets the descriptor
+            opts.disk_fds = open_shared_disks(spec).await?;
+        }
         let mut tpm = self.start_tpm(spec, &opts.run_dir).await?;
         opts.run_as = self.config.qemu_user.clone();
         opts.sandbox = true;
@@ -830,6 +835,34 @@ fn shared_dirs(config: &AgentConfig, boot_dirs: &[PathBuf]) -> Vec<PathBuf> {
         !mine
     })
     .collect()
+}
+
+/// `spec`'s shared disks opened for QEMU ([`tern_engine::disk::open_shared_image`]), by
+/// disk index (None for a local disk), within 30 s.
+async fn open_shared_disks(
+    spec: &VmSpec,
+) -> Result<Vec<Option<Arc<std::os::fd::OwnedFd>>>, StartVmError> {
+    let disks = spec.disks.clone();
+    let opened = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || {
+            disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| match d.shared {
+                    false => Ok(None),
+                    true => tern_engine::disk::open_shared_image(&d.path)
+                        .map(|(image, _)| Some(Arc::new(image.direct)))
+                        .map_err(|why| format!("shared disk {i} ({}): {why}", d.path.display())),
+                })
+                .collect::<Result<Vec<_>, String>>()
+        }),
+    )
+    .await
+    .map_err(|_| "the shared storage did not answer within 30 s".to_string())
+    .and_then(|r| r.map_err(|e| e.to_string()))
+    .and_then(|r| r);
+    opened.map_err(StartVmError::SharedDisk)
 }
 
 /// `dirs` as canonical paths; one that cannot be resolved is left out, logged with `why`.

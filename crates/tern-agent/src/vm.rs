@@ -256,6 +256,8 @@ pub fn kill_pid(pid: u32) {
 pub enum StartVmError {
     #[error("invalid VM spec")]
     Spec(#[from] tern_qemu::spec::SpecError),
+    #[error("{0}")]
+    SharedDisk(String),
     #[error("a VM named {0:?} already exists on this host")]
     Exists(String),
     #[error("the spec names a libvirt domain ([libvirt]): libvirt starts its domains; tern only carries their migrations (tern migrate --libvirt)")]

@@ -726,9 +726,11 @@ const SAMPLE_BLOCKS: u64 = 8;
 /// What a host sees of a shared disk's image at `path`: its length and the content of 8
 /// blocks of 4 KiB spread over it (the first among them), as `len=N OFFSET:HASH ...`
 /// (BLAKE3, 128 bits). The source sends it; the destination computes its own from the
-/// image it opened ([`open_shared`]) and compares the two whole.
-pub fn shared_sample(path: &Path) -> std::io::Result<String> {
-    sample_of(&std::fs::File::open(path)?)
+/// image it opened ([`open_shared`]) and compares the two whole. Opened as
+/// [`open_shared_image`] does. Blocking I/O.
+pub fn shared_sample(path: &Path) -> Result<String, String> {
+    let (f, _) = open_shared_image(path)?;
+    sample_of(&f.plain).map_err(|e| format!("cannot read it ({e})"))
 }
 
 fn sample_of(f: &std::fs::File) -> std::io::Result<String> {
@@ -758,6 +760,51 @@ fn block_hash(f: &std::fs::File, off: u64) -> std::io::Result<String> {
         .collect())
 }
 
+/// A shared disk's image, opened without trusting its path: a plain descriptor (for
+/// reading a sample) and one for QEMU (read-write, O_DIRECT).
+pub struct OpenedImage {
+    pub plain: std::fs::File,
+    pub direct: std::os::fd::OwnedFd,
+}
+
+/// Opens the image at `path` without trusting the path: no symbolic link anywhere in it
+/// (`openat2` `RESOLVE_NO_SYMLINKS`, so a link swapped in leads nowhere), looked at
+/// through an `O_PATH` descriptor first (nothing is opened for I/O before it is known to
+/// be a regular file with one name: no device, FIFO or hard link to a file from
+/// elsewhere), then reopened through that descriptor. With its (device, inode).
+/// Blocking I/O: run it off the async threads.
+pub fn open_shared_image(path: &Path) -> Result<(OpenedImage, (u64, u64)), String> {
+    use rustix::fs::{openat2, Mode, OFlags, ResolveFlags, CWD};
+    let at = openat2(
+        CWD,
+        path,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| format!("cannot open it ({e}; no symbolic links are followed)"))?;
+    let st = rustix::fs::fstat(&at).map_err(|e| format!("cannot look at it ({e})"))?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err("it is not a regular file".into());
+    }
+    if st.st_nlink != 1 {
+        return Err("it has more than one name (hard links)".into());
+    }
+    let again = |flags: OFlags| {
+        rustix::fs::open(
+            format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&at)),
+            flags | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("cannot open it ({e})"))
+    };
+    let plain = std::fs::File::from(again(OFlags::RDWR)?);
+    let direct = again(OFlags::RDWR | OFlags::DIRECT)?;
+    #[allow(clippy::unnecessary_cast)]
+    let id = (st.st_dev as u64, st.st_ino as u64);
+    Ok((OpenedImage { plain, direct }, id))
+}
+
 /// A shared disk's image opened for an incoming VM: QEMU gets `fd` (read-write,
 /// O_DIRECT) instead of opening the path itself.
 pub struct SharedImage {
@@ -766,46 +813,18 @@ pub struct SharedImage {
     pub id: (u64, u64),
 }
 
-/// Opens the image at `path` (canonical, under a shared directory) that a peer named,
-/// once: no symbolic link anywhere in the path (`openat2` `RESOLVE_NO_SYMLINKS`, so a
-/// link swapped in after the check leads nowhere), never blocking (a FIFO), a regular
-/// file with one name (a hard link could be a file from elsewhere on the filesystem),
-/// and what it holds equal to the source's `sample` ([`shared_sample`]). Blocking I/O:
-/// run it off the async threads.
+/// Opens the image at `path` (canonical, under a shared directory) that a peer named, as
+/// [`open_shared_image`] does, and only if what it holds equals the source's `sample`
+/// ([`shared_sample`]). Blocking I/O.
 pub fn open_shared(path: &Path, sample: &str) -> Result<SharedImage, String> {
-    use rustix::fs::{openat2, Mode, OFlags, ResolveFlags, CWD};
-    use std::os::unix::fs::MetadataExt;
-    let fd = openat2(
-        CWD,
-        path,
-        OFlags::RDWR | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
-        Mode::empty(),
-        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-    )
-    .map_err(|e| format!("cannot open it here ({e}; no symbolic links are followed)"))?;
-    let f = std::fs::File::from(fd);
-    let meta = f.metadata().map_err(|e| e.to_string())?;
-    if !meta.is_file() {
-        return Err("it is not a regular file here".into());
-    }
-    if meta.nlink() != 1 {
-        return Err("it has more than one name (hard links) here".into());
-    }
-    let mine = sample_of(&f).map_err(|e| format!("cannot read it here ({e})"))?;
+    let (image, id) = open_shared_image(path)?;
+    let mine = sample_of(&image.plain).map_err(|e| format!("cannot read it here ({e})"))?;
     if mine != sample {
         return Err("its length or content differs from the image the source has".into());
     }
-    // the same file again, for QEMU's cache.direct=on (O_DIRECT reads need aligned
-    // buffers the sample above did not use)
-    let direct = rustix::fs::open(
-        format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f)),
-        OFlags::RDWR | OFlags::DIRECT | OFlags::CLOEXEC | OFlags::NOCTTY,
-        Mode::empty(),
-    )
-    .map_err(|e| format!("cannot open it for direct I/O here ({e})"))?;
     Ok(SharedImage {
-        fd: direct,
-        id: (meta.dev(), meta.ino()),
+        fd: image.direct,
+        id,
     })
 }
 

@@ -1026,6 +1026,16 @@ fn a_shared_disk_is_checked_not_copied_and_a_destination_that_sees_another_image
     ensure!(format!("{e:#}").contains("a shared disk is raw"), "{e:#}");
     let console = boot(&a, &spec_toml, "TERN-DISK-READY")?;
     let (seq, _) = wait_disk_writes(&console, 0)?;
+    // every QEMU gets a shared image as a descriptor the agent opened, A's too
+    let qemu_cmdline = |agent: &TestAgent| -> Result<String> {
+        let pid = agent.vm("sd")?["pid"].as_u64().context("no pid")?;
+        Ok(String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline"))?).into_owned())
+    };
+    let on_a = qemu_cmdline(&a)?;
+    ensure!(
+        on_a.contains("/dev/fdset/1") && !on_a.contains(&disk.display().to_string()),
+        "A's QEMU: {on_a}"
+    );
 
     // a destination that allows no shared storage refuses, and says where to allow it
     let st = migrate(&a, &no_share, "sd", json!({}))?;
@@ -1088,9 +1098,7 @@ fn a_shared_disk_is_checked_not_copied_and_a_destination_that_sees_another_image
     );
     // B's QEMU got the image as the descriptor B opened, never the path (a link swapped
     // into the share after B's checks leads nowhere)
-    let pid = b.vm("sd")?["pid"].as_u64().context("no pid on B")?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
-    let cmdline = String::from_utf8_lossy(&cmdline);
+    let cmdline = qemu_cmdline(&b)?;
     ensure!(
         cmdline.contains("/dev/fdset/1") && !cmdline.contains(&disk.display().to_string()),
         "B's QEMU: {cmdline}"

@@ -233,7 +233,8 @@ pub(super) async fn run(
     // a shared disk's image is the source's too: this QEMU takes it (its write lock) only
     // when it runs the VM, after the commit, not as soon as the stream loaded; a source
     // that runs on after a failure then keeps it
-    let late = spec.disks.iter().any(|d| d.shared);
+    // (a VM that was paused is never continued here: its image is activated as usual)
+    let late = source_running && spec.disks.iter().any(|d| d.shared);
     qmp.set_migrate_capabilities(&[
         ("return-path", true),
         ("events", true),

@@ -110,11 +110,17 @@ pub(super) async fn run(
     for (i, d) in spec.disks.iter_mut().enumerate() {
         d.sample = None;
         if d.shared {
-            let sample = crate::disk::shared_sample(&d.path).map_err(|e| {
-                MigrateError::BadRequest(format!(
-                    "shared disk {i} ({}): cannot read it here: {e}",
-                    d.path.display()
-                ))
+            let path = d.path.clone();
+            let read = tokio::time::timeout(
+                Duration::from_secs(30),
+                tokio::task::spawn_blocking(move || crate::disk::shared_sample(&path)),
+            )
+            .await
+            .map_err(|_| "the shared storage did not answer within 30 s".to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .and_then(|r| r);
+            let sample = read.map_err(|e| {
+                MigrateError::BadRequest(format!("shared disk {i} ({}): {e}", d.path.display()))
             })?;
             d.sample = Some(sample);
         }
