@@ -482,6 +482,81 @@ impl Drop for WanLab {
     }
 }
 
+/// The routed lab of `scripts/wan.sh routed`: hosts tern-a 198.18.1.1, tern-b 198.18.2.1
+/// and tern-c 198.18.3.1, each in its own subnet behind the router tern-sw (which carries
+/// the profile's rate and delay), torn down when dropped.
+pub struct RoutedWan;
+
+impl RoutedWan {
+    /// The hosts' namespaces, A, B, C.
+    pub const HOSTS: [&'static str; 3] = ["tern-a", "tern-b", "tern-c"];
+
+    pub fn up(profile: &str) -> Result<RoutedWan> {
+        let out = Command::new("bash")
+            .arg(crate::guest::repo_root()?.join("scripts/wan.sh"))
+            .args(["routed", profile])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "wan.sh routed {profile} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(RoutedWan)
+    }
+
+    /// Host `i`'s address (0: A, 1: B, 2: C), its VTEP and its agent's.
+    pub fn address(i: usize) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(198, 18, i as u8 + 1, 1)
+    }
+
+    /// Host `i`'s agent (`bin`, named host-a, host-b, host-c), listening on its address
+    /// port 7700, serving overlay network `network` with the other two hosts as VXLAN
+    /// peers; `args` go after those, on `state_dir` if given (a restart).
+    pub fn agent(
+        &self,
+        bin: &Path,
+        i: usize,
+        network: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<TestAgent> {
+        let me = Self::address(i).to_string();
+        let mut all: Vec<String> = vec!["--vtep".into(), me.clone()];
+        for j in (0..3).filter(|&j| j != i) {
+            all.push("--vxlan-peer".into());
+            all.push(Self::address(j).to_string());
+        }
+        all.push("--network".into());
+        all.push(network.into());
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        TestAgent::start_with(
+            bin,
+            ["host-a", "host-b", "host-c"][i],
+            AgentOptions {
+                netns: Some(Self::HOSTS[i]),
+                listen: Some(format!("{me}:7700").parse()?),
+                args: &all,
+                env,
+                ..Default::default()
+            },
+        )
+    }
+}
+
+impl Drop for RoutedWan {
+    fn drop(&mut self) {
+        if let Ok(root) = crate::guest::repo_root() {
+            let _ = Command::new("bash")
+                .arg(root.join("scripts/wan.sh"))
+                .arg("down")
+                .output();
+        }
+    }
+}
+
 /// The rate between two instants, bytes/s, of a running count sampled as (when, total so
 /// far), in time order: the last sample at or before each instant counts.
 pub fn rate_between(samples: &[(Instant, u64)], from: Instant, to: Instant) -> f64 {

@@ -1,7 +1,8 @@
 //! Test fixtures for tern: the test guest image ([`guest`]), real agents on this machine
 //! ([`agents`]), what sits on the wire between them ([`wire`]: TLS test peers, a relay
 //! that alters bytes, packet capture), a hostile peer with a valid certificate
-//! ([`hostile`]), libvirt hosts ([`libvirt`]), helpers to read guest consoles and to run
+//! ([`hostile`]), libvirt hosts ([`libvirt`]), what a client sees of a moving guest
+//! ([`probe`]), helpers to read guest consoles and to run
 //! tools ([`run`]). Used by
 //! integration tests and benchmarks only.
 #![forbid(unsafe_code)]
@@ -10,6 +11,7 @@ pub mod agents;
 pub mod guest;
 pub mod hostile;
 pub mod libvirt;
+pub mod probe;
 pub mod wire;
 
 /// Runs a tool to its end: its stdout if it succeeded, else an error with the command and

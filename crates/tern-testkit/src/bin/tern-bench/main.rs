@@ -1,7 +1,8 @@
 //! `tern-bench loopback`: the foundation benchmark (`tern-bench datapath`: see
 //! [`datapath`]; `tern-bench wan`: see [`wan`];
 //! `tern-bench tls`: see [`tls`]; `tern-bench disk`: see [`disk`]; `tern-bench shared`:
-//! see [`shared`]; `tern-bench upgrade`: see [`upgrade`]). Same guest, same
+//! see [`shared`]; `tern-bench upgrade`: see [`upgrade`]; `tern-bench segments`: see
+//! [`segments`]). Same guest, same
 //! machine, one run:
 //! QEMU's own migration (QEMU to QEMU over loopback TCP) against the same migration
 //! through two tern agents, alternating, N rounds per workload. Prints a Markdown table of
@@ -14,6 +15,7 @@ mod datapath;
 mod disk;
 mod libvirt;
 mod predict;
+mod segments;
 mod shared;
 mod tls;
 mod upgrade;
@@ -230,6 +232,12 @@ fn main() -> Result<()> {
             let limit: u64 = arg("--limit-secs").map(|m| m.parse()).transpose()?.unwrap_or(180);
             let only = arg("--only");
             let out = wan::bench(&bin, &g, &profile, mem, Duration::from_secs(limit), only.as_deref())?;
+            return emit(&out);
+        }
+        Some("segments") => {
+            let profile = arg("--profile").unwrap_or_else(|| "wan-100m-50ms".into());
+            let runs: usize = arg("--runs").map(|m| m.parse()).transpose()?.unwrap_or(10);
+            let out = segments::bench(&bin, &ensure_guest()?, &profile, runs)?;
             return emit(&out);
         }
         Some("shared") => {
