@@ -176,6 +176,10 @@ pub struct Agent {
     /// Where other hosts' VMs' network cards live ([`overlay`]); held while the
     /// forwarding table is written, so claims land in order.
     remote_cards: Mutex<overlay::Remote>,
+    /// The cards that left this host whose frames still go on to their new host.
+    departed: Mutex<overlay::Departed>,
+    /// Held while forwarding filters are written (they go in the order they were asked).
+    forwarding: tokio::sync::Mutex<()>,
     /// Itself, for handing to the engine as its [`Host`].
     me: std::sync::Weak<Agent>,
 }
@@ -364,6 +368,8 @@ impl Agent {
             reserved: Mutex::new(HashSet::new()),
             handovers: Mutex::new(HashMap::new()),
             remote_cards: Default::default(),
+            departed: Default::default(),
+            forwarding: Default::default(),
             me: me.clone(),
         }))
     }
@@ -515,6 +521,8 @@ impl Agent {
             // new QEMU); nothing is made for a spec that would be refused
             spec.validate_migrating()?;
             spec.check_files()?;
+            // (a card that left here not long ago: its frames stay here from now on)
+            self.stop_forwarding(spec).await;
             opts.nic_fds = open_nics(spec, self.config.overlay.as_ref()).await?;
         }
         if opts.disk_fds.is_empty() && spec.disks.iter().any(|d| d.shared) {
@@ -789,6 +797,12 @@ impl Host for Agent {
         }
     }
 
+    fn leaves(&self, spec: &VmSpec, to: std::net::IpAddr) {
+        if let Some(me) = self.me.upgrade() {
+            me.cards_left(spec, to);
+        }
+    }
+
     fn located<'a>(
         &'a self,
         peer: &'a str,
@@ -987,6 +1001,8 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
+    // two networks whose names give one VNI: refused before anything is made
+    tern_net::vxlan::check_vnis(&config.networks).map_err(AgentError::Networks)?;
     // Everything the agent creates is its own: guest memory (page store), disks made for
     // incoming VMs, console logs, keys. Nobody else reads them.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
@@ -1003,6 +1019,14 @@ pub async fn run(
                 .await
                 .map_err(AgentError::Networks)?;
         }
+    }
+    if config.overlay.is_some() {
+        // frames this agent's last run still forwarded for cards that had left (on any
+        // network, configured or made for a VM) go nowhere special now
+        let nl = tern_net::bridge::Netlink::open().map_err(AgentError::Networks)?;
+        nl.clear_all_forwards()
+            .await
+            .map_err(AgentError::Networks)?;
     }
     let agent = Agent::new(config)?;
     agent.reattach().await;
@@ -1091,4 +1115,37 @@ pub async fn run(
     let ApiAddr::Unix(p) = &agent.config.api;
     let _ = std::fs::remove_file(p);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn networks_whose_names_give_one_vni_are_refused_before_anything_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let mut config = AgentConfig::new(
+            "a".into(),
+            state.clone(),
+            ApiAddr::Unix(dir.path().join("api.sock")),
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        // "lab" and "s67tc": one VNI (FNV-1a, 24 bits), found by brute force
+        config.networks = vec!["lab".into(), "blue".into(), "s67tc".into()];
+        let e = run(config, std::future::pending())
+            .await
+            .expect_err("the agent ran with two networks of one VNI");
+        match &e {
+            AgentError::Networks(tern_net::NetError::VniClash { first, second, vni }) => {
+                assert_eq!((first.as_str(), second.as_str()), ("lab", "s67tc"));
+                assert_eq!(*vni, tern_net::vxlan::vni("lab"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            !state.exists(),
+            "the state directory was made before the refusal"
+        );
+    }
 }

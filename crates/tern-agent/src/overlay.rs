@@ -37,6 +37,23 @@ pub const CLOCK_SLACK_US: u64 = 60_000_000;
 /// restarted, is repaired by then).
 pub const RESYNC_EVERY: Duration = Duration::from_secs(60);
 
+/// How long frames for a card that left this host go on to its new host: its peers hear
+/// where it went within a few round trips (one that missed it is told again after 1, 4
+/// and 16 s).
+pub const FORWARD_FOR: Duration = Duration::from_secs(30);
+
+/// The cards that left this host and whose frames still go on to their new host.
+#[derive(Default)]
+pub(crate) struct Departed {
+    /// (network, MAC) -> (the forwarding filter's preference on the network's VXLAN
+    /// port, the generation that took it).
+    map: HashMap<(String, [u8; 6]), (u16, u64)>,
+    /// The last preference given out (they go round, so one given back is not reused
+    /// before its filter is deleted).
+    next: u16,
+    generation: u64,
+}
+
 /// Now, in microseconds since the epoch (a claim's seq).
 pub(crate) fn now_us() -> u64 {
     tern_engine::handle::unix_us(std::time::SystemTime::now())
@@ -146,8 +163,12 @@ impl Agent {
         if mine.is_empty() {
             return;
         }
+        // (a source running again after a failed switchover forwarded them): no
+        // forwarding of them starts from now
+        let departed = self.take_departed(spec);
         let agent = self.clone();
         tokio::spawn(async move {
+            agent.unforward_taken(departed).await;
             let told = agent.tell_peers(mine.clone());
             let forget = async {
                 let Ok(nl) = tern_net::bridge::Netlink::open() else {
@@ -163,6 +184,135 @@ impl Agent {
             };
             tokio::join!(told, forget);
         });
+    }
+
+    /// `spec`'s VM stopped here for its switchover to the host at `to`: for
+    /// [`FORWARD_FOR`], frames for its cards that still reach this host through the
+    /// overlay (sent by a peer that has not heard yet) go on to `to`, where they wait for
+    /// the guest. Only to an overlay peer. Stopped early when a card is plugged in here
+    /// again or its VM runs here again ([`Agent::stop_forwarding`]), so two hosts never
+    /// send a card's frames to each other. The cards are taken into [`Departed`] at once;
+    /// the netlink work follows in order with every other forwarding change.
+    pub(crate) fn cards_left(self: &Arc<Self>, spec: &VmSpec, to: IpAddr) {
+        let Some(o) = self.controlled_overlay() else {
+            return;
+        };
+        let to = match to {
+            IpAddr::V4(v) if o.peers.contains(&v) => v,
+            _ => {
+                tracing::info!(vm = %spec.name, %to, "the destination is not an overlay peer: frames for the VM's cards are not forwarded there");
+                return;
+            }
+        };
+        let mut taken = Vec::new();
+        {
+            let mut d = self.departed.lock();
+            for c in cards(spec, to, 0) {
+                let key = (c.network, c.mac);
+                if d.map.contains_key(&key) {
+                    continue;
+                }
+                // the next free preference, never one just given back (its filter may
+                // not be deleted yet)
+                let used: HashSet<u16> = d.map.values().map(|v| v.0).collect();
+                let Some(pref) = (1..=u16::MAX)
+                    .map(|k| (d.next.wrapping_add(k) % u16::MAX) + 1)
+                    .find(|p| !used.contains(p))
+                else {
+                    continue;
+                };
+                d.next = pref;
+                d.generation += 1;
+                let entry = (pref, d.generation);
+                d.map.insert(key.clone(), entry);
+                taken.push((key, entry));
+            }
+        }
+        if taken.is_empty() {
+            return;
+        }
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let Ok(nl) = tern_net::bridge::Netlink::open() else {
+                return;
+            };
+            {
+                let _order = agent.forwarding.lock().await;
+                for ((network, mac), entry) in &taken {
+                    // (a card plugged in here meanwhile took it back: nothing to do)
+                    if agent.departed.lock().map.get(&(network.clone(), *mac)) != Some(entry) {
+                        continue;
+                    }
+                    let Ok(Some(vx)) = nl.vxlan_index(network).await else {
+                        continue;
+                    };
+                    if let Err(e) = nl.forward_mac(vx, *mac, to, entry.0).await {
+                        tracing::warn!("{}", tern_engine::error_chain(&e));
+                    }
+                }
+            }
+            tokio::time::sleep(tern_engine::overlay::forward_for(
+                &agent.engine,
+                FORWARD_FOR,
+            ))
+            .await;
+            let _order = agent.forwarding.lock().await;
+            for (key, entry) in taken {
+                let ours = {
+                    let mut d = agent.departed.lock();
+                    let ours = d.map.get(&key) == Some(&entry);
+                    if ours {
+                        d.map.remove(&key);
+                    }
+                    ours
+                };
+                if ours {
+                    if let Ok(Some(vx)) = nl.vxlan_index(&key.0).await {
+                        if let Err(e) = nl.unforward(vx, entry.0).await {
+                            tracing::warn!("{}", tern_engine::error_chain(&e));
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Takes `spec`'s cards out of [`Departed`] (at once: no forwarding of them starts
+    /// after this) and removes their filters, in order with every other forwarding
+    /// change. Done before a card's tap is made, and when its VM runs here again.
+    pub(crate) fn take_departed(&self, spec: &VmSpec) -> Vec<(String, u16)> {
+        let mut d = self.departed.lock();
+        spec.nics
+            .iter()
+            .filter_map(|n| {
+                let key = (n.network.clone(), n.mac?.0);
+                d.map.remove(&key).map(|(pref, _)| (key.0, pref))
+            })
+            .collect()
+    }
+
+    /// Removes the filters of cards [`Agent::take_departed`] took.
+    pub(crate) async fn unforward_taken(&self, gone: Vec<(String, u16)>) {
+        if gone.is_empty() {
+            return;
+        }
+        let Ok(nl) = tern_net::bridge::Netlink::open() else {
+            return;
+        };
+        let _order = self.forwarding.lock().await;
+        for (network, pref) in gone {
+            if let Ok(Some(vx)) = nl.vxlan_index(&network).await {
+                if let Err(e) = nl.unforward(vx, pref).await {
+                    tracing::warn!("{}", tern_engine::error_chain(&e));
+                }
+            }
+        }
+    }
+
+    /// Frames for `spec`'s cards are no longer sent away from here.
+    pub(crate) async fn stop_forwarding(&self, spec: &VmSpec) {
+        let gone = self.take_departed(spec);
+        self.unforward_taken(gone).await;
     }
 
     /// Tells every peer `entries` at once, and takes what each answers.

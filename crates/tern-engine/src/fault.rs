@@ -56,6 +56,8 @@ pub enum Fault {
     /// The agent never tells its peers where its VMs' network cards live (it still
     /// answers them): the overlay as it would be without its control plane.
     OverlaySilent,
+    /// Frames for a card that left go on to its new host for 1 s only (not 30).
+    OverlayForwardBriefly,
 }
 
 /// Without the `fault-injection` feature there is no fault to name.
@@ -89,8 +91,9 @@ impl std::str::FromStr for Fault {
             "upgrade-kill-before-cont" => Ok(Fault::UpgradeKillBeforeCont),
             "move-exit-before-commit" => Ok(Fault::MoveExitBeforeCommit),
             "overlay-silent" => Ok(Fault::OverlaySilent),
+            "overlay-forward-briefly" => Ok(Fault::OverlayForwardBriefly),
             _ => Err(format!(
-                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover, exit-at-switchover, fail-switch-record, panic-in-transfer, slow-finish, upgrade-cut-stream, upgrade-kill-new-qemu, upgrade-exit-before-commit, upgrade-exit-after-commit, upgrade-kill-before-cont, move-exit-before-commit, overlay-silent)"
+                "unknown fault {s:?} (known: corrupt-page, drop-after-commit, disk-copy-at-switchover, exit-at-pre-switchover, exit-at-switchover, fail-switch-record, panic-in-transfer, slow-finish, upgrade-cut-stream, upgrade-kill-new-qemu, upgrade-exit-before-commit, upgrade-exit-after-commit, upgrade-kill-before-cont, move-exit-before-commit, overlay-silent, overlay-forward-briefly)"
             )),
         }
     }

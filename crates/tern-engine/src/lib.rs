@@ -159,9 +159,14 @@ pub trait Host: Send + Sync {
         opts: &'a LaunchOptions,
     ) -> BoxFuture<'a, Result<QemuProcess, HostLaunchError>>;
     /// `spec`'s VM runs here from now on: an incoming VM whose switchover is recorded
-    /// (`cont` comes next), or a source VM running again after a failed migration. The
+    /// (`cont` comes next), or a source VM that stays here after a failed migration
+    /// (running again, or paused as it was). The
     /// daemon tells whoever forwards to its cards ([`overlay`]).
     fn runs_here(&self, spec: &VmSpec);
+    /// `spec`'s VM stopped here for its switchover to the host at `to`: frames for its
+    /// cards that still reach this host go on to `to` for a while ([`overlay`]), and stop
+    /// when the VM runs here again ([`Host::runs_here`]).
+    fn leaves(&self, spec: &VmSpec, to: std::net::IpAddr);
     /// An incoming VM switched over: the daemon runs it from now on.
     fn adopt(&self, spec: VmSpec, process: QemuProcess);
     /// Removes a VM's run directory once its QEMU is gone (its TPM state first).

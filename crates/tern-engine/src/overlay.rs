@@ -116,3 +116,13 @@ pub async fn tell(
 pub fn silent(engine: &Engine) -> bool {
     crate::fault::fault!(engine.config.fault, OverlaySilent)
 }
+
+/// How long frames for a card that left go on to its new host: `normal`, or 1 s with the
+/// `overlay-forward-briefly` fault of test builds.
+pub fn forward_for(engine: &Engine, normal: std::time::Duration) -> std::time::Duration {
+    if crate::fault::fault!(engine.config.fault, OverlayForwardBriefly) {
+        std::time::Duration::from_secs(1)
+    } else {
+        normal
+    }
+}

@@ -15,7 +15,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use rtnetlink::packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE,
     NLM_F_REQUEST,
@@ -75,6 +75,66 @@ pub fn vni(network: &str) -> u32 {
     (h & 0x00ff_ffff).max(1)
 }
 
+/// Refuses a list of networks (`--network`) in which two different names have the same
+/// VNI: their VXLAN ports could not both be made, and their frames would mix between
+/// hosts. A name given twice is one network.
+pub fn check_vnis<S: AsRef<str>>(networks: &[S]) -> Result<(), NetError> {
+    let mut seen: std::collections::HashMap<u32, &str> = std::collections::HashMap::new();
+    for n in networks.iter().map(AsRef::as_ref) {
+        match seen.insert(vni(n), n) {
+            Some(first) if first != n => {
+                return Err(NetError::VniClash {
+                    first: first.to_string(),
+                    second: n.to_string(),
+                    vni: vni(n),
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether link `m` is a VXLAN device that keeps the kernel from making this agent's
+/// port with `vni` on [`VXLAN_PORT`]: the kernel refuses a second device with the same
+/// VNI and UDP port, the same address family and the same receive flags (tern's ports
+/// are IPv4 and set none of them), whatever their local addresses.
+fn holds_vni(m: &rtnetlink::packet_route::link::LinkMessage, vni: u32) -> bool {
+    use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo};
+    m.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().any(|i| match i {
+            LinkInfo::Data(InfoData::Vxlan(v)) => {
+                v.contains(&InfoVxlan::Id(vni))
+                    && v.contains(&InfoVxlan::Port(VXLAN_PORT))
+                    && !v.iter().any(|x| {
+                        matches!(
+                            x,
+                            InfoVxlan::Local6(_)
+                                | InfoVxlan::Group6(_)
+                                | InfoVxlan::Gbp
+                                | InfoVxlan::Gpe
+                                | InfoVxlan::RemCsumNoPartial
+                                | InfoVxlan::CollectMetadata(true)
+                                | InfoVxlan::RemCsumRX(true)
+                                | InfoVxlan::UDPZeroCsumRX(true)
+                        )
+                    })
+            }
+            _ => false,
+        }),
+        _ => false,
+    })
+}
+
+/// Link `m`'s name.
+fn link_name(m: &rtnetlink::packet_route::link::LinkMessage) -> Option<&str> {
+    use rtnetlink::packet_route::link::LinkAttribute;
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
 /// Where this host's end of the overlay is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Overlay {
@@ -97,7 +157,16 @@ impl Netlink {
         overlay: &Overlay,
     ) -> Result<(), NetError> {
         let name = vxlan_name(network);
-        if let Some(old) = self.link(&name).await? {
+        let old = self.link(&name).await?;
+        if !old
+            .as_ref()
+            .is_some_and(|m| is_vxlan_of(m, vni(network), overlay.local, overlay.learning))
+        {
+            // another device with this VNI: the kernel would refuse the port (checked
+            // before an old port is taken away)
+            self.refuse_vni_in_use(network).await?;
+        }
+        if let Some(old) = old {
             // made for another VNI or VTEP address (or not VXLAN at all): made again
             if !is_vxlan_of(&old, vni(network), overlay.local, overlay.learning) {
                 tracing::warn!(port = %name, "replacing a VXLAN port whose settings are not this agent's");
@@ -128,6 +197,8 @@ impl Netlink {
                 .await;
             // (or made at the same time by another VM's start)
             if let (Err(e), None) = (made, self.index(&name).await?) {
+                // (or another device with the VNI made since the check)
+                self.refuse_vni_in_use(network).await?;
                 return Err(NetError::Netlink {
                     what: format!("create VXLAN port {name} (VNI {})", vni(network)),
                     source: e,
@@ -159,6 +230,31 @@ impl Netlink {
         Ok(())
     }
 
+    /// [`NetError::VniInUse`] if a VXLAN device other than `network`'s own port holds its
+    /// VNI on [`VXLAN_PORT`] (one tern did not make, or another network's whose name has
+    /// the same VNI). That device is left alone.
+    async fn refuse_vni_in_use(&self, network: &str) -> Result<(), NetError> {
+        let (own, vni) = (vxlan_name(network), vni(network));
+        let mut links = self.handle().link().get().execute();
+        while let Some(m) = links.try_next().await.map_err(|source| NetError::Netlink {
+            what: format!("list interfaces (to find a VXLAN device with VNI {vni})"),
+            source,
+        })? {
+            let Some(device) = link_name(&m) else {
+                continue;
+            };
+            if device != own && holds_vni(&m, vni) {
+                return Err(NetError::VniInUse {
+                    network: network.to_string(),
+                    vni,
+                    port: VXLAN_PORT,
+                    device: device.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Removes `network`'s VXLAN port, if any (an agent started without an overlay keeps
     /// its networks on this host).
     pub async fn remove_vxlan(&self, network: &str) -> Result<(), NetError> {
@@ -172,7 +268,7 @@ impl Netlink {
     /// frames also go to `peer` (the kernel answers 0 for an entry already there).
     async fn flood_to(&self, vxlan: u32, peer: Ipv4Addr) -> Result<(), NetError> {
         let req = fdb_entry(vxlan, [0; 6], Some(peer));
-        self.fdb_request(
+        self.request(
             RouteNetlinkMessage::NewNeighbour(req),
             NLM_F_CREATE | NLM_F_APPEND,
             &[-libc::EEXIST],
@@ -194,7 +290,7 @@ impl Netlink {
         mac: [u8; 6],
         vtep: Ipv4Addr,
     ) -> Result<(), NetError> {
-        self.fdb_request(
+        self.request(
             RouteNetlinkMessage::NewNeighbour(fdb_entry(vxlan, mac, Some(vtep))),
             NLM_F_CREATE | NLM_F_REPLACE,
             &[],
@@ -206,7 +302,7 @@ impl Netlink {
     /// Removes VXLAN port `vxlan`'s own entry for `mac` (its VM runs here now); none there
     /// is fine.
     pub async fn forget_mac(&self, vxlan: u32, mac: [u8; 6]) -> Result<(), NetError> {
-        self.fdb_request(
+        self.request(
             RouteNetlinkMessage::DelNeighbour(fdb_entry(vxlan, mac, None)),
             0,
             &[-libc::ENOENT],
@@ -215,8 +311,9 @@ impl Netlink {
         .await
     }
 
-    /// Sends one forwarding-table request; `fine` lists error codes that mean done.
-    async fn fdb_request(
+    /// Sends one netlink request (forwarding table, traffic control); `fine` lists error
+    /// codes that mean done.
+    pub(crate) async fn request(
         &self,
         msg: RouteNetlinkMessage,
         flags: u16,
@@ -282,5 +379,127 @@ mod tests {
             assert!((1..1 << 24).contains(&vni(n)), "{n}");
         }
         assert!(vxlan_name("0123456789").len() <= 15);
+    }
+
+    // Found by brute force over valid names (1-10 of [a-z0-9-]): FNV-1a's 24 bits meet.
+    const CLASHING: [(&str, &str); 2] = [("lab", "s67tc"), ("blue", "olhde")];
+
+    #[test]
+    fn two_network_names_with_one_vni_are_refused_naming_both_and_the_vni() {
+        for (a, b) in CLASHING {
+            assert_eq!(vni(a), vni(b), "{a} {b}");
+            let e = check_vnis(&["red", a, "green", b]).expect_err(b);
+            let text = e.to_string();
+            assert!(
+                matches!(&e, NetError::VniClash { first, second, vni: v }
+                    if first == a && second == b && *v == vni(a)),
+                "{e:?}"
+            );
+            for part in [
+                format!("{a:?}"),
+                format!("{b:?}"),
+                format!("VNI {}", vni(a)),
+                "rename one".into(),
+            ] {
+                assert!(text.contains(&part), "{part} not in {text}");
+            }
+        }
+        // a name given twice is one network; different VNIs are fine
+        check_vnis(&["lab", "blue", "lab", "red"]).unwrap();
+        check_vnis::<&str>(&[]).unwrap();
+    }
+
+    /// A VXLAN link as the kernel describes it: `name`, VNI `id`, then `more`.
+    fn vxlan_link(
+        name: &str,
+        id: u32,
+        more: Vec<rtnetlink::packet_route::link::InfoVxlan>,
+    ) -> rtnetlink::packet_route::link::LinkMessage {
+        use rtnetlink::packet_route::link::{
+            InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
+        };
+        let mut data = vec![InfoVxlan::Id(id), InfoVxlan::Learning(true)];
+        data.extend(more);
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.into()));
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vxlan),
+            LinkInfo::Data(InfoData::Vxlan(data)),
+        ]));
+        m
+    }
+
+    #[test]
+    fn a_device_holds_the_vni_as_the_kernel_counts_it() {
+        use rtnetlink::packet_route::link::InfoVxlan::*;
+        let lab = vni("lab");
+        let local = Local("192.0.2.1".parse().unwrap());
+        // the same VNI and port: any local address, or none, takes it
+        assert!(holds_vni(
+            &vxlan_link("vx9", lab, vec![local.clone(), Port(4789)]),
+            lab
+        ));
+        assert!(holds_vni(
+            &vxlan_link("vx9", lab, vec![Port(4789), UDPZeroCsumRX(false)]),
+            lab
+        ));
+        assert_eq!(link_name(&vxlan_link("vx9", lab, vec![])), Some("vx9"));
+        // another VNI, another port, IPv6, or flags the kernel keeps apart: no clash
+        for (why, more, id) in [
+            ("other VNI", vec![local.clone(), Port(4789)], lab + 1),
+            ("other port", vec![local.clone(), Port(8472)], lab),
+            (
+                "IPv6",
+                vec![Local6("2001:db8::1".parse().unwrap()), Port(4789)],
+                lab,
+            ),
+            ("GBP", vec![Port(4789), Gbp], lab),
+            ("external", vec![Port(4789), CollectMetadata(true)], lab),
+        ] {
+            assert!(!holds_vni(&vxlan_link("vx9", id, more), lab), "{why}");
+        }
+        // not VXLAN at all
+        let mut dummy = rtnetlink::packet_route::link::LinkMessage::default();
+        dummy
+            .attributes
+            .push(rtnetlink::packet_route::link::LinkAttribute::IfName(
+                "d0".into(),
+            ));
+        assert!(!holds_vni(&dummy, lab));
+    }
+
+    #[test]
+    fn a_vni_in_use_says_which_device_and_what_to_do() {
+        let e = NetError::VniInUse {
+            network: "lab".into(),
+            vni: vni("lab"),
+            port: VXLAN_PORT,
+            device: "vx9".into(),
+        }
+        .to_string();
+        for part in [
+            "\"lab\"",
+            "vx9",
+            &vni("lab").to_string(),
+            "4789",
+            "ip link del vx9",
+            "rename network \"lab\"",
+        ] {
+            assert!(e.contains(part), "{part} not in {e}");
+        }
+        // another network's port: rename, not remove
+        let e = NetError::VniInUse {
+            network: "s67tc".into(),
+            vni: vni("s67tc"),
+            port: VXLAN_PORT,
+            device: "tvx-lab".into(),
+        }
+        .to_string();
+        assert!(
+            e.contains("network \"lab\"'s port")
+                && e.contains("rename one")
+                && !e.contains("ip link del"),
+            "{e}"
+        );
     }
 }

@@ -13,6 +13,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
 use tern_testkit::agents::{checker_clean, e2e_lock, wait_for_text, AgentOptions, TestAgent};
 use tern_testkit::guest::{ensure_guest, GuestImage};
+use tern_testkit::probe::Echo;
 use tern_testkit::run;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tern");
@@ -376,89 +377,6 @@ impl RoutedLab {
     }
 }
 
-/// A TCP connection from inside namespace `ns` to the guest's echo server (port 7), that
-/// streams both ways until stopped: 1 KiB every 10 ms out, everything checked as it comes
-/// back.
-struct Echo {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<Result<EchoSeen>>,
-}
-
-/// What an [`Echo`] saw.
-#[derive(Debug)]
-struct EchoSeen {
-    bytes: u64,
-    longest_silence: Duration,
-}
-
-/// Byte `i` of the echo stream.
-fn echo_byte(i: u64) -> u8 {
-    (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8
-}
-
-impl Echo {
-    fn start(ns: &Netns) -> Result<Echo> {
-        use std::io::{Read, Write};
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let (name, halt) = (ns.0.clone(), stop.clone());
-        let thread = std::thread::spawn(move || -> Result<EchoSeen> {
-            tern_testkit::enter_netns(&name)?;
-            let addr: std::net::SocketAddr = format!("{GUEST_IP}:7").parse()?;
-            let mut out = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-                .context("connect to the guest's echo server")?;
-            let mut back = out.try_clone()?;
-            let writer = std::thread::spawn(move || -> Result<u64> {
-                let mut sent = 0u64;
-                while !halt.load(Ordering::SeqCst) {
-                    let chunk: Vec<u8> = (sent..sent + 1024).map(echo_byte).collect();
-                    out.write_all(&chunk)
-                        .context("the TCP connection broke (sending)")?;
-                    sent += 1024;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                out.shutdown(std::net::Shutdown::Write)?;
-                Ok(sent)
-            });
-            back.set_read_timeout(Some(Duration::from_secs(60)))?;
-            let (mut got, mut last, mut longest) =
-                (0u64, std::time::Instant::now(), Duration::ZERO);
-            let mut buf = vec![0u8; 65536];
-            loop {
-                let n = back
-                    .read(&mut buf)
-                    .context("the TCP connection broke (receiving)")?;
-                if n == 0 {
-                    break;
-                }
-                longest = longest.max(last.elapsed());
-                last = std::time::Instant::now();
-                for (k, b) in buf[..n].iter().enumerate() {
-                    let i = got + k as u64;
-                    ensure!(*b == echo_byte(i), "byte {i} came back changed");
-                }
-                got += n as u64;
-            }
-            let sent = writer
-                .join()
-                .map_err(|_| anyhow::anyhow!("writer panicked"))??;
-            ensure!(got == sent, "sent {sent} bytes, {got} came back");
-            Ok(EchoSeen {
-                bytes: got,
-                longest_silence: longest,
-            })
-        });
-        Ok(Echo { stop, thread })
-    }
-
-    fn stop(self) -> Result<EchoSeen> {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("echo thread panicked"))?
-    }
-}
-
 /// The VXLAN port's own forwarding entry for `mac` on host `ns`: the VTEP it names.
 fn fdb_dst(ns: &Netns, mac: &str) -> Result<Option<String>> {
     let out = run(Command::new("bridge").args(["-n", &ns.0, "fdb", "show", "dev", "tvx-lab"]))?;
@@ -471,6 +389,20 @@ fn fdb_dst(ns: &Netns, mac: &str) -> Result<Option<String>> {
                 .nth(1)
                 .map(String::from)
         }))
+}
+
+/// Host `ns`'s filters that send frames for cards that left on to their new host: the
+/// packets each sent on so far (none: no such filter).
+fn forwarded(ns: &Netns) -> Result<Vec<u64>> {
+    let out = run(Command::new("ip").args([
+        "netns", "exec", &ns.0, "tc", "-s", "filter", "show", "dev", "tvx-lab", "ingress",
+    ]))
+    .unwrap_or_default();
+    Ok(out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Sent "))
+        .filter_map(|l| l.split_whitespace().nth(2).and_then(|n| n.parse().ok()))
+        .collect())
 }
 
 /// Waits (at most 10 s) until host `ns` forwards `mac` to `vtep`.
@@ -498,7 +430,8 @@ fn a_vm_keeps_its_address_and_connections_across_subnets_and_the_overlay_control
     // A never tells its peers where its cards are: the overlay as it is without its
     // control plane, for the move back
     let a = lab.agent(0, &[("TERN_FAULT", "overlay-silent")])?;
-    let b = lab.agent(1, &[])?;
+    // B forwards frames for a card that left it for 1 s, not 30
+    let b = lab.agent(1, &[("TERN_FAULT", "overlay-forward-briefly")])?;
     let _c = lab.agent(2, &[])?;
     // C serves `lab` with no VM: its bridge and VXLAN port are there; the client is C's
     // own address on that bridge
@@ -520,10 +453,17 @@ fn a_vm_keeps_its_address_and_connections_across_subnets_and_the_overlay_control
 
     // A (198.18.1.0/24) -> B (198.18.2.0/24) while C pings every 20 ms and streams over
     // TCP: B tells A and C where the card is now
-    let echo = Echo::start(client)?;
+    let echo = Echo::start(&client.0, format!("{GUEST_IP}:7").parse()?)?;
     std::thread::sleep(Duration::from_millis(500));
     let pinger = Pinger::start(client)?;
     let m = migrate(&a, &b)?;
+    // what C still sent to A after the guest stopped there went on to B
+    let on = forwarded(&lab.ns[0])?;
+    ensure!(
+        on.len() == 1 && on[0] > 0,
+        "A did not send the card's frames on to B: {on:?}"
+    );
+    eprintln!("A sent {} frames on to B", on[0]);
     wait_fdb(client, &mac, "198.18.2.1")?;
     wait_fdb(&lab.ns[0], &mac, "198.18.2.1")?;
     client
@@ -555,10 +495,25 @@ fn a_vm_keeps_its_address_and_connections_across_subnets_and_the_overlay_control
     }
 
     // B -> A: A keeps quiet, so C still forwards the card to B, which no longer has it:
-    // without the control plane the guest is out of the client's reach after its move
-    // (its own announcements change nothing: no VTEP learns from frames)
+    // without the control plane the guest is out of the client's reach after its move,
+    // once B stops sending what still reaches it on to A (its own announcements change
+    // nothing: no VTEP learns from frames)
     migrate(&b, &a)?;
     a.vm("web")?;
+    // A sends the card's frames nowhere since its tap is here again (B would send them
+    // back: a loop), and B stops forwarding them to A after its (shortened) while
+    ensure!(
+        forwarded(&lab.ns[0])?.is_empty(),
+        "A still forwards the card"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !forwarded(&lab.ns[1])?.is_empty() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "B forwards the card to A for more than 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     ensure!(
         client.ping(3).is_err(),
         "the client reached the guest on A though nobody told C"
@@ -652,5 +607,88 @@ fn a_peer_claims_cards_only_for_its_own_vtep_and_a_host_that_is_no_peer_is_not_a
         "{}",
         a.log_text()
     );
+    Ok(())
+}
+
+#[test]
+#[ignore = "tier vm: needs root and network namespaces (bash scripts/test.sh runs it)"]
+fn a_vni_in_use_or_shared_by_two_networks_stops_the_agent_saying_what_to_do() -> Result<()> {
+    let ns = Netns::new(&format!("tern-vni-{}", std::process::id()))?;
+    let vtep = "198.18.9.1";
+    // (a veth pair: this kernel may have no dummy devices)
+    ns.ip(&["link", "add", "u0", "type", "veth", "peer", "name", "u1"])?;
+    ns.ip(&["addr", "add", &format!("{vtep}/24"), "dev", "u0"])?;
+    ns.ip(&["link", "set", "u0", "up"])?;
+    // `tern agent` in `ns`, serving `networks` over an overlay: how it failed
+    let refused = |networks: &[&str]| -> Result<String> {
+        let mut args = vec!["--vtep", vtep, "--vxlan-peer", "198.18.9.2"];
+        for n in networks {
+            args.extend(["--network", n]);
+        }
+        let started = TestAgent::start_with(
+            Path::new(BIN),
+            "host-a",
+            AgentOptions {
+                netns: Some(&ns.0),
+                listen: Some(format!("{vtep}:7700").parse()?),
+                args: &args,
+                ..Default::default()
+            },
+        );
+        match started {
+            Ok(a) => bail!("the agent started with {networks:?}:\n{}", a.log_text()),
+            Err(e) => {
+                let text = format!("{e:#}");
+                ensure!(text.contains("exited (exit status: 1)"), "{text}");
+                Ok(text)
+            }
+        }
+    };
+    let lab = tern_net::vxlan::vni("lab");
+
+    // two networks whose names hash to one VNI ("lab", "s67tc": found by brute force):
+    // refused before any interface is made
+    ensure!(tern_net::vxlan::vni("s67tc") == lab);
+    let e = refused(&["lab", "s67tc"])?;
+    eprintln!("two networks of one VNI:\n{e}");
+    for part in [
+        "\"lab\"".to_string(),
+        "\"s67tc\"".into(),
+        format!("same VNI {lab}"),
+        "rename one".into(),
+    ] {
+        ensure!(e.contains(&part), "{part:?} not in:\n{e}");
+    }
+    let links = ns.ip(&["-o", "link", "show"])?;
+    ensure!(
+        !links.contains("tern-lab") && !links.contains("tvx-"),
+        "a refused agent made interfaces:\n{links}"
+    );
+
+    // a VXLAN device tern did not make holds lab's VNI on 4789 (another local address
+    // would clash as well: the kernel does not look at it)
+    let vni = lab.to_string();
+    ns.ip(&[
+        "link", "add", "vx9", "type", "vxlan", "id", &vni, "dstport", "4789", "local", vtep,
+    ])?;
+    let e = refused(&["lab"])?;
+    for part in [
+        "network \"lab\" needs VNI".to_string(),
+        format!("VNI {lab} on UDP port 4789"),
+        "VXLAN device vx9".into(),
+        "ip link del vx9".into(),
+        "rename network \"lab\"".into(),
+    ] {
+        ensure!(e.contains(&part), "{part:?} not in:\n{e}");
+    }
+    ensure!(!e.contains("netlink:"), "a raw netlink error:\n{e}");
+    // the foreign device is left alone, and lab got no port
+    let vx9 = ns.ip(&["-d", "link", "show", "vx9"])?;
+    ensure!(vx9.contains(&format!("vxlan id {vni} ")), "{vx9}");
+    ensure!(
+        ns.ip(&["link", "show", "tvx-lab"]).is_err(),
+        "tvx-lab was made"
+    );
+    eprintln!("a foreign device with the VNI:\n{e}");
     Ok(())
 }

@@ -34,6 +34,7 @@ pub(super) async fn run(m: &mut Migration) -> Result<Peer, MigrateError> {
     m.handle.set_phase(Phase::Connect);
     let (stream, identity) = dial(m, Duration::from_secs(10)).await?;
     let probe = stream.probe();
+    m.peer_ip = stream.tcp().peer_addr().ok().map(|a| a.ip());
     let (rd, wr) = stream.split();
     let mut reader = FrameReader::new(rd);
     let writer: PeerWriter = Arc::new(Mutex::new(FrameWriter::new(wr)));

@@ -264,6 +264,8 @@ pub(crate) struct Migration {
     attempt: u32,
     /// The lost links waited out so far.
     outages: Vec<tern_api::LinkOutage>,
+    /// The destination agent's address (its overlay VTEP), once connected.
+    peer_ip: Option<std::net::IpAddr>,
 }
 
 /// Runs an outgoing migration to its end: the VM moved, or it is where the outcome says.
@@ -368,6 +370,7 @@ impl Migration {
             content: None,
             attempt: 1,
             outages: Vec::new(),
+            peer_ip: None,
         }
     }
 

@@ -48,9 +48,10 @@ pub(super) async fn after_failure(m: &mut Migration, e: MigrateError) -> SourceO
         match &vm.qemu {
             SourceQemu::Tern(qmp) => {
                 let state = recover_source(qmp, vm.exit_reason(), m.source_running).await;
-                if !vm.spec.nics.is_empty() && state.starts_with("running on the source") {
-                    // a destination that recorded its switchover claimed the cards
-                    // before it failed: they are here again
+                if !vm.spec.nics.is_empty() && vm.exit_reason().is_none() {
+                    // the VM is here (running, or paused as it was): a destination
+                    // that recorded its switchover claimed the cards before it failed,
+                    // and this host may have begun to send their frames there
                     m.host.runs_here(&vm.spec);
                 }
                 if !vm.spec.disks.is_empty() && vm.exit_reason().is_none() {

@@ -290,6 +290,13 @@ pub(super) async fn run(
                         "STOP" => {
                             t.stopped_at = Some(ev.timestamp);
                             t.pacing.guest_paused();
+                            // what still comes for its cards goes on to the destination,
+                            // to wait there for the guest (asking QEMU why it stopped
+                            // would take until its device state is out); if the VM
+                            // stays here after all, recovery takes the forwarding back
+                            if let (false, Some(to)) = (m.vm.spec.nics.is_empty(), m.peer_ip) {
+                                m.host.leaves(&m.vm.spec, to);
+                            }
                         }
                         "MIGRATION" => {
                             let st = ev.data.get("status").and_then(|s| s.as_str()).unwrap_or("");
