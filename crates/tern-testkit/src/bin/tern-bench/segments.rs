@@ -220,8 +220,8 @@ pub fn bench(bin: &Path, g: &GuestImage, profile: &str, runs: usize) -> Result<S
          198.18.3.0/24 behind one router; measured RTT between hosts {rtt:.1} ms. Guest 128 MiB \
          (dirtier at 2 MiB/s, echo server), overlay IP {GUEST}; the client on host C pings it \
          every 10 ms and streams 1 KiB every 10 ms each way over one TCP connection. Each move \
-         alternates A -> B, B -> A. Gap: the longest time between two ping answers (receive \
-         timestamps). Target: gap <= downtime + 2 RTT.\n"
+         alternates A -> B, B -> A. Gap: the longest time between two ping answers (the times \
+         ping printed them, -D). Target: gap <= downtime + 2 RTT.\n"
     )?;
     writeln!(
         t,
