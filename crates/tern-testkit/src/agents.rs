@@ -407,17 +407,7 @@ pub struct WanLab;
 
 impl WanLab {
     pub fn up(profile: &str) -> Result<WanLab> {
-        let out = Command::new("bash")
-            .arg(crate::guest::repo_root()?.join("scripts/wan.sh"))
-            .args(["up", profile])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "wan.sh up {profile} failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        wan_sh(&["up", profile])?;
         Ok(WanLab)
     }
 
@@ -473,13 +463,25 @@ impl WanLab {
 
 impl Drop for WanLab {
     fn drop(&mut self) {
-        if let Ok(root) = crate::guest::repo_root() {
-            let _ = Command::new("bash")
-                .arg(root.join("scripts/wan.sh"))
-                .arg("down")
-                .output();
-        }
+        let _ = wan_sh(&["down"]);
     }
+}
+
+/// Runs `scripts/wan.sh ARGS` to its end.
+fn wan_sh(args: &[&str]) -> Result<()> {
+    let out = Command::new("bash")
+        .arg(crate::guest::repo_root()?.join("scripts/wan.sh"))
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "wan.sh {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// The routed lab of `scripts/wan.sh routed`: hosts tern-a 198.18.1.1, tern-b 198.18.2.1
@@ -492,17 +494,7 @@ impl RoutedWan {
     pub const HOSTS: [&'static str; 3] = ["tern-a", "tern-b", "tern-c"];
 
     pub fn up(profile: &str) -> Result<RoutedWan> {
-        let out = Command::new("bash")
-            .arg(crate::guest::repo_root()?.join("scripts/wan.sh"))
-            .args(["routed", profile])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "wan.sh routed {profile} failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        wan_sh(&["routed", profile])?;
         Ok(RoutedWan)
     }
 
@@ -548,12 +540,7 @@ impl RoutedWan {
 
 impl Drop for RoutedWan {
     fn drop(&mut self) {
-        if let Ok(root) = crate::guest::repo_root() {
-            let _ = Command::new("bash")
-                .arg(root.join("scripts/wan.sh"))
-                .arg("down")
-                .output();
-        }
+        let _ = wan_sh(&["down"]);
     }
 }
 

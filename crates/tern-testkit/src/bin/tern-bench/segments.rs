@@ -186,22 +186,22 @@ pub fn bench(bin: &Path, g: &GuestImage, profile: &str, runs: usize) -> Result<S
     eprintln!("[segments {profile}] RTT between hosts {rtt:.1} ms");
 
     let mut sets: Vec<(&str, Vec<Trip>)> = Vec::new();
-    eprintln!("[segments] the agents' control plane: {runs} moves");
-    let agents = setup(bin, g, &lab, [&[], &[], &[]])?;
-    let trips = (0..runs)
-        .map(|k| trip(&agents, k % 2))
-        .collect::<Result<Vec<_>>>()?;
-    stop(agents);
-    sets.push(("agents' control plane", trips));
-
-    eprintln!("[segments] flood and learn: {runs} moves");
     let learn: &[&str] = &["--overlay-control", "learn"];
-    let agents = setup(bin, g, &lab, [learn, learn, learn])?;
-    let trips = (0..runs)
-        .map(|k| trip(&agents, k % 2))
-        .collect::<Result<Vec<_>>>()?;
-    stop(agents);
-    sets.push(("flood and learn (announcements only)", trips));
+    for (name, args) in [
+        ("agents' control plane", [&[][..], &[], &[]]),
+        (
+            "flood and learn (announcements only)",
+            [learn, learn, learn],
+        ),
+    ] {
+        eprintln!("[segments] {name}: {runs} moves");
+        let agents = setup(bin, g, &lab, args)?;
+        let trips = (0..runs)
+            .map(|k| trip(&agents, k % 2))
+            .collect::<Result<Vec<_>>>()?;
+        stop(agents);
+        sets.push((name, trips));
+    }
 
     eprintln!("[segments] control off: 1 move");
     let agents = setup(bin, g, &lab, [&[], learn, &[]])?;
