@@ -176,6 +176,8 @@ pub struct Agent {
     /// Where other hosts' VMs' network cards live ([`overlay`]); held while the
     /// forwarding table is written, so claims land in order.
     remote_cards: Mutex<overlay::Remote>,
+    /// The addresses of other hosts' VMs' cards (ARP suppression, [`overlay`]).
+    remote_ips: Mutex<HashMap<(String, [u8; 6]), std::net::Ipv4Addr>>,
     /// The cards that left this host whose frames still go on to their new host.
     departed: Mutex<overlay::Departed>,
     /// Held while forwarding filters are written (they go in the order they were asked).
@@ -368,6 +370,7 @@ impl Agent {
             reserved: Mutex::new(HashSet::new()),
             handovers: Mutex::new(HashMap::new()),
             remote_cards: Default::default(),
+            remote_ips: Default::default(),
             departed: Default::default(),
             forwarding: Default::default(),
             me: me.clone(),
@@ -816,6 +819,19 @@ impl Host for Agent {
         })
     }
 
+    fn addressed<'a>(
+        &'a self,
+        peer: &'a str,
+        from: SocketAddr,
+        entries: Vec<tern_proto::CardAddress>,
+    ) -> BoxFuture<'a, Result<Vec<tern_proto::CardAddress>, String>> {
+        Box::pin(async move {
+            let from = self.overlay_peer(from.ip())?;
+            self.take_addresses(peer, from, entries).await;
+            Ok(self.local_addresses())
+        })
+    }
+
     fn adopt(&self, spec: VmSpec, process: QemuProcess) {
         let vm = Arc::new(Vm::supervise(spec, process));
         let (name, pid) = (vm.spec.name.clone(), vm.pid);
@@ -1037,7 +1053,7 @@ pub async fn run(
         tokio::spawn(async move {
             loop {
                 let mine = agent.local_locations();
-                agent.tell_peers(mine).await;
+                agent.tell_peers(mine, agent.local_addresses()).await;
                 tokio::time::sleep(overlay::RESYNC_EVERY).await;
             }
         });

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tern_proto::limits::MAX_LOCATIONS;
-use tern_proto::Location;
+use tern_proto::{CardAddress, Location};
 use tern_qemu::spec::VmSpec;
 
 use crate::Agent;
@@ -109,6 +109,20 @@ fn cards(spec: &VmSpec, vtep: Ipv4Addr, seq: u64) -> Vec<Location> {
         .collect()
 }
 
+/// The addresses of `spec`'s cards that have one.
+fn addresses(spec: &VmSpec) -> Vec<CardAddress> {
+    spec.nics
+        .iter()
+        .filter_map(|n| {
+            Some(CardAddress {
+                network: n.network.clone(),
+                mac: n.mac?.0,
+                ip: n.ip?,
+            })
+        })
+        .collect()
+}
+
 impl Agent {
     /// This host's overlay when the agents program it (None: no overlay, or learning).
     fn controlled_overlay(&self) -> Option<&tern_net::vxlan::Overlay> {
@@ -140,6 +154,22 @@ impl Agent {
         all
     }
 
+    /// The addresses of the cards of the VMs running here ([`Agent::local_locations`]'s
+    /// cards that have one).
+    pub(crate) fn local_addresses(&self) -> Vec<CardAddress> {
+        if self.controlled_overlay().is_none() || tern_engine::overlay::silent(&self.engine) {
+            return Vec::new();
+        }
+        let mut all: Vec<CardAddress> = self
+            .vms()
+            .iter()
+            .filter(|vm| !vm.migrating.load(Ordering::SeqCst))
+            .flat_map(|vm| addresses(&vm.spec))
+            .collect();
+        all.truncate(MAX_LOCATIONS);
+        all
+    }
+
     /// `spec`'s cards run here from now: every peer is told (in the background), then no
     /// remote entry is kept here for them. Each claim is newer than any this host knows
     /// for the card (a destination whose clock is behind still wins).
@@ -166,15 +196,17 @@ impl Agent {
         // (a source running again after a failed switchover forwarded them): no
         // forwarding of them starts from now
         let departed = self.take_departed(spec);
+        let addrs = addresses(spec);
         let agent = self.clone();
         tokio::spawn(async move {
             agent.unforward_taken(departed).await;
-            let told = agent.tell_peers(mine.clone());
+            let told = agent.tell_peers(mine.clone(), addrs);
             let forget = async {
                 let Ok(nl) = tern_net::bridge::Netlink::open() else {
                     return;
                 };
                 for c in &mine {
+                    agent.forget_address(&nl, &c.network, c.mac).await;
                     if let Ok(Some(vx)) = nl.vxlan_index(&c.network).await {
                         if let Err(e) = nl.forget_mac(vx, c.mac).await {
                             tracing::warn!("{}", tern_engine::error_chain(&e));
@@ -316,7 +348,11 @@ impl Agent {
     }
 
     /// Tells every peer `entries` at once, and takes what each answers.
-    pub(crate) async fn tell_peers(self: &Arc<Self>, entries: Vec<Location>) {
+    pub(crate) async fn tell_peers(
+        self: &Arc<Self>,
+        entries: Vec<Location>,
+        addresses: Vec<CardAddress>,
+    ) {
         let Some(o) = self.controlled_overlay() else {
             return;
         };
@@ -328,14 +364,25 @@ impl Agent {
         let tells = o.peers.iter().map(|&peer| {
             let to = format!("{peer}:{port}");
             let entries = entries.clone();
+            let addresses = addresses.clone();
             let agent = self.clone();
             async move {
                 // a peer that is down or unreachable is tried again a few times (1, 4, 16
                 // s later); past that it learns at the next exchange
                 for (attempt, wait) in [0u64, 1, 4, 16].into_iter().enumerate() {
                     tokio::time::sleep(Duration::from_secs(wait)).await;
-                    match tern_engine::overlay::tell(&agent.engine, &to, entries.clone()).await {
-                        Ok(theirs) => return agent.take_locations(&to, peer, theirs).await,
+                    match tern_engine::overlay::tell(
+                        &agent.engine,
+                        &to,
+                        entries.clone(),
+                        addresses.clone(),
+                    )
+                    .await
+                    {
+                        Ok(theirs) => {
+                            agent.take_locations(&to, peer, theirs.locations).await;
+                            return agent.take_addresses(&to, peer, theirs.addresses).await;
+                        }
                         Err(e) => tracing::warn!(
                             peer = %to,
                             attempt = attempt + 1,
@@ -424,6 +471,100 @@ impl Agent {
         }
         if !taken.is_empty() {
             self.write_locations(peer, taken).await;
+        }
+    }
+
+    /// Takes the addresses the peer at `from` (`peer` in logs) told for its cards: each
+    /// for a card whose location this host has from that peer, a valid card address that
+    /// no card running here has on that network. Each goes into the network's bridge as
+    /// an ARP answer (ARP suppression).
+    pub(crate) async fn take_addresses(
+        &self,
+        peer: &str,
+        from: Ipv4Addr,
+        entries: Vec<CardAddress>,
+    ) {
+        let Some(_) = self.controlled_overlay() else {
+            return;
+        };
+        let here: HashSet<(String, Ipv4Addr)> = self
+            .vms()
+            .iter()
+            .flat_map(|vm| addresses(&vm.spec))
+            .map(|a| (a.network, a.ip))
+            .collect();
+        let mut taken = Vec::new();
+        {
+            let remote = self.remote_cards.lock();
+            let mut ips = self.remote_ips.lock();
+            for a in entries.into_iter().take(MAX_LOCATIONS) {
+                let key = (a.network.clone(), a.mac);
+                let why = if !matches!(remote.get(&key), Some((vtep, _)) if *vtep == from) {
+                    Some("the card does not live at that peer")
+                } else if !tern_qemu::spec::valid_card_ip(a.ip) {
+                    Some("not a card's address")
+                } else if here.contains(&(a.network.clone(), a.ip)) {
+                    Some("a card here has that address")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    tracing::warn!(%peer, network = %a.network, mac = %tern_net::vxlan::mac_text(a.mac), ip = %a.ip, "ignored a card's address: {why}");
+                    continue;
+                }
+                // (written again when unchanged: a bridge's neighbour entries can be
+                // flushed under it)
+                let old = ips.insert(key, a.ip);
+                let (new, ip) = (old != Some(a.ip), a.ip);
+                taken.push((a, old.filter(|o| *o != ip), new));
+            }
+        }
+        if taken.is_empty() {
+            return;
+        }
+        let nl = match tern_net::bridge::Netlink::open() {
+            Ok(nl) => nl,
+            Err(e) => return tracing::warn!("{}", tern_engine::error_chain(&e)),
+        };
+        for (a, old, new) in taken {
+            let (Ok(Some(bridge)), Ok(Some(vx))) = (
+                nl.bridge_index(&a.network).await,
+                nl.vxlan_index(&a.network).await,
+            ) else {
+                continue;
+            };
+            if let Some(old) = old {
+                if let Err(e) = nl.forget_ip(bridge, old).await {
+                    tracing::warn!("{}", tern_engine::error_chain(&e));
+                }
+            }
+            match nl.point_ip(bridge, vx, a.ip, a.mac).await {
+                Ok(()) if new => {
+                    tracing::info!(%peer, network = %a.network, mac = %tern_net::vxlan::mac_text(a.mac), ip = %a.ip, "ARP for this address is answered here")
+                }
+                Ok(()) => {}
+                Err(e) => tracing::warn!("{}", tern_engine::error_chain(&e)),
+            }
+        }
+    }
+
+    /// Card `mac` of `network` runs here now: this host no longer answers ARP for it in
+    /// its stead, nor keeps it behind the VXLAN port.
+    async fn forget_address(&self, nl: &tern_net::bridge::Netlink, network: &str, mac: [u8; 6]) {
+        let old = self.remote_ips.lock().remove(&(network.to_string(), mac));
+        let (Ok(Some(bridge)), Ok(Some(vx))) = (
+            nl.bridge_index(network).await,
+            nl.vxlan_index(network).await,
+        ) else {
+            return;
+        };
+        if let Some(ip) = old {
+            if let Err(e) = nl.forget_ip(bridge, ip).await {
+                tracing::warn!("{}", tern_engine::error_chain(&e));
+            }
+        }
+        if let Err(e) = nl.unpin_mac(vx, mac).await {
+            tracing::warn!("{}", tern_engine::error_chain(&e));
         }
     }
 

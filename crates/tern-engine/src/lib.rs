@@ -181,6 +181,14 @@ pub trait Host: Send + Sync {
         from: std::net::SocketAddr,
         entries: Vec<tern_proto::Location>,
     ) -> BoxFuture<'a, Result<Vec<tern_proto::Location>, String>>;
+    /// The same peer, after the locations (v8), told its cards' IPv4 addresses: the daemon
+    /// takes what it may (for ARP suppression) and answers with its own cards' addresses.
+    fn addressed<'a>(
+        &'a self,
+        peer: &'a str,
+        from: std::net::SocketAddr,
+        entries: Vec<tern_proto::CardAddress>,
+    ) -> BoxFuture<'a, Result<Vec<tern_proto::CardAddress>, String>>;
 }
 
 /// `tokio::spawn` keeping the caller's span: a task of a migration logs with its id.

@@ -1,5 +1,5 @@
-//! The overlay's control plane between agents (protocol v7): where VMs' network cards
-//! live. An agent tells its peers when a VM starts running on it (a start, the switchover
+//! The overlay's control plane between agents (protocol v7, addresses v8): where VMs'
+//! network cards live, and their IPv4 addresses. An agent tells its peers when a VM starts running on it (a start, the switchover
 //! of an incoming migration, a source that runs its VM again) and, at its own start,
 //! everything it runs; each peer answers with everything it runs. The engine carries the
 //! exchange; what a location means (forwarding entries) is the daemon's, through
@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use tern_proto::{Location, Message};
+use tern_proto::{CardAddress, Location, Message};
 
 use crate::transport::conn::{ExpectError, FrameReader, FrameWriter};
 use crate::transport::tls::HandshakeError;
@@ -47,14 +47,23 @@ pub enum TellError {
     },
 }
 
-/// Tells the agent at `to` (HOST:PORT) `entries`; its answer is where its VMs' cards live.
-/// Hello and the locations go out together (one round trip less before the peer's
-/// forwarding changes).
+/// What a told peer answered: where its VMs' cards live and (v8) their addresses.
+#[derive(Debug, Default)]
+pub struct Told {
+    pub locations: Vec<Location>,
+    pub addresses: Vec<CardAddress>,
+}
+
+/// Tells the agent at `to` (HOST:PORT) `entries` and then, when it speaks v8, the cards'
+/// `addresses`; its answers are its own. Hello and the locations go out together (one
+/// round trip less before the peer's forwarding changes); the addresses (for ARP
+/// suppression) follow the answer.
 pub async fn tell(
     engine: &Engine,
     to: &str,
     entries: Vec<Location>,
-) -> Result<Vec<Location>, TellError> {
+    addresses: Vec<CardAddress>,
+) -> Result<Told, TellError> {
     let (stream, _) = engine
         .security
         .connect(to, TELL_WITHIN, engine.config.stall_timeout)
@@ -77,7 +86,7 @@ pub async fn tell(
         to: to.into(),
         source,
     };
-    match reader
+    let version = match reader
         .expect(TELL_WITHIN, "HelloAck")
         .await
         .map_err(answer)?
@@ -88,7 +97,7 @@ pub async fn tell(
                 version,
             })
         }
-        Message::HelloAck { .. } => {}
+        Message::HelloAck { version, .. } => version,
         m => {
             return Err(TellError::Protocol {
                 to: to.into(),
@@ -96,17 +105,42 @@ pub async fn tell(
                 wanted: "HelloAck",
             })
         }
-    }
-    match reader
+    };
+    let locations = match reader
         .expect(TELL_WITHIN, "Locations")
         .await
         .map_err(answer)?
     {
-        Message::Locations { entries } => Ok(entries),
+        Message::Locations { entries } => entries,
+        m => {
+            return Err(TellError::Protocol {
+                to: to.into(),
+                got: m.name(),
+                wanted: "Locations",
+            })
+        }
+    };
+    if version < 8 {
+        return Ok(Told {
+            locations,
+            addresses: Vec::new(),
+        });
+    }
+    writer.push(&Message::Addresses { entries: addresses });
+    writer.flush().await.map_err(write)?;
+    match reader
+        .expect(TELL_WITHIN, "Addresses")
+        .await
+        .map_err(answer)?
+    {
+        Message::Addresses { entries } => Ok(Told {
+            locations,
+            addresses: entries,
+        }),
         m => Err(TellError::Protocol {
             to: to.into(),
             got: m.name(),
-            wanted: "Locations",
+            wanted: "Addresses",
         }),
     }
 }

@@ -83,11 +83,11 @@ impl Netlink {
     pub async fn ensure_bridge(&self, network: &str) -> Result<u32, NetError> {
         let name = bridge_name(network);
         if let Some(f) = self.find(&name).await? {
-            return if f.bridge {
-                Ok(f.index)
-            } else {
-                Err(NetError::NotABridge(name))
-            };
+            if !f.bridge {
+                return Err(NetError::NotABridge(name));
+            }
+            self.fix_address(f.index, &name).await?;
+            return Ok(f.index);
         }
         // made down, without IPv6, then up: the host takes no address on it (an
         // IPv6 link-local one would let guests reach the host's services, and accept
@@ -95,7 +95,7 @@ impl Netlink {
         let made = self
             .handle
             .link()
-            .add(LinkBridge::new(&name).build())
+            .add(LinkBridge::new(&name).address(own_mac(network)).build())
             .execute()
             .await;
         if made.is_ok() {
@@ -114,6 +114,38 @@ impl Netlink {
                 source: std::io::ErrorKind::NotFound.into(),
             }),
         }
+    }
+
+    /// The index of `network`'s bridge here, if it has one.
+    pub async fn bridge_index(&self, network: &str) -> Result<Option<u32>, NetError> {
+        self.index(&bridge_name(network)).await
+    }
+
+    /// Gives bridge `index` (`name`) its own address for good, if it still follows its
+    /// ports' (a bridge made before tern set one): the address it has now.
+    async fn fix_address(&self, index: u32, name: &str) -> Result<(), NetError> {
+        let sys = |f: &str| std::fs::read_to_string(format!("/sys/class/net/{name}/{f}"));
+        // 3: NET_ADDR_SET (sysfs unreadable: nothing to go by, left alone)
+        let (Ok(kind), Ok(addr)) = (sys("addr_assign_type"), sys("address")) else {
+            return Ok(());
+        };
+        if kind.trim() == "3" {
+            return Ok(());
+        }
+        let mac: Vec<u8> = addr
+            .trim()
+            .split(':')
+            .filter_map(|x| u8::from_str_radix(x, 16).ok())
+            .collect();
+        if mac.len() != 6 {
+            return Ok(());
+        }
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).address(mac).build())
+            .execute()
+            .await
+            .map_err(netlink(format!("give bridge {name} an address of its own")))
     }
 
     /// Whether `network`'s bridge exists here.
@@ -165,6 +197,27 @@ impl Netlink {
             .await
             .map_err(netlink(format!("put {port} on its bridge")))
     }
+}
+
+/// A bridge's own address, set when it is made so that it never follows its ports': a
+/// bridge whose address changes flushes its neighbour entries, and with them the ARP
+/// answers for remote cards (crate::suppress). Locally administered, from the network's
+/// name and this moment.
+fn own_mac(network: &str) -> Vec<u8> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    for b in network
+        .bytes()
+        .chain(now.to_le_bytes())
+        .chain(std::process::id().to_le_bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_le_bytes();
+    vec![0x02, b[0], b[1], b[2], b[3], b[4]]
 }
 
 /// No IPv6 on interface `name` (its sysctls: `disable_ipv6`, and `accept_ra` off should

@@ -1,11 +1,12 @@
 //! Host networking of tern's VMs: what a VM's network card needs on the host it runs on.
 //! It owns the tap devices the agent creates for QEMU ([`tap`]) and each virtual
 //! network's bridge (`tern-NETWORK`, [`bridge`]) and its VXLAN port to the other hosts
-//! ([`vxlan`]), with what it forwards on for a card that just left ([`forward`]), made and
-//! changed through netlink.
+//! ([`vxlan`]), with what it forwards on for a card that just left ([`forward`]) and the
+//! ARP answers for remote cards ([`suppress`]), made and changed through netlink.
 
 pub mod bridge;
 pub mod forward;
+pub mod suppress;
 pub mod tap;
 pub mod vxlan;
 

@@ -227,6 +227,11 @@ impl Netlink {
         for peer in &overlay.peers {
             self.flood_to(index, *peer).await?;
         }
+        if !overlay.learning {
+            // the agents know the remote cards' addresses: the bridge answers ARP for
+            // them (crate::suppress)
+            self.suppress_arp(index).await?;
+        }
         Ok(())
     }
 

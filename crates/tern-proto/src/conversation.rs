@@ -11,6 +11,8 @@
 //!                          ├─Attach─> Data (src: Seq, frame, Seq, frame, ...)
 //!                          ├─Tunnel─> Tunneling ──TunnelOpen──> Tunnel (v6: TunnelBytes both ways)
 //!                          └─Locations─> Locating ──Locations──> Closed (v7)
+//!                                                   └─Locations──> Located ──Addresses──>
+//!                                                        Addressing ──Addresses──> Closed (v8)
 //!  Transfer ──SourceDone{commit}──> Finishing ──Resumed──> Closed          (v2)
 //!  Transfer ──SourceDone──> Finishing ──ReadyToResume──> AwaitCommit
 //!           ──Commit──> Committed ──Resumed──> Closed                      (v1)
@@ -66,6 +68,10 @@ pub enum Stage {
     Tunnel,
     /// The opener told where network cards live (v7): the other side answers with its own.
     Locating,
+    /// v8: the cards' locations went both ways; the opener tells their addresses.
+    Located,
+    /// v8: the opener told its cards' addresses; the other side answers with its own.
+    Addressing,
     /// Ended (Abort, Resumed, QueryAnswer): nothing more may come.
     Closed,
 }
@@ -86,6 +92,8 @@ impl Stage {
             Stage::Tunneling => "while a tunnel opens",
             Stage::Tunnel => "in a tunnel",
             Stage::Locating => "while locations are exchanged",
+            Stage::Located => "after the locations, before the addresses",
+            Stage::Addressing => "while addresses are exchanged",
             Stage::Closed => "after the conversation ended",
         }
     }
@@ -206,7 +214,10 @@ impl Conversation {
             (Stage::Opening, S, T::Locations) if !self.disk_offer && !self.tpm_key => {
                 Stage::Locating
             }
+            (Stage::Locating, D, T::Locations) if self.version >= 8 => Stage::Located,
             (Stage::Locating, D, T::Locations) => Stage::Closed,
+            (Stage::Located, S, T::Addresses) => Stage::Addressing,
+            (Stage::Addressing, D, T::Addresses) => Stage::Closed,
             (Stage::Tunneling, D, T::TunnelOpen) => Stage::Tunnel,
             (Stage::Tunnel, _, T::TunnelBytes) => Stage::Tunnel,
             (Stage::Preparing, D, T::Summary) => Stage::Preparing,
@@ -484,6 +495,36 @@ mod tests {
             first.on(D, &told()).is_err(),
             "the answer before the question"
         );
+    }
+
+    #[test]
+    fn on_v8_the_addresses_follow_the_locations_once_each_way() {
+        let told = || Message::Locations { entries: vec![] };
+        let addrs = || Message::Addresses { entries: vec![] };
+        let mut c = Conversation::new();
+        run(
+            &mut c,
+            &[(S, hello(8)), (D, ack(8)), (S, told()), (D, told())],
+        )
+        .unwrap();
+        assert!(c.on(D, &addrs()).is_err(), "the answer before the question");
+        c.on(S, &addrs()).unwrap();
+        assert!(c.on(S, &addrs()).is_err(), "told twice");
+        c.on(D, &addrs()).unwrap();
+        assert!(c.on(D, &addrs()).is_err(), "answered twice");
+        let mut early = Conversation::new();
+        run(&mut early, &[(S, hello(8)), (D, ack(8)), (S, told())]).unwrap();
+        assert!(
+            early.on(S, &addrs()).is_err(),
+            "before the locations' answer"
+        );
+        let mut v7 = Conversation::new();
+        run(
+            &mut v7,
+            &[(S, hello(7)), (D, ack(7)), (S, told()), (D, told())],
+        )
+        .unwrap();
+        assert!(v7.on(S, &addrs()).is_err(), "a v7 conversation");
     }
 
     #[test]

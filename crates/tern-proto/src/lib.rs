@@ -53,7 +53,8 @@ pub use frame::{
     decode, encode, encode_segments, frame_len, stream_units, FrameError, HEADER_LEN, MAX_PAYLOAD,
 };
 pub use message::{
-    ContentHash, DiskInfo, Location, Message, MessageType, Page, PageBody, RamBlock, DISK_DIRECT,
+    CardAddress, ContentHash, DiskInfo, Location, Message, MessageType, Page, PageBody, RamBlock,
+    DISK_DIRECT,
 };
 pub use version::{negotiate, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
@@ -252,6 +253,14 @@ mod tests {
                 ],
             },
             Message::Locations { entries: vec![] },
+            Message::Addresses {
+                entries: vec![CardAddress {
+                    network: "lab".into(),
+                    mac: [0x52, 0x54, 0, 1, 2, 3],
+                    ip: std::net::Ipv4Addr::new(198, 19, 0, 2),
+                }],
+            },
+            Message::Addresses { entries: vec![] },
         ]
     }
 

@@ -83,6 +83,7 @@ message_types! {
     TunnelOpen = 30, since 6;
     TunnelBytes = 31, since 6;
     Locations = 32, since 7;
+    Addresses = 33, since 8;
 }
 
 /// [`Message::DiskData`] with this piece number is a plain write (a later round's dirty
@@ -109,6 +110,16 @@ pub struct Location {
     pub mac: [u8; 6],
     pub vtep: std::net::Ipv4Addr,
     pub seq: u64,
+}
+
+/// The IPv4 address of one network card of a VM (v8, in [`Message::Addresses`]): on
+/// network `network`, `ip` is the card `mac`'s. What an agent answers ARP requests for
+/// in its peers' stead (ARP suppression).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardAddress {
+    pub network: String,
+    pub mac: [u8; 6],
+    pub ip: std::net::Ipv4Addr,
 }
 
 /// A page's content identity: the first 16 bytes of the cluster-keyed BLAKE3 of its bytes
@@ -358,6 +369,10 @@ pub enum Message {
     Locations {
         entries: Vec<Location>,
     },
+    /// The addresses of the cards the sender runs (v8, after the Locations exchange).
+    Addresses {
+        entries: Vec<CardAddress>,
+    },
 }
 
 impl Message {
@@ -396,6 +411,7 @@ impl Message {
             Message::TunnelOpen => MessageType::TunnelOpen,
             Message::TunnelBytes(_) => MessageType::TunnelBytes,
             Message::Locations { .. } => MessageType::Locations,
+            Message::Addresses { .. } => MessageType::Addresses,
         }
     }
 
@@ -613,6 +629,14 @@ pub(crate) fn encode_payload(msg: &Message, out: &mut BytesMut, segs: &mut Vec<B
                 out.put_u64(e.seq);
             }
         }
+        Message::Addresses { entries } => {
+            out.put_u16(entries.len() as u16);
+            for e in entries {
+                put_str(out, &e.network);
+                out.put_slice(&e.mac);
+                out.put_slice(&e.ip.octets());
+            }
+        }
     }
 }
 
@@ -659,6 +683,9 @@ pub(crate) fn payload_len(msg: &Message) -> usize {
         Message::TunnelOpen => 0,
         Message::Locations { entries } => {
             2 + entries.iter().map(|e| s(&e.network) + 18).sum::<usize>()
+        }
+        Message::Addresses { entries } => {
+            2 + entries.iter().map(|e| s(&e.network) + 10).sum::<usize>()
         }
     }
 }
@@ -854,6 +881,25 @@ pub(crate) fn decode_payload(ty: MessageType, payload: Bytes) -> Result<Message,
                 });
             }
             Message::Locations { entries }
+        }
+        MessageType::Addresses => {
+            let n = r.u16()? as usize;
+            if n > crate::limits::MAX_LOCATIONS {
+                return Err(r.invalid("count of addresses"));
+            }
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                let network = r.str()?;
+                r.need(10)?;
+                let mut mac = [0u8; 6];
+                r.b.copy_to_slice(&mut mac);
+                entries.push(CardAddress {
+                    network,
+                    mac,
+                    ip: std::net::Ipv4Addr::from(r.b.get_u32()),
+                });
+            }
+            Message::Addresses { entries }
         }
     };
     if !r.b.is_empty() {

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use bytes::{Bytes, BytesMut};
 use tern_proto::{
-    decode, encode, Codec, DiskInfo, ErrorCode, FrameCompressor, Location, Message, MessageType,
-    MigrationState, Page, PageBody, RamBlock, DISK_DIRECT, PROTOCOL_VERSION,
+    decode, encode, CardAddress, Codec, DiskInfo, ErrorCode, FrameCompressor, Location, Message,
+    MessageType, MigrationState, Page, PageBody, RamBlock, DISK_DIRECT, PROTOCOL_VERSION,
 };
 
 /// One message of each type, with fixed contents, as version `v` sends it.
@@ -174,6 +174,13 @@ fn canonical(v: u16) -> Vec<Message> {
                 mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
                 vtep: std::net::Ipv4Addr::new(198, 18, 2, 1),
                 seq: 1_765_000_000_000_000,
+            }],
+        },
+        Message::Addresses {
+            entries: vec![CardAddress {
+                network: "lab".into(),
+                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                ip: std::net::Ipv4Addr::new(198, 19, 0, 2),
             }],
         },
     ];

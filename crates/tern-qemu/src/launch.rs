@@ -929,10 +929,12 @@ mod tests {
             NicSpec {
                 network: "blue".into(),
                 mac: Some(Mac([0x52, 0x54, 0, 1, 2, 3])),
+                ip: None,
             },
             NicSpec {
                 network: "red".into(),
                 mac: Some(Mac([0x52, 0x54, 0, 0xa, 0xb, 0xc])),
+                ip: None,
             },
         ];
         let a = args(QemuProcess::command_line(
@@ -958,6 +960,7 @@ mod tests {
         s.nics = vec![crate::spec::NicSpec {
             network: "blue".into(),
             mac: None,
+            ip: None,
         }];
         let dir = std::env::temp_dir().join(format!("tern-nic-{}", std::process::id()));
         let e = QemuProcess::launch(&s, &LaunchOptions::new(dir.clone()))

@@ -241,6 +241,22 @@ pub struct NicSpec {
     /// keeps it wherever it moves. A migrating spec always has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<Mac>,
+    /// The guest's IPv4 address on this card, when known: the overlay's agents answer ARP
+    /// requests for it on every host (ARP suppression), so they do not flood the network.
+    /// The guest itself must use it (tern does not configure the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<std::net::Ipv4Addr>,
+}
+
+/// Whether `ip` can be a card's own address ([`NicSpec::ip`]): unicast, not the
+/// unspecified address, loopback, link-local, broadcast or multicast.
+pub fn valid_card_ip(ip: std::net::Ipv4Addr) -> bool {
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_link_local()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || ip.octets()[0] >= 240)
 }
 
 /// Longest network name: `tern-` and it make a Linux interface name (15 bytes at most).
@@ -388,6 +404,17 @@ pub enum SpecError {
     BadNetwork { index: usize, name: String },
     #[error("nic {index}: {mac} is not a unicast address (the first byte must be even, and not all zero)")]
     BadMac { index: usize, mac: Mac },
+    #[error("nic {index}: {ip} cannot be a card's address (it must be unicast: not 0.0.0.0, loopback, link-local, broadcast, multicast or reserved)")]
+    BadNicIp {
+        index: usize,
+        ip: std::net::Ipv4Addr,
+    },
+    #[error("nic {index} and nic {other} are on one network with the same address {ip}")]
+    DuplicateNicIp {
+        index: usize,
+        other: usize,
+        ip: std::net::Ipv4Addr,
+    },
     #[error("nic {index} and nic {other} have the same MAC {mac}")]
     DuplicateMac {
         index: usize,
@@ -457,6 +484,17 @@ impl VmSpec {
                     index,
                     name: n.network.clone(),
                 });
+            }
+            if let Some(ip) = n.ip {
+                if !valid_card_ip(ip) {
+                    return Err(SpecError::BadNicIp { index, ip });
+                }
+                if let Some(other) = self.nics[..index]
+                    .iter()
+                    .position(|o| o.ip == Some(ip) && o.network == n.network)
+                {
+                    return Err(SpecError::DuplicateNicIp { index, other, ip });
+                }
             }
             if let Some(mac) = n.mac {
                 if !mac.is_unicast() {
@@ -626,6 +664,39 @@ mod tests {
         let again = VmSpec::from_toml(&s.to_toml()).unwrap();
         assert_eq!(again, s);
         assert!(s.to_toml().contains(&format!("mac = \"{mac}\"")));
+        // a card's address, kept too; bad ones refused
+        let with_ip = VmSpec::from_toml(&format!(
+            "{base}[[nic]]\nnetwork='blue'\nip='198.19.0.2'\n[[nic]]\nnetwork='red'\nip='198.19.0.2'\n"
+        ))
+        .unwrap();
+        assert_eq!(with_ip.nics[0].ip, Some([198, 19, 0, 2].into()));
+        with_ip.validate().unwrap();
+        assert_eq!(VmSpec::from_toml(&with_ip.to_toml()).unwrap(), with_ip);
+        for bad in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "169.254.1.1",
+            "240.0.0.1",
+        ] {
+            let s = VmSpec::from_toml(&format!("{base}[[nic]]\nnetwork='blue'\nip='{bad}'\n"));
+            assert!(
+                matches!(s, Err(SpecError::BadNicIp { index: 0, .. })),
+                "{bad}"
+            );
+        }
+        let twice = VmSpec::from_toml(&format!(
+            "{base}[[nic]]\nnetwork='blue'\nip='198.19.0.2'\n[[nic]]\nnetwork='blue'\nip='198.19.0.2'\n"
+        ));
+        assert!(matches!(
+            twice,
+            Err(SpecError::DuplicateNicIp {
+                index: 1,
+                other: 0,
+                ..
+            })
+        ));
         // and a spec without NICs says nothing of them
         assert!(!VmSpec::from_toml(base).unwrap().to_toml().contains("nic"));
 

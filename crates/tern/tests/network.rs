@@ -405,6 +405,84 @@ fn forwarded(ns: &Netns) -> Result<Vec<u64>> {
         .collect())
 }
 
+/// ARP suppression on host C, the guest on B having told its address: C's bridge has
+/// the guest's address as a permanent neighbour, its VXLAN port has `neigh_suppress`,
+/// and a client behind one of the bridge's ports (a veth from a namespace of its own)
+/// gets its ARP request answered by C itself: with C's flooding to the peers removed, no
+/// request can reach the guest, yet the client reaches it.
+fn arp_is_answered_on_c(lab: &RoutedLab, mac: &str) -> Result<()> {
+    let c = &lab.ns[2];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = c.ip(&["neigh", "show", GUEST_IP, "dev", "tern-lab"])?;
+        if n.contains(&format!("lladdr {mac}")) && n.contains("PERMANENT") {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "C does not answer ARP for {GUEST_IP}: {n:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let port =
+        run(Command::new("bridge").args(["-n", &c.0, "-d", "link", "show", "dev", "tvx-lab"]))?;
+    ensure!(port.contains("neigh_suppress on"), "{port}");
+    let behind = Netns::new(&format!("{}-k", c.0))?;
+    run(Command::new("ip").args([
+        "link", "add", "ck", "netns", &c.0, "type", "veth", "peer", "name", "k0", "netns",
+        &behind.0,
+    ]))?;
+    c.ip(&["link", "set", "ck", "master", "tern-lab", "up"])?;
+    behind.ip(&["addr", "add", "198.18.60.9/24", "dev", "k0"])?;
+    behind.ip(&["link", "set", "k0", "up"])?;
+    let floods: Vec<String> = ["198.18.1.1", "198.18.2.1"].map(String::from).to_vec();
+    for f in &floods {
+        run(Command::new("bridge").args([
+            "-n",
+            &c.0,
+            "fdb",
+            "del",
+            "00:00:00:00:00:00",
+            "dev",
+            "tvx-lab",
+            "dst",
+            f,
+            "self",
+        ]))?;
+    }
+    let reached = behind.ping(10);
+    if reached.is_err() {
+        // what C's bridge knew, for the failure's message
+        eprintln!(
+            "C's bridge:\n{}\nits neighbours:\n{}",
+            run(Command::new("bridge").args(["-n", &c.0, "fdb", "show", "br", "tern-lab"]))?,
+            c.ip(&["neigh", "show", "dev", "tern-lab"])?
+        );
+    }
+    for f in &floods {
+        run(Command::new("bridge").args([
+            "-n",
+            &c.0,
+            "fdb",
+            "append",
+            "00:00:00:00:00:00",
+            "dev",
+            "tvx-lab",
+            "dst",
+            f,
+            "self",
+            "permanent",
+        ]))?;
+    }
+    reached.context("a client behind C's bridge, with no flooding to the peers, got no answer")?;
+    ensure!(
+        behind.guest_mac()? == mac,
+        "the client's ARP answer names another MAC"
+    );
+    let _ = c.ip(&["link", "del", "ck"]);
+    Ok(())
+}
+
 /// Waits (at most 10 s) until host `ns` forwards `mac` to `vtep`.
 fn wait_fdb(ns: &Netns, mac: &str, vtep: &str) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -437,7 +515,13 @@ fn a_vm_keeps_its_address_and_connections_across_subnets_and_the_overlay_control
     // own address on that bridge
     let client = &lab.ns[2];
     client.ip(&["addr", "add", "198.18.60.1/24", "dev", "tern-lab"])?;
-    let spec = web_spec(&g, "").replace("tern.ip=", "tern.echo=7 tern.ip=");
+    // the card's address is in the spec: the agents answer ARP for it (suppression)
+    let spec = web_spec(&g, "")
+        .replace("tern.ip=", "tern.echo=7 tern.ip=")
+        .replace(
+            "network = \"lab\"\n",
+            &format!("network = \"lab\"\nip = \"{GUEST_IP}\"\n"),
+        );
     let (info, _) = boot(&a, &spec)?;
     let mac = info["nics"][0]["mac"]
         .as_str()
@@ -493,6 +577,7 @@ fn a_vm_keeps_its_address_and_connections_across_subnets_and_the_overlay_control
             agent.log_text()
         );
     }
+    arp_is_answered_on_c(&lab, &mac)?;
 
     // B -> A: A keeps quiet, so C still forwards the card to B, which no longer has it:
     // without the control plane the guest is out of the client's reach after its move,

@@ -326,6 +326,27 @@ async fn receive(inc: &mut Incoming, conn: &mut Conn) -> Result<Then, IncomingEr
             })?
             .map_err(|e| refuse(ErrorCode::NotAuthorized, e))?;
             conn.send(&Message::Locations { entries: ours }).await?;
+            if conn.conv.version() >= 8 {
+                // v8: the cards' addresses, for ARP suppression
+                let Message::Addresses { entries } =
+                    conn.next(crate::overlay::TELL_WITHIN, "Addresses").await?
+                else {
+                    return Err(refuse(ErrorCode::Protocol, "Addresses expected"));
+                };
+                let ours = tokio::time::timeout(
+                    crate::overlay::TELL_WITHIN,
+                    inc.host.addressed(&peer, conn.addr, entries),
+                )
+                .await
+                .map_err(|_| {
+                    refuse(
+                        ErrorCode::ResourceExhausted,
+                        "the addresses took too long to take",
+                    )
+                })?
+                .map_err(|e| refuse(ErrorCode::NotAuthorized, e))?;
+                conn.send(&Message::Addresses { entries: ours }).await?;
+            }
             return Ok(Then::Done);
         }
     };
