@@ -182,6 +182,9 @@ pub struct Agent {
     departed: Mutex<overlay::Departed>,
     /// Held while forwarding filters are written (they go in the order they were asked).
     forwarding: tokio::sync::Mutex<()>,
+    /// Held while ARP answers are written or removed (a card that came to run here is
+    /// never pinned behind the VXLAN port again after its entries went).
+    addressing: tokio::sync::Mutex<()>,
     /// Itself, for handing to the engine as its [`Host`].
     me: std::sync::Weak<Agent>,
 }
@@ -373,6 +376,7 @@ impl Agent {
             remote_ips: Default::default(),
             departed: Default::default(),
             forwarding: Default::default(),
+            addressing: Default::default(),
             me: me.clone(),
         }))
     }
@@ -827,7 +831,8 @@ impl Host for Agent {
     ) -> BoxFuture<'a, Result<Vec<tern_proto::CardAddress>, String>> {
         Box::pin(async move {
             let from = self.overlay_peer(from.ip())?;
-            self.take_addresses(peer, from, entries).await;
+            // (an opener names only the cards that began to run, unless it just started)
+            self.take_addresses(peer, from, entries, false).await;
             Ok(self.local_addresses())
         })
     }
@@ -1043,6 +1048,18 @@ pub async fn run(
         nl.clear_all_forwards()
             .await
             .map_err(AgentError::Networks)?;
+        // and the ARP answers it wrote for remote cards (they are told again)
+        if config.overlay.as_ref().is_some_and(|o| !o.learning) {
+            for n in &config.networks {
+                if let (Ok(Some(br)), Ok(Some(vx))) =
+                    (nl.bridge_index(n).await, nl.vxlan_index(n).await)
+                {
+                    nl.clear_arp_answers(br, vx)
+                        .await
+                        .map_err(AgentError::Networks)?;
+                }
+            }
+        }
     }
     let agent = Agent::new(config)?;
     agent.reattach().await;

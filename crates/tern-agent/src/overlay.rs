@@ -197,6 +197,7 @@ impl Agent {
         // forwarding of them starts from now
         let departed = self.take_departed(spec);
         let addrs = addresses(spec);
+        let unaddressed = self.take_remote_addresses(spec);
         let agent = self.clone();
         tokio::spawn(async move {
             agent.unforward_taken(departed).await;
@@ -205,8 +206,13 @@ impl Agent {
                 let Ok(nl) = tern_net::bridge::Netlink::open() else {
                     return;
                 };
+                {
+                    let _order = agent.addressing.lock().await;
+                    for (network, mac, ip) in &unaddressed {
+                        agent.unwrite_address(&nl, network, *mac, *ip).await;
+                    }
+                }
                 for c in &mine {
-                    agent.forget_address(&nl, &c.network, c.mac).await;
                     if let Ok(Some(vx)) = nl.vxlan_index(&c.network).await {
                         if let Err(e) = nl.forget_mac(vx, c.mac).await {
                             tracing::warn!("{}", tern_engine::error_chain(&e));
@@ -381,7 +387,10 @@ impl Agent {
                     {
                         Ok(theirs) => {
                             agent.take_locations(&to, peer, theirs.locations).await;
-                            return agent.take_addresses(&to, peer, theirs.addresses).await;
+                            // (an answer names every card the peer runs)
+                            return agent
+                                .take_addresses(&to, peer, theirs.addresses, true)
+                                .await;
                         }
                         Err(e) => tracing::warn!(
                             peer = %to,
@@ -475,57 +484,108 @@ impl Agent {
     }
 
     /// Takes the addresses the peer at `from` (`peer` in logs) told for its cards: each
-    /// for a card whose location this host has from that peer, a valid card address that
-    /// no card running here has on that network. Each goes into the network's bridge as
-    /// an ARP answer (ARP suppression).
+    /// for a card whose location this host has from that peer and that is no card of a
+    /// VM here (leaving or not), a valid card address that no card here has on that
+    /// network and no other remote card holds. Each goes into the network's bridge as an
+    /// ARP answer (ARP suppression). `full`: the peer's answer, naming every card it runs,
+    /// so its cards' addresses it no longer names are dropped.
     pub(crate) async fn take_addresses(
         &self,
         peer: &str,
         from: Ipv4Addr,
         entries: Vec<CardAddress>,
+        full: bool,
     ) {
-        let Some(_) = self.controlled_overlay() else {
+        if self.controlled_overlay().is_none() {
             return;
-        };
-        let here: HashSet<(String, Ipv4Addr)> = self
+        }
+        let mine: Vec<CardAddress> = self
             .vms()
             .iter()
             .flat_map(|vm| addresses(&vm.spec))
-            .map(|a| (a.network, a.ip))
             .collect();
-        let mut taken = Vec::new();
+        let local_macs: HashSet<(String, [u8; 6])> = self
+            .vms()
+            .iter()
+            .flat_map(|vm| {
+                vm.spec
+                    .nics
+                    .iter()
+                    .filter_map(|n| Some((n.network.clone(), n.mac?.0)))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let (mut taken, mut dropped, mut refused) = (Vec::new(), Vec::new(), 0usize);
         {
             let remote = self.remote_cards.lock();
             let mut ips = self.remote_ips.lock();
+            let mut named = HashSet::new();
             for a in entries.into_iter().take(MAX_LOCATIONS) {
                 let key = (a.network.clone(), a.mac);
+                named.insert(key.clone());
+                let held = ips
+                    .iter()
+                    .any(|(k, ip)| *ip == a.ip && k.0 == a.network && k.1 != a.mac);
                 let why = if !matches!(remote.get(&key), Some((vtep, _)) if *vtep == from) {
                     Some("the card does not live at that peer")
+                } else if local_macs.contains(&key) {
+                    Some("the card is one of this host's")
                 } else if !tern_qemu::spec::valid_card_ip(a.ip) {
                     Some("not a card's address")
-                } else if here.contains(&(a.network.clone(), a.ip)) {
+                } else if mine.iter().any(|m| m.network == a.network && m.ip == a.ip) {
                     Some("a card here has that address")
+                } else if held {
+                    Some("another card has that address")
                 } else {
                     None
                 };
                 if let Some(why) = why {
-                    tracing::warn!(%peer, network = %a.network, mac = %tern_net::vxlan::mac_text(a.mac), ip = %a.ip, "ignored a card's address: {why}");
+                    refused += 1;
+                    if refused <= 3 {
+                        tracing::warn!(%peer, network = %a.network, mac = %tern_net::vxlan::mac_text(a.mac), ip = %a.ip, "ignored a card's address: {why}");
+                    }
                     continue;
                 }
                 // (written again when unchanged: a bridge's neighbour entries can be
                 // flushed under it)
                 let old = ips.insert(key, a.ip);
                 let (new, ip) = (old != Some(a.ip), a.ip);
-                taken.push((a, old.filter(|o| *o != ip), new));
+                // an unchanged one only on this host's own exchanges (a peer that
+                // keeps connecting does not make it rewrite its table)
+                if new || full {
+                    taken.push((a, old.filter(|o| *o != ip), new));
+                }
+            }
+            if full {
+                // the peer's cards whose address it no longer names (stopped, or their
+                // address gone from the spec)
+                let gone: Vec<(String, [u8; 6])> = ips
+                    .keys()
+                    .filter(|k| !named.contains(*k))
+                    .filter(|k| matches!(remote.get(*k), Some((vtep, _)) if *vtep == from))
+                    .cloned()
+                    .collect();
+                for k in gone {
+                    if let Some(ip) = ips.remove(&k) {
+                        dropped.push((k.0, k.1, ip));
+                    }
+                }
             }
         }
-        if taken.is_empty() {
+        if refused > 3 {
+            tracing::warn!(%peer, "ignored {refused} card addresses in all");
+        }
+        if taken.is_empty() && dropped.is_empty() {
             return;
         }
         let nl = match tern_net::bridge::Netlink::open() {
             Ok(nl) => nl,
             Err(e) => return tracing::warn!("{}", tern_engine::error_chain(&e)),
         };
+        let _order = self.addressing.lock().await;
+        for (network, mac, ip) in dropped {
+            self.unwrite_address(&nl, &network, mac, Some(ip)).await;
+        }
         for (a, old, new) in taken {
             let (Ok(Some(bridge)), Ok(Some(vx))) = (
                 nl.bridge_index(&a.network).await,
@@ -538,6 +598,10 @@ impl Agent {
                     tracing::warn!("{}", tern_engine::error_chain(&e));
                 }
             }
+            // (its card came to run here, or another claim took it, meanwhile)
+            if self.remote_ips.lock().get(&(a.network.clone(), a.mac)) != Some(&a.ip) {
+                continue;
+            }
             match nl.point_ip(bridge, vx, a.ip, a.mac).await {
                 Ok(()) if new => {
                     tracing::info!(%peer, network = %a.network, mac = %tern_net::vxlan::mac_text(a.mac), ip = %a.ip, "ARP for this address is answered here")
@@ -548,21 +612,52 @@ impl Agent {
         }
     }
 
-    /// Card `mac` of `network` runs here now: this host no longer answers ARP for it in
-    /// its stead, nor keeps it behind the VXLAN port.
-    async fn forget_address(&self, nl: &tern_net::bridge::Netlink, network: &str, mac: [u8; 6]) {
-        let old = self.remote_ips.lock().remove(&(network.to_string(), mac));
+    /// `spec`'s cards run here now: the remote addresses this host answered ARP for them
+    /// (by MAC), or for their addresses (another card's stale claim), are taken out of
+    /// the table at once; [`Agent::unwrite_address`] removes them from the bridge.
+    fn take_remote_addresses(&self, spec: &VmSpec) -> Vec<(String, [u8; 6], Option<Ipv4Addr>)> {
+        let mine = addresses(spec);
+        let mut ips = self.remote_ips.lock();
+        let mut gone: Vec<(String, [u8; 6], Option<Ipv4Addr>)> = Vec::new();
+        for n in &spec.nics {
+            let Some(mac) = n.mac else { continue };
+            let ip = ips.remove(&(n.network.clone(), mac.0));
+            gone.push((n.network.clone(), mac.0, ip));
+        }
+        let stale: Vec<(String, [u8; 6])> = ips
+            .iter()
+            .filter(|(k, ip)| mine.iter().any(|m| m.network == k.0 && m.ip == **ip))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            if let Some(ip) = ips.remove(&k) {
+                gone.push((k.0, k.1, Some(ip)));
+            }
+        }
+        gone
+    }
+
+    /// This host no longer answers ARP for `ip` in card `mac`'s stead, nor keeps `mac`
+    /// pinned behind the VXLAN port of `network`.
+    async fn unwrite_address(
+        &self,
+        nl: &tern_net::bridge::Netlink,
+        network: &str,
+        mac: [u8; 6],
+        ip: Option<Ipv4Addr>,
+    ) {
         let (Ok(Some(bridge)), Ok(Some(vx))) = (
             nl.bridge_index(network).await,
             nl.vxlan_index(network).await,
         ) else {
             return;
         };
-        if let Some(ip) = old {
+        if let Some(ip) = ip {
             if let Err(e) = nl.forget_ip(bridge, ip).await {
                 tracing::warn!("{}", tern_engine::error_chain(&e));
             }
         }
+        // (only an entry behind the VXLAN port: one the card's tap learned stays)
         if let Err(e) = nl.unpin_mac(vx, mac).await {
             tracing::warn!("{}", tern_engine::error_chain(&e));
         }

@@ -86,7 +86,11 @@ impl Netlink {
             if !f.bridge {
                 return Err(NetError::NotABridge(name));
             }
-            self.fix_address(f.index, &name).await?;
+            if let Err(e) = self.fix_address(f.index, &name).await {
+                // (its ARP answers may be flushed when a port comes or goes; the
+                // agents write them again every minute)
+                tracing::warn!("{e}");
+            }
             return Ok(f.index);
         }
         // made down, without IPv6, then up: the host takes no address on it (an

@@ -6,7 +6,7 @@
 
 use std::net::Ipv4Addr;
 
-use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
+use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use rtnetlink::packet_route::link::{InfoBridgePort, InfoPortData, InfoPortKind};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -77,10 +77,12 @@ impl Netlink {
         ip: Ipv4Addr,
         mac: [u8; 6],
     ) -> Result<(), NetError> {
+        // never in place of an entry the bridge has (a local card's tap, its own
+        // address): only made where there is none
         self.request(
             RouteNetlinkMessage::NewNeighbour(pinned(vxlan, mac)),
-            NLM_F_CREATE | NLM_F_REPLACE,
-            &[],
+            NLM_F_CREATE | NLM_F_EXCL,
+            &[-libc::EEXIST],
             || format!("place {} behind the VXLAN port", mac_text(mac)),
         )
         .await?;
@@ -91,6 +93,66 @@ impl Netlink {
             || format!("answer ARP for {ip} with {}", mac_text(mac)),
         )
         .await
+    }
+
+    /// Removes every ARP answer of tern's from bridge `bridge` (its permanent neighbour
+    /// entries) and every MAC pinned behind its VXLAN port `vxlan` (static entries on
+    /// that port): an agent's start, when what its last run knew is over.
+    pub async fn clear_arp_answers(&self, bridge: u32, vxlan: u32) -> Result<(), NetError> {
+        use futures_util::TryStreamExt;
+        let dump = |family| {
+            self.handle()
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute()
+        };
+        let list = |what: &'static str| {
+            move |source| NetError::Netlink {
+                what: format!("list {what}"),
+                source,
+            }
+        };
+        let mut gone: Vec<NeighbourMessage> = Vec::new();
+        let mut n = dump(AddressFamily::Inet);
+        while let Some(m) = n
+            .try_next()
+            .await
+            .map_err(list("the bridge's neighbours"))?
+        {
+            if m.header.ifindex == bridge && m.header.state == NeighbourState::Permanent {
+                gone.push(m);
+            }
+        }
+        let mut f = dump(AddressFamily::Bridge);
+        while let Some(m) = f
+            .try_next()
+            .await
+            .map_err(list("the bridge's forwarding"))?
+        {
+            if m.header.ifindex == vxlan
+                && m.header.state == NeighbourState::Noarp
+                && m.header.flags.contains(NeighbourFlags::Controller)
+            {
+                gone.push(m);
+            }
+        }
+        for mut m in gone {
+            m.attributes.retain(|a| {
+                matches!(
+                    a,
+                    NeighbourAttribute::Destination(_) | NeighbourAttribute::LinkLayerAddress(_)
+                )
+            });
+            self.request(
+                RouteNetlinkMessage::DelNeighbour(m),
+                0,
+                &[-libc::ENOENT],
+                || "remove an ARP answer left by the agent's last run".into(),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// Bridge `bridge` no longer answers ARP for `ip` (none there is fine).

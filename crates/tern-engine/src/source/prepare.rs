@@ -91,6 +91,12 @@ pub(super) async fn run(
         )
         .await?;
     }
+    if version < 8 && m.vm.spec.nics.iter().any(|n| n.ip.is_some()) {
+        return Err(MigrateError::BadRequest(format!(
+            "VM {} has a card with an address (ip, for ARP suppression) and the destination agent speaks protocol v{version}: it would not read the spec; upgrade tern on {dest_agent}",
+            m.vm.spec.name
+        )));
+    }
     if m.vm.spec.tpm {
         // only now, after the policy allowed this destination: the key that opens the
         // VM's TPM state in the stream
