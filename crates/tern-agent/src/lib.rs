@@ -177,7 +177,7 @@ pub struct Agent {
     /// forwarding table is written, so claims land in order.
     remote_cards: Mutex<overlay::Remote>,
     /// The addresses of other hosts' VMs' cards (ARP suppression, [`overlay`]).
-    remote_ips: Mutex<HashMap<(String, [u8; 6]), std::net::Ipv4Addr>>,
+    remote_ips: Mutex<overlay::RemoteIps>,
     /// The cards that left this host whose frames still go on to their new host.
     departed: Mutex<overlay::Departed>,
     /// Held while forwarding filters are written (they go in the order they were asked).
@@ -1048,15 +1048,14 @@ pub async fn run(
         nl.clear_all_forwards()
             .await
             .map_err(AgentError::Networks)?;
-        // and the ARP answers it wrote for remote cards (they are told again)
-        if config.overlay.as_ref().is_some_and(|o| !o.learning) {
-            for n in &config.networks {
-                if let (Ok(Some(br)), Ok(Some(vx))) =
-                    (nl.bridge_index(n).await, nl.vxlan_index(n).await)
-                {
-                    nl.clear_arp_answers(br, vx)
-                        .await
-                        .map_err(AgentError::Networks)?;
+        // and the ARP answers it wrote for remote cards, on every network of tern's
+        // here (they are told again)
+        for n in nl.overlay_networks().await.unwrap_or_default() {
+            if let (Ok(Some(br)), Ok(Some(vx))) =
+                (nl.bridge_index(&n).await, nl.vxlan_index(&n).await)
+            {
+                if let Err(e) = nl.clear_arp_answers(br, vx).await {
+                    tracing::warn!(network = %n, "{}", tern_engine::error_chain(&e));
                 }
             }
         }

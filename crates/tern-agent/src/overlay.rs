@@ -54,6 +54,54 @@ pub(crate) struct Departed {
     generation: u64,
 }
 
+/// The addresses other hosts told for their cards, both ways: a card's address, and the
+/// cards that claim an address. This host answers ARP for an address only while exactly
+/// one remote card claims it (a clash: nobody answers, requests flood as without
+/// suppression).
+#[derive(Default)]
+pub(crate) struct RemoteIps {
+    by_card: HashMap<(String, [u8; 6]), Ipv4Addr>,
+    by_ip: HashMap<(String, Ipv4Addr), HashSet<[u8; 6]>>,
+}
+
+impl RemoteIps {
+    /// Card `key` has `ip` now: the address it had before, if another.
+    fn set(&mut self, key: (String, [u8; 6]), ip: Ipv4Addr) -> Option<Ipv4Addr> {
+        let old = self.remove(&key).filter(|o| *o != ip);
+        self.by_ip
+            .entry((key.0.clone(), ip))
+            .or_default()
+            .insert(key.1);
+        self.by_card.insert(key, ip);
+        old
+    }
+
+    /// Card `key` has no address known here any more: the one it had.
+    fn remove(&mut self, key: &(String, [u8; 6])) -> Option<Ipv4Addr> {
+        let ip = self.by_card.remove(key)?;
+        let k = (key.0.clone(), ip);
+        if let Some(cards) = self.by_ip.get_mut(&k) {
+            cards.remove(&key.1);
+            if cards.is_empty() {
+                self.by_ip.remove(&k);
+            }
+        }
+        Some(ip)
+    }
+
+    /// The one card that claims `ip` on `network`, if exactly one does.
+    fn owner(&self, network: &str, ip: Ipv4Addr) -> Option<[u8; 6]> {
+        match self.by_ip.get(&(network.to_string(), ip)) {
+            Some(cards) if cards.len() == 1 => cards.iter().next().copied(),
+            _ => None,
+        }
+    }
+}
+
+/// What changed in [`RemoteIps`]: the addresses whose answer may change, and the cards
+/// whose MAC may no longer be pinned behind the VXLAN port.
+type AddressChanges = (HashSet<(String, Ipv4Addr)>, Vec<(String, [u8; 6])>);
+
 /// Now, in microseconds since the epoch (a claim's seq).
 pub(crate) fn now_us() -> u64 {
     tern_engine::handle::unix_us(std::time::SystemTime::now())
@@ -154,16 +202,16 @@ impl Agent {
         all
     }
 
-    /// The addresses of the cards of the VMs running here ([`Agent::local_locations`]'s
-    /// cards that have one).
+    /// The addresses of the cards of the VMs here that have one.
     pub(crate) fn local_addresses(&self) -> Vec<CardAddress> {
         if self.controlled_overlay().is_none() || tern_engine::overlay::silent(&self.engine) {
             return Vec::new();
         }
+        // (every VM's, leaving or not: a card's address does not change when it moves,
+        // and an answer that left one out would drop it on the peers)
         let mut all: Vec<CardAddress> = self
             .vms()
             .iter()
-            .filter(|vm| !vm.migrating.load(Ordering::SeqCst))
             .flat_map(|vm| addresses(&vm.spec))
             .collect();
         all.truncate(MAX_LOCATIONS);
@@ -206,12 +254,7 @@ impl Agent {
                 let Ok(nl) = tern_net::bridge::Netlink::open() else {
                     return;
                 };
-                {
-                    let _order = agent.addressing.lock().await;
-                    for (network, mac, ip) in &unaddressed {
-                        agent.unwrite_address(&nl, network, *mac, *ip).await;
-                    }
-                }
+                agent.write_addresses("here", unaddressed).await;
                 for c in &mine {
                     if let Ok(Some(vx)) = nl.vxlan_index(&c.network).await {
                         if let Err(e) = nl.forget_mac(vx, c.mac).await {
@@ -486,9 +529,10 @@ impl Agent {
     /// Takes the addresses the peer at `from` (`peer` in logs) told for its cards: each
     /// for a card whose location this host has from that peer and that is no card of a
     /// VM here (leaving or not), a valid card address that no card here has on that
-    /// network and no other remote card holds. Each goes into the network's bridge as an
-    /// ARP answer (ARP suppression). `full`: the peer's answer, naming every card it runs,
-    /// so its cards' addresses it no longer names are dropped.
+    /// network. `full`: the peer's answer, naming every card it has, so its cards'
+    /// addresses it no longer names are dropped. The bridge then answers ARP for each
+    /// address this changed that exactly one remote card claims, and for no other
+    /// ([`Agent::write_addresses`]).
     pub(crate) async fn take_addresses(
         &self,
         peer: &str,
@@ -499,10 +543,11 @@ impl Agent {
         if self.controlled_overlay().is_none() {
             return;
         }
-        let mine: Vec<CardAddress> = self
+        let mine: HashSet<(String, Ipv4Addr)> = self
             .vms()
             .iter()
             .flat_map(|vm| addresses(&vm.spec))
+            .map(|a| (a.network, a.ip))
             .collect();
         let local_macs: HashSet<(String, [u8; 6])> = self
             .vms()
@@ -515,27 +560,23 @@ impl Agent {
                     .collect::<Vec<_>>()
             })
             .collect();
-        let (mut taken, mut dropped, mut refused) = (Vec::new(), Vec::new(), 0usize);
+        let complete = full && entries.len() < MAX_LOCATIONS;
+        // the addresses whose answer may change, and the cards no longer known here
+        let (mut touched, mut unpinned, mut refused) = (HashSet::new(), Vec::new(), 0usize);
         {
             let remote = self.remote_cards.lock();
             let mut ips = self.remote_ips.lock();
             let mut named = HashSet::new();
             for a in entries.into_iter().take(MAX_LOCATIONS) {
                 let key = (a.network.clone(), a.mac);
-                named.insert(key.clone());
-                let held = ips
-                    .iter()
-                    .any(|(k, ip)| *ip == a.ip && k.0 == a.network && k.1 != a.mac);
                 let why = if !matches!(remote.get(&key), Some((vtep, _)) if *vtep == from) {
                     Some("the card does not live at that peer")
                 } else if local_macs.contains(&key) {
                     Some("the card is one of this host's")
                 } else if !tern_qemu::spec::valid_card_ip(a.ip) {
                     Some("not a card's address")
-                } else if mine.iter().any(|m| m.network == a.network && m.ip == a.ip) {
+                } else if mine.contains(&(a.network.clone(), a.ip)) {
                     Some("a card here has that address")
-                } else if held {
-                    Some("another card has that address")
                 } else {
                     None
                 };
@@ -546,20 +587,23 @@ impl Agent {
                     }
                     continue;
                 }
-                // (written again when unchanged: a bridge's neighbour entries can be
-                // flushed under it)
-                let old = ips.insert(key, a.ip);
-                let (new, ip) = (old != Some(a.ip), a.ip);
-                // an unchanged one only on this host's own exchanges (a peer that
-                // keeps connecting does not make it rewrite its table)
-                if new || full {
-                    taken.push((a, old.filter(|o| *o != ip), new));
+                named.insert(key.clone());
+                let unchanged = ips.by_card.get(&key) == Some(&a.ip);
+                if let Some(old) = ips.set(key, a.ip) {
+                    touched.insert((a.network.clone(), old));
+                }
+                // (an unchanged one only on this host's own exchanges, which are full:
+                // written again in case the bridge flushed it; a peer that keeps
+                // connecting does not make this host rewrite its table)
+                if !unchanged || full {
+                    touched.insert((a.network, a.ip));
                 }
             }
-            if full {
-                // the peer's cards whose address it no longer names (stopped, or their
-                // address gone from the spec)
+            if complete {
+                // the peer's cards whose address it no longer names (stopped, moved
+                // away, or their address gone from the spec)
                 let gone: Vec<(String, [u8; 6])> = ips
+                    .by_card
                     .keys()
                     .filter(|k| !named.contains(*k))
                     .filter(|k| matches!(remote.get(*k), Some((vtep, _)) if *vtep == from))
@@ -567,7 +611,8 @@ impl Agent {
                     .collect();
                 for k in gone {
                     if let Some(ip) = ips.remove(&k) {
-                        dropped.push((k.0, k.1, ip));
+                        touched.insert((k.0.clone(), ip));
+                        unpinned.push(k);
                     }
                 }
             }
@@ -575,7 +620,16 @@ impl Agent {
         if refused > 3 {
             tracing::warn!(%peer, "ignored {refused} card addresses in all");
         }
-        if taken.is_empty() && dropped.is_empty() {
+        self.write_addresses(peer, (touched, unpinned)).await;
+    }
+
+    /// Brings the bridges in step with the table for the addresses in `touched`: ARP is
+    /// answered for one that exactly one remote card claims (its MAC pinned behind the
+    /// VXLAN port), for no other; the cards in `unpinned` are no longer pinned unless
+    /// the table has them again. In order with every other such change, each checked
+    /// against the table just before it is written.
+    async fn write_addresses(&self, peer: &str, (touched, unpinned): AddressChanges) {
+        if touched.is_empty() && unpinned.is_empty() {
             return;
         }
         let nl = match tern_net::bridge::Netlink::open() {
@@ -583,84 +637,69 @@ impl Agent {
             Err(e) => return tracing::warn!("{}", tern_engine::error_chain(&e)),
         };
         let _order = self.addressing.lock().await;
-        for (network, mac, ip) in dropped {
-            self.unwrite_address(&nl, &network, mac, Some(ip)).await;
-        }
-        for (a, old, new) in taken {
-            let (Ok(Some(bridge)), Ok(Some(vx))) = (
-                nl.bridge_index(&a.network).await,
-                nl.vxlan_index(&a.network).await,
-            ) else {
+        for (network, mac) in unpinned {
+            if self
+                .remote_ips
+                .lock()
+                .by_card
+                .contains_key(&(network.clone(), mac))
+            {
                 continue;
-            };
-            if let Some(old) = old {
-                if let Err(e) = nl.forget_ip(bridge, old).await {
+            }
+            if let Ok(Some(vx)) = nl.vxlan_index(&network).await {
+                if let Err(e) = nl.unpin_mac(vx, mac).await {
                     tracing::warn!("{}", tern_engine::error_chain(&e));
                 }
             }
-            // (its card came to run here, or another claim took it, meanwhile)
-            if self.remote_ips.lock().get(&(a.network.clone(), a.mac)) != Some(&a.ip) {
+        }
+        for (network, ip) in touched {
+            let (Ok(Some(bridge)), Ok(Some(vx))) = (
+                nl.bridge_index(&network).await,
+                nl.vxlan_index(&network).await,
+            ) else {
                 continue;
-            }
-            match nl.point_ip(bridge, vx, a.ip, a.mac).await {
-                Ok(()) if new => {
-                    tracing::info!(%peer, network = %a.network, mac = %tern_net::vxlan::mac_text(a.mac), ip = %a.ip, "ARP for this address is answered here")
-                }
-                Ok(()) => {}
-                Err(e) => tracing::warn!("{}", tern_engine::error_chain(&e)),
-            }
-        }
-    }
-
-    /// `spec`'s cards run here now: the remote addresses this host answered ARP for them
-    /// (by MAC), or for their addresses (another card's stale claim), are taken out of
-    /// the table at once; [`Agent::unwrite_address`] removes them from the bridge.
-    fn take_remote_addresses(&self, spec: &VmSpec) -> Vec<(String, [u8; 6], Option<Ipv4Addr>)> {
-        let mine = addresses(spec);
-        let mut ips = self.remote_ips.lock();
-        let mut gone: Vec<(String, [u8; 6], Option<Ipv4Addr>)> = Vec::new();
-        for n in &spec.nics {
-            let Some(mac) = n.mac else { continue };
-            let ip = ips.remove(&(n.network.clone(), mac.0));
-            gone.push((n.network.clone(), mac.0, ip));
-        }
-        let stale: Vec<(String, [u8; 6])> = ips
-            .iter()
-            .filter(|(k, ip)| mine.iter().any(|m| m.network == k.0 && m.ip == **ip))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in stale {
-            if let Some(ip) = ips.remove(&k) {
-                gone.push((k.0, k.1, Some(ip)));
-            }
-        }
-        gone
-    }
-
-    /// This host no longer answers ARP for `ip` in card `mac`'s stead, nor keeps `mac`
-    /// pinned behind the VXLAN port of `network`.
-    async fn unwrite_address(
-        &self,
-        nl: &tern_net::bridge::Netlink,
-        network: &str,
-        mac: [u8; 6],
-        ip: Option<Ipv4Addr>,
-    ) {
-        let (Ok(Some(bridge)), Ok(Some(vx))) = (
-            nl.bridge_index(network).await,
-            nl.vxlan_index(network).await,
-        ) else {
-            return;
-        };
-        if let Some(ip) = ip {
-            if let Err(e) = nl.forget_ip(bridge, ip).await {
+            };
+            let owner = self.remote_ips.lock().owner(&network, ip);
+            let done = match owner {
+                Some(mac) => nl.point_ip(bridge, vx, ip, mac).await.map(|()| {
+                    tracing::debug!(%peer, %network, mac = %tern_net::vxlan::mac_text(mac), %ip, "ARP for this address is answered here");
+                }),
+                // nobody, or two cards: requests flood as without suppression
+                None => nl.forget_ip(bridge, ip).await,
+            };
+            if let Err(e) = done {
                 tracing::warn!("{}", tern_engine::error_chain(&e));
             }
         }
-        // (only an entry behind the VXLAN port: one the card's tap learned stays)
-        if let Err(e) = nl.unpin_mac(vx, mac).await {
-            tracing::warn!("{}", tern_engine::error_chain(&e));
+    }
+
+    /// `spec`'s cards run here now: the table forgets their addresses (by MAC) at once,
+    /// and the addresses they have here are no longer answered for other cards; what
+    /// [`Agent::write_addresses`] then needs.
+    fn take_remote_addresses(&self, spec: &VmSpec) -> AddressChanges {
+        let mut ips = self.remote_ips.lock();
+        let (mut touched, mut unpinned) = (HashSet::new(), Vec::new());
+        for n in &spec.nics {
+            let Some(mac) = n.mac else { continue };
+            let key = (n.network.clone(), mac.0);
+            if let Some(ip) = ips.remove(&key) {
+                touched.insert((key.0.clone(), ip));
+            }
+            unpinned.push(key);
         }
+        for a in addresses(spec) {
+            let claimants: Vec<[u8; 6]> = ips
+                .by_ip
+                .get(&(a.network.clone(), a.ip))
+                .map(|c| c.iter().copied().collect())
+                .unwrap_or_default();
+            for mac in claimants {
+                ips.remove(&(a.network.clone(), mac));
+                unpinned.push((a.network.clone(), mac));
+            }
+            touched.insert((a.network, a.ip));
+        }
+        (touched, unpinned)
     }
 
     /// Writes the table's current entry for each of `keys` into the VXLAN ports (again
@@ -748,6 +787,28 @@ mod tests {
             now
         )
         .is_ok());
+    }
+
+    #[test]
+    fn an_address_is_answered_for_only_while_exactly_one_remote_card_claims_it() {
+        let (x, y) = (Ipv4Addr::new(198, 19, 0, 2), Ipv4Addr::new(198, 19, 0, 3));
+        let (m1, m2) = ([0x52, 0x54, 0, 0, 0, 1], [0x52, 0x54, 0, 0, 0, 2]);
+        let mut t = RemoteIps::default();
+        assert_eq!(t.set(("lab".into(), m1), x), None);
+        assert_eq!(t.owner("lab", x), Some(m1));
+        assert_eq!(t.owner("red", x), None, "another network");
+        // a second card claims it: a clash, nobody answers
+        t.set(("lab".into(), m2), x);
+        assert_eq!(t.owner("lab", x), None);
+        // the second moves to another address: the first answers again
+        assert_eq!(t.set(("lab".into(), m2), y), Some(x));
+        assert_eq!((t.owner("lab", x), t.owner("lab", y)), (Some(m1), Some(m2)));
+        assert_eq!(t.remove(&("lab".into(), m1)), Some(x));
+        assert_eq!(t.owner("lab", x), None);
+        assert!(
+            !t.by_ip.contains_key(&("lab".to_string(), x)),
+            "nothing left behind"
+        );
     }
 
     #[test]

@@ -130,14 +130,19 @@ impl Netlink {
             .await
             .map_err(list("the bridge's forwarding"))?
         {
+            // (a dump shows the bridge's own entries without NTF_MASTER: static ones on
+            // the port that are not the port's own, NTF_SELF)
             if m.header.ifindex == vxlan
                 && m.header.state == NeighbourState::Noarp
-                && m.header.flags.contains(NeighbourFlags::Controller)
+                && !m.header.flags.contains(NeighbourFlags::Own)
             {
                 gone.push(m);
             }
         }
         for mut m in gone {
+            if m.header.family == AddressFamily::Bridge {
+                m.header.flags = NeighbourFlags::Controller;
+            }
             m.attributes.retain(|a| {
                 matches!(
                     a,

@@ -282,6 +282,27 @@ impl Netlink {
         .await
     }
 
+    /// The networks that have a VXLAN port of tern's here (`tvx-NETWORK`), configured or
+    /// made for a VM.
+    pub async fn overlay_networks(&self) -> Result<Vec<String>, NetError> {
+        use rtnetlink::packet_route::link::LinkAttribute;
+        let mut names = Vec::new();
+        let mut links = self.handle().link().get().execute();
+        while let Some(m) = links.try_next().await.map_err(|source| NetError::Netlink {
+            what: "list interfaces (to find tern's VXLAN ports)".into(),
+            source,
+        })? {
+            for a in &m.attributes {
+                if let LinkAttribute::IfName(n) = a {
+                    if let Some(network) = n.strip_prefix("tvx-") {
+                        names.push(network.to_string());
+                    }
+                }
+            }
+        }
+        Ok(names)
+    }
+
     /// The index of `network`'s VXLAN port here, if it has one.
     pub async fn vxlan_index(&self, network: &str) -> Result<Option<u32>, NetError> {
         self.index(&vxlan_name(network)).await

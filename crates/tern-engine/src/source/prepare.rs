@@ -76,6 +76,13 @@ pub(super) async fn run(
         probe,
     } = peer;
     let mut cancel = m.handle.cancelled();
+    // (before anything goes to the destination)
+    if version < 8 && m.vm.spec.nics.iter().any(|n| n.ip.is_some()) {
+        return Err(MigrateError::BadRequest(format!(
+            "VM {} has a card with an address (ip, for ARP suppression) and the destination agent speaks protocol v{version}: it would not read the spec; upgrade tern on {dest_agent}",
+            m.vm.spec.name
+        )));
+    }
     if let Some(disks) = disks {
         if version < 3 {
             return Err(MigrateError::BadRequest(format!(
@@ -90,12 +97,6 @@ pub(super) async fn run(
             },
         )
         .await?;
-    }
-    if version < 8 && m.vm.spec.nics.iter().any(|n| n.ip.is_some()) {
-        return Err(MigrateError::BadRequest(format!(
-            "VM {} has a card with an address (ip, for ARP suppression) and the destination agent speaks protocol v{version}: it would not read the spec; upgrade tern on {dest_agent}",
-            m.vm.spec.name
-        )));
     }
     if m.vm.spec.tpm {
         // only now, after the policy allowed this destination: the key that opens the
