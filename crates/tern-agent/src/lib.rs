@@ -1042,18 +1042,16 @@ pub async fn run(
         }
     }
     if config.overlay.is_some() {
-        // frames this agent's last run still forwarded for cards that had left (on any
-        // network, configured or made for a VM) go nowhere special now
+        // what this agent's last run left on every network of tern's here (configured or
+        // made for a VM) is over: the frames it still forwarded for cards that had left,
+        // and the ARP answers it wrote for remote cards (they are told again)
         let nl = tern_net::bridge::Netlink::open().map_err(AgentError::Networks)?;
-        nl.clear_all_forwards()
-            .await
-            .map_err(AgentError::Networks)?;
-        // and the ARP answers it wrote for remote cards, on every network of tern's
-        // here (they are told again)
-        for n in nl.overlay_networks().await.unwrap_or_default() {
-            if let (Ok(Some(br)), Ok(Some(vx))) =
-                (nl.bridge_index(&n).await, nl.vxlan_index(&n).await)
-            {
+        for n in nl.overlay_networks().await.map_err(AgentError::Networks)? {
+            let Ok(Some(vx)) = nl.vxlan_index(&n).await else {
+                continue;
+            };
+            nl.clear_forwards(vx).await.map_err(AgentError::Networks)?;
+            if let Ok(Some(br)) = nl.bridge_index(&n).await {
                 if let Err(e) = nl.clear_arp_answers(br, vx).await {
                     tracing::warn!(network = %n, "{}", tern_engine::error_chain(&e));
                 }

@@ -134,31 +134,6 @@ impl Netlink {
         .await
     }
 
-    /// Removes every forwarding filter from every VXLAN port of tern's on this host (an
-    /// agent's start: what its last run forwarded is over).
-    pub async fn clear_all_forwards(&self) -> Result<(), NetError> {
-        use futures_util::TryStreamExt;
-        use rtnetlink::packet_route::link::LinkAttribute;
-        let mut ports = Vec::new();
-        let mut links = self.handle().link().get().execute();
-        while let Some(m) = links.try_next().await.map_err(|source| NetError::Netlink {
-            what: "list interfaces (to find tern's VXLAN ports)".into(),
-            source,
-        })? {
-            let tern_port = m
-                .attributes
-                .iter()
-                .any(|a| matches!(a, LinkAttribute::IfName(n) if n.starts_with("tvx-")));
-            if tern_port {
-                ports.push(m.header.index);
-            }
-        }
-        for port in ports {
-            self.clear_forwards(port).await?;
-        }
-        Ok(())
-    }
-
     /// Removes filter `pref` from VXLAN port `vxlan`'s ingress; none there is fine.
     pub async fn unforward(&self, vxlan: u32, pref: u16) -> Result<(), NetError> {
         let mut m = TcMessage::with_index(vxlan as i32);
