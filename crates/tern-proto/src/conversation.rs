@@ -13,6 +13,8 @@
 //!                          └─Locations─> Locating ──Locations──> Closed (v7)
 //!                                                   └─Locations──> Located ──Addresses──>
 //!                                                        Addressing ──Addresses──> Closed (v8)
+//!                          └─PlanQuery─> Sounding ──PlanHeld──> Probing (src: ProbeBytes...)
+//!                                 ──ProbeEnd──> ProbeEnded ──ProbeResult──> Closed (v9)
 //!  Transfer ──SourceDone{commit}──> Finishing ──Resumed──> Closed          (v2)
 //!  Transfer ──SourceDone──> Finishing ──ReadyToResume──> AwaitCommit
 //!           ──Commit──> Committed ──Resumed──> Closed                      (v1)
@@ -72,6 +74,12 @@ pub enum Stage {
     Located,
     /// v8: the opener told its cards' addresses; the other side answers with its own.
     Addressing,
+    /// v9, a plan: the source asked what the destination holds of a page sample.
+    Sounding,
+    /// v9: the source may send the link probe's filler, then ProbeEnd.
+    Probing,
+    /// v9: the probe is over; the destination answers what arrived.
+    ProbeEnded,
     /// Ended (Abort, Resumed, QueryAnswer): nothing more may come.
     Closed,
 }
@@ -94,6 +102,9 @@ impl Stage {
             Stage::Locating => "while locations are exchanged",
             Stage::Located => "after the locations, before the addresses",
             Stage::Addressing => "while addresses are exchanged",
+            Stage::Sounding => "while a plan asks what is held",
+            Stage::Probing => "while a plan probes the link",
+            Stage::ProbeEnded => "after a plan's probe",
             Stage::Closed => "after the conversation ended",
         }
     }
@@ -218,6 +229,13 @@ impl Conversation {
             (Stage::Locating, D, T::Locations) => Stage::Closed,
             (Stage::Located, S, T::Addresses) => Stage::Addressing,
             (Stage::Addressing, D, T::Addresses) => Stage::Closed,
+            (Stage::Opening, S, T::PlanQuery) if !self.disk_offer && !self.tpm_key => {
+                Stage::Sounding
+            }
+            (Stage::Sounding, D, T::PlanHeld) => Stage::Probing,
+            (Stage::Probing, S, T::ProbeBytes) => Stage::Probing,
+            (Stage::Probing, S, T::ProbeEnd) => Stage::ProbeEnded,
+            (Stage::ProbeEnded, D, T::ProbeResult) => Stage::Closed,
             (Stage::Tunneling, D, T::TunnelOpen) => Stage::Tunnel,
             (Stage::Tunnel, _, T::TunnelBytes) => Stage::Tunnel,
             (Stage::Preparing, D, T::Summary) => Stage::Preparing,
@@ -525,6 +543,56 @@ mod tests {
         )
         .unwrap();
         assert!(v7.on(S, &addrs()).is_err(), "a v7 conversation");
+    }
+
+    #[test]
+    fn on_v9_a_plan_asks_once_then_probes_then_hears_what_arrived() {
+        let query = || Message::PlanQuery {
+            key_id: 7,
+            hashes: vec![[1; 16]],
+            chunks: vec![],
+        };
+        let held = || Message::PlanHeld {
+            held: 1,
+            chunks_held: 0,
+        };
+        let filler = || Message::ProbeBytes(Bytes::from_static(&[0; 64]));
+        let result = || Message::ProbeResult {
+            bytes: 64,
+            micros: 10,
+        };
+        let mut c = Conversation::new();
+        run(&mut c, &[(S, hello(9)), (D, ack(9))]).unwrap();
+        assert!(c.on(S, &filler()).is_err(), "filler before the question");
+        c.on(S, &query()).unwrap();
+        assert!(c.on(S, &filler()).is_err(), "filler before the answer");
+        assert!(c.on(S, &query()).is_err(), "asked twice");
+        c.on(D, &held()).unwrap();
+        c.on(S, &filler()).unwrap();
+        c.on(S, &filler()).unwrap();
+        assert!(c.on(D, &result()).is_err(), "a result before the end");
+        c.on(S, &Message::ProbeEnd).unwrap();
+        assert!(c.on(S, &filler()).is_err(), "filler after the end");
+        c.on(D, &result()).unwrap();
+        assert_eq!(c.stage(), Stage::Closed);
+        // a plan needs v9, and opens a connection of its own
+        let mut v8 = Conversation::new();
+        run(&mut v8, &[(S, hello(8)), (D, ack(8))]).unwrap();
+        assert!(v8.on(S, &query()).is_err(), "a v8 conversation");
+        let mut offered = Conversation::new();
+        run(
+            &mut offered,
+            &[
+                (S, hello(9)),
+                (D, ack(9)),
+                (S, Message::TpmKey { key: [0; 32] }),
+            ],
+        )
+        .unwrap();
+        assert!(
+            offered.on(S, &query()).is_err(),
+            "after a migration's opening"
+        );
     }
 
     #[test]

@@ -261,6 +261,26 @@ mod tests {
                 }],
             },
             Message::Addresses { entries: vec![] },
+            Message::PlanQuery {
+                key_id: 9,
+                hashes: vec![[3; 16], [4; 16]],
+                chunks: vec![[5; 16]],
+            },
+            Message::PlanQuery {
+                key_id: 9,
+                hashes: vec![],
+                chunks: vec![],
+            },
+            Message::PlanHeld {
+                held: 1,
+                chunks_held: 0,
+            },
+            Message::ProbeBytes(Bytes::from(vec![0u8; 4096])),
+            Message::ProbeEnd,
+            Message::ProbeResult {
+                bytes: 1 << 20,
+                micros: 250_000,
+            },
         ]
     }
 

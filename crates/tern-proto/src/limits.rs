@@ -72,6 +72,16 @@ pub fn disk_piece_range(piece: u32, size: u64) -> Option<std::ops::Range<u64>> {
 /// receiver also keeps at most this many remote cards per network).
 pub const MAX_LOCATIONS: usize = 4096;
 
+/// Most page hashes one `PlanQuery` may carry (a plan samples 1024 pages).
+pub const MAX_PLAN_HASHES: usize = 4096;
+
+/// Most filler a plan's link probe may send (`ProbeBytes` in all), and the longest it may
+/// take from PlanHeld to ProbeEnd (a source sends for 2 s and keeps at most about as much
+/// in flight as was acknowledged, so a slow link drains it well within): the destination
+/// refuses a probe past either.
+pub const MAX_PROBE_BYTES: u64 = 64 << 20;
+pub const MAX_PROBE_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[cfg(test)]
 mod tests {
     use super::*;

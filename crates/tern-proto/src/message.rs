@@ -84,6 +84,11 @@ message_types! {
     TunnelBytes = 31, since 6;
     Locations = 32, since 7;
     Addresses = 33, since 8;
+    PlanQuery = 34, since 9;
+    PlanHeld = 35, since 9;
+    ProbeBytes = 36, since 9;
+    ProbeEnd = 37, since 9;
+    ProbeResult = 38, since 9;
 }
 
 /// [`Message::DiskData`] with this piece number is a plain write (a later round's dirty
@@ -373,6 +378,33 @@ pub enum Message {
     Addresses {
         entries: Vec<CardAddress>,
     },
+    /// Source -> destination (v9), first after Hello for a `--plan`: content hashes of a
+    /// sample of the VM's pages and of its local disks' blocks (made with the cluster key
+    /// `key_id`); the destination answers how many of each its page store and its chunk
+    /// index hold ([`Message::PlanHeld`]). At most [`crate::limits::MAX_PLAN_HASHES`]
+    /// each.
+    PlanQuery {
+        key_id: u64,
+        hashes: Vec<ContentHash>,
+        chunks: Vec<ContentHash>,
+    },
+    /// Destination -> source (v9): how many of a PlanQuery's page hashes and disk chunk
+    /// hashes it holds (0 when the key is not its own).
+    PlanHeld {
+        held: u32,
+        chunks_held: u32,
+    },
+    /// Source -> destination (v9), after PlanHeld: filler that measures the link (the
+    /// destination discards it, at most [`crate::limits::MAX_PROBE_BYTES`] in all).
+    ProbeBytes(Bytes),
+    /// Source -> destination (v9): the probe's filler is over.
+    ProbeEnd,
+    /// Destination -> source (v9): what arrived of the probe in the later half of its
+    /// time (after the link's slow start): `bytes` in `micros`.
+    ProbeResult {
+        bytes: u64,
+        micros: u64,
+    },
 }
 
 impl Message {
@@ -412,6 +444,11 @@ impl Message {
             Message::TunnelBytes(_) => MessageType::TunnelBytes,
             Message::Locations { .. } => MessageType::Locations,
             Message::Addresses { .. } => MessageType::Addresses,
+            Message::PlanQuery { .. } => MessageType::PlanQuery,
+            Message::PlanHeld { .. } => MessageType::PlanHeld,
+            Message::ProbeBytes(_) => MessageType::ProbeBytes,
+            Message::ProbeEnd => MessageType::ProbeEnd,
+            Message::ProbeResult { .. } => MessageType::ProbeResult,
         }
     }
 
@@ -463,9 +500,10 @@ pub(crate) fn encode_payload(msg: &Message, out: &mut BytesMut, segs: &mut Vec<B
             put_str(out, qemu_version);
         }
         Message::Prepared { qemu_version } => put_str(out, qemu_version),
-        Message::QemuBytes(b) | Message::ReturnPath(b) | Message::TunnelBytes(b) => {
-            bulk(out, segs, b)
-        }
+        Message::QemuBytes(b)
+        | Message::ReturnPath(b)
+        | Message::TunnelBytes(b)
+        | Message::ProbeBytes(b) => bulk(out, segs, b),
         Message::RamBlocks { page_size, blocks } => {
             out.put_u32(*page_size);
             out.put_u32(blocks.len() as u32);
@@ -637,6 +675,28 @@ pub(crate) fn encode_payload(msg: &Message, out: &mut BytesMut, segs: &mut Vec<B
                 out.put_slice(&e.ip.octets());
             }
         }
+        Message::PlanQuery {
+            key_id,
+            hashes,
+            chunks,
+        } => {
+            out.put_u64(*key_id);
+            for list in [hashes, chunks] {
+                out.put_u32(list.len() as u32);
+                for h in list {
+                    out.put_slice(h);
+                }
+            }
+        }
+        Message::PlanHeld { held, chunks_held } => {
+            out.put_u32(*held);
+            out.put_u32(*chunks_held);
+        }
+        Message::ProbeEnd => {}
+        Message::ProbeResult { bytes, micros } => {
+            out.put_u64(*bytes);
+            out.put_u64(*micros);
+        }
     }
 }
 
@@ -653,7 +713,10 @@ pub(crate) fn payload_len(msg: &Message) -> usize {
             ..
         } => s(migration_id) + 4 + spec_toml.len() + 1 + s(qemu_version),
         Message::Prepared { qemu_version } => s(qemu_version),
-        Message::QemuBytes(b) | Message::ReturnPath(b) | Message::TunnelBytes(b) => b.len(),
+        Message::QemuBytes(b)
+        | Message::ReturnPath(b)
+        | Message::TunnelBytes(b)
+        | Message::ProbeBytes(b) => b.len(),
         Message::RamBlocks { blocks, .. } => {
             8 + blocks.iter().map(|b| s(&b.name) + 8).sum::<usize>()
         }
@@ -687,6 +750,10 @@ pub(crate) fn payload_len(msg: &Message) -> usize {
         Message::Addresses { entries } => {
             2 + entries.iter().map(|e| s(&e.network) + 10).sum::<usize>()
         }
+        Message::PlanQuery { hashes, chunks, .. } => 16 + 16 * (hashes.len() + chunks.len()),
+        Message::PlanHeld { .. } => 8,
+        Message::ProbeEnd => 0,
+        Message::ProbeResult { .. } => 16,
     }
 }
 
@@ -901,6 +968,37 @@ pub(crate) fn decode_payload(ty: MessageType, payload: Bytes) -> Result<Message,
             }
             Message::Addresses { entries }
         }
+        MessageType::PlanQuery => {
+            let key_id = r.u64()?;
+            let mut lists = [Vec::new(), Vec::new()];
+            for list in &mut lists {
+                let n = r.u32()? as usize;
+                if n > crate::limits::MAX_PLAN_HASHES {
+                    return Err(r.invalid("count of a plan's hashes"));
+                }
+                r.need(n * 16)?;
+                list.reserve_exact(n);
+                for _ in 0..n {
+                    list.push(r.hash()?);
+                }
+            }
+            let [hashes, chunks] = lists;
+            Message::PlanQuery {
+                key_id,
+                hashes,
+                chunks,
+            }
+        }
+        MessageType::PlanHeld => Message::PlanHeld {
+            held: r.u32()?,
+            chunks_held: r.u32()?,
+        },
+        MessageType::ProbeBytes => Message::ProbeBytes(r.rest()),
+        MessageType::ProbeEnd => Message::ProbeEnd,
+        MessageType::ProbeResult => Message::ProbeResult {
+            bytes: r.u64()?,
+            micros: r.u64()?,
+        },
     };
     if !r.b.is_empty() {
         return Err(FrameError::Trailing(r.b.len(), r.msg));

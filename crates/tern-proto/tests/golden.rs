@@ -183,6 +183,21 @@ fn canonical(v: u16) -> Vec<Message> {
                 ip: std::net::Ipv4Addr::new(198, 19, 0, 2),
             }],
         },
+        Message::PlanQuery {
+            key_id: 0x7e57_0000_0000_0009,
+            hashes: vec![[0x5a; 16]],
+            chunks: vec![[0xa5; 16]],
+        },
+        Message::PlanHeld {
+            held: 1,
+            chunks_held: 1,
+        },
+        Message::ProbeBytes(Bytes::from(vec![0u8; 64])),
+        Message::ProbeEnd,
+        Message::ProbeResult {
+            bytes: 8 << 20,
+            micros: 700_000,
+        },
     ];
     assert_eq!(all.len(), MessageType::ALL.len(), "one message per type");
     all.into_iter().filter(|m| m.kind().since() <= v).collect()
