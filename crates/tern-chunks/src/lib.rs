@@ -54,7 +54,7 @@ pub use rebuild::{
     ApplyLocalError, BlockTarget, FinishRebuildError, LocalApply, RawFileTarget, Rebuild,
     RebuildProgress, ReceiveChunkError, WriteZeroesError,
 };
-pub use scan::{scan_image, ScanImageError};
+pub use scan::{sample_image, scan_image, ImageSample, ScanImageError};
 pub use tern_store::{ContentHasher, Hash};
 
 /// The index file format's encoder and decoder, for the fuzz targets in `crates/tern-fuzz`.

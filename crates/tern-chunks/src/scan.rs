@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use tern_store::ContentHasher;
 
 use crate::image::{ImageFormat, ImageReader, OpenImageError, ReadImageError};
-use crate::manifest::{Manifest, BLOCK_BYTES};
+use crate::manifest::{Manifest, BLOCK_BYTES, BLOCK_SIZE};
 
 /// Bytes read per request.
 const SCAN_BUFFER_BYTES: usize = 4 << 20;
@@ -85,4 +85,64 @@ pub(crate) fn scan_reader(
     }
     debug_assert_eq!(manifest.unchanged_blocks(), 0);
     Ok((manifest, bytes_read))
+}
+
+/// A sample of an image's data blocks ([`sample_image`]): the hashes of the blocks that
+/// are not zero, and their bytes one after another (for a compression estimate).
+#[derive(Debug, Default)]
+pub struct ImageSample {
+    pub hashes: Vec<tern_store::Hash>,
+    pub data: Vec<u8>,
+    /// Blocks read that were all zero.
+    pub zero: usize,
+}
+
+/// Reads `blocks` 4 KiB blocks spread evenly over the image's data (what qcow2 does not
+/// report as zero; a raw file's whole length), for a plan's question to the destination:
+/// how much of this disk its chunk index holds. A running VM's image is read as it is
+/// (qcow2 through qemu-nbd with force-share): a block it rewrites meanwhile is a sample
+/// of either version.
+pub fn sample_image(
+    path: &Path,
+    format: ImageFormat,
+    hasher: &ContentHasher,
+    blocks: usize,
+) -> Result<ImageSample, ScanImageError> {
+    let mut reader = ImageReader::open(path, format).map_err(|source| ScanImageError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let read_err = |source| ScanImageError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let ranges = reader.data_ranges().map_err(read_err)?;
+    let total: u64 = ranges.iter().map(|r| (r.end - r.start) / BLOCK_SIZE).sum();
+    let mut out = ImageSample::default();
+    if total == 0 || blocks == 0 {
+        return Ok(out);
+    }
+    // sample i is data block i·total/blocks (every block when there are fewer)
+    let want = (blocks as u64).min(total);
+    let nth = |i: u64| (u128::from(i) * u128::from(total) / u128::from(want)) as u64;
+    let mut buf = vec![0u8; BLOCK_BYTES];
+    let mut i = 0u64; // the next sample
+    let mut before = 0u64; // data blocks in the ranges passed
+    for r in &ranges {
+        let n = (r.end - r.start) / BLOCK_SIZE;
+        while i < want && nth(i) < before + n {
+            reader
+                .read_at(&mut buf, r.start + (nth(i) - before) * BLOCK_SIZE)
+                .map_err(read_err)?;
+            if buf.iter().all(|&b| b == 0) {
+                out.zero += 1;
+            } else {
+                out.hashes.push(hasher.hash(&buf));
+                out.data.extend_from_slice(&buf);
+            }
+            i += 1;
+        }
+        before += n;
+    }
+    Ok(out)
 }

@@ -114,6 +114,47 @@ fn overlay_is_indexed_with_the_content_it_reads_from_its_backing_file() -> Resul
 
 #[test]
 #[ignore = "tier qemu: needs QEMU 10 and its tools (bash scripts/test.sh runs it)"]
+fn a_sample_of_an_overlay_finds_what_an_index_of_its_base_holds() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let base = dir.path().join("base.qcow2");
+    let overlay = dir.path().join("vm.qcow2");
+    create(&base, "qcow2", 4 * MIB, None)?;
+    write(&base, "qcow2", 0, &blocks(20, 0, 256), "")?; // 0..1 MiB
+    create(&overlay, "qcow2", 4 * MIB, Some(&base))?;
+    // a quarter of the data rewritten in the overlay, and 1 MiB of new data
+    write(&overlay, "qcow2", 0, &blocks(21, 0, 64), "")?;
+    write(&overlay, "qcow2", 2 * MIB, &blocks(22, 0, 256), "")?;
+
+    let h = hasher();
+    let mut index = ChunkIndex::open(dir.path().join("state"), h.clone())?;
+    index.add_image(&base, ImageFormat::Qcow2)?;
+    let s = tern_chunks::sample_image(&overlay, ImageFormat::Qcow2, &h, 128)?;
+    // 512 data blocks, every 4th read: 128 samples, none of them zero
+    assert_eq!(
+        s.hashes.len() + s.zero,
+        128,
+        "{} + {}",
+        s.hashes.len(),
+        s.zero
+    );
+    assert_eq!(s.data.len(), s.hashes.len() * BLOCK_BYTES);
+    let held = s.hashes.iter().filter(|x| index.contains(x)).count();
+    // the base's 192 visible blocks of 512: 3/8
+    assert!(
+        (40..=56).contains(&held),
+        "{held} of {} held",
+        s.hashes.len()
+    );
+    // a raw image of zeros: its blocks are read and found zero
+    let raw = dir.path().join("zeros.raw");
+    create(&raw, "raw", MIB, None)?;
+    let z = tern_chunks::sample_image(&raw, ImageFormat::Raw, &h, 16)?;
+    assert_eq!((z.hashes.len(), z.zero), (0, 16));
+    Ok(())
+}
+
+#[test]
+#[ignore = "tier qemu: needs QEMU 10 and its tools (bash scripts/test.sh runs it)"]
 fn index_reopened_from_disk_gives_the_same_lookups_without_reading_images() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let a = dir.path().join("a.raw");
