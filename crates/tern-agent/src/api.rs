@@ -474,13 +474,20 @@ async fn plan(
     let source = crate::outgoing::source_vm(&a, &vm)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?;
     let link = crate::links::memory_of(&a.config.state_dir, &req.to);
-    tern_engine::source::plan::plan(a.engine.clone(), a.host(), source, req, link)
+    let to = req.to.clone();
+    let plan = tern_engine::source::plan::plan(a.engine.clone(), a.host(), source, req, link)
         .await
-        .map(Json)
         .map_err(|e| {
             let code = e.code();
             ApiError::new(StatusCode::BAD_GATEWAY, code.name(), chain(&e))
-        })
+        })?;
+    if let Some(mibps) = plan.inputs.probe_mibps {
+        // the next migration's prediction starts from it
+        if let Err(e) = crate::links::record_probe(&a.config.state_dir, &to, mibps * 1048576.0) {
+            tracing::warn!(destination = %to, "could not keep the link's probe: {e}");
+        }
+    }
+    Ok(Json(plan))
 }
 
 /// The VM a migration or plan request names, once the request is valid and the VM runs.

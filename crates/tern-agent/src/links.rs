@@ -1,9 +1,13 @@
 //! What this host remembers of the links to other agents (`STATE_DIR/links.json`): for each
 //! destination, the rate memory crossed at and the wire bytes per byte of QEMU's stream,
-//! averaged over its past migrations. `--plan` predicts from it; every migration that
-//! succeeds updates it.
+//! averaged over its past migrations, and the last plan's probe of the link (used only
+//! until a migration measured it). `--plan` and every migration's prediction use it; every
+//! migration that succeeds and every probe updates it.
 //!
-//! Owns that file; must not hold anything a peer sent (only what this host measured).
+//! Owns that file. It holds what this host measured, and one number a peer sent: the
+//! filler of a plan's probe that the destination says arrived (never more than was sent),
+//! which can mislead only predictions of migrations to that same destination, and only
+//! until a migration there measured the link.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,7 +29,21 @@ pub struct LinkRecord {
     pub migrations: u64,
     /// When the last one ended (seconds since the epoch).
     pub last_unix: u64,
+    /// The wire's rate a plan's probe measured last (bytes/s), and when.
+    #[serde(default)]
+    pub probe_bps: Option<f64>,
+    #[serde(default)]
+    pub probe_unix: u64,
+    /// The part of the downtime that did not depend on the last dirty set, ms, averaged
+    /// over migrations whose prediction put little in that set.
+    #[serde(default)]
+    pub switchover_fixed_ms: Option<f64>,
 }
+
+/// A migration teaches the switchover's fixed part only when the model put at most this
+/// much of its predicted downtime in the last dirty set (otherwise the model's error on
+/// that set would be learnt as a fixed cost).
+const DIRTY_PART_MAX_MS: f64 = 100.0;
 
 fn file(state_dir: &Path) -> PathBuf {
     state_dir.join("links.json")
@@ -41,15 +59,76 @@ fn load(state_dir: &Path) -> BTreeMap<String, LinkRecord> {
 /// What the plan may use for `destination` (None: never migrated there from here).
 pub fn memory_of(state_dir: &Path, destination: &str) -> Option<LinkMemory> {
     let r = load(state_dir).remove(destination)?;
-    (r.stream_bps > 0.0).then(|| LinkMemory {
-        stream_bps: r.stream_bps,
-        wire_ratio: r.wire_ratio,
+    if r.migrations > 0 && r.stream_bps > 0.0 {
+        return Some(LinkMemory {
+            stream_bps: r.stream_bps,
+            wire_ratio: r.wire_ratio,
+            from: format!(
+                "{} past migration{} to this destination",
+                r.migrations,
+                if r.migrations == 1 { "" } else { "s" }
+            ),
+            probed: false,
+            switchover_fixed_ms: r.switchover_fixed_ms,
+        });
+    }
+    let probe = r.probe_bps.filter(|b| *b > 0.0)?;
+    Some(LinkMemory {
+        stream_bps: probe,
+        wire_ratio: 1.0,
         from: format!(
-            "{} past migration{} to this destination",
-            r.migrations,
-            if r.migrations == 1 { "" } else { "s" }
+            "a plan's probe {} ago (no migration to this destination yet)",
+            ago(r.probe_unix)
         ),
+        probed: true,
+        switchover_fixed_ms: r.switchover_fixed_ms,
     })
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn ago(unix: u64) -> String {
+    let s = now_unix().saturating_sub(unix);
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        _ => format!("{} h", s / 3600),
+    }
+}
+
+/// Read-modify-write of the file, one at a time (a plan's probe and a migration's end may
+/// come together).
+static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn save(state_dir: &Path, all: &BTreeMap<String, LinkRecord>) -> std::io::Result<()> {
+    let tmp = file(state_dir).with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(all)?)?;
+    std::fs::rename(tmp, file(state_dir))
+}
+
+/// Keeps what a plan's probe measured of the wire to `destination` (bytes/s).
+pub fn record_probe(state_dir: &Path, destination: &str, wire_bps: f64) -> std::io::Result<()> {
+    if !(wire_bps.is_finite() && wire_bps > 0.0) {
+        return Ok(());
+    }
+    let _writing = WRITING.lock().unwrap_or_else(|p| p.into_inner());
+    let mut all = load(state_dir);
+    let e = all.entry(destination.to_string()).or_insert(LinkRecord {
+        stream_bps: 0.0,
+        wire_ratio: 1.0,
+        migrations: 0,
+        last_unix: 0,
+        probe_bps: None,
+        probe_unix: 0,
+        switchover_fixed_ms: None,
+    });
+    e.probe_bps = Some(wire_bps);
+    e.probe_unix = now_unix();
+    save(state_dir, &all)
 }
 
 /// Folds a successful migration to `destination` into what this host remembers.
@@ -78,24 +157,37 @@ pub fn record(state_dir: &Path, destination: &str, r: &MigrationReport) -> std::
     } else {
         1.0
     };
+    let _writing = WRITING.lock().unwrap_or_else(|p| p.into_inner());
     let mut all = load(state_dir);
     let e = all.entry(destination.to_string()).or_insert(LinkRecord {
         stream_bps,
         wire_ratio,
         migrations: 0,
         last_unix: 0,
+        probe_bps: None,
+        probe_unix: 0,
+        switchover_fixed_ms: None,
     });
+    // the downtime's fixed part: what the pause took beyond the model's last dirty set
+    if let Some(p) = r.prediction.as_ref().filter(|_| r.downtime_ms > 0) {
+        let dirty_part = p.downtime_ms - p.switchover_fixed_ms;
+        if p.switchover_fixed_ms > 0.0 && (0.0..=DIRTY_PART_MAX_MS).contains(&dirty_part) {
+            let fixed = (r.downtime_ms as f64 - dirty_part).max(0.0);
+            e.switchover_fixed_ms = Some(match e.switchover_fixed_ms {
+                Some(old) => (1.0 - NEW) * old + NEW * fixed,
+                None => fixed,
+            });
+        }
+    }
     if e.migrations > 0 {
         e.stream_bps = (1.0 - NEW) * e.stream_bps + NEW * stream_bps;
         e.wire_ratio = (1.0 - NEW) * e.wire_ratio + NEW * wire_ratio;
+    } else {
+        (e.stream_bps, e.wire_ratio) = (stream_bps, wire_ratio);
     }
     e.migrations += 1;
-    e.last_unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let tmp = file(state_dir).with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&all)?)?;
-    std::fs::rename(tmp, file(state_dir))
+    e.last_unix = now_unix();
+    save(state_dir, &all)
 }
 
 #[cfg(test)]
@@ -126,5 +218,60 @@ mod tests {
         // too short to measure: nothing recorded
         record(dir.path(), "c:7700", &MigrationReport::default()).unwrap();
         assert_eq!(memory_of(dir.path(), "c:7700"), None);
+    }
+
+    #[test]
+    fn a_probe_stands_in_only_until_a_migration_measured_the_link() {
+        let dir = tempfile::tempdir().unwrap();
+        record_probe(dir.path(), "b:7700", 12.0 * 1048576.0).unwrap();
+        record_probe(dir.path(), "b:7700", f64::NAN).unwrap();
+        let m = memory_of(dir.path(), "b:7700").unwrap();
+        assert!(m.probed && m.stream_bps == 12.0 * 1048576.0, "{m:?}");
+        assert!(m.from.contains("probe"), "{}", m.from);
+        let mut r = MigrationReport {
+            bytes_from_qemu: 100 << 20,
+            bytes_on_wire: 50 << 20,
+            ..Default::default()
+        };
+        r.convergence.transfer_mibps = 20.0;
+        record(dir.path(), "b:7700", &r).unwrap();
+        let m = memory_of(dir.path(), "b:7700").unwrap();
+        // the migration's own numbers, not an average with the probe's
+        assert!(!m.probed && m.stream_bps == 20.0 * 1048576.0, "{m:?}");
+        assert!((m.wire_ratio - 0.5).abs() < 1e-9);
+        record_probe(dir.path(), "b:7700", 1.0).unwrap();
+        assert!(!memory_of(dir.path(), "b:7700").unwrap().probed);
+    }
+
+    #[test]
+    fn the_switchover_fixed_part_is_learnt_only_when_little_was_left_dirty() {
+        let dir = tempfile::tempdir().unwrap();
+        let report = |downtime_ms: u64, predicted: f64, fixed: f64| {
+            let mut r = MigrationReport {
+                bytes_from_qemu: 100 << 20,
+                bytes_on_wire: 50 << 20,
+                downtime_ms,
+                prediction: Some(tern_api::PlanPrediction {
+                    downtime_ms: predicted,
+                    switchover_fixed_ms: fixed,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            r.convergence.transfer_mibps = 10.0;
+            r
+        };
+        // predicted 250 ms, 230 of them fixed; it took 300: the fixed part is 280
+        record(dir.path(), "b:7700", &report(300, 250.0, 230.0)).unwrap();
+        let m = memory_of(dir.path(), "b:7700").unwrap();
+        assert_eq!(m.switchover_fixed_ms, Some(280.0));
+        // most of the prediction was the dirty set: nothing learnt from it
+        record(dir.path(), "b:7700", &report(2000, 900.0, 230.0)).unwrap();
+        let m = memory_of(dir.path(), "b:7700").unwrap();
+        assert_eq!(m.switchover_fixed_ms, Some(280.0));
+        // averaged
+        record(dir.path(), "b:7700", &report(200, 230.0, 230.0)).unwrap();
+        let m = memory_of(dir.path(), "b:7700").unwrap();
+        assert_eq!(m.switchover_fixed_ms, Some(240.0));
     }
 }

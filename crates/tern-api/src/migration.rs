@@ -651,11 +651,25 @@ pub struct PlanInputs {
     /// The local disks' allocated bytes (what a copy without help from the destination
     /// sends).
     pub disk_bytes: u64,
+    /// Of a sample of the local disks' data, the share the destination's chunk index
+    /// holds (None: no local disk, or it could not be asked).
+    #[serde(default)]
+    pub disk_held_fraction: Option<f64>,
     /// The guest's dirty rate, MiB/s (QEMU's page sampling over `dirty_sample_s`).
     pub dirty_mibps: f64,
     pub dirty_sample_s: u64,
     /// The round trip to the destination agent (TLS connection, Hello), ms.
     pub rtt_ms: f64,
+    /// Of the sampled pages that are not zero, the share the destination's page store
+    /// holds (None: not asked, a destination older than protocol v9, or no sample).
+    #[serde(default)]
+    pub held_fraction: Option<f64>,
+    /// The link as a probe measured it over the agents' TLS connection (only when no past
+    /// migration and no `--max-bandwidth` said the rate): wire MiB/s, and the filler sent.
+    #[serde(default)]
+    pub probe_mibps: Option<f64>,
+    #[serde(default)]
+    pub probe_bytes: u64,
     /// The rate memory crossed at to this destination before, MiB/s of QEMU's stream,
     /// and wire bytes per stream byte; where they come from.
     pub link_mibps: Option<f64>,
@@ -685,6 +699,11 @@ pub struct PlanPrediction {
     pub stops: bool,
     /// The same, in words.
     pub summary: String,
+    /// Of `downtime_ms`: the part that does not depend on the last dirty set (the stream's
+    /// end crossing, the digests, the commit, the resume), as assumed or as learnt from past
+    /// migrations to this destination.
+    #[serde(default)]
+    pub switchover_fixed_ms: f64,
 }
 
 /// How the VM's local disks moved (source side). Memory's share of the wire is

@@ -364,8 +364,10 @@ struct MigrateArgs {
     /// (default 2m; 0 fails at the first stall).
     #[arg(long, value_parser = tern_api::migration::parse_duration_s)]
     outage_wait: Option<u64>,
-    /// Move nothing: measure (the guest's dirty rate, the round trip, the policy) and
-    /// print what the migration would cost and what tern would do.
+    /// Move nothing: measure (the guest's dirty rate, the round trip, what the destination
+    /// holds of a sample of RAM, the policy; the link with a 2 s probe when no past
+    /// migration or --max-bandwidth says its rate) and print what the migration would cost
+    /// and what tern would do.
     #[arg(long)]
     plan: bool,
     /// Print the final report as JSON on stdout.
@@ -1170,14 +1172,33 @@ fn print_plan(p: &tern_api::MigrationPlan) {
             r * 100.0
         );
     }
+    if let Some(h) = i.held_fraction {
+        println!(
+            "    held there      {:.0}% of the sample that is not zero (goes by reference)",
+            h * 100.0
+        );
+    }
     if i.disk_bytes > 0 {
-        println!("    disks           {:.1} MiB allocated", mib(i.disk_bytes));
+        match i.disk_held_fraction {
+            Some(h) => println!(
+                "    disks           {:.1} MiB allocated, {:.0}% of a sample held there",
+                mib(i.disk_bytes),
+                h * 100.0
+            ),
+            None => println!("    disks           {:.1} MiB allocated", mib(i.disk_bytes)),
+        }
     }
     println!(
         "    dirty rate      {:.1} MiB/s (QEMU page sampling, {} s)",
         i.dirty_mibps, i.dirty_sample_s
     );
     println!("    round trip      {:.1} ms", i.rtt_ms);
+    if let Some(p) = i.probe_mibps {
+        println!(
+            "    link probe      {p:.1} MiB/s on the wire ({:.1} MiB of filler over the agents' TLS connection)",
+            mib(i.probe_bytes)
+        );
+    }
     match i.link_mibps {
         Some(r) => println!(
             "    link            {r:.1} MiB/s of memory, {:.2} wire bytes per byte ({})",

@@ -332,10 +332,45 @@ fn a_writing_guests_disk_moves_there_and_back_identical_at_each_switchover() -> 
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // a plan first: b's image index holds the base, so most of the disk's data is held
+    // there (the guest's own files are not)
+    let plan: tern_api::MigrationPlan = serde_json::from_value(a.call(
+        "POST",
+        "/v1/vms/dk1/plan",
+        Some(&serde_json::json!({ "to": b.peer_addr.to_string(), "max_bandwidth_mibps": 64 })),
+    )?)?;
+    let held = plan
+        .inputs
+        .disk_held_fraction
+        .context("the plan asked what b holds of the disk")?;
+    let pr = plan.prediction.context("a prediction under a cap")?;
+    eprintln!(
+        "plan: disk held {held:.2}, {} MiB allocated, {} MiB of disk predicted on the wire",
+        plan.inputs.disk_bytes >> 20,
+        pr.disk_wire_bytes >> 20
+    );
+    ensure!(
+        held > 0.5,
+        "b holds the base image, yet the plan found {held}"
+    );
+    ensure!(
+        (pr.disk_wire_bytes as f64) < plan.inputs.disk_bytes as f64 * (1.0 - held) + MIB as f64,
+        "{pr:?}"
+    );
+
     // --- out: a -> b
     let r = migrate_ok(&a, &b, "dk1")?;
     let dr = r.disk.clone().context("no disk part in the report")?;
-    eprintln!("out: {dr:?}; wire {} B total", r.bytes_on_wire);
+    let filled = dr.local_bytes as f64 / dr.data_bytes.max(1) as f64;
+    eprintln!(
+        "out: {dr:?}; wire {} B total; the plan's disk share held {held:.2}, filled there {filled:.2}",
+        r.bytes_on_wire
+    );
+    // the sample spreads over the whole disk: it sees the guest's own files too
+    ensure!(
+        (held - filled).abs() < 0.15,
+        "the plan found {held:.2} held; the copy filled {filled:.2} there"
+    );
     ensure!(dr.disks == 1 && dr.virtual_bytes == 64 * MIB, "{dr:?}");
     ensure!(
         dr.local_bytes * 2 > dr.data_bytes,

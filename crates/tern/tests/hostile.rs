@@ -489,6 +489,50 @@ fn a_hostile_source_cannot_crash_exhaust_or_mislead_a_destination() -> Result<()
     }
     v.still_fine("tunnels", 512)?;
 
+    // A plan (v9): one question of bounded size, a probe of bounded bytes
+    let mut q = HostilePeer::connect(v.agent.peer_addr, "evil-src", &[])?;
+    q.hello(9)?;
+    q.send(&Message::PlanQuery {
+        key_id: 1,
+        hashes: vec![],
+        chunks: vec![[9; 16]; tern_proto::limits::MAX_PLAN_HASHES + 1],
+    })?;
+    expect_abort(
+        &mut q,
+        ErrorCode::Protocol,
+        "plan's hashes",
+        "a plan of 4097 hashes",
+    )?;
+    let mut q = HostilePeer::connect(v.agent.peer_addr, "evil-src", &[])?;
+    q.hello(9)?;
+    q.send(&Message::PlanQuery {
+        key_id: 1,
+        hashes: vec![[9; 16]; 16],
+        chunks: vec![[9; 16]; 16],
+    })?;
+    match q.recv(WITHIN)? {
+        Some(Message::PlanHeld {
+            held: 0,
+            chunks_held: 0,
+        }) => {}
+        other => bail!("a plan's question: expected PlanHeld 0, got {other:?}"),
+    }
+    let filler = Bytes::from(vec![0u8; 1 << 20]);
+    let mut sent = 0u64;
+    while sent <= tern_proto::limits::MAX_PROBE_BYTES {
+        if q.send(&Message::ProbeBytes(filler.clone())).is_err() {
+            break; // refused and closed
+        }
+        sent += 1 << 20;
+    }
+    expect_abort(
+        &mut q,
+        ErrorCode::ResourceExhausted,
+        "at most",
+        "a probe past its bytes",
+    )?;
+    v.still_fine("plans", 512)?;
+
     // Disks: pieces tied to byte ranges, rounds in order, sizes sane
     let disk_vm = spec(
         "hd",

@@ -3,7 +3,8 @@
 //! migration); an Attach hands the connection to its migration; a Prepare (after the VM's
 //! DiskOffer and TpmKey, when it has them) starts an incoming migration; a Tunnel carries a
 //! libvirt domain's storage connection (`crate::tunnel`); Locations are where a peer's
-//! VMs' network cards live (`crate::overlay`), answered with this host's.
+//! VMs' network cards live (`crate::overlay`), answered with this host's; a PlanQuery is a
+//! source's `--plan` (`plan.rs`).
 
 use std::time::Duration;
 
@@ -36,6 +37,12 @@ pub(super) enum Opening {
     /// A storage tunnel of libvirt domain `domain` (v6).
     Tunnel {
         domain: String,
+    },
+    /// A plan's question (v9): how much of a page sample is held here, then a link probe.
+    Plan {
+        key_id: u64,
+        hashes: Vec<tern_proto::ContentHash>,
+        chunks: Vec<tern_proto::ContentHash>,
     },
     /// Where the peer's VMs' cards live (v7), with its name, to be answered.
     Locations {
@@ -109,6 +116,17 @@ pub(super) async fn run(inc: &mut Incoming, conn: &mut Conn) -> Result<Opening, 
                 })
             }
             Message::Tunnel { domain } => return Ok(Opening::Tunnel { domain }),
+            Message::PlanQuery {
+                key_id,
+                hashes,
+                chunks,
+            } => {
+                return Ok(Opening::Plan {
+                    key_id,
+                    hashes,
+                    chunks,
+                })
+            }
             Message::Locations { entries } => {
                 return Ok(Opening::Locations {
                     peer: peer_name,

@@ -7,7 +7,7 @@
 //!
 //! | phase | file | does |
 //! |---|---|---|
-//! | hello | `hello.rs` | the version; what the connection is for: Prepare (after DiskOffer, TpmKey), Query, Attach, Tunnel (`crate::tunnel`) |
+//! | hello | `hello.rs` | the version; what the connection is for: Prepare (after DiskOffer, TpmKey), Query, Attach, Tunnel (`crate::tunnel`), a plan's PlanQuery and link probe (`plan.rs`) |
 //! | `Prepare` | `prepare.rs` | the spec vetted (`spec.rs`), the migration admitted, its QEMU launched (a libvirt domain's: connected to, `crate::libvirt`), disks exported, the summary, Prepared |
 //! | `Transfer` | `transfer.rs` | frames in order (reordered from data connections) rebuilt into QEMU's stream; the return path relayed (`relay.rs`) |
 //! | `Verify` | `verify.rs` | digests equal, QEMU loaded everything, disks handed to the guest, the commit (v1: asked for) |
@@ -22,6 +22,7 @@
 
 mod carried;
 mod hello;
+mod plan;
 mod prepare;
 pub mod record;
 mod relay;
@@ -311,6 +312,14 @@ async fn receive(inc: &mut Incoming, conn: &mut Conn) -> Result<Then, IncomingEr
             return Ok(Then::Tunnel { domain });
         }
         hello::Opening::Answered => return Ok(Then::Done),
+        hello::Opening::Plan {
+            key_id,
+            hashes,
+            chunks,
+        } => {
+            plan::answer(inc, conn, key_id, hashes, chunks).await?;
+            return Ok(Then::Done);
+        }
         hello::Opening::Locations { peer, entries } => {
             // bounded: a peer's long list must not hold the connection (and its slot)
             let ours = tokio::time::timeout(

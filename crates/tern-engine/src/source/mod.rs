@@ -260,6 +260,9 @@ pub(crate) struct Migration {
     rtt: Duration,
     dirty_sampling: bool,
     content: Option<plan::Content>,
+    /// The content hashes of the sample's pages that are not zero (what the destination
+    /// holds of them is known once its summary came).
+    sample_hashes: Vec<tern_store::Hash>,
     /// Which try this is (1, then 2 after a link was lost and came back, ...).
     attempt: u32,
     /// The lost links waited out so far.
@@ -368,6 +371,7 @@ impl Migration {
             rtt: Duration::ZERO,
             dirty_sampling: false,
             content: None,
+            sample_hashes: Vec::new(),
             attempt: 1,
             outages: Vec::new(),
             peer_ip: None,

@@ -1,18 +1,28 @@
 //! `--plan`: what moving a VM would cost, with nothing of it moved. It runs what a
 //! migration starts with (the checks of QEMU's configuration and the disks' sizes, mutual
-//! TLS, Hello, the policy on the destination's labels), measures the guest's dirty rate
-//! (QEMU's page sampling), and runs the model (`converge::simulate`, the same decisions as
-//! a real migration) over the rate memory crossed at to that destination before, which the
-//! daemon remembers ([`LinkMemory`]), or `--max-bandwidth`.
+//! TLS, Hello, the policy on the destination's labels), samples the guest's RAM (zero
+//! pages, how the rest compresses, and, v9, how much of it the destination's page store
+//! holds: `PlanQuery`), measures the guest's dirty rate (QEMU's page sampling), and runs
+//! the model (`converge::simulate`, the same decisions as a real migration) over the rate
+//! memory crossed at to that destination before, which the daemon remembers
+//! ([`LinkMemory`]), or `--max-bandwidth`; with neither, a probe measures the link over the
+//! agents' own TLS connection (v9: at most [`PROBE_FOR`] of filler, which the destination
+//! drops).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde_json::json;
 use tern_api::{Direction, MigrationPlan, PlanInputs, PlanPrediction};
+use tern_proto::limits::{MAX_PROBE_BYTES, MAX_PROBE_TIME};
+use tern_proto::Message;
 use tern_qemu::qmp::{QmpClient, QmpError};
+use tern_store::Hash;
 
-use super::{checks, connect, MigrateError, MigrateRequest, Migration, SourceVm};
+use super::{
+    checks, connect, expect, send, unexpected, MigrateError, MigrateRequest, Migration, SourceVm,
+};
 use crate::converge::{self, Scenario};
 use crate::handle::{new_migration_id, MigrationHandle};
 use crate::{Engine, Host};
@@ -21,6 +31,29 @@ use crate::{Engine, Host};
 const DIRTY_SAMPLE: Duration = Duration::from_secs(1);
 /// Before the first page: TLS, Hello, Prepare, the destination's QEMU starting.
 const SETUP: Duration = Duration::from_secs(1);
+/// How long a plan's link probe sends filler (less when [`MAX_PROBE_BYTES`] go sooner).
+pub const PROBE_FOR: Duration = Duration::from_secs(2);
+/// The longest a plan's questions to the destination may take, the probe included (a
+/// destination that reads slowly cannot hold the plan longer).
+const SOUND_WITHIN: Duration = Duration::from_secs(45);
+/// The probe's frames of filler.
+const PROBE_FRAME: usize = 256 << 10;
+/// Wire bytes of a page sent as a reference to content the destination holds (its hash
+/// and the record around it), per byte of the page.
+const REFERENCE_BYTES_PER_BYTE: f64 = 24.0 / 4096.0;
+/// How fast pages the destination holds go by reference at most (bytes/s of QEMU's
+/// stream: hashing and looking up each page on both sides). Measured on the 2-core TCG
+/// machine of docs/benchmarks.md: a return trip of a 1 GiB guest that is all references
+/// takes about 5 s.
+const REFERENCE_RATE: f64 = 200.0 * 1048576.0;
+/// Wire bytes of a disk block the destination's chunk index holds (its hash in the
+/// manifest), per byte of the block.
+const MANIFEST_BYTES_PER_BYTE: f64 = 16.0 / 4096.0;
+/// Disk blocks a plan samples, over all local disks (in proportion to their data).
+const DISK_SAMPLE: u64 = 1024;
+/// A probed link faster than this is taken as not the bottleneck: pages go as they are
+/// (tern's lean path), neither compressed nor by reference.
+const LEAN_ABOVE: f64 = 1e9 / 8.0;
 
 /// What the daemon remembers of migrations to one destination.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +64,26 @@ pub struct LinkMemory {
     pub wire_ratio: f64,
     /// Where it comes from, in words.
     pub from: String,
+    /// A probe's measurement of the wire (`stream_bps` is then the wire's rate, and
+    /// `wire_ratio` 1), not a migration's.
+    pub probed: bool,
+    /// The part of the downtime that did not depend on the last dirty set in past
+    /// migrations to this destination, ms (None: not learnt yet).
+    pub switchover_fixed_ms: Option<f64>,
+}
+
+/// The part of the downtime that does not depend on the last dirty set: the stream's end
+/// crossing and QEMU's SHUT coming back, the digests, the commit, the resume. Before
+/// anything is learnt: 4 round trips and 30 ms (what the idle guests of
+/// docs/benchmarks.md paused on both WAN profiles); then what past migrations to the
+/// destination measured, never under 2 round trips.
+pub(super) fn switchover_fixed(rtt: Duration, link: Option<&LinkMemory>) -> Duration {
+    match link.and_then(|l| l.switchover_fixed_ms) {
+        Some(ms) if ms.is_finite() => {
+            Duration::from_secs_f64(ms.clamp(0.0, 60_000.0) / 1e3).max(rtt * 2)
+        }
+        _ => rtt * 4 + Duration::from_millis(30),
+    }
 }
 
 /// Measures and predicts; nothing of the VM moves.
@@ -49,9 +102,53 @@ pub async fn plan(
     ));
     let mut m = Migration::new(engine, host, vm, req, handle, None);
     let checked = checks::run(&mut m).await?;
-    let peer = connect::run(&mut m).await?;
+    // the samples before the connection, which is then open only for the questions
+    let (mut content, hashes) = match sample_content(&m).await {
+        Some((c, h)) => (Some(c), h),
+        None => (None, Vec::new()),
+    };
+    let disk_infos = checked.disks.as_deref().unwrap_or_default();
+    let disk_bytes: u64 = disk_infos.iter().map(|d| d.allocated).sum();
+    let disk_sample = sample_disks(&m, disk_infos).await;
+    let mut disks = Disks {
+        bytes: disk_bytes as f64,
+        held: None,
+        zero: disk_sample.zero,
+        ratio: disk_sample.ratio,
+    };
+    let mut peer = connect::run(&mut m).await?;
     let (rtt, version, dest_agent) = (peer.rtt, peer.version, peer.agent.clone());
-    // Hello only: the destination forgets the connection
+    // v9: what the destination holds of the samples, and the link when nothing else says
+    // (a cap given is the rate: the link is not flooded to measure what is not used; a
+    // probe kept from an earlier plan is measured again)
+    let wants_probe = link.as_ref().is_none_or(|l| l.probed) && m.req.max_bandwidth_mibps.is_none();
+    let mut probe = None;
+    let mut unasked = None;
+    if version >= 9 {
+        let asked = tokio::time::timeout(
+            SOUND_WITHIN,
+            sound(&m, &mut peer, hashes, disk_sample.hashes, wants_probe),
+        )
+        .await;
+        match asked {
+            Ok(Ok((held, chunks_held, p))) => {
+                if let Some(c) = content.as_mut() {
+                    c.held = held;
+                }
+                disks.held = chunks_held;
+                probe = p;
+            }
+            Ok(Err(e)) => unasked = Some(crate::error_chain(&e)),
+            Err(_) => unasked = Some(format!("no answer within {SOUND_WITHIN:?}")),
+        }
+    }
+    let probed_link = probe.as_ref().map(LinkProbe::memory);
+    let link = match link {
+        Some(l) if !l.probed => Some(l),
+        // a fresh probe over one kept from an earlier plan
+        kept => probed_link.or(kept),
+    };
+    // the destination forgets the connection
     drop(peer);
     m.writer = None;
     let dirty_mibps = if m.source_running {
@@ -59,20 +156,37 @@ pub async fn plan(
     } else {
         0.0
     };
-    let content = sample_content(&m).await;
     let policy = converge::Policy::from_request(&m.req);
     let ram = u64::from(m.vm.spec.memory_mib) << 20;
-    let disk_bytes: u64 = checked.disks.iter().flatten().map(|d| d.allocated).sum();
-    let (rate, wire_ratio, link_from) = link_rate(link.as_ref(), &m.req, content);
+    let (rate, wire_ratio, link_from, dedup) = link_rate(link.as_ref(), &m.req, content);
     let mut notes = vec![
         match content {
-            Some(c) => format!("{} pages of RAM sampled: {:.0}% zero (counted as free), the rest compresses to {:.0}%; pages the destination holds are counted as data", c.pages, c.zero * 100.0, c.ratio * 100.0),
+            Some(c) => format!("{} pages of RAM sampled: {:.0}% zero (counted as free), the rest compresses to {:.0}%{}", c.pages, c.zero * 100.0, c.ratio * 100.0, match c.held {
+                Some(h) => format!(", and the destination holds {:.0}% of it (sent by reference where the link is the bottleneck)", h * 100.0),
+                None => "; pages the destination holds are counted as data (it could not be asked: an agent older than protocol v9)".to_string(),
+            }),
             None => "all of RAM is counted as data (RAM could not be sampled; pages that are zero or the destination holds go faster: the prediction is an upper bound on the first pass)".to_string(),
         },
         "the throttle is assumed to slow the guest's dirtying in proportion (true of CPU-bound guests; a guest paced by I/O or a clock is slowed less)".to_string(),
     ];
     if disk_bytes > 0 {
-        notes.push("disks are counted at their allocated size (blocks the destination's images hold are not sent)".into());
+        notes.push(match disks.held {
+            Some(h) => format!("of a sample of {} blocks of the local disks' data, {:.0}% are zero (free) and the destination's image index holds {:.0}% of the rest: those blocks go as their hashes, the rest {}", DISK_SAMPLE, disks.zero.unwrap_or(0.0) * 100.0, h * 100.0, match disks.ratio {
+                Some(r) if dedup => format!("compressed to about {:.0}%", r * 100.0),
+                _ => "as they are".to_string(),
+            }),
+            None => "disks are counted at their allocated size (what the destination's images hold could not be asked)".into(),
+        });
+    }
+    if let Some(why) = &unasked {
+        notes.push(format!("the destination could not be asked what it holds, nor the link probed ({why}): pages and disk blocks are counted as data"));
+    }
+    if let Some(p) = &probe {
+        notes.push(format!(
+            "the link was probed with {:.1} MiB of filler over the agents' TLS connection: {:.1} MiB/s on the wire (one connection, with whatever else the link carried just then)",
+            p.bytes as f64 / 1048576.0,
+            p.wire_bps / 1048576.0
+        ));
     }
     let prediction = match rate {
         None => {
@@ -80,11 +194,11 @@ pub async fn plan(
             None
         }
         Some(rate) => Some(predict(
-            ram as f64 * (1.0 - content.map_or(0.0, |c| c.zero)),
+            memory_of_ram(ram, content, dedup),
             dirty_mibps * 1048576.0,
             (rate, wire_ratio),
-            disk_bytes,
-            rtt,
+            disks.on_wire(dedup, wire_ratio),
+            (rtt, switchover_fixed(rtt, link.as_ref())),
             policy,
             m.req.deadline_s.map(Duration::from_secs),
         )),
@@ -102,9 +216,13 @@ pub async fn plan(
             zero_fraction: content.map(|c| c.zero),
             compressed_ratio: content.map(|c| c.ratio),
             disk_bytes,
+            disk_held_fraction: disks.held,
             dirty_mibps,
             dirty_sample_s: DIRTY_SAMPLE.as_secs(),
             rtt_ms: rtt.as_secs_f64() * 1e3,
+            held_fraction: content.and_then(|c| c.held),
+            probe_mibps: probe.as_ref().map(|p| p.wire_bps / 1048576.0),
+            probe_bytes: probe.as_ref().map_or(0, |p| p.bytes),
             link_mibps: rate.map(|r| r / 1048576.0),
             wire_ratio,
             link_from,
@@ -117,17 +235,20 @@ pub async fn plan(
     })
 }
 
-/// What a sample of the guest's RAM says: the share of pages that are zero, and wire bytes
-/// per byte of the rest (zstd -1, as tern compresses where the link is the bottleneck).
+/// What a sample of the guest's RAM says: the share of pages that are zero, wire bytes
+/// per byte of the rest (zstd -1, as tern compresses where the link is the bottleneck),
+/// and the share of the rest the destination holds (None: not known).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Content {
     zero: f64,
     ratio: f64,
     pages: usize,
+    pub(super) held: Option<f64>,
 }
 
-/// Samples 1024 pages of the guest's RAM (read from its QEMU process; nothing pauses).
-async fn sample_content(m: &Migration) -> Option<Content> {
+/// Samples 1024 pages of the guest's RAM (read from its QEMU process; nothing pauses), with
+/// the content hashes (cluster key) of the pages that are not zero.
+pub(super) async fn sample_content(m: &Migration) -> Option<(Content, Vec<Hash>)> {
     let pid = m.vm.pid?;
     match tern_qemu::ramsample::sample(m.vm.qmp().ok()?, pid, 1024).await {
         Ok(s) if s.pages > 0 => {
@@ -138,11 +259,20 @@ async fn sample_content(m: &Migration) -> Option<Content> {
                     .map_or(1.0, |c| c.len() as f64 / s.nonzero.len() as f64)
                     .min(1.0)
             };
-            Some(Content {
-                zero: s.zero as f64 / s.pages as f64,
-                ratio,
-                pages: s.pages,
-            })
+            let hashes = s
+                .nonzero
+                .chunks_exact(4096)
+                .map(|p| m.engine.hasher.hash(p))
+                .collect();
+            Some((
+                Content {
+                    zero: s.zero as f64 / s.pages as f64,
+                    ratio,
+                    pages: s.pages,
+                    held: None,
+                },
+                hashes,
+            ))
         }
         Ok(_) => None,
         Err(e) => {
@@ -152,15 +282,17 @@ async fn sample_content(m: &Migration) -> Option<Content> {
     }
 }
 
-/// The rate memory crosses at (bytes/s of QEMU's stream), wire bytes per stream byte, and
-/// where they come from: the link's capacity this host learned in past migrations to the
-/// destination, within `--max-bandwidth`; this guest's own content (a sample) says how
-/// many stream bytes that capacity carries when the link is the bottleneck.
+/// The rate memory crosses at (bytes/s of QEMU's stream), wire bytes per stream byte,
+/// where they come from, and whether the link is the bottleneck (pages then go compressed
+/// and by reference: tern's dedup path): the link's capacity this host learned in past
+/// migrations to the destination or a plan's probe measured, within `--max-bandwidth`;
+/// this guest's own content (a sample) says how many stream bytes that capacity carries
+/// when the link is the bottleneck.
 fn link_rate(
     link: Option<&LinkMemory>,
     req: &MigrateRequest,
     content: Option<Content>,
-) -> (Option<f64>, f64, String) {
+) -> (Option<f64>, f64, String, bool) {
     let cap = req.max_bandwidth_mibps.map(|mib| (mib << 20) as f64);
     // the wire's capacity, and whether pages were compressed on it (the link was the
     // bottleneck), as far as known
@@ -169,6 +301,11 @@ fn link_rate(
             Some((l.stream_bps * l.wire_ratio).min(c)),
             true,
             format!("{}, within --max-bandwidth", l.from),
+        ),
+        (Some(l), None) if l.probed => (
+            Some(l.stream_bps),
+            l.stream_bps < LEAN_ABOVE,
+            l.from.clone(),
         ),
         (Some(l), None) => (
             Some(l.stream_bps * l.wire_ratio),
@@ -187,13 +324,220 @@ fn link_rate(
         ),
     };
     let Some(wire) = wire else {
-        return (None, 1.0, from);
+        return (None, 1.0, from, false);
     };
     match (content, link) {
         // the link is the bottleneck: this guest's pages compress as the sample says
-        (Some(c), _) if compressed => (Some(wire / c.ratio.max(0.01)), c.ratio, from),
-        (_, Some(l)) => (Some(l.stream_bps), l.wire_ratio, from),
-        (_, None) => (Some(wire), 1.0, from),
+        (Some(c), _) if compressed => (Some(wire / c.ratio.max(0.01)), c.ratio, from, true),
+        (_, Some(l)) if l.probed => (Some(wire), 1.0, from, compressed),
+        (_, Some(l)) => (Some(l.stream_bps), l.wire_ratio, from, compressed),
+        (_, None) => (Some(wire), 1.0, from, compressed),
+    }
+}
+
+/// The guest's memory as the model sees it: bytes that are not zero, and of them the
+/// bytes the destination holds, which go by reference on the dedup path.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Memory {
+    data: f64,
+    held: f64,
+}
+
+fn memory_of_ram(ram: u64, content: Option<Content>, dedup: bool) -> Memory {
+    let nonzero = ram as f64 * (1.0 - content.map_or(0.0, |c| c.zero));
+    let held = match content.and_then(|c| c.held) {
+        Some(h) if dedup => nonzero * h.clamp(0.0, 1.0),
+        _ => 0.0,
+    };
+    Memory {
+        data: nonzero - held,
+        held,
+    }
+}
+
+/// What a plan asks of a v9 destination: how much of the sample (`hashes`) its page store
+/// holds, and, when `probe`, the link's rate (filler for [`PROBE_FOR`]).
+async fn sound(
+    m: &Migration,
+    peer: &mut connect::Peer,
+    hashes: Vec<Hash>,
+    chunks: Vec<Hash>,
+    probe: bool,
+) -> Result<(Option<f64>, Option<f64>, Option<LinkProbe>), MigrateError> {
+    let (asked, asked_chunks) = (hashes.len(), chunks.len());
+    send(
+        &peer.writer,
+        &Message::PlanQuery {
+            key_id: m.engine.hasher.key_id(),
+            hashes,
+            chunks,
+        },
+    )
+    .await?;
+    let (held, chunks_held) =
+        match expect(&mut peer.reader, Duration::from_secs(10), "PlanHeld").await? {
+            Message::PlanHeld { held, chunks_held }
+                if held as usize <= asked && chunks_held as usize <= asked_chunks =>
+            {
+                (held, chunks_held)
+            }
+            Message::PlanHeld { held, chunks_held } => {
+                return Err(MigrateError::Protocol(format!(
+                    "the destination says it holds {held} of {asked} pages and {chunks_held} of {asked_chunks} disk blocks"
+                )))
+            }
+            msg => return Err(unexpected(&msg, "PlanHeld")),
+        };
+    let mut sent = 0u64;
+    if probe {
+        let filler = Bytes::from(vec![0u8; PROBE_FRAME]);
+        let t0 = Instant::now();
+        let acked = |p: &crate::transport::probe::TcpProbe| p.read().ok().map(|s| s.bytes_acked);
+        let acked0 = peer.probe.as_ref().and_then(acked);
+        'filler: while t0.elapsed() < PROBE_FOR && sent + PROBE_FRAME as u64 <= MAX_PROBE_BYTES {
+            // at most about as much in flight as the peer acknowledged so far (at least
+            // 1 MiB: TCP's own slow start grows no faster), so that what is left when the
+            // time is up drains quickly on a slow link
+            if let (Some(p), Some(a0)) = (&peer.probe, acked0) {
+                while let Some(done) = acked(p).map(|a| a.saturating_sub(a0)) {
+                    if sent.saturating_sub(done) <= done.max(1 << 20) {
+                        break;
+                    }
+                    if t0.elapsed() >= PROBE_FOR {
+                        break 'filler;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            send(&peer.writer, &Message::ProbeBytes(filler.clone())).await?;
+            sent += PROBE_FRAME as u64;
+        }
+    }
+    send(&peer.writer, &Message::ProbeEnd).await?;
+    let within = MAX_PROBE_TIME + Duration::from_secs(5);
+    let (bytes, micros) = match expect(&mut peer.reader, within, "ProbeResult").await? {
+        Message::ProbeResult { bytes, micros } if bytes <= sent => (bytes, micros),
+        Message::ProbeResult { bytes, .. } => {
+            return Err(MigrateError::Protocol(format!(
+                "the destination says {bytes} bytes of a {sent}-byte probe arrived"
+            )))
+        }
+        msg => return Err(unexpected(&msg, "ProbeResult")),
+    };
+    // under 10 ms the clocks' grain is too coarse to say a rate
+    let probed = (probe && bytes > 0 && micros >= 10_000).then(|| LinkProbe {
+        wire_bps: bytes as f64 * 1e6 / micros as f64,
+        bytes: sent,
+    });
+    let share = |held: u32, of: usize| (of > 0).then(|| f64::from(held) / of as f64);
+    Ok((share(held, asked), share(chunks_held, asked_chunks), probed))
+}
+
+/// A VM's local disks as the model sees them: their allocated bytes, the share of their
+/// data the destination's chunk index holds, and wire bytes per byte of the rest when
+/// compressed (a sample's zstd -1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Disks {
+    bytes: f64,
+    /// Of the sampled blocks that are not zero, the share held there.
+    held: Option<f64>,
+    /// Of the sampled blocks, the share that is zero (sent as runs: free).
+    zero: Option<f64>,
+    ratio: Option<f64>,
+}
+
+impl Disks {
+    /// Their bytes on the wire: what the destination holds as hashes in the manifest, the
+    /// rest compressed where the link is the bottleneck (as the sample says, else as
+    /// memory went).
+    fn on_wire(&self, dedup: bool, wire_ratio: f64) -> f64 {
+        let held = self.held.unwrap_or(0.0).clamp(0.0, 1.0);
+        let data = self.bytes * (1.0 - self.zero.unwrap_or(0.0).clamp(0.0, 1.0));
+        let ratio = match self.ratio {
+            Some(r) if dedup => r,
+            Some(_) => 1.0,
+            None => wire_ratio,
+        };
+        data * ((1.0 - held) * ratio + held * MANIFEST_BYTES_PER_BYTE)
+    }
+}
+
+/// What a sample of the local disks' data says: the hashes of its blocks that are not
+/// zero, and how they compress.
+#[derive(Debug, Default)]
+struct DiskSample {
+    hashes: Vec<Hash>,
+    zero: Option<f64>,
+    ratio: Option<f64>,
+}
+
+/// Samples [`DISK_SAMPLE`] blocks over the VM's local disks, in proportion to their data
+/// (read as the guest sees them; nothing pauses). A disk that cannot be read is left out,
+/// and the plan counts it at its allocated size.
+async fn sample_disks(m: &Migration, infos: &[tern_proto::DiskInfo]) -> DiskSample {
+    let total: u64 = infos.iter().map(|d| d.allocated).sum();
+    if total == 0 {
+        return DiskSample::default();
+    }
+    let disks: Vec<_> = crate::disk::local_disks(&m.vm.spec)
+        .into_iter()
+        .zip(infos)
+        .map(|(i, d)| {
+            let spec = &m.vm.spec.disks[i];
+            let format = match spec.format {
+                tern_qemu::spec::DiskFormat::Raw => tern_chunks::ImageFormat::Raw,
+                tern_qemu::spec::DiskFormat::Qcow2 => tern_chunks::ImageFormat::Qcow2,
+            };
+            let blocks = (DISK_SAMPLE * d.allocated / total).max(16) as usize;
+            (spec.path.clone(), format, blocks)
+        })
+        .collect();
+    let hasher = m.engine.hasher.clone();
+    let id = m.handle.id.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut out = DiskSample::default();
+        let mut data = Vec::new();
+        let mut zero = 0usize;
+        for (path, format, blocks) in disks {
+            match tern_chunks::sample_image(&path, format, &hasher, blocks) {
+                Ok(s) => {
+                    out.hashes.extend(s.hashes);
+                    data.extend(s.data);
+                    zero += s.zero;
+                }
+                Err(e) => tracing::warn!(migration = %id, disk = %path.display(), "no sample of a disk for the plan: {}", crate::error_chain(&e)),
+            }
+        }
+        let read = out.hashes.len() + zero;
+        out.zero = (read > 0).then(|| zero as f64 / read as f64);
+        out.hashes.truncate(tern_proto::limits::MAX_PLAN_HASHES);
+        if !data.is_empty() {
+            out.ratio = zstd::bulk::compress(&data, 1)
+                .ok()
+                .map(|c| (c.len() as f64 / data.len() as f64).min(1.0));
+        }
+        out
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// A plan's measurement of the link: wire bytes/s, and the filler it took.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct LinkProbe {
+    wire_bps: f64,
+    bytes: u64,
+}
+
+impl LinkProbe {
+    fn memory(&self) -> LinkMemory {
+        LinkMemory {
+            stream_bps: self.wire_bps,
+            wire_ratio: 1.0,
+            from: "a probe over the agents' connection just now (no migration to this destination yet)".into(),
+            probed: true,
+            switchover_fixed_ms: None,
+        }
     }
 }
 
@@ -210,7 +554,10 @@ pub(super) async fn start_sampling(m: &mut Migration) {
     let Ok(qmp) = m.vm.qmp() else {
         return; // libvirt's QEMU: no sampling
     };
-    m.content = sample_content(m).await;
+    if let Some((c, hashes)) = sample_content(m).await {
+        m.content = Some(c);
+        m.sample_hashes = hashes;
+    }
     let r = start_dirty_rate(qmp, Duration::from_millis(200)).await;
     if let Err(e) = &r {
         tracing::debug!(migration = %m.handle.id, "no dirty-rate sampling for the prediction: {e}");
@@ -234,16 +581,21 @@ pub(super) async fn prediction_at_start(m: &Migration, disk_bytes: u64) -> Optio
     if !m.dirty_sampling {
         return None;
     }
-    let (rate, wire_ratio, _) = link_rate(m.link.as_ref(), &m.req, m.content);
+    let (rate, wire_ratio, _, dedup) = link_rate(m.link.as_ref(), &m.req, m.content);
     let rate = rate?;
     let dirty = measured_dirty_rate(m.vm.qmp().ok()?).await.ok()??;
-    let zero = m.content.map_or(0.0, |c| c.zero);
     Some(predict(
-        f64::from(m.vm.spec.memory_mib) * 1048576.0 * (1.0 - zero),
+        memory_of_ram(u64::from(m.vm.spec.memory_mib) << 20, m.content, dedup),
         dirty * 1048576.0,
         (rate, wire_ratio),
-        disk_bytes,
-        m.rtt,
+        Disks {
+            bytes: disk_bytes as f64,
+            held: None,
+            zero: None,
+            ratio: None,
+        }
+        .on_wire(dedup, wire_ratio),
+        (m.rtt, switchover_fixed(m.rtt, m.link.as_ref())),
         converge::Policy::from_request(&m.req),
         m.req.deadline_s.map(Duration::from_secs),
     ))
@@ -253,25 +605,35 @@ pub(super) async fn prediction_at_start(m: &Migration, disk_bytes: u64) -> Optio
 /// `link`: the rate memory crosses at (bytes/s of QEMU's stream) and wire bytes per
 /// stream byte.
 fn predict(
-    ram: f64,
+    mem: Memory,
     dirty_bps: f64,
     (rate, wire_ratio): (f64, f64),
-    disk_bytes: u64,
-    rtt: Duration,
+    disk_wire: f64,
+    (rtt, fixed): (Duration, Duration),
     policy: converge::Policy,
     deadline: Option<Duration>,
 ) -> PlanPrediction {
     // with a deadline, tern paces to the lowest rate that finishes in time
     // (docs/bandwidth.md), when the link is faster than that
     let link = rate;
+    // what the pages the destination holds cost, as bytes at the data rate: their
+    // references on the wire, or the rate references go at, whichever takes longer
+    let held_as_data = |rate: f64| {
+        mem.held * (REFERENCE_BYTES_PER_BYTE / wire_ratio.max(0.01)).max(rate / REFERENCE_RATE)
+    };
     let paced = deadline.and_then(|d| {
-        let need =
-            crate::pace::deadline_rate(d, SETUP + rtt * 4, ram + disk_bytes as f64, dirty_bps)?;
+        let need = crate::pace::deadline_rate(
+            d,
+            SETUP + rtt * 4,
+            mem.data + held_as_data(link) + disk_wire / wire_ratio.max(0.01),
+            dirty_bps,
+        )?;
         (need < link).then_some(need)
     });
     let rate = paced.unwrap_or(link);
+    let held = held_as_data(rate);
     let s = Scenario {
-        memory: ram,
+        memory: mem.data + held,
         dirty_bps,
         rate_bps: rate,
         policy,
@@ -281,9 +643,9 @@ fn predict(
     plain.policy.max_throttle = 0;
     plain.policy.max_downtime_ms = plain.policy.downtime_ms;
     let unhelped = converge::simulate(&plain);
-    let disk_time = Duration::from_secs_f64(disk_bytes as f64 / rate);
+    let disk_time = Duration::from_secs_f64(disk_wire / (rate * wire_ratio.max(0.01)));
     // the pause: the last dirty set, the device state and the commit's round trips
-    let downtime = o.downtime + rtt * 2 + Duration::from_millis(30);
+    let downtime = o.downtime + fixed;
     let total = SETUP + rtt * 4 + disk_time + o.transfer + downtime;
     let summary = if o.stops {
         format!(
@@ -321,14 +683,16 @@ fn predict(
     PlanPrediction {
         total_s: total.as_secs_f64(),
         downtime_ms: downtime.as_secs_f64() * 1e3,
-        memory_wire_bytes: (o.stream_bytes * wire_ratio) as u64,
-        disk_wire_bytes: (disk_bytes as f64 * wire_ratio) as u64,
+        memory_wire_bytes: ((o.stream_bytes - held).max(0.0) * wire_ratio
+            + mem.held * REFERENCE_BYTES_PER_BYTE) as u64,
+        disk_wire_bytes: disk_wire as u64,
         rounds: o.rounds,
         converges_without_help: !unhelped.stops,
         throttle_pct: o.throttle,
         downtime_limit_ms: o.downtime_ms,
         stops: o.stops,
         summary,
+        switchover_fixed_ms: fixed.as_secs_f64() * 1e3,
     }
 }
 
@@ -391,14 +755,83 @@ mod tests {
         }
     }
 
+    fn data(bytes: f64) -> Memory {
+        Memory {
+            data: bytes,
+            held: 0.0,
+        }
+    }
+
+    #[test]
+    fn pages_the_destination_holds_cost_their_references_or_the_rate_references_go_at() {
+        let rtt = (Duration::from_millis(50), Duration::from_millis(230));
+        // 1 GiB not zero, over 12 MiB/s of wire at 0.5 compressed: a first trip
+        let first = predict(
+            data(1024.0 * MIB),
+            0.0,
+            (24.0 * MIB, 0.5),
+            0.0,
+            rtt,
+            policy(),
+            None,
+        );
+        // a return trip: the destination holds 95% of it
+        let back = Memory {
+            data: 0.05 * 1024.0 * MIB,
+            held: 0.95 * 1024.0 * MIB,
+        };
+        let ret = predict(back, 0.0, (24.0 * MIB, 0.5), 0.0, rtt, policy(), None);
+        assert!(first.total_s > 40.0, "{first:?}");
+        // 51 MiB of data at 24 MiB/s, 973 MiB of references at REFERENCE_RATE: about 7 s
+        assert!((4.0..10.0).contains(&ret.total_s), "{ret:?}");
+        // on the wire: 25.6 MiB of compressed data and 5.7 MiB of references
+        let wire = ret.memory_wire_bytes as f64 / MIB;
+        assert!((28.0..34.0).contains(&wire), "{ret:?}");
+        assert!(first.memory_wire_bytes as f64 / MIB > 500.0, "{first:?}");
+    }
+
+    #[test]
+    fn a_probed_link_is_the_bottleneck_only_below_lean_above() {
+        let c = Content {
+            zero: 0.5,
+            ratio: 0.4,
+            pages: 1024,
+            held: Some(0.5),
+        };
+        let req = |cap: Option<u64>| MigrateRequest {
+            max_bandwidth_mibps: cap,
+            ..serde_json::from_value(serde_json::json!({ "to": "b:7700" })).unwrap()
+        };
+        let probed = |bps: f64| {
+            LinkProbe {
+                wire_bps: bps,
+                bytes: 1 << 20,
+            }
+            .memory()
+        };
+        // a WAN: compressed and by reference, the stream faster than the wire
+        let (rate, ratio, from, dedup) = link_rate(Some(&probed(12.0 * MIB)), &req(None), Some(c));
+        assert!(dedup && ratio == 0.4 && from.contains("probe"));
+        assert!((rate.unwrap() - 30.0 * MIB).abs() < 1.0);
+        let m = memory_of_ram(1 << 30, Some(c), dedup);
+        assert_eq!((m.data, m.held), (256.0 * MIB, 256.0 * MIB));
+        // a fast LAN: pages as they are, nothing held counts
+        let (rate, ratio, _, dedup) = link_rate(Some(&probed(400.0 * MIB)), &req(None), Some(c));
+        assert!(!dedup && ratio == 1.0 && rate == Some(400.0 * MIB));
+        assert_eq!(memory_of_ram(1 << 30, Some(c), dedup).held, 0.0);
+        // a cap below the probe: the cap
+        let (rate, ..) = link_rate(Some(&probed(400.0 * MIB)), &req(Some(8)), Some(c));
+        assert!((rate.unwrap() - 20.0 * MIB).abs() < 1.0);
+    }
+
     #[test]
     fn a_quiet_guest_is_predicted_to_take_its_memory_over_the_rate() {
         let p = predict(
-            1024.0 * MIB,
+            data(1024.0 * MIB),
             0.5 * MIB,
             (100.0 * MIB, 0.5),
-            0,
-            Duration::from_millis(50),
+            0.0,
+            (Duration::from_millis(50), Duration::from_millis(230)),
             policy(),
             None,
         );
@@ -415,11 +848,11 @@ mod tests {
     #[test]
     fn a_guest_outrunning_the_link_is_predicted_to_need_the_throttle_or_to_stop() {
         let p = predict(
-            1024.0 * MIB,
+            data(1024.0 * MIB),
             18.0 * MIB,
             (12.0 * MIB, 1.0),
-            64 << 20,
-            Duration::from_millis(50),
+            64.0 * MIB,
+            (Duration::from_millis(50), Duration::from_millis(230)),
             policy(),
             None,
         );
@@ -430,11 +863,11 @@ mod tests {
         let mut none = policy();
         none.max_throttle = 0;
         let q = predict(
-            1024.0 * MIB,
+            data(1024.0 * MIB),
             18.0 * MIB,
             (12.0 * MIB, 1.0),
-            0,
-            Duration::ZERO,
+            0.0,
+            (Duration::ZERO, Duration::from_millis(30)),
             none,
             None,
         );
@@ -446,11 +879,11 @@ mod tests {
         // 512 MiB of data over a 100 MiB/s link: about 6 s at full speed
         let at = |deadline: u64| {
             predict(
-                512.0 * MIB,
+                data(512.0 * MIB),
                 0.5 * MIB,
                 (100.0 * MIB, 1.0),
-                0,
-                Duration::from_millis(50),
+                0.0,
+                (Duration::from_millis(50), Duration::from_millis(230)),
                 policy(),
                 Some(Duration::from_secs(deadline)),
             )

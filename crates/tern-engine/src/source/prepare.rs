@@ -189,6 +189,17 @@ pub(super) async fn run(
     };
     m.handle
         .update(|s| s.progress.destination_held_pages = summary.len() as u64);
+    // for the prediction: how much of the RAM sample the destination holds
+    if let Some(c) = m.content.as_mut() {
+        if same_key && !m.sample_hashes.is_empty() {
+            let held = m
+                .sample_hashes
+                .iter()
+                .filter(|h| summary.contains(&tern_store::prefix(h)))
+                .count();
+            c.held = Some(held as f64 / m.sample_hashes.len() as f64);
+        }
+    }
     let pace_policy = PacePolicy::from_request(&m.req);
     let pacer = Pacer::new(pace_policy, m.t0);
     let budget = pacing::budget(&pace_policy, &pacer);

@@ -1,10 +1,12 @@
 //! `tern-bench predict`: how close tern's predictions come to what happens. For each link
-//! profile of `scripts/wan.sh`, two fresh agents; one warm-up migration teaches the
-//! source the link (as a host learns it in service); then, for every workload of
-//! `tern-bench wan`, a fresh guest (its own seed: the destination holds none of its
-//! pages) is planned (`--plan`, what an operator sees before) and then migrated, and the
-//! report's own prediction (made at the start, from the same inputs) is set beside what
-//! happened. The targets: time and bytes within 20%, downtime within 30% or 50 ms.
+//! profile of `scripts/wan.sh`, two fresh agents; a warm-up migration, planned first (the
+//! plan probes the link: nothing is known of it yet), teaches the source the link (as a
+//! host learns it in service); then, for every workload of `tern-bench wan`, a fresh guest
+//! (its own seed: the destination holds none of its pages) is planned (`--plan`, what an
+//! operator sees before) and then migrated, and the report's own prediction (made at the
+//! start, from the same inputs) is set beside what happened. The idle guest then makes the
+//! return trip, planned at B (a probe again: B never migrated to A; A holds most of its
+//! pages). The targets: time and bytes within 20%, downtime within 30% or 50 ms.
 //!
 //! Usage: tern-bench predict --tern target/release/tern
 //!        [--profiles wan-100m-50ms,wan-1g-20ms] [--mem-mib 512] [--out FILE]
@@ -21,7 +23,7 @@ use super::wan::{agents, boot, vm_spec, Workload};
 
 struct Row {
     profile: String,
-    workload: &'static str,
+    workload: String,
     plan: Option<PlanPrediction>,
     /// The dirty rate the plan measured, MiB/s.
     plan_dirty: f64,
@@ -71,11 +73,35 @@ fn workloads(profile: &str, fill: u32) -> Vec<Workload> {
     ]
 }
 
-fn migrate(a: &TestAgent, vm: &str) -> Result<MigrationReport> {
-    let id = a.start_migration(vm, "198.18.0.2:7700", super::bench_request()?)?;
+const TO_B: &str = "198.18.0.2:7700";
+const TO_A: &str = "198.18.0.1:7700";
+
+fn migrate(a: &TestAgent, vm: &str, to: &str) -> Result<MigrationReport> {
+    let id = a.start_migration(vm, to, super::bench_request()?)?;
     let st = a.wait_migration(&id, Duration::from_secs(600))?;
     st.report
         .with_context(|| format!("migration of {vm} failed: {:?}", st.error))
+}
+
+/// `--plan`, then the migration: one row.
+fn planned(a: &TestAgent, vm: &str, to: &str, profile: &str, workload: String) -> Result<Row> {
+    let plan: MigrationPlan = serde_json::from_value(a.call(
+        "POST",
+        &format!("/v1/vms/{vm}/plan"),
+        Some(&super::bench_request_to(to)?),
+    )?)?;
+    eprintln!(
+        "[predict {profile}] {workload}: plan's link {:?} MiB/s ({}), held {:?}",
+        plan.inputs.link_mibps, plan.inputs.link_from, plan.inputs.held_fraction
+    );
+    let report = migrate(a, vm, to)?;
+    Ok(Row {
+        profile: profile.to_string(),
+        workload,
+        plan: plan.prediction,
+        plan_dirty: plan.inputs.dirty_mibps,
+        report,
+    })
 }
 
 fn profile_rows(bin: &Path, g: &GuestImage, profile: &str, mem_mib: u32) -> Result<Vec<Row>> {
@@ -92,27 +118,32 @@ fn profile_rows(bin: &Path, g: &GuestImage, profile: &str, mem_mib: u32) -> Resu
     };
     eprintln!("[predict {profile}] warm-up migration (learns the link)");
     boot(&a, &vm_spec("warm", g, 256, &warm.append), &warm)?;
-    migrate(&a, "warm")?;
+    let mut rows = vec![planned(
+        &a,
+        "warm",
+        TO_B,
+        profile,
+        "warm-up: 256 MiB, 96 MiB random (link probed)".into(),
+    )?];
     let _ = b.call("DELETE", "/v1/vms/warm", None);
-    let mut rows = Vec::new();
     for (i, w) in workloads(profile, mem_mib * 5 / 8).into_iter().enumerate() {
         let name = format!("p{i}");
         eprintln!("[predict {profile}] {}", w.label);
         boot(&a, &vm_spec(&name, g, mem_mib, &w.append), &w)?;
-        let plan: MigrationPlan = serde_json::from_value(a.call(
-            "POST",
-            &format!("/v1/vms/{name}/plan"),
-            Some(&super::bench_request_to("198.18.0.2:7700")?),
-        )?)?;
-        let report = migrate(&a, &name)?;
-        let _ = b.call("DELETE", &format!("/v1/vms/{name}"), None);
-        rows.push(Row {
-            profile: profile.to_string(),
-            workload: w.label,
-            plan: plan.prediction,
-            plan_dirty: plan.inputs.dirty_mibps,
-            report,
-        });
+        rows.push(planned(&a, &name, TO_B, profile, w.label.to_string())?);
+        if i == 0 {
+            // the return trip: A holds most of it; B has not migrated to A before
+            rows.push(planned(
+                &b,
+                &name,
+                TO_A,
+                profile,
+                format!("{}, back to A (link probed)", w.label),
+            )?);
+            let _ = a.call("DELETE", &format!("/v1/vms/{name}"), None);
+        } else {
+            let _ = b.call("DELETE", &format!("/v1/vms/{name}"), None);
+        }
     }
     Ok(rows)
 }
