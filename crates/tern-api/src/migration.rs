@@ -657,6 +657,11 @@ pub struct PlanInputs {
     pub disk_held_fraction: Option<f64>,
     /// The guest's dirty rate, MiB/s (QEMU's page sampling over `dirty_sample_s`).
     pub dirty_mibps: f64,
+    /// Wire bytes per byte of a page the guest rewrote, sent against its previous version
+    /// (a delta, or the page compressed), from a second look at the RAM sample (None: too
+    /// few of its pages changed to say).
+    #[serde(default)]
+    pub rewritten_ratio: Option<f64>,
     pub dirty_sample_s: u64,
     /// The round trip to the destination agent (TLS connection, Hello), ms.
     pub rtt_ms: f64,

@@ -35,6 +35,9 @@ pub struct RamSample {
     pub zero: usize,
     /// The bytes of the pages that are not zero, 4 KiB each, one after another.
     pub nonzero: Vec<u8>,
+    /// Where each of those pages is in the sample (its index among the pages read): two
+    /// samples of the same guest read the same addresses, so a page can be compared.
+    pub nonzero_at: Vec<u32>,
 }
 
 /// One row of `x-query-ramblock`: the block's name, its used size and host address.
@@ -111,7 +114,7 @@ fn read_pages(pid: u32, addresses: &[u64]) -> Result<RamSample, SampleError> {
         .map_err(|source| SampleError::Read { pid, source })?;
     let mut s = RamSample::default();
     let mut page = [0u8; 4096];
-    for &at in addresses {
+    for (i, &at) in addresses.iter().enumerate() {
         mem.read_exact_at(&mut page, at)
             .map_err(|source| SampleError::Read { pid, source })?;
         s.pages += 1;
@@ -119,6 +122,7 @@ fn read_pages(pid: u32, addresses: &[u64]) -> Result<RamSample, SampleError> {
             s.zero += 1;
         } else {
             s.nonzero.extend_from_slice(&page);
+            s.nonzero_at.push(i as u32);
         }
     }
     Ok(s)

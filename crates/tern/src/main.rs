@@ -1192,6 +1192,12 @@ fn print_plan(p: &tern_api::MigrationPlan) {
         "    dirty rate      {:.1} MiB/s (QEMU page sampling, {} s)",
         i.dirty_mibps, i.dirty_sample_s
     );
+    if let Some(r) = i.rewritten_ratio {
+        println!(
+            "    rewritten pages {:.0}% of a page on the wire (against their previous version)",
+            r * 100.0
+        );
+    }
     println!("    round trip      {:.1} ms", i.rtt_ms);
     if let Some(p) = i.probe_mibps {
         println!(

@@ -103,9 +103,9 @@ pub async fn plan(
     let mut m = Migration::new(engine, host, vm, req, handle, None);
     let checked = checks::run(&mut m).await?;
     // the samples before the connection, which is then open only for the questions
-    let (mut content, hashes) = match sample_content(&m).await {
-        Some((c, h)) => (Some(c), h),
-        None => (None, Vec::new()),
+    let (mut content, hashes, first_look) = match sample_content(&m).await {
+        Some((c, h, s)) => (Some(c), h, Some(s)),
+        None => (None, Vec::new(), None),
     };
     let disk_infos = checked.disks.as_deref().unwrap_or_default();
     let disk_bytes: u64 = disk_infos.iter().map(|d| d.allocated).sum();
@@ -156,6 +156,13 @@ pub async fn plan(
     } else {
         0.0
     };
+    // a second look at the sample, the dirty rate's second later: what rewritten pages
+    // cost against their previous version
+    if let (Some(c), Some(first)) = (content.as_mut(), first_look.as_ref()) {
+        if m.source_running {
+            c.dirty_ratio = rewritten_cost(&m, first).await;
+        }
+    }
     let policy = converge::Policy::from_request(&m.req);
     let ram = u64::from(m.vm.spec.memory_mib) << 20;
     let (rate, wire_ratio, link_from, dedup) = link_rate(link.as_ref(), &m.req, content);
@@ -169,6 +176,10 @@ pub async fn plan(
         },
         "the throttle is assumed to slow the guest's dirtying in proportion (true of CPU-bound guests; a guest paced by I/O or a clock is slowed less)".to_string(),
     ];
+    match content.and_then(|c| c.dirty_ratio) {
+        Some(d) if dedup => notes.push(format!("pages the guest rewrites go against their previous version: {:.0}% of a page on the wire (a second look at the sample a second later)", d * 100.0)),
+        _ => notes.push("pages the guest rewrites are counted as fresh pages (too few of the sample changed in a second to say what a delta would save, or the link is not the bottleneck)".into()),
+    }
     if disk_bytes > 0 {
         notes.push(match disks.held {
             Some(h) => format!("of a sample of {} blocks of the local disks' data, {:.0}% are zero (free) and the destination's image index holds {:.0}% of the rest: those blocks go as their hashes, the rest {}", DISK_SAMPLE, disks.zero.unwrap_or(0.0) * 100.0, h * 100.0, match disks.ratio {
@@ -218,6 +229,7 @@ pub async fn plan(
             disk_bytes,
             disk_held_fraction: disks.held,
             dirty_mibps,
+            rewritten_ratio: content.and_then(|c| c.dirty_ratio),
             dirty_sample_s: DIRTY_SAMPLE.as_secs(),
             rtt_ms: rtt.as_secs_f64() * 1e3,
             held_fraction: content.and_then(|c| c.held),
@@ -244,11 +256,21 @@ pub(super) struct Content {
     ratio: f64,
     pages: usize,
     pub(super) held: Option<f64>,
+    /// Wire bytes per byte of a page the guest rewrote, sent against its previous version
+    /// (a delta, or the page compressed when the delta is larger), from a second look at
+    /// the same pages a moment later (None: not looked, or too few changed to say).
+    dirty_ratio: Option<f64>,
 }
 
+/// Fewest changed pages between two looks at the sample to price a rewritten page by.
+const MIN_CHANGED: usize = 8;
+
 /// Samples 1024 pages of the guest's RAM (read from its QEMU process; nothing pauses), with
-/// the content hashes (cluster key) of the pages that are not zero.
-pub(super) async fn sample_content(m: &Migration) -> Option<(Content, Vec<Hash>)> {
+/// the content hashes (cluster key) of the pages that are not zero, and the sample itself
+/// (for a second look).
+pub(super) async fn sample_content(
+    m: &Migration,
+) -> Option<(Content, Vec<Hash>, tern_qemu::ramsample::RamSample)> {
     let pid = m.vm.pid?;
     match tern_qemu::ramsample::sample(m.vm.qmp().ok()?, pid, 1024).await {
         Ok(s) if s.pages > 0 => {
@@ -270,8 +292,10 @@ pub(super) async fn sample_content(m: &Migration) -> Option<(Content, Vec<Hash>)
                     ratio,
                     pages: s.pages,
                     held: None,
+                    dirty_ratio: None,
                 },
                 hashes,
+                s,
             ))
         }
         Ok(_) => None,
@@ -280,6 +304,57 @@ pub(super) async fn sample_content(m: &Migration) -> Option<(Content, Vec<Hash>)
             None
         }
     }
+}
+
+/// A second look at the pages of `first` (the same addresses): what the pages the guest
+/// rewrote meanwhile would cost sent against their previous version, wire bytes per byte
+/// (as tern's encoder does it: a delta when it is at most a quarter of the page, else the
+/// page compressed; a page that became zero costs nothing).
+async fn rewritten_cost(m: &Migration, first: &tern_qemu::ramsample::RamSample) -> Option<f64> {
+    let second = tern_qemu::ramsample::sample(m.vm.qmp().ok()?, m.vm.pid?, first.pages)
+        .await
+        .ok()?;
+    (second.pages == first.pages).then_some(())?;
+    Some(rewritten_cost_of(first, &second)).flatten()
+}
+
+fn rewritten_cost_of(
+    first: &tern_qemu::ramsample::RamSample,
+    second: &tern_qemu::ramsample::RamSample,
+) -> Option<f64> {
+    use std::collections::HashMap;
+    let pages = |s: &tern_qemu::ramsample::RamSample| -> HashMap<u32, Vec<u8>> {
+        s.nonzero_at
+            .iter()
+            .copied()
+            .zip(s.nonzero.chunks_exact(4096).map(<[u8]>::to_vec))
+            .collect()
+    };
+    let (before, after) = (pages(first), pages(second));
+    let zero = [0u8; 4096];
+    let (mut changed, mut cost) = (0usize, 0usize);
+    let mut delta = Vec::new();
+    for at in before
+        .keys()
+        .chain(after.keys().filter(|k| !before.contains_key(k)))
+    {
+        let old = before.get(at).map_or(&zero[..], Vec::as_slice);
+        let Some(new) = after.get(at) else {
+            changed += 1; // became zero: a zero record
+            continue;
+        };
+        if old == new.as_slice() {
+            continue;
+        }
+        changed += 1;
+        delta.clear();
+        cost += if tern_store::delta::diff(old, new, 1024, &mut delta) {
+            delta.len()
+        } else {
+            zstd::bulk::compress(new, 1).map_or(4096, |c| c.len().min(4096))
+        };
+    }
+    (changed >= MIN_CHANGED).then(|| cost as f64 / (changed * 4096) as f64)
 }
 
 /// The rate memory crosses at (bytes/s of QEMU's stream), wire bytes per stream byte,
@@ -341,6 +416,9 @@ fn link_rate(
 struct Memory {
     data: f64,
     held: f64,
+    /// What a rewritten page costs against a fresh one at the data rate (deltas on the
+    /// dedup path; 1: as much).
+    rewritten: f64,
 }
 
 fn memory_of_ram(ram: u64, content: Option<Content>, dedup: bool) -> Memory {
@@ -349,9 +427,19 @@ fn memory_of_ram(ram: u64, content: Option<Content>, dedup: bool) -> Memory {
         Some(h) if dedup => nonzero * h.clamp(0.0, 1.0),
         _ => 0.0,
     };
+    // the encoder sends the cheaper of the delta and the page: never more than fresh
+    let rewritten = match content {
+        Some(Content {
+            dirty_ratio: Some(d),
+            ratio,
+            ..
+        }) if dedup => (d / ratio.max(0.01)).clamp(0.01, 1.0),
+        _ => 1.0,
+    };
     Memory {
         data: nonzero - held,
         held,
+        rewritten,
     }
 }
 
@@ -554,7 +642,7 @@ pub(super) async fn start_sampling(m: &mut Migration) {
     let Ok(qmp) = m.vm.qmp() else {
         return; // libvirt's QEMU: no sampling
     };
-    if let Some((c, hashes)) = sample_content(m).await {
+    if let Some((c, hashes, _)) = sample_content(m).await {
         m.content = Some(c);
         m.sample_hashes = hashes;
     }
@@ -613,6 +701,8 @@ fn predict(
     policy: converge::Policy,
     deadline: Option<Duration>,
 ) -> PlanPrediction {
+    // rewritten pages as the bytes at the data rate they cost
+    let dirty_bps = dirty_bps * mem.rewritten;
     // with a deadline, tern paces to the lowest rate that finishes in time
     // (docs/bandwidth.md), when the link is faster than that
     let link = rate;
@@ -759,6 +849,7 @@ mod tests {
         Memory {
             data: bytes,
             held: 0.0,
+            rewritten: 1.0,
         }
     }
 
@@ -779,6 +870,7 @@ mod tests {
         let back = Memory {
             data: 0.05 * 1024.0 * MIB,
             held: 0.95 * 1024.0 * MIB,
+            rewritten: 1.0,
         };
         let ret = predict(back, 0.0, (24.0 * MIB, 0.5), 0.0, rtt, policy(), None);
         assert!(first.total_s > 40.0, "{first:?}");
@@ -797,6 +889,7 @@ mod tests {
             ratio: 0.4,
             pages: 1024,
             held: Some(0.5),
+            dirty_ratio: None,
         };
         let req = |cap: Option<u64>| MigrateRequest {
             max_bandwidth_mibps: cap,
@@ -822,6 +915,96 @@ mod tests {
         // a cap below the probe: the cap
         let (rate, ..) = link_rate(Some(&probed(400.0 * MIB)), &req(Some(8)), Some(c));
         assert!((rate.unwrap() - 20.0 * MIB).abs() < 1.0);
+    }
+
+    #[test]
+    fn rewritten_pages_are_priced_as_their_deltas_and_a_guest_that_edits_converges_sooner() {
+        use tern_qemu::ramsample::RamSample;
+        // 64 pages of text-like bytes; the second look finds 16 with a few bytes edited,
+        // 4 rewritten whole with noise, 2 gone to zero, 2 new
+        let text = |i: usize| -> Vec<u8> {
+            (0..4096)
+                .map(|j| b"the quick brown fox jumps "[(i * 7 + j) % 26])
+                .collect()
+        };
+        let noise = |i: usize| -> Vec<u8> {
+            let mut x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        let look = |pages: Vec<(u32, Vec<u8>)>| RamSample {
+            pages: 128,
+            zero: 128 - pages.len(),
+            nonzero: pages.iter().flat_map(|(_, p)| p.clone()).collect(),
+            nonzero_at: pages.iter().map(|(i, _)| *i).collect(),
+        };
+        let first = look((0..64).map(|i| (i as u32, text(i))).collect());
+        let mut later: Vec<(u32, Vec<u8>)> = Vec::new();
+        for i in 0..64usize {
+            let mut p = text(i);
+            match i {
+                0..16 => p[100..110].copy_from_slice(b"EDITEDTEXT"),
+                16..20 => p = noise(i),
+                20..22 => continue,
+                _ => {}
+            }
+            later.push((i as u32, p));
+        }
+        later.push((100, text(100)));
+        later.push((101, text(101)));
+        let second = look(later);
+        let d = rewritten_cost_of(&first, &second).expect("24 pages changed");
+        // 16 small deltas, 4 pages of noise (4 KiB each), 2 zeros, 2 new text pages
+        // (compressed small): about 4.2 pages' worth of 24
+        assert!((0.12..0.25).contains(&d), "{d}");
+        // fewer than MIN_CHANGED changed pages say nothing
+        assert_eq!(rewritten_cost_of(&first, &first), None);
+
+        // a guest rewriting 15 MiB/s of text over a 12 MiB/s link (compressing to 0.4)
+        let c = Content {
+            zero: 0.5,
+            ratio: 0.4,
+            pages: 1024,
+            held: Some(0.0),
+            dirty_ratio: Some(0.02),
+        };
+        let rtt = (Duration::from_millis(50), Duration::from_millis(230));
+        let fresh = predict(
+            memory_of_ram(
+                1 << 30,
+                Some(Content {
+                    dirty_ratio: None,
+                    ..c
+                }),
+                true,
+            ),
+            15.0 * MIB,
+            (30.0 * MIB, 0.4),
+            0.0,
+            rtt,
+            policy(),
+            None,
+        );
+        let edited = predict(
+            memory_of_ram(1 << 30, Some(c), true),
+            15.0 * MIB,
+            (30.0 * MIB, 0.4),
+            0.0,
+            rtt,
+            policy(),
+            None,
+        );
+        assert!(edited.total_s < fresh.total_s, "{edited:?} / {fresh:?}");
+        assert!(edited.memory_wire_bytes < fresh.memory_wire_bytes);
+        assert!(edited.converges_without_help, "{edited:?}");
+        // on the lean path there are no deltas
+        assert_eq!(memory_of_ram(1 << 30, Some(c), false).rewritten, 1.0);
     }
 
     #[test]
