@@ -410,6 +410,11 @@ pub struct Scenario {
     pub dirty_bps: f64,
     /// The rate memory crosses at, bytes/s of QEMU's stream.
     pub rate_bps: f64,
+    /// What a page sent again (rounds after the first) costs against a fresh one: tern
+    /// sends a rewritten page against its previous version (a delta) where the link is the
+    /// bottleneck. 1: as much. QEMU still decides the switchover on the set's bytes and
+    /// the switchover bandwidth, which gives deltas no credit.
+    pub rewritten: f64,
     pub policy: Policy,
 }
 
@@ -419,8 +424,10 @@ pub struct Outcome {
     /// From the first page to the switchover, and the pause.
     pub transfer: Duration,
     pub downtime: Duration,
-    /// Bytes of QEMU's stream sent.
+    /// Bytes of QEMU's stream sent, and what they cost in fresh bytes at the rate (the
+    /// pages sent again at [`Scenario::rewritten`] each).
     pub stream_bytes: f64,
+    pub priced_bytes: f64,
     pub rounds: u32,
     /// The throttle tern ends at and the downtime limit it ends at.
     pub throttle: u8,
@@ -436,21 +443,25 @@ pub fn simulate(s: &Scenario) -> Outcome {
     let mut t = start;
     let rate = s.rate_bps.max(1.0);
     let (mut throttle, mut downtime_ms) = (0u8, s.policy.downtime_ms);
-    let (mut pages, mut sync, mut sent) = (0u64, 1u64, 0.0f64);
+    let rewritten = s.rewritten.clamp(0.01, 1.0);
+    let (mut pages, mut sync, mut sent, mut priced) = (0u64, 1u64, 0.0f64, 0.0f64);
     let mut set = s.memory;
     let mut rounds = 0;
-    let outcome = |t: Instant, pause: f64, sent, rounds, throttle, downtime_ms, stops| Outcome {
-        transfer: t.duration_since(start),
-        downtime: Duration::from_secs_f64(pause),
-        stream_bytes: sent,
-        rounds,
-        throttle,
-        downtime_ms,
-        stops,
-    };
+    let outcome =
+        |t: Instant, pause: f64, (sent, priced), rounds, throttle, downtime_ms, stops| Outcome {
+            transfer: t.duration_since(start),
+            downtime: Duration::from_secs_f64(pause),
+            stream_bytes: sent,
+            priced_bytes: priced,
+            rounds,
+            throttle,
+            downtime_ms,
+            stops,
+        };
     loop {
         rounds += 1;
-        let secs = set / rate;
+        let cost = if rounds == 1 { 1.0 } else { rewritten };
+        let secs = set * cost / rate;
         // looks through the round, as the transfer phase takes them (at most 200)
         let looks = ((secs / 0.25).ceil() as u64).clamp(1, 200);
         let dirty = s.dirty_bps * (1.0 - f64::from(throttle) / 100.0);
@@ -460,16 +471,17 @@ pub fn simulate(s: &Scenario) -> Outcome {
             let left = set * (1.0 - (i + 1) as f64 / looks as f64);
             let sample = Sample::simulated(sync, left, dirty, pages, throttle, rate, s.memory);
             if let Some(Step::GiveUp(_)) = c.observe(&sample, t) {
-                return outcome(t, 0.0, sent, rounds, throttle, downtime_ms, true);
+                return outcome(t, 0.0, (sent, priced), rounds, throttle, downtime_ms, true);
             }
         }
         sent += set;
+        priced += set * cost;
         let next = (dirty * secs).min(s.memory);
         if next <= rate * downtime_ms as f64 / 1000.0 {
             return outcome(
                 t,
-                next / rate,
-                sent + next,
+                next * rewritten / rate,
+                (sent + next, priced + next * rewritten),
                 rounds,
                 throttle,
                 downtime_ms,
@@ -477,7 +489,7 @@ pub fn simulate(s: &Scenario) -> Outcome {
             );
         }
         if t.duration_since(start) > Duration::from_secs(86_400) {
-            return outcome(t, 0.0, sent, rounds, throttle, downtime_ms, true);
+            return outcome(t, 0.0, (sent, priced), rounds, throttle, downtime_ms, true);
         }
         set = next;
         sync += 1;
@@ -487,7 +499,7 @@ pub fn simulate(s: &Scenario) -> Outcome {
             Some(Step::Throttle(p)) => throttle = p,
             Some(Step::Downtime(ms)) => downtime_ms = ms,
             Some(Step::GiveUp(_)) => {
-                return outcome(t, 0.0, sent, rounds, throttle, downtime_ms, true)
+                return outcome(t, 0.0, (sent, priced), rounds, throttle, downtime_ms, true)
             }
             None => {}
         }
@@ -607,6 +619,7 @@ mod tests {
 
     fn scenario(dirty_mibps: f64, rate_mibps: f64, memory_mib: f64, p: Policy) -> Scenario {
         Scenario {
+            rewritten: 1.0,
             memory: memory_mib * MIB as f64,
             dirty_bps: dirty_mibps * MIB as f64,
             rate_bps: rate_mibps * MIB as f64,

@@ -35,9 +35,10 @@ pub struct RamSample {
     pub zero: usize,
     /// The bytes of the pages that are not zero, 4 KiB each, one after another.
     pub nonzero: Vec<u8>,
-    /// Where each of those pages is in the sample (its index among the pages read): two
-    /// samples of the same guest read the same addresses, so a page can be compared.
+    /// Where each of those pages is in the sample (its index among the pages read).
     pub nonzero_at: Vec<u32>,
+    /// The host addresses read, in order: [`resample`] reads the same pages again.
+    pub addresses: Vec<u64>,
 }
 
 /// One row of `x-query-ramblock`: the block's name, its used size and host address.
@@ -109,6 +110,18 @@ pub async fn sample(qmp: &QmpClient, pid: u32, pages: usize) -> Result<RamSample
         })?
 }
 
+/// Reads the pages of an earlier sample again, at the same host addresses (a page the
+/// guest rewrote meanwhile shows its new content).
+pub async fn resample(pid: u32, addresses: &[u64]) -> Result<RamSample, SampleError> {
+    let addresses = addresses.to_vec();
+    tokio::task::spawn_blocking(move || read_pages(pid, &addresses))
+        .await
+        .map_err(|e| SampleError::Read {
+            pid,
+            source: std::io::Error::other(e.to_string()),
+        })?
+}
+
 fn read_pages(pid: u32, addresses: &[u64]) -> Result<RamSample, SampleError> {
     let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
         .map_err(|source| SampleError::Read { pid, source })?;
@@ -125,6 +138,7 @@ fn read_pages(pid: u32, addresses: &[u64]) -> Result<RamSample, SampleError> {
             s.nonzero_at.push(i as u32);
         }
     }
+    s.addresses = addresses.to_vec();
     Ok(s)
 }
 

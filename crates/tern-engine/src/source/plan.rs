@@ -103,9 +103,9 @@ pub async fn plan(
     let mut m = Migration::new(engine, host, vm, req, handle, None);
     let checked = checks::run(&mut m).await?;
     // the samples before the connection, which is then open only for the questions
-    let (mut content, hashes, first_look) = match sample_content(&m).await {
-        Some((c, h, s)) => (Some(c), h, Some(s)),
-        None => (None, Vec::new(), None),
+    let (mut content, hashes) = match sample_content(&m).await {
+        Some((c, h)) => (Some(c), h),
+        None => (None, Vec::new()),
     };
     let disk_infos = checked.disks.as_deref().unwrap_or_default();
     let disk_bytes: u64 = disk_infos.iter().map(|d| d.allocated).sum();
@@ -151,21 +151,30 @@ pub async fn plan(
     // the destination forgets the connection
     drop(peer);
     m.writer = None;
+    let (rate, wire_ratio, link_from, dedup) = link_rate(link.as_ref(), &m.req, content);
+    // where pages go against their previous version (the dedup path), a look at the
+    // sample just before QEMU measures the dirty rate and one just after price the pages
+    // the guest rewrites meanwhile
+    let before = match (m.source_running && dedup, content.is_some(), m.vm.pid) {
+        (true, true, Some(pid)) => match m.vm.qmp() {
+            Ok(qmp) => tern_qemu::ramsample::sample(qmp, pid, 1024).await.ok(),
+            Err(_) => None,
+        }
+        .map(|s| (pid, s)),
+        _ => None,
+    };
     let dirty_mibps = if m.source_running {
         dirty_rate(&m).await?
     } else {
         0.0
     };
-    // a second look at the sample, the dirty rate's second later: what rewritten pages
-    // cost against their previous version
-    if let (Some(c), Some(first)) = (content.as_mut(), first_look.as_ref()) {
-        if m.source_running {
-            c.dirty_ratio = rewritten_cost(&m, first).await;
+    if let (Some(c), Some((pid, before))) = (content.as_mut(), before) {
+        if let Ok(after) = tern_qemu::ramsample::resample(pid, &before.addresses).await {
+            c.dirty_ratio = rewritten_cost_of(&before, &after);
         }
     }
     let policy = converge::Policy::from_request(&m.req);
     let ram = u64::from(m.vm.spec.memory_mib) << 20;
-    let (rate, wire_ratio, link_from, dedup) = link_rate(link.as_ref(), &m.req, content);
     let mut notes = vec![
         match content {
             Some(c) => format!("{} pages of RAM sampled: {:.0}% zero (counted as free), the rest compresses to {:.0}%{}", c.pages, c.zero * 100.0, c.ratio * 100.0, match c.held {
@@ -264,13 +273,15 @@ pub(super) struct Content {
 
 /// Fewest changed pages between two looks at the sample to price a rewritten page by.
 const MIN_CHANGED: usize = 8;
+/// Bytes of a page record around its body (protocol: offset, kind, and for a delta its
+/// result hash; a zero record has none).
+const DELTA_RECORD: usize = 29;
+const RAW_RECORD: usize = 13;
+const ZERO_RECORD: usize = 10;
 
 /// Samples 1024 pages of the guest's RAM (read from its QEMU process; nothing pauses), with
-/// the content hashes (cluster key) of the pages that are not zero, and the sample itself
-/// (for a second look).
-pub(super) async fn sample_content(
-    m: &Migration,
-) -> Option<(Content, Vec<Hash>, tern_qemu::ramsample::RamSample)> {
+/// the content hashes (cluster key) of the pages that are not zero.
+pub(super) async fn sample_content(m: &Migration) -> Option<(Content, Vec<Hash>)> {
     let pid = m.vm.pid?;
     match tern_qemu::ramsample::sample(m.vm.qmp().ok()?, pid, 1024).await {
         Ok(s) if s.pages > 0 => {
@@ -295,7 +306,6 @@ pub(super) async fn sample_content(
                     dirty_ratio: None,
                 },
                 hashes,
-                s,
             ))
         }
         Ok(_) => None,
@@ -306,18 +316,11 @@ pub(super) async fn sample_content(
     }
 }
 
-/// A second look at the pages of `first` (the same addresses): what the pages the guest
-/// rewrote meanwhile would cost sent against their previous version, wire bytes per byte
-/// (as tern's encoder does it: a delta when it is at most a quarter of the page, else the
-/// page compressed; a page that became zero costs nothing).
-async fn rewritten_cost(m: &Migration, first: &tern_qemu::ramsample::RamSample) -> Option<f64> {
-    let second = tern_qemu::ramsample::sample(m.vm.qmp().ok()?, m.vm.pid?, first.pages)
-        .await
-        .ok()?;
-    (second.pages == first.pages).then_some(())?;
-    Some(rewritten_cost_of(first, &second)).flatten()
-}
-
+/// What the pages the guest rewrote between two looks at the same addresses would cost
+/// sent against their previous version, wire bytes per byte, as tern's encoder does it:
+/// a delta record when the delta is at most a quarter of the page, else the page (the
+/// frame compressed); a page that became zero is a zero record; one that was zero has no
+/// version to diff against. None with fewer than [`MIN_CHANGED`] changed pages.
 fn rewritten_cost_of(
     first: &tern_qemu::ramsample::RamSample,
     second: &tern_qemu::ramsample::RamSample,
@@ -331,27 +334,33 @@ fn rewritten_cost_of(
             .collect()
     };
     let (before, after) = (pages(first), pages(second));
-    let zero = [0u8; 4096];
     let (mut changed, mut cost) = (0usize, 0usize);
     let mut delta = Vec::new();
     for at in before
         .keys()
         .chain(after.keys().filter(|k| !before.contains_key(k)))
     {
-        let old = before.get(at).map_or(&zero[..], Vec::as_slice);
         let Some(new) = after.get(at) else {
-            changed += 1; // became zero: a zero record
+            changed += 1;
+            cost += ZERO_RECORD;
             continue;
         };
-        if old == new.as_slice() {
+        let compressed =
+            || RAW_RECORD + zstd::bulk::compress(new, 1).map_or(4096, |c| c.len().min(4096));
+        let Some(old) = before.get(at) else {
+            changed += 1;
+            cost += compressed();
+            continue;
+        };
+        if old == new {
             continue;
         }
         changed += 1;
         delta.clear();
         cost += if tern_store::delta::diff(old, new, 1024, &mut delta) {
-            delta.len()
+            DELTA_RECORD + delta.len()
         } else {
-            zstd::bulk::compress(new, 1).map_or(4096, |c| c.len().min(4096))
+            compressed()
         };
     }
     (changed >= MIN_CHANGED).then(|| cost as f64 / (changed * 4096) as f64)
@@ -642,7 +651,7 @@ pub(super) async fn start_sampling(m: &mut Migration) {
     let Ok(qmp) = m.vm.qmp() else {
         return; // libvirt's QEMU: no sampling
     };
-    if let Some((c, hashes, _)) = sample_content(m).await {
+    if let Some((c, hashes)) = sample_content(m).await {
         m.content = Some(c);
         m.sample_hashes = hashes;
     }
@@ -701,8 +710,6 @@ fn predict(
     policy: converge::Policy,
     deadline: Option<Duration>,
 ) -> PlanPrediction {
-    // rewritten pages as the bytes at the data rate they cost
-    let dirty_bps = dirty_bps * mem.rewritten;
     // with a deadline, tern paces to the lowest rate that finishes in time
     // (docs/bandwidth.md), when the link is faster than that
     let link = rate;
@@ -722,7 +729,14 @@ fn predict(
     });
     let rate = paced.unwrap_or(link);
     let held = held_as_data(rate);
+    // a rewritten page costs its delta, and at least its hashing and keeping
+    let rewritten = if mem.rewritten < 1.0 {
+        mem.rewritten.max(rate / REFERENCE_RATE).min(1.0)
+    } else {
+        1.0
+    };
     let s = Scenario {
+        rewritten,
         memory: mem.data + held,
         dirty_bps,
         rate_bps: rate,
@@ -773,7 +787,7 @@ fn predict(
     PlanPrediction {
         total_s: total.as_secs_f64(),
         downtime_ms: downtime.as_secs_f64() * 1e3,
-        memory_wire_bytes: ((o.stream_bytes - held).max(0.0) * wire_ratio
+        memory_wire_bytes: ((o.priced_bytes - held).max(0.0) * wire_ratio
             + mem.held * REFERENCE_BYTES_PER_BYTE) as u64,
         disk_wire_bytes: disk_wire as u64,
         rounds: o.rounds,
@@ -918,15 +932,8 @@ mod tests {
     }
 
     #[test]
-    fn rewritten_pages_are_priced_as_their_deltas_and_a_guest_that_edits_converges_sooner() {
+    fn rewritten_pages_are_priced_as_tern_sends_them_and_cost_less_after_the_first_pass() {
         use tern_qemu::ramsample::RamSample;
-        // 64 pages of text-like bytes; the second look finds 16 with a few bytes edited,
-        // 4 rewritten whole with noise, 2 gone to zero, 2 new
-        let text = |i: usize| -> Vec<u8> {
-            (0..4096)
-                .map(|j| b"the quick brown fox jumps "[(i * 7 + j) % 26])
-                .collect()
-        };
         let noise = |i: usize| -> Vec<u8> {
             let mut x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
             (0..4096)
@@ -938,71 +945,81 @@ mod tests {
                 })
                 .collect()
         };
-        let look = |pages: Vec<(u32, Vec<u8>)>| RamSample {
+        let look = |pages: &[(u32, Vec<u8>)]| RamSample {
             pages: 128,
             zero: 128 - pages.len(),
             nonzero: pages.iter().flat_map(|(_, p)| p.clone()).collect(),
             nonzero_at: pages.iter().map(|(i, _)| *i).collect(),
+            addresses: Vec::new(),
         };
-        let first = look((0..64).map(|i| (i as u32, text(i))).collect());
-        let mut later: Vec<(u32, Vec<u8>)> = Vec::new();
-        for i in 0..64usize {
-            let mut p = text(i);
-            match i {
-                0..16 => p[100..110].copy_from_slice(b"EDITEDTEXT"),
-                16..20 => p = noise(i),
-                20..22 => continue,
-                _ => {}
-            }
-            later.push((i as u32, p));
+        // 64 pages of incompressible bytes: an edit of 10 bytes goes as a delta record
+        let first: Vec<(u32, Vec<u8>)> = (0..64).map(|i| (i as u32, noise(i))).collect();
+        let edited = |n: usize| -> Vec<(u32, Vec<u8>)> {
+            first
+                .iter()
+                .map(|(i, p)| {
+                    let mut p = p.clone();
+                    if (*i as usize) < n {
+                        p[100..110].copy_from_slice(b"EDITEDTEXT");
+                    }
+                    (*i, p)
+                })
+                .collect()
+        };
+        let d = rewritten_cost_of(&look(&first), &look(&edited(16))).expect("16 changed");
+        // a delta record of about 40 bytes a page, not the 4 KiB page
+        assert!(d < 0.02, "{d}");
+        // 7 changed pages say nothing, 8 do
+        assert_eq!(rewritten_cost_of(&look(&first), &look(&edited(7))), None);
+        assert!(rewritten_cost_of(&look(&first), &look(&edited(8))).is_some());
+        // rewritten whole, gone to zero, new where a zero page was: the page or a zero record
+        let mut later = edited(0);
+        for (i, p) in later.iter_mut().take(8) {
+            *p = noise(*i as usize + 1000);
         }
-        later.push((100, text(100)));
-        later.push((101, text(101)));
-        let second = look(later);
-        let d = rewritten_cost_of(&first, &second).expect("24 pages changed");
-        // 16 small deltas, 4 pages of noise (4 KiB each), 2 zeros, 2 new text pages
-        // (compressed small): about 4.2 pages' worth of 24
-        assert!((0.12..0.25).contains(&d), "{d}");
-        // fewer than MIN_CHANGED changed pages say nothing
-        assert_eq!(rewritten_cost_of(&first, &first), None);
+        later.retain(|(i, _)| !(8..12).contains(i));
+        later.push((100, noise(100)));
+        let d = rewritten_cost_of(&look(&first), &look(&later)).expect("13 changed");
+        // 9 pages of noise (4 KiB + 13 each), 4 zero records, of 13 pages
+        let want = (9.0 * (4096.0 + 13.0) + 4.0 * 10.0) / (13.0 * 4096.0);
+        assert!((d - want).abs() < 0.01, "{d} against {want}");
 
-        // a guest rewriting 15 MiB/s of text over a 12 MiB/s link (compressing to 0.4)
+        // a guest dirtying 10 MiB/s (pages edited: 1% of a page on the wire) over a link
+        // carrying 30 MiB/s of its stream: after the first pass, re-sent pages are cheap
         let c = Content {
             zero: 0.5,
             ratio: 0.4,
             pages: 1024,
             held: Some(0.0),
-            dirty_ratio: Some(0.02),
+            dirty_ratio: Some(0.004),
         };
         let rtt = (Duration::from_millis(50), Duration::from_millis(230));
-        let fresh = predict(
-            memory_of_ram(
-                1 << 30,
-                Some(Content {
-                    dirty_ratio: None,
-                    ..c
-                }),
-                true,
-            ),
-            15.0 * MIB,
-            (30.0 * MIB, 0.4),
-            0.0,
-            rtt,
-            policy(),
-            None,
+        let at = |c: Content| {
+            predict(
+                memory_of_ram(1 << 30, Some(c), true),
+                10.0 * MIB,
+                (30.0 * MIB, 0.4),
+                0.0,
+                rtt,
+                policy(),
+                None,
+            )
+        };
+        let fresh = at(Content {
+            dirty_ratio: None,
+            ..c
+        });
+        let edits = at(c);
+        assert!(edits.total_s < fresh.total_s, "{edits:?} / {fresh:?}");
+        assert!(
+            edits.memory_wire_bytes < fresh.memory_wire_bytes,
+            "{edits:?} / {fresh:?}"
         );
-        let edited = predict(
-            memory_of_ram(1 << 30, Some(c), true),
-            15.0 * MIB,
-            (30.0 * MIB, 0.4),
-            0.0,
-            rtt,
-            policy(),
-            None,
+        // the first pass is the same: the difference is in the rounds after it
+        assert!(
+            edits.memory_wire_bytes as f64 > 512.0 * MIB * 0.4,
+            "{edits:?}"
         );
-        assert!(edited.total_s < fresh.total_s, "{edited:?} / {fresh:?}");
-        assert!(edited.memory_wire_bytes < fresh.memory_wire_bytes);
-        assert!(edited.converges_without_help, "{edited:?}");
         // on the lean path there are no deltas
         assert_eq!(memory_of_ram(1 << 30, Some(c), false).rewritten, 1.0);
     }
