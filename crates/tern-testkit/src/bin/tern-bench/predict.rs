@@ -91,8 +91,11 @@ fn planned(a: &TestAgent, vm: &str, to: &str, profile: &str, workload: String) -
         Some(&super::bench_request_to(to)?),
     )?)?;
     eprintln!(
-        "[predict {profile}] {workload}: plan's link {:?} MiB/s ({}), held {:?}",
-        plan.inputs.link_mibps, plan.inputs.link_from, plan.inputs.held_fraction
+        "[predict {profile}] {workload}: plan's link {:?} MiB/s ({}), held {:?}, rewritten pages {:?} of a page on the wire",
+        plan.inputs.link_mibps,
+        plan.inputs.link_from,
+        plan.inputs.held_fraction,
+        plan.inputs.rewritten_ratio
     );
     let report = migrate(a, vm, to)?;
     Ok(Row {
