@@ -102,12 +102,7 @@ pub async fn sample(qmp: &QmpClient, pid: u32, pages: usize) -> Result<RamSample
     let addresses = block
         .sample_addresses(pages)
         .ok_or_else(|| SampleError::NoBlock(text.clone()))?;
-    tokio::task::spawn_blocking(move || read_pages(pid, &addresses))
-        .await
-        .map_err(|e| SampleError::Read {
-            pid,
-            source: std::io::Error::other(e.to_string()),
-        })?
+    resample(pid, &addresses).await
 }
 
 /// Reads the pages of an earlier sample again, at the same host addresses (a page the
