@@ -52,14 +52,6 @@ fn report(s: tern_chunks::ImageStats) -> ImportReport {
     }
 }
 
-/// The chunk format of a VM disk format.
-pub fn chunk_format(f: DiskFormat) -> ImageFormat {
-    match f {
-        DiskFormat::Raw => ImageFormat::Raw,
-        DiskFormat::Qcow2 => ImageFormat::Qcow2,
-    }
-}
-
 fn parse_format(path: &Path, format: Option<&str>) -> Result<ImageFormat, ImportError> {
     match format {
         None => ImageFormat::probe(path).map_err(|e| ImportError::Probe(path.to_path_buf(), e)),

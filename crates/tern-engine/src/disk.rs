@@ -711,6 +711,14 @@ pub async fn stop_source_disks(qmp: &QmpClient, disks: usize) {
     let _ = qdisk::stop_nbd_server(qmp).await;
 }
 
+/// The chunk format of a VM disk format.
+pub fn chunk_format(f: tern_qemu::spec::DiskFormat) -> tern_chunks::ImageFormat {
+    match f {
+        tern_qemu::spec::DiskFormat::Raw => tern_chunks::ImageFormat::Raw,
+        tern_qemu::spec::DiskFormat::Qcow2 => tern_chunks::ImageFormat::Qcow2,
+    }
+}
+
 /// The spec indexes of `spec`'s local disks (those a migration copies), in order: the
 /// k-th of them is disk k on the wire (DiskOffer, DiskData, ...). Shared disks
 /// (`shared = true`) are not copied.

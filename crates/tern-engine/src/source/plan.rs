@@ -581,12 +581,12 @@ async fn sample_disks(m: &Migration, infos: &[tern_proto::DiskInfo]) -> DiskSamp
         .zip(infos)
         .map(|(i, d)| {
             let spec = &m.vm.spec.disks[i];
-            let format = match spec.format {
-                tern_qemu::spec::DiskFormat::Raw => tern_chunks::ImageFormat::Raw,
-                tern_qemu::spec::DiskFormat::Qcow2 => tern_chunks::ImageFormat::Qcow2,
-            };
             let blocks = (DISK_SAMPLE * d.allocated / total).max(16) as usize;
-            (spec.path.clone(), format, blocks)
+            (
+                spec.path.clone(),
+                crate::disk::chunk_format(spec.format),
+                blocks,
+            )
         })
         .collect();
     let hasher = m.engine.hasher.clone();
