@@ -20,7 +20,7 @@ use tern_engine::source::plan::LinkMemory;
 const NEW: f64 = 0.5;
 
 /// One destination's link, as measured here.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct LinkRecord {
     /// Bytes/s of QEMU's stream that crossed (pages that were not zero).
     pub stream_bps: f64,
@@ -117,15 +117,8 @@ pub fn record_probe(state_dir: &Path, destination: &str, wire_bps: f64) -> std::
     }
     let _writing = WRITING.lock().unwrap_or_else(|p| p.into_inner());
     let mut all = load(state_dir);
-    let e = all.entry(destination.to_string()).or_insert(LinkRecord {
-        stream_bps: 0.0,
-        wire_ratio: 1.0,
-        migrations: 0,
-        last_unix: 0,
-        probe_bps: None,
-        probe_unix: 0,
-        switchover_fixed_ms: None,
-    });
+    // (a record without migrations has no rates yet: `memory_of` reads only the probe)
+    let e = all.entry(destination.to_string()).or_default();
     e.probe_bps = Some(wire_bps);
     e.probe_unix = now_unix();
     save(state_dir, &all)
@@ -159,15 +152,7 @@ pub fn record(state_dir: &Path, destination: &str, r: &MigrationReport) -> std::
     };
     let _writing = WRITING.lock().unwrap_or_else(|p| p.into_inner());
     let mut all = load(state_dir);
-    let e = all.entry(destination.to_string()).or_insert(LinkRecord {
-        stream_bps,
-        wire_ratio,
-        migrations: 0,
-        last_unix: 0,
-        probe_bps: None,
-        probe_unix: 0,
-        switchover_fixed_ms: None,
-    });
+    let e = all.entry(destination.to_string()).or_default();
     // the downtime's fixed part: what the pause took beyond the model's last dirty set
     if let Some(p) = r.prediction.as_ref().filter(|_| r.downtime_ms > 0) {
         let dirty_part = p.downtime_ms - p.switchover_fixed_ms;
