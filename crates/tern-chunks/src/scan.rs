@@ -32,16 +32,20 @@ pub enum ScanImageError {
     },
 }
 
+fn open(path: &Path, format: ImageFormat) -> Result<ImageReader, ScanImageError> {
+    ImageReader::open(path, format).map_err(|source| ScanImageError::Open {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// The manifest of a whole image (range `0..virtual size`, DATA and ZERO blocks only).
 pub fn scan_image(
     path: &Path,
     format: ImageFormat,
     hasher: &ContentHasher,
 ) -> Result<Manifest, ScanImageError> {
-    let mut reader = ImageReader::open(path, format).map_err(|source| ScanImageError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut reader = open(path, format)?;
     scan_reader(&mut reader, hasher)
         .map(|(m, _)| m)
         .map_err(|source| ScanImageError::Read {
@@ -108,10 +112,7 @@ pub fn sample_image(
     hasher: &ContentHasher,
     blocks: usize,
 ) -> Result<ImageSample, ScanImageError> {
-    let mut reader = ImageReader::open(path, format).map_err(|source| ScanImageError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut reader = open(path, format)?;
     let read_err = |source| ScanImageError::Read {
         path: path.to_path_buf(),
         source,

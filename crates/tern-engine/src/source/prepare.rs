@@ -189,15 +189,16 @@ pub(super) async fn run(
     };
     m.handle
         .update(|s| s.progress.destination_held_pages = summary.len() as u64);
-    // for the prediction: how much of the RAM sample the destination holds
+    // for the prediction: how much of the RAM sample the destination holds (the
+    // sample's hashes serve nothing after this)
+    let sample = std::mem::take(&mut m.sample_hashes);
     if let Some(c) = m.content.as_mut() {
-        if same_key && !m.sample_hashes.is_empty() {
-            let held = m
-                .sample_hashes
+        if same_key && !sample.is_empty() {
+            let held = sample
                 .iter()
                 .filter(|h| summary.contains(&tern_store::prefix(h)))
                 .count();
-            c.held = Some(held as f64 / m.sample_hashes.len() as f64);
+            c.held = Some(held as f64 / sample.len() as f64);
         }
     }
     let pace_policy = PacePolicy::from_request(&m.req);
