@@ -165,8 +165,9 @@ impl Rule {
     }
 }
 
-/// `*` matches any run of characters; everything else matches itself.
-fn glob(pat: &str, s: &str) -> bool {
+/// `*` matches any run of characters; everything else matches itself (the policy's VM
+/// patterns, and the controller's placement rules).
+pub fn glob(pat: &str, s: &str) -> bool {
     match pat.split_once('*') {
         None => pat == s,
         Some((head, rest)) => {

@@ -1,0 +1,19 @@
+//! tern's cluster controller (docs/controller.md). It watches the agents of a cluster,
+//! decides which VM to move where (load balance, drains) and starts the moves through the
+//! agents' control listeners.
+//!
+//! - `view`: the cluster as measured (hosts, VMs, load windows);
+//! - `rules`: placement rules beyond the authorisation policy (together, apart, pinned);
+//! - `decide`: the decision, sans-I/O, with its cost-benefit test and hysteresis;
+//!
+//! Owns decisions and the controller's own state; must not move a byte of a VM itself (the
+//! agents do) or bypass an agent's authorisation policy (the source agent checks it again).
+
+pub mod decide;
+pub mod rules;
+pub mod state;
+pub mod view;
+
+pub use decide::{Controller, Decisions, Move, MoveCost, Note, Params, Reason};
+pub use rules::Rules;
+pub use view::{Cluster, Host, Vm};
