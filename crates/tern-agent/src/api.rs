@@ -5,6 +5,7 @@
 //! | method | path | does |
 //! |---|---|---|
 //! | GET | /v1/agent | agent name, addresses, labels, protocol, pages in the page store |
+//! | GET | /v1/load | what the host and its VMs use ([`tern_api::HostLoad`], [`crate::load`]) |
 //! | GET, POST | /v1/vms | list VMs; start one (`{"spec_toml": "..."}`) |
 //! | GET, DELETE | /v1/vms/{name} | show; stop and remove |
 //! | POST | /v1/vms/{name}/qmp | pass one QMP command (`{"execute", "arguments"}`): `query-*` and [`QMP_ALLOWED`] only |
@@ -16,6 +17,14 @@
 //! | POST | /v1/migrations/{id}/cancel | cancel by id |
 //! | GET, POST, DELETE | /v1/images | the chunk index: list; import (`{"path", "format"}`); remove (`{"path"}`) |
 //! | POST | /v1/images/index | re-read changed images, drop those whose file is gone |
+//! | GET | /v1/snapshots | the departure snapshots kept here ([`tern_api::SnapshotInfo`], [`crate::snapshots`]) |
+//! | DELETE | /v1/snapshots/{vm} | drop one |
+//! | POST | /v1/snapshots/{vm}/restart | run the VM here again from it ([`tern_api::RestartReport`]) |
+//! | GET | /v1/fence | whether the agent fenced itself ([`tern_api::FenceStatus`], [`crate::fence`]) |
+//! | POST | /v1/fence/release | stop and resume the fenced VMs named ([`tern_api::FenceRelease`]), lift the fence |
+//!
+//! [`control_router`] is the part of it the cluster controller gets over TLS
+//! ([`crate::control`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -111,6 +120,7 @@ fn find_migration(a: &Agent, id: &str) -> Result<Arc<MigrationHandle>, ApiError>
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/agent", get(agent_info))
+        .route("/v1/load", get(load))
         .route("/v1/vms", get(list_vms).post(start_vm))
         .route("/v1/vms/{name}", get(show_vm).delete(stop_vm))
         .route("/v1/vms/{name}/qmp", post(qmp))
@@ -133,7 +143,104 @@ pub fn router(agent: Arc<Agent>) -> Router {
             get(list_images).post(import_image).delete(remove_image),
         )
         .route("/v1/images/index", post(refresh_images))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route("/v1/snapshots/{vm}", axum::routing::delete(delete_snapshot))
+        .route("/v1/snapshots/{vm}/restart", post(restart_snapshot))
+        .route("/v1/fence", get(fence_status))
+        .route("/v1/fence/release", post(release_fence))
         .with_state(agent)
+}
+
+/// The routes the cluster controller may use ([`crate::control`]): what the agent and its
+/// VMs are and use, migrations (start, plan, follow, cancel), and its failover: the
+/// snapshots (list, restart, drop) and the fence (read, release: stops and resumes the
+/// fenced VMs it names). Nothing that starts a VM from a spec, reaches its QEMU or its
+/// memory, or reads files on this host. Every request is the controller's word for the
+/// fence ([`crate::fence::Fence::heard`]).
+pub fn control_router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/agent", get(agent_info))
+        .route("/v1/load", get(load))
+        .route("/v1/vms", get(list_vms))
+        .route("/v1/vms/{name}", get(show_vm))
+        .route("/v1/vms/{name}/migrate", post(migrate))
+        .route("/v1/vms/{name}/plan", post(plan))
+        .route("/v1/migrations", get(list_migrations))
+        .route("/v1/migrations/{id}", get(show_migration))
+        .route("/v1/migrations/{id}/cancel", post(cancel_migration))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route("/v1/snapshots/{vm}", axum::routing::delete(delete_snapshot))
+        .route("/v1/snapshots/{vm}/restart", post(restart_snapshot))
+        .route("/v1/fence", get(fence_status))
+        .route("/v1/fence/release", post(release_fence))
+        .layer(axum::middleware::from_fn_with_state(
+            agent.clone(),
+            controller_heard,
+        ))
+        .with_state(agent)
+}
+
+/// A request on the control listener: the controller is there.
+async fn controller_heard(
+    State(a): S,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    a.fence.heard();
+    next.run(req).await
+}
+
+async fn list_snapshots(State(a): S) -> Json<Vec<tern_api::SnapshotInfo>> {
+    Json(a.snapshots.list())
+}
+
+async fn delete_snapshot(State(a): S, Path(vm): Path<String>) -> Result<StatusCode, ApiError> {
+    if vm.starts_with('.') || vm.contains('/') || !a.snapshots.remove(&vm) {
+        return Err(ApiError::not_found(format!(
+            "no snapshot of VM {vm:?} on this host"
+        )));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn restart_snapshot(
+    State(a): S,
+    Path(vm): Path<String>,
+) -> Result<Json<tern_api::RestartReport>, ApiError> {
+    use crate::snapshots::RestartError as E;
+    crate::snapshots::restart(&a, &vm)
+        .await
+        .map(Json)
+        .map_err(|e| match &e {
+            E::NotFound(_) => ApiError::not_found(&e),
+            E::Exists(_) => ApiError::new(StatusCode::CONFLICT, "vm-exists", &e),
+            E::NotRestartable { .. } => ApiError::new(StatusCode::CONFLICT, "not-restartable", &e),
+            E::Fenced(_) => ApiError::new(StatusCode::CONFLICT, "fenced", &e),
+            E::Timeout(_) => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "restart-failed", chain(&e))
+            }
+            E::Unreadable { .. }
+            | E::Overlay { .. }
+            | E::RunDir(..)
+            | E::Launch(_)
+            | E::Qmp { .. }
+            | E::Load(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "restart-failed",
+                chain(&e),
+            ),
+        })
+}
+
+async fn fence_status(State(a): S) -> Json<tern_api::FenceStatus> {
+    Json(a.fence.status())
+}
+
+async fn release_fence(
+    State(a): S,
+    Body(req): Body<tern_api::FenceRelease>,
+) -> Json<tern_api::FenceReleased> {
+    Json(crate::fence::release(&a, req).await)
 }
 
 /// Binds the API listener and returns the serving future.
@@ -181,6 +288,10 @@ async fn agent_info(State(a): S) -> Json<Value> {
         "labels": a.engine.security.own_labels(),
         "page_store_pages": held,
     }))
+}
+
+async fn load(State(a): S) -> Json<tern_api::HostLoad> {
+    Json(a.load().await)
 }
 
 async fn list_vms(State(a): S) -> Json<Vec<VmInfo>> {
@@ -418,6 +529,11 @@ async fn qmp(
             ),
         ));
     }
+    if req.execute == "cont" {
+        if let Some(why) = a.fence.refuses(&name) {
+            return Err(ApiError::new(StatusCode::CONFLICT, "fenced", why));
+        }
+    }
     let vm = find_vm(&a, &name)?;
     let r = vm
         .qmp
@@ -511,6 +627,9 @@ async fn migrate(
     Body(req): Body<MigrateRequest>,
 ) -> Result<(StatusCode, Json<MigrateStarted>), ApiError> {
     let vm = vm_to_move(&a, &name, &req)?;
+    if let Some(why) = a.fence.refuses(&name) {
+        return Err(ApiError::new(StatusCode::CONFLICT, "fenced", why));
+    }
     if vm
         .migrating
         .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)

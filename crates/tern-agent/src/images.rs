@@ -5,7 +5,8 @@
 //! Owns importing (indexing an administrator's image in place), refreshing, listing, and
 //! keeping a departed VM's disk for a return trip: a disk tern created for an incoming VM
 //! (inside its run directory) moves to `STATE_DIR/images/VM-diskN.FMT` (one per VM disk,
-//! replaced by the next departure); a disk the operator owns stays where it is. Both are
+//! replaced by the next departure, unless the VM, restarted from its snapshot, runs on an
+//! overlay of it: then `VM-diskN.K.FMT`); a disk the operator owns stays where it is. Both are
 //! indexed, so a VM that comes back is rebuilt from them plus what changed.
 //! Must not talk to peers or QEMU.
 
@@ -174,7 +175,21 @@ pub async fn keep_departed_disks(
             kept.push((d.path.clone(), d.format));
             continue;
         }
-        let to = images_dir.join(format!("{}-disk{i}.{}", spec.name, d.format.as_str()));
+        // a VM restarted from its snapshot runs on an overlay of the image kept for it: what
+        // its disk is built on is never replaced (the next name that is not is taken)
+        let chain = backing_chain(&d.path, d.format).await;
+        let name = |k: usize| {
+            let gen = if k == 0 {
+                String::new()
+            } else {
+                format!(".{k}")
+            };
+            images_dir.join(format!("{}-disk{i}{gen}.{}", spec.name, d.format.as_str()))
+        };
+        let Some(to) = (0..64).map(name).find(|p| !chain.contains(p)) else {
+            tracing::warn!(disk = %d.path.display(), "cannot keep the disk of a departed VM: its backing chain is too long");
+            continue;
+        };
         if to.exists() {
             // the previous departure's copy goes, and its index entries with it
             let _ = remove(index, to.clone()).await;
@@ -188,6 +203,48 @@ pub async fn keep_departed_disks(
         }
     }
     kept
+}
+
+/// The files a qcow2 image is built on (its backing chain, without itself), as absolute
+/// paths; none for a raw image or one `qemu-img` cannot read.
+async fn backing_chain(path: &Path, format: DiskFormat) -> Vec<PathBuf> {
+    if format != DiskFormat::Qcow2 {
+        return Vec::new();
+    }
+    let out = tokio::process::Command::new(tern_qemu::disk::qemu_img_binary())
+        .args([
+            "info",
+            "-U",
+            "--backing-chain",
+            "--output=json",
+            "-f",
+            "qcow2",
+        ])
+        .arg(path)
+        .output()
+        .await;
+    let Ok(out) = out.map_err(|e| e.to_string()).and_then(|o| {
+        if o.status.success() {
+            Ok(o.stdout)
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    }) else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .skip(1)
+                .filter_map(|e| e["filename"].as_str().map(PathBuf::from))
+                .flat_map(|p| {
+                    let c = std::fs::canonicalize(&p).ok();
+                    std::iter::once(p).chain(c)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Indexes disks kept by [`keep_departed_disks`] (reads them whole: run it in the

@@ -2,20 +2,28 @@
 //!
 //! One agent per host. It launches and supervises QEMU VMs ([`vm`]), serves the local
 //! control API over HTTP/JSON ([`api`]), accepts peer agents on a TCP listener and runs
-//! migrations in both directions ([`migrate`]). The binary (`tern agent`) is a thin
+//! migrations in both directions ([`migrate`]), samples what the host and its VMs use
+//! ([`load`]) and, when asked to, serves part of its API to the cluster controller over
+//! mutual TLS ([`control`]), keeps the snapshots VMs leave when they migrate away
+//! ([`snapshots`]) and pauses its VMs when the controller goes silent ([`fence`]). The
+//! binary (`tern agent`) is a thin
 //! wrapper around [`run`]. VMs outlive the agent: a restarted agent re-attaches to them.
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod control;
+pub mod fence;
 pub mod handover;
 pub mod images;
 pub mod libvirt;
 pub mod links;
+pub mod load;
 pub mod metrics;
 pub mod outgoing;
 pub mod overlay;
 pub mod pki;
 pub mod policy;
+pub mod snapshots;
 pub mod vm;
 
 use std::collections::{HashMap, HashSet};
@@ -128,6 +136,20 @@ pub struct AgentConfig {
     /// This host's end of the VXLAN overlay (`--vtep`, `--vxlan-peer`): every network's
     /// bridge here gets a VXLAN port to the peers. None: networks stay on this host.
     pub overlay: Option<tern_net::vxlan::Overlay>,
+    /// CPU cores VMs may use on this host, as the load reports it ([`load`],
+    /// `--capacity-cores`); None: the cores this process may run on. Finite and > 0.
+    pub capacity_cores: Option<f64>,
+    /// Where the cluster controller's part of the API is served, HTTP over mutual TLS
+    /// to certificates labelled `controller` ([`control`], `--control-listen`); None:
+    /// not at all. Needs TLS.
+    pub control_listen: Option<SocketAddr>,
+    /// What the departure snapshots ([`snapshots`]) may take on disk in all, MiB
+    /// (`--snapshot-limit-mib`); a recording passing it stops, and the oldest snapshots go
+    /// when a new one is kept. 0: no stream is recorded, no snapshot kept.
+    pub snapshot_limit_mib: u64,
+    /// Pause every VM when the cluster controller has not been heard from for this long,
+    /// once it was ([`fence`], `--fence-after`); None: never.
+    pub fence_after: Option<std::time::Duration>,
 }
 
 impl AgentConfig {
@@ -156,6 +178,10 @@ impl AgentConfig {
             libvirt_paths: Default::default(),
             networks: Vec::new(),
             overlay: None,
+            capacity_cores: None,
+            control_listen: None,
+            snapshot_limit_mib: snapshots::DEFAULT_LIMIT_MIB,
+            fence_after: None,
         }
     }
 }
@@ -185,6 +211,13 @@ pub struct Agent {
     /// Held while ARP answers are written or removed (a card that came to run here is
     /// never pinned behind the VXLAN port again after its entries went).
     addressing: tokio::sync::Mutex<()>,
+    /// What the host and its VMs use: the latest sample and what rates are computed
+    /// against ([`load`]).
+    load_sampler: load::Sampler,
+    /// The snapshots VMs left here when they migrated away ([`snapshots`]).
+    pub snapshots: snapshots::Snapshots,
+    /// Whether this agent paused its VMs for want of the controller ([`fence`]).
+    pub fence: fence::Fence,
     /// Itself, for handing to the engine as its [`Host`].
     me: std::sync::Weak<Agent>,
 }
@@ -200,6 +233,12 @@ pub enum AgentError {
     Api(ApiAddr, #[source] std::io::Error),
     #[error("cannot serve metrics on {0} (--metrics-listen)")]
     Metrics(SocketAddr, #[source] std::io::Error),
+    #[error("cannot serve the cluster controller on {0} (--control-listen)")]
+    ControlListen(SocketAddr, #[source] std::io::Error),
+    #[error("--control-listen needs TLS: the controller's connections are authenticated by their certificates, and this agent runs without (TERN_INSECURE_PLAINTEXT)")]
+    ControlWithoutTls,
+    #[error("capacity of {0} cores (--capacity-cores): give a number of cores greater than 0")]
+    CapacityCores(f64),
     #[error("cluster key {0}: {1} (it holds 64 hex digits; the same file on every agent of the cluster)")]
     ClusterKey(PathBuf, String),
     #[error("cannot write key file {0}")]
@@ -364,7 +403,11 @@ impl Agent {
                 config.max_incoming,
             )),
         };
+        let snapshots = snapshots::Snapshots::new(&config.state_dir, config.snapshot_limit_mib);
+        let fence = fence::Fence::load(&config.state_dir, config.fence_after);
         Ok(Arc::new_cyclic(|me| Agent {
+            snapshots,
+            fence,
             engine: Arc::new(engine),
             images_dir,
             config,
@@ -377,6 +420,7 @@ impl Agent {
             departed: Default::default(),
             forwarding: Default::default(),
             addressing: Default::default(),
+            load_sampler: Default::default(),
             me: me.clone(),
         }))
     }
@@ -841,6 +885,8 @@ impl Host for Agent {
         let vm = Arc::new(Vm::supervise(spec, process));
         let (name, pid) = (vm.spec.name.clone(), vm.pid);
         Agent::adopt(self, vm);
+        // its state here is the running VM's now: the snapshot it left is stale
+        self.snapshots.arrived(&name);
         self.vm_event(&name, "arrived", pid);
     }
 
@@ -1024,6 +1070,15 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     // two networks whose names give one VNI: refused before anything is made
     tern_net::vxlan::check_vnis(&config.networks).map_err(AgentError::Networks)?;
+    if let Some(c) = config
+        .capacity_cores
+        .filter(|c| !(c.is_finite() && *c > 0.0))
+    {
+        return Err(AgentError::CapacityCores(c));
+    }
+    if config.control_listen.is_some() && config.insecure_plaintext {
+        return Err(AgentError::ControlWithoutTls);
+    }
     // Everything the agent creates is its own: guest memory (page store), disks made for
     // incoming VMs, console logs, keys. Nobody else reads them.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
@@ -1059,7 +1114,13 @@ pub async fn run(
         }
     }
     let agent = Agent::new(config)?;
+    // (what a previous agent left of recordings and snapshots being written)
+    agent.snapshots.clean_partial();
     agent.reattach().await;
+    fence::keep_fenced(&agent).await;
+    if agent.config.fence_after.is_some() {
+        tokio::spawn(fence::run(agent.clone()));
+    }
     {
         // the peers learn where this host's cards are, this host where theirs are
         // (and every minute after: a peer that missed a claim or restarted is repaired)
@@ -1072,10 +1133,17 @@ pub async fn run(
             }
         });
     }
+    // what the host and its VMs use, every 2 s
+    tokio::spawn(load::run_sampler(agent.clone()));
     let api = api::serve(agent.clone()).await?;
     let metrics: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
         match agent.config.metrics_listen {
             Some(addr) => Box::pin(metrics::serve(agent.clone(), addr).await?),
+            None => Box::pin(std::future::pending()),
+        };
+    let control: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        match agent.config.control_listen {
+            Some(addr) => Box::pin(control::serve(agent.clone(), addr).await?),
             None => Box::pin(std::future::pending()),
         };
     tracing::info!(
@@ -1136,6 +1204,7 @@ pub async fn run(
         _ = peer_loop => {}
         _ = api => {}
         _ = metrics => {}
+        _ = control => {}
         _ = shutdown => {}
     }
     tracing::info!(

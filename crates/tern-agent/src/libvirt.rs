@@ -445,6 +445,8 @@ pub async fn run(
         exited: tokio::sync::watch::channel(None).1,
         tpm_key: None,
         pid: agent.config.libvirt_paths.domain_pid(&domain.name).ok(),
+        // a carried domain's stream is not recorded (libvirt restarts its domains)
+        record: None,
     };
     let outcome = tern_engine::source::run(
         agent.engine.clone(),

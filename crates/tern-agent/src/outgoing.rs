@@ -1,8 +1,9 @@
 //! An outgoing migration as the daemon runs it: the VM handed to the engine
 //! (`tern_engine::source`), and what the outcome means for this host's VM registry. A VM
 //! that moved goes from here (its QEMU quit, its disks kept and indexed for a return trip,
-//! its run directory and TPM state removed); one that did not stays, free to migrate
-//! again.
+//! its run directory and TPM state removed) and leaves its departure snapshot (the stream
+//! the engine recorded on the way, [`crate::snapshots`]); one that did not stays, free to
+//! migrate again (the recording deleted).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ pub fn source_vm(agent: &Agent, vm: &Vm) -> Result<SourceVm, String> {
         exited: vm.exit_watch(),
         tpm_key,
         pid: vm.pid,
+        record: None,
     })
 }
 
@@ -43,7 +45,7 @@ pub async fn run(
     req: tern_api::MigrateRequest,
     handle: Arc<MigrationHandle>,
 ) {
-    let source = match source_vm(&agent, &vm) {
+    let mut source = match source_vm(&agent, &vm) {
         Ok(s) => s,
         Err(message) => {
             vm.migrating.store(false, Ordering::SeqCst);
@@ -55,6 +57,8 @@ pub async fn run(
             return;
         }
     };
+    let recording = crate::snapshots::recording_for(&agent, &vm.spec, &handle.id);
+    source.record = recording.engine();
     let req_to = req.to.clone();
     let link = crate::links::memory_of(&agent.config.state_dir, &req_to);
     let outcome = tern_engine::source::run(
@@ -68,14 +72,26 @@ pub async fn run(
     .await;
     match outcome {
         SourceOutcome::Moved(report) => {
-            moved(&agent, &vm).await;
+            let left = Left {
+                migration_id: handle.id.clone(),
+                destination: req_to.clone(),
+                recording,
+                was_running: report.source_was_running,
+            };
+            moved(&agent, &vm, left).await;
             if let Err(e) = crate::links::record(&agent.config.state_dir, &req_to, &report) {
                 tracing::warn!("cannot remember the link to {req_to} for plans: {e}");
             }
             handle.finish_ok(*report);
         }
         SourceOutcome::MovedAfterBug { message } => {
-            moved(&agent, &vm).await;
+            let left = Left {
+                migration_id: handle.id.clone(),
+                destination: req_to.clone(),
+                recording,
+                was_running: true,
+            };
+            moved(&agent, &vm, left).await;
             vm.migrating.store(false, Ordering::SeqCst);
             handle.finish_err(
                 ErrorCode::Internal,
@@ -88,16 +104,32 @@ pub async fn run(
             message,
             vm_state,
         } => {
+            crate::snapshots::discard(recording);
             vm.migrating.store(false, Ordering::SeqCst);
             handle.finish_err(code, message, vm_state);
         }
     }
 }
 
+/// What a VM that moved leaves for its snapshot.
+struct Left {
+    migration_id: String,
+    destination: String,
+    recording: crate::snapshots::Recording,
+    was_running: bool,
+}
+
 /// The destination runs the VM: the source's copy goes, its disks stay here, indexed, so
 /// a return trip sends only what changed; its TPM state goes with the run directory (the
-/// VM's secrets now live only at the destination).
-async fn moved(agent: &Arc<Agent>, vm: &Vm) {
+/// VM's secrets now live only at the destination, and in its snapshot here: the vTPM
+/// migration key its recorded stream needs). The snapshot is kept in the background
+/// (its recording may still be on its way to disk).
+async fn moved(agent: &Arc<Agent>, vm: &Vm, left: Left) {
+    let tpm_key = if vm.spec.tpm && left.recording.engine().is_some() {
+        crate::tpm_migration_key_of(&agent.config.state_dir, &vm.run_dir).ok()
+    } else {
+        None
+    };
     vm.stop(StopMode::Quit).await;
     agent.forget(&vm.spec.name);
     agent.vm_event(&vm.spec.name, "left", None);
@@ -108,6 +140,18 @@ async fn moved(agent: &Arc<Agent>, vm: &Vm) {
         &vm.run_dir,
     )
     .await;
+    tokio::spawn(crate::snapshots::keep(
+        agent.clone(),
+        crate::snapshots::Departed {
+            spec: vm.spec.clone(),
+            migration_id: left.migration_id,
+            destination: left.destination,
+            recording: left.recording,
+            kept: kept.clone(),
+            tpm_key,
+            was_running: left.was_running,
+        },
+    ));
     if !kept.is_empty() {
         let index = agent.engine.chunks.clone();
         tokio::spawn(async move { crate::images::index_kept(&index, kept).await });

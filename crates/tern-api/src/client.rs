@@ -2,10 +2,16 @@
 //! what the CLI and the test kit use. One request per connection
 //! (`Connection: close`); JSON in, JSON out. Kept tiny on purpose: the API is local and
 //! simple, and the CLI should not pull in an HTTP stack.
+//!
+//! The same client runs over any stream a [`Connector`] opens
+//! ([`Client::with_connector`]): a cluster controller reaches agents' control listeners
+//! over mutual TLS that way (`tern_agent::control::client_for`). An answer is read up to
+//! [`MAX_ANSWER_BYTES`].
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -18,6 +24,10 @@ use crate::vm::VmInfo;
 /// How long a call waits for the agent's answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The most of an answer a call reads (a VM list or a migration's report is far less); a
+/// longer answer is a [`ClientError::BadResponse`].
+pub const MAX_ANSWER_BYTES: u64 = 64 << 20;
+
 /// Why a call to the agent's API failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -27,6 +37,8 @@ pub enum ClientError {
         "cannot reach the tern agent at {0} (is `tern agent` running? set --agent or TERN_AGENT)"
     )]
     Connect(String, #[source] std::io::Error),
+    #[error("cannot reach the tern agent at {0}")]
+    Dial(String, #[source] std::io::Error),
     #[error("talking to the agent failed")]
     Io(#[from] std::io::Error),
     #[error("the agent's answer is not valid HTTP: {0}")]
@@ -43,9 +55,14 @@ pub enum ClientError {
 
 type Result<T> = std::result::Result<T, ClientError>;
 
+/// Where the agent's API is.
 #[derive(Debug, Clone)]
 pub enum Endpoint {
+    /// Its unix socket (this host's agent).
     Unix(String),
+    /// Wherever the client's [`Connector`] reaches (e.g. another host's control
+    /// listener over TLS); the text names it in messages.
+    Custom(String),
 }
 
 impl Endpoint {
@@ -64,30 +81,65 @@ impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Endpoint::Unix(p) => write!(f, "unix:{p}"),
+            Endpoint::Custom(name) => f.write_str(name),
         }
     }
 }
 
+/// A byte stream a call runs over: a unix socket, a TLS stream.
+pub trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// Opens a new connection to the agent for one call; its argument is how long a read may
+/// wait for the agent (None: as long as it takes). An error is a
+/// [`ClientError::Dial`].
+pub type Connector =
+    Arc<dyn Fn(Option<Duration>) -> std::io::Result<Box<dyn ReadWrite + Send>> + Send + Sync>;
+
+#[derive(Clone)]
 pub struct Client {
     pub endpoint: Endpoint,
+    /// How a [`Endpoint::Custom`] is reached.
+    connector: Option<Connector>,
 }
 
-trait Conn: Read + Write {}
-impl<T: Read + Write> Conn for T {}
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
 
 impl Client {
     pub fn new(endpoint: Endpoint) -> Client {
-        Client { endpoint }
+        Client {
+            endpoint,
+            connector: None,
+        }
     }
 
-    fn connect(&self, timeout: Option<Duration>) -> Result<Box<dyn Conn>> {
-        let fail = |e| ClientError::Connect(self.endpoint.to_string(), e);
-        Ok(match &self.endpoint {
-            Endpoint::Unix(p) => {
-                let s = UnixStream::connect(p).map_err(fail)?;
+    /// A client whose every call opens its connection with `connect`; `name` (e.g.
+    /// `tls:HOST:PORT`) names the agent in messages.
+    pub fn with_connector(name: impl Into<String>, connect: Connector) -> Client {
+        Client {
+            endpoint: Endpoint::Custom(name.into()),
+            connector: Some(connect),
+        }
+    }
+
+    fn connect(&self, timeout: Option<Duration>) -> Result<Box<dyn ReadWrite + Send>> {
+        Ok(match (&self.endpoint, &self.connector) {
+            (Endpoint::Unix(p), _) => {
+                let s = UnixStream::connect(p)
+                    .map_err(|e| ClientError::Connect(self.endpoint.to_string(), e))?;
                 s.set_read_timeout(timeout)?;
                 Box::new(s)
             }
+            (Endpoint::Custom(name), Some(connect)) => {
+                connect(timeout).map_err(|e| ClientError::Dial(name.clone(), e))?
+            }
+            (Endpoint::Custom(name), None) => return Err(ClientError::BadEndpoint(name.clone())),
         })
     }
 
@@ -112,8 +164,8 @@ impl Client {
             body.len()
         );
         c.write_all(req.as_bytes())?;
-        let mut raw = Vec::new();
-        c.read_to_end(&mut raw)?;
+        c.flush()?;
+        let raw = read_answer(c)?;
         let (status, body) = parse_response(&raw)?;
         let v: Value = if body.is_empty() {
             Value::Null
@@ -133,6 +185,19 @@ impl Client {
         }
         Ok(v)
     }
+}
+
+/// The whole answer, up to [`MAX_ANSWER_BYTES`].
+fn read_answer(c: impl Read) -> Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    c.take(MAX_ANSWER_BYTES + 1).read_to_end(&mut raw)?;
+    if raw.len() as u64 > MAX_ANSWER_BYTES {
+        return Err(bad(&format!(
+            "the answer is longer than {} MiB",
+            MAX_ANSWER_BYTES >> 20
+        )));
+    }
+    Ok(raw)
 }
 
 fn utf8(p: &Path) -> Result<&str> {
@@ -258,6 +323,16 @@ fn read_events(
 
 /// VMs and migrations, typed.
 impl Client {
+    /// The agent itself (`GET /v1/agent`): name, addresses, labels, protocol, version.
+    pub fn agent_info(&self) -> Result<Value> {
+        self.call("GET", "/v1/agent", None)
+    }
+
+    /// What the agent's host and its VMs use (`GET /v1/load`), at its latest sample.
+    pub fn load(&self) -> Result<crate::load::HostLoad> {
+        typed("GET /v1/load", self.call("GET", "/v1/load", None)?)
+    }
+
     /// The VMs on the agent's host.
     pub fn vms(&self) -> Result<Vec<VmInfo>> {
         typed("GET /v1/vms", self.call("GET", "/v1/vms", None)?)
@@ -295,6 +370,52 @@ impl Client {
         )
     }
 }
+
+/// Failover: the snapshots VMs left here when they migrated away, and the fence.
+impl Client {
+    /// The departure snapshots this host keeps (`GET /v1/snapshots`).
+    pub fn snapshots(&self) -> Result<Vec<crate::snapshot::SnapshotInfo>> {
+        typed(
+            "GET /v1/snapshots",
+            self.call("GET", "/v1/snapshots", None)?,
+        )
+    }
+
+    /// Runs VM `vm` here again from its snapshot (`POST /v1/snapshots/{vm}/restart`);
+    /// waits as long as the restart takes (the stream is read back whole).
+    pub fn restart_snapshot(&self, vm: &str) -> Result<crate::snapshot::RestartReport> {
+        let path = format!("/v1/snapshots/{vm}/restart");
+        typed(
+            &path.clone(),
+            self.call_within("POST", &path, None, Some(RESTART_TIMEOUT))?,
+        )
+    }
+
+    /// Drops VM `vm`'s snapshot (`DELETE /v1/snapshots/{vm}`).
+    pub fn delete_snapshot(&self, vm: &str) -> Result<()> {
+        self.call("DELETE", &format!("/v1/snapshots/{vm}"), None)?;
+        Ok(())
+    }
+
+    /// Whether the agent fenced itself (`GET /v1/fence`).
+    pub fn fence(&self) -> Result<crate::snapshot::FenceStatus> {
+        typed("GET /v1/fence", self.call("GET", "/v1/fence", None)?)
+    }
+
+    /// Lifts the fence: stops and resumes the VMs named (`POST /v1/fence/release`).
+    pub fn release_fence(
+        &self,
+        req: &crate::snapshot::FenceRelease,
+    ) -> Result<crate::snapshot::FenceReleased> {
+        let path = "/v1/fence/release";
+        let body =
+            serde_json::to_value(req).map_err(|e| ClientError::Shape(path.to_string(), e))?;
+        typed(path, self.call("POST", path, Some(&body))?)
+    }
+}
+
+/// How long [`Client::restart_snapshot`] waits: a large VM's stream is read back whole.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The host's image library (the chunk index an incoming disk is rebuilt from). These
 /// calls wait as long as it takes: the index serves one of them at a time, and an import
@@ -347,13 +468,30 @@ fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>)> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad(&format!("bad HTTP status line {status_line:?}")))?;
-    let chunked = lines.any(|l| {
+    let (mut chunked, mut length) = (false, None);
+    for l in lines {
         let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
+        chunked |= l.starts_with("transfer-encoding:") && l.contains("chunked");
+        if let Some(n) = l.strip_prefix("content-length:") {
+            length = Some(
+                n.trim()
+                    .parse::<usize>()
+                    .map_err(|_| bad("bad Content-Length"))?,
+            );
+        }
+    }
     let mut body = raw[split + 4..].to_vec();
     if chunked {
         body = dechunk(&body)?;
+    } else if let Some(n) = length {
+        // a connection that ends early (e.g. TLS without its close_notify) is caught here
+        if body.len() < n {
+            return Err(bad(&format!(
+                "the answer ends after {} of its {n} bytes",
+                body.len()
+            )));
+        }
+        body.truncate(n);
     }
     Ok((status, body))
 }
@@ -440,5 +578,83 @@ mod tests {
             parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n").unwrap();
         assert_eq!((s, b.as_slice()), (200, &b"[1,2]"[..]));
         assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+        // a body shorter than it said is cut short, not taken
+        let e = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n[1,").unwrap_err();
+        assert!(matches!(e, ClientError::BadResponse(_)), "{e:?}");
+    }
+
+    #[test]
+    fn an_answer_longer_than_the_cap_is_refused() {
+        let mut big = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+        big.resize(MAX_ANSWER_BYTES as usize + 1, b' ');
+        let e = read_answer(big.as_slice()).unwrap_err();
+        assert!(
+            matches!(&e, ClientError::BadResponse(m) if m.contains("64 MiB")),
+            "{e:?}"
+        );
+        big.truncate(MAX_ANSWER_BYTES as usize);
+        assert_eq!(
+            read_answer(big.as_slice()).unwrap().len() as u64,
+            MAX_ANSWER_BYTES
+        );
+    }
+
+    #[test]
+    fn a_client_runs_over_the_stream_its_connector_opens() {
+        use std::sync::Mutex;
+        // a stream that answers every request with one canned answer and keeps what was sent
+        struct Canned {
+            answer: std::io::Cursor<Vec<u8>>,
+            sent: Arc<Mutex<Vec<u8>>>,
+        }
+        impl Read for Canned {
+            fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+                self.answer.read(b)
+            }
+        }
+        impl Write for Canned {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.sent.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let load = r#"{"host":"a","labels":["x"],"capacity_cores":3.0,"mem_total_bytes":10,"mem_available_bytes":5,"cpu_busy_cores":0.5,"uptime_ms":7,"interval_ms":2000,"vms":[]}"#;
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{load}",
+            load.len()
+        );
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let s2 = sent.clone();
+        let c = Client::with_connector(
+            "test:a",
+            Arc::new(move |_| {
+                Ok(Box::new(Canned {
+                    answer: std::io::Cursor::new(answer.clone().into_bytes()),
+                    sent: s2.clone(),
+                }) as Box<dyn ReadWrite + Send>)
+            }),
+        );
+        let l = c.load().unwrap();
+        assert_eq!((l.host.as_str(), l.capacity_cores), ("a", 3.0));
+        assert!(
+            String::from_utf8_lossy(&sent.lock().unwrap()).starts_with("GET /v1/load HTTP/1.1\r\n")
+        );
+        // a connector that cannot connect names the agent
+        let c = Client::with_connector(
+            "tls:10.0.0.9:7701",
+            Arc::new(|_| Err(std::io::ErrorKind::ConnectionRefused.into())),
+        );
+        let e = c.agent_info().unwrap_err();
+        assert!(
+            matches!(&e, ClientError::Dial(n, _) if n == "tls:10.0.0.9:7701"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "cannot reach the tern agent at tls:10.0.0.9:7701"
+        );
     }
 }

@@ -10,12 +10,19 @@
 pub mod client;
 pub mod events;
 pub mod image;
+pub mod load;
 pub mod migration;
+pub mod snapshot;
 pub mod vm;
 
+pub use load::{HostLoad, VmLoad};
 pub use migration::{
     Compression, ConvergenceReport, Direction, DiskReport, EncodingReport, FailureInfo,
     LibvirtMigrateRequest, LinkOutage, MigrateRequest, MigrateStarted, MigrationPlan,
     MigrationReport, MigrationStatus, Objective, PacingReport, PageCounts, Phase, PhaseSpan,
     PlanInputs, PlanPrediction, Progress, SwitchoverTimes, Timeline,
+};
+pub use snapshot::{
+    FenceRelease, FenceReleased, FenceStatus, RestartReport, SnapshotDisk, SnapshotInfo,
+    SnapshotMeta,
 };

@@ -32,7 +32,9 @@ pub struct TestAgent {
     pub client: Client,
 }
 
-fn free_port() -> Result<u16> {
+/// A TCP port free on the loopback now (for an agent's `--listen`, `--control-listen`,
+/// `--metrics-listen`; another process may take it before the agent binds it).
+pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }

@@ -24,6 +24,7 @@ use tern_qemu::stream::{BlockName, Encoder, Item, NameMode, Parser, RamRecord, S
 use tokio::io::AsyncReadExt;
 use tokio::net::unix;
 
+use super::record::Recorder;
 use super::MigrateError;
 use crate::codec::CodecPicker;
 use crate::datapath::DataPathPicker;
@@ -139,6 +140,9 @@ pub(super) struct ForwardPlan {
     /// A libvirt domain's QEMU: the stream is complete when this fires (the destination
     /// QEMU's SHUT came; the source QEMU closes the stream only after it gets it).
     pub stream_end: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// A copy of the stream to a file, when the daemon asked for one (`record.rs`): each
+    /// chunk read from QEMU, as it was read; never waited for.
+    pub record: Option<Recorder>,
 }
 
 /// What the forwarder hands back once QEMU's stream ended properly.
@@ -165,6 +169,7 @@ pub(super) async fn forward(
         mut datapath,
         v5,
         mut stream_end,
+        mut record,
     } = plan;
     pages.set_plain(v5);
     pages.set_lean(!datapath.dedup());
@@ -367,6 +372,10 @@ pub(super) async fn forward(
                 if n == 0 {
                     break;
                 }
+                if let Some(r) = record.as_mut() {
+                    // the new bytes (behind the partial record kept from the last read)
+                    r.tee(rest.slice(rest.len() - n..));
+                }
                 Counters::add(&c.bytes_from_qemu, n as u64);
             }
         }
@@ -379,6 +388,10 @@ pub(super) async fn forward(
         .into());
     }
     parser.finish()?;
+    if let Some(r) = record.take() {
+        // the whole stream, ended properly: the VM as at the switchover
+        r.finish();
+    }
     let d = digest.ok_or(StreamError::Truncated {
         offset: parser.offset(),
         state: "RAM setup",

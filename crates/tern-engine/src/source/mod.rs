@@ -8,7 +8,7 @@
 //! | `Connect` | `connect.rs` | mutual TLS, Hello, the policy on the destination's labels |
 //! | `Prepare` | `prepare.rs` | DiskOffer, TpmKey, Prepare; the destination's summary; data connections, encoder, the reader of the destination's frames (`peer.rs`) |
 //! | `DiskCopy` | `disks.rs` | the disks' full copy and rounds before memory moves |
-//! | `Transfer`, `Verify` | `transfer.rs` | QEMU migrates into a handed socket; the stream is forwarded (`forward.rs`) |
+//! | `Transfer`, `Verify` | `transfer.rs` | QEMU migrates into a handed socket; the stream is forwarded (`forward.rs`), and recorded to a file when the daemon asks (`record.rs`) |
 //! | `Switchover` | `switchover.rs` | the commit, Resumed, or asking the destination when it did not come |
 //! | report | `report.rs` | the report, from the timeline and counters |
 //!
@@ -34,6 +34,7 @@ mod pacing;
 mod peer;
 pub mod plan;
 mod prepare;
+pub mod record;
 pub mod recover;
 mod report;
 mod switchover;
@@ -75,6 +76,9 @@ pub struct SourceVm {
     pub tpm_key: Option<[u8; 32]>,
     /// Its QEMU's process (for sampling its RAM in a plan); None if not known.
     pub pid: Option<u32>,
+    /// Where to record the stream as it passes (the daemon's departure snapshot,
+    /// [`record`]); None: not recorded.
+    pub record: Option<Arc<record::StreamRecording>>,
 }
 
 /// Who runs the VM's QEMU, and what tern holds of it.

@@ -189,6 +189,8 @@ pub(super) async fn run(
             links,
             flow: flow.map(|f| (f, rtt)),
             stream_end,
+            // each try records from its first byte
+            record: m.vm.record.as_ref().map(|r| r.start()),
         },
     ));
     tasks.push(AbortOnDrop(fwd.abort_handle()));

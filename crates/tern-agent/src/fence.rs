@@ -1,0 +1,320 @@
+//! Fencing (`tern agent --fence-after SECS`, off by default): an agent that stops hearing
+//! from its cluster controller pauses its VMs, so that a host that is only cut off does
+//! not keep running VMs the controller restarts elsewhere from their snapshots.
+//!
+//! Every request that arrives on the control listener (an authenticated controller) is
+//! the controller's word ([`Fence::heard`]); the first one arms the fence. Checked every
+//! second ([`due`]): armed and no word for `fence_after`, the agent fences: it cancels its
+//! VMs' outgoing migrations, pauses every VM (QMP `stop`, never a kill) and writes the
+//! list to `STATE_DIR/fenced.json`, so a restarted agent keeps them paused and fenced.
+//! While fenced it refuses outgoing migrations and QMP `cont` of those VMs and any
+//! restart from a snapshot. Only `POST /v1/fence/release` lifts it (the controller says
+//! which VMs to stop, having run them elsewhere, and which to resume); a word from the
+//! controller while fenced re-arms the timer but does not unfence.
+//!
+//! Owns the timer, the fenced state and its file; must not decide which copy of a VM
+//! survives (the controller does).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tern_api::snapshot::{FenceRelease, FenceReleased, FenceStatus};
+
+use crate::Agent;
+
+/// The fenced state as `STATE_DIR/fenced.json` keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fenced {
+    pub since_unix_ms: u64,
+    pub vms: Vec<String>,
+}
+
+/// An agent's fence.
+pub struct Fence {
+    after: Option<Duration>,
+    file: PathBuf,
+    /// When the controller was last heard from; None: never (not armed).
+    last_word: Mutex<Option<Instant>>,
+    fenced: Mutex<Option<Fenced>>,
+}
+
+/// Whether to fence now: armed (the controller was heard once), not fenced yet, and
+/// nothing heard for `after`.
+pub fn due(
+    now: Instant,
+    last_word: Option<Instant>,
+    after: Option<Duration>,
+    fenced: bool,
+) -> bool {
+    match (last_word, after) {
+        (Some(last), Some(after)) if !fenced => now.saturating_duration_since(last) >= after,
+        _ => false,
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Fence {
+    /// The fence of the agent whose state is in `state_dir` (fenced still if its last run
+    /// was).
+    pub fn load(state_dir: &Path, after: Option<Duration>) -> Fence {
+        let file = state_dir.join("fenced.json");
+        let fenced = match std::fs::read(&file) {
+            Ok(b) => match serde_json::from_slice::<Fenced>(&b) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    // unreadable: fenced still, with no VM named (the operator releases)
+                    tracing::error!(file = %file.display(), "the fenced state is unreadable ({e}): the agent stays fenced");
+                    Some(Fenced {
+                        since_unix_ms: now_ms(),
+                        vms: Vec::new(),
+                    })
+                }
+            },
+            Err(_) => None,
+        };
+        Fence {
+            after,
+            file,
+            last_word: Mutex::new(None),
+            fenced: Mutex::new(fenced),
+        }
+    }
+
+    /// A request came from the controller.
+    pub fn heard(&self) {
+        *self.last_word.lock() = Some(Instant::now());
+    }
+
+    pub fn status(&self) -> FenceStatus {
+        let f = self.fenced.lock().clone();
+        FenceStatus {
+            fenced: f.is_some(),
+            since_unix_ms: f.as_ref().map(|f| f.since_unix_ms),
+            vms: f.map(|f| f.vms).unwrap_or_default(),
+            fence_after_s: self.after.map(|d| d.as_secs_f64()),
+        }
+    }
+
+    /// The VMs fenced now (none when not fenced).
+    pub fn fenced_vms(&self) -> Vec<String> {
+        self.fenced
+            .lock()
+            .as_ref()
+            .map(|f| f.vms.clone())
+            .unwrap_or_default()
+    }
+
+    fn since(&self) -> Option<u64> {
+        self.fenced.lock().as_ref().map(|f| f.since_unix_ms)
+    }
+
+    fn words(&self, since: u64) -> String {
+        let ago = now_ms().saturating_sub(since) as f64 / 1000.0;
+        format!("this host fenced itself {ago:.0} s ago (no word from the cluster controller for --fence-after); the controller releases it (POST /v1/fence/release)")
+    }
+
+    /// Why VM `vm` may not migrate out or be resumed now; None: it may.
+    pub fn refuses(&self, vm: &str) -> Option<String> {
+        let f = self.fenced.lock();
+        let f = f.as_ref()?;
+        f.vms
+            .iter()
+            .any(|v| v == vm)
+            .then(|| format!("VM {vm:?} is fenced: {}", self.words(f.since_unix_ms)))
+    }
+
+    /// Why no snapshot may restart now; None: they may.
+    pub fn refuses_restart(&self) -> Option<String> {
+        self.since()
+            .map(|s| format!("no restart while fenced: {}", self.words(s)))
+    }
+
+    fn set(&self, f: Option<Fenced>) -> std::io::Result<()> {
+        let r = match &f {
+            Some(f) => serde_json::to_vec(f)
+                .map_err(std::io::Error::other)
+                .and_then(|b| {
+                    tern_engine::secret::write_file(&self.file, &b, 0o600)
+                        .map_err(std::io::Error::other)
+                }),
+            None => match std::fs::remove_file(&self.file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        };
+        *self.fenced.lock() = f;
+        r
+    }
+}
+
+/// Checks the fence every second (with `--fence-after` only).
+pub async fn run(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let f = &agent.fence;
+        let last = *f.last_word.lock();
+        if due(Instant::now(), last, f.after, f.since().is_some()) {
+            fence(&agent, last.map(|l| l.elapsed())).await;
+        }
+    }
+}
+
+/// Pauses every VM here and records it.
+async fn fence(agent: &Arc<Agent>, silent_for: Option<Duration>) {
+    let vms = agent.vms();
+    let names: Vec<String> = vms.iter().map(|v| v.spec.name.clone()).collect();
+    // fenced first: from here no migration starts and no VM is resumed through the API
+    if let Err(e) = agent.fence.set(Some(Fenced {
+        since_unix_ms: now_ms(),
+        vms: names.clone(),
+    })) {
+        tracing::error!("cannot write the fenced state (a restarted agent would not know): {e}");
+    }
+    // an outgoing migration that has not committed ends here (its VM stays); one that
+    // did runs at its destination
+    let mut migrating = Vec::new();
+    for n in &names {
+        if let Some(m) = agent.engine.registry.active_migration_of(n) {
+            m.cancel();
+            migrating.push(n.clone());
+        }
+    }
+    if !migrating.is_empty() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline
+            && migrating
+                .iter()
+                .any(|n| agent.engine.registry.active_migration_of(n).is_some())
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    pause_all(agent, &names).await;
+    tracing::error!(
+        "fenced: no word from the controller for {:.0} s; paused VMs {names:?}",
+        silent_for.unwrap_or_default().as_secs_f64()
+    );
+}
+
+/// QMP `stop` on each VM named that runs here.
+async fn pause_all(agent: &Agent, names: &[String]) {
+    for n in names {
+        let Some(vm) = agent.vm(n) else { continue };
+        if vm.exit_reason().is_some() {
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), vm.qmp.execute("stop", None)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(vm = %n, "fencing: cannot pause the VM: {e}"),
+            Err(_) => {
+                tracing::error!(vm = %n, "fencing: its QEMU did not answer `stop` within 10 s")
+            }
+        }
+    }
+}
+
+/// A restarted agent that was fenced keeps its VMs paused (after re-attaching to them).
+pub async fn keep_fenced(agent: &Agent) {
+    let names = agent.fence.fenced_vms();
+    if agent.fence.since().is_none() {
+        return;
+    }
+    pause_all(agent, &names).await;
+    tracing::error!(
+        "fenced (since before this agent started): VMs {names:?} stay paused until the controller releases them"
+    );
+}
+
+/// `POST /v1/fence/release`: stops and resumes the VMs named, lifts the fence.
+pub async fn release(agent: &Agent, req: FenceRelease) -> FenceReleased {
+    let mut out = FenceReleased::default();
+    for n in &req.stop {
+        match agent.stop_vm(n).await {
+            Ok(()) => out.stopped.push(n.clone()),
+            Err(e) => out.failed.push(format!("stop {n}: {e}")),
+        }
+    }
+    for n in &req.resume {
+        let Some(vm) = agent.vm(n) else {
+            out.failed
+                .push(format!("resume {n}: no VM named {n:?} on this host"));
+            continue;
+        };
+        match tokio::time::timeout(Duration::from_secs(10), vm.qmp.execute("cont", None)).await {
+            Ok(Ok(_)) => out.resumed.push(n.clone()),
+            Ok(Err(e)) => out.failed.push(format!("resume {n}: {e}")),
+            Err(_) => out
+                .failed
+                .push(format!("resume {n}: its QEMU did not answer within 10 s")),
+        }
+    }
+    let was = agent.fence.since().is_some();
+    if let Err(e) = agent.fence.set(None) {
+        tracing::error!("cannot remove the fenced state's file: {e}");
+    }
+    if was {
+        tracing::warn!(
+            stopped = ?out.stopped,
+            resumed = ?out.resumed,
+            failed = ?out.failed,
+            "fence released"
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fence_falls_only_once_armed_and_silent_for_long_enough() {
+        let t0 = Instant::now();
+        let after = Some(Duration::from_secs(3));
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        // never heard from the controller: not armed
+        assert!(!due(at(100.0), None, after, false));
+        // heard at 0: fine until 3 s
+        assert!(!due(at(2.9), Some(t0), after, false));
+        assert!(due(at(3.0), Some(t0), after, false));
+        // heard again at 2: the timer starts again
+        assert!(!due(at(4.0), Some(at(2.0)), after, false));
+        assert!(due(at(5.5), Some(at(2.0)), after, false));
+        // fenced already: nothing more to do
+        assert!(!due(at(10.0), Some(t0), after, true));
+        // no --fence-after: never
+        assert!(!due(at(1e6), Some(t0), None, false));
+    }
+
+    #[test]
+    fn a_fenced_state_outlives_the_agent_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fence::load(dir.path(), Some(Duration::from_secs(3)));
+        assert!(!f.status().fenced && f.refuses("web1").is_none() && f.refuses_restart().is_none());
+        f.set(Some(Fenced {
+            since_unix_ms: 7,
+            vms: vec!["web1".into()],
+        }))
+        .unwrap();
+        let again = Fence::load(dir.path(), Some(Duration::from_secs(3)));
+        let st = again.status();
+        assert!(st.fenced);
+        assert_eq!(st.since_unix_ms, Some(7));
+        assert_eq!(st.vms, vec!["web1".to_string()]);
+        assert_eq!(st.fence_after_s, Some(3.0));
+        assert!(again.refuses("web1").is_some_and(|w| w.contains("fenced")));
+        assert!(again.refuses("other").is_none());
+        assert!(again.refuses_restart().is_some());
+        again.set(None).unwrap();
+        assert!(!Fence::load(dir.path(), None).status().fenced);
+    }
+}

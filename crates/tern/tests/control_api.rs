@@ -1,0 +1,179 @@
+//! The agent's control listener (`tern agent --control-listen`): the cluster
+//! controller's part of the API over mutual TLS. A certificate of the cluster CA labelled
+//! `controller` gets the host's load and the routes the controller needs; any other
+//! certificate gets no HTTP answer; routes outside the controller's part are not served.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use tern_api::client::ClientError;
+use tern_testkit::agents::{
+    e2e_lock, free_port, issue_cert, test_ca, wait_for_text, AgentOptions, TestAgent, TEST_CA,
+};
+use tern_testkit::guest::ensure_guest;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tern");
+
+/// A client certificate from the test CA with `labels`, in a new TLS directory.
+fn credentials(name: &str, labels: &[&str]) -> Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new().prefix("tern-ctl-").tempdir()?;
+    issue_cert(
+        &test_ca(Path::new(TEST_CA))?,
+        name,
+        "127.0.0.1".parse()?,
+        labels,
+        dir.path(),
+    )?;
+    Ok(dir)
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn the_control_listener_serves_the_load_to_the_controller_only() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let control = format!("127.0.0.1:{}", free_port()?);
+    let a = TestAgent::start_with(
+        Path::new(BIN),
+        "host-ctl",
+        AgentOptions {
+            args: &["--control-listen", &control, "--capacity-cores", "3"],
+            labels: &["trusted"],
+            ..Default::default()
+        },
+    )?;
+    ensure!(
+        a.log_text()
+            .contains(&format!("cluster controller API on {control}")),
+        "the agent does not say where it serves the controller:\n{}",
+        a.log_text()
+    );
+    let spec = format!(
+        "name = \"idle\"\nmemory_mib = 128\nvcpus = 1\naccel = \"tcg\"\nkernel = {:?}\ninitrd = {:?}\nappend = \"console=ttyS0 panic=-1 tern.workload=idle\"\n",
+        g.kernel.display().to_string(),
+        g.initrd.display().to_string()
+    );
+    let info = a.start_vm(&spec)?;
+    let console = info["console_log"].as_str().context("console path")?;
+    wait_for_text(Path::new(console), "TERN-READY", Duration::from_secs(90))?;
+
+    // (a) the controller's certificate: the host's load, with the VM in it, after a
+    // sample that has an interval (its rates)
+    let ctl_dir = credentials("controller", &["controller"])?;
+    let ctl = tern_agent::control::client_for(&control, ctl_dir.path())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let load = loop {
+        let l = ctl.load().context("GET /v1/load over TLS")?;
+        if l.interval_ms > 0 && l.vms.iter().any(|v| v.cpu_seconds > 0.0) {
+            break l;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no sample with the VM's CPU: {l:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(load.host, "host-ctl", "{load:?}");
+    assert_eq!(load.capacity_cores, 3.0, "{load:?}");
+    assert_eq!(load.labels, vec!["trusted".to_string()], "{load:?}");
+    assert!(
+        load.mem_total_bytes >= load.mem_available_bytes && load.mem_available_bytes > 0,
+        "{load:?}"
+    );
+    assert!(load.uptime_ms >= load.interval_ms, "{load:?}");
+    let vm = load
+        .vms
+        .iter()
+        .find(|v| v.name == "idle")
+        .context("the VM is in the load")?;
+    assert_eq!((vm.vcpus, vm.mem_bytes), (1, 128 << 20), "{vm:?}");
+    assert!(vm.rss_bytes > 0, "{vm:?}");
+    assert!(!vm.tpm && !vm.migrating, "{vm:?}");
+    assert_eq!(vm.state, "running", "{vm:?}");
+    assert!(
+        (0.0..=4.0).contains(&vm.cpu_cores),
+        "an idle guest's QEMU: {vm:?}"
+    );
+    // the rest of what the controller reads
+    let agent = ctl.agent_info()?;
+    assert_eq!(agent["name"], "host-ctl", "{agent}");
+    let vms = ctl.vms()?;
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert!(ctl.migrations()?.is_empty());
+    // and the local API serves the load too
+    let local = a.client.load()?;
+    assert_eq!(local.capacity_cores, 3.0, "{local:?}");
+
+    // (c) a route outside the controller's part: not served
+    match ctl.call(
+        "POST",
+        "/v1/vms/idle/qmp",
+        Some(&serde_json::json!({ "execute": "stop" })),
+    ) {
+        Err(ClientError::Api { status: 404, .. }) => {}
+        other => bail!("QMP through the control listener: {other:?}"),
+    }
+    match ctl.call("DELETE", "/v1/vms/idle", None) {
+        Err(ClientError::Api { status: 405, .. }) => {}
+        other => bail!("stopping a VM through the control listener: {other:?}"),
+    }
+    ensure!(
+        a.vm_status("idle")? == "running",
+        "the VM stopped after the controller's refused calls"
+    );
+
+    // (b) a certificate of the cluster without the label (an agent's): no HTTP answer
+    let agent_dir = credentials("host-x", &["trusted"])?;
+    let other = tern_agent::control::client_for(&control, agent_dir.path())?;
+    match other.load() {
+        Err(ClientError::Api { status, message }) => {
+            bail!("a certificate without the label got HTTP {status}: {message}")
+        }
+        Err(_) => {}
+        Ok(l) => bail!("a certificate without the label got the load: {l:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.log_text().contains("not labelled \"controller\"") {
+        ensure!(
+            Instant::now() < deadline,
+            "no warning for the unlabelled certificate:\n{}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // ... and a certificate of another CA, labelled as it likes, not even a handshake
+    let rogue_ca = tempfile::tempdir()?;
+    tern_agent::pki::init_ca(&rogue_ca.path().join("ca"), "rogue")?;
+    let rogue_dir = tempfile::tempdir()?;
+    issue_cert(
+        &rogue_ca.path().join("ca"),
+        "controller",
+        "127.0.0.1".parse()?,
+        &["controller"],
+        rogue_dir.path(),
+    )?;
+    // (its CA file is the rogue one: trust the cluster's to see the agent refuse it)
+    std::fs::copy(
+        Path::new(TEST_CA).join(tern_agent::pki::CA_CERT),
+        rogue_dir.path().join(tern_agent::pki::CA_CERT),
+    )?;
+    let rogue = tern_agent::control::client_for(&control, rogue_dir.path())?;
+    match rogue.load() {
+        Err(ClientError::Api { status, .. }) => bail!("a rogue certificate got HTTP {status}"),
+        Err(_) => {}
+        Ok(l) => bail!("a rogue certificate got the load: {l:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.log_text().contains("control connection refused") {
+        ensure!(
+            Instant::now() < deadline,
+            "no warning for the rogue certificate's handshake:\n{}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // the controller is still served
+    ensure!(ctl.load()?.vms.len() == 1);
+    Ok(())
+}
