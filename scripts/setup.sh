@@ -5,6 +5,8 @@
 #   iptables, socat, tcpdump), e2fsprogs (test and demo disks), debootstrap (the package test's clean Debian root), dosfstools, mtools, syslinux, ovmf and systemd-boot-efi (disk images SeaBIOS and UEFI boot) and swtpm (the software TPM behind a VM spec's `tpm = true`),
 #   libvirt 11 from bookworm-backports (libvirtd, its QEMU driver and virsh, no recommends:
 #   no default network; for `tern migrate --libvirt` and its tests),
+#   etcd-server (the controller's etcd store and its tests; its packaged service is left
+#   stopped and disabled: the tests start their own etcd),
 #   and the system user `tern-qemu` that QEMU runs as.
 # Run as root. Safe to run again: it only installs what is missing.
 set -euo pipefail
@@ -15,7 +17,7 @@ elif ! command -v qemu-nbd >/dev/null 2>&1; then need_qemu=1; fi  # qemu-utils: 
 need_libvirt=0
 if ! command -v virsh >/dev/null 2>&1 || [ ! -x /usr/sbin/libvirtd ]; then need_libvirt=1
 elif ! dpkg-query -W -f='${Version}' libvirt-daemon-driver-qemu 2>/dev/null | grep -q '^11\.'; then need_libvirt=1; fi
-pkgs=(busybox-static cpio gcc libc6-dev iproute2 iputils-ping iptables socat swtpm swtpm-tools tcpdump e2fsprogs debootstrap dosfstools mtools syslinux syslinux-common ovmf systemd-boot-efi)
+pkgs=(busybox-static cpio gcc libc6-dev iproute2 iputils-ping iptables socat swtpm swtpm-tools tcpdump e2fsprogs debootstrap dosfstools mtools syslinux syslinux-common ovmf systemd-boot-efi etcd-server)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p"); done
 if [ "$need_qemu" = 1 ] || [ "$need_libvirt" = 1 ] || [ "${#missing[@]}" -gt 0 ]; then
@@ -29,6 +31,16 @@ if [ "$need_qemu" = 1 ] || [ "$need_libvirt" = 1 ] || [ "${#missing[@]}" -gt 0 ]
   fi
   apt-get update -qq
   [ "${#missing[@]}" -gt 0 ] && apt-get install -y -qq "${missing[@]}"
+  # The package may start its own etcd (port 2379, /var/lib/etcd): stop and disable it once,
+  # when it is installed here; tests run their own etcd on free ports.
+  if printf '%s\n' "${missing[@]}" | grep -qx etcd-server; then
+    if [ -d /run/systemd/system ]; then
+      systemctl disable --now etcd >/dev/null 2>&1 || true
+    else
+      if [ -x /etc/init.d/etcd ]; then /etc/init.d/etcd stop >/dev/null 2>&1 || true; fi
+      update-rc.d etcd disable >/dev/null 2>&1 || true
+    fi
+  fi
   if [ "$need_qemu" = 1 ]; then
     apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
   fi

@@ -6,7 +6,8 @@
 //!
 //! The policy (docs/controller.md has the equations):
 //! - a host is **hot** when its sustained load (the mean over `window_s` of its VMs' CPU)
-//!   is above `high` of its capacity, and has been for `hot_for_s`: a spike moves nothing;
+//!   is above `high` of its capacity, and has been (not dropping to `target`) for
+//!   `hot_for_s`: a spike moves nothing;
 //! - a move off a hot host is taken only when its **benefit** (the overload it relieves, in
 //!   cores, times `horizon_s`) is at least `min_gain` times its **cost** (the migration's
 //!   time times the CPU it takes, its downtime weighted, its bytes weighted; in
@@ -213,7 +214,9 @@ impl CostBook {
             .link_rate
             .get(&Self::link(from, to))
             .or_else(|| self.link_rate.get(&Self::link(to, from)))
-            .copied();
+            .copied()
+            // a link never crossed: the median of those that were (one network, mostly)
+            .or_else(|| self.median_rate());
         let (share, downtime, known) = match self.vm.get(&vm.name) {
             Some(&(s, d)) => (s, d, true),
             None => (1.0, DEFAULT_DOWNTIME_S, false),
@@ -230,6 +233,16 @@ impl CostBook {
             CostSource::Default
         };
         (cost, source)
+    }
+
+    /// The median of the learnt link rates.
+    fn median_rate(&self) -> Option<f64> {
+        let mut r: Vec<f64> = self.link_rate.values().copied().collect();
+        if r.is_empty() {
+            return None;
+        }
+        r.sort_by(f64::total_cmp);
+        Some(r[r.len() / 2])
     }
 
     /// Learns from a finished move.
@@ -322,6 +335,10 @@ pub struct Memory {
     /// VM -> (when, why) its last move failed.
     pub failed: BTreeMap<String, (f64, String)>,
     pub costs: CostBook,
+    /// VMs restarted from a snapshot while their host was unreachable: that host stops its
+    /// copy when it comes back (`crate::failover`).
+    #[serde(default)]
+    pub restarted: BTreeMap<String, crate::failover::Restarted>,
 }
 
 /// The decision side of the controller.
@@ -414,6 +431,8 @@ fn excess(load: f64, cap: f64, high: f64) -> f64 {
 /// A candidate target for a unit, scored.
 struct Candidate {
     to: String,
+    /// The sustained load that moves, cores.
+    load: f64,
     benefit: f64,
     cost: MoveCost,
     source: CostSource,
@@ -471,11 +490,14 @@ impl Controller {
             }
         };
 
-        // hot hosts: above `high` on sustained load, for `hot_for_s`
+        // hot hosts: above `high` on sustained load, for `hot_for_s`; the clock keeps
+        // running while the load stays above `target` (a host hovering about `high` is
+        // not restarted at every dip), and stops below it
         for h in c.hosts.values() {
-            if h.alive && util(&pr, &h.name) > p.high {
+            let u = util(&pr, &h.name);
+            if h.alive && u > p.high {
                 self.hot_since.entry(h.name.clone()).or_insert(now);
-            } else {
+            } else if !h.alive || u <= p.target {
                 self.hot_since.remove(&h.name);
             }
         }
@@ -491,7 +513,10 @@ impl Controller {
 
         // units (a VM or a together group) by host, skipping VMs that cannot move now
         let movable = |v: &Vm, forced: bool, notes: &mut Vec<Note>| -> bool {
-            if v.migrating || self.memory.in_flight.contains_key(&v.name) {
+            if v.migrating
+                || self.memory.in_flight.contains_key(&v.name)
+                || !c.hosts.get(&v.host).is_some_and(|h| h.alive)
+            {
                 return false;
             }
             if let Some((at, why)) = self.memory.failed.get(&v.name) {
@@ -672,6 +697,7 @@ impl Controller {
             .iter()
             .filter(|(h, _)| !self.memory.drained.contains(*h))
             .map(|(h, _)| (h.clone(), util(&pr, h)))
+            .filter(|(_, u)| *u > p.high)
             .collect();
         hot.sort_by(|a, b| b.1.total_cmp(&a.1));
         for (h, u) in hot {
@@ -722,6 +748,7 @@ impl Controller {
                     let weighted = cost.weighted(&p);
                     let cand = Candidate {
                         to: t.name.clone(),
+                        load: l,
                         benefit: relief * p.horizon_s,
                         cost,
                         source,
@@ -733,8 +760,7 @@ impl Controller {
                     let better = |b: &Candidate| {
                         if p.min_gain == 0.0 {
                             // the baseline: the biggest VM, to the coolest host
-                            (l, -cand.to_util_after)
-                                > (b.benefit / p.horizon_s.max(1e-9), -b.to_util_after)
+                            (cand.load, -cand.to_util_after) > (b.load, -b.to_util_after)
                         } else {
                             cand.benefit - weighted > b.benefit - b.weighted
                         }

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod etcd;
 pub mod guest;
 pub mod hostile;
 pub mod libvirt;

@@ -58,6 +58,10 @@ pub struct AgentFile {
     max_incoming: Option<usize>,
     log_format: Option<LogFormat>,
     metrics_listen: Option<SocketAddr>,
+    control_listen: Option<SocketAddr>,
+    capacity_cores: Option<f64>,
+    snapshot_limit_mib: Option<u64>,
+    fence_after: Option<f64>,
     libvirt_uri: Option<String>,
     libvirt_socket_dir: Option<PathBuf>,
     libvirt_run_dir: Option<PathBuf>,
@@ -116,9 +120,18 @@ impl AgentFile {
             log_format,
             libvirt_uri,
             libvirt_socket_dir,
-            libvirt_run_dir
+            libvirt_run_dir,
+            snapshot_limit_mib
         );
-        take_opt!(cluster_key, policy, metrics_listen, vtep);
+        take_opt!(
+            cluster_key,
+            policy,
+            metrics_listen,
+            control_listen,
+            capacity_cores,
+            vtep,
+            fence_after
+        );
     }
 }
 

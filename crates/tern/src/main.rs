@@ -15,6 +15,7 @@ use tern_api::{Compression, MigrateRequest, MigrationReport, MigrationStatus, Ob
 use tern_api::client::{Client, Endpoint};
 use tern_api::image::{ImageInfo, ImportReport, RefreshSummary};
 
+mod cluster;
 mod config;
 mod docs;
 
@@ -38,6 +39,10 @@ struct Cli {
     /// The agent to talk to: unix:/path [env: TERN_AGENT]
     #[arg(long, global = true)]
     agent: Option<String>,
+    /// The cluster controller to talk to (`tern cluster`, `tern host`): unix:/path
+    /// [env: TERN_CONTROLLER; default /run/tern/controller.sock]
+    #[arg(long, global = true)]
+    controller: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -84,6 +89,19 @@ enum Cmd {
     Cert {
         #[command(subcommand)]
         cmd: CertCmd,
+    },
+    /// Run the cluster controller: balances load across the agents it manages, drains
+    /// hosts (docs/controller.md).
+    Controller(cluster::ControllerArgs),
+    /// What the cluster controller sees and would do.
+    Cluster {
+        #[command(subcommand)]
+        cmd: cluster::ClusterCmd,
+    },
+    /// Drain a host for maintenance, or let it take VMs again (through the controller).
+    Host {
+        #[command(subcommand)]
+        cmd: cluster::HostCmd,
     },
     /// Print a shell completion script, e.g. `tern completions bash > /etc/bash_completion.d/tern`.
     Completions { shell: clap_complete::Shell },
@@ -238,6 +256,27 @@ struct AgentArgs {
     /// management address), e.g. 127.0.0.1:9477. Default: off.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve the cluster controller on this address: the VMs, the host's load and
+    /// migrations, HTTP over mutual TLS to certificates of the cluster CA labelled
+    /// `controller` (`tern cert issue NAME --label controller`). Default: off.
+    #[arg(long)]
+    control_listen: Option<std::net::SocketAddr>,
+    /// CPU cores VMs may use on this host, as its load reports it to the controller
+    /// (e.g. when agents share a machine). Default: the cores this agent may run on.
+    #[arg(long, value_name = "N")]
+    capacity_cores: Option<f64>,
+    /// What the departure snapshots may take on this host's disk in all, MiB: a VM that
+    /// migrates away leaves its memory state here (the stream, recorded on the way) for a
+    /// restart if its new host dies. A recording passing it stops; the oldest snapshots go
+    /// when a new one is kept. 0: nothing is recorded (no write to local disk during
+    /// outgoing migrations).
+    #[arg(long, value_name = "MIB", default_value_t = tern_agent::snapshots::DEFAULT_LIMIT_MIB)]
+    snapshot_limit_mib: u64,
+    /// Pause every VM here when the cluster controller has not been heard from for SECS
+    /// (once it was): a host that is only cut off then does not run VMs the controller
+    /// restarts elsewhere. The controller releases the fence. Default: never.
+    #[arg(long, value_name = "SECS")]
+    fence_after: Option<f64>,
     /// This host's libvirt, for `tern migrate --libvirt` (virsh -c URI).
     #[arg(long, default_value = tern_agent::DEFAULT_LIBVIRT_URI)]
     libvirt_uri: String,
@@ -413,6 +452,9 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
                 .subcommand_matches("agent")
                 .context("agent arguments")?,
         )?),
+        Cmd::Controller(a) => cluster::run_controller(a),
+        Cmd::Cluster { cmd } => cluster::cluster(cli.controller, cmd),
+        Cmd::Host { cmd } => cluster::host(cli.controller, cmd),
         Cmd::Completions { shell } => Ok(docs::completions(shell, &mut std::io::stdout())?),
         Cmd::Man { out } => {
             let pages = docs::man_pages(&out)?;
@@ -644,6 +686,22 @@ fn run_agent(a: AgentArgs) -> Result<()> {
     config.qemu_user = (a.qemu_user != "root").then_some(a.qemu_user);
     config.max_incoming = a.max_incoming.max(1);
     config.metrics_listen = a.metrics_listen;
+    config.control_listen = a.control_listen;
+    if let Some(c) = a.capacity_cores {
+        anyhow::ensure!(
+            c.is_finite() && c > 0.0,
+            "--capacity-cores {c}: give the number of cores VMs may use here, greater than 0"
+        );
+    }
+    config.capacity_cores = a.capacity_cores;
+    config.snapshot_limit_mib = a.snapshot_limit_mib;
+    if let Some(s) = a.fence_after {
+        anyhow::ensure!(
+            s.is_finite() && s > 0.0,
+            "--fence-after {s}: give the seconds without the controller after which VMs are paused, greater than 0"
+        );
+    }
+    config.fence_after = a.fence_after.map(std::time::Duration::from_secs_f64);
     config.libvirt_uri = a.libvirt_uri;
     config.libvirt_paths = tern_engine::libvirt::LibvirtPaths {
         socket_dir: a.libvirt_socket_dir,

@@ -317,7 +317,7 @@ fn an_unreachable_host_takes_nothing_and_its_vms_stay_put() {
     let mut c = cluster(
         fast(),
         &["a", "b", "c"],
-        &[("x", "a", 1, 3.8), ("y", "b", 1, 0.1)],
+        &[("x", "a", 1, 1.9), ("x2", "a", 1, 1.9), ("y", "b", 1, 0.1)],
         30,
     );
     c.cluster.hosts.get_mut("b").unwrap().alive = false;
@@ -325,6 +325,10 @@ fn an_unreachable_host_takes_nothing_and_its_vms_stay_put() {
     let d = c.decide(30.0, &allow_all);
     assert_eq!(d.moves.len(), 1, "{d:#?}");
     assert_eq!(d.moves[0].to, "c");
+    assert!(
+        d.moves.iter().all(|m| m.from != "b"),
+        "a drained but unreachable host's VMs stay"
+    );
     assert!(d
         .notes
         .iter()
@@ -350,6 +354,9 @@ fn costs_are_learnt_from_finished_moves() {
     );
     let (est, src) = c.memory.costs.estimate(&v, "b", "a");
     assert_eq!(src, CostSource::History);
+    // a link never crossed: the rate of those that were
+    let (other, _) = c.memory.costs.estimate(&v, "a", "z");
+    assert!((other.time_s - 2.0).abs() < 1e-9, "{other:?}");
     assert_eq!(est.bytes, GIB);
     assert!((est.time_s - 2.0).abs() < 1e-9);
     assert_eq!(est.downtime_s, 0.05);
@@ -391,4 +398,27 @@ fn params_that_make_no_sense_are_refused() {
         ..Params::default()
     };
     assert!(bad.check().unwrap_err().contains("window_s"));
+}
+
+#[test]
+fn the_baseline_moves_the_biggest_vm_to_the_coolest_host() {
+    let mut c = cluster(
+        Params::threshold_only(),
+        &["a", "b", "c", "d"],
+        &[
+            ("small", "a", 1, 0.8),
+            ("big", "a", 1, 1.4),
+            ("mid", "a", 1, 1.2),
+            ("b1", "b", 1, 1.0),
+            ("d1", "d", 1, 0.4),
+        ],
+        2,
+    );
+    let d = c.decide(2.0, &allow_all);
+    assert_eq!(d.moves.len(), 1, "{d:#?}");
+    assert_eq!(d.moves[0].vms, vec!["big"]);
+    assert_eq!(
+        d.moves[0].to, "c",
+        "the coolest host, not the last in name order"
+    );
 }

@@ -1,0 +1,876 @@
+//! The running controller (`tern controller`): every `interval_s` it polls each agent's
+//! load over its control listener (mutual TLS, a certificate with the label
+//! `controller`), follows the moves in flight, decides ([`crate::decide`]) when it leads,
+//! starts the moves through the source agents and saves its state before and after each
+//! start. Serves `tern cluster` and `tern host` on a local socket ([`crate::api`]).
+//!
+//! Owns the loop and the bookkeeping between the agents' answers and the decision; must
+//! not decide (that is `decide`) or move VM data (the agents do).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use tern_api::client::Client;
+use tern_api::load::HostLoad;
+use tern_api::migration::MigrateRequest;
+
+use crate::api::{ClusterStatus, HostStatus, LogLine, VmStatus};
+use crate::config::ControllerConfig;
+use crate::decide::{Controller, Decisions, Move, MoveCost};
+use crate::state::{StateError, Store};
+use crate::view::{Host, Vm};
+
+/// Why the controller could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("the controller's state")]
+    State(#[from] StateError),
+    #[error("cannot make a client for host {0}'s control listener")]
+    Client(String, #[source] tern_agent::control::ControlClientError),
+    #[error("cannot serve the controller's API on {0}")]
+    Api(std::path::PathBuf, #[source] std::io::Error),
+}
+
+/// Lines of decisions kept for `tern cluster status`.
+const LOG_LINES: usize = 200;
+/// How long a move may be recorded as started without a migration id before the
+/// controller decides it never started (the controller stopped between the two).
+const START_GRACE_S: f64 = 60.0;
+
+/// Seconds since the Unix epoch: the controller's clock (saved times stay meaningful
+/// across restarts and between a leader and its standby).
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+pub struct Service {
+    pub config: ControllerConfig,
+    policy: tern_agent::policy::Policy,
+    clients: BTreeMap<String, Arc<Client>>,
+    pub(crate) inner: Mutex<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub ctl: Controller,
+    pub store: Box<dyn Store>,
+    pub last: Decisions,
+    pub leading: bool,
+    seen: BTreeMap<String, Seen>,
+    /// VM -> (host, agent uptime ms, cumulative CPU s) at the previous poll.
+    prev_cpu: BTreeMap<String, (String, u64, f64)>,
+    log: VecDeque<LogLine>,
+    /// Notes of the previous round (only new ones are logged).
+    said: BTreeSet<String>,
+}
+
+#[derive(Default, Clone)]
+struct Seen {
+    last_ok: Option<f64>,
+    error: Option<String>,
+    load: Option<HostLoad>,
+}
+
+impl Service {
+    /// Reads the policy, rules and state; does not contact the agents yet.
+    pub fn new(
+        config: ControllerConfig,
+        store: Box<dyn Store>,
+    ) -> Result<Arc<Service>, ServiceError> {
+        let policy = config.load_policy()?;
+        let rules = config.load_rules()?;
+        let mut clients = BTreeMap::new();
+        for h in &config.hosts {
+            let c = tern_agent::control::client_for(&h.control, &config.tls_dir)
+                .map_err(|e| ServiceError::Client(h.name.clone(), e))?;
+            clients.insert(h.name.clone(), Arc::new(c));
+        }
+        let mut ctl = Controller::new(config.params.clone(), rules);
+        let mut store = store;
+        if let Some(m) = store.load()? {
+            ctl.memory = m;
+        }
+        Ok(Arc::new(Service {
+            config,
+            policy,
+            clients,
+            inner: Mutex::new(Inner {
+                ctl,
+                store,
+                last: Decisions::default(),
+                leading: false,
+                seen: BTreeMap::new(),
+                prev_cpu: BTreeMap::new(),
+                log: VecDeque::new(),
+                said: BTreeSet::new(),
+            }),
+        }))
+    }
+
+    /// Polls, decides and acts every `interval_s`, forever.
+    pub async fn run(self: Arc<Self>) {
+        let every = Duration::from_secs_f64(self.config.interval_s);
+        loop {
+            let started = tokio::time::Instant::now();
+            self.clone().tick().await;
+            tokio::time::sleep_until(started + every).await;
+        }
+    }
+
+    /// Whether the authorisation policy lets `vm` run on `host`.
+    pub fn may_run(&self, vm: &Vm, host: &Host) -> Result<(), String> {
+        let facts = tern_agent::policy::VmFacts {
+            name: &vm.name,
+            tpm: vm.tpm,
+        };
+        self.policy
+            .check(&facts, &host.name, &host.labels)
+            .map_err(|e| e.to_string())
+    }
+
+    /// One round: poll, follow the moves in flight, decide, start.
+    pub async fn tick(self: Arc<Self>) {
+        let polls = self.poll_agents().await;
+        // only the leader follows moves (a standby's state is read afresh when it leads)
+        let follow = if self.inner.lock().leading {
+            self.follow_moves().await
+        } else {
+            Vec::new()
+        };
+        let now = unix_now();
+        let to_start = {
+            let mut g = self.inner.lock();
+            let inner = &mut *g;
+            self.observe(inner, now, polls);
+            for (vm, outcome) in follow {
+                self.note_finished(inner, now, &vm, outcome);
+            }
+            match inner.store.leading() {
+                Ok(true) => {
+                    if !inner.leading {
+                        // a new leader: the state may have moved on under another one
+                        match inner.store.load() {
+                            Ok(Some(m)) => inner.ctl.memory = m,
+                            Ok(None) => {}
+                            Err(e) => {
+                                self.log(
+                                    inner,
+                                    now,
+                                    format!("cannot read the state as the new leader: {e}"),
+                                );
+                                return;
+                            }
+                        }
+                        self.log(inner, now, format!("leading ({})", inner.store.describe()));
+                        inner.leading = true;
+                    }
+                }
+                Ok(false) => {
+                    if inner.leading {
+                        self.log(
+                            inner,
+                            now,
+                            "no longer leading: another controller acts".into(),
+                        );
+                    }
+                    inner.leading = false;
+                    return;
+                }
+                Err(e) => {
+                    inner.leading = false;
+                    self.log(
+                        inner,
+                        now,
+                        format!("cannot tell whether this controller leads: {e}"),
+                    );
+                    return;
+                }
+            }
+            let d = inner.ctl.decide(now, &|v, h| self.may_run(v, h));
+            self.report(inner, now, &d);
+            let moves = if self.config.dry_run {
+                Vec::new()
+            } else {
+                d.moves.clone()
+            };
+            inner.last = d;
+            for m in &moves {
+                inner.ctl.started(m, now);
+            }
+            if !moves.is_empty() {
+                if let Err(e) = inner.store.save(&inner.ctl.memory) {
+                    // not saved, not started: nothing must run that a standby cannot see
+                    for m in &moves {
+                        for v in &m.vms {
+                            inner.ctl.memory.in_flight.remove(v);
+                        }
+                    }
+                    self.log(
+                        inner,
+                        now,
+                        format!("moves not started: cannot save the state: {e}"),
+                    );
+                    return;
+                }
+            }
+            moves
+        };
+        for m in to_start {
+            self.start(m).await;
+        }
+        if !self.config.dry_run {
+            self.failover().await;
+        }
+    }
+
+    /// Restarts the VMs of hosts unreachable for `restart_after_s` from their snapshots,
+    /// and releases hosts that come back fenced.
+    async fn failover(&self) {
+        let now = unix_now();
+        let (dead, live): (Vec<String>, Vec<String>) = {
+            let g = self.inner.lock();
+            let Some(after) = self.config.restart_after_s else {
+                return;
+            };
+            let mut dead = Vec::new();
+            let mut live = Vec::new();
+            for h in &self.config.hosts {
+                let seen = g.seen.get(&h.name);
+                let alive = g.ctl.cluster.hosts.get(&h.name).is_some_and(|x| x.alive);
+                if alive {
+                    live.push(h.name.clone());
+                } else if seen
+                    .and_then(|s| s.last_ok)
+                    .is_some_and(|t| now - t >= after)
+                {
+                    dead.push(h.name.clone());
+                }
+            }
+            (dead, live)
+        };
+        // hosts that came back fenced: stop what restarted elsewhere, resume the rest
+        for h in &live {
+            let Some(client) = self.clients.get(h).cloned() else {
+                continue;
+            };
+            let fence = tokio::task::spawn_blocking({
+                let client = client.clone();
+                move || client.call("GET", "/v1/fence", None)
+            })
+            .await;
+            let Ok(Ok(f)) = fence else { continue };
+            if f["fenced"].as_bool() != Some(true) {
+                continue;
+            }
+            let vms: Vec<String> = f["vms"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let (stop, resume) = {
+                let g = self.inner.lock();
+                crate::failover::release(h, &vms, &g.ctl.memory.restarted)
+            };
+            let body = serde_json::json!({ "stop": stop, "resume": resume });
+            let r = tokio::task::spawn_blocking(move || {
+                client.call("POST", "/v1/fence/release", Some(&body))
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| error_text(&e)));
+            let mut g = self.inner.lock();
+            let inner = &mut *g;
+            match r {
+                Ok(_) => {
+                    inner.ctl.memory.restarted.retain(|_, x| &x.from != h);
+                    let _ = inner.store.save(&inner.ctl.memory);
+                    self.log(inner, now, format!(
+                        "host {h} is back and was fenced: stopped {stop:?} (restarted elsewhere), resumed {resume:?}"
+                    ));
+                }
+                Err(e) => self.log(
+                    inner,
+                    now,
+                    format!("host {h} is back fenced, but releasing it failed: {e}"),
+                ),
+            }
+        }
+        if dead.is_empty() {
+            return;
+        }
+        // what the live hosts hold
+        let mut snapshots = BTreeMap::new();
+        for h in &live {
+            let Some(client) = self.clients.get(h).cloned() else {
+                continue;
+            };
+            let r = tokio::task::spawn_blocking(move || client.call("GET", "/v1/snapshots", None))
+                .await;
+            if let Ok(Ok(v)) = r {
+                let list: Vec<crate::failover::Snapshot> =
+                    serde_json::from_value(v).unwrap_or_default();
+                snapshots.insert(h.clone(), list);
+            }
+        }
+        let plan = {
+            let mut g = self.inner.lock();
+            let inner = &mut *g;
+            if !inner.leading {
+                return;
+            }
+            let (plan, notes) = crate::failover::plan_restarts(
+                now,
+                &crate::failover::Situation {
+                    cluster: &inner.ctl.cluster,
+                    dead: &dead,
+                    drained: &inner.ctl.memory.drained,
+                    snapshots: &snapshots,
+                    done: &inner.ctl.memory.restarted,
+                    rules: &inner.ctl.rules,
+                },
+                &|v, h| self.may_run(v, h),
+            );
+            for n in notes {
+                if inner.said.insert(n.clone()) {
+                    self.log(inner, now, n);
+                }
+            }
+            plan
+        };
+        for r in plan {
+            let Some(client) = self.clients.get(&r.on).cloned() else {
+                continue;
+            };
+            let vm = r.vm.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                client.call_within(
+                    "POST",
+                    &format!("/v1/snapshots/{vm}/restart"),
+                    None,
+                    Some(Duration::from_secs(300)),
+                )
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| error_text(&e)));
+            let now = unix_now();
+            let mut g = self.inner.lock();
+            let inner = &mut *g;
+            match res {
+                Ok(_) => {
+                    if let Some(v) = inner.ctl.cluster.vms.get_mut(&r.vm) {
+                        v.host = r.on.clone();
+                    }
+                    inner.ctl.memory.restarted.insert(
+                        r.vm.clone(),
+                        crate::failover::Restarted {
+                            from: r.from.clone(),
+                            on: r.on.clone(),
+                            at: now,
+                            age_s: r.age_s,
+                        },
+                    );
+                    let _ = inner.store.save(&inner.ctl.memory);
+                    self.log(inner, now, format!(
+                        "{}: restarted on {} from its snapshot of {:.0} s ago (host {} unreachable)",
+                        r.vm, r.on, r.age_s, r.from
+                    ));
+                }
+                Err(e) => self.log(
+                    inner,
+                    now,
+                    format!("{}: restarting on {} failed: {e}", r.vm, r.on),
+                ),
+            }
+        }
+    }
+
+    /// Each agent's load, or why it did not answer.
+    async fn poll_agents(&self) -> Vec<(String, Result<HostLoad, String>)> {
+        let mut jobs = Vec::new();
+        for (name, c) in &self.clients {
+            let c = c.clone();
+            jobs.push((
+                name.clone(),
+                tokio::task::spawn_blocking(move || c.load().map_err(|e| error_text(&e))),
+            ));
+        }
+        let mut out = Vec::new();
+        for (name, j) in jobs {
+            out.push((
+                name,
+                j.await.unwrap_or_else(|e| Err(format!("poll failed: {e}"))),
+            ));
+        }
+        out
+    }
+
+    /// How the moves in flight that have a migration id ended (only those that did), and
+    /// those that never started.
+    async fn follow_moves(&self) -> Vec<(String, Result<MoveCost, String>)> {
+        let now = unix_now();
+        let flights: Vec<(String, crate::decide::InFlight)> = {
+            let g = self.inner.lock();
+            g.ctl
+                .memory
+                .in_flight
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let mut out = Vec::new();
+        for (vm, f) in flights {
+            let Some(client) = self.clients.get(&f.mv.from).cloned() else {
+                out.push((
+                    vm,
+                    Err(format!("host {} is no longer configured", f.mv.from)),
+                ));
+                continue;
+            };
+            let id = f.ids.get(&vm).cloned();
+            let vm2 = vm.clone();
+            let started_at = f.started_at;
+            let r = tokio::task::spawn_blocking(move || -> Option<Result<MoveCost, String>> {
+                match id {
+                    Some(id) => {
+                        let s = client.migration(&id).ok()?;
+                        if !s.finished {
+                            return None;
+                        }
+                        Some(match (&s.report, &s.error) {
+                            (Some(r), None) => Ok(MoveCost {
+                                time_s: r.total_time_ms as f64 / 1000.0,
+                                bytes: r.bytes_on_wire,
+                                downtime_s: r.downtime_ms as f64 / 1000.0,
+                            }),
+                            (_, Some(e)) => Err(format!("{}: {}", e.code, e.message)),
+                            (None, None) => Err("the migration ended without a report".into()),
+                        })
+                    }
+                    None => {
+                        // started in the state, but no id came back: the controller stopped
+                        // between the two, or the agent did not answer
+                        let ms = client.migrations().ok()?;
+                        if let Some(m) = ms.iter().find(|m| m.vm == vm2 && !m.finished) {
+                            // adopt it: never start a second one
+                            return Some(Err(format!("adopt:{}", m.id)));
+                        }
+                        if now - started_at < START_GRACE_S {
+                            return None;
+                        }
+                        Some(Err("the move was recorded but its migration never started (the controller stopped in between)".into()))
+                    }
+                }
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some(r) = r {
+                out.push((vm, r));
+            }
+        }
+        out
+    }
+
+    fn note_finished(
+        &self,
+        inner: &mut Inner,
+        now: f64,
+        vm: &str,
+        outcome: Result<MoveCost, String>,
+    ) {
+        if let Err(e) = &outcome {
+            if let Some(id) = e.strip_prefix("adopt:") {
+                if let Some(f) = inner.ctl.memory.in_flight.get_mut(vm) {
+                    f.ids.insert(vm.into(), id.into());
+                }
+                self.log(
+                    inner,
+                    now,
+                    format!("{vm}: found its migration {id} under way: following it"),
+                );
+                let _ = inner.store.save(&inner.ctl.memory);
+                return;
+            }
+        }
+        let Some(f) = inner.ctl.memory.in_flight.get(vm).cloned() else {
+            return;
+        };
+        let text = match &outcome {
+            Ok(c) => format!(
+                "{vm}: moved from {} to {} in {:.1} s, {} MiB on the wire, {:.0} ms down (predicted {:.1} s, {} MiB, {:.0} ms)",
+                f.mv.from,
+                f.mv.to,
+                c.time_s,
+                c.bytes >> 20,
+                c.downtime_s * 1000.0,
+                f.mv.cost.time_s,
+                f.mv.cost.bytes >> 20,
+                f.mv.cost.downtime_s * 1000.0
+            ),
+            Err(e) => format!("{vm}: the move from {} to {} failed: {e}", f.mv.from, f.mv.to),
+        };
+        inner.ctl.finished(vm, now, outcome);
+        self.log(inner, now, text);
+        if let Err(e) = inner.store.save(&inner.ctl.memory) {
+            self.log(inner, now, format!("cannot save the state: {e}"));
+        }
+    }
+
+    /// Folds the agents' answers into the cluster view.
+    fn observe(&self, inner: &mut Inner, now: f64, polls: Vec<(String, Result<HostLoad, String>)>) {
+        let keep = inner.ctl.params.window_s.max(60.0) * 2.0;
+        let mut reported: BTreeMap<String, (String, bool)> = BTreeMap::new();
+        for (name, r) in polls {
+            let seen = inner.seen.entry(name.clone()).or_default();
+            match r {
+                Ok(load) => {
+                    seen.last_ok = Some(now);
+                    seen.error = None;
+                    seen.load = Some(load);
+                }
+                Err(e) => {
+                    if seen.error.as_deref() != Some(e.as_str()) {
+                        seen.error = Some(e.clone());
+                        self.log(inner, now, format!("host {name} did not answer: {e}"));
+                    }
+                }
+            }
+        }
+        for h in &self.config.hosts {
+            let seen = inner.seen.get(&h.name).cloned().unwrap_or_default();
+            let alive = seen
+                .last_ok
+                .is_some_and(|t| now - t <= self.config.dead_after_s);
+            let old = inner.ctl.cluster.hosts.get(&h.name).cloned();
+            let load = seen.load.as_ref();
+            inner.ctl.cluster.set_host(Host {
+                name: h.name.clone(),
+                labels: load
+                    .map(|l| l.labels.clone())
+                    .or(old.as_ref().map(|o| o.labels.clone()))
+                    .unwrap_or_default(),
+                capacity_cores: load
+                    .map(|l| l.capacity_cores)
+                    .or(old.as_ref().map(|o| o.capacity_cores))
+                    .unwrap_or(1.0),
+                mem_bytes: load
+                    .map(|l| l.mem_total_bytes)
+                    .or(old.as_ref().map(|o| o.mem_bytes))
+                    .unwrap_or(0),
+                alive,
+            });
+            if !alive || seen.last_ok != Some(now) {
+                continue;
+            }
+            let Some(load) = load else { continue };
+            for v in &load.vms {
+                if inner
+                    .ctl
+                    .memory
+                    .restarted
+                    .get(&v.name)
+                    .is_some_and(|r| r.from == h.name)
+                {
+                    // a fenced copy whose VM restarted elsewhere: it is about to be stopped
+                    continue;
+                }
+                // the same name on two hosts: a migration's destination; the running
+                // one counts
+                // running or paused (by its owner) may move; anything else (a
+                // migration's destination, a stopped QEMU) may not
+                let migrating = v.migrating || !matches!(v.state.as_str(), "running" | "paused");
+                if let Some((_, other_migrating)) = reported.get(&v.name) {
+                    if !*other_migrating || migrating {
+                        continue;
+                    }
+                }
+                reported.insert(v.name.clone(), (h.name.clone(), migrating));
+                let cores = match inner.prev_cpu.get(&v.name) {
+                    Some((host, up, cpu))
+                        if host == &h.name && load.uptime_ms > *up && v.cpu_seconds >= *cpu =>
+                    {
+                        (v.cpu_seconds - cpu) / ((load.uptime_ms - up) as f64 / 1000.0)
+                    }
+                    _ => v.cpu_cores,
+                };
+                inner.prev_cpu.insert(
+                    v.name.clone(),
+                    (h.name.clone(), load.uptime_ms, v.cpu_seconds),
+                );
+                inner.ctl.cluster.observe_vm(
+                    Vm {
+                        name: v.name.clone(),
+                        host: h.name.clone(),
+                        mem_bytes: v.mem_bytes,
+                        tpm: v.tpm,
+                        migrating,
+                    },
+                    now,
+                    cores,
+                    keep,
+                );
+            }
+        }
+        // VMs an agent that answered did not report are gone (stopped); those of hosts
+        // that did not answer this round stay as last seen
+        let answered: BTreeSet<String> = inner
+            .seen
+            .iter()
+            .filter(|(_, s)| s.last_ok == Some(now))
+            .map(|(h, _)| h.clone())
+            .collect();
+        inner
+            .ctl
+            .cluster
+            .retain_vms(|v| reported.contains_key(&v.name) || !answered.contains(&v.host));
+        inner.prev_cpu.retain(|n, _| reported.contains_key(n));
+    }
+
+    /// Starts one move's migrations at its source agent.
+    async fn start(&self, mv: Move) {
+        let Some(client) = self.clients.get(&mv.from).cloned() else {
+            return;
+        };
+        let Some(to) = self.config.host(&mv.to).map(|h| h.peer.clone()) else {
+            return;
+        };
+        for vm in &mv.vms {
+            let client = client.clone();
+            let req = MigrateRequest {
+                to: to.clone(),
+                ..Default::default()
+            };
+            let name = vm.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                client.migrate(&name, &req).map_err(|e| error_text(&e))
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            let now = unix_now();
+            let mut g = self.inner.lock();
+            let inner = &mut *g;
+            match r {
+                Ok(started) => {
+                    if let Some(f) = inner.ctl.memory.in_flight.get_mut(vm) {
+                        f.ids.insert(vm.clone(), started.id.clone());
+                    }
+                    let text = format!(
+                        "{vm}: moving from {} to {} (migration {}): {:?}, relieves {:.0} core-s for {:.0} core-s ({:?}: {:.1} s, {} MiB, {:.0} ms down); {} {:.0}% -> {:.0}%, {} {:.0}% -> {:.0}%",
+                        mv.from,
+                        mv.to,
+                        started.id,
+                        mv.reason,
+                        mv.benefit,
+                        mv.cost_weighted,
+                        mv.cost_source,
+                        mv.cost.time_s,
+                        mv.cost.bytes >> 20,
+                        mv.cost.downtime_s * 1000.0,
+                        mv.from,
+                        mv.from_util.0 * 100.0,
+                        mv.from_util.1 * 100.0,
+                        mv.to,
+                        mv.to_util.0 * 100.0,
+                        mv.to_util.1 * 100.0
+                    );
+                    self.log(inner, now, text);
+                    if let Err(e) = inner.store.save(&inner.ctl.memory) {
+                        self.log(inner, now, format!("cannot save the state: {e}"));
+                    }
+                }
+                Err(e) => {
+                    inner.ctl.finished(vm, now, Err(e.clone()));
+                    self.log(
+                        inner,
+                        now,
+                        format!(
+                            "{vm}: the source agent {} refused the move to {}: {e}",
+                            mv.from, mv.to
+                        ),
+                    );
+                    let _ = inner.store.save(&inner.ctl.memory);
+                }
+            }
+        }
+    }
+
+    /// Logs this round's moves and the notes that are new since the last round.
+    fn report(&self, inner: &mut Inner, now: f64, d: &Decisions) {
+        let mut said = BTreeSet::new();
+        for n in &d.notes {
+            if !inner.said.contains(&n.text) {
+                self.log(inner, now, n.text.clone());
+            }
+            said.insert(n.text.clone());
+        }
+        inner.said = said;
+        if self.config.dry_run {
+            for m in &d.moves {
+                let text = format!(
+                    "dry run: would move {} from {} to {} ({:?}, relieves {:.0} core-s for {:.0} core-s)",
+                    m.vms.join("+"),
+                    m.from,
+                    m.to,
+                    m.reason,
+                    m.benefit,
+                    m.cost_weighted
+                );
+                self.log(inner, now, text);
+            }
+        }
+    }
+
+    fn log(&self, inner: &mut Inner, now: f64, text: String) {
+        tracing::info!(target: "tern_controller", "{text}");
+        inner.log.push_back(LogLine { at: now, text });
+        while inner.log.len() > LOG_LINES {
+            inner.log.pop_front();
+        }
+    }
+
+    /// What `tern cluster status` shows.
+    pub fn status(&self) -> ClusterStatus {
+        let now = unix_now();
+        let g = self.inner.lock();
+        let c = &g.ctl.cluster;
+        let p = &g.ctl.params;
+        let loads = c.host_loads(now, p.window_s.max(1e-9));
+        let hosts = self
+            .config
+            .hosts
+            .iter()
+            .map(|h| {
+                let v = c.hosts.get(&h.name);
+                let seen = g.seen.get(&h.name);
+                let load = loads.get(&h.name).copied().unwrap_or(0.0);
+                let cap = v.map_or(0.0, |v| v.capacity_cores);
+                HostStatus {
+                    name: h.name.clone(),
+                    alive: v.is_some_and(|v| v.alive),
+                    drained: g.ctl.memory.drained.contains(&h.name),
+                    labels: v.map(|v| v.labels.clone()).unwrap_or_default(),
+                    capacity_cores: cap,
+                    load_cores: load,
+                    utilisation: if cap > 0.0 { load / cap } else { 0.0 },
+                    vms: c.vms.values().filter(|x| x.host == h.name).count(),
+                    hot_for_s: g.ctl.hot_since.get(&h.name).map(|t| now - t),
+                    error: seen.and_then(|s| s.error.clone()),
+                    answered_at: seen.and_then(|s| s.last_ok),
+                }
+            })
+            .collect();
+        let vms = c
+            .vms
+            .values()
+            .map(|v| VmStatus {
+                name: v.name.clone(),
+                host: v.host.clone(),
+                load_cores: c.vm_load(&v.name, now, p.window_s.max(1e-9)),
+                mem_bytes: v.mem_bytes,
+                moving: g.ctl.memory.in_flight.get(&v.name).map(|f| f.mv.to.clone()),
+                last_move: g.ctl.memory.last_move.get(&v.name).cloned(),
+            })
+            .collect();
+        ClusterStatus {
+            leading: g.leading,
+            store: g.store.describe(),
+            dry_run: self.config.dry_run,
+            hosts,
+            vms,
+            in_flight: g
+                .ctl
+                .memory
+                .in_flight
+                .values()
+                .map(|f| f.mv.clone())
+                .collect(),
+            restarted: g.ctl.memory.restarted.clone(),
+            last: g.last.clone(),
+            log: g.log.iter().cloned().collect(),
+            params: p.clone(),
+        }
+    }
+
+    /// What the controller would do now, and why (moves nothing).
+    pub fn plan(&self) -> Decisions {
+        let mut ctl = self.inner.lock().ctl.clone();
+        ctl.decide(unix_now(), &|v, h| self.may_run(v, h))
+    }
+
+    /// Drains or undrains a host; refuses unknown hosts and draining the last host VMs
+    /// could go to.
+    pub fn set_drained(&self, host: &str, drained: bool) -> Result<(), (u16, String)> {
+        if self.config.host(host).is_none() {
+            let known: Vec<&str> = self.config.hosts.iter().map(|h| h.name.as_str()).collect();
+            return Err((
+                404,
+                format!("unknown host {host:?}: the controller manages {known:?}"),
+            ));
+        }
+        let now = unix_now();
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        if !inner.leading {
+            return Err((
+                503,
+                "this controller does not lead now (a standby, or not started): ask the leader"
+                    .into(),
+            ));
+        }
+        if drained {
+            if inner.ctl.memory.drained.contains(host) {
+                return Ok(());
+            }
+            let others = inner
+                .ctl
+                .cluster
+                .hosts
+                .values()
+                .filter(|h| {
+                    h.name != host && h.alive && !inner.ctl.memory.drained.contains(&h.name)
+                })
+                .count();
+            if others == 0 {
+                return Err((409, format!("cannot drain {host}: no other host is up and undrained, so its VMs would have nowhere to go")));
+            }
+            inner.ctl.memory.drained.insert(host.into());
+        } else if !inner.ctl.memory.drained.remove(host) {
+            return Ok(());
+        }
+        if let Err(e) = inner.store.save(&inner.ctl.memory) {
+            if drained {
+                inner.ctl.memory.drained.remove(host);
+            } else {
+                inner.ctl.memory.drained.insert(host.into());
+            }
+            return Err((500, format!("cannot save the state: {e}")));
+        }
+        let text = if drained {
+            format!("host {host} drained: its VMs leave")
+        } else {
+            format!("host {host} undrained: it takes VMs again")
+        };
+        self.log(inner, now, text);
+        Ok(())
+    }
+}
+
+fn error_text(e: &tern_api::client::ClientError) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
