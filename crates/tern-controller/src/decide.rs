@@ -472,7 +472,13 @@ impl Controller {
         for v in c.vms.values() {
             *pr.load.entry(v.host.clone()).or_default() += load_of(&v.name);
         }
+        // one entry per VM; a `together` group's move counts once
+        let mut counted: Vec<&Move> = Vec::new();
         for f in self.memory.in_flight.values() {
+            if counted.contains(&&f.mv) {
+                continue;
+            }
+            counted.push(&f.mv);
             let vms: Vec<(String, f64, u64)> =
                 f.mv.vms
                     .iter()

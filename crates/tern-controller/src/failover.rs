@@ -90,7 +90,7 @@ pub fn plan_restarts(
         .map(|v| (v.name.clone(), v.host.clone()))
         .collect();
     for v in cluster.vms.values().filter(|v| dead.contains(&v.host)) {
-        if done.contains_key(&v.name) {
+        if done.get(&v.name).is_some_and(|r| r.from == v.host) {
             continue;
         }
         // the most recent restartable snapshot on a host that may run it

@@ -35,6 +35,13 @@ pub enum ServiceError {
     Api(std::path::PathBuf, #[source] std::io::Error),
 }
 
+/// How long a restart from a snapshot may take at the agent before the controller stops
+/// waiting (the agent allows 60 s plus the stream's size at 50 MiB/s).
+const RESTART_WITHIN_S: u64 = 900;
+/// How long a poll of an agent's load may take: a slow agent must not hold up the round
+/// (the rounds are what keeps fenced hosts from fencing).
+const POLL_WITHIN: Duration = Duration::from_secs(5);
+
 /// Lines of decisions kept for `tern cluster status`.
 const LOG_LINES: usize = 200;
 /// How long a move may be recorded as started without a migration id before the
@@ -135,7 +142,17 @@ impl Service {
 
     /// One round: poll, follow the moves in flight, decide, start.
     pub async fn tick(self: Arc<Self>) {
-        let polls = self.poll_agents().await;
+        // a standby stays silent: every request on an agent's control listener counts as
+        // the controller's word for its fence, and only the leader's may
+        let leading_now = {
+            let mut g = self.inner.lock();
+            g.store.leading().unwrap_or(false)
+        };
+        let polls = if leading_now {
+            self.poll_agents().await
+        } else {
+            Vec::new()
+        };
         // only the leader follows moves (a standby's state is read afresh when it leads)
         let follow = if self.inner.lock().leading {
             self.follow_moves().await
@@ -289,8 +306,21 @@ impl Service {
             let mut g = self.inner.lock();
             let inner = &mut *g;
             match r {
-                Ok(_) => {
-                    inner.ctl.memory.restarted.retain(|_, x| &x.from != h);
+                Ok(answer) => {
+                    // a copy the agent could not stop stays recorded (and its host fenced)
+                    let failed: Vec<String> = answer["failed"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    inner
+                        .ctl
+                        .memory
+                        .restarted
+                        .retain(|vm, x| &x.from != h || failed.contains(vm));
                     let _ = inner.store.save(&inner.ctl.memory);
                     self.log(inner, now, format!(
                         "host {h} is back and was fenced: stopped {stop:?} (restarted elsewhere), resumed {resume:?}"
@@ -349,18 +379,50 @@ impl Service {
             let Some(client) = self.clients.get(&r.on).cloned() else {
                 continue;
             };
+            // recorded (and saved, as the leader) before the agent is asked: whatever
+            // happens to this controller, the host that comes back stops its copy
+            {
+                let mut g = self.inner.lock();
+                let inner = &mut *g;
+                inner.ctl.memory.restarted.insert(
+                    r.vm.clone(),
+                    crate::failover::Restarted {
+                        from: r.from.clone(),
+                        on: r.on.clone(),
+                        at: now,
+                        age_s: r.age_s,
+                    },
+                );
+                if let Err(e) = inner.store.save(&inner.ctl.memory) {
+                    inner.ctl.memory.restarted.remove(&r.vm);
+                    self.log(
+                        inner,
+                        now,
+                        format!("{}: not restarted: cannot save the state: {e}", r.vm),
+                    );
+                    continue;
+                }
+            }
             let vm = r.vm.clone();
             let res = tokio::task::spawn_blocking(move || {
                 client.call_within(
                     "POST",
                     &format!("/v1/snapshots/{vm}/restart"),
                     None,
-                    Some(Duration::from_secs(300)),
+                    Some(Duration::from_secs(RESTART_WITHIN_S)),
                 )
             })
             .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| error_text(&e)));
+            .map_err(|e| (None, e.to_string()))
+            .and_then(|r| {
+                r.map_err(|e| {
+                    let status = match &e {
+                        tern_api::client::ClientError::Api { status, .. } => Some(*status),
+                        _ => None,
+                    };
+                    (status, error_text(&e))
+                })
+            });
             let now = unix_now();
             let mut g = self.inner.lock();
             let inner = &mut *g;
@@ -369,25 +431,26 @@ impl Service {
                     if let Some(v) = inner.ctl.cluster.vms.get_mut(&r.vm) {
                         v.host = r.on.clone();
                     }
-                    inner.ctl.memory.restarted.insert(
-                        r.vm.clone(),
-                        crate::failover::Restarted {
-                            from: r.from.clone(),
-                            on: r.on.clone(),
-                            at: now,
-                            age_s: r.age_s,
-                        },
-                    );
-                    let _ = inner.store.save(&inner.ctl.memory);
                     self.log(inner, now, format!(
                         "{}: restarted on {} from its snapshot of {:.0} s ago (host {} unreachable)",
                         r.vm, r.on, r.age_s, r.from
                     ));
                 }
-                Err(e) => self.log(
+                // the agent answered no (no snapshot, not restartable, fenced, a failed
+                // start it cleaned up): nothing runs there. A VM of that name already
+                // running there (a retry after an answer that was lost) stays recorded.
+                Err((Some(_), e)) if !e.contains("runs (or is arriving) on this host") => {
+                    inner.ctl.memory.restarted.remove(&r.vm);
+                    let _ = inner.store.save(&inner.ctl.memory);
+                    self.log(inner, now, format!("{}: restarting on {} failed: {e}", r.vm, r.on));
+                }
+                Err((_, e)) => self.log(
                     inner,
                     now,
-                    format!("{}: restarting on {} failed: {e}", r.vm, r.on),
+                    format!(
+                        "{}: restarting on {} gave no clear answer ({e}): counted as restarted there, so its old host stops its copy",
+                        r.vm, r.on
+                    ),
                 ),
             }
         }
@@ -400,7 +463,14 @@ impl Service {
             let c = c.clone();
             jobs.push((
                 name.clone(),
-                tokio::task::spawn_blocking(move || c.load().map_err(|e| error_text(&e))),
+                tokio::task::spawn_blocking(move || {
+                    c.call_within("GET", "/v1/load", None, Some(POLL_WITHIN))
+                        .map_err(|e| error_text(&e))
+                        .and_then(|v| {
+                            serde_json::from_value::<HostLoad>(v)
+                                .map_err(|e| format!("its load is not what this tern expects: {e}"))
+                        })
+                }),
             ));
         }
         let mut out = Vec::new();
@@ -441,7 +511,15 @@ impl Service {
             let r = tokio::task::spawn_blocking(move || -> Option<Result<MoveCost, String>> {
                 match id {
                     Some(id) => {
-                        let s = client.migration(&id).ok()?;
+                        let s = match client.migration(&id) {
+                            Ok(s) => s,
+                            Err(tern_api::client::ClientError::Api { status: 404, .. }) => {
+                                return Some(Err(format!(
+                                    "the source agent no longer knows migration {id} (it restarted): where the VM runs is read from the agents"
+                                )))
+                            }
+                            Err(_) => return None,
+                        };
                         if !s.finished {
                             return None;
                         }
