@@ -661,11 +661,15 @@ impl Service {
                     // a fenced copy whose VM restarted elsewhere: it is about to be stopped
                     continue;
                 }
-                // the same name on two hosts: a migration's destination; the running
-                // one counts
-                // running or paused (by its owner) may move; anything else (a
-                // migration's destination, a stopped QEMU) may not
-                let migrating = v.migrating || !matches!(v.state.as_str(), "running" | "paused");
+                // Where a VM is: a QEMU running or paused (by its owner), or the source
+                // of a migration under way. A migration's destination (`inmigrate`) and a
+                // source that is done (`postmigrate`, until its agent quits it) are not
+                // where the VM is: counting them would put its load on a host it left.
+                if !matches!(v.state.as_str(), "running" | "paused" | "migrating") {
+                    continue;
+                }
+                // the same name on two hosts: the one not migrating counts
+                let migrating = v.migrating || v.state == "migrating";
                 if let Some((_, other_migrating)) = reported.get(&v.name) {
                     if !*other_migrating || migrating {
                         continue;

@@ -296,8 +296,19 @@ fn the_controller_balances_a_hot_host_does_not_ping_pong_and_drains_only_where_a
     let mut paused = false;
     while Instant::now() < until {
         std::thread::sleep(Duration::from_secs(5));
-        burn_s_agent.qmp("osc", if paused { "cont" } else { "stop" }, None)?;
-        paused = !paused;
+        // wherever osc is now (the controller may have moved it); not while it migrates
+        let cmd = if paused { "cont" } else { "stop" };
+        if let Some(at) = agents.iter().find(|x| {
+            x.vms().is_ok_and(|l| {
+                l.iter().any(|v| {
+                    v["name"] == "osc" && (v["state"] == "running" || v["state"] == "paused")
+                })
+            })
+        }) {
+            if at.qmp("osc", cmd, None).is_ok() {
+                paused = !paused;
+            }
+        }
     }
     let s = ctl.status()?;
     let all = moves(&s);
