@@ -293,6 +293,29 @@ pub struct Move {
     pub to_util: (f64, f64),
 }
 
+impl Move {
+    /// Its numbers in words: benefit, cost and where it came from, both hosts' utilisation
+    /// before and after (what the log, `tern cluster plan` and the dry run print).
+    pub fn numbers(&self) -> String {
+        format!(
+            "{:?}: relieves {:.0} core-s for a cost of {:.0} core-s ({:?}: {:.1} s, {} MiB, {:.0} ms down); {} {:.0}% -> {:.0}%, {} {:.0}% -> {:.0}%",
+            self.reason,
+            self.benefit,
+            self.cost_weighted,
+            self.cost_source,
+            self.cost.time_s,
+            self.cost.bytes >> 20,
+            self.cost.downtime_s * 1000.0,
+            self.from,
+            self.from_util.0 * 100.0,
+            self.from_util.1 * 100.0,
+            self.to,
+            self.to_util.0 * 100.0,
+            self.to_util.1 * 100.0
+        )
+    }
+}
+
 /// A decision not to move, or a state worth saying, with its numbers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Note {

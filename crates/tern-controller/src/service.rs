@@ -284,14 +284,7 @@ impl Service {
             if f["fenced"].as_bool() != Some(true) {
                 continue;
             }
-            let vms: Vec<String> = f["vms"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let vms = strings(&f["vms"]);
             let (stop, resume) = {
                 let g = self.inner.lock();
                 crate::failover::release(h, &vms, &g.ctl.memory.restarted)
@@ -308,14 +301,7 @@ impl Service {
             match r {
                 Ok(answer) => {
                     // a copy the agent could not stop stays recorded (and its host fenced)
-                    let failed: Vec<String> = answer["failed"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|v| v.as_str().map(str::to_string))
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let failed = strings(&answer["failed"]);
                     inner
                         .ctl
                         .memory
@@ -746,23 +732,11 @@ impl Service {
                         f.ids.insert(vm.clone(), started.id.clone());
                     }
                     let text = format!(
-                        "{vm}: moving from {} to {} (migration {}): {:?}, relieves {:.0} core-s for {:.0} core-s ({:?}: {:.1} s, {} MiB, {:.0} ms down); {} {:.0}% -> {:.0}%, {} {:.0}% -> {:.0}%",
+                        "{vm}: moving from {} to {} (migration {}): {}",
                         mv.from,
                         mv.to,
                         started.id,
-                        mv.reason,
-                        mv.benefit,
-                        mv.cost_weighted,
-                        mv.cost_source,
-                        mv.cost.time_s,
-                        mv.cost.bytes >> 20,
-                        mv.cost.downtime_s * 1000.0,
-                        mv.from,
-                        mv.from_util.0 * 100.0,
-                        mv.from_util.1 * 100.0,
-                        mv.to,
-                        mv.to_util.0 * 100.0,
-                        mv.to_util.1 * 100.0
+                        mv.numbers()
                     );
                     self.log(inner, now, text);
                     if let Err(e) = inner.store.save(&inner.ctl.memory) {
@@ -798,13 +772,11 @@ impl Service {
         if self.config.dry_run {
             for m in &d.moves {
                 let text = format!(
-                    "dry run: would move {} from {} to {} ({:?}, relieves {:.0} core-s for {:.0} core-s)",
+                    "dry run: would move {} from {} to {}: {}",
                     m.vms.join("+"),
                     m.from,
                     m.to,
-                    m.reason,
-                    m.benefit,
-                    m.cost_weighted
+                    m.numbers()
                 );
                 self.log(inner, now, text);
             }
@@ -944,6 +916,17 @@ impl Service {
         self.log(inner, now, text);
         Ok(())
     }
+}
+
+/// The strings of a JSON array (none if it is not one).
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn error_text(e: &tern_api::client::ClientError) -> String {

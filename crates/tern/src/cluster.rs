@@ -309,23 +309,11 @@ fn print_decisions(d: &Decisions) {
     }
     for m in &d.moves {
         println!(
-            "move {} from {} to {} ({:?}): relieves {:.0} core-s for a cost of {:.0} core-s ({:?}: {:.1} s, {} MiB, {:.0} ms down); {} {:.0}% -> {:.0}%, {} {:.0}% -> {:.0}%",
+            "move {} from {} to {}: {}",
             m.vms.join("+"),
             m.from,
             m.to,
-            m.reason,
-            m.benefit,
-            m.cost_weighted,
-            m.cost_source,
-            m.cost.time_s,
-            m.cost.bytes >> 20,
-            m.cost.downtime_s * 1000.0,
-            m.from,
-            m.from_util.0 * 100.0,
-            m.from_util.1 * 100.0,
-            m.to,
-            m.to_util.0 * 100.0,
-            m.to_util.1 * 100.0
+            m.numbers()
         );
     }
     for n in &d.notes {
