@@ -42,6 +42,10 @@ const RESTART_WITHIN_S: u64 = 900;
 /// (the rounds are what keeps fenced hosts from fencing).
 const POLL_WITHIN: Duration = Duration::from_secs(5);
 
+/// How long after a move the VM's old host's reports of it are not believed (the agents
+/// sample every 2 s; a poll may read a sample from before the move ended).
+const SETTLE_S: f64 = 6.0;
+
 /// Lines of decisions kept for `tern cluster status`.
 const LOG_LINES: usize = 200;
 /// How long a move may be recorded as started without a migration id before the
@@ -71,6 +75,10 @@ pub(crate) struct Inner {
     seen: BTreeMap<String, Seen>,
     /// VM -> (host, agent uptime ms, cumulative CPU s) at the previous poll.
     prev_cpu: BTreeMap<String, (String, u64, f64)>,
+    /// VM -> (the host it just left, until when): an agent's load is a sample up to
+    /// [`SETTLE_S`] old, so for a while the old host may still list the VM and the new one
+    /// not yet.
+    settling: BTreeMap<String, (String, f64)>,
     log: VecDeque<LogLine>,
     /// Notes of the previous round (only new ones are logged).
     said: BTreeSet<String>,
@@ -113,6 +121,7 @@ impl Service {
                 leading: false,
                 seen: BTreeMap::new(),
                 prev_cpu: BTreeMap::new(),
+                settling: BTreeMap::new(),
                 log: VecDeque::new(),
                 said: BTreeSet::new(),
             }),
@@ -582,6 +591,11 @@ impl Service {
             ),
             Err(e) => format!("{vm}: the move from {} to {} failed: {e}", f.mv.from, f.mv.to),
         };
+        if outcome.is_ok() {
+            inner
+                .settling
+                .insert(vm.to_string(), (f.mv.from.clone(), now + SETTLE_S));
+        }
         inner.ctl.finished(vm, now, outcome);
         self.log(inner, now, text);
         if let Err(e) = inner.store.save(&inner.ctl.memory) {
@@ -647,6 +661,14 @@ impl Service {
                     // a fenced copy whose VM restarted elsewhere: it is about to be stopped
                     continue;
                 }
+                if inner
+                    .settling
+                    .get(&v.name)
+                    .is_some_and(|(from, until)| from == &h.name && now < *until)
+                {
+                    // a sample from before the VM left this host
+                    continue;
+                }
                 // Where a VM is: a QEMU running or paused (by its owner), or the source
                 // of a migration under way. A migration's destination (`inmigrate`) and a
                 // source that is done (`postmigrate`, until its agent quits it) are not
@@ -696,10 +718,12 @@ impl Service {
             .filter(|(_, s)| s.last_ok == Some(now))
             .map(|(h, _)| h.clone())
             .collect();
-        inner
-            .ctl
-            .cluster
-            .retain_vms(|v| reported.contains_key(&v.name) || !answered.contains(&v.host));
+        inner.ctl.cluster.retain_vms(|v| {
+            reported.contains_key(&v.name)
+                || !answered.contains(&v.host)
+                || inner_settling(&inner.settling, &v.name, now)
+        });
+        inner.settling.retain(|_, (_, until)| now < *until);
         inner.prev_cpu.retain(|n, _| reported.contains_key(n));
     }
 
@@ -916,6 +940,11 @@ impl Service {
         self.log(inner, now, text);
         Ok(())
     }
+}
+
+/// Whether `vm` just moved (its new host's sample may not list it yet).
+fn inner_settling(settling: &BTreeMap<String, (String, f64)>, vm: &str, now: f64) -> bool {
+    settling.get(vm).is_some_and(|(_, until)| now < *until)
 }
 
 /// The strings of a JSON array (none if it is not one).

@@ -504,13 +504,27 @@ fn a_dead_hosts_vm_restarts_from_its_snapshot_and_a_cut_off_host_fences_its_copy
     // a round trip: v leaves a snapshot on b
     migrate(&agents[0], &agents[1], "v")?;
     migrate(&agents[1], &agents[0], "v")?;
-    let snaps = agents[1].call("GET", "/v1/snapshots", None)?;
-    assert!(
-        snaps
+    // the snapshot is kept once the departure is done (the agent writes it in the
+    // background, about a second after the migration ended)
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let snaps = agents[1].call("GET", "/v1/snapshots", None)?;
+        let kept = snaps
             .as_array()
-            .is_some_and(|l| l.iter().any(|s| s["vm"] == "v" && s["restartable"] == true)),
-        "b keeps a restartable snapshot of v: {snaps}"
-    );
+            .and_then(|l| l.iter().find(|s| s["vm"] == "v"))
+            .cloned();
+        if let Some(s) = kept {
+            assert_eq!(
+                s["restartable"], true,
+                "b keeps a restartable snapshot of v: {s}"
+            );
+            break;
+        }
+        if Instant::now() > until {
+            bail!("b kept no snapshot of v within 60 s: {snaps}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let ctl = start_controller(
         work.path(),
         "ctl",
