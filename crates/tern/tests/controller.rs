@@ -599,13 +599,14 @@ fn a_dead_hosts_vm_restarts_from_its_snapshot_and_a_cut_off_host_fences_its_copy
     migrate(&agents[1], &agents[0], "v")?;
     migrate(&agents[0], &agents[1], "v")?;
     // the controller must have seen v arrive there (a VM that arrives between two polls on
-    // a host that dies before the next is not restarted: docs/controller.md)
+    // a host that dies before the next is not restarted: docs/controller.md); agents sample
+    // their load every 2 s, so a poll 2.5 s after the arrival reads a later sample
     let arrived = tern_controller::service::unix_now();
     ctl.wait("v seen on b", Duration::from_secs(30), |s| {
         host_of(s, "v").as_deref() == Some("b")
             && s.hosts
                 .iter()
-                .all(|h| h.answered_at.is_some_and(|t| t > arrived))
+                .all(|h| h.answered_at.is_some_and(|t| t > arrived + 2.5))
     })?;
     let pid = agents[1].vm("v")?["pid"].as_u64().context("v's QEMU pid")?;
     agents[1].kill();
