@@ -196,6 +196,11 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Whether the controller logged a line starting with `prefix`.
+fn logged(s: &ClusterStatus, prefix: &str) -> bool {
+    s.log.iter().any(|l| l.text.starts_with(prefix))
+}
+
 fn host_of(s: &ClusterStatus, vm: &str) -> Option<String> {
     s.vms.iter().find(|v| v.name == vm).map(|v| v.host.clone())
 }
@@ -271,9 +276,7 @@ fn the_controller_balances_a_hot_host_does_not_ping_pong_and_drains_only_where_a
         s.in_flight.is_empty() && host_of(s, "burn-s").as_deref() == Some(first.2.as_str())
     })?;
     assert!(
-        s.log
-            .iter()
-            .any(|l| l.text.starts_with("burn-s: moved from a to")),
+        logged(&s, "burn-s: moved from a to"),
         "the finished move is logged with its numbers: {:#?}",
         s.log
     );
@@ -576,9 +579,7 @@ fn a_dead_hosts_vm_restarts_from_its_snapshot_and_a_cut_off_host_fences_its_copy
     assert_eq!(fence["fenced"], true, "{fence}");
     let s = ctl.status()?;
     assert!(
-        s.log
-            .iter()
-            .any(|l| l.text.starts_with("v: restarted on b from its snapshot of")),
+        logged(&s, "v: restarted on b from its snapshot of"),
         "the restart says how old the state is: {:#?}",
         s.log
     );
@@ -586,10 +587,7 @@ fn a_dead_hosts_vm_restarts_from_its_snapshot_and_a_cut_off_host_fences_its_copy
     // a comes back: its copy is stopped, not resumed
     drop(cut);
     ctl.wait("a released", Duration::from_secs(60), |s| {
-        s.log.iter().any(|l| {
-            l.text
-                .starts_with("host a is back and was fenced: stopped [\"v\"]")
-        })
+        logged(s, "host a is back and was fenced: stopped [\"v\"]")
     })?;
     assert!(!runs(&agents[0], "v") && runs(&agents[1], "v"));
     assert_eq!(agents[0].call("GET", "/v1/fence", None)?["fenced"], false);
@@ -612,9 +610,7 @@ fn a_dead_hosts_vm_restarts_from_its_snapshot_and_a_cut_off_host_fences_its_copy
     agents[1].kill();
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     let s = ctl.wait("v restarts on a", Duration::from_secs(90), |s| {
-        s.log
-            .iter()
-            .any(|l| l.text.starts_with("v: restarted on a from its snapshot of"))
+        logged(s, "v: restarted on a from its snapshot of")
     })?;
     assert!(runs(&agents[0], "v"), "{:#?}", s.log);
     assert_eq!(host_of(&s, "v").as_deref(), Some("a"));
@@ -674,9 +670,7 @@ fn with_etcd_a_standby_takes_over_a_killed_leader_mid_move_and_the_move_runs_onc
         |s| s.leading && s.in_flight.is_empty() && host_of(s, "burn-s").as_deref() == Some("b"),
     )?;
     assert!(
-        s.log
-            .iter()
-            .any(|l| l.text.starts_with("burn-s: moved from a to b")),
+        logged(&s, "burn-s: moved from a to b"),
         "the standby followed the leader's move to its end: {:#?}",
         s.log
     );
