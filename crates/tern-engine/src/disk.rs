@@ -977,9 +977,12 @@ impl DestDisks {
         });
         let dir = run_dir.join("disks");
         let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
+        // the worker's lines belong to the migration (its id and VM)
+        let span = tracing::Span::current();
         let thread = std::thread::Builder::new()
             .name("tern-disk-in".into())
             .spawn(move || {
+                let _entered = span.enter();
                 let mut w = match Worker::open(
                     &sock,
                     &names,

@@ -116,9 +116,11 @@ impl StreamRecording {
         });
         let rec = self.clone();
         let s = shared.clone();
+        // The writer's lines belong to the migration that records (its id and VM).
+        let span = tracing::Span::current();
         std::thread::Builder::new()
             .name("tern-record".into())
-            .spawn(move || writer(rx, part, rec, generation, s))
+            .spawn(move || span.in_scope(|| writer(rx, part, rec, generation, s)))
             .map(|_| Recorder {
                 tx: Some(tx),
                 bytes: 0,
