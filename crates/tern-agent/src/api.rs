@@ -180,14 +180,20 @@ pub fn control_router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
-/// A request on the control listener: the controller is there.
+/// The leading controller's poll on the control listener: the controller is there (its
+/// word for the fence; other requests are not).
 async fn controller_heard(
     State(a): S,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    a.fence.heard();
-    next.run(req).await
+    let leader =
+        req.uri().path_and_query().map(|p| p.as_str()) == Some(tern_api::load::LEADER_POLL);
+    let r = next.run(req).await;
+    if leader && r.status().is_success() {
+        a.fence.heard();
+    }
+    r
 }
 
 async fn list_snapshots(State(a): S) -> Json<Vec<tern_api::SnapshotInfo>> {
@@ -291,7 +297,9 @@ async fn agent_info(State(a): S) -> Json<Value> {
 }
 
 async fn load(State(a): S) -> Json<tern_api::HostLoad> {
-    Json(a.load().await)
+    let mut l = a.load().await;
+    l.fence_after_s = a.config.fence_after.map(|d| d.as_secs_f64());
+    Json(l)
 }
 
 async fn list_vms(State(a): S) -> Json<Vec<VmInfo>> {

@@ -2,15 +2,21 @@
 //! from its cluster controller pauses its VMs, so that a host that is only cut off does
 //! not keep running VMs the controller restarts elsewhere from their snapshots.
 //!
-//! Every request that arrives on the control listener (an authenticated controller) is
-//! the controller's word ([`Fence::heard`]); the first one arms the fence. Checked every
-//! second ([`due`]): armed and no word for `fence_after`, the agent fences: it cancels its
-//! VMs' outgoing migrations, pauses every VM (QMP `stop`, never a kill) and writes the
-//! list to `STATE_DIR/fenced.json`, so a restarted agent keeps them paused and fenced.
-//! While fenced it refuses outgoing migrations and QMP `cont` of those VMs and any
-//! restart from a snapshot. Only `POST /v1/fence/release` lifts it (the controller says
-//! which VMs to stop, having run them elsewhere, and which to resume); a word from the
-//! controller while fenced re-arms the timer but does not unfence.
+//! The leading controller's poll (`GET /v1/load?leader=1` on the control listener,
+//! [`tern_api::load::LEADER_POLL`]) is its word ([`Fence::heard`]); the first one arms the
+//! fence. Other requests (a dry-run controller's polls, a standby's, an operator's) are
+//! not. The time of the last word is kept in `STATE_DIR/fence-word`, so an agent
+//! restarted while cut off is armed from its start and fences as soon as the silence
+//! began `fence_after` ago. Checked every second ([`due`]): armed and no word for
+//! `fence_after`, the agent fences: it cancels its VMs' outgoing migrations, pauses every
+//! VM (QMP `stop`, never a kill) and writes the list to `STATE_DIR/fenced.json`, so a
+//! restarted agent keeps them paused and fenced. While fenced it refuses outgoing
+//! migrations and QMP `cont` of those VMs, incoming migrations and any restart from a
+//! snapshot; a VM whose incoming migration switched over as the fence fell stays paused
+//! and joins the fenced list ([`Fence::hold_arrival`]). Only `POST /v1/fence/release`
+//! lifts it (the controller says which VMs to stop, having run them elsewhere, and which
+//! to resume); a word from the controller while fenced re-arms the timer but does not
+//! unfence.
 //!
 //! Owns the timer, the fenced state and its file; must not decide which copy of a VM
 //! survives (the controller does).
@@ -36,9 +42,34 @@ pub struct Fenced {
 pub struct Fence {
     after: Option<Duration>,
     file: PathBuf,
+    /// `STATE_DIR/fence-word`: when the controller was last heard from, ms since the
+    /// Unix epoch (written at most every [`WORD_SAVED_EVERY`]).
+    word_file: PathBuf,
     /// When the controller was last heard from; None: never (not armed).
     last_word: Mutex<Option<Instant>>,
+    /// When `word_file` was last written.
+    word_saved: Mutex<Option<Instant>>,
     fenced: Mutex<Option<Fenced>>,
+}
+
+/// How long fencing waits for the outgoing migrations it cancelled to end before it
+/// pauses the VMs anyway (the controller counts it in its margin before a restart).
+pub const CANCEL_WAIT: Duration = Duration::from_secs(3);
+
+/// How often the time of the controller's last word is written down at most (a
+/// restarted agent may take the silence for up to this much shorter).
+pub const WORD_SAVED_EVERY: Duration = Duration::from_secs(1);
+
+/// When the controller was last heard from, on this run's clock, given the time a
+/// previous run wrote down (`saved_ms`, Unix ms) and the wall clock now (`now_ms`): the
+/// silence goes on from where it was. A saved time in the future (the clock went back)
+/// counts as now.
+pub fn resumed_word(now: Instant, now_ms: u64, saved_ms: u64) -> Instant {
+    let silent = Duration::from_millis(now_ms.saturating_sub(saved_ms));
+    // an Instant cannot go before the machine's boot; a silence that long is over anyway
+    now.checked_sub(silent)
+        .or_else(|| now.checked_sub(Duration::from_secs(24 * 3600)))
+        .unwrap_or(now)
 }
 
 /// Whether to fence now: armed (the controller was heard once), not fenced yet, and
@@ -80,17 +111,70 @@ impl Fence {
             },
             Err(_) => None,
         };
+        let word_file = state_dir.join("fence-word");
+        // armed by a previous run: the silence goes on from the controller's last word
+        let last_word = after
+            .and_then(|_| std::fs::read_to_string(&word_file).ok())
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .map(|saved| resumed_word(Instant::now(), now_ms(), saved));
+        if let (Some(l), Some(a)) = (last_word, after) {
+            tracing::info!(
+                "the fence is armed since a previous run: the controller was last heard {:.0} s ago (--fence-after {:.0} s)",
+                l.elapsed().as_secs_f64(),
+                a.as_secs_f64()
+            );
+        }
         Fence {
             after,
             file,
-            last_word: Mutex::new(None),
+            word_file,
+            last_word: Mutex::new(last_word),
+            word_saved: Mutex::new(None),
             fenced: Mutex::new(fenced),
         }
     }
 
-    /// A request came from the controller.
+    /// The leading controller polled ([`tern_api::load::LEADER_POLL`]).
     pub fn heard(&self) {
-        *self.last_word.lock() = Some(Instant::now());
+        let now = Instant::now();
+        *self.last_word.lock() = Some(now);
+        if self.after.is_none() {
+            return;
+        }
+        let mut saved = self.word_saved.lock();
+        if saved.is_none_or(|s| now.duration_since(s) >= WORD_SAVED_EVERY) {
+            *saved = Some(now);
+            if let Err(e) = std::fs::write(&self.word_file, now_ms().to_string()) {
+                tracing::warn!(file = %self.word_file.display(), "cannot write down the controller's last word (a restarted agent would start with its fence disarmed): {e}");
+            }
+        }
+    }
+
+    /// Why no VM may arrive now; None: it may.
+    pub fn refuses_arrival(&self, vm: &str) -> Option<String> {
+        self.since()
+            .map(|s| format!("VM {vm:?} cannot arrive here: {}", self.words(s)))
+    }
+
+    /// An incoming VM switched over here: true if the host is fenced, and then the VM is
+    /// among the fenced ones (kept paused, its fate the controller's).
+    pub fn hold_arrival(&self, vm: &str) -> bool {
+        let f = {
+            let mut g = self.fenced.lock();
+            let Some(f) = g.as_mut() else {
+                return false;
+            };
+            if !f.vms.iter().any(|v| v == vm) {
+                f.vms.push(vm.to_string());
+            }
+            f.clone()
+        };
+        if let Err(e) = self.set(Some(f)) {
+            tracing::error!(
+                "cannot write the fenced state (a restarted agent would not know): {e}"
+            );
+        }
+        true
     }
 
     pub fn status(&self) -> FenceStatus {
@@ -189,7 +273,7 @@ async fn fence(agent: &Arc<Agent>, silent_for: Option<Duration>) {
         }
     }
     if !migrating.is_empty() {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + CANCEL_WAIT;
         while Instant::now() < deadline
             && migrating
                 .iter()
@@ -293,6 +377,69 @@ mod tests {
         assert!(!due(at(10.0), Some(t0), after, true));
         // no --fence-after: never
         assert!(!due(at(1e6), Some(t0), None, false));
+    }
+
+    #[test]
+    fn a_restarted_agent_takes_up_the_silence_where_it_was() {
+        let now = Instant::now();
+        // last word 5 s before the wall clock's now: 5 s of silence already
+        let w = resumed_word(now, 100_000, 95_000);
+        assert_eq!(now.duration_since(w), Duration::from_secs(5));
+        assert!(due(now, Some(w), Some(Duration::from_secs(4)), false));
+        assert!(!due(now, Some(w), Some(Duration::from_secs(6)), false));
+        // a word from the future (the clock went back): heard now
+        assert_eq!(resumed_word(now, 100_000, 200_000), now);
+    }
+
+    #[test]
+    fn a_restarted_agent_is_armed_by_the_word_its_last_run_wrote_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let after = Some(Duration::from_secs(3));
+        // never heard: not armed, nothing written
+        let f = Fence::load(dir.path(), after);
+        assert!(f.last_word.lock().is_none());
+        f.heard();
+        assert!(dir.path().join("fence-word").exists());
+        // a restart: armed, silent for about as long as since the word
+        let again = Fence::load(dir.path(), after);
+        let w = again.last_word.lock().expect("armed from the file");
+        assert!(w.elapsed() < Duration::from_secs(2));
+        // a word written 10 s ago: the restarted agent fences at once
+        std::fs::write(
+            dir.path().join("fence-word"),
+            (now_ms() - 10_000).to_string(),
+        )
+        .unwrap();
+        let late = Fence::load(dir.path(), after);
+        let w = *late.last_word.lock();
+        assert!(due(Instant::now(), w, after, false));
+        // without --fence-after the file is not read
+        assert!(Fence::load(dir.path(), None).last_word.lock().is_none());
+    }
+
+    #[test]
+    fn a_vm_arriving_at_a_fenced_host_is_refused_or_held_paused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fence::load(dir.path(), Some(Duration::from_secs(3)));
+        assert!(f.refuses_arrival("web1").is_none());
+        assert!(!f.hold_arrival("web1"));
+        f.set(Some(Fenced {
+            since_unix_ms: 7,
+            vms: vec!["db".into()],
+        }))
+        .unwrap();
+        assert!(f
+            .refuses_arrival("web1")
+            .is_some_and(|w| w.contains("fenced")));
+        assert!(f.hold_arrival("web1"));
+        assert_eq!(f.fenced_vms(), vec!["db".to_string(), "web1".to_string()]);
+        // kept for a restarted agent
+        let again = Fence::load(dir.path(), None);
+        assert_eq!(
+            again.fenced_vms(),
+            vec!["db".to_string(), "web1".to_string()]
+        );
+        assert!(again.refuses("web1").is_some());
     }
 
     #[test]

@@ -794,6 +794,9 @@ impl Host for Agent {
     }
 
     fn authorize_here(&self, spec: &VmSpec) -> Result<(), String> {
+        if let Some(why) = self.fence.refuses_arrival(&spec.name) {
+            return Err(why);
+        }
         self.policy
             .check(
                 &policy::VmFacts::of(spec),
@@ -807,6 +810,10 @@ impl Host for Agent {
         self.policy
             .check(&policy::VmFacts::of(spec), host, labels)
             .map_err(|e| e.to_string())
+    }
+
+    fn holds_paused(&self, spec: &VmSpec) -> bool {
+        self.fence.hold_arrival(&spec.name)
     }
 
     fn reserve_name(&self, name: &str) -> bool {

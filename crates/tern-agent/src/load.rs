@@ -151,6 +151,7 @@ impl Agent {
                     uptime_ms: self.load_sampler.started.elapsed().as_millis() as u64,
                     interval_ms: 0,
                     vms: Vec::new(),
+                    fence_after_s: None,
                 });
             }
         };
@@ -258,6 +259,7 @@ fn sample(
         uptime_ms: now.duration_since(started).as_millis() as u64,
         interval_ms: interval.map_or(0, |d| d.as_millis() as u64),
         vms,
+        fence_after_s: None,
     };
     (load, next)
 }

@@ -5,6 +5,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The leading cluster controller's poll. Only this request on an agent's control
+/// listener is the controller's word for the agent's fence (`tern agent --fence-after`);
+/// a dry-run controller polls `/v1/load` without it.
+pub const LEADER_POLL: &str = "/v1/load?leader=1";
+
 /// One host's load at the agent's latest sample.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostLoad {
@@ -29,6 +34,10 @@ pub struct HostLoad {
     pub interval_ms: u64,
     /// The VMs this agent runs, by name.
     pub vms: Vec<VmLoad>,
+    /// `tern agent --fence-after`, seconds: how long a silent controller takes to make
+    /// this host pause its VMs (None: it never does).
+    #[serde(default)]
+    pub fence_after_s: Option<f64>,
 }
 
 /// One VM's load at the agent's latest sample. Rates are over the host's last sample

@@ -167,6 +167,13 @@ pub trait Host: Send + Sync {
     /// cards that still reach this host go on to `to` for a while ([`overlay`]), and stop
     /// when the VM runs here again ([`Host::runs_here`]).
     fn leaves(&self, spec: &VmSpec, to: std::net::IpAddr);
+    /// Whether an incoming VM whose switchover is recorded must stay paused (`cont` not
+    /// sent): the daemon fenced itself meanwhile (its cluster controller went silent and
+    /// may run the VM elsewhere), and counts the VM among those it keeps paused.
+    fn holds_paused(&self, spec: &VmSpec) -> bool {
+        let _ = spec;
+        false
+    }
     /// An incoming VM switched over: the daemon runs it from now on.
     fn adopt(&self, spec: VmSpec, process: QemuProcess);
     /// Removes a VM's run directory once its QEMU is gone (its TPM state first).

@@ -200,13 +200,19 @@ fn an_agent_that_no_longer_hears_its_controller_pauses_its_vms_until_released() 
         ctl_dir.path(),
     )?;
     let ctl = tern_agent::control::client_for(&control, ctl_dir.path())?;
+    let leader_poll = || ctl.call("GET", tern_api::load::LEADER_POLL, None);
+    let a_word = a.state_dir.join("fence-word");
     boot(&a, &pattern_vm("fenced1", &g, ""))?;
-    // not armed before the controller spoke
-    ensure!(!a.client.fence()?.fenced);
-
-    // the controller speaks once, then goes silent
+    // not armed before the controller spoke; a poll that is not the leader's (a dry-run
+    // controller's) is not its word
     ctl.load()?;
+    ensure!(!a.client.fence()?.fenced);
+    ensure!(!a_word.exists(), "a plain poll armed the fence");
+
+    // the leading controller polls once, then goes silent
+    leader_poll()?;
     let heard = Instant::now();
+    ensure!(a_word.exists(), "the word is not written down");
     let deadline = heard + Duration::from_secs(10);
     while a.vm_status("fenced1")? != "paused" {
         ensure!(Instant::now() < deadline, "not fenced:\n{}", a.log_text());
@@ -260,7 +266,7 @@ fn an_agent_that_no_longer_hears_its_controller_pauses_its_vms_until_released() 
         other => bail!("a restart while fenced: {other:?}"),
     }
     // a word from the controller does not unfence
-    ctl.load()?;
+    leader_poll()?;
     ensure!(a.client.fence()?.fenced);
     ensure!(a.vm_status("fenced1")? == "paused");
 
@@ -279,8 +285,55 @@ fn an_agent_that_no_longer_hears_its_controller_pauses_its_vms_until_released() 
     let since = std::fs::read(&console)?.len();
     // (one round: the controller is silent again, so the fence falls again 3 s on)
     pattern_goes_on(&console, since, 1)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.client.fence()?.fenced {
+        ensure!(Instant::now() < deadline, "not fenced again:\n{}", a.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // an agent that crashes while cut off and starts again: armed from its start by the
+    // word its last run wrote down, it fences once the silence reaches --fence-after
+    ctl.release_fence(&tern_api::FenceRelease {
+        resume: vec!["fenced1".into()],
+        stop: vec![],
+    })?;
+    ensure!(a.vm_status("fenced1")? == "running");
+    leader_poll()?;
+    let word = Instant::now();
+    let mut a = a;
+    a.kill();
+    let b = TestAgent::start_with(
+        Path::new(BIN),
+        "host-a",
+        AgentOptions {
+            args: &["--fence-after", "3", "--control-listen", &control],
+            state_dir: Some(&a.state_dir),
+            listen: Some(a.peer_addr),
+            ..Default::default()
+        },
+    )?;
+    let deadline = word + Duration::from_secs(10);
+    while b.vm_status("fenced1")? != "paused" {
+        ensure!(
+            Instant::now() < deadline,
+            "the restarted agent did not fence:\n{}",
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let restarted_fenced_after = word.elapsed();
+    ensure!(
+        restarted_fenced_after >= Duration::from_millis(2500),
+        "fenced {restarted_fenced_after:?} after the word"
+    );
+    ensure!(
+        b.log_text().contains("armed since a previous run"),
+        "{}",
+        b.log_text()
+    );
+    ensure!(b.client.fence()?.vms == vec!["fenced1".to_string()]);
     eprintln!(
-        "fenced {fenced_after:?} after the controller's last word; total {:?}",
+        "fenced {fenced_after:?} after the controller's last word, and {restarted_fenced_after:?} after it across an agent crash; total {:?}",
         t0.elapsed()
     );
     Ok(())

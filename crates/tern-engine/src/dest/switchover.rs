@@ -59,7 +59,13 @@ pub(super) async fn run(
         tracing::warn!("fault injection: exiting between the switchover record and cont");
         std::process::exit(71);
     }
-    let resumed_at = if p.source_running {
+    let held = p.source_running && inc.host.holds_paused(&p.spec);
+    if held {
+        tracing::warn!(
+            "this host fenced itself during the migration: the VM switched in and stays paused until the cluster controller releases it"
+        );
+    }
+    let resumed_at = if p.source_running && !held {
         let qmp = p.qmp()?;
         let mut ev = qmp.subscribe();
         qmp.execute("cont", None)
@@ -82,7 +88,7 @@ pub(super) async fn run(
             crate::source::recover::announce(&qmp).await;
         }
     }
-    let resumed_unix_us = if p.source_running {
+    let resumed_unix_us = if p.source_running && !held {
         unix_us(resumed_at)
     } else {
         0
