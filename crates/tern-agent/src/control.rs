@@ -4,8 +4,18 @@
 //! mutual TLS. The client's certificate must be from the cluster CA (the handshake
 //! refuses any other) and carry the label [`CONTROLLER_LABEL`]; an agent's own
 //! certificate, or any other without that label, gets its connection closed right after
-//! the handshake, no HTTP served. At most [`MAX_CONTROL_CONNECTIONS`] at once, each
-//! handshake within [`HANDSHAKE_WITHIN`].
+//! the handshake, no HTTP served.
+//!
+//! Anyone who can reach the port can open connections, so the budgets are kept apart:
+//! at most [`MAX_HANDSHAKES`] connections in their handshake at once, of them at most
+//! [`MAX_HANDSHAKES_PER_SOURCE`] from one source (an IPv4 address, an IPv6 /64), each
+//! handshake within [`HANDSHAKE_WITHIN`]; and at most [`MAX_CONTROL_CONNECTIONS`]
+//! connections authenticated as the controller, a budget no handshake takes from. A
+//! connection over a budget is closed at once; refusals are logged at warn level at most
+//! once per [`REFUSALS_WARNED_EVERY`] (with the count of the others), at debug otherwise.
+//! Holding handshakes open can still fill the handshake pool, but only from
+//! `MAX_HANDSHAKES / MAX_HANDSHAKES_PER_SOURCE` sources, and never locks out a
+//! controller that got through.
 //!
 //! Also the controller's end: [`client_for`], a blocking [`tern_api::client::Client`] that
 //! dials an agent's control listener with the credentials of a TLS directory.
@@ -13,13 +23,15 @@
 //! Owns who may use this listener and its connections; must not add routes of its own
 //! (they are the API's) nor serve anything without TLS.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tern_api::client::{Client, ReadWrite};
 use tern_engine::transport::tls::{self, PeerSecurity, PeerStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -29,11 +41,35 @@ use crate::{Agent, AgentError};
 
 /// The label a certificate needs to use the control listener.
 pub const CONTROLLER_LABEL: &str = "controller";
-/// Connections (handshakes included) the control listener holds at once; more are
-/// closed at once.
+/// Connections authenticated as the controller that the listener holds at once; more
+/// are closed right after their handshake. Handshakes in progress do not count.
 pub const MAX_CONTROL_CONNECTIONS: usize = 16;
+/// Connections still in their TLS handshake, from all sources, held at once; more are
+/// closed at once.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Of [`MAX_HANDSHAKES`], those from one source (an IPv4 address, an IPv6 /64); more
+/// from it are closed at once.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 4;
 /// A client that has not finished its TLS handshake by then is dropped.
-pub const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_WITHIN: Duration = Duration::from_secs(5);
+/// Refused connections are logged at warn level at most this often (at debug otherwise).
+pub const REFUSALS_WARNED_EVERY: Duration = Duration::from_secs(10);
+
+/// The listener's budgets (the constants above; smaller in tests).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    handshakes: usize,
+    handshakes_per_source: usize,
+    controllers: usize,
+    handshake_within: Duration,
+}
+
+const LIMITS: Limits = Limits {
+    handshakes: MAX_HANDSHAKES,
+    handshakes_per_source: MAX_HANDSHAKES_PER_SOURCE,
+    controllers: MAX_CONTROL_CONNECTIONS,
+    handshake_within: HANDSHAKE_WITHIN,
+};
 
 /// Binds the control listener on `addr` and returns the serving future.
 pub async fn serve(
@@ -56,7 +92,7 @@ pub async fn serve(
         "cluster controller API on {local} (HTTP over mutual TLS, certificates labelled {CONTROLLER_LABEL:?})"
     );
     let (tx, rx) = mpsc::channel(MAX_CONTROL_CONNECTIONS);
-    let accept = accept_loop(tcp, security, agent.config.stall_timeout, tx);
+    let accept = accept_loop(tcp, security, agent.config.stall_timeout, LIMITS, tx);
     let listener = Authenticated { rx, local };
     let app = crate::api::control_router(agent);
     Ok(async move {
@@ -67,14 +103,20 @@ pub async fn serve(
     })
 }
 
-/// Accepts TCP connections, authenticates them and passes on those of the controller.
+/// Accepts TCP connections, authenticates them and passes on those of the controller,
+/// within `limits` (see the module's doc).
 async fn accept_loop(
     tcp: tokio::net::TcpListener,
     security: PeerSecurity,
     dead_after: Duration,
+    limits: Limits,
     authenticated: mpsc::Sender<(ControlStream, SocketAddr)>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
+    let handshakes = HandshakeSlots::new(limits.handshakes, limits.handshakes_per_source);
+    let controllers = Arc::new(Semaphore::new(limits.controllers));
+    let mut refused = WarnEvery::new(REFUSALS_WARNED_EVERY);
+    let failed = Arc::new(Mutex::new(WarnEvery::new(REFUSALS_WARNED_EVERY)));
+    let overflowed = Arc::new(Mutex::new(WarnEvery::new(REFUSALS_WARNED_EVERY)));
     loop {
         let (conn, addr) = match tcp.accept().await {
             Ok(c) => c,
@@ -85,23 +127,58 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(client = %addr, "refused a control connection: {MAX_CONTROL_CONNECTIONS} are open");
-            continue;
+        let slot = match handshakes.try_take(addr.ip()) {
+            Ok(s) => s,
+            Err(why) => {
+                drop(conn);
+                let why = match why {
+                    HandshakesFull::Source => format!(
+                        "{} handshakes from its source are in progress",
+                        limits.handshakes_per_source
+                    ),
+                    HandshakesFull::All => {
+                        format!("{} handshakes are in progress", limits.handshakes)
+                    }
+                };
+                match refused.warn_now(Instant::now()) {
+                    Some(0) => {
+                        tracing::warn!(client = %addr, "refused a control connection: {why}")
+                    }
+                    Some(n) => tracing::warn!(
+                        client = %addr,
+                        "refused a control connection: {why} ({n} more refused since the last warning)"
+                    ),
+                    None => tracing::debug!(client = %addr, "refused a control connection: {why}"),
+                }
+                continue;
+            }
         };
         let security = security.clone();
         let authenticated = authenticated.clone();
+        let controllers = controllers.clone();
+        let (failed, overflowed) = (failed.clone(), overflowed.clone());
         tokio::spawn(async move {
             let (mut stream, id) = match security
-                .accept(conn, addr, HANDSHAKE_WITHIN, dead_after)
+                .accept(conn, addr, limits.handshake_within, dead_after)
                 .await
             {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(client = %addr, "control connection refused: {}", tern_engine::error_chain(&e));
+                    let e = tern_engine::error_chain(&e);
+                    match failed.lock().warn_now(Instant::now()) {
+                        Some(0) => {
+                            tracing::warn!(client = %addr, "control connection refused: {e}")
+                        }
+                        Some(n) => tracing::warn!(
+                            client = %addr,
+                            "control connection refused: {e} ({n} more failed handshakes since the last warning)"
+                        ),
+                        None => tracing::debug!(client = %addr, "control connection refused: {e}"),
+                    }
                     return;
                 }
             };
+            use tokio::io::AsyncWriteExt;
             if !id.labels.iter().any(|l| l == CONTROLLER_LABEL) {
                 tracing::warn!(
                     client = %addr,
@@ -110,21 +187,157 @@ async fn accept_loop(
                     certificate = %id.fingerprint,
                     "control connection closed: its certificate is the cluster's but not labelled {CONTROLLER_LABEL:?}"
                 );
-                use tokio::io::AsyncWriteExt;
                 let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
                 return;
             }
+            let Ok(permit) = controllers.try_acquire_owned() else {
+                let quiet = overflowed.lock().warn_now(Instant::now()).is_none();
+                if quiet {
+                    tracing::debug!(client = %addr, names = ?id.names, "controller connection closed: {} are open", limits.controllers);
+                } else {
+                    tracing::warn!(client = %addr, names = ?id.names, "controller connection closed: {} are open", limits.controllers);
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+                return;
+            };
+            // authenticated: out of the handshake pool, into the controller's
+            drop(slot);
             tracing::debug!(client = %addr, names = ?id.names, "controller connected");
             let _ = authenticated
                 .send((
                     ControlStream {
                         stream,
-                        _slot: slot,
+                        _slot: permit,
                     },
                     addr,
                 ))
                 .await;
         });
+    }
+}
+
+/// Which budget of handshakes a connection found full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HandshakesFull {
+    /// [`MAX_HANDSHAKES`], from all sources.
+    All,
+    /// [`MAX_HANDSHAKES_PER_SOURCE`], from the connection's source.
+    Source,
+}
+
+/// The handshakes in progress, in all and by source ([`source_of`]): each holds a
+/// [`HandshakeSlot`], given back when it is dropped.
+#[derive(Clone)]
+struct HandshakeSlots {
+    counts: Arc<Mutex<HandshakeCounts>>,
+    max: usize,
+    max_per_source: usize,
+}
+
+#[derive(Default)]
+struct HandshakeCounts {
+    total: usize,
+    /// Only sources with a handshake in progress (never a zero).
+    by_source: HashMap<IpAddr, usize>,
+}
+
+impl HandshakeSlots {
+    fn new(max: usize, max_per_source: usize) -> HandshakeSlots {
+        HandshakeSlots {
+            counts: Arc::default(),
+            max,
+            max_per_source,
+        }
+    }
+
+    /// A slot for a handshake from `peer`, unless a budget is full.
+    fn try_take(&self, peer: IpAddr) -> Result<HandshakeSlot, HandshakesFull> {
+        let source = source_of(peer);
+        let mut c = self.counts.lock();
+        if c.total >= self.max {
+            return Err(HandshakesFull::All);
+        }
+        let n = c.by_source.entry(source).or_insert(0);
+        if *n >= self.max_per_source {
+            return Err(HandshakesFull::Source);
+        }
+        *n += 1;
+        c.total += 1;
+        Ok(HandshakeSlot {
+            counts: self.counts.clone(),
+            source,
+        })
+    }
+
+    /// (handshakes in progress, sources they come from)
+    #[cfg(test)]
+    fn in_progress(&self) -> (usize, usize) {
+        let c = self.counts.lock();
+        (c.total, c.by_source.len())
+    }
+}
+
+/// A handshake's place in [`HandshakeSlots`], free again when dropped.
+struct HandshakeSlot {
+    counts: Arc<Mutex<HandshakeCounts>>,
+    source: IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock();
+        c.total -= 1;
+        if let Some(n) = c.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                c.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// The source a per-source budget counts a peer under: its IPv4 address (also when
+/// written as IPv4-mapped IPv6), or its IPv6 /64 (one host commonly holds a whole /64).
+fn source_of(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(_) => peer,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
+/// Whether an event repeated by anyone who can connect is worth a warning now: at most
+/// one per `every`, the others at debug level, counted.
+struct WarnEvery {
+    every: Duration,
+    last: Option<Instant>,
+    quiet: u64,
+}
+
+impl WarnEvery {
+    fn new(every: Duration) -> WarnEvery {
+        WarnEvery {
+            every,
+            last: None,
+            quiet: 0,
+        }
+    }
+
+    /// Some(how many were not warned since the last warning) if this one is to be a
+    /// warning; None if it is to be quiet.
+    fn warn_now(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < self.every => {
+                self.quiet += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.quiet))
+            }
+        }
     }
 }
 
@@ -324,6 +537,223 @@ mod tests {
         ] {
             assert_eq!(host_of(bad), None, "{bad:?}");
         }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn one_source_holds_only_its_share_of_the_handshakes() {
+        let slots = HandshakeSlots::new(5, 2);
+        let a1 = slots.try_take(ip("10.0.0.1")).unwrap();
+        let a2 = slots.try_take(ip("10.0.0.1")).unwrap();
+        // its share is taken: refused, and the refusal takes nothing
+        assert_eq!(
+            slots.try_take(ip("10.0.0.1")).err(),
+            Some(HandshakesFull::Source)
+        );
+        assert_eq!(slots.in_progress(), (2, 1));
+        // other sources still get in, up to the total
+        let b1 = slots.try_take(ip("10.0.0.2")).unwrap();
+        let _b2 = slots.try_take(ip("10.0.0.2")).unwrap();
+        let _c1 = slots.try_take(ip("10.0.0.3")).unwrap();
+        assert_eq!(slots.in_progress(), (5, 3));
+        assert_eq!(
+            slots.try_take(ip("10.0.0.4")).err(),
+            Some(HandshakesFull::All)
+        );
+        // a handshake that ends gives its slot back, to anyone
+        drop(b1);
+        let _d1 = slots.try_take(ip("10.0.0.4")).unwrap();
+        assert_eq!(
+            slots.try_take(ip("10.0.0.2")).err(),
+            Some(HandshakesFull::All)
+        );
+        drop(a1);
+        let a3 = slots.try_take(ip("10.0.0.1")).unwrap();
+        drop((a2, a3));
+        assert_eq!(
+            slots.in_progress(),
+            (3, 3),
+            "a source without handshakes is forgotten"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_source_is_its_64_and_a_mapped_ipv4_its_address() {
+        assert_eq!(source_of(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        let slots = HandshakeSlots::new(10, 2);
+        let _x = slots.try_take(ip("2001:db8:1:2::1")).unwrap();
+        let _y = slots
+            .try_take(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"))
+            .unwrap();
+        // a new address of the same /64 is the same source
+        assert_eq!(
+            slots.try_take(ip("2001:db8:1:2::3")).err(),
+            Some(HandshakesFull::Source)
+        );
+        let _z = slots.try_take(ip("2001:db8:1:3::1")).unwrap();
+        let _v4 = slots.try_take(ip("::ffff:192.0.2.7")).unwrap();
+        let _v4b = slots.try_take(ip("192.0.2.7")).unwrap();
+        assert_eq!(
+            slots.try_take(ip("192.0.2.7")).err(),
+            Some(HandshakesFull::Source)
+        );
+    }
+
+    #[test]
+    fn refusals_are_warned_once_per_interval_with_the_count_of_the_quiet_ones() {
+        let t0 = Instant::now();
+        let mut w = WarnEvery::new(Duration::from_secs(10));
+        assert_eq!(w.warn_now(t0), Some(0));
+        for s in 1..=5 {
+            assert_eq!(w.warn_now(t0 + Duration::from_secs(s)), None);
+        }
+        assert_eq!(w.warn_now(t0 + Duration::from_secs(10)), Some(5));
+        assert_eq!(w.warn_now(t0 + Duration::from_secs(11)), None);
+        assert_eq!(w.warn_now(t0 + Duration::from_secs(25)), Some(1));
+        // a clock that went back is not a reason to warn
+        assert_eq!(w.warn_now(t0), None);
+    }
+
+    /// A raw TCP connection from `from` to `to` that never starts a handshake.
+    async fn raw_from(from: &str, to: SocketAddr) -> tokio::net::TcpStream {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        s.connect(to).await.unwrap()
+    }
+
+    /// Whether the listener closed `c` (within a while) rather than holding it.
+    async fn closed(c: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut b = [0u8; 16];
+        match tokio::time::timeout(within, c.read(&mut b)).await {
+            Err(_) => false,
+            Ok(Ok(0) | Err(_)) => true,
+            Ok(Ok(n)) => panic!("{n} bytes from a listener that has not seen a ClientHello"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn held_handshakes_do_not_keep_the_controller_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        crate::pki::init_ca(&ca, "test").unwrap();
+        let issue = |name: &str, host: &str, labels: &[&str]| {
+            let out = dir.path().join(name);
+            let req = crate::pki::IssueRequest {
+                host: host.into(),
+                labels: labels.iter().map(|l| l.to_string()).collect(),
+                days: 1,
+                ..Default::default()
+            };
+            crate::pki::issue(&ca, &req, &out).unwrap();
+            out
+        };
+        let server = issue("server", "127.0.0.1", &["trusted"]);
+        let ctl = issue("ctl", "controller", &[CONTROLLER_LABEL]);
+        let security = PeerSecurity::load(&server).unwrap();
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let limits = Limits {
+            handshakes: 6,
+            handshakes_per_source: 2,
+            controllers: 1,
+            handshake_within: Duration::from_secs(30),
+        };
+        let (tx, mut rx) = mpsc::channel(4);
+        let accept = tokio::spawn(accept_loop(
+            tcp,
+            security,
+            Duration::from_secs(30),
+            limits,
+            tx,
+        ));
+        let controller = |n: u32| {
+            let client = client_for(&addr.to_string(), &ctl).unwrap();
+            tokio::task::spawn_blocking(move || {
+                let r = client.agent_info();
+                assert!(
+                    r.is_err(),
+                    "controller {n}: nothing serves HTTP here: {r:?}"
+                );
+            })
+        };
+
+        // one source: its share is held, the rest closed at once
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(raw_from("127.0.0.2", addr).await);
+        }
+        let mut over = Vec::new();
+        for _ in 0..4 {
+            over.push(raw_from("127.0.0.2", addr).await);
+        }
+        for c in &mut over {
+            assert!(
+                closed(c, Duration::from_secs(5)).await,
+                "a connection over the source's share was held"
+            );
+        }
+        for c in &mut held {
+            assert!(
+                !closed(c, Duration::from_millis(300)).await,
+                "a handshake within the share was closed"
+            );
+        }
+
+        // a controller from another address: served while they are held
+        let c1 = controller(1);
+        let (first, peer) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the controller got through within 10 s")
+            .unwrap();
+        assert_eq!(peer.ip(), ip("127.0.0.1"));
+        // the controllers' budget is its own: a second one is closed after its handshake...
+        let c2 = controller(2);
+        c2.await.unwrap();
+        assert!(
+            rx.try_recv().is_err(),
+            "a controller over the budget was passed on"
+        );
+        // ... and the first one's slot, once free, is the next one's
+        drop(first);
+        c1.await.unwrap();
+        let c3 = controller(3);
+        let (third, _) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the next controller got through")
+            .unwrap();
+        drop(third);
+        c3.await.unwrap();
+
+        // the pool: 2 held from .2, 2 from .3, 2 from .4 fill it; .5 is closed at once
+        for from in ["127.0.0.3", "127.0.0.3", "127.0.0.4", "127.0.0.4"] {
+            held.push(raw_from(from, addr).await);
+        }
+        let mut late = raw_from("127.0.0.5", addr).await;
+        assert!(
+            closed(&mut late, Duration::from_secs(5)).await,
+            "a handshake over the pool was held"
+        );
+        for c in &mut held {
+            assert!(
+                !closed(c, Duration::from_millis(100)).await,
+                "a held handshake was closed"
+            );
+        }
+        // handshakes that end (here: the client left) free the pool
+        held.clear();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut next = raw_from("127.0.0.5", addr).await;
+        assert!(
+            !closed(&mut next, Duration::from_millis(300)).await,
+            "the pool stayed full"
+        );
+        accept.abort();
     }
 
     #[test]

@@ -177,3 +177,108 @@ fn the_control_listener_serves_the_load_to_the_controller_only() -> Result<()> {
     ensure!(ctl.load()?.vms.len() == 1);
     Ok(())
 }
+
+/// A TCP connection from `from` to `to` that never starts a TLS handshake.
+fn raw_from(from: &str, to: &str) -> Result<std::net::TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (from, to): (std::net::SocketAddr, std::net::SocketAddr) =
+        (format!("{from}:0").parse()?, to.parse()?);
+    let s = rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4()?;
+        s.bind(from)?;
+        s.connect(to).await
+    })?;
+    let s = s.into_std()?;
+    s.set_nonblocking(false)?;
+    Ok(s)
+}
+
+/// Whether the agent closed `c` within `within` (rather than holding it).
+fn closed_within(c: &mut std::net::TcpStream, within: Duration) -> Result<bool> {
+    use std::io::Read;
+    c.set_read_timeout(Some(within))?;
+    match c.read(&mut [0u8; 16]) {
+        Ok(0) => Ok(true),
+        Ok(n) => bail!("{n} bytes before a ClientHello"),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(_) => Ok(true),
+    }
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10 and root (bash scripts/test.sh runs it)"]
+fn held_handshakes_from_one_address_do_not_lock_the_controller_out() -> Result<()> {
+    use tern_agent::control::{
+        HANDSHAKE_WITHIN, MAX_CONTROL_CONNECTIONS, MAX_HANDSHAKES_PER_SOURCE,
+    };
+    let _l = e2e_lock();
+    let control = format!("127.0.0.1:{}", free_port()?);
+    let a = TestAgent::start_with(
+        Path::new(BIN),
+        "host-ctl-dos",
+        AgentOptions {
+            args: &["--control-listen", &control],
+            ..Default::default()
+        },
+    )?;
+    let ctl_dir = credentials("controller", &["controller"])?;
+    let ctl = tern_agent::control::client_for(&control, ctl_dir.path())?;
+    ensure!(ctl.agent_info()?["name"] == "host-ctl-dos");
+
+    // more connections than the controller's budget, from one address (another than the
+    // controller's), none starting a handshake
+    let n = MAX_CONTROL_CONNECTIONS + 4;
+    let mut raw = (0..n)
+        .map(|_| raw_from("127.0.0.2", &control))
+        .collect::<Result<Vec<_>>>()?;
+    let started = Instant::now();
+    // the controller is still served, again and again, while they are held
+    for _ in 0..3 {
+        let info = ctl
+            .agent_info()
+            .context("the controller, with handshakes held")?;
+        ensure!(info["name"] == "host-ctl-dos", "{info}");
+    }
+    // the address got its share of the handshakes; the rest were closed at once
+    std::thread::sleep(Duration::from_millis(200));
+    let mut held = Vec::new();
+    for (i, c) in raw.iter_mut().enumerate() {
+        if !closed_within(c, Duration::from_millis(100))? {
+            held.push(i);
+        }
+    }
+    ensure!(
+        started.elapsed() < HANDSHAKE_WITHIN,
+        "too slow to tell held from refused before the handshake deadline"
+    );
+    ensure!(
+        held.len() == MAX_HANDSHAKES_PER_SOURCE,
+        "held {} of {n} connections from one address: {held:?}",
+        held.len()
+    );
+    ensure!(
+        a.log_text().contains("refused a control connection"),
+        "no word of the refused connections:\n{}",
+        a.log_text()
+    );
+    // the held ones are dropped at the handshake deadline
+    for &i in &held {
+        let left = (started + HANDSHAKE_WITHIN + Duration::from_secs(3))
+            .saturating_duration_since(Instant::now());
+        ensure!(
+            closed_within(&mut raw[i], left.max(Duration::from_millis(1)))?,
+            "a connection without a handshake outlived {HANDSHAKE_WITHIN:?}"
+        );
+    }
+    ensure!(ctl.load()?.host == "host-ctl-dos");
+    Ok(())
+}
