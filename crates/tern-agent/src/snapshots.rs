@@ -11,6 +11,13 @@
 //! listed. The VM's next departure replaces it; the VM arriving here again removes it;
 //! the oldest others go when the total passes `--snapshot-limit-mib`.
 //!
+//! A departure is its migration's id, noted when the migration begins
+//! ([`recording_for`]). Only the newest departure of a VM, and only while the VM has not
+//! arrived here since, puts its snapshot in place (checked under the lock that renames):
+//! a VM that left, came back and left again keeps its disks under the same names, so an
+//! older departure's snapshot finished last would pair its stream with the newer
+//! departure's disks. Such an older one discards its own files instead.
+//!
 //! [`restart`] runs a snapshot again: a QEMU started as an incoming migration's
 //! destination, on a qcow2 overlay of each kept disk (the kept image stays unchanged),
 //! fed the recorded stream through a socket pair, then resumed and registered like any
@@ -19,6 +26,7 @@
 //! Owns the snapshot directory and its rules; must not move bytes of a migration (the
 //! engine records) or decide when to restart (the controller does).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -46,8 +54,55 @@ const SETTLE_WITHIN: Duration = Duration::from_secs(600);
 pub struct Snapshots {
     dir: PathBuf,
     limit_bytes: u64,
-    /// Held while a snapshot is put in place or removed.
-    lock: Mutex<()>,
+    /// Held while a snapshot is put in place or removed; what it guards says which
+    /// departure may still put one in place.
+    lock: Mutex<Departures>,
+}
+
+/// Per VM, the one departure (migration id) whose snapshot may still be put in place:
+/// the newest that began here, until the VM arrives here again or that departure's
+/// snapshot is done with. Every other departure of the VM is superseded.
+#[derive(Debug, Default)]
+struct Departures(HashMap<String, String>);
+
+impl Departures {
+    /// Migration `id` of VM `vm` began: any older departure of it is superseded.
+    fn began(&mut self, vm: &str, id: &str) {
+        self.0.insert(vm.to_string(), id.to_string());
+    }
+
+    /// VM `vm` runs here again: every departure of it so far is superseded.
+    fn arrived(&mut self, vm: &str) {
+        self.0.remove(vm);
+    }
+
+    /// Whether departure `id` of VM `vm` may put its snapshot in place.
+    fn is_newest(&self, vm: &str, id: &str) -> bool {
+        self.0.get(vm).is_some_and(|newest| newest == id)
+    }
+
+    /// Departure `id` of VM `vm` is done with (its snapshot put in place or given up);
+    /// whether it was the newest.
+    fn ended(&mut self, vm: &str, id: &str) -> bool {
+        let newest = self.is_newest(vm, id);
+        if newest {
+            self.0.remove(vm);
+        }
+        newest
+    }
+}
+
+/// What became of a departure's snapshot ([`Snapshots::commit`]).
+#[derive(Debug)]
+enum Commit {
+    /// In place; these others went to fit the limit.
+    Kept { evicted: Vec<String> },
+    /// A newer departure of the VM, or its arrival here, came after it: discarded.
+    Superseded,
+    /// The VM runs here again: discarded.
+    RunsHere,
+    /// It could not be renamed into place: discarded.
+    Failed(std::io::Error),
 }
 
 fn now_ms() -> u64 {
@@ -61,7 +116,7 @@ impl Snapshots {
         Snapshots {
             dir: state_dir.join("snapshots"),
             limit_bytes: limit_mib.saturating_mul(1 << 20),
-            lock: Mutex::new(()),
+            lock: Mutex::new(Departures::default()),
         }
     }
 
@@ -141,14 +196,71 @@ impl Snapshots {
         true
     }
 
-    /// VM `vm` runs here again (it arrived, or was restarted): its snapshot is stale.
+    /// VM `vm` runs here again (it arrived, or was restarted): its snapshot is stale, and
+    /// so is any of its departures whose snapshot is still being kept.
     pub fn arrived(&self, vm: &str) {
-        if self.remove(vm) {
+        let removed = {
+            let mut departures = self.lock.lock();
+            departures.arrived(vm);
+            self.remove_locked(vm)
+        };
+        if removed {
             tracing::info!(
                 vm,
                 "removed the VM's departure snapshot: it runs here again"
             );
         }
+    }
+}
+
+impl Snapshots {
+    /// Migration `id` of VM `vm` began: it is the VM's newest departure.
+    fn departure_began(&self, vm: &str, id: &str) {
+        self.lock.lock().began(vm, id);
+    }
+
+    /// Puts the snapshot written at `tmp` in place as VM `vm`'s, if departure `id` is its
+    /// newest and the VM does not run here (`runs_here`, asked under the lock); then
+    /// drops the oldest others while the total passes the limit. What is not put in
+    /// place is removed.
+    fn commit(&self, vm: &str, id: &str, tmp: &Path, runs_here: impl FnOnce() -> bool) -> Commit {
+        let mut departures = self.lock.lock();
+        if !departures.ended(vm, id) {
+            let _ = std::fs::remove_dir_all(tmp);
+            return Commit::Superseded;
+        }
+        if runs_here() {
+            // it came back meanwhile: its state here is the running VM's
+            let _ = std::fs::remove_dir_all(tmp);
+            return Commit::RunsHere;
+        }
+        self.remove_locked(vm);
+        if let Err(e) = std::fs::rename(tmp, self.dir_of(vm)) {
+            let _ = std::fs::remove_dir_all(tmp);
+            return Commit::Failed(e);
+        }
+        let all: Vec<(String, u64, u64)> = self
+            .metas()
+            .into_iter()
+            .map(|m| (m.vm, m.taken_unix_ms, m.file_bytes))
+            .collect();
+        let evicted = evict(&all, vm, self.limit_bytes);
+        for v in &evicted {
+            self.remove_locked(v);
+        }
+        Commit::Kept { evicted }
+    }
+
+    /// Departure `id` of VM `vm` leaves no snapshot: the one the VM has goes (it is
+    /// older than its disks now), unless that departure is superseded (the snapshot is
+    /// then a newer one's, or none). Whether it was the newest.
+    fn departed_without(&self, vm: &str, id: &str) -> bool {
+        let mut departures = self.lock.lock();
+        if !departures.ended(vm, id) {
+            return false;
+        }
+        self.remove_locked(vm);
+        true
     }
 }
 
@@ -195,8 +307,10 @@ impl Recording {
 }
 
 /// Whether and where migration `id` of `spec`'s VM records its stream.
+/// Migration `id` becomes the VM's newest departure (see the module's doc).
 pub fn recording_for(agent: &Agent, spec: &VmSpec, id: &str) -> Recording {
     let s = &agent.snapshots;
+    s.departure_began(&spec.name, id);
     if s.limit_bytes == 0 {
         return Recording::Off;
     }
@@ -246,8 +360,9 @@ pub struct Departed {
 }
 
 /// Makes `d` the VM's snapshot (replacing the one it had), then drops the oldest others
-/// while the total passes the limit. Runs after the migration is reported (it waits for
-/// the recording to be on disk).
+/// while the total passes the limit; unless `d` is no longer the VM's newest departure
+/// (see the module's doc): then its files go and the snapshot stays as it is. Runs after
+/// the migration is reported (it waits for the recording to be on disk).
 pub async fn keep(agent: Arc<Agent>, d: Departed) {
     let s = &agent.snapshots;
     let vm = d.spec.name.clone();
@@ -258,7 +373,7 @@ pub async fn keep(agent: Arc<Agent>, d: Departed) {
     match &d.recording {
         Recording::Off => {
             // no snapshot: the one it had is older than its disks now
-            s.remove(&vm);
+            s.departed_without(&vm, &d.migration_id);
             return;
         }
         Recording::Not(why) => why_not = Some(why.clone()),
@@ -313,34 +428,26 @@ pub async fn keep(agent: Arc<Agent>, d: Departed) {
         }
     }
     if let Err(e) = written {
-        tracing::warn!(vm = %vm, "cannot keep the VM's departure snapshot: {e}");
+        tracing::warn!(vm = %vm, migration = %d.migration_id, "cannot keep the VM's departure snapshot: {e}");
         let _ = std::fs::remove_dir_all(&tmp);
-        s.remove(&vm);
+        s.departed_without(&vm, &d.migration_id);
         return;
     }
-    let evicted = {
-        let _g = s.lock.lock();
-        if agent.vm(&vm).is_some() {
-            // it came back meanwhile: its state here is the running VM's
-            let _ = std::fs::remove_dir_all(&tmp);
+    let evicted = match s.commit(&vm, &d.migration_id, &tmp, || agent.vm(&vm).is_some()) {
+        Commit::Kept { evicted } => evicted,
+        Commit::Superseded => {
+            tracing::info!(
+                vm = %vm,
+                migration = %d.migration_id,
+                "discarded the departure snapshot of an older migration: the VM left again or arrived here after it"
+            );
             return;
         }
-        s.remove_locked(&vm);
-        if let Err(e) = std::fs::rename(&tmp, s.dir_of(&vm)) {
-            tracing::warn!(vm = %vm, "cannot keep the VM's departure snapshot: {e}");
-            let _ = std::fs::remove_dir_all(&tmp);
+        Commit::RunsHere => return,
+        Commit::Failed(e) => {
+            tracing::warn!(vm = %vm, migration = %d.migration_id, "cannot keep the VM's departure snapshot: {e}");
             return;
         }
-        let all: Vec<(String, u64, u64)> = s
-            .metas()
-            .into_iter()
-            .map(|m| (m.vm, m.taken_unix_ms, m.file_bytes))
-            .collect();
-        let evicted = evict(&all, &vm, s.limit_bytes);
-        for v in &evicted {
-            s.remove_locked(v);
-        }
-        evicted
     };
     if !evicted.is_empty() {
         tracing::info!(
@@ -698,6 +805,152 @@ mod tests {
         // snapshots without a stream count nothing
         let meta_only = vec![s("x", 1, 0), s("new", 2, 500)];
         assert!(evict(&meta_only, "new", 500 << 20).is_empty());
+    }
+
+    #[test]
+    fn only_the_newest_departure_of_a_vm_may_become_its_snapshot() {
+        let mut d = Departures::default();
+        assert!(!d.is_newest("web1", "m1"), "a departure never noted");
+        d.began("web1", "m1");
+        d.began("db", "m9");
+        assert!(d.is_newest("web1", "m1"));
+        // it left, came back, left again: the first departure is superseded
+        d.arrived("web1");
+        assert!(!d.is_newest("web1", "m1"));
+        d.began("web1", "m2");
+        assert!(!d.is_newest("web1", "m1") && d.is_newest("web1", "m2"));
+        assert!(
+            !d.ended("web1", "m1"),
+            "the older one finishing first changes nothing"
+        );
+        assert!(d.is_newest("web1", "m2"));
+        assert!(d.ended("web1", "m2"));
+        // once done with, no departure of it is the newest until the next one begins
+        assert!(!d.is_newest("web1", "m2") && !d.is_newest("web1", "m1"));
+        // other VMs are their own
+        assert!(d.is_newest("db", "m9"));
+    }
+
+    /// A snapshot of departure `id` of `vm` written as `keep` writes it, not yet in place.
+    fn written(snaps: &Snapshots, vm: &str, id: &str) -> PathBuf {
+        let tmp = snaps.dir.join(format!(".tmp-{vm}-{id}"));
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::write(tmp.join("stream"), id).unwrap();
+        let m = SnapshotMeta {
+            vm: vm.into(),
+            migration_id: id.into(),
+            destination: "b".into(),
+            taken_unix_ms: now_ms(),
+            mem_bytes: 1 << 27,
+            file_bytes: 1 << 10,
+            disks: vec![],
+            restartable: true,
+            why_not: None,
+            was_running: true,
+        };
+        std::fs::write(tmp.join("meta.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        tmp
+    }
+
+    fn kept_migration(snaps: &Snapshots, vm: &str) -> Option<String> {
+        let l = snaps.list();
+        let m = l.iter().find(|i| i.meta.vm == vm)?;
+        let stream = std::fs::read_to_string(snaps.dir_of(vm).join("stream")).unwrap();
+        assert_eq!(
+            stream, m.meta.migration_id,
+            "the stream and the meta of one departure"
+        );
+        Some(m.meta.migration_id.clone())
+    }
+
+    #[test]
+    fn an_older_departure_finishing_last_does_not_replace_the_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let snaps = Snapshots::new(dir.path(), 64);
+        // left (m1), came back, left again (m2); m2's keep finishes first
+        snaps.departure_began("web1", "m1");
+        snaps.arrived("web1");
+        snaps.departure_began("web1", "m2");
+        let t2 = written(&snaps, "web1", "m2");
+        assert!(matches!(
+            snaps.commit("web1", "m2", &t2, || false),
+            Commit::Kept { .. }
+        ));
+        let t1 = written(&snaps, "web1", "m1");
+        assert!(matches!(
+            snaps.commit("web1", "m1", &t1, || false),
+            Commit::Superseded
+        ));
+        assert!(!t1.exists(), "the superseded one's files stay behind");
+        assert_eq!(kept_migration(&snaps, "web1").as_deref(), Some("m2"));
+        // nor does it take away the newer one when it keeps nothing
+        assert!(!snaps.departed_without("web1", "m1"));
+        assert_eq!(kept_migration(&snaps, "web1").as_deref(), Some("m2"));
+
+        // the same, with m1 finishing first: m2 replaces it
+        snaps.arrived("web1");
+        assert_eq!(kept_migration(&snaps, "web1"), None);
+        snaps.departure_began("web1", "m3");
+        snaps.arrived("web1");
+        snaps.departure_began("web1", "m4");
+        let t3 = written(&snaps, "web1", "m3");
+        assert!(matches!(
+            snaps.commit("web1", "m3", &t3, || false),
+            Commit::Superseded
+        ));
+        assert_eq!(kept_migration(&snaps, "web1"), None);
+        let t4 = written(&snaps, "web1", "m4");
+        assert!(matches!(
+            snaps.commit("web1", "m4", &t4, || false),
+            Commit::Kept { .. }
+        ));
+        assert_eq!(kept_migration(&snaps, "web1").as_deref(), Some("m4"));
+        // a departure that keeps nothing is done with; an older one that finishes after
+        // it still loses
+        snaps.arrived("web1");
+        snaps.departure_began("web1", "m5");
+        let t4b = written(&snaps, "web1", "m4");
+        assert!(matches!(
+            snaps.commit("web1", "m4", &t4b, || false),
+            Commit::Superseded
+        ));
+        assert!(snaps.departed_without("web1", "m5"));
+        assert_eq!(kept_migration(&snaps, "web1"), None);
+    }
+
+    #[test]
+    fn a_keep_in_progress_when_the_vm_arrives_does_not_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let snaps = Snapshots::new(dir.path(), 64);
+        snaps.departure_began("web1", "m1");
+        // it arrives here again before m1's snapshot is in place (and may leave again
+        // without a migration of this host's, e.g. stopped)
+        snaps.arrived("web1");
+        let t1 = written(&snaps, "web1", "m1");
+        assert!(matches!(
+            snaps.commit("web1", "m1", &t1, || false),
+            Commit::Superseded
+        ));
+        assert!(!t1.exists());
+        assert_eq!(kept_migration(&snaps, "web1"), None);
+        // registered, but not yet said to have arrived: still not put in place
+        snaps.departure_began("web1", "m2");
+        let t2 = written(&snaps, "web1", "m2");
+        assert!(matches!(
+            snaps.commit("web1", "m2", &t2, || true),
+            Commit::RunsHere
+        ));
+        assert!(!t2.exists());
+        assert_eq!(kept_migration(&snaps, "web1"), None);
+        // another VM's departures are not touched by it
+        snaps.departure_began("db", "m7");
+        snaps.arrived("web1");
+        let t7 = written(&snaps, "db", "m7");
+        assert!(matches!(
+            snaps.commit("db", "m7", &t7, || false),
+            Commit::Kept { .. }
+        ));
+        assert_eq!(kept_migration(&snaps, "db").as_deref(), Some("m7"));
     }
 
     #[test]
