@@ -10,7 +10,7 @@
 //! dead_after_s = 30                        # an agent silent this long is unreachable
 //! dry_run = false                          # decide and log, move nothing
 //! restart_after_s = 60                     # restart a dead host's VMs from snapshots
-//!                                          # (longer than the agents' --fence-after)
+//!                                          # (>= the agents' --fence-after + 5 s)
 //! policy = "/etc/tern/policy.toml"         # the agents' authorisation policy (optional)
 //! rules = "/etc/tern/placement.toml"       # together / apart / pin (optional)
 //!
@@ -67,7 +67,8 @@ pub struct ControllerConfig {
     #[serde(default)]
     pub dry_run: bool,
     /// A host unreachable this long has its VMs restarted from their snapshots elsewhere
-    /// (None: never). Must be longer than the agents' `--fence-after` plus `interval_s`.
+    /// (None: never). Only the VMs of hosts whose `--fence-after` plus
+    /// [`crate::failover::FENCE_SLACK_S`] is at most this restart.
     pub restart_after_s: Option<f64>,
     pub policy: Option<PathBuf>,
     pub rules: Option<PathBuf>,

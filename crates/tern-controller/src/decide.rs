@@ -11,9 +11,10 @@
 //! - a move off a hot host is taken only when its **benefit** (the overload it relieves, in
 //!   cores, times `horizon_s`) is at least `min_gain` times its **cost** (the migration's
 //!   time times the CPU it takes, its downtime weighted, its bytes weighted; in
-//!   core-seconds) and the target stays at or below `target` of its capacity afterwards
-//!   (**hysteresis**: the band between `target` and `high` keeps a host that took a VM from
-//!   being hot at once);
+//!   core-seconds: the agent's model's plan of that move when one is younger than
+//!   `plan_max_age_s`, else the history of finished moves, else defaults) and the target
+//!   stays at or below `target` of its capacity afterwards (**hysteresis**: the band
+//!   between `target` and `high` keeps a host that took a VM from being hot at once);
 //! - among the moves that pass, the one with the most benefit beyond its cost;
 //! - a VM moved in the last `cooldown_s` stays where it is (**no ping-pong**) unless its
 //!   host is above `hard` of its capacity;
@@ -21,6 +22,11 @@
 //!   `hard`; a VM no host may take is reported, not moved;
 //! - at most `per_host` moves in or out of one host, `per_link` between two hosts and
 //!   `cluster` in all at once.
+//!
+//! A move costed without a fresh plan ([`Controller::unplanned`]) waits: the service asks
+//! the source agent's model (a plan moves nothing) and records the answer
+//! ([`Controller::planned`]); the next round decides with it. [`Controller::after_plans`]
+//! says which moves go, which wait and what to ask.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -61,6 +67,10 @@ pub struct Params {
     pub downtime_weight: f64,
     /// Core-seconds one GiB on the wire costs (the link's other traffic).
     pub gib_weight: f64,
+    /// Seconds a plan of the agent's model (`POST /v1/vms/{name}/plan`) stands for a
+    /// move's cost; the service asks for one before it starts a balance move without a
+    /// fresh one. 0: the model is never asked, costs come from history.
+    pub plan_max_age_s: f64,
     /// Moves in or out of one host at once.
     pub per_host: usize,
     /// Moves between two hosts (either way) at once.
@@ -85,6 +95,7 @@ impl Default for Params {
             move_cpu_cores: 1.0,
             downtime_weight: 60.0,
             gib_weight: 5.0,
+            plan_max_age_s: 600.0,
             per_host: 1,
             per_link: 1,
             cluster: 8,
@@ -120,6 +131,7 @@ impl Params {
             ("move_cpu_cores", self.move_cpu_cores),
             ("downtime_weight", self.downtime_weight),
             ("gib_weight", self.gib_weight),
+            ("plan_max_age_s", self.plan_max_age_s),
         ];
         for (n, v) in nonneg {
             if !v.is_finite() || v < 0.0 {
@@ -180,7 +192,7 @@ impl MoveCost {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CostSource {
-    /// The agent's model (`tern migrate --plan`).
+    /// The agent's model (`tern migrate --plan`), asked within `plan_max_age_s`.
     Model,
     /// This VM's past moves, on links of known rate.
     History,
@@ -188,14 +200,53 @@ pub enum CostSource {
     Default,
 }
 
-/// What past moves cost: per link the rate they reached, per VM the share of its memory
-/// that crossed and its downtime. Learnt from every finished move.
+impl CostSource {
+    /// Of a group's members' sources, the one that knows least.
+    fn weakest(self, o: CostSource) -> CostSource {
+        let rank = |s: CostSource| match s {
+            CostSource::Default => 0,
+            CostSource::History => 1,
+            CostSource::Model => 2,
+        };
+        if rank(o) < rank(self) {
+            o
+        } else {
+            self
+        }
+    }
+}
+
+/// Where the model's plan of one VM's move stands, as the caller that asks knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanState {
+    /// Not asked (or its answer is in the [`CostBook`]).
+    NotAsked,
+    /// Asked, no answer yet: the move waits.
+    Asked,
+    /// The model could not plan it: the move goes on history's estimate.
+    Failed,
+}
+
+/// What the agent's model predicted one move would cost, and when it was asked.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Planned {
+    /// Unix seconds.
+    pub at: f64,
+    pub cost: MoveCost,
+}
+
+/// What moves cost: per link the rate past moves reached, per VM the share of its memory
+/// that crossed and its downtime (learnt from every finished move), and the plans the
+/// agents' model made for moves not started yet.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CostBook {
     /// "FROM>TO" -> bytes per second of the last move on that link.
     pub link_rate: BTreeMap<String, f64>,
     /// VM -> (bytes / memory, downtime seconds) of its last move.
     pub vm: BTreeMap<String, (f64, f64)>,
+    /// VM -> "FROM>TO" -> the model's prediction for that move.
+    #[serde(default)]
+    pub plans: BTreeMap<String, BTreeMap<String, Planned>>,
 }
 
 /// Rate assumed for a link no move has crossed yet (bytes/s): 1 Gbit/s.
@@ -208,8 +259,20 @@ impl CostBook {
         format!("{from}>{to}")
     }
 
-    /// The predicted cost of moving `vm` from `from` to `to`.
-    pub fn estimate(&self, vm: &Vm, from: &str, to: &str) -> (MoveCost, CostSource) {
+    /// The predicted cost of moving `vm` from `from` to `to` at `now`: the model's plan of
+    /// that very move when one is at most `plan_max_age_s` old, else history, else the
+    /// defaults.
+    pub fn estimate(
+        &self,
+        vm: &Vm,
+        from: &str,
+        to: &str,
+        now: f64,
+        plan_max_age_s: f64,
+    ) -> (MoveCost, CostSource) {
+        if let Some(c) = self.fresh_plan(&vm.name, from, to, now, plan_max_age_s) {
+            return (c, CostSource::Model);
+        }
         let rate = self
             .link_rate
             .get(&Self::link(from, to))
@@ -235,6 +298,37 @@ impl CostBook {
         (cost, source)
     }
 
+    /// The model's prediction for moving `vm` from `from` to `to`, if it was made within
+    /// `max_age_s` of `now` (either way: a clock that stepped back does not keep a plan
+    /// forever). 0 turns plans off.
+    pub fn fresh_plan(
+        &self,
+        vm: &str,
+        from: &str,
+        to: &str,
+        now: f64,
+        max_age_s: f64,
+    ) -> Option<MoveCost> {
+        let p = self.plans.get(vm)?.get(&Self::link(from, to))?;
+        (max_age_s > 0.0 && (now - p.at).abs() <= max_age_s).then_some(p.cost)
+    }
+
+    /// Records the model's prediction for moving `vm` from `from` to `to`, made at `at`.
+    pub fn record_plan(&mut self, vm: &str, from: &str, to: &str, at: f64, cost: MoveCost) {
+        self.plans
+            .entry(vm.into())
+            .or_default()
+            .insert(Self::link(from, to), Planned { at, cost });
+    }
+
+    /// Forgets the plans made before `before` (they no longer count).
+    pub fn forget_plans_before(&mut self, before: f64) {
+        for links in self.plans.values_mut() {
+            links.retain(|_, p| p.at >= before);
+        }
+        self.plans.retain(|_, links| !links.is_empty());
+    }
+
     /// The median of the learnt link rates.
     fn median_rate(&self) -> Option<f64> {
         let mut r: Vec<f64> = self.link_rate.values().copied().collect();
@@ -245,8 +339,9 @@ impl CostBook {
         Some(r[r.len() / 2])
     }
 
-    /// Learns from a finished move.
+    /// Learns from a finished move (the VM's plans, made where it was, are dropped).
     pub fn learn(&mut self, vm: &Vm, from: &str, to: &str, measured: MoveCost) {
+        self.plans.remove(&vm.name);
         if measured.time_s > 0.0 && measured.bytes > 0 {
             self.link_rate.insert(
                 Self::link(from, to),
@@ -362,6 +457,14 @@ pub struct Memory {
     /// copy when it comes back (`crate::failover`).
     #[serde(default)]
     pub restarted: BTreeMap<String, crate::failover::Restarted>,
+    /// Where each VM last ran, as the leader saw it (a new leader restarts the VMs of a
+    /// host that died before it ever answered that leader).
+    #[serde(default)]
+    pub placed: BTreeMap<String, crate::failover::Placed>,
+    /// Each host's `--fence-after` as its agent last said it, seconds (absent: it does
+    /// not fence, or never answered).
+    #[serde(default)]
+    pub fences: BTreeMap<String, f64>,
 }
 
 /// The decision side of the controller.
@@ -635,13 +738,14 @@ impl Controller {
                 bytes: 0,
                 downtime_s: 0.0,
             };
-            let mut source = CostSource::History;
+            let mut source = CostSource::Model;
             for m in members {
-                let (c, s) = self.memory.costs.estimate(m, from, to);
+                let (c, s) = self
+                    .memory
+                    .costs
+                    .estimate(m, from, to, now, p.plan_max_age_s);
                 total = total.add(c);
-                if s != CostSource::History {
-                    source = s;
-                }
+                source = source.weakest(s);
             }
             (total, source)
         };
@@ -809,11 +913,12 @@ impl Controller {
             let Some((members, cand)) = best else {
                 let text = match refused {
                     Some((vm, r)) => format!(
-                        "host {h} at {:.0}%: no move pays; the best, {vm} to {}, relieves {:.0} core-s for a cost of {:.0} core-s ({:.1} s, {} MiB, {:.2} s down; needs {:.1}x)",
+                        "host {h} at {:.0}%: no move pays; the best, {vm} to {}, relieves {:.0} core-s for a cost of {:.0} core-s ({:?}: {:.1} s, {} MiB, {:.2} s down; needs {:.1}x)",
                         u * 100.0,
                         r.to,
                         r.benefit,
                         r.weighted,
+                        r.source,
                         r.cost.time_s,
                         r.cost.bytes >> 20,
                         r.cost.downtime_s,
@@ -866,6 +971,136 @@ impl Controller {
             });
         }
         out
+    }
+
+    /// The VMs of `mv` whose cost no fresh plan of the model gives at `now`: those to ask
+    /// the source agent's model about before the move starts (none with
+    /// `plan_max_age_s` 0).
+    pub fn unplanned(&self, mv: &Move, now: f64) -> Vec<String> {
+        if self.params.plan_max_age_s <= 0.0 {
+            return Vec::new();
+        }
+        mv.vms
+            .iter()
+            .filter(|v| {
+                self.memory
+                    .costs
+                    .fresh_plan(v, &mv.from, &mv.to, now, self.params.plan_max_age_s)
+                    .is_none()
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Records what the agent's model predicts moving `vm` from `from` to `to` costs,
+    /// asked at `at`; forgets the plans too old to count.
+    pub fn planned(&mut self, vm: &str, from: &str, to: &str, at: f64, cost: MoveCost) {
+        let costs = &mut self.memory.costs;
+        costs.record_plan(vm, from, to, at, cost);
+        costs.forget_plans_before(at - self.params.plan_max_age_s);
+    }
+
+    /// A round's decisions weighed against the model's plans. `answered`: the moves whose
+    /// plans came in since the last round (as decided when they were asked for); a move
+    /// among them this round does not take becomes a note with both costs ("the model says
+    /// X core-s, history said Y: not worth it"). A balance move (with `min_gain` > 0: where
+    /// the cost decides) with a VM costed without a fresh plan waits (a note), unless
+    /// `plan` says the model could not plan it (it then goes on history's estimate); what
+    /// to ask the model is returned with the decisions: per move, its VMs neither planned
+    /// nor asked yet. A drain never waits: it moves at any cost.
+    pub fn after_plans(
+        &self,
+        mut d: Decisions,
+        answered: &[Move],
+        now: f64,
+        plan: &dyn Fn(&str, &Move) -> PlanState,
+    ) -> (Decisions, Vec<(Move, Vec<String>)>) {
+        let p = &self.params;
+        let same = |a: &Move, b: &Move| a.vms == b.vms && a.from == b.from && a.to == b.to;
+        let said = |s: CostSource| match s {
+            CostSource::Model => "an older plan",
+            CostSource::History => "history",
+            CostSource::Default => "the default estimate",
+        };
+        for b in answered {
+            if d.moves.iter().any(|m| same(m, b)) {
+                continue;
+            }
+            let names = b.vms.join("+");
+            // the model's cost of the very move, when every member has a fresh plan
+            let model = b.vms.iter().try_fold(None::<MoveCost>, |acc, v| {
+                let c = self
+                    .memory
+                    .costs
+                    .fresh_plan(v, &b.from, &b.to, now, p.plan_max_age_s)?;
+                Some(Some(acc.map_or(c, |a| a.add(c))))
+            });
+            let text = match model.flatten() {
+                Some(c) => {
+                    let k = c.weighted(p);
+                    let pays = b.reason == Reason::Drain
+                        || (b.benefit > 0.0 && (p.min_gain == 0.0 || b.benefit >= p.min_gain * k));
+                    format!(
+                        "{names}: not moved from {} to {}: the model says {:.0} core-s ({:.1} s, {} MiB, {:.0} ms down), {} said {:.0} core-s: {}",
+                        b.from,
+                        b.to,
+                        k,
+                        c.time_s,
+                        c.bytes >> 20,
+                        c.downtime_s * 1000.0,
+                        said(b.cost_source),
+                        b.cost_weighted,
+                        if pays {
+                            "this round takes another move, or none".to_string()
+                        } else {
+                            format!(
+                                "not worth it (relieves {:.0} core-s, needs {:.1}x)",
+                                b.benefit, p.min_gain
+                            )
+                        }
+                    )
+                }
+                None => format!(
+                    "{names}: not moved from {} to {}: this round, decided with the model's answer, takes another move, or none",
+                    b.from, b.to
+                ),
+            };
+            d.notes.push(Note {
+                subject: names,
+                text,
+            });
+        }
+        let mut ask = Vec::new();
+        let mut go = Vec::new();
+        for m in std::mem::take(&mut d.moves) {
+            // only where the cost decides: a drain (or the baseline) moves at any cost
+            let costed = m.reason == Reason::Balance && p.min_gain > 0.0;
+            let want: Vec<String> = self
+                .unplanned(&m, now)
+                .into_iter()
+                .filter(|v| costed && plan(v, &m) != PlanState::Failed)
+                .collect();
+            if want.is_empty() {
+                go.push(m);
+                continue;
+            }
+            if !want.iter().any(|v| plan(v, &m) == PlanState::Asked) {
+                ask.push((m.clone(), want));
+            }
+            d.notes.push(Note {
+                subject: m.vms.join("+"),
+                text: format!(
+                    "{}: the move from {} to {} waits for the model's plan ({} says {:.0} core-s)",
+                    m.vms.join("+"),
+                    m.from,
+                    m.to,
+                    said(m.cost_source),
+                    m.cost_weighted
+                ),
+            });
+        }
+        d.moves = go;
+        (d, ask)
     }
 
     /// Records that the caller started `mv` (its migrations are running).

@@ -8,10 +8,15 @@
 //! snapshot, on the host that holds it, if that host is up, not drained, and may run it
 //! (policy, placement rules, memory). Hosts fence themselves (`tern agent --fence-after`:
 //! no word from the controller for that long pauses every VM), so a host that was only
-//! cut off has paused its copy before the restart; `restart_after_s` must be longer than
-//! the agents' `fence_after` (the configuration says so, the controller cannot see it).
-//! When it comes back, the copies restarted elsewhere are stopped there and the others
-//! resumed.
+//! cut off has paused its copy before the restart. The controller checks it
+//! ([`fences_in_time`]): each agent says its `fence_after` in its load, and the VMs of a
+//! host that does not fence, or not [`FENCE_SLACK_S`] before `restart_after_s`, are not
+//! restarted (the log says so; an operator who knows the host is off restarts them by
+//! hand). When it comes back, the copies restarted elsewhere are stopped there and the
+//! others resumed.
+//!
+//! Where each VM last ran ([`Placed`]) and each host's fence are kept in the state, so a
+//! controller that takes over knows the VMs of a host that died before it led.
 
 use std::collections::BTreeMap;
 
@@ -30,6 +35,39 @@ pub struct Snapshot {
     pub restartable: bool,
     #[serde(default)]
     pub mem_bytes: u64,
+}
+
+/// Where a VM last ran, as the leader saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placed {
+    pub host: String,
+    pub mem_bytes: u64,
+    #[serde(default)]
+    pub tpm: bool,
+}
+
+/// The longest from an agent's fence timer running out to its VMs paused, seconds: its
+/// check every second, up to [`tern_agent::fence::CANCEL_WAIT`] for outgoing migrations
+/// to stop, and the pause itself.
+pub const FENCE_SLACK_S: f64 = 1.0 + tern_agent::fence::CANCEL_WAIT.as_secs() as f64 + 1.0;
+
+/// Whether the VMs of `host`, silent for `restart_after_s`, may restart elsewhere: only
+/// if its agent has paused them by then (`fence_after_s`: what it said of its
+/// `--fence-after`; None: it does not fence, or never said).
+pub fn fences_in_time(
+    host: &str,
+    fence_after_s: Option<f64>,
+    restart_after_s: f64,
+) -> Result<(), String> {
+    match fence_after_s {
+        None => Err(format!(
+            "host {host}'s agent does not fence itself (tern agent --fence-after), so if it is only cut off it still runs them"
+        )),
+        Some(f) if f + FENCE_SLACK_S > restart_after_s => Err(format!(
+            "host {host}'s agent pauses its VMs only {f:.0} s (+ up to {FENCE_SLACK_S:.0} s) after the controller's last word, not before restart_after_s = {restart_after_s:.0} s"
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 /// A restart to run.
@@ -64,6 +102,8 @@ pub struct Situation<'a> {
     /// VMs already restarted.
     pub done: &'a BTreeMap<String, Restarted>,
     pub rules: &'a Rules,
+    /// Dead hosts whose VMs must not restart elsewhere, and why ([`fences_in_time`]).
+    pub unfenced: &'a BTreeMap<String, String>,
 }
 
 /// What to restart now, and a note for every VM of a dead host that cannot be.
@@ -79,6 +119,7 @@ pub fn plan_restarts(
         snapshots,
         done,
         rules,
+        unfenced,
     } = *s;
     let mut out = Vec::new();
     let mut notes = Vec::new();
@@ -91,6 +132,13 @@ pub fn plan_restarts(
         .collect();
     for v in cluster.vms.values().filter(|v| dead.contains(&v.host)) {
         if done.get(&v.name).is_some_and(|r| r.from == v.host) {
+            continue;
+        }
+        if let Some(why) = unfenced.get(&v.host) {
+            notes.push(format!(
+                "{} is down with host {}: not restarted elsewhere: {why}; once you know that host is off, restart it by hand (POST /v1/snapshots/{}/restart on a host holding its snapshot)",
+                v.name, v.host, v.name
+            ));
             continue;
         }
         // the most recent restartable snapshot on a host that may run it
@@ -236,6 +284,7 @@ mod tests {
         let dead = ["a".to_string()];
         let none = BTreeSet::new();
         let nothing = BTreeMap::new();
+        let nothing_unfenced = BTreeMap::new();
         let rules = Rules::default();
         let at = |drained, done| Situation {
             cluster: &c,
@@ -244,6 +293,7 @@ mod tests {
             snapshots: &snapshots,
             done,
             rules: &rules,
+            unfenced: &nothing_unfenced,
         };
         let (r, notes) = plan_restarts(300.0, &at(&none, &nothing), &allow);
         assert_eq!(
@@ -287,10 +337,37 @@ mod tests {
         let (r, _) = plan_restarts(301.0, &at(&none, &done), &allow);
         assert!(r.is_empty());
 
+        // a dead host that does not fence in time: nothing of it restarts
+        let unfenced = BTreeMap::from([("a".to_string(), "it does not fence".to_string())]);
+        let (r, notes) = plan_restarts(
+            300.0,
+            &Situation {
+                unfenced: &unfenced,
+                ..at(&none, &nothing)
+            },
+            &allow,
+        );
+        assert!(r.is_empty());
+        assert!(
+            notes.iter().any(|n| n.starts_with("x ")
+                && n.contains("it does not fence")
+                && n.contains("by hand")),
+            "{notes:?}"
+        );
+
         // what the host does when it comes back
         let (stop, resume) = release("a", &["x".into(), "y".into()], &done);
         assert_eq!(stop, vec!["x"]);
         assert_eq!(resume, vec!["y"]);
+    }
+
+    #[test]
+    fn only_a_host_that_fences_before_the_restart_has_its_vms_restarted() {
+        assert!(fences_in_time("a", Some(4.0), 4.0 + FENCE_SLACK_S).is_ok());
+        let late = fences_in_time("a", Some(4.0), 4.0 + FENCE_SLACK_S - 0.5).unwrap_err();
+        assert!(late.contains("restart_after_s"), "{late}");
+        let never = fences_in_time("a", None, 1e6).unwrap_err();
+        assert!(never.contains("--fence-after"), "{never}");
     }
 
     #[test]
@@ -303,6 +380,7 @@ mod tests {
             BTreeMap::new(),
             Rules::default(),
         );
+        let unfenced = BTreeMap::new();
         let at = |c| Situation {
             cluster: c,
             dead: &dead,
@@ -310,6 +388,7 @@ mod tests {
             snapshots: &snapshots,
             done: &nothing,
             rules: &rules,
+            unfenced: &unfenced,
         };
         let refuse = |_: &Vm, h: &Host| Err(format!("policy refuses {}", h.name));
         let (r, notes) = plan_restarts(300.0, &at(&c), &refuse);

@@ -1,8 +1,9 @@
 //! The running controller (`tern controller`): every `interval_s` it polls each agent's
 //! load over its control listener (mutual TLS, a certificate with the label
 //! `controller`), follows the moves in flight, decides ([`crate::decide`]) when it leads,
-//! starts the moves through the source agents and saves its state before and after each
-//! start. Serves `tern cluster` and `tern host` on a local socket ([`crate::api`]).
+//! asks the source agents' model for the plans of moves not costed on a fresh one (in the
+//! background: the move waits, the round does not), starts the moves through the source
+//! agents and saves its state before and after each start. Serves `tern cluster` and `tern host` on a local socket ([`crate::api`]).
 //!
 //! Owns the loop and the bookkeeping between the agents' answers and the decision; must
 //! not decide (that is `decide`) or move VM data (the agents do).
@@ -14,11 +15,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use tern_api::client::Client;
 use tern_api::load::HostLoad;
-use tern_api::migration::MigrateRequest;
+use tern_api::migration::{MigrateRequest, MigrationPlan};
 
 use crate::api::{ClusterStatus, HostStatus, LogLine, VmStatus};
 use crate::config::ControllerConfig;
-use crate::decide::{Controller, Decisions, Move, MoveCost};
+use crate::decide::{Controller, Decisions, Move, MoveCost, PlanState};
 use crate::state::{StateError, Store};
 use crate::view::{Host, Vm};
 
@@ -51,6 +52,11 @@ const LOG_LINES: usize = 200;
 /// How long a move may be recorded as started without a migration id before the
 /// controller decides it never started (the controller stopped between the two).
 const START_GRACE_S: f64 = 60.0;
+/// How long the model's plan of a move may take at the source agent (usually a few
+/// seconds: a 1 s dirty-rate sample, up to 2 s of link probe). The move waits for it (the
+/// round does not): a plan that takes longer is given up and the move goes on history's
+/// estimate.
+const PLAN_WITHIN: Duration = Duration::from_secs(30);
 
 /// Seconds since the Unix epoch: the controller's clock (saved times stay meaningful
 /// across restarts and between a leader and its standby).
@@ -60,11 +66,69 @@ pub fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// (VM, from, to): one VM's move, as the model is asked about it.
+type PlanKey = (String, String, String);
+
+/// The model's plans asked in the background ([`Service::weigh_plans`]), and what came
+/// back.
+#[derive(Default)]
+struct Planning {
+    /// Asked, no answer yet: when, and the move as decided then.
+    asked: BTreeMap<PlanKey, (f64, Move)>,
+    /// The model could not plan these (an error, a timeout, no prediction), when: their
+    /// moves go on history's estimate for `plan_max_age_s`.
+    failed: BTreeMap<PlanKey, f64>,
+    /// Answers the next round takes.
+    answers: Vec<PlanAnswer>,
+}
+
+/// The source agent's answer to a plan of one VM's move.
+struct PlanAnswer {
+    vm: String,
+    from: String,
+    to: String,
+    /// When it came (unix seconds).
+    at: f64,
+    plan: Result<MigrationPlan, String>,
+}
+
+/// The source agent's plan of moving `vm` as `req` asks (`POST /v1/vms/{vm}/plan`,
+/// what `tern migrate --plan` shows; nothing of the VM moves).
+fn plan_of(client: &Client, vm: &str, req: &MigrateRequest) -> Result<MigrationPlan, String> {
+    let body = serde_json::to_value(req).map_err(|e| e.to_string())?;
+    let v = client
+        .call_within(
+            "POST",
+            &format!("/v1/vms/{vm}/plan"),
+            Some(&body),
+            Some(PLAN_WITHIN),
+        )
+        .map_err(|e| error_text(&e))?;
+    serde_json::from_value(v).map_err(|e| format!("its plan is not what this tern expects: {e}"))
+}
+
+/// A move's cost as the model predicts it (None: it predicts nothing, the link's rate
+/// unknown): its total time, the bytes memory and disks put on the wire, its downtime.
+fn cost_of_plan(plan: &MigrationPlan) -> Option<MoveCost> {
+    let p = plan.prediction.as_ref()?;
+    Some(MoveCost {
+        time_s: p.total_s,
+        bytes: p.memory_wire_bytes + p.disk_wire_bytes,
+        downtime_s: p.downtime_ms / 1000.0,
+    })
+}
+
 pub struct Service {
     pub config: ControllerConfig,
     policy: tern_agent::policy::Policy,
     clients: BTreeMap<String, Arc<Client>>,
     pub(crate) inner: Mutex<Inner>,
+    /// The model's plans asked in the background, and their answers (locked after
+    /// `inner`, never before it).
+    planning: Arc<Mutex<Planning>>,
+    /// A failover pass runs (in the background: a restart can take minutes, and the
+    /// rounds must go on, since the leader's polls keep the agents' fences from falling).
+    failing_over: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) struct Inner {
@@ -80,8 +144,13 @@ pub(crate) struct Inner {
     /// not yet.
     settling: BTreeMap<String, (String, f64)>,
     log: VecDeque<LogLine>,
-    /// Notes of the previous round (only new ones are logged).
+    /// Notes of the previous round (only new ones are logged): the decision's, the
+    /// failover's, and VMs that several hosts report.
     said: BTreeSet<String>,
+    said_failover: BTreeSet<String>,
+    said_conflicts: BTreeSet<String>,
+    /// `ctl.memory.placed` or `.fences` changed since the state was last saved.
+    placed_dirty: bool,
 }
 
 #[derive(Default, Clone)]
@@ -114,6 +183,8 @@ impl Service {
             config,
             policy,
             clients,
+            planning: Arc::default(),
+            failing_over: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 ctl,
                 store,
@@ -124,6 +195,9 @@ impl Service {
                 settling: BTreeMap::new(),
                 log: VecDeque::new(),
                 said: BTreeSet::new(),
+                said_failover: BTreeSet::new(),
+                said_conflicts: BTreeSet::new(),
+                placed_dirty: false,
             }),
         }))
     }
@@ -151,8 +225,8 @@ impl Service {
 
     /// One round: poll, follow the moves in flight, decide, start.
     pub async fn tick(self: Arc<Self>) {
-        // a standby stays silent: every request on an agent's control listener counts as
-        // the controller's word for its fence, and only the leader's may
+        // a standby stays silent (the leader's poll is the word for the agents' fences,
+        // `tern_api::load::LEADER_POLL`; a standby has nothing to say)
         let leading_now = {
             let mut g = self.inner.lock();
             g.store.leading().unwrap_or(false)
@@ -194,6 +268,15 @@ impl Service {
                         }
                         self.log(inner, now, format!("leading ({})", inner.store.describe()));
                         inner.leading = true;
+                        take_over(inner, &self.config, now);
+                    }
+                    if inner.placed_dirty {
+                        match inner.store.save(&inner.ctl.memory) {
+                            Ok(()) => inner.placed_dirty = false,
+                            Err(e) => {
+                                self.log(inner, now, format!("cannot save where the VMs run: {e}"))
+                            }
+                        }
                     }
                 }
                 Ok(false) => {
@@ -217,40 +300,30 @@ impl Service {
                     return;
                 }
             }
+            // the plans that came in count in this round's decision; moves costed
+            // without a fresh plan wait for one
+            let answered = self.take_plans(inner, now);
             let d = inner.ctl.decide(now, &|v, h| self.may_run(v, h));
-            self.report(inner, now, &d);
-            let moves = if self.config.dry_run {
-                Vec::new()
-            } else {
-                d.moves.clone()
-            };
-            inner.last = d;
-            for m in &moves {
-                inner.ctl.started(m, now);
+            let d = self.weigh_plans(inner, now, d, &answered);
+            match self.commit(inner, now, d) {
+                Some(moves) => moves,
+                None => return,
             }
-            if !moves.is_empty() {
-                if let Err(e) = inner.store.save(&inner.ctl.memory) {
-                    // not saved, not started: nothing must run that a standby cannot see
-                    for m in &moves {
-                        for v in &m.vms {
-                            inner.ctl.memory.in_flight.remove(v);
-                        }
-                    }
-                    self.log(
-                        inner,
-                        now,
-                        format!("moves not started: cannot save the state: {e}"),
-                    );
-                    return;
-                }
-            }
-            moves
         };
         for m in to_start {
             self.start(m).await;
         }
-        if !self.config.dry_run {
-            self.failover().await;
+        if !self.config.dry_run
+            && !self
+                .failing_over
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.failover().await;
+                me.failing_over
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            });
         }
     }
 
@@ -329,6 +402,7 @@ impl Service {
             }
         }
         if dead.is_empty() {
+            self.inner.lock().said_failover.clear();
             return;
         }
         // what the live hosts hold
@@ -351,6 +425,16 @@ impl Service {
             if !inner.leading {
                 return;
             }
+            let after = self.config.restart_after_s.unwrap_or(f64::INFINITY);
+            let unfenced: BTreeMap<String, String> = dead
+                .iter()
+                .filter_map(|h| {
+                    let f = inner.ctl.memory.fences.get(h).copied();
+                    crate::failover::fences_in_time(h, f, after)
+                        .err()
+                        .map(|why| (h.clone(), why))
+                })
+                .collect();
             let (plan, notes) = crate::failover::plan_restarts(
                 now,
                 &crate::failover::Situation {
@@ -360,14 +444,19 @@ impl Service {
                     snapshots: &snapshots,
                     done: &inner.ctl.memory.restarted,
                     rules: &inner.ctl.rules,
+                    unfenced: &unfenced,
                 },
                 &|v, h| self.may_run(v, h),
             );
-            for n in notes {
-                if inner.said.insert(n.clone()) {
-                    self.log(inner, now, n);
-                }
+            let notes: BTreeSet<String> = notes.into_iter().collect();
+            for n in notes
+                .difference(&inner.said_failover)
+                .cloned()
+                .collect::<Vec<_>>()
+            {
+                self.log(inner, now, n);
             }
+            inner.said_failover = notes;
             plan
         };
         for r in plan {
@@ -453,13 +542,19 @@ impl Service {
 
     /// Each agent's load, or why it did not answer.
     async fn poll_agents(&self) -> Vec<(String, Result<HostLoad, String>)> {
+        // the leader's poll is its word for the agents' fences; a dry run's is not
+        let path = if self.config.dry_run {
+            "/v1/load"
+        } else {
+            tern_api::load::LEADER_POLL
+        };
         let mut jobs = Vec::new();
         for (name, c) in &self.clients {
             let c = c.clone();
             jobs.push((
                 name.clone(),
                 tokio::task::spawn_blocking(move || {
-                    c.call_within("GET", "/v1/load", None, Some(POLL_WITHIN))
+                    c.call_within("GET", path, None, Some(POLL_WITHIN))
                         .map_err(|e| error_text(&e))
                         .and_then(|v| {
                             serde_json::from_value::<HostLoad>(v)
@@ -607,6 +702,10 @@ impl Service {
     fn observe(&self, inner: &mut Inner, now: f64, polls: Vec<(String, Result<HostLoad, String>)>) {
         let keep = inner.ctl.params.window_s.max(60.0) * 2.0;
         let mut reported: BTreeMap<String, (String, bool)> = BTreeMap::new();
+        // VM -> the hosts that report it: (host, migrating it away, agent uptime, its load)
+        #[allow(clippy::type_complexity)]
+        let mut claims: BTreeMap<String, Vec<(String, bool, u64, tern_api::VmLoad)>> =
+            BTreeMap::new();
         for (name, r) in polls {
             let seen = inner.seen.entry(name.clone()).or_default();
             match r {
@@ -676,40 +775,60 @@ impl Service {
                 if !matches!(v.state.as_str(), "running" | "paused" | "migrating") {
                     continue;
                 }
-                // the same name on two hosts: the one not migrating counts
                 let migrating = v.migrating || v.state == "migrating";
-                if let Some((_, other_migrating)) = reported.get(&v.name) {
-                    if !*other_migrating || migrating {
-                        continue;
-                    }
-                }
-                reported.insert(v.name.clone(), (h.name.clone(), migrating));
-                let cores = match inner.prev_cpu.get(&v.name) {
-                    Some((host, up, cpu))
-                        if host == &h.name && load.uptime_ms > *up && v.cpu_seconds >= *cpu =>
-                    {
-                        (v.cpu_seconds - cpu) / ((load.uptime_ms - up) as f64 / 1000.0)
-                    }
-                    _ => v.cpu_cores,
-                };
-                inner.prev_cpu.insert(
-                    v.name.clone(),
-                    (h.name.clone(), load.uptime_ms, v.cpu_seconds),
-                );
-                inner.ctl.cluster.observe_vm(
-                    Vm {
-                        name: v.name.clone(),
-                        host: h.name.clone(),
-                        mem_bytes: v.mem_bytes,
-                        tpm: v.tpm,
-                        migrating,
-                    },
-                    now,
-                    cores,
-                    keep,
-                );
+                claims.entry(v.name.clone()).or_default().push((
+                    h.name.clone(),
+                    migrating,
+                    load.uptime_ms,
+                    v.clone(),
+                ));
             }
         }
+        // the same name on several hosts: one runs it (crate::view::owner)
+        let mut conflicts = Vec::new();
+        for (name, cs) in claims {
+            let hosts: Vec<(String, bool)> = cs.iter().map(|c| (c.0.clone(), c.1)).collect();
+            let was_on = inner.ctl.cluster.vms.get(&name).map(|v| v.host.clone());
+            let (host, conflict) = crate::view::owner(&hosts, was_on.as_deref());
+            if let Some(c) = conflict {
+                conflicts.push(format!("VM {name}: {c} (a host that reports another's VM is misconfigured or compromised)"));
+            }
+            let Some((h, migrating, uptime_ms, v)) = cs.into_iter().find(|c| c.0 == host) else {
+                continue;
+            };
+            reported.insert(name.clone(), (h.clone(), migrating));
+            let cores = match inner.prev_cpu.get(&name) {
+                Some((host, up, cpu)) if host == &h && uptime_ms > *up && v.cpu_seconds >= *cpu => {
+                    (v.cpu_seconds - cpu) / ((uptime_ms - up) as f64 / 1000.0)
+                }
+                _ => v.cpu_cores,
+            };
+            inner
+                .prev_cpu
+                .insert(name.clone(), (h.clone(), uptime_ms, v.cpu_seconds));
+            inner.ctl.cluster.observe_vm(
+                Vm {
+                    name,
+                    host: h,
+                    mem_bytes: v.mem_bytes,
+                    tpm: v.tpm,
+                    migrating,
+                },
+                now,
+                cores,
+                keep,
+            );
+        }
+        // said once while it lasts
+        let conflicts: BTreeSet<String> = conflicts.into_iter().collect();
+        for c in conflicts
+            .difference(&inner.said_conflicts)
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            self.log(inner, now, c);
+        }
+        inner.said_conflicts = conflicts;
         // VMs an agent that answered did not report are gone (stopped); those of hosts
         // that did not answer this round stay as last seen
         let answered: BTreeSet<String> = inner
@@ -725,6 +844,167 @@ impl Service {
         });
         inner.settling.retain(|_, (_, until)| now < *until);
         inner.prev_cpu.retain(|n, _| reported.contains_key(n));
+        sync_placed(inner);
+    }
+
+    /// Reports a round's decisions and records its moves as started (none in a dry run),
+    /// saving the state first: the moves to start, or None when the state could not be
+    /// saved (nothing must run that a standby cannot see).
+    fn commit(&self, inner: &mut Inner, now: f64, d: Decisions) -> Option<Vec<Move>> {
+        self.report(inner, now, &d);
+        let moves = if self.config.dry_run {
+            Vec::new()
+        } else {
+            d.moves.clone()
+        };
+        inner.last = d;
+        for m in &moves {
+            inner.ctl.started(m, now);
+        }
+        if !moves.is_empty() {
+            if let Err(e) = inner.store.save(&inner.ctl.memory) {
+                for m in &moves {
+                    for v in &m.vms {
+                        inner.ctl.memory.in_flight.remove(v);
+                    }
+                }
+                self.log(
+                    inner,
+                    now,
+                    format!("moves not started: cannot save the state: {e}"),
+                );
+                return None;
+            }
+        }
+        Some(moves)
+    }
+
+    /// The request that moves a VM to `host`; the plan of a move is asked with the same
+    /// request (the agent plans what that very request would do).
+    fn migrate_request(&self, host: &str) -> Option<MigrateRequest> {
+        Some(MigrateRequest {
+            to: self.config.host(host)?.peer.clone(),
+            ..Default::default()
+        })
+    }
+
+    /// Records the model's plans that came in since the last round, and logs them (or why
+    /// there is none); returns the moves they were asked for, as decided then.
+    fn take_plans(&self, inner: &mut Inner, now: f64) -> Vec<Move> {
+        let mut pl = self.planning.lock();
+        let answers = std::mem::take(&mut pl.answers);
+        let p = inner.ctl.params.clone();
+        let mut moves: Vec<Move> = Vec::new();
+        for a in answers {
+            let key = (a.vm.clone(), a.from.clone(), a.to.clone());
+            if let Some((_, mv)) = pl.asked.remove(&key) {
+                if !moves.contains(&mv) {
+                    moves.push(mv);
+                }
+            }
+            let (vm, from, to) = (&a.vm, &a.from, &a.to);
+            let text = match a.plan.map(|plan| (cost_of_plan(&plan), plan)) {
+                Ok((Some(cost), plan)) => {
+                    inner.ctl.planned(vm, from, to, a.at, cost);
+                    format!(
+                        "{vm}: the model's plan of the move from {from} to {to}: {:.0} core-s ({:.1} s, {} MiB, {:.0} ms down); {}",
+                        cost.weighted(&p),
+                        cost.time_s,
+                        cost.bytes >> 20,
+                        cost.downtime_s * 1000.0,
+                        plan.prediction.map(|x| x.summary).unwrap_or_default()
+                    )
+                }
+                Ok((None, plan)) => {
+                    pl.failed.insert(key, a.at);
+                    format!(
+                        "{vm}: the model predicts nothing for the move from {from} to {to} ({}): it goes on history's estimate",
+                        plan.notes.join("; ")
+                    )
+                }
+                Err(e) => {
+                    pl.failed.insert(key, a.at);
+                    format!(
+                        "{vm}: no plan from the model for the move from {from} to {to} ({e}): it goes on history's estimate"
+                    )
+                }
+            };
+            self.log(inner, now, text);
+        }
+        moves
+    }
+
+    /// This round's decisions with the model's plans weighed ([`Controller::after_plans`]):
+    /// a move costed without a fresh plan waits, and its plan is asked of the source agent
+    /// in the background. The round never waits for a model (its polls are the agents'
+    /// word for their fences); the next round after the answer decides with it. A dry run
+    /// asks too: a plan moves nothing, and what the dry run says it would do is then what
+    /// the real run would act on.
+    fn weigh_plans(
+        &self,
+        inner: &mut Inner,
+        now: f64,
+        d: Decisions,
+        answered: &[Move],
+    ) -> Decisions {
+        let mut pl = self.planning.lock();
+        let max_age_s = inner.ctl.params.plan_max_age_s;
+        pl.failed.retain(|_, at| now - *at <= max_age_s);
+        // no answer long after the plan's timeout (its task died): given up
+        let lost: Vec<PlanKey> = pl
+            .asked
+            .iter()
+            .filter(|(_, (at, _))| now - at > 2.0 * PLAN_WITHIN.as_secs_f64())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in lost {
+            pl.asked.remove(&k);
+            pl.failed.insert(k, now);
+        }
+        let state = |vm: &str, m: &Move| {
+            let k = (vm.to_string(), m.from.clone(), m.to.clone());
+            if pl.asked.contains_key(&k) {
+                PlanState::Asked
+            } else if pl.failed.contains_key(&k) {
+                PlanState::Failed
+            } else {
+                PlanState::NotAsked
+            }
+        };
+        let (d, ask) = inner.ctl.after_plans(d, answered, now, &state);
+        for (mv, vms) in ask {
+            let key = |v: &str| (v.to_string(), mv.from.clone(), mv.to.clone());
+            let (Some(client), Some(req)) = (
+                self.clients.get(&mv.from).cloned(),
+                self.migrate_request(&mv.to),
+            ) else {
+                // no agent to ask: the move goes on history's estimate (and `start` says why
+                // it cannot start)
+                for v in &vms {
+                    pl.failed.insert(key(v), now);
+                }
+                continue;
+            };
+            for v in &vms {
+                pl.asked.insert(key(v), (now, mv.clone()));
+            }
+            let planning = self.planning.clone();
+            let (from, to) = (mv.from.clone(), mv.to.clone());
+            // a group's VMs one after the other: their link is probed by one at a time
+            tokio::task::spawn_blocking(move || {
+                for vm in vms {
+                    let plan = plan_of(&client, &vm, &req);
+                    planning.lock().answers.push(PlanAnswer {
+                        vm,
+                        from: from.clone(),
+                        to: to.clone(),
+                        at: unix_now(),
+                        plan,
+                    });
+                }
+            });
+        }
+        d
     }
 
     /// Starts one move's migrations at its source agent.
@@ -732,15 +1012,12 @@ impl Service {
         let Some(client) = self.clients.get(&mv.from).cloned() else {
             return;
         };
-        let Some(to) = self.config.host(&mv.to).map(|h| h.peer.clone()) else {
+        let Some(req) = self.migrate_request(&mv.to) else {
             return;
         };
         for vm in &mv.vms {
             let client = client.clone();
-            let req = MigrateRequest {
-                to: to.clone(),
-                ..Default::default()
-            };
+            let req = req.clone();
             let name = vm.clone();
             let r = tokio::task::spawn_blocking(move || {
                 client.migrate(&name, &req).map_err(|e| error_text(&e))
@@ -942,6 +1219,70 @@ impl Service {
     }
 }
 
+/// Copies where the VMs run and the hosts' fences into the state's memory (marks it to be
+/// saved when that changes).
+fn sync_placed(inner: &mut Inner) {
+    let placed: BTreeMap<String, crate::failover::Placed> = inner
+        .ctl
+        .cluster
+        .vms
+        .values()
+        .map(|v| {
+            (
+                v.name.clone(),
+                crate::failover::Placed {
+                    host: v.host.clone(),
+                    mem_bytes: v.mem_bytes,
+                    tpm: v.tpm,
+                },
+            )
+        })
+        .collect();
+    let mut fences = inner.ctl.memory.fences.clone();
+    for (h, seen) in &inner.seen {
+        if let Some(load) = &seen.load {
+            match load.fence_after_s {
+                Some(f) => fences.insert(h.clone(), f),
+                None => fences.remove(h),
+            };
+        }
+    }
+    let m = &mut inner.ctl.memory;
+    if m.placed != placed || m.fences != fences {
+        m.placed = placed;
+        m.fences = fences;
+        inner.placed_dirty = true;
+    }
+}
+
+/// A controller that starts to lead: the hosts it has not heard from yet count as last
+/// heard now (their silence is timed from here), and the VMs the state places on them are
+/// in its view (so they restart if those hosts turn out dead).
+fn take_over(inner: &mut Inner, config: &ControllerConfig, now: f64) {
+    for h in &config.hosts {
+        let seen = inner.seen.entry(h.name.clone()).or_default();
+        if seen.last_ok == Some(now) {
+            continue; // it answered this round: what it said stands
+        }
+        seen.last_ok.get_or_insert(now);
+        for (vm, p) in &inner.ctl.memory.placed {
+            if p.host == h.name && !inner.ctl.cluster.vms.contains_key(vm) {
+                inner.ctl.cluster.vms.insert(
+                    vm.clone(),
+                    Vm {
+                        name: vm.clone(),
+                        host: p.host.clone(),
+                        mem_bytes: p.mem_bytes,
+                        tpm: p.tpm,
+                        migrating: false,
+                    },
+                );
+            }
+        }
+    }
+    sync_placed(inner);
+}
+
 /// Whether `vm` just moved (its new host's sample may not list it yet).
 fn inner_settling(settling: &BTreeMap<String, (String, f64)>, vm: &str, now: f64) -> bool {
     settling.get(vm).is_some_and(|(_, until)| now < *until)
@@ -967,4 +1308,80 @@ fn error_text(e: &tern_api::client::ClientError) -> String {
         src = x.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inner(dir: &std::path::Path) -> Inner {
+        Inner {
+            ctl: Controller::default(),
+            store: Box::new(crate::state::FileStore::open(dir).unwrap()),
+            last: Decisions::default(),
+            leading: false,
+            seen: BTreeMap::new(),
+            prev_cpu: BTreeMap::new(),
+            settling: BTreeMap::new(),
+            log: VecDeque::new(),
+            said: BTreeSet::new(),
+            said_failover: BTreeSet::new(),
+            said_conflicts: BTreeSet::new(),
+            placed_dirty: false,
+        }
+    }
+
+    #[test]
+    fn a_new_leader_knows_the_vms_of_hosts_it_never_heard_and_times_their_silence_from_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ControllerConfig::parse(
+            r#"
+            state_dir = "/tmp/s"
+            api = "/tmp/c.sock"
+            tls_dir = "/tmp/tls"
+            [[host]]
+            name = "a"
+            control = "127.0.0.1:7790"
+            peer = "127.0.0.1:7788"
+            [[host]]
+            name = "b"
+            control = "127.0.0.1:7791"
+            peer = "127.0.0.1:7789"
+            "#,
+        )
+        .unwrap();
+        let mut i = inner(dir.path());
+        // the state a previous leader saved: v on a (which has since died), w on b
+        for (vm, host) in [("v", "a"), ("w", "b")] {
+            i.ctl.memory.placed.insert(
+                vm.into(),
+                crate::failover::Placed {
+                    host: host.into(),
+                    mem_bytes: 1 << 30,
+                    tpm: false,
+                },
+            );
+        }
+        i.ctl.memory.fences.insert("a".into(), 4.0);
+        // this round only b answered, without w (stopped while no one led)
+        let now = 1000.0;
+        i.seen.insert(
+            "b".into(),
+            Seen {
+                last_ok: Some(now),
+                ..Seen::default()
+            },
+        );
+        take_over(&mut i, &config, now);
+        assert_eq!(i.seen["a"].last_ok, Some(now), "a's silence starts now");
+        assert_eq!(i.ctl.cluster.vms["v"].host, "a");
+        assert!(
+            !i.ctl.cluster.vms.contains_key("w"),
+            "b answered: w is gone"
+        );
+        // what the view holds is what the state keeps; a's fence is remembered
+        assert_eq!(i.ctl.memory.placed.keys().collect::<Vec<_>>(), vec!["v"]);
+        assert_eq!(i.ctl.memory.fences.get("a"), Some(&4.0));
+        assert!(i.placed_dirty);
+    }
 }

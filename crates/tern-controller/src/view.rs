@@ -156,9 +156,76 @@ pub fn imbalance(loads: &BTreeMap<String, f64>, hosts: &BTreeMap<String, Host>) 
     max - min
 }
 
+/// Which of the hosts that report a VM (`claims`: host, and whether it is migrating the
+/// VM away) runs it, given the host the view had it on (`was_on`): a host not migrating
+/// it over one that is (the end of a migration: the destination runs it); of several
+/// that say they run it, the host it was on, else the first. Several such claims are a
+/// conflict (returned, to be logged): a host that reports another's VM, by mistake or
+/// compromised, does not take it from the host that runs it, so it cannot have it
+/// restarted elsewhere by going silent.
+pub fn owner<'a>(claims: &'a [(String, bool)], was_on: Option<&str>) -> (&'a str, Option<String>) {
+    let running: Vec<&str> = claims
+        .iter()
+        .filter(|(_, migrating)| !migrating)
+        .map(|(h, _)| h.as_str())
+        .collect();
+    match running.as_slice() {
+        [] => (claims[0].0.as_str(), None),
+        [one] => (one, None),
+        several => {
+            let pick = several
+                .iter()
+                .find(|h| Some(**h) == was_on)
+                .unwrap_or(&several[0]);
+            (
+                pick,
+                Some(format!(
+                    "hosts {} all report running it: counted on {pick}{}",
+                    several.join(", "),
+                    if Some(*pick) == was_on {
+                        ", where it was"
+                    } else {
+                        ""
+                    }
+                )),
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_that_claims_another_hosts_vm_does_not_take_it() {
+        let c = |v: &[(&str, bool)]| -> Vec<(String, bool)> {
+            v.iter().map(|(h, m)| (h.to_string(), *m)).collect()
+        };
+        let (ba, ab) = (
+            c(&[("b", false), ("a", false)]),
+            c(&[("a", false), ("b", false)]),
+        );
+        // one claim
+        assert_eq!(owner(&c(&[("a", false)]), None), ("a", None));
+        // the end of a migration: the destination runs it
+        assert_eq!(
+            owner(&c(&[("a", true), ("b", false)]), Some("a")),
+            ("b", None)
+        );
+        assert_eq!(owner(&c(&[("a", true)]), Some("a")), ("a", None));
+        // two say they run it: the host it was on keeps it, whatever the order
+        let (o, conflict) = owner(&ba, Some("a"));
+        assert_eq!(o, "a");
+        assert!(conflict.is_some_and(|t| t.contains("b, a") && t.contains("where it was")));
+        let (o, conflict) = owner(&ab, Some("a"));
+        assert_eq!(o, "a");
+        assert!(conflict.is_some());
+        // never seen before: the first, still a conflict
+        let (o, conflict) = owner(&ba, None);
+        assert_eq!(o, "b");
+        assert!(conflict.is_some());
+    }
 
     #[test]
     fn a_window_forgets_old_samples_and_averages_the_rest() {

@@ -531,7 +531,7 @@ fn a_dead_hosts_vm_restarts_from_its_snapshot_and_a_cut_off_host_fences_its_copy
     let ctl = start_controller(
         work.path(),
         "ctl",
-        &format!("interval_s = 1\ndead_after_s = 3\nrestart_after_s = 8\n{hosts_toml}\n[params]\nwindow_s = 10\nhot_for_s = 4\n"),
+        &format!("interval_s = 1\ndead_after_s = 3\nrestart_after_s = 10\n{hosts_toml}\n[params]\nwindow_s = 10\nhot_for_s = 4\n"),
     )?;
     ctl.wait(
         "both hosts seen, and v on a",

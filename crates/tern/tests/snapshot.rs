@@ -287,7 +287,11 @@ fn an_agent_that_no_longer_hears_its_controller_pauses_its_vms_until_released() 
     pattern_goes_on(&console, since, 1)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !a.client.fence()?.fenced {
-        ensure!(Instant::now() < deadline, "not fenced again:\n{}", a.log_text());
+        ensure!(
+            Instant::now() < deadline,
+            "not fenced again:\n{}",
+            a.log_text()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 

@@ -339,7 +339,7 @@ fn an_unreachable_host_takes_nothing_and_its_vms_stay_put() {
 fn costs_are_learnt_from_finished_moves() {
     let mut c = cluster(fast(), &["a", "b"], &[("x", "a", 4, 3.8)], 30);
     let v = c.cluster.vms["x"].clone();
-    let (guess, src) = c.memory.costs.estimate(&v, "a", "b");
+    let (guess, src) = c.memory.costs.estimate(&v, "a", "b", 30.0, 600.0);
     assert_eq!(src, CostSource::Default);
     assert_eq!(guess.bytes, 4 * GIB);
     c.memory.costs.learn(
@@ -352,10 +352,10 @@ fn costs_are_learnt_from_finished_moves() {
             downtime_s: 0.05,
         },
     );
-    let (est, src) = c.memory.costs.estimate(&v, "b", "a");
+    let (est, src) = c.memory.costs.estimate(&v, "b", "a", 30.0, 600.0);
     assert_eq!(src, CostSource::History);
     // a link never crossed: the rate of those that were
-    let (other, _) = c.memory.costs.estimate(&v, "a", "z");
+    let (other, _) = c.memory.costs.estimate(&v, "a", "z", 30.0, 600.0);
     assert!((other.time_s - 2.0).abs() < 1e-9, "{other:?}");
     assert_eq!(est.bytes, GIB);
     assert!((est.time_s - 2.0).abs() < 1e-9);
@@ -421,4 +421,172 @@ fn the_baseline_moves_the_biggest_vm_to_the_coolest_host() {
         d.moves[0].to, "c",
         "the coolest host, not the last in name order"
     );
+}
+
+/// a at 90% (x 2.0 + y 1.6 of 4 cores), b empty: moving either relieves 240 core-s, and
+/// without a plan both cost the same (the defaults), so x (first by name) goes.
+fn hot_a_with_two_equal_vms() -> Controller {
+    cluster(
+        fast(),
+        &["a", "b"],
+        &[("x", "a", 1, 2.0), ("y", "a", 1, 1.6)],
+        30,
+    )
+}
+
+fn cost(time_s: f64, bytes: u64, downtime_s: f64) -> MoveCost {
+    MoveCost {
+        time_s,
+        bytes,
+        downtime_s,
+    }
+}
+
+#[test]
+fn a_fresh_plan_of_the_model_is_the_cost_and_an_old_one_or_another_links_is_not() {
+    let mut c = hot_a_with_two_equal_vms();
+    let x = c.cluster.vms["x"].clone();
+    let planned = cost(2.5, GIB / 2, 0.02);
+    c.planned("x", "a", "b", 30.0, planned);
+    let age = c.params.plan_max_age_s;
+    let costs = &c.memory.costs;
+    assert_eq!(
+        costs.estimate(&x, "a", "b", 30.0 + age, age),
+        (planned, CostSource::Model),
+        "a plan as old as plan_max_age_s still counts"
+    );
+    let (old, src) = costs.estimate(&x, "a", "b", 31.0 + age, age);
+    assert_eq!(src, CostSource::Default, "an old plan is not the cost");
+    assert_eq!(old.bytes, GIB);
+    for (from, to) in [("b", "a"), ("a", "c"), ("c", "b")] {
+        let (_, src) = costs.estimate(&x, from, to, 30.0, age);
+        assert_eq!(
+            src,
+            CostSource::Default,
+            "a plan of a>b is not {from}>{to}'s"
+        );
+    }
+    let (_, src) = costs.estimate(&c.cluster.vms["y"], "a", "b", 30.0, age);
+    assert_eq!(src, CostSource::Default, "a plan is one VM's");
+    let (_, src) = costs.estimate(&x, "a", "b", 30.0, 0.0);
+    assert_eq!(src, CostSource::Default, "plan_max_age_s 0 turns plans off");
+
+    // the service asks for what has no fresh plan
+    let d = c.decide(30.0, &allow_all);
+    assert_eq!(d.moves.len(), 1, "{d:#?}");
+    assert_eq!(d.moves[0].cost_source, CostSource::Model);
+    assert!(d.moves[0]
+        .numbers()
+        .contains("Model: 2.5 s, 512 MiB, 20 ms down"));
+    assert!(c.unplanned(&d.moves[0], 30.0).is_empty());
+    assert_eq!(c.unplanned(&d.moves[0], 31.0 + age), vec!["x".to_string()]);
+
+    // planned moves are forgotten once old, and a VM's once it moved
+    c.planned("y", "a", "b", 32.0 + age, cost(1.0, GIB, 0.1));
+    assert!(
+        !c.memory.costs.plans.contains_key("x"),
+        "{:?}",
+        c.memory.costs.plans
+    );
+    let y = c.cluster.vms["y"].clone();
+    c.memory.costs.learn(&y, "a", "b", cost(1.0, GIB, 0.1));
+    assert!(c.memory.costs.plans.is_empty());
+}
+
+fn not_asked(_: &str, _: &Move) -> PlanState {
+    PlanState::NotAsked
+}
+
+#[test]
+fn a_move_without_a_fresh_plan_waits_for_one_and_a_plan_that_makes_it_dear_drops_it() {
+    let mut c = hot_a_with_two_equal_vms();
+    // round 1: x would go on the defaults; it waits, and its plan is asked for
+    let d = c.decide(30.0, &allow_all);
+    assert_eq!(d.moves.len(), 1, "{d:#?}");
+    let x_move = d.moves[0].clone();
+    assert_eq!(x_move.vms, vec!["x"]);
+    assert_eq!(x_move.cost_source, CostSource::Default);
+    let (d, ask) = c.after_plans(d, &[], 30.0, &not_asked);
+    assert!(d.moves.is_empty(), "{d:#?}");
+    assert_eq!(ask, vec![(x_move.clone(), vec!["x".to_string()])]);
+    let waits = d.notes.iter().find(|n| n.subject == "x").unwrap();
+    assert_eq!(
+        waits.text,
+        "x: the move from a to b waits for the model's plan (the default estimate says 32 core-s)"
+    );
+    // round 2: asked, no answer yet: it still waits, and is not asked again
+    let d = c.decide(31.0, &allow_all);
+    let (d, ask) = c.after_plans(d, &[], 31.0, &|_, _| PlanState::Asked);
+    assert!(d.moves.is_empty() && ask.is_empty(), "{d:#?} {ask:?}");
+
+    // round 3: the model says 10 s of downtime (625 core-s for 240 of relief): x does not
+    // go; y pays most now, and waits for its own plan
+    c.planned("x", "a", "b", 31.5, cost(20.0, GIB, 10.0));
+    let d = c.decide(32.0, &allow_all);
+    assert_eq!(d.moves.len(), 1, "{d:#?}");
+    assert_eq!(d.moves[0].vms, vec!["y"], "y now pays most");
+    let (d, ask) = c.after_plans(d, std::slice::from_ref(&x_move), 32.0, &not_asked);
+    assert!(d.moves.is_empty(), "{d:#?}");
+    assert_eq!(ask.len(), 1);
+    assert_eq!(ask[0].1, vec!["y".to_string()]);
+    let dropped = d.notes.iter().find(|n| n.subject == "x").unwrap();
+    assert_eq!(
+        dropped.text,
+        "x: not moved from a to b: the model says 625 core-s (20.0 s, 1024 MiB, 10000 ms down), the default estimate said 32 core-s: not worth it (relieves 240 core-s, needs 2.0x)"
+    );
+
+    // round 4: y's plan is cheap: it goes, on the model's numbers
+    c.planned("y", "a", "b", 32.5, cost(3.0, GIB / 4, 0.05));
+    let d = c.decide(33.0, &allow_all);
+    let y_move = ask[0].0.clone();
+    let (d, ask) = c.after_plans(d, &[y_move], 33.0, &not_asked);
+    assert!(ask.is_empty());
+    assert_eq!(d.moves.len(), 1, "{d:#?}");
+    assert_eq!(d.moves[0].vms, vec!["y"]);
+    assert_eq!(d.moves[0].cost_source, CostSource::Model);
+    assert!(d.notes.iter().all(|n| n.subject != "y"), "{d:#?}");
+}
+
+#[test]
+fn a_move_whose_plan_failed_goes_on_historys_estimate() {
+    let mut c = hot_a_with_two_equal_vms();
+    let d = c.decide(30.0, &allow_all);
+    let before = d.moves.clone();
+    let (d, ask) = c.after_plans(d, &before, 30.0, &|_, _| PlanState::Failed);
+    assert!(ask.is_empty());
+    assert_eq!(d.moves, before);
+    assert!(d.notes.is_empty(), "{d:#?}");
+}
+
+#[test]
+fn with_plan_max_age_0_the_model_is_never_asked() {
+    let mut c = hot_a_with_two_equal_vms();
+    c.params.plan_max_age_s = 0.0;
+    let d = c.decide(30.0, &allow_all);
+    let before = d.moves.clone();
+    let (d, ask) = c.after_plans(d, &[], 30.0, &not_asked);
+    assert!(ask.is_empty());
+    assert_eq!(d.moves, before);
+}
+
+#[test]
+fn a_cost_book_saved_before_plans_existed_still_reads() {
+    let b: CostBook =
+        serde_json::from_str(r#"{"link_rate":{"a>b":1e8},"vm":{"x":[0.5,0.1]}}"#).unwrap();
+    assert!(b.plans.is_empty());
+    let p: Params = serde_json::from_str(r#"{"high":0.8}"#).unwrap();
+    assert_eq!(p.plan_max_age_s, 600.0);
+}
+
+#[test]
+fn a_drain_does_not_wait_for_the_model() {
+    let mut c = cluster(fast(), &["a", "b"], &[("x", "a", 1, 0.5)], 30);
+    c.memory.drained.insert("a".into());
+    let d = c.decide(30.0, &allow_all);
+    let before = d.moves.clone();
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].reason, Reason::Drain);
+    let (d, ask) = c.after_plans(d, &[], 30.0, &not_asked);
+    assert!(ask.is_empty(), "{ask:?}");
+    assert_eq!(d.moves, before);
 }
