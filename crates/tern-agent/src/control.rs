@@ -15,7 +15,8 @@
 //! once per [`REFUSALS_WARNED_EVERY`] (with the count of the others), at debug otherwise.
 //! Holding handshakes open can still fill the handshake pool, but only from
 //! `MAX_HANDSHAKES / MAX_HANDSHAKES_PER_SOURCE` sources, and never locks out a
-//! controller that got through.
+//! controller that got through. (The counting is `admission`'s, shared with the
+//! peer listener; the numbers are this listener's.)
 //!
 //! Also the controller's end: [`client_for`], a blocking [`tern_api::client::Client`] that
 //! dials an agent's control listener with the credentials of a TLS directory.
@@ -23,8 +24,7 @@
 //! Owns who may use this listener and its connections; must not add routes of its own
 //! (they are the API's) nor serve anything without TLS.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -37,6 +37,7 @@ use tern_engine::transport::tls::{self, PeerSecurity, PeerStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use crate::admission::{HandshakeSlots, WarnEvery};
 use crate::{Agent, AgentError};
 
 /// The label a certificate needs to use the control listener.
@@ -129,17 +130,9 @@ async fn accept_loop(
         };
         let slot = match handshakes.try_take(addr.ip()) {
             Ok(s) => s,
-            Err(why) => {
+            Err(full) => {
                 drop(conn);
-                let why = match why {
-                    HandshakesFull::Source => format!(
-                        "{} handshakes from its source are in progress",
-                        limits.handshakes_per_source
-                    ),
-                    HandshakesFull::All => {
-                        format!("{} handshakes are in progress", limits.handshakes)
-                    }
-                };
+                let why = handshakes.why(full);
                 match refused.warn_now(Instant::now()) {
                     Some(0) => {
                         tracing::warn!(client = %addr, "refused a control connection: {why}")
@@ -213,131 +206,6 @@ async fn accept_loop(
                 ))
                 .await;
         });
-    }
-}
-
-/// Which budget of handshakes a connection found full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HandshakesFull {
-    /// [`MAX_HANDSHAKES`], from all sources.
-    All,
-    /// [`MAX_HANDSHAKES_PER_SOURCE`], from the connection's source.
-    Source,
-}
-
-/// The handshakes in progress, in all and by source ([`source_of`]): each holds a
-/// [`HandshakeSlot`], given back when it is dropped.
-#[derive(Clone)]
-struct HandshakeSlots {
-    counts: Arc<Mutex<HandshakeCounts>>,
-    max: usize,
-    max_per_source: usize,
-}
-
-#[derive(Default)]
-struct HandshakeCounts {
-    total: usize,
-    /// Only sources with a handshake in progress (never a zero).
-    by_source: HashMap<IpAddr, usize>,
-}
-
-impl HandshakeSlots {
-    fn new(max: usize, max_per_source: usize) -> HandshakeSlots {
-        HandshakeSlots {
-            counts: Arc::default(),
-            max,
-            max_per_source,
-        }
-    }
-
-    /// A slot for a handshake from `peer`, unless a budget is full.
-    fn try_take(&self, peer: IpAddr) -> Result<HandshakeSlot, HandshakesFull> {
-        let source = source_of(peer);
-        let mut c = self.counts.lock();
-        if c.total >= self.max {
-            return Err(HandshakesFull::All);
-        }
-        let n = c.by_source.entry(source).or_insert(0);
-        if *n >= self.max_per_source {
-            return Err(HandshakesFull::Source);
-        }
-        *n += 1;
-        c.total += 1;
-        Ok(HandshakeSlot {
-            counts: self.counts.clone(),
-            source,
-        })
-    }
-
-    /// (handshakes in progress, sources they come from)
-    #[cfg(test)]
-    fn in_progress(&self) -> (usize, usize) {
-        let c = self.counts.lock();
-        (c.total, c.by_source.len())
-    }
-}
-
-/// A handshake's place in [`HandshakeSlots`], free again when dropped.
-struct HandshakeSlot {
-    counts: Arc<Mutex<HandshakeCounts>>,
-    source: IpAddr,
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        let mut c = self.counts.lock();
-        c.total -= 1;
-        if let Some(n) = c.by_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                c.by_source.remove(&self.source);
-            }
-        }
-    }
-}
-
-/// The source a per-source budget counts a peer under: its IPv4 address (also when
-/// written as IPv4-mapped IPv6), or its IPv6 /64 (one host commonly holds a whole /64).
-fn source_of(peer: IpAddr) -> IpAddr {
-    match peer {
-        IpAddr::V4(_) => peer,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
-        },
-    }
-}
-
-/// Whether an event repeated by anyone who can connect is worth a warning now: at most
-/// one per `every`, the others at debug level, counted.
-struct WarnEvery {
-    every: Duration,
-    last: Option<Instant>,
-    quiet: u64,
-}
-
-impl WarnEvery {
-    fn new(every: Duration) -> WarnEvery {
-        WarnEvery {
-            every,
-            last: None,
-            quiet: 0,
-        }
-    }
-
-    /// Some(how many were not warned since the last warning) if this one is to be a
-    /// warning; None if it is to be quiet.
-    fn warn_now(&mut self, now: Instant) -> Option<u64> {
-        match self.last {
-            Some(t) if now.saturating_duration_since(t) < self.every => {
-                self.quiet += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.quiet))
-            }
-        }
     }
 }
 
@@ -521,6 +389,7 @@ impl<S: std::io::Write> std::io::Write for EofIsEnd<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::held::{closed, raw_from};
 
     #[test]
     fn an_address_is_host_and_port() {
@@ -539,102 +408,8 @@ mod tests {
         }
     }
 
-    fn ip(s: &str) -> IpAddr {
+    fn ip(s: &str) -> std::net::IpAddr {
         s.parse().unwrap()
-    }
-
-    #[test]
-    fn one_source_holds_only_its_share_of_the_handshakes() {
-        let slots = HandshakeSlots::new(5, 2);
-        let a1 = slots.try_take(ip("10.0.0.1")).unwrap();
-        let a2 = slots.try_take(ip("10.0.0.1")).unwrap();
-        // its share is taken: refused, and the refusal takes nothing
-        assert_eq!(
-            slots.try_take(ip("10.0.0.1")).err(),
-            Some(HandshakesFull::Source)
-        );
-        assert_eq!(slots.in_progress(), (2, 1));
-        // other sources still get in, up to the total
-        let b1 = slots.try_take(ip("10.0.0.2")).unwrap();
-        let _b2 = slots.try_take(ip("10.0.0.2")).unwrap();
-        let _c1 = slots.try_take(ip("10.0.0.3")).unwrap();
-        assert_eq!(slots.in_progress(), (5, 3));
-        assert_eq!(
-            slots.try_take(ip("10.0.0.4")).err(),
-            Some(HandshakesFull::All)
-        );
-        // a handshake that ends gives its slot back, to anyone
-        drop(b1);
-        let _d1 = slots.try_take(ip("10.0.0.4")).unwrap();
-        assert_eq!(
-            slots.try_take(ip("10.0.0.2")).err(),
-            Some(HandshakesFull::All)
-        );
-        drop(a1);
-        let a3 = slots.try_take(ip("10.0.0.1")).unwrap();
-        drop((a2, a3));
-        assert_eq!(
-            slots.in_progress(),
-            (3, 3),
-            "a source without handshakes is forgotten"
-        );
-    }
-
-    #[test]
-    fn an_ipv6_source_is_its_64_and_a_mapped_ipv4_its_address() {
-        assert_eq!(source_of(ip("192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(source_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(source_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
-        let slots = HandshakeSlots::new(10, 2);
-        let _x = slots.try_take(ip("2001:db8:1:2::1")).unwrap();
-        let _y = slots
-            .try_take(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"))
-            .unwrap();
-        // a new address of the same /64 is the same source
-        assert_eq!(
-            slots.try_take(ip("2001:db8:1:2::3")).err(),
-            Some(HandshakesFull::Source)
-        );
-        let _z = slots.try_take(ip("2001:db8:1:3::1")).unwrap();
-        let _v4 = slots.try_take(ip("::ffff:192.0.2.7")).unwrap();
-        let _v4b = slots.try_take(ip("192.0.2.7")).unwrap();
-        assert_eq!(
-            slots.try_take(ip("192.0.2.7")).err(),
-            Some(HandshakesFull::Source)
-        );
-    }
-
-    #[test]
-    fn refusals_are_warned_once_per_interval_with_the_count_of_the_quiet_ones() {
-        let t0 = Instant::now();
-        let mut w = WarnEvery::new(Duration::from_secs(10));
-        assert_eq!(w.warn_now(t0), Some(0));
-        for s in 1..=5 {
-            assert_eq!(w.warn_now(t0 + Duration::from_secs(s)), None);
-        }
-        assert_eq!(w.warn_now(t0 + Duration::from_secs(10)), Some(5));
-        assert_eq!(w.warn_now(t0 + Duration::from_secs(11)), None);
-        assert_eq!(w.warn_now(t0 + Duration::from_secs(25)), Some(1));
-        // a clock that went back is not a reason to warn
-        assert_eq!(w.warn_now(t0), None);
-    }
-
-    /// A raw TCP connection from `from` to `to` that never starts a handshake.
-    async fn raw_from(from: &str, to: SocketAddr) -> tokio::net::TcpStream {
-        let s = tokio::net::TcpSocket::new_v4().unwrap();
-        s.bind(format!("{from}:0").parse().unwrap()).unwrap();
-        s.connect(to).await.unwrap()
-    }
-
-    /// Whether the listener closed `c` (within a while) rather than holding it.
-    async fn closed(c: &mut tokio::net::TcpStream, within: Duration) -> bool {
-        use tokio::io::AsyncReadExt;
-        let mut b = [0u8; 16];
-        match tokio::time::timeout(within, c.read(&mut b)).await {
-            Err(_) => false,
-            Ok(Ok(0) | Err(_)) => true,
-            Ok(Ok(n)) => panic!("{n} bytes from a listener that has not seen a ClientHello"),
-        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

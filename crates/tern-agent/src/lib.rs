@@ -8,8 +8,15 @@
 //! ([`snapshots`]) and pauses its VMs when the controller goes silent ([`fence`]). The
 //! binary (`tern agent`) is a thin
 //! wrapper around [`run`]. VMs outlive the agent: a restarted agent re-attaches to them.
+//!
+//! The peer listener keeps connections still in their TLS handshake
+//! ([`MAX_PEER_HANDSHAKES`], [`MAX_PEER_HANDSHAKES_PER_SOURCE`] from one source) and
+//! authenticated peers ([`MAX_PEER_CONNECTIONS`]) in budgets of their own, as the control
+//! listener does: who opens connections and never finishes a handshake cannot lock real
+//! peers out.
 #![forbid(unsafe_code)]
 
+mod admission;
 pub mod api;
 pub mod control;
 pub mod fence;
@@ -66,8 +73,19 @@ impl std::str::FromStr for ApiAddr {
     }
 }
 
-/// Peer connections an agent keeps open at once; more are closed at once.
+/// Peer connections authenticated (their TLS handshake done) that an agent keeps open at
+/// once; more are closed right after their handshake. Handshakes in progress do not count.
 pub const MAX_PEER_CONNECTIONS: usize = 256;
+/// Peer connections still in their TLS handshake, from all sources, held at once; more
+/// are closed at once.
+pub const MAX_PEER_HANDSHAKES: usize = 128;
+/// Of [`MAX_PEER_HANDSHAKES`], those from one source (an IPv4 address, an IPv6 /64); more
+/// from it are closed at once. More than the control listener's share: one peer agent
+/// opens several connections at once (a domain's disks, each tunnelled on a connection of
+/// its own; migrations side by side).
+pub const MAX_PEER_HANDSHAKES_PER_SOURCE: usize = 16;
+/// A peer that has not finished its TLS handshake by then is dropped.
+pub const PEER_HANDSHAKE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The user QEMU runs as unless configured otherwise (`scripts/setup.sh` creates it).
 pub const DEFAULT_QEMU_USER: &str = "tern-qemu";
@@ -1160,52 +1178,24 @@ pub async fn run(
         "tern agent ready"
     );
     let peer_loop = {
+        let security = agent.engine.security.clone();
+        let dead_after = agent.config.stall_timeout;
         let agent = agent.clone();
-        // connections at once (handshakes included): a peer cannot exhaust the agent by
-        // opening and holding them
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
-        async move {
-            loop {
-                match peers.accept().await {
-                    Ok((tcp, addr)) => {
-                        let Ok(slot) = slots.clone().try_acquire_owned() else {
-                            tracing::warn!(peer = %addr, "refused a peer connection: {MAX_PEER_CONNECTIONS} are open");
-                            continue;
-                        };
-                        let agent = agent.clone();
-                        tokio::spawn(async move {
-                            let _slot = slot;
-                            let engine = agent.engine.clone();
-                            let shake = engine
-                                .security
-                                .accept(
-                                    tcp,
-                                    addr,
-                                    std::time::Duration::from_secs(10),
-                                    agent.config.stall_timeout,
-                                )
-                                .await;
-                            match shake {
-                                Ok((stream, peer)) => {
-                                    tern_engine::dest::serve_peer(
-                                        engine,
-                                        agent.host(),
-                                        stream,
-                                        addr,
-                                        peer,
-                                    )
-                                    .await
-                                }
-                                Err(e) => {
-                                    tracing::warn!(peer = %addr, "peer refused: {}", tern_engine::error_chain(&e))
-                                }
-                            }
-                        });
-                    }
-                    Err(e) => tracing::warn!("peer accept failed: {e}"),
-                }
-            }
-        }
+        accept_peers(
+            peers,
+            security,
+            dead_after,
+            PEER_LIMITS,
+            move |stream, addr, peer| {
+                tern_engine::dest::serve_peer(
+                    agent.engine.clone(),
+                    agent.host(),
+                    stream,
+                    addr,
+                    peer,
+                )
+            },
+        )
     };
     tokio::select! {
         _ = peer_loop => {}
@@ -1223,9 +1213,326 @@ pub async fn run(
     Ok(())
 }
 
+/// The peer listener's budgets (the constants; smaller in tests).
+#[derive(Debug, Clone, Copy)]
+struct PeerLimits {
+    handshakes: usize,
+    handshakes_per_source: usize,
+    peers: usize,
+    handshake_within: std::time::Duration,
+}
+
+const PEER_LIMITS: PeerLimits = PeerLimits {
+    handshakes: MAX_PEER_HANDSHAKES,
+    handshakes_per_source: MAX_PEER_HANDSHAKES_PER_SOURCE,
+    peers: MAX_PEER_CONNECTIONS,
+    handshake_within: PEER_HANDSHAKE_WITHIN,
+};
+
+/// The peer listener: accepts connections on `tcp`, authenticates them with `security`
+/// and gives each peer to `serve`, within `limits`. Anyone who can reach the port can
+/// open connections, so the budgets are kept apart: at most `handshakes` connections in
+/// their TLS handshake at once, of them at most `handshakes_per_source` from one source
+/// (an IPv4 address, an IPv6 /64), each handshake within `handshake_within`; and at most
+/// `peers` authenticated connections, a budget no handshake takes from (a peer takes its
+/// slot there once its handshake is done, then gives up its handshake slot). A
+/// connection over a budget is closed; refusals are logged at warn level at most once per
+/// [`control::REFUSALS_WARNED_EVERY`], at debug otherwise. Holding handshakes open can
+/// still fill the handshake pool, but only from `handshakes / handshakes_per_source`
+/// sources, and never takes a slot from a peer that got through.
+///
+/// Without TLS (`PeerSecurity::Plaintext`, benchmarks only) there is no handshake to
+/// wait for: a connection takes a slot of the peers' budget as it is accepted.
+async fn accept_peers<S, F>(
+    tcp: TcpListener,
+    security: tls::PeerSecurity,
+    dead_after: std::time::Duration,
+    limits: PeerLimits,
+    serve: S,
+) where
+    S: Fn(tls::PeerStream, SocketAddr, tls::PeerIdentity) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    use admission::{HandshakeSlots, WarnEvery};
+    use std::time::{Duration, Instant};
+    let serve = Arc::new(serve);
+    let handshakes = HandshakeSlots::new(limits.handshakes, limits.handshakes_per_source);
+    let peers = Arc::new(tokio::sync::Semaphore::new(limits.peers));
+    let every = control::REFUSALS_WARNED_EVERY;
+    let mut refused = WarnEvery::new(every);
+    let failed = Arc::new(Mutex::new(WarnEvery::new(every)));
+    let overflowed = Arc::new(Mutex::new(WarnEvery::new(every)));
+    loop {
+        let (conn, addr) = match tcp.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("peer accept failed: {e}");
+                // (out of descriptors, say: not a busy loop)
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let slot = if security.is_tls() {
+            match handshakes.try_take(addr.ip()) {
+                Ok(s) => Some(s),
+                Err(full) => {
+                    drop(conn);
+                    let why = handshakes.why(full);
+                    match refused.warn_now(Instant::now()) {
+                        Some(0) => {
+                            tracing::warn!(peer = %addr, "refused a peer connection: {why}")
+                        }
+                        Some(n) => tracing::warn!(
+                            peer = %addr,
+                            "refused a peer connection: {why} ({n} more refused since the last warning)"
+                        ),
+                        None => tracing::debug!(peer = %addr, "refused a peer connection: {why}"),
+                    }
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let security = security.clone();
+        let serve = serve.clone();
+        let peers = peers.clone();
+        let (failed, overflowed) = (failed.clone(), overflowed.clone());
+        tokio::spawn(async move {
+            let (mut stream, id) = match security
+                .accept(conn, addr, limits.handshake_within, dead_after)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    let e = tern_engine::error_chain(&e);
+                    match failed.lock().warn_now(Instant::now()) {
+                        Some(0) => tracing::warn!(peer = %addr, "peer refused: {e}"),
+                        Some(n) => tracing::warn!(
+                            peer = %addr,
+                            "peer refused: {e} ({n} more failed handshakes since the last warning)"
+                        ),
+                        None => tracing::debug!(peer = %addr, "peer refused: {e}"),
+                    }
+                    return;
+                }
+            };
+            let Ok(permit) = peers.try_acquire_owned() else {
+                let quiet = overflowed.lock().warn_now(Instant::now()).is_none();
+                if quiet {
+                    tracing::debug!(peer = %addr, names = ?id.names, "peer connection closed: {} are open", limits.peers);
+                } else {
+                    tracing::warn!(peer = %addr, names = ?id.names, "peer connection closed: {} are open", limits.peers);
+                }
+                use tokio::io::AsyncWriteExt;
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+                return;
+            };
+            // authenticated: out of the handshake pool, into the peers'
+            drop(slot);
+            let _permit = permit;
+            serve(stream, addr, id).await;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::held::{closed, raw_from};
+    use std::time::Duration;
+    use tokio::sync::{mpsc, oneshot};
+
+    /// The peer listener on 127.0.0.1 within `limits`, its `serve` passing each peer on
+    /// and keeping it (and its slot) until the sender passed with it is dropped.
+    async fn peer_listener(
+        security: tls::PeerSecurity,
+        limits: PeerLimits,
+    ) -> (
+        SocketAddr,
+        mpsc::Receiver<(SocketAddr, oneshot::Sender<()>)>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let serve = move |stream: tls::PeerStream, peer: SocketAddr, _| {
+            let tx = tx.clone();
+            async move {
+                let (release, released) = oneshot::channel();
+                let _ = tx.send((peer, release)).await;
+                let _ = released.await;
+                drop(stream);
+            }
+        };
+        let accept = tokio::spawn(accept_peers(
+            tcp,
+            security,
+            Duration::from_secs(30),
+            limits,
+            serve,
+        ));
+        (addr, rx, accept)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn held_handshakes_do_not_keep_peers_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        pki::init_ca(&ca, "test").unwrap();
+        let issue = |name: &str, host: &str| {
+            let out = dir.path().join(name);
+            let req = pki::IssueRequest {
+                host: host.into(),
+                days: 1,
+                ..Default::default()
+            };
+            pki::issue(&ca, &req, &out).unwrap();
+            out
+        };
+        let here = tls::PeerSecurity::load(&issue("here", "127.0.0.1")).unwrap();
+        let there = tls::PeerSecurity::load(&issue("there", "agent-b")).unwrap();
+        let limits = PeerLimits {
+            handshakes: 6,
+            handshakes_per_source: 2,
+            peers: 1,
+            handshake_within: Duration::from_secs(30),
+        };
+        let (addr, mut rx, accept) = peer_listener(here.clone(), limits).await;
+        let dial = || {
+            let there = there.clone();
+            async move {
+                there
+                    .connect(
+                        &addr.to_string(),
+                        Duration::from_secs(10),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .map(|(stream, _)| stream)
+            }
+        };
+
+        // one source: its share is held, the rest closed at once
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(raw_from("127.0.0.2", addr).await);
+        }
+        let mut over = Vec::new();
+        for _ in 0..4 {
+            over.push(raw_from("127.0.0.2", addr).await);
+        }
+        for c in &mut over {
+            assert!(
+                closed(c, Duration::from_secs(5)).await,
+                "a connection over the source's share was held"
+            );
+        }
+        for c in &mut held {
+            assert!(
+                !closed(c, Duration::from_millis(300)).await,
+                "a handshake within the share was closed"
+            );
+        }
+
+        // a peer from another address: served while they are held
+        let mut first = dial().await.expect("the first peer's handshake");
+        let (peer, release) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the peer got through within 10 s")
+            .unwrap();
+        assert_eq!(peer.ip(), "127.0.0.1".parse::<std::net::IpAddr>().unwrap());
+        // the peers' budget is its own: a second one is closed after its handshake...
+        use tokio::io::AsyncReadExt;
+        let mut second = dial().await.expect("the second peer's handshake");
+        let r = tokio::time::timeout(Duration::from_secs(5), second.read(&mut [0u8; 16]))
+            .await
+            .expect("a peer over the budget was held");
+        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+        assert!(rx.try_recv().is_err(), "a peer over the budget was served");
+        // ... and the first one's slot, once free, is the next one's (its task may still
+        // be ending when the next one comes: a next one closed too tries again)
+        drop(release);
+        let r = tokio::time::timeout(Duration::from_secs(5), first.read(&mut [0u8; 16])).await;
+        assert!(
+            matches!(r, Ok(Ok(0) | Err(_))),
+            "the first peer was kept: {r:?}"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let _next = loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first peer's slot was not given to the next one within 10 s"
+            );
+            let Ok(mut next) = dial().await else { continue };
+            let mut b = [0u8; 16];
+            let served = tokio::time::timeout(Duration::from_secs(10), async {
+                tokio::select! {
+                    got = rx.recv() => got.is_some(),
+                    _ = next.read(&mut b) => false,
+                }
+            })
+            .await
+            .expect("the next peer was neither served nor closed");
+            if served {
+                break next;
+            }
+        };
+        accept.abort();
+
+        // the pool (a listener of its own, where nothing else is in a handshake): 2 held
+        // from .2, 2 from .3, 2 from .4 fill it; .5 is closed at once
+        let (addr, _rx, accept) = peer_listener(here, limits).await;
+        let mut held = Vec::new();
+        for from in ["2", "2", "3", "3", "4", "4"] {
+            held.push(raw_from(&format!("127.0.0.{from}"), addr).await);
+        }
+        let mut late = raw_from("127.0.0.5", addr).await;
+        assert!(
+            closed(&mut late, Duration::from_secs(5)).await,
+            "a handshake over the pool was held"
+        );
+        for c in &mut held {
+            assert!(
+                !closed(c, Duration::from_millis(100)).await,
+                "a held handshake was closed"
+            );
+        }
+        accept.abort();
+    }
+
+    #[tokio::test]
+    async fn plaintext_peers_have_only_the_connection_budget() {
+        let limits = PeerLimits {
+            handshakes: 1,
+            handshakes_per_source: 1,
+            peers: 3,
+            handshake_within: Duration::from_secs(30),
+        };
+        let (addr, mut rx, accept) = peer_listener(tls::PeerSecurity::Plaintext, limits).await;
+        // no handshake to wait for: three at once from one source are served (no share
+        // of a handshake pool)
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            conns.push(raw_from("127.0.0.2", addr).await);
+        }
+        let mut served = Vec::new();
+        for _ in 0..3 {
+            let (_, release) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("a plaintext peer was not served")
+                .unwrap();
+            served.push(release);
+        }
+        // the fourth is over the peers' budget
+        let mut fourth = raw_from("127.0.0.3", addr).await;
+        assert!(
+            closed(&mut fourth, Duration::from_secs(5)).await,
+            "a connection over the budget was held"
+        );
+        assert!(rx.try_recv().is_err(), "a peer over the budget was served");
+        accept.abort();
+    }
 
     #[tokio::test]
     async fn networks_whose_names_give_one_vni_are_refused_before_anything_is_made() {

@@ -2,6 +2,8 @@
 //! controller's part of the API over mutual TLS. A certificate of the cluster CA labelled
 //! `controller` gets the host's load and the routes the controller needs; any other
 //! certificate gets no HTTP answer; routes outside the controller's part are not served.
+//! Connections held in their TLS handshake lock neither the controller out of its
+//! listener nor peers out of theirs (`--listen`).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -280,5 +282,73 @@ fn held_handshakes_from_one_address_do_not_lock_the_controller_out() -> Result<(
         );
     }
     ensure!(ctl.load()?.host == "host-ctl-dos");
+    Ok(())
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest and root (bash scripts/test.sh runs it)"]
+fn held_handshakes_from_one_address_do_not_lock_peers_out() -> Result<()> {
+    use tern_agent::{MAX_PEER_CONNECTIONS, MAX_PEER_HANDSHAKES_PER_SOURCE, PEER_HANDSHAKE_WITHIN};
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let a = TestAgent::start(Path::new(BIN), "host-peer-a", &[])?;
+    let b = TestAgent::start(Path::new(BIN), "host-peer-b", &[])?;
+    let spec = format!(
+        "name = \"idle\"\nmemory_mib = 128\nvcpus = 1\naccel = \"tcg\"\nkernel = {:?}\ninitrd = {:?}\nappend = \"console=ttyS0 panic=-1 tern.workload=idle\"\n",
+        g.kernel.display().to_string(),
+        g.initrd.display().to_string()
+    );
+    let info = a.start_vm(&spec)?;
+    let console = info["console_log"].as_str().context("console path")?;
+    wait_for_text(Path::new(console), "TERN-READY", Duration::from_secs(90))?;
+
+    // more connections than the peers' whole budget, from one address (another than the
+    // agents'), none starting a handshake
+    let to = b.peer_addr.to_string();
+    let n = MAX_PEER_CONNECTIONS + 4;
+    let mut raw = (0..n)
+        .map(|_| raw_from("127.0.0.2", &to))
+        .collect::<Result<Vec<_>>>()?;
+    let started = Instant::now();
+    // the address got its share of the handshakes; the rest were closed at once
+    let mut held = Vec::new();
+    for (i, c) in raw.iter_mut().enumerate() {
+        if !closed_within(c, Duration::from_millis(100))? {
+            held.push(i);
+        }
+    }
+    ensure!(
+        held.len() == MAX_PEER_HANDSHAKES_PER_SOURCE,
+        "held {} of {n} connections from one address: {held:?}",
+        held.len()
+    );
+    // a migration goes through while they are held
+    ensure!(
+        started.elapsed() < PEER_HANDSHAKE_WITHIN,
+        "too slow to migrate before the handshake deadline"
+    );
+    let id = a.start_migration("idle", &to, serde_json::json!({}))?;
+    let st = a.wait_migration(&id, Duration::from_secs(120))?;
+    ensure!(
+        st.report.is_some_and(|r| r.digest_ok),
+        "the migration, with handshakes held: {:?}\ndestination log:\n{}",
+        st.error,
+        b.log_text()
+    );
+    ensure!(b.vm_status("idle")? == "running");
+    ensure!(
+        b.log_text().contains("refused a peer connection"),
+        "no word of the refused connections:\n{}",
+        b.log_text()
+    );
+    // the held ones are dropped at the handshake deadline
+    for &i in &held {
+        let left = (started + PEER_HANDSHAKE_WITHIN + Duration::from_secs(3))
+            .saturating_duration_since(Instant::now());
+        ensure!(
+            closed_within(&mut raw[i], left.max(Duration::from_millis(1)))?,
+            "a connection without a handshake outlived {PEER_HANDSHAKE_WITHIN:?}"
+        );
+    }
     Ok(())
 }
