@@ -153,6 +153,25 @@ pub(crate) struct Inner {
     placed_dirty: bool,
 }
 
+impl Inner {
+    fn new(ctl: Controller, store: Box<dyn Store>) -> Inner {
+        Inner {
+            ctl,
+            store,
+            last: Decisions::default(),
+            leading: false,
+            seen: BTreeMap::new(),
+            prev_cpu: BTreeMap::new(),
+            settling: BTreeMap::new(),
+            log: VecDeque::new(),
+            said: BTreeSet::new(),
+            said_failover: BTreeSet::new(),
+            said_conflicts: BTreeSet::new(),
+            placed_dirty: false,
+        }
+    }
+}
+
 #[derive(Default, Clone)]
 struct Seen {
     last_ok: Option<f64>,
@@ -185,20 +204,7 @@ impl Service {
             clients,
             planning: Arc::default(),
             failing_over: std::sync::atomic::AtomicBool::new(false),
-            inner: Mutex::new(Inner {
-                ctl,
-                store,
-                last: Decisions::default(),
-                leading: false,
-                seen: BTreeMap::new(),
-                prev_cpu: BTreeMap::new(),
-                settling: BTreeMap::new(),
-                log: VecDeque::new(),
-                said: BTreeSet::new(),
-                said_failover: BTreeSet::new(),
-                said_conflicts: BTreeSet::new(),
-                placed_dirty: false,
-            }),
+            inner: Mutex::new(Inner::new(ctl, store)),
         }))
     }
 
@@ -1315,20 +1321,10 @@ mod tests {
     use super::*;
 
     fn inner(dir: &std::path::Path) -> Inner {
-        Inner {
-            ctl: Controller::default(),
-            store: Box::new(crate::state::FileStore::open(dir).unwrap()),
-            last: Decisions::default(),
-            leading: false,
-            seen: BTreeMap::new(),
-            prev_cpu: BTreeMap::new(),
-            settling: BTreeMap::new(),
-            log: VecDeque::new(),
-            said: BTreeSet::new(),
-            said_failover: BTreeSet::new(),
-            said_conflicts: BTreeSet::new(),
-            placed_dirty: false,
-        }
+        Inner::new(
+            Controller::default(),
+            Box::new(crate::state::FileStore::open(dir).unwrap()),
+        )
     }
 
     #[test]
