@@ -1,18 +1,163 @@
 //! What the agent's TLS listeners (the peer listener, [`crate::run`], and the control
 //! listener, [`crate::control`]) share to keep connections they have not authenticated
-//! yet from taking what authenticated ones need: the handshakes in progress, counted in
-//! all and by source ([`HandshakeSlots`], a source being [`source_of`] an address), and
-//! how often a refusal anyone can provoke is worth a warning ([`WarnEvery`]).
+//! yet from taking what authenticated ones need: their accept loop ([`accept`]), the
+//! handshakes in progress, counted in all and by source ([`HandshakeSlots`], a source
+//! being [`source_of`] an address), and how often a refusal anyone can provoke is worth
+//! a warning ([`WarnEvery`]).
 //!
-//! Owns those counts and that rate; must not do I/O nor pick a listener's budgets (each
-//! listener has its own numbers and its own budget of authenticated connections).
+//! Owns that loop, those counts and that rate; must not pick a listener's budgets
+//! ([`Limits`]: each listener has its own numbers and its own budget of authenticated
+//! connections), its words in the log ([`Names`]) nor whom it serves (the listener's
+//! `vet` and `admit`).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::future::Future;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use tern_engine::transport::tls::{PeerIdentity, PeerSecurity, PeerStream};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// A listener's budgets (its constants; smaller in tests).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Connections in their TLS handshake at once, from all sources.
+    pub(crate) handshakes: usize,
+    /// Of `handshakes`, those from one source ([`source_of`]).
+    pub(crate) handshakes_per_source: usize,
+    /// Authenticated connections at once (handshakes in progress do not count).
+    pub(crate) authenticated: usize,
+    /// A handshake not done by then is dropped.
+    pub(crate) handshake_within: Duration,
+}
+
+/// What a listener calls things in its log (each the start of a message).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Names {
+    /// Accepting a TCP connection failed: "control accept failed".
+    pub(crate) accept_failed: &'static str,
+    /// No handshake slot for it: "refused a control connection".
+    pub(crate) refused: &'static str,
+    /// Its handshake failed: "control connection refused".
+    pub(crate) failed: &'static str,
+    /// Authenticated, but the authenticated budget is full: "controller connection closed".
+    pub(crate) over_budget: &'static str,
+}
+
+/// How long a refused, authenticated connection gets to be closed cleanly.
+const CLOSE_WITHIN: Duration = Duration::from_secs(1);
+
+/// A listener's accept loop: accepts connections on `tcp`, authenticates them with
+/// `security` (each handshake within `limits.handshake_within`) and gives each one
+/// `vet` lets in to `admit`, with its slot of the authenticated budget (free again when
+/// the slot is dropped). Anyone who can reach the port can open connections, so the
+/// budgets are kept apart: at most `limits.handshakes` connections in their handshake at
+/// once, of them at most `limits.handshakes_per_source` from one source, and at most
+/// `limits.authenticated` authenticated ones, a budget no handshake takes from (a
+/// connection takes its slot there once its handshake is done and `vet` let it in, then
+/// gives up its handshake slot). A connection over a budget is closed; refusals are
+/// logged at warn level at most once per [`crate::control::REFUSALS_WARNED_EVERY`]
+/// ([`WarnEvery`]), at debug otherwise.
+///
+/// `vet` sees an authenticated connection before it takes a slot: false (it says why
+/// in the log) closes it. Without TLS (`PeerSecurity::Plaintext`) there is no
+/// handshake to wait for: a connection takes a slot of the authenticated budget as it
+/// is accepted.
+pub(crate) async fn accept<V, A, F>(
+    tcp: TcpListener,
+    security: PeerSecurity,
+    dead_after: Duration,
+    limits: Limits,
+    names: Names,
+    vet: V,
+    admit: A,
+) where
+    V: Fn(SocketAddr, &PeerIdentity) -> bool + Send + Sync + 'static,
+    A: Fn(PeerStream, SocketAddr, PeerIdentity, OwnedSemaphorePermit) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (vet, admit) = (Arc::new(vet), Arc::new(admit));
+    let handshakes = HandshakeSlots::new(limits.handshakes, limits.handshakes_per_source);
+    let budget = Arc::new(Semaphore::new(limits.authenticated));
+    let every = crate::control::REFUSALS_WARNED_EVERY;
+    let mut refused = WarnEvery::new(every);
+    let failed = Arc::new(Mutex::new(WarnEvery::new(every)));
+    let overflowed = Arc::new(Mutex::new(WarnEvery::new(every)));
+    loop {
+        let (conn, addr) = match tcp.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("{}: {e}", names.accept_failed);
+                // (out of descriptors, say: not a busy loop)
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let slot = if security.is_tls() {
+            match handshakes.try_take(addr.ip()) {
+                Ok(s) => Some(s),
+                Err(full) => {
+                    drop(conn);
+                    let why = handshakes.why(full);
+                    match refused.say(Instant::now(), "refused") {
+                        Some(more) => {
+                            tracing::warn!(remote = %addr, "{}: {why}{more}", names.refused)
+                        }
+                        None => tracing::debug!(remote = %addr, "{}: {why}", names.refused),
+                    }
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let security = security.clone();
+        let (vet, admit, budget) = (vet.clone(), admit.clone(), budget.clone());
+        let (failed, overflowed) = (failed.clone(), overflowed.clone());
+        tokio::spawn(async move {
+            let (mut stream, id) = match security
+                .accept(conn, addr, limits.handshake_within, dead_after)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    let e = tern_engine::error_chain(&e);
+                    match failed.lock().say(Instant::now(), "failed handshakes") {
+                        Some(more) => tracing::warn!(remote = %addr, "{}: {e}{more}", names.failed),
+                        None => tracing::debug!(remote = %addr, "{}: {e}", names.failed),
+                    }
+                    return;
+                }
+            };
+            use tokio::io::AsyncWriteExt;
+            if !vet(addr, &id) {
+                let _ = tokio::time::timeout(CLOSE_WITHIN, stream.shutdown()).await;
+                return;
+            }
+            let Ok(permit) = budget.try_acquire_owned() else {
+                let n = limits.authenticated;
+                match overflowed.lock().say(Instant::now(), "closed") {
+                    Some(more) => tracing::warn!(
+                        remote = %addr, names = ?id.names,
+                        "{}: {n} are open{more}", names.over_budget
+                    ),
+                    None => tracing::debug!(
+                        remote = %addr, names = ?id.names,
+                        "{}: {n} are open", names.over_budget
+                    ),
+                }
+                let _ = tokio::time::timeout(CLOSE_WITHIN, stream.shutdown()).await;
+                return;
+            };
+            // authenticated: out of the handshake pool, into the authenticated budget
+            drop(slot);
+            admit(stream, addr, id, permit).await;
+        });
+    }
+}
 
 /// Which budget of handshakes a connection found full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +294,16 @@ impl WarnEvery {
             }
         }
     }
+
+    /// [`Self::warn_now`] as the end of a message: Some("") or Some(" (N more `what`
+    /// since the last warning)") if this one is to be a warning, None if it is to be
+    /// quiet (debug).
+    pub(crate) fn say(&mut self, now: Instant, what: &str) -> Option<String> {
+        self.warn_now(now).map(|n| match n {
+            0 => String::new(),
+            n => format!(" ({n} more {what} since the last warning)"),
+        })
+    }
 }
 
 /// For the listeners' tests: connections that never start a handshake.
@@ -258,5 +413,19 @@ mod tests {
         assert_eq!(w.warn_now(t0 + Duration::from_secs(25)), Some(1));
         // a clock that went back is not a reason to warn
         assert_eq!(w.warn_now(t0), None);
+        // as the end of a message
+        assert_eq!(
+            w.say(t0 + Duration::from_secs(40), "refused").as_deref(),
+            Some(" (1 more refused since the last warning)")
+        );
+        assert_eq!(w.say(t0 + Duration::from_secs(41), "refused"), None);
+        assert_eq!(
+            w.say(t0 + Duration::from_secs(60), "refused").as_deref(),
+            Some(" (1 more refused since the last warning)")
+        );
+        assert_eq!(
+            w.say(t0 + Duration::from_secs(80), "refused").as_deref(),
+            Some("")
+        );
     }
 }

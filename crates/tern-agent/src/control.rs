@@ -15,8 +15,9 @@
 //! once per [`REFUSALS_WARNED_EVERY`] (with the count of the others), at debug otherwise.
 //! Holding handshakes open can still fill the handshake pool, but only from
 //! `MAX_HANDSHAKES / MAX_HANDSHAKES_PER_SOURCE` sources, and never locks out a
-//! controller that got through. (The counting is `admission`'s, shared with the
-//! peer listener; the numbers are this listener's.)
+//! controller that got through. (The accept loop and the counting are `admission`'s,
+//! shared with the peer listener; the numbers, the words in the log and the label check
+//! are this listener's.)
 //!
 //! Also the controller's end: [`client_for`], a blocking [`tern_api::client::Client`] that
 //! dials an agent's control listener with the credentials of a TLS directory.
@@ -29,15 +30,14 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::Mutex;
 use tern_api::client::{Client, ReadWrite};
-use tern_engine::transport::tls::{self, PeerSecurity, PeerStream};
+use tern_engine::transport::tls::{self, PeerIdentity, PeerSecurity, PeerStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
-use crate::admission::{HandshakeSlots, WarnEvery};
+use crate::admission::{self, Limits, Names};
 use crate::{Agent, AgentError};
 
 /// The label a certificate needs to use the control listener.
@@ -56,20 +56,19 @@ pub const HANDSHAKE_WITHIN: Duration = Duration::from_secs(5);
 /// Refused connections are logged at warn level at most this often (at debug otherwise).
 pub const REFUSALS_WARNED_EVERY: Duration = Duration::from_secs(10);
 
-/// The listener's budgets (the constants above; smaller in tests).
-#[derive(Debug, Clone, Copy)]
-struct Limits {
-    handshakes: usize,
-    handshakes_per_source: usize,
-    controllers: usize,
-    handshake_within: Duration,
-}
-
 const LIMITS: Limits = Limits {
     handshakes: MAX_HANDSHAKES,
     handshakes_per_source: MAX_HANDSHAKES_PER_SOURCE,
-    controllers: MAX_CONTROL_CONNECTIONS,
+    authenticated: MAX_CONTROL_CONNECTIONS,
     handshake_within: HANDSHAKE_WITHIN,
+};
+
+/// What the control listener calls things in its log.
+const NAMES: Names = Names {
+    accept_failed: "control accept failed",
+    refused: "refused a control connection",
+    failed: "control connection refused",
+    over_budget: "controller connection closed",
 };
 
 /// Binds the control listener on `addr` and returns the serving future.
@@ -105,7 +104,7 @@ pub async fn serve(
 }
 
 /// Accepts TCP connections, authenticates them and passes on those of the controller,
-/// within `limits` (see the module's doc).
+/// within `limits` (see the module's doc; the loop is `admission`'s).
 async fn accept_loop(
     tcp: tokio::net::TcpListener,
     security: PeerSecurity,
@@ -113,100 +112,31 @@ async fn accept_loop(
     limits: Limits,
     authenticated: mpsc::Sender<(ControlStream, SocketAddr)>,
 ) {
-    let handshakes = HandshakeSlots::new(limits.handshakes, limits.handshakes_per_source);
-    let controllers = Arc::new(Semaphore::new(limits.controllers));
-    let mut refused = WarnEvery::new(REFUSALS_WARNED_EVERY);
-    let failed = Arc::new(Mutex::new(WarnEvery::new(REFUSALS_WARNED_EVERY)));
-    let overflowed = Arc::new(Mutex::new(WarnEvery::new(REFUSALS_WARNED_EVERY)));
-    loop {
-        let (conn, addr) = match tcp.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("control accept failed: {e}");
-                // (out of descriptors, say: not a busy loop)
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let slot = match handshakes.try_take(addr.ip()) {
-            Ok(s) => s,
-            Err(full) => {
-                drop(conn);
-                let why = handshakes.why(full);
-                match refused.warn_now(Instant::now()) {
-                    Some(0) => {
-                        tracing::warn!(client = %addr, "refused a control connection: {why}")
-                    }
-                    Some(n) => tracing::warn!(
-                        client = %addr,
-                        "refused a control connection: {why} ({n} more refused since the last warning)"
-                    ),
-                    None => tracing::debug!(client = %addr, "refused a control connection: {why}"),
-                }
-                continue;
-            }
-        };
-        let security = security.clone();
+    let vet = |addr: SocketAddr, id: &PeerIdentity| {
+        let controller = id.labels.iter().any(|l| l == CONTROLLER_LABEL);
+        if !controller {
+            tracing::warn!(
+                client = %addr,
+                names = ?id.names,
+                labels = ?id.labels,
+                certificate = %id.fingerprint,
+                "control connection closed: its certificate is the cluster's but not labelled {CONTROLLER_LABEL:?}"
+            );
+        }
+        controller
+    };
+    let admit = move |stream, addr, id: PeerIdentity, permit| {
         let authenticated = authenticated.clone();
-        let controllers = controllers.clone();
-        let (failed, overflowed) = (failed.clone(), overflowed.clone());
-        tokio::spawn(async move {
-            let (mut stream, id) = match security
-                .accept(conn, addr, limits.handshake_within, dead_after)
-                .await
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    let e = tern_engine::error_chain(&e);
-                    match failed.lock().warn_now(Instant::now()) {
-                        Some(0) => {
-                            tracing::warn!(client = %addr, "control connection refused: {e}")
-                        }
-                        Some(n) => tracing::warn!(
-                            client = %addr,
-                            "control connection refused: {e} ({n} more failed handshakes since the last warning)"
-                        ),
-                        None => tracing::debug!(client = %addr, "control connection refused: {e}"),
-                    }
-                    return;
-                }
-            };
-            use tokio::io::AsyncWriteExt;
-            if !id.labels.iter().any(|l| l == CONTROLLER_LABEL) {
-                tracing::warn!(
-                    client = %addr,
-                    names = ?id.names,
-                    labels = ?id.labels,
-                    certificate = %id.fingerprint,
-                    "control connection closed: its certificate is the cluster's but not labelled {CONTROLLER_LABEL:?}"
-                );
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-                return;
-            }
-            let Ok(permit) = controllers.try_acquire_owned() else {
-                let quiet = overflowed.lock().warn_now(Instant::now()).is_none();
-                if quiet {
-                    tracing::debug!(client = %addr, names = ?id.names, "controller connection closed: {} are open", limits.controllers);
-                } else {
-                    tracing::warn!(client = %addr, names = ?id.names, "controller connection closed: {} are open", limits.controllers);
-                }
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-                return;
-            };
-            // authenticated: out of the handshake pool, into the controller's
-            drop(slot);
+        async move {
             tracing::debug!(client = %addr, names = ?id.names, "controller connected");
-            let _ = authenticated
-                .send((
-                    ControlStream {
-                        stream,
-                        _slot: permit,
-                    },
-                    addr,
-                ))
-                .await;
-        });
-    }
+            let stream = ControlStream {
+                stream,
+                _slot: permit,
+            };
+            let _ = authenticated.send((stream, addr)).await;
+        }
+    };
+    admission::accept(tcp, security, dead_after, limits, NAMES, vet, admit).await
 }
 
 /// The controller's connections, authenticated, as axum takes them.
@@ -436,7 +366,7 @@ mod tests {
         let limits = Limits {
             handshakes: 6,
             handshakes_per_source: 2,
-            controllers: 1,
+            authenticated: 1,
             handshake_within: Duration::from_secs(30),
         };
         let (tx, mut rx) = mpsc::channel(4);

@@ -1214,19 +1214,21 @@ pub async fn run(
 }
 
 /// The peer listener's budgets (the constants; smaller in tests).
-#[derive(Debug, Clone, Copy)]
-struct PeerLimits {
-    handshakes: usize,
-    handshakes_per_source: usize,
-    peers: usize,
-    handshake_within: std::time::Duration,
-}
+type PeerLimits = admission::Limits;
 
 const PEER_LIMITS: PeerLimits = PeerLimits {
     handshakes: MAX_PEER_HANDSHAKES,
     handshakes_per_source: MAX_PEER_HANDSHAKES_PER_SOURCE,
-    peers: MAX_PEER_CONNECTIONS,
+    authenticated: MAX_PEER_CONNECTIONS,
     handshake_within: PEER_HANDSHAKE_WITHIN,
+};
+
+/// What the peer listener calls things in its log.
+const PEER_NAMES: admission::Names = admission::Names {
+    accept_failed: "peer accept failed",
+    refused: "refused a peer connection",
+    failed: "peer refused",
+    over_budget: "peer connection closed",
 };
 
 /// The peer listener: accepts connections on `tcp`, authenticates them with `security`
@@ -1234,12 +1236,13 @@ const PEER_LIMITS: PeerLimits = PeerLimits {
 /// open connections, so the budgets are kept apart: at most `handshakes` connections in
 /// their TLS handshake at once, of them at most `handshakes_per_source` from one source
 /// (an IPv4 address, an IPv6 /64), each handshake within `handshake_within`; and at most
-/// `peers` authenticated connections, a budget no handshake takes from (a peer takes its
-/// slot there once its handshake is done, then gives up its handshake slot). A
-/// connection over a budget is closed; refusals are logged at warn level at most once per
+/// `authenticated` peers, a budget no handshake takes from (a peer takes its slot there
+/// once its handshake is done, then gives up its handshake slot). A connection over a
+/// budget is closed; refusals are logged at warn level at most once per
 /// [`control::REFUSALS_WARNED_EVERY`], at debug otherwise. Holding handshakes open can
 /// still fill the handshake pool, but only from `handshakes / handshakes_per_source`
-/// sources, and never takes a slot from a peer that got through.
+/// sources, and never takes a slot from a peer that got through. (The loop is
+/// [`admission::accept`], shared with the control listener.)
 ///
 /// Without TLS (`PeerSecurity::Plaintext`, benchmarks only) there is no handshake to
 /// wait for: a connection takes a slot of the peers' budget as it is accepted.
@@ -1253,87 +1256,16 @@ async fn accept_peers<S, F>(
     S: Fn(tls::PeerStream, SocketAddr, tls::PeerIdentity) -> F + Send + Sync + 'static,
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    use admission::{HandshakeSlots, WarnEvery};
-    use std::time::{Duration, Instant};
-    let serve = Arc::new(serve);
-    let handshakes = HandshakeSlots::new(limits.handshakes, limits.handshakes_per_source);
-    let peers = Arc::new(tokio::sync::Semaphore::new(limits.peers));
-    let every = control::REFUSALS_WARNED_EVERY;
-    let mut refused = WarnEvery::new(every);
-    let failed = Arc::new(Mutex::new(WarnEvery::new(every)));
-    let overflowed = Arc::new(Mutex::new(WarnEvery::new(every)));
-    loop {
-        let (conn, addr) = match tcp.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("peer accept failed: {e}");
-                // (out of descriptors, say: not a busy loop)
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let slot = if security.is_tls() {
-            match handshakes.try_take(addr.ip()) {
-                Ok(s) => Some(s),
-                Err(full) => {
-                    drop(conn);
-                    let why = handshakes.why(full);
-                    match refused.warn_now(Instant::now()) {
-                        Some(0) => {
-                            tracing::warn!(peer = %addr, "refused a peer connection: {why}")
-                        }
-                        Some(n) => tracing::warn!(
-                            peer = %addr,
-                            "refused a peer connection: {why} ({n} more refused since the last warning)"
-                        ),
-                        None => tracing::debug!(peer = %addr, "refused a peer connection: {why}"),
-                    }
-                    continue;
-                }
-            }
-        } else {
-            None
-        };
-        let security = security.clone();
-        let serve = serve.clone();
-        let peers = peers.clone();
-        let (failed, overflowed) = (failed.clone(), overflowed.clone());
-        tokio::spawn(async move {
-            let (mut stream, id) = match security
-                .accept(conn, addr, limits.handshake_within, dead_after)
-                .await
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    let e = tern_engine::error_chain(&e);
-                    match failed.lock().warn_now(Instant::now()) {
-                        Some(0) => tracing::warn!(peer = %addr, "peer refused: {e}"),
-                        Some(n) => tracing::warn!(
-                            peer = %addr,
-                            "peer refused: {e} ({n} more failed handshakes since the last warning)"
-                        ),
-                        None => tracing::debug!(peer = %addr, "peer refused: {e}"),
-                    }
-                    return;
-                }
-            };
-            let Ok(permit) = peers.try_acquire_owned() else {
-                let quiet = overflowed.lock().warn_now(Instant::now()).is_none();
-                if quiet {
-                    tracing::debug!(peer = %addr, names = ?id.names, "peer connection closed: {} are open", limits.peers);
-                } else {
-                    tracing::warn!(peer = %addr, names = ?id.names, "peer connection closed: {} are open", limits.peers);
-                }
-                use tokio::io::AsyncWriteExt;
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-                return;
-            };
-            // authenticated: out of the handshake pool, into the peers'
-            drop(slot);
+    let admit = move |stream, addr, id, permit| {
+        let served = serve(stream, addr, id);
+        async move {
+            // (the peer's slot, until it is served)
             let _permit = permit;
-            serve(stream, addr, id).await;
-        });
-    }
+            served.await
+        }
+    };
+    let vet = |_: SocketAddr, _: &tls::PeerIdentity| true;
+    admission::accept(tcp, security, dead_after, limits, PEER_NAMES, vet, admit).await
 }
 
 #[cfg(test)]
@@ -1395,7 +1327,7 @@ mod tests {
         let limits = PeerLimits {
             handshakes: 6,
             handshakes_per_source: 2,
-            peers: 1,
+            authenticated: 1,
             handshake_within: Duration::from_secs(30),
         };
         let (addr, mut rx, accept) = peer_listener(here.clone(), limits).await;
@@ -1506,7 +1438,7 @@ mod tests {
         let limits = PeerLimits {
             handshakes: 1,
             handshakes_per_source: 1,
-            peers: 3,
+            authenticated: 3,
             handshake_within: Duration::from_secs(30),
         };
         let (addr, mut rx, accept) = peer_listener(tls::PeerSecurity::Plaintext, limits).await;
