@@ -316,6 +316,9 @@ async fn start_vm(
 ) -> Result<(StatusCode, Json<VmInfo>), ApiError> {
     let spec = VmSpec::from_toml(&req.spec_toml)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-spec", chain(&e)))?;
+    if let Some(why) = a.fence.refuses_arrival(&spec.name) {
+        return Err(ApiError::new(StatusCode::CONFLICT, "fenced", why));
+    }
     let vm = a.start_vm(spec).await.map_err(|e| {
         let status = match e {
             StartVmError::Spec(_) | StartVmError::LibvirtDomain | StartVmError::SharedDisk(_) => {

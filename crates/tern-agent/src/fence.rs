@@ -112,11 +112,20 @@ impl Fence {
             Err(_) => None,
         };
         let word_file = state_dir.join("fence-word");
-        // armed by a previous run: the silence goes on from the controller's last word
-        let last_word = after
-            .and_then(|_| std::fs::read_to_string(&word_file).ok())
-            .and_then(|t| t.trim().parse::<u64>().ok())
-            .map(|saved| resumed_word(Instant::now(), now_ms(), saved));
+        // armed by a previous run: the silence goes on from the controller's last word;
+        // a file there but unreadable: armed, and the silence long over
+        let last_word = after.and_then(|a| match std::fs::read_to_string(&word_file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            r => Some(
+                match r.ok().and_then(|t| t.trim().parse::<u64>().ok()) {
+                    Some(saved) => resumed_word(Instant::now(), now_ms(), saved),
+                    None => {
+                        tracing::error!(file = %word_file.display(), "the controller's last word is unreadable: the fence falls at once");
+                        Instant::now().checked_sub(a).unwrap_or_else(Instant::now)
+                    }
+                },
+            ),
+        });
         if let (Some(l), Some(a)) = (last_word, after) {
             tracing::info!(
                 "the fence is armed since a previous run: the controller was last heard {:.0} s ago (--fence-after {:.0} s)",
@@ -144,7 +153,12 @@ impl Fence {
         let mut saved = self.word_saved.lock();
         if saved.is_none_or(|s| now.duration_since(s) >= WORD_SAVED_EVERY) {
             *saved = Some(now);
-            if let Err(e) = std::fs::write(&self.word_file, now_ms().to_string()) {
+            // whole or not at all (an empty file would read as unreadable: fenced at once)
+            if let Err(e) = tern_engine::secret::write_file(
+                &self.word_file,
+                now_ms().to_string().as_bytes(),
+                0o600,
+            ) {
                 tracing::warn!(file = %self.word_file.display(), "cannot write down the controller's last word (a restarted agent would start with its fence disarmed): {e}");
             }
         }
@@ -248,6 +262,8 @@ pub async fn run(agent: Arc<Agent>) {
         let last = *f.last_word.lock();
         if due(Instant::now(), last, f.after, f.since().is_some()) {
             fence(&agent, last.map(|l| l.elapsed())).await;
+        } else if f.since().is_some() {
+            enforce(&agent).await;
         }
     }
 }
@@ -289,21 +305,56 @@ async fn fence(agent: &Arc<Agent>, silent_for: Option<Duration>) {
     );
 }
 
-/// QMP `stop` on each VM named that runs here.
+/// QMP `stop` on each VM named that runs here, all at once.
 async fn pause_all(agent: &Agent, names: &[String]) {
-    for n in names {
-        let Some(vm) = agent.vm(n) else { continue };
+    let stops = names.iter().filter_map(|n| {
+        let vm = agent.vm(n)?;
+        if vm.exit_reason().is_some() {
+            return None;
+        }
+        Some(async move {
+            match tokio::time::timeout(Duration::from_secs(10), vm.qmp.execute("stop", None)).await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(vm = %n, "fencing: cannot pause the VM: {e}"),
+                Err(_) => {
+                    tracing::error!(vm = %n, "fencing: its QEMU did not answer `stop` within 10 s")
+                }
+            }
+        })
+    });
+    futures_util::future::join_all(stops).await;
+}
+
+/// While fenced, every second: a VM found running here (resumed by a path that did not
+/// see the fence fall: a failed outgoing migration's clean-up, a switchover or restart
+/// under way as it fell, a same-host hand-over) is paused again and joins the fenced.
+async fn enforce(agent: &Arc<Agent>) {
+    let mut running = Vec::new();
+    for vm in agent.vms() {
         if vm.exit_reason().is_some() {
             continue;
         }
-        match tokio::time::timeout(Duration::from_secs(10), vm.qmp.execute("stop", None)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(vm = %n, "fencing: cannot pause the VM: {e}"),
-            Err(_) => {
-                tracing::error!(vm = %n, "fencing: its QEMU did not answer `stop` within 10 s")
+        if let Ok(Ok(st)) =
+            tokio::time::timeout(Duration::from_secs(2), vm.qmp.query_status()).await
+        {
+            if st.running {
+                running.push(vm.spec.name.clone());
             }
         }
     }
+    if running.is_empty() {
+        return;
+    }
+    // (the fence may have been released while we looked)
+    if agent.fence.since().is_none() {
+        return;
+    }
+    for n in &running {
+        agent.fence.hold_arrival(n);
+    }
+    pause_all(agent, &running).await;
+    tracing::error!("fenced: VMs {running:?} were running; paused again");
 }
 
 /// A restarted agent that was fenced keeps its VMs paused (after re-attaching to them).
@@ -321,11 +372,30 @@ pub async fn keep_fenced(agent: &Agent) {
 /// `POST /v1/fence/release`: stops and resumes the VMs named, lifts the fence.
 pub async fn release(agent: &Agent, req: FenceRelease) -> FenceReleased {
     let mut out = FenceReleased::default();
+    // copies that run elsewhere now and could not be stopped stay fenced (paused, no
+    // `cont`); one that is not here any more is stopped already
+    let mut still = Vec::new();
     for n in &req.stop {
         match agent.stop_vm(n).await {
-            Ok(()) => out.stopped.push(n.clone()),
-            Err(e) => out.failed.push(format!("stop {n}: {e}")),
+            Ok(()) | Err(crate::vm::StopVmError::NotFound(_)) => out.stopped.push(n.clone()),
+            Err(e) => {
+                out.failed.push(format!("stop {n}: {e}"));
+                still.push(n.clone());
+            }
         }
+    }
+    let was = agent.fence.since();
+    // lifted before the resumes (the fence's own check would pause them again)
+    let left = if still.is_empty() {
+        None
+    } else {
+        Some(Fenced {
+            since_unix_ms: was.unwrap_or_else(now_ms),
+            vms: still,
+        })
+    };
+    if let Err(e) = agent.fence.set(left) {
+        tracing::error!("cannot write the fenced state's file: {e}");
     }
     for n in &req.resume {
         let Some(vm) = agent.vm(n) else {
@@ -341,11 +411,7 @@ pub async fn release(agent: &Agent, req: FenceRelease) -> FenceReleased {
                 .push(format!("resume {n}: its QEMU did not answer within 10 s")),
         }
     }
-    let was = agent.fence.since().is_some();
-    if let Err(e) = agent.fence.set(None) {
-        tracing::error!("cannot remove the fenced state's file: {e}");
-    }
-    if was {
+    if was.is_some() {
         tracing::warn!(
             stopped = ?out.stopped,
             resumed = ?out.resumed,
@@ -415,6 +481,11 @@ mod tests {
         assert!(due(Instant::now(), w, after, false));
         // without --fence-after the file is not read
         assert!(Fence::load(dir.path(), None).last_word.lock().is_none());
+        // a file there but unreadable (a write cut short): armed and overdue
+        std::fs::write(dir.path().join("fence-word"), "").unwrap();
+        let cut = Fence::load(dir.path(), after);
+        let w = *cut.last_word.lock();
+        assert!(w.is_some() && due(Instant::now(), w, after, false));
     }
 
     #[test]

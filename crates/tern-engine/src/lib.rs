@@ -167,9 +167,10 @@ pub trait Host: Send + Sync {
     /// cards that still reach this host go on to `to` for a while ([`overlay`]), and stop
     /// when the VM runs here again ([`Host::runs_here`]).
     fn leaves(&self, spec: &VmSpec, to: std::net::IpAddr);
-    /// Whether an incoming VM whose switchover is recorded must stay paused (`cont` not
-    /// sent): the daemon fenced itself meanwhile (its cluster controller went silent and
-    /// may run the VM elsewhere), and counts the VM among those it keeps paused.
+    /// Whether a VM about to be resumed here must stay paused (`cont` not sent): an
+    /// incoming VM whose switchover is recorded, or a source VM whose migration failed.
+    /// True when the daemon fenced itself meanwhile (its cluster controller went silent
+    /// and may run the VM elsewhere); it then counts the VM among those it keeps paused.
     fn holds_paused(&self, spec: &VmSpec) -> bool {
         let _ = spec;
         false

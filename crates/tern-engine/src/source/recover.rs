@@ -47,7 +47,10 @@ pub(super) async fn after_failure(m: &mut Migration, e: MigrateError) -> SourceO
         let vm = &m.vm;
         match &vm.qemu {
             SourceQemu::Tern(qmp) => {
-                let state = recover_source(qmp, vm.exit_reason(), m.source_running).await;
+                // a host that fenced itself meanwhile keeps the VM paused (the cluster
+                // controller may run it elsewhere)
+                let resume = m.source_running && !m.host.holds_paused(&vm.spec);
+                let state = recover_source(qmp, vm.exit_reason(), resume).await;
                 if !vm.spec.nics.is_empty() && vm.exit_reason().is_none() {
                     // the VM is here (running, or paused as it was): a destination
                     // that recorded its switchover claimed the cards before it failed,
