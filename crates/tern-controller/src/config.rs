@@ -176,6 +176,16 @@ impl ControllerConfig {
         c.params
             .check()
             .map_err(|m| bad(format!("[params]: {m}")))?;
+        // a plan must still be fresh in the round after it comes in (asked in the
+        // background, up to PLAN_WITHIN), or no move that waits for one ever starts
+        let p = c.params.plan_max_age_s;
+        let least = c.interval_s * 2.0 + crate::service::PLAN_WITHIN.as_secs_f64();
+        if p > 0.0 && p < least {
+            return Err(bad(format!(
+                "[params] plan_max_age_s = {p}: at least {least} (twice interval_s plus the {} s a plan may take), or 0 to never ask the agents' model",
+                crate::service::PLAN_WITHIN.as_secs()
+            )));
+        }
         if let Some(e) = &c.etcd {
             if e.endpoints.is_empty() || e.ttl_s < 2 {
                 return Err(bad("[etcd] needs endpoints and ttl_s >= 2".into()));
@@ -246,6 +256,14 @@ mod tests {
         let e = |t: &str| ControllerConfig::parse(t).unwrap_err().to_string();
         assert!(e(&OK.replace("7790", "x")).contains("not HOST:PORT"));
         assert!(e(&OK.replace("high = 0.9", "high = 0.5")).contains("target"));
+        assert!(
+            e(&OK.replace("high = 0.9", "high = 0.9\nplan_max_age_s = 20"))
+                .contains("plan_max_age_s = 20: at least 50")
+        );
+        assert!(ControllerConfig::parse(
+            &OK.replace("high = 0.9", "high = 0.9\nplan_max_age_s = 0")
+        )
+        .is_ok());
         assert!(e(&OK.replace("[[host]]", "[[hosts]]")).contains("unknown field"));
         let twice = format!("{OK}\n[[host]]\nname = \"a\"\ncontrol = \"h:1\"\npeer = \"h:2\"\n");
         assert!(e(&twice).contains("twice"));

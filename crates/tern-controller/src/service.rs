@@ -42,6 +42,9 @@ const RESTART_WITHIN_S: u64 = 900;
 /// How long a poll of an agent's load may take: a slow agent must not hold up the round
 /// (the rounds are what keeps fenced hosts from fencing).
 const POLL_WITHIN: Duration = Duration::from_secs(5);
+/// How long a round waits for a source agent to say how a move goes (it asks again next
+/// round).
+const FOLLOW_WITHIN: Duration = Duration::from_secs(10);
 
 /// How long after a move the VM's old host's reports of it are not believed (the agents
 /// sample every 2 s; a poll may read a sample from before the move ended).
@@ -56,7 +59,7 @@ const START_GRACE_S: f64 = 60.0;
 /// seconds: a 1 s dirty-rate sample, up to 2 s of link probe). The move waits for it (the
 /// round does not): a plan that takes longer is given up and the move goes on history's
 /// estimate.
-const PLAN_WITHIN: Duration = Duration::from_secs(30);
+pub(crate) const PLAN_WITHIN: Duration = Duration::from_secs(30);
 
 /// Seconds since the Unix epoch: the controller's clock (saved times stay meaningful
 /// across restarts and between a leader and its standby).
@@ -172,9 +175,30 @@ impl Inner {
     }
 }
 
+/// Why an agent's poll gave no load, and whether the host was reached all the same.
+struct PollError {
+    text: String,
+    /// Its agent answered, not what was expected (an error, another version's load): the
+    /// agent heard the leader's poll and will not fence, so the host is not dead and its
+    /// VMs must not restart elsewhere.
+    reached: bool,
+}
+
+/// Whether a failed call reached the host (see [`PollError::reached`]).
+fn reached(e: &tern_api::client::ClientError) -> bool {
+    use tern_api::client::ClientError as E;
+    match e {
+        E::BadResponse(_) | E::NotJson { .. } | E::Api { .. } | E::Shape(..) => true,
+        E::Dial(..) | E::Connect(..) | E::BadEndpoint(_) | E::Io(_) | E::NonUtf8Path(_) => false,
+    }
+}
+
 #[derive(Default, Clone)]
 struct Seen {
+    /// The last poll that gave its load.
     last_ok: Option<f64>,
+    /// The last poll that reached the host without giving its load ([`PollError`]).
+    last_reached: Option<f64>,
     error: Option<String>,
     load: Option<HostLoad>,
 }
@@ -326,9 +350,15 @@ impl Service {
         {
             let me = self.clone();
             tokio::spawn(async move {
+                // cleared however the pass ends (a panic included)
+                struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+                impl Drop for Done<'_> {
+                    fn drop(&mut self) {
+                        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                let _done = Done(&me.failing_over);
                 me.failover().await;
-                me.failing_over
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
             });
         }
     }
@@ -350,7 +380,7 @@ impl Service {
                 if alive {
                     live.push(h.name.clone());
                 } else if seen
-                    .and_then(|s| s.last_ok)
+                    .and_then(|s| s.last_ok.into_iter().chain(s.last_reached).reduce(f64::max))
                     .is_some_and(|t| now - t >= after)
                 {
                     dead.push(h.name.clone());
@@ -547,7 +577,7 @@ impl Service {
     }
 
     /// Each agent's load, or why it did not answer.
-    async fn poll_agents(&self) -> Vec<(String, Result<HostLoad, String>)> {
+    async fn poll_agents(&self) -> Vec<(String, Result<HostLoad, PollError>)> {
         // the leader's poll is its word for the agents' fences; a dry run's is not
         let path = if self.config.dry_run {
             "/v1/load"
@@ -561,10 +591,15 @@ impl Service {
                 name.clone(),
                 tokio::task::spawn_blocking(move || {
                     c.call_within("GET", path, None, Some(POLL_WITHIN))
-                        .map_err(|e| error_text(&e))
+                        .map_err(|e| PollError {
+                            text: error_text(&e),
+                            reached: reached(&e),
+                        })
                         .and_then(|v| {
-                            serde_json::from_value::<HostLoad>(v)
-                                .map_err(|e| format!("its load is not what this tern expects: {e}"))
+                            serde_json::from_value::<HostLoad>(v).map_err(|e| PollError {
+                                text: format!("its load is not what this tern expects: {e}"),
+                                reached: true,
+                            })
                         })
                 }),
             ));
@@ -573,7 +608,12 @@ impl Service {
         for (name, j) in jobs {
             out.push((
                 name,
-                j.await.unwrap_or_else(|e| Err(format!("poll failed: {e}"))),
+                j.await.unwrap_or_else(|e| {
+                    Err(PollError {
+                        text: format!("poll failed: {e}"),
+                        reached: false,
+                    })
+                }),
             ));
         }
         out
@@ -604,7 +644,8 @@ impl Service {
             let id = f.ids.get(&vm).cloned();
             let vm2 = vm.clone();
             let started_at = f.started_at;
-            let r = tokio::task::spawn_blocking(move || -> Option<Result<MoveCost, String>> {
+            // bounded: an agent that does not answer holds up no round (the next asks again)
+            let r = tokio::time::timeout(FOLLOW_WITHIN, tokio::task::spawn_blocking(move || -> Option<Result<MoveCost, String>> {
                 match id {
                     Some(id) => {
                         let s = match client.migration(&id) {
@@ -643,9 +684,10 @@ impl Service {
                         Some(Err("the move was recorded but its migration never started (the controller stopped in between)".into()))
                     }
                 }
-            })
+            }))
             .await
             .ok()
+            .and_then(|r| r.ok())
             .flatten();
             if let Some(r) = r {
                 out.push((vm, r));
@@ -705,7 +747,12 @@ impl Service {
     }
 
     /// Folds the agents' answers into the cluster view.
-    fn observe(&self, inner: &mut Inner, now: f64, polls: Vec<(String, Result<HostLoad, String>)>) {
+    fn observe(
+        &self,
+        inner: &mut Inner,
+        now: f64,
+        polls: Vec<(String, Result<HostLoad, PollError>)>,
+    ) {
         let keep = inner.ctl.params.window_s.max(60.0) * 2.0;
         let mut reported: BTreeMap<String, (String, bool)> = BTreeMap::new();
         // VM -> the hosts that report it: (host, migrating it away, agent uptime, its load)
@@ -720,7 +767,10 @@ impl Service {
                     seen.error = None;
                     seen.load = Some(load);
                 }
-                Err(e) => {
+                Err(PollError { text: e, reached }) => {
+                    if reached {
+                        seen.last_reached = Some(now);
+                    }
                     if seen.error.as_deref() != Some(e.as_str()) {
                         seen.error = Some(e.clone());
                         self.log(inner, now, format!("host {name} did not answer: {e}"));
@@ -1270,7 +1320,9 @@ fn take_over(inner: &mut Inner, config: &ControllerConfig, now: f64) {
         if seen.last_ok == Some(now) {
             continue; // it answered this round: what it said stands
         }
-        seen.last_ok.get_or_insert(now);
+        // (also when this controller led before: another led since, so what it
+        // remembers of the silence is stale)
+        seen.last_ok = Some(now);
         for (vm, p) in &inner.ctl.memory.placed {
             if p.host == h.name && !inner.ctl.cluster.vms.contains_key(vm) {
                 inner.ctl.cluster.vms.insert(
