@@ -372,8 +372,8 @@ pub async fn keep_fenced(agent: &Agent) {
 /// `POST /v1/fence/release`: stops and resumes the VMs named, lifts the fence.
 pub async fn release(agent: &Agent, req: FenceRelease) -> FenceReleased {
     let mut out = FenceReleased::default();
-    // copies that run elsewhere now and could not be stopped stay fenced (paused, no
-    // `cont`); one that is not here any more is stopped already
+    // a copy that runs elsewhere now and could not be stopped keeps the whole host fenced
+    // (nothing resumed; the controller asks again); one not here any more is stopped
     let mut still = Vec::new();
     for n in &req.stop {
         match agent.stop_vm(n).await {
@@ -385,17 +385,18 @@ pub async fn release(agent: &Agent, req: FenceRelease) -> FenceReleased {
         }
     }
     let was = agent.fence.since();
+    if !still.is_empty() {
+        for n in &req.resume {
+            out.failed.push(format!(
+                "resume {n}: not done, the host stays fenced while {still:?} could not be stopped"
+            ));
+        }
+        tracing::error!(failed = ?out.failed, "fence kept: copies that run elsewhere could not be stopped");
+        return out;
+    }
     // lifted before the resumes (the fence's own check would pause them again)
-    let left = if still.is_empty() {
-        None
-    } else {
-        Some(Fenced {
-            since_unix_ms: was.unwrap_or_else(now_ms),
-            vms: still,
-        })
-    };
-    if let Err(e) = agent.fence.set(left) {
-        tracing::error!("cannot write the fenced state's file: {e}");
+    if let Err(e) = agent.fence.set(None) {
+        tracing::error!("cannot remove the fenced state's file: {e}");
     }
     for n in &req.resume {
         let Some(vm) = agent.vm(n) else {

@@ -418,17 +418,23 @@ impl Service {
             let inner = &mut *g;
             match r {
                 Ok(answer) => {
-                    // a copy the agent could not stop stays recorded (and its host fenced)
+                    // only a copy the agent stopped is done with; one it could not stop
+                    // stays recorded (the agent keeps the host fenced; asked again next
+                    // pass)
+                    let stopped = strings(&answer["stopped"]);
                     let failed = strings(&answer["failed"]);
                     inner
                         .ctl
                         .memory
                         .restarted
-                        .retain(|vm, x| &x.from != h || failed.contains(vm));
+                        .retain(|vm, x| &x.from != h || !stopped.contains(vm));
                     let _ = inner.store.save(&inner.ctl.memory);
-                    self.log(inner, now, format!(
-                        "host {h} is back and was fenced: stopped {stop:?} (restarted elsewhere), resumed {resume:?}"
-                    ));
+                    let text = if failed.is_empty() {
+                        format!("host {h} is back and was fenced: stopped {stop:?} (restarted elsewhere), resumed {resume:?}")
+                    } else {
+                        format!("host {h} is back and fenced: stopped {stopped:?}, but {failed:?}; it stays fenced, asked again next round")
+                    };
+                    self.log(inner, now, text);
                 }
                 Err(e) => self.log(
                     inner,
