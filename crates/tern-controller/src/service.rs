@@ -490,15 +490,9 @@ impl Service {
                 },
                 &|v, h| self.may_run(v, h),
             );
-            let notes: BTreeSet<String> = notes.into_iter().collect();
-            for n in notes
-                .difference(&inner.said_failover)
-                .cloned()
-                .collect::<Vec<_>>()
-            {
+            for n in new_notes(&mut inner.said_failover, notes) {
                 self.log(inner, now, n);
             }
-            inner.said_failover = notes;
             plan
         };
         for r in plan {
@@ -882,15 +876,9 @@ impl Service {
             );
         }
         // said once while it lasts
-        let conflicts: BTreeSet<String> = conflicts.into_iter().collect();
-        for c in conflicts
-            .difference(&inner.said_conflicts)
-            .cloned()
-            .collect::<Vec<_>>()
-        {
+        for c in new_notes(&mut inner.said_conflicts, conflicts) {
             self.log(inner, now, c);
         }
-        inner.said_conflicts = conflicts;
         // VMs an agent that answered did not report are gone (stopped); those of hosts
         // that did not answer this round stay as last seen
         let answered: BTreeSet<String> = inner
@@ -1124,14 +1112,9 @@ impl Service {
 
     /// Logs this round's moves and the notes that are new since the last round.
     fn report(&self, inner: &mut Inner, now: f64, d: &Decisions) {
-        let mut said = BTreeSet::new();
-        for n in &d.notes {
-            if !inner.said.contains(&n.text) {
-                self.log(inner, now, n.text.clone());
-            }
-            said.insert(n.text.clone());
+        for n in new_notes(&mut inner.said, d.notes.iter().map(|n| n.text.clone())) {
+            self.log(inner, now, n);
         }
-        inner.said = said;
         if self.config.dry_run {
             for m in &d.moves {
                 let text = format!(
@@ -1281,6 +1264,21 @@ impl Service {
     }
 }
 
+/// This round's notes that the last round did not say (in their order, once each);
+/// `said` becomes this round's.
+fn new_notes(said: &mut BTreeSet<String>, notes: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut fresh = Vec::new();
+    let mut seen = BTreeSet::new();
+    for n in notes {
+        if !said.contains(&n) && !seen.contains(&n) {
+            fresh.push(n.clone());
+        }
+        seen.insert(n);
+    }
+    *said = seen;
+    fresh
+}
+
 /// Copies where the VMs run and the hosts' fences into the state's memory (marks it to be
 /// saved when that changes).
 fn sync_placed(inner: &mut Inner) {
@@ -1383,6 +1381,17 @@ mod tests {
             Controller::default(),
             Box::new(crate::state::FileStore::open(dir).unwrap()),
         )
+    }
+
+    #[test]
+    fn a_note_is_logged_when_it_first_appears_and_again_only_after_it_went_away() {
+        let mut said = BTreeSet::new();
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(new_notes(&mut said, s(&["a", "b", "a"])), s(&["a", "b"]));
+        assert_eq!(new_notes(&mut said, s(&["b", "c"])), s(&["c"]));
+        // a went away last round: said again
+        assert_eq!(new_notes(&mut said, s(&["a", "b"])), s(&["a"]));
+        assert!(new_notes(&mut said, Vec::new()).is_empty() && said.is_empty());
     }
 
     #[test]
