@@ -319,6 +319,38 @@ pub(crate) mod held {
         s.connect(to).await.unwrap()
     }
 
+    /// Opens `share + over` raw connections from `from` to `to`: checks that the first
+    /// `share` are held (in their handshake) and the rest closed at once; returns the
+    /// held ones.
+    pub(crate) async fn hold_share(
+        from: &str,
+        to: SocketAddr,
+        share: usize,
+        over: usize,
+    ) -> Vec<tokio::net::TcpStream> {
+        let mut held = Vec::new();
+        for _ in 0..share {
+            held.push(raw_from(from, to).await);
+        }
+        let mut extra = Vec::new();
+        for _ in 0..over {
+            extra.push(raw_from(from, to).await);
+        }
+        for c in &mut extra {
+            assert!(
+                closed(c, Duration::from_secs(5)).await,
+                "a connection over the source's share was held"
+            );
+        }
+        for c in &mut held {
+            assert!(
+                !closed(c, Duration::from_millis(300)).await,
+                "a handshake within the share was closed"
+            );
+        }
+        held
+    }
+
     /// Whether the listener closed `c` (within a while) rather than holding it.
     pub(crate) async fn closed(c: &mut tokio::net::TcpStream, within: Duration) -> bool {
         use tokio::io::AsyncReadExt;

@@ -1271,7 +1271,7 @@ async fn accept_peers<S, F>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admission::held::{closed, raw_from};
+    use crate::admission::held::{closed, hold_share, raw_from};
     use std::time::Duration;
     use tokio::sync::{mpsc, oneshot};
 
@@ -1346,26 +1346,7 @@ mod tests {
         };
 
         // one source: its share is held, the rest closed at once
-        let mut held = Vec::new();
-        for _ in 0..2 {
-            held.push(raw_from("127.0.0.2", addr).await);
-        }
-        let mut over = Vec::new();
-        for _ in 0..4 {
-            over.push(raw_from("127.0.0.2", addr).await);
-        }
-        for c in &mut over {
-            assert!(
-                closed(c, Duration::from_secs(5)).await,
-                "a connection over the source's share was held"
-            );
-        }
-        for c in &mut held {
-            assert!(
-                !closed(c, Duration::from_millis(300)).await,
-                "a handshake within the share was closed"
-            );
-        }
+        let _held = hold_share("127.0.0.2", addr, 2, 4).await;
 
         // a peer from another address: served while they are held
         let mut first = dial().await.expect("the first peer's handshake");
