@@ -198,6 +198,36 @@ fn raw_from(from: &str, to: &str) -> Result<std::net::TcpStream> {
 }
 
 /// Whether the agent closed `c` within `within` (rather than holding it).
+/// Which of `raw` the listener holds (not closed within 100 ms).
+fn held_of(raw: &mut [std::net::TcpStream]) -> Result<Vec<usize>> {
+    let mut held = Vec::new();
+    for (i, c) in raw.iter_mut().enumerate() {
+        if !closed_within(c, Duration::from_millis(100))? {
+            held.push(i);
+        }
+    }
+    Ok(held)
+}
+
+/// The `held` connections of `raw`, opened at `started`, are dropped at the handshake
+/// deadline `within` (3 s of slack).
+fn dropped_by_deadline(
+    raw: &mut [std::net::TcpStream],
+    held: &[usize],
+    started: Instant,
+    within: Duration,
+) -> Result<()> {
+    for &i in held {
+        let left =
+            (started + within + Duration::from_secs(3)).saturating_duration_since(Instant::now());
+        ensure!(
+            closed_within(&mut raw[i], left.max(Duration::from_millis(1)))?,
+            "a connection without a handshake outlived {within:?}"
+        );
+    }
+    Ok(())
+}
+
 fn closed_within(c: &mut std::net::TcpStream, within: Duration) -> Result<bool> {
     use std::io::Read;
     c.set_read_timeout(Some(within))?;
@@ -252,12 +282,7 @@ fn held_handshakes_from_one_address_do_not_lock_the_controller_out() -> Result<(
     }
     // the address got its share of the handshakes; the rest were closed at once
     std::thread::sleep(Duration::from_millis(200));
-    let mut held = Vec::new();
-    for (i, c) in raw.iter_mut().enumerate() {
-        if !closed_within(c, Duration::from_millis(100))? {
-            held.push(i);
-        }
-    }
+    let held = held_of(&mut raw)?;
     ensure!(
         started.elapsed() < HANDSHAKE_WITHIN,
         "too slow to tell held from refused before the handshake deadline"
@@ -272,15 +297,7 @@ fn held_handshakes_from_one_address_do_not_lock_the_controller_out() -> Result<(
         "no word of the refused connections:\n{}",
         a.log_text()
     );
-    // the held ones are dropped at the handshake deadline
-    for &i in &held {
-        let left = (started + HANDSHAKE_WITHIN + Duration::from_secs(3))
-            .saturating_duration_since(Instant::now());
-        ensure!(
-            closed_within(&mut raw[i], left.max(Duration::from_millis(1)))?,
-            "a connection without a handshake outlived {HANDSHAKE_WITHIN:?}"
-        );
-    }
+    dropped_by_deadline(&mut raw, &held, started, HANDSHAKE_WITHIN)?;
     ensure!(ctl.load()?.host == "host-ctl-dos");
     Ok(())
 }
@@ -311,12 +328,7 @@ fn held_handshakes_from_one_address_do_not_lock_peers_out() -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let started = Instant::now();
     // the address got its share of the handshakes; the rest were closed at once
-    let mut held = Vec::new();
-    for (i, c) in raw.iter_mut().enumerate() {
-        if !closed_within(c, Duration::from_millis(100))? {
-            held.push(i);
-        }
-    }
+    let held = held_of(&mut raw)?;
     ensure!(
         held.len() == MAX_PEER_HANDSHAKES_PER_SOURCE,
         "held {} of {n} connections from one address: {held:?}",
@@ -341,14 +353,6 @@ fn held_handshakes_from_one_address_do_not_lock_peers_out() -> Result<()> {
         "no word of the refused connections:\n{}",
         b.log_text()
     );
-    // the held ones are dropped at the handshake deadline
-    for &i in &held {
-        let left = (started + PEER_HANDSHAKE_WITHIN + Duration::from_secs(3))
-            .saturating_duration_since(Instant::now());
-        ensure!(
-            closed_within(&mut raw[i], left.max(Duration::from_millis(1)))?,
-            "a connection without a handshake outlived {PEER_HANDSHAKE_WITHIN:?}"
-        );
-    }
+    dropped_by_deadline(&mut raw, &held, started, PEER_HANDSHAKE_WITHIN)?;
     Ok(())
 }
