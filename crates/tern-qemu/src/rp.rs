@@ -1,6 +1,10 @@
 //! Return-path messages (destination QEMU -> source QEMU, on the migration socket):
 //! `be16 type, be16 len, payload`. Sans-IO parse and encode, so agents can relay the
-//! return path one message at a time and see SHUT. Must not interpret migration state.
+//! return path one message at a time and see SHUT, and, for postcopy, read the page
+//! requests (REQ_PAGES_ID / REQ_PAGES: offset and length in bytes within a RAM block) and
+//! the recovery messages (RECV_BITMAP, RESUME_ACK). Every parsed message encodes back to
+//! the same bytes. Must not interpret migration state (which block a REQ_PAGES means is
+//! the reader's to remember: the last REQ_PAGES_ID's).
 
 use bytes::Bytes;
 
@@ -12,21 +16,31 @@ const RP_RECV_BITMAP: u16 = 5;
 const RP_RESUME_ACK: u16 = 6;
 const RP_SWITCHOVER_ACK: u16 = 7;
 const BITMAP_END: u64 = 0x0123_4567_89AB_CDEF;
-const MAX_BITMAP: u64 = 1 << 30;
+/// Largest received-page bitmap: one block of 8 TiB in 4 KiB pages.
+pub const MAX_BITMAP: u64 = 1 << 28;
+
+/// The size QEMU gives the RECV_BITMAP bitmap of a block of `used_length` bytes: one bit
+/// per target page, rounded up to whole 64-bit words.
+pub fn recv_bitmap_len(used_length: u64, page_size: u64) -> u64 {
+    used_length.div_ceil(page_size.max(1)).div_ceil(64) * 8
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RpMessage {
     Shut(u32),
     Pong(u32),
+    /// A postcopy page fault in `block` (and the block for the REQ_PAGES after it).
     ReqPagesId {
         offset: u64,
         len: u32,
         block: String,
     },
+    /// A postcopy page fault in the block of the last REQ_PAGES_ID.
     ReqPages {
         offset: u64,
         len: u32,
     },
+    /// Postcopy recovery: `block`'s received-page bitmap, little-endian 64-bit words.
     RecvBitmap {
         block: String,
         bitmap: Bytes,
@@ -47,6 +61,27 @@ pub enum RpError {
     BadPayload { ty: u16, len: usize },
     #[error("return-path bitmap is malformed: {0}")]
     BadBitmap(String),
+    #[error("return-path message type {ty} names a RAM block that is empty or not UTF-8")]
+    BadBlockName { ty: u16 },
+    #[error("return-path page request {offset:#x}+{len:#x} overflows")]
+    BadPageRange { offset: u64, len: u32 },
+}
+
+/// A block name as QEMU writes it: non-empty UTF-8 (so it re-encodes to the same bytes).
+fn block_name(ty: u16, b: &[u8]) -> Result<String, RpError> {
+    match std::str::from_utf8(b) {
+        Ok(s) if !s.is_empty() => Ok(s.to_owned()),
+        _ => Err(RpError::BadBlockName { ty }),
+    }
+}
+
+/// Only what no block can hold; whether the range is inside its block (and not empty,
+/// which QEMU's source refuses) is for the reader, who knows the blocks.
+fn page_range(offset: u64, len: u32) -> Result<(), RpError> {
+    if offset.checked_add(len as u64).is_none() {
+        return Err(RpError::BadPageRange { offset, len });
+    }
+    Ok(())
 }
 
 fn be32(b: &[u8]) -> u32 {
@@ -75,23 +110,28 @@ pub fn parse_rp(buf: &[u8]) -> Result<Option<(RpMessage, usize)>, RpError> {
         RP_PONG if len == 4 => RpMessage::Pong(be32(p)),
         RP_RESUME_ACK if len == 4 => RpMessage::ResumeAck(be32(p)),
         RP_SWITCHOVER_ACK if len == 0 => RpMessage::SwitchoverAck,
-        RP_REQ_PAGES if len == 12 => RpMessage::ReqPages {
-            offset: be64(p),
-            len: be32(&p[8..]),
-        },
-        RP_REQ_PAGES_ID if len >= 13 && 13 + p[12] as usize == len => RpMessage::ReqPagesId {
-            offset: be64(p),
-            len: be32(&p[8..]),
-            block: String::from_utf8_lossy(&p[13..]).into_owned(),
-        },
+        RP_REQ_PAGES if len == 12 => {
+            let (offset, len) = (be64(p), be32(&p[8..]));
+            page_range(offset, len)?;
+            RpMessage::ReqPages { offset, len }
+        }
+        RP_REQ_PAGES_ID if len >= 13 && 13 + p[12] as usize == len => {
+            let (offset, len) = (be64(p), be32(&p[8..]));
+            page_range(offset, len)?;
+            RpMessage::ReqPagesId {
+                offset,
+                len,
+                block: block_name(ty, &p[13..])?,
+            }
+        }
         RP_RECV_BITMAP if len >= 1 && 1 + p[0] as usize == len => {
-            let block = String::from_utf8_lossy(&p[1..]).into_owned();
+            let block = block_name(ty, &p[1..])?;
             let rest = &buf[4 + len..];
             if rest.len() < 8 {
                 return Ok(None);
             }
             let size = be64(rest);
-            if size > MAX_BITMAP {
+            if size > MAX_BITMAP || !size.is_multiple_of(8) {
                 return Err(RpError::BadBitmap(format!("{size} bytes")));
             }
             let total = 4 + len + 8 + size as usize + 8;
@@ -216,5 +256,98 @@ mod tests {
         let n = b.len();
         b[n - 1] ^= 1;
         assert!(matches!(parse_rp(&b), Err(RpError::BadBitmap(_))));
+    }
+
+    #[test]
+    fn postcopy_messages_parse_into_typed_values_from_qemus_bytes() {
+        // REQ_PAGES_ID: be64 offset, be32 length, counted name
+        let b = b"\x00\x03\x00\x13\x00\x00\x00\x00\x00\x12\x30\x00\x00\x00\x10\x00\x06pc.ram";
+        assert_eq!(
+            parse_rp(b),
+            Ok(Some((
+                RpMessage::ReqPagesId {
+                    offset: 0x12_3000,
+                    len: 4096,
+                    block: "pc.ram".into()
+                },
+                b.len()
+            )))
+        );
+        let b = b"\x00\x04\x00\x0c\x00\x00\x00\x00\x00\x00\x20\x00\x00\x00\x10\x00";
+        assert_eq!(
+            parse_rp(b),
+            Ok(Some((
+                RpMessage::ReqPages {
+                    offset: 0x2000,
+                    len: 4096
+                },
+                b.len()
+            )))
+        );
+        // RECV_BITMAP: counted name, then outside the length: be64 size, bitmap, end mark
+        let mut b = b"\x00\x05\x00\x04\x03vga".to_vec();
+        b.extend_from_slice(&16u64.to_be_bytes());
+        b.extend_from_slice(&[0xff, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+        b.extend_from_slice(&BITMAP_END.to_be_bytes());
+        b.extend_from_slice(b"\x00\x06\x00\x04\x00\x00\x00\x01");
+        let (m, n) = parse_rp(&b).unwrap().unwrap();
+        assert_eq!(n, b.len() - 8);
+        let RpMessage::RecvBitmap { block, bitmap } = &m else {
+            panic!("{m:?}")
+        };
+        assert_eq!(
+            (block.as_str(), bitmap.len(), bitmap[0], bitmap[8]),
+            ("vga", 16, 0xff, 1)
+        );
+        let mut again = Vec::new();
+        encode_rp(&m, &mut again);
+        assert_eq!(again, &b[..n]);
+        assert_eq!(parse_rp(&b[n..]), Ok(Some((RpMessage::ResumeAck(1), 8))));
+        assert_eq!(recv_bitmap_len(16 * 4096, 4096), 8);
+        assert_eq!(recv_bitmap_len(65 * 4096, 4096), 16);
+        assert_eq!(recv_bitmap_len(512 << 20, 4096), 16384);
+    }
+
+    #[test]
+    fn malformed_postcopy_messages_are_errors() {
+        // page requests past the end of the address space
+        let mut b = Vec::new();
+        encode_rp(
+            &RpMessage::ReqPages {
+                offset: u64::MAX,
+                len: 1,
+            },
+            &mut b,
+        );
+        assert!(matches!(parse_rp(&b), Err(RpError::BadPageRange { .. })));
+        b.clear();
+        encode_rp(
+            &RpMessage::ReqPagesId {
+                offset: u64::MAX - 10,
+                len: 4096,
+                block: "pc.ram".into(),
+            },
+            &mut b,
+        );
+        assert!(matches!(parse_rp(&b), Err(RpError::BadPageRange { .. })));
+        // names: empty or not UTF-8 (would not re-encode to the same bytes)
+        let b = b"\x00\x03\x00\x0f\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x10\x00\x02\xff\xfe";
+        assert_eq!(parse_rp(b), Err(RpError::BadBlockName { ty: 3 }));
+        let b = b"\x00\x05\x00\x01\x00";
+        assert_eq!(parse_rp(b), Err(RpError::BadBlockName { ty: 5 }));
+        // counted name longer than the message
+        let b = b"\x00\x03\x00\x0e\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x10\x00\x05a";
+        assert_eq!(parse_rp(b), Err(RpError::BadPayload { ty: 3, len: 14 }));
+        // bitmap sizes: over the limit (refused before waiting for it), not whole words
+        for size in [MAX_BITMAP + 8, 12] {
+            let mut b = b"\x00\x05\x00\x02\x01a".to_vec();
+            b.extend_from_slice(&size.to_be_bytes());
+            assert!(matches!(parse_rp(&b), Err(RpError::BadBitmap(_))), "{size}");
+        }
+        // RESUME_ACK of the wrong size
+        assert_eq!(
+            parse_rp(b"\x00\x06\x00\x02\x00\x01"),
+            Err(RpError::BadPayload { ty: 6, len: 2 })
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! Sans-IO codec for QEMU's precopy migration stream (main channel), QEMU 7.2 to 10.x.
+//! Sans-IO codec for QEMU's migration stream (main channel), QEMU 7.2 to 10.x: precopy,
+//! and postcopy's commands and package.
 //!
 //! [`Parser::parse`] turns bytes into [`Item`]s (header, section headers, RAM records,
 //! footers, commands, and the verbatim device-state tail); [`Encoder::encode`] turns items
@@ -6,6 +7,15 @@
 //! shared/reference/qemu-stream.md. Device state (FULL sections) has no length, so from
 //! the first device FULL section after RAM's END everything is passed as [`Item::Tail`];
 //! [`Parser::finish`] checks that the stream then ended with EOF (+ vmdesc).
+//!
+//! Postcopy (§8): ADVISE, LISTEN, RUN, RAM_DISCARD, RESUME and RECV_BITMAP are typed
+//! [`Item::Postcopy`] commands. PACKAGED is one [`Item::Packaged`] holding the items of its
+//! sub-stream (LISTEN, FULL device sections, PINGs, RUN, and RAM if any): the whole
+//! package (at most [`MAX_PACKAGED`] bytes, QEMU's own limit) is buffered, and since its
+//! end is known, each device section inside is split at its footer ([`Item::DeviceState`]
+//! holds the body verbatim). The encoder recomputes the package length. After postcopy
+//! recovery the source continues on a new connection with no header:
+//! [`Parser::resumed`] parses that one.
 //!
 //! What tern cannot carry is refused with [`StreamError::Unsupported`], whose hint tells
 //! the operator what to turn off. This module does no I/O and must never panic on input.
@@ -42,15 +52,30 @@ const F_HOOK: u64 = 0x80;
 const F_COMPRESS_PAGE: u64 = 0x100;
 const F_MULTIFD_FLUSH: u64 = 0x200;
 
-/// Command numbers that pass through.
+/// Command numbers (§8). OPEN_RETURN_PATH, PING and SWITCHOVER_START pass through as
+/// [`Item::Command`]; the postcopy ones are typed ([`Item::Postcopy`], [`Item::Packaged`]).
 pub mod cmd {
     pub const OPEN_RETURN_PATH: u16 = 1;
     pub const PING: u16 = 2;
+    pub const POSTCOPY_ADVISE: u16 = 3;
+    pub const POSTCOPY_LISTEN: u16 = 4;
+    pub const POSTCOPY_RUN: u16 = 5;
+    pub const POSTCOPY_RAM_DISCARD: u16 = 6;
+    pub const PACKAGED: u16 = 7;
+    pub const ENABLE_COLO: u16 = 8;
+    pub const POSTCOPY_RESUME: u16 = 9;
+    pub const RECV_BITMAP: u16 = 10;
     pub const SWITCHOVER_START: u16 = 11;
 }
 
 /// Largest length-prefixed thing the parser will wait for (bigger is an error).
 const MAX_ITEM: usize = 16 << 20;
+
+/// Largest PACKAGED blob: QEMU's `MAX_VM_CMD_PACKAGED_SIZE` (its destination refuses more).
+pub const MAX_PACKAGED: usize = 1 << 24;
+
+/// The only POSTCOPY_RAM_DISCARD payload version QEMU has.
+const DISCARD_VERSION: u8 = 0;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StreamConfig {
@@ -116,6 +141,47 @@ pub enum RamRecord {
     Eos,
 }
 
+/// A byte range of a RAM block that the destination must drop (POSTCOPY_RAM_DISCARD).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiscardRange {
+    pub start: u64,
+    pub length: u64,
+}
+
+/// The postcopy commands (§8), typed. Each encodes back to the bytes it was parsed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PostcopyCommand {
+    /// POSTCOPY_ADVISE with its payload: the OR of every RAM block's page size and the
+    /// target page size.
+    Advise {
+        page_sizes: u64,
+        target_page_size: u64,
+    },
+    /// POSTCOPY_ADVISE with no payload: postcopy of dirty bitmaps only, not of RAM.
+    AdviseBitmapsOnly,
+    /// First item of the package: the destination starts listening for page faults.
+    Listen,
+    /// Last item of the package: the destination starts the guest.
+    Run,
+    /// Pages sent in precopy and dirtied since, in bytes within `block`.
+    RamDiscard {
+        block: BlockName,
+        ranges: Vec<DiscardRange>,
+    },
+    /// Postcopy recovery, on the new connection.
+    Resume,
+    /// Postcopy recovery: asks the destination for `block`'s received-page bitmap (it
+    /// answers on the return path).
+    RecvBitmap { block: BlockName },
+}
+
+/// A PACKAGED command's sub-stream, as items. Its length on the wire is that of their
+/// encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Package {
+    pub items: Vec<Item>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {
     Header(Header),
@@ -128,6 +194,11 @@ pub enum Item {
         cmd: u16,
         data: Bytes,
     },
+    Postcopy(PostcopyCommand),
+    Packaged(Package),
+    /// Inside a [`Package`] only: the body of the device section (FULL) just before it,
+    /// verbatim, up to its footer.
+    DeviceState(Bytes),
     /// Verbatim device-state tail: from the first non-RAM FULL section header (after RAM's
     /// END), or a top-level EOF, to the end of input. Emitted in chunks as bytes arrive.
     Tail(Bytes),
@@ -171,17 +242,32 @@ pub enum NameMode {
 enum State {
     Header,
     Top,
-    RamBody { sid: u32 },
-    Footer { sid: u32 },
+    RamBody {
+        sid: u32,
+    },
+    /// Inside a package only, where the whole body is in the buffer.
+    DeviceBody {
+        sid: u32,
+    },
+    Footer {
+        sid: u32,
+    },
     Tail,
 }
 
 /// Incremental parser; see the module doc.
+#[derive(Clone)]
 pub struct Parser {
     state: State,
     offset: u64,
     page_size: u64,
+    host_page_size: u64,
     ignore_shared: bool,
+    /// POSTCOPY_ADVISE's page-size summary, once seen.
+    postcopy_page_sizes: Option<u64>,
+    postcopy_advised: bool,
+    /// This parser reads a PACKAGED blob (the whole of it is in every `buf`).
+    in_package: bool,
     last_block: Option<BlockName>,
     blocks: Vec<RamBlockInfo>,
     block_len: HashMap<BlockName, u64>,
@@ -223,6 +309,10 @@ impl<'a> Cur<'a> {
     fn be64(&mut self) -> Option<u64> {
         Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
     }
+    fn peek_be64(&self) -> Option<u64> {
+        let s = self.b.get(self.p..self.p.checked_add(8)?)?;
+        Some(u64::from_be_bytes(s.try_into().ok()?))
+    }
     fn counted(&mut self) -> Option<&'a [u8]> {
         let n = self.u8()? as usize;
         self.take(n)
@@ -252,7 +342,11 @@ impl Parser {
             state: State::Header,
             offset: 0,
             page_size: DEFAULT_PAGE_SIZE,
+            host_page_size: DEFAULT_PAGE_SIZE,
             ignore_shared: false,
+            postcopy_page_sizes: None,
+            postcopy_advised: false,
+            in_package: false,
             last_block: None,
             blocks: Vec::new(),
             block_len: HashMap::new(),
@@ -266,6 +360,41 @@ impl Parser {
 
     pub fn page_size(&self) -> u64 {
         self.page_size
+    }
+
+    /// The source host's page size (default 4096), which decides, with postcopy, which RAM
+    /// blocks carry a page size in MEM_SIZE (those whose page size differs from it).
+    /// Ignored unless a power of two.
+    pub fn set_host_page_size(&mut self, size: u64) {
+        if size.is_power_of_two() {
+            self.host_page_size = size;
+        }
+    }
+
+    /// POSTCOPY_ADVISE was seen (with or without a RAM page-size summary).
+    pub fn postcopy_advised(&self) -> bool {
+        self.postcopy_advised
+    }
+
+    /// POSTCOPY_ADVISE's summary: the OR of every RAM block's page size.
+    pub fn postcopy_page_sizes(&self) -> Option<u64> {
+        self.postcopy_page_sizes
+    }
+
+    /// A parser for the new main connection after postcopy recovery: the source sends no
+    /// header there and continues the RAM section (RECV_BITMAP, RESUME, PART ram ...), so
+    /// this one starts between items and keeps the RAM blocks and postcopy state. The
+    /// source forgets its last block on a new channel, so CONTINUE state starts empty.
+    pub fn resumed(&self) -> Parser {
+        let mut p = self.clone();
+        p.state = State::Top;
+        p.offset = 0;
+        p.last_block = None;
+        p.in_end = false;
+        p.tail = Vec::new();
+        p.shared = None;
+        p.in_package = false;
+        p
     }
 
     /// Bytes consumed so far.
@@ -324,6 +453,7 @@ impl Parser {
             State::Top => self.top(buf),
             State::RamBody { sid } => self.ram_record(buf, sid),
             State::Footer { sid } => self.footer(buf, sid),
+            State::DeviceBody { sid } => self.device_body(buf, sid),
             State::Tail => {
                 if buf.is_empty() {
                     Ok(None)
@@ -447,6 +577,20 @@ impl Parser {
                 let instance_id = need!(c.be32());
                 let version_id = need!(c.be32());
                 if t == T_FULL {
+                    if self.in_package {
+                        if idstr == "ram" {
+                            return Err(self.malformed(0, "FULL section for ram in the package"));
+                        }
+                        self.state = State::DeviceBody { sid };
+                        let h = SectionHeader {
+                            kind: SectionKind::Full,
+                            section_id: sid,
+                            idstr: Some(idstr),
+                            instance_id,
+                            version_id,
+                        };
+                        return Ok(Some((Item::Section(h), c.p)));
+                    }
                     if idstr != "ram" && self.ram_ended {
                         return self.enter_tail(buf);
                     }
@@ -506,43 +650,281 @@ impl Parser {
                 let cmd = need!(c.be16());
                 let len = need!(c.be16()) as usize;
                 let data = need!(c.take(len));
-                let (feature, hint) = match cmd {
-                    cmd::OPEN_RETURN_PATH | cmd::SWITCHOVER_START if len == 0 => {
-                        return Ok(Some((
-                            Item::Command {
-                                cmd,
-                                data: Bytes::new(),
-                            },
-                            c.p,
-                        )))
-                    }
-                    cmd::PING if len == 4 => {
-                        return Ok(Some((
-                            Item::Command {
-                                cmd,
-                                data: Bytes::copy_from_slice(data),
-                            },
-                            c.p,
-                        )))
-                    }
-                    cmd::OPEN_RETURN_PATH | cmd::SWITCHOVER_START | cmd::PING => {
-                        return Err(
-                            self.malformed(0, format!("command {cmd} with a {len}-byte payload"))
-                        )
-                    }
-                    3..=7 => ("postcopy", "turn off the postcopy-ram capability"),
-                    8 => ("COLO", "turn off the x-colo capability"),
-                    9 | 10 => ("postcopy recovery", "turn off the postcopy-ram capability"),
-                    _ => return Err(self.malformed(0, format!("unknown command {cmd}"))),
-                };
-                Err(self.unsupported(0, feature, hint))
+                if cmd == cmd::PACKAGED {
+                    return self.packaged(c, data);
+                }
+                let item = self.command(cmd, data)?;
+                Ok(Some((item, c.p)))
             }
+            T_EOF if self.in_package => Err(self.malformed(0, "EOF inside the package")),
             T_EOF => self.enter_tail(buf),
             T_SUBSECTION | T_VMDESC | T_CONFIG | T_FOOTER => {
                 Err(self.malformed(0, format!("item type {t:#04x} at top level")))
             }
             _ => Err(self.malformed(0, format!("unknown item type {t:#04x}"))),
         }
+    }
+
+    /// A command other than PACKAGED; `data` is its whole payload. Errors point at the
+    /// command's type byte.
+    fn command(&mut self, cmd: u16, data: &[u8]) -> Result<Item, StreamError> {
+        let len = data.len();
+        let bad =
+            |this: &Self| this.malformed(0, format!("command {cmd} with a {len}-byte payload"));
+        let pc = |c: PostcopyCommand| Ok(Item::Postcopy(c));
+        match cmd {
+            cmd::OPEN_RETURN_PATH | cmd::SWITCHOVER_START if len == 0 => Ok(Item::Command {
+                cmd,
+                data: Bytes::new(),
+            }),
+            cmd::PING if len == 4 => Ok(Item::Command {
+                cmd,
+                data: Bytes::copy_from_slice(data),
+            }),
+            cmd::POSTCOPY_ADVISE if len == 0 => {
+                self.postcopy_advised = true;
+                pc(PostcopyCommand::AdviseBitmapsOnly)
+            }
+            cmd::POSTCOPY_ADVISE if len == 16 => {
+                let mut c = Cur { b: data, p: 0 };
+                let (page_sizes, tps) = match (c.be64(), c.be64()) {
+                    (Some(a), Some(b)) => (a, b),
+                    _ => return Err(bad(self)),
+                };
+                if tps != self.page_size {
+                    return Err(self.malformed(
+                        0,
+                        format!(
+                            "POSTCOPY_ADVISE says target pages of {tps} bytes, the stream has {}",
+                            self.page_size
+                        ),
+                    ));
+                }
+                // an OR of powers of two, each at least the target page size
+                if page_sizes == 0 || page_sizes % tps != 0 {
+                    return Err(self.malformed(
+                        0,
+                        format!("POSTCOPY_ADVISE page-size summary {page_sizes:#x}"),
+                    ));
+                }
+                if self.ram_sid.is_some() {
+                    return Err(self.malformed(0, "POSTCOPY_ADVISE after RAM's START"));
+                }
+                self.postcopy_advised = true;
+                self.postcopy_page_sizes = Some(page_sizes);
+                pc(PostcopyCommand::Advise {
+                    page_sizes,
+                    target_page_size: tps,
+                })
+            }
+            cmd::POSTCOPY_LISTEN if len == 0 => pc(PostcopyCommand::Listen),
+            cmd::POSTCOPY_RUN if len == 0 => pc(PostcopyCommand::Run),
+            cmd::POSTCOPY_RESUME if len == 0 => pc(PostcopyCommand::Resume),
+            cmd::POSTCOPY_RAM_DISCARD => self.discard(data).map(Item::Postcopy),
+            cmd::RECV_BITMAP if len >= 2 && 1 + data[0] as usize == len => {
+                let block = self.known_block(&data[1..], 5, "RECV_BITMAP")?;
+                pc(PostcopyCommand::RecvBitmap { block })
+            }
+            cmd::OPEN_RETURN_PATH
+            | cmd::SWITCHOVER_START
+            | cmd::PING
+            | cmd::POSTCOPY_ADVISE
+            | cmd::POSTCOPY_LISTEN
+            | cmd::POSTCOPY_RUN
+            | cmd::POSTCOPY_RESUME
+            | cmd::RECV_BITMAP => Err(bad(self)),
+            cmd::ENABLE_COLO => Err(self.unsupported(0, "COLO", "turn off the x-colo capability")),
+            _ => Err(self.malformed(0, format!("unknown command {cmd}"))),
+        }
+    }
+
+    /// POSTCOPY_RAM_DISCARD: u8 version 0, counted block name, u8 0, then (be64 start,
+    /// be64 length) pairs in bytes, at least one (QEMU refuses fewer).
+    fn discard(&self, data: &[u8]) -> Result<PostcopyCommand, StreamError> {
+        let bad = |what: String| self.malformed(5, format!("POSTCOPY_RAM_DISCARD: {what}"));
+        let mut c = Cur { b: data, p: 0 };
+        let version = c.u8().ok_or_else(|| bad("empty payload".into()))?;
+        if version != DISCARD_VERSION {
+            return Err(bad(format!("version {version}")));
+        }
+        let name = c
+            .counted()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| bad("no block name".into()))?;
+        if c.u8() != Some(0) {
+            return Err(bad("no terminator after the block name".into()));
+        }
+        let block = self.known_block(name, 7, "POSTCOPY_RAM_DISCARD")?;
+        let rest = &data[c.p..];
+        if rest.is_empty() || !rest.len().is_multiple_of(16) {
+            return Err(bad(format!(
+                "{} bytes of ranges, not a positive multiple of 16",
+                rest.len()
+            )));
+        }
+        let block_len = self.block_len.get(&block).copied();
+        let mut ranges = Vec::with_capacity(rest.len() / 16);
+        while let (Some(start), Some(length)) = (c.be64(), c.be64()) {
+            let end = start.checked_add(length);
+            if start % self.page_size != 0 || length % self.page_size != 0 {
+                return Err(bad(format!(
+                    "range {start:#x}+{length:#x} not aligned to target pages"
+                )));
+            }
+            match (end, block_len) {
+                (None, _) => return Err(bad(format!("range {start:#x}+{length:#x} overflows"))),
+                (Some(e), Some(l)) if e > l => {
+                    return Err(bad(format!(
+                        "range {start:#x}+{length:#x} outside RAM block {block:?} ({l} bytes)"
+                    )))
+                }
+                _ => {}
+            }
+            ranges.push(DiscardRange { start, length });
+        }
+        Ok(PostcopyCommand::RamDiscard { block, ranges })
+    }
+
+    /// A block name in a command: one of MEM_SIZE's blocks (any UTF-8 name before it).
+    fn known_block(&self, n: &[u8], at: usize, what: &str) -> Result<BlockName, StreamError> {
+        match std::str::from_utf8(n)
+            .ok()
+            .and_then(|name| self.block_len.get_key_value(name))
+        {
+            Some((k, _)) => Ok(k.clone()),
+            None if self.blocks.is_empty() => Ok(Arc::from(self.name(n, at, "RAM block name")?)),
+            None => Err(self.malformed(at, format!("{what} of unknown RAM block {:?}", text(n)))),
+        }
+    }
+
+    /// PACKAGED: `data` is its 4-byte payload (the blob's length); the blob follows in
+    /// `buf` after `c`. Parses the blob as a sub-stream with a copy of this parser's state
+    /// and takes that state back (RAM's CONTINUE state, RAM's end) when it parsed whole.
+    fn packaged(
+        &mut self,
+        mut c: Cur<'_>,
+        data: &[u8],
+    ) -> Result<Option<(Item, usize)>, StreamError> {
+        if self.in_package {
+            return Err(self.malformed(0, "PACKAGED inside a package"));
+        }
+        let len = match data.try_into() {
+            Ok(b) => u32::from_be_bytes(b) as usize,
+            Err(_) => {
+                return Err(self.malformed(
+                    0,
+                    format!("PACKAGED command with a {}-byte payload", data.len()),
+                ))
+            }
+        };
+        if len > MAX_PACKAGED {
+            return Err(self.malformed(
+                1,
+                format!("PACKAGED of {len} bytes (at most {MAX_PACKAGED})"),
+            ));
+        }
+        let start = c.p;
+        let blob = need!(c.take(len));
+        let mut sub = self.clone();
+        sub.state = State::Top;
+        sub.in_package = true;
+        sub.offset = self.offset + start as u64;
+        let shared = self.shared.as_ref().map(|b| b.slice(start..start + len));
+        let mut items = Vec::new();
+        let mut pos = 0;
+        while pos < blob.len() {
+            // page data and device state stay slices of the caller's buffer
+            sub.shared = shared.as_ref().map(|b| b.slice(pos..));
+            match sub.parse(&blob[pos..])? {
+                Some((item, n)) => {
+                    items.push(item);
+                    pos += n;
+                }
+                None => {
+                    return Err(StreamError::Malformed {
+                        offset: sub.offset,
+                        what: "the package ends inside an item".into(),
+                    })
+                }
+            }
+        }
+        if sub.state != State::Top {
+            return Err(StreamError::Malformed {
+                offset: sub.offset,
+                what: "the package ends inside a section".into(),
+            });
+        }
+        sub.in_package = false;
+        sub.shared = self.shared.take();
+        sub.offset = self.offset;
+        *self = sub;
+        Ok(Some((Item::Packaged(Package { items }), c.p)))
+    }
+
+    /// The body of a device section inside a package, up to its footer `7E sid`. Device
+    /// state has no length: the footer is the first `7E sid` followed by the end of the
+    /// package or by something that parses as the start of a next item. A device body that
+    /// happened to hold such bytes would be split early: the items would then name the wrong
+    /// bytes as its body, but the bytes, and their re-encoding, stay the same.
+    fn device_body(&mut self, buf: &[u8], sid: u32) -> Result<Option<(Item, usize)>, StreamError> {
+        if !self.in_package {
+            return Err(self.malformed(0, "device section body outside a package"));
+        }
+        let mut pat = [T_FOOTER, 0, 0, 0, 0];
+        pat[1..].copy_from_slice(&sid.to_be_bytes());
+        let mut from = 0;
+        while let Some(i) = buf[from..].windows(5).position(|w| w == pat) {
+            let q = from + i;
+            if self.plausible_next(&buf[q + 5..]) {
+                self.state = State::Footer { sid };
+                return Ok(Some((Item::DeviceState(self.bytes_of(buf, 0, q)), q)));
+            }
+            from = q + 1;
+        }
+        Err(self.malformed(
+            0,
+            format!("device section {sid} in the package has no footer"),
+        ))
+    }
+
+    /// Whether `rest` (inside a package, after a candidate footer) starts like an item.
+    fn plausible_next(&self, rest: &[u8]) -> bool {
+        let mut c = Cur { b: rest, p: 0 };
+        match c.u8() {
+            None => true,
+            Some(T_FULL) => {
+                let name = c.be32().and_then(|_| c.counted());
+                matches!(name, Some(n) if !n.is_empty() && n.iter().all(|b| b.is_ascii_graphic()))
+                    && c.take(8).is_some()
+            }
+            Some(T_COMMAND) => match (c.be16(), c.be16()) {
+                (Some(cmd), Some(len)) => (1..=11).contains(&cmd) && c.take(len as usize).is_some(),
+                _ => false,
+            },
+            Some(T_PART | T_END) => self.ram_sid.is_some() && c.be32() == self.ram_sid,
+            _ => false,
+        }
+    }
+
+    /// With postcopy-ram, MEM_SIZE gives a block's page size only when it differs from the
+    /// host page size, and nothing marks it. ADVISE's summary says whether any block does;
+    /// if so, the next be64 is taken as a page size when it is one of the summary's sizes
+    /// (other than the host's) and divides the block: a next block's name-length byte, EOS
+    /// or MULTIFD_FLUSH never is. (With x-ignore-shared as well, a block at a GPA equal to
+    /// one of those sizes would be misread; QEMU gives no way to tell.) `None` = need more
+    /// bytes.
+    fn block_page_size(&self, c: &Cur<'_>, used_length: u64) -> Option<Option<u64>> {
+        let summary = match self.postcopy_page_sizes {
+            Some(s) if s != self.host_page_size => s,
+            _ => return Some(None),
+        };
+        let v = c.peek_be64()?;
+        let is_page_size = v.is_power_of_two()
+            && v != self.host_page_size
+            && v >= self.page_size
+            && v & summary != 0
+            && used_length.is_multiple_of(v);
+        Some(is_page_size.then_some(v))
     }
 
     fn ram_record(&mut self, buf: &[u8], sid: u32) -> Result<Option<(Item, usize)>, StreamError> {
@@ -593,6 +975,10 @@ impl Parser {
                     return Err(self.malformed(c.p, "empty RAM block name"));
                 }
                 let used_length = need!(c.be64());
+                let page_size = need!(self.block_page_size(&c, used_length));
+                if page_size.is_some() {
+                    c.p += 8;
+                }
                 let gpa = if self.ignore_shared {
                     Some(need!(c.be64()))
                 } else {
@@ -604,7 +990,7 @@ impl Parser {
                 blocks.push(RamBlockInfo {
                     name: Arc::from(self.name(name, c.p, "RAM block name")?),
                     used_length,
-                    page_size: None,
+                    page_size,
                     gpa,
                 });
             }
@@ -706,6 +1092,7 @@ impl Parser {
             State::Top => "between sections (no EOF)",
             State::RamBody { .. } => "a RAM section",
             State::Footer { .. } => "a section footer",
+            State::DeviceBody { .. } => "a device section",
             State::Tail => "",
         };
         if !state.is_empty() {
@@ -862,7 +1249,62 @@ impl Encoder {
                 out.put_slice(&(data.len() as u16).to_be_bytes());
                 out.put_slice(data);
             }
-            Item::Tail(b) => out.put_slice(b),
+            Item::Postcopy(c) => encode_postcopy(c, out),
+            Item::Packaged(pkg) => {
+                let mut inner = Vec::new();
+                for it in &pkg.items {
+                    self.encode(it, mode, &mut inner);
+                }
+                command_head(out, cmd::PACKAGED, 4);
+                out.put_u32(inner.len() as u32);
+                out.put_slice(&inner);
+            }
+            Item::DeviceState(b) | Item::Tail(b) => out.put_slice(b),
+        }
+    }
+}
+
+fn command_head<B: BufMut>(out: &mut B, cmd: u16, len: usize) {
+    out.put_u8(T_COMMAND);
+    out.put_u16(cmd);
+    out.put_u16(len as u16);
+}
+
+/// The wire form of a postcopy command. A RAM_DISCARD's payload must fit a be16 length
+/// (at most 4091 ranges; QEMU sends 12 per command).
+fn encode_postcopy<B: BufMut>(c: &PostcopyCommand, out: &mut B) {
+    match c {
+        PostcopyCommand::Advise {
+            page_sizes,
+            target_page_size,
+        } => {
+            command_head(out, cmd::POSTCOPY_ADVISE, 16);
+            out.put_u64(*page_sizes);
+            out.put_u64(*target_page_size);
+        }
+        PostcopyCommand::AdviseBitmapsOnly => command_head(out, cmd::POSTCOPY_ADVISE, 0),
+        PostcopyCommand::Listen => command_head(out, cmd::POSTCOPY_LISTEN, 0),
+        PostcopyCommand::Run => command_head(out, cmd::POSTCOPY_RUN, 0),
+        PostcopyCommand::Resume => command_head(out, cmd::POSTCOPY_RESUME, 0),
+        PostcopyCommand::RamDiscard { block, ranges } => {
+            command_head(
+                out,
+                cmd::POSTCOPY_RAM_DISCARD,
+                3 + block.len() + 16 * ranges.len(),
+            );
+            out.put_u8(DISCARD_VERSION);
+            out.put_u8(block.len() as u8);
+            out.put_slice(block.as_bytes());
+            out.put_u8(0);
+            for r in ranges {
+                out.put_u64(r.start);
+                out.put_u64(r.length);
+            }
+        }
+        PostcopyCommand::RecvBitmap { block } => {
+            command_head(out, cmd::RECV_BITMAP, 1 + block.len());
+            out.put_u8(block.len() as u8);
+            out.put_slice(block.as_bytes());
         }
     }
 }

@@ -300,6 +300,14 @@ pub(super) async fn forward(
                         units += b.len() as u64;
                         out.verbatim(&b);
                     }
+                    Item::Postcopy(_) | Item::Packaged(_) => {
+                        return Err(StreamError::Unsupported {
+                            offset: parser.offset(),
+                            feature: "postcopy".into(),
+                            hint: "postcopy is not supported by tern yet: turn off the postcopy-ram capability".into(),
+                        }
+                        .into());
+                    }
                     other => {
                         scratch.clear();
                         enc.encode(&other, NameMode::Auto, &mut scratch);

@@ -3,6 +3,8 @@
 use super::*;
 use proptest::prelude::*;
 
+mod postcopy;
+
 fn be32(v: u32) -> [u8; 4] {
     v.to_be_bytes()
 }
@@ -258,13 +260,12 @@ fn unsupported_features_say_what_to_turn_off() {
         let (_, hint) = unsupported_feature(err_of(&v));
         assert!(hint.contains(word), "{hint}");
     }
-    // postcopy commands
+    // COLO (postcopy commands parse: see postcopy.rs)
     let mut v = header();
     v.push(T_COMMAND);
-    v.extend_from_slice(&3u16.to_be_bytes());
-    v.extend_from_slice(&16u16.to_be_bytes());
-    v.extend_from_slice(&[0; 16]);
-    assert!(unsupported_feature(err_of(&v)).1.contains("postcopy-ram"));
+    v.extend_from_slice(&8u16.to_be_bytes());
+    v.extend_from_slice(&0u16.to_be_bytes());
+    assert!(unsupported_feature(err_of(&v)).1.contains("x-colo"));
     // a non-RAM live section
     let mut v = header();
     v.push(T_START);
