@@ -38,6 +38,10 @@ pub struct LinkRecord {
     /// over migrations whose prediction put little in that set.
     #[serde(default)]
     pub switchover_fixed_ms: Option<f64>,
+    /// CPU seconds per GiB of QEMU's stream the data path took on this host, averaged
+    /// over past migrations to this destination.
+    #[serde(default)]
+    pub core_s_per_gib: Option<f64>,
 }
 
 /// A migration teaches the switchover's fixed part only when the model put at most this
@@ -70,6 +74,7 @@ pub fn memory_of(state_dir: &Path, destination: &str) -> Option<LinkMemory> {
             ),
             probed: false,
             switchover_fixed_ms: r.switchover_fixed_ms,
+            core_s_per_gib: r.core_s_per_gib,
         });
     }
     let probe = r.probe_bps.filter(|b| *b > 0.0)?;
@@ -82,6 +87,7 @@ pub fn memory_of(state_dir: &Path, destination: &str) -> Option<LinkMemory> {
         ),
         probed: true,
         switchover_fixed_ms: r.switchover_fixed_ms,
+        core_s_per_gib: r.core_s_per_gib,
     })
 }
 
@@ -164,6 +170,18 @@ pub fn record(state_dir: &Path, destination: &str, r: &MigrationReport) -> std::
             });
         }
     }
+    // what the data path cost this host's CPU
+    if let Some(c) = r
+        .host_cpu
+        .as_ref()
+        .and_then(|c| c.core_s_per_gib)
+        .filter(|c| c.is_finite() && *c > 0.0)
+    {
+        e.core_s_per_gib = Some(match e.core_s_per_gib {
+            Some(old) => (1.0 - NEW) * old + NEW * c,
+            None => c,
+        });
+    }
     if e.migrations > 0 {
         e.stream_bps = (1.0 - NEW) * e.stream_bps + NEW * stream_bps;
         e.wire_ratio = (1.0 - NEW) * e.wire_ratio + NEW * wire_ratio;
@@ -194,10 +212,23 @@ mod tests {
         assert_eq!(m.stream_bps, 10.0 * 1048576.0);
         assert!((m.wire_ratio - 0.5).abs() < 1e-9);
         assert!(m.from.starts_with("1 past migration to"), "{}", m.from);
+        assert_eq!(m.core_s_per_gib, None);
         r.convergence.transfer_mibps = 20.0;
+        r.host_cpu = Some(tern_api::HostCpuReport {
+            core_s_per_gib: Some(8.0),
+            ..Default::default()
+        });
         record(dir.path(), "b:7700", &r).unwrap();
         let m = memory_of(dir.path(), "b:7700").unwrap();
         assert_eq!(m.stream_bps, 15.0 * 1048576.0);
+        // the CPU the data path took: the first measurement, then averaged
+        assert_eq!(m.core_s_per_gib, Some(8.0));
+        r.host_cpu.as_mut().unwrap().core_s_per_gib = Some(4.0);
+        record(dir.path(), "b:7700", &r).unwrap();
+        assert_eq!(
+            memory_of(dir.path(), "b:7700").unwrap().core_s_per_gib,
+            Some(6.0)
+        );
         assert!(m.from.starts_with("2 past migrations"), "{}", m.from);
         assert_eq!(memory_of(dir.path(), "c:7700"), None);
         // too short to measure: nothing recorded

@@ -18,9 +18,9 @@ pub mod vm;
 pub use load::{HostLoad, VmLoad};
 pub use migration::{
     Compression, ConvergenceReport, Direction, DiskReport, EncodingReport, FailureInfo,
-    LibvirtMigrateRequest, LinkOutage, MigrateRequest, MigrateStarted, MigrationPlan,
-    MigrationReport, MigrationStatus, Objective, PacingReport, PageCounts, Phase, PhaseSpan,
-    PlanInputs, PlanPrediction, Progress, SwitchoverTimes, Timeline,
+    HostCpuReport, LibvirtMigrateRequest, LinkOutage, MigrateRequest, MigrateStarted,
+    MigrationPlan, MigrationReport, MigrationStatus, Objective, PacingReport, PageCounts, Phase,
+    PhaseSpan, PlanInputs, PlanPrediction, Progress, SwitchoverTimes, Timeline,
 };
 pub use snapshot::{
     FenceRelease, FenceReleased, FenceStatus, RestartReport, SnapshotDisk, SnapshotInfo,

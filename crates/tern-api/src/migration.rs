@@ -563,6 +563,29 @@ pub struct MigrationReport {
     /// Links lost before the switchover and waited out (source side), in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outages: Vec<LinkOutage>,
+    /// What the migration took of the source host's CPU (None: /proc could not be read,
+    /// or the transfer was too short to say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cpu: Option<HostCpuReport>,
+}
+
+/// The source host's CPU around a migration, from `/proc/stat`: everything on the host
+/// counted (on a host that runs the destination too, its side is in it).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HostCpuReport {
+    /// Cores online.
+    pub cores: u32,
+    /// Cores busy just before the migration (the guest included), and over the transfer
+    /// (to the guest's pause).
+    pub busy_before: f64,
+    pub busy_during: f64,
+    /// Cores the guest's QEMU took over the transfer (its vCPUs and its migration thread).
+    #[serde(default)]
+    pub qemu_during: Option<f64>,
+    /// CPU seconds the migration added on this host per GiB of QEMU's stream (the
+    /// prediction's input: how fast the data path can go on the cores left free).
+    #[serde(default)]
+    pub core_s_per_gib: Option<f64>,
 }
 
 /// A lost link the source waited out.
@@ -683,6 +706,19 @@ pub struct PlanInputs {
     pub downtime_limit_ms: u64,
     pub max_throttle: u8,
     pub max_downtime_ms: u64,
+    /// The source host's cores, and those left free while the guest ran as it does now
+    /// (None: not measured).
+    #[serde(default)]
+    pub cores: Option<u32>,
+    #[serde(default)]
+    pub free_cores: Option<f64>,
+    /// Cores the guest's QEMU took meanwhile (what a throttle can give back).
+    #[serde(default)]
+    pub guest_cores: Option<f64>,
+    /// CPU seconds per GiB of QEMU's stream the data path took here in past migrations to
+    /// this destination (None: not learnt yet): with the free cores, how fast it can go.
+    #[serde(default)]
+    pub core_s_per_gib: Option<f64>,
 }
 
 /// What the model predicts.

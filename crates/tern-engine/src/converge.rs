@@ -416,6 +416,40 @@ pub struct Scenario {
     /// the switchover bandwidth, which gives deltas no credit.
     pub rewritten: f64,
     pub policy: Policy,
+    /// The host's cores, where they bound the rate (None: they do not, or not known).
+    pub cpu: Option<CpuBound>,
+}
+
+/// The source host's CPU as a bound on the rate: the data path needs `core_s_per_byte`
+/// CPU seconds per byte of QEMU's stream. When the host has fewer cores than the guest,
+/// the rest of the host and the migration ask for together, the scheduler slows them
+/// alike: the migration gets that share of the rate it asks for, and the guest of its
+/// dirtying. A throttle of θ takes θ of the guest's cores out of the asking.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuBound {
+    /// Cores online.
+    pub cores: f64,
+    /// Cores busy with everything but the guest's QEMU (other VMs, the host).
+    pub other_cores: f64,
+    /// Cores the guest's QEMU takes at full speed.
+    pub guest_cores: f64,
+    pub core_s_per_byte: f64,
+}
+
+impl CpuBound {
+    /// With the guest throttled to `throttle` percent (100: paused) and the migration
+    /// asking for `rate` bytes/s of QEMU's stream: the rate it gets, and the share of its
+    /// speed the guest keeps (1: all).
+    pub fn share(&self, throttle: u8, rate: f64) -> (f64, f64) {
+        let guest = self.guest_cores.max(0.0) * (1.0 - f64::from(throttle.min(100)) / 100.0);
+        let asked = self.other_cores.max(0.0) + guest + rate * self.core_s_per_byte.max(0.0);
+        let s = if asked > self.cores && asked > 0.0 {
+            (self.cores.max(0.1) / asked).clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
+        (rate * s, s)
+    }
 }
 
 /// What a simulated pre-copy did: the same [`Converger`] decides as in a real migration.
@@ -441,7 +475,13 @@ pub fn simulate(s: &Scenario) -> Outcome {
     let start = Instant::now();
     let mut c = Converger::new(s.policy, start);
     let mut t = start;
-    let rate = s.rate_bps.max(1.0);
+    // the link's rate, and the guest's speed, as the cores share out at its throttle
+    let rate_at = |throttle: u8| {
+        let (rate, slow) = s
+            .cpu
+            .map_or((s.rate_bps, 1.0), |c| c.share(throttle, s.rate_bps));
+        (rate.max(1.0), slow)
+    };
     let (mut throttle, mut downtime_ms) = (0u8, s.policy.downtime_ms);
     let rewritten = s.rewritten.clamp(0.01, 1.0);
     let (mut pages, mut sync, mut sent, mut priced) = (0u64, 1u64, 0.0f64, 0.0f64);
@@ -461,10 +501,11 @@ pub fn simulate(s: &Scenario) -> Outcome {
     loop {
         rounds += 1;
         let cost = if rounds == 1 { 1.0 } else { rewritten };
+        let (rate, slow) = rate_at(throttle);
         let secs = set * cost / rate;
         // looks through the round, as the transfer phase takes them (at most 200)
         let looks = ((secs / 0.25).ceil() as u64).clamp(1, 200);
-        let dirty = s.dirty_bps * (1.0 - f64::from(throttle) / 100.0);
+        let dirty = s.dirty_bps * (1.0 - f64::from(throttle) / 100.0) * slow;
         for i in 0..looks {
             t += Duration::from_secs_f64(secs / looks as f64);
             pages += (set / looks as f64 / PAGE) as u64;
@@ -478,9 +519,10 @@ pub fn simulate(s: &Scenario) -> Outcome {
         priced += set * cost;
         let next = (dirty * secs).min(s.memory);
         if next <= rate * downtime_ms as f64 / 1000.0 {
+            // paused, the guest's cores are the migration's
             return outcome(
                 t,
-                next * rewritten / rate,
+                next * rewritten / rate_at(100).0,
                 (sent + next, priced + next * rewritten),
                 rounds,
                 throttle,
@@ -624,6 +666,7 @@ mod tests {
             dirty_bps: dirty_mibps * MIB as f64,
             rate_bps: rate_mibps * MIB as f64,
             policy: p,
+            cpu: None,
         }
     }
 

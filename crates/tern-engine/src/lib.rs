@@ -33,6 +33,7 @@ pub mod error;
 pub mod events;
 pub mod fault;
 pub mod handle;
+pub mod hostcpu;
 pub mod hostmem;
 pub mod libvirt;
 pub mod local;

@@ -1270,6 +1270,17 @@ fn print_plan(p: &tern_api::MigrationPlan) {
         ),
         None => println!("    link            {}", i.link_from),
     }
+    if let (Some(cores), Some(free)) = (i.cores, i.free_cores) {
+        let guest = i
+            .guest_cores
+            .map_or(String::new(), |g| format!(", the guest's QEMU {g:.1}"));
+        let cost = i
+            .core_s_per_gib
+            .map_or("the data path's cost not learnt yet".to_string(), |c| {
+                format!("the data path {c:.1} CPU s per GiB here before")
+            });
+        println!("    host CPU        {free:.1} of {cores} cores free{guest}; {cost}");
+    }
     println!(
         "    allowed         throttle up to {}%, downtime limit {} ms up to {} ms",
         i.max_throttle, i.downtime_limit_ms, i.max_downtime_ms
@@ -1348,6 +1359,20 @@ fn print_report(r: &MigrationReport) {
         );
     }
     println!("  throughput      {:.0} Mbit/s", r.throughput_mbps);
+    if let Some(c) = &r.host_cpu {
+        let per_gib = c.core_s_per_gib.map_or(String::new(), |g| {
+            format!("; {g:.1} CPU s per GiB of stream added")
+        });
+        println!(
+            "  host CPU        {:.1} of {} cores busy before, {:.1} during the transfer{}{}",
+            c.busy_before,
+            c.cores,
+            c.busy_during,
+            c.qemu_during
+                .map_or(String::new(), |q| format!(" (the guest's QEMU {q:.1})")),
+            per_gib
+        );
+    }
     if let Some(p) = &r.prediction {
         println!(
             "  predicted       {:.1} s, downtime {:.0} ms, {:.1} MiB on the wire (from what was known at the start: {})",

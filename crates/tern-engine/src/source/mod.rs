@@ -267,6 +267,13 @@ pub(crate) struct Migration {
     /// The content hashes of the sample's pages that are not zero (what the destination
     /// holds of them is known once its summary came).
     sample_hashes: Vec<tern_store::Hash>,
+    /// What a rewritten page costs against its previous version, from a second look at the
+    /// RAM sample a second after the first (set beside the migration; unset: not looked
+    /// yet, or too few pages changed).
+    second_look: Option<Arc<std::sync::OnceLock<f64>>>,
+    /// The host's CPU over a moment just before the transfer (the guest running as it
+    /// does; set beside the migration).
+    cpu_before: Option<Arc<std::sync::OnceLock<crate::hostcpu::CpuWindow>>>,
     /// Which try this is (1, then 2 after a link was lost and came back, ...).
     attempt: u32,
     /// The lost links waited out so far.
@@ -376,6 +383,8 @@ impl Migration {
             dirty_sampling: false,
             content: None,
             sample_hashes: Vec::new(),
+            second_look: None,
+            cpu_before: None,
             attempt: 1,
             outages: Vec::new(),
             peer_ip: None,

@@ -25,10 +25,14 @@ use super::{
 };
 use crate::converge::{self, Scenario};
 use crate::handle::{new_migration_id, MigrationHandle};
+use crate::hostcpu::{self, CpuWindow};
 use crate::{Engine, Host};
 
 /// How long QEMU samples the guest's dirty pages.
 const DIRTY_SAMPLE: Duration = Duration::from_secs(1);
+/// How long a migration looks at the host's CPU before its transfer (a plan looks over
+/// its [`DIRTY_SAMPLE`]).
+const CPU_LOOK: Duration = Duration::from_millis(250);
 /// Before the first page: TLS, Hello, Prepare, the destination's QEMU starting.
 const SETUP: Duration = Duration::from_secs(1);
 /// How long a plan's link probe sends filler (less when [`MAX_PROBE_BYTES`] go sooner).
@@ -70,6 +74,9 @@ pub struct LinkMemory {
     /// The part of the downtime that did not depend on the last dirty set in past
     /// migrations to this destination, ms (None: not learnt yet).
     pub switchover_fixed_ms: Option<f64>,
+    /// CPU seconds per GiB of QEMU's stream the data path took on this host in past
+    /// migrations to this destination (None: not learnt yet).
+    pub core_s_per_gib: Option<f64>,
 }
 
 /// The part of the downtime that does not depend on the last dirty set: the stream's end
@@ -103,9 +110,9 @@ pub async fn plan(
     let mut m = Migration::new(engine, host, vm, req, handle, None);
     let checked = checks::run(&mut m).await?;
     // the samples before the connection, which is then open only for the questions
-    let (mut content, hashes) = match sample_content(&m).await {
-        Some((c, h)) => (Some(c), h),
-        None => (None, Vec::new()),
+    let (mut content, hashes, first_look) = match sample_content(&m).await {
+        Some((c, h, s)) => (Some(c), h, Some(s)),
+        None => (None, Vec::new(), None),
     };
     let disk_infos = checked.disks.as_deref().unwrap_or_default();
     let disk_bytes: u64 = disk_infos.iter().map(|d| d.allocated).sum();
@@ -155,19 +162,22 @@ pub async fn plan(
     // where pages go against their previous version (the dedup path), a look at the
     // sample just before QEMU measures the dirty rate and one just after price the pages
     // the guest rewrites meanwhile
-    let before = match (m.source_running && dedup, content.is_some(), m.vm.pid) {
-        (true, true, Some(pid)) => match m.vm.qmp() {
-            Ok(qmp) => tern_qemu::ramsample::sample(qmp, pid, 1024).await.ok(),
-            Err(_) => None,
-        }
-        .map(|s| (pid, s)),
+    let before = match (m.source_running && dedup, first_look, m.vm.pid) {
+        (true, Some(first), Some(pid)) => tern_qemu::ramsample::resample(pid, &first.addresses)
+            .await
+            .ok()
+            .map(|s| (pid, s)),
         _ => None,
     };
+    // the host's CPU over the dirty sample (or a moment, for a paused guest)
+    let cpu_a = hostcpu::read(m.vm.pid);
     let dirty_mibps = if m.source_running {
         dirty_rate(&m).await?
     } else {
+        tokio::time::sleep(CPU_LOOK).await;
         0.0
     };
+    let cpu_now = cpu_a.and_then(|a| hostcpu::window(&a, &hostcpu::read(m.vm.pid)?));
     if let (Some(c), Some((pid, before))) = (content.as_mut(), before) {
         if let Ok(after) = tern_qemu::ramsample::resample(pid, &before.addresses).await {
             c.dirty_ratio = rewritten_cost_of(&before, &after);
@@ -216,13 +226,44 @@ pub async fn plan(
         Some(rate) => Some(predict(
             memory_of_ram(ram, content, dedup),
             dirty_mibps * 1048576.0,
-            (rate, wire_ratio),
+            (
+                rate,
+                wire_ratio,
+                cpu_bound(cpu_now.as_ref(), link.as_ref(), m.source_running),
+            ),
             disks.on_wire(dedup, wire_ratio),
             (rtt, switchover_fixed(rtt, link.as_ref())),
             policy,
             m.req.deadline_s.map(Duration::from_secs),
         )),
     };
+    match (
+        cpu_bound(cpu_now.as_ref(), link.as_ref(), m.source_running),
+        cpu_now,
+        rate,
+    ) {
+        (Some(c), Some(w), Some(rate)) => {
+            let (got, slow) = c.share(0, rate);
+            notes.push(format!(
+                "the data path took {:.1} CPU seconds per GiB of QEMU's stream here before; the host's {} cores are {:.1} busy while the guest runs (its QEMU {:.1}): {}",
+                c.core_s_per_byte * (1u64 << 30) as f64,
+                w.cores,
+                w.busy_cores,
+                c.guest_cores,
+                if slow < 1.0 {
+                    format!("the migration at the link's rate would ask for more than is left, so the scheduler slows all alike: about {:.1} MiB/s of the stream, and the guest to {:.0}% of its speed (less as a throttle slows the guest)", got / 1048576.0, slow * 100.0)
+                } else {
+                    "enough for the link's rate".to_string()
+                },
+            ));
+        }
+        (None, Some(w), _) => notes.push(format!(
+            "{:.1} of the host's {} cores are free; what the data path costs them is not known yet (learnt from the first migration to this destination): the link is taken as the only bound",
+            w.free_cores(),
+            w.cores
+        )),
+        _ => {}
+    }
     if m.req.objective() == tern_api::Objective::LeastLinkUse && m.req.deadline_s.is_none() {
         notes.push("least-link-use yields to the link's other traffic: the prediction assumes the link is free (it takes longer while other traffic runs)".into());
     }
@@ -250,6 +291,10 @@ pub async fn plan(
             downtime_limit_ms: policy.downtime_ms,
             max_throttle: policy.max_throttle,
             max_downtime_ms: policy.max_downtime_ms,
+            cores: cpu_now.map(|w| w.cores),
+            free_cores: cpu_now.map(|w| w.free_cores()),
+            guest_cores: cpu_now.and_then(|w| w.process_cores),
+            core_s_per_gib: link.as_ref().and_then(|l| l.core_s_per_gib),
         },
         prediction,
         notes,
@@ -280,8 +325,11 @@ const RAW_RECORD: usize = 13;
 const ZERO_RECORD: usize = 10;
 
 /// Samples 1024 pages of the guest's RAM (read from its QEMU process; nothing pauses), with
-/// the content hashes (cluster key) of the pages that are not zero.
-pub(super) async fn sample_content(m: &Migration) -> Option<(Content, Vec<Hash>)> {
+/// the content hashes (cluster key) of the pages that are not zero, and the sample itself
+/// (for a second look at the same pages).
+pub(super) async fn sample_content(
+    m: &Migration,
+) -> Option<(Content, Vec<Hash>, tern_qemu::ramsample::RamSample)> {
     let pid = m.vm.pid?;
     match tern_qemu::ramsample::sample(m.vm.qmp().ok()?, pid, 1024).await {
         Ok(s) if s.pages > 0 => {
@@ -306,6 +354,7 @@ pub(super) async fn sample_content(m: &Migration) -> Option<(Content, Vec<Hash>)
                     dirty_ratio: None,
                 },
                 hashes,
+                s,
             ))
         }
         Ok(_) => None,
@@ -634,6 +683,7 @@ impl LinkProbe {
             from: "a probe over the agents' connection just now (no migration to this destination yet)".into(),
             probed: true,
             switchover_fixed_ms: None,
+            core_s_per_gib: None,
         }
     }
 }
@@ -641,6 +691,18 @@ impl LinkProbe {
 /// For the prediction a migration's report shows, when it can have one (the link's rate is
 /// known): samples the guest's RAM and starts QEMU's sampling of its dirty rate (200 ms).
 pub(super) async fn start_sampling(m: &mut Migration) {
+    m.second_look = None;
+    // the host's CPU while the guest runs as it does, before the migration takes any
+    let before = Arc::new(std::sync::OnceLock::new());
+    m.cpu_before = Some(before.clone());
+    let pid = m.vm.pid;
+    crate::spawn(async move {
+        let Some(a) = hostcpu::read(pid) else { return };
+        tokio::time::sleep(CPU_LOOK).await;
+        if let Some(w) = hostcpu::read(pid).and_then(|b| hostcpu::window(&a, &b)) {
+            let _ = before.set(w);
+        }
+    });
     // the bandwidth controller needs the dirty rate from the start (QEMU has none until its
     // first pass ends)
     let wanted = link_rate(m.link.as_ref(), &m.req, None).0.is_some()
@@ -651,9 +713,23 @@ pub(super) async fn start_sampling(m: &mut Migration) {
     let Ok(qmp) = m.vm.qmp() else {
         return; // libvirt's QEMU: no sampling
     };
-    if let Some((c, hashes)) = sample_content(m).await {
+    if let Some((c, hashes, first)) = sample_content(m).await {
         m.content = Some(c);
         m.sample_hashes = hashes;
+        // where rewritten pages go against their previous version, a second look at the
+        // same pages a moment later prices them (as `plan` does), beside the migration
+        if let (true, Some(pid)) = (link_rate(m.link.as_ref(), &m.req, Some(c)).3, m.vm.pid) {
+            let look = Arc::new(std::sync::OnceLock::new());
+            m.second_look = Some(look.clone());
+            crate::spawn(async move {
+                tokio::time::sleep(DIRTY_SAMPLE).await;
+                if let Ok(after) = tern_qemu::ramsample::resample(pid, &first.addresses).await {
+                    if let Some(d) = rewritten_cost_of(&first, &after) {
+                        let _ = look.set(d);
+                    }
+                }
+            });
+        }
     }
     let r = start_dirty_rate(qmp, Duration::from_millis(200)).await;
     if let Err(e) = &r {
@@ -681,10 +757,29 @@ pub(super) async fn prediction_at_start(m: &Migration, disk_bytes: u64) -> Optio
     let (rate, wire_ratio, _, dedup) = link_rate(m.link.as_ref(), &m.req, m.content);
     let rate = rate?;
     let dirty = measured_dirty_rate(m.vm.qmp().ok()?).await.ok()??;
+    // the second look, if it was done before the migration ended
+    let mut content = m.content;
+    if let Some(c) = content.as_mut() {
+        c.dirty_ratio = m.second_look.as_ref().and_then(|l| l.get().copied());
+    }
+    let cpu = cpu_bound(
+        m.cpu_before.as_ref().and_then(|b| b.get()),
+        m.link.as_ref(),
+        m.source_running,
+    );
+    tracing::debug!(
+        migration = %m.handle.id,
+        dirty_mibps = dirty,
+        link_mibps = rate / 1048576.0,
+        wire_ratio,
+        ?content,
+        ?cpu,
+        "the prediction at the start: its inputs"
+    );
     Some(predict(
-        memory_of_ram(u64::from(m.vm.spec.memory_mib) << 20, m.content, dedup),
+        memory_of_ram(u64::from(m.vm.spec.memory_mib) << 20, content, dedup),
         dirty * 1048576.0,
-        (rate, wire_ratio),
+        (rate, wire_ratio, cpu),
         Disks {
             bytes: disk_bytes as f64,
             held: None,
@@ -698,13 +793,33 @@ pub(super) async fn prediction_at_start(m: &Migration, disk_bytes: u64) -> Optio
     ))
 }
 
+/// The host's cores as a bound on the rate: those free while the guest ran as it does
+/// now (`now`), and what the data path cost per byte here in past migrations to the
+/// destination (None: either not known).
+fn cpu_bound(
+    now: Option<&CpuWindow>,
+    link: Option<&LinkMemory>,
+    guest_running: bool,
+) -> Option<converge::CpuBound> {
+    let now = now?;
+    let per_gib = link?.core_s_per_gib.filter(|c| c.is_finite() && *c > 0.0)?;
+    // a paused guest's QEMU asks for nothing a throttle could give back
+    let guest = now.process_cores.unwrap_or(0.0).min(now.busy_cores);
+    Some(converge::CpuBound {
+        cores: f64::from(now.cores),
+        other_cores: now.busy_cores - guest,
+        guest_cores: if guest_running { guest } else { 0.0 },
+        core_s_per_byte: per_gib / (1u64 << 30) as f64,
+    })
+}
+
 /// The model over measured inputs: rates in bytes/s.
 /// `link`: the rate memory crosses at (bytes/s of QEMU's stream) and wire bytes per
 /// stream byte.
 fn predict(
     mem: Memory,
     dirty_bps: f64,
-    (rate, wire_ratio): (f64, f64),
+    (rate, wire_ratio, cpu): (f64, f64, Option<converge::CpuBound>),
     disk_wire: f64,
     (rtt, fixed): (Duration, Duration),
     policy: converge::Policy,
@@ -741,6 +856,7 @@ fn predict(
         dirty_bps,
         rate_bps: rate,
         policy,
+        cpu,
     };
     let o = converge::simulate(&s);
     let mut plain = s;
@@ -874,7 +990,7 @@ mod tests {
         let first = predict(
             data(1024.0 * MIB),
             0.0,
-            (24.0 * MIB, 0.5),
+            (24.0 * MIB, 0.5, None),
             0.0,
             rtt,
             policy(),
@@ -886,7 +1002,7 @@ mod tests {
             held: 0.95 * 1024.0 * MIB,
             rewritten: 1.0,
         };
-        let ret = predict(back, 0.0, (24.0 * MIB, 0.5), 0.0, rtt, policy(), None);
+        let ret = predict(back, 0.0, (24.0 * MIB, 0.5, None), 0.0, rtt, policy(), None);
         assert!(first.total_s > 40.0, "{first:?}");
         // 51 MiB of data at 24 MiB/s, 973 MiB of references at REFERENCE_RATE: about 7 s
         assert!((4.0..10.0).contains(&ret.total_s), "{ret:?}");
@@ -998,7 +1114,7 @@ mod tests {
             predict(
                 memory_of_ram(1 << 30, Some(c), true),
                 10.0 * MIB,
-                (30.0 * MIB, 0.4),
+                (30.0 * MIB, 0.4, None),
                 0.0,
                 rtt,
                 policy(),
@@ -1029,7 +1145,7 @@ mod tests {
         let p = predict(
             data(1024.0 * MIB),
             0.5 * MIB,
-            (100.0 * MIB, 0.5),
+            (100.0 * MIB, 0.5, None),
             0.0,
             (Duration::from_millis(50), Duration::from_millis(230)),
             policy(),
@@ -1050,7 +1166,7 @@ mod tests {
         let p = predict(
             data(1024.0 * MIB),
             18.0 * MIB,
-            (12.0 * MIB, 1.0),
+            (12.0 * MIB, 1.0, None),
             64.0 * MIB,
             (Duration::from_millis(50), Duration::from_millis(230)),
             policy(),
@@ -1065,7 +1181,7 @@ mod tests {
         let q = predict(
             data(1024.0 * MIB),
             18.0 * MIB,
-            (12.0 * MIB, 1.0),
+            (12.0 * MIB, 1.0, None),
             0.0,
             (Duration::ZERO, Duration::from_millis(30)),
             none,
@@ -1081,7 +1197,7 @@ mod tests {
             predict(
                 data(512.0 * MIB),
                 0.5 * MIB,
-                (100.0 * MIB, 1.0),
+                (100.0 * MIB, 1.0, None),
                 0.0,
                 (Duration::from_millis(50), Duration::from_millis(230)),
                 policy(),
@@ -1097,5 +1213,47 @@ mod tests {
         let q = at(3);
         assert!(q.summary.contains("cannot be met"), "{q:?}");
         assert!(q.total_s < 10.0, "{q:?}");
+    }
+
+    #[test]
+    fn a_host_short_of_cores_slows_the_migration_and_the_guest_alike() {
+        // 2 cores, a 1 Gbit link, a text-like guest dirtying 64 MiB/s; the data path takes
+        // 32 CPU seconds per GiB here (a core carries 32 MiB/s)
+        let cpu = |other: f64, guest: f64| converge::CpuBound {
+            cores: 2.0,
+            other_cores: other,
+            guest_cores: guest,
+            core_s_per_byte: 32.0 / (1u64 << 30) as f64,
+        };
+        // at the link's 150 MiB/s the migration asks for 4.7 cores: with the guest's one,
+        // 5.7 asked of 2, everyone at 35%
+        let (rate, slow) = cpu(0.0, 1.0).share(0, 150.0 * MIB);
+        assert!((rate / MIB - 52.7).abs() < 0.1 && (slow - 0.352).abs() < 0.001, "{rate} {slow}");
+        // paused, the guest asks for nothing
+        let (paused, _) = cpu(0.0, 1.0).share(100, 150.0 * MIB);
+        assert!((paused / MIB - 64.0).abs() < 0.1, "{paused}");
+        // a host with room: nobody slowed
+        assert_eq!(cpu(0.2, 1.0).share(0, 16.0 * MIB), (16.0 * MIB, 1.0));
+        let at = |c: Option<converge::CpuBound>| {
+            predict(
+                data(300.0 * MIB),
+                64.0 * MIB,
+                (150.0 * MIB, 0.4, c),
+                0.0,
+                (Duration::from_millis(20), Duration::from_millis(110)),
+                policy(),
+                None,
+            )
+        };
+        let unbound = at(None);
+        assert!(unbound.converges_without_help, "{unbound:?}");
+        let idle_host = at(Some(cpu(0.0, 0.0)));
+        assert!(
+            idle_host.total_s > unbound.total_s * 1.5,
+            "{idle_host:?} / {unbound:?}"
+        );
+        // the guest's vCPU asks for a core too: slower again
+        let busy = at(Some(cpu(0.0, 1.0)));
+        assert!(busy.total_s > idle_host.total_s, "{busy:?} / {idle_host:?}");
     }
 }

@@ -46,6 +46,7 @@ pub(super) async fn build(
     let secs = total.as_secs_f64().max(1e-6);
     let disk_allocated = t.disk_report.as_ref().map_or(0, |d| d.data_bytes);
     let prediction = super::plan::prediction_at_start(m, disk_allocated).await;
+    let host_cpu = host_cpu(m, &t);
     Ok(MigrationReport {
         migration_id: m.handle.id.clone(),
         vm: m.vm.spec.name.clone(),
@@ -77,5 +78,24 @@ pub(super) async fn build(
         pacing: t.pacing.report(),
         prediction,
         outages: Vec::new(), // the driver adds them
+        host_cpu,
     })
+}
+
+/// The source host's CPU before and over the transfer (None: not read, or the guest was
+/// never paused here).
+fn host_cpu(m: &Migration, t: &Transferred) -> Option<tern_api::HostCpuReport> {
+    let (during, bytes) = t.cpu_during?;
+    let before = *m.cpu_before.as_ref()?.get()?;
+    Some(tern_api::HostCpuReport {
+        cores: during.cores,
+        busy_before: round2(before.busy_cores),
+        busy_during: round2(during.busy_cores),
+        qemu_during: during.process_cores.map(round2),
+        core_s_per_gib: crate::hostcpu::core_seconds_per_gib(&before, &during, bytes).map(round2),
+    })
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }

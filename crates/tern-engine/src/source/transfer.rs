@@ -58,6 +58,10 @@ pub(super) struct Transferred {
     pub convergence: ConvergenceReport,
     /// The bandwidth controller (running until the report is made).
     pub pacing: Pacing,
+    /// The host's CPU and QEMU's stream bytes as the transfer began, and over the
+    /// transfer (to the guest's pause).
+    pub cpu_start: Option<(crate::hostcpu::CpuReading, u64)>,
+    pub cpu_during: Option<(crate::hostcpu::CpuWindow, u64)>,
     /// Tasks that end with the migration.
     pub _tasks: Vec<AbortOnDrop>,
 }
@@ -210,6 +214,9 @@ pub(super) async fn run(
         disk_report: None,
         convergence: ConvergenceReport::default(),
         pacing,
+        cpu_start: crate::hostcpu::read(m.vm.pid)
+            .map(|r| (r, Counters::get(&m.handle.counters.bytes_from_qemu))),
+        cpu_during: None,
         _tasks: Vec::new(),
     };
     let mut conv = Converger::new(policy_conv, Instant::now());
@@ -291,6 +298,12 @@ pub(super) async fn run(
                     match ev.event.as_str() {
                         "STOP" => {
                             t.stopped_at = Some(ev.timestamp);
+                            if let Some((a, bytes)) = t.cpu_start {
+                                let now = crate::hostcpu::read(m.vm.pid);
+                                t.cpu_during = now.and_then(|b| crate::hostcpu::window(&a, &b)).map(|w| {
+                                    (w, Counters::get(&m.handle.counters.bytes_from_qemu).saturating_sub(bytes))
+                                });
+                            }
                             t.pacing.guest_paused();
                             // what still comes for its cards goes on to the destination,
                             // to wait there for the guest (asking QEMU why it stopped

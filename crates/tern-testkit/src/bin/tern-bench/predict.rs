@@ -91,13 +91,20 @@ fn planned(a: &TestAgent, vm: &str, to: &str, profile: &str, workload: String) -
         Some(&super::bench_request_to(to)?),
     )?)?;
     eprintln!(
-        "[predict {profile}] {workload}: plan's link {:?} MiB/s ({}), held {:?}, rewritten pages {:?} of a page on the wire",
+        "[predict {profile}] {workload}: plan's link {:?} MiB/s ({}), held {:?}, rewritten pages {:?} of a page on the wire, free cores {:?} (guest {:?}), {:?} CPU s/GiB",
         plan.inputs.link_mibps,
         plan.inputs.link_from,
         plan.inputs.held_fraction,
-        plan.inputs.rewritten_ratio
+        plan.inputs.rewritten_ratio,
+        plan.inputs.free_cores,
+        plan.inputs.guest_cores,
+        plan.inputs.core_s_per_gib,
     );
     let report = migrate(a, vm, to)?;
+    eprintln!(
+        "[predict {profile}] {workload}: host CPU {:?}, last dirty {:.1} MiB/s, crossing {:.1} MiB/s",
+        report.host_cpu, report.convergence.dirty_mibps, report.convergence.transfer_mibps
+    );
     Ok(Row {
         profile: profile.to_string(),
         workload,
