@@ -170,12 +170,20 @@ pub fn record(state_dir: &Path, destination: &str, r: &MigrationReport) -> std::
             });
         }
     }
-    // what the data path cost this host's CPU
+    // what the data path cost this host's CPU, from migrations that ran as the model
+    // has them: at the link's rate (not paced or capped), the guest not throttled (it
+    // would give back cores counted as the migration's saving), no disks (their work is
+    // not in QEMU's stream)
+    let plain = r.pacing.rate_min_mibps.is_none()
+        && r.pacing.deadline_s.is_none()
+        && r.pacing.objective != "least-link-use"
+        && r.convergence.throttle_max_pct == 0
+        && r.disk.is_none();
     if let Some(c) = r
         .host_cpu
         .as_ref()
         .and_then(|c| c.core_s_per_gib)
-        .filter(|c| c.is_finite() && *c > 0.0)
+        .filter(|c| plain && c.is_finite() && *c > 0.0)
     {
         e.core_s_per_gib = Some(match e.core_s_per_gib {
             Some(old) => (1.0 - NEW) * old + NEW * c,
@@ -224,6 +232,17 @@ mod tests {
         // the CPU the data path took: the first measurement, then averaged
         assert_eq!(m.core_s_per_gib, Some(8.0));
         r.host_cpu.as_mut().unwrap().core_s_per_gib = Some(4.0);
+        record(dir.path(), "b:7700", &r).unwrap();
+        assert_eq!(
+            memory_of(dir.path(), "b:7700").unwrap().core_s_per_gib,
+            Some(6.0)
+        );
+        // a throttled or paced migration teaches nothing of it
+        r.host_cpu.as_mut().unwrap().core_s_per_gib = Some(40.0);
+        r.convergence.throttle_max_pct = 50;
+        record(dir.path(), "b:7700", &r).unwrap();
+        r.convergence.throttle_max_pct = 0;
+        r.pacing.rate_min_mibps = Some(1.0);
         record(dir.path(), "b:7700", &r).unwrap();
         assert_eq!(
             memory_of(dir.path(), "b:7700").unwrap().core_s_per_gib,

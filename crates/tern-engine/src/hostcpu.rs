@@ -52,8 +52,12 @@ pub fn read(pid: Option<u32>) -> Option<CpuReading> {
     })
 }
 
-/// The window from `a` to `b` (None when no tick passed, or the readings disagree).
+/// The window from `a` to `b` (None when no tick passed, or the readings disagree: a
+/// counter went backwards, or cores came or went between them).
 pub fn window(a: &CpuReading, b: &CpuReading) -> Option<CpuWindow> {
+    if a.cores != b.cores {
+        return None;
+    }
     let total = b.total.checked_sub(a.total).filter(|t| *t > 0)? as f64;
     let busy = b.busy.checked_sub(a.busy)? as f64;
     let cores = b.cores.max(1);
@@ -62,10 +66,11 @@ pub fn window(a: &CpuReading, b: &CpuReading) -> Option<CpuWindow> {
         secs: b.at.saturating_duration_since(a.at).as_secs_f64(),
         cores,
         busy_cores: (busy / per_core).clamp(0.0, f64::from(cores)),
+        // a process whose ticks went backwards is another one (the pid was reused)
         process_cores: match (a.process, b.process) {
-            (Some(x), Some(y)) => {
-                Some((y.saturating_sub(x) as f64 / per_core).min(f64::from(cores)))
-            }
+            (Some(x), Some(y)) => y
+                .checked_sub(x)
+                .map(|t| (t as f64 / per_core).min(f64::from(cores))),
             _ => None,
         },
     })
@@ -106,21 +111,31 @@ fn parse_pid_ticks(text: &str) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// The least the cores busy over a transfer must rise above those busy before it to say
+/// what the migration cost (below, a slow migration's cost is lost in the host's noise).
+pub const MIN_MIGRATION_CORES: f64 = 0.2;
+/// The most CPU seconds per GiB taken as a measurement (above: something else ran).
+pub const MAX_CORE_S_PER_GIB: f64 = 120.0;
+
 /// CPU seconds a migration's data path took on this host per GiB of QEMU's stream: the
 /// cores busy over the transfer beyond those busy before it, over the stream's bytes
-/// (None: too short, or too little crossed, to say).
+/// (None: too short, too little crossed, or too little CPU taken, to say).
 pub fn core_seconds_per_gib(
     before: &CpuWindow,
     during: &CpuWindow,
     stream_bytes: u64,
 ) -> Option<f64> {
-    if during.secs < 1.0 || stream_bytes < 16 << 20 {
+    if during.secs < 1.0 || stream_bytes < 16 << 20 || before.cores != during.cores {
         return None;
     }
-    // the guest's QEMU is in both windows; a throttled guest takes less during, which
-    // counts as the migration's saving, never below a tenth of a core
-    let migration_cores = (during.busy_cores - before.busy_cores).max(0.1);
+    // the guest's QEMU is in both windows (a throttled guest takes less during: the
+    // agent learns only from migrations that were not throttled)
+    let migration_cores = during.busy_cores - before.busy_cores;
+    if migration_cores < MIN_MIGRATION_CORES {
+        return None;
+    }
     Some(migration_cores * during.secs / (stream_bytes as f64 / (1u64 << 30) as f64))
+        .filter(|c| *c <= MAX_CORE_S_PER_GIB)
 }
 
 #[cfg(test)]
@@ -173,12 +188,28 @@ mod tests {
         };
         let during = CpuWindow { secs: 4.0, ..w };
         assert_eq!(core_seconds_per_gib(&before, &during, 2 << 30), Some(2.0));
-        // too little crossed, or too short, says nothing
+        // too little crossed, too short, or too little CPU taken, says nothing
         assert_eq!(core_seconds_per_gib(&before, &during, 1 << 20), None);
         let short = CpuWindow { secs: 0.5, ..w };
         assert_eq!(core_seconds_per_gib(&before, &short, 2 << 30), None);
+        let quiet = CpuWindow {
+            busy_cores: 0.6,
+            ..during
+        };
+        assert_eq!(core_seconds_per_gib(&before, &quiet, 2 << 30), None);
+        // 1 core for 4 s over 32 MiB: 128 s per GiB, more than is believable
+        assert_eq!(core_seconds_per_gib(&before, &during, 32 << 20), None);
+        // cores that came or went, or a process that went backwards
+        let more = CpuReading { cores: 3, ..b };
+        assert_eq!(window(&a, &more), None);
+        let reused = CpuReading {
+            process: Some(5),
+            ..b
+        };
+        assert_eq!(window(&a, &reused).unwrap().process_cores, None);
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn this_host_can_be_read() {
         let a = read(Some(std::process::id())).expect("/proc/stat");

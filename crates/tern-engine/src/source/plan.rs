@@ -30,9 +30,9 @@ use crate::{Engine, Host};
 
 /// How long QEMU samples the guest's dirty pages.
 const DIRTY_SAMPLE: Duration = Duration::from_secs(1);
-/// How long a migration looks at the host's CPU before its transfer (a plan looks over
-/// its [`DIRTY_SAMPLE`]).
-const CPU_LOOK: Duration = Duration::from_millis(250);
+/// How long a migration looks at the host's CPU as it starts (a plan looks over its
+/// [`DIRTY_SAMPLE`]).
+const CPU_LOOK: Duration = Duration::from_millis(500);
 /// Before the first page: TLS, Hello, Prepare, the destination's QEMU starting.
 const SETUP: Duration = Duration::from_secs(1);
 /// How long a plan's link probe sends filler (less when [`MAX_PROBE_BYTES`] go sooner).
@@ -692,28 +692,23 @@ impl LinkProbe {
 /// known): samples the guest's RAM and starts QEMU's sampling of its dirty rate (200 ms).
 pub(super) async fn start_sampling(m: &mut Migration) {
     m.second_look = None;
-    // the host's CPU while the guest runs as it does, before the migration takes any
-    let before = Arc::new(std::sync::OnceLock::new());
-    m.cpu_before = Some(before.clone());
-    let pid = m.vm.pid;
-    crate::spawn(async move {
-        let Some(a) = hostcpu::read(pid) else { return };
-        tokio::time::sleep(CPU_LOOK).await;
-        if let Some(w) = hostcpu::read(pid).and_then(|b| hostcpu::window(&a, &b)) {
-            let _ = before.set(w);
-        }
-    });
+    m.cpu_before = None;
     // the bandwidth controller needs the dirty rate from the start (QEMU has none until its
     // first pass ends)
     let wanted = link_rate(m.link.as_ref(), &m.req, None).0.is_some()
         || m.req.objective() == tern_api::Objective::LeastLinkUse;
     if !m.source_running || !wanted {
+        m.cpu_before = Some(look_at_cpu(m.vm.pid));
         return;
     }
     let Ok(qmp) = m.vm.qmp() else {
+        m.cpu_before = Some(look_at_cpu(m.vm.pid));
         return; // libvirt's QEMU: no sampling
     };
-    if let Some((c, hashes, first)) = sample_content(m).await {
+    let sampled = sample_content(m).await;
+    // after the sample (reading and hashing it is the agent's work, not the host's load)
+    m.cpu_before = Some(look_at_cpu(m.vm.pid));
+    if let Some((c, hashes, first)) = sampled {
         m.content = Some(c);
         m.sample_hashes = hashes;
         // where rewritten pages go against their previous version, a second look at the
@@ -736,6 +731,21 @@ pub(super) async fn start_sampling(m: &mut Migration) {
         tracing::debug!(migration = %m.handle.id, "no dirty-rate sampling for the prediction: {e}");
     }
     m.dirty_sampling = r.is_ok();
+}
+
+/// The host's CPU over [`CPU_LOOK`] while the guest runs as it does, before the
+/// migration's transfer takes any (beside the migration: the connection goes on).
+fn look_at_cpu(pid: Option<u32>) -> Arc<std::sync::OnceLock<CpuWindow>> {
+    let before = Arc::new(std::sync::OnceLock::new());
+    let window = before.clone();
+    crate::spawn(async move {
+        let Some(a) = hostcpu::read(pid) else { return };
+        tokio::time::sleep(CPU_LOOK).await;
+        if let Some(w) = hostcpu::read(pid).and_then(|b| hostcpu::window(&a, &b)) {
+            let _ = window.set(w);
+        }
+    });
+    before
 }
 
 /// The dirty rate QEMU sampled while tern connected, bytes/s (None: not sampled, or not
@@ -1228,7 +1238,10 @@ mod tests {
         // at the link's 150 MiB/s the migration asks for 4.7 cores: with the guest's one,
         // 5.7 asked of 2, everyone at 35%
         let (rate, slow) = cpu(0.0, 1.0).share(0, 150.0 * MIB);
-        assert!((rate / MIB - 52.7).abs() < 0.1 && (slow - 0.352).abs() < 0.001, "{rate} {slow}");
+        assert!(
+            (rate / MIB - 52.7).abs() < 0.1 && (slow - 0.352).abs() < 0.001,
+            "{rate} {slow}"
+        );
         // paused, the guest asks for nothing
         let (paused, _) = cpu(0.0, 1.0).share(100, 150.0 * MIB);
         assert!((paused / MIB - 64.0).abs() < 0.1, "{paused}");
