@@ -16,6 +16,7 @@
 //!                          └─PlanQuery─> Sounding ──PlanHeld──> Probing (src: ProbeBytes...)
 //!                                 ──ProbeEnd──> ProbeEnded ──ProbeResult──> Closed (v9)
 //!  Transfer ──SourceDone{commit}──> Finishing ──Resumed──> Closed          (v2)
+//!  (v10, after PostcopyOffer in Opening: PostcopyRun once, in Transfer)
 //!  Transfer ──SourceDone──> Finishing ──ReadyToResume──> AwaitCommit
 //!           ──Commit──> Committed ──Resumed──> Closed                      (v1)
 //!  Abort from either side, at any stage: Closed.
@@ -138,6 +139,9 @@ pub struct Conversation {
     version: u16,
     disk_offer: bool,
     tpm_key: bool,
+    /// v10: PostcopyOffer came (then, in the transfer, PostcopyRun once).
+    postcopy: bool,
+    postcopy_run: bool,
 }
 
 impl Default for Conversation {
@@ -154,6 +158,8 @@ impl Conversation {
             version: MIN_PROTOCOL_VERSION,
             disk_offer: false,
             tpm_key: false,
+            postcopy: false,
+            postcopy_run: false,
         }
     }
 
@@ -216,6 +222,10 @@ impl Conversation {
                 self.tpm_key = true;
                 Stage::Opening
             }
+            (Stage::Opening, S, T::PostcopyOffer) if !self.postcopy => {
+                self.postcopy = true;
+                Stage::Opening
+            }
             (Stage::Opening, S, T::Prepare) => Stage::Preparing,
             (Stage::Opening, S, T::Query) if !self.disk_offer && !self.tpm_key => Stage::Querying,
             (Stage::Opening, S, T::Attach) if !self.disk_offer && !self.tpm_key => {
@@ -251,6 +261,10 @@ impl Conversation {
                 | T::DiskData
                 | T::DiskRoundEnd,
             ) => Stage::Transfer,
+            (Stage::Transfer, S, T::PostcopyRun) if self.postcopy && !self.postcopy_run => {
+                self.postcopy_run = true;
+                Stage::Transfer
+            }
             (Stage::Transfer, S, T::SourceDone) => Stage::Finishing {
                 commit: matches!(msg, Message::SourceDone { commit: true, .. }),
             },
@@ -270,7 +284,7 @@ impl Conversation {
             (
                 Stage::Data { frame_next: true },
                 S,
-                T::QemuBytes | T::RamBlocks | T::Pages | T::SourceDone,
+                T::QemuBytes | T::RamBlocks | T::Pages | T::SourceDone | T::PostcopyRun,
             ) => Stage::Data { frame_next: false },
             _ => return Err(out_of_order),
         };
@@ -413,6 +427,45 @@ mod tests {
         let mut c = Conversation::new();
         c.on(S, &hello(2)).unwrap();
         assert_eq!(c.on(D, &ack(3)), Err(OrderError::BadVersion(3)));
+    }
+
+    #[test]
+    fn postcopy_run_only_after_postcopy_offer_and_once() {
+        let prep = Message::Prepare {
+            migration_id: "m".into(),
+            spec_toml: String::new(),
+            source_running: true,
+            qemu_version: String::new(),
+        };
+        let prepared = Message::Prepared {
+            qemu_version: String::new(),
+        };
+        let mut c = Conversation::new();
+        run(
+            &mut c,
+            &[
+                (S, hello(10)),
+                (D, ack(10)),
+                (S, Message::PostcopyOffer),
+                (S, prep.clone()),
+                (D, prepared.clone()),
+                (S, Message::PostcopyRun),
+            ],
+        )
+        .unwrap();
+        assert!(c.on(S, &Message::PostcopyRun).is_err(), "twice");
+        // without the offer
+        let mut c = Conversation::new();
+        run(
+            &mut c,
+            &[(S, hello(10)), (D, ack(10)), (S, prep), (D, prepared)],
+        )
+        .unwrap();
+        assert!(c.on(S, &Message::PostcopyRun).is_err());
+        // not to a v9 peer
+        let mut c = Conversation::new();
+        run(&mut c, &[(S, hello(9)), (D, ack(9))]).unwrap();
+        assert!(c.on(S, &Message::PostcopyOffer).is_err());
     }
 
     #[test]

@@ -89,6 +89,8 @@ message_types! {
     ProbeBytes = 36, since 9;
     ProbeEnd = 37, since 9;
     ProbeResult = 38, since 9;
+    PostcopyOffer = 39, since 10;
+    PostcopyRun = 40, since 10;
 }
 
 /// [`Message::DiskData`] with this piece number is a plain write (a later round's dirty
@@ -405,6 +407,14 @@ pub enum Message {
         bytes: u64,
         micros: u64,
     },
+    /// Source -> destination (v10), before Prepare: this migration is post-copy; the
+    /// destination QEMU must take it (capability `postcopy-ram`).
+    PostcopyOffer,
+    /// Source -> destination (v10), in the transfer, right after the bytes of QEMU's
+    /// PACKAGED command (which ends with POSTCOPY_RUN): the source QEMU stopped for good;
+    /// the destination records the switchover and runs the VM. From here on the source
+    /// never resumes.
+    PostcopyRun,
 }
 
 impl Message {
@@ -449,6 +459,8 @@ impl Message {
             Message::ProbeBytes(_) => MessageType::ProbeBytes,
             Message::ProbeEnd => MessageType::ProbeEnd,
             Message::ProbeResult { .. } => MessageType::ProbeResult,
+            Message::PostcopyOffer => MessageType::PostcopyOffer,
+            Message::PostcopyRun => MessageType::PostcopyRun,
         }
     }
 
@@ -692,7 +704,7 @@ pub(crate) fn encode_payload(msg: &Message, out: &mut BytesMut, segs: &mut Vec<B
             out.put_u32(*held);
             out.put_u32(*chunks_held);
         }
-        Message::ProbeEnd => {}
+        Message::ProbeEnd | Message::PostcopyOffer | Message::PostcopyRun => {}
         Message::ProbeResult { bytes, micros } => {
             out.put_u64(*bytes);
             out.put_u64(*micros);
@@ -752,7 +764,7 @@ pub(crate) fn payload_len(msg: &Message) -> usize {
         }
         Message::PlanQuery { hashes, chunks, .. } => 16 + 16 * (hashes.len() + chunks.len()),
         Message::PlanHeld { .. } => 8,
-        Message::ProbeEnd => 0,
+        Message::ProbeEnd | Message::PostcopyOffer | Message::PostcopyRun => 0,
         Message::ProbeResult { .. } => 16,
     }
 }
@@ -995,6 +1007,8 @@ pub(crate) fn decode_payload(ty: MessageType, payload: Bytes) -> Result<Message,
         },
         MessageType::ProbeBytes => Message::ProbeBytes(r.rest()),
         MessageType::ProbeEnd => Message::ProbeEnd,
+        MessageType::PostcopyOffer => Message::PostcopyOffer,
+        MessageType::PostcopyRun => Message::PostcopyRun,
         MessageType::ProbeResult => Message::ProbeResult {
             bytes: r.u64()?,
             micros: r.u64()?,

@@ -198,6 +198,8 @@ fn canonical(v: u16) -> Vec<Message> {
             bytes: 8 << 20,
             micros: 700_000,
         },
+        Message::PostcopyOffer,
+        Message::PostcopyRun,
     ];
     assert_eq!(all.len(), MessageType::ALL.len(), "one message per type");
     all.into_iter().filter(|m| m.kind().since() <= v).collect()
