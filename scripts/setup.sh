@@ -57,4 +57,10 @@ fi
 if getent group kvm >/dev/null 2>&1 && ! id -nG tern-qemu | grep -qw kvm; then
   usermod -a -G kvm tern-qemu
 fi
+# Post-copy (tern migrate --postcopy): the destination QEMU, running as tern-qemu, needs
+# userfaultfd; /dev/userfaultfd (Linux 6.1+) for its group only, nothing system-wide.
+if [ -c /dev/userfaultfd ]; then
+  echo 'KERNEL=="userfaultfd", GROUP="tern-qemu", MODE="0660"' >/etc/udev/rules.d/70-tern-userfaultfd.rules
+  chgrp tern-qemu /dev/userfaultfd && chmod 660 /dev/userfaultfd
+fi
 qemu-system-x86_64 --version | head -1

@@ -56,7 +56,16 @@ pub struct MigrateRequest {
     /// the first stall.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outage_wait_s: Option<u64>,
+    /// Post-copy: after the first pass the VM runs at the destination, which fetches the
+    /// pages still here as it goes; the guest is never slowed. Risk: if this host dies
+    /// during post-copy, the VM is lost. tern's own VMs only, without local disks or
+    /// shared memory, to a destination of protocol v10 or newer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub postcopy: bool,
 }
+
+/// What `postcopy` risks, said before it starts (the CLI's output, the migration's notes).
+pub const POSTCOPY_RISK: &str = "post-copy: once the VM runs at the destination, memory it has not fetched yet is only on this host: if this host or the link dies during post-copy, the VM is lost (QEMU pauses it at the destination, postcopy-paused; tern cannot recover it yet)";
 
 /// What the bandwidth controller optimises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -187,6 +196,11 @@ impl MigrateRequest {
         if self.converge_timeout_s == Some(0) {
             return Err("--converge-timeout 0 s: give at least 1 s".into());
         }
+        if self.postcopy && self.max_throttle.is_some_and(|t| t > 0) {
+            return Err(
+                "--postcopy never slows the guest: leave out --max-throttle (or give 0)".into(),
+            );
+        }
         if let Some(w) = self.outage_wait_s.filter(|w| *w > MAX_OUTAGE_WAIT_S) {
             return Err(format!(
                 "--outage-wait {w} s: give 0 (fail at the first stall) to {MAX_OUTAGE_WAIT_S} s (a day)"
@@ -300,6 +314,9 @@ pub const LIBVIRT_FLAGS: &[&str] = &[
 impl LibvirtMigrateRequest {
     pub fn validate(&self) -> Result<(), String> {
         self.migrate.validate()?;
+        if self.migrate.postcopy {
+            return Err("--postcopy is not available for a libvirt domain (libvirt drives its migration): leave it out".into());
+        }
         if self.libvirt_to.trim().is_empty() || self.libvirt_to.starts_with('-') {
             return Err(
                 "no destination libvirt: give --libvirt-to URI (e.g. qemu+tls://host-b/system)"
@@ -503,6 +520,10 @@ pub struct Progress {
     pub rtt_ms: Option<f64>,
     #[serde(default)]
     pub queue_delay_ms: Option<f64>,
+    /// What the operator should know of this migration as it runs (post-copy's risk, said
+    /// before post-copy starts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// The final report of a migration (`tern migrate --json` prints it).
@@ -567,6 +588,12 @@ pub struct MigrationReport {
     /// or the transfer was too short to say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cpu: Option<HostCpuReport>,
+    /// Post-copy was used (`postcopy` asked): the VM ran at the destination from
+    /// POSTCOPY_RUN on; `postcopy_ms` is how long post-copy took (RUN to the stream's end).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub postcopy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_ms: Option<u64>,
 }
 
 /// The source host's CPU around a migration, from `/proc/stat`: everything on the host

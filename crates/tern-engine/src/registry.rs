@@ -174,7 +174,12 @@ impl Registry {
         let st = m.status();
         Ok(match (st.finished, st.report) {
             (true, Some(r)) => (S::Running, r.resumed_unix_us),
-            (true, None) => (S::Discarded, 0),
+            // failed after its switchover record (post-copy: the VM ran here from
+            // POSTCOPY_RUN on): it is here, never "discarded" (the source would resume)
+            (true, None) => match self.switch_record_of(id) {
+                Some(r) => (S::Running, r.resumed_unix_us),
+                None => (S::Discarded, 0),
+            },
             (false, _) => (S::InProgress, 0),
         })
     }

@@ -403,6 +403,12 @@ struct MigrateArgs {
     /// (default 2m; 0 fails at the first stall).
     #[arg(long, value_parser = tern_api::migration::parse_duration_s)]
     outage_wait: Option<u64>,
+    /// Post-copy: after the first pass the VM runs at the destination, which fetches the
+    /// pages still here as it goes; the guest is never slowed (no throttle). Risk: if this
+    /// host or the link dies during post-copy, the VM is lost. Not for libvirt domains,
+    /// VMs with local disks or shared memory.
+    #[arg(long, conflicts_with_all = ["plan", "libvirt"])]
+    postcopy: bool,
     /// Move nothing: measure (the guest's dirty rate, the round trip, what the destination
     /// holds of a sample of RAM, the policy; the link with a 2 s probe when no past
     /// migration or --max-bandwidth says its rate) and print what the migration would cost
@@ -1034,12 +1040,14 @@ fn migrate(c: Client, m: MigrateArgs) -> Result<()> {
             }
         },
         streams: m.streams,
-        max_throttle: Some(m.max_throttle),
+        // post-copy never slows the guest
+        max_throttle: Some(if m.postcopy { 0 } else { m.max_throttle }),
         max_downtime_ms: m.max_downtime_ms,
         converge_timeout_s: Some(m.converge_timeout_s),
         objective: m.objective,
         deadline_s: m.deadline,
         outage_wait_s: m.outage_wait,
+        postcopy: m.postcopy,
     };
     if let Err(why) = req.validate() {
         bail!("{why}");
@@ -1069,6 +1077,9 @@ fn migrate(c: Client, m: MigrateArgs) -> Result<()> {
         }
         c.migrate_libvirt(&m.name, &req)?.id
     } else {
+        if req.postcopy {
+            eprintln!("warning: {}", tern_api::migration::POSTCOPY_RISK);
+        }
         c.migrate(&m.name, &req)?.id
     };
 
@@ -1316,6 +1327,12 @@ fn print_report(r: &MigrationReport) {
             .map(|d| d.to_string())
             .unwrap_or_else(|| "?".into())
     );
+    if r.postcopy {
+        println!(
+            "  post-copy       {} ms (the VM ran at the destination from its start)",
+            r.postcopy_ms.unwrap_or(0)
+        );
+    }
     println!("  RAM             {:.1} MiB", mib(r.ram_bytes));
     println!("  from QEMU       {:.1} MiB", mib(r.bytes_from_qemu));
     println!("  on the wire     {:.1} MiB", mib(r.bytes_on_wire));

@@ -48,6 +48,6 @@ pub(super) async fn finish(
         },
     )
     .await;
-    super::switchover::succeeded(inc, conn, &p, digest, loaded_at).await;
+    super::switchover::succeeded(inc, conn, &p, digest, true, loaded_at).await;
     Ok(())
 }

@@ -20,6 +20,8 @@ pub(super) struct PrepareRequest {
     pub source_qemu: String,
     pub disk_offer: Option<Vec<DiskInfo>>,
     pub tpm_key: Option<[u8; 32]>,
+    /// v10: the source offered post-copy (PostcopyOffer).
+    pub postcopy: bool,
     /// The source agent's name, as it said it.
     pub peer_name: String,
     pub version: u16,
@@ -85,10 +87,12 @@ pub(super) async fn run(inc: &mut Incoming, conn: &mut Conn) -> Result<Opening, 
     // (v3: the VM's disks first, when it has some; v4: its vTPM key)
     let mut disk_offer = None;
     let mut tpm_key = None;
+    let mut postcopy = false;
     loop {
         match conn.next(Duration::from_secs(30), "Prepare").await? {
             Message::DiskOffer { disks } => disk_offer = Some(disks),
             Message::TpmKey { key } => tpm_key = Some(key),
+            Message::PostcopyOffer => postcopy = true,
             Message::Prepare {
                 migration_id,
                 spec_toml,
@@ -102,6 +106,7 @@ pub(super) async fn run(inc: &mut Incoming, conn: &mut Conn) -> Result<Opening, 
                     source_qemu: qemu_version,
                     disk_offer,
                     tpm_key,
+                    postcopy,
                     peer_name,
                     version,
                 }))

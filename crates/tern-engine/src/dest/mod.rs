@@ -11,7 +11,7 @@
 //! | `Prepare` | `prepare.rs` | the spec vetted (`spec.rs`), the migration admitted, its QEMU launched (a libvirt domain's: connected to, `crate::libvirt`), disks exported, the summary, Prepared |
 //! | `Transfer` | `transfer.rs` | frames in order (reordered from data connections) rebuilt into QEMU's stream; the return path relayed (`relay.rs`) |
 //! | `Verify` | `verify.rs` | digests equal, QEMU loaded everything, disks handed to the guest, the commit (v1: asked for) |
-//! | `Switchover` | `switchover.rs` | the durable record (`record.rs`), `cont`, the VM handed to the daemon, Resumed |
+//! | `Switchover` | `switchover.rs` | the durable record (`record.rs`), `cont`, the VM handed to the daemon, Resumed; post-copy takes the record, `cont` and the hand-over (`switchover::claim`) at PostcopyRun, mid-transfer |
 //! | `Verify`, `Switchover` of a libvirt domain | `carried.rs` | digests equal once the QEMU libvirt started has loaded the stream (its SHUT, which the source holds back from its QEMU until then), Resumed |
 //!
 //! Every message received goes through the conversation's order
@@ -138,6 +138,9 @@ pub(crate) struct Incoming {
     process: Option<QemuProcess>,
     run_dir: Option<PathBuf>,
     handle: Option<Arc<MigrationHandle>>,
+    /// The VM became this host's mid-transfer (post-copy, at POSTCOPY_RUN): a failure
+    /// after that leaves it here, as QEMU has it.
+    claimed: bool,
 }
 
 impl Incoming {
@@ -246,6 +249,7 @@ async fn serve(
         process: None,
         run_dir: None,
         handle: None,
+        claimed: false,
     };
     // A bug that panics here cleans up like an error: QEMU, run directory, name.
     let result = std::panic::AssertUnwindSafe(receive(&mut inc, &mut conn))
@@ -283,7 +287,12 @@ async fn serve(
                 .await;
             }
             if let Some(h) = inc.handle.take() {
-                h.finish_err(code, message, "removed from this host".into());
+                let vm_state = if inc.claimed {
+                    "here: it has run on this host since post-copy began (POSTCOPY_RUN); QEMU keeps it (postcopy-paused if pages are still missing: the source host holds them, and post-copy recovery is not done by tern yet)"
+                } else {
+                    "removed from this host"
+                };
+                h.finish_err(code, message, vm_state.into());
             }
         }
     }
@@ -376,7 +385,8 @@ async fn receive(inc: &mut Incoming, conn: &mut Conn) -> Result<Then, IncomingEr
     // source's silence limit means a dead peer, not a busy one.
     let _alive =
         (prepared.version >= 2).then(|| relay::keepalive(conn.writer.clone(), received.applied));
-    verify::run(inc, conn, &mut prepared, &received).await?;
+    let mut received = received;
+    verify::run(inc, conn, &mut prepared, &mut received).await?;
     switchover::run(inc, conn, prepared, received).await?;
     Ok(Then::Done)
 }

@@ -47,6 +47,8 @@ pub(super) struct Prepared {
     /// Extra data connections of this migration, as they attach.
     pub attached: mpsc::UnboundedReceiver<(u16, FrameReader<PeerRead>)>,
     pub _streams: StreamsGuard,
+    /// v10: a post-copy migration (the VM runs here from PostcopyRun on).
+    pub postcopy: bool,
 }
 
 impl Prepared {
@@ -72,6 +74,7 @@ pub(super) async fn run(
         source_qemu,
         disk_offer,
         tpm_key,
+        postcopy,
         peer_name,
         version,
     } = r;
@@ -85,6 +88,18 @@ pub(super) async fn run(
     let mut spec = VmSpec::from_toml(&spec_toml)
         .and_then(|s| s.validate_migrating().map(|()| s))
         .map_err(|e| refuse(ErrorCode::SpecRejected, error_chain(&e)))?;
+    if postcopy {
+        // (the source refuses these too; a peer is authenticated, not trusted)
+        if spec.libvirt.is_some()
+            || !crate::disk::local_disks(&spec).is_empty()
+            || spec.memory == tern_qemu::spec::GuestMemory::Shared
+        {
+            return Err(refuse(
+                ErrorCode::SpecRejected,
+                "post-copy is not available for a libvirt domain, a VM with local disks or one with shared memory",
+            ));
+        }
+    }
     if spec.libvirt.is_some() {
         return prepare_carried(inc, conn, spec, id, source_running, version, peer_name).await;
     }
@@ -239,6 +254,9 @@ pub(super) async fn run(
         ("return-path", true),
         ("events", true),
         ("late-block-activate", late),
+        // post-copy (v10, PostcopyOffer): QEMU loads the device state at POSTCOPY_RUN
+        // and fetches the rest of memory on demand over the return path
+        ("postcopy-ram", postcopy),
     ])
     .await
     .map_err(qmp_failed("setting its migration capabilities"))?;
@@ -293,6 +311,7 @@ pub(super) async fn run(
         pages,
         attached,
         _streams: streams,
+        postcopy,
     })
 }
 
@@ -441,6 +460,7 @@ async fn prepare_carried(
         pages,
         attached,
         _streams: streams,
+        postcopy: false,
     })
 }
 

@@ -1,6 +1,8 @@
 //! Phase `Switchover` on the destination: the durable record first (no record, no run:
 //! the source resumes its copy), then the guest runs (`cont`, its RESUME event), the VM is
-//! handed to the daemon, and the source is told (Resumed).
+//! handed to the daemon, and the source is told (Resumed). [`claim`] is that switchover
+//! on its own: post-copy's transfer calls it at POSTCOPY_RUN (the VM runs here while the
+//! rest of its memory arrives), and this phase then only reports.
 //!
 //! ===== SWITCHOVER POINT: from the record on, this host owns the VM. =====
 
@@ -23,13 +25,39 @@ pub(super) async fn run(
 ) -> Result<(), IncomingError> {
     let handle = p.handle.clone();
     handle.set_phase(Phase::Switchover);
+    // post-copy: the VM was claimed at POSTCOPY_RUN already (record, cont, adopted)
+    let resumed_unix_us = match r.claimed {
+        Some(us) => us,
+        None => claim(inc, &conn.peer.fingerprint, &p).await?,
+    };
+    r.relay.abort();
+    if fault!(inc.engine.config.fault, DropAfterCommit) {
+        tracing::warn!("fault injection: dropping the connection instead of sending Resumed");
+        let _ = conn.writer.lock().await.shutdown().await;
+    } else {
+        let _ = send(&conn.writer, &Message::Resumed { resumed_unix_us }).await;
+    }
+    succeeded(inc, conn, &p, r.source_digest, r.digest_ok, resumed_unix_us).await;
+    Ok(())
+}
+
+/// The VM becomes this host's: the durable record first (no record, no run: the source
+/// resumes its copy), then the guest runs (`cont`, its RESUME event) and the VM is handed
+/// to the daemon. After the commit; with post-copy, at POSTCOPY_RUN (the stream goes on,
+/// the guest runs meanwhile). The RESUME time (µs since the epoch; 0 for a VM that stays
+/// paused).
+pub(super) async fn claim(
+    inc: &mut Incoming,
+    peer: &str,
+    p: &Prepared,
+) -> Result<u64, IncomingError> {
     let fault = inc.engine.config.fault;
     // Durable before the guest runs: a restarted agent must find that this VM is ours
     // (and answer the source's Query with "running"), never kill it as an incoming VM
     // that did not switch over.
     let record = SwitchRecord {
         migration_id: p.id.clone(),
-        peer: conn.peer.fingerprint.clone(),
+        peer: peer.to_string(),
         source_running: p.source_running,
         resumed_unix_us: 0,
     };
@@ -68,6 +96,7 @@ pub(super) async fn run(
     let resumed_at = if p.source_running && !held {
         let qmp = p.qmp()?;
         let mut ev = qmp.subscribe();
+        // (post-copy: a `cont` before QEMU reached POSTCOPY_RUN runs the VM when it does)
         qmp.execute("cont", None)
             .await
             .map_err(qmp_failed("cont"))?;
@@ -107,21 +136,8 @@ pub(super) async fn run(
     let _ = std::fs::remove_file(process.run_dir.join(INCOMING_MARKER));
     inc.host.adopt(p.spec.clone(), process);
     inc.name = None;
-    r.relay.abort();
-    if fault!(fault, DropAfterCommit) {
-        tracing::warn!("fault injection: dropping the connection instead of sending Resumed");
-        let _ = conn.writer.lock().await.shutdown().await;
-    } else {
-        let _ = send(
-            &conn.writer,
-            &Message::Resumed {
-                resumed_unix_us: unix_us(resumed_at),
-            },
-        )
-        .await;
-    }
-    succeeded(inc, conn, &p, r.source_digest, resumed_unix_us).await;
-    Ok(())
+    inc.claimed = true;
+    Ok(resumed_unix_us)
 }
 
 /// The migration succeeded here: its report (what crossed, the digest both sides agreed
@@ -131,6 +147,7 @@ pub(super) async fn succeeded(
     conn: &Conn,
     p: &Prepared,
     digest: [u8; 32],
+    digest_ok: bool,
     resumed_unix_us: u64,
 ) {
     let handle = &p.handle;
@@ -146,11 +163,12 @@ pub(super) async fn succeeded(
         bytes_from_qemu: 0,
         bytes_on_wire: Counters::get(&c.wire_in) + Counters::get(&c.wire_data) + wire_out,
         pages: page_counts(c),
-        digest_ok: true,
+        digest_ok,
         digest: hex::encode(digest),
         source_was_running: p.source_running,
         protocol_version: p.version,
         resumed_unix_us,
+        postcopy: p.postcopy,
         ..Default::default()
     });
     inc.handle = None;

@@ -5,7 +5,9 @@
 //! resolved (zero, bytes, a reference to content held here, a delta) and written to QEMU in
 //! the order they came, a record whose content must be asked for (Want) holding back those
 //! after it. Disk frames go to the disk worker; QEMU's return path is relayed meanwhile.
-//! Ends when SourceDone came and everything before it is written.
+//! Ends when SourceDone came and everything before it is written. Post-copy: at
+//! PostcopyRun (right after QEMU's PACKAGED) the VM becomes this host's and runs
+//! (`switchover::claim`) while the rest of the stream comes.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +44,11 @@ pub(super) struct Received {
     pub relay: AbortOnDrop,
     /// Raised once the relay passed on QEMU's SHUT(0) (it loaded the whole stream).
     pub shut: Arc<std::sync::atomic::AtomicBool>,
+    /// Post-copy: the VM became this host's at PostcopyRun, running since this RESUME
+    /// (µs since the epoch; 0: it stays paused).
+    pub claimed: Option<u64>,
+    /// The digests agree (set by the verification).
+    pub digest_ok: bool,
 }
 
 pub(super) async fn run(
@@ -91,6 +98,7 @@ pub(super) async fn run(
     let mut attached: HashSet<u16> = HashSet::new();
     let mut ready: VecDeque<Message> = VecDeque::new();
     let mut last_input = tokio::time::Instant::now();
+    let mut claimed = None;
     let source_digest = loop {
         if let Some(d) = source_done {
             // (disks: their last rounds travel on the control connection, SourceDone may
@@ -312,6 +320,23 @@ pub(super) async fn run(
                 source_done = Some(src);
                 early_commit = commit;
             }
+            Some(Message::PostcopyRun) => {
+                // the source sent QEMU's PACKAGED (device state, then POSTCOPY_RUN) just
+                // before: it goes to QEMU, then the VM becomes this host's and runs while
+                // the rest of its memory comes (QEMU asks for what it touches first, over
+                // the return path)
+                if !p.postcopy || !rb.pending.is_empty() {
+                    return Err(refuse(
+                        ErrorCode::Protocol,
+                        "PostcopyRun outside a post-copy migration or with records waiting for content",
+                    ));
+                }
+                rb.flush().await?;
+                // ===== SWITCHOVER POINT (post-copy): from here on this host owns the VM. =====
+                let us = super::switchover::claim(inc, &conn.peer.fingerprint, p).await?;
+                tracing::info!(migration = %id, "post-copy: the VM runs here; the rest of its memory follows");
+                claimed = Some(us);
+            }
             Some(Message::Abort { code, message }) => {
                 return Err(IncomingError::Aborted { code, message })
             }
@@ -348,6 +373,8 @@ pub(super) async fn run(
         applied: rb.feeder.applied(),
         relay: rp_task,
         shut,
+        claimed,
+        digest_ok: true,
     })
 }
 

@@ -1,7 +1,8 @@
 //! Phase `Verify`: the digest of what this side wrote to its QEMU equals the source's,
 //! QEMU loaded the whole stream, the disks' last rounds are written and handed to the guest
 //! (no NBD export may stay on a running guest's disk); then the source's decision: given
-//! with SourceDone (v2), or asked for with ReadyToResume (v1).
+//! with SourceDone (v2), or asked for with ReadyToResume (v1). Post-copy: the VM already
+//! runs here (claimed at POSTCOPY_RUN); a digest mismatch is reported, not refused.
 
 use std::time::Duration;
 
@@ -18,9 +19,10 @@ pub(super) async fn run(
     inc: &mut Incoming,
     conn: &mut Conn,
     p: &mut Prepared,
-    r: &Received,
+    r: &mut Received,
 ) -> Result<(), IncomingError> {
     let ours = digests_agree(p, r)?;
+    r.digest_ok = ours == r.source_digest;
     let qmp = p.qmp()?;
     let Some(events) = p.qemu_events.as_mut() else {
         return Err(IncomingError::Qemu("tern's QEMU without its events".into()));
@@ -70,20 +72,24 @@ pub(super) async fn run(
 }
 
 /// Phase `Verify` begins: the digest of what this side wrote to its QEMU must equal the
-/// source's. This migration's pages stay in the store, unpinned.
+/// source's. This migration's pages stay in the store, unpinned. Post-copy: the VM has
+/// run here since POSTCOPY_RUN, nothing can be refused any more: a mismatch is logged
+/// and reported (`digest_ok` false), and this digest returned.
 pub(super) fn digests_agree(p: &mut Prepared, r: &Received) -> Result<[u8; 32], IncomingError> {
     p.handle.set_phase(Phase::Verify);
     let ours = r.digest.as_ref().map(|d| d.finish()).unwrap_or([0; 32]);
     p.pages.release();
     if ours != r.source_digest {
-        return Err(refuse(
-            ErrorCode::DigestMismatch,
-            format!(
-                "memory digest mismatch: source {}, destination {}",
-                hex::encode(r.source_digest),
-                hex::encode(ours)
-            ),
-        ));
+        let message = format!(
+            "memory digest mismatch: source {}, destination {}",
+            hex::encode(r.source_digest),
+            hex::encode(ours)
+        );
+        if r.claimed.is_some() {
+            tracing::error!(migration = %p.id, "{message}: the VM runs here since post-copy began (reported as digest_ok false)");
+            return Ok(ours);
+        }
+        return Err(refuse(ErrorCode::DigestMismatch, message));
     }
     Ok(ours)
 }

@@ -1,6 +1,7 @@
 //! Before anything moves: QEMU's configuration must be one tern's data path can carry,
 //! the disks are described (their sizes for the destination), and whether the VM runs
-//! decides whether it runs again on failure.
+//! decides whether it runs again on failure; with `postcopy`, what post-copy cannot carry
+//! (local disks, shared memory) is refused.
 
 use tern_proto::DiskInfo;
 use tern_qemu::spec::GuestMemory;
@@ -16,7 +17,13 @@ pub(super) struct Plan {
 
 pub(super) async fn run(m: &mut Migration) -> Result<Plan, MigrateError> {
     let qmp = m.vm.qmp()?;
-    check_capabilities(&qmp.query_migrate_capabilities().await?)?;
+    let mut caps = qmp.query_migrate_capabilities().await?;
+    if m.req.postcopy {
+        // tern sets it itself (a try after a lost link finds it on from the last one)
+        caps.retain(|(c, _)| c != "postcopy-ram");
+        check_postcopy(&m.vm.spec)?;
+    }
+    check_capabilities(&caps)?;
     // (shared disks are not copied: the destination opens the same image)
     let disks = if disk::local_disks(&m.vm.spec).is_empty() {
         None
@@ -32,6 +39,23 @@ pub(super) async fn run(m: &mut Migration) -> Result<Plan, MigrateError> {
     let ram = u64::from(m.vm.spec.memory_mib) << 20;
     m.handle.update(|s| s.progress.ram_total = Some(ram));
     Ok(Plan { disks })
+}
+
+/// What post-copy cannot carry yet, refused before anything moves.
+fn check_postcopy(spec: &tern_qemu::spec::VmSpec) -> Result<(), MigrateError> {
+    if !disk::local_disks(spec).is_empty() {
+        return Err(MigrateError::PostcopyRefused(format!(
+            "VM {:?} has local disks (their last round needs the guest paused at the switchover, and post-copy has none)",
+            spec.name
+        )));
+    }
+    if spec.memory == GuestMemory::Shared {
+        return Err(MigrateError::PostcopyRefused(format!(
+            "VM {:?} has shared memory (memory = \"shared\"), which post-copy does not take",
+            spec.name
+        )));
+    }
+    Ok(())
 }
 
 /// A guest with shared memory: QEMU's reads during the migration allocate every page it

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tern_proto::{FrameCompressor, Message, Page, PageBody, RamBlock};
-use tern_qemu::stream::{BlockName, Encoder, Item, NameMode, Parser, RamRecord, StreamError};
+use tern_qemu::stream::{
+    BlockName, Encoder, Item, NameMode, Package, Parser, PostcopyCommand, RamRecord, StreamError,
+};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix;
 
@@ -143,6 +145,9 @@ pub(super) struct ForwardPlan {
     /// A copy of the stream to a file, when the daemon asked for one (`record.rs`): each
     /// chunk read from QEMU, as it was read; never waited for.
     pub record: Option<Recorder>,
+    /// Post-copy: raised just before QEMU's PACKAGED (it ends with POSTCOPY_RUN) goes on,
+    /// followed by PostcopyRun. None: a postcopy stream is refused.
+    pub postcopy: Option<Arc<AtomicBool>>,
 }
 
 /// What the forwarder hands back once QEMU's stream ended properly.
@@ -170,6 +175,7 @@ pub(super) async fn forward(
         v5,
         mut stream_end,
         mut record,
+        postcopy,
     } = plan;
     pages.set_plain(v5);
     pages.set_lean(!datapath.dedup());
@@ -300,13 +306,35 @@ pub(super) async fn forward(
                         units += b.len() as u64;
                         out.verbatim(&b);
                     }
-                    Item::Postcopy(_) | Item::Packaged(_) => {
-                        return Err(StreamError::Unsupported {
-                            offset: parser.offset(),
-                            feature: "postcopy".into(),
-                            hint: "postcopy is not supported by tern yet: turn off the postcopy-ram capability".into(),
+                    Item::Postcopy(ref cmd) => {
+                        if postcopy.is_none()
+                            || !matches!(
+                                cmd,
+                                PostcopyCommand::Advise { .. } | PostcopyCommand::RamDiscard { .. }
+                            )
+                        {
+                            return Err(postcopy_unsupported(parser.offset(), postcopy.is_some()));
                         }
-                        .into());
+                        scratch.clear();
+                        enc.encode(&item, NameMode::Auto, &mut scratch);
+                        units += scratch.len() as u64;
+                        out.verbatim(&scratch);
+                    }
+                    Item::Packaged(ref pkg) => {
+                        let Some(flag) = &postcopy else {
+                            return Err(postcopy_unsupported(parser.offset(), false));
+                        };
+                        check_package(pkg, parser.offset())?;
+                        scratch.clear();
+                        enc.encode(&item, NameMode::Auto, &mut scratch);
+                        units += scratch.len() as u64;
+                        // ===== SWITCHOVER POINT (post-copy): the package holds the device
+                        // state and POSTCOPY_RUN; from here on the source never resumes. =====
+                        flag.store(true, Ordering::SeqCst);
+                        out.verbatim(&scratch);
+                        out.message(Message::PostcopyRun);
+                        pipe.hand(&mut out).await?;
+                        handle.update(|s| s.progress.qemu_status = "postcopy-active".into());
                     }
                     other => {
                         scratch.clear();
@@ -435,6 +463,40 @@ pub(super) async fn forward(
             lean_pages: s.lean,
         },
     })
+}
+
+/// A postcopy stream where tern does not carry one (or a command it does not carry yet).
+fn postcopy_unsupported(offset: u64, asked: bool) -> MigrateError {
+    StreamError::Unsupported {
+        offset,
+        feature: "postcopy".into(),
+        hint: if asked {
+            "postcopy recovery and bitmap-only postcopy are not carried by tern yet".into()
+        } else {
+            "postcopy was not asked for: turn off the postcopy-ram capability, or migrate with --postcopy".into()
+        },
+    }
+    .into()
+}
+
+/// The package tern carries: the device state between LISTEN and RUN, no RAM (QEMU sends
+/// none there without postcopy-preempt's or multifd's channels, which tern refuses).
+fn check_package(pkg: &Package, offset: u64) -> Result<(), MigrateError> {
+    let ends_with_run = pkg.items.last() == Some(&Item::Postcopy(PostcopyCommand::Run));
+    let ram = pkg.items.iter().any(|i| matches!(i, Item::Ram(_)));
+    if !ends_with_run || ram {
+        return Err(StreamError::Unsupported {
+            offset,
+            feature: "postcopy package".into(),
+            hint: if ram {
+                "a package holding RAM records is not carried by tern".into()
+            } else {
+                "a package that does not end with POSTCOPY_RUN is not carried by tern".into()
+            },
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Fires once `end` did; never without one (or once its sender is gone without firing).

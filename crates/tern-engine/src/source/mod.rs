@@ -180,6 +180,10 @@ pub enum MigrateError {
     NotConverging(String),
     #[error("tern failed internally (a bug: {0}); the migration was stopped")]
     Panicked(String),
+    #[error("post-copy cannot be used here: {0}; nothing moved (migrate without --postcopy)")]
+    PostcopyRefused(String),
+    #[error("the destination QEMU paused the VM in post-copy (postcopy-paused: the link to this host broke with pages still here); the VM is stuck at the destination until post-copy is recovered (tern does not recover it yet: `migrate-recover` by hand); it must never run here again")]
+    PostcopyPaused,
 }
 
 impl From<disk::SourceDiskError> for MigrateError {
@@ -236,6 +240,8 @@ impl MigrateError {
             }
             MigrateError::Disk(e) => e.code(),
             MigrateError::NotConverging(_) => ErrorCode::NotConverging,
+            MigrateError::PostcopyRefused(_) => ErrorCode::SpecRejected,
+            MigrateError::PostcopyPaused => ErrorCode::QemuFailed,
         }
     }
 }
@@ -255,6 +261,10 @@ pub(crate) struct Migration {
     committed: bool,
     /// v2: raised by the forwarder just before SourceDone carries the commit.
     commit_sent: Arc<AtomicBool>,
+    /// Post-copy: raised by the forwarder before QEMU's PACKAGED (which ends with
+    /// POSTCOPY_RUN) goes on. From then on the VM runs at the destination: the source
+    /// never resumes (its QEMU could not anyway).
+    postcopy_run: Arc<AtomicBool>,
     /// The control connection, for telling the destination about a failure.
     writer: Option<PeerWriter>,
     /// What the daemon remembers of the link to the destination (for the prediction the
@@ -377,6 +387,7 @@ impl Migration {
             source_running: false,
             committed: false,
             commit_sent: Arc::new(AtomicBool::new(false)),
+            postcopy_run: Arc::new(AtomicBool::new(false)),
             writer: None,
             link,
             rtt: Duration::ZERO,
@@ -419,6 +430,14 @@ impl Migration {
             return self.carried_phases().await;
         }
         let plan = checks::run(self).await?;
+        if self.req.postcopy && self.attempt == 1 {
+            tracing::warn!(migration = %self.handle.id, "{}", tern_api::migration::POSTCOPY_RISK);
+            self.handle.update(|s| {
+                s.progress
+                    .notes
+                    .push(tern_api::migration::POSTCOPY_RISK.into())
+            });
+        }
         // for the prediction: the guest's RAM sampled, its dirty rate sampled by QEMU while
         // tern connects
         plan::start_sampling(self).await;
@@ -441,6 +460,11 @@ impl Migration {
     /// digests agree. No checks over QMP (libvirt's QEMU has no monitor for tern), no disk
     /// copy (a carried domain's disks are shared), no pacing of QEMU.
     async fn carried_phases(&mut self) -> Result<MigrationReport, MigrateError> {
+        if self.req.postcopy {
+            return Err(MigrateError::PostcopyRefused(
+                "a libvirt domain migrates with libvirt in charge".into(),
+            ));
+        }
         self.source_running = true;
         let ram = u64::from(self.vm.spec.memory_mib) << 20;
         self.handle.update(|s| s.progress.ram_total = Some(ram));
@@ -489,7 +513,12 @@ impl Drop for AbortOnDrop {
 
 /// Whether the commit went out (the forwarder raised it, or the v1 Commit was sent).
 pub(crate) fn commit_went_out(m: &Migration) -> bool {
-    m.committed || m.commit_sent.load(Ordering::SeqCst)
+    m.committed || m.commit_sent.load(Ordering::SeqCst) || postcopy_ran(m)
+}
+
+/// Post-copy began: the VM runs at the destination (or QEMU holds it there, paused).
+pub(crate) fn postcopy_ran(m: &Migration) -> bool {
+    m.postcopy_run.load(Ordering::SeqCst)
 }
 
 /// What the destination says became of this migration, asked on a new connection.

@@ -98,6 +98,14 @@ pub(super) async fn run(
         )
         .await?;
     }
+    if m.req.postcopy {
+        if version < 10 {
+            return Err(MigrateError::PostcopyRefused(format!(
+                "the destination agent speaks protocol v{version}: post-copy needs v10 (upgrade tern on {dest_agent})"
+            )));
+        }
+        send(&writer, &Message::PostcopyOffer).await?;
+    }
     if m.vm.spec.tpm {
         // only now, after the policy allowed this destination: the key that opens the
         // VM's TPM state in the stream

@@ -3,6 +3,8 @@
 //! QEMU's migration, resumes the VM if it ran and removes tern's disk state from QEMU.
 //! After the commit the source does not resume on its own: a panic there asks the
 //! destination; otherwise the VM stays paused and the switchover is reported in doubt.
+//! Once post-copy began (POSTCOPY_RUN went out) the VM is the destination's: the source
+//! never resumes, whatever failed.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,11 @@ use crate::error::error_chain;
 pub(super) async fn after_failure(m: &mut Migration, e: MigrateError) -> SourceOutcome {
     let code = e.code();
     let message = error_chain(&e);
+    if super::postcopy_ran(m) {
+        // ===== post-copy began: the VM runs at the destination (or QEMU holds it there,
+        // paused); this host's copy is incomplete and never runs again =====
+        m.committed = true;
+    }
     if matches!(e, MigrateError::Panicked(_)) && commit_went_out(m) {
         // the commit went out before the bug: only the destination knows
         m.committed = true;
@@ -41,7 +48,9 @@ pub(super) async fn after_failure(m: &mut Migration, e: MigrateError) -> SourceO
             .await;
         }
     }
-    let vm_state = if m.committed {
+    let vm_state = if super::postcopy_ran(m) {
+        "at the destination: post-copy had begun (it runs there, or QEMU holds it there in postcopy-paused while pages are missing); the source keeps its paused copy and never resumes it".to_string()
+    } else if m.committed {
         "paused on the source (switchover in doubt)".to_string()
     } else {
         let vm = &m.vm;
@@ -59,6 +68,12 @@ pub(super) async fn after_failure(m: &mut Migration, e: MigrateError) -> SourceO
                 }
                 if !vm.spec.disks.is_empty() && vm.exit_reason().is_none() {
                     clear_disk_state(qmp, vm.spec.disks.len()).await;
+                }
+                if m.req.postcopy && vm.exit_reason().is_none() {
+                    // tern set it for this migration only
+                    let _ = qmp
+                        .set_migrate_capabilities(&[("postcopy-ram", false)])
+                        .await;
                 }
                 state
             }
@@ -111,6 +126,13 @@ pub async fn recover_source(qmp: &QmpClient, exit: Option<String>, was_running: 
         .await
         .map(|m| m.status)
         .unwrap_or_default();
+    if status.starts_with("postcopy") {
+        // post-copy began: the VM runs at the destination; its copy here is incomplete
+        // and must never run (no VM runs twice)
+        return format!(
+            "not resumed here: the source QEMU is in {status} (post-copy began), and a VM never runs here again once it did; it runs at the destination if that got its device state, else it stays paused here (tern does not recover post-copy yet)"
+        );
+    }
     if matches!(
         status.as_str(),
         "setup" | "active" | "device" | "pre-switchover" | "wait-unplug"

@@ -1,5 +1,7 @@
 //! The report of a migration that moved the VM: what it cost (bytes, pages, time), where
-//! the downtime went, and the timeline of its phases.
+//! the downtime went, and the timeline of its phases. Post-copy: the downtime is the
+//! source's STOP to the destination's RESUME at POSTCOPY_RUN; `postcopy_ms` the time from
+//! RUN to the stream's end.
 
 use std::time::{Duration, SystemTime};
 
@@ -79,6 +81,11 @@ pub(super) async fn build(
         prediction,
         outages: Vec::new(), // the driver adds them
         host_cpu,
+        postcopy: m.req.postcopy && t.t_postcopy.is_some(),
+        postcopy_ms: t
+            .t_stream_end
+            .and_then(|e| ms(t.t_postcopy, e))
+            .map(|x| x as u64),
     })
 }
 

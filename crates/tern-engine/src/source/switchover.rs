@@ -56,7 +56,7 @@ pub(super) async fn run(m: &mut Migration, t: &mut Transferred) -> Result<Resolv
                         info.status
                     )));
                 }
-                if m.handle.is_cancelled() {
+                if m.handle.is_cancelled() && !super::postcopy_ran(m) {
                     return Err(MigrateError::Cancelled);
                 }
                 m.handle.set_phase(Phase::Switchover);

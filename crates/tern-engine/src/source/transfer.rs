@@ -58,6 +58,8 @@ pub(super) struct Transferred {
     pub convergence: ConvergenceReport,
     /// The bandwidth controller (running until the report is made).
     pub pacing: Pacing,
+    /// Post-copy: when it began (the source QEMU's postcopy-active).
+    pub t_postcopy: Option<SystemTime>,
     /// The host's CPU and QEMU's stream bytes as the transfer began, and over the
     /// transfer (to the guest's pause).
     pub cpu_start: Option<(crate::hostcpu::CpuReading, u64)>,
@@ -74,13 +76,16 @@ async fn start_qemu(
     qmp: &QmpClient,
     policy_conv: &converge::Policy,
 ) -> Result<(tokio::net::UnixStream, broadcast::Receiver<QmpEvent>), MigrateError> {
-    let throttling = policy_conv.max_throttle > 0;
+    // post-copy never slows the guest
+    let throttling = policy_conv.max_throttle > 0 && !m.req.postcopy;
     // auto-converge is QEMU's throttle; tern holds it at 1% (QEMU's least) until its own
     // model says pre-copy will not converge, then sets the level (`converge.rs`)
     qmp.set_migrate_capabilities(&[
         ("return-path", true),
         ("events", true),
         ("auto-converge", throttling),
+        // post-copy: tern starts it after the first pass (`migrate-start-postcopy`)
+        ("postcopy-ram", m.req.postcopy),
     ])
     .await?;
     let mut params = json!({ "downtime-limit": policy_conv.downtime_ms });
@@ -97,6 +102,11 @@ async fn start_qemu(
         .map(|mib| mib << 20)
         .unwrap_or(1 << 40);
     params["max-bandwidth"] = json!(bw);
+    if m.req.postcopy {
+        // (0: QEMU's own default, no limit of its own in post-copy)
+        params["max-postcopy-bandwidth"] =
+            json!(m.req.max_bandwidth_mibps.map_or(0, |mib| mib << 20));
+    }
     qmp.set_migrate_parameters(params).await?;
 
     // QEMU migrates into a socket it is handed (it may not open paths itself)
@@ -178,7 +188,9 @@ pub(super) async fn run(
         m.handle.clone(),
         ForwardPlan {
             datapath: DataPathPicker::new(
-                if encoder.dedup() {
+                // post-copy: the lean path throughout, so that no page waits on a
+                // Want/Content round trip while the guest runs at the destination
+                if encoder.dedup() && !m.req.postcopy {
                     DataPathPolicy::from_request(m.req.dedup)
                 } else {
                     DataPathPolicy::Lean
@@ -189,12 +201,16 @@ pub(super) async fn run(
             v5: version >= 5,
             pages: encoder,
             picker: CodecPicker::new(policy, rtt),
-            commit: (version >= 2).then(|| commit_sent.clone()),
+            // post-copy: the v1 ending (ReadyToResume with the destination's digest,
+            // Commit, Resumed), so that the source sees whether the digests agree; the
+            // VM already runs there
+            commit: (version >= 2 && !m.req.postcopy).then(|| commit_sent.clone()),
             links,
             flow: flow.map(|f| (f, rtt)),
             stream_end,
             // each try records from its first byte
             record: m.vm.record.as_ref().map(|r| r.start()),
+            postcopy: m.req.postcopy.then(|| m.postcopy_run.clone()),
         },
     ));
     tasks.push(AbortOnDrop(fwd.abort_handle()));
@@ -212,6 +228,7 @@ pub(super) async fn run(
         t_ready: None,
         encoding: None,
         disk_report: None,
+        t_postcopy: None,
         convergence: ConvergenceReport::default(),
         pacing,
         cpu_start: crate::hostcpu::read(m.vm.pid)
@@ -227,6 +244,8 @@ pub(super) async fn run(
         .disk
         .map_or(0, |d| d.virtual_bytes);
     let mut syncs = 0u64;
+    // post-copy: asked of QEMU once, after its first pass
+    let mut postcopy_started = false;
     m.handle
         .update(|s| s.progress.downtime_limit_ms = policy_conv.downtime_ms);
     let stall = m.engine.config.stall_timeout;
@@ -315,6 +334,12 @@ pub(super) async fn run(
                         }
                         "MIGRATION" => {
                             let st = ev.data.get("status").and_then(|s| s.as_str()).unwrap_or("");
+                            if st == "postcopy-active" {
+                                t.t_postcopy.get_or_insert(ev.timestamp);
+                            }
+                            if st == "postcopy-paused" {
+                                return Err(MigrateError::PostcopyPaused);
+                            }
                             if st == "failed" {
                                 let info = qmp.query_migrate().await.ok();
                                 let why = info.and_then(|i| i.error_desc).unwrap_or_else(|| "no reason given".into());
@@ -334,7 +359,9 @@ pub(super) async fn run(
                         _ => {}
                     }
                 }
-                _ = wait_cancelled(&mut cancel) => return Err(MigrateError::Cancelled),
+                // (post-copy began: the VM runs at the destination, a cancel would only
+                // strand it there in postcopy-paused)
+                _ = wait_cancelled(&mut cancel), if !m.postcopy_run.load(Ordering::SeqCst) => return Err(MigrateError::Cancelled),
                 e = live.failed(), if live.running() => return Err(e),
                 _ = ticker.tick() => {
                     let c = &m.handle.counters;
@@ -378,6 +405,14 @@ pub(super) async fn run(
                         let now = Instant::now();
                         let est = conv.estimate(&sample, now);
                         let step = if info.status == "active" { conv.observe(&sample, now) } else { None };
+                        // post-copy: after the first pass (as virsh --postcopy-after-precopy)
+                        // the VM goes to the destination, never slowed nor given up on
+                        let step = if m.req.postcopy { None } else { step };
+                        if m.req.postcopy && !postcopy_started && info.status == "active" && sample.sync_count >= 2 {
+                            tracing::info!(migration = %m.handle.id, "the first pass is over: starting post-copy");
+                            qmp.execute("migrate-start-postcopy", None).await?;
+                            postcopy_started = true;
+                        }
                         match step {
                             Some(Step::Throttle(level)) => {
                                 tracing::info!(migration = %m.handle.id, level, "pre-copy does not converge: throttling the guest");
