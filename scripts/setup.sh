@@ -59,8 +59,11 @@ if getent group kvm >/dev/null 2>&1 && ! id -nG tern-qemu | grep -qw kvm; then
 fi
 # Post-copy (tern migrate --postcopy): the destination QEMU, running as tern-qemu, needs
 # userfaultfd; /dev/userfaultfd (Linux 6.1+) for its group only, nothing system-wide.
+# (the udev rule keeps it across reboots where udev runs; this machine may have none)
 if [ -c /dev/userfaultfd ]; then
-  echo 'KERNEL=="userfaultfd", GROUP="tern-qemu", MODE="0660"' >/etc/udev/rules.d/70-tern-userfaultfd.rules
+  if [ -d /etc/udev/rules.d ]; then
+    echo 'KERNEL=="userfaultfd", GROUP="tern-qemu", MODE="0660"' >/etc/udev/rules.d/70-tern-userfaultfd.rules
+  fi
   chgrp tern-qemu /dev/userfaultfd && chmod 660 /dev/userfaultfd
 fi
 qemu-system-x86_64 --version | head -1
