@@ -659,6 +659,28 @@ pub fn checker_clean(console: &Path, since: usize) -> Result<()> {
     }
 }
 
+/// The guest's random dirtier (`tern.workload=random`) goes on and its checker finds every
+/// page: two more `tern-random pass` lines than `console` has now, and no `TERN-CORRUPT` in
+/// all of it, within 60 s.
+pub fn random_dirtier_runs_on(console: &Path) -> Result<()> {
+    let lines = |t: &str| t.matches("tern-random pass").count();
+    let start = lines(&std::fs::read_to_string(console).unwrap_or_default());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if text.contains("TERN-CORRUPT") {
+            bail!("the guest lost pages:\n{text}");
+        }
+        if lines(&text) >= start + 2 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the guest made no progress:\n{}", tail(&text, 2000));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 pub fn wait_for_text(path: &Path, text: &str, within: Duration) -> Result<String> {
     let deadline = Instant::now() + within;
     loop {

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use tern_testkit::agents::{e2e_lock, wait_for_text, AgentOptions, TestAgent, WanLab};
+use tern_testkit::agents::{
+    e2e_lock, random_dirtier_runs_on, wait_for_text, AgentOptions, TestAgent, WanLab,
+};
 use tern_testkit::guest::{ensure_guest, GuestImage};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tern");
@@ -201,7 +203,7 @@ fn a_guest_outrunning_the_link_is_throttled_just_enough_converges_and_progress_n
     }
 
     // the guest's own checker runs on at the destination and finds no lost page
-    runs_on(&b.console_log("hot")?)
+    random_dirtier_runs_on(&b.console_log("hot")?)
 }
 
 /// `GET /metrics` from an agent's metrics address.
@@ -216,27 +218,6 @@ fn scrape(addr: &str) -> Result<String> {
         bail!("metrics: {head}");
     }
     Ok(body.to_string())
-}
-
-/// The guest goes on (two more progress lines) and its checker found no lost page.
-fn runs_on(console: &Path) -> Result<()> {
-    let lines = |t: &str| t.matches("tern-random pass").count();
-    let start = lines(&std::fs::read_to_string(console).unwrap_or_default());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = std::fs::read_to_string(console).unwrap_or_default();
-        assert!(!text.contains("TERN-CORRUPT"), "lost pages:\n{text}");
-        if lines(&text) >= start + 2 {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the guest made no progress:\n{}",
-                tern_testkit::agents::tail(&text, 2000)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -274,7 +255,7 @@ fn without_throttling_a_migration_that_cannot_converge_stops_with_the_numbers_an
     let info = a.qmp("hot", "query-migrate", None)?;
     assert_ne!(info["status"], "active", "{info}");
     assert!(info.get("cpu-throttle-percentage").is_none(), "{info}");
-    runs_on(&console)?;
+    random_dirtier_runs_on(&console)?;
     assert!(!std::fs::read_to_string(&console)?.contains("TERN-CORRUPT"));
     // nothing left at the destination
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use tern_testkit::agents::{e2e_lock, wait_for_text, TestAgent};
+use tern_testkit::agents::{e2e_lock, random_dirtier_runs_on, wait_for_text, TestAgent};
 use tern_testkit::guest::{ensure_guest, GuestImage};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tern");
@@ -34,27 +34,6 @@ fn boot(a: &TestAgent, spec: &str) -> Result<std::path::PathBuf> {
     wait_for_text(&console, "tern-random pass", Duration::from_secs(120))
         .context("the guest did not start dirtying")?;
     Ok(console)
-}
-
-/// The guest goes on (two more progress lines) and its checker found no lost page.
-fn runs_on(console: &Path) -> Result<()> {
-    let lines = |t: &str| t.matches("tern-random pass").count();
-    let start = lines(&std::fs::read_to_string(console).unwrap_or_default());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = std::fs::read_to_string(console).unwrap_or_default();
-        assert!(!text.contains("TERN-CORRUPT"), "lost pages:\n{text}");
-        if lines(&text) >= start + 2 {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the guest made no progress:\n{}",
-                tern_testkit::agents::tail(&text, 2000)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -113,7 +92,7 @@ fn a_guest_outrunning_the_link_moves_with_postcopy_unslowed_and_memory_exact() -
         std::thread::sleep(Duration::from_millis(50));
     }
     // the guest's own checker runs on at the destination and finds no lost page
-    runs_on(&b.console_log("hot")?)
+    random_dirtier_runs_on(&b.console_log("hot")?)
 }
 
 #[test]

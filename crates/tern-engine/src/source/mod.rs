@@ -281,8 +281,8 @@ pub(crate) struct Migration {
     /// RAM sample a second after the first (set beside the migration; unset: not looked
     /// yet, or too few pages changed).
     second_look: Option<Arc<std::sync::OnceLock<f64>>>,
-    /// The host's CPU over a moment just before the transfer (the guest running as it
-    /// does; set beside the migration).
+    /// The host's CPU over half a second as the migration starts, after its RAM sample
+    /// (the guest running as it does; set beside the migration).
     cpu_before: Option<Arc<std::sync::OnceLock<crate::hostcpu::CpuWindow>>>,
     /// Which try this is (1, then 2 after a link was lost and came back, ...).
     attempt: u32,
