@@ -154,8 +154,9 @@ fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Resul
 fn the_package_installs_into_a_clean_debian_and_its_agents_migrate_a_vm() -> Result<()> {
     let _l = e2e_lock();
     let g = ensure_guest()?;
-    // build (a debug build: what this test checks is the package, not the optimiser, and a
-    // release build of the workspace would double the suite's build time)
+    // build (the debug binary this suite built: what this test checks is the package, not
+    // the optimiser, and a release build of the workspace would double the suite's build
+    // time)
     let out = run(Command::new("bash")
         .arg(repo().join("scripts/package.sh"))
         .env("TERN_PACKAGE_PROFILE", "dev")
