@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tern_api::{HostLoad, VmLoad};
+pub use tern_engine::hostcpu::{busy_cores, parse_pid_stat, parse_proc_stat, CpuTimes};
 
 use crate::Agent;
 
@@ -349,17 +350,6 @@ fn qcow2_virtual_size(header: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(header.get(24..32)?.try_into().ok()?))
 }
 
-/// `utime` and `stime` (clock ticks, all threads) of a `/proc/PID/stat`. The command
-/// name (field 2) may hold spaces and parentheses: the fields start after its last `)`.
-pub fn parse_pid_stat(text: &str) -> Option<(u64, u64)> {
-    let (_, rest) = text.rsplit_once(')')?;
-    // rest: " STATE PPID ..."; utime and stime are fields 14 and 15 of the line
-    let mut f = rest.split_whitespace().skip(11);
-    let utime = f.next()?.parse().ok()?;
-    let stime = f.next()?.parse().ok()?;
-    Some((utime, stime))
-}
-
 /// The cgroup v2 path (`0::PATH`) of a `/proc/PID/cgroup`, unless it is the root.
 pub fn parse_cgroup(text: &str) -> Option<String> {
     text.lines()
@@ -407,79 +397,9 @@ pub fn parse_io(text: &str) -> Option<(u64, u64)> {
     Some((field("read_bytes")?, field("write_bytes")?))
 }
 
-/// The host's CPU time from `/proc/stat`'s aggregate `cpu` line, clock ticks, and the
-/// cores it sums (its `cpuN` lines).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CpuTimes {
-    /// user, nice, system, irq, softirq, steal (guest time is inside user already).
-    pub busy: u64,
-    /// idle and iowait.
-    pub idle: u64,
-    pub cores: u32,
-}
-
-/// The aggregate `cpu` line of `/proc/stat`, and how many `cpuN` lines follow it.
-pub fn parse_proc_stat(text: &str) -> Option<CpuTimes> {
-    let line = text
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some("cpu"))?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().ok())
-        .collect::<Option<_>>()?;
-    let at = |i: usize| v.get(i).copied().unwrap_or(0);
-    if v.len() < 4 {
-        return None;
-    }
-    let busy = [0, 1, 2, 5, 6, 7]
-        .iter()
-        .try_fold(0u64, |s, &i| s.checked_add(at(i)))?;
-    let cores = text
-        .lines()
-        .filter_map(|l| l.split_whitespace().next()?.strip_prefix("cpu"))
-        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        .count();
-    Some(CpuTimes {
-        busy,
-        idle: at(3).checked_add(at(4))?,
-        cores: cores.max(1) as u32,
-    })
-}
-
-/// Cores busy between two `/proc/stat` samples: the busy share of all ticks counted,
-/// times the cores counted (no clock needed, so no error from when the files were read).
-pub fn busy_cores(before: CpuTimes, now: CpuTimes) -> f64 {
-    let busy = now.busy.saturating_sub(before.busy) as f64;
-    let idle = now.idle.saturating_sub(before.idle) as f64;
-    if busy + idle <= 0.0 {
-        return 0.0;
-    }
-    busy / (busy + idle) * f64::from(now.cores)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_stat_line_is_read_after_the_last_parenthesis_of_its_command_name() {
-        // comm with spaces and parentheses, as a thread may name itself
-        let line = "4242 (qemu (x) ) y) S 1 4242 4242 0 -1 4194560 9000 0 3 0 1234 567 0 0 20 0 5 0 100 2000000 3000 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 0 0\n";
-        assert_eq!(parse_pid_stat(line), Some((1234, 567)));
-        let plain = "1 (qemu-system-x86) R 0 1 1 0 -1 0 0 0 0 0 10 20 0 0";
-        assert_eq!(parse_pid_stat(plain), Some((10, 20)));
-        for bad in [
-            "",
-            "4242 qemu S 1",
-            "4242 (qemu) S 1 2 3",
-            "4242 (qemu) S 1 4242 4242 0 -1 0 0 0 0 0 x 5",
-            "4242 (qemu) S 1 4242 4242 0 -1 0 0 0 0 0 -3 5",
-            ")",
-        ] {
-            assert_eq!(parse_pid_stat(bad), None, "{bad:?}");
-        }
-    }
 
     #[test]
     fn status_io_and_meminfo_give_bytes() {
@@ -505,57 +425,6 @@ mod tests {
         );
         assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
         assert_eq!(parse_meminfo("garbage\n\0\u{fffd}"), None);
-    }
-
-    #[test]
-    fn the_host_cpu_line_and_busy_cores_between_two_samples() {
-        let a = "cpu  100 10 50 1000 40 5 5 0 7 0\ncpu0 50 5 25 500 20 2 3 0 0 0\nintr 1 2 3\n";
-        let t = parse_proc_stat(a).unwrap();
-        assert_eq!(
-            t,
-            CpuTimes {
-                busy: 170,
-                idle: 1040,
-                cores: 1
-            }
-        );
-        // an old kernel's shorter line (no cpuN lines: one core assumed)
-        assert_eq!(
-            parse_proc_stat("cpu 1 2 3 4\n"),
-            Some(CpuTimes {
-                busy: 6,
-                idle: 4,
-                cores: 1
-            })
-        );
-        assert_eq!(
-            parse_proc_stat("cpu0 1 2 3 4\n"),
-            None,
-            "only the aggregate line"
-        );
-        assert_eq!(parse_proc_stat("cpu 1 2\n"), None);
-        assert_eq!(parse_proc_stat("cpu 1 x 3 4\n"), None);
-        assert_eq!(parse_proc_stat(""), None);
-        // four cores, half busy
-        let four = |busy, idle| CpuTimes {
-            busy,
-            idle,
-            cores: 4,
-        };
-        assert_eq!(
-            parse_proc_stat(
-                "cpu 4 0 0 4\ncpu0 1 0 0 1\ncpu1 1 0 0 1\ncpu2 1 0 0 1\ncpu3 1 0 0 1\ncpufreq 9\n"
-            )
-            .map(|c| c.cores),
-            Some(4)
-        );
-        assert!((busy_cores(four(170, 1040), four(270, 1140)) - 2.0).abs() < 1e-9);
-        assert_eq!(busy_cores(t, t), 0.0, "no time passed");
-        assert_eq!(
-            busy_cores(four(270, 1140), four(170, 1040)),
-            0.0,
-            "counters that went back"
-        );
     }
 
     #[test]
