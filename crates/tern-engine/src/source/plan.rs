@@ -178,10 +178,9 @@ pub async fn plan(
         0.0
     };
     let cpu_now = cpu_a.and_then(|a| hostcpu::window(&a, &hostcpu::read(m.vm.pid)?));
+    let cpu = cpu_bound(cpu_now.as_ref(), link.as_ref(), m.source_running);
     if let (Some(c), Some((pid, before))) = (content.as_mut(), before) {
-        if let Ok(after) = tern_qemu::ramsample::resample(pid, &before.addresses).await {
-            c.dirty_ratio = rewritten_cost_of(&before, &after);
-        }
+        c.dirty_ratio = look_again(pid, &before).await;
     }
     let policy = converge::Policy::from_request(&m.req);
     let ram = u64::from(m.vm.spec.memory_mib) << 20;
@@ -226,22 +225,14 @@ pub async fn plan(
         Some(rate) => Some(predict(
             memory_of_ram(ram, content, dedup),
             dirty_mibps * 1048576.0,
-            (
-                rate,
-                wire_ratio,
-                cpu_bound(cpu_now.as_ref(), link.as_ref(), m.source_running),
-            ),
+            (rate, wire_ratio, cpu),
             disks.on_wire(dedup, wire_ratio),
             (rtt, switchover_fixed(rtt, link.as_ref())),
             policy,
             m.req.deadline_s.map(Duration::from_secs),
         )),
     };
-    match (
-        cpu_bound(cpu_now.as_ref(), link.as_ref(), m.source_running),
-        cpu_now,
-        rate,
-    ) {
+    match (cpu, cpu_now, rate) {
         (Some(c), Some(w), Some(rate)) => {
             let (got, slow) = c.share(0, rate);
             notes.push(format!(
@@ -363,6 +354,15 @@ pub(super) async fn sample_content(
             None
         }
     }
+}
+
+/// Reads the pages of `first` again and prices those the guest rewrote since
+/// ([`rewritten_cost_of`]; None: unreadable, or too few changed).
+async fn look_again(pid: u32, first: &tern_qemu::ramsample::RamSample) -> Option<f64> {
+    let after = tern_qemu::ramsample::resample(pid, &first.addresses)
+        .await
+        .ok()?;
+    rewritten_cost_of(first, &after)
 }
 
 /// What the pages the guest rewrote between two looks at the same addresses would cost
@@ -718,10 +718,8 @@ pub(super) async fn start_sampling(m: &mut Migration) {
             m.second_look = Some(look.clone());
             crate::spawn(async move {
                 tokio::time::sleep(DIRTY_SAMPLE).await;
-                if let Ok(after) = tern_qemu::ramsample::resample(pid, &first.addresses).await {
-                    if let Some(d) = rewritten_cost_of(&first, &after) {
-                        let _ = look.set(d);
-                    }
+                if let Some(d) = look_again(pid, &first).await {
+                    let _ = look.set(d);
                 }
             });
         }

@@ -184,15 +184,20 @@ fn sample_parses_and_reencodes_byte_identically() {
         .any(|i| matches!(i, Item::Command { cmd: 11, .. })));
 }
 
+/// `s` fed byte by byte and in odd chunks gives the items it gives whole; those items.
+fn same_items_in_any_chunks(s: &[u8]) -> Vec<Item> {
+    let (whole, _) = parse_all(s).unwrap();
+    let whole = merge_tail(whole);
+    let (ones, _) = feed_in_chunks(s, &mut std::iter::repeat(1)).unwrap();
+    assert_eq!(ones, whole);
+    let (odd, _) = feed_in_chunks(s, &mut [7usize, 4095, 3, 8193, 1].into_iter().cycle()).unwrap();
+    assert_eq!(odd, whole);
+    whole
+}
+
 #[test]
 fn feeding_byte_by_byte_or_in_odd_chunks_gives_the_same_items() {
-    let s = sample();
-    let (whole, _) = parse_all(&s).unwrap();
-    let whole = merge_tail(whole);
-    let (ones, _) = feed_in_chunks(&s, &mut std::iter::repeat(1)).unwrap();
-    assert_eq!(ones, whole);
-    let (odd, _) = feed_in_chunks(&s, &mut [7usize, 4095, 3, 8193, 1].into_iter().cycle()).unwrap();
-    assert_eq!(odd, whole);
+    same_items_in_any_chunks(&sample());
 }
 
 #[test]
