@@ -17,6 +17,8 @@
 //!                                 ──ProbeEnd──> ProbeEnded ──ProbeResult──> Closed (v9)
 //!  Transfer ──SourceDone{commit}──> Finishing ──Resumed──> Closed          (v2)
 //!  (v10, after PostcopyOffer in Opening: PostcopyRun once, in Transfer)
+//!  Opening ──PostcopyResume──> Resuming ──PostcopyResumed──> Transfer   (v11: post-copy
+//!           goes on over a new connection after the link broke; no PostcopyRun again)
 //!  Transfer ──SourceDone──> Finishing ──ReadyToResume──> AwaitCommit
 //!           ──Commit──> Committed ──Resumed──> Closed                      (v1)
 //!  Abort from either side, at any stage: Closed.
@@ -81,6 +83,9 @@ pub enum Stage {
     Probing,
     /// v9: the probe is over; the destination answers what arrived.
     ProbeEnded,
+    /// v11: the source asked to go on with a post-copy migration on this connection; the
+    /// destination's QEMU gets ready to recover (or it aborts).
+    Resuming,
     /// Ended (Abort, Resumed, QueryAnswer): nothing more may come.
     Closed,
 }
@@ -106,6 +111,7 @@ impl Stage {
             Stage::Sounding => "while a plan asks what is held",
             Stage::Probing => "while a plan probes the link",
             Stage::ProbeEnded => "after a plan's probe",
+            Stage::Resuming => "while post-copy is resumed",
             Stage::Closed => "after the conversation ended",
         }
     }
@@ -227,6 +233,15 @@ impl Conversation {
                 Stage::Opening
             }
             (Stage::Opening, S, T::Prepare) => Stage::Preparing,
+            (Stage::Opening, S, T::PostcopyResume)
+                if !self.disk_offer && !self.tpm_key && !self.postcopy =>
+            {
+                // the transfer goes on past POSTCOPY_RUN: it does not come again
+                self.postcopy = true;
+                self.postcopy_run = true;
+                Stage::Resuming
+            }
+            (Stage::Resuming, D, T::PostcopyResumed) => Stage::Transfer,
             (Stage::Opening, S, T::Query) if !self.disk_offer && !self.tpm_key => Stage::Querying,
             (Stage::Opening, S, T::Attach) if !self.disk_offer && !self.tpm_key => {
                 Stage::Data { frame_next: false }
@@ -466,6 +481,47 @@ mod tests {
         let mut c = Conversation::new();
         run(&mut c, &[(S, hello(9)), (D, ack(9))]).unwrap();
         assert!(c.on(S, &Message::PostcopyOffer).is_err());
+    }
+
+    #[test]
+    fn a_postcopy_resume_goes_on_with_the_transfer_without_a_second_run() {
+        let mut c = Conversation::new();
+        let resume = Message::PostcopyResume {
+            migration_id: "m".into(),
+        };
+        run(
+            &mut c,
+            &[
+                (S, hello(11)),
+                (D, ack(11)),
+                (S, resume.clone()),
+                (D, Message::PostcopyResumed),
+                (S, Message::QemuBytes(Bytes::from_static(b"x"))),
+                (D, Message::ReturnPath(Bytes::from_static(b"y"))),
+            ],
+        )
+        .unwrap();
+        assert!(
+            c.on(S, &Message::PostcopyRun).is_err(),
+            "POSTCOPY_RUN went before the break"
+        );
+        // nothing travels before the destination is ready
+        let mut c = Conversation::new();
+        run(&mut c, &[(S, hello(11)), (D, ack(11)), (S, resume.clone())]).unwrap();
+        assert!(c
+            .on(S, &Message::QemuBytes(Bytes::from_static(b"x")))
+            .is_err());
+        // not on a migration's own connection, nor to a v10 peer
+        let mut c = Conversation::new();
+        run(
+            &mut c,
+            &[(S, hello(11)), (D, ack(11)), (S, Message::PostcopyOffer)],
+        )
+        .unwrap();
+        assert!(c.on(S, &resume).is_err());
+        let mut c = Conversation::new();
+        run(&mut c, &[(S, hello(10)), (D, ack(10))]).unwrap();
+        assert!(c.on(S, &resume).is_err());
     }
 
     #[test]

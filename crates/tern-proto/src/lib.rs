@@ -424,7 +424,8 @@ mod tests {
     fn version_negotiation_picks_newest_common() {
         assert_eq!(negotiate(1, 1), Some(1));
         assert_eq!(negotiate(1, 9), Some(9));
-        assert_eq!(negotiate(1, 10), Some(PROTOCOL_VERSION));
+        assert_eq!(negotiate(1, 10), Some(10));
+        assert_eq!(negotiate(1, 11), Some(PROTOCOL_VERSION));
         assert_eq!(negotiate(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 5), None);
         assert_eq!(negotiate(0, 0), None);
     }

@@ -91,6 +91,8 @@ message_types! {
     ProbeResult = 38, since 9;
     PostcopyOffer = 39, since 10;
     PostcopyRun = 40, since 10;
+    PostcopyResume = 41, since 11;
+    PostcopyResumed = 42, since 11;
 }
 
 /// [`Message::DiskData`] with this piece number is a plain write (a later round's dirty
@@ -415,6 +417,16 @@ pub enum Message {
     /// the destination records the switchover and runs the VM. From here on the source
     /// never resumes.
     PostcopyRun,
+    /// Source -> destination (v11), the first message of a new connection after the link
+    /// broke during post-copy: go on with migration `migration_id` (the try's wire id),
+    /// whose VM runs (or waits in postcopy-paused) there. Only from the certificate that
+    /// prepared it.
+    PostcopyResume {
+        migration_id: String,
+    },
+    /// Destination -> source (v11): its QEMU is recovering (`migrate-recover`) on a new
+    /// stream; the source resumes its QEMU's migration into this connection.
+    PostcopyResumed,
 }
 
 impl Message {
@@ -461,6 +473,8 @@ impl Message {
             Message::ProbeResult { .. } => MessageType::ProbeResult,
             Message::PostcopyOffer => MessageType::PostcopyOffer,
             Message::PostcopyRun => MessageType::PostcopyRun,
+            Message::PostcopyResume { .. } => MessageType::PostcopyResume,
+            Message::PostcopyResumed => MessageType::PostcopyResumed,
         }
     }
 
@@ -704,7 +718,11 @@ pub(crate) fn encode_payload(msg: &Message, out: &mut BytesMut, segs: &mut Vec<B
             out.put_u32(*held);
             out.put_u32(*chunks_held);
         }
-        Message::ProbeEnd | Message::PostcopyOffer | Message::PostcopyRun => {}
+        Message::ProbeEnd
+        | Message::PostcopyOffer
+        | Message::PostcopyRun
+        | Message::PostcopyResumed => {}
+        Message::PostcopyResume { migration_id } => put_str(out, migration_id),
         Message::ProbeResult { bytes, micros } => {
             out.put_u64(*bytes);
             out.put_u64(*micros);
@@ -764,7 +782,11 @@ pub(crate) fn payload_len(msg: &Message) -> usize {
         }
         Message::PlanQuery { hashes, chunks, .. } => 16 + 16 * (hashes.len() + chunks.len()),
         Message::PlanHeld { .. } => 8,
-        Message::ProbeEnd | Message::PostcopyOffer | Message::PostcopyRun => 0,
+        Message::ProbeEnd
+        | Message::PostcopyOffer
+        | Message::PostcopyRun
+        | Message::PostcopyResumed => 0,
+        Message::PostcopyResume { migration_id } => s(migration_id),
         Message::ProbeResult { .. } => 16,
     }
 }
@@ -1009,6 +1031,10 @@ pub(crate) fn decode_payload(ty: MessageType, payload: Bytes) -> Result<Message,
         MessageType::ProbeEnd => Message::ProbeEnd,
         MessageType::PostcopyOffer => Message::PostcopyOffer,
         MessageType::PostcopyRun => Message::PostcopyRun,
+        MessageType::PostcopyResume => Message::PostcopyResume {
+            migration_id: r.str()?,
+        },
+        MessageType::PostcopyResumed => Message::PostcopyResumed,
         MessageType::ProbeResult => Message::ProbeResult {
             bytes: r.u64()?,
             micros: r.u64()?,

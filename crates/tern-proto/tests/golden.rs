@@ -200,6 +200,10 @@ fn canonical(v: u16) -> Vec<Message> {
         },
         Message::PostcopyOffer,
         Message::PostcopyRun,
+        Message::PostcopyResume {
+            migration_id: "m0123456789ab".into(),
+        },
+        Message::PostcopyResumed,
     ];
     assert_eq!(all.len(), MessageType::ALL.len(), "one message per type");
     all.into_iter().filter(|m| m.kind().since() <= v).collect()
