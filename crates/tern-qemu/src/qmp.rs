@@ -70,6 +70,10 @@ pub enum QmpError {
     Malformed(String),
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
+    #[error(
+        "QMP command {0} needs out-of-band execution, which this QEMU's monitor does not offer"
+    )]
+    NoOob(String),
 }
 
 /// `query-status`.
@@ -145,6 +149,8 @@ struct Inner {
     next_id: AtomicU64,
     events: broadcast::Sender<QmpEvent>,
     version: QemuVersion,
+    /// The monitor runs out-of-band commands (capability `oob`, enabled when offered).
+    oob: bool,
 }
 
 /// A handle to one QEMU's QMP; cheap to clone.
@@ -266,8 +272,21 @@ impl QmpClient {
         let greeting: Value = serde_json::from_str(&greeting)
             .map_err(|e| QmpError::Handshake(format!("{e}: {greeting}")))?;
         let version = parse_version(&greeting)?;
-        wr.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        // out-of-band execution where the monitor offers it: the commands that must get
+        // through while QEMU's main loop is blocked (`migrate-recover` on a post-copy
+        // destination whose vCPU waits on a missing page holding the big lock)
+        let oob = greeting["QMP"]["capabilities"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c == "oob"));
+        if oob {
+            wr.write_all(
+                b"{\"execute\":\"qmp_capabilities\",\"arguments\":{\"enable\":[\"oob\"]}}\n",
+            )
             .await?;
+        } else {
+            wr.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+                .await?;
+        }
         loop {
             let l = tokio::time::timeout(left, lines.next_line())
                 .await
@@ -355,6 +374,7 @@ impl QmpClient {
                 next_id: AtomicU64::new(1),
                 events,
                 version,
+                oob,
             }),
         })
     }
@@ -376,6 +396,20 @@ impl QmpClient {
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
         self.execute_within(command, arguments, COMMAND_DEADLINE)
+            .await
+    }
+
+    /// Runs one command out of band (`exec-oob`): QEMU runs it in the monitor's own thread
+    /// even while its main loop is blocked. Only for commands QEMU allows there.
+    pub async fn execute_oob(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        if !self.inner.oob {
+            return Err(QmpError::NoOob(command.to_string()));
+        }
+        self.send(command, "exec-oob", arguments, None, COMMAND_DEADLINE)
             .await
     }
 
@@ -439,8 +473,19 @@ impl QmpClient {
         fd: Option<OwnedFd>,
         within: Duration,
     ) -> Result<Value, QmpError> {
+        self.send(command, "execute", arguments, fd, within).await
+    }
+
+    async fn send(
+        &self,
+        command: &str,
+        how: &str,
+        arguments: Option<Value>,
+        fd: Option<OwnedFd>,
+        within: Duration,
+    ) -> Result<Value, QmpError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut msg = json!({ "execute": command, "id": id });
+        let mut msg = json!({ how: command, "id": id });
         if let Some(a) = arguments {
             if !a.is_null() {
                 msg["arguments"] = a;
