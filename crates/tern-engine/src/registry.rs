@@ -18,6 +18,10 @@ use crate::transport::tls::PeerRead;
 /// Where an incoming migration takes its extra data connections.
 pub type StreamSlot = tokio::sync::mpsc::UnboundedSender<(u16, FrameReader<PeerRead>)>;
 
+/// Where an incoming post-copy migration takes the connection its source resumes on after
+/// the link broke (protocol v11, PostcopyResume).
+pub(crate) type ResumeSlot = tokio::sync::mpsc::Sender<crate::dest::Conn>;
+
 /// Why a peer's data connection was not taken.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AttachRefused {
@@ -47,6 +51,9 @@ pub struct Registry {
     /// Incoming migrations that accept extra data connections, with the certificate that
     /// may attach them.
     streams: Mutex<HashMap<String, (String, StreamSlot)>>,
+    /// Incoming post-copy migrations (the VM runs here) that a source may resume on a new
+    /// connection, with the certificate that may.
+    resumes: Mutex<HashMap<String, (String, ResumeSlot)>>,
     /// Where VMs' run directories are (switchover records live there).
     run_root: PathBuf,
     max_incoming: usize,
@@ -55,6 +62,18 @@ pub struct Registry {
     /// Which certificate may tunnel to (and carry the stream of) each libvirt domain
     /// migrating in.
     pub tunnel_claims: crate::tunnel::Claims,
+}
+
+/// Stops accepting a resumed post-copy connection for a migration when dropped.
+pub struct ResumeGuard {
+    registry: Arc<Registry>,
+    id: String,
+}
+
+impl Drop for ResumeGuard {
+    fn drop(&mut self) {
+        self.registry.resumes.lock().remove(&self.id);
+    }
 }
 
 /// Stops accepting data connections for a migration when dropped.
@@ -74,6 +93,7 @@ impl Registry {
         Registry {
             migrations: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
+            resumes: Mutex::new(HashMap::new()),
             run_root,
             max_incoming,
             events: Arc::default(),
@@ -199,6 +219,39 @@ impl Registry {
             registry: self.clone(),
             id: id.to_string(),
         }
+    }
+
+    /// Lets the source of post-copy migration `id` resume it on a new connection until the
+    /// guard drops; only from the certificate `peer` (the one that prepared it).
+    pub(crate) fn accept_resume(
+        self: &Arc<Self>,
+        id: &str,
+        peer: &str,
+        slot: ResumeSlot,
+    ) -> ResumeGuard {
+        self.resumes
+            .lock()
+            .insert(id.to_string(), (peer.to_string(), slot));
+        ResumeGuard {
+            registry: self.clone(),
+            id: id.to_string(),
+        }
+    }
+
+    /// Hands a connection from certificate `peer` on which post-copy migration `id` goes on
+    /// to that migration (a second one while the first waits is refused: busy).
+    pub(crate) fn resume(
+        &self,
+        id: &str,
+        peer: &str,
+        conn: crate::dest::Conn,
+    ) -> Result<(), AttachRefused> {
+        let slot = match self.resumes.lock().get(id) {
+            Some((owner, _)) if owner != peer => return Err(AttachRefused::OtherPeer),
+            Some((_, slot)) => slot.clone(),
+            None => return Err(AttachRefused::Unknown),
+        };
+        slot.try_send(conn).map_err(|_| AttachRefused::Unknown)
     }
 
     /// Hands a data connection from certificate `peer` to its migration.

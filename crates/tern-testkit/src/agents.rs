@@ -659,6 +659,29 @@ pub fn checker_clean(console: &Path, since: usize) -> Result<()> {
     }
 }
 
+/// The WAN lab (wan-1g-20ms) with an agent (binary `bin`) on each side that notices a
+/// dead link after 4 s (`--stall-timeout-secs`), for the tests that cut it
+/// ([`WanLab::link_b`]).
+pub fn lab_agents(bin: &Path) -> Result<(WanLab, TestAgent, TestAgent)> {
+    let lab = WanLab::up("wan-1g-20ms")?;
+    let stall = ["--stall-timeout-secs", "4"];
+    let start = |name, ns, ip: &str| -> Result<TestAgent> {
+        TestAgent::start_with(
+            bin,
+            name,
+            AgentOptions {
+                netns: Some(ns),
+                listen: Some(ip.parse()?),
+                args: &stall,
+                ..Default::default()
+            },
+        )
+    };
+    let a = start("host-a", "tern-a", "198.18.0.1:7700")?;
+    let b = start("host-b", "tern-b", "198.18.0.2:7700")?;
+    Ok((lab, a, b))
+}
+
 /// The guest's random dirtier (`tern.workload=random`) goes on and its checker finds every
 /// page: two more `tern-random pass` lines than `console` has now, and no `TERN-CORRUPT` in
 /// all of it, within 60 s.

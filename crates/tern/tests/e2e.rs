@@ -307,26 +307,8 @@ fn boot_dirtier(a: &TestAgent, g: &GuestImage, name: &str, extra: &str) -> Resul
     Ok(())
 }
 
-/// The WAN lab (wan-1g-20ms) with an agent on each side that notices a dead link after
-/// 4 s (`--stall-timeout-secs`), for the tests that cut it.
 fn lab_agents() -> Result<(WanLab, TestAgent, TestAgent)> {
-    let lab = WanLab::up("wan-1g-20ms")?;
-    let stall = ["--stall-timeout-secs", "4"];
-    let start = |name, ns, ip: &str| -> Result<TestAgent> {
-        TestAgent::start_with(
-            Path::new(BIN),
-            name,
-            AgentOptions {
-                netns: Some(ns),
-                listen: Some(ip.parse()?),
-                args: &stall,
-                ..Default::default()
-            },
-        )
-    };
-    let a = start("host-a", "tern-a", "198.18.0.1:7700")?;
-    let b = start("host-b", "tern-b", "198.18.0.2:7700")?;
-    Ok((lab, a, b))
+    tern_testkit::agents::lab_agents(Path::new(BIN))
 }
 
 fn expect_failure(a: &TestAgent, id: &str, code: &str) -> Result<tern_api::FailureInfo> {

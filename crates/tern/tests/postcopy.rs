@@ -7,9 +7,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
-use tern_testkit::agents::{e2e_lock, random_dirtier_runs_on, wait_for_text, TestAgent};
+use tern_testkit::agents::{
+    e2e_lock, lab_agents, random_dirtier_runs_on, wait_for_text, TestAgent,
+};
 use tern_testkit::guest::{ensure_guest, GuestImage};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tern");
@@ -93,6 +95,120 @@ fn a_guest_outrunning_the_link_moves_with_postcopy_unslowed_and_memory_exact() -
     }
     // the guest's own checker runs on at the destination and finds no lost page
     random_dirtier_runs_on(&b.console_log("hot")?)
+}
+
+/// Waits until `ok` holds for what `agent` says of migration `id` (it must not fail meanwhile).
+fn wait_for(
+    agent: &TestAgent,
+    id: &str,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&tern_api::MigrationStatus) -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        // (the destination knows the migration only from its Prepare on)
+        let Ok(st) = agent.migration(id) else {
+            ensure!(
+                Instant::now() < deadline,
+                "{what}: {} never heard of {id}",
+                agent.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        ensure!(
+            st.error.is_none(),
+            "{what}: the migration failed at {}: {:?}\nits log:\n{}",
+            agent.name,
+            st.error,
+            agent.log_text()
+        );
+        if ok(&st) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{what}: not within {within:?} ({:?})",
+            st.phase
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest, root and /dev/userfaultfd for tern-qemu (scripts/setup.sh; bash scripts/test.sh runs it)"]
+fn a_10_s_link_cut_during_postcopy_is_resumed_with_memory_exact() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    // agents that notice a silent link after 4 s
+    let (lab, a, b) = lab_agents(Path::new(BIN))?;
+    boot(&a, &random_dirtier("cut", &g, ""))?;
+    let id = a.start_migration(
+        "cut",
+        "198.18.0.2:7700",
+        json!({ "max_bandwidth_mibps": CAP_MIBPS, "max_throttle": 0, "postcopy": true }),
+    )?;
+    // cut as soon as the VM runs at B with pages still at A
+    wait_for(
+        &b,
+        &id,
+        Duration::from_secs(120),
+        "the VM runs at B",
+        |st| st.progress.qemu_status == "postcopy-active",
+    )?;
+    lab.link_b(false)?;
+    let cut = Instant::now();
+    // both sides notice, and wait instead of giving up
+    let waiting = |st: &tern_api::MigrationStatus| st.phase == tern_api::Phase::WaitingForLink;
+    wait_for(
+        &a,
+        &id,
+        Duration::from_secs(9),
+        "the source waits for the link",
+        waiting,
+    )?;
+    wait_for(
+        &b,
+        &id,
+        Duration::from_secs(9),
+        "the destination waits for the source",
+        waiting,
+    )?;
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(cut.elapsed()));
+    lab.link_b(true)?;
+    let st = a.wait_migration(&id, Duration::from_secs(240))?;
+    let Some(r) = st.report else {
+        bail!(
+            "post-copy was not resumed: {:?}\nsource log:\n{}\ndestination log:\n{}",
+            st.error,
+            a.log_text(),
+            b.log_text()
+        );
+    };
+    eprintln!(
+        "post-copy cut 10 s: total {} ms, post-copy phase {:?} ms, outages {:?}",
+        r.total_time_ms, r.postcopy_ms, r.outages
+    );
+    assert!(r.postcopy, "{r:?}");
+    assert!(r.digest_ok, "{r:?}");
+    assert_eq!(
+        r.outages.len(),
+        1,
+        "one break, resumed once: {:?}",
+        r.outages
+    );
+    let o = &r.outages[0];
+    assert!(
+        (2_000..60_000).contains(&o.waited_ms),
+        "waited {} ms for a 10 s cut",
+        o.waited_ms
+    );
+    let incoming = b.migration(&id)?;
+    assert!(incoming.report.is_some(), "{:?}", incoming.error);
+    assert_eq!(b.vm_status("cut")?, "running");
+    // the guest's own checker runs on at B and finds no lost page
+    random_dirtier_runs_on(&b.console_log("cut")?)
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The opening of a peer connection: Hello and the version both speak, then what the
 //! connection is for. A Query is answered here (only to the certificate that prepared the
-//! migration); an Attach hands the connection to its migration; a Prepare (after the VM's
+//! migration); an Attach hands the connection to its migration, a PostcopyResume (v11)
+//! too (post-copy goes on on it after the link broke); a Prepare (after the VM's
 //! DiskOffer and TpmKey, when it has them) starts an incoming migration; a Tunnel carries a
 //! libvirt domain's storage connection (`crate::tunnel`); Locations are where a peer's
 //! VMs' network cards live (`crate::overlay`), answered with this host's; a PlanQuery is a
@@ -36,6 +37,10 @@ pub(super) enum Opening {
     },
     /// A Query, answered.
     Answered,
+    /// Post-copy migration `id` goes on on this connection (v11), after the link broke.
+    Resume {
+        id: String,
+    },
     /// A storage tunnel of libvirt domain `domain` (v6).
     Tunnel {
         domain: String,
@@ -121,6 +126,9 @@ pub(super) async fn run(inc: &mut Incoming, conn: &mut Conn) -> Result<Opening, 
                 })
             }
             Message::Tunnel { domain } => return Ok(Opening::Tunnel { domain }),
+            Message::PostcopyResume { migration_id } => {
+                return Ok(Opening::Resume { id: migration_id })
+            }
             Message::PlanQuery {
                 key_id,
                 hashes,

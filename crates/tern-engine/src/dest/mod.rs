@@ -26,6 +26,7 @@ mod plan;
 mod prepare;
 pub mod record;
 mod relay;
+mod resume;
 pub mod spec;
 mod switchover;
 mod transfer;
@@ -80,6 +81,8 @@ pub enum IncomingError {
     Disk(#[from] DestDiskError),
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
+    #[error("the link to the source broke during post-copy ({cause}) and the source did not resume within {waited:?}: the VM stays here, paused on the pages it lacks")]
+    NotResumed { cause: String, waited: Duration },
 }
 
 impl IncomingError {
@@ -100,7 +103,7 @@ impl IncomingError {
             }
             IncomingError::Qemu(_) | IncomingError::Qmp { .. } => ErrorCode::QemuFailed,
             IncomingError::Disk(e) => e.code(),
-            IncomingError::Timeout(..) => ErrorCode::Timeout,
+            IncomingError::Timeout(..) | IncomingError::NotResumed { .. } => ErrorCode::Timeout,
         }
     }
 }
@@ -264,6 +267,7 @@ async fn serve(
     match result {
         Ok(Then::Attach { id, index }) => attach(&engine, conn, &id, index).await,
         Ok(Then::Tunnel { domain }) => tunnel(&engine, conn, &domain).await,
+        Ok(Then::Resume { id }) => resume_handoff(&engine, conn, &id).await,
         Ok(Then::Done) => {}
         Err(e) => {
             let code = e.code();
@@ -288,7 +292,7 @@ async fn serve(
             }
             if let Some(h) = inc.handle.take() {
                 let vm_state = if inc.claimed {
-                    "here: it has run on this host since post-copy began (POSTCOPY_RUN); QEMU keeps it (postcopy-paused if pages are still missing: the source host holds them, and post-copy recovery is not done by tern yet)"
+                    "here: it has run on this host since post-copy began (POSTCOPY_RUN); QEMU keeps it (postcopy-paused if pages are still missing: the source host holds them)"
                 } else {
                     "removed from this host"
                 };
@@ -306,6 +310,8 @@ enum Then {
     Attach { id: String, index: u16 },
     /// It carries a storage connection of libvirt domain `domain`.
     Tunnel { domain: String },
+    /// Post-copy migration `id` goes on on it (v11), after the link broke.
+    Resume { id: String },
 }
 
 /// The phases of an incoming migration, or what else the connection is for.
@@ -321,6 +327,10 @@ async fn receive(inc: &mut Incoming, conn: &mut Conn) -> Result<Then, IncomingEr
             return Ok(Then::Tunnel { domain });
         }
         hello::Opening::Answered => return Ok(Then::Done),
+        hello::Opening::Resume { id } => {
+            tracing::Span::current().record("migration", id.as_str());
+            return Ok(Then::Resume { id });
+        }
         hello::Opening::Plan {
             key_id,
             hashes,
@@ -427,6 +437,37 @@ async fn tunnel(engine: &Engine, conn: Conn, domain: &str) {
             error_chain(&e)
         ),
     }
+}
+
+/// Hands a connection on which post-copy goes on to its migration (only from the
+/// certificate that prepared it, only while its VM runs here in post-copy).
+async fn resume_handoff(engine: &Engine, conn: Conn, id: &str) {
+    let addr = conn.addr;
+    let writer = conn.writer.clone();
+    let fingerprint = conn.peer.fingerprint.clone();
+    let refused = match engine.registry.resume(id, &fingerprint, conn) {
+        Ok(()) => {
+            tracing::info!(peer = %addr, migration = %id, "the source resumes post-copy on a new connection");
+            return;
+        }
+        Err(AttachRefused::Unknown) => (
+            ErrorCode::Protocol,
+            format!("no post-copy migration {id} waits here for its source (or one resume is under way)"),
+        ),
+        Err(AttachRefused::OtherPeer) => (
+            ErrorCode::NotAuthorized,
+            format!("migration {id} was prepared by another peer's certificate"),
+        ),
+    };
+    tracing::warn!(peer = %addr, migration = %id, "post-copy resume refused: {}", refused.1);
+    let _ = writer
+        .lock()
+        .await
+        .send(&Message::Abort {
+            code: refused.0,
+            message: refused.1,
+        })
+        .await;
 }
 
 /// Hands an extra data connection to its migration (only from the certificate that

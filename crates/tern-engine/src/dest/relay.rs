@@ -13,15 +13,27 @@ use tern_proto::limits;
 
 use crate::transport::links::PeerWriter;
 
+/// Why the relay stopped without QEMU's SHUT(0).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RelayError {
+    /// QEMU's side: it failed, closed early, or wrote junk.
+    #[error("{0}")]
+    Qemu(String),
+    /// The source agent's side: the relay could not send to it (post-copy may go on on a
+    /// new connection).
+    #[error("relaying its return path failed")]
+    Peer(#[source] std::io::Error),
+}
+
 /// Relays the destination QEMU's return path to the source agent, one message per frame,
 /// flushed at once. Returns Ok(true) if QEMU said SHUT(0) before closing, an error text if
-/// QEMU closed without SHUT (it died or failed). `shut` is raised just before a SHUT(0) is
+/// QEMU closed without SHUT (it died or failed), or the source agent could not be sent to. `shut` is raised just before a SHUT(0) is
 /// relayed: QEMU loaded the whole stream.
 pub(super) async fn return_path(
     mut qemu: unix::OwnedReadHalf,
     writer: PeerWriter,
     shut: Arc<AtomicBool>,
-) -> Result<bool, String> {
+) -> Result<bool, RelayError> {
     let mut buf = bytes::BytesMut::with_capacity(64 << 10);
     let mut shut_ok = false;
     loop {
@@ -34,7 +46,9 @@ pub(super) async fn return_path(
                         shut.store(shut_ok, Ordering::SeqCst);
                         if status != 0 {
                             let _ = writer.lock().await.send(&Message::ReturnPath(raw)).await;
-                            return Err(format!("it reported a failed load (SHUT {status})"));
+                            return Err(RelayError::Qemu(format!(
+                                "it reported a failed load (SHUT {status})"
+                            )));
                         }
                     }
                     writer
@@ -42,31 +56,43 @@ pub(super) async fn return_path(
                         .await
                         .send(&Message::ReturnPath(raw))
                         .await
-                        .map_err(|e| format!("relaying its return path failed: {e}"))?;
+                        .map_err(RelayError::Peer)?;
                 }
                 Ok(None) => break,
-                Err(e) => return Err(format!("its return path is malformed: {e}")),
+                Err(e) => {
+                    return Err(RelayError::Qemu(format!(
+                        "its return path is malformed: {e}"
+                    )))
+                }
             }
         }
         match qemu.read_buf(&mut buf).await {
             Ok(0) if shut_ok => return Ok(true),
             Ok(0) => {
-                return Err("it closed the migration socket without finishing (exited?)".into())
+                return Err(RelayError::Qemu(
+                    "it closed the migration socket without finishing (exited?)".into(),
+                ))
             }
             Ok(_) => {}
             Err(e) if shut_ok => {
                 tracing::debug!("return path after SHUT: {e}");
                 return Ok(true);
             }
-            Err(e) => return Err(format!("reading its return path failed: {e}")),
+            Err(e) => {
+                return Err(RelayError::Qemu(format!(
+                    "reading its return path failed: {e}"
+                )))
+            }
         }
     }
 }
 
-pub(super) struct AbortOnDrop(pub(super) Option<tokio::task::JoinHandle<Result<bool, String>>>);
+pub(super) struct AbortOnDrop(pub(super) Option<tokio::task::JoinHandle<Result<bool, RelayError>>>);
 
 impl AbortOnDrop {
-    pub(super) async fn join(&mut self) -> Result<Result<bool, String>, tokio::task::JoinError> {
+    pub(super) async fn join(
+        &mut self,
+    ) -> Result<Result<bool, RelayError>, tokio::task::JoinError> {
         match self.0.as_mut() {
             Some(h) => {
                 let r = h.await;

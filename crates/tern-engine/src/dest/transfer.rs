@@ -21,7 +21,7 @@ use tokio::net::unix;
 use tokio::sync::mpsc;
 
 use super::prepare::Prepared;
-use super::relay::{return_path, AbortOnDrop};
+use super::relay::{return_path, AbortOnDrop, RelayError};
 use super::{refuse, send, Conn, Incoming, IncomingError};
 use crate::digest::MemoryDigest;
 use crate::disk::{DestDiskError, DestDisks};
@@ -85,287 +85,350 @@ pub(super) async fn run(
         lengths: Vec::new(),
         out_units: 0,
     };
-    let c = &p.handle.counters;
-    let mut rp_result: Option<Result<bool, String>> = None;
-    let id = &p.id;
-    let handle = &p.handle;
+    let handle = p.handle.clone();
+    let c = &handle.counters;
+    let mut rp_done = false;
+    // post-copy: where the source's new connection comes once the VM runs here, and one
+    // that came while the old one still looked alive
+    let mut resume_rx: Option<mpsc::Receiver<Conn>> = None;
+    let mut _resume_guard = None;
+    let mut fresh: Option<Conn> = None;
+    // (handed to QEMU now, while nothing can block its main loop)
+    let mut spares = match (&p.qmp, p.postcopy) {
+        (Some(q), true) => super::resume::stage_spares(q).await,
+        _ => Vec::new(),
+    };
+    let id = &p.id.clone();
+    let handle = &handle;
     let stall = inc.engine.config.stall_timeout;
     let mut source_done: Option<[u8; 32]> = None;
     let mut early_commit = false;
     // Data frames from parallel streams, applied in sequence order.
-    let (data_tx, mut data_rx) = mpsc::channel::<DataFrame>(64);
+    let (mut data_tx, mut data_rx) = mpsc::channel::<DataFrame>(64);
     let mut reorder = Reorder::default();
     let mut attached: HashSet<u16> = HashSet::new();
     let mut ready: VecDeque<Message> = VecDeque::new();
     let mut last_input = tokio::time::Instant::now();
     let mut claimed = None;
     let source_digest = loop {
-        if let Some(d) = source_done {
-            // (disks: their last rounds travel on the control connection, SourceDone may
-            // come first on a data connection)
-            if rb.pending.is_empty() && p.disks.as_ref().is_none_or(DestDisks::all_last) {
-                rb.flush().await?;
-                p.qemu_wr = Some(rb.feeder.finish().await?);
-                break d;
-            }
-        }
-        let msg = if let Some(m) = ready.pop_front() {
-            Ok(Some(m))
-        } else {
-            // Write to QEMU only when the next frame is not here yet (and nothing more is
-            // waiting in the sockets), or when a lot is queued: large writes, no stalls.
-            if !conn.reader.has_frame() && data_rx.is_empty() && !rb.out.is_empty() {
-                conn.reader.try_fill()?;
-                if !conn.reader.has_frame() {
-                    rb.flush().await?;
-                }
-            }
-            tokio::select! {
-                m = conn.reader.next() => m,
-                d = data_rx.recv() => {
-                    last_input = tokio::time::Instant::now();
-                    match d.expect("the loop holds a sender") {
-                        Ok((seq, m)) => {
-                            reorder.insert(seq, m).map_err(|why| refuse(ErrorCode::Protocol, why))?;
-                            while let Some(m) = reorder.pop() {
-                                ready.push_back(m);
-                            }
-                        }
-                        Err(e) => return Err(e.into()),
+        let step: Result<Option<[u8; 32]>, IncomingError> = async {
+                if let Some(d) = source_done {
+                    // (disks: their last rounds travel on the control connection, SourceDone may
+                    // come first on a data connection)
+                    if rb.pending.is_empty() && p.disks.as_ref().is_none_or(DestDisks::all_last) {
+                        rb.flush().await?;
+                        p.qemu_wr = Some(rb.feeder.finish().await?);
+                        return Ok(Some(d));
                     }
-                    continue;
                 }
-                a = p.attached.recv() => {
-                    if let Some((index, r)) = a {
-                        if index == 0 || index > limits::MAX_DATA_STREAMS || !attached.insert(index) {
+                let msg = if let Some(m) = ready.pop_front() {
+                    Ok(Some(m))
+                } else {
+                    // Write to QEMU only when the next frame is not here yet (and nothing more is
+                    // waiting in the sockets), or when a lot is queued: large writes, no stalls.
+                    if !conn.reader.has_frame() && data_rx.is_empty() && !rb.out.is_empty() {
+                        conn.reader.try_fill()?;
+                        if !conn.reader.has_frame() {
+                            rb.flush().await?;
+                        }
+                    }
+                    tokio::select! {
+                        m = conn.reader.next() => m,
+                        d = data_rx.recv() => {
+                            last_input = tokio::time::Instant::now();
+                            match d.expect("the loop holds a sender") {
+                                Ok((seq, m)) => {
+                                    reorder.insert(seq, m).map_err(|why| refuse(ErrorCode::Protocol, why))?;
+                                    while let Some(m) = reorder.pop() {
+                                        ready.push_back(m);
+                                    }
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
+                            return Ok(None);
+                        }
+                        a = p.attached.recv() => {
+                            if let Some((index, r)) = a {
+                                if index == 0 || index > limits::MAX_DATA_STREAMS || !attached.insert(index) {
+                                    return Err(refuse(
+                                        ErrorCode::Protocol,
+                                        format!("data connection #{index}: numbered 1..={} and each once", limits::MAX_DATA_STREAMS),
+                                    ));
+                                }
+                                tracing::info!(migration = %id, index, "data connection attached");
+                                crate::spawn(data_stream(r, data_tx.clone(), handle.clone()));
+                            }
+                            return Ok(None);
+                        }
+                        _ = tokio::time::sleep_until(last_input + stall) => {
+                            tracing::warn!(
+                                migration = %id,
+                                wire_in = conn.reader.bytes_read,
+                                applied = rb.feeder.applied(),
+                                queued = rb.out.len(),
+                                pending = rb.pending.len(),
+                                missing = rb.missing.len(),
+                                ready = ready.len(),
+                                reorder = reorder.held.len(),
+                                "no data from the source"
+                            );
+                            return Err(IncomingError::Timeout(stall, "data from the source"));
+                        }
+                        e = async { p.disks.as_mut().expect("guarded").failed.recv().await }, if p.disks.is_some() => {
+                            return Err(disk_failure(e));
+                        }
+                        r = rp_task.join(), if !rp_done => {
+                            match r {
+                                Ok(Ok(_)) => rp_done = true,
+                                Ok(Err(RelayError::Peer(e))) => return Err(IncomingError::PeerWrite(e)),
+                                Ok(Err(RelayError::Qemu(why))) => return Err(IncomingError::Qemu(why)),
+                                Err(e) => return Err(IncomingError::Qemu(format!("return-path task failed: {e}"))),
+                            }
+                            return Ok(None);
+                        }
+                        c = next_resume(&mut resume_rx) => {
+                            // the source gave up on the old connection before this side noticed
+                            fresh = Some(c);
+                            return Err(IncomingError::PeerClosed("the transfer (the source went on on a new connection)"));
+                        }
+                    }
+                };
+                last_input = tokio::time::Instant::now();
+                c.wire_in.store(conn.reader.bytes_read, Ordering::Relaxed);
+                let msg = msg?;
+                if let Some(m) = &msg {
+                    conn.check(m)?;
+                }
+                match msg {
+                    Some(Message::QemuBytes(b)) => rb.push(Pending::Verbatim(b), c)?,
+                    Some(Message::RamBlocks { page_size, blocks }) => {
+                        if rb.digest.is_some() {
                             return Err(refuse(
                                 ErrorCode::Protocol,
-                                format!("data connection #{index}: numbered 1..={} and each once", limits::MAX_DATA_STREAMS),
+                                "RamBlocks twice in one migration",
                             ));
                         }
-                        tracing::info!(migration = %id, index, "data connection attached");
-                        crate::spawn(data_stream(r, data_tx.clone(), handle.clone()));
+                        check_ram_blocks(page_size, &blocks, p.spec.memory_mib)
+                            .map_err(|why| refuse(ErrorCode::Protocol, format!("RamBlocks: {why}")))?;
+                        rb.lengths = blocks.iter().map(|b| b.used_length).collect();
+                        rb.names = blocks
+                            .iter()
+                            .map(|b| BlockName::from(b.name.as_str()))
+                            .collect();
+                        rb.enc = Encoder::new(u64::from(page_size));
+                        rb.digest = Some(MemoryDigest::new(
+                            u64::from(page_size),
+                            blocks.iter().map(|b| (b.name.as_str(), b.used_length)),
+                        ));
+                        let lengths: Vec<u64> = blocks.iter().map(|b| b.used_length).collect();
+                        p.pages.set_blocks(u64::from(page_size), &lengths);
                     }
-                    continue;
-                }
-                _ = tokio::time::sleep_until(last_input + stall) => {
-                    tracing::warn!(
-                        migration = %id,
-                        wire_in = conn.reader.bytes_read,
-                        applied = rb.feeder.applied(),
-                        queued = rb.out.len(),
-                        pending = rb.pending.len(),
-                        missing = rb.missing.len(),
-                        ready = ready.len(),
-                        reorder = reorder.held.len(),
-                        "no data from the source"
-                    );
-                    return Err(IncomingError::Timeout(stall, "data from the source"));
-                }
-                e = async { p.disks.as_mut().expect("guarded").failed.recv().await }, if p.disks.is_some() => {
-                    return Err(disk_failure(e));
-                }
-                r = rp_task.join(), if rp_result.is_none() => {
-                    let r = r.unwrap_or_else(|e| Err(format!("return-path task failed: {e}")));
-                    if let Err(why) = &r {
-                        return Err(IncomingError::Qemu(why.clone()));
-                    }
-                    rp_result = Some(r);
-                    continue;
-                }
-            }
-        };
-        last_input = tokio::time::Instant::now();
-        c.wire_in.store(conn.reader.bytes_read, Ordering::Relaxed);
-        let msg = msg?;
-        if let Some(m) = &msg {
-            conn.check(m)?;
-        }
-        match msg {
-            Some(Message::QemuBytes(b)) => rb.push(Pending::Verbatim(b), c)?,
-            Some(Message::RamBlocks { page_size, blocks }) => {
-                if rb.digest.is_some() {
-                    return Err(refuse(
-                        ErrorCode::Protocol,
-                        "RamBlocks twice in one migration",
-                    ));
-                }
-                check_ram_blocks(page_size, &blocks, p.spec.memory_mib)
-                    .map_err(|why| refuse(ErrorCode::Protocol, format!("RamBlocks: {why}")))?;
-                rb.lengths = blocks.iter().map(|b| b.used_length).collect();
-                rb.names = blocks
-                    .iter()
-                    .map(|b| BlockName::from(b.name.as_str()))
-                    .collect();
-                rb.enc = Encoder::new(u64::from(page_size));
-                rb.digest = Some(MemoryDigest::new(
-                    u64::from(page_size),
-                    blocks.iter().map(|b| (b.name.as_str(), b.used_length)),
-                ));
-                let lengths: Vec<u64> = blocks.iter().map(|b| b.used_length).collect();
-                p.pages.set_blocks(u64::from(page_size), &lengths);
-            }
-            Some(Message::Pages {
-                block,
-                pages: records,
-            }) => {
-                if rb.digest.is_none() || rb.names.get(block as usize).is_none() {
-                    return Err(refuse(
-                        ErrorCode::Protocol,
-                        format!("Pages for unknown block #{block}"),
-                    ));
-                }
-                if fault!(inc.engine.config.fault, PanicInTransfer) && fault_once() {
-                    let _store = inc.engine.store.lock();
-                    panic!("fault injection: panic in the transfer, holding the page store");
-                }
-                let mut want = Vec::new();
-                for rec in records {
-                    rb.check_record(block, &rec)?;
-                    let counter = match &rec.body {
-                        PageBody::Zero { .. } | PageBody::ZeroRun { .. } => &c.pages_zero,
-                        PageBody::Raw(_) | PageBody::Plain(_) => &c.pages_raw,
-                        PageBody::Ref(_) => &c.pages_ref,
-                        PageBody::Delta { .. } => &c.pages_delta,
-                    };
-                    Counters::add(counter, rec.body.pages());
-                    let offset = rec.offset;
-                    let item = match p
-                        .pages
-                        .resolve(block, offset, rec.body)
-                        .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?
-                    {
-                        Resolved::Zero { fill, pages } => Pending::Zero {
-                            block,
-                            offset,
-                            fill,
-                            pages,
-                        },
-                        Resolved::Page(data) => Pending::Page {
-                            block,
-                            offset,
-                            data: Some(data),
-                            hash: [0; 16],
-                        },
-                        Resolved::Missing(hash) => {
-                            if rb.missing.insert(hash) {
-                                want.push(hash);
-                            }
-                            Pending::Page {
-                                block,
-                                offset,
-                                data: None,
-                                hash,
+                    Some(Message::Pages {
+                        block,
+                        pages: records,
+                    }) => {
+                        if rb.digest.is_none() || rb.names.get(block as usize).is_none() {
+                            return Err(refuse(
+                                ErrorCode::Protocol,
+                                format!("Pages for unknown block #{block}"),
+                            ));
+                        }
+                        if fault!(inc.engine.config.fault, PanicInTransfer) && fault_once() {
+                            let _store = inc.engine.store.lock();
+                            panic!("fault injection: panic in the transfer, holding the page store");
+                        }
+                        let mut want = Vec::new();
+                        for rec in records {
+                            rb.check_record(block, &rec)?;
+                            let counter = match &rec.body {
+                                PageBody::Zero { .. } | PageBody::ZeroRun { .. } => &c.pages_zero,
+                                PageBody::Raw(_) | PageBody::Plain(_) => &c.pages_raw,
+                                PageBody::Ref(_) => &c.pages_ref,
+                                PageBody::Delta { .. } => &c.pages_delta,
+                            };
+                            Counters::add(counter, rec.body.pages());
+                            let offset = rec.offset;
+                            let item = match p
+                                .pages
+                                .resolve(block, offset, rec.body)
+                                .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?
+                            {
+                                Resolved::Zero { fill, pages } => Pending::Zero {
+                                    block,
+                                    offset,
+                                    fill,
+                                    pages,
+                                },
+                                Resolved::Page(data) => Pending::Page {
+                                    block,
+                                    offset,
+                                    data: Some(data),
+                                    hash: [0; 16],
+                                },
+                                Resolved::Missing(hash) => {
+                                    if rb.missing.insert(hash) {
+                                        want.push(hash);
+                                    }
+                                    Pending::Page {
+                                        block,
+                                        offset,
+                                        data: None,
+                                        hash,
+                                    }
+                                }
+                            };
+                            rb.push(item, c)?;
+                        }
+                        if !want.is_empty() {
+                            Counters::add(&c.wants, want.len() as u64);
+                            tracing::info!(
+                                n = want.len(),
+                                "asking the source for content this host lacks"
+                            );
+                            for hashes in want.chunks(limits::MAX_WANT_HASHES) {
+                                conn.send(&Message::Want {
+                                    hashes: hashes.to_vec(),
+                                })
+                                .await?;
                             }
                         }
-                    };
-                    rb.push(item, c)?;
-                }
-                if !want.is_empty() {
-                    Counters::add(&c.wants, want.len() as u64);
-                    tracing::info!(
-                        n = want.len(),
-                        "asking the source for content this host lacks"
-                    );
-                    for hashes in want.chunks(limits::MAX_WANT_HASHES) {
-                        conn.send(&Message::Want {
-                            hashes: hashes.to_vec(),
-                        })
-                        .await?;
+                        if rb.out.len() >= 256 << 10 {
+                            rb.flush().await?;
+                        }
                     }
-                }
-                if rb.out.len() >= 256 << 10 {
-                    rb.flush().await?;
-                }
-            }
-            Some(Message::Content { pages: contents }) => {
-                if contents.len() > limits::MAX_WANT_HASHES {
-                    return Err(refuse(
-                        ErrorCode::Protocol,
-                        format!(
-                            "Content with {} pages (at most {})",
-                            contents.len(),
-                            limits::MAX_WANT_HASHES
-                        ),
-                    ));
-                }
-                for (h, data) in contents {
-                    if !rb.missing.contains(&h) {
+                    Some(Message::Content { pages: contents }) => {
+                        if contents.len() > limits::MAX_WANT_HASHES {
+                            return Err(refuse(
+                                ErrorCode::Protocol,
+                                format!(
+                                    "Content with {} pages (at most {})",
+                                    contents.len(),
+                                    limits::MAX_WANT_HASHES
+                                ),
+                            ));
+                        }
+                        for (h, data) in contents {
+                            if !rb.missing.contains(&h) {
+                                return Err(refuse(
+                                    ErrorCode::Protocol,
+                                    format!(
+                                        "Content for page {} that this host did not ask for",
+                                        hex::encode(h)
+                                    ),
+                                ));
+                            }
+                            if data.len() as u64 != limits::PAGE_SIZE {
+                                return Err(refuse(
+                                    ErrorCode::Protocol,
+                                    "Content page of the wrong size",
+                                ));
+                            }
+                            p.pages
+                                .content(h, &data)
+                                .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?;
+                            rb.fill(h, &data);
+                        }
+                        rb.drain(c)?;
+                    }
+                    Some(Message::SourceDone {
+                        digest: src,
+                        commit,
+                        ..
+                    }) => {
+                        source_done = Some(src);
+                        early_commit = commit;
+                    }
+                    Some(Message::PostcopyRun) => {
+                        // the source sent QEMU's PACKAGED (device state, then POSTCOPY_RUN) just
+                        // before: it goes to QEMU, then the VM becomes this host's and runs while
+                        // the rest of its memory comes (QEMU asks for what it touches first, over
+                        // the return path)
+                        if !p.postcopy || !rb.pending.is_empty() {
+                            return Err(refuse(
+                                ErrorCode::Protocol,
+                                "PostcopyRun outside a post-copy migration or with records waiting for content",
+                            ));
+                        }
+                        rb.flush().await?;
+                        // ===== SWITCHOVER POINT (post-copy): from here on this host owns the VM. =====
+                        let us = super::switchover::claim(inc, &conn.peer.fingerprint, p).await?;
+                // if the link breaks from here on, the source resumes on a new connection
+                let (tx, rx) = mpsc::channel(1);
+                _resume_guard = Some(inc.engine.registry.accept_resume(id, &conn.peer.fingerprint, tx));
+                resume_rx = Some(rx);
+                        tracing::info!(migration = %id, "post-copy: the VM runs here; the rest of its memory follows");
+                handle.update(|s| s.progress.qemu_status = "postcopy-active".into());
+                        claimed = Some(us);
+                    }
+                    Some(Message::Abort { code, message }) => {
+                        return Err(IncomingError::Aborted { code, message })
+                    }
+                    Some(
+                        m @ (Message::DiskManifest { .. }
+                        | Message::DiskData { .. }
+                        | Message::DiskRoundEnd { .. }),
+                    ) => match p.disks.as_mut() {
+                        Some(d) => {
+                            if d.handle(m).await.is_err() {
+                                return Err(disk_failure(d.failed.recv().await));
+                            }
+                        }
+                        None => {
+                            return Err(refuse(
+                                ErrorCode::Protocol,
+                                format!("{} for a VM without disks", m.name()),
+                            ))
+                        }
+                    },
+                    Some(m) => {
                         return Err(refuse(
                             ErrorCode::Protocol,
-                            format!(
-                                "Content for page {} that this host did not ask for",
-                                hex::encode(h)
-                            ),
-                        ));
+                            format!("unexpected {} during transfer", m.name()),
+                        ))
                     }
-                    if data.len() as u64 != limits::PAGE_SIZE {
-                        return Err(refuse(
-                            ErrorCode::Protocol,
-                            "Content page of the wrong size",
-                        ));
-                    }
-                    p.pages
-                        .content(h, &data)
-                        .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?;
-                    rb.fill(h, &data);
+                    None => return Err(IncomingError::PeerClosed("the transfer")),
                 }
-                rb.drain(c)?;
+            Ok(None)
+        }
+        .await;
+        match step {
+            Ok(Some(d)) => break d,
+            Ok(None) => {}
+            // post-copy: the VM runs here and the pages it lacks are at the source; a link
+            // that broke is waited for, and the stream goes on over a new connection
+            Err(e) if claimed.is_some() && super::resume::link_broke(&e) => {
+                rp_task.abort();
+                rb.feeder = Feeder::closed();
+                // what the old stream's writer had queued and the old data connections
+                rb.out = Segments::default();
+                rb.pending.clear();
+                rb.pending_bytes = 0;
+                rb.missing.clear();
+                ready.clear();
+                reorder = Reorder::default();
+                attached.clear();
+                (data_tx, data_rx) = mpsc::channel::<DataFrame>(64);
+                let rx = resume_rx.as_mut().expect("post-copy claimed: resumable");
+                let (next, qemu) =
+                    super::resume::await_resume(p, rx, fresh.take(), &mut spares, &e).await?;
+                *conn = next;
+                let (qemu_rd, qemu_wr) = qemu.into_split();
+                rb.feeder = Feeder::start(qemu_wr, conn.writer.clone(), p.version);
+                // a new stream: the first page names its block again
+                rb.enc = Encoder::new(limits::PAGE_SIZE);
+                rp_task = AbortOnDrop(Some(crate::spawn(return_path(
+                    qemu_rd,
+                    conn.writer.clone(),
+                    shut.clone(),
+                ))));
+                rp_done = false;
+                last_input = tokio::time::Instant::now();
+                p.handle.set_phase(Phase::Transfer);
             }
-            Some(Message::SourceDone {
-                digest: src,
-                commit,
-                ..
-            }) => {
-                source_done = Some(src);
-                early_commit = commit;
-            }
-            Some(Message::PostcopyRun) => {
-                // the source sent QEMU's PACKAGED (device state, then POSTCOPY_RUN) just
-                // before: it goes to QEMU, then the VM becomes this host's and runs while
-                // the rest of its memory comes (QEMU asks for what it touches first, over
-                // the return path)
-                if !p.postcopy || !rb.pending.is_empty() {
-                    return Err(refuse(
-                        ErrorCode::Protocol,
-                        "PostcopyRun outside a post-copy migration or with records waiting for content",
-                    ));
-                }
-                rb.flush().await?;
-                // ===== SWITCHOVER POINT (post-copy): from here on this host owns the VM. =====
-                let us = super::switchover::claim(inc, &conn.peer.fingerprint, p).await?;
-                tracing::info!(migration = %id, "post-copy: the VM runs here; the rest of its memory follows");
-                claimed = Some(us);
-            }
-            Some(Message::Abort { code, message }) => {
-                return Err(IncomingError::Aborted { code, message })
-            }
-            Some(
-                m @ (Message::DiskManifest { .. }
-                | Message::DiskData { .. }
-                | Message::DiskRoundEnd { .. }),
-            ) => match p.disks.as_mut() {
-                Some(d) => {
-                    if d.handle(m).await.is_err() {
-                        return Err(disk_failure(d.failed.recv().await));
-                    }
-                }
-                None => {
-                    return Err(refuse(
-                        ErrorCode::Protocol,
-                        format!("{} for a VM without disks", m.name()),
-                    ))
-                }
-            },
-            Some(m) => {
-                return Err(refuse(
-                    ErrorCode::Protocol,
-                    format!("unexpected {} during transfer", m.name()),
-                ))
-            }
-            None => return Err(IncomingError::PeerClosed("the transfer")),
+            Err(e) => return Err(e),
         }
     };
+
     Ok(Received {
         source_digest,
         early_commit,
@@ -376,6 +439,17 @@ pub(super) async fn run(
         claimed,
         digest_ok: true,
     })
+}
+
+/// The next connection a source resumed post-copy on; never without a slot.
+async fn next_resume(rx: &mut Option<mpsc::Receiver<Conn>>) -> Conn {
+    match rx {
+        Some(rx) => match rx.recv().await {
+            Some(c) => c,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// The disk worker's failure as this migration's error.
@@ -494,6 +568,15 @@ struct Feeder {
 
 impl Feeder {
     const QUEUE: usize = 8;
+
+    /// None (its stream went with a broken link): a feed fails.
+    fn closed() -> Feeder {
+        Feeder {
+            tx: None,
+            task: None,
+            applied: Arc::new(AtomicU64::new(0)),
+        }
+    }
 
     fn start(mut qemu: unix::OwnedWriteHalf, writer: PeerWriter, version: u16) -> Feeder {
         let (tx, mut rx) = mpsc::channel::<(Segments, u64)>(Self::QUEUE);

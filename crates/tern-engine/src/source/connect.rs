@@ -117,6 +117,44 @@ pub(super) async fn open_data_stream(
     Ok((writer, probe))
 }
 
+/// A new connection on which post-copy goes on after the link broke (v11): Hello, the
+/// policy checked again (the address may now lead elsewhere), PostcopyResume, and the
+/// destination's PostcopyResumed (its QEMU waits on a new stream) or its Abort.
+pub(super) async fn resume_postcopy(
+    m: &Migration,
+) -> Result<(FrameReader<PeerRead>, PeerWriter, u16), MigrateError> {
+    let within = Duration::from_secs(10);
+    let (stream, identity) = dial(m, within).await?;
+    let (rd, wr) = stream.split();
+    let mut reader = FrameReader::new(rd);
+    let mut writer = FrameWriter::new(wr);
+    writer
+        .send(&m.engine.hello())
+        .await
+        .map_err(MigrateError::PeerWrite)?;
+    let (version, agent) = match expect(&mut reader, within, "HelloAck").await? {
+        Message::HelloAck { version, agent } => (version, agent),
+        msg => return Err(unexpected(&msg, "HelloAck")),
+    };
+    authorize(m, &agent, &identity)?;
+    if version < 11 {
+        return Err(MigrateError::Protocol(format!(
+            "the destination agent now speaks protocol v{version}: resuming post-copy needs v11"
+        )));
+    }
+    writer
+        .send(&Message::PostcopyResume {
+            migration_id: m.wire_id(),
+        })
+        .await
+        .map_err(MigrateError::PeerWrite)?;
+    // (the destination's QEMU pauses and takes the new stream first)
+    match expect(&mut reader, Duration::from_secs(60), "PostcopyResumed").await? {
+        Message::PostcopyResumed => Ok((reader, Arc::new(Mutex::new(writer)), version)),
+        msg => Err(unexpected(&msg, "PostcopyResumed")),
+    }
+}
+
 /// Asks the destination what became of this migration (Query), once.
 pub(super) async fn query_once(m: &Migration) -> Result<(MigrationState, u64), MigrateError> {
     let within = Duration::from_secs(5);

@@ -125,9 +125,35 @@ impl Drop for Pipe {
     }
 }
 
+/// What the forwarder knows of QEMU's stream, kept across the connections of one
+/// migration: after a link broke during post-copy, the next forwarder reads the resumed
+/// stream (no header, RAM blocks known) with it and the memory digest goes on. The
+/// forwarder holds its lock while it runs, so a forwarder that is aborted leaves it as it
+/// was between two items.
+pub(super) struct StreamState {
+    pub parser: Parser,
+    pub digest: Option<MemoryDigest>,
+    pub block_index: HashMap<BlockName, u16>,
+    pub pages: PageEncoder,
+}
+
+impl StreamState {
+    pub fn new(pages: PageEncoder) -> Arc<tokio::sync::Mutex<StreamState>> {
+        Arc::new(tokio::sync::Mutex::new(StreamState {
+            parser: Parser::new(),
+            digest: None,
+            block_index: HashMap::new(),
+            pages,
+        }))
+    }
+}
+
 /// How the forwarder encodes and sends: decided before the transfer starts.
 pub(super) struct ForwardPlan {
-    pub pages: PageEncoder,
+    pub stream: Arc<tokio::sync::Mutex<StreamState>>,
+    /// The stream is QEMU's resumed one (post-copy recovery): no header, the RAM blocks
+    /// as the last forwarder saw them.
+    pub resumed: bool,
     pub picker: CodecPicker,
     /// v2: raised just before SourceDone carries the commit.
     pub commit: Option<Arc<AtomicBool>>,
@@ -166,7 +192,8 @@ pub(super) async fn forward(
     plan: ForwardPlan,
 ) -> Result<ForwardDone, MigrateError> {
     let ForwardPlan {
-        mut pages,
+        stream,
+        resumed,
         picker,
         commit,
         links,
@@ -177,12 +204,23 @@ pub(super) async fn forward(
         mut record,
         postcopy,
     } = plan;
+    let mut held = stream.lock_owned().await;
+    let StreamState {
+        parser,
+        digest,
+        block_index,
+        pages,
+    } = &mut *held;
+    *parser = if resumed {
+        parser.resumed()
+    } else {
+        Parser::new()
+    };
     pages.set_plain(v5);
     pages.set_lean(!datapath.dedup());
     let mut window = flow.as_ref().map(|(_, rtt)| Window::new(*rtt));
     // stream units handed to the outbox so far (the destination counts the same)
     let mut units = 0u64;
-    let mut parser = Parser::new();
     let mut enc = Encoder::new(tern_qemu::stream::DEFAULT_PAGE_SIZE);
     let mut inbuf = BytesMut::with_capacity(4 << 20);
     let mut out = Outbox::new();
@@ -210,8 +248,6 @@ pub(super) async fn forward(
         ))),
     };
     let mut scratch = Vec::with_capacity(64 << 10);
-    let mut digest: Option<MemoryDigest> = None;
-    let mut block_index: HashMap<BlockName, u16> = HashMap::new();
     let c = &handle.counters;
     // Bytes read from QEMU live in `inbuf`; each round freezes them so that page records
     // are slices of the read buffer (no copy) all the way into the socket to the peer.
@@ -227,12 +263,8 @@ pub(super) async fn forward(
                         fill,
                         ..
                     }) => {
-                        let idx = lookup(&block_index, &block, parser.offset())?;
-                        digest_of(&mut digest, parser.offset())?.fill(
-                            idx as usize,
-                            offset,
-                            fill,
-                        )?;
+                        let idx = lookup(block_index, &block, parser.offset())?;
+                        digest_of(digest, parser.offset())?.fill(idx as usize, offset, fill)?;
                         pages.zero(idx, offset);
                         units += parser.page_size();
                         out.page(
@@ -250,12 +282,8 @@ pub(super) async fn forward(
                         data,
                         ..
                     }) => {
-                        let idx = lookup(&block_index, &block, parser.offset())?;
-                        digest_of(&mut digest, parser.offset())?.page(
-                            idx as usize,
-                            offset,
-                            &data,
-                        )?;
+                        let idx = lookup(block_index, &block, parser.offset())?;
+                        digest_of(digest, parser.offset())?.page(idx as usize, offset, &data)?;
                         let body = pages.page(idx, offset, data);
                         units += parser.page_size();
                         Counters::add(
@@ -274,13 +302,13 @@ pub(super) async fn forward(
                                 "more than 65535 RAM blocks".into(),
                             ));
                         }
-                        block_index = blocks
+                        *block_index = blocks
                             .iter()
                             .enumerate()
                             .map(|(i, b)| (b.name.clone(), i as u16))
                             .collect();
                         let ps = parser.page_size();
-                        digest = Some(MemoryDigest::new(
+                        *digest = Some(MemoryDigest::new(
                             ps,
                             blocks.iter().map(|b| (&*b.name, b.used_length)),
                         ));
@@ -307,12 +335,15 @@ pub(super) async fn forward(
                         out.verbatim(&b);
                     }
                     Item::Postcopy(ref cmd) => {
-                        if postcopy.is_none()
-                            || !matches!(
-                                cmd,
-                                PostcopyCommand::Advise { .. } | PostcopyCommand::RamDiscard { .. }
-                            )
-                        {
+                        // (RECV_BITMAP and RESUME: a stream resumed after the link broke)
+                        let carried = match cmd {
+                            PostcopyCommand::Advise { .. } | PostcopyCommand::RamDiscard { .. } => {
+                                true
+                            }
+                            PostcopyCommand::RecvBitmap { .. } | PostcopyCommand::Resume => resumed,
+                            _ => false,
+                        };
+                        if postcopy.is_none() || !carried {
                             return Err(postcopy_unsupported(parser.offset(), postcopy.is_some()));
                         }
                         scratch.clear();
@@ -428,7 +459,7 @@ pub(super) async fn forward(
         // the whole stream, ended properly: the VM as at the switchover
         r.finish();
     }
-    let d = digest.ok_or(StreamError::Truncated {
+    let d = digest.take().ok_or(StreamError::Truncated {
         offset: parser.offset(),
         state: "RAM setup",
     })?;
@@ -471,7 +502,7 @@ fn postcopy_unsupported(offset: u64, asked: bool) -> MigrateError {
         offset,
         feature: "postcopy".into(),
         hint: if asked {
-            "postcopy recovery and bitmap-only postcopy are not carried by tern yet".into()
+            "bitmap-only postcopy, and recovery commands outside a resumed stream, are not carried by tern".into()
         } else {
             "postcopy was not asked for: turn off the postcopy-ram capability, or migrate with --postcopy".into()
         },

@@ -37,6 +37,7 @@ mod prepare;
 pub mod record;
 pub mod recover;
 mod report;
+mod resume;
 mod switchover;
 mod transfer;
 
@@ -182,8 +183,12 @@ pub enum MigrateError {
     Panicked(String),
     #[error("post-copy cannot be used here: {0}; nothing moved (migrate without --postcopy)")]
     PostcopyRefused(String),
-    #[error("the destination QEMU paused the VM in post-copy (postcopy-paused: the link to this host broke with pages still here); the VM is stuck at the destination until post-copy is recovered (tern does not recover it yet: `migrate-recover` by hand); it must never run here again")]
+    #[error(
+        "the source QEMU paused post-copy (postcopy-paused): its stream to the destination broke"
+    )]
     PostcopyPaused,
+    #[error("the link to the destination broke during post-copy ({cause}) and post-copy could not go on within the outage wait (--outage-wait, {waited_s} s): the VM waits at the destination (postcopy-paused) for pages only this host holds; this host keeps them (its QEMU in postcopy-paused) and never runs the VM again")]
+    PostcopyNotResumed { cause: String, waited_s: u64 },
 }
 
 impl From<disk::SourceDiskError> for MigrateError {
@@ -242,6 +247,7 @@ impl MigrateError {
             MigrateError::NotConverging(_) => ErrorCode::NotConverging,
             MigrateError::PostcopyRefused(_) => ErrorCode::SpecRejected,
             MigrateError::PostcopyPaused => ErrorCode::QemuFailed,
+            MigrateError::PostcopyNotResumed { .. } => ErrorCode::Timeout,
         }
     }
 }

@@ -13,10 +13,11 @@ use tern_qemu::qmp::{QmpClient, QmpEvent};
 use tokio::sync::{broadcast, mpsc};
 
 use super::disks::{CopiedDisks, LiveDisks};
-use super::forward::{forward, ForwardDone, ForwardPlan};
+use super::forward::{forward, ForwardDone, ForwardPlan, StreamState};
 use super::pacing::Pacing;
 use super::peer::PeerEvent;
 use super::prepare::Prepared;
+use super::resume::{self, Carrier};
 use super::{unexpected, AbortOnDrop, MigrateError, Migration, SourceQemu};
 use crate::codec::CodecPicker;
 use crate::converge::{self, Converger, Step};
@@ -132,7 +133,7 @@ async fn next_event(
 /// written but tern has not taken is stream QEMU counts as sent, so a large buffer makes
 /// QEMU overrate the link and stop the VM with megabytes still to drain (loopback bench,
 /// 7 rounds: idle downtime 84 ms median with 4 MiB, 49 ms with 256 KiB, throughput the same).
-const QEMU_OUT_BUFFER: usize = 256 << 10;
+pub(super) const QEMU_OUT_BUFFER: usize = 256 << 10;
 
 pub(super) async fn run(
     m: &mut Migration,
@@ -149,7 +150,7 @@ pub(super) async fn run(
         policy,
         links,
         encoder,
-        budget: _,
+        budget,
         pacing,
         mut events,
         disk_inbox: _,
@@ -182,6 +183,15 @@ pub(super) async fn run(
     // v2: SourceDone carries the commit (the switchover point moves there); the forwarder
     // raises this flag just before sending it.
     let commit_sent = m.commit_sent.clone();
+    let dedup = encoder.dedup();
+    let stream = StreamState::new(encoder);
+    // post-copy: what another connection needs to carry the stream on if the link breaks
+    let carrier = Carrier {
+        stream: stream.clone(),
+        policy,
+        budget,
+        rtt,
+    };
     let mut fwd = crate::spawn(forward(
         qemu_rd,
         writer.clone(),
@@ -190,7 +200,7 @@ pub(super) async fn run(
             datapath: DataPathPicker::new(
                 // post-copy: the lean path throughout, so that no page waits on a
                 // Want/Content round trip while the guest runs at the destination
-                if encoder.dedup() && !m.req.postcopy {
+                if dedup && !m.req.postcopy {
                     DataPathPolicy::from_request(m.req.dedup)
                 } else {
                     DataPathPolicy::Lean
@@ -199,7 +209,8 @@ pub(super) async fn run(
                 std::time::Instant::now(),
             ),
             v5: version >= 5,
-            pages: encoder,
+            stream,
+            resumed: false,
             picker: CodecPicker::new(policy, rtt),
             // post-copy: the v1 ending (ReadyToResume with the destination's digest,
             // Commit, Resumed), so that the source sees whether the digests agree; the
@@ -259,7 +270,8 @@ pub(super) async fn run(
         t.encoding = Some(done.encoding);
         t.t_stream_end = Some(SystemTime::now());
     };
-    let ended: Result<TransferEnd, MigrateError> = async {
+    let ended: Result<TransferEnd, MigrateError> = loop {
+        let leg: Result<TransferEnd, MigrateError> = async {
         loop {
             tokio::select! {
                 r = &mut fwd, if !fwd_done => {
@@ -337,7 +349,10 @@ pub(super) async fn run(
                             if st == "postcopy-active" {
                                 t.t_postcopy.get_or_insert(ev.timestamp);
                             }
-                            if st == "postcopy-paused" {
+                            // (an event from before a resume is stale: QEMU says what is now)
+                            if st == "postcopy-paused"
+                                && qmp.query_migrate().await.is_ok_and(|i| i.status == "postcopy-paused")
+                            {
                                 return Err(MigrateError::PostcopyPaused);
                             }
                             if st == "failed" {
@@ -446,6 +461,41 @@ pub(super) async fn run(
         }
     }
     .await;
+        // post-copy: the VM runs at the destination and the pages it lacks are here; a link
+        // that broke is waited for and the stream resumed on a new connection (`resume.rs`)
+        let left = m.req.outage_wait().saturating_sub(Duration::from_millis(
+            m.outages.iter().map(|o| o.waited_ms).sum(),
+        ));
+        match (leg, &qmp) {
+            (Err(e), Some(q))
+                if m.postcopy_run.load(Ordering::SeqCst)
+                    && resume::link_broke(&e)
+                    && !left.is_zero()
+                    && m.outages.len() < resume::MAX_RESUMES =>
+            {
+                // the old connection's tasks go, with the source QEMU's socket: it pauses
+                fwd.abort();
+                tasks.clear();
+                let q = q.clone();
+                match resume::resume(m, &q, &carrier, &e, left).await {
+                    Ok(leg) => {
+                        m.outages.push(leg.outage);
+                        fwd = leg.fwd;
+                        fwd_done = false;
+                        events = leg.events;
+                        t.writer = leg.writer;
+                        tasks = leg.tasks;
+                        last_progress = (0, Instant::now());
+                    }
+                    Err(again) => {
+                        tracing::warn!(migration = %m.handle.id, "post-copy could not be resumed: {}", error_chain(&again));
+                        break Err(again);
+                    }
+                }
+            }
+            (leg, _) => break leg,
+        }
+    };
     t.end = match ended {
         Ok(end) => end,
         // The destination discarded everything (its Abort): the source may resume.
