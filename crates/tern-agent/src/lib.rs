@@ -915,6 +915,12 @@ impl Host for Agent {
         self.vm_event(&name, "arrived", pid);
     }
 
+    fn arriving(&self, name: &str, on: bool) {
+        if let Some(vm) = self.vms.lock().get(name) {
+            vm.migrating.store(on, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     fn remove_run_dir<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, ()> {
         Box::pin(Agent::remove_run_dir(self, dir))
     }

@@ -65,7 +65,7 @@ pub struct MigrateRequest {
 }
 
 /// What `postcopy` risks, said before it starts (the CLI's output, the migration's notes).
-pub const POSTCOPY_RISK: &str = "post-copy: once the VM runs at the destination, memory it has not fetched yet is only on this host: if this host or the link dies during post-copy, the VM is lost (QEMU pauses it at the destination, postcopy-paused; tern cannot recover it yet)";
+pub const POSTCOPY_RISK: &str = "post-copy: once the VM runs at the destination, memory it has not fetched yet is only on this host: if this host dies during post-copy, the VM is lost (a link that breaks is waited for, up to --outage-wait, and post-copy resumes; meanwhile the VM waits at the destination on the pages it lacks)";
 
 /// What the bandwidth controller optimises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -178,6 +178,13 @@ pub trait Host: Send + Sync {
     }
     /// An incoming VM switched over: the daemon runs it from now on.
     fn adopt(&self, spec: VmSpec, process: QemuProcess);
+    /// VM `name`, adopted, still receives memory (post-copy): while `on`, the daemon sends
+    /// its QEMU no in-band QMP of its own (status, load). A vCPU that waits on a missing
+    /// page can hold QEMU's big lock; queued commands would then fill the monitor's queue
+    /// and keep out the out-of-band `migrate-recover` that post-copy recovery needs.
+    fn arriving(&self, name: &str, on: bool) {
+        let _ = (name, on);
+    }
     /// Removes a VM's run directory once its QEMU is gone (its TPM state first).
     fn remove_run_dir<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, ()>;
     /// The agent at `from` (which called itself `peer`) told where its VMs' network cards

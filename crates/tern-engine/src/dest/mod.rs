@@ -7,9 +7,9 @@
 //!
 //! | phase | file | does |
 //! |---|---|---|
-//! | hello | `hello.rs` | the version; what the connection is for: Prepare (after DiskOffer, TpmKey), Query, Attach, Tunnel (`crate::tunnel`), a plan's PlanQuery and link probe (`plan.rs`) |
+//! | hello | `hello.rs` | the version; what the connection is for: Prepare (after DiskOffer, TpmKey), Query, Attach, PostcopyResume, Tunnel (`crate::tunnel`), a plan's PlanQuery and link probe (`plan.rs`) |
 //! | `Prepare` | `prepare.rs` | the spec vetted (`spec.rs`), the migration admitted, its QEMU launched (a libvirt domain's: connected to, `crate::libvirt`), disks exported, the summary, Prepared |
-//! | `Transfer` | `transfer.rs` | frames in order (reordered from data connections) rebuilt into QEMU's stream; the return path relayed (`relay.rs`) |
+//! | `Transfer` | `transfer.rs` | frames in order (reordered from data connections) rebuilt into QEMU's stream; the return path relayed (`relay.rs`); post-copy, once the VM runs here: a broken link waited out and the stream taken again on the source's new connection (`resume.rs`, v11) |
 //! | `Verify` | `verify.rs` | digests equal, QEMU loaded everything, disks handed to the guest, the commit (v1: asked for) |
 //! | `Switchover` | `switchover.rs` | the durable record (`record.rs`), `cont`, the VM handed to the daemon, Resumed; post-copy takes the record, `cont` and the hand-over (`switchover::claim`) at PostcopyRun, mid-transfer |
 //! | `Verify`, `Switchover` of a libvirt domain | `carried.rs` | digests equal once the QEMU libvirt started has loaded the stream (its SHUT, which the source holds back from its QEMU until then), Resumed |

@@ -25,8 +25,12 @@ use crate::handle::Phase;
 /// How long a VM that runs here waits for its source to resume post-copy. Past it the
 /// migration is reported failed; QEMU keeps the VM (paused on what it lacks).
 const RESUME_WITHIN: Duration = Duration::from_secs(30 * 60);
-/// How many times post-copy may resume (the spare streams QEMU holds for it).
+/// How many times post-copy may resume (the spare streams QEMU holds for it; the source's
+/// limit is the same).
 const SPARE_STREAMS: usize = 4;
+/// Connections a source may have opened to resume, waiting to be taken (the newest wins:
+/// the others died while this side got ready, or their sender gave up on them).
+pub(super) const QUEUED_RESUMES: usize = 4;
 /// How long QEMU may take to pause once its stream closed.
 const PAUSE_WITHIN: Duration = Duration::from_secs(30);
 
@@ -86,26 +90,41 @@ pub(super) async fn await_resume(
         .clone()
         .ok_or_else(|| refuse(ErrorCode::Internal, "post-copy without a QEMU monitor"))?;
     let Some((name, sock)) = spares.pop() else {
-        return Err(IncomingError::Qemu(
-            "the link broke during post-copy once more than QEMU has spare streams for".into(),
-        ));
+        return Err(IncomingError::Qemu(format!(
+            "the link broke during post-copy and QEMU holds no spare stream to resume on (it takes {SPARE_STREAMS} as the transfer begins: this break is one more, or it took none)"
+        )));
     };
     recover(&qmp, &name).await?;
-    let mut conn = match fresh {
-        Some(c) => c,
-        None => match tokio::time::timeout(RESUME_WITHIN, rx.recv()).await {
-            Ok(Some(c)) => c,
-            Ok(None) | Err(_) => {
-                return Err(IncomingError::NotResumed {
-                    cause,
-                    waited: since.elapsed(),
-                })
+    let until = since + RESUME_WITHIN;
+    let mut next = fresh;
+    loop {
+        let mut conn = match next.take() {
+            Some(c) => c,
+            None => match tokio::time::timeout_at(until.into(), rx.recv()).await {
+                Ok(Some(c)) => c,
+                Ok(None) | Err(_) => {
+                    return Err(IncomingError::NotResumed {
+                        cause,
+                        waited: since.elapsed(),
+                    })
+                }
+            },
+        };
+        // the newest of those that came meanwhile
+        while let Ok(c) = rx.try_recv() {
+            conn = c;
+        }
+        // (QEMU recovers on the same spare stream, whichever connection carries it)
+        match conn.send(&Message::PostcopyResumed).await {
+            Ok(()) => {
+                tracing::info!(migration = %p.id, waited_ms = since.elapsed().as_millis() as u64, "the source is back: post-copy goes on");
+                return Ok((conn, sock));
             }
-        },
-    };
-    tracing::info!(migration = %p.id, waited_ms = since.elapsed().as_millis() as u64, "the source is back: post-copy goes on");
-    conn.send(&Message::PostcopyResumed).await?;
-    Ok((conn, sock))
+            Err(e) => {
+                tracing::warn!(migration = %p.id, "the source's new connection failed at once, waiting for another: {}", error_chain(&e))
+            }
+        }
+    }
 }
 
 /// `migrate-recover` on spare stream `name`, out of band, once QEMU paused its post-copy

@@ -43,18 +43,45 @@ pub(super) async fn run(
 
 /// The VM becomes this host's: the durable record first (no record, no run: the source
 /// resumes its copy), then the guest runs (`cont`, its RESUME event) and the VM is handed
-/// to the daemon. After the commit; with post-copy, at POSTCOPY_RUN (the stream goes on,
-/// the guest runs meanwhile). The RESUME time (µs since the epoch; 0 for a VM that stays
-/// paused).
+/// to the daemon. After the commit. The RESUME time (µs since the epoch; 0 for a VM that
+/// stays paused).
 pub(super) async fn claim(
     inc: &mut Incoming,
     peer: &str,
     p: &Prepared,
 ) -> Result<u64, IncomingError> {
+    let run = record(inc, peer, p)?;
+    let resumed_at = run_guest(p.qmp.clone(), run, !p.spec.nics.is_empty()).await?;
+    let resumed_unix_us = if run { unix_us(resumed_at) } else { 0 };
+    hand_over(inc, p, resumed_unix_us);
+    Ok(resumed_unix_us)
+}
+
+/// Post-copy's claim, at POSTCOPY_RUN while the stream goes on: the record, the VM handed
+/// to the daemon at once, and the guest run by a task the transfer does not wait on. QEMU
+/// may already be loading the package, and its main loop can block on a page that only
+/// the transfer brings (seen: `cont` timed out after 20 s while the transfer waited for
+/// it). The task gives the RESUME time (`None`: the VM stays paused).
+pub(super) fn claim_postcopy(
+    inc: &mut Incoming,
+    peer: &str,
+    p: &Prepared,
+) -> Result<tokio::task::JoinHandle<Result<Option<SystemTime>, IncomingError>>, IncomingError> {
+    let run = record(inc, peer, p)?;
+    hand_over(inc, p, 0);
+    let (qmp, nics) = (p.qmp.clone(), !p.spec.nics.is_empty());
+    Ok(crate::spawn(async move {
+        let at = run_guest(qmp, run, nics).await?;
+        Ok(run.then_some(at))
+    }))
+}
+
+/// The switchover record, durable before the guest runs: a restarted agent must find that
+/// this VM is ours (and answer the source's Query with "running"), never kill it as an
+/// incoming VM that did not switch over. Whether the guest runs now (not when it was
+/// paused at the source, nor on a host that fenced itself).
+fn record(inc: &mut Incoming, peer: &str, p: &Prepared) -> Result<bool, IncomingError> {
     let fault = inc.engine.config.fault;
-    // Durable before the guest runs: a restarted agent must find that this VM is ours
-    // (and answer the source's Query with "running"), never kill it as an incoming VM
-    // that did not switch over.
     let record = SwitchRecord {
         migration_id: p.id.clone(),
         peer: peer.to_string(),
@@ -93,8 +120,20 @@ pub(super) async fn claim(
             "this host fenced itself during the migration: the VM switched in and stays paused until the cluster controller releases it"
         );
     }
-    let resumed_at = if p.source_running && !held {
-        let qmp = p.qmp()?;
+    Ok(p.source_running && !held)
+}
+
+/// `cont` (when `run`), the guest's RESUME event (at most 10 s), and the cards announced
+/// from here. When it resumed.
+async fn run_guest(
+    qmp: Option<tern_qemu::qmp::QmpClient>,
+    run: bool,
+    nics: bool,
+) -> Result<SystemTime, IncomingError> {
+    let resumed_at = if run {
+        let qmp = qmp.as_ref().ok_or_else(|| {
+            IncomingError::Qemu("a libvirt domain's QEMU has no monitor for tern".into())
+        })?;
         let mut ev = qmp.subscribe();
         // (post-copy: a `cont` before QEMU reached POSTCOPY_RUN runs the VM when it does)
         qmp.execute("cont", None)
@@ -110,34 +149,38 @@ pub(super) async fn claim(
     } else {
         SystemTime::now()
     };
-    if !p.spec.nics.is_empty() {
+    if let (true, Some(qmp)) = (nics, &qmp) {
         // the cards say where they are now (crate::announce_args), so switches forward
         // to this host at once
-        if let Ok(qmp) = p.qmp() {
-            crate::source::recover::announce(&qmp).await;
-        }
+        crate::source::recover::announce(qmp).await;
     }
-    let resumed_unix_us = if p.source_running && !held {
-        unix_us(resumed_at)
-    } else {
-        0
-    };
+    Ok(resumed_at)
+}
+
+/// The VM is the daemon's from now on; the record says when it resumed (`resumed_unix_us`,
+/// best effort).
+fn hand_over(inc: &mut Incoming, p: &Prepared, resumed_unix_us: u64) {
     let process = inc
         .process
         .take()
         .expect("the process is set during a migration");
     inc.run_dir = None;
-    // the run directory is a VM's now; the record says when it resumed (best effort)
-    let _ = SwitchRecord {
-        resumed_unix_us,
-        ..record
-    }
-    .write(&process.run_dir);
+    set_resumed(&process.run_dir, resumed_unix_us);
     let _ = std::fs::remove_file(process.run_dir.join(INCOMING_MARKER));
     inc.host.adopt(p.spec.clone(), process);
     inc.name = None;
     inc.claimed = true;
-    Ok(resumed_unix_us)
+}
+
+/// The record in `run_dir` says the VM resumed at `resumed_unix_us` (best effort).
+pub(super) fn set_resumed(run_dir: &std::path::Path, resumed_unix_us: u64) {
+    if let Some(r) = SwitchRecord::read(run_dir) {
+        let _ = SwitchRecord {
+            resumed_unix_us,
+            ..r
+        }
+        .write(run_dir);
+    }
 }
 
 /// The migration succeeded here: its report (what crossed, the digest both sides agreed

@@ -93,6 +93,9 @@ pub(super) async fn run(
     let mut resume_rx: Option<mpsc::Receiver<Conn>> = None;
     let mut _resume_guard = None;
     let mut fresh: Option<Conn> = None;
+    let mut _arriving = None;
+    // post-copy: the task that runs the guest, until it did
+    let mut running = None;
     // (handed to QEMU now, while nothing can block its main loop)
     let mut spares = match (&p.qmp, p.postcopy) {
         (Some(q), true) => super::resume::stage_spares(q).await,
@@ -186,7 +189,16 @@ pub(super) async fn run(
                             }
                             return Ok(None);
                         }
-                        c = next_resume(&mut resume_rx) => {
+                        r = guest_running(&mut running) => {
+                    // post-copy: the guest runs here (its RESUME time into the record)
+                    if let Some(at) = r? {
+                        let us = crate::handle::unix_us(at);
+                        claimed = Some(us);
+                        super::switchover::set_resumed(&p.run_dir, us);
+                    }
+                    return Ok(None);
+                }
+                c = next_resume(&mut resume_rx) => {
                             // the source gave up on the old connection before this side noticed
                             fresh = Some(c);
                             return Err(IncomingError::PeerClosed("the transfer (the source went on on a new connection)"));
@@ -351,14 +363,17 @@ pub(super) async fn run(
                         }
                         rb.flush().await?;
                         // ===== SWITCHOVER POINT (post-copy): from here on this host owns the VM. =====
-                        let us = super::switchover::claim(inc, &conn.peer.fingerprint, p).await?;
-                // if the link breaks from here on, the source resumes on a new connection
-                let (tx, rx) = mpsc::channel(1);
-                _resume_guard = Some(inc.engine.registry.accept_resume(id, &conn.peer.fingerprint, tx));
-                resume_rx = Some(rx);
+                        // (the guest runs beside the transfer: QEMU may need pages first)
+                        running = Some(super::switchover::claim_postcopy(inc, &conn.peer.fingerprint, p)?);
+                        // if the link breaks from here on, the source resumes on a new connection
+                        let (tx, rx) = mpsc::channel(super::resume::QUEUED_RESUMES);
+                        _resume_guard = Some(inc.engine.registry.accept_resume(id, &conn.peer.fingerprint, tx));
+                        resume_rx = Some(rx);
+                        // no in-band QMP from the daemon while memory still comes
+                        _arriving = Some(Arriving::new(inc.host.clone(), &p.spec.name));
                         tracing::info!(migration = %id, "post-copy: the VM runs here; the rest of its memory follows");
-                handle.update(|s| s.progress.qemu_status = "postcopy-active".into());
-                        claimed = Some(us);
+                        handle.update(|s| s.progress.qemu_status = "postcopy-active".into());
+                        claimed = Some(0);
                     }
                     Some(Message::Abort { code, message }) => {
                         return Err(IncomingError::Aborted { code, message })
@@ -396,11 +411,23 @@ pub(super) async fn run(
             Ok(None) => {}
             // post-copy: the VM runs here and the pages it lacks are at the source; a link
             // that broke is waited for, and the stream goes on over a new connection
+            // QEMU loaded everything (its SHUT went by): nothing to resume; the VM runs
+            // here whole, only the source's word (SourceDone) was lost
+            Err(e) if claimed.is_some() && shut.load(Ordering::SeqCst) => {
+                return Err(refuse(
+                    ErrorCode::Timeout,
+                    format!(
+                        "the link to the source broke after QEMU loaded the whole stream ({}): the VM runs here with all its memory; the digests were not compared",
+                        crate::error::error_chain(&e)
+                    ),
+                ));
+            }
             Err(e) if claimed.is_some() && super::resume::link_broke(&e) => {
                 rp_task.abort();
                 rb.feeder = Feeder::closed();
                 // what the old stream's writer had queued and the old data connections
                 rb.out = Segments::default();
+                rb.out_units = 0;
                 rb.pending.clear();
                 rb.pending_bytes = 0;
                 rb.missing.clear();
@@ -429,6 +456,14 @@ pub(super) async fn run(
         }
     };
 
+    if running.is_some() {
+        // (it ran beside the transfer; it is bounded by QMP's own deadlines)
+        if let Some(at) = guest_running(&mut running).await? {
+            let us = crate::handle::unix_us(at);
+            claimed = Some(us);
+            super::switchover::set_resumed(&p.run_dir, us);
+        }
+    }
     Ok(Received {
         source_digest,
         early_commit,
@@ -438,6 +473,47 @@ pub(super) async fn run(
         shut,
         claimed,
         digest_ok: true,
+    })
+}
+
+/// While the VM, adopted at PostcopyRun, still receives memory: the daemon leaves its
+/// QEMU's monitor alone ([`crate::Host::arriving`]).
+struct Arriving {
+    host: Arc<dyn crate::Host>,
+    name: String,
+}
+
+impl Arriving {
+    fn new(host: Arc<dyn crate::Host>, name: &str) -> Arriving {
+        host.arriving(name, true);
+        Arriving {
+            host,
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Drop for Arriving {
+    fn drop(&mut self) {
+        self.host.arriving(&self.name, false);
+    }
+}
+
+/// When the task running a post-copy guest ended; never without one.
+async fn guest_running(
+    task: &mut Option<
+        tokio::task::JoinHandle<Result<Option<std::time::SystemTime>, IncomingError>>,
+    >,
+) -> Result<Option<std::time::SystemTime>, IncomingError> {
+    let Some(t) = task.as_mut() else {
+        return std::future::pending().await;
+    };
+    let r = t.await;
+    *task = None;
+    r.unwrap_or_else(|e| {
+        Err(IncomingError::Qemu(format!(
+            "running the guest failed: {e}"
+        )))
     })
 }
 

@@ -20,6 +20,10 @@
 //! `outage_wait_s`) and the phases run again from Connect as a new try (its own id on the
 //! wire, `{id}-r{n}`), what the destination already holds going as references.
 //!
+//! Post-copy is not given up that way once the VM runs at the destination: `resume.rs`
+//! (still `Transfer`, `WaitingForLink` while the link is down) waits for the destination
+//! on a new connection and resumes QEMU's migration into it (protocol v11).
+//!
 //! One recovery path ([`recover`]): until the commit went out, any failure (an error, a
 //! cancel, a panic) tells the destination, cancels QEMU's migration, resumes the VM if it
 //! ran and clears tern's disk state in QEMU. After the commit the source never resumes
@@ -189,6 +193,8 @@ pub enum MigrateError {
     PostcopyPaused,
     #[error("the link to the destination broke during post-copy ({cause}) and post-copy could not go on within the outage wait (--outage-wait, {waited_s} s): the VM waits at the destination (postcopy-paused) for pages only this host holds; this host keeps them (its QEMU in postcopy-paused) and never runs the VM again")]
     PostcopyNotResumed { cause: String, waited_s: u64 },
+    #[error("the link to the destination broke as post-copy began ({0}), before the destination got POSTCOPY_RUN: it discarded its copy and never ran the VM")]
+    PostcopyNeverRan(String),
 }
 
 impl From<disk::SourceDiskError> for MigrateError {
@@ -247,7 +253,9 @@ impl MigrateError {
             MigrateError::NotConverging(_) => ErrorCode::NotConverging,
             MigrateError::PostcopyRefused(_) => ErrorCode::SpecRejected,
             MigrateError::PostcopyPaused => ErrorCode::QemuFailed,
-            MigrateError::PostcopyNotResumed { .. } => ErrorCode::Timeout,
+            MigrateError::PostcopyNotResumed { .. } | MigrateError::PostcopyNeverRan(_) => {
+                ErrorCode::Timeout
+            }
         }
     }
 }

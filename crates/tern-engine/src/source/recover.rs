@@ -48,7 +48,9 @@ pub(super) async fn after_failure(m: &mut Migration, e: MigrateError) -> SourceO
             .await;
         }
     }
-    let vm_state = if super::postcopy_ran(m) {
+    let vm_state = if matches!(e, MigrateError::PostcopyNeverRan(_)) {
+        "stopped on the source: post-copy had begun here (the source QEMU stopped the VM and sent its device state), but the destination never got POSTCOPY_RUN and discarded its copy; this host's QEMU holds the whole VM in postcopy-paused, and QEMU refuses both to resume it there (\"Migration is not finalized yet\") and to cancel post-copy: do not kill that QEMU while the VM's memory matters; the VM can only be restarted (from its disks)".to_string()
+    } else if super::postcopy_ran(m) {
         "at the destination: post-copy had begun (it runs there, or QEMU holds it there in postcopy-paused while pages are missing); the source keeps its paused copy and never resumes it".to_string()
     } else if m.committed {
         "paused on the source (switchover in doubt)".to_string()
@@ -130,7 +132,7 @@ pub async fn recover_source(qmp: &QmpClient, exit: Option<String>, was_running: 
         // post-copy began: the VM runs at the destination; its copy here is incomplete
         // and must never run (no VM runs twice)
         return format!(
-            "not resumed here: the source QEMU is in {status} (post-copy began), and a VM never runs here again once it did; it runs at the destination if that got its device state, else it stays paused here (tern does not recover post-copy yet)"
+            "not resumed here: the source QEMU is in {status} (post-copy began), and a VM never runs here again once it did; it runs at the destination if that got its device state (or waits there for pages only this QEMU holds), else it stays stopped here"
         );
     }
     if matches!(

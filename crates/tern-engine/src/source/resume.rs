@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tern_api::LinkOutage;
-use tern_proto::limits;
+use tern_proto::{limits, MigrationState};
 use tern_qemu::qmp::QmpClient;
 use tokio::sync::{mpsc, oneshot};
 
@@ -24,7 +24,7 @@ use super::{AbortOnDrop, MigrateError, Migration};
 use crate::codec::{CodecPicker, CodecPolicy};
 use crate::datapath::{DataPathPicker, DataPathPolicy};
 use crate::error::error_chain;
-use crate::handle::{wait_cancelled, Phase};
+use crate::handle::Phase;
 use crate::transport::flow::Flow;
 use crate::transport::links::{Links, PeerWriter};
 use crate::transport::rate::RateLimit;
@@ -33,7 +33,7 @@ use crate::transport::rate::RateLimit;
 const ASK_EVERY: Duration = Duration::from_secs(2);
 /// The most times one migration resumes post-copy (a link that breaks each time does not
 /// loop).
-pub(super) const MAX_RESUMES: usize = 8;
+pub(super) const MAX_RESUMES: u32 = 4;
 /// How long the source QEMU may take to pause once its socket closed.
 const PAUSE_WITHIN: Duration = Duration::from_secs(30);
 
@@ -86,18 +86,25 @@ pub(super) async fn resume(
     m.handle
         .update(|s| s.progress.qemu_status = "postcopy-paused".into());
     wait_paused(qmp).await?;
-    let mut cancel = m.handle.cancelled();
     let until = since + left;
+    // (no cancel here: it would strand the VM at the destination without its pages)
     let (reader, writer, version) = loop {
-        let tried = tokio::select! {
-            r = super::connect::resume_postcopy(m) => r,
-            // (a cancel cannot undo post-copy; it only stops waiting)
-            _ = wait_cancelled(&mut cancel) => return Err(MigrateError::Cancelled),
-        };
+        let tried = super::connect::resume_postcopy(m).await;
         match tried {
             Ok(c) => break c,
-            // the destination gave up on the VM, or says it is not its to resume
-            Err(e @ MigrateError::Remote { .. }) => return Err(e),
+            // the destination refused: it gave up on the VM, or never ran it (the link
+            // broke with POSTCOPY_RUN on its way); it says which
+            Err(e @ MigrateError::Remote { .. }) => {
+                match super::connect::query_once(m).await {
+                    Ok((MigrationState::Running, _)) => return Err(e),
+                    Ok((MigrationState::Discarded | MigrationState::Unknown, _)) => {
+                        return Err(MigrateError::PostcopyNeverRan(cause_text))
+                    }
+                    // (it has not noticed the break yet: it gives up on its old
+                    // connection within its stall time)
+                    Ok((MigrationState::InProgress, _)) | Err(_) => {}
+                }
+            }
             Err(e) => {
                 tracing::debug!(migration = %m.handle.id, "the destination cannot resume yet: {}", error_chain(&e))
             }
@@ -178,6 +185,15 @@ pub(super) async fn resume(
             wire_bytes_before: m.handle.status().progress.bytes_on_wire,
         },
     })
+}
+
+/// Whether the source QEMU sent its whole stream before the link broke (`completed`):
+/// then there is nothing to resume, and only the destination knows whether all of it
+/// arrived.
+pub(super) async fn qemu_completed(qmp: &QmpClient) -> bool {
+    qmp.query_migrate()
+        .await
+        .is_ok_and(|i| i.status == "completed")
 }
 
 /// Waits until the source QEMU paused its post-copy (its stream closed under it).

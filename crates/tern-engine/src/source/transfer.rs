@@ -270,6 +270,7 @@ pub(super) async fn run(
         t.encoding = Some(done.encoding);
         t.t_stream_end = Some(SystemTime::now());
     };
+    let mut resumes = 0u32;
     let ended: Result<TransferEnd, MigrateError> = loop {
         let leg: Result<TransferEnd, MigrateError> = async {
         loop {
@@ -471,12 +472,18 @@ pub(super) async fn run(
                 if m.postcopy_run.load(Ordering::SeqCst)
                     && resume::link_broke(&e)
                     && !left.is_zero()
-                    && m.outages.len() < resume::MAX_RESUMES =>
+                    && resumes < resume::MAX_RESUMES =>
             {
                 // the old connection's tasks go, with the source QEMU's socket: it pauses
                 fwd.abort();
                 tasks.clear();
                 let q = q.clone();
+                if resume::qemu_completed(&q).await {
+                    // QEMU sent everything: the destination says whether it all arrived
+                    // (the switchover asks it, as after a lost commit)
+                    break Ok(TransferEnd::CommitLost(error_chain(&e)));
+                }
+                resumes += 1;
                 match resume::resume(m, &q, &carrier, &e, left).await {
                     Ok(leg) => {
                         m.outages.push(leg.outage);
