@@ -460,13 +460,15 @@ async fn resume_handoff(engine: &Engine, conn: Conn, id: &str) {
         ),
     };
     tracing::warn!(peer = %addr, migration = %id, "post-copy resume refused: {}", refused.1);
+    tell_refused(&writer, refused).await;
+}
+
+/// A connection's purpose refused: the peer hears why (best effort).
+async fn tell_refused(writer: &PeerWriter, (code, message): (ErrorCode, String)) {
     let _ = writer
         .lock()
         .await
-        .send(&Message::Abort {
-            code: refused.0,
-            message: refused.1,
-        })
+        .send(&Message::Abort { code, message })
         .await;
 }
 
@@ -489,15 +491,7 @@ async fn attach(engine: &Engine, conn: Conn, id: &str, index: u16) {
             ),
         };
     tracing::warn!(peer = %conn.addr, migration = %id, "data connection refused: {}", refused.1);
-    let _ = conn
-        .writer
-        .lock()
-        .await
-        .send(&Message::Abort {
-            code: refused.0,
-            message: refused.1,
-        })
-        .await;
+    tell_refused(&conn.writer, refused).await;
 }
 
 pub(crate) async fn send(w: &PeerWriter, m: &Message) -> Result<(), IncomingError> {

@@ -77,14 +77,16 @@ async fn side_connection(
     within: Duration,
 ) -> Result<(FrameReader<PeerRead>, FrameWriter<PeerWrite>), MigrateError> {
     let (stream, _) = dial(m, within).await?;
-    side_hello(m, stream, within).await
+    let (reader, writer, _) = side_hello(m, stream, within).await?;
+    Ok((reader, writer))
 }
 
+/// Hello on another connection; the version and agent name of HelloAck.
 async fn side_hello(
     m: &Migration,
     stream: PeerStream,
     within: Duration,
-) -> Result<(FrameReader<PeerRead>, FrameWriter<PeerWrite>), MigrateError> {
+) -> Result<(FrameReader<PeerRead>, FrameWriter<PeerWrite>, (u16, String)), MigrateError> {
     let (rd, wr) = stream.split();
     let mut reader = FrameReader::new(rd);
     let mut writer = FrameWriter::new(wr);
@@ -93,7 +95,7 @@ async fn side_hello(
         .await
         .map_err(MigrateError::PeerWrite)?;
     match expect(&mut reader, within, "HelloAck").await? {
-        Message::HelloAck { .. } => Ok((reader, writer)),
+        Message::HelloAck { version, agent } => Ok((reader, writer, (version, agent))),
         msg => Err(unexpected(&msg, "HelloAck")),
     }
 }
@@ -106,7 +108,7 @@ pub(super) async fn open_data_stream(
     let within = Duration::from_secs(10);
     let (stream, _) = dial(m, within).await?;
     let probe = stream.probe();
-    let (_, mut writer) = side_hello(m, stream, within).await?;
+    let (_, mut writer, _) = side_hello(m, stream, within).await?;
     writer
         .send(&Message::Attach {
             migration_id: m.wire_id(),
@@ -125,17 +127,7 @@ pub(super) async fn resume_postcopy(
 ) -> Result<(FrameReader<PeerRead>, PeerWriter, u16), MigrateError> {
     let within = Duration::from_secs(10);
     let (stream, identity) = dial(m, within).await?;
-    let (rd, wr) = stream.split();
-    let mut reader = FrameReader::new(rd);
-    let mut writer = FrameWriter::new(wr);
-    writer
-        .send(&m.engine.hello())
-        .await
-        .map_err(MigrateError::PeerWrite)?;
-    let (version, agent) = match expect(&mut reader, within, "HelloAck").await? {
-        Message::HelloAck { version, agent } => (version, agent),
-        msg => return Err(unexpected(&msg, "HelloAck")),
-    };
+    let (mut reader, mut writer, (version, agent)) = side_hello(m, stream, within).await?;
     authorize(m, &agent, &identity)?;
     if version < 11 {
         return Err(MigrateError::Protocol(format!(
