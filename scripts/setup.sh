@@ -62,7 +62,7 @@ fi
 # (the udev rule keeps it across reboots where udev runs; this machine may have none)
 if [ -c /dev/userfaultfd ]; then
   if [ -d /etc/udev/rules.d ]; then
-    echo 'KERNEL=="userfaultfd", GROUP="tern-qemu", MODE="0660"' >/etc/udev/rules.d/70-tern-userfaultfd.rules
+    cp "$(dirname "$0")/../packaging/udev/70-tern-userfaultfd.rules" /etc/udev/rules.d/
   fi
   chgrp tern-qemu /dev/userfaultfd && chmod 660 /dev/userfaultfd
 fi

@@ -176,6 +176,7 @@ fn the_package_installs_into_a_clean_debian_and_its_agents_migrate_a_vm() -> Res
         "./usr/share/zsh/vendor-completions/_tern",
         "./usr/share/man/man1/tern-agent.1.gz",
         "./usr/share/man/man1/tern-migrate.1.gz",
+        "./usr/lib/udev/rules.d/70-tern-userfaultfd.rules",
     ] {
         ensure!(listing.contains(f), "{f} is not in the package:\n{listing}");
     }
