@@ -2,7 +2,8 @@
 //! [`datapath`]; `tern-bench wan`: see [`wan`];
 //! `tern-bench tls`: see [`tls`]; `tern-bench disk`: see [`disk`]; `tern-bench shared`:
 //! see [`shared`]; `tern-bench upgrade`: see [`upgrade`]; `tern-bench segments`: see
-//! [`segments`]; `tern-bench cluster`, the cluster controller on a simulated cluster: see
+//! [`segments`]; `tern-bench postcopy`: see [`postcopy`]; `tern-bench cluster`, the
+//! cluster controller on a simulated cluster: see
 //! [`cluster`]). Same guest, same
 //! machine, one run:
 //! QEMU's own migration (QEMU to QEMU over loopback TCP) against the same migration
@@ -16,6 +17,7 @@ mod cluster;
 mod datapath;
 mod disk;
 mod libvirt;
+mod postcopy;
 mod predict;
 mod segments;
 mod shared;
@@ -236,6 +238,14 @@ fn main() -> Result<()> {
             let out = wan::bench(&bin, &g, &profile, mem, Duration::from_secs(limit), only.as_deref())?;
             return emit(&out);
         }
+        Some("postcopy") => {
+            let g = ensure_guest()?;
+            let profile = arg("--profile").unwrap_or_else(|| "wan-100m-50ms".into());
+            let mem: u32 = arg("--mem-mib").map(|m| m.parse()).transpose()?.unwrap_or(1024);
+            let limit: u64 = arg("--limit-secs").map(|m| m.parse()).transpose()?.unwrap_or(180);
+            let out = postcopy::bench(&bin, &g, &profile, mem, Duration::from_secs(limit))?;
+            return emit(&out);
+        }
         Some("cluster") => {
             let opts = cluster::Options::parse(arg)?;
             let out = cluster::bench(&opts)?;
@@ -310,7 +320,7 @@ fn main() -> Result<()> {
             return Ok(());
         }
         _ => bail!(
-            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench datapath --tern PATH [--sizes 2048,8192] [--rounds 5] [--out FILE]\n       tern-bench spread --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--runs 20] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench predict --tern PATH [--profiles wan-100m-50ms,wan-1g-20ms] [--mem-mib 512] [--out FILE]\n       tern-bench shared --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 320] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]\n       tern-bench upgrade --tern PATH [--sizes 1024,4096,16384] [--fill-mib 512] [--rounds 3] [--out FILE]\n       tern-bench libvirt --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 256] [--disk-mib N] [--out FILE]\n       tern-bench disk --tern PATH [--link wan-100m-50ms] [--disk-mib 256] [--rounds 1] [--scenario a|b|c] [--only qemu|tern] [--limit-secs 600] [--out FILE (appended)]\n       tern-bench cluster [--hosts 100] [--vms 2000] [--hours 24] [--seed 1] [--step 30] [--link-gbps 10] [--trace LOAD.csv --inventory INVENTORY.csv [--rules RULES.toml]] [--dump-trace DIR] [--out FILE]"
+            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench datapath --tern PATH [--sizes 2048,8192] [--rounds 5] [--out FILE]\n       tern-bench spread --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--runs 20] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench predict --tern PATH [--profiles wan-100m-50ms,wan-1g-20ms] [--mem-mib 512] [--out FILE]\n       tern-bench shared --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 320] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]\n       tern-bench postcopy --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--out FILE]\n       tern-bench upgrade --tern PATH [--sizes 1024,4096,16384] [--fill-mib 512] [--rounds 3] [--out FILE]\n       tern-bench libvirt --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 256] [--disk-mib N] [--out FILE]\n       tern-bench disk --tern PATH [--link wan-100m-50ms] [--disk-mib 256] [--rounds 1] [--scenario a|b|c] [--only qemu|tern] [--limit-secs 600] [--out FILE (appended)]\n       tern-bench cluster [--hosts 100] [--vms 2000] [--hours 24] [--seed 1] [--step 30] [--link-gbps 10] [--trace LOAD.csv --inventory INVENTORY.csv [--rules RULES.toml]] [--dump-trace DIR] [--out FILE]"
         ),
     }
     let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);

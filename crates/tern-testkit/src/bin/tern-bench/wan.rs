@@ -35,10 +35,14 @@ pub struct Run {
     pub throttle: Option<u64>,
     /// When the migration was started and when it ended.
     pub span: (Instant, Instant),
+    /// Post-copy: from the start to the VM running at the destination (s; NaN: not
+    /// post-copy), and the guest's dirtying rate there until the migration ended (MiB/s).
+    pub switch_s: f64,
+    pub rate_at_b: f64,
 }
 
 /// The mean of the `rate=R MiB/s` lines a dirtier printed in `text` (NaN: none).
-fn mean_rate(text: &str) -> f64 {
+pub(crate) fn mean_rate(text: &str) -> f64 {
     let v: Vec<f64> = text
         .lines()
         .filter_map(|l| {
@@ -58,7 +62,7 @@ fn mean_rate(text: &str) -> f64 {
 }
 
 /// What the console at `path` holds from byte `from` on, and its length now.
-fn console_from(path: &Path, from: usize) -> (String, usize) {
+pub(crate) fn console_from(path: &Path, from: usize) -> (String, usize) {
     let b = std::fs::read(path).unwrap_or_default();
     let s = String::from_utf8_lossy(b.get(from.min(b.len())..).unwrap_or_default()).into_owned();
     (s, b.len())
@@ -99,6 +103,8 @@ pub fn vm_spec(name: &str, g: &GuestImage, mem_mib: u32, append: &str) -> VmSpec
 pub enum QemuMode {
     Precopy,
     Postcopy,
+    /// Postcopy with its preempt channel (page requests answered on their own connection).
+    PostcopyPreempt,
     /// Precopy with QEMU's auto-converge (its defaults: throttle 20%, +10% per step).
     AutoConverge,
 }
@@ -122,11 +128,14 @@ pub async fn qemu_direct(
     dopts.qemu_binary = qemu_in("tern-b", work)?;
     dopts.incoming_defer = true;
     let mut dst = QemuProcess::launch(&s, &dopts).await?;
-    let post = mode == QemuMode::Postcopy;
+    let post = matches!(mode, QemuMode::Postcopy | QemuMode::PostcopyPreempt);
     for q in [&src.qmp, &dst.qmp] {
         let mut caps = vec![("events", true)];
         if post {
             caps.push(("postcopy-ram", true));
+        }
+        if mode == QemuMode::PostcopyPreempt {
+            caps.push(("postcopy-preempt", true));
         }
         if mode == QemuMode::AutoConverge {
             caps.push(("auto-converge", true));
@@ -147,6 +156,7 @@ pub async fn qemu_direct(
     let bytes0 = WanLab::link_bytes()?;
     let cpu0 = machine_cpu_seconds();
     let t0 = Instant::now();
+    let t0_wall = std::time::SystemTime::now();
     src.qmp
         .execute("migrate", Some(json!({ "uri": uri })))
         .await?;
@@ -181,6 +191,7 @@ pub async fn qemu_direct(
         path: match mode {
             QemuMode::Precopy => "QEMU precopy",
             QemuMode::Postcopy => "QEMU postcopy",
+            QemuMode::PostcopyPreempt => "QEMU postcopy+preempt",
             QemuMode::AutoConverge => "QEMU auto-converge",
         }
         .into(),
@@ -194,6 +205,8 @@ pub async fn qemu_direct(
         guest_rate_before: mean_rate(tail_lines(&before, 5)),
         throttle,
         span: (t0, ended),
+        switch_s: f64::NAN,
+        rate_at_b: f64::NAN,
     };
     if run.completed() {
         let stop = src
@@ -205,6 +218,10 @@ pub async fn qemu_direct(
             .wait_event(&mut dev, "RESUME", Duration::from_secs(60))
             .await?;
         run.downtime_ms = (event_us(resume.timestamp) - event_us(stop.timestamp)) / 1000.0;
+        if post {
+            run.switch_s = (event_us(resume.timestamp) - event_us(t0_wall)) / 1e6;
+            run.rate_at_b = mean_rate(&console_from(&dst.console_log, 0).0);
+        }
     }
     src.kill().await;
     dst.kill().await;
@@ -331,6 +348,15 @@ pub fn via_tern_with(
             .as_ref()
             .map(|r| u64::from(r.convergence.throttle_max_pct)),
         span: (t0, ended),
+        switch_s: st
+            .report
+            .as_ref()
+            .and_then(|r| {
+                r.postcopy_ms
+                    .map(|p| r.total_time_ms.saturating_sub(p) as f64 / 1e3)
+            })
+            .unwrap_or(f64::NAN),
+        rate_at_b: f64::NAN,
     })
 }
 
@@ -346,6 +372,15 @@ fn tail_lines(s: &str, n: usize) -> &str {
     &s[idx + 1..]
 }
 
+/// 1.5x the link's raw rate (MiB/s), for the dirtiers.
+pub(crate) fn dirtier_rate(profile: &str) -> u32 {
+    let link_mibps: f64 = match profile {
+        "wan-1g-20ms" => 1e9 / 8.0 / 1048576.0,
+        _ => 100e6 / 8.0 / 1048576.0,
+    };
+    (1.5 * link_mibps).round() as u32
+}
+
 pub fn bench(
     bin: &Path,
     g: &GuestImage,
@@ -357,13 +392,7 @@ pub fn bench(
     let _lab = WanLab::up(profile)?;
     let rt = tokio::runtime::Runtime::new()?;
     let fill = mem_mib * 5 / 8;
-    // 1.5x the link's raw rate, for the dirtiers
-    let link_mibps: f64 = match profile {
-        "wan-100m-50ms" => 100e6 / 8.0 / 1048576.0,
-        "wan-1g-20ms" => 1e9 / 8.0 / 1048576.0,
-        _ => 100e6 / 8.0 / 1048576.0,
-    };
-    let rate = (1.5 * link_mibps).round() as u32;
+    let rate = dirtier_rate(profile);
     let workloads = [
         Workload {
             label: "realistic (page cache, processes), idle",
