@@ -59,13 +59,7 @@ pub fn bench(
     drop((a, b));
     runs.push(t);
 
-    let f = |x: f64, p: usize| {
-        if x.is_nan() {
-            "-".to_string()
-        } else {
-            format!("{x:.p$}")
-        }
-    };
+    let f = wan::cell;
     let mut out = format!(
         "Profile {profile}, {mem_mib} MiB guest writing fresh random data over 128 MiB at {rate} MiB/s (1.5x the link), \
          post-copy after QEMU's first pass, one run each, same machine and link. Bytes: host A's link, both directions. \

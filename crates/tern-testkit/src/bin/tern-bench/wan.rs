@@ -482,14 +482,17 @@ pub fn bench(
     Ok(out)
 }
 
+/// `x` with `p` decimals, "-" for NaN (not measured).
+pub(crate) fn cell(x: f64, p: usize) -> String {
+    if x.is_nan() {
+        "-".to_string()
+    } else {
+        format!("{x:.p$}")
+    }
+}
+
 fn row(label: &str, r: &Run) -> String {
-    let f = |x: f64, p: usize| {
-        if x.is_nan() {
-            "-".to_string()
-        } else {
-            format!("{x:.p$}")
-        }
-    };
+    let f = cell;
     format!(
         "| {label} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} |\n",
         r.path,
