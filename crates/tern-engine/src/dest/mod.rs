@@ -452,7 +452,7 @@ async fn resume_handoff(engine: &Engine, conn: Conn, id: &str) {
         }
         Err(AttachRefused::Unknown) => (
             ErrorCode::Protocol,
-            format!("no post-copy migration {id} waits here for its source (or one resume is under way)"),
+            format!("no post-copy migration {id} waits here for its source (or {} of its new connections wait to be taken already)", resume::QUEUED_RESUMES),
         ),
         Err(AttachRefused::OtherPeer) => (
             ErrorCode::NotAuthorized,

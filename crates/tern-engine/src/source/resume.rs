@@ -205,8 +205,8 @@ async fn wait_paused(qmp: &QmpClient) -> Result<(), MigrateError> {
         match status.as_str() {
             "postcopy-paused" => return Ok(()),
             "postcopy-active" | "postcopy-recover-setup" | "postcopy-recover" => {}
-            // it sent everything before the link broke: what tern had not delivered
-            // cannot be asked of it again
+            // (`completed` is the transfer's to handle, before it asks to resume): failed,
+            // cancelled, or a state post-copy cannot resume from
             other => {
                 return Err(MigrateError::QemuMigration(format!(
                     "the link broke during post-copy and the source QEMU is {other:?}, not postcopy-paused: it cannot resume; the VM stays paused at the destination"
