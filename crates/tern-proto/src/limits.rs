@@ -58,6 +58,12 @@ pub const MAX_DISK_BYTES: u64 = 64 << 40;
 /// more than were asked for ends the migration.
 pub const MAX_DISK_REPLIES: usize = 64;
 
+/// Flow control (v2): the destination tells the source how much its QEMU took at least
+/// every this many stream units (and, since 2026-12-07, whenever its queue to QEMU
+/// empties). A source never waits for less than this to be in flight: an older
+/// destination may hold back up to this much of its count.
+pub const APPLIED_EVERY: u64 = 256 << 10;
+
 /// How often a destination that is busy finishing (loading QEMU's stream, flushing disks,
 /// resuming the VM) tells the source it is alive (`Applied` with unchanged units).
 pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);

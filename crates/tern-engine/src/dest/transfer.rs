@@ -634,7 +634,8 @@ pub(super) struct Rebuild {
 /// Writes the rebuilt stream into the destination QEMU on a task of its own, so that the
 /// migration goes on reading, checking and resolving the next frames while QEMU takes the
 /// last ones (QEMU starts loading as soon as bytes arrive, and neither side waits on the
-/// other); tells the source (v2) how much QEMU took, every 256 KiB. At most
+/// other); tells the source (v2) how much QEMU took, every 256 KiB and whenever it took
+/// all that was queued. At most
 /// [`Feeder::QUEUE`] batches wait for it.
 struct Feeder {
     tx: Option<mpsc::Sender<(Segments, u64)>>,
@@ -665,7 +666,12 @@ impl Feeder {
                     .await
                     .map_err(|e| IncomingError::Qemu(format!("writing its stream failed: {e}")))?;
                 let applied = a.fetch_add(units, Ordering::Relaxed) + units;
-                if version >= 2 && applied - reported >= 256 << 10 {
+                // also whenever QEMU has taken all there is: a source that keeps little in
+                // flight (draining before post-copy) waits on this word
+                if version >= 2
+                    && applied > reported
+                    && (applied - reported >= limits::APPLIED_EVERY || rx.is_empty())
+                {
                     reported = applied;
                     send(&writer, &Message::Applied { units: applied }).await?;
                 }

@@ -365,6 +365,10 @@ pub(super) async fn forward(
                         out.verbatim(&scratch);
                         out.message(Message::PostcopyRun);
                         pipe.hand(&mut out).await?;
+                        if let Some((f, _)) = &flow {
+                            // the package went behind no more than the drained window
+                            f.drain.store(false, Ordering::SeqCst);
+                        }
                         handle.update(|s| s.progress.qemu_status = "postcopy-active".into());
                     }
                     other => {
@@ -387,7 +391,13 @@ pub(super) async fn forward(
                 if let (Some((f, rtt)), Some(w)) = (&flow, window.as_mut()) {
                     loop {
                         let applied = f.applied.load(Ordering::SeqCst);
-                        if units.saturating_sub(applied) <= w.size(applied) {
+                        let ahead = units.saturating_sub(applied);
+                        if f.drain.load(Ordering::SeqCst) {
+                            if ahead <= w.drained_size(applied) {
+                                f.drained.notify_one();
+                                break;
+                            }
+                        } else if ahead <= w.size(applied) {
                             break;
                         }
                         pipe.hand(&mut out).await?;
@@ -426,6 +436,15 @@ pub(super) async fn forward(
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         pipe.hand(&mut out).await?;
+                        if let (Some((f, _)), Some(w)) = (&flow, window.as_mut()) {
+                            // draining, and QEMU is quiet: say so if little is in flight
+                            let applied = f.applied.load(Ordering::SeqCst);
+                            if f.drain.load(Ordering::SeqCst)
+                                && units.saturating_sub(applied) <= w.drained_size(applied)
+                            {
+                                f.drained.notify_one();
+                            }
+                        }
                         tokio::select! {
                             r = qemu.read_buf(&mut inbuf) => r.map_err(MigrateError::LocalIo)?,
                             // the destination QEMU loaded everything sent so far: as at EOF,

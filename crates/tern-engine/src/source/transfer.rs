@@ -160,6 +160,7 @@ pub(super) async fn run(
         mut tasks,
     } = p;
     let policy_conv = converge::Policy::from_request(&m.req);
+    let flow_ctl = flow.clone();
     // tern's QEMU: tern drives its migration; a libvirt domain's: libvirt does, tern
     // carries the stream it already migrates into
     let (qmp, qemu_sock, mut qemu_events) = match &mut m.vm.qemu {
@@ -425,6 +426,14 @@ pub(super) async fn run(
                         // the VM goes to the destination, never slowed nor given up on
                         let step = if m.req.postcopy { None } else { step };
                         if m.req.postcopy && !postcopy_started && info.status == "active" && sample.sync_count >= 2 {
+                            // what tern holds in flight goes before QEMU's device state and
+                            // so counts in the downtime: down to about one round trip of the
+                            // link first (the guest still runs here meanwhile)
+                            if let Some(f) = &flow_ctl {
+                                let t0 = Instant::now();
+                                let drained = f.drain_before(Duration::from_secs(2)).await;
+                                tracing::info!(migration = %m.handle.id, drained, waited_ms = t0.elapsed().as_millis() as u64, "in-flight stream drained before post-copy");
+                            }
                             tracing::info!(migration = %m.handle.id, "the first pass is over: starting post-copy");
                             qmp.execute("migrate-start-postcopy", None).await?;
                             postcopy_started = true;
