@@ -54,9 +54,10 @@ pub fn frames(data: &[u8]) {
     frames::run(data)
 }
 
-/// QEMU's migration stream (`tern_qemu::stream::Parser`) and return path
-/// (`tern_qemu::rp::parse_rp`): no panic; what parses re-encodes to the same bytes, and
-/// parsing from shared `Bytes` gives the same items as from a slice.
+/// QEMU's migration stream (`tern_qemu::stream::Parser`: precopy, post-copy, and after a
+/// first byte 2 a stream resumed after post-copy recovery, `Parser::resumed`) and return
+/// path (`tern_qemu::rp::parse_rp`): no panic; what parses re-encodes to the same bytes,
+/// and parsing from shared `Bytes` gives the same items as from a slice.
 pub fn stream_parser(data: &[u8]) {
     stream::run(data)
 }

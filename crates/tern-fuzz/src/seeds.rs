@@ -6,8 +6,10 @@
 //! cargo test -p tern-fuzz --test corpus -- --ignored write_seed_corpus
 //! ```
 //!
-//! (no QEMU here: the stream seeds are built by hand like the codec's unit tests; the
-//! captured real streams of `tern-qemu/tests/stream_capture.rs` are not kept in the tree).
+//! (no QEMU here: the stream seeds are built by hand like the codec's unit tests, the
+//! post-copy ones with tern-qemu's own encoders, `Encoder` and `encode_rp`, in the shapes
+//! of shared/reference/qemu-stream.md §8-9; the captured real streams of
+//! `tern-qemu/tests/stream_capture.rs` are not kept in the tree).
 
 use bytes::{Bytes, BytesMut};
 use tern_chunks::{Manifest, BLOCK_BYTES, BLOCK_SIZE};
@@ -15,9 +17,14 @@ use tern_proto::{
     encode, Codec, DiskInfo, ErrorCode, FrameCompressor, Message, MigrationState, Page, PageBody,
     RamBlock, DISK_DIRECT,
 };
+use tern_qemu::rp::{encode_rp, recv_bitmap_len, RpMessage};
+use tern_qemu::stream::{
+    cmd, DiscardRange, Encoder, Item, NameMode, Package, PostcopyCommand, RamBlockInfo, RamRecord,
+    SectionHeader, SectionKind,
+};
 use tern_store::delta;
 
-use crate::{index_file, nbd, pages, rebuild};
+use crate::{index_file, nbd, pages, rebuild, stream};
 
 /// One seed file: its name in the target's corpus directory and its bytes.
 pub type Seed = (String, Vec<u8>);
@@ -438,6 +445,319 @@ fn stream_parser() -> Vec<Seed> {
     b.extend_from_slice(&[0xff; 8]);
     b.extend_from_slice(&0x0123_4567_89ab_cdefu64.to_be_bytes());
     out.push(seed("return-path-bitmap", b));
+    out.extend(postcopy());
+    out
+}
+
+// ---- post-copy: the stream and the return path, built with tern-qemu's encoders -----
+
+/// RAM's section id in the post-copy seeds.
+const RAM_SID: u32 = 2;
+const PS: u64 = 4096;
+const HUGE: u64 = 2 << 20;
+
+/// Stream items, put into bytes by tern-qemu's `Encoder` (which also sets the length of
+/// a package); the header is [`stream::HEADER`] (4 KiB target pages).
+#[derive(Default)]
+struct Items(Vec<Item>);
+
+impl Items {
+    fn bytes(&self) -> Vec<u8> {
+        let mut enc = Encoder::new(PS);
+        let mut out = Vec::new();
+        for it in &self.0 {
+            enc.encode(it, NameMode::AsInput, &mut out);
+        }
+        out
+    }
+    fn with_header(&self) -> Vec<u8> {
+        [stream::HEADER, &self.bytes()].concat()
+    }
+    fn command(&mut self, c: u16, data: &[u8]) -> &mut Self {
+        self.0.push(Item::Command {
+            cmd: c,
+            data: Bytes::copy_from_slice(data),
+        });
+        self
+    }
+    fn ping(&mut self, v: u32) -> &mut Self {
+        self.command(cmd::PING, &v.to_be_bytes())
+    }
+    fn postcopy(&mut self, c: PostcopyCommand) -> &mut Self {
+        self.0.push(Item::Postcopy(c));
+        self
+    }
+    fn advise(&mut self, page_sizes: u64) -> &mut Self {
+        self.postcopy(PostcopyCommand::Advise {
+            page_sizes,
+            target_page_size: PS,
+        })
+    }
+    fn discard(&mut self, block: &str, ranges: &[(u64, u64)]) -> &mut Self {
+        self.postcopy(PostcopyCommand::RamDiscard {
+            block: block.into(),
+            ranges: ranges
+                .iter()
+                .map(|&(start, length)| DiscardRange { start, length })
+                .collect(),
+        })
+    }
+    fn ram_section(&mut self, kind: SectionKind) -> &mut Self {
+        let start = kind == SectionKind::Start;
+        self.0.push(Item::Section(SectionHeader {
+            kind,
+            section_id: RAM_SID,
+            idstr: start.then(|| "ram".into()),
+            instance_id: 0,
+            version_id: if start { 4 } else { 0 },
+        }));
+        self
+    }
+    /// START of RAM with MEM_SIZE (name, length, page size if not the host's), EOS, footer.
+    fn start_ram(&mut self, blocks: &[(&str, u64, Option<u64>)]) -> &mut Self {
+        self.ram_section(SectionKind::Start);
+        self.0.push(Item::Ram(RamRecord::MemSize {
+            total: blocks.iter().map(|b| b.1).sum(),
+            blocks: blocks
+                .iter()
+                .map(|&(name, used_length, page_size)| RamBlockInfo {
+                    name: name.into(),
+                    used_length,
+                    page_size,
+                    gpa: None,
+                })
+                .collect(),
+        }));
+        self.eos_footer()
+    }
+    fn eos_footer(&mut self) -> &mut Self {
+        self.0.push(Item::Ram(RamRecord::Eos));
+        self.0.push(Item::Footer {
+            section_id: RAM_SID,
+        });
+        self
+    }
+    /// `named`: the record names its block (else CONTINUE: the last block written).
+    fn page(&mut self, block: &str, offset: u64, named: bool, k: u8) -> &mut Self {
+        self.0.push(Item::Ram(RamRecord::Page {
+            block: block.into(),
+            offset,
+            data: Bytes::from(pattern(PS as usize, k)),
+            named,
+        }));
+        self
+    }
+    fn zero(&mut self, block: &str, offset: u64, named: bool) -> &mut Self {
+        self.0.push(Item::Ram(RamRecord::Zero {
+            block: block.into(),
+            offset,
+            fill: 0,
+            named,
+        }));
+        self
+    }
+    /// A device's FULL section in a package: header, body, footer.
+    fn device(&mut self, sid: u32, idstr: &str, body: &[u8]) -> &mut Self {
+        self.0.push(Item::Section(SectionHeader {
+            kind: SectionKind::Full,
+            section_id: sid,
+            idstr: Some(idstr.into()),
+            instance_id: 0,
+            version_id: 1,
+        }));
+        self.0.push(Item::DeviceState(Bytes::copy_from_slice(body)));
+        self.0.push(Item::Footer { section_id: sid });
+        self
+    }
+    fn packaged(&mut self, inner: Items) -> &mut Self {
+        self.0.push(Item::Packaged(Package { items: inner.0 }));
+        self
+    }
+    /// The package QEMU sends at the switch: LISTEN, the devices, a PING, RUN.
+    fn switch_package(&mut self, ping: u32) -> &mut Self {
+        let mut p = Items::default();
+        p.postcopy(PostcopyCommand::Listen)
+            .device(3, "timer", &[0, 0, 0, 0, 0, 0x12, 0x34, 0x56])
+            .device(4, "cpu", &[1, 0, 0, 0, 0xff, 0, 0, 0, 2])
+            .ping(ping)
+            .postcopy(PostcopyCommand::Run);
+        self.packaged(p)
+    }
+    /// A top-level EOF: what follows END ram in post-copy (the devices went in the package).
+    fn eof(&mut self) -> &mut Self {
+        self.0.push(Item::Tail(Bytes::from_static(&[0])));
+        self
+    }
+}
+
+/// The RAM blocks of the post-copy seeds.
+const BLOCKS: [(&str, u64, Option<u64>); 2] = [("pc.ram", 16 * PS, None), ("vga", 4 * PS, None)];
+
+/// A page record cut where the first connection of `postcopy-resumed` broke: its header and
+/// this many bytes of its data.
+pub(crate) const RESUMED_CUT_DATA: usize = 100;
+
+fn rp(msgs: &[RpMessage]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in msgs {
+        encode_rp(m, &mut out);
+    }
+    out
+}
+
+/// A received-page bitmap of a block of `pages` pages with `received` set (QEMU's layout:
+/// little-endian 64-bit words).
+fn bitmap(pages: u64, received: &[u64]) -> Bytes {
+    let mut b = vec![0u8; recv_bitmap_len(pages * PS, PS) as usize];
+    for &p in received {
+        b[(p / 8) as usize] |= 1 << (p % 8);
+    }
+    Bytes::from(b)
+}
+
+fn postcopy() -> Vec<Seed> {
+    let mut out = Vec::new();
+
+    // precopy then post-copy, as QEMU 7.2 sends it: ADVISE, RAM, DISCARDs, the package
+    // (LISTEN, devices, PING 3, RUN), then pages (CONTINUE across the package), END, EOF
+    let mut s = Items::default();
+    s.command(cmd::OPEN_RETURN_PATH, &[])
+        .ping(1)
+        .advise(PS)
+        .start_ram(&BLOCKS)
+        .ram_section(SectionKind::Part)
+        .page("pc.ram", 0, true, 1)
+        .zero("pc.ram", PS, false)
+        .zero("vga", 0, true)
+        .eos_footer()
+        .discard("pc.ram", &[(0, PS), (2 * PS, 2 * PS)])
+        .discard("vga", &[(0, 4 * PS)])
+        .ping(2)
+        .switch_package(3)
+        .ping(4)
+        .ram_section(SectionKind::Part)
+        .zero("vga", PS, false)
+        .page("pc.ram", 2 * PS, true, 2)
+        .eos_footer()
+        .ram_section(SectionKind::End)
+        .eos_footer()
+        .eof();
+    out.push(seed("postcopy-stream", s.with_header()));
+
+    // huge pages: ADVISE's summary has 2 MiB, so MEM_SIZE gives pc.ram's page size; 10.2's
+    // PING 0x42 in the package
+    let mut s = Items::default();
+    s.command(cmd::OPEN_RETURN_PATH, &[])
+        .advise(PS | HUGE)
+        .start_ram(&[("pc.ram", 2 * HUGE, Some(HUGE)), ("vga", 4 * PS, None)])
+        .ram_section(SectionKind::Part)
+        .zero("pc.ram", HUGE, true)
+        .zero("vga", 0, true)
+        .eos_footer()
+        .discard("pc.ram", &[(HUGE, HUGE)])
+        .switch_package(0x42)
+        .ram_section(SectionKind::End)
+        .eos_footer()
+        .eof();
+    out.push(seed("postcopy-hugepages", s.with_header()));
+
+    // post-copy recovery (mode byte, be16 length of the first connection): the first
+    // connection breaks inside a page after the switch; the new one has no header and
+    // asks for the received bitmaps, RESUMEs, then pages, END, EOF
+    let mut first = Items::default();
+    first
+        .command(cmd::OPEN_RETURN_PATH, &[])
+        .ping(1)
+        .advise(PS)
+        .start_ram(&BLOCKS)
+        .ram_section(SectionKind::Part)
+        .zero("pc.ram", 0, true)
+        .eos_footer()
+        .discard("pc.ram", &[(0, PS)])
+        .ping(2)
+        .switch_package(3)
+        .ping(4)
+        .ram_section(SectionKind::Part)
+        .zero("pc.ram", PS, true)
+        .page("pc.ram", 2 * PS, false, 3);
+    let mut first = first.with_header();
+    first.truncate(first.len() - PS as usize + RESUMED_CUT_DATA);
+    let mut second = Items::default();
+    second
+        .postcopy(PostcopyCommand::RecvBitmap {
+            block: "pc.ram".into(),
+        })
+        .postcopy(PostcopyCommand::RecvBitmap {
+            block: "vga".into(),
+        })
+        .postcopy(PostcopyCommand::Resume)
+        .ram_section(SectionKind::Part)
+        .page("vga", PS, true, 4)
+        .zero("pc.ram", 2 * PS, true)
+        .zero("pc.ram", 3 * PS, false)
+        .eos_footer()
+        .ram_section(SectionKind::End)
+        .eos_footer()
+        .eof();
+    let mut v = vec![stream::RESUMED];
+    v.extend_from_slice(&(first.len() as u16).to_be_bytes());
+    v.extend_from_slice(&first);
+    v.extend_from_slice(&second.bytes());
+    out.push(seed("postcopy-resumed", v));
+
+    // the destination's return path in post-copy: PONGs (in the order QEMU sent them),
+    // page faults (REQ_PAGES_ID names the block, REQ_PAGES reuses it), SHUT
+    let req_id = |offset, len, block: &str| RpMessage::ReqPagesId {
+        offset,
+        len,
+        block: block.into(),
+    };
+    out.push(seed(
+        "rp-postcopy-faults",
+        rp(&[
+            RpMessage::Pong(1),
+            RpMessage::Pong(2),
+            RpMessage::Pong(4),
+            RpMessage::Pong(3),
+            req_id(2 * PS, 4096, "pc.ram"),
+            RpMessage::ReqPages {
+                offset: 3 * PS,
+                len: 4096,
+            },
+            RpMessage::ReqPages {
+                offset: 9 * PS,
+                len: 8192,
+            },
+            req_id(PS, 4096, "vga"),
+            RpMessage::ReqPages {
+                offset: 0,
+                len: 4096,
+            },
+            RpMessage::Shut(0),
+        ]),
+    ));
+    // its answer to postcopy-resumed: each block's received bitmap, RESUME_ACK, then
+    // faults again and SHUT
+    out.push(seed(
+        "rp-postcopy-recovery",
+        rp(&[
+            RpMessage::RecvBitmap {
+                block: "pc.ram".into(),
+                bitmap: bitmap(16, &[0, 1, 9]),
+            },
+            RpMessage::RecvBitmap {
+                block: "vga".into(),
+                bitmap: bitmap(4, &[0]),
+            },
+            RpMessage::ResumeAck(1),
+            req_id(PS, 4096, "vga"),
+            RpMessage::ReqPages {
+                offset: 2 * PS,
+                len: 4096,
+            },
+            RpMessage::Shut(0),
+        ]),
+    ));
     out
 }
 
@@ -1163,6 +1483,149 @@ mod tests {
                 let (_, n) = parse_rp(rest).expect(name).expect(name);
                 rest = &rest[n..];
             }
+        }
+    }
+
+    fn postcopy_commands(items: &[Item]) -> Vec<&PostcopyCommand> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Postcopy(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn package(items: &[Item]) -> &[Item] {
+        items
+            .iter()
+            .find_map(|i| match i {
+                Item::Packaged(p) => Some(&p.items[..]),
+                _ => None,
+            })
+            .expect("a package")
+    }
+
+    #[test]
+    fn postcopy_stream_seeds_parse_to_their_end() {
+        use PostcopyCommand::*;
+        let (items, end) = parse_all(&seed_of("stream_parser", "postcopy-stream")).unwrap();
+        assert_eq!(end.tail_bytes, 1);
+        let pc = postcopy_commands(&items);
+        assert!(matches!(
+            pc[..],
+            [Advise { .. }, RamDiscard { .. }, RamDiscard { .. }]
+        ));
+        let pkg = package(&items);
+        assert_eq!(pkg.first(), Some(&Item::Postcopy(Listen)));
+        assert_eq!(pkg.last(), Some(&Item::Postcopy(Run)));
+        assert_eq!(
+            pkg.iter()
+                .filter(|i| matches!(i, Item::DeviceState(_)))
+                .count(),
+            2
+        );
+        // the CONTINUE after the package means the block before it
+        assert!(items.iter().any(|i| matches!(
+            i,
+            Item::Ram(RamRecord::Zero { block, named: false, .. }) if &**block == "vga"
+        )));
+
+        let (items, _) = parse_all(&seed_of("stream_parser", "postcopy-hugepages")).unwrap();
+        let sizes: Vec<_> = items
+            .iter()
+            .find_map(|i| match i {
+                Item::Ram(RamRecord::MemSize { blocks, .. }) => {
+                    Some(blocks.iter().map(|b| b.page_size).collect())
+                }
+                _ => None,
+            })
+            .expect("MEM_SIZE");
+        assert_eq!(sizes, [Some(HUGE), None]);
+        assert!(package(&items).contains(&Item::Command {
+            cmd: cmd::PING,
+            data: Bytes::from_static(&[0, 0, 0, 0x42]),
+        }));
+    }
+
+    #[test]
+    fn the_resumed_seed_breaks_in_a_page_and_resumes_to_its_end() {
+        use tern_qemu::stream::Parser;
+        let v = seed_of("stream_parser", "postcopy-resumed");
+        assert_eq!(v[0], stream::RESUMED);
+        let n = usize::from(u16::from_be_bytes([v[1], v[2]]));
+        let (first, second) = v[3..].split_at(n);
+        let (p, at) = stream::walk(Parser::new(), first);
+        // stopped for want of bytes, in the page record cut short
+        assert_eq!(at, first.len() - 8 - RESUMED_CUT_DATA);
+        assert!(matches!(p.clone().parse(&first[at..]), Ok(None)));
+        assert_eq!(
+            postcopy_commands(&parse_items(first)).len(),
+            2,
+            "ADVISE and DISCARD"
+        );
+        let (r, at) = stream::walk(p.resumed(), second);
+        assert_eq!(at, second.len());
+        assert_eq!(r.finish().unwrap().tail_bytes, 1);
+        let mut r = p.resumed();
+        let mut items = Vec::new();
+        let mut pos = 0;
+        while let Some((it, n)) = r.parse(&second[pos..]).unwrap() {
+            items.push(it);
+            pos += n;
+        }
+        assert_eq!(
+            postcopy_commands(&items),
+            [
+                &PostcopyCommand::RecvBitmap {
+                    block: "pc.ram".into()
+                },
+                &PostcopyCommand::RecvBitmap {
+                    block: "vga".into()
+                },
+                &PostcopyCommand::Resume
+            ]
+        );
+    }
+
+    /// The items of a stream that may end early.
+    fn parse_items(b: &[u8]) -> Vec<Item> {
+        let mut p = tern_qemu::stream::Parser::new();
+        let mut items = Vec::new();
+        let mut pos = 0;
+        while let Ok(Some((it, n))) = p.parse(&b[pos..]) {
+            items.push(it);
+            pos += n;
+        }
+        items
+    }
+
+    #[test]
+    fn postcopy_return_path_seeds_are_whole_messages() {
+        for (name, want) in [
+            ("rp-postcopy-faults", "PPPPIRRIRS"),
+            ("rp-postcopy-recovery", "BBAIRS"),
+        ] {
+            let b = seed_of("stream_parser", name);
+            let mut rest = &b[..];
+            let mut got = String::new();
+            while !rest.is_empty() {
+                let (m, n) = parse_rp(rest).expect(name).expect(name);
+                got.push(match m {
+                    RpMessage::Pong(_) => 'P',
+                    RpMessage::ReqPagesId { .. } => 'I',
+                    RpMessage::ReqPages { .. } => 'R',
+                    RpMessage::RecvBitmap { bitmap, .. } => {
+                        assert_eq!(bitmap.len(), 8, "{name}");
+                        'B'
+                    }
+                    RpMessage::ResumeAck(1) => 'A',
+                    RpMessage::Shut(0) => 'S',
+                    m => panic!("{name}: {m:?}"),
+                });
+                rest = &rest[n..];
+            }
+            assert_eq!(got, want, "{name}");
         }
     }
 

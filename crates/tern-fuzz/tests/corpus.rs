@@ -167,6 +167,13 @@ fn dictionary(name: &str) -> &'static [&'static [u8]] {
             b"\x06pc.ram",
             b"\x03ram",
             b"\x03\xef\xbf\xbd",
+            b"\x03vga",
+            // post-copy: LISTEN, RUN, RESUME, RAM's footer, a RECV_BITMAP's end mark
+            b"\x08\x00\x04\x00\x00",
+            b"\x08\x00\x05\x00\x00",
+            b"\x08\x00\x09\x00\x00",
+            b"\x7e\x00\x00\x00\x02",
+            b"\x01\x23\x45\x67\x89\xab\xcd\xef",
         ],
         _ => &[],
     }
