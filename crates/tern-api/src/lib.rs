@@ -20,7 +20,7 @@ pub use migration::{
     Compression, ConvergenceReport, Direction, DiskReport, EncodingReport, FailureInfo,
     HostCpuReport, LibvirtMigrateRequest, LinkOutage, MigrateRequest, MigrateStarted,
     MigrationPlan, MigrationReport, MigrationStatus, Objective, PacingReport, PageCounts, Phase,
-    PhaseSpan, PlanInputs, PlanPrediction, Progress, SwitchoverTimes, Timeline,
+    PhaseSpan, PlanInputs, PlanPrediction, PostcopyFaults, Progress, SwitchoverTimes, Timeline,
 };
 pub use snapshot::{
     FenceRelease, FenceReleased, FenceStatus, RestartReport, SnapshotDisk, SnapshotInfo,

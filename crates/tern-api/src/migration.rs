@@ -594,6 +594,27 @@ pub struct MigrationReport {
     pub postcopy: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postcopy_ms: Option<u64>,
+    /// Post-copy: what the guest's page faults cost it, as the destination counted them
+    /// (None: no post-copy, or a destination older than protocol v12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_faults: Option<PostcopyFaults>,
+}
+
+/// The page faults of a post-copy migration at the destination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostcopyFaults {
+    /// Page requests the destination QEMU sent to the source (its guest touched a page
+    /// it did not have yet).
+    pub requests: u64,
+    /// The pages those requests asked for.
+    pub pages: u64,
+    /// The time every vCPU waited on a page at once, ms (QEMU's `postcopy-blocktime`;
+    /// None: that QEMU did not measure it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all_vcpus_blocked_ms: Option<u64>,
+    /// The most any one vCPU waited on pages in all, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpu_blocked_ms: Option<u64>,
 }
 
 /// The source host's CPU around a migration, from `/proc/stat`: everything on the host

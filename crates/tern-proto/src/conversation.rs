@@ -19,6 +19,8 @@
 //!  (v10, after PostcopyOffer in Opening: PostcopyRun once, in Transfer)
 //!  Opening ──PostcopyResume──> Resuming ──PostcopyResumed──> Transfer   (v11: post-copy
 //!           goes on over a new connection after the link broke; no PostcopyRun again)
+//!  (v12, after PostcopyRun: the destination's PostcopyFaults once, in Finishing, before
+//!           ReadyToResume)
 //!  Transfer ──SourceDone──> Finishing ──ReadyToResume──> AwaitCommit
 //!           ──Commit──> Committed ──Resumed──> Closed                      (v1)
 //!  Abort from either side, at any stage: Closed.
@@ -148,6 +150,8 @@ pub struct Conversation {
     /// v10: PostcopyOffer came (then, in the transfer, PostcopyRun once).
     postcopy: bool,
     postcopy_run: bool,
+    /// v12: PostcopyFaults came (once, after PostcopyRun).
+    postcopy_faults: bool,
 }
 
 impl Default for Conversation {
@@ -166,6 +170,7 @@ impl Conversation {
             tpm_key: false,
             postcopy: false,
             postcopy_run: false,
+            postcopy_faults: false,
         }
     }
 
@@ -289,6 +294,12 @@ impl Conversation {
                 T::ReturnPath | T::Want | T::Applied | T::DiskWant | T::DiskRoundDone,
             ) => self.stage,
             (Stage::Finishing { .. }, S, T::Content | T::DiskData | T::DiskRoundEnd) => self.stage,
+            (Stage::Finishing { commit: false }, D, T::PostcopyFaults)
+                if self.postcopy_run && !self.postcopy_faults =>
+            {
+                self.postcopy_faults = true;
+                self.stage
+            }
             (Stage::Finishing { commit: false }, D, T::ReadyToResume) => Stage::AwaitCommit,
             (Stage::Finishing { commit: true }, D, T::Resumed) => Stage::Closed,
             (Stage::AwaitCommit | Stage::Committed, D, T::ReturnPath | T::Applied) => self.stage,
@@ -481,6 +492,94 @@ mod tests {
         let mut c = Conversation::new();
         run(&mut c, &[(S, hello(9)), (D, ack(9))]).unwrap();
         assert!(c.on(S, &Message::PostcopyOffer).is_err());
+    }
+
+    #[test]
+    fn postcopy_faults_come_once_after_a_postcopy_stream_before_ready_to_resume() {
+        let faults = Message::PostcopyFaults {
+            requests: 3,
+            pages: 5,
+            blocktime: None,
+        };
+        let prep = Message::Prepare {
+            migration_id: "m".into(),
+            spec_toml: String::new(),
+            source_running: true,
+            qemu_version: String::new(),
+        };
+        let prepared = Message::Prepared {
+            qemu_version: String::new(),
+        };
+        let done = Message::SourceDone {
+            digest: [0; 32],
+            pages: 1,
+            commit: false,
+        };
+        let mut c = Conversation::new();
+        run(
+            &mut c,
+            &[
+                (S, hello(12)),
+                (D, ack(12)),
+                (S, Message::PostcopyOffer),
+                (S, prep.clone()),
+                (D, prepared.clone()),
+                (S, Message::PostcopyRun),
+                (S, done.clone()),
+                (D, faults.clone()),
+            ],
+        )
+        .unwrap();
+        assert!(c.on(D, &faults).is_err(), "twice");
+        // on a connection where post-copy went on after the link broke
+        let mut c = Conversation::new();
+        run(
+            &mut c,
+            &[
+                (S, hello(12)),
+                (D, ack(12)),
+                (
+                    S,
+                    Message::PostcopyResume {
+                        migration_id: "m".into(),
+                    },
+                ),
+                (D, Message::PostcopyResumed),
+                (S, done.clone()),
+                (D, faults.clone()),
+                (D, Message::ReadyToResume { digest: [0; 32] }),
+            ],
+        )
+        .unwrap();
+        // not without post-copy, nor after ReadyToResume, nor to a v11 peer
+        let mut c = Conversation::new();
+        run(
+            &mut c,
+            &[
+                (S, hello(12)),
+                (D, ack(12)),
+                (S, prep.clone()),
+                (D, prepared.clone()),
+                (S, done.clone()),
+            ],
+        )
+        .unwrap();
+        assert!(c.on(D, &faults).is_err());
+        let mut c = Conversation::new();
+        run(
+            &mut c,
+            &[
+                (S, hello(11)),
+                (D, ack(11)),
+                (S, Message::PostcopyOffer),
+                (S, prep),
+                (D, prepared),
+                (S, Message::PostcopyRun),
+                (S, done),
+            ],
+        )
+        .unwrap();
+        assert!(c.on(D, &faults).is_err());
     }
 
     #[test]

@@ -53,8 +53,8 @@ pub use frame::{
     decode, encode, encode_segments, frame_len, stream_units, FrameError, HEADER_LEN, MAX_PAYLOAD,
 };
 pub use message::{
-    CardAddress, ContentHash, DiskInfo, Location, Message, MessageType, Page, PageBody, RamBlock,
-    DISK_DIRECT,
+    Blocktime, CardAddress, ContentHash, DiskInfo, Location, Message, MessageType, Page, PageBody,
+    RamBlock, DISK_DIRECT,
 };
 pub use version::{negotiate, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
@@ -425,7 +425,8 @@ mod tests {
         assert_eq!(negotiate(1, 1), Some(1));
         assert_eq!(negotiate(1, 9), Some(9));
         assert_eq!(negotiate(1, 10), Some(10));
-        assert_eq!(negotiate(1, 11), Some(PROTOCOL_VERSION));
+        assert_eq!(negotiate(1, 11), Some(11));
+        assert_eq!(negotiate(1, 12), Some(PROTOCOL_VERSION));
         assert_eq!(negotiate(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 5), None);
         assert_eq!(negotiate(0, 0), None);
     }

@@ -93,6 +93,7 @@ message_types! {
     PostcopyRun = 40, since 10;
     PostcopyResume = 41, since 11;
     PostcopyResumed = 42, since 11;
+    PostcopyFaults = 43, since 12;
 }
 
 /// [`Message::DiskData`] with this piece number is a plain write (a later round's dirty
@@ -427,6 +428,26 @@ pub enum Message {
     /// Destination -> source (v11): its QEMU is recovering (`migrate-recover`) on a new
     /// stream; the source resumes its QEMU's migration into this connection.
     PostcopyResumed,
+    /// Destination -> source (v12), after a post-copy stream ended, before ReadyToResume:
+    /// what the guest's page faults cost while post-copy ran. `requests`/`pages`: the page
+    /// requests its QEMU sent on the return path and the pages they asked for; `blocktime`:
+    /// QEMU's own measure (capability `postcopy-blocktime`), if it gave one.
+    PostcopyFaults {
+        requests: u64,
+        pages: u64,
+        blocktime: Option<Blocktime>,
+    },
+}
+
+/// The destination QEMU's measure of what post-copy's page faults cost the guest (v12,
+/// in [`Message::PostcopyFaults`]), milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocktime {
+    /// Time during which every vCPU waited on a page at once (QEMU's `postcopy-blocktime`).
+    pub all_vcpus_ms: u64,
+    /// The most any one vCPU waited on pages in all (the largest of
+    /// `postcopy-vcpu-blocktime`).
+    pub max_vcpu_ms: u64,
 }
 
 impl Message {
@@ -475,6 +496,7 @@ impl Message {
             Message::PostcopyRun => MessageType::PostcopyRun,
             Message::PostcopyResume { .. } => MessageType::PostcopyResume,
             Message::PostcopyResumed => MessageType::PostcopyResumed,
+            Message::PostcopyFaults { .. } => MessageType::PostcopyFaults,
         }
     }
 
@@ -727,6 +749,22 @@ pub(crate) fn encode_payload(msg: &Message, out: &mut BytesMut, segs: &mut Vec<B
             out.put_u64(*bytes);
             out.put_u64(*micros);
         }
+        Message::PostcopyFaults {
+            requests,
+            pages,
+            blocktime,
+        } => {
+            out.put_u64(*requests);
+            out.put_u64(*pages);
+            match blocktime {
+                Some(b) => {
+                    out.put_u8(1);
+                    out.put_u64(b.all_vcpus_ms);
+                    out.put_u64(b.max_vcpu_ms);
+                }
+                None => out.put_u8(0),
+            }
+        }
     }
 }
 
@@ -788,6 +826,7 @@ pub(crate) fn payload_len(msg: &Message) -> usize {
         | Message::PostcopyResumed => 0,
         Message::PostcopyResume { migration_id } => s(migration_id),
         Message::ProbeResult { .. } => 16,
+        Message::PostcopyFaults { blocktime, .. } => 17 + if blocktime.is_some() { 16 } else { 0 },
     }
 }
 
@@ -1038,6 +1077,17 @@ pub(crate) fn decode_payload(ty: MessageType, payload: Bytes) -> Result<Message,
         MessageType::ProbeResult => Message::ProbeResult {
             bytes: r.u64()?,
             micros: r.u64()?,
+        },
+        MessageType::PostcopyFaults => Message::PostcopyFaults {
+            requests: r.u64()?,
+            pages: r.u64()?,
+            blocktime: match r.bool()? {
+                true => Some(Blocktime {
+                    all_vcpus_ms: r.u64()?,
+                    max_vcpu_ms: r.u64()?,
+                }),
+                false => None,
+            },
         },
     };
     if !r.b.is_empty() {

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use bytes::{Bytes, BytesMut};
 use tern_proto::{
-    decode, encode, CardAddress, Codec, DiskInfo, ErrorCode, FrameCompressor, Location, Message,
-    MessageType, MigrationState, Page, PageBody, RamBlock, DISK_DIRECT, PROTOCOL_VERSION,
+    decode, encode, Blocktime, CardAddress, Codec, DiskInfo, ErrorCode, FrameCompressor, Location,
+    Message, MessageType, MigrationState, Page, PageBody, RamBlock, DISK_DIRECT, PROTOCOL_VERSION,
 };
 
 /// One message of each type, with fixed contents, as version `v` sends it.
@@ -204,6 +204,14 @@ fn canonical(v: u16) -> Vec<Message> {
             migration_id: "m0123456789ab".into(),
         },
         Message::PostcopyResumed,
+        Message::PostcopyFaults {
+            requests: 1234,
+            pages: 1300,
+            blocktime: Some(Blocktime {
+                all_vcpus_ms: 87,
+                max_vcpu_ms: 912,
+            }),
+        },
     ];
     assert_eq!(all.len(), MessageType::ALL.len(), "one message per type");
     all.into_iter().filter(|m| m.kind().since() <= v).collect()

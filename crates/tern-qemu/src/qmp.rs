@@ -102,6 +102,13 @@ pub struct MigrationInfo {
     /// The guest CPU throttle auto-converge applies now, percent (present while on).
     pub cpu_throttle_percentage: Option<u64>,
     pub error_desc: Option<String>,
+    /// Source of a post-copy migration: the page requests the destination sent.
+    pub postcopy_requests: Option<u64>,
+    /// Destination of a post-copy migration that completed, with capability
+    /// `postcopy-blocktime`: the time every vCPU waited on a page at once, ms.
+    pub postcopy_blocktime_ms: Option<u64>,
+    /// The same, per vCPU: the time each waited on pages in all, ms.
+    pub postcopy_vcpu_blocktime_ms: Option<Vec<u64>>,
 }
 
 impl MigrationInfo {
@@ -130,6 +137,12 @@ impl MigrationInfo {
                 .and_then(|r| r.get("mbps"))
                 .and_then(Value::as_f64),
             cpu_throttle_percentage: u("cpu-throttle-percentage"),
+            postcopy_requests: ram("postcopy-requests"),
+            postcopy_blocktime_ms: u("postcopy-blocktime"),
+            postcopy_vcpu_blocktime_ms: v
+                .get("postcopy-vcpu-blocktime")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_u64).collect()),
             error_desc: v
                 .get("error-desc")
                 .and_then(Value::as_str)

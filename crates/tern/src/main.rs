@@ -1332,6 +1332,18 @@ fn print_report(r: &MigrationReport) {
             "  post-copy       {} ms (the VM ran at the destination from its start)",
             r.postcopy_ms.unwrap_or(0)
         );
+        if let Some(f) = &r.postcopy_faults {
+            let blocked = match (f.all_vcpus_blocked_ms, f.max_vcpu_blocked_ms) {
+                (Some(all), Some(one)) => format!(
+                    "; the guest waited on them {one} ms (the most of one vCPU), all its vCPUs at once {all} ms"
+                ),
+                _ => String::new(),
+            };
+            println!(
+                "  page faults     {} requests for {} pages fetched from the source{blocked}",
+                f.requests, f.pages
+            );
+        }
     }
     println!("  RAM             {:.1} MiB", mib(r.ram_bytes));
     println!("  from QEMU       {:.1} MiB", mib(r.bytes_from_qemu));

@@ -81,6 +81,17 @@ fn a_guest_outrunning_the_link_moves_with_postcopy_unslowed_and_memory_exact() -
     assert!(r.digest_ok, "{r:?}");
     assert!(r.postcopy, "the report says post-copy was used");
     assert!(r.postcopy_ms.is_some(), "{r:?}");
+    // the guest at B touched pages it did not have: the destination counted its requests,
+    // and its QEMU measured what they cost the guest
+    let f = r
+        .postcopy_faults
+        .expect("the destination reported post-copy's page faults");
+    eprintln!("page faults: {f:?}");
+    assert!(f.requests > 0 && f.pages >= f.requests, "{f:?}");
+    assert!(
+        f.max_vcpu_blocked_ms.is_some() && f.all_vcpus_blocked_ms <= f.max_vcpu_blocked_ms,
+        "{f:?}"
+    );
     assert_eq!(r.convergence.throttle_max_pct, 0, "never slowed");
     assert_eq!(r.encoding.data_path, "lean", "{:?}", r.encoding);
     // at B, running; gone from A
@@ -203,6 +214,14 @@ fn a_10_s_link_cut_during_postcopy_is_resumed_with_memory_exact() -> Result<()> 
         (2_000..60_000).contains(&o.waited_ms),
         "waited {} ms for a 10 s cut",
         o.waited_ms
+    );
+    // the faults' report came over the new connection, and the guest waited the break out
+    let f = r
+        .postcopy_faults
+        .expect("page faults reported after the resume");
+    assert!(
+        f.requests > 0 && f.max_vcpu_blocked_ms.is_some_and(|ms| ms >= 2_000),
+        "{f:?}"
     );
     let incoming = b.migration(&id)?;
     assert!(incoming.report.is_some(), "{:?}", incoming.error);

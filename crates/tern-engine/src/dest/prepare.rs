@@ -257,6 +257,8 @@ pub(super) async fn run(
         // post-copy (v10, PostcopyOffer): QEMU loads the device state at POSTCOPY_RUN
         // and fetches the rest of memory on demand over the return path
         ("postcopy-ram", postcopy),
+        // and measures what the guest's page faults cost it (the report's faults)
+        ("postcopy-blocktime", postcopy),
     ])
     .await
     .map_err(qmp_failed("setting its migration capabilities"))?;

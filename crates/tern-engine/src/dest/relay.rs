@@ -1,7 +1,8 @@
-//! The destination QEMU's return path (PONG, SHUT, ...), relayed to the source agent one
-//! message per frame, flushed at once: the source QEMU waits for them.
+//! The destination QEMU's return path (PONG, SHUT, page requests, ...), relayed to the
+//! source agent one message per frame, flushed at once: the source QEMU waits for them.
+//! Post-copy's page requests are counted on the way ([`Faults`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tern_proto::Message;
@@ -25,6 +26,27 @@ pub(super) enum RelayError {
     Peer(#[source] std::io::Error),
 }
 
+/// Post-copy's page requests the destination QEMU sent (its guest touched a page it did
+/// not have yet), across the connections of one migration.
+#[derive(Debug, Default)]
+pub(super) struct Faults {
+    pub requests: AtomicU64,
+    /// Pages the requests asked for (target pages of [`limits::PAGE_SIZE`]).
+    pub pages: AtomicU64,
+}
+
+impl Faults {
+    fn count(&self, msg: &RpMessage) {
+        if let RpMessage::ReqPages { len, .. } | RpMessage::ReqPagesId { len, .. } = msg {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            self.pages.fetch_add(
+                u64::from(*len).div_ceil(limits::PAGE_SIZE),
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
 /// Relays the destination QEMU's return path to the source agent, one message per frame,
 /// flushed at once. Returns Ok(true) if QEMU said SHUT(0) before closing, an error text if
 /// QEMU closed without SHUT (it died or failed), or the source agent could not be sent to. `shut` is raised just before a SHUT(0) is
@@ -33,6 +55,7 @@ pub(super) async fn return_path(
     mut qemu: unix::OwnedReadHalf,
     writer: PeerWriter,
     shut: Arc<AtomicBool>,
+    faults: Arc<Faults>,
 ) -> Result<bool, RelayError> {
     let mut buf = bytes::BytesMut::with_capacity(64 << 10);
     let mut shut_ok = false;
@@ -41,6 +64,7 @@ pub(super) async fn return_path(
             match parse_rp(&buf) {
                 Ok(Some((msg, used))) => {
                     let raw = buf.split_to(used).freeze();
+                    faults.count(&msg);
                     if let RpMessage::Shut(status) = msg {
                         shut_ok = status == 0;
                         shut.store(shut_ok, Ordering::SeqCst);
@@ -139,5 +163,34 @@ pub(super) struct AbortOnDropTask(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDropTask {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_requests_are_counted_with_their_pages_and_nothing_else_is() {
+        let f = Faults::default();
+        f.count(&RpMessage::ReqPagesId {
+            offset: 0,
+            len: 4096,
+            block: "pc.ram".into(),
+        });
+        // a request for a huge page's worth counts its target pages; a part page is one
+        f.count(&RpMessage::ReqPages {
+            offset: 8192,
+            len: 3 * 4096,
+        });
+        f.count(&RpMessage::ReqPages {
+            offset: 65536,
+            len: 100,
+        });
+        f.count(&RpMessage::Shut(0));
+        f.count(&RpMessage::Pong(7));
+        f.count(&RpMessage::ResumeAck(1));
+        assert_eq!(f.requests.load(Ordering::Relaxed), 3);
+        assert_eq!(f.pages.load(Ordering::Relaxed), 5);
     }
 }

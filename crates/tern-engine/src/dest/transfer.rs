@@ -21,7 +21,7 @@ use tokio::net::unix;
 use tokio::sync::mpsc;
 
 use super::prepare::Prepared;
-use super::relay::{return_path, AbortOnDrop, RelayError};
+use super::relay::{return_path, AbortOnDrop, Faults, RelayError};
 use super::{refuse, send, Conn, Incoming, IncomingError};
 use crate::digest::MemoryDigest;
 use crate::disk::{DestDiskError, DestDisks};
@@ -44,6 +44,8 @@ pub(super) struct Received {
     pub relay: AbortOnDrop,
     /// Raised once the relay passed on QEMU's SHUT(0) (it loaded the whole stream).
     pub shut: Arc<std::sync::atomic::AtomicBool>,
+    /// Post-copy's page requests, as the relay counted them.
+    pub faults: Arc<Faults>,
     /// Post-copy: the VM became this host's at PostcopyRun, running since this RESUME
     /// (µs since the epoch; 0: it stays paused).
     pub claimed: Option<u64>,
@@ -62,7 +64,13 @@ pub(super) async fn run(
         .take()
         .expect("the transfer takes QEMU's return path once");
     let shut = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let rp_task = crate::spawn(return_path(qemu_rd, conn.writer.clone(), shut.clone()));
+    let faults = Arc::new(Faults::default());
+    let rp_task = crate::spawn(return_path(
+        qemu_rd,
+        conn.writer.clone(),
+        shut.clone(),
+        faults.clone(),
+    ));
     let mut rp_task = AbortOnDrop(Some(rp_task));
     let feeder = Feeder::start(
         p.qemu_wr
@@ -447,6 +455,7 @@ pub(super) async fn run(
                     qemu_rd,
                     conn.writer.clone(),
                     shut.clone(),
+                    faults.clone(),
                 ))));
                 rp_done = false;
                 last_input = tokio::time::Instant::now();
@@ -471,6 +480,7 @@ pub(super) async fn run(
         applied: rb.feeder.applied(),
         relay: rp_task,
         shut,
+        faults,
         claimed,
         digest_ok: true,
     })

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use tern_proto::{ErrorCode, Message};
-use tern_qemu::qmp::QmpClient;
+use tern_proto::{Blocktime, ErrorCode, Message};
+use tern_qemu::qmp::{MigrationInfo, QmpClient};
 
 use super::prepare::Prepared;
 use super::transfer::Received;
@@ -27,7 +27,7 @@ pub(super) async fn run(
     let Some(events) = p.qemu_events.as_mut() else {
         return Err(IncomingError::Qemu("tern's QEMU without its events".into()));
     };
-    wait_incoming_done(&qmp, events, Duration::from_secs(30)).await?;
+    let done = wait_incoming_done(&qmp, events, Duration::from_secs(30)).await?;
     if fault!(inc.engine.config.fault, SlowFinish) {
         tracing::warn!("fault injection: finishing 35 s late");
         tokio::time::sleep(Duration::from_secs(35)).await;
@@ -54,6 +54,12 @@ pub(super) async fn run(
                 tracing::warn!(disk = %d.path.display(), ok, "fault injection: copied the disk at the switchover");
             }
         }
+    }
+    if r.claimed.is_some() && p.version >= 12 {
+        // post-copy: what the guest's page faults cost it, for the source's report
+        let faults = faults_message(r, &done);
+        tracing::info!(migration = %p.id, ?faults, "post-copy's page faults");
+        conn.send(&faults).await?;
     }
     // the source's decision: given with SourceDone (v2), or asked for (v1)
     if !r.early_commit {
@@ -94,12 +100,30 @@ pub(super) fn digests_agree(p: &mut Prepared, r: &Received) -> Result<[u8; 32], 
     Ok(ours)
 }
 
-/// Waits until the destination QEMU has loaded the whole stream.
+/// [`Message::PostcopyFaults`]: the relay's count of QEMU's page requests, and QEMU's
+/// blocktime from its `query-migrate` once it completed (if it measured it).
+fn faults_message(r: &Received, done: &MigrationInfo) -> Message {
+    use std::sync::atomic::Ordering;
+    Message::PostcopyFaults {
+        requests: r.faults.requests.load(Ordering::Relaxed),
+        pages: r.faults.pages.load(Ordering::Relaxed),
+        blocktime: done.postcopy_blocktime_ms.map(|all| Blocktime {
+            all_vcpus_ms: all,
+            max_vcpu_ms: done
+                .postcopy_vcpu_blocktime_ms
+                .as_ref()
+                .and_then(|v| v.iter().max().copied())
+                .unwrap_or(all),
+        }),
+    }
+}
+
+/// Waits until the destination QEMU has loaded the whole stream; its last `query-migrate`.
 async fn wait_incoming_done(
     qmp: &QmpClient,
     events: &mut tokio::sync::broadcast::Receiver<tern_qemu::qmp::QmpEvent>,
     within: Duration,
-) -> Result<(), IncomingError> {
+) -> Result<MigrationInfo, IncomingError> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let info = qmp
@@ -107,7 +131,7 @@ async fn wait_incoming_done(
             .await
             .map_err(qmp_failed("query-migrate"))?;
         match info.status.as_str() {
-            "completed" => return Ok(()),
+            "completed" => return Ok(info),
             "failed" | "cancelled" => {
                 return Err(IncomingError::Qemu(format!(
                     "incoming migration {}: {}",

@@ -392,12 +392,22 @@ pub(super) async fn forward(
                     loop {
                         let applied = f.applied.load(Ordering::SeqCst);
                         let ahead = units.saturating_sub(applied);
-                        if f.drain.load(Ordering::SeqCst) {
-                            if ahead <= w.drained_size(applied) {
+                        let draining = f.drain.load(Ordering::SeqCst);
+                        // post-copy: the guest runs at the destination, its faults wait
+                        // behind what is in flight
+                        let small =
+                            draining || postcopy.as_ref().is_some_and(|p| p.load(Ordering::SeqCst));
+                        let limit = if draining {
+                            w.drained_size(applied, link_rate(c))
+                        } else if small {
+                            w.postcopy_size(applied, link_rate(c))
+                        } else {
+                            w.size(applied)
+                        };
+                        if ahead <= limit {
+                            if draining {
                                 f.drained.notify_one();
-                                break;
                             }
-                        } else if ahead <= w.size(applied) {
                             break;
                         }
                         pipe.hand(&mut out).await?;
@@ -410,7 +420,7 @@ pub(super) async fn forward(
                                 migration = %handle.id,
                                 units,
                                 applied,
-                                window = w.size(applied),
+                                window = limit,
                                 wire_out = handle.counters.wire_out.load(Ordering::Relaxed),
                                 "flow control: no progress from the destination for 5 s"
                             );
@@ -419,7 +429,10 @@ pub(super) async fn forward(
                         // because the destination is (its QEMU loading), where compressing
                         // harder would only cost CPU: only the former tells the codec picker
                         // about the link (a slow LAN link shows as writes that block).
-                        if *rtt >= DataPathPicker::WAN_RTT {
+                        // A window kept small on purpose says nothing of the link either
+                        // (told as a wait, the link's rate would follow it down, and
+                        // the small windows, sized from that rate, with it).
+                        if *rtt >= DataPathPicker::WAN_RTT && !small {
                             pipe.send(ToSender::Waited(t.elapsed())).await?;
                         }
                     }
@@ -440,7 +453,8 @@ pub(super) async fn forward(
                             // draining, and QEMU is quiet: say so if little is in flight
                             let applied = f.applied.load(Ordering::SeqCst);
                             if f.drain.load(Ordering::SeqCst)
-                                && units.saturating_sub(applied) <= w.drained_size(applied)
+                                && units.saturating_sub(applied)
+                                    <= w.drained_size(applied, link_rate(c))
                             {
                                 f.drained.notify_one();
                             }
@@ -583,4 +597,10 @@ fn digest_of(d: &mut Option<MemoryDigest>, at: u64) -> Result<&mut MemoryDigest,
         }
         .into()
     })
+}
+
+/// The stream rate the link carries for pages sent as bytes, as the sender measured it
+/// (0: not yet), for the drained and post-copy windows.
+fn link_rate(c: &crate::handle::Counters) -> f64 {
+    Counters::get(&c.switchover_bps) as f64
 }

@@ -86,6 +86,7 @@ pub(super) async fn build(
             .t_stream_end
             .and_then(|e| ms(t.t_postcopy, e))
             .map(|x| x as u64),
+        postcopy_faults: t.postcopy_faults,
     })
 }
 

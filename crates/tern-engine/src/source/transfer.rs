@@ -61,6 +61,8 @@ pub(super) struct Transferred {
     pub pacing: Pacing,
     /// Post-copy: when it began (the source QEMU's postcopy-active).
     pub t_postcopy: Option<SystemTime>,
+    /// Post-copy: the destination's count of its guest's page faults (v12).
+    pub postcopy_faults: Option<tern_api::PostcopyFaults>,
     /// The host's CPU and QEMU's stream bytes as the transfer began, and over the
     /// transfer (to the guest's pause).
     pub cpu_start: Option<(crate::hostcpu::CpuReading, u64)>,
@@ -241,6 +243,7 @@ pub(super) async fn run(
         encoding: None,
         disk_report: None,
         t_postcopy: None,
+        postcopy_faults: None,
         convergence: ConvergenceReport::default(),
         pacing,
         cpu_start: crate::hostcpu::read(m.vm.pid)
@@ -256,8 +259,9 @@ pub(super) async fn run(
         .disk
         .map_or(0, |d| d.virtual_bytes);
     let mut syncs = 0u64;
-    // post-copy: asked of QEMU once, after its first pass
-    let mut postcopy_started = false;
+    // post-copy: asked of QEMU once, after its first pass and a drain of what tern holds
+    // in flight
+    let mut postcopy = PostcopyStart::NotYet;
     m.handle
         .update(|s| s.progress.downtime_limit_ms = policy_conv.downtime_ms);
     let stall = m.engine.config.stall_timeout;
@@ -320,6 +324,20 @@ pub(super) async fn run(
                     Some(PeerEvent::Msg(Message::Abort { code, message })) => {
                         return Err(MigrateError::Remote { code, message });
                     }
+                    Some(PeerEvent::Msg(Message::PostcopyFaults { requests, pages, blocktime })) => {
+                        // only once, after a post-copy stream ended, from a v12 destination;
+                        // otherwise ignored (it is only a report)
+                        if t.version < 12 || !m.postcopy_run.load(Ordering::SeqCst) || t.postcopy_faults.is_some() {
+                            tracing::warn!(migration = %m.handle.id, "the destination sent PostcopyFaults out of place: ignored");
+                            continue;
+                        }
+                        t.postcopy_faults = Some(tern_api::PostcopyFaults {
+                            requests,
+                            pages,
+                            all_vcpus_blocked_ms: blocktime.map(|b| b.all_vcpus_ms),
+                            max_vcpu_blocked_ms: blocktime.map(|b| b.max_vcpu_ms),
+                        });
+                    }
                     Some(PeerEvent::Msg(msg)) => return Err(unexpected(&msg, "ReturnPath or ReadyToResume")),
                     Some(PeerEvent::Failed(e)) => return Err(e.into()),
                     Some(PeerEvent::Broken(why)) => return Err(MigrateError::Protocol(why)),
@@ -331,6 +349,13 @@ pub(super) async fn run(
                     match ev.event.as_str() {
                         "STOP" => {
                             t.stopped_at = Some(ev.timestamp);
+                            // post-copy began, QEMU finishes pre-copy, or the guest stopped
+                            // for its own reasons: a small window gains nothing any more
+                            // (while draining, post-copy is still asked for: QEMU takes
+                            // the request harmlessly once it finished)
+                            if let Some(f) = &flow_ctl {
+                                f.end_drain();
+                            }
                             if let Some((a, bytes)) = t.cpu_start {
                                 let now = crate::hostcpu::read(m.vm.pid);
                                 t.cpu_during = now.and_then(|b| crate::hostcpu::window(&a, &b)).map(|w| {
@@ -350,6 +375,9 @@ pub(super) async fn run(
                             let st = ev.data.get("status").and_then(|s| s.as_str()).unwrap_or("");
                             if st == "postcopy-active" {
                                 t.t_postcopy.get_or_insert(ev.timestamp);
+                            }
+                            if let (Some(f), "device" | "postcopy-active" | "completed" | "pre-switchover") = (&flow_ctl, st) {
+                                f.end_drain();
                             }
                             // (an event from before a resume is stale: QEMU says what is now)
                             if st == "postcopy-paused"
@@ -380,6 +408,10 @@ pub(super) async fn run(
                 // strand it there in postcopy-paused)
                 _ = wait_cancelled(&mut cancel), if !m.postcopy_run.load(Ordering::SeqCst) => return Err(MigrateError::Cancelled),
                 e = live.failed(), if live.running() => return Err(e),
+                _ = drained(&flow_ctl), if matches!(postcopy, PostcopyStart::Draining(_)) => {
+                    let (PostcopyStart::Draining(since), Some(qmp)) = (postcopy, &qmp) else { continue };
+                    postcopy = start_postcopy(qmp, &m.handle.id, Some(since), conv.downtime_ms()).await?;
+                }
                 _ = ticker.tick() => {
                     let c = &m.handle.counters;
                     let moved = Counters::get(&c.bytes_from_qemu) + Counters::get(&c.wire_out) + Counters::get(&c.wire_in) + Counters::get(&c.wire_data);
@@ -425,18 +457,37 @@ pub(super) async fn run(
                         // post-copy: after the first pass (as virsh --postcopy-after-precopy)
                         // the VM goes to the destination, never slowed nor given up on
                         let step = if m.req.postcopy { None } else { step };
-                        if m.req.postcopy && !postcopy_started && info.status == "active" && sample.sync_count >= 2 {
+                        if m.req.postcopy && postcopy == PostcopyStart::NotYet && info.status == "active" && sample.sync_count >= 2 {
                             // what tern holds in flight goes before QEMU's device state and
                             // so counts in the downtime: down to about one round trip of the
                             // link first (the guest still runs here meanwhile)
-                            if let Some(f) = &flow_ctl {
-                                let t0 = Instant::now();
-                                let drained = f.drain_before(Duration::from_secs(2)).await;
-                                tracing::info!(migration = %m.handle.id, drained, waited_ms = t0.elapsed().as_millis() as u64, "in-flight stream drained before post-copy");
+                            tracing::info!(migration = %m.handle.id, "the first pass is over: post-copy once what is in flight drained");
+                            match &flow_ctl {
+                                Some(f) => {
+                                    // With postcopy-ram QEMU weighs finishing by pre-copy at
+                                    // every step (all its RAM may go later): measured here, it
+                                    // did so during the drain and sent 150-250 MB with the VM
+                                    // stopped (12-20 s). A limit of 1 ms keeps it from that
+                                    // until post-copy is asked for.
+                                    qmp.set_migrate_parameters(json!({ "downtime-limit": 1 })).await?;
+                                    f.start_drain();
+                                    postcopy = PostcopyStart::Draining(Instant::now());
+                                }
+                                None => postcopy = start_postcopy(qmp, &m.handle.id, None, conv.downtime_ms()).await?,
                             }
-                            tracing::info!(migration = %m.handle.id, "the first pass is over: starting post-copy");
-                            qmp.execute("migrate-start-postcopy", None).await?;
-                            postcopy_started = true;
+                        }
+                        match postcopy {
+                            PostcopyStart::Draining(since) if since.elapsed() >= DRAIN_MAX => {
+                                postcopy = start_postcopy(qmp, &m.handle.id, Some(since), conv.downtime_ms()).await?;
+                            }
+                            // QEMU has not switched yet (it waits for what must go before):
+                            // pre-copy goes on at the full window meanwhile
+                            PostcopyStart::Asked(at) if at.elapsed() >= DRAIN_MAX => {
+                                if let Some(f) = &flow_ctl {
+                                    f.end_drain();
+                                }
+                            }
+                            _ => {}
                         }
                         match step {
                             Some(Step::Throttle(level)) => {
@@ -524,4 +575,53 @@ pub(super) async fn run(
     t.events = events;
     t._tasks = tasks;
     Ok(t)
+}
+
+/// Where the source is in starting post-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PostcopyStart {
+    NotYet,
+    /// Since then, the forwarder drains what is in flight.
+    Draining(Instant),
+    /// Asked of QEMU then.
+    Asked(Instant),
+}
+
+/// The longest the source waits for the drain before it asks for post-copy anyway.
+const DRAIN_MAX: Duration = Duration::from_secs(2);
+
+/// Returns once the forwarder drained what is in flight (never without flow control).
+async fn drained(flow: &Option<std::sync::Arc<crate::transport::flow::Flow>>) {
+    match flow {
+        Some(f) => f.drained().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `migrate-start-postcopy`, then QEMU's downtime limit back to `downtime_ms` after a
+/// drain. (QEMU takes the request even once it finished by itself: that migration ends as
+/// pre-copy. An error from a QEMU that is no longer `active`, e.g. a command that timed
+/// out while QEMU held its lock to send the last of pre-copy, is not one either.)
+async fn start_postcopy(
+    qmp: &QmpClient,
+    id: &str,
+    drained_since: Option<Instant>,
+    downtime_ms: u64,
+) -> Result<PostcopyStart, MigrateError> {
+    let waited_ms = drained_since.map(|t| t.elapsed().as_millis() as u64);
+    tracing::info!(migration = %id, ?waited_ms, "starting post-copy");
+    if let Err(e) = qmp.execute("migrate-start-postcopy", None).await {
+        match qmp.query_migrate().await {
+            Ok(i) if i.status != "active" => {
+                tracing::info!(migration = %id, status = %i.status, "QEMU left pre-copy before post-copy was asked for: {e}");
+                return Ok(PostcopyStart::Asked(Instant::now()));
+            }
+            _ => return Err(e.into()),
+        }
+    }
+    if drained_since.is_some() {
+        qmp.set_migrate_parameters(json!({ "downtime-limit": downtime_ms }))
+            .await?;
+    }
+    Ok(PostcopyStart::Asked(Instant::now()))
 }
