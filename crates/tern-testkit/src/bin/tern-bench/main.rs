@@ -243,7 +243,8 @@ fn main() -> Result<()> {
             let profile = arg("--profile").unwrap_or_else(|| "wan-100m-50ms".into());
             let mem: u32 = arg("--mem-mib").map(|m| m.parse()).transpose()?.unwrap_or(1024);
             let limit: u64 = arg("--limit-secs").map(|m| m.parse()).transpose()?.unwrap_or(180);
-            let out = postcopy::bench(&bin, &g, &profile, mem, Duration::from_secs(limit))?;
+            let tern_only = arg("--only").is_some_and(|o| o == "tern");
+            let out = postcopy::bench(&bin, &g, &profile, mem, Duration::from_secs(limit), tern_only)?;
             return emit(&out);
         }
         Some("cluster") => {
@@ -320,7 +321,7 @@ fn main() -> Result<()> {
             return Ok(());
         }
         _ => bail!(
-            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench datapath --tern PATH [--sizes 2048,8192] [--rounds 5] [--out FILE]\n       tern-bench spread --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--runs 20] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench predict --tern PATH [--profiles wan-100m-50ms,wan-1g-20ms] [--mem-mib 512] [--out FILE]\n       tern-bench shared --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 320] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]\n       tern-bench postcopy --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--out FILE]\n       tern-bench upgrade --tern PATH [--sizes 1024,4096,16384] [--fill-mib 512] [--rounds 3] [--out FILE]\n       tern-bench libvirt --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 256] [--disk-mib N] [--out FILE]\n       tern-bench disk --tern PATH [--link wan-100m-50ms] [--disk-mib 256] [--rounds 1] [--scenario a|b|c] [--only qemu|tern] [--limit-secs 600] [--out FILE (appended)]\n       tern-bench cluster [--hosts 100] [--vms 2000] [--hours 24] [--seed 1] [--step 30] [--link-gbps 10] [--trace LOAD.csv --inventory INVENTORY.csv [--rules RULES.toml]] [--dump-trace DIR] [--out FILE]"
+            "usage: tern-bench loopback --tern PATH [--rounds N] [--out FILE]\n       tern-bench datapath --tern PATH [--sizes 2048,8192] [--rounds 5] [--out FILE]\n       tern-bench spread --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--runs 20] [--out FILE]\n       tern-bench tls --tern PATH [--rounds N] [--only TEXT] [--out FILE]\n       tern-bench predict --tern PATH [--profiles wan-100m-50ms,wan-1g-20ms] [--mem-mib 512] [--out FILE]\n       tern-bench shared --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 320] [--out FILE]\n       tern-bench wan --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only TEXT] [--out FILE]\n       tern-bench postcopy --tern PATH [--profile wan-100m-50ms] [--mem-mib 1024] [--limit-secs 180] [--only tern] [--out FILE]\n       tern-bench upgrade --tern PATH [--sizes 1024,4096,16384] [--fill-mib 512] [--rounds 3] [--out FILE]\n       tern-bench libvirt --tern PATH [--profile wan-100m-50ms] [--mem-mib 512] [--fill-mib 256] [--disk-mib N] [--out FILE]\n       tern-bench disk --tern PATH [--link wan-100m-50ms] [--disk-mib 256] [--rounds 1] [--scenario a|b|c] [--only qemu|tern] [--limit-secs 600] [--out FILE (appended)]\n       tern-bench cluster [--hosts 100] [--vms 2000] [--hours 24] [--seed 1] [--step 30] [--link-gbps 10] [--trace LOAD.csv --inventory INVENTORY.csv [--rules RULES.toml]] [--dump-trace DIR] [--out FILE]"
         ),
     }
     let rounds: usize = arg("--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);

@@ -22,6 +22,7 @@ pub fn bench(
     profile: &str,
     mem_mib: u32,
     limit: Duration,
+    tern_only: bool,
 ) -> Result<String> {
     let _lab = WanLab::up(profile)?;
     let rt = tokio::runtime::Runtime::new()?;
@@ -35,7 +36,12 @@ pub fn bench(
         .prefix("tern-bench-postcopy-")
         .tempdir_in("/tmp")?;
     let mut runs: Vec<Run> = Vec::new();
-    for mode in [QemuMode::Postcopy, QemuMode::PostcopyPreempt] {
+    let modes = if tern_only {
+        vec![]
+    } else {
+        vec![QemuMode::Postcopy, QemuMode::PostcopyPreempt]
+    };
+    for mode in modes {
         eprintln!("[postcopy] QEMU {mode:?}");
         let dir = work.path().join(format!("{mode:?}"));
         runs.push(rt.block_on(wan::qemu_direct(g, &w, mem_mib, &dir, mode, limit))?);
@@ -55,6 +61,16 @@ pub fn bench(
     if let Ok(console) = b.console_log("wan-vm") {
         t.rate_at_b = wan::mean_rate(&wan::console_from(&console, 0).0);
     }
+    if t.switch_s.is_nan() {
+        // not post-copy after all: what the source said of it
+        for l in a
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("post-copy") || l.contains("pre-copy"))
+        {
+            eprintln!("  source: {l}");
+        }
+    }
     let _ = b.call("DELETE", "/v1/vms/wan-vm", None);
     drop((a, b));
     runs.push(t);
@@ -64,13 +80,15 @@ pub fn bench(
         "Profile {profile}, {mem_mib} MiB guest writing fresh random data over 128 MiB at {rate} MiB/s (1.5x the link), \
          post-copy after QEMU's first pass, one run each, same machine and link. Bytes: host A's link, both directions. \
          Downtime: source STOP to destination RESUME. Guest rate: the guest's own dirtying rate, MiB/s (its console), \
-         before the migration at A and at B from the switchover to the end.\n\n\
-         | path | outcome | total s | to switchover s | downtime ms | link MB | CPU s (machine) | guest MiB/s before | at B during post-copy |\n\
-         |---|---|---|---|---|---|---|---|---|\n"
+         before the migration at A and at B from the switchover to the end. Page requests: what the destination QEMU asked \
+         for (QEMU: the source's `postcopy-requests`; tern: counted by the destination agent); vCPU blocked: the destination \
+         QEMU's `postcopy-vcpu-blocktime` (the guest has one vCPU).\n\n\
+         | path | outcome | total s | to switchover s | downtime ms | link MB | CPU s (machine) | guest MiB/s before | at B during post-copy | page requests | vCPU blocked s |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for r in &runs {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.path,
             r.outcome,
             f(r.total_s, 1),
@@ -80,6 +98,8 @@ pub fn bench(
             f(r.cpu_s, 1),
             f(r.guest_rate_before, 1),
             f(r.rate_at_b, 1),
+            f(r.page_requests, 0),
+            f(r.vcpu_blocked_ms / 1e3, 1),
         ));
     }
     out.push('\n');
@@ -87,13 +107,14 @@ pub fn bench(
     let t = &tern[0];
     for q in qemu {
         out.push_str(&format!(
-            "- tern --postcopy vs {}: total time {:.2}x, time to switchover {:.2}x, downtime {:.2}x, bytes {:.2}x, guest rate at B during post-copy {:.2}x\n",
+            "- tern --postcopy vs {}: total time {:.2}x, time to switchover {:.2}x, downtime {:.2}x, bytes {:.2}x, guest rate at B during post-copy {:.2}x, vCPU blocked {:.2}x\n",
             q.path,
             t.total_s / q.total_s,
             t.switch_s / q.switch_s,
             t.downtime_ms / q.downtime_ms,
             t.link_mb / q.link_mb,
             t.rate_at_b / q.rate_at_b,
+            t.vcpu_blocked_ms / q.vcpu_blocked_ms,
         ));
     }
     Ok(out)

@@ -39,6 +39,10 @@ pub struct Run {
     /// post-copy), and the guest's dirtying rate there until the migration ended (MiB/s).
     pub switch_s: f64,
     pub rate_at_b: f64,
+    /// Post-copy: the destination's page requests and the most one vCPU waited on them
+    /// (ms, QEMU's `postcopy-vcpu-blocktime`); NaN: not measured.
+    pub page_requests: f64,
+    pub vcpu_blocked_ms: f64,
 }
 
 /// The mean of the `rate=R MiB/s` lines a dirtier printed in `text` (NaN: none).
@@ -133,6 +137,8 @@ pub async fn qemu_direct(
         let mut caps = vec![("events", true)];
         if post {
             caps.push(("postcopy-ram", true));
+            // (the destination measures what page faults cost its vCPUs)
+            caps.push(("postcopy-blocktime", true));
         }
         if mode == QemuMode::PostcopyPreempt {
             caps.push(("postcopy-preempt", true));
@@ -207,6 +213,8 @@ pub async fn qemu_direct(
         span: (t0, ended),
         switch_s: f64::NAN,
         rate_at_b: f64::NAN,
+        page_requests: info.postcopy_requests.map_or(f64::NAN, |n| n as f64),
+        vcpu_blocked_ms: f64::NAN,
     };
     if run.completed() {
         let stop = src
@@ -221,6 +229,22 @@ pub async fn qemu_direct(
         if post {
             run.switch_s = (event_us(resume.timestamp) - event_us(t0_wall)) / 1e6;
             run.rate_at_b = mean_rate(&console_from(&dst.console_log, 0).0);
+            // (the destination's blocktime comes once it completed too)
+            let mut d = dst.qmp.query_migrate().await?;
+            for _ in 0..50 {
+                if d.status == "completed" {
+                    break;
+                }
+                let _ = dst
+                    .qmp
+                    .wait_event(&mut dev, "MIGRATION", Duration::from_millis(200))
+                    .await;
+                d = dst.qmp.query_migrate().await?;
+            }
+            run.vcpu_blocked_ms = d
+                .postcopy_vcpu_blocktime_ms
+                .and_then(|v| v.into_iter().max())
+                .map_or(f64::NAN, |ms| ms as f64);
         }
     }
     src.kill().await;
@@ -327,6 +351,7 @@ pub fn via_tern_with(
             e => (format!("failed: {e:?}"), f64::NAN, f64::NAN),
         },
     };
+    let faults = st.report.as_ref().and_then(|r| r.postcopy_faults);
     if let Some(r) = &st.report {
         eprintln!(
             "  tern: {} ms total, {} ms downtime ({:?}); pages {:?}; encoding {:?}",
@@ -357,6 +382,10 @@ pub fn via_tern_with(
             })
             .unwrap_or(f64::NAN),
         rate_at_b: f64::NAN,
+        page_requests: faults.map_or(f64::NAN, |f| f.requests as f64),
+        vcpu_blocked_ms: faults
+            .and_then(|f| f.max_vcpu_blocked_ms)
+            .map_or(f64::NAN, |ms| ms as f64),
     })
 }
 
