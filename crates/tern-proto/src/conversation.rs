@@ -457,15 +457,7 @@ mod tests {
 
     #[test]
     fn postcopy_run_only_after_postcopy_offer_and_once() {
-        let prep = Message::Prepare {
-            migration_id: "m".into(),
-            spec_toml: String::new(),
-            source_running: true,
-            qemu_version: String::new(),
-        };
-        let prepared = Message::Prepared {
-            qemu_version: String::new(),
-        };
+        let (prep, prepared) = (prepare(), prepared());
         let mut c = Conversation::new();
         run(
             &mut c,
@@ -501,20 +493,8 @@ mod tests {
             pages: 5,
             blocktime: None,
         };
-        let prep = Message::Prepare {
-            migration_id: "m".into(),
-            spec_toml: String::new(),
-            source_running: true,
-            qemu_version: String::new(),
-        };
-        let prepared = Message::Prepared {
-            qemu_version: String::new(),
-        };
-        let done = Message::SourceDone {
-            digest: [0; 32],
-            pages: 1,
-            commit: false,
-        };
+        let (prep, prepared) = (prepare(), prepared());
+        let done = done(false);
         let mut c = Conversation::new();
         run(
             &mut c,
