@@ -152,18 +152,9 @@ impl Arrivals {
     /// (from the last arrival at or before the middle to the last arrival). (0, 0) with
     /// fewer than two arrivals.
     fn later_half(&self) -> (u64, u64) {
-        let (Some(&(first, _)), Some((end, total))) = (self.at.first(), self.last) else {
-            return (0, 0);
-        };
-        let mid = first + (end - first) / 2;
-        let (t, before) = self
-            .at
-            .iter()
-            .rev()
-            .find(|(t, _)| *t <= mid)
-            .copied()
-            .unwrap_or((first, 0));
-        (total - before, (end - t).as_micros() as u64)
+        self.last
+            .and_then(|end| crate::transport::probe::later_half(&self.at, end))
+            .map_or((0, 0), |(bytes, d)| (bytes, d.as_micros() as u64))
     }
 }
 

@@ -367,7 +367,7 @@ pub(super) async fn forward(
                         pipe.hand(&mut out).await?;
                         if let Some((f, _)) = &flow {
                             // the package went behind no more than the drained window
-                            f.drain.store(false, Ordering::SeqCst);
+                            f.end_drain();
                         }
                         handle.update(|s| s.progress.qemu_status = "postcopy-active".into());
                     }
@@ -390,24 +390,8 @@ pub(super) async fn forward(
                 // Flow control: do not take more from QEMU while the window is full.
                 if let (Some((f, rtt)), Some(w)) = (&flow, window.as_mut()) {
                     loop {
-                        let applied = f.applied.load(Ordering::SeqCst);
-                        let ahead = units.saturating_sub(applied);
-                        let draining = f.drain.load(Ordering::SeqCst);
-                        // post-copy: the guest runs at the destination, its faults wait
-                        // behind what is in flight
-                        let small =
-                            draining || postcopy.as_ref().is_some_and(|p| p.load(Ordering::SeqCst));
-                        let limit = if draining {
-                            w.drained_size(applied, link_rate(c))
-                        } else if small {
-                            w.postcopy_size(applied, link_rate(c))
-                        } else {
-                            w.size(applied)
-                        };
-                        if ahead <= limit {
-                            if draining {
-                                f.drained.notify_one();
-                            }
+                        let fit = fit_window(f, w, units, postcopy.as_deref(), c);
+                        if fit.fits {
                             break;
                         }
                         pipe.hand(&mut out).await?;
@@ -419,8 +403,8 @@ pub(super) async fn forward(
                             tracing::warn!(
                                 migration = %handle.id,
                                 units,
-                                applied,
-                                window = limit,
+                                applied = fit.applied,
+                                window = fit.limit,
                                 wire_out = handle.counters.wire_out.load(Ordering::Relaxed),
                                 "flow control: no progress from the destination for 5 s"
                             );
@@ -432,7 +416,7 @@ pub(super) async fn forward(
                         // A window kept small on purpose says nothing of the link either
                         // (told as a wait, the link's rate would follow it down, and
                         // the small windows, sized from that rate, with it).
-                        if *rtt >= DataPathPicker::WAN_RTT && !small {
+                        if *rtt >= DataPathPicker::WAN_RTT && !fit.small {
                             pipe.send(ToSender::Waited(t.elapsed())).await?;
                         }
                     }
@@ -450,14 +434,8 @@ pub(super) async fn forward(
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         pipe.hand(&mut out).await?;
                         if let (Some((f, _)), Some(w)) = (&flow, window.as_mut()) {
-                            // draining, and QEMU is quiet: say so if little is in flight
-                            let applied = f.applied.load(Ordering::SeqCst);
-                            if f.drain.load(Ordering::SeqCst)
-                                && units.saturating_sub(applied)
-                                    <= w.drained_size(applied, link_rate(c))
-                            {
-                                f.drained.notify_one();
-                            }
+                            // QEMU is quiet: a drain that got there says so now
+                            fit_window(f, w, units, postcopy.as_deref(), c);
                         }
                         tokio::select! {
                             r = qemu.read_buf(&mut inbuf) => r.map_err(MigrateError::LocalIo)?,
@@ -599,8 +577,47 @@ fn digest_of(d: &mut Option<MemoryDigest>, at: u64) -> Result<&mut MemoryDigest,
     })
 }
 
-/// The stream rate the link carries for pages sent as bytes, as the sender measured it
-/// (0: not yet), for the drained and post-copy windows.
-fn link_rate(c: &crate::handle::Counters) -> f64 {
-    Counters::get(&c.switchover_bps) as f64
+/// Where the stream units handed on stand against the window in effect.
+struct Fit {
+    fits: bool,
+    applied: u64,
+    limit: u64,
+    /// The window is kept small on purpose (a drain, or post-copy): waiting on it says
+    /// nothing of the link.
+    small: bool,
+}
+
+/// Whether `units` handed on fit the window in effect: the drained one before post-copy
+/// ([`Window::drained_size`]), post-copy's while the guest runs at the destination and
+/// its faults wait behind what is in flight ([`Window::postcopy_size`]), else the normal
+/// one. Raises [`Flow::drained`] when they fit a drain. The small windows are sized from
+/// the stream rate the link carries for pages sent as bytes, as the sender measured it.
+fn fit_window(
+    f: &Flow,
+    w: &mut Window,
+    units: u64,
+    postcopy: Option<&AtomicBool>,
+    c: &crate::handle::Counters,
+) -> Fit {
+    let applied = f.applied.load(Ordering::SeqCst);
+    let draining = f.drain.load(Ordering::SeqCst);
+    let small = draining || postcopy.is_some_and(|p| p.load(Ordering::SeqCst));
+    let link = Counters::get(&c.switchover_bps) as f64;
+    let limit = if draining {
+        w.drained_size(applied, link)
+    } else if small {
+        w.postcopy_size(applied, link)
+    } else {
+        w.size(applied)
+    };
+    let fits = units.saturating_sub(applied) <= limit;
+    if fits && draining {
+        f.drained.notify_one();
+    }
+    Fit {
+        fits,
+        applied,
+        limit,
+        small,
+    }
 }

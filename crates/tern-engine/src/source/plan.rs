@@ -598,11 +598,9 @@ async fn sound(
 /// of `acks` ((time, bytes acknowledged so far), as the filler went), bytes/s; None with
 /// too little to say (under 10 ms, or nothing acknowledged meanwhile).
 fn acked_rate(acks: &[(Instant, u64)]) -> Option<f64> {
-    let (&(first, _), &(end, last)) = (acks.first()?, acks.last()?);
-    let mid = first + (end - first) / 2;
-    let &(t, before) = acks.iter().rev().find(|(t, _)| *t <= mid)?;
-    let dt = (end - t).as_secs_f64();
-    (dt >= 0.01 && last > before).then(|| (last - before) as f64 / dt)
+    let (bytes, d) = crate::transport::probe::later_half(acks, *acks.last()?)?;
+    let dt = d.as_secs_f64();
+    (dt >= 0.01 && bytes > 0).then(|| bytes as f64 / dt)
 }
 
 /// A VM's local disks as the model sees them: their allocated bytes, the share of their

@@ -4,10 +4,25 @@
 //! (round trip above the least) is the sign of other traffic on a shared link, and
 //! acknowledged bytes are what the link delivered.
 //!
-//! Owns the `TCP_INFO` read (the crate's one `unsafe`), nothing else.
+//! Owns the `TCP_INFO` read (the crate's one `unsafe`), and the later half of a link
+//! probe's samples ([`later_half`]), which both ends of a plan's probe measure.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// The later half of a link probe, after TCP's slow start: from `samples` ((time, bytes so
+/// far), in time order, from the first) and the last one, `end`: the bytes after the last
+/// sample at or before the middle of the probe's time, and the time from that sample to
+/// `end`. None without samples.
+pub fn later_half(samples: &[(Instant, u64)], end: (Instant, u64)) -> Option<(u64, Duration)> {
+    let &(first, _) = samples.first()?;
+    let mid = first + (end.0 - first) / 2;
+    let &(t, before) = samples.iter().rev().find(|(t, _)| *t <= mid)?;
+    Some((
+        end.1.saturating_sub(before),
+        end.0.saturating_duration_since(t),
+    ))
+}
 
 /// A handle on one TCP connection's kernel state, valid while the socket lives (it holds
 /// a duplicate of the descriptor, so reading it never touches a reused number).
