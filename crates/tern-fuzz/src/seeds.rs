@@ -209,6 +209,16 @@ fn messages() -> Vec<Message> {
             round: 5,
             written: 12345,
         },
+        // v12: the one message of post-copy with a body worth mutating (a flag, then more)
+        // (the seed count per target is bounded: other newer types come by mutation)
+        Message::PostcopyFaults {
+            requests: 460,
+            pages: 470,
+            blocktime: Some(tern_proto::Blocktime {
+                all_vcpus_ms: 10_100,
+                max_vcpu_ms: 10_100,
+            }),
+        },
     ]
 }
 
