@@ -608,6 +608,12 @@ pub struct PostcopyFaults {
     pub requests: u64,
     /// The pages those requests asked for.
     pub pages: u64,
+    /// Of those pages, how many came from the destination's page store: the source sent a
+    /// reference to content the destination held (a return trip, content it had seen
+    /// before), so the page's bytes did not cross the link (protocol v13; 0 from an older
+    /// destination).
+    #[serde(default)]
+    pub served_locally: u64,
     /// The time every vCPU waited on a page at once, ms (QEMU's `postcopy-blocktime`;
     /// None: that QEMU did not measure it).
     #[serde(default, skip_serializing_if = "Option::is_none")]

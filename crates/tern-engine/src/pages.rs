@@ -138,6 +138,10 @@ pub struct PageEncoder {
     lean: bool,
     /// The peer takes `Plain` pages (v5): lean pages it need not keep.
     plain: bool,
+    /// Post-copy: the lean path, except that content the destination's summary holds
+    /// goes as a reference (no Want round trip: it pinned all of it before the
+    /// migration). A page it asks for then comes from its store, not across the link.
+    held_refs: bool,
     /// Prefixes of what the destination's store held when the migration started.
     summary: HashSet<u64>,
     /// Content the destination received or was referred to in this migration (it keeps
@@ -162,6 +166,7 @@ impl PageEncoder {
             dedup,
             lean: !dedup,
             plain: false,
+            held_refs: false,
             summary,
             sent: Offered::default(),
             map: PageMap::default(),
@@ -182,6 +187,14 @@ impl PageEncoder {
     /// The peer speaks v5: lean pages go as `Plain`, which it neither hashes nor keeps.
     pub fn set_plain(&mut self, plain: bool) {
         self.plain = plain;
+    }
+
+    /// Post-copy's lean path: references only to content the destination's summary
+    /// holds (no delta, no reference to what this migration sent, nothing else kept:
+    /// every reference resolves at the destination without a round trip, barring a
+    /// 64-bit prefix that matched by chance, which a Want still answers).
+    pub fn set_held_refs(&mut self, on: bool) {
+        self.held_refs = on && self.dedup;
     }
 
     pub fn summary_len(&self) -> usize {
@@ -207,6 +220,23 @@ impl PageEncoder {
 
     /// The cheapest body for this page.
     pub fn page(&mut self, block: u16, offset: u64, data: Bytes) -> PageBody {
+        if self.lean && self.held_refs && !self.summary.is_empty() {
+            let h = self.hasher.hash(&data);
+            if self.summary.contains(&prefix(&h)) {
+                let mut st = self.store.lock();
+                // kept pinned here so that a Want (a prefix that matched by chance) is
+                // answered; offered only once referred to
+                if self.pins.keep(&mut st, h, &data) {
+                    drop(st);
+                    self.sent.0.lock().insert(h);
+                    if let Some(s) = self.map.slot(block, offset) {
+                        *s = None; // no delta is made on this path
+                    }
+                    self.stats.refs += 1;
+                    return PageBody::Ref(h);
+                }
+            }
+        }
         if self.lean {
             self.stats.raw += 1;
             self.stats.lean += 1;
@@ -505,6 +535,8 @@ mod tests {
             ops in proptest::collection::vec(op(), 1..60),
             held in proptest::collection::vec((0u8..4, 0u8..4), 0..6),
             phantom in proptest::collection::vec((0u8..4, 0u8..4), 0..3),
+            // 0: dedup; 1: lean; 2: post-copy's lean with references to held content
+            path in 0u8..3,
         ) {
             let hasher = ContentHasher::new([9; 32]);
             let (src_store, dst_store) = (store(64), store(64));
@@ -518,6 +550,9 @@ mod tests {
             // prefixes that match nothing the destination holds (chance, or eviction)
             prefixes.extend(phantom.iter().map(|&(k, e)| prefix(&hasher.hash(&content(k, e)))));
             let mut enc = PageEncoder::new(hasher.clone(), src_store.clone(), true, prefixes.into_iter().collect());
+            enc.set_plain(true);
+            enc.set_lean(path > 0);
+            enc.set_held_refs(path == 2);
             enc.set_blocks(PS as u64, &[8 * PS as u64]);
             dec.set_blocks(PS as u64, &[8 * PS as u64]);
             for op in ops {
@@ -576,6 +611,66 @@ mod tests {
             plain.page(0, PS as u64, content(1, 0)),
             PageBody::Raw(_)
         ));
+    }
+
+    #[test]
+    fn postcopy_refers_only_to_what_the_destination_held() {
+        let hasher = ContentHasher::new([1; 32]);
+        let dst = store(64);
+        dst.lock()
+            .insert(hasher.hash(&content(1, 0)), &content(1, 0))
+            .unwrap();
+        let mut dec = PageDecoder::new(hasher.clone(), dst);
+        let (_, mut prefixes) = dec.summary();
+        // a prefix that matches nothing held (chance): costs a Want, nothing else
+        prefixes.push(prefix(&hasher.hash(&content(3, 0))));
+        let src = store(64);
+        let mut enc = PageEncoder::new(
+            hasher.clone(),
+            src.clone(),
+            true,
+            prefixes.into_iter().collect(),
+        );
+        enc.set_plain(true);
+        enc.set_lean(true);
+        enc.set_held_refs(true);
+        enc.set_blocks(PS as u64, &[4 * PS as u64]);
+        dec.set_blocks(PS as u64, &[4 * PS as u64]);
+        let held = hasher.hash(&content(1, 0));
+        assert_eq!(enc.page(0, 0, content(1, 0)), PageBody::Ref(held));
+        assert_eq!(
+            dec.resolve(0, 0, PageBody::Ref(held)).unwrap(),
+            Resolved::Page(content(1, 0))
+        );
+        // content not held goes as bytes, twice: nothing this migration sent is kept there
+        for at in [PS, 2 * PS] {
+            assert!(matches!(
+                enc.page(0, at as u64, content(2, 0)),
+                PageBody::Plain(_)
+            ));
+        }
+        // and no delta against an edited held page
+        assert!(matches!(enc.page(0, 0, content(1, 5)), PageBody::Plain(_)));
+        let phantom = hasher.hash(&content(3, 0));
+        assert_eq!(
+            enc.page(0, 3 * PS as u64, content(3, 0)),
+            PageBody::Ref(phantom)
+        );
+        assert_eq!(
+            dec.resolve(0, 3 * PS as u64, PageBody::Ref(phantom))
+                .unwrap(),
+            Resolved::Missing(phantom)
+        );
+        let answer = answer_want(&src, &enc.offered(), &[phantom]).unwrap();
+        assert_eq!(answer, vec![(phantom, content(3, 0))]);
+        assert_eq!((enc.stats.refs, enc.stats.lean), (2, 3));
+        // without a summary: no hashing at all, the plain lean path
+        let mut bare = PageEncoder::new(hasher, store(64), true, HashSet::new());
+        bare.set_plain(true);
+        bare.set_lean(true);
+        bare.set_held_refs(true);
+        bare.set_blocks(PS as u64, &[4 * PS as u64]);
+        assert!(matches!(bare.page(0, 0, content(1, 0)), PageBody::Plain(_)));
     }
 
     #[test]

@@ -218,6 +218,8 @@ fn messages() -> Vec<Message> {
                 all_vcpus_ms: 10_100,
                 max_vcpu_ms: 10_100,
             }),
+            // v13's trailing field
+            local: 120,
         },
     ]
 }

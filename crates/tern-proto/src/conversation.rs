@@ -492,6 +492,7 @@ mod tests {
             requests: 3,
             pages: 5,
             blocktime: None,
+            local: 0,
         };
         let (prep, prepared) = (prepare(), prepared());
         let done = done(false);

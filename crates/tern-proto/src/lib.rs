@@ -281,7 +281,73 @@ mod tests {
                 bytes: 1 << 20,
                 micros: 250_000,
             },
+            Message::PostcopyFaults {
+                requests: 3,
+                pages: 5,
+                blocktime: None,
+                local: 0,
+            },
+            Message::PostcopyFaults {
+                requests: 3,
+                pages: 5,
+                blocktime: Some(Blocktime {
+                    all_vcpus_ms: 7,
+                    max_vcpu_ms: 11,
+                }),
+                local: 2,
+            },
+            Message::PostcopyFaults {
+                requests: 3,
+                pages: 5,
+                blocktime: None,
+                local: u64::MAX,
+            },
         ]
+    }
+
+    #[test]
+    fn postcopy_faults_local_is_an_optional_trailing_field() {
+        let v12 = Message::PostcopyFaults {
+            requests: 3,
+            pages: 5,
+            blocktime: None,
+            local: 0,
+        };
+        let mut short = BytesMut::new();
+        encode(&v12, &mut short);
+        let v13 = Message::PostcopyFaults {
+            requests: 3,
+            pages: 5,
+            blocktime: None,
+            local: 4,
+        };
+        let mut long = BytesMut::new();
+        encode(&v13, &mut long);
+        // v13 = the v12 frame (length aside) + be64 local
+        assert_eq!(long.len(), short.len() + 8);
+        assert_eq!(long[6..short.len()], short[6..]);
+        assert_eq!(long[short.len()..], 4u64.to_be_bytes());
+        // a byte past local is still refused
+        let mut b = long.clone();
+        b.extend_from_slice(&[0]);
+        let len = u32::from_be_bytes(b[2..6].try_into().unwrap()) + 1;
+        b[2..6].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(
+            decode(&mut b),
+            Err(FrameError::Trailing(1, "PostcopyFaults"))
+        );
+        // a partial local is short, not zero
+        let mut b = long.clone();
+        b.truncate(b.len() - 1);
+        let len = u32::from_be_bytes(b[2..6].try_into().unwrap()) - 1;
+        b[2..6].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(
+            decode(&mut b),
+            Err(FrameError::Short {
+                msg: "PostcopyFaults",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -426,7 +492,8 @@ mod tests {
         assert_eq!(negotiate(1, 9), Some(9));
         assert_eq!(negotiate(1, 10), Some(10));
         assert_eq!(negotiate(1, 11), Some(11));
-        assert_eq!(negotiate(1, 12), Some(PROTOCOL_VERSION));
+        assert_eq!(negotiate(1, 12), Some(12));
+        assert_eq!(negotiate(1, 13), Some(PROTOCOL_VERSION));
         assert_eq!(negotiate(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 5), None);
         assert_eq!(negotiate(0, 0), None);
     }

@@ -436,6 +436,11 @@ pub enum Message {
         requests: u64,
         pages: u64,
         blocktime: Option<Blocktime>,
+        /// v13: of the requested pages, how many came as a reference to content the
+        /// destination's page store held (their content did not cross the link). Sent
+        /// only to a v13 peer: a v12 peer rejects trailing bytes, so a sender leaves it 0
+        /// for a peer below 13 (0 is not sent; the frame is then the v12 one).
+        local: u64,
     },
 }
 
@@ -753,6 +758,7 @@ pub(crate) fn encode_payload(msg: &Message, out: &mut BytesMut, segs: &mut Vec<B
             requests,
             pages,
             blocktime,
+            local,
         } => {
             out.put_u64(*requests);
             out.put_u64(*pages);
@@ -763,6 +769,9 @@ pub(crate) fn encode_payload(msg: &Message, out: &mut BytesMut, segs: &mut Vec<B
                     out.put_u64(b.max_vcpu_ms);
                 }
                 None => out.put_u8(0),
+            }
+            if *local != 0 {
+                out.put_u64(*local); // v13; a v12 frame ends before it
             }
         }
     }
@@ -826,7 +835,9 @@ pub(crate) fn payload_len(msg: &Message) -> usize {
         | Message::PostcopyResumed => 0,
         Message::PostcopyResume { migration_id } => s(migration_id),
         Message::ProbeResult { .. } => 16,
-        Message::PostcopyFaults { blocktime, .. } => 17 + if blocktime.is_some() { 16 } else { 0 },
+        Message::PostcopyFaults {
+            blocktime, local, ..
+        } => 17 + if blocktime.is_some() { 16 } else { 0 } + if *local != 0 { 8 } else { 0 },
     }
 }
 
@@ -1088,6 +1099,7 @@ pub(crate) fn decode_payload(ty: MessageType, payload: Bytes) -> Result<Message,
                 }),
                 false => None,
             },
+            local: if r.b.is_empty() { 0 } else { r.u64()? },
         },
     };
     if !r.b.is_empty() {

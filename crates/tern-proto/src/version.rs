@@ -2,7 +2,7 @@
 //! newest both speak). A message type's version is in [`crate::MessageType::since`].
 
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 12;
+pub const PROTOCOL_VERSION: u16 = 13;
 /// Oldest protocol version this build still accepts. With a v1 peer a source sends zero and
 /// raw pages only, uncompressed.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -211,6 +211,7 @@ fn canonical(v: u16) -> Vec<Message> {
                 all_vcpus_ms: 87,
                 max_vcpu_ms: 912,
             }),
+            local: if v >= 13 { 421 } else { 0 },
         },
     ];
     assert_eq!(all.len(), MessageType::ALL.len(), "one message per type");
@@ -264,6 +265,36 @@ fn every_version_keeps_its_bytes() {
             );
         }
     }
+}
+
+#[test]
+fn v12_postcopy_faults_decode_with_local_zero_and_local_zero_encodes_as_v12() {
+    // v13's `local` is an optional trailing field: a v12 frame ends before it
+    let m = canonical(12)
+        .into_iter()
+        .find(|m| m.kind() == MessageType::PostcopyFaults)
+        .unwrap();
+    let Message::PostcopyFaults { local, .. } = m else {
+        unreachable!()
+    };
+    assert_eq!(local, 0);
+    let v12 = std::fs::read(file(12, &m)).unwrap();
+    let mut b = BytesMut::from(&v12[..]);
+    let got = decode(&mut b).unwrap().unwrap();
+    assert!(b.is_empty());
+    assert!(matches!(got, Message::PostcopyFaults { local: 0, .. }));
+    assert_eq!(got, m);
+    assert_eq!(bytes_of(&got), v12, "local 0 encodes as v12");
+    // the v13 frame is the v12 one with be64 local after it
+    let m13 = canonical(13)
+        .into_iter()
+        .find(|m| m.kind() == MessageType::PostcopyFaults)
+        .unwrap();
+    let v13 = std::fs::read(file(13, &m13)).unwrap();
+    assert_eq!(v13.len(), v12.len() + 8);
+    assert_eq!(v13[..2], v12[..2]);
+    assert_eq!(v13[6..v12.len()], v12[6..]);
+    assert_eq!(v13[v12.len()..], 421u64.to_be_bytes());
 }
 
 #[test]

@@ -1339,8 +1339,12 @@ fn print_report(r: &MigrationReport) {
                 ),
                 _ => String::new(),
             };
+            let local = match f.served_locally {
+                0 => String::new(),
+                n => format!(" ({n} of them from the destination's page store)"),
+            };
             println!(
-                "  page faults     {} requests for {} pages fetched from the source{blocked}",
+                "  page faults     {} requests for {} pages fetched from the source{local}{blocked}",
                 f.requests, f.pages
             );
         }

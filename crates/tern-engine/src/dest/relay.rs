@@ -2,8 +2,11 @@
 //! source agent one message per frame, flushed at once: the source QEMU waits for them.
 //! Post-copy's page requests are counted on the way ([`Faults`]).
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use tern_proto::Message;
 use tern_qemu::rp::{parse_rp, RpMessage};
@@ -27,22 +30,81 @@ pub(super) enum RelayError {
 }
 
 /// Post-copy's page requests the destination QEMU sent (its guest touched a page it did
-/// not have yet), across the connections of one migration.
+/// not have yet), across the connections of one migration, and how many of the pages
+/// they asked for came from this host's page store.
 #[derive(Debug, Default)]
 pub(super) struct Faults {
     pub requests: AtomicU64,
     /// Pages the requests asked for (target pages of [`limits::PAGE_SIZE`]).
     pub pages: AtomicU64,
+    /// Asked-for pages whose first arrival after the request was a reference this host
+    /// resolved from its store (their bytes did not cross the link).
+    pub local: AtomicU64,
+    asked: Mutex<Asked>,
+}
+
+/// The pages asked for that have not arrived yet (bounded: past [`Asked::MAX`] the
+/// count of local pages is a lower bound).
+#[derive(Debug, Default)]
+struct Asked {
+    /// The stream's RAM blocks, by the index page records use.
+    blocks: Vec<String>,
+    /// The block of the last request that named one (a request without a name is for it).
+    last: Option<u16>,
+    pages: HashSet<(u16, u64)>,
+}
+
+impl Asked {
+    const MAX: usize = 1 << 20;
 }
 
 impl Faults {
+    /// The stream's RAM blocks (from RamBlocks), in the order page records number them.
+    pub fn set_blocks(&self, names: impl IntoIterator<Item = String>) {
+        self.asked.lock().blocks = names.into_iter().collect();
+    }
+
     fn count(&self, msg: &RpMessage) {
-        if let RpMessage::ReqPages { len, .. } | RpMessage::ReqPagesId { len, .. } = msg {
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            self.pages.fetch_add(
-                u64::from(*len).div_ceil(limits::PAGE_SIZE),
-                Ordering::Relaxed,
-            );
+        let (offset, len) = match msg {
+            RpMessage::ReqPagesId { offset, len, block } => {
+                let mut a = self.asked.lock();
+                a.last = a.blocks.iter().position(|b| b == block).map(|i| i as u16);
+                (*offset, *len)
+            }
+            RpMessage::ReqPages { offset, len } => (*offset, *len),
+            _ => return,
+        };
+        let pages = u64::from(len).div_ceil(limits::PAGE_SIZE);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.pages.fetch_add(pages, Ordering::Relaxed);
+        let mut a = self.asked.lock();
+        if let Some(b) = a.last {
+            let first = offset / limits::PAGE_SIZE;
+            for p in first..first + pages {
+                if a.pages.len() >= Asked::MAX {
+                    break;
+                }
+                a.pages.insert((b, p));
+            }
+        }
+    }
+
+    /// `pages` pages of `block` from `offset` arrived; `local`: as a reference this host
+    /// resolved from its store. Counts the asked-for ones among them.
+    pub fn arrived(&self, block: u16, offset: u64, pages: u64, local: bool) {
+        let mut a = self.asked.lock();
+        if a.pages.is_empty() {
+            return;
+        }
+        let first = offset / limits::PAGE_SIZE;
+        if pages == 1 {
+            if a.pages.remove(&(block, first)) && local {
+                self.local.fetch_add(1, Ordering::Relaxed);
+            }
+        } else {
+            // a zero run: never local
+            a.pages
+                .retain(|&(b, p)| b != block || p < first || p >= first + pages);
         }
     }
 }
@@ -192,5 +254,37 @@ mod tests {
         f.count(&RpMessage::ResumeAck(1));
         assert_eq!(f.requests.load(Ordering::Relaxed), 3);
         assert_eq!(f.pages.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn asked_pages_that_came_from_the_store_are_counted_once() {
+        let f = Faults::default();
+        f.set_blocks(["pc.ram".to_string(), "vga.vram".to_string()]);
+        f.count(&RpMessage::ReqPagesId {
+            offset: 0,
+            len: 2 * 4096,
+            block: "vga.vram".into(),
+        });
+        // the same block again, without its name
+        f.count(&RpMessage::ReqPages {
+            offset: 10 * 4096,
+            len: 4096,
+        });
+        // a block the stream never named: counted as a request, not tracked
+        f.count(&RpMessage::ReqPagesId {
+            offset: 0,
+            len: 4096,
+            block: "other".into(),
+        });
+        f.arrived(0, 0, 1, true); // pc.ram's page 0 was not asked for
+        f.arrived(1, 0, 1, true); // asked, from the store
+        f.arrived(1, 0, 1, true); // again: already arrived
+        f.arrived(1, 4096, 1, false); // asked, its bytes came
+        f.arrived(1, 4096, 1, true);
+        f.arrived(1, 8 * 4096, 4, false); // a zero run covering page 10
+        f.arrived(1, 10 * 4096, 1, true);
+        assert_eq!(f.local.load(Ordering::Relaxed), 1);
+        assert_eq!(f.requests.load(Ordering::Relaxed), 3);
+        assert!(f.asked.lock().pages.is_empty());
     }
 }

@@ -6,8 +6,10 @@
 //! the order they came, a record whose content must be asked for (Want) holding back those
 //! after it. Disk frames go to the disk worker; QEMU's return path is relayed meanwhile.
 //! Ends when SourceDone came and everything before it is written. Post-copy: at
-//! PostcopyRun (right after QEMU's PACKAGED) the VM becomes this host's and runs
-//! (`switchover::claim`) while the rest of the stream comes.
+//! PostcopyRun (right after QEMU's PACKAGED), once every record before it is written, the
+//! VM becomes this host's and runs (`switchover::claim`) while the rest of the stream
+//! comes; the pages QEMU asked for are counted as they come, and those that came from
+//! this host's store ([`Faults::arrived`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -121,6 +123,9 @@ pub(super) async fn run(
     let mut ready: VecDeque<Message> = VecDeque::new();
     let mut last_input = tokio::time::Instant::now();
     let mut claimed = None;
+    // post-copy: PostcopyRun came; the VM becomes this host's once every record before it
+    // is written (one may wait on content asked for)
+    let mut run_due = false;
     let source_digest = loop {
         let step: Result<Option<[u8; 32]>, IncomingError> = async {
                 if let Some(d) = source_done {
@@ -235,6 +240,7 @@ pub(super) async fn run(
                             .iter()
                             .map(|b| BlockName::from(b.name.as_str()))
                             .collect();
+                        faults.set_blocks(blocks.iter().map(|b| b.name.clone()));
                         rb.enc = Encoder::new(u64::from(page_size));
                         rb.digest = Some(MemoryDigest::new(
                             u64::from(page_size),
@@ -268,6 +274,7 @@ pub(super) async fn run(
                             };
                             Counters::add(counter, rec.body.pages());
                             let offset = rec.offset;
+                            let (is_ref, n) = (matches!(rec.body, PageBody::Ref(_)), rec.body.pages());
                             let item = match p
                                 .pages
                                 .resolve(block, offset, rec.body)
@@ -297,6 +304,12 @@ pub(super) async fn run(
                                     }
                                 }
                             };
+                            if claimed.is_some() {
+                                // post-copy: a page QEMU asked for may be here, perhaps from
+                                // this host's store
+                                let local = is_ref && matches!(item, Pending::Page { data: Some(_), .. });
+                                faults.arrived(block, offset, n, local);
+                            }
                             rb.push(item, c)?;
                         }
                         if !want.is_empty() {
@@ -363,25 +376,17 @@ pub(super) async fn run(
                         // before: it goes to QEMU, then the VM becomes this host's and runs while
                         // the rest of its memory comes (QEMU asks for what it touches first, over
                         // the return path)
-                        if !p.postcopy || !rb.pending.is_empty() {
+                        if !p.postcopy {
                             return Err(refuse(
                                 ErrorCode::Protocol,
-                                "PostcopyRun outside a post-copy migration or with records waiting for content",
+                                "PostcopyRun outside a post-copy migration",
                             ));
                         }
-                        rb.flush().await?;
-                        // ===== SWITCHOVER POINT (post-copy): from here on this host owns the VM. =====
-                        // (the guest runs beside the transfer: QEMU may need pages first)
-                        running = Some(super::switchover::claim_postcopy(inc, &conn.peer.fingerprint, p)?);
-                        // if the link breaks from here on, the source resumes on a new connection
-                        let (tx, rx) = mpsc::channel(super::resume::QUEUED_RESUMES);
-                        _resume_guard = Some(inc.engine.registry.accept_resume(id, &conn.peer.fingerprint, tx));
-                        resume_rx = Some(rx);
-                        // no in-band QMP from the daemon while memory still comes
-                        _arriving = Some(Arriving::new(inc.host.clone(), &p.spec.name));
-                        tracing::info!(migration = %id, "post-copy: the VM runs here; the rest of its memory follows");
-                        handle.update(|s| s.progress.qemu_status = "postcopy-active".into());
-                        claimed = Some(0);
+                        if !rb.pending.is_empty() {
+                            // (a reference whose 64-bit prefix matched by chance: one round trip)
+                            tracing::info!(migration = %id, pending = rb.pending.len(), "post-copy: QEMU's package waits on content asked for");
+                        }
+                        run_due = true;
                     }
                     Some(Message::Abort { code, message }) => {
                         return Err(IncomingError::Aborted { code, message })
@@ -410,6 +415,22 @@ pub(super) async fn run(
                         ))
                     }
                     None => return Err(IncomingError::PeerClosed("the transfer")),
+                }
+                if run_due && rb.pending.is_empty() {
+                    run_due = false;
+                    rb.flush().await?;
+                    // ===== SWITCHOVER POINT (post-copy): from here on this host owns the VM. =====
+                    // (the guest runs beside the transfer: QEMU may need pages first)
+                    running = Some(super::switchover::claim_postcopy(inc, &conn.peer.fingerprint, p)?);
+                    // if the link breaks from here on, the source resumes on a new connection
+                    let (tx, rx) = mpsc::channel(super::resume::QUEUED_RESUMES);
+                    _resume_guard = Some(inc.engine.registry.accept_resume(id, &conn.peer.fingerprint, tx));
+                    resume_rx = Some(rx);
+                    // no in-band QMP from the daemon while memory still comes
+                    _arriving = Some(Arriving::new(inc.host.clone(), &p.spec.name));
+                    tracing::info!(migration = %id, "post-copy: the VM runs here; the rest of its memory follows");
+                    handle.update(|s| s.progress.qemu_status = "postcopy-active".into());
+                    claimed = Some(0);
                 }
             Ok(None)
         }

@@ -57,7 +57,7 @@ pub(super) async fn run(
     }
     if r.claimed.is_some() && p.version >= 12 {
         // post-copy: what the guest's page faults cost it, for the source's report
-        let faults = faults_message(r, &done);
+        let faults = faults_message(r, &done, p.version);
         tracing::info!(migration = %p.id, ?faults, "post-copy's page faults");
         conn.send(&faults).await?;
     }
@@ -101,12 +101,18 @@ pub(super) fn digests_agree(p: &mut Prepared, r: &Received) -> Result<[u8; 32], 
 }
 
 /// [`Message::PostcopyFaults`]: the relay's count of QEMU's page requests, and QEMU's
-/// blocktime from its `query-migrate` once it completed (if it measured it).
-fn faults_message(r: &Received, done: &MigrationInfo) -> Message {
+/// blocktime from its `query-migrate` once it completed (if it measured it); the pages
+/// served from this host's store only to a v13 source (an older one refuses the field).
+fn faults_message(r: &Received, done: &MigrationInfo, version: u16) -> Message {
     use std::sync::atomic::Ordering;
     Message::PostcopyFaults {
         requests: r.faults.requests.load(Ordering::Relaxed),
         pages: r.faults.pages.load(Ordering::Relaxed),
+        local: if version >= 13 {
+            r.faults.local.load(Ordering::Relaxed)
+        } else {
+            0
+        },
         blocktime: done.postcopy_blocktime_ms.map(|all| Blocktime {
             all_vcpus_ms: all,
             max_vcpu_ms: done

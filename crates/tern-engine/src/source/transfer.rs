@@ -151,7 +151,7 @@ pub(super) async fn run(
         rtt,
         policy,
         links,
-        encoder,
+        mut encoder,
         budget,
         pacing,
         mut events,
@@ -187,6 +187,12 @@ pub(super) async fn run(
     // raises this flag just before sending it.
     let commit_sent = m.commit_sent.clone();
     let dedup = encoder.dedup();
+    // post-copy: the lean path (below), but content the destination held before the
+    // migration goes as a reference it resolves from its store without a round trip: a
+    // page its guest faults on then does not cross the link (a return trip). From v13
+    // only: an older destination refuses PostcopyRun while a record waits on a Want
+    // (a summary prefix that matched by chance).
+    encoder.set_held_refs(m.req.postcopy && version >= 13);
     let stream = StreamState::new(encoder);
     // post-copy: what another connection needs to carry the stream on if the link breaks
     let carrier = Carrier {
@@ -324,7 +330,7 @@ pub(super) async fn run(
                     Some(PeerEvent::Msg(Message::Abort { code, message })) => {
                         return Err(MigrateError::Remote { code, message });
                     }
-                    Some(PeerEvent::Msg(Message::PostcopyFaults { requests, pages, blocktime })) => {
+                    Some(PeerEvent::Msg(Message::PostcopyFaults { requests, pages, blocktime, local })) => {
                         // only once, after a post-copy stream ended, from a v12 destination;
                         // otherwise ignored (it is only a report)
                         if t.version < 12 || !m.postcopy_run.load(Ordering::SeqCst) || t.postcopy_faults.is_some() {
@@ -334,6 +340,7 @@ pub(super) async fn run(
                         t.postcopy_faults = Some(tern_api::PostcopyFaults {
                             requests,
                             pages,
+                            served_locally: local,
                             all_vcpus_blocked_ms: blocktime.map(|b| b.all_vcpus_ms),
                             max_vcpu_blocked_ms: blocktime.map(|b| b.max_vcpu_ms),
                         });
