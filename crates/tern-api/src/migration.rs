@@ -62,6 +62,13 @@ pub struct MigrateRequest {
     /// shared memory, to a destination of protocol v10 or newer.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub postcopy: bool,
+    /// Post-copy as the last resort: pre-copy as usual (the throttle up to
+    /// `max_throttle`, the downtime limit up to `max_downtime_ms`), and when that still
+    /// does not converge, post-copy instead of giving up (with `postcopy`'s risk from
+    /// then on). Ignored, with a note, where post-copy is not possible (local disks,
+    /// shared memory, a destination older than protocol v13).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub postcopy_fallback: bool,
 }
 
 /// What `postcopy` risks, said before it starts (the CLI's output, the migration's notes).
@@ -196,6 +203,11 @@ impl MigrateRequest {
         if self.converge_timeout_s == Some(0) {
             return Err("--converge-timeout 0 s: give at least 1 s".into());
         }
+        if self.postcopy && self.postcopy_fallback {
+            return Err(
+                "--postcopy and --postcopy-fallback: give one (post-copy after the first pass, or only when pre-copy cannot converge)".into(),
+            );
+        }
         if self.postcopy && self.max_throttle.is_some_and(|t| t > 0) {
             return Err(
                 "--postcopy never slows the guest: leave out --max-throttle (or give 0)".into(),
@@ -314,8 +326,8 @@ pub const LIBVIRT_FLAGS: &[&str] = &[
 impl LibvirtMigrateRequest {
     pub fn validate(&self) -> Result<(), String> {
         self.migrate.validate()?;
-        if self.migrate.postcopy {
-            return Err("--postcopy is not available for a libvirt domain (libvirt drives its migration): leave it out".into());
+        if self.migrate.postcopy || self.migrate.postcopy_fallback {
+            return Err("--postcopy and --postcopy-fallback are not available for a libvirt domain (libvirt drives its migration): leave them out".into());
         }
         if self.libvirt_to.trim().is_empty() || self.libvirt_to.starts_with('-') {
             return Err(
@@ -936,6 +948,33 @@ mod tests {
         assert!(t.spans.iter().all(|s| s.end_ms.is_some()));
         assert!(t.reached(Phase::Prepare) && !t.reached(Phase::DiskCopy));
         assert_eq!(t.time_in(Phase::Verify, ms(500)), Duration::ZERO);
+    }
+
+    #[test]
+    fn postcopy_and_its_fallback_are_one_or_the_other() {
+        let mut r = MigrateRequest {
+            to: "host-b:7700".into(),
+            postcopy_fallback: true,
+            max_throttle: Some(50),
+            ..Default::default()
+        };
+        // the fallback throttles first
+        assert_eq!(r.validate(), Ok(()));
+        r.max_throttle = None;
+        r.postcopy = true;
+        let why = r.validate().unwrap_err();
+        assert!(why.contains("--postcopy-fallback"), "{why}");
+        let carried = LibvirtMigrateRequest {
+            libvirt_to: "qemu+tls://b/system".into(),
+            virsh_flags: Vec::new(),
+            copy_storage: false,
+            migrate: MigrateRequest {
+                to: "host-b:7700".into(),
+                postcopy_fallback: true,
+                ..Default::default()
+            },
+        };
+        assert!(carried.validate().unwrap_err().contains("libvirt"));
     }
 
     #[test]

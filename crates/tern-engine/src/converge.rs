@@ -11,8 +11,10 @@
 //! request allows: the guest's CPUs are slowed (QEMU's auto-converge throttle `p`, which
 //! scales `D` by `1 - p`) to the level that makes `ρ` about [`TARGET_RHO`], raised by at
 //! least [`THROTTLE_STEP`] each time two more rounds made no progress; then the downtime
-//! limit is raised to what the smallest dirty set needs; then, after `give_up_after`
-//! without progress, the migration stops with the numbers (the VM keeps running).
+//! limit is raised to what the smallest dirty set needs; then, where the request allows
+//! post-copy as the last resort, post-copy starts as soon as two more rounds made no
+//! progress; else, after `give_up_after` without progress, the migration stops with the
+//! numbers (the VM keeps running).
 //!
 //! Owns the decisions and the estimate; must not talk to QEMU (the transfer phase applies
 //! each step).
@@ -43,6 +45,8 @@ pub struct Policy {
     pub max_downtime_ms: u64,
     /// With nothing left to try: how long without progress before giving up.
     pub give_up_after: Duration,
+    /// Post-copy as the last resort instead of giving up.
+    pub postcopy: bool,
 }
 
 impl Policy {
@@ -57,6 +61,7 @@ impl Policy {
                 .unwrap_or(0)
                 .max(req.downtime_limit_ms()),
             give_up_after: Duration::from_secs(req.converge_timeout_s.unwrap_or(60).max(1)),
+            postcopy: req.postcopy_fallback,
         }
     }
 }
@@ -120,6 +125,8 @@ pub enum Step {
     Downtime(u64),
     /// Stop: pre-copy cannot converge within what the request allows (why, with numbers).
     GiveUp(String),
+    /// Post-copy, the last resort the request allowed (why, with numbers).
+    Postcopy(String),
 }
 
 /// The progress percentage and the time left.
@@ -159,6 +166,7 @@ pub struct Converger {
     /// Progress: the highest percentage shown, and recent (time, bytes done) for the rate.
     percent: f64,
     done_window: VecDeque<(Instant, f64)>,
+    /// The last step was taken (gave up, or post-copy): nothing more to decide.
     gave_up: bool,
 }
 
@@ -238,6 +246,10 @@ impl Converger {
                     self.gave_up = true;
                     format!("{at} ms: stopped: {why}")
                 }
+                Step::Postcopy(why) => {
+                    self.gave_up = true;
+                    format!("{at} ms: post-copy: {why}")
+                }
             };
             self.rounds_since_step = 0;
             self.steps.push(text);
@@ -289,6 +301,15 @@ impl Converger {
                 .max(self.downtime_ms + self.downtime_ms / 2)
                 .min(self.policy.max_downtime_ms);
             return Some(Step::Downtime(next));
+        }
+        if self.policy.postcopy {
+            return Some(Step::Postcopy(format!(
+                "pre-copy does not converge at the most the request allows: the guest dirties {:.1} MiB/s (throttled up to {}%) and its memory crosses at {:.1} MiB/s, the downtime limit is {} ms",
+                mib(self.dirty_bps),
+                self.throttle,
+                mib(self.xfer_bps),
+                self.downtime_ms
+            )));
         }
         None
     }
@@ -468,6 +489,9 @@ pub struct Outcome {
     pub downtime_ms: u64,
     /// tern stops (`not-converging`) within what the policy allows.
     pub stops: bool,
+    /// tern switches to post-copy (the policy's last resort): `transfer` then ends when
+    /// the rest of memory crossed once, and `downtime` is the device state's only.
+    pub postcopy: bool,
 }
 
 /// Pre-copy of `s`, round by round, with tern's decisions; at most a day of it.
@@ -497,6 +521,24 @@ pub fn simulate(s: &Scenario) -> Outcome {
             throttle,
             downtime_ms,
             stops,
+            postcopy: false,
+        };
+    // post-copy from `t` on: what is left of this round's set crosses once, unthrottled
+    let postcopy =
+        |t: Instant, left: f64, (sent, priced): (f64, f64), rounds, throttle, downtime_ms| {
+            let rate = rate_at(0).0;
+            Outcome {
+                transfer: t.duration_since(start)
+                    + Duration::from_secs_f64(left * rewritten / rate),
+                downtime: Duration::ZERO,
+                stream_bytes: sent + left,
+                priced_bytes: priced + left * rewritten,
+                rounds,
+                throttle,
+                downtime_ms,
+                stops: false,
+                postcopy: true,
+            }
         };
     loop {
         rounds += 1;
@@ -511,8 +553,23 @@ pub fn simulate(s: &Scenario) -> Outcome {
             pages += (set / looks as f64 / PAGE) as u64;
             let left = set * (1.0 - (i + 1) as f64 / looks as f64);
             let sample = Sample::simulated(sync, left, dirty, pages, throttle, rate, s.memory);
-            if let Some(Step::GiveUp(_)) = c.observe(&sample, t) {
-                return outcome(t, 0.0, (sent, priced), rounds, throttle, downtime_ms, true);
+            match c.observe(&sample, t) {
+                Some(Step::GiveUp(_)) => {
+                    return outcome(t, 0.0, (sent, priced), rounds, throttle, downtime_ms, true)
+                }
+                Some(Step::Postcopy(_)) => {
+                    let done = set - left;
+                    let spent = (sent + done, priced + done * cost);
+                    return postcopy(
+                        t,
+                        s.memory.min(left + dirty * secs),
+                        spent,
+                        rounds,
+                        throttle,
+                        downtime_ms,
+                    );
+                }
+                _ => {}
             }
         }
         sent += set;
@@ -543,6 +600,9 @@ pub fn simulate(s: &Scenario) -> Outcome {
             Some(Step::GiveUp(_)) => {
                 return outcome(t, 0.0, (sent, priced), rounds, throttle, downtime_ms, true)
             }
+            Some(Step::Postcopy(_)) => {
+                return postcopy(t, set, (sent, priced), rounds, throttle, downtime_ms)
+            }
             None => {}
         }
     }
@@ -564,6 +624,7 @@ mod tests {
             downtime_ms: 300,
             max_downtime_ms: 300,
             give_up_after: Duration::from_secs(30),
+            postcopy: false,
         }
     }
 
@@ -653,6 +714,7 @@ mod tests {
                 Some(Step::Throttle(p)) => self.throttle = p,
                 Some(Step::Downtime(ms)) => self.downtime_ms = ms,
                 Some(Step::GiveUp(why)) => return Err(why),
+                Some(Step::Postcopy(why)) => return Err(format!("post-copy: {why}")),
                 None => {}
             }
             Ok(())
@@ -806,6 +868,34 @@ mod tests {
             sim.c.observe(&Sample::default(), sim.t).is_none(),
             "gives up once"
         );
+    }
+
+    #[test]
+    fn with_postcopy_allowed_it_comes_after_the_throttle_and_instead_of_giving_up() {
+        let mut p = policy();
+        p.max_throttle = 30;
+        p.give_up_after = Duration::from_secs(600);
+        p.postcopy = true;
+        // a guest the throttle allowed cannot bring under the link
+        let mut sim = Sim::new(p, 18.0 * MIB as f64, 12.0 * MIB as f64, 64.0 * MIB as f64);
+        let why = sim.run(100).unwrap_err();
+        assert!(
+            why.starts_with("post-copy: pre-copy does not converge"),
+            "{why}"
+        );
+        assert!(why.contains("throttled up to 30%"), "{why}");
+        assert_eq!(sim.throttle, 30, "the throttle came first");
+        // long before the 600 s of giving up
+        assert!(sim.t.duration_since(sim.c.started) < Duration::from_secs(120));
+        let steps = sim.c.report(0).steps;
+        assert!(
+            steps.last().is_some_and(|s| s.contains("post-copy")),
+            "{steps:?}"
+        );
+        assert!(sim.c.observe(&Sample::default(), sim.t).is_none(), "once");
+        // a guest that converges never gets there
+        let mut calm = Sim::new(p, 4.0 * MIB as f64, 12.0 * MIB as f64, 64.0 * MIB as f64);
+        calm.run(40).unwrap();
     }
 
     #[test]

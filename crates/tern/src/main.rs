@@ -409,6 +409,12 @@ struct MigrateArgs {
     /// VMs with local disks or shared memory.
     #[arg(long, conflicts_with_all = ["plan", "libvirt"])]
     postcopy: bool,
+    /// Post-copy as the last resort: pre-copy as usual (throttle, downtime limit as
+    /// allowed), and only when that cannot converge, post-copy instead of giving up (with
+    /// --postcopy's risk from then on). Ignored, with a note, where post-copy is not
+    /// possible (local disks, shared memory, an older destination).
+    #[arg(long, conflicts_with_all = ["postcopy", "libvirt"])]
+    postcopy_fallback: bool,
     /// Move nothing: measure (the guest's dirty rate, the round trip, what the destination
     /// holds of a sample of RAM, the policy; the link with a 2 s probe when no past
     /// migration or --max-bandwidth says its rate) and print what the migration would cost
@@ -1048,6 +1054,7 @@ fn migrate(c: Client, m: MigrateArgs) -> Result<()> {
         deadline_s: m.deadline,
         outage_wait_s: m.outage_wait,
         postcopy: m.postcopy,
+        postcopy_fallback: m.postcopy_fallback,
     };
     if let Err(why) = req.validate() {
         bail!("{why}");
@@ -1079,6 +1086,11 @@ fn migrate(c: Client, m: MigrateArgs) -> Result<()> {
     } else {
         if req.postcopy {
             eprintln!("warning: {}", tern_api::migration::POSTCOPY_RISK);
+        } else if req.postcopy_fallback {
+            eprintln!(
+                "warning: if pre-copy cannot converge, tern switches to {}",
+                tern_api::migration::POSTCOPY_RISK
+            );
         }
         c.migrate(&m.name, &req)?.id
     };

@@ -18,10 +18,23 @@ pub(super) struct Plan {
 pub(super) async fn run(m: &mut Migration) -> Result<Plan, MigrateError> {
     let qmp = m.vm.qmp()?;
     let mut caps = qmp.query_migrate_capabilities().await?;
-    if m.req.postcopy {
+    if m.req.postcopy || m.req.postcopy_fallback {
         // tern sets it itself (a try after a lost link finds it on from the last one)
         caps.retain(|(c, _)| c != "postcopy-ram");
+    }
+    if m.req.postcopy {
         check_postcopy(&m.vm.spec)?;
+    }
+    if m.req.postcopy_fallback {
+        m.postcopy_fallback = match check_postcopy(&m.vm.spec) {
+            Ok(()) => true,
+            Err(e) => {
+                let note = format!("no post-copy as the last resort, pre-copy only: {e}");
+                tracing::warn!(migration = %m.handle.id, "{note}");
+                m.handle.update(|s| s.progress.notes.push(note));
+                false
+            }
+        };
     }
     check_capabilities(&caps)?;
     // (shared disks are not copied: the destination opens the same image)

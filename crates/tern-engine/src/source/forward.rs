@@ -174,6 +174,9 @@ pub(super) struct ForwardPlan {
     /// Post-copy: raised just before QEMU's PACKAGED (it ends with POSTCOPY_RUN) goes on,
     /// followed by PostcopyRun. None: a postcopy stream is refused.
     pub postcopy: Option<Arc<AtomicBool>>,
+    /// From QEMU's package on, pages go by the lean path; with this (a v13 destination)
+    /// content the destination held before still goes as references.
+    pub held_refs: bool,
 }
 
 /// What the forwarder hands back once QEMU's stream ended properly.
@@ -203,6 +206,7 @@ pub(super) async fn forward(
         mut stream_end,
         mut record,
         postcopy,
+        held_refs,
     } = plan;
     let mut held = stream.lock_owned().await;
     let StreamState {
@@ -362,6 +366,11 @@ pub(super) async fn forward(
                         // ===== SWITCHOVER POINT (post-copy): the package holds the device
                         // state and POSTCOPY_RUN; from here on the source never resumes. =====
                         flag.store(true, Ordering::SeqCst);
+                        // what follows may be a page the guest waits for there: no Want
+                        // round trip for it, the lean path from here on (pre-copy may have
+                        // run the dedup path: post-copy as the last resort)
+                        pages.set_lean(true);
+                        pages.set_held_refs(held_refs);
                         out.verbatim(&scratch);
                         out.message(Message::PostcopyRun);
                         pipe.hand(&mut out).await?;
@@ -380,7 +389,10 @@ pub(super) async fn forward(
                 }
                 if out.size() >= 1 << 20 {
                     pipe.hand(&mut out).await?;
-                    if datapath.tick(units, Instant::now(), link_bound.load(Ordering::Relaxed)) {
+                    let running_there = postcopy.as_ref().is_some_and(|p| p.load(Ordering::SeqCst));
+                    if !running_there
+                        && datapath.tick(units, Instant::now(), link_bound.load(Ordering::Relaxed))
+                    {
                         pages.set_lean(!datapath.dedup());
                         handle.update(|s| s.progress.data_path = datapath.name().into());
                     }
@@ -475,6 +487,9 @@ pub(super) async fn forward(
         state: "RAM setup",
     })?;
     let sum = d.finish();
+    // post-copy ran (the last resort of a pre-copy that would have committed here): the
+    // v1 ending, whose ReadyToResume says whether the digests agree; the VM runs there
+    let commit = commit.filter(|_| !postcopy.as_ref().is_some_and(|p| p.load(Ordering::SeqCst)));
     if let Some(flag) = &commit {
         // ===== SWITCHOVER POINT (v2): from here on the source never resumes unless the
         // destination says it holds nothing of the VM. =====

@@ -279,6 +279,9 @@ pub(crate) struct Migration {
     /// POSTCOPY_RUN) goes on. From then on the VM runs at the destination: the source
     /// never resumes (its QEMU could not anyway).
     postcopy_run: Arc<AtomicBool>,
+    /// `postcopy_fallback` asked and possible here (the VM, the destination): post-copy is
+    /// the converger's last resort.
+    postcopy_fallback: bool,
     /// The control connection, for telling the destination about a failure.
     writer: Option<PeerWriter>,
     /// What the daemon remembers of the link to the destination (for the prediction the
@@ -402,6 +405,7 @@ impl Migration {
             committed: false,
             commit_sent: Arc::new(AtomicBool::new(false)),
             postcopy_run: Arc::new(AtomicBool::new(false)),
+            postcopy_fallback: false,
             writer: None,
             link,
             rtt: Duration::ZERO,
@@ -451,6 +455,14 @@ impl Migration {
                     .notes
                     .push(tern_api::migration::POSTCOPY_RISK.into())
             });
+        }
+        if self.postcopy_fallback && self.attempt == 1 {
+            let note = format!(
+                "if pre-copy cannot converge, tern switches to {}",
+                tern_api::migration::POSTCOPY_RISK
+            );
+            tracing::warn!(migration = %self.handle.id, "{note}");
+            self.handle.update(|s| s.progress.notes.push(note));
         }
         // for the prediction: the guest's RAM sampled, its dirty rate sampled by QEMU while
         // tern connects

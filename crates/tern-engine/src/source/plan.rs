@@ -899,7 +899,12 @@ fn predict(
     // the pause: the last dirty set, the device state and the commit's round trips
     let downtime = o.downtime + fixed;
     let total = SETUP + rtt * 4 + disk_time + o.transfer + downtime;
-    let summary = if o.stops {
+    let summary = if o.postcopy {
+        format!(
+            "pre-copy will not converge within what is allowed (throttle up to {}%, downtime limit up to {} ms): tern will switch to post-copy (--postcopy-fallback), the VM running at the destination while the rest of its memory follows; if this host dies during post-copy, the VM is lost",
+            policy.max_throttle, policy.max_downtime_ms
+        )
+    } else if o.stops {
         format!(
             "pre-copy will not converge within what is allowed (throttle up to {}%, downtime limit up to {} ms): tern will stop with not-converging after --converge-timeout; allow more or give it more bandwidth",
             policy.max_throttle, policy.max_downtime_ms
@@ -1028,6 +1033,7 @@ mod tests {
             downtime_ms: 300,
             max_downtime_ms: 300,
             give_up_after: Duration::from_secs(60),
+            postcopy: false,
         }
     }
 

@@ -98,7 +98,15 @@ pub(super) async fn run(
         )
         .await?;
     }
-    if m.req.postcopy {
+    if m.postcopy_fallback && version < 13 {
+        // (a v13 destination waits for a record's content before it runs the VM; an older
+        // one refuses PostcopyRun behind such a record, which the dedup path may send)
+        let note = format!("no post-copy as the last resort, pre-copy only: the destination agent speaks protocol v{version}, and post-copy after pre-copy needs v13 (upgrade tern on {dest_agent})");
+        tracing::warn!(migration = %m.handle.id, "{note}");
+        m.handle.update(|s| s.progress.notes.push(note));
+        m.postcopy_fallback = false;
+    }
+    if m.req.postcopy || m.postcopy_fallback {
         if version < 10 {
             return Err(MigrateError::PostcopyRefused(format!(
                 "the destination agent speaks protocol v{version}: post-copy needs v10 (upgrade tern on {dest_agent})"

@@ -71,7 +71,7 @@ pub(super) async fn after_failure(m: &mut Migration, e: MigrateError) -> SourceO
                 if !vm.spec.disks.is_empty() && vm.exit_reason().is_none() {
                     clear_disk_state(qmp, vm.spec.disks.len()).await;
                 }
-                if m.req.postcopy && vm.exit_reason().is_none() {
+                if (m.req.postcopy || m.req.postcopy_fallback) && vm.exit_reason().is_none() {
                     // tern set it for this migration only
                     let _ = qmp
                         .set_migrate_capabilities(&[("postcopy-ram", false)])

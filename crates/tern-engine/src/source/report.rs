@@ -81,7 +81,7 @@ pub(super) async fn build(
         prediction,
         outages: Vec::new(), // the driver adds them
         host_cpu,
-        postcopy: m.req.postcopy && t.t_postcopy.is_some(),
+        postcopy: t.t_postcopy.is_some(),
         postcopy_ms: t
             .t_stream_end
             .and_then(|e| ms(t.t_postcopy, e))

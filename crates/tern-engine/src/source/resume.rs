@@ -170,6 +170,8 @@ pub(super) async fn resume(
             // a copy of the stream is of one connection's stream only
             record: None,
             postcopy: Some(m.postcopy_run.clone()),
+            // (the encoder keeps what the package set)
+            held_refs: false,
         },
     ));
     tasks.push(AbortOnDrop(fwd.abort_handle()));

@@ -87,8 +87,9 @@ async fn start_qemu(
         ("return-path", true),
         ("events", true),
         ("auto-converge", throttling),
-        // post-copy: tern starts it after the first pass (`migrate-start-postcopy`)
-        ("postcopy-ram", m.req.postcopy),
+        // post-copy: tern starts it after the first pass, or as the last resort
+        // (`migrate-start-postcopy`)
+        ("postcopy-ram", m.req.postcopy || m.postcopy_fallback),
     ])
     .await?;
     let mut params = json!({ "downtime-limit": policy_conv.downtime_ms });
@@ -105,7 +106,7 @@ async fn start_qemu(
         .map(|mib| mib << 20)
         .unwrap_or(1 << 40);
     params["max-bandwidth"] = json!(bw);
-    if m.req.postcopy {
+    if m.req.postcopy || m.postcopy_fallback {
         // (0: QEMU's own default, no limit of its own in post-copy)
         params["max-postcopy-bandwidth"] =
             json!(m.req.max_bandwidth_mibps.map_or(0, |mib| mib << 20));
@@ -161,7 +162,9 @@ pub(super) async fn run(
         flow,
         mut tasks,
     } = p;
-    let policy_conv = converge::Policy::from_request(&m.req);
+    let mut policy_conv = converge::Policy::from_request(&m.req);
+    // (as far as this VM and this destination allow it)
+    policy_conv.postcopy = m.postcopy_fallback;
     let flow_ctl = flow.clone();
     // tern's QEMU: tern drives its migration; a libvirt domain's: libvirt does, tern
     // carries the stream it already migrates into
@@ -230,7 +233,9 @@ pub(super) async fn run(
             stream_end,
             // each try records from its first byte
             record: m.vm.record.as_ref().map(|r| r.start()),
-            postcopy: m.req.postcopy.then(|| m.postcopy_run.clone()),
+            postcopy: (m.req.postcopy || m.postcopy_fallback).then(|| m.postcopy_run.clone()),
+            // a fallback switches to post-copy's lean path at its package
+            held_refs: version >= 13,
         },
     ));
     tasks.push(AbortOnDrop(fwd.abort_handle()));
@@ -462,9 +467,17 @@ pub(super) async fn run(
                         let est = conv.estimate(&sample, now);
                         let step = if info.status == "active" { conv.observe(&sample, now) } else { None };
                         // post-copy: after the first pass (as virsh --postcopy-after-precopy)
-                        // the VM goes to the destination, never slowed nor given up on
+                        // the VM goes to the destination, never slowed nor given up on;
+                        // as the last resort, when the converger says so
                         let step = if m.req.postcopy { None } else { step };
-                        if m.req.postcopy && postcopy == PostcopyStart::NotYet && info.status == "active" && sample.sync_count >= 2 {
+                        let first_pass_over = m.req.postcopy && sample.sync_count >= 2;
+                        if let Some(Step::Postcopy(why)) = &step {
+                            let note = format!("post-copy as the last resort: {why}; {}", tern_api::migration::POSTCOPY_RISK);
+                            tracing::warn!(migration = %m.handle.id, "{note}");
+                            m.handle.update(|s| s.progress.notes.push(note));
+                        }
+                        let last_resort = matches!(step, Some(Step::Postcopy(_)));
+                        if (first_pass_over || last_resort) && postcopy == PostcopyStart::NotYet && info.status == "active" {
                             // what tern holds in flight goes before QEMU's device state and
                             // so counts in the downtime: down to about one round trip of the
                             // link first (the guest still runs here meanwhile)
@@ -510,7 +523,8 @@ pub(super) async fn run(
                                 qmp.set_migrate_parameters(json!({ "downtime-limit": ms })).await?;
                             }
                             Some(Step::GiveUp(why)) => return Err(MigrateError::NotConverging(why)),
-                            None => {}
+                            // (started above)
+                            Some(Step::Postcopy(_)) | None => {}
                         }
                         m.handle.update(|s| {
                             s.progress.qemu_status = info.status.clone();
