@@ -408,3 +408,70 @@ fn a_return_trip_in_postcopy_serves_faults_on_pages_seen_before_from_the_store()
     }
     random_dirtier_runs_on(&console)
 }
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest, root and /dev/userfaultfd for tern-qemu (scripts/setup.sh; bash scripts/test.sh runs it)"]
+fn a_guest_the_allowed_throttle_cannot_tame_goes_on_in_postcopy_as_the_last_resort() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
+    let b = TestAgent::start(Path::new(BIN), "host-b", &[])?;
+    boot(&a, &random_dirtier("resort", &g, ""))?;
+    // pre-copy by the dedup path, the guest throttled at most 20% (not enough: it writes
+    // at 1.5x the cap), post-copy allowed as the last resort
+    let id = a.start_migration(
+        "resort",
+        &b.peer_addr.to_string(),
+        json!({
+            "max_bandwidth_mibps": CAP_MIBPS,
+            "max_throttle": 20,
+            "dedup": true,
+            "postcopy_fallback": true,
+        }),
+    )?;
+    let st = a.wait_migration(&id, Duration::from_secs(400))?;
+    let Some(r) = st.report else {
+        bail!(
+            "migration failed: {:?}\nsource log:\n{}\ndestination log:\n{}",
+            st.error,
+            a.log_text(),
+            b.log_text()
+        );
+    };
+    eprintln!(
+        "last resort: total {} ms, downtime {} ms, post-copy phase {:?} ms, steps {:?}, faults {:?}",
+        r.total_time_ms, r.downtime_ms, r.postcopy_ms, r.convergence.steps, r.postcopy_faults
+    );
+    // the risk was said before anything moved, and again when post-copy began
+    let notes = &st.progress.notes;
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("if pre-copy cannot converge")),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("post-copy as the last resort")),
+        "{notes:?}"
+    );
+    assert!(r.postcopy && r.digest_ok, "{r:?}");
+    // the throttle came first, as far as allowed, then post-copy
+    let c = &r.convergence;
+    assert!(
+        (1..=20).contains(&c.throttle_max_pct),
+        "throttle {}",
+        c.throttle_max_pct
+    );
+    assert!(
+        c.steps.first().is_some_and(|s| s.contains("throttle"))
+            && c.steps.last().is_some_and(|s| s.contains("post-copy")),
+        "{:?}",
+        c.steps
+    );
+    assert!(r.encoding.dedup, "{:?}", r.encoding);
+    assert!(r.postcopy_faults.is_some(), "{r:?}");
+    assert_eq!(b.vm_status("resort")?, "running");
+    random_dirtier_runs_on(&b.console_log("resort")?)
+}
