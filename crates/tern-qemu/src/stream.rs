@@ -111,6 +111,29 @@ pub struct SectionHeader {
     pub version_id: u32,
 }
 
+/// A RAM block as [`ResumeState`] keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedBlock {
+    pub name: String,
+    pub used_length: u64,
+    pub page_size: Option<u64>,
+    pub gpa: Option<u64>,
+}
+
+/// A parser's state between items, as a parser of the resumed stream needs it
+/// ([`Parser::resume_state`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResumeState {
+    pub page_size: u64,
+    pub host_page_size: u64,
+    pub ignore_shared: bool,
+    pub postcopy_page_sizes: Option<u64>,
+    pub postcopy_advised: bool,
+    pub blocks: Vec<SavedBlock>,
+    pub ram_sid: Option<u32>,
+    pub ram_ended: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RamBlockInfo {
     pub name: BlockName,
@@ -379,6 +402,59 @@ impl Parser {
     /// POSTCOPY_ADVISE's summary: the OR of every RAM block's page size.
     pub fn postcopy_page_sizes(&self) -> Option<u64> {
         self.postcopy_page_sizes
+    }
+
+    /// What a parser of the stream resumed after postcopy recovery needs of this one: for
+    /// a process that did not read the stream before (an agent restarted mid-post-copy),
+    /// kept on disk meanwhile; [`Parser::from_resume_state`] makes that parser.
+    pub fn resume_state(&self) -> ResumeState {
+        ResumeState {
+            page_size: self.page_size,
+            host_page_size: self.host_page_size,
+            ignore_shared: self.ignore_shared,
+            postcopy_page_sizes: self.postcopy_page_sizes,
+            postcopy_advised: self.postcopy_advised,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| SavedBlock {
+                    name: b.name.to_string(),
+                    used_length: b.used_length,
+                    page_size: b.page_size,
+                    gpa: b.gpa,
+                })
+                .collect(),
+            ram_sid: self.ram_sid,
+            ram_ended: self.ram_ended,
+        }
+    }
+
+    /// The parser [`Parser::resumed`] would make of the parser `s` came from.
+    pub fn from_resume_state(s: ResumeState) -> Parser {
+        let blocks: Vec<RamBlockInfo> = s
+            .blocks
+            .into_iter()
+            .map(|b| RamBlockInfo {
+                name: b.name.into(),
+                used_length: b.used_length,
+                page_size: b.page_size,
+                gpa: b.gpa,
+            })
+            .collect();
+        let mut p = Parser::new();
+        p.page_size = s.page_size;
+        p.host_page_size = s.host_page_size;
+        p.ignore_shared = s.ignore_shared;
+        p.postcopy_page_sizes = s.postcopy_page_sizes;
+        p.postcopy_advised = s.postcopy_advised;
+        p.block_len = blocks
+            .iter()
+            .map(|b| (b.name.clone(), b.used_length))
+            .collect();
+        p.blocks = blocks;
+        p.ram_sid = s.ram_sid;
+        p.ram_ended = s.ram_ended;
+        p.resumed()
     }
 
     /// A parser for the new main connection after postcopy recovery: the source sends no

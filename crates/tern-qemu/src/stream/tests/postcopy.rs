@@ -322,6 +322,16 @@ fn a_resumed_channel_continues_without_a_header() {
     part(&mut v, true);
     eos_footer(&mut v, 2);
     v.push(T_EOF);
+    // an agent that restarted makes the same parser from what its predecessor kept
+    let kept = serde_json::to_string(&p.resume_state()).unwrap();
+    let mut again = Parser::from_resume_state(serde_json::from_str(&kept).unwrap());
+    assert_eq!(again.resume_state(), p.resume_state());
+    let mut at = 0;
+    let mut items_again = Vec::new();
+    while let Some((it, n)) = again.parse(&v[at..]).unwrap() {
+        items_again.push(it);
+        at += n;
+    }
     let mut r = p.resumed();
     let mut items = Vec::new();
     let mut at = 0;
@@ -339,6 +349,7 @@ fn a_resumed_channel_continues_without_a_header() {
     );
     assert_eq!(items[2], Item::Postcopy(PostcopyCommand::Resume));
     assert_eq!(encode_all(&items, NameMode::AsInput), v);
+    assert_eq!(items_again, items);
     // the source names the block again on the new channel: a CONTINUE first is refused
     let mut bad = Vec::new();
     part(&mut bad, false);
