@@ -689,9 +689,15 @@ impl Agent {
     /// A run directory marked [`tern_engine::local::UPGRADING`] held the VM when an
     /// upgrade began: if the new QEMU's directory recorded the switchover, the VM is there
     /// and this QEMU is stopped; otherwise the VM is here (resumed if it ran).
-    pub async fn reattach(&self) {
+    ///
+    /// Returns the VMs whose post-copy the previous agent began and a new agent must
+    /// resume (their QEMU in a post-copy state, with the engine's mark): the caller runs
+    /// [`outgoing::resume_restarted`] for each.
+    pub async fn reattach(&self) -> Vec<(Arc<Vm>, tern_engine::source::restart::PostcopyMark)> {
+        use tern_engine::source::restart::{resumable, PostcopyMark};
+        let mut resumes = Vec::new();
         let Ok(dirs) = std::fs::read_dir(self.config.state_dir.join("run")) else {
-            return;
+            return resumes;
         };
         for d in dirs.flatten().map(|e| e.path()) {
             let upgrade = tern_engine::local::UpgradeMark::read(&d);
@@ -744,9 +750,28 @@ impl Agent {
             .await
             {
                 Ok(qmp) if self.reserve_name(&spec.name) => {
+                    // a post-copy the previous agent began: the VM runs at the destination
+                    // and waits there for the pages this QEMU still holds
+                    let mark = match PostcopyMark::read(&d) {
+                        Some(mark) => {
+                            let status = qmp
+                                .query_migrate()
+                                .await
+                                .map(|i| i.status)
+                                .unwrap_or_default();
+                            if resumable(&status) {
+                                Some(mark)
+                            } else {
+                                tracing::info!(vm = %spec.name, status = %status, "a post-copy mark beside a QEMU not in post-copy: dropped");
+                                PostcopyMark::remove(&d);
+                                None
+                            }
+                        }
+                        None => None,
+                    };
                     if unfinished_switch {
                         finish_switchover(&qmp, &spec, &d, record.as_ref()).await;
-                    } else {
+                    } else if mark.is_none() {
                         clear_stale_migration(&qmp, &spec).await;
                     }
                     if let Some(u) = &upgrade {
@@ -762,7 +787,14 @@ impl Agent {
                         tracing::warn!(vm = %spec.name, "an upgrade the previous agent began did not commit: {state}");
                     }
                     tracing::info!(vm = %spec.name, pid, "re-attached to a running VM");
-                    self.adopt(Arc::new(Vm::reattach(spec, qmp, pid, d)));
+                    let vm = Arc::new(Vm::reattach(spec, qmp, pid, d));
+                    if let Some(mark) = mark {
+                        tracing::warn!(vm = %vm.spec.name, migration = %mark.migration_id, "the previous agent died during this VM's post-copy: resuming it");
+                        vm.migrating
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                        resumes.push((vm.clone(), mark));
+                    }
+                    self.adopt(vm);
                 }
                 Ok(_) => {
                     tracing::error!(vm = %spec.name, pid, "two running VMs with one name; leaving this one alone")
@@ -770,6 +802,7 @@ impl Agent {
                 Err(e) => tracing::error!(vm = %spec.name, pid, "cannot re-attach: {e}"),
             }
         }
+        resumes
     }
 }
 
@@ -1147,7 +1180,9 @@ pub async fn run(
     let agent = Agent::new(config)?;
     // (what a previous agent left of recordings and snapshots being written)
     agent.snapshots.clean_partial();
-    agent.reattach().await;
+    for (vm, mark) in agent.reattach().await {
+        tokio::spawn(outgoing::resume_restarted(agent.clone(), vm, mark));
+    }
     fence::keep_fenced(&agent).await;
     if agent.config.fence_after.is_some() {
         tokio::spawn(fence::run(agent.clone()));

@@ -70,6 +70,69 @@ pub async fn run(
         link,
     )
     .await;
+    finish(&agent, &vm, &handle, &req_to, recording, outcome).await;
+}
+
+/// A post-copy this host's previous agent began and died during (its mark found by
+/// [`Agent::reattach`]): resumed under the same migration id, to the same end as any.
+/// Its handle is registered (under the same id) before the API serves.
+pub fn resume_restarted(
+    agent: Arc<Agent>,
+    vm: Arc<Vm>,
+    mark: tern_engine::source::restart::PostcopyMark,
+) -> impl std::future::Future<Output = ()> {
+    let handle = Arc::new(MigrationHandle::new(
+        mark.migration_id.clone(),
+        vm.spec.name.clone(),
+        tern_engine::handle::Direction::Outgoing,
+        mark.req.to.clone(),
+    ));
+    agent.engine.registry.add_migration(handle.clone());
+    resumed(agent, vm, mark, handle)
+}
+
+async fn resumed(
+    agent: Arc<Agent>,
+    vm: Arc<Vm>,
+    mark: tern_engine::source::restart::PostcopyMark,
+    handle: Arc<MigrationHandle>,
+) {
+    let req_to = mark.req.to.clone();
+    let source = match source_vm(&agent, &vm) {
+        Ok(s) => s,
+        Err(message) => {
+            handle.finish_err(
+                ErrorCode::Internal,
+                message,
+                "at the destination, paused on the pages still here".into(),
+            );
+            return;
+        }
+    };
+    let outcome = tern_engine::source::restart::resume_restarted(
+        agent.engine.clone(),
+        agent.host(),
+        source,
+        mark,
+        handle.clone(),
+    )
+    .await;
+    let recording = crate::snapshots::Recording::Not(
+        "the source agent restarted during the migration: nothing was recorded".into(),
+    );
+    finish(&agent, &vm, &handle, &req_to, recording, outcome).await;
+}
+
+/// What the outcome of an outgoing migration means for this host.
+async fn finish(
+    agent: &Arc<Agent>,
+    vm: &Arc<Vm>,
+    handle: &Arc<MigrationHandle>,
+    req_to: &str,
+    recording: crate::snapshots::Recording,
+    outcome: SourceOutcome,
+) {
+    let (agent, vm, req_to) = (agent.clone(), vm.clone(), req_to.to_string());
     match outcome {
         SourceOutcome::Moved(report) => {
             let left = Left {

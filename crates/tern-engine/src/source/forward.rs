@@ -177,6 +177,9 @@ pub(super) struct ForwardPlan {
     /// From QEMU's package on, pages go by the lean path; with this (a v13 destination)
     /// content the destination held before still goes as references.
     pub held_refs: bool,
+    /// Post-copy possible: where the parser's state goes once the RAM blocks are known
+    /// (for an agent that restarts mid-post-copy).
+    pub resume_state: Option<Arc<std::sync::Mutex<Option<tern_qemu::stream::ResumeState>>>>,
 }
 
 /// What the forwarder hands back once QEMU's stream ended properly.
@@ -207,6 +210,7 @@ pub(super) async fn forward(
         mut record,
         postcopy,
         held_refs,
+        resume_state,
     } = plan;
     let mut held = stream.lock_owned().await;
     let StreamState {
@@ -318,6 +322,9 @@ pub(super) async fn forward(
                         ));
                         let lengths: Vec<u64> = blocks.iter().map(|b| b.used_length).collect();
                         pages.set_blocks(ps, &lengths);
+                        if let Some(rs) = &resume_state {
+                            *rs.lock().expect("resume state") = Some(parser.resume_state());
+                        }
                         handle.update(|s| s.progress.ram_total = Some(total));
                         scratch.clear();
                         enc.encode(&item, NameMode::Auto, &mut scratch);
@@ -349,6 +356,9 @@ pub(super) async fn forward(
                         };
                         if postcopy.is_none() || !carried {
                             return Err(postcopy_unsupported(parser.offset(), postcopy.is_some()));
+                        }
+                        if let (Some(rs), PostcopyCommand::Advise { .. }) = (&resume_state, cmd) {
+                            *rs.lock().expect("resume state") = Some(parser.resume_state());
                         }
                         scratch.clear();
                         enc.encode(&item, NameMode::Auto, &mut scratch);

@@ -41,6 +41,7 @@ mod prepare;
 pub mod record;
 pub mod recover;
 mod report;
+pub mod restart;
 mod resume;
 mod switchover;
 mod transfer;
@@ -191,6 +192,8 @@ pub enum MigrateError {
         "the source QEMU paused post-copy (postcopy-paused): its stream to the destination broke"
     )]
     PostcopyPaused,
+    #[error("the source agent restarted during post-copy: its QEMU paused when the old agent's stream closed")]
+    AgentRestarted,
     #[error("the link to the destination broke during post-copy ({cause}) and post-copy could not go on within the outage wait (--outage-wait, {waited_s} s): the VM waits at the destination (postcopy-paused) for pages only this host holds; this host keeps them (its QEMU in postcopy-paused) and never runs the VM again")]
     PostcopyNotResumed { cause: String, waited_s: u64 },
     #[error("the link to the destination broke as post-copy began ({0}), before the destination got POSTCOPY_RUN: it discarded its copy and never ran the VM")]
@@ -253,6 +256,7 @@ impl MigrateError {
             MigrateError::NotConverging(_) => ErrorCode::NotConverging,
             MigrateError::PostcopyRefused(_) => ErrorCode::SpecRejected,
             MigrateError::PostcopyPaused => ErrorCode::QemuFailed,
+            MigrateError::AgentRestarted => ErrorCode::Internal,
             MigrateError::PostcopyNotResumed { .. } | MigrateError::PostcopyNeverRan(_) => {
                 ErrorCode::Timeout
             }
@@ -282,6 +286,9 @@ pub(crate) struct Migration {
     /// `postcopy_fallback` asked and possible here (the VM, the destination): post-copy is
     /// the converger's last resort.
     postcopy_fallback: bool,
+    /// What a parser of QEMU's stream resumed by another agent would need (the forwarder
+    /// sets it once the RAM blocks are known; [`restart::PostcopyMark`]).
+    stream_resume: Arc<std::sync::Mutex<Option<tern_qemu::stream::ResumeState>>>,
     /// The control connection, for telling the destination about a failure.
     writer: Option<PeerWriter>,
     /// What the daemon remembers of the link to the destination (for the prediction the
@@ -318,7 +325,14 @@ pub async fn run(
     handle: Arc<MigrationHandle>,
     link: Option<plan::LinkMemory>,
 ) -> SourceOutcome {
-    let mut m = Migration::new(engine, host, vm, req, handle, link);
+    let run_dir = vm.run_dir.clone();
+    let outcome = tries(Migration::new(engine, host, vm, req, handle, link)).await;
+    // (kept while a restarted agent could have resumed post-copy)
+    restart::PostcopyMark::remove(&run_dir);
+    outcome
+}
+
+async fn tries(mut m: Migration) -> SourceOutcome {
     let mut wait_left = m.req.outage_wait();
     loop {
         // A bug that panics mid-migration must not leave the VM paused, nor half a
@@ -406,6 +420,7 @@ impl Migration {
             commit_sent: Arc::new(AtomicBool::new(false)),
             postcopy_run: Arc::new(AtomicBool::new(false)),
             postcopy_fallback: false,
+            stream_resume: Default::default(),
             writer: None,
             link,
             rtt: Duration::ZERO,

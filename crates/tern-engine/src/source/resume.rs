@@ -172,6 +172,8 @@ pub(super) async fn resume(
             postcopy: Some(m.postcopy_run.clone()),
             // (the encoder keeps what the package set)
             held_refs: false,
+            // (the mark is written once, before post-copy began)
+            resume_state: None,
         },
     ));
     tasks.push(AbortOnDrop(fwd.abort_handle()));

@@ -236,6 +236,7 @@ pub(super) async fn run(
             postcopy: (m.req.postcopy || m.postcopy_fallback).then(|| m.postcopy_run.clone()),
             // a fallback switches to post-copy's lean path at its package
             held_refs: version >= 13,
+            resume_state: (m.req.postcopy || m.postcopy_fallback).then(|| m.stream_resume.clone()),
         },
     ));
     tasks.push(AbortOnDrop(fwd.abort_handle()));
@@ -478,6 +479,8 @@ pub(super) async fn run(
                         }
                         let last_resort = matches!(step, Some(Step::Postcopy(_)));
                         if (first_pass_over || last_resort) && postcopy == PostcopyStart::NotYet && info.status == "active" {
+                            // what an agent restarted during post-copy needs to go on
+                            super::restart::keep_mark(m, rtt);
                             // what tern holds in flight goes before QEMU's device state and
                             // so counts in the downtime: down to about one round trip of the
                             // link first (the guest still runs here meanwhile)
