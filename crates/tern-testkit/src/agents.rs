@@ -27,6 +27,8 @@ pub struct TestAgent {
     pub state_dir: PathBuf,
     pub api: PathBuf,
     pub peer_addr: SocketAddr,
+    /// Its certificate and key (a successor keeps them, as a restarted agent does).
+    pub tls_dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
     pub client: Client,
@@ -116,14 +118,16 @@ impl TestAgent {
         )
     }
 
-    /// An agent restart: a new `tern agent` process with this one's name, state directory
-    /// and peer address (default options otherwise), after this one stopped or died.
+    /// An agent restart: a new `tern agent` process with this one's name, state directory,
+    /// certificate and peer address (default options otherwise), after this one stopped or
+    /// died.
     pub fn successor(&self, bin: &Path) -> Result<TestAgent> {
         Self::start_with(
             bin,
             &self.name,
             AgentOptions {
                 state_dir: Some(&self.state_dir),
+                tls_dir: Some(&self.tls_dir),
                 listen: Some(self.peer_addr),
                 ..Default::default()
             },
@@ -217,6 +221,7 @@ impl TestAgent {
             state_dir,
             api,
             peer_addr,
+            tls_dir,
             log,
             child: Some(child),
             client,

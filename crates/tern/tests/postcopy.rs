@@ -475,3 +475,71 @@ fn a_guest_the_allowed_throttle_cannot_tame_goes_on_in_postcopy_as_the_last_reso
     assert_eq!(b.vm_status("resort")?, "running");
     random_dirtier_runs_on(&b.console_log("resort")?)
 }
+
+#[test]
+#[ignore = "tier vm: needs QEMU 10, the test guest, root and /dev/userfaultfd for tern-qemu (scripts/setup.sh; bash scripts/test.sh runs it)"]
+fn a_source_agent_killed_during_postcopy_is_followed_by_one_that_resumes_it() -> Result<()> {
+    let _l = e2e_lock();
+    let g = ensure_guest()?;
+    let mut a = TestAgent::start(Path::new(BIN), "host-a", &[])?;
+    let b = TestAgent::start(Path::new(BIN), "host-b", &[])?;
+    boot(&a, &random_dirtier("crash", &g, ""))?;
+    let id = a.start_migration(
+        "crash",
+        &b.peer_addr.to_string(),
+        json!({ "max_bandwidth_mibps": CAP_MIBPS, "max_throttle": 0, "postcopy": true }),
+    )?;
+    wait_for(
+        &b,
+        &id,
+        Duration::from_secs(120),
+        "the VM runs at B",
+        |st| st.progress.qemu_status == "postcopy-active",
+    )?;
+    // the source agent dies (its QEMU lives on, paused on its broken stream); B waits
+    a.kill();
+    wait_for(
+        &b,
+        &id,
+        Duration::from_secs(30),
+        "B waits for the source",
+        |st| st.phase == tern_api::Phase::WaitingForLink,
+    )?;
+    let a2 = a.successor(Path::new(BIN))?;
+    let st = a2.wait_migration(&id, Duration::from_secs(300))?;
+    let Some(r) = st.report else {
+        bail!(
+            "post-copy was not resumed by the new agent: {:?}\nits log:\n{}\nB's log:\n{}",
+            st.error,
+            a2.log_text(),
+            b.log_text()
+        );
+    };
+    eprintln!(
+        "resumed by a new agent: {} ms after it started, outages {:?}, faults {:?}",
+        r.total_time_ms, r.outages, r.postcopy_faults
+    );
+    assert!(r.postcopy, "{r:?}");
+    assert_eq!(r.outages.len(), 1, "{:?}", r.outages);
+    // the old agent's digest left with it: not compared, and said so
+    assert!(!r.digest_ok);
+    assert!(
+        st.progress
+            .notes
+            .iter()
+            .any(|n| n.contains("restarted during post-copy") && n.contains("cannot be compared")),
+        "{:?}",
+        st.progress.notes
+    );
+    assert!(r.postcopy_faults.is_some(), "{r:?}");
+    // B completed and runs the VM whole; A let it go
+    let incoming = b.migration(&id)?;
+    assert!(incoming.report.is_some(), "{:?}", incoming.error);
+    assert_eq!(b.vm_status("crash")?, "running");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a2.vms()?.iter().any(|v| v["name"] == "crash") {
+        ensure!(Instant::now() < deadline, "the VM is still listed at A");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    random_dirtier_runs_on(&b.console_log("crash")?)
+}
