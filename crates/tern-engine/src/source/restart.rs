@@ -133,16 +133,10 @@ pub async fn resume_restarted(
     });
     let outcome = match run(&mut m, mark).await {
         Ok(report) => SourceOutcome::Moved(Box::new(report)),
-        // the VM runs at the destination (paused on what it lacks): never resumed here
-        Err(e) => SourceOutcome::Failed {
-            code: e.code(),
-            message: error_chain(&e),
-            vm_state: "at the destination, paused on the pages still here (post-copy could not be resumed after the source agent restarted; the source QEMU keeps them: restart this agent to try again)".into(),
-        },
+        // post-copy began: the one recovery path says where the VM is (never resumed here)
+        Err(e) => super::recover::after_failure(&mut m, e).await,
     };
-    if matches!(outcome, SourceOutcome::Moved(_)) {
-        PostcopyMark::remove(&run_dir);
-    }
+    PostcopyMark::remove(&run_dir);
     outcome
 }
 
