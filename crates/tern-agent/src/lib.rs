@@ -694,7 +694,7 @@ impl Agent {
     /// resume (their QEMU in a post-copy state, with the engine's mark): the caller runs
     /// [`outgoing::resume_restarted`] for each.
     pub async fn reattach(&self) -> Vec<(Arc<Vm>, tern_engine::source::restart::PostcopyMark)> {
-        use tern_engine::source::restart::{resumable, PostcopyMark};
+        use tern_engine::source::restart::{postcopy_began, PostcopyMark};
         let mut resumes = Vec::new();
         let Ok(dirs) = std::fs::read_dir(self.config.state_dir.join("run")) else {
             return resumes;
@@ -754,15 +754,11 @@ impl Agent {
                     // and waits there for the pages this QEMU still holds
                     let mark = match PostcopyMark::read(&d) {
                         Some(mark) => {
-                            let status = qmp
-                                .query_migrate()
-                                .await
-                                .map(|i| i.status)
-                                .unwrap_or_default();
-                            if resumable(&status) {
+                            let status = qmp.query_migrate().await.map(|i| i.status).ok();
+                            if postcopy_began(status.as_deref()) {
                                 Some(mark)
                             } else {
-                                tracing::info!(vm = %spec.name, status = %status, "a post-copy mark beside a QEMU not in post-copy: dropped");
+                                tracing::info!(vm = %spec.name, status = ?status, "a post-copy mark beside a QEMU where post-copy never began: dropped");
                                 PostcopyMark::remove(&d);
                                 None
                             }

@@ -101,10 +101,12 @@ async fn resumed(
     let source = match source_vm(&agent, &vm) {
         Ok(s) => s,
         Err(message) => {
+            // (the mark stays: an agent that can read the VM's files resumes it)
+            vm.migrating.store(false, Ordering::SeqCst);
             handle.finish_err(
                 ErrorCode::Internal,
                 message,
-                "at the destination, paused on the pages still here".into(),
+                "at the destination, paused on the pages still here (post-copy not resumed)".into(),
             );
             return;
         }

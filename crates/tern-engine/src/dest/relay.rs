@@ -101,8 +101,12 @@ impl Faults {
             if a.pages.remove(&(block, first)) && local {
                 self.local.fetch_add(1, Ordering::Relaxed);
             }
-        } else {
+        } else if (pages as usize) < a.pages.len() {
             // a zero run: never local
+            for p in first..first + pages {
+                a.pages.remove(&(block, p));
+            }
+        } else {
             a.pages
                 .retain(|&(b, p)| b != block || p < first || p >= first + pages);
         }

@@ -376,10 +376,10 @@ pub(super) async fn run(
                         // before: it goes to QEMU, then the VM becomes this host's and runs while
                         // the rest of its memory comes (QEMU asks for what it touches first, over
                         // the return path)
-                        if !p.postcopy {
+                        if !p.postcopy || run_due || claimed.is_some() {
                             return Err(refuse(
                                 ErrorCode::Protocol,
-                                "PostcopyRun outside a post-copy migration",
+                                "PostcopyRun outside a post-copy migration, or twice",
                             ));
                         }
                         if !rb.pending.is_empty() {

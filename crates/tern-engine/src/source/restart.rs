@@ -101,12 +101,12 @@ pub(super) fn keep_mark(m: &Migration, rtt: Duration) {
     }
 }
 
-/// Whether QEMU's migration status is one a post-copy can be resumed from.
-pub fn resumable(status: &str) -> bool {
-    matches!(
-        status,
-        "postcopy-active" | "postcopy-paused" | "postcopy-recover-setup" | "postcopy-recover"
-    )
+/// Whether a QEMU beside a mark may hold pages of a post-copy that began: in a post-copy
+/// state, `completed` (it sent everything; only the destination knows whether all of it
+/// arrived), or its state unknown (`None`: QMP did not answer). Otherwise (pre-copy,
+/// failed, cancelled) post-copy never began and the mark is stale.
+pub fn postcopy_began(status: Option<&str>) -> bool {
+    status.is_none_or(|s| s.starts_with("postcopy-") || s == "completed")
 }
 
 /// Resumes the post-copy `mark` describes, left by this host's previous agent, with the
@@ -188,6 +188,10 @@ async fn run(m: &mut Migration, mark: PostcopyMark) -> Result<MigrationReport, M
     let mut cause = MigrateError::AgentRestarted;
     let mut faults = None;
     let since = Instant::now();
+    if resume::qemu_completed(&qmp).await {
+        // the old agent saw QEMU send everything before it died
+        return ask_destination(m, since, faults, cause).await;
+    }
     for _ in 0..resume::MAX_RESUMES {
         let left = m.req.outage_wait().saturating_sub(Duration::from_millis(
             m.outages.iter().map(|o| o.waited_ms).sum(),
@@ -197,6 +201,7 @@ async fn run(m: &mut Migration, mark: PostcopyMark) -> Result<MigrationReport, M
         let _tasks = leg.tasks;
         let (mut fwd, mut events, writer) = (leg.fwd, leg.events, leg.writer);
         let mut fwd_done = false;
+        let mut commit_sent = false;
         let step: Result<u64, MigrateError> = loop {
             tokio::select! {
                 r = &mut fwd, if !fwd_done => match r {
@@ -209,6 +214,7 @@ async fn run(m: &mut Migration, mark: PostcopyMark) -> Result<MigrationReport, M
                         // (its digest covers the whole stream, ours only what came after
                         // the restart)
                         m.handle.set_phase(Phase::Switchover);
+                        commit_sent = true;
                         if let Err(e) = send(&writer, &Message::Commit).await {
                             break Err(e);
                         }
@@ -231,29 +237,15 @@ async fn run(m: &mut Migration, mark: PostcopyMark) -> Result<MigrationReport, M
                 },
             }
         };
+        fwd.abort();
         match step {
-            Ok(resumed) => {
-                let st = m.handle.status();
-                m.handle.set_phase(Phase::Done);
-                return Ok(MigrationReport {
-                    total_time_ms: since.elapsed().as_millis() as u64,
-                    bytes_from_qemu: st.progress.bytes_from_qemu,
-                    bytes_on_wire: st.progress.bytes_on_wire,
-                    pages: st.progress.pages.clone(),
-                    digest_ok: false,
-                    qemu_version: m.vm.qemu_version.clone(),
-                    source_was_running: m.source_running,
-                    resumed_unix_us: resumed,
-                    postcopy: true,
-                    postcopy_faults: faults,
-                    outages: std::mem::take(&mut m.outages),
-                    ..Default::default()
-                });
+            Ok(resumed) => return Ok(report(m, since, resumed, faults, false)),
+            // QEMU sent everything, or the commit went out: only the destination knows
+            // whether the VM runs there whole
+            Err(e) if commit_sent || resume::qemu_completed(&qmp).await => {
+                return ask_destination(m, since, faults, e).await
             }
-            Err(e) if resume::link_broke(&e) && !resume::qemu_completed(&qmp).await => {
-                fwd.abort();
-                cause = e;
-            }
+            Err(e) if resume::link_broke(&e) => cause = e,
             Err(e) => return Err(e),
         }
     }
@@ -265,4 +257,66 @@ async fn run(m: &mut Migration, mark: PostcopyMark) -> Result<MigrationReport, M
             error_chain(&cause)
         ),
     })
+}
+
+/// The report of a post-copy resumed by a restarted agent (the digests not compared).
+fn report(
+    m: &mut Migration,
+    since: Instant,
+    resumed: u64,
+    faults: Option<tern_api::PostcopyFaults>,
+    by_query: bool,
+) -> MigrationReport {
+    let st = m.handle.status();
+    m.handle.set_phase(Phase::Done);
+    MigrationReport {
+        migration_id: m.handle.id.clone(),
+        vm: m.vm.spec.name.clone(),
+        source: m.engine.config.name.clone(),
+        destination: m.req.to.clone(),
+        outcome: "succeeded".into(),
+        total_time_ms: since.elapsed().as_millis() as u64,
+        bytes_from_qemu: st.progress.bytes_from_qemu,
+        bytes_on_wire: st.progress.bytes_on_wire,
+        pages: st.progress.pages.clone(),
+        digest_ok: false,
+        qemu_version: m.vm.qemu_version.clone(),
+        source_was_running: m.source_running,
+        resumed_unix_us: resumed,
+        resolved_by_query: by_query,
+        postcopy: true,
+        postcopy_faults: faults,
+        outages: std::mem::take(&mut m.outages),
+        ..Default::default()
+    }
+}
+
+/// How often, and how many times, the destination is asked what became of the VM.
+const ASK_EVERY: Duration = Duration::from_secs(2);
+const ASK_TIMES: u32 = 15;
+
+/// QEMU sent its whole stream (or the commit went out) and then the connection was lost
+/// (`e`): the destination says whether the VM runs there. Running: it moved. Anything
+/// else, or no answer: `e` (the VM stays as post-copy left it; never resumed here).
+async fn ask_destination(
+    m: &mut Migration,
+    since: Instant,
+    faults: Option<tern_api::PostcopyFaults>,
+    e: MigrateError,
+) -> Result<MigrationReport, MigrateError> {
+    for _ in 0..ASK_TIMES {
+        match super::connect::query_once(m).await {
+            Ok((tern_proto::MigrationState::Running, resumed)) => {
+                tracing::info!(migration = %m.handle.id, "the destination runs the VM (asked after the stream ended)");
+                return Ok(report(m, since, resumed, faults, true));
+            }
+            Ok((tern_proto::MigrationState::InProgress, _)) | Err(_) => {}
+            Ok((state, _)) => {
+                tracing::error!(migration = %m.handle.id, ?state, "the destination does not run the VM");
+                return Err(e);
+            }
+        }
+        tokio::time::sleep(ASK_EVERY).await;
+    }
+    Err(e)
 }

@@ -92,19 +92,18 @@ pub(super) async fn resume(
         let tried = super::connect::resume_postcopy(m).await;
         match tried {
             Ok(c) => break c,
-            // the destination refused: it gave up on the VM, or never ran it (the link
-            // broke with POSTCOPY_RUN on its way); it says which
-            Err(e @ MigrateError::Remote { .. }) => {
-                match super::connect::query_once(m).await {
-                    Ok((MigrationState::Running, _)) => return Err(e),
-                    Ok((MigrationState::Discarded | MigrationState::Unknown, _)) => {
-                        return Err(MigrateError::PostcopyNeverRan(cause_text))
-                    }
-                    // (it has not noticed the break yet: it gives up on its old
-                    // connection within its stall time)
-                    Ok((MigrationState::InProgress, _)) | Err(_) => {}
+            // the destination refused: it never ran the VM (the link broke with
+            // POSTCOPY_RUN on its way), or it runs it and has not noticed the break yet
+            // (it gives up on its old connection within its stall time; a source agent
+            // that restarted may come first), or it gave up on the VM; it says which
+            Err(e @ MigrateError::Remote { .. }) => match super::connect::query_once(m).await {
+                Ok((MigrationState::Discarded | MigrationState::Unknown, _)) => {
+                    return Err(MigrateError::PostcopyNeverRan(cause_text))
                 }
-            }
+                Ok((MigrationState::Running | MigrationState::InProgress, _)) | Err(_) => {
+                    tracing::debug!(migration = %m.handle.id, "the destination cannot resume yet: {}", error_chain(&e))
+                }
+            },
             Err(e) => {
                 tracing::debug!(migration = %m.handle.id, "the destination cannot resume yet: {}", error_chain(&e))
             }
