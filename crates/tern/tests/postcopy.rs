@@ -30,6 +30,25 @@ fn random_dirtier(name: &str, g: &GuestImage, extra: &str) -> String {
     )
 }
 
+/// The report of a migration that must have succeeded; else what failed, with the logs
+/// of the agents that ran it (the source first).
+fn report_of(
+    st: &tern_api::MigrationStatus,
+    what: &str,
+    agents: &[&TestAgent],
+) -> Result<tern_api::MigrationReport> {
+    match &st.report {
+        Some(r) => Ok(r.clone()),
+        None => {
+            let logs: Vec<String> = agents
+                .iter()
+                .map(|a| format!("{}'s log:\n{}", a.name, a.log_text()))
+                .collect();
+            bail!("{what} failed: {:?}\n{}", st.error, logs.join("\n"))
+        }
+    }
+}
+
 fn boot(a: &TestAgent, spec: &str) -> Result<std::path::PathBuf> {
     let info = a.start_vm(spec)?;
     let console = std::path::PathBuf::from(info["console_log"].as_str().context("console path")?);
@@ -53,14 +72,7 @@ fn a_guest_outrunning_the_link_moves_with_postcopy_unslowed_and_memory_exact() -
         json!({ "max_bandwidth_mibps": CAP_MIBPS, "max_throttle": 0, "postcopy": true }),
     )?;
     let st = a.wait_migration(&id, Duration::from_secs(300))?;
-    let Some(r) = st.report else {
-        bail!(
-            "migration failed: {:?}\nsource log:\n{}\ndestination log:\n{}",
-            st.error,
-            a.log_text(),
-            b.log_text()
-        );
-    };
+    let r = report_of(&st, "the migration", &[&a, &b])?;
     eprintln!(
         "post-copy: total {} ms, downtime {} ms, post-copy phase {:?} ms, throttle {} %, in {:?}",
         r.total_time_ms,
@@ -189,14 +201,7 @@ fn a_10_s_link_cut_during_postcopy_is_resumed_with_memory_exact() -> Result<()> 
     std::thread::sleep(Duration::from_secs(10).saturating_sub(cut.elapsed()));
     lab.link_b(true)?;
     let st = a.wait_migration(&id, Duration::from_secs(240))?;
-    let Some(r) = st.report else {
-        bail!(
-            "post-copy was not resumed: {:?}\nsource log:\n{}\ndestination log:\n{}",
-            st.error,
-            a.log_text(),
-            b.log_text()
-        );
-    };
+    let r = report_of(&st, "post-copy after the cut", &[&a, &b])?;
     eprintln!(
         "post-copy cut 10 s: total {} ms, post-copy phase {:?} ms, outages {:?}",
         r.total_time_ms, r.postcopy_ms, r.outages
@@ -359,9 +364,7 @@ fn a_return_trip_in_postcopy_serves_faults_on_pages_seen_before_from_the_store()
     // out to B, unhurried on loopback, by the dedup path: A keeps every page it sent
     let out = a.start_migration("trip", &b.peer_addr.to_string(), json!({ "dedup": true }))?;
     let st = a.wait_migration(&out, Duration::from_secs(300))?;
-    let r = st
-        .report
-        .with_context(|| format!("the way out failed: {:?}\n{}", st.error, a.log_text()))?;
+    let r = report_of(&st, "the way out", &[&a, &b])?;
     ensure!(r.digest_ok && !r.postcopy, "{r:?}");
     // back to A in post-copy over a link the guest outruns
     let back = b.start_migration(
@@ -370,14 +373,7 @@ fn a_return_trip_in_postcopy_serves_faults_on_pages_seen_before_from_the_store()
         json!({ "max_bandwidth_mibps": CAP_MIBPS, "max_throttle": 0, "postcopy": true }),
     )?;
     let st = b.wait_migration(&back, Duration::from_secs(300))?;
-    let Some(r) = st.report else {
-        bail!(
-            "the way back failed: {:?}\nB's log:\n{}\nA's log:\n{}",
-            st.error,
-            b.log_text(),
-            a.log_text()
-        );
-    };
+    let r = report_of(&st, "the way back", &[&b, &a])?;
     let f = r.postcopy_faults.expect("page faults reported");
     eprintln!(
         "way back in post-copy: total {} ms, downtime {} ms, {} pages as references (A held {}), {:.1} MiB on the wire; faults {f:?}",
@@ -430,14 +426,7 @@ fn a_guest_the_allowed_throttle_cannot_tame_goes_on_in_postcopy_as_the_last_reso
         }),
     )?;
     let st = a.wait_migration(&id, Duration::from_secs(400))?;
-    let Some(r) = st.report else {
-        bail!(
-            "migration failed: {:?}\nsource log:\n{}\ndestination log:\n{}",
-            st.error,
-            a.log_text(),
-            b.log_text()
-        );
-    };
+    let r = report_of(&st, "the migration", &[&a, &b])?;
     eprintln!(
         "last resort: total {} ms, downtime {} ms, post-copy phase {:?} ms, steps {:?}, faults {:?}",
         r.total_time_ms, r.downtime_ms, r.postcopy_ms, r.convergence.steps, r.postcopy_faults
@@ -507,14 +496,7 @@ fn a_source_agent_killed_during_postcopy_is_followed_by_one_that_resumes_it() ->
     )?;
     let a2 = a.successor(Path::new(BIN))?;
     let st = a2.wait_migration(&id, Duration::from_secs(300))?;
-    let Some(r) = st.report else {
-        bail!(
-            "post-copy was not resumed by the new agent: {:?}\nits log:\n{}\nB's log:\n{}",
-            st.error,
-            a2.log_text(),
-            b.log_text()
-        );
-    };
+    let r = report_of(&st, "post-copy resumed by the new agent", &[&a2, &b])?;
     eprintln!(
         "resumed by a new agent: {} ms after it started, outages {:?}, faults {:?}",
         r.total_time_ms, r.outages, r.postcopy_faults
