@@ -22,7 +22,9 @@
 //!
 //! Post-copy is not given up that way once the VM runs at the destination: `resume.rs`
 //! (still `Transfer`, `WaitingForLink` while the link is down) waits for the destination
-//! on a new connection and resumes QEMU's migration into it (protocol v11).
+//! on a new connection and resumes QEMU's migration into it (protocol v11). An agent that
+//! restarted during post-copy does the same from the mark its predecessor left in the
+//! VM's run directory (`restart.rs`).
 //!
 //! One recovery path ([`recover`]): until the commit went out, any failure (an error, a
 //! cancel, a panic) tells the destination, cancels QEMU's migration, resumes the VM if it
